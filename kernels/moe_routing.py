@@ -1,0 +1,42 @@
+"""GLM-4.x MoE routing: fp32 sigmoid scores, correction bias for selection only, group-limited top-k,
+weights from the unbiased scores, renormalized, times routed_scaling_factor. Torch reference."""
+from __future__ import annotations
+
+import torch
+
+
+def moe_route_ref(
+    router_logits: torch.Tensor,
+    correction_bias: torch.Tensor | None,
+    top_k: int,
+    n_group: int = 1,
+    topk_group: int = 1,
+    renormalize: bool = True,
+    routed_scaling_factor: float = 1.0,
+    num_fused_shared_experts: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits: [T, E] -> (topk_weights fp32 [T, k (+1)], topk_ids int32 [T, k (+1)]).
+
+    With num_fused_shared_experts=1 the shared expert is appended as expert id E with weight exactly 1.0
+    (no renormalization, no scaling factor), so a fused MoE over E+1 experts computes routed + shared.
+    """
+    t, e = router_logits.shape
+    scores = router_logits.float().sigmoid()
+    choice = scores + correction_bias.float() if correction_bias is not None else scores
+    if n_group > 1:
+        grouped = choice.view(t, n_group, e // n_group)
+        group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [T, n_group]
+        group_idx = group_scores.topk(topk_group, dim=-1, sorted=False).indices
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
+        score_mask = group_mask.unsqueeze(-1).expand(t, n_group, e // n_group).reshape(t, e)
+        choice = choice.masked_fill(score_mask == 0, float("-inf"))
+    topk_ids = choice.topk(top_k, dim=-1, sorted=False).indices
+    weights = scores.gather(1, topk_ids)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    weights = weights * routed_scaling_factor
+    if num_fused_shared_experts:
+        shared_ids = torch.full((t, 1), e, dtype=topk_ids.dtype, device=topk_ids.device)
+        topk_ids = torch.cat([topk_ids, shared_ids], dim=1)
+        weights = torch.cat([weights, torch.ones(t, 1, dtype=weights.dtype, device=weights.device)], dim=1)
+    return weights, topk_ids.to(torch.int32)

@@ -1,0 +1,117 @@
+"""Helpers shared by the Triton kernels: the interpreter flag, exact rounding to bf16 / FP8 E4M3, and small
+host-side utilities (device name, reusable zeroed workspaces).
+
+Under TRITON_INTERPRET=1 (CPU tests) Triton 3.9's interpreter casts fp32 -> bf16 by truncation and fp32 ->
+float8e4nv without carrying a mantissa overflow into the exponent (126.5 becomes 64), and its bf16 `tl.dot`
+returns garbage. The kernels therefore call `to_bf16` / `to_fp8` / `dot_operand` below, which on a GPU are
+the plain casts and under the interpreter round to nearest-even in integer arithmetic first (then the cast
+is exact) or upcast dot operands to fp32. The flag is read when this module is imported: set
+TRITON_INTERPRET before importing any kernels.triton_* module.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+EMULATE: tl.constexpr = tl.constexpr(INTERPRET)
+
+FP8_MAX = 448.0
+MIN_SCALE = 1e-12
+
+
+@triton.jit
+def round_bf16(x):
+    """fp32 -> fp32 holding the nearest-even bf16 value (as torch's bf16 cast)."""
+    if EMULATE:
+        b = x.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        return b.to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.bfloat16).to(tl.float32)
+
+
+@triton.jit
+def to_out(x, dtype: tl.constexpr):
+    """Cast fp32 x to the storage dtype `dtype` with round-to-nearest-even."""
+    if dtype == tl.bfloat16:
+        if EMULATE:
+            return round_bf16(x).to(tl.bfloat16)
+        else:
+            return x.to(tl.bfloat16)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
+def round_fp8(x):
+    """fp32 x, already clamped to [-448, 448] -> fp32 holding the nearest-even E4M3 value."""
+    ax = tl.abs(x)
+    b = x.to(tl.uint32, bitcast=True)
+    b = (b + 0x7FFFF + ((b >> 20) & 1)) & 0xFFF00000
+    normal = b.to(tl.float32, bitcast=True)
+    t = ax * 512.0  # subnormal E4M3 step is 2^-9
+    f = tl.floor(t)
+    d = t - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
+    f = tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
+    sub = tl.where(x < 0, -f, f) / 512.0
+    return tl.where(ax < 0.015625, sub, normal)
+
+
+@triton.jit
+def to_fp8(x):
+    """fp32 x, already clamped to [-448, 448] -> float8e4nv, round to nearest even."""
+    if EMULATE:
+        return round_fp8(x).to(tl.float8e4nv)
+    else:
+        return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def dot_operand(x):
+    """A bf16/fp16 tile as handed to tl.dot (upcast to fp32 under the interpreter, whose bf16 dot is wrong)."""
+    if EMULATE:
+        return x.to(tl.float32)
+    else:
+        return x
+
+
+def tl_dtype(dtype: torch.dtype):
+    return {
+        torch.bfloat16: tl.bfloat16,
+        torch.float16: tl.float16,
+        torch.float32: tl.float32,
+        torch.float8_e4m3fn: tl.float8e4nv,
+    }[dtype]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    return torch.cuda.get_device_name(device).replace(" ", "_")
+
+
+_ZEROS: dict[tuple, torch.Tensor] = {}
+
+
+def zeroed_counters(n: int, device: torch.device) -> torch.Tensor:
+    """A cached int32 buffer of at least n zeros. Kernels that use it must leave it zeroed (self-resetting
+    tickets), so it can be shared by every launch on the device's stream and captured in CUDA graphs."""
+    key = (str(device),)
+    buf = _ZEROS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+        _ZEROS[key] = buf
+    return buf
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(1, n))

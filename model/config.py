@@ -200,6 +200,8 @@ def _validate(c: ModelConfig, file: Path) -> None:
         bad("num_experts_per_tok", f"({c.num_experts_per_tok}) exceeds n_routed_experts ({c.n_routed_experts})")
     if c.first_k_dense_replace > c.num_hidden_layers:
         bad("first_k_dense_replace", f"({c.first_k_dense_replace}) exceeds num_hidden_layers ({c.num_hidden_layers})")
+    if c.tie_word_embeddings:
+        bad("tie_word_embeddings", "true is not supported (GLM-4.x has an untied lm_head)")
     if c.n_shared_experts > 1:
         bad("n_shared_experts", f"({c.n_shared_experts}) > 1 is not supported")
 

@@ -1,0 +1,58 @@
+"""GLM-4.7 attention: fused QKV (+bias) -> per-head QK RMSNorm -> partial NeoX RoPE -> paged GQA -> o_proj."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import kernels
+from model.config import ModelConfig
+from model.context import ForwardContext
+from model.linear import Linear
+from model.parallel import HeadPartition, TPGroup
+
+
+class Attention(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer_id: int,
+        tp: TPGroup,
+        qkv_quant: str,
+        o_quant: str,
+        dtype: torch.dtype,
+        device,
+    ) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.tp = tp
+        self.heads = HeadPartition.build(cfg.num_attention_heads, cfg.num_key_value_heads, tp)
+        self.head_dim = cfg.head_dim
+        self.eps = cfg.rms_norm_eps
+        self.scale = cfg.head_dim**-0.5
+        self.q_size = self.heads.num_heads * cfg.head_dim
+        self.kv_size = self.heads.num_kv_heads * cfg.head_dim
+        self.qkv_proj = Linear(
+            cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.attention_bias, qkv_quant, dtype, device
+        )
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, False, o_quant, dtype, device)
+        if cfg.use_qk_norm:
+            self.q_norm = nn.Parameter(torch.empty(cfg.head_dim, dtype=dtype, device=device), False)
+            self.k_norm = nn.Parameter(torch.empty(cfg.head_dim, dtype=dtype, device=device), False)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, cos_sin: torch.Tensor) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(t, self.heads.num_heads, self.head_dim)
+        k = k.reshape(t, self.heads.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.heads.num_kv_heads, self.head_dim)
+        q, k = kernels.qk_norm_rope(q, k, self.q_norm, self.k_norm, cos_sin, ctx.positions, self.eps)
+        k_cache, v_cache = ctx.kv_caches[self.layer_id]
+        kernels.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping, ctx.k_scale, ctx.v_scale)
+        o = kernels.paged_attention(
+            q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens, ctx.query_start_loc, self.scale,
+            ctx.k_scale, ctx.v_scale, max_query_len=ctx.max_query_len, max_seq_len=ctx.max_seq_len,
+        )
+        return self.tp.all_reduce(self.o_proj(o.reshape(t, self.q_size)))

@@ -1,0 +1,33 @@
+"""Build a GLM-4.7 model on a device and fill its weights (checkpoint folder or dummy)."""
+from __future__ import annotations
+
+import torch
+
+from model.config import ModelConfig
+from model.dummy import DummySource
+from model.glm4_moe import Glm4MoeForCausalLM
+from model.loader import SafetensorsSource, TensorSource, load_weights
+from model.parallel import TPGroup
+from model.quant_plan import QuantPlan
+
+
+def build_model(
+    cfg: ModelConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    tp: TPGroup = TPGroup(),
+    load_format: str = "auto",
+    seed: int = 0,
+    with_mtp: bool = False,
+    fuse_shared_experts: bool = False,
+    progress: bool = True,
+) -> Glm4MoeForCausalLM:
+    if load_format not in ("auto", "safetensors", "dummy"):
+        raise ValueError(f"load_format must be 'auto', 'safetensors' or 'dummy', got {load_format!r}")
+    source: TensorSource = DummySource(cfg, seed) if load_format == "dummy" else SafetensorsSource(cfg.path)
+    names = None if load_format == "dummy" else set(source.names())
+    plan = QuantPlan.build(cfg, device, dtype, names, fuse_shared_experts)
+    model = Glm4MoeForCausalLM(cfg, plan, tp, dtype, device, with_mtp=with_mtp)
+    load_weights(model, cfg, source, tp, fuse_shared_experts, dtype, device, progress=progress)
+    model.eval()
+    return model

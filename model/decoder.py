@@ -1,0 +1,56 @@
+"""One GLM-4.7 decoder layer: pre-norm attention and pre-norm MLP (dense or MoE), residual carried fused."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.attention import Attention
+from model.config import ModelConfig
+from model.context import ForwardContext
+from model.layers import DenseMLP, RMSNorm
+from model.moe import MoE
+from model.parallel import TPGroup, divide
+from model.quant_plan import QuantPlan
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, tp: TPGroup, plan: QuantPlan, dtype, device) -> None:
+        super().__init__()
+        prefix = f"model.layers.{layer_id}"
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.self_attn = Attention(
+            cfg, layer_id, tp,
+            plan.linear(f"{prefix}.self_attn.q_proj", tp, column=True),
+            plan.linear(f"{prefix}.self_attn.o_proj", tp, column=False),
+            dtype, device,
+        )
+        self.is_moe = cfg.is_moe_layer(layer_id)
+        if self.is_moe:
+            self.mlp: nn.Module = MoE(
+                cfg, tp, plan.experts(f"{prefix}.mlp.experts.0", cfg.moe_intermediate_size, tp),
+                plan.fuse_shared_experts, dtype, device,
+            )
+        else:
+            inter = divide(cfg.intermediate_size, tp.size, "intermediate_size")
+            self.mlp = DenseMLP(cfg.hidden_size, inter, plan.mlp(f"{prefix}.mlp", cfg.intermediate_size, tp), dtype, device)
+        self.tp = tp
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        ctx: ForwardContext,
+        cos_sin: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, ctx, cos_sin)
+        h, residual = self.post_attention_layernorm(h, residual)
+        h = self.mlp(h)
+        if not self.is_moe:
+            h = self.tp.all_reduce(h)
+        return h, residual

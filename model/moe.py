@@ -1,0 +1,72 @@
+"""GLM-4.x MoE block: fp32 sigmoid router with selection-only correction bias, group-limited top-k,
+renormalized x routed_scaling_factor, SwiGLU experts stacked per expert, plus the always-on shared expert.
+
+With fuse_shared_experts the shared expert is stored as expert E of the stacked weights and routed to every
+token with weight 1.0 (one fused MoE call instead of two GEMM chains)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import kernels
+from kernels.quant import FP8_DTYPE
+from model.config import ModelConfig
+from model.layers import DenseMLP
+from model.linear import scale_shape
+from model.parallel import TPGroup, divide
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig, device) -> None:
+        super().__init__()
+        e = cfg.n_routed_experts
+        self.weight = nn.Parameter(torch.empty(e, cfg.hidden_size, dtype=torch.float32, device=device), False)
+        self.e_score_correction_bias = nn.Parameter(torch.empty(e, dtype=torch.float32, device=device), False)
+
+
+class StackedExperts(nn.Module):
+    """w13 [E, 2I, H] (gate rows then up rows) and w2 [E, H, I], I = this rank's slice of the width."""
+
+    def __init__(self, num_experts: int, hidden: int, inter_local: int, quant: str, dtype, device) -> None:
+        super().__init__()
+        self.quant = quant
+        wdtype = dtype if quant == "none" else FP8_DTYPE
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * inter_local, hidden, dtype=wdtype, device=device), False)
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, inter_local, dtype=wdtype, device=device), False)
+        s13 = scale_shape(quant, 2 * inter_local, hidden)
+        s2 = scale_shape(quant, hidden, inter_local)
+        mk = lambda s: nn.Parameter(torch.empty(num_experts, *s, dtype=torch.float32, device=device), False)  # noqa: E731
+        self.w13_scale = mk(s13) if s13 else None
+        self.w2_scale = mk(s2) if s2 else None
+
+
+class MoE(nn.Module):
+    def __init__(
+        self, cfg: ModelConfig, tp: TPGroup, quant: str, fuse_shared_experts: bool, dtype, device
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tp = tp
+        self.fused_shared = fuse_shared_experts and cfg.n_shared_experts > 0
+        inter_local = divide(cfg.moe_intermediate_size, tp.size, "moe_intermediate_size")
+        self.gate = Router(cfg, device)
+        num_slots = cfg.n_routed_experts + (1 if self.fused_shared else 0)
+        self.experts = StackedExperts(num_slots, cfg.hidden_size, inter_local, quant, dtype, device)
+        self.shared_experts = (
+            DenseMLP(cfg.hidden_size, inter_local * cfg.n_shared_experts, quant, dtype, device)
+            if cfg.n_shared_experts and not self.fused_shared
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        logits = torch.nn.functional.linear(x.float(), self.gate.weight)
+        weights, ids = kernels.moe_route(
+            logits, self.gate.e_score_correction_bias, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group,
+            cfg.norm_topk_prob, cfg.routed_scaling_factor, 1 if self.fused_shared else 0,
+        )
+        ex = self.experts
+        out = kernels.fused_moe(x, ex.w13, ex.w2, weights, ids, ex.w13_scale, ex.w2_scale, ex.quant)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return self.tp.all_reduce(out)

@@ -1,0 +1,68 @@
+"""Tensor-parallel group handle and the sharding arithmetic the layers and the loader share."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class TPGroup:
+    """This rank's place in the tensor-parallel group. size == 1 means no collectives at all."""
+
+    rank: int = 0
+    size: int = 1
+    group: Any = None  # torch.distributed ProcessGroup (NCCL on GPU, gloo on CPU)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+
+def divide(n: int, d: int, what: str) -> int:
+    if n % d:
+        raise ValueError(f"{what} ({n}) is not divisible by the tensor-parallel size ({d})")
+    return n // d
+
+
+@dataclass(frozen=True)
+class HeadPartition:
+    """Which attention heads this rank holds. KV heads are replicated when tp > num_kv_heads."""
+
+    num_heads: int  # local q heads
+    num_kv_heads: int  # local kv heads
+    q_head_start: int
+    kv_head_start: int
+
+    @staticmethod
+    def build(num_heads: int, num_kv_heads: int, tp: TPGroup) -> "HeadPartition":
+        hq = divide(num_heads, tp.size, "num_attention_heads")
+        if num_kv_heads >= tp.size:
+            hk = divide(num_kv_heads, tp.size, "num_key_value_heads")
+            kv_start = tp.rank * hk
+        else:
+            if tp.size % num_kv_heads:
+                raise ValueError(
+                    f"tensor-parallel size {tp.size} must divide num_key_value_heads ({num_kv_heads}) or be a "
+                    f"multiple of it (then KV heads are replicated)"
+                )
+            hk = 1
+            kv_start = tp.rank // (tp.size // num_kv_heads)
+        return HeadPartition(hq, hk, tp.rank * hq, kv_start)
+
+
+def vocab_partition(vocab_size: int, tp: TPGroup, multiple: int = 64) -> tuple[int, int]:
+    """(start, local_size) of this rank's slice of the vocab, padded so every rank gets the same size."""
+    per_rank = -(-vocab_size // tp.size)
+    per_rank = -(-per_rank // multiple) * multiple if tp.size > 1 else per_rank
+    return tp.rank * per_rank, per_rank

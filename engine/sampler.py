@@ -1,0 +1,262 @@
+"""Batched token sampling: logit processors, greedy / temperature / top-k / top-p / min-p, logprobs.
+
+Order per row: logit_bias -> min_tokens stop-id mask -> penalties -> (greedy argmax | temperature ->
+top-k -> top-p -> min-p -> sample). Logprobs come from the raw model distribution (log_softmax of the
+logits as given), as vLLM does by default.
+
+Sampling uses the exponential race: token = argmax(p_i / q_i) with q_i ~ Exp(1) i.i.d., which draws
+from p (normalised or not). Unseeded rows draw q from one batched call; seeded rows draw their own row
+from their per-request generator, so their tokens don't depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.outputs import Logprob, LogprobsDict
+from engine.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingState:
+    """Per-sequence sampling state. The caller appends each accepted token to output_token_ids."""
+
+    params: SamplingParams
+    prompt_token_ids: Sequence[int]
+    output_token_ids: list[int] = field(default_factory=list)
+    eos_token_ids: Iterable[int] = ()
+    # For n > 1 pass the sequence index: a seeded request seeds sequence i with seed + i.
+    seed_offset: int = 0
+    generator: torch.Generator | None = None
+    # eos ids (unless ignore_eos) + stop_token_ids: the ids that finish the sequence, masked during min_tokens.
+    all_stop_token_ids: frozenset[int] = field(init=False)
+    _prompt_ids_dev: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        stops = set(self.params.stop_token_ids)
+        if not self.params.ignore_eos:
+            stops.update(self.eos_token_ids)
+        self.all_stop_token_ids = frozenset(stops)
+
+    def get_generator(self, device: torch.device) -> torch.Generator | None:
+        """The per-request generator (created on first use, on the logits' device); None if unseeded."""
+        if self.params.seed is None:
+            return None
+        if self.generator is None:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(self.params.seed + self.seed_offset)
+        return self.generator
+
+    def prompt_ids_on(self, device: torch.device) -> torch.Tensor:
+        """Prompt ids as a device tensor, cached (only used by the repetition penalty)."""
+        if self._prompt_ids_dev is None or self._prompt_ids_dev.device != device:
+            self._prompt_ids_dev = torch.tensor(list(self.prompt_token_ids), dtype=torch.long, device=device)
+        return self._prompt_ids_dev
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[LogprobsDict | None]  # per row; None where the request asked for no logprobs
+    token_ids_tensor: torch.Tensor  # [B] int64 on the logits' device (feed the next step without a sync)
+
+
+def _rows_cols(pairs: list[tuple[int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    t = torch.tensor(pairs, dtype=torch.long, device=device).reshape(-1, 2)
+    return t[:, 0], t[:, 1]
+
+
+def _row_tensor(values: list[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+class Sampler:
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        # Generator for unseeded rows; None uses torch's default RNG of the logits' device.
+        self.generator = generator
+
+    # ---- logit processors -------------------------------------------------------------------------
+
+    def apply_logits_processors(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
+        """logit_bias, min_tokens masking and penalties on a float32 copy of logits [B, V]."""
+        x = logits.to(torch.float32, copy=True)
+        dev = x.device
+        bias = [
+            (i, t, b)
+            for i, s in enumerate(states)
+            if s.params.logit_bias
+            for t, b in s.params.logit_bias.items()
+        ]
+        if bias:
+            rows, cols = _rows_cols([(i, t) for i, t, _ in bias], dev)
+            x.index_put_((rows, cols), _row_tensor([b for _, _, b in bias], dev), accumulate=True)
+        masked = [
+            (i, t)
+            for i, s in enumerate(states)
+            if len(s.output_token_ids) < s.params.min_tokens
+            for t in s.all_stop_token_ids
+        ]
+        if masked:
+            x.index_put_(_rows_cols(masked, dev), torch.tensor(float("-inf"), device=dev))
+        pen_rows = [i for i, s in enumerate(states) if s.params.has_penalties]
+        if pen_rows:
+            self._apply_penalties(x, pen_rows, states)
+        return x
+
+    @staticmethod
+    def _apply_penalties(x: torch.Tensor, rows: list[int], states: Sequence[SamplingState]) -> None:
+        dev = x.device
+        sts = [states[i] for i in rows]
+        idx = torch.tensor(rows, dtype=torch.long, device=dev)
+        sub = x.index_select(0, idx)
+        # counts[r, v] = occurrences of v in the output of row r
+        counts = torch.zeros_like(sub)
+        out_pairs = [(r, t) for r, s in enumerate(sts) for t in s.output_token_ids]
+        if out_pairs:
+            counts.index_put_(
+                _rows_cols(out_pairs, dev), torch.ones(len(out_pairs), device=dev), accumulate=True
+            )
+        rep = [s.params.repetition_penalty for s in sts]
+        if any(r != 1.0 for r in rep):
+            seen = counts > 0
+            for r, s in enumerate(sts):
+                if rep[r] != 1.0 and len(s.prompt_token_ids):
+                    seen[r].index_fill_(0, s.prompt_ids_on(dev), True)
+            rp = _row_tensor(rep, dev)[:, None]
+            # HF style: shrink positive logits, push negative ones further down.
+            sub = torch.where(seen, torch.where(sub > 0, sub / rp, sub * rp), sub)
+        freq = _row_tensor([s.params.frequency_penalty for s in sts], dev)[:, None]
+        pres = _row_tensor([s.params.presence_penalty for s in sts], dev)[:, None]
+        sub = sub - freq * counts - pres * (counts > 0).float()
+        x.index_copy_(0, idx, sub)
+
+    # ---- probabilities after temperature and the top-k / top-p / min-p filters ----------------------
+
+    @staticmethod
+    def filtered_probs(
+        x: torch.Tensor, params: Sequence[SamplingParams], normalize: bool = True
+    ) -> torch.Tensor:
+        """Probabilities [B, V] for processed logits x: temperature, then exactly the allowed set of
+        top-k (the k first in a stable descending sort: ties go to the lower token id), top-p (the
+        smallest sorted prefix whose mass >= top_p, at least one token), min-p (p >= min_p * p_max).
+        Greedy params are treated as temperature 1. With normalize=False the filtered rows are left
+        unnormalised (sampling doesn't need it, and skipping it keeps a row's result independent of
+        whether other rows in the batch needed filtering)."""
+        dev, vocab = x.device, x.shape[1]
+        temps = [1.0 if p.is_greedy else p.temperature for p in params]
+        if any(t != 1.0 for t in temps):
+            x = x / _row_tensor(temps, dev)[:, None]
+        top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+        top_p = [p.top_p for p in params]
+        keep: torch.Tensor | None = None
+        if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
+            sorted_x, order = torch.sort(x, dim=-1, descending=True, stable=True)
+            pos = torch.arange(vocab, device=dev)
+            keep_sorted = pos[None, :] < torch.tensor(top_k, device=dev)[:, None]
+            if any(p < 1.0 for p in top_p):
+                sp = torch.softmax(sorted_x.masked_fill(~keep_sorted, float("-inf")), dim=-1)
+                # mass strictly before each position; position 0 has 0 < top_p so is always kept
+                before = torch.cumsum(sp, dim=-1)
+                before = torch.cat([torch.zeros_like(before[:, :1]), before[:, :-1]], dim=-1)
+                tp = _row_tensor(top_p, dev)[:, None]
+                keep_sorted &= (before < tp) | (tp >= 1.0)
+            keep = torch.empty_like(keep_sorted).scatter_(1, order, keep_sorted)
+        probs = torch.softmax(x, dim=-1)
+        min_p = [p.min_p for p in params]
+        if any(m > 0.0 for m in min_p):
+            # the most likely token always survives top-k/top-p, so p_max is the same before and after them
+            pmax = probs.max(dim=-1, keepdim=True).values
+            keep_m = probs >= _row_tensor(min_p, dev)[:, None] * pmax
+            keep = keep_m if keep is None else keep & keep_m
+        if keep is not None:
+            probs = probs.masked_fill(~keep, 0.0)
+            if normalize:
+                probs = probs / probs.sum(dim=-1, keepdim=True)
+        return probs
+
+    # ---- sampling ---------------------------------------------------------------------------------
+
+    def sample(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> SamplerOutput:
+        """logits [B, V] (one row per state) -> one token per row, plus the requested logprobs."""
+        if logits.dim() != 2 or logits.shape[0] != len(states):
+            raise ValueError(
+                f"logits must be [len(states), V], got {tuple(logits.shape)} for {len(states)} states"
+            )
+        dev = logits.device
+        x = self.apply_logits_processors(logits, states)
+        greedy = [s.params.is_greedy for s in states]
+        tokens = x.argmax(dim=-1) if any(greedy) else None
+        rand_rows = [i for i, g in enumerate(greedy) if not g]
+        if rand_rows:
+            all_random = len(rand_rows) == len(states)
+            idx = torch.tensor(rand_rows, dtype=torch.long, device=dev)
+            xr = x if all_random else x.index_select(0, idx)
+            rstates = [states[i] for i in rand_rows]
+            probs = self.filtered_probs(xr, [s.params for s in rstates], normalize=False)
+            q = torch.empty_like(probs).exponential_(generator=self.generator)
+            for r, s in enumerate(rstates):
+                gen = s.get_generator(dev)
+                if gen is not None:
+                    q[r].exponential_(generator=gen)
+            # exponential_ may return exactly 0; keep p / q finite and 0 for masked tokens
+            q.clamp_(min=torch.finfo(q.dtype).tiny)
+            sampled = (probs / q).argmax(dim=-1)
+            tokens = sampled if all_random else tokens.index_copy(0, idx, sampled)
+        assert tokens is not None
+        lp_rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
+        logprobs: list[LogprobsDict | None] = [None] * len(states)
+        if lp_rows:
+            idx = torch.tensor(lp_rows, dtype=torch.long, device=dev)
+            raw = torch.log_softmax(logits.index_select(0, idx).float(), dim=-1)
+            dicts = logprob_dicts(
+                raw, tokens.index_select(0, idx), [states[i].params.logprobs for i in lp_rows]
+            )
+            for i, d in zip(lp_rows, dicts):
+                logprobs[i] = d
+        return SamplerOutput(token_ids=tokens.tolist(), logprobs=logprobs, token_ids_tensor=tokens)
+
+
+def logprob_dicts(raw: torch.Tensor, token_ids: torch.Tensor, num_top: Sequence[int]) -> list[LogprobsDict]:
+    """raw: log-probabilities [N, V]; token_ids [N]; num_top[n] top entries for row n.
+    Returns per row {token: Logprob} with the chosen token first, then the top-k (vLLM layout).
+    rank = 1 + number of tokens with a strictly larger logprob."""
+    chosen_lp = raw.gather(1, token_ids[:, None].long())
+    chosen_rank = ((raw > chosen_lp).sum(dim=-1) + 1).tolist()
+    chosen_lp_l = chosen_lp[:, 0].tolist()
+    token_l = token_ids.tolist()
+    kmax = max(num_top, default=0)
+    if kmax > 0:
+        top_v, top_i = raw.topk(kmax, dim=-1)
+        # rank within the sorted top-k equals rank in the vocabulary: all larger values are in the top-k
+        top_rank = ((top_v[:, None, :] > top_v[:, :, None]).sum(dim=-1) + 1).tolist()
+        top_v_l, top_i_l = top_v.tolist(), top_i.tolist()
+    out: list[LogprobsDict] = []
+    for n, k in enumerate(num_top):
+        d: LogprobsDict = {token_l[n]: Logprob(chosen_lp_l[n], chosen_rank[n])}
+        for j in range(k):
+            d.setdefault(top_i_l[n][j], Logprob(top_v_l[n][j], top_rank[n][j]))
+        out.append(d)
+    return out
+
+
+def compute_prompt_logprobs(
+    logits: torch.Tensor,
+    next_token_ids: Sequence[int] | torch.Tensor,
+    num_logprobs: int,
+    chunk_rows: int = 256,
+) -> list[LogprobsDict]:
+    """Prompt logprobs for a run of positions: logits [N, V] at positions p..p+N-1 and the prompt tokens
+    at p+1..p+N. Returns N dicts; the caller puts None first for prompt position 0 and concatenates
+    chunks. Rows are processed chunk_rows at a time to bound the [rows, V] fp32 temporaries."""
+    targets = torch.as_tensor(next_token_ids, dtype=torch.long, device=logits.device)
+    if targets.shape[0] != logits.shape[0]:
+        raise ValueError(f"{logits.shape[0]} logits rows but {targets.shape[0]} next tokens")
+    out: list[LogprobsDict] = []
+    for start in range(0, logits.shape[0], chunk_rows):
+        raw = torch.log_softmax(logits[start : start + chunk_rows].float(), dim=-1)
+        t = targets[start : start + chunk_rows]
+        out.extend(logprob_dicts(raw, t, [num_logprobs] * t.shape[0]))
+    return out

@@ -1,0 +1,126 @@
+"""Per-request sampling parameters, with vLLM's field names and validation ranges."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+# Below this temperature a request is treated as greedy (vLLM uses the same epsilon).
+_GREEDY_EPS = 1e-5
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    best_of: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    # None = generate until the context is full; the engine clamps it to max_model_len - prompt_len.
+    max_tokens: int | None = None
+    min_tokens: int = 0
+    stop: Any = None  # str | list[str] on input; always a tuple[str, ...] after __post_init__
+    stop_token_ids: Any = None  # list[int] on input; always a tuple[int, ...] after __post_init__
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None
+
+    def __post_init__(self) -> None:
+        self._normalize()
+        self._validate()
+
+    def _normalize(self) -> None:
+        if self.stop is None:
+            self.stop = ()
+        elif isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        else:
+            self.stop = tuple(self.stop)
+        if self.stop_token_ids is None:
+            self.stop_token_ids = ()
+        else:
+            self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+        if self.logit_bias is not None:
+            # JSON bodies carry string keys ("1234": -100); accept them.
+            try:
+                self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"logit_bias must map token ids to floats: {e}") from e
+            if not self.logit_bias:
+                self.logit_bias = None
+        if self.top_k == -1:
+            self.top_k = 0
+
+    def _validate(self) -> None:
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"n must be an int >= 1, got {self.n!r}")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError(
+                f"best_of is not supported (must be None or equal to n={self.n}), got {self.best_of}"
+            )
+        if not self.temperature >= 0.0 or math.isinf(self.temperature):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            raise ValueError(f"top_k must be an int >= -1 (0 or -1 disables it), got {self.top_k!r}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            raise ValueError(f"max_tokens must be an int >= 1 or None, got {self.max_tokens!r}")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be an int >= 0, got {self.min_tokens!r}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be an int in [0, {MAX_LOGPROBS}] or None, got {value!r}")
+        if not self.repetition_penalty > 0.0 or math.isinf(self.repetition_penalty):
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+        if any(not isinstance(s, str) for s in self.stop):
+            raise ValueError(f"stop must be a str or a list of str, got {self.stop!r}")
+        if any(s == "" for s in self.stop):
+            raise ValueError("stop must not contain an empty string")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be >= 0, got {self.stop_token_ids}")
+        if self.logit_bias is not None:
+            if any(t < 0 for t in self.logit_bias):
+                raise ValueError("logit_bias token ids must be >= 0")
+            if any(math.isnan(v) for v in self.logit_bias.values()):
+                raise ValueError("logit_bias values must not be NaN")
+
+    def verify_token_ids(self, vocab_size: int) -> None:
+        """Check token ids against the model's vocabulary (the params alone don't know it)."""
+        bad = [t for t in self.stop_token_ids if t >= vocab_size]
+        if bad:
+            raise ValueError(f"stop_token_ids out of vocabulary (size {vocab_size}): {bad}")
+        if self.logit_bias is not None:
+            bad = [t for t in self.logit_bias if t >= vocab_size]
+            if bad:
+                raise ValueError(f"logit_bias token ids out of vocabulary (size {vocab_size}): {bad}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0

@@ -1,0 +1,138 @@
+"""The engine's one frozen config tree. `EngineConfig.create(**kwargs)` takes the LLM(...) keyword names
+(vLLM-shaped); the server's CLI flags map onto the same keywords."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from model.config import ModelConfig, load_model_config
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    num_blocks: int | None = None  # None: sized from memory (GPU) or a CPU default
+    enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"  # "auto" (= model dtype) | "fp8_e4m3"
+    mem_fraction_static: float = 0.85
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 8192
+    max_num_seqs: int = 256
+    max_model_len: int = 4096
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    method: str  # "mtp" | "suffix"
+    num_speculative_tokens: int = 3
+    options: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    device: str
+    dtype: str
+    load_format: str = "auto"
+    seed: int = 0
+    enforce_eager: bool = False
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    speculative: SpeculativeConfig | None = None
+    tokenizer: str | None = None
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    @staticmethod
+    def create(
+        model: str,
+        tensor_parallel_size: int = 1,
+        dtype: str = "auto",
+        device: str = "auto",
+        max_model_len: int | None = None,
+        max_num_batched_tokens: int | None = None,
+        max_num_seqs: int | None = None,
+        kv_block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        enable_prefix_caching: bool = True,
+        load_format: str = "auto",
+        seed: int = 0,
+        speculative_config: dict[str, Any] | None = None,
+        enforce_eager: bool = False,
+        kv_cache_dtype: str = "auto",
+        mem_fraction_static: float | None = None,
+        tokenizer: str | None = None,
+    ) -> "EngineConfig":
+        mcfg = load_model_config(model)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+        if dtype == "auto":
+            dtype = "bfloat16" if device == "cuda" else "float32"
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or 'auto', got {dtype!r}")
+        limit = mcfg.max_position_embeddings
+        if max_model_len is None:
+            max_model_len = limit
+        if not 1 < max_model_len <= limit:
+            raise ValueError(f"max_model_len must be in [2, {limit}] (the model's max_position_embeddings), got {max_model_len}")
+        if kv_block_size < 1 or kv_block_size & (kv_block_size - 1):
+            raise ValueError(f"kv_block_size must be a power of two, got {kv_block_size}")
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = 8192 if device == "cuda" else 2048
+        if max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
+        if max_num_seqs is None:
+            max_num_seqs = 256 if device == "cuda" else 64
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        if num_kv_blocks is not None and num_kv_blocks < 2:
+            raise ValueError(f"num_kv_blocks must be >= 2, got {num_kv_blocks}")
+        if kv_cache_dtype not in ("auto", "fp8_e4m3"):
+            raise ValueError(f"kv_cache_dtype must be 'auto' or 'fp8_e4m3', got {kv_cache_dtype!r}")
+        if kv_cache_dtype == "fp8_e4m3" and device != "cuda":
+            raise ValueError("kv_cache_dtype 'fp8_e4m3' needs device 'cuda'")
+        if tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+        spec = None
+        if speculative_config is not None:
+            raise NotImplementedError("speculative_config is not supported yet (MTP and suffix decoding are planned)")
+        return EngineConfig(
+            model=mcfg,
+            device=device,
+            dtype=dtype,
+            load_format=load_format,
+            seed=seed,
+            enforce_eager=enforce_eager,
+            cache=CacheConfig(
+                block_size=kv_block_size,
+                num_blocks=num_kv_blocks,
+                enable_prefix_caching=enable_prefix_caching,
+                kv_cache_dtype=kv_cache_dtype,
+                mem_fraction_static=0.85 if mem_fraction_static is None else mem_fraction_static,
+            ),
+            scheduler=SchedulerConfig(max_num_batched_tokens, max_num_seqs, max_model_len),
+            parallel=ParallelConfig(tensor_parallel_size),
+            speculative=spec,
+            tokenizer=tokenizer,
+        )

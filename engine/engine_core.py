@@ -1,0 +1,286 @@
+"""The engine core: one loop of schedule -> forward -> sample -> update, emitting per-sequence deltas.
+
+Used in process by the offline `LLM` and in its own process by the server. Detokenization and stop
+strings are handled here (not in the HTTP front end) because a stop string must end the request — free
+its pages — in the same step; the work is a few microseconds per token and overlaps the GPU under overlap
+scheduling. See docs/design-notes.md.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoTokenizer
+
+from engine.block_pool import BlockPool
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer, decode_logprob_tokens
+from engine.kv_cache import allocate_kv_caches, kv_bytes_per_token, kv_cache_dtype
+from engine.model_runner import ModelRunner
+from engine.outputs import LogprobsDict, RequestDelta
+from engine.request import Request, Status
+from engine.sampler import Sampler, SamplingState, compute_prompt_logprobs
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.stop_strings import StopStringMatcher
+from model.builder import build_model
+from model.parallel import TPGroup
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _SeqState:
+    sampling: SamplingState
+    detok: IncrementalDetokenizer
+    stops: StopStringMatcher | None
+    sent_prompt_logprobs: bool = False
+    prompt_logprobs: list[LogprobsDict | None] | None = None
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, tp: TPGroup = TPGroup()) -> None:
+        self.config = config
+        self.model_config = config.model
+        self.max_model_len = config.scheduler.max_model_len
+        self.device = config.torch_device
+        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model.path)
+        torch.manual_seed(config.seed)
+        self.model = build_model(
+            config.model, self.device, config.torch_dtype, tp, config.load_format, config.seed,
+            with_mtp=False,
+        )
+        self.block_size = config.cache.block_size
+        kv_dtype = kv_cache_dtype(config.cache.kv_cache_dtype, config.torch_dtype)
+        layer_ids = list(range(config.model.num_hidden_layers))
+        num_blocks = self._num_kv_blocks(tp, kv_dtype, len(layer_ids))
+        kv_caches = allocate_kv_caches(config.model, tp, layer_ids, num_blocks, self.block_size, kv_dtype, self.device)
+        self.pool = BlockPool(num_blocks, self.block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.pool)
+        self.runner = ModelRunner(self.model, kv_caches, self.block_size, self.device)
+        self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
+        self._requests: dict[str, list[Request]] = {}
+        self._seq: dict[Request, _SeqState] = {}
+        self._pending_deltas: list[RequestDelta] = []
+        self.num_prompt_tokens_total = 0
+        self.num_generated_tokens_total = 0
+        self._ids = itertools.count()
+        log.info("KV cache: %d pages of %d tokens = %d tokens", num_blocks, self.block_size, self.kv_capacity_tokens)
+
+    # -- sizing -------------------------------------------------------------------------------------
+    def _num_kv_blocks(self, tp: TPGroup, kv_dtype: torch.dtype, num_layers: int) -> int:
+        cc, bs = self.config.cache, self.block_size
+        min_blocks = -(-self.max_model_len // bs)
+        if cc.num_blocks is not None:
+            blocks = cc.num_blocks
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = free - (1.0 - cc.mem_fraction_static) * total
+            per_block = kv_bytes_per_token(self.model_config, tp, kv_dtype, num_layers) * bs
+            blocks = int(budget // per_block)
+        else:
+            blocks = -(-max(2 * self.max_model_len, 32768) // bs)
+        if blocks < min_blocks:
+            raise RuntimeError(
+                f"the KV cache holds {blocks} pages ({blocks * bs} tokens), fewer than one request of "
+                f"max_model_len={self.max_model_len} needs ({min_blocks} pages); lower max_model_len or give "
+                f"the KV cache more memory (num_kv_blocks / mem_fraction_static)"
+            )
+        return blocks
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.pool.num_total * self.block_size
+
+    # -- requests -----------------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prompt: str | None = None,
+    ) -> None:
+        if request_id in self._requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        prompt_token_ids = [int(t) for t in prompt_token_ids]
+        if not prompt_token_ids:
+            raise ValueError("prompt is empty: at least one prompt token is required")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt_token_ids contains ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        params.verify_token_ids(vocab)
+        n_prompt = len(prompt_token_ids)
+        room = self.max_model_len - n_prompt
+        if room < 1:
+            raise ValueError(
+                f"prompt is too long: {n_prompt} tokens leave no room in the model's context of "
+                f"{self.max_model_len} tokens (context_length_exceeded)"
+            )
+        if params.max_tokens is None:
+            max_tokens = room
+        elif params.max_tokens > room:
+            raise ValueError(
+                f"max_tokens={params.max_tokens} plus the prompt's {n_prompt} tokens exceeds the model's context "
+                f"of {self.max_model_len} tokens"
+            )
+        else:
+            max_tokens = params.max_tokens
+        if params.min_tokens > max_tokens:
+            raise ValueError(f"min_tokens={params.min_tokens} exceeds the {max_tokens} tokens that fit")
+        seqs = []
+        for index in range(params.n):
+            req = Request(request_id, index, prompt_token_ids, params, max_tokens, prompt=prompt)
+            sampling = SamplingState(
+                params, prompt_token_ids, req.output_token_ids, self.model_config.eos_token_ids, seed_offset=index,
+            )
+            detok = IncrementalDetokenizer(
+                self.tokenizer, prompt_token_ids, params.skip_special_tokens, params.spaces_between_special_tokens,
+            )
+            stops = StopStringMatcher(params.stop, params.include_stop_str_in_output) if params.stop else None
+            self._seq[req] = _SeqState(sampling, detok, stops)
+            seqs.append(req)
+            self.scheduler.add(req)
+        self._requests[request_id] = seqs
+        self.num_prompt_tokens_total += n_prompt
+
+    def abort_request(self, request_id: str) -> None:
+        for req in self._requests.get(request_id, []):
+            if not req.is_finished:
+                self.scheduler.finish(req, "abort")
+                self._pending_deltas.append(self._delta(req, [], "", None, finished=True))
+        self._forget(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def _forget(self, request_id: str) -> None:
+        for req in self._requests.pop(request_id, []):
+            self._seq.pop(req, None)
+
+    # -- the step -----------------------------------------------------------------------------------
+    def step(self) -> list[RequestDelta]:
+        deltas, self._pending_deltas = self._pending_deltas, []
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return deltas
+        out = self.runner.execute(sched.scheduled)
+        sample_idx = [i for i, r in enumerate(out.sample_rows) if r >= 0]
+        sampled = None
+        if sample_idx:
+            rows = torch.tensor([out.sample_rows[i] for i in sample_idx], device=out.logits.device)
+            states = [self._seq[sched.scheduled[i].request].sampling for i in sample_idx]
+            sampled = self.sampler.sample(out.logits.index_select(0, rows), states)
+        by_sched = {i: k for k, i in enumerate(sample_idx)}
+        for i, s in enumerate(sched.scheduled):
+            req = s.request
+            self.scheduler.advance(s)
+            self._collect_prompt_logprobs(req, out, i)
+            if i not in by_sched:
+                continue
+            k = by_sched[i]
+            deltas.append(self._append_token(req, sampled.token_ids[k], sampled.logprobs[k]))
+        finished_ids = {d.request_id for d in deltas if d.finished}
+        for rid in finished_ids:
+            if all(r.is_finished for r in self._requests.get(rid, [])):
+                self._forget(rid)
+        return deltas
+
+    def _collect_prompt_logprobs(self, req: Request, out, i: int) -> None:
+        pr = out.prompt_rows[i]
+        if pr is None:
+            return
+        first_row, first_target, count = pr
+        st = self._seq[req]
+        targets = req.prompt_token_ids[first_target : first_target + count]
+        dicts = compute_prompt_logprobs(
+            out.logits[first_row : first_row + count], targets, req.params.prompt_logprobs
+        )
+        decode_logprob_tokens(self.tokenizer, dicts)
+        if st.prompt_logprobs is None:
+            st.prompt_logprobs = [None]
+        st.prompt_logprobs.extend(dicts)
+        req.prompt_logprobs_upto = first_target + count
+
+    def _append_token(self, req: Request, token: int, logprobs: LogprobsDict | None) -> RequestDelta:
+        st = self._seq[req]
+        req.output_token_ids.append(token)
+        self.num_generated_tokens_total += 1
+        if logprobs is not None:
+            decode_logprob_tokens(self.tokenizer, [logprobs])
+        text = st.detok.add_tokens([token])
+        n_out = len(req.output_token_ids)
+        past_min = n_out >= req.params.min_tokens
+        reason, stop_reason = None, None
+        if token in st.sampling.all_stop_token_ids and past_min:
+            reason = "stop"
+            # vLLM reports the token id only for stop_token_ids, not for the model's own EOS.
+            stop_reason = token if token in req.params.stop_token_ids else None
+        use_stops = st.stops is not None and past_min
+        if use_stops:
+            text, matched = st.stops.feed(text)
+            if matched is not None and reason is None:
+                reason, stop_reason = "stop", matched
+        if reason is None and n_out >= req.max_tokens:
+            reason = "length"
+        if reason is not None and not isinstance(stop_reason, str):
+            tail = st.detok.flush()
+            if use_stops:
+                emit, matched = st.stops.feed(tail)
+                text += emit if matched is not None else emit + st.stops.flush()
+            else:
+                text += tail
+        if reason is not None:
+            self.scheduler.finish(req, reason, stop_reason)
+        return self._delta(req, [token], text, None if logprobs is None else [logprobs], finished=reason is not None)
+
+    def _delta(
+        self, req: Request, tokens: list[int], text: str, logprobs: list[LogprobsDict] | None, finished: bool
+    ) -> RequestDelta:
+        st = self._seq.get(req)
+        prompt_lp = None
+        if st is not None and not st.sent_prompt_logprobs and req.params.prompt_logprobs is not None:
+            if st.prompt_logprobs is not None and req.prompt_logprobs_upto >= req.num_prompt_tokens - 1:
+                prompt_lp, st.sent_prompt_logprobs = st.prompt_logprobs, True
+        return RequestDelta(
+            request_id=req.request_id,
+            index=req.index,
+            new_token_ids=tokens,
+            new_text=text,
+            new_logprobs=logprobs,
+            prompt_logprobs=prompt_lp,
+            finished=finished,
+            finish_reason=req.finish_reason if finished else None,
+            stop_reason=req.stop_reason if finished else None,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_cached_tokens=max(req.num_cached_tokens, 0),
+        )
+
+    # -- introspection ------------------------------------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        s = self.scheduler.stats()
+        s.update(
+            prefix_cache_hit_tokens=self.pool.hit_tokens,
+            prefix_cache_queried_tokens=self.pool.queried_tokens,
+            free_kv_blocks=self.pool.num_free,
+            cached_kv_blocks=self.pool.num_cached,
+            used_kv_blocks=self.pool.num_used,
+            total_kv_blocks=self.pool.num_total,
+            kv_capacity_tokens=self.kv_capacity_tokens,
+            num_prompt_tokens_total=self.num_prompt_tokens_total,
+            num_generated_tokens_total=self.num_generated_tokens_total,
+        )
+        return s
+
+    def check_invariants(self) -> None:
+        """Page accounting: pool invariants, waiting requests hold nothing, every used page is held."""
+        self.pool.check_invariants()
+        assert all(not r.block_ids for r in self.scheduler.waiting), "a waiting request holds pages"
+        refs: dict[int, int] = {}
+        for r in self.scheduler.running:
+            for pid in r.block_ids:
+                refs[pid] = refs.get(pid, 0) + 1
+        for page in self.pool.pages:
+            assert page.ref_count == refs.get(page.id, 0), f"page {page.id} ref_count {page.ref_count} != holders"

@@ -1,0 +1,127 @@
+"""The offline API (vLLM-shaped): LLM(...).generate(prompts, sampling_params) and .chat(messages, ...).
+
+It drives the same EngineCore step loop the server runs, in process."""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm import tqdm
+
+from engine.config import EngineConfig
+from engine.engine_core import EngineCore
+from engine.outputs import RequestOutput, RequestOutputAccumulator
+from engine.sampling_params import SamplingParams
+
+PromptType = str | dict[str, Any]
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str,
+        tensor_parallel_size: int = 1,
+        dtype: str = "auto",
+        device: str = "auto",
+        max_model_len: int | None = None,
+        max_num_batched_tokens: int | None = None,
+        max_num_seqs: int | None = None,
+        kv_block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        enable_prefix_caching: bool = True,
+        load_format: str = "auto",
+        seed: int = 0,
+        speculative_config: dict[str, Any] | None = None,
+        enforce_eager: bool = False,
+        kv_cache_dtype: str = "auto",
+        mem_fraction_static: float | None = None,
+        tokenizer: str | None = None,
+    ) -> None:
+        self.config = EngineConfig.create(
+            model=model, tensor_parallel_size=tensor_parallel_size, dtype=dtype, device=device,
+            max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+            kv_block_size=kv_block_size, num_kv_blocks=num_kv_blocks, enable_prefix_caching=enable_prefix_caching,
+            load_format=load_format, seed=seed, speculative_config=speculative_config, enforce_eager=enforce_eager,
+            kv_cache_dtype=kv_cache_dtype, mem_fraction_static=mem_fraction_static, tokenizer=tokenizer,
+        )
+        if tensor_parallel_size != 1:
+            raise NotImplementedError("tensor_parallel_size > 1 is not supported yet")
+        self.engine = EngineCore(self.config)
+        self.tokenizer = self.engine.tokenizer
+        self._counter = itertools.count()
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def stats(self) -> dict[str, int]:
+        return self.engine.stats()
+
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=False)
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        if isinstance(prompt, dict) and "prompt" in prompt:
+            return prompt["prompt"], self.tokenizer.encode(prompt["prompt"], add_special_tokens=False)
+        raise ValueError("each prompt must be a string or a dict with 'prompt_token_ids' (or 'prompt')")
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = list(sampling_params) if isinstance(sampling_params, Sequence) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        accs: dict[str, RequestOutputAccumulator] = {}
+        order: list[str] = []
+        try:
+            for prompt, sp in zip(prompts, params):
+                text, ids = self._tokenize(prompt)
+                rid = str(next(self._counter))
+                self.engine.add_request(rid, ids, sp, prompt=text)
+                accs[rid] = RequestOutputAccumulator(rid, text, ids, sp.n)
+                order.append(rid)
+            bar = tqdm(total=len(order), desc="Generating", unit="req", disable=not use_tqdm or len(order) < 2)
+            done = 0
+            while any(not a.finished for a in accs.values()):
+                for delta in self.engine.step():
+                    acc = accs.get(delta.request_id)
+                    if acc is not None:
+                        acc.add(delta)
+                now_done = sum(a.finished for a in accs.values())
+                bar.update(now_done - done)
+                done = now_done
+            bar.close()
+        except BaseException:
+            for rid in order:  # never leave pages held by an interrupted call
+                self.engine.abort_request(rid)
+            self.engine.step()
+            raise
+        return [accs[rid].get_output() for rid in order]
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = []
+        for conv in conversations:
+            ids = self.tokenizer.apply_chat_template(
+                conv, tools=tools, add_generation_prompt=True, tokenize=True, **(chat_template_kwargs or {})
+            )
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            prompts.append({"prompt_token_ids": list(ids)})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)

@@ -35,18 +35,6 @@ def round_bf16(x):
 
 
 @triton.jit
-def to_out(x, dtype: tl.constexpr):
-    """Cast fp32 x to the storage dtype `dtype` with round-to-nearest-even."""
-    if dtype == tl.bfloat16:
-        if EMULATE:
-            return round_bf16(x).to(tl.bfloat16)
-        else:
-            return x.to(tl.bfloat16)
-    else:
-        return x.to(dtype)
-
-
-@triton.jit
 def round_fp8(x):
     """fp32 x, already clamped to [-448, 448] -> fp32 holding the nearest-even E4M3 value."""
     ax = tl.abs(x)
@@ -69,6 +57,20 @@ def to_fp8(x):
         return round_fp8(x).to(tl.float8e4nv)
     else:
         return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def to_out(x, dtype: tl.constexpr):
+    """Cast fp32 x to the storage dtype `dtype` with round-to-nearest-even (FP8: x must be within +-448)."""
+    if dtype == tl.bfloat16:
+        if EMULATE:
+            return round_bf16(x).to(tl.bfloat16)
+        else:
+            return x.to(tl.bfloat16)
+    elif dtype == tl.float8e4nv:
+        return to_fp8(x)
+    else:
+        return x.to(dtype)
 
 
 @triton.jit

@@ -18,8 +18,45 @@ def case_quant():
         quant_fp8_per_group(x)
 
 
+def case_norm_act():
+    from kernels.triton_activation import silu_mul, silu_mul_fp8
+    from kernels.triton_norm import add_rms_norm, rms_norm, rms_norm_fp8
+
+    for t in (1, 4096):
+        x = torch.empty(t, 5120, dtype=BF16)
+        w = torch.empty(5120, dtype=BF16)
+        rms_norm(x, w, 1e-5)
+        add_rms_norm(x, x, w, 1e-5)
+        rms_norm_fp8(x, w, 1e-5, residual=x)
+        for i in (1536, 192, 12288):
+            g = torch.empty(t, 2 * i, dtype=BF16)
+            silu_mul(g)
+            silu_mul_fp8(g)
+
+
+def case_rope_kv():
+    from kernels.triton_kv_store import store_kv
+    from kernels.triton_rope import qk_norm_rope
+
+    for hq, hk in ((96, 8), (12, 1)):
+        t, d = 64, 128
+        qkv = torch.empty(t, (hq + 2 * hk) * d, dtype=BF16)
+        q, k, v = qkv.split([hq * d, hk * d, hk * d], -1)
+        q, k, v = q.view(t, hq, d), k.view(t, hk, d), v.view(t, hk, d)
+        w = torch.empty(d, dtype=BF16)
+        cs = torch.empty(4096, 64)
+        pos = torch.empty(t, dtype=torch.int64)
+        qk_norm_rope(q, k, w, w, cs, pos, 1e-5)
+        for cdt in (BF16, FP8):
+            kc = torch.empty(100, 16, hk, d, dtype=cdt)
+            qk_norm_rope(q, k, w, w, cs, pos, 1e-5, v=v, k_cache=kc, v_cache=kc, slot_mapping=pos)
+            store_kv(k, v, kc, kc, pos)
+
+
 CASES = {
     "quant": case_quant,
+    "norm_act": case_norm_act,
+    "rope_kv": case_rope_kv,
 }
 
 

@@ -1,0 +1,220 @@
+"""Triton fused per-head QK RMSNorm + partial NeoX RoPE, optionally writing K/V into the paged cache.
+
+Same math and roundings as kernels/rope.py (qk_norm_rope_ref): per-head RMSNorm over the full head_dim
+(normalized row rounded to the activation dtype, then times the weight), then rotation of the first
+rotary_dim dims in the half-rotation layout, pairs (i, i + rotary_dim/2), with cos/sin rounded to the
+activation dtype and every product and sum rounded as torch does in bf16. Dims past rotary_dim pass through.
+
+Grid: (tokens, q-head blocks + k-head blocks). A head block loads its rows as three column slices
+[0, rot/2), [rot/2, rot), [rot, D), so the rotation needs no register shuffles. With a cache given, the
+k-head programs also store the token's rotated K and its V at slot_mapping[t] (skipped when -1), divided by
+k_scale / v_scale and cast to the cache dtype (FP8 saturates at +-448), like kernels/attention.store_kv_ref.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton_common import cdiv, next_pow2, round_bf16, tl_dtype, to_out
+
+
+@triton.jit
+def _rnd(x, DT: tl.constexpr):
+    """Round fp32 x to the activation dtype DT (kept in fp32), as each torch op in that dtype does."""
+    if DT == tl.bfloat16:
+        return round_bf16(x)
+    elif DT == tl.float16:
+        return x.to(tl.float16).to(tl.float32)
+    else:
+        return x
+
+
+@triton.jit
+def _norm_rope_heads(
+    x_ptr, o_ptr, w_ptr, cos, sin, h0, H, stride_xh, stride_oh,
+    eps, HAS_NORM: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr, PASS: tl.constexpr,
+    PASS_P: tl.constexpr, D: tl.constexpr, BH: tl.constexpr, DT: tl.constexpr,
+):
+    """Normalize + rotate heads h0 .. h0+BH of one token; returns the three output slices (fp32)."""
+    hi = h0 + tl.arange(0, BH)
+    hm = hi < H
+    ia = tl.arange(0, HALF_P)
+    ma = hm[:, None] & (ia[None, :] < HALF)
+    rows = hi[:, None] * stride_xh
+    a = tl.load(x_ptr + rows + ia[None, :], mask=ma, other=0.0).to(tl.float32)
+    b = tl.load(x_ptr + rows + HALF + ia[None, :], mask=ma, other=0.0).to(tl.float32)
+    if PASS > 0:
+        ic = tl.arange(0, PASS_P)
+        mc = hm[:, None] & (ic[None, :] < PASS)
+        c = tl.load(x_ptr + rows + 2 * HALF + ic[None, :], mask=mc, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        ss = tl.sum(a * a, 1) + tl.sum(b * b, 1)
+        if PASS > 0:
+            ss += tl.sum(c * c, 1)
+        rstd = tl.rsqrt(ss / D + eps)[:, None]
+        wa = tl.load(w_ptr + ia, mask=ia < HALF, other=0.0).to(tl.float32)[None, :]
+        wb = tl.load(w_ptr + HALF + ia, mask=ia < HALF, other=0.0).to(tl.float32)[None, :]
+        a = _rnd(wa * _rnd(a * rstd, DT), DT)
+        b = _rnd(wb * _rnd(b * rstd, DT), DT)
+        if PASS > 0:
+            wc = tl.load(w_ptr + 2 * HALF + ic, mask=ic < PASS, other=0.0).to(tl.float32)[None, :]
+            c = _rnd(wc * _rnd(c * rstd, DT), DT)
+    oa = _rnd(_rnd(a * cos, DT) + _rnd(-b * sin, DT), DT)
+    ob = _rnd(_rnd(b * cos, DT) + _rnd(a * sin, DT), DT)
+    orow = hi[:, None] * stride_oh
+    tl.store(o_ptr + orow + ia[None, :], to_out(oa, o_ptr.dtype.element_ty), mask=ma)
+    tl.store(o_ptr + orow + HALF + ia[None, :], to_out(ob, o_ptr.dtype.element_ty), mask=ma)
+    if PASS > 0:
+        tl.store(o_ptr + orow + 2 * HALF + ic[None, :], to_out(c, o_ptr.dtype.element_ty), mask=mc)
+    else:
+        c = oa
+    return oa, ob, c
+
+
+@triton.jit
+def _store_cache_slices(
+    cache_ptr, base, hi, hm, a, b, c, scale, stride_ch,
+    HALF: tl.constexpr, HALF_P: tl.constexpr, PASS: tl.constexpr, PASS_P: tl.constexpr, FP8: tl.constexpr,
+):
+    ia = tl.arange(0, HALF_P)
+    ma = hm[:, None] & (ia[None, :] < HALF)
+    rows = base + hi[:, None] * stride_ch
+    dt = cache_ptr.dtype.element_ty
+    a = a / scale
+    b = b / scale
+    if FP8:
+        a = tl.clamp(a, -448.0, 448.0)
+        b = tl.clamp(b, -448.0, 448.0)
+    tl.store(cache_ptr + rows + ia[None, :], to_out(a, dt), mask=ma)
+    tl.store(cache_ptr + rows + HALF + ia[None, :], to_out(b, dt), mask=ma)
+    if PASS > 0:
+        ic = tl.arange(0, PASS_P)
+        mc = hm[:, None] & (ic[None, :] < PASS)
+        c = c / scale
+        if FP8:
+            c = tl.clamp(c, -448.0, 448.0)
+        tl.store(cache_ptr + rows + 2 * HALF + ic[None, :], to_out(c, dt), mask=mc)
+
+
+@triton.jit
+def _qk_norm_rope_kernel(
+    q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, cs_ptr, pos_ptr,
+    v_ptr, kc_ptr, vc_ptr, slot_ptr,
+    HQ, HK, eps, k_scale, v_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh, stride_kot, stride_koh,
+    stride_cs, stride_vt, stride_vh, stride_kc_slot, stride_kc_h, stride_vc_slot, stride_vc_h,
+    HAS_NORM: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr, PASS: tl.constexpr,
+    PASS_P: tl.constexpr, D: tl.constexpr, BH: tl.constexpr, NQB: tl.constexpr, DT: tl.constexpr,
+    STORE_KV: tl.constexpr, CACHE_FP8: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    hb = tl.program_id(1)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    ia = tl.arange(0, HALF_P)
+    cos = tl.load(cs_ptr + pos * stride_cs + ia, mask=ia < HALF, other=0.0)[None, :]
+    sin = tl.load(cs_ptr + pos * stride_cs + HALF + ia, mask=ia < HALF, other=0.0)[None, :]
+    cos = _rnd(cos, DT)
+    sin = _rnd(sin, DT)
+    if hb < NQB:
+        _norm_rope_heads(
+            q_ptr + t * stride_qt, qo_ptr + t * stride_qot, qw_ptr, cos, sin, hb * BH, HQ, stride_qh, stride_qoh,
+            eps, HAS_NORM, HALF, HALF_P, PASS, PASS_P, D, BH, DT,
+        )
+    else:
+        h0 = (hb - NQB) * BH
+        a, b, c = _norm_rope_heads(
+            k_ptr + t * stride_kt, ko_ptr + t * stride_kot, kw_ptr, cos, sin, h0, HK, stride_kh, stride_koh,
+            eps, HAS_NORM, HALF, HALF_P, PASS, PASS_P, D, BH, DT,
+        )
+        if STORE_KV:
+            slot = tl.load(slot_ptr + t).to(tl.int64)
+            if slot >= 0:
+                hi = h0 + tl.arange(0, BH)
+                hm = hi < HK
+                _store_cache_slices(
+                    kc_ptr, slot * stride_kc_slot, hi, hm, a, b, c, k_scale, stride_kc_h,
+                    HALF, HALF_P, PASS, PASS_P, CACHE_FP8,
+                )
+                vrow = v_ptr + t * stride_vt + hi[:, None] * stride_vh
+                ma = hm[:, None] & (ia[None, :] < HALF)
+                va = tl.load(vrow + ia[None, :], mask=ma, other=0.0).to(tl.float32)
+                vb = tl.load(vrow + HALF + ia[None, :], mask=ma, other=0.0).to(tl.float32)
+                vc = va
+                if PASS > 0:
+                    ic = tl.arange(0, PASS_P)
+                    mc = hm[:, None] & (ic[None, :] < PASS)
+                    vc = tl.load(vrow + 2 * HALF + ic[None, :], mask=mc, other=0.0).to(tl.float32)
+                _store_cache_slices(
+                    vc_ptr, slot * stride_vc_slot, hi, hm, va, vb, vc, v_scale, stride_vc_h,
+                    HALF, HALF_P, PASS, PASS_P, CACHE_FP8,
+                )
+
+
+def _check_heads(x: torch.Tensor) -> torch.Tensor:
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return x
+
+
+def qk_norm_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_norm_weight: torch.Tensor | None,
+    k_norm_weight: torch.Tensor | None,
+    cos_sin: torch.Tensor,
+    positions: torch.Tensor,
+    eps: float,
+    *,
+    v: torch.Tensor | None = None,
+    k_cache: torch.Tensor | None = None,
+    v_cache: torch.Tensor | None = None,
+    slot_mapping: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+    block_heads: int = 16,
+    num_warps: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [T, Hq, D], k: [T, Hk, D] (token and head strides free) -> new contiguous (q, k). With k_cache given,
+    also stores rotated k and v: [T, Hk, D] into the paged caches at slot_mapping."""
+    t, hq, d = q.shape
+    hk = k.shape[1]
+    rot = cos_sin.shape[1]
+    assert rot % 2 == 0 and rot <= d
+    q = _check_heads(q)
+    k = _check_heads(k)
+    qo = torch.empty(t, hq, d, dtype=q.dtype, device=q.device)
+    ko = torch.empty(t, hk, d, dtype=k.dtype, device=k.device)
+    if t == 0:
+        return qo, ko
+    has_norm = q_norm_weight is not None
+    assert (k_norm_weight is not None) == has_norm, "q and k norms come together"
+    store = k_cache is not None
+    half = rot // 2
+    pas = d - rot
+    bh = min(next_pow2(max(hq, hk)), block_heads)
+    nqb = cdiv(hq, bh)
+    nkb = cdiv(hk, bh)
+    if store:
+        assert v is not None and v_cache is not None and slot_mapping is not None
+        v = _check_heads(v)
+        assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and k_cache.stride(0) == k_cache.shape[1] * k_cache.stride(1)
+        assert v_cache.stride(0) == v_cache.shape[1] * v_cache.stride(1)
+    dummy = qo
+    _qk_norm_rope_kernel[(t, nqb + nkb)](
+        q, k, qo, ko, q_norm_weight if has_norm else dummy, k_norm_weight if has_norm else dummy,
+        cos_sin, positions, v if store else dummy, k_cache if store else dummy, v_cache if store else dummy,
+        slot_mapping if store else positions,
+        hq, hk, eps, float(k_scale), float(v_scale),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1),
+        cos_sin.stride(0), v.stride(0) if store else 0, v.stride(1) if store else 0,
+        k_cache.stride(1) if store else 0, k_cache.stride(2) if store else 0,
+        v_cache.stride(1) if store else 0, v_cache.stride(2) if store else 0,
+        HAS_NORM=has_norm, HALF=half, HALF_P=next_pow2(half), PASS=pas, PASS_P=next_pow2(max(pas, 1)), D=d, BH=bh,
+        NQB=nqb, DT=tl_dtype(q.dtype), STORE_KV=store,
+        CACHE_FP8=store and k_cache.dtype == torch.float8_e4m3fn, num_warps=num_warps,
+    )
+    return qo, ko
+
+
+__all__ = ["qk_norm_rope"]

@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny GLM-4.7-format checkpoints (written once per session) and engine helpers."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+for p in (str(ROOT), str(ROOT / "tests")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+from model.tiny import FORMATS, write_tiny_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {fmt: write_tiny_checkpoint(root / fmt, fmt=fmt, seed=0) for fmt in FORMATS}
+
+
+@pytest.fixture(scope="session")
+def tiny_bf16(tiny_dirs) -> Path:
+    return tiny_dirs["bf16"]
+
+
+def assert_pages_clean(engine) -> None:
+    """After every request finished: invariants hold and no page is still referenced."""
+    engine.check_invariants()
+    stats = engine.stats()
+    assert stats["num_running"] == 0 and stats["num_waiting"] == 0
+    assert stats["used_kv_blocks"] == 0, stats
+    assert stats["free_kv_blocks"] + stats["cached_kv_blocks"] == stats["total_kv_blocks"]

@@ -72,5 +72,9 @@ def hf_logprobs(model: HFGlm4Moe, ids: list[int]) -> torch.Tensor:
 
 @torch.no_grad()
 def hf_greedy(model: HFGlm4Moe, ids: list[int], n: int) -> list[int]:
-    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    x = torch.tensor([ids])
+    # An explicit mask: otherwise generate() masks every prompt token equal to pad_token_id.
+    out = model.generate(
+        x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
     return out[0, len(ids):].tolist()

@@ -376,7 +376,12 @@ def task_text(rng: random.Random, n_tokens: int, tokenizer: TokenizerLike | None
 @dataclass
 class AgenticSession:
     """One multi-turn agent conversation. Turn k+1's prompt = turn k's prompt + the model's output + a
-    synthetic tool call's result. Call ``next_request()`` then ``record_output()`` for each turn."""
+    synthetic tool call's result. Call ``next_request()`` then ``record_output()`` for each turn.
+
+    On the chat endpoint the output goes back as an assistant message (``content``, plus
+    ``reasoning_content`` when the model streamed reasoning, plus a synthetic ``tool_calls`` entry with
+    tool_format "tool"), followed by the tool result. Whether past reasoning stays in the rendered prompt is
+    up to the server's chat template (GLM-4.7 drops it by default), exactly as for a real agent."""
 
     session_id: int
     num_turns: int

@@ -45,6 +45,7 @@ import asyncio
 import json
 import math
 import os
+import random
 import sys
 import time
 from datetime import datetime, timezone
@@ -256,11 +257,10 @@ class Runner:
         return time.perf_counter() - self.t0
 
     async def warmup(self) -> None:
-        import random as _random
         n = self.args.warmup_requests
         if n <= 0:
             return
-        rng = _random.Random(self.args.seed + 7919)
+        rng = random.Random(self.args.seed + 7919)
         out_len = max(1, min(16, self.args.output_len))
         specs = []
         for _ in range(n):
@@ -294,10 +294,12 @@ class Runner:
     async def run_agentic(self, sessions: list[AgenticSession]) -> tuple[list[RequestRecord], float]:
         arrivals = poisson_arrivals(len(sessions), self.args.request_rate, self.args.seed)
         records: list[RequestRecord] = []
+        per_session: dict[int, list[RequestRecord]] = {}
         for s in sessions:
             for k in range(s.num_turns):
-                records.append(RequestRecord(index=len(records), session=s.session_id, turn=k))
-        per_session = {s.session_id: [r for r in records if r.session == s.session_id] for s in sessions}
+                rec = RequestRecord(index=len(records), session=s.session_id, turn=k)
+                records.append(rec)
+                per_session.setdefault(s.session_id, []).append(rec)
 
         async def one(s: AgenticSession, arrival: float) -> None:
             t = await self.sleep_until(arrival)

@@ -1,0 +1,188 @@
+"""The offline LLM API: inputs, sampling behaviour, stops, n, logprobs, abort, validation, page accounting."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import assert_pages_clean
+from engine import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_bf16):
+    return LLM(str(tiny_bf16), device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def _pages_clean_after(llm):
+    yield
+    assert_pages_clean(llm.engine)
+
+
+def test_input_forms_and_order(llm):
+    ids = llm.tokenizer.encode("hello world", add_special_tokens=False)
+    outs = llm.generate(["hello world", {"prompt_token_ids": ids}, "a third prompt"],
+                        SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)
+    assert [o.prompt for o in outs] == ["hello world", None, "a third prompt"]
+    assert outs[0].prompt_token_ids == ids and outs[1].prompt_token_ids == ids
+    assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids
+    assert all(len(o.outputs[0].token_ids) == 5 and o.outputs[0].finish_reason == "length" for o in outs)
+    text = outs[0].outputs[0].text
+    assert text == llm.tokenizer.decode(outs[0].outputs[0].token_ids, skip_special_tokens=True)
+
+
+def test_default_max_tokens_fills_the_context(tiny_bf16):
+    short = LLM(str(tiny_bf16), device="cpu", max_model_len=48)
+    out = short.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(temperature=0, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 48 - 3 and out[0].outputs[0].finish_reason == "length"
+    assert_pages_clean(short.engine)
+
+
+def test_same_seed_same_output_and_batch_independent(llm):
+    sp = SamplingParams(temperature=1.0, seed=1234, max_tokens=12, ignore_eos=True)
+    a = llm.generate("the seed", sp, use_tqdm=False)[0].outputs[0].token_ids
+    b = llm.generate(["other prompt", "the seed", "x y z"], sp, use_tqdm=False)[1].outputs[0].token_ids
+    c = llm.generate("the seed", SamplingParams(temperature=1.0, seed=99, max_tokens=12, ignore_eos=True),
+                     use_tqdm=False)[0].outputs[0].token_ids
+    assert a == b and a != c
+
+
+def test_stop_string_split_across_tokens(llm):
+    base = llm.generate("stop strings", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
+    text, toks = base[0].outputs[0].text, base[0].outputs[0].token_ids
+    # pick a stop string that straddles a token boundary somewhere in the middle
+    pieces = [llm.tokenizer.decode(toks[:i], skip_special_tokens=True) for i in range(len(toks) + 1)]
+    k = next(i for i in range(4, len(toks)) if len(pieces[i]) - len(pieces[i - 1]) >= 2 and len(pieces[i + 1]) - len(pieces[i]) >= 2)
+    stop = pieces[k][-2:] + pieces[k + 1][len(pieces[k]) : len(pieces[k]) + 1]
+    first = text.find(stop)
+    out = llm.generate("stop strings", SamplingParams(temperature=0, max_tokens=20, stop=[stop], ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == text[:first]
+    inc = llm.generate("stop strings", SamplingParams(temperature=0, max_tokens=20, stop=[stop], ignore_eos=True,
+                                                       include_stop_str_in_output=True), use_tqdm=False)[0].outputs[0]
+    assert inc.text == text[: first + len(stop)]
+
+
+def test_stop_token_ids_and_eos(llm):
+    base = llm.generate("stop ids", SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)
+    toks = base[0].outputs[0].token_ids
+    out = llm.generate("stop ids", SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[toks[3]]),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == toks[: toks.index(toks[3]) + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == toks[3]
+    # the model's own eos ids stop generation (forced with logit_bias), reason "stop", stop_reason None
+    eos = llm.engine.model_config.eos_token_ids[1]
+    out = llm.generate("eos", SamplingParams(temperature=0, max_tokens=10, logit_bias={eos: 100.0}), use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == [eos] and out.finish_reason == "stop" and out.stop_reason is None
+    # min_tokens holds eos back
+    out = llm.generate("eos", SamplingParams(temperature=0, max_tokens=10, min_tokens=4, logit_bias={eos: 100.0}),
+                       use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 5 and eos not in out.token_ids[:4] and out.token_ids[4] == eos
+
+
+def test_n_greater_than_one(llm):
+    out = llm.generate("fan out", SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8, ignore_eos=True),
+                       use_tqdm=False)[0]
+    assert [o.index for o in out.outputs] == [0, 1, 2]
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1
+    greedy = llm.generate("fan out", SamplingParams(n=2, temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)[0]
+    assert greedy.outputs[0].token_ids == greedy.outputs[1].token_ids
+
+
+def test_logprobs_and_prompt_logprobs_shapes(llm):
+    ids = llm.tokenizer.encode("log probs please", add_special_tokens=False)
+    out = llm.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=6, logprobs=3,
+                       prompt_logprobs=2, ignore_eos=True), use_tqdm=False)[0]
+    c = out.outputs[0]
+    assert len(c.logprobs) == 6
+    for tok, d in zip(c.token_ids, c.logprobs):
+        assert tok in d and 3 <= len(d) <= 4 and d[tok].rank == 1  # greedy token is the top one
+        ranks = sorted(lp.rank for lp in d.values())
+        assert ranks[:3] == [1, 2, 3]
+    assert c.cumulative_logprob == pytest.approx(sum(d[t].logprob for t, d in zip(c.token_ids, c.logprobs)))
+    assert len(out.prompt_logprobs) == len(ids) and out.prompt_logprobs[0] is None
+    for pos in range(1, len(ids)):
+        d = out.prompt_logprobs[pos]
+        assert ids[pos] in d and 2 <= len(d) <= 3
+
+
+def test_chunked_prompt_logprobs_equal_unchunked(tiny_bf16, llm):
+    ids = list(range(100, 170))
+    sp = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=1, ignore_eos=True)
+    a = llm.generate({"prompt_token_ids": ids}, sp, use_tqdm=False)[0].prompt_logprobs
+    small = LLM(str(tiny_bf16), device="cpu", max_num_batched_tokens=16)
+    b = small.generate({"prompt_token_ids": ids}, sp, use_tqdm=False)[0].prompt_logprobs
+    assert len(a) == len(b) == len(ids)
+    for x, y in zip(a[1:], b[1:]):
+        assert x.keys() == y.keys()
+        assert all(abs(x[k].logprob - y[k].logprob) < 1e-4 for k in x)
+
+
+def test_abort_frees_pages(llm):
+    eng = llm.engine
+    eng.add_request("r1", list(range(10, 60)), SamplingParams(max_tokens=50, ignore_eos=True))
+    eng.add_request("r2", list(range(10, 30)), SamplingParams(max_tokens=50, ignore_eos=True))
+    eng.step()
+    eng.step()
+    assert eng.stats()["used_kv_blocks"] > 0
+    eng.abort_request("r1")
+    deltas = eng.step()
+    aborted = [d for d in deltas if d.request_id == "r1"]
+    assert aborted and aborted[0].finished and aborted[0].finish_reason == "abort"
+    eng.abort_request("r2")
+    eng.abort_request("never-existed")
+    eng.step()
+
+
+def test_abort_while_waiting(llm):
+    eng = llm.engine
+    eng.add_request("w", [1, 2, 3], SamplingParams(max_tokens=5))
+    eng.abort_request("w")
+    deltas = eng.step()
+    assert [d.finish_reason for d in deltas if d.request_id == "w"] == ["abort"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+     ({"max_tokens": 0}, "max_tokens")],
+)
+def test_invalid_sampling_params(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_invalid_prompts(llm):
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate({"prompt_token_ids": []}, use_tqdm=False)
+    with pytest.raises(ValueError, match="too long"):
+        llm.generate({"prompt_token_ids": [5] * llm.engine.max_model_len}, use_tqdm=False)
+    with pytest.raises(ValueError, match="max_tokens"):
+        llm.generate({"prompt_token_ids": [5] * 10}, SamplingParams(max_tokens=llm.engine.max_model_len), use_tqdm=False)
+    with pytest.raises(ValueError, match="vocabulary"):
+        llm.generate({"prompt_token_ids": [10**7]}, use_tqdm=False)
+
+
+def test_chat_applies_template(llm):
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    out = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)[0]
+    text = llm.tokenizer.decode(out.prompt_token_ids)
+    assert text.startswith("[gMASK]<sop>") and "<|system|>" in text and text.rstrip().endswith("<think>")
+    off = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+                   chat_template_kwargs={"enable_thinking": False}, use_tqdm=False)[0]
+    assert llm.tokenizer.decode(off.prompt_token_ids).rstrip().endswith("</think>")
+
+
+def test_stats_keys(llm):
+    stats = llm.stats()
+    for key in ("num_running", "num_waiting", "num_preemptions", "prefix_cache_hit_tokens", "free_kv_blocks",
+                "cached_kv_blocks", "total_kv_blocks"):
+        assert key in stats
+
+
+def test_temperature_sampling_changes_with_seed_not_greedy(llm):
+    g1 = llm.generate("greedy", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, seed=1), use_tqdm=False)
+    g2 = llm.generate("greedy", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, seed=2), use_tqdm=False)
+    assert g1[0].outputs[0].token_ids == g2[0].outputs[0].token_ids
+    assert torch.tensor(g1[0].outputs[0].token_ids).numel() == 6

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from conftest import assert_pages_clean
+from engine_checks import assert_pages_clean
 from engine import LLM, SamplingParams
 from hf_reference import hf_greedy, hf_model
 

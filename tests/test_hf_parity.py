@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_pages_clean
+from engine_checks import assert_pages_clean
 from engine import LLM, SamplingParams
 from hf_reference import hf_greedy, hf_logprobs, hf_model
 

@@ -7,8 +7,8 @@ scheduling. See docs/design-notes.md.
 """
 from __future__ import annotations
 
-import itertools
 import logging
+import multiprocessing as mp
 from dataclasses import dataclass
 
 import torch
@@ -17,18 +17,38 @@ from transformers import AutoTokenizer
 from engine.block_pool import BlockPool
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer, decode_logprob_tokens
-from engine.kv_cache import allocate_kv_caches, kv_bytes_per_token, kv_cache_dtype
-from engine.model_runner import ModelRunner
+from engine.distributed import (
+    DistInfo,
+    free_port,
+    init_distributed,
+    launched_by_torchrun,
+    shutdown_distributed,
+    single_process,
+)
+from engine.model_runner import StepLayout, prepare_step
+from engine.model_worker import STOP, ModelWorker, spawned_worker_main
 from engine.outputs import LogprobsDict, RequestDelta
 from engine.request import Request, Status
 from engine.sampler import Sampler, SamplingState, compute_prompt_logprobs
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.stop_strings import StopStringMatcher
-from model.builder import build_model
-from model.parallel import TPGroup
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _StepOutput:
+    logits: torch.Tensor
+    layout: StepLayout
+
+    @property
+    def sample_rows(self) -> list[int]:
+        return self.layout.sample_rows
+
+    @property
+    def prompt_rows(self) -> list[tuple[int, int, int] | None]:
+        return self.layout.prompt_rows
 
 
 @dataclass
@@ -41,54 +61,66 @@ class _SeqState:
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, tp: TPGroup = TPGroup()) -> None:
+    def __init__(self, config: EngineConfig, dist_info: DistInfo | None = None) -> None:
         self.config = config
         self.model_config = config.model
         self.max_model_len = config.scheduler.max_model_len
-        self.device = config.torch_device
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model.path)
-        torch.manual_seed(config.seed)
-        self.model = build_model(
-            config.model, self.device, config.torch_dtype, tp, config.load_format, config.seed,
-            with_mtp=False,
-        )
+        self._procs: list = []
+        if dist_info is None:
+            dist_info = self._start_ranks()
+        self.dist = dist_info
+        self.worker = ModelWorker(config, dist_info)
+        self.device = self.worker.device
         self.block_size = config.cache.block_size
-        kv_dtype = kv_cache_dtype(config.cache.kv_cache_dtype, config.torch_dtype)
-        layer_ids = list(range(config.model.num_hidden_layers))
-        num_blocks = self._num_kv_blocks(tp, kv_dtype, len(layer_ids))
-        kv_caches = allocate_kv_caches(config.model, tp, layer_ids, num_blocks, self.block_size, kv_dtype, self.device)
-        self.pool = BlockPool(num_blocks, self.block_size, config.cache.enable_prefix_caching)
+        self.pool = BlockPool(self.worker.num_blocks, self.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.pool)
-        self.runner = ModelRunner(self.model, kv_caches, self.block_size, self.device)
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
         self._requests: dict[str, list[Request]] = {}
         self._seq: dict[Request, _SeqState] = {}
         self._pending_deltas: list[RequestDelta] = []
         self.num_prompt_tokens_total = 0
         self.num_generated_tokens_total = 0
-        self._ids = itertools.count()
-        log.info("KV cache: %d pages of %d tokens = %d tokens", num_blocks, self.block_size, self.kv_capacity_tokens)
+        log.info("KV cache: %d pages of %d tokens = %d tokens", self.pool.num_total, self.block_size,
+                 self.kv_capacity_tokens)
 
-    # -- sizing -------------------------------------------------------------------------------------
-    def _num_kv_blocks(self, tp: TPGroup, kv_dtype: torch.dtype, num_layers: int) -> int:
-        cc, bs = self.config.cache, self.block_size
-        min_blocks = -(-self.max_model_len // bs)
-        if cc.num_blocks is not None:
-            blocks = cc.num_blocks
-        elif self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            budget = free - (1.0 - cc.mem_fraction_static) * total
-            per_block = kv_bytes_per_token(self.model_config, tp, kv_dtype, num_layers) * bs
-            blocks = int(budget // per_block)
-        else:
-            blocks = -(-max(2 * self.max_model_len, 32768) // bs)
-        if blocks < min_blocks:
-            raise RuntimeError(
-                f"the KV cache holds {blocks} pages ({blocks * bs} tokens), fewer than one request of "
-                f"max_model_len={self.max_model_len} needs ({min_blocks} pages); lower max_model_len or give "
-                f"the KV cache more memory (num_kv_blocks / mem_fraction_static)"
-            )
-        return blocks
+    def _start_ranks(self) -> DistInfo:
+        """TP > 1: join torchrun's group as rank 0, or spawn ranks 1..N-1 ourselves."""
+        world = self.config.parallel.tensor_parallel_size
+        if world == 1:
+            return single_process()
+        if launched_by_torchrun():
+            info = init_distributed(world, self.config.device)
+            if not info.is_driver:
+                raise RuntimeError("EngineCore runs on rank 0 only; other ranks run ModelWorker.serve_forever()")
+            return info
+        init_method = f"tcp://127.0.0.1:{free_port()}"
+        ctx = mp.get_context("spawn")
+        for rank in range(1, world):
+            p = ctx.Process(target=spawned_worker_main, args=(rank, world, init_method, self.config), daemon=True)
+            p.start()
+            self._procs.append(p)
+        return init_distributed(world, self.config.device, rank=0, init_method=init_method)
+
+    def shutdown(self) -> None:
+        """Stop the TP ranks this engine spawned and leave the process group. Under torchrun the other ranks
+        are the user's processes: they serve only inside generate() calls, so there is nothing to stop."""
+        if self._procs:
+            try:
+                self.worker.send_control(STOP)
+            finally:
+                for p in self._procs:
+                    p.join(timeout=30)
+                    if p.is_alive():
+                        p.kill()
+                self._procs = []
+                shutdown_distributed()
+                self.dist = single_process()
+
+    def _check_ranks_alive(self) -> None:
+        for rank, p in enumerate(self._procs, start=1):
+            if p.exitcode is not None:
+                raise RuntimeError(f"tensor-parallel rank {rank} (pid {p.pid}) exited with code {p.exitcode}")
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -166,7 +198,15 @@ class EngineCore:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return deltas
-        out = self.runner.execute(sched.scheduled)
+        inputs, layout = prepare_step(sched.scheduled, self.block_size)
+        self._check_ranks_alive()
+        try:
+            logits = self.worker.execute(inputs)
+        except RuntimeError as exc:
+            if self.dist.world_size == 1:
+                raise
+            raise RuntimeError(f"tensor-parallel step failed (a rank died or a collective timed out): {exc}") from exc
+        out = _StepOutput(logits, layout)
         sample_idx = [i for i, r in enumerate(out.sample_rows) if r >= 0]
         sampled = None
         if sample_idx:

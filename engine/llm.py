@@ -3,14 +3,18 @@
 It drives the same EngineCore step loop the server runs, in process."""
 from __future__ import annotations
 
+import atexit
 import itertools
 from collections.abc import Sequence
 from typing import Any
 
 from tqdm import tqdm
+from transformers import AutoTokenizer
 
 from engine.config import EngineConfig
+from engine.distributed import init_distributed, launched_by_torchrun
 from engine.engine_core import EngineCore
+from engine.model_worker import END_OF_CALL, ModelWorker
 from engine.outputs import RequestOutput, RequestOutputAccumulator
 from engine.sampling_params import SamplingParams
 
@@ -45,17 +49,37 @@ class LLM:
             load_format=load_format, seed=seed, speculative_config=speculative_config, enforce_eager=enforce_eager,
             kv_cache_dtype=kv_cache_dtype, mem_fraction_static=mem_fraction_static, tokenizer=tokenizer,
         )
-        if tensor_parallel_size != 1:
-            raise NotImplementedError("tensor_parallel_size > 1 is not supported yet")
-        self.engine = EngineCore(self.config)
-        self.tokenizer = self.engine.tokenizer
         self._counter = itertools.count()
+        self._worker: ModelWorker | None = None  # set on ranks > 0 under torchrun
+        self._torchrun = tensor_parallel_size > 1 and launched_by_torchrun()
+        self.engine: EngineCore | None = None
+        if self._torchrun:
+            info = init_distributed(tensor_parallel_size, self.config.device)
+            if not info.is_driver:
+                self._worker = ModelWorker(self.config, info)
+                self.tokenizer = AutoTokenizer.from_pretrained(self.config.tokenizer or self.config.model.path)
+                return
+            self.engine = EngineCore(self.config, info)
+        else:
+            self.engine = EngineCore(self.config)
+        self.tokenizer = self.engine.tokenizer
+        atexit.register(self.shutdown)
+
+    def shutdown(self) -> None:
+        """Stop the TP ranks this LLM started (spawned ranks) or release torchrun's ranks."""
+        if self.engine is not None:
+            self.engine.shutdown()
+
+    @property
+    def is_driver(self) -> bool:
+        """True on the process that schedules and returns outputs (rank 0)."""
+        return self._worker is None
 
     def get_tokenizer(self):
         return self.tokenizer
 
     def stats(self) -> dict[str, int]:
-        return self.engine.stats()
+        return self.engine.stats() if self.engine is not None else {}
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -71,6 +95,22 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Outputs in input order on rank 0; under torchrun, ranks > 0 execute rank 0's steps and return []."""
+        if self._worker is not None:
+            self._worker.serve_forever(until=END_OF_CALL)
+            return []
+        try:
+            return self._generate(prompts, sampling_params, use_tqdm)
+        finally:
+            if self._torchrun:
+                self.engine.worker.send_control(END_OF_CALL)
+
+    def _generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+        use_tqdm: bool,
     ) -> list[RequestOutput]:
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
@@ -115,6 +155,8 @@ class LLM:
         chat_template_kwargs: dict[str, Any] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
+        if self._worker is not None:
+            return self.generate([], use_tqdm=False)
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         prompts = []
         for conv in conversations:

@@ -43,14 +43,15 @@ def test_full_logits_match_hf(pair):
     ids = llm.tokenizer.encode(PROMPTS[0], add_special_tokens=False)
     ref = hf_logprobs(hf, ids)
     eng = llm.engine
+    from engine.model_runner import prepare_step
     from engine.request import Request
     from engine.scheduler import ScheduledRequest
 
     req = Request("full", 0, ids, SamplingParams(max_tokens=1), 1)
     req.block_ids = eng.pool.allocate(-(-len(ids) // eng.block_size))
-    input_ids, ctx = eng.runner.build_context([ScheduledRequest(req, 0, len(ids))])
-    with torch.inference_mode():
-        ours = torch.log_softmax(eng.model.compute_logits(eng.model(input_ids, ctx)), dim=-1)
+    inputs, _ = prepare_step([ScheduledRequest(req, 0, len(ids))], eng.block_size)
+    inputs.logits_rows = list(range(len(ids)))
+    ours = torch.log_softmax(eng.worker.runner.run(inputs), dim=-1)
     eng.pool.free(req.block_ids)
     assert (ours - ref).abs().max().item() <= 1e-3
 
@@ -69,7 +70,7 @@ def test_greedy_32_tokens_match_hf(pair):
 def test_routing_is_nontrivial(pair):
     """The correction bias must change which experts are chosen on real hidden states of the prompt."""
     _, llm = pair
-    model = llm.engine.model
+    model = llm.engine.worker.model
     moe_layers = [layer for layer in model.layers if layer.is_moe]
     captured = []
     hook = moe_layers[0].mlp.register_forward_pre_hook(lambda mod, args: captured.append(args[0].detach()))

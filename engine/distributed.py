@@ -1,0 +1,95 @@
+"""Process groups for tensor parallelism: torchrun ranks or ranks spawned by the engine itself.
+
+One group carries the model's collectives (NCCL on CUDA, gloo on CPU, so TP is testable on a laptop); a
+second, always-gloo group carries the control plane (rank 0 broadcasts each step's plan)."""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from model.parallel import TPGroup
+
+# Collectives that never complete (a peer died) fail after this long instead of hanging forever.
+COLLECTIVE_TIMEOUT = timedelta(seconds=int(os.environ.get("GLINT_DIST_TIMEOUT_S", "120")))
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    tp: TPGroup
+    control: Any  # gloo ProcessGroup for the control plane (None when world_size == 1)
+
+    @property
+    def is_driver(self) -> bool:
+        return self.rank == 0
+
+
+def single_process() -> DistInfo:
+    return DistInfo(0, 1, 0, TPGroup(), None)
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(
+    world_size: int, device_type: str, rank: int | None = None, init_method: str | None = None
+) -> DistInfo:
+    """Join (or create) the default process group. Under torchrun rank/address come from the environment."""
+    if world_size == 1:
+        return single_process()
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # no NVLink multicast (see the device notes)
+    if not dist.is_initialized():
+        if rank is None:
+            rank = int(os.environ["RANK"])
+            env_world = int(os.environ["WORLD_SIZE"])
+            if env_world != world_size:
+                raise ValueError(
+                    f"tensor_parallel_size={world_size} but torchrun started {env_world} processes "
+                    f"(use --nproc-per-node {world_size})"
+                )
+            init_method = "env://"
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                                timeout=COLLECTIVE_TIMEOUT)
+    rank = dist.get_rank()
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    model_group = dist.new_group(list(range(world_size)))
+    control = dist.new_group(list(range(world_size)), backend="gloo", timeout=COLLECTIVE_TIMEOUT)
+    return DistInfo(rank, world_size, local_rank, TPGroup(rank, world_size, model_group), control)
+
+
+def broadcast_object(obj: Any, info: DistInfo) -> Any:
+    """Rank 0 sends `obj`; every rank returns it."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=info.control)
+    return box[0]
+
+
+def min_across_ranks(value: int, info: DistInfo) -> int:
+    if info.world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=info.control)
+    return int(t.item())
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

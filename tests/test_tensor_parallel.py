@@ -1,0 +1,77 @@
+"""Tensor parallelism on CPU (gloo): TP=2 equals TP=1, spawned by the engine and under torchrun."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from engine import LLM, SamplingParams
+from engine.distributed import free_port
+from model.tiny import write_tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = [{"prompt_token_ids": list(range(10, 60))}, {"prompt_token_ids": [5, 7, 9]}]
+
+
+@pytest.fixture(scope="module", params=[2, 1], ids=["2kv", "1kv-replicated"])
+def ckpt(request, tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tp") / "c", fmt="fp8-channel",
+                                 num_key_value_heads=request.param)
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt):
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2, prompt_logprobs=1)
+    llm = LLM(str(ckpt), device="cpu")
+    return llm.generate(PROMPTS, sp, use_tqdm=False)
+
+
+def test_spawned_tp2_equals_tp1(ckpt, reference):
+    llm = LLM(str(ckpt), device="cpu", tensor_parallel_size=2)
+    try:
+        sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2, prompt_logprobs=1)
+        outs = llm.generate(PROMPTS, sp, use_tqdm=False)
+        for a, b in zip(reference, outs):
+            assert a.outputs[0].token_ids == b.outputs[0].token_ids
+            for da, db in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+                assert da.keys() == db.keys() and all(abs(da[k].logprob - db[k].logprob) <= 1e-4 for k in da)
+            for da, db in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+                assert all(abs(da[k].logprob - db[k].logprob) <= 1e-4 for k in da)
+        assert llm.stats()["used_kv_blocks"] == 0
+    finally:
+        llm.shutdown()
+
+
+def test_torchrun_tp2_equals_tp1(ckpt, reference, tmp_path):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    out = tmp_path / "out.json"
+    cmd = [torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()),
+           str(ROOT / "tests/scripts/tp_offline.py"), str(ckpt), str(out), "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(out.read_text())
+    ref_tokens = [o.outputs[0].token_ids for o in reference]
+    assert got["tokens"] == ref_tokens + ref_tokens[:1]
+    for ref, lps in zip(reference, got["logprobs"]):
+        want = [lp[t].logprob for t, lp in zip(ref.outputs[0].token_ids, ref.outputs[0].logprobs)]
+        assert max(abs(a - b) for a, b in zip(want, lps)) <= 1e-4
+
+
+def test_dead_rank_brings_the_group_down(tiny_bf16):
+    llm = LLM(str(tiny_bf16), device="cpu", tensor_parallel_size=2)
+    try:
+        for p in llm.engine._procs:
+            os.kill(p.pid, 9)
+            p.join(5)
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match="rank 1 .* exited|rank died"):
+            llm.generate(PROMPTS, SamplingParams(max_tokens=4), use_tqdm=False)
+        assert time.monotonic() - t0 < 30
+    finally:
+        llm.engine._procs = []

@@ -58,6 +58,7 @@ class ChatOutputParser:
         self.content = ""
         self.tool_calls: list[ToolCallOut] = []
         self.finished = False
+        self.in_reasoning = self.starts_in_reasoning  # the text so far ends inside the reasoning block
 
     def feed(self, new_text: str, final: bool = False) -> list[tuple]:
         if self.finished:
@@ -68,6 +69,7 @@ class ChatOutputParser:
         if self.parse_reasoning:
             split = split_reasoning(self.text, self.starts_in_reasoning, final)
             reasoning, rest = split.reasoning, split.content
+            self.in_reasoning = split.in_reasoning
         else:
             reasoning, rest = "", self.text
         self._diff("reasoning", reasoning, events)

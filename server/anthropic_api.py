@@ -1,0 +1,357 @@
+"""Anthropic Messages API: POST /v1/messages (+ streaming events) and POST /v1/messages/count_tokens.
+
+The request is converted to a chat request (system -> system message, tool_result blocks -> tool messages,
+tool_use blocks -> assistant tool_calls with dict arguments, thinking blocks -> reasoning_content, tools'
+input_schema -> parameters, tool_choice auto/any/tool/none, thinking {type} -> enable_thinking) and runs
+through the same template, engine request and GLM parsers as /v1/chat/completions. Output: thinking / text /
+tool_use content blocks; streaming sends message_start, content_block_start / _delta / _stop per block
+(thinking_delta, text_delta, input_json_delta), message_delta with the stop_reason, message_stop, and `ping`
+events during silences. Errors use Anthropic's envelope (see server/errors.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Request
+from pydantic import ValidationError
+from starlette.responses import JSONResponse, Response
+
+from server.chat_template import content_text
+from server.errors import APIError, bad_request, not_supported
+from server.protocol import ChatCompletionRequest, _Loose, parse_body, validation_error
+from server.openai_api import ChatPlan, iterate_generations, prepare_chat, request_log, run_chat
+from server.serving import ServerState, strip_stop_token_text, to_thread
+from server.sse import ClientDisconnected, SSEResponse, run_or_disconnect, sse_event
+
+logger = logging.getLogger("glint.server")
+
+router = APIRouter()
+
+
+class MessagesRequest(_Loose):
+    model: str | None = None
+    max_tokens: int
+    messages: list[dict[str, Any]]
+    system: str | list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
+    stop_sequences: list[str] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    stream: bool | None = False
+    thinking: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class CountTokensRequest(_Loose):
+    model: str | None = None
+    messages: list[dict[str, Any]]
+    system: str | list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None
+
+
+def _blocks(content: Any, where: str) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise bad_request(f"{where} must be a string or a list of content blocks", param=where)
+    for j, b in enumerate(content):
+        if not isinstance(b, dict) or not isinstance(b.get("type"), str):
+            raise bad_request(f"{where}[{j}] must be a content block with a type", param=f"{where}[{j}]")
+    return content
+
+
+def _tool_result_text(block: dict[str, Any], where: str) -> str:
+    content = block.get("content")
+    if content is None:
+        text = ""
+    elif isinstance(content, str):
+        text = content
+    else:
+        parts = []
+        for j, part in enumerate(content if isinstance(content, list) else [content]):
+            if isinstance(part, dict) and part.get("type") == "text":
+                parts.append(str(part.get("text", "")))
+            elif isinstance(part, dict) and part.get("type") in ("image", "document"):
+                raise not_supported(f"{part['type']} blocks in tool results", param=f"{where}.content[{j}]")
+            else:
+                raise bad_request(f"{where}.content[{j}] must be a text block", param=f"{where}.content[{j}]")
+        text = "\n".join(parts)
+    if block.get("is_error"):
+        text = f"Error: {text}" if text else "Error"
+    return text
+
+
+def to_chat_messages(req: Any) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    if req.system is not None:
+        system = content_text(req.system, "system")
+        if system:
+            out.append({"role": "system", "content": system})
+    for i, m in enumerate(req.messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise bad_request(f"{where} must be an object", param=where)
+        role = m.get("role")
+        if role in ("ctx", "msg"):
+            role = "user"
+        if role not in ("user", "assistant"):
+            raise bad_request(f"{where}.role must be 'user' or 'assistant', got {role!r}", param=f"{where}.role")
+        blocks = _blocks(m.get("content", ""), f"{where}.content")
+        if role == "user":
+            texts: list[str] = []
+            for j, b in enumerate(blocks):
+                kind = b["type"]
+                if kind == "text":
+                    texts.append(str(b.get("text", "")))
+                elif kind == "tool_result":
+                    out.append({"role": "tool", "tool_call_id": str(b.get("tool_use_id", "")),
+                                "content": _tool_result_text(b, f"{where}.content[{j}]")})
+                elif kind in ("image", "document", "search_result"):
+                    raise not_supported(f"{kind} content blocks (this model is text-only)",
+                                        param=f"{where}.content[{j}]")
+                else:
+                    logger.debug("ignoring a %r block in a user message", kind)
+            if texts:
+                out.append({"role": "user", "content": "\n".join(texts)})
+        else:
+            texts, reasoning, calls = [], [], []
+            for b in blocks:
+                kind = b["type"]
+                if kind == "text":
+                    texts.append(str(b.get("text", "")))
+                elif kind == "thinking":
+                    reasoning.append(str(b.get("thinking", "")))
+                elif kind == "tool_use":
+                    args = b.get("input") if isinstance(b.get("input"), dict) else {}
+                    calls.append({"id": b.get("id"), "type": "function",
+                                  "function": {"name": b.get("name", ""), "arguments": args}})
+                # redacted_thinking and server-tool blocks carry nothing the model can use
+            msg: dict[str, Any] = {"role": "assistant", "content": "".join(texts)}
+            if reasoning:
+                msg["reasoning_content"] = "\n".join(reasoning)
+            if calls:
+                msg["tool_calls"] = calls
+            out.append(msg)
+    return out
+
+
+def to_chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    if not tools:
+        return None
+    out = []
+    for i, t in enumerate(tools):
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str):
+            raise bad_request(f"tools[{i}].name is required", param=f"tools[{i}].name")
+        if t.get("type") not in (None, "custom") and "input_schema" not in t:
+            logger.debug("ignoring server tool %r (%s)", t.get("name"), t.get("type"))
+            continue
+        fn = {"name": t["name"], "parameters": t.get("input_schema") or {"type": "object", "properties": {}}}
+        if t.get("description"):
+            fn["description"] = t["description"]
+        out.append({"type": "function", "function": fn})
+    return out or None
+
+
+def to_chat_request(req: Any, *, stream: bool = False) -> ChatCompletionRequest:
+    tools = to_chat_tools(req.tools)
+    tool_choice: Any = None
+    parallel = True
+    tc = req.tool_choice
+    if tc and tools:
+        kind = tc.get("type")
+        parallel = not tc.get("disable_parallel_tool_use", False)
+        if kind == "auto":
+            tool_choice = "auto"
+        elif kind == "any":
+            tool_choice = "required"
+        elif kind == "tool":
+            tool_choice = {"type": "function", "function": {"name": tc.get("name")}}
+        elif kind == "none":
+            tool_choice = "none"
+        else:
+            raise bad_request(f"unknown tool_choice type {kind!r}", param="tool_choice.type")
+    body: dict[str, Any] = {
+        "model": req.model, "messages": to_chat_messages(req), "tools": tools, "tool_choice": tool_choice,
+        "parallel_tool_calls": parallel, "stream": stream,
+    }
+    if isinstance(req.thinking, dict) and req.thinking.get("type") in ("enabled", "disabled", "adaptive"):
+        body["thinking"] = {"type": req.thinking["type"]}
+    for key in ("max_tokens", "temperature", "top_p", "top_k"):
+        if getattr(req, key, None) is not None:
+            body[key] = getattr(req, key)
+    if getattr(req, "stop_sequences", None):
+        body["stop"] = req.stop_sequences
+    extra = req.model_extra or {}
+    for key in ("chat_template_kwargs", "min_p", "seed", "ignore_eos", "min_tokens", "repetition_penalty"):
+        if key in extra:
+            body[key] = extra[key]
+    try:
+        return ChatCompletionRequest.model_validate(body)
+    except ValidationError as e:
+        raise validation_error(e) from None
+
+
+def _stop_reason(engine_reason: str | None, stop_reason: Any, has_tool_calls: bool) -> tuple[str, str | None]:
+    if engine_reason == "length":
+        return "max_tokens", None
+    if engine_reason == "abort":
+        raise APIError(503, "the request was aborted by the engine")
+    if has_tool_calls:
+        return "tool_use", None
+    if isinstance(stop_reason, str):
+        return "stop_sequence", stop_reason
+    return "end_turn", None
+
+
+def _tool_id(call_id: str) -> str:
+    return "toolu_" + call_id.removeprefix("call_")
+
+
+def _usage(prompt: int, cached: int, output: int) -> dict[str, int]:
+    return {"input_tokens": prompt - cached, "output_tokens": output, "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": cached}
+
+
+@router.post("/v1/messages")
+async def messages(request: Request) -> Response:
+    arrival = time.monotonic()
+    state: ServerState = request.app.state.glint
+    log = request_log(request)
+    log["endpoint"] = "messages"
+    req = parse_body(await request.body(), MessagesRequest)
+    if req.max_tokens < 1:
+        raise bad_request("max_tokens must be at least 1", param="max_tokens")
+    chat_req = to_chat_request(req, stream=bool(req.stream))
+    prep = await prepare_chat(state, chat_req, log, arrival, id_prefix="msg_")
+    if req.stream:
+        return SSEResponse(_stream(state, prep), on_disconnect=lambda: log.update(disconnected=True))
+    try:
+        res = await run_or_disconnect(request.receive, run_chat(state, prep))
+    except ClientDisconnected:
+        log["disconnected"] = True
+        return Response(status_code=499)
+    finally:
+        prep.gen.close()
+    p = prep.parsers[0]
+    content: list[dict[str, Any]] = []
+    if p.reasoning:
+        content.append({"type": "thinking", "thinking": p.reasoning, "signature": ""})
+    if p.content:
+        content.append({"type": "text", "text": p.content})
+    for c in p.tool_calls:
+        content.append({"type": "tool_use", "id": _tool_id(c.id), "name": c.name, "input": _json_obj(c.arguments)})
+    stop_reason, stop_sequence = _stop_reason(res.reasons[0], res.stop_reasons[0], p.has_tool_calls)
+    log["finish_reason"] = stop_reason
+    return JSONResponse({
+        "id": prep.rid, "type": "message", "role": "assistant", "model": prep.model, "content": content,
+        "stop_reason": stop_reason, "stop_sequence": stop_sequence,
+        "usage": _usage(prep.gen.prompt_len, prep.gen.num_cached_tokens, res.completion_tokens),
+    })
+
+
+def _json_obj(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+async def _stream(state: ServerState, prep: Any) -> AsyncIterator[str]:
+    gen, parser = prep.gen, prep.parsers[0]
+    output_tokens = 0
+    block = {"index": -1, "kind": None}
+
+    def open_block(kind: str, content_block: dict[str, Any]) -> list[str]:
+        events = close_block()
+        block["index"] += 1
+        block["kind"] = kind
+        events.append(sse_event("content_block_start", {"type": "content_block_start", "index": block["index"],
+                                                        "content_block": content_block}))
+        return events
+
+    def close_block() -> list[str]:
+        if block["kind"] is None:
+            return []
+        events = []
+        if block["kind"] == "thinking":
+            events.append(sse_event("content_block_delta", {
+                "type": "content_block_delta", "index": block["index"],
+                "delta": {"type": "signature_delta", "signature": ""}}))
+        events.append(sse_event("content_block_stop", {"type": "content_block_stop", "index": block["index"]}))
+        block["kind"] = None
+        return events
+
+    def delta(d: dict[str, Any]) -> str:
+        return sse_event("content_block_delta", {"type": "content_block_delta", "index": block["index"], "delta": d})
+
+    try:
+        yield sse_event("message_start", {"type": "message_start", "message": {
+            "id": prep.rid, "type": "message", "role": "assistant", "model": prep.model, "content": [],
+            "stop_reason": None, "stop_sequence": None,
+            "usage": _usage(gen.prompt_len, 0, 0)}})
+        stop_reason, stop_sequence = "end_turn", None
+        async for item in iterate_generations([gen], state.config.keepalive_interval or None):
+            if item is None:
+                yield sse_event("ping", {"type": "ping"})
+                continue
+            for d in item[1]:
+                output_tokens += len(d.new_token_ids)
+                for ev in parser.feed(strip_stop_token_text(state, d, prep.params), final=d.finished):
+                    kind = ev[0]
+                    if kind == "reasoning":
+                        if block["kind"] != "thinking":
+                            for e in open_block("thinking", {"type": "thinking", "thinking": "", "signature": ""}):
+                                yield e
+                        yield delta({"type": "thinking_delta", "thinking": ev[1]})
+                    elif kind == "content":
+                        if block["kind"] != "text":
+                            for e in open_block("text", {"type": "text", "text": ""}):
+                                yield e
+                        yield delta({"type": "text_delta", "text": ev[1]})
+                    elif kind == "tool_start":
+                        for e in open_block("tool_use", {"type": "tool_use", "id": _tool_id(ev[2]), "name": ev[3],
+                                                         "input": {}}):
+                            yield e
+                    else:
+                        yield delta({"type": "input_json_delta", "partial_json": ev[2]})
+                if d.finished:
+                    stop_reason, stop_sequence = _stop_reason(d.finish_reason, d.stop_reason, parser.has_tool_calls)
+        for e in close_block():
+            yield e
+        gen.log["finish_reason"] = stop_reason
+        yield sse_event("message_delta", {
+            "type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+            "usage": {"output_tokens": output_tokens, "input_tokens": gen.prompt_len - gen.num_cached_tokens,
+                      "cache_read_input_tokens": gen.num_cached_tokens}})
+        yield sse_event("message_stop", {"type": "message_stop"})
+    except APIError as e:
+        gen.log["error"] = e.message
+        yield sse_event("error", e.anthropic_body())
+    except Exception as e:  # noqa: BLE001
+        logger.exception("error while streaming %s", prep.rid)
+        gen.log["error"] = type(e).__name__
+        yield sse_event("error", APIError(500, "internal error while streaming the response").anthropic_body())
+    finally:
+        gen.close()
+
+
+@router.post("/v1/messages/count_tokens")
+async def count_tokens(request: Request) -> Response:
+    state: ServerState = request.app.state.glint
+    log = request_log(request)
+    log["endpoint"] = "count_tokens"
+    req = parse_body(await request.body(), CountTokensRequest)
+    chat_req = to_chat_request(req)
+    plan = ChatPlan(state, chat_req)
+    _, ids = await to_thread(plan.render, state)
+    log["prompt_tokens"] = len(ids)
+    return JSONResponse({"input_tokens": len(ids)})

@@ -1,0 +1,253 @@
+"""The FastAPI application: lifespan (engine process, readiness, stats line), middleware, utility routes.
+
+Routes: OpenAI (server/openai_api.py), Anthropic (server/anthropic_api.py), and here `GET /health` (503 until
+the engine is ready and after it died), `GET /health_generate` (a one-token generation), `GET /v1/models`,
+`GET /metrics`, `GET|HEAD /`, `GET /version`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+from server.anthropic_api import router as anthropic_router
+from server.chat_template import ChatTemplate, load_chat_template
+from server.config import ServerConfig
+from server.engine_client import EngineClient, EngineStartupError, new_request_id
+from server.errors import APIError, error_response
+from server.metrics import CONTENT_TYPE, Metrics, kv_usage
+from server.middleware import GlintMiddleware
+from server.openai_api import router as openai_router
+from server.serving import Generation, ServerState, make_sampling_params
+
+logger = logging.getLogger("glint.server")
+
+VERSION = "0.1.0"
+
+
+def load_generation_defaults(model_dir: str) -> dict[str, Any]:
+    """Sampling defaults from generation_config.json (temperature, top_p, top_k), as SGLang's
+    --sampling-defaults model does."""
+    path = Path(model_dir) / "generation_config.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+        if isinstance(data.get(key), (int, float)) and not isinstance(data.get(key), bool):
+            out[key] = data[key]
+    return out
+
+
+def build_app(config: ServerConfig, engine_kwargs: dict[str, Any], *, tokenizer: Any = None,
+              on_ready: Callable[[ServerState], None] | None = None,
+              on_fatal: Callable[[str], None] | None = None,
+              client_options: dict[str, Any] | None = None) -> FastAPI:
+    """`engine_kwargs` go to EngineConfig.create in the engine process (see cli.engine_kwargs)."""
+    model_path = engine_kwargs["model"]
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or model_path)
+    template = ChatTemplate(tokenizer, load_chat_template(config.chat_template),
+                            config.default_chat_template_kwargs_dict)
+    names = config.served_model_name or (Path(str(model_path)).name,)
+    metrics = Metrics(names[0])
+    client = EngineClient(engine_kwargs, log_level=config.log_level, **(client_options or {}))
+    state = ServerState(
+        config=config, client=client, tokenizer=tokenizer, chat_template=template, metrics=metrics,
+        served_model_names=tuple(names), model_path=str(model_path),
+        generation_defaults=load_generation_defaults(str(model_path)) if config.sampling_defaults == "model" else {},
+    )
+    client.add_stats_listener(metrics.update_from_stats)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await client.start()
+        tasks = [asyncio.create_task(_await_ready(state, on_ready, on_fatal), name="glint-ready")]
+        if config.stats_interval > 0:
+            tasks.append(asyncio.create_task(_stats_logger(state), name="glint-stats"))
+        try:
+            yield
+        finally:
+            state.draining = True
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(BaseException):
+                    await t
+            logger.info("shutting down the engine process")
+            await client.shutdown()
+
+    app = FastAPI(title="glint", version=VERSION, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.glint = state
+    app.include_router(openai_router)
+    app.include_router(anthropic_router)
+    _add_utility_routes(app, state)
+    _add_error_handlers(app)
+    app.add_middleware(GlintMiddleware, api_keys=config.api_key, log_requests=config.log_requests,
+                       log_format=config.log_format)
+    if config.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
+                           allow_methods=list(config.allowed_methods), allow_headers=list(config.allowed_headers),
+                           allow_credentials=config.allow_credentials, expose_headers=["x-request-id"])
+    return app
+
+
+async def _await_ready(state: ServerState, on_ready, on_fatal) -> None:
+    try:
+        info = await state.client.wait_ready(state.config.engine_ready_timeout)
+    except (EngineStartupError, asyncio.TimeoutError) as e:
+        msg = str(e) or "timed out waiting for the engine to load"
+        logger.error("the engine failed to start: %s", msg)
+        if on_fatal is not None:
+            on_fatal(msg)
+        return
+    state.max_model_len = int(info["max_model_len"])
+    state.eos_token_ids = frozenset(info.get("eos_token_ids") or ())
+    stats = info.get("stats") or {}
+    logger.info("engine ready: max_model_len=%d, KV cache capacity %d tokens (%d pages of %d tokens)",
+                state.max_model_len, stats.get("kv_capacity_tokens", 0), stats.get("total_kv_blocks", 0),
+                (stats.get("kv_capacity_tokens", 0) // max(1, stats.get("total_kv_blocks", 1))))
+    if on_ready is not None:
+        result = on_ready(state)
+        if asyncio.iscoroutine(result):
+            await result
+
+
+async def _stats_logger(state: ServerState) -> None:
+    interval = state.config.stats_interval
+    last: dict[str, Any] = {}
+    last_t = time.monotonic()
+    was_idle = True
+    while True:
+        await asyncio.sleep(interval)
+        s = state.client.stats
+        if not s or not state.client.ready:
+            continue
+        now = time.monotonic()
+        dt = max(now - last_t, 1e-6)
+        d_prompt = s.get("num_prompt_tokens_total", 0) - last.get("num_prompt_tokens_total", 0)
+        d_gen = s.get("num_generated_tokens_total", 0) - last.get("num_generated_tokens_total", 0)
+        d_q = s.get("prefix_cache_queried_tokens", 0) - last.get("prefix_cache_queried_tokens", 0)
+        d_h = s.get("prefix_cache_hit_tokens", 0) - last.get("prefix_cache_hit_tokens", 0)
+        idle = d_prompt == 0 and d_gen == 0 and not s.get("num_running") and not s.get("num_waiting")
+        if not (idle and was_idle):
+            logger.info(
+                "Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, Running: %d reqs, "
+                "Waiting: %d reqs, KV cache usage: %.1f%%, Prefix cache hit rate: %.1f%%",
+                d_prompt / dt, d_gen / dt, s.get("num_running", 0), s.get("num_waiting", 0),
+                100 * kv_usage(s), 100 * (d_h / d_q if d_q else 0.0))
+        was_idle = idle
+        last, last_t = dict(s), now
+
+
+def _add_utility_routes(app: FastAPI, state: ServerState) -> None:
+    @app.get("/health")
+    async def health() -> Response:
+        if state.ready:
+            return Response(status_code=200)
+        reason = state.client.dead_reason or ("shutting down" if state.draining else "starting")
+        return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503,
+                            headers={"Retry-After": "5"})
+
+    @app.get("/health_generate")
+    async def health_generate(request: Request) -> Response:
+        if not state.ready:
+            return await health()
+        ids = state.chat_template.encode("hi") or [0]
+        params = make_sampling_params(state, req=None, max_tokens=1, n=1)
+        gen = Generation(state, new_request_id("health"), n=1, prompt_len=len(ids), log={}, arrival=time.monotonic())
+        try:
+            await gen.start(ids, params, None)
+            async for _ in gen.batches():
+                pass
+        except APIError as e:
+            return error_response(e)
+        finally:
+            gen.close()
+        return Response(status_code=200)
+
+    @app.api_route("/", methods=["GET", "HEAD"])
+    async def root() -> Response:
+        return JSONResponse({"name": "glint", "version": VERSION, "ready": state.ready})
+
+    @app.get("/version")
+    async def version() -> Response:
+        return JSONResponse({"version": VERSION})
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        created = int(state.started_at)
+        data = [{"id": name, "object": "model", "created": created, "owned_by": "glint", "root": state.model_path,
+                 "parent": None, "max_model_len": state.max_model_len or None} for name in state.served_model_names]
+        return JSONResponse({"object": "list", "data": data})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> Response:
+        if model_id not in state.served_model_names:
+            raise APIError(404, f"The model {model_id!r} does not exist; this server serves "
+                                f"{list(state.served_model_names)}", code="model_not_found")
+        return JSONResponse({"id": model_id, "object": "model", "created": int(state.started_at),
+                             "owned_by": "glint", "root": state.model_path,
+                             "max_model_len": state.max_model_len or None})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        state.metrics.update_from_stats(state.client.stats)
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/server_info")
+    async def server_info() -> Response:
+        return JSONResponse({"version": VERSION, "ready": state.ready, "model": state.model_path,
+                             "served_model_names": list(state.served_model_names),
+                             "max_model_len": state.max_model_len, "engine": state.client.stats,
+                             "engine_pid": state.client.info.get("pid"),
+                             "config": {k: (list(v) if isinstance(v, tuple) else v)
+                                        for k, v in state.config.non_default_args().items()}})
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> Response:
+        return error_response(exc, request.url.path)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        errs = exc.errors()
+        loc = ".".join(str(x) for x in (errs[0].get("loc", ()) if errs else ()) if x != "body") or None
+        msg = errs[0].get("msg", "invalid request") if errs else "invalid request"
+        return error_response(APIError(400, f"invalid request: {msg}", param=loc), request.url.path)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404:
+            err = APIError(404, f"no route for {request.method} {request.url.path}", code="not_found")
+        elif exc.status_code == 405:
+            err = APIError(405, f"method {request.method} is not allowed on {request.url.path}",
+                           code="method_not_allowed")
+        else:
+            err = APIError(exc.status_code, str(exc.detail))
+        headers = dict(getattr(exc, "headers", None) or {})
+        err.headers.update(headers)
+        return error_response(err, request.url.path)
+
+    @app.exception_handler(json.JSONDecodeError)
+    async def json_error(request: Request, exc: json.JSONDecodeError) -> Response:
+        return error_response(APIError(400, f"the request body is not valid JSON: {exc}"), request.url.path)
+
+
+__all__ = ["build_app", "PlainTextResponse"]

@@ -1,0 +1,80 @@
+"""The server's one frozen configuration (every CLI flag maps onto one field, see server/cli.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    # model and engine
+    model: str | None = None  # None: the built-in tiny checkpoint (written on first use)
+    tokenizer: str | None = None  # defaults to the model folder
+    served_model_name: tuple[str, ...] = ()
+    device: str = "auto"
+    dtype: str = "auto"
+    tp_size: int = 1
+    max_model_len: int | None = None
+    max_running_requests: int | None = None
+    max_queued_requests: int | None = None
+    chunked_prefill_size: int | None = None
+    kv_cache_dtype: str = "auto"
+    mem_fraction_static: float | None = None
+    page_size: int = 16
+    num_kv_blocks: int | None = None
+    enable_prefix_caching: bool = True
+    load_format: str = "auto"
+    seed: int = 0
+    enforce_eager: bool = False
+    # flags of the reference launch lines (see cli.UNSUPPORTED for the ones not built yet)
+    attention_backend: str | None = None
+    enable_fused_qk_norm_rope: bool = False
+    enable_shared_experts_fusion: bool = False
+    disaggregation_mode: str = "null"
+    disaggregation_async_transfer: bool = False
+    speculative_algorithm: str | None = None
+    speculative_num_steps: int | None = None
+    speculative_eagle_topk: int | None = None
+    speculative_num_draft_tokens: int | None = None
+    speculative_suffix_cache_max_depth: int | None = None
+    speculative_suffix_max_spec_factor: float | None = None
+    speculative_suffix_min_token_prob: float | None = None
+    tool_call_parser: str = "glm47"
+    reasoning_parser: str = "glm45"
+    # HTTP front end
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ("*",)
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
+    chat_template: str | None = None  # a file path or the template text itself
+    default_chat_template_kwargs: tuple[tuple[str, Any], ...] = ()  # a frozen dict
+    sampling_defaults: str = "model"  # "model": generation_config.json; "openai": OpenAI's defaults
+    reasoning_field: str = "reasoning_content"  # also "reasoning" or "both"
+    # logging and monitoring
+    log_level: str = "info"
+    log_requests: str = "meta"  # off | meta | params | full
+    log_format: str = "text"  # text | json
+    disable_access_log: bool = False
+    stats_interval: float = 5.0  # seconds between periodic stats lines; 0 disables
+    keepalive_interval: float = 5.0  # seconds of SSE silence before a ": keep-alive" comment
+    engine_ready_timeout: float = 1800.0
+
+    @property
+    def default_chat_template_kwargs_dict(self) -> dict[str, Any]:
+        return dict(self.default_chat_template_kwargs)
+
+    def non_default_args(self) -> dict[str, Any]:
+        """Fields that differ from their defaults, with API keys redacted (for the start-up log)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            default = f.default if f.default is not field else None
+            if value != default:
+                if f.name == "api_key":
+                    value = ["<redacted>"] * len(value)
+                out[f.name] = value
+        return out

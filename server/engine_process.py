@@ -1,0 +1,190 @@
+"""The engine-core process: owns the EngineCore and runs its loop, talking to the front end over ZMQ.
+
+Started with multiprocessing "spawn" by `server.engine_client.EngineClient` (or by anything else that speaks
+the same messages: tensor-parallel rank 0, a disaggregation role). The front end binds two PUSH/PULL
+endpoints; this process connects to both.
+
+Front end -> engine (pickled tuples):
+    ("add", request_id, prompt_token_ids, SamplingParams, prompt_text | None)
+    ("abort", request_id)
+    ("shutdown",)
+Engine -> front end:
+    ("ready", info)                         once the model is loaded; info has max_model_len, stats, ...
+    ("startup_error", message)              loading failed; the process exits
+    ("ack", request_id)                     add_request accepted the request
+    ("reject", request_id, message, kind)   add_request refused it (kind "invalid": a ValueError naming the
+                                            field; "internal": anything else)
+    ("deltas", [RequestDelta, ...], stats)  after every step that changed something
+    ("stats", stats)                        when idle (about once a second) and after aborts
+    ("fatal", message)                      the loop crashed; the process exits
+
+Loop: drain the input socket (blocking up to a second when there is no work), apply adds/aborts, run one
+`core.step()`, push the deltas. The process exits when told to or when its parent dies; SIGINT and SIGTERM
+are ignored so that a Ctrl-C (or a SIGTERM to the process group) lets the front end shut things down in order.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger("glint.engine")
+
+IDLE_POLL_MS = 1000
+
+
+@dataclass(frozen=True)
+class EngineProcessSpec:
+    engine_kwargs: dict[str, Any]
+    input_addr: str  # front end -> engine
+    output_addr: str  # engine -> front end
+    parent_pid: int
+    log_level: str = "info"
+    # "module:callable" building the core from EngineConfig.create(**engine_kwargs) kwargs; tests may point it
+    # at a wrapper (server/testing_hooks.py). Default: the real engine.
+    core_factory: str = "server.engine_process:build_engine_core"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_engine_core(engine_kwargs: dict[str, Any], extra: dict[str, Any] | None = None) -> Any:
+    from engine import EngineConfig, EngineCore
+
+    core = EngineCore(EngineConfig.create(**engine_kwargs))
+    scripts = os.environ.get("GLINT_TEST_SCRIPTS")
+    if scripts:  # test-only hook, see server/testing_hooks.py
+        from server.testing_hooks import ScriptedEngineCore
+
+        core = ScriptedEngineCore(core, scripts)
+    return core
+
+
+def _load_factory(path: str):
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s [engine] %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def engine_info(core: Any) -> dict[str, Any]:
+    """What the front end needs to know about the loaded engine."""
+    info: dict[str, Any] = {"max_model_len": int(core.max_model_len), "stats": dict(core.stats()), "pid": os.getpid()}
+    mc = getattr(core, "model_config", None)
+    if mc is not None:
+        info["vocab_size"] = getattr(mc, "vocab_size", None)
+        info["eos_token_ids"] = list(getattr(mc, "eos_token_ids", ()) or ())
+    return info
+
+
+def run_engine_process(spec: EngineProcessSpec) -> None:
+    """Process entry point (must stay importable at module level for "spawn")."""
+    import zmq
+
+    _setup_logging(spec.log_level)
+    # The front end decides when the engine stops (a "shutdown" message, or its own death, noticed within a
+    # second): a Ctrl-C or a SIGTERM sent to the whole process group must not kill the engine first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.RCVHWM, 0)
+    pull.connect(spec.input_addr)
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDHWM, 0)
+    push.setsockopt(zmq.LINGER, 2000)
+    push.connect(spec.output_addr)
+
+    try:
+        core = _load_factory(spec.core_factory)(spec.engine_kwargs, spec.extra)
+        info = engine_info(core)
+    except BaseException as e:  # noqa: BLE001 - report every start-up failure to the front end
+        logger.error("engine start-up failed:\n%s", traceback.format_exc())
+        push.send_pyobj(("startup_error", f"{type(e).__name__}: {e}"))
+        push.close(linger=2000)
+        ctx.term()
+        sys.exit(1)
+    push.send_pyobj(("ready", info))
+
+    try:
+        _loop(core, pull, push, spec.parent_pid)
+    except Exception as e:
+        logger.error("engine loop crashed:\n%s", traceback.format_exc())
+        try:
+            push.send_pyobj(("fatal", f"{type(e).__name__}: {e}"))
+        except Exception:
+            pass
+        push.close(linger=2000)
+        ctx.term()
+        sys.exit(1)
+    push.close(linger=500)
+    pull.close(linger=0)
+    ctx.term()
+
+
+def _loop(core: Any, pull: Any, push: Any, parent_pid: int) -> None:
+    import zmq
+
+    poller = zmq.Poller()
+    poller.register(pull, zmq.POLLIN)
+    last_stats = 0.0
+    while True:
+        if os.getppid() != parent_pid:
+            logger.warning("front-end process %d is gone; engine exiting", parent_pid)
+            return
+        busy = core.has_unfinished_requests()
+        events = dict(poller.poll(0 if busy else IDLE_POLL_MS))
+        changed = False
+        while pull in events or _has_more(pull):
+            events = {}
+            msg = pull.recv_pyobj()
+            kind = msg[0]
+            if kind == "add":
+                _, rid, ids, params, prompt = msg
+                try:
+                    core.add_request(rid, ids, params, prompt=prompt)
+                except ValueError as e:
+                    push.send_pyobj(("reject", rid, str(e), "invalid"))
+                except Exception as e:  # noqa: BLE001 - a bad request must not take the loop down
+                    logger.error("add_request(%s) failed:\n%s", rid, traceback.format_exc())
+                    push.send_pyobj(("reject", rid, f"{type(e).__name__}: {e}", "internal"))
+                else:
+                    push.send_pyobj(("ack", rid))
+            elif kind == "abort":
+                core.abort_request(msg[1])
+                changed = True
+            elif kind == "shutdown":
+                logger.info("engine shutting down")
+                return
+            else:
+                logger.error("unknown message %r", kind)
+        if core.has_unfinished_requests():
+            deltas = core.step()
+            if deltas:
+                push.send_pyobj(("deltas", deltas, core.stats()))
+                last_stats = time.monotonic()
+                continue
+        now = time.monotonic()
+        if changed or now - last_stats >= IDLE_POLL_MS / 1000:
+            push.send_pyobj(("stats", core.stats()))
+            last_stats = now
+
+
+def _has_more(sock: Any) -> bool:
+    import zmq
+
+    return bool(sock.poll(0, zmq.POLLIN))

@@ -1,0 +1,89 @@
+"""Start-up and shutdown: logging, model resolution, the FastAPI app under uvicorn, exit codes.
+
+The HTTP front end runs in this process; the engine core runs in a spawned child (server/engine_process.py).
+Ctrl-C (SIGINT) or SIGTERM stop uvicorn, whose lifespan shutdown tells the engine process to exit (it ignores
+SIGINT itself so the order is always front end first). If the engine fails to start or dies, the error is
+logged, /health turns 503 and every request gets a 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import sys
+
+from server.cli import engine_kwargs
+from server.config import ServerConfig
+
+logger = logging.getLogger("glint.server")
+
+TINY_MODEL_NAME = "glint-tiny"
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s [server] %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+
+
+def resolve_model(config: ServerConfig) -> ServerConfig:
+    """No --model: the built-in tiny checkpoint on CPU (written on first use)."""
+    if config.model is not None:
+        return config
+    from model.tiny import tiny_model_dir
+
+    path = tiny_model_dir("bf16")
+    logger.info("no --model given: serving the built-in tiny model at %s (random weights, gibberish output)", path)
+    return dataclasses.replace(
+        config, model=str(path), device="cpu" if config.device == "auto" else config.device,
+        served_model_name=config.served_model_name or (TINY_MODEL_NAME,))
+
+
+def run_server(config: ServerConfig) -> int:
+    import uvicorn
+
+    from server.app import build_app
+
+    setup_logging(config.log_level)
+    non_default = config.non_default_args()
+    logger.info("glint server, non-default args: %s", non_default or "(none)")
+    config = resolve_model(config)
+    kwargs = engine_kwargs(config)
+    exit_code = {"code": 0}
+    holder: dict[str, uvicorn.Server] = {}
+
+    async def on_ready(state) -> None:
+        server = holder.get("server")
+        while server is not None and not server.started and not server.should_exit:
+            await asyncio.sleep(0.05)
+        host = f"[{config.host}]" if ":" in config.host else config.host
+        logger.info("glint server ready at http://%s:%d (model %s served as %s)", host, config.port,
+                    state.model_path, ", ".join(state.served_model_names))
+
+    def on_fatal(reason: str) -> None:
+        logger.error("the engine is gone (%s); stopping the server", reason)
+        exit_code["code"] = 1
+        server = holder.get("server")
+        if server is not None:
+            server.should_exit = True
+
+    app = build_app(config, kwargs, on_ready=on_ready, on_fatal=on_fatal)
+    uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_config=None,
+                               log_level=config.log_level, access_log=False, timeout_graceful_shutdown=5,
+                               lifespan="on")
+    server = uvicorn.Server(uv_config)
+    holder["server"] = server
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    if not server.started and exit_code["code"] == 0:
+        exit_code["code"] = 1  # e.g. the port was taken
+    logger.info("glint server stopped")
+    return exit_code["code"]

@@ -1,0 +1,97 @@
+"""Prometheus metrics with vLLM's names under a `glint:` prefix, all labelled with `model_name`.
+
+Gauges mirror the engine's stats (pushed by the engine process after every step and once a second when idle);
+counters and histograms are fed by the front end's per-request bookkeeping (TTFT is measured from the
+request's arrival at the HTTP server, so tokenization and queueing count).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
+               0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+               480.0, 960.0, 1920.0, 7680.0)
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000, 200000)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.model_name = model_name
+        r, L = self.registry, ["model_name"]
+
+        def gauge(name: str, doc: str) -> Any:
+            return Gauge(f"glint:{name}", doc, L, registry=r).labels(model_name)
+
+        def counter(name: str, doc: str) -> Any:
+            return Counter(f"glint:{name}", doc, L, registry=r).labels(model_name)
+
+        def hist(name: str, doc: str, buckets: tuple) -> Any:
+            return Histogram(f"glint:{name}", doc, L, buckets=buckets, registry=r).labels(model_name)
+
+        self.num_requests_running = gauge("num_requests_running", "Requests (sequences) being generated.")
+        self.num_requests_waiting = gauge("num_requests_waiting", "Requests (sequences) waiting to be scheduled.")
+        self.kv_cache_usage_perc = gauge("kv_cache_usage_perc", "Fraction of KV pages in use (1 = full).")
+        self.kv_cache_capacity_tokens = gauge("kv_cache_capacity_tokens", "KV cache capacity in tokens.")
+        self.prefix_cache_hit_rate = gauge(
+            "prefix_cache_hit_rate", "Prompt tokens served from the prefix cache / prompt tokens looked up.")
+        self.num_requests_in_flight = gauge("num_requests_in_flight", "HTTP requests the front end is serving.")
+        self.prefix_cache_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_cache_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self.num_preemptions = counter("num_preemptions", "Preemptions (a request recomputed later).")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished and aborted requests.")
+        self.generation_tokens = counter("generation_tokens", "Generated tokens.")
+        self._success = Counter("glint:request_success", "Finished requests by finish reason.",
+                                ["model_name", "finished_reason"], registry=r)
+        self.num_aborted_requests = counter("num_aborted_requests", "Requests aborted (client disconnect...).")
+        self.num_rejected_requests = counter("num_rejected_requests", "Requests refused by overload control.")
+        self.time_to_first_token = hist("time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS)
+        self.inter_token_latency = hist("inter_token_latency_seconds", "Time between output tokens.", ITL_BUCKETS)
+        self.e2e_request_latency = hist("e2e_request_latency_seconds", "End-to-end request latency.", E2E_BUCKETS)
+        self.request_prompt_tokens = hist("request_prompt_tokens", "Prompt tokens per request.", TOKEN_BUCKETS)
+        self.request_generation_tokens = hist(
+            "request_generation_tokens", "Generated tokens per request.", TOKEN_BUCKETS)
+        self._last_stats: dict[str, Any] = {}
+
+    def success(self, finish_reason: str) -> None:
+        self._success.labels(self.model_name, finish_reason).inc()
+
+    def update_from_stats(self, stats: dict[str, Any]) -> None:
+        if not stats:
+            return
+        self.num_requests_running.set(stats.get("num_running", 0))
+        self.num_requests_waiting.set(stats.get("num_waiting", 0))
+        self.kv_cache_usage_perc.set(kv_usage(stats))
+        self.kv_cache_capacity_tokens.set(stats.get("kv_capacity_tokens", 0))
+        queried = stats.get("prefix_cache_queried_tokens", 0)
+        hits = stats.get("prefix_cache_hit_tokens", 0)
+        self.prefix_cache_hit_rate.set(hits / queried if queried else 0.0)
+        last = self._last_stats
+        for key, ctr in (("prefix_cache_queried_tokens", self.prefix_cache_queries),
+                         ("prefix_cache_hit_tokens", self.prefix_cache_hits),
+                         ("num_preemptions", self.num_preemptions)):
+            inc = stats.get(key, 0) - last.get(key, 0)
+            if inc > 0:
+                ctr.inc(inc)
+        self._last_stats = dict(stats)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def kv_usage(stats: dict[str, Any]) -> float:
+    """Fraction of pages held by requests (cached-but-unreferenced pages count as free, like vLLM)."""
+    total = stats.get("total_kv_blocks") or 0
+    if not total:
+        return 0.0
+    free = stats.get("free_kv_blocks", 0) + stats.get("cached_kv_blocks", 0)
+    return max(0.0, min(1.0, 1.0 - free / total))

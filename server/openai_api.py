@@ -1,0 +1,600 @@
+"""OpenAI routes: POST /v1/chat/completions and POST /v1/completions.
+
+Streaming follows OpenAI's recorded shape: a role chunk per choice, content / reasoning / tool-call delta
+chunks (a tool call's first delta carries id, type and name with empty arguments; later ones only argument
+fragments), one chunk per choice with an empty delta and the finish_reason, a usage chunk with `choices: []`
+when `stream_options.include_usage`, then `data: [DONE]`. Comment lines (`: keep-alive`) fill silences longer
+than --keepalive-interval (long prefills). Errors after the headers are sent become an SSE `error` object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse, Response
+
+from server.chat_template import normalize_messages, normalize_tools, prompt_starts_in_reasoning, template_kwargs
+from server.engine_client import new_request_id
+from server.errors import APIError, bad_request, not_supported, sse_error_event
+from server.output_parser import ChatOutputParser
+from server.protocol import ChatCompletionRequest, CompletionRequest, parse_body
+from server.serving import (
+    CompletionLogprobs,
+    Generation,
+    ServerState,
+    chat_logprobs,
+    check_response_format,
+    make_sampling_params,
+    resolve_max_tokens,
+    strip_stop_token_text,
+    to_thread,
+)
+from server.sse import DONE, KEEPALIVE, ClientDisconnected, SSEResponse, run_or_disconnect, sse_data
+
+logger = logging.getLogger("glint.server")
+
+router = APIRouter()
+
+MAX_N = 64
+MAX_TOP_LOGPROBS = 20
+
+
+def request_log(request: Request) -> dict[str, Any]:
+    return request.scope.setdefault("state", {}).setdefault("glint_log", {})
+
+
+def state_of(request: Request) -> ServerState:
+    return request.app.state.glint
+
+
+def _check_n(n: int | None) -> int:
+    n = 1 if n is None else n
+    if not 1 <= n <= MAX_N:
+        raise bad_request(f"n must be between 1 and {MAX_N}, got {n}", param="n")
+    return n
+
+
+def _include_usage(req: Any) -> bool:
+    return bool(req.stream_options and req.stream_options.include_usage)
+
+
+async def iterate_generations(gens: list[Generation], keepalive: float | None
+                              ) -> AsyncIterator[tuple[int, list[Any]] | None]:
+    """Delta batches of several generations as they come: (generation index, batch), or None (keep-alive)."""
+    if len(gens) == 1:
+        async for batch in gens[0].batches(keepalive):
+            yield None if batch is None else (0, batch)
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, gen: Generation) -> None:
+        try:
+            async for batch in gen.batches():
+                queue.put_nowait((i, batch))
+        except BaseException as e:  # noqa: BLE001 - forwarded to the consumer
+            queue.put_nowait(e)
+        finally:
+            queue.put_nowait((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        remaining = len(gens)
+        while remaining:
+            try:
+                item = await asyncio.wait_for(queue.get(), keepalive) if keepalive else await queue.get()
+            except asyncio.TimeoutError:
+                yield None
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            if item[1] is None:
+                remaining -= 1
+                continue
+            yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(BaseException):
+                await t
+
+
+# ================================================================================================ chat
+
+
+def chat_finish_reason(engine_reason: str | None, has_tool_calls: bool) -> str:
+    if engine_reason == "length":
+        return "length"
+    if engine_reason == "abort":
+        raise APIError(503, "the request was aborted by the engine", headers={"Retry-After": "1"})
+    return "tool_calls" if has_tool_calls else "stop"
+
+
+class ChatPlan:
+    """Everything decided about a chat request before it is sent to the engine."""
+
+    def __init__(self, state: ServerState, req: ChatCompletionRequest) -> None:
+        self.req = req
+        self.n = _check_n(req.n)
+        check_response_format(req.response_format)
+        if req.top_logprobs is not None:
+            if not req.logprobs:
+                raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
+            if not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
+                raise bad_request(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs")
+        self.logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        self.top_logprobs = req.top_logprobs or 0
+        tools = normalize_tools(req.tools)
+        choice = req.tool_choice
+        if choice is None:
+            choice = "auto" if tools else "none"
+        self.parse_tools = False
+        if isinstance(choice, str):
+            if choice not in ("none", "auto", "required"):
+                raise bad_request(f"tool_choice must be none, auto, required or a named function; got {choice!r}",
+                                  param="tool_choice")
+            if choice != "none":
+                if not tools:
+                    raise bad_request(f"tool_choice {choice!r} needs tools", param="tool_choice")
+                self.parse_tools = True
+        elif isinstance(choice, dict):
+            fn = choice.get("function") if isinstance(choice.get("function"), dict) else {}
+            name = fn.get("name") or choice.get("name")
+            match = [t for t in tools or [] if t["function"]["name"] == name]
+            if not match:
+                raise bad_request(f"tool_choice names function {name!r}, which is not in tools", param="tool_choice")
+            tools = match  # best effort: only the named tool is offered to the model
+            self.parse_tools = True
+        else:
+            raise bad_request("tool_choice must be a string or an object", param="tool_choice")
+        self.tools = tools
+        self.parallel_tool_calls = req.parallel_tool_calls is not False
+        self.messages = normalize_messages(req.messages)
+        self.kwargs = template_kwargs(state.chat_template.default_kwargs, req.chat_template_kwargs,
+                                      req.reasoning_effort, req.thinking)
+        if req.chat_template:
+            logger.debug("ignoring a chat_template sent in the request (never run client Jinja)")
+
+    def render(self, state: ServerState) -> tuple[str, list[int]]:
+        prompt = state.chat_template.render(
+            self.messages, self.tools, kwargs=self.kwargs,
+            add_generation_prompt=self.req.add_generation_prompt is not False,
+            continue_final_message=bool(self.req.continue_final_message))
+        return prompt, state.chat_template.encode(prompt)
+
+    def parser(self, starts_in_reasoning: bool) -> ChatOutputParser:
+        return ChatOutputParser(starts_in_reasoning=starts_in_reasoning, tools=self.tools,
+                                parse_tools=self.parse_tools, parallel_tool_calls=self.parallel_tool_calls)
+
+
+def _reasoning_fields(state: ServerState, text: str | None) -> dict[str, Any]:
+    mode = state.config.reasoning_field
+    out: dict[str, Any] = {}
+    if mode in ("reasoning_content", "both"):
+        out["reasoning_content"] = text
+    if mode in ("reasoning", "both"):
+        out["reasoning"] = text
+    return out
+
+
+class PreparedChat:
+    """A chat request rendered, tokenized and accepted by the engine."""
+
+    def __init__(self, **kw: Any) -> None:
+        self.__dict__.update(kw)
+
+    plan: ChatPlan
+    gen: Generation
+    parsers: list[ChatOutputParser]
+    params: Any
+    rid: str
+    model: str
+    created: int
+
+
+async def prepare_chat(state: ServerState, req: ChatCompletionRequest, log: dict[str, Any], arrival: float,
+                       id_prefix: str = "chatcmpl") -> PreparedChat:
+    plan = ChatPlan(state, req)
+    state.check_ready()
+    prompt, prompt_ids = await to_thread(plan.render, state)
+    starts_in_reasoning = prompt_starts_in_reasoning(prompt)
+    requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    max_tokens = resolve_max_tokens(state, requested, len(prompt_ids),
+                                    param="max_completion_tokens" if req.max_completion_tokens is not None
+                                    else "max_tokens", prompt_param="messages")
+    params = make_sampling_params(
+        state, req=req, max_tokens=max_tokens, n=plan.n, logprobs=plan.logprobs,
+        skip_special_tokens=req.skip_special_tokens if req.skip_special_tokens is not None else False)
+    rid = new_request_id(id_prefix)
+    model = state.response_model(req.model)
+    log.update(engine_id=rid, model=model, stream=bool(req.stream), n=plan.n, messages=len(plan.messages),
+               tools=len(plan.tools or []), thinking=starts_in_reasoning)
+    if state.config.log_requests in ("params", "full"):
+        log["params"] = _params_summary(params)
+    if state.config.log_requests == "full":
+        log["prompt"] = prompt
+    gen = Generation(state, rid, n=plan.n, prompt_len=len(prompt_ids), log=log, arrival=arrival)
+    await gen.start(prompt_ids, params, prompt)
+    parsers = [plan.parser(starts_in_reasoning) for _ in range(plan.n)]
+    return PreparedChat(plan=plan, gen=gen, parsers=parsers, params=params, rid=rid, model=model,
+                        created=int(time.time()))
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    arrival = time.monotonic()
+    state = state_of(request)
+    log = request_log(request)
+    log["endpoint"] = "chat"
+    req = parse_body(await request.body(), ChatCompletionRequest)
+    prep = await prepare_chat(state, req, log, arrival)
+    if req.stream:
+        return SSEResponse(_chat_stream(state, prep), on_disconnect=lambda: log.update(disconnected=True))
+    try:
+        result = await run_or_disconnect(request.receive, run_chat(state, prep))
+    except ClientDisconnected:
+        log["disconnected"] = True
+        return Response(status_code=499)
+    finally:
+        prep.gen.close()
+    return JSONResponse(_chat_body(state, prep, result))
+
+
+def _params_summary(params: Any) -> dict[str, Any]:
+    keys = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "min_tokens", "stop", "ignore_eos",
+            "logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty")
+    return {k: getattr(params, k) for k in keys}
+
+
+class ChatResult:
+    def __init__(self, n: int) -> None:
+        self.token_ids: list[list[int]] = [[] for _ in range(n)]
+        self.logprobs: list[list[Any]] = [[] for _ in range(n)]
+        self.reasons: list[str | None] = [None] * n
+        self.stop_reasons: list[Any] = [None] * n
+        self.reasoning_tokens = 0
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(t) for t in self.token_ids)
+
+
+async def run_chat(state: ServerState, prep: PreparedChat) -> ChatResult:
+    """Drive a non-streaming chat request to its end, feeding the parsers."""
+    res = ChatResult(prep.plan.n)
+    async for batch in prep.gen.batches():
+        for d in batch:
+            p = prep.parsers[d.index]
+            was_reasoning = p.in_reasoning
+            p.feed(strip_stop_token_text(state, d, prep.params), final=d.finished)
+            if was_reasoning and p.in_reasoning:
+                res.reasoning_tokens += len(d.new_token_ids)
+            res.token_ids[d.index].extend(d.new_token_ids)
+            if d.new_logprobs:
+                res.logprobs[d.index].extend(d.new_logprobs)
+            if d.finished:
+                res.reasons[d.index], res.stop_reasons[d.index] = d.finish_reason, d.stop_reason
+    return res
+
+
+def _chat_body(state: ServerState, prep: PreparedChat, res: ChatResult) -> dict[str, Any]:
+    plan = prep.plan
+    choices = []
+    for i, p in enumerate(prep.parsers):
+        calls = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                 for c in p.tool_calls]
+        message: dict[str, Any] = {"role": "assistant", "content": p.content if (p.content or not calls) else None}
+        message.update(_reasoning_fields(state, p.reasoning or None))
+        if calls:
+            message["tool_calls"] = calls
+        choices.append({
+            "index": i, "message": message,
+            "logprobs": None if plan.logprobs is None else
+            {"content": chat_logprobs(state, res.token_ids[i], res.logprobs[i], plan.top_logprobs)},
+            "finish_reason": chat_finish_reason(res.reasons[i], bool(calls)),
+            "stop_reason": res.stop_reasons[i],
+        })
+    prep.gen.log["finish_reason"] = ",".join(sorted({c["finish_reason"] for c in choices}))
+    return {
+        "id": prep.rid, "object": "chat.completion", "created": prep.created, "model": prep.model,
+        "choices": choices,
+        "usage": _usage(prep.gen.prompt_len, res.completion_tokens, prep.gen.num_cached_tokens,
+                        res.reasoning_tokens),
+    }
+
+
+def _usage(prompt: int, completion: int, cached: int, reasoning: int | None = None) -> dict[str, Any]:
+    usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                             "total_tokens": prompt + completion,
+                             "prompt_tokens_details": {"cached_tokens": cached}}
+    if reasoning is not None:
+        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+    return usage
+
+
+async def _chat_stream(state: ServerState, prep: PreparedChat) -> AsyncIterator[str]:
+    plan, gen, parsers, params, rid = prep.plan, prep.gen, prep.parsers, prep.params, prep.rid
+    include_usage = _include_usage(plan.req)
+    base = {"id": rid, "object": "chat.completion.chunk", "created": prep.created, "model": prep.model}
+
+    def chunk(index: int, delta: dict[str, Any], finish_reason: str | None = None, logprobs: Any = None,
+              **extra: Any) -> str:
+        c = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason, **extra}
+        body = {**base, "choices": [c]}
+        if include_usage:
+            body["usage"] = None
+        return sse_data(body)
+
+    completion_tokens = 0
+    reasoning_tokens = 0
+    finish: list[str] = []
+    try:
+        for i in range(plan.n):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        async for item in iterate_generations([gen], state.config.keepalive_interval or None):
+            if item is None:
+                yield KEEPALIVE
+                continue
+            for d in item[1]:
+                i = d.index
+                p = parsers[i]
+                completion_tokens += len(d.new_token_ids)
+                was_reasoning = p.in_reasoning
+                events = p.feed(strip_stop_token_text(state, d, params), final=d.finished)
+                if was_reasoning and p.in_reasoning:
+                    reasoning_tokens += len(d.new_token_ids)
+                lp = None
+                if plan.logprobs is not None and d.new_logprobs:
+                    lp = {"content": chat_logprobs(state, d.new_token_ids, d.new_logprobs, plan.top_logprobs)}
+                for ev in events:
+                    kind = ev[0]
+                    if kind == "content":
+                        delta: dict[str, Any] = {"content": ev[1]}
+                    elif kind == "reasoning":
+                        delta = _reasoning_fields(state, ev[1])
+                    elif kind == "tool_start":
+                        delta = {"tool_calls": [{"index": ev[1], "id": ev[2], "type": "function",
+                                                 "function": {"name": ev[3], "arguments": ""}}]}
+                    else:
+                        delta = {"tool_calls": [{"index": ev[1], "function": {"arguments": ev[2]}}]}
+                    yield chunk(i, delta, logprobs=lp)
+                    lp = None
+                if d.finished:
+                    reason = chat_finish_reason(d.finish_reason, p.has_tool_calls)
+                    finish.append(reason)
+                    yield chunk(i, {}, reason, logprobs=lp, stop_reason=d.stop_reason)
+                elif lp is not None:
+                    yield chunk(i, {}, logprobs=lp)
+        gen.log["finish_reason"] = ",".join(sorted(set(finish)))
+        if include_usage:
+            yield sse_data({**base, "choices": [],
+                            "usage": _usage(gen.prompt_len, completion_tokens, gen.num_cached_tokens,
+                                            reasoning_tokens)})
+        yield DONE
+    except APIError as e:
+        gen.log["error"] = e.message
+        yield sse_error_event(e)
+        yield DONE
+    except Exception as e:  # noqa: BLE001
+        logger.exception("error while streaming %s", rid)
+        gen.log["error"] = f"{type(e).__name__}"
+        yield sse_error_event(APIError(500, "internal error while streaming the response"))
+        yield DONE
+    finally:
+        gen.close()
+
+
+# ================================================================================================ completions
+
+
+class CompletionPrompt:
+    def __init__(self, text: str | None, ids: list[int]) -> None:
+        self.text = text
+        self.ids = ids
+
+
+def _prompts(state: ServerState, prompt: Any) -> list[CompletionPrompt]:
+    if isinstance(prompt, str):
+        items: list[Any] = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(x, int) for x in prompt):
+        items = [prompt]
+    elif isinstance(prompt, list):
+        items = list(prompt)
+    else:
+        raise bad_request("prompt must be a string, a list of strings, a list of token ids or a list of lists of "
+                          "token ids", param="prompt")
+    if not items:
+        raise bad_request("prompt must not be empty", param="prompt")
+    out = []
+    for p in items:
+        if isinstance(p, str):
+            ids = list(state.tokenizer(p)["input_ids"]) if p else []
+            out.append(CompletionPrompt(p, ids))
+        else:
+            out.append(CompletionPrompt(None, [int(t) for t in p]))
+        if not out[-1].ids:
+            raise bad_request("prompt must not be empty", param="prompt")
+    return out
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    arrival = time.monotonic()
+    state = state_of(request)
+    log = request_log(request)
+    log["endpoint"] = "completions"
+    req = parse_body(await request.body(), CompletionRequest)
+    n = _check_n(req.n)
+    check_response_format(req.response_format)
+    if req.suffix:
+        raise not_supported("suffix", param="suffix")
+    if req.best_of is not None and req.best_of != n:
+        raise not_supported("best_of other than n", param="best_of")
+    if req.logprobs is not None and not 0 <= req.logprobs <= MAX_TOP_LOGPROBS:
+        raise bad_request(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="logprobs")
+    echo = bool(req.echo)
+    scoring = req.max_tokens == 0
+    if scoring and not echo:
+        raise bad_request("max_tokens must be at least 1 (0 is only allowed with echo, for scoring)",
+                          param="max_tokens")
+    state.check_ready()
+    prompts = await to_thread(_prompts, state, req.prompt)
+    model = state.response_model(req.model)
+    rid = new_request_id("cmpl")
+    gens, param_sets = [], []
+    for k, p in enumerate(prompts):
+        max_tokens = resolve_max_tokens(state, 1 if scoring else req.max_tokens, len(p.ids), param="max_tokens",
+                                        prompt_param="prompt")
+        params = make_sampling_params(
+            state, req=req, max_tokens=max_tokens, n=n, logprobs=req.logprobs,
+            prompt_logprobs=req.logprobs if (echo and req.logprobs is not None) else None,
+            skip_special_tokens=req.skip_special_tokens if req.skip_special_tokens is not None else True)
+        sub_log: dict[str, Any] = {} if k else log
+        gens.append(Generation(state, f"{rid}-{k}", n=n, prompt_len=len(p.ids), log=sub_log, arrival=arrival))
+        param_sets.append(params)
+    log.update(engine_id=rid, model=model, stream=bool(req.stream), n=n, prompts=len(prompts))
+    try:
+        for gen, p, params in zip(gens, prompts, param_sets):
+            await gen.start(p.ids, params, p.text)
+    except BaseException:
+        for gen in gens:
+            gen.close()
+        raise
+    ctx = _CompletionContext(state, req, prompts, gens, param_sets, n, echo, scoring, rid, model)
+    if req.stream:
+        return SSEResponse(ctx.stream(), on_disconnect=lambda: log.update(disconnected=True))
+    try:
+        body = await run_or_disconnect(request.receive, ctx.full())
+    except ClientDisconnected:
+        log["disconnected"] = True
+        return Response(status_code=499)
+    finally:
+        for gen in gens:
+            gen.close()
+    return JSONResponse(body)
+
+
+class _CompletionContext:
+    def __init__(self, state: ServerState, req: CompletionRequest, prompts: list[CompletionPrompt],
+                 gens: list[Generation], params: list[Any], n: int, echo: bool, scoring: bool, rid: str,
+                 model: str) -> None:
+        self.state, self.req, self.prompts, self.gens, self.params = state, req, prompts, gens, params
+        self.n, self.echo, self.scoring, self.rid, self.model = n, echo, scoring, rid, model
+        self.created = int(time.time())
+        self.want_lp = req.logprobs is not None
+        total = len(prompts) * n
+        self.texts = [""] * total
+        self.lps = [CompletionLogprobs(state, req.logprobs or 0) if self.want_lp else None for _ in range(total)]
+        self.reasons: list[str | None] = [None] * total
+        self.stop_reasons: list[Any] = [None] * total
+        self.started = [False] * total
+        self.completion_tokens = 0
+
+    def _echo_prefix(self, k: int, index: int, d: Any) -> str:
+        """On a choice's first delta: the prompt text (and its logprobs) when echo is on."""
+        if not self.echo:
+            return ""
+        p = self.prompts[k]
+        text = p.text if p.text is not None else self.state.tokenizer.decode(p.ids)
+        lp = self.lps[index]
+        if lp is not None:
+            plp = d.prompt_logprobs or [None] * len(p.ids)
+            for j, tok in enumerate(p.ids):
+                lp.add(tok, plp[j] if j < len(plp) else None)
+            lp.offset = len(text)
+        return text
+
+    def _consume(self, k: int, d: Any) -> tuple[int, str, int]:
+        """Fold one delta; returns (choice index, new text, logprob entries before this delta)."""
+        index = k * self.n + d.index
+        lp = self.lps[index]
+        lp_start = len(lp) if lp is not None else 0
+        text = ""
+        if not self.started[index]:
+            self.started[index] = True
+            text = self._echo_prefix(k, index, d)
+        if not self.scoring:
+            new_text = strip_stop_token_text(self.state, d, self.params[k])
+            self.completion_tokens += len(d.new_token_ids)
+            if lp is not None:
+                for j, tok in enumerate(d.new_token_ids):
+                    lp.add(tok, d.new_logprobs[j] if d.new_logprobs else {})
+            text += new_text
+        self.texts[index] += text
+        if d.finished:
+            self.reasons[index] = "length" if self.scoring else self._finish(d.finish_reason)
+            self.stop_reasons[index] = d.stop_reason
+        return index, text, lp_start
+
+    @staticmethod
+    def _finish(reason: str | None) -> str:
+        if reason == "abort":
+            raise APIError(503, "the request was aborted by the engine", headers={"Retry-After": "1"})
+        return reason or "stop"
+
+    def _usage(self) -> dict[str, Any]:
+        prompt = sum(len(p.ids) for p in self.prompts)
+        cached = sum(g.num_cached_tokens for g in self.gens)
+        return _usage(prompt, self.completion_tokens, cached)
+
+    async def full(self) -> dict[str, Any]:
+        async for item in iterate_generations(self.gens, None):
+            if item is None:
+                continue
+            k, batch = item
+            for d in batch:
+                self._consume(k, d)
+        choices = [{"index": i, "text": self.texts[i],
+                    "logprobs": self.lps[i].as_dict() if self.lps[i] is not None else None,
+                    "finish_reason": self.reasons[i], "stop_reason": self.stop_reasons[i]}
+                   for i in range(len(self.texts))]
+        self.gens[0].log["finish_reason"] = ",".join(sorted({str(c["finish_reason"]) for c in choices}))
+        return {"id": self.rid, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": choices, "usage": self._usage()}
+
+    async def stream(self) -> AsyncIterator[str]:
+        include_usage = _include_usage(self.req)
+        base = {"id": self.rid, "object": "text_completion", "created": self.created, "model": self.model}
+
+        def chunk(index: int, text: str, logprobs: Any, finish: str | None = None, **extra: Any) -> str:
+            body = {**base, "choices": [{"index": index, "text": text, "logprobs": logprobs,
+                                         "finish_reason": finish, **extra}]}
+            if include_usage:
+                body["usage"] = None
+            return sse_data(body)
+
+        try:
+            async for item in iterate_generations(self.gens, self.state.config.keepalive_interval or None):
+                if item is None:
+                    yield KEEPALIVE
+                    continue
+                k, batch = item
+                for d in batch:
+                    index, text, lp_start = self._consume(k, d)
+                    lp = self.lps[index]
+                    lp_part = lp.as_dict(lp_start) if lp is not None else None
+                    if text or (lp is not None and len(lp) > lp_start):
+                        yield chunk(index, text, lp_part)
+                    if d.finished:
+                        yield chunk(index, "", None, self.reasons[index], stop_reason=self.stop_reasons[index])
+            self.gens[0].log["finish_reason"] = ",".join(sorted({str(r) for r in self.reasons}))
+            if include_usage:
+                yield sse_data({**base, "choices": [], "usage": self._usage()})
+            yield DONE
+        except APIError as e:
+            self.gens[0].log["error"] = e.message
+            yield sse_error_event(e)
+            yield DONE
+        except Exception as e:  # noqa: BLE001
+            logger.exception("error while streaming %s", self.rid)
+            self.gens[0].log["error"] = type(e).__name__
+            yield sse_error_event(APIError(500, "internal error while streaming the response"))
+            yield DONE
+        finally:
+            for gen in self.gens:
+                gen.close()

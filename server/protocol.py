@@ -1,0 +1,129 @@
+"""Request bodies of the OpenAI routes (pydantic). Unknown fields are accepted (and logged), never rejected.
+
+Bodies are parsed by hand (`parse_body`) so that malformed JSON and invalid fields become OpenAI-shaped 400s
+naming the field, never FastAPI's 422.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, TypeVar, Union
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from server.errors import APIError, bad_request
+
+logger = logging.getLogger("glint.server")
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class _Loose(BaseModel):
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+
+class StreamOptions(_Loose):
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False
+
+
+class _SamplingFields(_Loose):
+    model: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    n: int | None = 1
+    seed: int | None = None
+    stop: Union[str, list[str], None] = None
+    stop_token_ids: list[int] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = False
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = False
+    response_format: dict[str, Any] | None = None
+    user: str | None = None
+    request_id: str | None = None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[dict[str, Any]]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    parallel_tool_calls: bool | None = True
+    reasoning_effort: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None
+    add_generation_prompt: bool | None = True
+    continue_final_message: bool | None = False
+    chat_template: str | None = None
+    echo: bool | None = False
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool | None = False
+    suffix: str | None = None
+    best_of: int | None = None
+    prompt_logprobs: int | None = None
+
+
+KNOWN_IGNORED = {
+    "user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key", "verbosity",
+    "prediction", "modalities", "audio", "web_search_options", "priority", "functions", "function_call",
+    "return_token_ids", "separate_reasoning", "stream_reasoning",
+}
+
+
+def parse_body(raw: bytes, model: type[T]) -> T:
+    """JSON bytes -> model, or an APIError(400) naming the offending field."""
+    if not raw:
+        raise bad_request("the request body is empty; expected a JSON object")
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad_request(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise bad_request("the request body must be a JSON object")
+    try:
+        obj = model.model_validate(data)
+    except ValidationError as e:
+        raise validation_error(e) from None
+    extra = sorted(set(obj.model_extra or {}) - KNOWN_IGNORED)
+    if extra:
+        logger.debug("request fields present but ignored: %s", extra)
+    return obj
+
+
+def validation_error(e: ValidationError) -> APIError:
+    errs = e.errors(include_url=False)
+    first = errs[0] if errs else {}
+    loc = [str(x) for x in first.get("loc", ()) if not _is_union_tag(x)]
+    param = ".".join(loc) or None
+    msg = first.get("msg", "invalid request")
+    if first.get("type") == "missing":
+        msg = f"missing required field {param!r}"
+    elif param:
+        msg = f"invalid value for {param!r}: {msg}"
+    if len(errs) > 1:
+        msg += f" (and {len(errs) - 1} more error{'s' if len(errs) > 2 else ''})"
+    return bad_request(msg, param=param)
+
+
+def _is_union_tag(x: Any) -> bool:
+    # pydantic puts the tried union member ("str", "list[int]") into the location; drop those.
+    return isinstance(x, str) and (x in ("str", "int", "float", "bool", "dict", "list") or "[" in x
+                                   or x.startswith("function-") or x.startswith("union["))

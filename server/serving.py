@@ -1,0 +1,390 @@
+"""What every generation route shares: server state, sampling parameters, the request lifecycle, logprobs.
+
+`Generation` wraps one engine request: overload control, submission (engine refusals become 400s), iterating
+delta batches (with `None` ticks for SSE keep-alives), per-request metrics and log fields, and an idempotent
+`close()` that aborts the engine request unless it finished (client disconnects, errors, cancellation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from engine.sampling_params import SamplingParams
+
+from server.chat_template import ChatTemplate
+from server.config import ServerConfig
+from server.engine_client import EngineClient, EngineDeadError, EngineRequestError
+from server.errors import APIError, bad_request, unavailable
+from server.metrics import Metrics
+
+logger = logging.getLogger("glint.server")
+
+MIN_LOGPROB = -9999.0  # JSON has no -inf
+
+
+@dataclass
+class ServerState:
+    config: ServerConfig
+    client: EngineClient
+    tokenizer: Any
+    chat_template: ChatTemplate
+    metrics: Metrics
+    served_model_names: tuple[str, ...]
+    model_path: str
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
+    max_model_len: int = 0
+    eos_token_ids: frozenset[int] = frozenset()
+    started_at: float = field(default_factory=time.time)
+    draining: bool = False
+    _token_text: dict[int, str] = field(default_factory=dict)
+    _token_bytes: dict[int, bytes] = field(default_factory=dict)
+    _byte_decoder: dict[str, int] | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.client.ready and self.client.alive and not self.draining
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_names[0]
+
+    def response_model(self, requested: str | None) -> str:
+        # Lenient model policy: any name is served by the one model (Claude Code sends claude-* names).
+        return requested or self.model_name
+
+    def check_ready(self) -> None:
+        if self.draining:
+            raise unavailable("the server is shutting down")
+        if not self.client.ready or not self.client.alive:
+            if self.client.dead_reason:
+                raise unavailable(f"the engine is not running ({self.client.dead_reason})", retry_after=30)
+            raise unavailable("the server is starting; the model is still loading")
+
+    # ----------------------------------------------------------------------------------------- token text
+
+    def token_text(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            self._token_text[token_id] = text
+        return text
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The token's own UTF-8 bytes (byte-level BPE pieces may be part of a character)."""
+        raw = self._token_bytes.get(token_id)
+        if raw is None:
+            raw = self._compute_token_bytes(token_id)
+            self._token_bytes[token_id] = raw
+        return raw
+
+    def _compute_token_bytes(self, token_id: int) -> bytes:
+        if self._byte_decoder is None:
+            self._byte_decoder = _byte_level_decoder()
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        special = getattr(self.tokenizer, "all_special_tokens", ()) or ()
+        if isinstance(piece, str) and piece not in special and all(c in self._byte_decoder for c in piece):
+            return bytes(self._byte_decoder[c] for c in piece)
+        return self.token_text(token_id).encode("utf-8")
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """Inverse of the byte-to-printable-character table of byte-level BPE (GPT-2 convention)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    chars = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+# --------------------------------------------------------------------------------------------- sampling
+
+
+def resolve_max_tokens(state: ServerState, requested: int | None, prompt_len: int, *, param: str,
+                       prompt_param: str) -> int | None:
+    """Clamp the output budget to the room left in the context; None = until the context is full."""
+    room = state.max_model_len - prompt_len
+    if room < 1:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {state.max_model_len} tokens. However, your prompt has "
+            f"{prompt_len} tokens, which leaves no room for output. Please shorten the prompt.",
+            param=prompt_param, code="context_length_exceeded")
+    if requested is None:
+        return None
+    if requested < 1:
+        raise bad_request(f"{param} must be at least 1, got {requested}", param=param)
+    return min(requested, room)
+
+
+_FIELD_RE = re.compile(r"^([a-z_]+)")
+
+
+def make_sampling_params(state: ServerState, *, req: Any, max_tokens: int | None, n: int,
+                         logprobs: int | None = None, prompt_logprobs: int | None = None,
+                         skip_special_tokens: bool = True, stop: Any = None) -> SamplingParams:
+    d = state.generation_defaults
+
+    def pick(name: str, default: Any) -> Any:
+        value = getattr(req, name, None)
+        if value is not None:
+            return value
+        return d.get(name, default)
+
+    min_tokens = getattr(req, "min_tokens", None) or 0
+    if max_tokens is not None and min_tokens > max_tokens:
+        min_tokens = max_tokens
+    try:
+        return SamplingParams(
+            n=n,
+            temperature=float(pick("temperature", 1.0)),
+            top_p=float(pick("top_p", 1.0)),
+            top_k=int(pick("top_k", 0)),
+            min_p=float(pick("min_p", 0.0)),
+            seed=getattr(req, "seed", None),
+            max_tokens=max_tokens,
+            min_tokens=min_tokens,
+            stop=stop if stop is not None else getattr(req, "stop", None),
+            stop_token_ids=getattr(req, "stop_token_ids", None),
+            ignore_eos=bool(getattr(req, "ignore_eos", False)),
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            repetition_penalty=float(pick("repetition_penalty", 1.0)),
+            presence_penalty=float(getattr(req, "presence_penalty", None) or 0.0),
+            frequency_penalty=float(getattr(req, "frequency_penalty", None) or 0.0),
+            skip_special_tokens=skip_special_tokens,
+            include_stop_str_in_output=bool(getattr(req, "include_stop_str_in_output", False)),
+            logit_bias=getattr(req, "logit_bias", None),
+        )
+    except (ValueError, TypeError) as e:
+        m = _FIELD_RE.match(str(e))
+        raise bad_request(str(e), param=m.group(1) if m else None) from None
+
+
+def check_response_format(response_format: dict[str, Any] | None) -> None:
+    """Structured output is not enforced yet: refuse it rather than silently ignoring it."""
+    if not response_format:
+        return
+    kind = response_format.get("type")
+    if kind in (None, "text"):
+        return
+    if kind in ("json_object", "json_schema"):
+        raise APIError(400, f"response_format type {kind!r} is not supported yet by this server (structured "
+                            "output is not enforced); omit response_format or use type 'text'",
+                       param="response_format", code="unsupported_parameter")
+    raise bad_request(f"unknown response_format type {kind!r}", param="response_format.type")
+
+
+def strip_stop_token_text(state: ServerState, delta: Any, params: SamplingParams) -> str:
+    """The engine detokenizes a stop/EOS token into the text when special tokens are kept; drop it (unless
+    include_stop_str_in_output) so `<|user|>` / `<|observation|>` never reach the client."""
+    text = delta.new_text
+    if not delta.finished or delta.finish_reason != "stop" or not delta.new_token_ids:
+        return text
+    if params.include_stop_str_in_output or isinstance(delta.stop_reason, str):
+        return text
+    last = delta.new_token_ids[-1]
+    if last in state.eos_token_ids or last in params.stop_token_ids:
+        piece = state.token_text(last)
+        if piece and text.endswith(piece):
+            return text[: len(text) - len(piece)]
+    return text
+
+
+# --------------------------------------------------------------------------------------------- lifecycle
+
+
+class Generation:
+    """One engine request (all n choices) seen from an HTTP handler."""
+
+    def __init__(self, state: ServerState, request_id: str, *, n: int, prompt_len: int, log: dict[str, Any],
+                 arrival: float) -> None:
+        self.state = state
+        self.request_id = request_id
+        self.n = n
+        self.prompt_len = prompt_len
+        self.log = log
+        self.arrival = arrival
+        self.stream = None
+        self.finished_indices: set[int] = set()
+        self.finish_reasons: dict[int, str] = {}
+        self.num_output_tokens = 0
+        self.num_cached_tokens = 0
+        self.first_token_time: float | None = None
+        self.last_token_time: float | None = None
+        self.closed = False
+
+    @property
+    def finished(self) -> bool:
+        return len(self.finished_indices) >= self.n
+
+    async def start(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None) -> None:
+        st = self.state
+        st.check_ready()
+        limit = st.config.max_queued_requests
+        if limit is not None:
+            waiting = int(st.client.stats.get("num_waiting", 0)) + st.client.num_unacked
+            if waiting >= limit:
+                st.metrics.num_rejected_requests.inc()
+                raise APIError(429, f"the server is overloaded ({waiting} requests waiting, limit {limit}); "
+                                    "retry later", type="rate_limit_error", code="server_overloaded",
+                               headers={"Retry-After": "1"})
+        self.log["prompt_tokens"] = self.prompt_len
+        try:
+            self.stream = await st.client.add_request(self.request_id, prompt_token_ids, params, prompt)
+        except EngineRequestError as e:
+            if e.kind == "invalid":
+                msg = str(e)
+                code = "context_length_exceeded" if "context" in msg and "prompt" in msg else None
+                raise bad_request(msg, code=code) from None
+            raise APIError(500, f"the engine could not accept the request: {e}") from None
+        except EngineDeadError as e:
+            raise unavailable(f"the engine is not running ({e})", retry_after=30) from None
+        st.metrics.num_requests_in_flight.inc()
+
+    async def batches(self, keepalive: float | None = None) -> AsyncIterator[list[Any] | None]:
+        """Delta batches until every choice finished; `None` after `keepalive` seconds of silence."""
+        assert self.stream is not None
+        while not self.finished:
+            try:
+                batch = await self.stream.next_batch(keepalive)
+            except EngineDeadError as e:
+                raise unavailable(f"the engine stopped while serving this request ({e})", retry_after=30) from None
+            if batch is None:
+                yield None
+                continue
+            self._account(batch)
+            yield batch
+
+    def _account(self, batch: list[Any]) -> None:
+        now = time.monotonic()
+        m = self.state.metrics
+        new_tokens = sum(len(d.new_token_ids) for d in batch)
+        if new_tokens:
+            if self.first_token_time is None:
+                self.first_token_time = now
+                m.time_to_first_token.observe(now - self.arrival)
+            elif self.last_token_time is not None:
+                gap = (now - self.last_token_time) / new_tokens
+                for _ in range(min(new_tokens, 64)):
+                    m.inter_token_latency.observe(gap)
+            self.last_token_time = now
+            self.num_output_tokens += new_tokens
+            m.generation_tokens.inc(new_tokens)
+        for d in batch:
+            self.num_cached_tokens = max(self.num_cached_tokens, d.num_cached_tokens)
+            if d.finished:
+                self.finished_indices.add(d.index)
+                self.finish_reasons[d.index] = d.finish_reason
+
+    def close(self) -> None:
+        """Idempotent. Aborts the engine request unless it finished; records metrics and log fields once."""
+        if self.closed:
+            return
+        self.closed = True
+        st, m = self.state, self.state.metrics
+        if self.stream is None:
+            return
+        m.num_requests_in_flight.dec()
+        aborted = not self.finished
+        if aborted:
+            st.client.abort(self.request_id)
+            m.num_aborted_requests.inc()
+        else:
+            st.client.release(self.request_id)
+            for reason in self.finish_reasons.values():
+                m.success(reason)
+        now = time.monotonic()
+        m.e2e_request_latency.observe(now - self.arrival)
+        m.prompt_tokens.inc(self.prompt_len)
+        m.request_prompt_tokens.observe(self.prompt_len)
+        m.request_generation_tokens.observe(self.num_output_tokens)
+        self.log.update(
+            cached_tokens=self.num_cached_tokens,
+            output_tokens=self.num_output_tokens,
+            ttft_s=None if self.first_token_time is None else round(self.first_token_time - self.arrival, 4),
+            aborted=aborted,
+        )
+        if self.finish_reasons:
+            reasons = [self.finish_reasons[i] for i in sorted(self.finish_reasons)]
+            self.log.setdefault("finish_reason", reasons[0] if len(set(reasons)) == 1 else ",".join(reasons))
+
+
+# --------------------------------------------------------------------------------------------- logprobs
+
+
+def _clean(lp: float) -> float:
+    return MIN_LOGPROB if math.isinf(lp) or math.isnan(lp) else max(float(lp), MIN_LOGPROB)
+
+
+def _sorted_top(lpd: dict[int, Any], k: int) -> list[tuple[int, Any]]:
+    return sorted(lpd.items(), key=lambda kv: (kv[1].rank if kv[1].rank is not None else 1 << 30, -kv[1].logprob))[:k]
+
+
+def _lp_text(state: ServerState, tok: int, lp: Any) -> str:
+    return lp.decoded_token if lp is not None and lp.decoded_token is not None else state.token_text(tok)
+
+
+def chat_logprobs(state: ServerState, token_ids: list[int], lp_dicts: list[dict[int, Any]], top_n: int) -> list[dict]:
+    out = []
+    for tok, lpd in zip(token_ids, lp_dicts):
+        lp = lpd.get(tok)
+        out.append({
+            "token": _lp_text(state, tok, lp),
+            "logprob": _clean(lp.logprob) if lp is not None else MIN_LOGPROB,
+            "bytes": list(state.token_bytes(tok)),
+            "top_logprobs": [
+                {"token": _lp_text(state, t, l), "logprob": _clean(l.logprob), "bytes": list(state.token_bytes(t))}
+                for t, l in _sorted_top(lpd, top_n)
+            ],
+        })
+    return out
+
+
+class CompletionLogprobs:
+    """Accumulates the legacy completions `logprobs` object (tokens, token_logprobs, top_logprobs, text_offset)."""
+
+    def __init__(self, state: ServerState, top_n: int, text_offset: int = 0) -> None:
+        self.state = state
+        self.top_n = top_n
+        self.offset = text_offset
+        self.tokens: list[str] = []
+        self.token_logprobs: list[float | None] = []
+        self.top_logprobs: list[dict[str, float] | None] = []
+        self.text_offset: list[int] = []
+
+    def add(self, tok: int, lpd: dict[int, Any] | None) -> None:
+        lp = lpd.get(tok) if lpd else None
+        text = _lp_text(self.state, tok, lp)
+        self.tokens.append(text)
+        self.token_logprobs.append(None if lpd is None else (_clean(lp.logprob) if lp is not None else MIN_LOGPROB))
+        if lpd is None:
+            self.top_logprobs.append(None)
+        else:
+            top = {}
+            for t, l in _sorted_top(lpd, self.top_n):
+                top.setdefault(_lp_text(self.state, t, l), _clean(l.logprob))
+            self.top_logprobs.append(top)
+        self.text_offset.append(self.offset)
+        self.offset += len(text)
+
+    def as_dict(self, start: int = 0) -> dict[str, Any]:
+        return {"tokens": self.tokens[start:], "token_logprobs": self.token_logprobs[start:],
+                "top_logprobs": self.top_logprobs[start:], "text_offset": self.text_offset[start:]}
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+async def to_thread(fn, *args, **kwargs):
+    """Tokenization / templating off the event loop (other requests keep streaming meanwhile)."""
+    return await asyncio.to_thread(fn, *args, **kwargs)

@@ -1,0 +1,105 @@
+"""Live-server fixtures for the server tests: `python -m server` on the tiny checkpoint, on a free port."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server", "--port", str(self.port), *args],
+            cwd=REPO, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def log_text(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 240.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.2)
+        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log_text()[-4000:]}")
+
+    def engine_pid(self) -> int:
+        for line in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError):
+                fields = line.read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) == self.proc.pid:
+                    cmd = (line.parent / "cmdline").read_bytes()
+                    if b"spawn_main" in cmd:
+                        return int(line.parent.name)
+        raise RuntimeError("engine process not found")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def launch_server(tmp_path_factory):
+    """launch_server(*args, env={}) -> a ready LiveServer, stopped at the end of the session (or earlier by
+    the module fixture that asked for it)."""
+    servers: list[LiveServer] = []
+
+    def launch(*args: str, env: dict[str, str] | None = None) -> LiveServer:
+        log = tmp_path_factory.mktemp("server") / "server.log"
+        srv = LiveServer(list(args), env or {}, log)
+        servers.append(srv)
+        try:
+            srv.wait_ready()
+        except Exception:
+            srv.stop()
+            raise
+        return srv
+
+    yield launch
+    for srv in servers:
+        srv.stop()
+
+
+def metric(text: str, name: str, **labels: str) -> float | None:
+    """The value of one sample in Prometheus text output."""
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        if head == name or head.startswith(name + "{"):
+            if all(f'{k}="{v}"' in head for k, v in labels.items()):
+                return float(value)
+    return None

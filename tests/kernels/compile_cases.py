@@ -53,7 +53,40 @@ def case_rope_kv():
             store_kv(k, v, kc, kc, pos)
 
 
+def case_gemm():
+    from kernels.triton_fp8_gemm import fp8_gemm
+
+    for m in (1, 16, 64, 256, 4096):
+        for n, k in ((1536, 5120), (5120, 12288), (14336, 5120)):
+            xq = torch.empty(m, k, dtype=FP8)
+            w = torch.empty(n, k, dtype=FP8)
+            fp8_gemm(xq, torch.empty(m, 1), w, torch.empty(n, 1), torch.empty(n, dtype=BF16), BF16, False)
+            if m in (1, 4096):
+                fp8_gemm(xq, torch.empty(m, k // 128), w, torch.empty(n // 128, k // 128), None, BF16, True)
+
+
+def case_moe():
+    from kernels.triton_moe import fused_moe
+    from kernels.triton_moe_routing import moe_route
+
+    for t in (1, 4, 64, 512, 4096):
+        moe_route(torch.empty(t, 160), torch.empty(160), 8, 1, 1, True, 2.5, 1)
+        for e, inter in ((161, 192), (160, 1536)):
+            h = 5120
+            x = torch.empty(t, h, dtype=BF16)
+            ids = torch.zeros(t, 9, dtype=torch.int32)
+            tw = torch.empty(t, 9)
+            w13 = torch.empty(e, 2 * inter, h, dtype=FP8)
+            w2 = torch.empty(e, h, inter, dtype=FP8)
+            fused_moe(x, w13, w2, tw, ids, torch.empty(e, 2 * inter, 1), torch.empty(e, h, 1), "fp8_channel")
+            if t in (1, 4096):
+                fused_moe(x, w13, w2, tw, ids, torch.empty(e, 2 * inter // 128 + 1, h // 128),
+                          torch.empty(e, h // 128, inter // 128 + 1), "fp8_block")
+
+
 CASES = {
+    "moe": case_moe,
+    "gemm": case_gemm,
     "quant": case_quant,
     "norm_act": case_norm_act,
     "rope_kv": case_rope_kv,

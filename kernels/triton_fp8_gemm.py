@@ -1,0 +1,202 @@
+"""Triton FP8 GEMMs for linear layers: y[M, N] = x[M, K] @ w[N, K]^T with FP8 E4M3 operands.
+
+Two scale formats (kernels/fp8_linear.py):
+  channel  x quantized per token (x_scale [M, 1]), w per output channel (w_scale [N, 1]); applied once in the
+           epilogue. Used for decode-sized M, where cuBLAS `_scaled_mm` is launch/occupancy bound.
+  block    x quantized per 1 x 128 group (x_scale [M, K/128]), w per 128 x 128 block (w_scale [N/128, K/128]);
+           applied per K block (BLOCK_K = 128).
+Bias is added in the epilogue. Small M uses split-K: each split stores an fp32 partial tile, takes a ticket
+(atomic counter per output tile), and the last split to arrive sums the partials and runs the epilogue, then
+resets the ticket to zero (so the counters stay zeroed across launches and CUDA-graph replays). The split-K
+workspace and counters assume one stream at a time uses a given device's kernels.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton_common import cdiv, dot_operand, next_pow2, to_out, zeroed_counters
+from kernels.triton_quant import quant_fp8_per_group, quant_fp8_per_token
+
+
+@triton.jit
+def _fp8_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_am, stride_bn, stride_cm, stride_asm, stride_bsn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    GROUP_M: tl.constexpr, BLOCK_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    # grouped ordering of output tiles for L2 reuse of A/B across neighbouring programs
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    gid = pid // group
+    first_m = gid * GROUP_M
+    gsize = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % gsize
+    pid_n = (pid % group) // gsize
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    mm = rm < M
+    mn = rn < N
+    rm_c = tl.where(mm, rm, 0).to(tl.int64)
+    rn_c = tl.where(mn, rn, 0).to(tl.int64)
+
+    k_iters = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_iters, SPLIT_K)
+    k_begin = pid_k * per_split
+    k_end = tl.minimum(k_begin + per_split, k_iters)
+
+    a_row = a_ptr + rm_c[:, None] * stride_am
+    b_col = b_ptr + rn_c[None, :] * stride_bn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for ki in range(k_begin, k_end):
+        k = ki * BLOCK_K + rk
+        if EVEN_K:
+            a = tl.load(a_row + k[None, :])
+            b = tl.load(b_col + k[:, None])
+        else:
+            a = tl.load(a_row + k[None, :], mask=k[None, :] < K, other=0.0)
+            b = tl.load(b_col + k[:, None], mask=k[:, None] < K, other=0.0)
+        if BLOCK_SCALE:
+            sa = tl.load(as_ptr + rm_c * stride_asm + ki)
+            sb = tl.load(bs_ptr + (rn_c // 128) * stride_bsn + ki)
+            acc += tl.dot(dot_operand(a), dot_operand(b)) * sa[:, None] * sb[None, :]
+        else:
+            acc = tl.dot(dot_operand(a), dot_operand(b), acc)
+
+    c_ptrs = c_ptr + rm_c[:, None] * stride_cm + rn_c[None, :]
+    cmask = mm[:, None] & mn[None, :]
+    if SPLIT_K > 1:
+        tile = pid_m * num_n + pid_n
+        ws_tile = ws_ptr + (tile * SPLIT_K).to(tl.int64) * (BLOCK_M * BLOCK_N)
+        offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        tl.store(ws_tile + pid_k * (BLOCK_M * BLOCK_N) + offs, acc)
+        ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if ticket == SPLIT_K - 1:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for s in range(0, SPLIT_K):
+                acc += tl.load(ws_tile + s * (BLOCK_M * BLOCK_N) + offs, cache_modifier=".cg")
+            y = acc
+            if not BLOCK_SCALE:
+                sa = tl.load(as_ptr + rm_c * stride_asm)
+                sb = tl.load(bs_ptr + rn_c * stride_bsn)
+                y = y * sa[:, None] * sb[None, :]
+            if HAS_BIAS:
+                y += tl.load(bias_ptr + rn_c).to(tl.float32)[None, :]
+            tl.store(c_ptrs, to_out(y, c_ptr.dtype.element_ty), mask=cmask)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+    else:
+        y = acc
+        if not BLOCK_SCALE:
+            sa = tl.load(as_ptr + rm_c * stride_asm)
+            sb = tl.load(bs_ptr + rn_c * stride_bsn)
+            y = y * sa[:, None] * sb[None, :]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rn_c).to(tl.float32)[None, :]
+        tl.store(c_ptrs, to_out(y, c_ptr.dtype.element_ty), mask=cmask)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    if not torch.cuda.is_available():
+        return 132
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def gemm_config(m: int, n: int, k: int, block_scale: bool, num_sms: int = 132) -> dict:
+    """Heuristic launch config. Small M: one M tile, narrow N tiles and split-K to put ~2 waves of programs on
+    the SMs (the weights stream once). Large M: 128 x 128 tiles."""
+    if m <= 64:
+        bm = max(16, next_pow2(m))
+        bn = 64 if n >= 512 else 32
+        bk = 128 if block_scale else 256
+        if m > 32:
+            bk = 128
+        tiles = cdiv(n, bn) * cdiv(m, bm)
+        k_iters = cdiv(k, bk)
+        split = max(1, min(k_iters // 2, (2 * num_sms) // max(tiles, 1)))
+        per = cdiv(k_iters, split)
+        split = cdiv(k_iters, per)  # no empty splits
+        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, GROUP_M=1, num_warps=4, num_stages=4)
+    if m <= 256:
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, GROUP_M=8, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, GROUP_M=8, num_warps=8, num_stages=4)
+
+
+def fp8_gemm(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    block_scale: bool,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """xq: fp8 [M, K], w: fp8 [N, K] (last dims contiguous). channel: x_scale [M, 1], w_scale [N, 1];
+    block: x_scale [M, ceil(K/128)], w_scale [ceil(N/128), ceil(K/128)]. Returns [M, N] out_dtype."""
+    m, k = xq.shape
+    n = w.shape[0]
+    assert xq.stride(1) == 1 and w.stride(1) == 1
+    out = torch.empty(m, n, dtype=out_dtype, device=xq.device)
+    if m == 0:
+        return out
+    cfg = dict(config) if config else gemm_config(m, n, k, block_scale, _num_sms(xq.device.index or 0) if xq.is_cuda else 132)
+    if block_scale:
+        cfg["BLOCK_K"] = 128
+    split = cfg.pop("SPLIT_K")
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    tiles = cdiv(m, bm) * cdiv(n, bn)
+    if split > 1:
+        ws = torch.empty(tiles * split * bm * bn, dtype=torch.float32, device=xq.device)
+        cnt = zeroed_counters(tiles, xq.device)
+    else:
+        ws = cnt = out
+    xs = x_scale if x_scale.dim() == 2 else x_scale.view(m, -1)
+    ws_ = w_scale if w_scale.dim() == 2 else w_scale.view(w_scale.shape[0], -1)
+    _fp8_gemm_kernel[(tiles, split)](
+        xq, w, out, xs, ws_, bias if bias is not None else out, ws, cnt,
+        m, n, k, xq.stride(0), w.stride(0), out.stride(0), xs.stride(0), ws_.stride(0),
+        SPLIT_K=split, BLOCK_SCALE=block_scale, HAS_BIAS=bias is not None,
+        EVEN_K=k % cfg["BLOCK_K"] == 0, **cfg,
+    )
+    return out
+
+
+def fp8_linear_channel(
+    x: torch.Tensor,
+    w_fp8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    x_fp8: torch.Tensor | None = None,
+    x_scale: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """Triton path of fp8_linear_channel_ref (x [T, K] -> [T, N] in x.dtype). x_fp8 / x_scale: the per-token
+    quantization of x when a previous kernel already produced it."""
+    if x_fp8 is None:
+        x_fp8, x_scale = quant_fp8_per_token(x)
+    return fp8_gemm(x_fp8, x_scale, w_fp8, w_scale, bias, x.dtype, False, config)
+
+
+def fp8_linear_block(
+    x: torch.Tensor,
+    w_fp8: torch.Tensor,
+    w_scale_inv: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """Triton path of fp8_linear_block_ref (x [T, K] -> [T, N] in x.dtype)."""
+    xq, xs = quant_fp8_per_group(x, 128)
+    return fp8_gemm(xq, xs, w_fp8, w_scale_inv, bias, x.dtype, True, config)
+
+
+__all__ = ["fp8_gemm", "fp8_linear_channel", "fp8_linear_block", "gemm_config"]

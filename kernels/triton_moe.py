@@ -1,0 +1,393 @@
+"""Triton fused MoE (kernels/fused_moe.py): SwiGLU experts over (token, slot) pairs grouped by expert.
+
+  1. align     (triton_moe_align) pairs sorted by expert, each expert's run padded to BLOCK_M rows
+  2. gate_up   grouped GEMM x[token] @ w13[e]^T for the gate and up rows of the same BLOCK_N columns, then
+               silu(gate) * up in the epilogue -> act [rows, I] (activation dtype, sorted row order). At decode
+               sizes split-K: fp32 partial tiles + a per-tile ticket; the last split reduces and runs the
+               epilogue (tickets reset themselves, so the counters stay zero for the next launch / graph replay)
+  3. down      grouped GEMM act @ w2[e]^T -> y [T*k, H] (activation dtype, in pair order t*k + j)
+  4. reduce    out[t] = sum_j y[t*k + j] * topk_weights[t, j] in fp32 -> activation dtype
+
+Quantization ("none" | "fp8_channel" | "fp8_block") as in the reference: x is quantized per token (channel)
+or per 1x128 group (block) -- at decode sizes inside the gate_up kernel, at larger sizes by a separate quant
+kernel -- and act per row (channel: a first pass over the row finds its amax) or per 1x128 group (block) inside
+the down kernel. The torch reference's bf16 roundings (linear outputs, silu, product) are reproduced.
+
+Launch configs come from kernels/configs/fused_moe/*.json keyed by (E, N = I, device, quant) and the token
+count bucket; see `moe_config`.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton_common import cdiv, device_name, dot_operand, round_bf16, tl_dtype, to_fp8, to_out, zeroed_counters
+from kernels.triton_moe_align import max_blocks, moe_align
+from kernels.triton_quant import quant_fp8_per_group, quant_fp8_per_token
+
+_QUANT_IDS = {"none": 0, "fp8_channel": 1, "fp8_block": 2}
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs", "fused_moe")
+
+
+@triton.jit
+def _rnd(x, DT: tl.constexpr):
+    if DT == tl.bfloat16:
+        return round_bf16(x)
+    elif DT == tl.float16:
+        return x.to(tl.float16).to(tl.float32)
+    else:
+        return x
+
+
+@triton.jit
+def _quant_tile(a, scale):
+    """fp32 tile / per-row scale [BM, 1] -> float8e4nv, as the reference (clamp, round to nearest even)."""
+    return to_fp8(tl.clamp(a / scale, -448.0, 448.0))
+
+
+@triton.jit
+def _moe_gate_up_kernel(
+    x_ptr, xs_ptr, w_ptr, ws_ptr, act_ptr, sorted_ptr, bexp_ptr, part_ptr, cnt_ptr,
+    NP, TOPK, K, I,
+    stride_xm, stride_xsm, stride_we, stride_wn, stride_wse, stride_wsn, stride_am,
+    QUANT: tl.constexpr, A_MODE: tl.constexpr, DT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    # A_MODE: 0 = x used as is (bf16 / fp8 already quantized), 2 = x in bf16, quantized here
+    num_n = tl.cdiv(I, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    pid_k = tl.program_id(1)
+    e = tl.load(bexp_ptr + pid_m)
+    if e < 0:
+        return
+    e64 = e.to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ptr + rows)
+    valid = pair < NP
+    tok = tl.where(valid, pair // TOPK, 0).to(tl.int64)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mn = rn < I
+    rn_c = tl.where(mn, rn, 0).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    a_rows = x_ptr + tok[:, None] * stride_xm
+    wg = w_ptr + e64 * stride_we + rn_c[None, :] * stride_wn
+    wu = wg + I * stride_wn
+    k_iters = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_iters, SPLIT_K)
+    k_begin = pid_k * per_split
+    k_end = tl.minimum(k_begin + per_split, k_iters)
+
+    if QUANT == 1 and A_MODE == 2:
+        # per-token scale of x over the whole row
+        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for ki in range(0, k_iters):
+            k = ki * BLOCK_K + rk
+            a = tl.load(a_rows + k[None, :], mask=valid[:, None] & (k[None, :] < K), other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(a.to(tl.float32)), 1))
+        a_scale = tl.maximum(amax / 448.0, 1e-12)[:, None]
+
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for ki in range(k_begin, k_end):
+        k = ki * BLOCK_K + rk
+        if EVEN_K:
+            a = tl.load(a_rows + k[None, :], mask=valid[:, None], other=0.0)
+            bg = tl.load(wg + k[:, None])
+            bu = tl.load(wu + k[:, None])
+        else:
+            a = tl.load(a_rows + k[None, :], mask=valid[:, None] & (k[None, :] < K), other=0.0)
+            bg = tl.load(wg + k[:, None], mask=k[:, None] < K, other=0.0)
+            bu = tl.load(wu + k[:, None], mask=k[:, None] < K, other=0.0)
+        if QUANT == 0:
+            acc_g = tl.dot(dot_operand(a), dot_operand(bg), acc_g)
+            acc_u = tl.dot(dot_operand(a), dot_operand(bu), acc_u)
+        elif QUANT == 1:
+            if A_MODE == 2:
+                a = _quant_tile(a.to(tl.float32), a_scale)
+            acc_g = tl.dot(a, bg, acc_g)
+            acc_u = tl.dot(a, bu, acc_u)
+        else:
+            if A_MODE == 2:
+                sa = tl.maximum(tl.max(tl.abs(a.to(tl.float32)), 1) / 448.0, 1e-12)
+                a = _quant_tile(a.to(tl.float32), sa[:, None])
+            else:
+                sa = tl.load(xs_ptr + tok * stride_xsm + ki)
+            sg = tl.load(ws_ptr + e64 * stride_wse + (rn_c // 128) * stride_wsn + ki)
+            su = tl.load(ws_ptr + e64 * stride_wse + ((rn_c + I) // 128) * stride_wsn + ki)
+            acc_g += tl.dot(a, bg) * sa[:, None] * sg[None, :]
+            acc_u += tl.dot(a, bu) * sa[:, None] * su[None, :]
+
+    do_epilogue = True
+    if SPLIT_K > 1:
+        tile = pid_m * num_n + pid_n
+        base = part_ptr + (tile * SPLIT_K).to(tl.int64) * (2 * BLOCK_M * BLOCK_N)
+        offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        mine = base + pid_k * (2 * BLOCK_M * BLOCK_N)
+        tl.store(mine + offs, acc_g)
+        tl.store(mine + BLOCK_M * BLOCK_N + offs, acc_u)
+        ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        do_epilogue = ticket == SPLIT_K - 1
+        if do_epilogue:
+            acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for s in range(0, SPLIT_K):
+                p = base + s * (2 * BLOCK_M * BLOCK_N)
+                acc_g += tl.load(p + offs, cache_modifier=".cg")
+                acc_u += tl.load(p + BLOCK_M * BLOCK_N + offs, cache_modifier=".cg")
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+    if do_epilogue:
+        g = acc_g
+        u = acc_u
+        if QUANT == 1:
+            if A_MODE == 2:
+                sa = a_scale
+            else:
+                sa = tl.load(xs_ptr + tok * stride_xsm)[:, None]
+            sg = tl.load(ws_ptr + e64 * stride_wse + rn_c * stride_wsn)
+            su = tl.load(ws_ptr + e64 * stride_wse + (rn_c + I) * stride_wsn)
+            g = g * sa * sg[None, :]
+            u = u * sa * su[None, :]
+        g = _rnd(g, DT)
+        u = _rnd(u, DT)
+        s = _rnd(g / (1.0 + tl.exp(-g)), DT)
+        h = s * u
+        out = act_ptr + rows.to(tl.int64)[:, None] * stride_am + rn_c[None, :]
+        tl.store(out, to_out(h, act_ptr.dtype.element_ty), mask=mn[None, :])
+
+
+@triton.jit
+def _moe_down_kernel(
+    act_ptr, as_ptr, w_ptr, ws_ptr, y_ptr, sorted_ptr, bexp_ptr,
+    NP, I, H,
+    stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_ym,
+    QUANT: tl.constexpr, A_MODE: tl.constexpr, DT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    num_n = tl.cdiv(H, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    e = tl.load(bexp_ptr + pid_m)
+    if e < 0:
+        return
+    e64 = e.to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ptr + rows)
+    valid = pair < NP
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mn = rn < H
+    rn_c = tl.where(mn, rn, 0).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    a_rows = act_ptr + rows.to(tl.int64)[:, None] * stride_am
+    wb = w_ptr + e64 * stride_we + rn_c[None, :] * stride_wn
+    k_iters = tl.cdiv(I, BLOCK_K)
+    if QUANT == 1 and A_MODE == 2:
+        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for ki in range(0, k_iters):
+            k = ki * BLOCK_K + rk
+            a = tl.load(a_rows + k[None, :], mask=valid[:, None] & (k[None, :] < I), other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(a.to(tl.float32)), 1))
+        a_scale = tl.maximum(amax / 448.0, 1e-12)[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for ki in range(0, k_iters):
+        k = ki * BLOCK_K + rk
+        if EVEN_K:
+            a = tl.load(a_rows + k[None, :], mask=valid[:, None], other=0.0)
+            b = tl.load(wb + k[:, None])
+        else:
+            a = tl.load(a_rows + k[None, :], mask=valid[:, None] & (k[None, :] < I), other=0.0)
+            b = tl.load(wb + k[:, None], mask=k[:, None] < I, other=0.0)
+        if QUANT == 0:
+            acc = tl.dot(dot_operand(a), dot_operand(b), acc)
+        elif QUANT == 1:
+            if A_MODE == 2:
+                a = _quant_tile(a.to(tl.float32), a_scale)
+            acc = tl.dot(a, b, acc)
+        else:
+            if A_MODE == 2:
+                af = a.to(tl.float32)
+                sa = tl.maximum(tl.max(tl.abs(af), 1) / 448.0, 1e-12)
+                a = _quant_tile(af, sa[:, None])
+            else:
+                sa = tl.load(as_ptr + rows.to(tl.int64) * stride_asm + ki)
+            sb = tl.load(ws_ptr + e64 * stride_wse + (rn_c // 128) * stride_wsn + ki)
+            acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
+    y = acc
+    if QUANT == 1:
+        if A_MODE == 0:
+            a_scale = tl.load(as_ptr + rows.to(tl.int64) * stride_asm)[:, None]
+        sb = tl.load(ws_ptr + e64 * stride_wse + rn_c * stride_wsn)
+        y = y * a_scale * sb[None, :]
+    pair_c = tl.where(valid, pair, 0).to(tl.int64)
+    tl.store(y_ptr + pair_c[:, None] * stride_ym + rn_c[None, :], to_out(y, y_ptr.dtype.element_ty),
+             mask=valid[:, None] & mn[None, :])
+
+
+@triton.jit
+def _moe_reduce_kernel(
+    y_ptr, w_ptr, out_ptr, H, stride_ym, stride_wt, stride_ot,
+    TOPK: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    m = h < H
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for j in tl.static_range(TOPK):
+        w = tl.load(w_ptr + t * stride_wt + j)
+        y = tl.load(y_ptr + (t * TOPK + j) * stride_ym + h, mask=m, other=0.0).to(tl.float32)
+        acc += y * w
+    tl.store(out_ptr + t * stride_ot + h, to_out(acc, out_ptr.dtype.element_ty), mask=m)
+
+
+# ----------------------------------------------------------------------------------------------- configs
+
+def default_config(m: int, e: int, n: int, k: int, quant: str) -> dict:
+    """Heuristic config for m tokens (used when no tuned table entry exists)."""
+    block = quant == "fp8_block"
+    if m <= 4:
+        cfg = dict(BLOCK_M=16, BLOCK_N1=32, BLOCK_K1=256, SPLIT_K1=4, W1=4, S1=4, BLOCK_N2=64, BLOCK_K2=128, W2=4, S2=3)
+    elif m <= 64:
+        cfg = dict(BLOCK_M=16, BLOCK_N1=64, BLOCK_K1=128, SPLIT_K1=1, W1=4, S1=4, BLOCK_N2=64, BLOCK_K2=128, W2=4, S2=3)
+    elif m <= 512:
+        cfg = dict(BLOCK_M=32, BLOCK_N1=64, BLOCK_K1=128, SPLIT_K1=1, W1=4, S1=4, BLOCK_N2=128, BLOCK_K2=128, W2=4, S2=3)
+    elif m <= 2048:
+        cfg = dict(BLOCK_M=64, BLOCK_N1=64, BLOCK_K1=128, SPLIT_K1=1, W1=4, S1=4, BLOCK_N2=128, BLOCK_K2=128, W2=4, S2=4)
+    else:
+        cfg = dict(BLOCK_M=128, BLOCK_N1=64, BLOCK_K1=128, SPLIT_K1=1, W1=8, S1=3, BLOCK_N2=128, BLOCK_K2=128, W2=8, S2=3)
+    if block:
+        cfg["BLOCK_K1"] = cfg["BLOCK_K2"] = 128
+    return cfg
+
+
+def config_file(e: int, n: int, device: str, quant: str) -> str:
+    return os.path.join(CONFIG_DIR, f"E={e},N={n},device={device},quant={quant}.json")
+
+
+@functools.lru_cache(maxsize=None)
+def _load_table(path: str) -> dict[int, dict] | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        raw = json.load(f)
+    return {int(m): cfg for m, cfg in raw.items() if not m.startswith("_")}
+
+
+def moe_config(m: int, e: int, n: int, k: int, quant: str, device: torch.device) -> dict:
+    """Tuned config for the smallest bucket >= m tokens (else the largest bucket), or the heuristic."""
+    table = _load_table(config_file(e, n, device_name(device), quant))
+    if table:
+        buckets = sorted(table)
+        bucket = next((b for b in buckets if b >= m), buckets[-1])
+        cfg = dict(default_config(m, e, n, k, quant))
+        cfg.update(table[bucket])
+        if quant == "fp8_block":
+            cfg["BLOCK_K1"] = cfg["BLOCK_K2"] = 128
+        return cfg
+    return default_config(m, e, n, k, quant)
+
+
+# ----------------------------------------------------------------------------------------------- launch
+
+def fused_moe(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    quant: str = "none",
+    config: dict | None = None,
+    quant_in_kernel: bool | None = None,
+) -> torch.Tensor:
+    """x [T, H]; w13 [E, 2I, H]; w2 [E, H, I]; topk_* [T, k] -> [T, H] in x.dtype (see the module doc)."""
+    t, h = x.shape
+    e, two_i, _ = w13.shape
+    inter = two_i // 2
+    topk = topk_ids.shape[1]
+    qid = _QUANT_IDS[quant]
+    out = torch.empty(t, h, dtype=x.dtype, device=x.device)
+    if t == 0:
+        return out
+    cfg = dict(config) if config else moe_config(t, e, inter, h, quant, x.device)
+    if quant == "fp8_block":
+        cfg["BLOCK_K1"] = cfg["BLOCK_K2"] = 128
+    bm = cfg["BLOCK_M"]
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    assert w13.stride(2) == 1 and w2.stride(2) == 1
+    ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
+    sorted_ids, bexp = moe_align(ids, e, bm)
+    nblk = bexp.numel()
+    np_ = t * topk
+    if quant_in_kernel is None:
+        quant_in_kernel = t <= 64
+    if qid == 0 or quant_in_kernel:
+        xa, xs, a_mode = x, x, 2 if qid else 0
+    elif qid == 1:
+        xa, xs = quant_fp8_per_token(x)
+        a_mode = 0
+    else:
+        xa, xs = quant_fp8_per_group(x, 128)
+        a_mode = 0
+    dt = tl_dtype(x.dtype)
+    w13s = w13_scale if w13_scale is not None else w13
+    w2s = w2_scale if w2_scale is not None else w2
+    if qid == 1:
+        w13s, w2s = w13s.view(e, -1), w2s.view(e, -1)
+        ws13_strides = (w13s.stride(0), w13s.stride(1))
+        ws2_strides = (w2s.stride(0), w2s.stride(1))
+    elif qid == 2:
+        ws13_strides = (w13s.stride(0), w13s.stride(1))
+        ws2_strides = (w2s.stride(0), w2s.stride(1))
+    else:
+        ws13_strides = ws2_strides = (0, 0)
+
+    act = torch.empty(nblk * bm, inter, dtype=x.dtype, device=x.device)
+    bn1, split = cfg["BLOCK_N1"], cfg["SPLIT_K1"]
+    n1 = cdiv(inter, bn1)
+    if split > 1:
+        part = torch.empty(nblk * n1 * split * 2 * bm * bn1, dtype=torch.float32, device=x.device)
+        cnt = zeroed_counters(nblk * n1, x.device)
+    else:
+        part = cnt = act
+    _moe_gate_up_kernel[(nblk * n1, split)](
+        xa, xs, w13, w13s, act, sorted_ids, bexp, part, cnt,
+        np_, topk, h, inter,
+        xa.stride(0), xs.stride(0) if qid else 0, w13.stride(0), w13.stride(1), *ws13_strides, act.stride(0),
+        QUANT=qid, A_MODE=a_mode, DT=dt, BLOCK_M=bm, BLOCK_N=bn1, BLOCK_K=cfg["BLOCK_K1"], SPLIT_K=split,
+        EVEN_K=h % cfg["BLOCK_K1"] == 0, num_warps=cfg["W1"], num_stages=cfg["S1"],
+    )
+    y = torch.empty(np_, h, dtype=x.dtype, device=x.device)
+    bn2 = cfg["BLOCK_N2"]
+    if qid == 0 or quant_in_kernel:
+        act_a, act_s, a2_mode = act, act, 2 if qid else 0
+    elif qid == 1:
+        act_a, act_s = quant_fp8_per_token(act)
+        a2_mode = 0
+    else:
+        act_a, act_s = quant_fp8_per_group(act, 128)
+        a2_mode = 0
+    _moe_down_kernel[(nblk * cdiv(h, bn2),)](
+        act_a, act_s, w2, w2s, y, sorted_ids, bexp, np_, inter, h,
+        act_a.stride(0), act_s.stride(0) if qid else 0, w2.stride(0), w2.stride(1), *ws2_strides, y.stride(0),
+        QUANT=qid, A_MODE=a2_mode, DT=dt, BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=cfg["BLOCK_K2"],
+        EVEN_K=inter % cfg["BLOCK_K2"] == 0, num_warps=cfg["W2"], num_stages=cfg["S2"],
+    )
+    tw = topk_weights if topk_weights.stride(1) == 1 else topk_weights.contiguous()
+    bh = 1024
+    _moe_reduce_kernel[(t, cdiv(h, bh))](
+        y, tw, out, h, y.stride(0), tw.stride(0), out.stride(0), TOPK=topk, BLOCK_H=bh, num_warps=4,
+    )
+    return out
+
+
+__all__ = ["fused_moe", "moe_config", "default_config", "config_file", "max_blocks"]

@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from kernels.fp8_linear import fp8_linear_block_ref, fp8_linear_channel_ref
+from kernels.quant import quant_fp8_weight_per_block, quant_fp8_weight_per_channel
+from kernels.triton_fp8_gemm import fp8_linear_block, fp8_linear_channel
+from kernel_helpers import poisoned_empty, rel_err
+
+
+def _check(out, ref):
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert not torch.isnan(out.float()).any()
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2 ** -7, atol=1e-3 * ref.float().abs().max().item())
+    assert rel_err(out, ref) < 2e-3
+
+
+CFGS = [
+    None,  # heuristic (split-K for small M)
+    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=3, GROUP_M=1, num_warps=4, num_stages=2),
+    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, GROUP_M=2, num_warps=4, num_stages=2),
+]
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 96, 320), (5, 200, 256), (37, 64, 192)])
+@pytest.mark.parametrize("cfg", range(len(CFGS)))
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp8_linear_channel(device, m, n, k, cfg, bias):
+    x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    w, ws = quant_fp8_weight_per_channel(torch.randn(n, k, device=device) * 0.05)
+    b = torch.randn(n, device=device, dtype=torch.bfloat16) if bias else None
+    with poisoned_empty():
+        y = fp8_linear_channel(x, w, ws, b, config=CFGS[cfg])
+    _check(y, fp8_linear_channel_ref(x, w, ws, b))
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 160, 384), (6, 256, 320), (33, 100, 128)])
+@pytest.mark.parametrize("cfg", [0, 2])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp8_linear_block(device, m, n, k, cfg, bias):
+    x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    w, ws = quant_fp8_weight_per_block(torch.randn(n, k, device=device) * 0.05)
+    b = torch.randn(n, device=device, dtype=torch.bfloat16) if bias else None
+    with poisoned_empty():
+        y = fp8_linear_block(x, w, ws, b, config=CFGS[cfg])
+    _check(y, fp8_linear_block_ref(x, w, ws, b))
+
+
+def test_split_k_counters_reset(device):
+    """Self-resetting tickets: repeated split-K launches stay correct."""
+    x = torch.randn(3, 512, device=device, dtype=torch.bfloat16)
+    w, ws = quant_fp8_weight_per_channel(torch.randn(64, 512, device=device) * 0.05)
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=8, GROUP_M=1, num_warps=4, num_stages=2)
+    ref = fp8_linear_channel_ref(x, w, ws)
+    for _ in range(3):
+        _check(fp8_linear_channel(x, w, ws, config=cfg), ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 7, 16, 64, 65, 300, 4096])
+@pytest.mark.parametrize("n,k", [(1536, 5120), (5120, 1536), (14336, 5120), (192 * 2, 5120)])
+def test_fp8_linear_gpu(m, n, k):
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w, ws = quant_fp8_weight_per_channel(torch.randn(n, k, device="cuda") * 0.05)
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    with poisoned_empty():
+        y = fp8_linear_channel(x, w, ws, b)
+    _check(y, fp8_linear_channel_ref(x, w, ws, b))
+    wb, wbs = quant_fp8_weight_per_block(torch.randn(n, k, device="cuda") * 0.05)
+    with poisoned_empty():
+        y = fp8_linear_block(x, wb, wbs)
+    _check(y, fp8_linear_block_ref(x, wb, wbs))

@@ -1,0 +1,99 @@
+import pytest
+import torch
+
+from kernels.fused_moe import fused_moe_ref
+from kernels.moe_routing import moe_route_ref
+from kernels.quant import quant_fp8_weight_per_block, quant_fp8_weight_per_channel
+from kernels.triton_moe import fused_moe
+from kernel_helpers import poisoned_empty, rel_err
+
+
+def make_experts(e, h, inter, quant, device, dtype=torch.bfloat16):
+    w13 = torch.randn(e, 2 * inter, h, device=device) / h ** 0.5
+    w2 = torch.randn(e, h, inter, device=device) / inter ** 0.5
+    if quant == "none":
+        return w13.to(dtype), w2.to(dtype), None, None
+    fn = quant_fp8_weight_per_channel if quant == "fp8_channel" else quant_fp8_weight_per_block
+    q13 = [fn(w) for w in w13]
+    q2 = [fn(w) for w in w2]
+    return (torch.stack([a for a, _ in q13]), torch.stack([a for a, _ in q2]),
+            torch.stack([s for _, s in q13]), torch.stack([s for _, s in q2]))
+
+
+def routing(t, e, k, device, shared=False, unused=0):
+    """Random top-k over the first e - unused experts (the rest get no tokens); shared: expert e-1 for all."""
+    routed = e - 1 if shared else e
+    logits = torch.randn(t, routed, device=device)
+    if unused:
+        logits[:, -unused:] = -30.0
+    return moe_route_ref(logits, None, k, 1, 1, True, 2.5, 1 if shared else 0)
+
+
+def _tol(quant, gpu=False):
+    # CPU (interpreter) reproduces the reference's roundings exactly; on GPU the accumulation order differs and
+    # an FP8 rounding of the intermediate can flip
+    if not gpu:
+        return 2e-3
+    return 5e-3 if quant == "none" else 3e-2
+
+
+# (tokens, experts, hidden, intermediate, top_k): M = 1, ragged, experts with no tokens, partial blocks
+SHAPES = [(1, 8, 128, 64, 2), (5, 6, 256, 96, 3), (19, 9, 192, 64, 4)]
+CFG_SPLIT = dict(BLOCK_M=16, BLOCK_N1=32, BLOCK_K1=64, SPLIT_K1=2, W1=4, S1=2, BLOCK_N2=64, BLOCK_K2=64, W2=4, S2=2)
+CFG_BIG = dict(BLOCK_M=32, BLOCK_N1=64, BLOCK_K1=128, SPLIT_K1=1, W1=4, S1=2, BLOCK_N2=32, BLOCK_K2=128, W2=4, S2=2)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("quant", ["none", "fp8_channel", "fp8_block"])
+@pytest.mark.parametrize("cfg", [None, CFG_SPLIT, CFG_BIG])
+def test_fused_moe(device, shape, quant, cfg):
+    t, e, h, inter, k = shape
+    if quant == "fp8_block" and cfg is not None and cfg["BLOCK_K1"] != 128:
+        cfg = dict(cfg, BLOCK_K1=128, BLOCK_K2=128)
+    x = torch.randn(t, h, device=device, dtype=torch.bfloat16)
+    w13, w2, s13, s2 = make_experts(e, h, inter, quant, device)
+    tw, ti = routing(t, e, k, device, unused=2)
+    with poisoned_empty():
+        out = fused_moe(x, w13, w2, tw, ti, s13, s2, quant, config=cfg)
+    ref = fused_moe_ref(x, w13, w2, tw, ti, s13, s2, quant)
+    assert rel_err(out, ref) < _tol(quant)
+
+
+@pytest.mark.parametrize("quant", ["fp8_channel", "fp8_block"])
+def test_fused_moe_prequantized_and_shared(device, quant):
+    """Separate activation-quant kernel path (large-T path) and the fused shared expert (top-(k+1), w = 1)."""
+    t, e, h, inter, k = 23, 7, 256, 64, 2
+    x = torch.randn(t, h, device=device, dtype=torch.bfloat16)
+    w13, w2, s13, s2 = make_experts(e, h, inter, quant, device)
+    tw, ti = routing(t, e, k, device, shared=True)
+    with poisoned_empty():
+        out = fused_moe(x, w13, w2, tw, ti, s13, s2, quant, quant_in_kernel=False)
+    ref = fused_moe_ref(x, w13, w2, tw, ti, s13, s2, quant)
+    assert rel_err(out, ref) < _tol(quant)
+
+
+def test_fused_moe_fp32(device):
+    t, e, h, inter, k = 4, 5, 64, 32, 2
+    x = torch.randn(t, h, device=device)
+    w13, w2, _, _ = make_experts(e, h, inter, "none", device, torch.float32)
+    tw, ti = routing(t, e, k, device)
+    with poisoned_empty():
+        out = fused_moe(x, w13, w2, tw, ti)
+    assert rel_err(out, fused_moe_ref(x, w13, w2, tw, ti)) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 4, 64, 512, 4096])
+@pytest.mark.parametrize("e,inter", [(161, 192), (161, 384), (160, 1536)])
+@pytest.mark.parametrize("quant", ["fp8_channel", "fp8_block"])
+def test_fused_moe_gpu(t, e, inter, quant):
+    if quant == "fp8_block" and inter % 128:
+        inter = 256  # block-FP8 checkpoints need I % 128 == 0 per shard
+    h, k = 5120, 8
+    x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
+    w13, w2, s13, s2 = make_experts(e, h, inter, quant, "cuda")
+    tw, ti = routing(t, e, k, "cuda", shared=e == 161)
+    with poisoned_empty():
+        out = fused_moe(x, w13, w2, tw, ti, s13, s2, quant)
+    ref = fused_moe_ref(x, w13, w2, tw, ti, s13, s2, quant)
+    assert rel_err(out, ref) < _tol(quant, gpu=True)

@@ -86,6 +86,7 @@ class ModelRunner:
         self.kv_caches = kv_caches
         self.device = device
         self.k_scale, self.v_scale = k_scale, v_scale
+        self.graphs = None  # engine.cuda_graphs.DecodeGraphs once captured
 
     def build_context(self, inp: StepInputs) -> tuple[torch.Tensor, ForwardContext]:
         dev = self.device
@@ -107,6 +108,11 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, inp: StepInputs) -> torch.Tensor:
         """Forward + LM head on the requested rows: fp32 logits [len(logits_rows), vocab]."""
+        if self.graphs is not None:
+            from engine.cuda_graphs import is_graphable
+
+            if is_graphable(inp, self.graphs.max_batch):
+                return self.graphs.run(inp)
         input_ids, ctx = self.build_context(inp)
         hidden = self.model(input_ids, ctx)
         index = torch.tensor(inp.logits_rows, dtype=torch.long, device=hidden.device)

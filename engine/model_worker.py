@@ -14,6 +14,8 @@ from model.builder import build_model
 
 log = logging.getLogger(__name__)
 
+MAX_GRAPH_BATCH = 256
+GRAPH_AND_COMM_RESERVE = 1 << 30  # CUDA graph pool, NCCL and cuBLAS workspaces (not seen by the profile)
 STOP = "stop"  # control message: leave the worker loop
 END_OF_CALL = "end_of_call"  # control message: rank 0's generate() returned (torchrun offline scripts)
 
@@ -38,6 +40,14 @@ class ModelWorker:
         self._check_capacity()
         kv = allocate_kv_caches(config.model, dist.tp, layer_ids, self.num_blocks, self.block_size, kv_dtype, self.device)
         self.runner = ModelRunner(self.model, kv, self.device)
+        if self.device.type == "cuda" and not config.enforce_eager:
+            from engine.cuda_graphs import DecodeGraphs
+
+            self.runner.graphs = DecodeGraphs(
+                self.model, kv, self.device, min(config.scheduler.max_num_seqs, MAX_GRAPH_BATCH),
+                config.scheduler.max_model_len, self.block_size,
+            )
+            self.runner.graphs.capture(progress=dist.is_driver)
 
     def _num_kv_blocks(self, kv_dtype: torch.dtype, num_layers: int) -> int:
         cc, bs = self.config.cache, self.block_size
@@ -45,11 +55,39 @@ class ModelWorker:
         if cc.num_blocks is not None:
             return cc.num_blocks
         if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            budget = free - (1.0 - cc.mem_fraction_static) * total
+            peak = self._profile_peak_memory(kv_dtype)
+            _, total = torch.cuda.mem_get_info(self.device)
+            budget = cc.mem_fraction_static * total - peak - GRAPH_AND_COMM_RESERVE
             per_block = kv_bytes_per_token(self.config.model, self.dist.tp, kv_dtype, num_layers) * bs
+            log.info("memory: total %.1f GiB, weights+activation peak %.1f GiB, KV budget %.1f GiB",
+                     total / 2**30, peak / 2**30, budget / 2**30)
             return max(0, int(budget // per_block))
         return -(-max(2 * max_len, 32768) // bs)
+
+    @torch.inference_mode()
+    def _profile_peak_memory(self, kv_dtype: torch.dtype) -> int:
+        """Peak bytes allocated by the weights plus the largest step (max_num_batched_tokens tokens), measured
+        with a throwaway forward over a temporary KV cache just big enough for it."""
+        sc = self.config.scheduler
+        n = min(sc.max_num_batched_tokens, sc.max_model_len)
+        bs = self.block_size
+        blocks = -(-n // bs)
+        layers = list(range(self.config.model.num_hidden_layers))
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        kv = allocate_kv_caches(self.config.model, self.dist.tp, layers, blocks, bs, kv_dtype, self.device)
+        inp = StepInputs(
+            input_ids=[0] * n, positions=list(range(n)), slot_mapping=list(range(n)),
+            block_tables=[list(range(blocks))], seq_lens=[n], query_start_loc=[0, n],
+            logits_rows=list(range(n - min(n, sc.max_num_seqs), n)),
+        )
+        ModelRunner(self.model, kv, self.device).run(inp)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        kv_bytes = sum(k.numel() * k.element_size() * 2 for k, _ in kv.values())
+        del kv
+        torch.cuda.empty_cache()
+        return peak - kv_bytes
 
     def _check_capacity(self) -> None:
         max_len = self.config.scheduler.max_model_len

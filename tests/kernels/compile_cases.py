@@ -84,7 +84,25 @@ def case_moe():
                           torch.empty(e, h // 128, inter // 128 + 1), "fp8_block")
 
 
+def case_attention():
+    from kernels.triton_attention import paged_attention
+
+    for hq, hk in ((96, 8), (12, 1)):
+        for cdt in (BF16, FP8):
+            kc = torch.empty(1000, 16, hk, 128, dtype=cdt)
+            b = 8
+            bt = torch.empty(b, 600, dtype=torch.int32)
+            lens = torch.empty(b, dtype=torch.int32)
+            qsl = torch.empty(b + 1, dtype=torch.int32)
+            q = torch.empty(b, hq, 128, dtype=BF16)
+            paged_attention(q, kc, kc, bt, lens, qsl, 0.1, max_query_len=1, max_seq_len=8192)
+            paged_attention(q, kc, kc, bt, lens, qsl, 0.1, max_query_len=1, max_seq_len=8192, num_splits=1)
+            q = torch.empty(4096, hq, 128, dtype=BF16)
+            paged_attention(q, kc, kc, bt, lens, qsl, 0.1, max_query_len=4096)
+
+
 CASES = {
+    "attention": case_attention,
     "moe": case_moe,
     "gemm": case_gemm,
     "quant": case_quant,

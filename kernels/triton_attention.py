@@ -1,0 +1,249 @@
+"""Triton paged attention over the KV cache layout of kernels/attention.py (bf16 or FP8 pages with per-tensor
+k_scale / v_scale), matching paged_attention_ref.
+
+decode   one new token per sequence (max_query_len == 1). Grid (B, Hk, splits): a program takes all the q
+         heads of one KV head (GQA group, padded to 16 rows for the tensor cores) and one contiguous slice of
+         the sequence, so every K/V page is read once per KV head. Long contexts are cut into splits (chosen
+         from max_seq_len and the SM count); each writes a normalized partial output and its log-sum-exp, and
+         a reduce kernel merges them. Split boundaries are computed in the kernel from the real length, so a
+         CUDA graph captured with one split count stays correct for any length.
+extend   varlen prefill / chunked prefill / speculative verification over a cached prefix: query i of a
+         sequence with q_len new tokens sits at position seq_len - q_len + i and sees keys 0 .. that position
+         (all keys are read from the cache, so store_kv runs first). Grid (B, q blocks, Hq).
+
+Online softmax in fp32 with exp2 (scale folded with log2 e); P is rounded to the query dtype for the P @ V
+tensor-core product (flash-attention style), FP8 pages are widened to the query dtype (exact).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton_common import cdiv, dot_operand, next_pow2, to_out
+
+LOG2E = 1.4426950408889634
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    if not torch.cuda.is_available():
+        return 132
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@triton.jit
+def _load_kv_tile(cache_ptr, bt_row, j, jm, hk, stride_slot, stride_h, BS: tl.constexpr, D: tl.constexpr,
+                  QDT: tl.constexpr):
+    """Rows j (token indices of one sequence) of one KV head from the paged cache -> [BLOCK_N, D] in QDT."""
+    page = tl.load(bt_row + j // BS, mask=jm, other=0).to(tl.int64)
+    slot = page * BS + (j % BS)
+    d = tl.arange(0, D)
+    x = tl.load(cache_ptr + slot[:, None] * stride_slot + hk * stride_h + d[None, :], mask=jm[:, None], other=0.0)
+    return x.to(QDT)
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, len_ptr, qsl_ptr, o_ptr, po_ptr, plse_ptr,
+    qk_scale, v_scale, HQ,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_kslot, stride_kh, stride_vslot, stride_vh,
+    G: tl.constexpr, G_P: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLITS: tl.constexpr, QDT: tl.constexpr,
+):
+    b = tl.program_id(0)
+    hk = tl.program_id(1)
+    sp = tl.program_id(2)
+    tok = tl.load(qsl_ptr + b).to(tl.int64)
+    L = tl.load(len_ptr + b)
+    per = tl.cdiv(tl.cdiv(L, SPLITS), BLOCK_N) * BLOCK_N
+    j0 = sp * per
+    j1 = tl.minimum(j0 + per, L)
+    gi = tl.arange(0, G_P)
+    gm = gi < G
+    heads = hk * G + gi
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + tok * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=gm[:, None], other=0.0)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    m_i = tl.zeros([G_P], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([G_P], dtype=tl.float32)
+    acc = tl.zeros([G_P, D], dtype=tl.float32)
+    jn = tl.arange(0, BLOCK_N)
+    for start in range(j0, j1, BLOCK_N):
+        j = start + jn
+        jm = j < j1
+        k = _load_kv_tile(kc_ptr, bt_row, j, jm, hk, stride_kslot, stride_kh, BS, D, QDT)
+        s = tl.dot(dot_operand(q), dot_operand(tl.trans(k))) * qk_scale
+        s = tl.where(jm[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_kv_tile(vc_ptr, bt_row, j, jm, hk, stride_vslot, stride_vh, BS, D, QDT)
+        acc = acc * alpha[:, None] + tl.dot(dot_operand(p.to(QDT)), dot_operand(v))
+        m_i = m_new
+    if SPLITS == 1:
+        o = acc / l_i[:, None] * v_scale
+        tl.store(o_ptr + tok * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                 to_out(o, o_ptr.dtype.element_ty), mask=gm[:, None])
+    else:
+        # normalized partial output + log2-sum-exp2 of this split (empty split: lse = -inf, o = 0)
+        has = l_i > 0
+        o = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        row = (b.to(tl.int64) * HQ + heads) * SPLITS + sp
+        tl.store(po_ptr + row[:, None] * D + d[None, :], o, mask=gm[:, None])
+        tl.store(plse_ptr + row, lse, mask=gm)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    po_ptr, plse_ptr, qsl_ptr, o_ptr, v_scale, HQ, stride_ot, stride_oh,
+    SPLITS: tl.constexpr, S_P: tl.constexpr, D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    tok = tl.load(qsl_ptr + b).to(tl.int64)
+    si = tl.arange(0, S_P)
+    sm = si < SPLITS
+    row = (b.to(tl.int64) * HQ + h) * SPLITS + si
+    lse = tl.load(plse_ptr + row, mask=sm, other=float("-inf"))
+    mx = tl.max(lse, 0)
+    w = tl.where(sm & (lse > float("-inf")), tl.exp2(lse - mx), 0.0)
+    d = tl.arange(0, D)
+    po = tl.load(po_ptr + row[:, None] * D + d[None, :], mask=sm[:, None], other=0.0)
+    o = tl.sum(po * w[:, None], 0) / tl.sum(w, 0) * v_scale
+    tl.store(o_ptr + tok * stride_ot + h * stride_oh + d, to_out(o, o_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _extend_kernel(
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, len_ptr, qsl_ptr, o_ptr,
+    qk_scale, v_scale,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_kslot, stride_kh, stride_vslot, stride_vh,
+    G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    QDT: tl.constexpr,
+):
+    b = tl.program_id(0)
+    qb = tl.program_id(1)
+    h = tl.program_id(2)
+    q0 = tl.load(qsl_ptr + b)
+    q_len = tl.load(qsl_ptr + b + 1) - q0
+    if qb * BLOCK_M >= q_len:
+        return
+    L = tl.load(len_ptr + b)
+    hk = h // G
+    mi = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = mi < q_len
+    qpos = L - q_len + mi  # absolute key position each query may see up to
+    d = tl.arange(0, D)
+    tok = (q0 + mi).to(tl.int64)
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + h * stride_qh + d[None, :], mask=mmask[:, None], other=0.0)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    kv_end = tl.minimum(L, L - q_len + (qb + 1) * BLOCK_M)
+    jn = tl.arange(0, BLOCK_N)
+    for start in range(0, kv_end, BLOCK_N):
+        j = start + jn
+        jm = j < kv_end
+        k = _load_kv_tile(kc_ptr, bt_row, j, jm, hk, stride_kslot, stride_kh, BS, D, QDT)
+        s = tl.dot(dot_operand(q), dot_operand(tl.trans(k))) * qk_scale
+        s = tl.where(jm[None, :] & (j[None, :] <= qpos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet (padding rows)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_kv_tile(vc_ptr, bt_row, j, jm, hk, stride_vslot, stride_vh, BS, D, QDT)
+        acc = acc * alpha[:, None] + tl.dot(dot_operand(p.to(QDT)), dot_operand(v))
+        m_i = m_new
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None] * v_scale
+    tl.store(o_ptr + tok[:, None] * stride_ot + h * stride_oh + d[None, :], to_out(o, o_ptr.dtype.element_ty),
+             mask=mmask[:, None])
+
+
+def _cache_strides(c: torch.Tensor) -> tuple[int, int]:
+    assert c.stride(-1) == 1 and c.stride(0) == c.shape[1] * c.stride(1), "cache pages must be dense"
+    return c.stride(1), c.stride(2)
+
+
+def decode_splits(batch: int, kv_heads: int, max_seq_len: int, num_sms: int, block_n: int = 64) -> int:
+    """Enough (batch, kv head, split) programs for about two waves, each split at least 4 KV tiles long."""
+    want = cdiv(2 * num_sms, max(1, batch * kv_heads))
+    return max(1, min(want, cdiv(max_seq_len, 4 * block_n), 64))
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """q [T, Hq, D] -> [T, Hq, D] in q.dtype. max_query_len / max_seq_len: host-side hints (computed with a
+    device sync when missing); num_splits overrides the decode split count."""
+    t, hq, d = q.shape
+    nb, bs, hk, _ = k_cache.shape
+    assert hq % hk == 0 and d == next_pow2(d)
+    group = hq // hk
+    out = torch.empty_like(q)
+    b = seq_lens.numel()
+    if t == 0 or b == 0:
+        return out
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if max_query_len is None:
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max().item())
+    ks, vs = _cache_strides(k_cache), _cache_strides(v_cache)
+    qdt = tl.float16 if q.dtype == torch.float16 else tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float32
+    qk_scale = float(scale) * float(k_scale) * LOG2E
+    if max_query_len == 1 and t == b:
+        if max_seq_len is None:
+            max_seq_len = int(seq_lens.max().item())
+        block_n = 64
+        sms = _num_sms(q.device.index or 0) if q.is_cuda else 132
+        splits = num_splits or decode_splits(b, hk, max_seq_len, sms, block_n)
+        g_p = max(16, next_pow2(group))
+        if splits > 1:
+            po = torch.empty(b * hq * splits * d, dtype=torch.float32, device=q.device)
+            plse = torch.empty(b * hq * splits, dtype=torch.float32, device=q.device)
+        else:
+            po = plse = out
+        _decode_kernel[(b, hk, splits)](
+            q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, po, plse,
+            qk_scale, float(v_scale), hq,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), *ks, *vs,
+            G=group, G_P=g_p, D=d, BS=bs, BLOCK_N=block_n, SPLITS=splits, QDT=qdt,
+            num_warps=4, num_stages=2,
+        )
+        if splits > 1:
+            _decode_reduce_kernel[(b, hq)](
+                po, plse, query_start_loc, out, float(v_scale), hq, out.stride(0), out.stride(1),
+                SPLITS=splits, S_P=max(2, next_pow2(splits)), D=d, num_warps=4,
+            )
+        return out
+    block_m = 64 if max_query_len > 16 else 16
+    block_n = 64
+    _extend_kernel[(b, cdiv(max_query_len, block_m), hq)](
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
+        qk_scale, float(v_scale),
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), *ks, *vs,
+        G=group, D=d, BS=bs, BLOCK_M=block_m, BLOCK_N=block_n, QDT=qdt,
+        num_warps=4, num_stages=2,
+    )
+    return out
+
+
+__all__ = ["paged_attention", "decode_splits"]
+

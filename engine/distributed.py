@@ -90,6 +90,14 @@ def min_across_ranks(value: int, info: DistInfo) -> int:
     return int(t.item())
 
 
-def shutdown_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown_distributed(info: DistInfo | None = None) -> None:
+    """Leave the process group; with `info`, first wait (bounded) until every rank got here, so no rank tears
+    down its sockets while a peer still talks to it."""
+    if not dist.is_initialized():
+        return
+    if info is not None and info.control is not None:
+        try:
+            dist.monitored_barrier(group=info.control, timeout=timedelta(seconds=30))
+        except RuntimeError:
+            pass  # a peer is gone already: nothing left to coordinate with
+    dist.destroy_process_group()

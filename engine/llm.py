@@ -12,7 +12,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from engine.config import EngineConfig
-from engine.distributed import init_distributed, launched_by_torchrun
+from engine.distributed import init_distributed, launched_by_torchrun, shutdown_distributed
 from engine.engine_core import EngineCore
 from engine.model_worker import END_OF_CALL, ModelWorker
 from engine.outputs import RequestOutput, RequestOutputAccumulator
@@ -55,6 +55,7 @@ class LLM:
         self.engine: EngineCore | None = None
         if self._torchrun:
             info = init_distributed(tensor_parallel_size, self.config.device)
+            atexit.register(shutdown_distributed, info)
             if not info.is_driver:
                 self._worker = ModelWorker(self.config, info)
                 self.tokenizer = AutoTokenizer.from_pretrained(self.config.tokenizer or self.config.model.path)

@@ -248,9 +248,9 @@ class EngineCore:
         st = self._seq[req]
         req.output_token_ids.append(token)
         self.num_generated_tokens_total += 1
-        if logprobs is not None:
+        if logprobs is not None and req.params.detokenize:
             decode_logprob_tokens(self.tokenizer, [logprobs])
-        text = st.detok.add_tokens([token])
+        text = st.detok.add_tokens([token]) if req.params.detokenize else ""
         n_out = len(req.output_token_ids)
         past_min = n_out >= req.params.min_tokens
         reason, stop_reason = None, None
@@ -265,7 +265,7 @@ class EngineCore:
                 reason, stop_reason = "stop", matched
         if reason is None and n_out >= req.max_tokens:
             reason = "length"
-        if reason is not None and not isinstance(stop_reason, str):
+        if reason is not None and not isinstance(stop_reason, str) and req.params.detokenize:
             tail = st.detok.flush()
             if use_stops:
                 emit, matched = st.stops.feed(tail)

@@ -35,6 +35,7 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None
+    detokenize: bool = True  # False: token ids only (text stays ""), e.g. for benchmarks
 
     def __post_init__(self) -> None:
         self._normalize()
@@ -63,6 +64,8 @@ class SamplingParams:
             self.top_k = 0
 
     def _validate(self) -> None:
+        if self.stop and not self.detokenize:
+            raise ValueError("stop strings need detokenize=True")
         if not isinstance(self.n, int) or self.n < 1:
             raise ValueError(f"n must be an int >= 1, got {self.n!r}")
         if self.best_of is not None and self.best_of != self.n:

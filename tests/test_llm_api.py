@@ -186,3 +186,12 @@ def test_temperature_sampling_changes_with_seed_not_greedy(llm):
     g2 = llm.generate("greedy", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, seed=2), use_tqdm=False)
     assert g1[0].outputs[0].token_ids == g2[0].outputs[0].token_ids
     assert torch.tensor(g1[0].outputs[0].token_ids).numel() == 6
+
+
+def test_detokenize_false_gives_ids_only(llm):
+    sp = dict(temperature=0, max_tokens=5, ignore_eos=True)
+    a = llm.generate("ids only", SamplingParams(**sp), use_tqdm=False)[0].outputs[0]
+    b = llm.generate("ids only", SamplingParams(detokenize=False, **sp), use_tqdm=False)[0].outputs[0]
+    assert a.token_ids == b.token_ids and a.text and b.text == ""
+    with pytest.raises(ValueError, match="detokenize"):
+        SamplingParams(stop=["x"], detokenize=False)

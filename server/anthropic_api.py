@@ -103,7 +103,9 @@ def to_chat_messages(req: Any) -> list[dict[str, Any]]:
         if role in ("ctx", "msg"):
             role = "user"
         if role not in ("user", "assistant"):
-            raise bad_request(f"{where}.role must be 'user' or 'assistant', got {role!r}", param=f"{where}.role")
+            raise bad_request(
+                f"{where}.role must be 'user' or 'assistant', got {role!r}", param=f"{where}.role"
+            )
         blocks = _blocks(m.get("content", ""), f"{where}.content")
         if role == "user":
             texts: list[str] = []
@@ -112,11 +114,17 @@ def to_chat_messages(req: Any) -> list[dict[str, Any]]:
                 if kind == "text":
                     texts.append(str(b.get("text", "")))
                 elif kind == "tool_result":
-                    out.append({"role": "tool", "tool_call_id": str(b.get("tool_use_id", "")),
-                                "content": _tool_result_text(b, f"{where}.content[{j}]")})
+                    out.append(
+                        {
+                            "role": "tool",
+                            "tool_call_id": str(b.get("tool_use_id", "")),
+                            "content": _tool_result_text(b, f"{where}.content[{j}]"),
+                        }
+                    )
                 elif kind in ("image", "document", "search_result"):
-                    raise not_supported(f"{kind} content blocks (this model is text-only)",
-                                        param=f"{where}.content[{j}]")
+                    raise not_supported(
+                        f"{kind} content blocks (this model is text-only)", param=f"{where}.content[{j}]"
+                    )
                 else:
                     logger.debug("ignoring a %r block in a user message", kind)
             if texts:
@@ -131,8 +139,13 @@ def to_chat_messages(req: Any) -> list[dict[str, Any]]:
                     reasoning.append(str(b.get("thinking", "")))
                 elif kind == "tool_use":
                     args = b.get("input") if isinstance(b.get("input"), dict) else {}
-                    calls.append({"id": b.get("id"), "type": "function",
-                                  "function": {"name": b.get("name", ""), "arguments": args}})
+                    calls.append(
+                        {
+                            "id": b.get("id"),
+                            "type": "function",
+                            "function": {"name": b.get("name", ""), "arguments": args},
+                        }
+                    )
                 # redacted_thinking and server-tool blocks carry nothing the model can use
             msg: dict[str, Any] = {"role": "assistant", "content": "".join(texts)}
             if reasoning:
@@ -179,8 +192,12 @@ def to_chat_request(req: Any, *, stream: bool = False) -> ChatCompletionRequest:
         else:
             raise bad_request(f"unknown tool_choice type {kind!r}", param="tool_choice.type")
     body: dict[str, Any] = {
-        "model": req.model, "messages": to_chat_messages(req), "tools": tools, "tool_choice": tool_choice,
-        "parallel_tool_calls": parallel, "stream": stream,
+        "model": req.model,
+        "messages": to_chat_messages(req),
+        "tools": tools,
+        "tool_choice": tool_choice,
+        "parallel_tool_calls": parallel,
+        "stream": stream,
     }
     if isinstance(req.thinking, dict) and req.thinking.get("type") in ("enabled", "disabled", "adaptive"):
         body["thinking"] = {"type": req.thinking["type"]}
@@ -216,8 +233,12 @@ def _tool_id(call_id: str) -> str:
 
 
 def _usage(prompt: int, cached: int, output: int) -> dict[str, int]:
-    return {"input_tokens": prompt - cached, "output_tokens": output, "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": cached}
+    return {
+        "input_tokens": prompt - cached,
+        "output_tokens": output,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": cached,
+    }
 
 
 @router.post("/v1/messages")
@@ -247,14 +268,23 @@ async def messages(request: Request) -> Response:
     if p.content:
         content.append({"type": "text", "text": p.content})
     for c in p.tool_calls:
-        content.append({"type": "tool_use", "id": _tool_id(c.id), "name": c.name, "input": _json_obj(c.arguments)})
+        content.append(
+            {"type": "tool_use", "id": _tool_id(c.id), "name": c.name, "input": _json_obj(c.arguments)}
+        )
     stop_reason, stop_sequence = _stop_reason(res.reasons[0], res.stop_reasons[0], p.has_tool_calls)
     log["finish_reason"] = stop_reason
-    return JSONResponse({
-        "id": prep.rid, "type": "message", "role": "assistant", "model": prep.model, "content": content,
-        "stop_reason": stop_reason, "stop_sequence": stop_sequence,
-        "usage": _usage(prep.gen.prompt_len, prep.gen.num_cached_tokens, res.completion_tokens),
-    })
+    return JSONResponse(
+        {
+            "id": prep.rid,
+            "type": "message",
+            "role": "assistant",
+            "model": prep.model,
+            "content": content,
+            "stop_reason": stop_reason,
+            "stop_sequence": stop_sequence,
+            "usage": _usage(prep.gen.prompt_len, prep.gen.num_cached_tokens, res.completion_tokens),
+        }
+    )
 
 
 def _json_obj(text: str) -> dict[str, Any]:
@@ -274,8 +304,12 @@ async def _stream(state: ServerState, prep: Any) -> AsyncIterator[str]:
         events = close_block()
         block["index"] += 1
         block["kind"] = kind
-        events.append(sse_event("content_block_start", {"type": "content_block_start", "index": block["index"],
-                                                        "content_block": content_block}))
+        events.append(
+            sse_event(
+                "content_block_start",
+                {"type": "content_block_start", "index": block["index"], "content_block": content_block},
+            )
+        )
         return events
 
     def close_block() -> list[str]:
@@ -283,21 +317,44 @@ async def _stream(state: ServerState, prep: Any) -> AsyncIterator[str]:
             return []
         events = []
         if block["kind"] == "thinking":
-            events.append(sse_event("content_block_delta", {
-                "type": "content_block_delta", "index": block["index"],
-                "delta": {"type": "signature_delta", "signature": ""}}))
-        events.append(sse_event("content_block_stop", {"type": "content_block_stop", "index": block["index"]}))
+            events.append(
+                sse_event(
+                    "content_block_delta",
+                    {
+                        "type": "content_block_delta",
+                        "index": block["index"],
+                        "delta": {"type": "signature_delta", "signature": ""},
+                    },
+                )
+            )
+        events.append(
+            sse_event("content_block_stop", {"type": "content_block_stop", "index": block["index"]})
+        )
         block["kind"] = None
         return events
 
     def delta(d: dict[str, Any]) -> str:
-        return sse_event("content_block_delta", {"type": "content_block_delta", "index": block["index"], "delta": d})
+        return sse_event(
+            "content_block_delta", {"type": "content_block_delta", "index": block["index"], "delta": d}
+        )
 
     try:
-        yield sse_event("message_start", {"type": "message_start", "message": {
-            "id": prep.rid, "type": "message", "role": "assistant", "model": prep.model, "content": [],
-            "stop_reason": None, "stop_sequence": None,
-            "usage": _usage(gen.prompt_len, 0, 0)}})
+        yield sse_event(
+            "message_start",
+            {
+                "type": "message_start",
+                "message": {
+                    "id": prep.rid,
+                    "type": "message",
+                    "role": "assistant",
+                    "model": prep.model,
+                    "content": [],
+                    "stop_reason": None,
+                    "stop_sequence": None,
+                    "usage": _usage(gen.prompt_len, 0, 0),
+                },
+            },
+        )
         stop_reason, stop_sequence = "end_turn", None
         async for item in iterate_generations([gen], state.config.keepalive_interval or None):
             if item is None:
@@ -309,7 +366,9 @@ async def _stream(state: ServerState, prep: Any) -> AsyncIterator[str]:
                     kind = ev[0]
                     if kind == "reasoning":
                         if block["kind"] != "thinking":
-                            for e in open_block("thinking", {"type": "thinking", "thinking": "", "signature": ""}):
+                            for e in open_block(
+                                "thinking", {"type": "thinking", "thinking": "", "signature": ""}
+                            ):
                                 yield e
                         yield delta({"type": "thinking_delta", "thinking": ev[1]})
                     elif kind == "content":
@@ -318,20 +377,32 @@ async def _stream(state: ServerState, prep: Any) -> AsyncIterator[str]:
                                 yield e
                         yield delta({"type": "text_delta", "text": ev[1]})
                     elif kind == "tool_start":
-                        for e in open_block("tool_use", {"type": "tool_use", "id": _tool_id(ev[2]), "name": ev[3],
-                                                         "input": {}}):
+                        for e in open_block(
+                            "tool_use",
+                            {"type": "tool_use", "id": _tool_id(ev[2]), "name": ev[3], "input": {}},
+                        ):
                             yield e
                     else:
                         yield delta({"type": "input_json_delta", "partial_json": ev[2]})
                 if d.finished:
-                    stop_reason, stop_sequence = _stop_reason(d.finish_reason, d.stop_reason, parser.has_tool_calls)
+                    stop_reason, stop_sequence = _stop_reason(
+                        d.finish_reason, d.stop_reason, parser.has_tool_calls
+                    )
         for e in close_block():
             yield e
         gen.log["finish_reason"] = stop_reason
-        yield sse_event("message_delta", {
-            "type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-            "usage": {"output_tokens": output_tokens, "input_tokens": gen.prompt_len - gen.num_cached_tokens,
-                      "cache_read_input_tokens": gen.num_cached_tokens}})
+        yield sse_event(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+                "usage": {
+                    "output_tokens": output_tokens,
+                    "input_tokens": gen.prompt_len - gen.num_cached_tokens,
+                    "cache_read_input_tokens": gen.num_cached_tokens,
+                },
+            },
+        )
         yield sse_event("message_stop", {"type": "message_stop"})
     except APIError as e:
         gen.log["error"] = e.message
@@ -339,7 +410,9 @@ async def _stream(state: ServerState, prep: Any) -> AsyncIterator[str]:
     except Exception as e:  # noqa: BLE001
         logger.exception("error while streaming %s", prep.rid)
         gen.log["error"] = type(e).__name__
-        yield sse_event("error", APIError(500, "internal error while streaming the response").anthropic_body())
+        yield sse_event(
+            "error", APIError(500, "internal error while streaming the response").anthropic_body()
+        )
     finally:
         gen.close()
 

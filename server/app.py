@@ -51,25 +51,38 @@ def load_generation_defaults(model_dir: str) -> dict[str, Any]:
     return out
 
 
-def build_app(config: ServerConfig, engine_kwargs: dict[str, Any], *, tokenizer: Any = None,
-              on_ready: Callable[[ServerState], None] | None = None,
-              on_fatal: Callable[[str], None] | None = None,
-              client_options: dict[str, Any] | None = None) -> FastAPI:
+def build_app(
+    config: ServerConfig,
+    engine_kwargs: dict[str, Any],
+    *,
+    tokenizer: Any = None,
+    on_ready: Callable[[ServerState], None] | None = None,
+    on_fatal: Callable[[str], None] | None = None,
+    client_options: dict[str, Any] | None = None,
+) -> FastAPI:
     """`engine_kwargs` go to EngineConfig.create in the engine process (see cli.engine_kwargs)."""
     model_path = engine_kwargs["model"]
     if tokenizer is None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or model_path)
-    template = ChatTemplate(tokenizer, load_chat_template(config.chat_template),
-                            config.default_chat_template_kwargs_dict)
+    template = ChatTemplate(
+        tokenizer, load_chat_template(config.chat_template), config.default_chat_template_kwargs_dict
+    )
     names = config.served_model_name or (Path(str(model_path)).name,)
     metrics = Metrics(names[0])
     client = EngineClient(engine_kwargs, log_level=config.log_level, **(client_options or {}))
     state = ServerState(
-        config=config, client=client, tokenizer=tokenizer, chat_template=template, metrics=metrics,
-        served_model_names=tuple(names), model_path=str(model_path),
-        generation_defaults=load_generation_defaults(str(model_path)) if config.sampling_defaults == "model" else {},
+        config=config,
+        client=client,
+        tokenizer=tokenizer,
+        chat_template=template,
+        metrics=metrics,
+        served_model_names=tuple(names),
+        model_path=str(model_path),
+        generation_defaults=load_generation_defaults(str(model_path))
+        if config.sampling_defaults == "model"
+        else {},
     )
     client.add_stats_listener(metrics.update_from_stats)
 
@@ -91,19 +104,29 @@ def build_app(config: ServerConfig, engine_kwargs: dict[str, Any], *, tokenizer:
             logger.info("shutting down the engine process")
             await client.shutdown()
 
-    app = FastAPI(title="glint", version=VERSION, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+    app = FastAPI(
+        title="glint", version=VERSION, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
     app.state.glint = state
     app.include_router(openai_router)
     app.include_router(anthropic_router)
     _add_utility_routes(app, state)
     _add_error_handlers(app)
-    app.add_middleware(GlintMiddleware, api_keys=config.api_key, log_requests=config.log_requests,
-                       log_format=config.log_format)
+    app.add_middleware(
+        GlintMiddleware,
+        api_keys=config.api_key,
+        log_requests=config.log_requests,
+        log_format=config.log_format,
+    )
     if config.allowed_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
-                           allow_methods=list(config.allowed_methods), allow_headers=list(config.allowed_headers),
-                           allow_credentials=config.allow_credentials, expose_headers=["x-request-id"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.allowed_origins),
+            allow_methods=list(config.allowed_methods),
+            allow_headers=list(config.allowed_headers),
+            allow_credentials=config.allow_credentials,
+            expose_headers=["x-request-id"],
+        )
     return app
 
 
@@ -119,9 +142,13 @@ async def _await_ready(state: ServerState, on_ready, on_fatal) -> None:
     state.max_model_len = int(info["max_model_len"])
     state.eos_token_ids = frozenset(info.get("eos_token_ids") or ())
     stats = info.get("stats") or {}
-    logger.info("engine ready: max_model_len=%d, KV cache capacity %d tokens (%d pages of %d tokens)",
-                state.max_model_len, stats.get("kv_capacity_tokens", 0), stats.get("total_kv_blocks", 0),
-                (stats.get("kv_capacity_tokens", 0) // max(1, stats.get("total_kv_blocks", 1))))
+    logger.info(
+        "engine ready: max_model_len=%d, KV cache capacity %d tokens (%d pages of %d tokens)",
+        state.max_model_len,
+        stats.get("kv_capacity_tokens", 0),
+        stats.get("total_kv_blocks", 0),
+        (stats.get("kv_capacity_tokens", 0) // max(1, stats.get("total_kv_blocks", 1))),
+    )
     if on_ready is not None:
         result = on_ready(state)
         if asyncio.iscoroutine(result):
@@ -149,8 +176,13 @@ async def _stats_logger(state: ServerState) -> None:
             logger.info(
                 "Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, Running: %d reqs, "
                 "Waiting: %d reqs, KV cache usage: %.1f%%, Prefix cache hit rate: %.1f%%",
-                d_prompt / dt, d_gen / dt, s.get("num_running", 0), s.get("num_waiting", 0),
-                100 * kv_usage(s), 100 * (d_h / d_q if d_q else 0.0))
+                d_prompt / dt,
+                d_gen / dt,
+                s.get("num_running", 0),
+                s.get("num_waiting", 0),
+                100 * kv_usage(s),
+                100 * (d_h / d_q if d_q else 0.0),
+            )
         was_idle = idle
         last, last_t = dict(s), now
 
@@ -161,8 +193,9 @@ def _add_utility_routes(app: FastAPI, state: ServerState) -> None:
         if state.ready:
             return Response(status_code=200)
         reason = state.client.dead_reason or ("shutting down" if state.draining else "starting")
-        return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503,
-                            headers={"Retry-After": "5"})
+        return JSONResponse(
+            {"status": "unavailable", "reason": reason}, status_code=503, headers={"Retry-After": "5"}
+        )
 
     @app.get("/health_generate")
     async def health_generate(request: Request) -> Response:
@@ -170,7 +203,9 @@ def _add_utility_routes(app: FastAPI, state: ServerState) -> None:
             return await health()
         ids = state.chat_template.encode("hi") or [0]
         params = make_sampling_params(state, req=None, max_tokens=1, n=1)
-        gen = Generation(state, new_request_id("health"), n=1, prompt_len=len(ids), log={}, arrival=time.monotonic())
+        gen = Generation(
+            state, new_request_id("health"), n=1, prompt_len=len(ids), log={}, arrival=time.monotonic()
+        )
         try:
             await gen.start(ids, params, None)
             async for _ in gen.batches():
@@ -192,18 +227,38 @@ def _add_utility_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/v1/models")
     async def models() -> Response:
         created = int(state.started_at)
-        data = [{"id": name, "object": "model", "created": created, "owned_by": "glint", "root": state.model_path,
-                 "parent": None, "max_model_len": state.max_model_len or None} for name in state.served_model_names]
+        data = [
+            {
+                "id": name,
+                "object": "model",
+                "created": created,
+                "owned_by": "glint",
+                "root": state.model_path,
+                "parent": None,
+                "max_model_len": state.max_model_len or None,
+            }
+            for name in state.served_model_names
+        ]
         return JSONResponse({"object": "list", "data": data})
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> Response:
         if model_id not in state.served_model_names:
-            raise APIError(404, f"The model {model_id!r} does not exist; this server serves "
-                                f"{list(state.served_model_names)}", code="model_not_found")
-        return JSONResponse({"id": model_id, "object": "model", "created": int(state.started_at),
-                             "owned_by": "glint", "root": state.model_path,
-                             "max_model_len": state.max_model_len or None})
+            raise APIError(
+                404,
+                f"The model {model_id!r} does not exist; this server serves {list(state.served_model_names)}",
+                code="model_not_found",
+            )
+        return JSONResponse(
+            {
+                "id": model_id,
+                "object": "model",
+                "created": int(state.started_at),
+                "owned_by": "glint",
+                "root": state.model_path,
+                "max_model_len": state.max_model_len or None,
+            }
+        )
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -212,12 +267,21 @@ def _add_utility_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/server_info")
     async def server_info() -> Response:
-        return JSONResponse({"version": VERSION, "ready": state.ready, "model": state.model_path,
-                             "served_model_names": list(state.served_model_names),
-                             "max_model_len": state.max_model_len, "engine": state.client.stats,
-                             "engine_pid": state.client.info.get("pid"),
-                             "config": {k: (list(v) if isinstance(v, tuple) else v)
-                                        for k, v in state.config.non_default_args().items()}})
+        return JSONResponse(
+            {
+                "version": VERSION,
+                "ready": state.ready,
+                "model": state.model_path,
+                "served_model_names": list(state.served_model_names),
+                "max_model_len": state.max_model_len,
+                "engine": state.client.stats,
+                "engine_pid": state.client.info.get("pid"),
+                "config": {
+                    k: (list(v) if isinstance(v, tuple) else v)
+                    for k, v in state.config.non_default_args().items()
+                },
+            }
+        )
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -237,8 +301,11 @@ def _add_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 404:
             err = APIError(404, f"no route for {request.method} {request.url.path}", code="not_found")
         elif exc.status_code == 405:
-            err = APIError(405, f"method {request.method} is not allowed on {request.url.path}",
-                           code="method_not_allowed")
+            err = APIError(
+                405,
+                f"method {request.method} is not allowed on {request.url.path}",
+                code="method_not_allowed",
+            )
         else:
             err = APIError(exc.status_code, str(exc.detail))
         headers = dict(getattr(exc, "headers", None) or {})

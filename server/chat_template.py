@@ -63,9 +63,13 @@ def content_text(content: Any, where: str, allow_none: bool = True) -> str | Non
                 raise bad_request(f"{where}[{j}].text must be a string", param=f"{where}[{j}].text")
             texts.append(text)
         elif kind in ("image_url", "input_image", "image", "input_audio", "audio", "file", "video_url"):
-            raise not_supported(f"content part type {kind!r} (this model is text-only)", param=f"{where}[{j}]")
+            raise not_supported(
+                f"content part type {kind!r} (this model is text-only)", param=f"{where}[{j}]"
+            )
         else:
-            raise bad_request(f"{where}[{j}] has unknown content part type {kind!r}", param=f"{where}[{j}].type")
+            raise bad_request(
+                f"{where}[{j}] has unknown content part type {kind!r}", param=f"{where}[{j}].type"
+            )
     return "\n".join(texts)
 
 
@@ -78,8 +82,9 @@ def _decode_arguments(args: Any, where: str) -> dict[str, Any]:
         try:
             value = json.loads(args)
         except ValueError as e:
-            raise bad_request(f"{where} is not valid JSON ({e}); tool-call arguments must be a JSON object",
-                              param=where) from None
+            raise bad_request(
+                f"{where} is not valid JSON ({e}); tool-call arguments must be a JSON object", param=where
+            ) from None
         if isinstance(value, dict):
             return value
     raise bad_request(f"{where} must be a JSON object (as a string or an object)", param=where)
@@ -99,8 +104,10 @@ def normalize_messages(messages: list[Any]) -> list[dict[str, Any]]:
         elif role == "function":
             role = "tool"
         if role not in ("system", "user", "assistant", "tool"):
-            raise bad_request(f"{where}.role must be one of system, developer, user, assistant, tool; got {role!r}",
-                              param=f"{where}.role")
+            raise bad_request(
+                f"{where}.role must be one of system, developer, user, assistant, tool; got {role!r}",
+                param=f"{where}.role",
+            )
         msg: dict[str, Any] = {"role": role}
         if isinstance(m.get("name"), str):
             msg["name"] = m["name"]
@@ -120,12 +127,18 @@ def normalize_messages(messages: list[Any]) -> list[dict[str, Any]]:
                     fn = tc.get("function") if isinstance(tc, dict) else None
                     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
                         raise bad_request(f"{cw}.function.name is required", param=f"{cw}.function.name")
-                    norm_calls.append({
-                        "id": tc.get("id"),
-                        "type": "function",
-                        "function": {"name": fn["name"],
-                                     "arguments": _decode_arguments(fn.get("arguments"), f"{cw}.function.arguments")},
-                    })
+                    norm_calls.append(
+                        {
+                            "id": tc.get("id"),
+                            "type": "function",
+                            "function": {
+                                "name": fn["name"],
+                                "arguments": _decode_arguments(
+                                    fn.get("arguments"), f"{cw}.function.arguments"
+                                ),
+                            },
+                        }
+                    )
                 msg["tool_calls"] = norm_calls
         else:
             msg["content"] = content
@@ -144,14 +157,18 @@ def normalize_tools(tools: list[Any] | None) -> list[dict[str, Any]] | None:
     out = []
     for i, t in enumerate(tools):
         if not isinstance(t, dict) or t.get("type", "function") != "function":
-            raise bad_request(f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}", param=f"tools[{i}]")
+            raise bad_request(
+                f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}", param=f"tools[{i}]"
+            )
         fn = t.get("function")
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
             raise bad_request(f"tools[{i}].function.name is required", param=f"tools[{i}].function.name")
         params = fn.get("parameters")
         if params is not None and not isinstance(params, dict):
-            raise bad_request(f"tools[{i}].function.parameters must be a JSON schema object",
-                              param=f"tools[{i}].function.parameters")
+            raise bad_request(
+                f"tools[{i}].function.parameters must be a JSON schema object",
+                param=f"tools[{i}].function.parameters",
+            )
         out.append({"type": "function", "function": fn})
     return out
 
@@ -180,7 +197,9 @@ def template_kwargs(
 class ChatTemplate:
     """Renders normalized messages with the tokenizer's (or an override) chat template."""
 
-    def __init__(self, tokenizer: Any, template: str | None = None, default_kwargs: dict[str, Any] | None = None):
+    def __init__(
+        self, tokenizer: Any, template: str | None = None, default_kwargs: dict[str, Any] | None = None
+    ):
         self.tokenizer = tokenizer
         self.template = template
         self.default_kwargs = dict(default_kwargs or {})
@@ -197,13 +216,23 @@ class ChatTemplate:
         continue_final_message: bool = False,
     ) -> str:
         if continue_final_message and (not messages or messages[-1]["role"] != "assistant"):
-            raise bad_request("continue_final_message needs the last message to be an assistant message",
-                              param="continue_final_message")
+            raise bad_request(
+                "continue_final_message needs the last message to be an assistant message",
+                param="continue_final_message",
+            )
         if continue_final_message and add_generation_prompt:
             add_generation_prompt = False
         extra = dict(kwargs or {})
-        for reserved in ("messages", "tools", "add_generation_prompt", "continue_final_message", "tokenize",
-                         "chat_template", "conversation", "return_dict"):
+        for reserved in (
+            "messages",
+            "tools",
+            "add_generation_prompt",
+            "continue_final_message",
+            "tokenize",
+            "chat_template",
+            "conversation",
+            "return_dict",
+        ):
             extra.pop(reserved, None)
         try:
             prompt = self.tokenizer.apply_chat_template(
@@ -218,16 +247,33 @@ class ChatTemplate:
         except APIError:
             raise
         except Exception as e:  # a template error is caused by the request's content: 400, never a retry
-            raise bad_request(f"the chat template failed on these messages: {type(e).__name__}: {e}") from None
+            raise bad_request(
+                f"the chat template failed on these messages: {type(e).__name__}: {e}"
+            ) from None
         if not isinstance(prompt, str):
             raise APIError(500, "the chat template did not produce text")
         return prompt
 
     def encode(self, prompt: str) -> list[int]:
-        return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        return encode_text(self.tokenizer, prompt, add_special_tokens=False)
+
+
+def encode_text(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+    """Tokenize without touching the tokenizer's mutable settings, so worker threads can share it (the fast
+    tokenizer's own __call__ re-applies truncation/padding settings on every call)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return list(backend.encode(text, add_special_tokens=add_special_tokens).ids)
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
 __all__ = [
-    "ChatTemplate", "content_text", "load_chat_template", "normalize_messages", "normalize_tools",
-    "prompt_starts_in_reasoning", "template_kwargs",
+    "ChatTemplate",
+    "content_text",
+    "encode_text",
+    "load_chat_template",
+    "normalize_messages",
+    "normalize_tools",
+    "prompt_starts_in_reasoning",
+    "template_kwargs",
 ]

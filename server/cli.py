@@ -25,26 +25,51 @@ class ConfigError(ValueError):
 
 # (field, "is it set?", what the user is told). Checked after parsing; any hit stops the launch.
 UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
-    ("attention_backend", lambda v: v is not None,
-     "--attention-backend is not supported yet (the engine picks its attention implementation itself)"),
+    (
+        "attention_backend",
+        lambda v: v is not None,
+        "--attention-backend is not supported yet (the engine picks its attention implementation itself)",
+    ),
     ("enable_fused_qk_norm_rope", bool, "--enable-fused-qk-norm-rope is not supported yet"),
     ("enable_shared_experts_fusion", bool, "--enable-shared-experts-fusion is not supported yet"),
-    ("disaggregation_mode", lambda v: v != "null",
-     "--disaggregation-mode prefill/decode is not supported yet (prefill/decode disaggregation is planned)"),
+    (
+        "disaggregation_mode",
+        lambda v: v != "null",
+        "--disaggregation-mode prefill/decode is not supported yet (prefill/decode disaggregation is planned)",
+    ),
     ("disaggregation_async_transfer", bool, "--disaggregation-async-transfer is not supported yet"),
-    ("speculative_algorithm", lambda v: v is not None,
-     "--speculative-algorithm is not supported yet (MTP/NEXTN and suffix decoding are planned)"),
+    (
+        "speculative_algorithm",
+        lambda v: v is not None,
+        "--speculative-algorithm is not supported yet (MTP/NEXTN and suffix decoding are planned)",
+    ),
     ("speculative_num_steps", lambda v: v is not None, "--speculative-num-steps is not supported yet"),
     ("speculative_eagle_topk", lambda v: v is not None, "--speculative-eagle-topk is not supported yet"),
-    ("speculative_num_draft_tokens", lambda v: v is not None, "--speculative-num-draft-tokens is not supported yet"),
-    ("speculative_suffix_cache_max_depth", lambda v: v is not None,
-     "--speculative-suffix-cache-max-depth is not supported yet"),
-    ("speculative_suffix_max_spec_factor", lambda v: v is not None,
-     "--speculative-suffix-max-spec-factor is not supported yet"),
-    ("speculative_suffix_min_token_prob", lambda v: v is not None,
-     "--speculative-suffix-min-token-prob is not supported yet"),
-    ("chunked_prefill_size", lambda v: v is not None and v <= 0,
-     "--chunked-prefill-size -1 (no chunking) is not supported yet; give a token budget per step"),
+    (
+        "speculative_num_draft_tokens",
+        lambda v: v is not None,
+        "--speculative-num-draft-tokens is not supported yet",
+    ),
+    (
+        "speculative_suffix_cache_max_depth",
+        lambda v: v is not None,
+        "--speculative-suffix-cache-max-depth is not supported yet",
+    ),
+    (
+        "speculative_suffix_max_spec_factor",
+        lambda v: v is not None,
+        "--speculative-suffix-max-spec-factor is not supported yet",
+    ),
+    (
+        "speculative_suffix_min_token_prob",
+        lambda v: v is not None,
+        "--speculative-suffix-min-token-prob is not supported yet",
+    ),
+    (
+        "chunked_prefill_size",
+        lambda v: v is not None and v <= 0,
+        "--chunked-prefill-size -1 (no chunking) is not supported yet; give a token budget per step",
+    ),
 ]
 
 
@@ -62,9 +87,11 @@ def speculative_config(config: ServerConfig) -> dict[str, Any] | None:
         return {"method": "mtp", "num_speculative_tokens": steps}
     if algo.upper() == "SUFFIX":
         out: dict[str, Any] = {"method": "suffix"}
-        for flag, key in (("speculative_suffix_cache_max_depth", "max_tree_depth"),
-                          ("speculative_suffix_max_spec_factor", "max_spec_factor"),
-                          ("speculative_suffix_min_token_prob", "min_token_prob")):
+        for flag, key in (
+            ("speculative_suffix_cache_max_depth", "max_tree_depth"),
+            ("speculative_suffix_max_spec_factor", "max_spec_factor"),
+            ("speculative_suffix_min_token_prob", "min_token_prob"),
+        ):
             if getattr(config, flag) is not None:
                 out[key] = getattr(config, flag)
         return out
@@ -113,82 +140,155 @@ def _json_object(text: str) -> dict[str, Any]:
 def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
     d = ServerConfig()
     p = argparse.ArgumentParser(
-        prog=prog, description="glint: an OpenAI- and Anthropic-compatible server for GLM-4.7",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog=prog,
+        description="glint: an OpenAI- and Anthropic-compatible server for GLM-4.7",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     m = p.add_argument_group("model and engine")
-    m.add_argument("--model", "--model-path", dest="model", default=None,
-                   help="Hugging Face checkpoint folder; default: the built-in tiny model (written on first use)")
+    m.add_argument(
+        "--model",
+        "--model-path",
+        dest="model",
+        default=None,
+        help="Hugging Face checkpoint folder; default: the built-in tiny model (written on first use)",
+    )
     m.add_argument("--tokenizer", "--tokenizer-path", dest="tokenizer", default=None)
-    m.add_argument("--served-model-name", nargs="+", action="extend", default=None,
-                   help="model name(s) reported by /v1/models; the first is echoed when a request names none")
+    m.add_argument(
+        "--served-model-name",
+        nargs="+",
+        action="extend",
+        default=None,
+        help="model name(s) reported by /v1/models; the first is echoed when a request names none",
+    )
     m.add_argument("--device", choices=["auto", "cuda", "cpu"], default=d.device)
     m.add_argument("--dtype", choices=["auto", "bfloat16", "float32", "float16"], default=d.dtype)
     m.add_argument("--tp-size", "--tp", "--tensor-parallel-size", dest="tp_size", type=int, default=d.tp_size)
     m.add_argument("--max-model-len", "--context-length", dest="max_model_len", type=int, default=None)
-    m.add_argument("--max-running-requests", "--max-num-seqs", dest="max_running_requests", type=int, default=None)
-    m.add_argument("--max-queued-requests", type=int, default=None,
-                   help="refuse new requests with 429 while this many are waiting")
-    m.add_argument("--chunked-prefill-size", "--max-num-batched-tokens", dest="chunked_prefill_size", type=int,
-                   default=None, help="token budget per engine step")
+    m.add_argument(
+        "--max-running-requests", "--max-num-seqs", dest="max_running_requests", type=int, default=None
+    )
+    m.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=None,
+        help="refuse new requests with 429 while this many are waiting",
+    )
+    m.add_argument(
+        "--chunked-prefill-size",
+        "--max-num-batched-tokens",
+        dest="chunked_prefill_size",
+        type=int,
+        default=None,
+        help="token budget per engine step",
+    )
     m.add_argument("--kv-cache-dtype", choices=["auto", "fp8_e4m3"], default=d.kv_cache_dtype)
-    m.add_argument("--mem-fraction-static", "--gpu-memory-utilization", dest="mem_fraction_static", type=float,
-                   default=None)
-    m.add_argument("--page-size", "--kv-block-size", "--block-size", dest="page_size", type=int, default=d.page_size)
+    m.add_argument(
+        "--mem-fraction-static",
+        "--gpu-memory-utilization",
+        dest="mem_fraction_static",
+        type=float,
+        default=None,
+    )
+    m.add_argument(
+        "--page-size", "--kv-block-size", "--block-size", dest="page_size", type=int, default=d.page_size
+    )
     m.add_argument("--num-kv-blocks", type=int, default=None)
     m.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    m.add_argument("--disable-radix-cache", dest="enable_prefix_caching", action="store_false",
-                   help=argparse.SUPPRESS)
+    m.add_argument(
+        "--disable-radix-cache", dest="enable_prefix_caching", action="store_false", help=argparse.SUPPRESS
+    )
     m.add_argument("--load-format", choices=["auto", "safetensors", "dummy"], default=d.load_format)
     m.add_argument("--seed", "--random-seed", dest="seed", type=int, default=d.seed)
     m.add_argument("--enforce-eager", "--disable-cuda-graph", dest="enforce_eager", action="store_true")
     m.add_argument("--attention-backend", choices=["triton", "fa3", "torch", "flashinfer"], default=None)
     m.add_argument("--enable-fused-qk-norm-rope", action="store_true")
     m.add_argument("--enable-shared-experts-fusion", action="store_true")
-    m.add_argument("--disaggregation-mode", choices=["null", "prefill", "decode"], default=d.disaggregation_mode)
+    m.add_argument(
+        "--disaggregation-mode", choices=["null", "prefill", "decode"], default=d.disaggregation_mode
+    )
     m.add_argument("--disaggregation-async-transfer", action="store_true")
-    m.add_argument("--speculative-algorithm", choices=["NEXTN", "EAGLE", "MTP", "SUFFIX"], type=str.upper,
-                   default=None)
+    m.add_argument(
+        "--speculative-algorithm", choices=["NEXTN", "EAGLE", "MTP", "SUFFIX"], type=str.upper, default=None
+    )
     m.add_argument("--speculative-num-steps", type=int, default=None)
     m.add_argument("--speculative-eagle-topk", type=int, default=None)
     m.add_argument("--speculative-num-draft-tokens", type=int, default=None)
     m.add_argument("--speculative-suffix-cache-max-depth", type=int, default=None)
     m.add_argument("--speculative-suffix-max-spec-factor", type=float, default=None)
     m.add_argument("--speculative-suffix-min-token-prob", type=float, default=None)
-    m.add_argument("--tool-call-parser", choices=["glm47", "glm45"], default=d.tool_call_parser,
-                   help="accepted for launch-line compatibility; the GLM parser is built in")
-    m.add_argument("--reasoning-parser", choices=["glm45"], default=d.reasoning_parser,
-                   help="accepted for launch-line compatibility; the GLM parser is built in")
+    m.add_argument(
+        "--tool-call-parser",
+        choices=["glm47", "glm45"],
+        default=d.tool_call_parser,
+        help="accepted for launch-line compatibility; the GLM parser is built in",
+    )
+    m.add_argument(
+        "--reasoning-parser",
+        choices=["glm45"],
+        default=d.reasoning_parser,
+        help="accepted for launch-line compatibility; the GLM parser is built in",
+    )
     m.add_argument("--enable-auto-tool-choice", action="store_true", help=argparse.SUPPRESS)
     m.add_argument("--trust-remote-code", action="store_true", help=argparse.SUPPRESS)
 
     h = p.add_argument_group("HTTP front end")
     h.add_argument("--host", default=d.host)
     h.add_argument("--port", type=int, default=d.port)
-    h.add_argument("--api-key", nargs="+", action="extend", default=None,
-                   help="accepted keys (Authorization: Bearer or x-api-key); default: no auth")
+    h.add_argument(
+        "--api-key",
+        nargs="+",
+        action="extend",
+        default=None,
+        help="accepted keys (Authorization: Bearer or x-api-key); default: no auth",
+    )
     h.add_argument("--allowed-origins", nargs="+", default=list(d.allowed_origins))
     h.add_argument("--allowed-methods", nargs="+", default=list(d.allowed_methods))
     h.add_argument("--allowed-headers", nargs="+", default=list(d.allowed_headers))
     h.add_argument("--allow-credentials", action="store_true")
     h.add_argument("--chat-template", default=None, help="a Jinja file, or the template text itself")
-    h.add_argument("--default-chat-template-kwargs", type=_json_object, default=None,
-                   help='JSON merged under each request\'s chat_template_kwargs, e.g. \'{"enable_thinking": false}\'')
-    h.add_argument("--sampling-defaults", choices=["model", "openai"], default=d.sampling_defaults,
-                   help="defaults for temperature/top_p/top_k: the model's generation_config.json, or OpenAI's")
-    h.add_argument("--reasoning-field", choices=["reasoning_content", "reasoning", "both"], default=d.reasoning_field,
-                   help="name of the reasoning field in responses")
-    h.add_argument("--keepalive-interval", type=float, default=d.keepalive_interval,
-                   help="seconds of silence before an SSE keep-alive comment; 0 disables")
+    h.add_argument(
+        "--default-chat-template-kwargs",
+        type=_json_object,
+        default=None,
+        help="JSON merged under each request's chat_template_kwargs, e.g. '{\"enable_thinking\": false}'",
+    )
+    h.add_argument(
+        "--sampling-defaults",
+        choices=["model", "openai"],
+        default=d.sampling_defaults,
+        help="defaults for temperature/top_p/top_k: the model's generation_config.json, or OpenAI's",
+    )
+    h.add_argument(
+        "--reasoning-field",
+        choices=["reasoning_content", "reasoning", "both"],
+        default=d.reasoning_field,
+        help="name of the reasoning field in responses",
+    )
+    h.add_argument(
+        "--keepalive-interval",
+        type=float,
+        default=d.keepalive_interval,
+        help="seconds of silence before an SSE keep-alive comment; 0 disables",
+    )
 
     lg = p.add_argument_group("logging and monitoring")
     lg.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=d.log_level)
-    lg.add_argument("--log-requests", nargs="?", const="params", choices=["off", "meta", "params", "full"],
-                    default=d.log_requests,
-                    help="one line per request: off, meta (no prompt text), params (+ sampling parameters), "
-                         "full (+ prompt text); a bare --log-requests means params")
+    lg.add_argument(
+        "--log-requests",
+        nargs="?",
+        const="params",
+        choices=["off", "meta", "params", "full"],
+        default=d.log_requests,
+        help="one line per request: off, meta (no prompt text), params (+ sampling parameters), "
+        "full (+ prompt text); a bare --log-requests means params",
+    )
     lg.add_argument("--log-format", choices=["text", "json"], default=d.log_format)
-    lg.add_argument("--stats-interval", type=float, default=d.stats_interval,
-                    help="seconds between periodic stats lines; 0 disables")
+    lg.add_argument(
+        "--stats-interval",
+        type=float,
+        default=d.stats_interval,
+        help="seconds between periodic stats lines; 0 disables",
+    )
     lg.add_argument("--engine-ready-timeout", type=float, default=d.engine_ready_timeout)
     return p
 
@@ -225,8 +325,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args and args[0] == "serve":
         args, prog = args[1:], "glint serve"
     elif args and not args[0].startswith("-"):
-        print(f"glint: unknown command {args[0]!r}; usage: glint serve [flags] (see glint serve --help)",
-              file=sys.stderr)
+        print(
+            f"glint: unknown command {args[0]!r}; usage: glint serve [flags] (see glint serve --help)",
+            file=sys.stderr,
+        )
         return 2
     config = parse_args(args, prog=prog)
     from server.launch import run_server

@@ -196,8 +196,9 @@ class EngineClient:
     def num_in_flight(self) -> int:
         return len(self._streams)
 
-    async def add_request(self, request_id: str, prompt_token_ids: list[int], params: Any,
-                          prompt: str | None = None) -> RequestStream:
+    async def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: Any, prompt: str | None = None
+    ) -> RequestStream:
         if not self.ready or not self.alive:
             raise EngineDeadError(self.dead_reason or "the engine is not ready")
         if request_id in self._streams:
@@ -205,7 +206,9 @@ class EngineClient:
         stream = RequestStream(request_id, getattr(params, "n", 1) or 1)
         self._streams[request_id] = stream
         try:
-            self._sender.send_pyobj(("add", request_id, list(prompt_token_ids), params, prompt), flags=zmq.NOBLOCK)
+            self._sender.send_pyobj(
+                ("add", request_id, list(prompt_token_ids), params, prompt), flags=zmq.NOBLOCK
+            )
         except zmq.ZMQError as e:
             self._streams.pop(request_id, None)
             raise EngineDeadError(f"cannot reach the engine process: {e}") from e

@@ -65,6 +65,26 @@ def build_engine_core(engine_kwargs: dict[str, Any], extra: dict[str, Any] | Non
     return core
 
 
+def shutdown_core(core: Any) -> None:
+    """Stop what the core started (spawned tensor-parallel ranks). Under torchrun the other ranks are
+    `python -m server` processes serving steps until told to stop (server/launch.py run_tp_worker), so they get
+    the stop message too."""
+    try:
+        dist = getattr(core, "dist", None)
+        torchrun_ranks = (
+            dist is not None and getattr(dist, "world_size", 1) > 1 and not getattr(core, "_procs", None)
+        )
+        if torchrun_ranks:
+            from engine.model_worker import STOP
+
+            core.worker.send_control(STOP)
+        fn = getattr(core, "shutdown", None)
+        if callable(fn):
+            fn()
+    except Exception:
+        logger.exception("error while shutting the engine down")
+
+
 def _load_factory(path: str):
     module, _, name = path.partition(":")
     return getattr(importlib.import_module(module), name)
@@ -82,7 +102,11 @@ def _setup_logging(level: str) -> None:
 
 def engine_info(core: Any) -> dict[str, Any]:
     """What the front end needs to know about the loaded engine."""
-    info: dict[str, Any] = {"max_model_len": int(core.max_model_len), "stats": dict(core.stats()), "pid": os.getpid()}
+    info: dict[str, Any] = {
+        "max_model_len": int(core.max_model_len),
+        "stats": dict(core.stats()),
+        "pid": os.getpid(),
+    }
     mc = getattr(core, "model_config", None)
     if mc is not None:
         info["vocab_size"] = getattr(mc, "vocab_size", None)
@@ -128,9 +152,11 @@ def run_engine_process(spec: EngineProcessSpec) -> None:
             push.send_pyobj(("fatal", f"{type(e).__name__}: {e}"))
         except Exception:
             pass
+        shutdown_core(core)
         push.close(linger=2000)
         ctx.term()
         sys.exit(1)
+    shutdown_core(core)
     push.close(linger=500)
     pull.close(linger=0)
     ctx.term()

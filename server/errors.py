@@ -49,7 +49,9 @@ class APIError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-        self.type = type or _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        self.type = type or _OPENAI_TYPES.get(
+            status, "server_error" if status >= 500 else "invalid_request_error"
+        )
         self.param = param
         self.code = code
         self.headers = dict(headers or {})
@@ -58,7 +60,9 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def anthropic_body(self) -> dict[str, Any]:
-        kind = _ANTHROPIC_TYPES.get(self.status, "api_error" if self.status >= 500 else "invalid_request_error")
+        kind = _ANTHROPIC_TYPES.get(
+            self.status, "api_error" if self.status >= 500 else "invalid_request_error"
+        )
         return {"type": "error", "error": {"type": kind, "message": self.message}}
 
 
@@ -67,12 +71,13 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 
 def not_supported(feature: str, param: str | None = None) -> APIError:
-    return APIError(400, f"{feature} is not supported yet by this server", param=param, code="unsupported_parameter")
+    return APIError(
+        400, f"{feature} is not supported yet by this server", param=param, code="unsupported_parameter"
+    )
 
 
 def unavailable(message: str, retry_after: int = 5) -> APIError:
-    return APIError(503, message, code="service_unavailable",
-                    headers={"Retry-After": str(retry_after)})
+    return APIError(503, message, code="service_unavailable", headers={"Retry-After": str(retry_after)})
 
 
 def is_anthropic_path(path: str) -> bool:

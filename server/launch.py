@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import logging
 import sys
+from pathlib import Path
 
 from server.cli import engine_kwargs
 from server.config import ServerConfig
@@ -35,18 +36,58 @@ def setup_logging(level: str) -> None:
 def resolve_model(config: ServerConfig) -> ServerConfig:
     """No --model: the built-in tiny checkpoint on CPU (written on first use)."""
     if config.model is not None:
-        return config
+        path = Path(config.model).expanduser()
+        if not (path / "config.json").is_file():
+            raise SystemExit(
+                f"glint: error: --model {config.model!r} is not a checkpoint folder (no config.json)"
+            )
+        return dataclasses.replace(config, model=str(path))
     from model.tiny import tiny_model_dir
 
     path = tiny_model_dir("bf16")
-    logger.info("no --model given: serving the built-in tiny model at %s (random weights, gibberish output)", path)
+    logger.info(
+        "no --model given: serving the built-in tiny model at %s (random weights, gibberish output)", path
+    )
     return dataclasses.replace(
-        config, model=str(path), device="cpu" if config.device == "auto" else config.device,
-        served_model_name=config.served_model_name or (TINY_MODEL_NAME,))
+        config,
+        model=str(path),
+        device="cpu" if config.device == "auto" else config.device,
+        served_model_name=config.served_model_name or (TINY_MODEL_NAME,),
+    )
+
+
+def run_tp_worker(config: ServerConfig) -> int:
+    """`torchrun --nproc-per-node N -m server --tp-size N ...`: ranks > 0 run the model worker loop (rank 0's
+    engine process broadcasts every step to them) until the server stops."""
+    from engine import EngineConfig
+    from engine.distributed import init_distributed, shutdown_distributed
+    from engine.model_worker import ModelWorker
+
+    setup_logging(config.log_level)
+    config = resolve_model(config)
+    econfig = EngineConfig.create(**engine_kwargs(config))
+    info = init_distributed(config.tp_size, econfig.device)
+    logger.info("tensor-parallel rank %d/%d serving model steps", info.rank, info.world_size)
+    try:
+        ModelWorker(econfig, info).serve_forever()
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+def is_torchrun_worker(config: ServerConfig) -> bool:
+    import os
+
+    from engine.distributed import launched_by_torchrun
+
+    return config.tp_size > 1 and launched_by_torchrun() and int(os.environ.get("RANK", "0")) != 0
 
 
 def run_server(config: ServerConfig) -> int:
     import uvicorn
+
+    if is_torchrun_worker(config):
+        return run_tp_worker(config)
 
     from server.app import build_app
 
@@ -63,8 +104,13 @@ def run_server(config: ServerConfig) -> int:
         while server is not None and not server.started and not server.should_exit:
             await asyncio.sleep(0.05)
         host = f"[{config.host}]" if ":" in config.host else config.host
-        logger.info("glint server ready at http://%s:%d (model %s served as %s)", host, config.port,
-                    state.model_path, ", ".join(state.served_model_names))
+        logger.info(
+            "glint server ready at http://%s:%d (model %s served as %s)",
+            host,
+            config.port,
+            state.model_path,
+            ", ".join(state.served_model_names),
+        )
 
     def on_fatal(reason: str) -> None:
         logger.error("the engine is gone (%s); stopping the server", reason)
@@ -73,10 +119,21 @@ def run_server(config: ServerConfig) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = build_app(config, kwargs, on_ready=on_ready, on_fatal=on_fatal)
-    uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_config=None,
-                               log_level=config.log_level, access_log=False, timeout_graceful_shutdown=5,
-                               lifespan="on")
+    try:
+        app = build_app(config, kwargs, on_ready=on_ready, on_fatal=on_fatal)
+    except (OSError, ValueError) as e:
+        logger.error("cannot start: %s", e)
+        return 1
+    uv_config = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        log_config=None,
+        log_level=config.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        lifespan="on",
+    )
     server = uvicorn.Server(uv_config)
     holder["server"] = server
     try:

@@ -12,12 +12,81 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
-ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
-               0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
-               480.0, 960.0, 1920.0, 7680.0)
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+ITL_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+E2E_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000, 200000)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -39,27 +108,47 @@ class Metrics:
             return Histogram(f"glint:{name}", doc, L, buckets=buckets, registry=r).labels(model_name)
 
         self.num_requests_running = gauge("num_requests_running", "Requests (sequences) being generated.")
-        self.num_requests_waiting = gauge("num_requests_waiting", "Requests (sequences) waiting to be scheduled.")
+        self.num_requests_waiting = gauge(
+            "num_requests_waiting", "Requests (sequences) waiting to be scheduled."
+        )
         self.kv_cache_usage_perc = gauge("kv_cache_usage_perc", "Fraction of KV pages in use (1 = full).")
         self.kv_cache_capacity_tokens = gauge("kv_cache_capacity_tokens", "KV cache capacity in tokens.")
         self.prefix_cache_hit_rate = gauge(
-            "prefix_cache_hit_rate", "Prompt tokens served from the prefix cache / prompt tokens looked up.")
-        self.num_requests_in_flight = gauge("num_requests_in_flight", "HTTP requests the front end is serving.")
-        self.prefix_cache_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+            "prefix_cache_hit_rate", "Prompt tokens served from the prefix cache / prompt tokens looked up."
+        )
+        self.num_requests_in_flight = gauge(
+            "num_requests_in_flight", "HTTP requests the front end is serving."
+        )
+        self.prefix_cache_queries = counter(
+            "prefix_cache_queries", "Prompt tokens looked up in the prefix cache."
+        )
         self.prefix_cache_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
         self.num_preemptions = counter("num_preemptions", "Preemptions (a request recomputed later).")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished and aborted requests.")
         self.generation_tokens = counter("generation_tokens", "Generated tokens.")
-        self._success = Counter("glint:request_success", "Finished requests by finish reason.",
-                                ["model_name", "finished_reason"], registry=r)
-        self.num_aborted_requests = counter("num_aborted_requests", "Requests aborted (client disconnect...).")
+        self._success = Counter(
+            "glint:request_success",
+            "Finished requests by finish reason.",
+            ["model_name", "finished_reason"],
+            registry=r,
+        )
+        self.num_aborted_requests = counter(
+            "num_aborted_requests", "Requests aborted (client disconnect...)."
+        )
         self.num_rejected_requests = counter("num_rejected_requests", "Requests refused by overload control.")
         self.time_to_first_token = hist("time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS)
-        self.inter_token_latency = hist("inter_token_latency_seconds", "Time between output tokens.", ITL_BUCKETS)
-        self.e2e_request_latency = hist("e2e_request_latency_seconds", "End-to-end request latency.", E2E_BUCKETS)
-        self.request_prompt_tokens = hist("request_prompt_tokens", "Prompt tokens per request.", TOKEN_BUCKETS)
+        self.inter_token_latency = hist(
+            "inter_token_latency_seconds", "Time between output tokens.", ITL_BUCKETS
+        )
+        self.e2e_request_latency = hist(
+            "e2e_request_latency_seconds", "End-to-end request latency.", E2E_BUCKETS
+        )
+        self.request_prompt_tokens = hist(
+            "request_prompt_tokens", "Prompt tokens per request.", TOKEN_BUCKETS
+        )
         self.request_generation_tokens = hist(
-            "request_generation_tokens", "Generated tokens per request.", TOKEN_BUCKETS)
+            "request_generation_tokens", "Generated tokens per request.", TOKEN_BUCKETS
+        )
         self._last_stats: dict[str, Any] = {}
 
     def success(self, finish_reason: str) -> None:
@@ -76,9 +165,11 @@ class Metrics:
         hits = stats.get("prefix_cache_hit_tokens", 0)
         self.prefix_cache_hit_rate.set(hits / queried if queried else 0.0)
         last = self._last_stats
-        for key, ctr in (("prefix_cache_queried_tokens", self.prefix_cache_queries),
-                         ("prefix_cache_hit_tokens", self.prefix_cache_hits),
-                         ("num_preemptions", self.num_preemptions)):
+        for key, ctr in (
+            ("prefix_cache_queried_tokens", self.prefix_cache_queries),
+            ("prefix_cache_hit_tokens", self.prefix_cache_hits),
+            ("num_preemptions", self.num_preemptions),
+        ):
             inc = stats.get(key, 0) - last.get(key, 0)
             if inc > 0:
                 ctr.inc(inc)

@@ -29,8 +29,15 @@ _ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
 class GlintMiddleware:
-    def __init__(self, app: ASGIApp, *, api_keys: tuple[str, ...] = (), log_requests: str = "meta",
-                 log_format: str = "text", max_log_chars: int = 2000) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        api_keys: tuple[str, ...] = (),
+        log_requests: str = "meta",
+        log_format: str = "text",
+        max_log_chars: int = 2000,
+    ) -> None:
         self.app = app
         self.api_keys = tuple(k.encode() for k in api_keys)
         self.log_requests = log_requests
@@ -60,9 +67,18 @@ class GlintMiddleware:
             await send(message)
 
         try:
-            if self.api_keys and method != "OPTIONS" and path not in AUTH_EXEMPT and not self._authorized(headers):
-                err = APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>' or "
-                                    "'x-api-key: <key>'", type="authentication_error", code="invalid_api_key")
+            if (
+                self.api_keys
+                and method != "OPTIONS"
+                and path not in AUTH_EXEMPT
+                and not self._authorized(headers)
+            ):
+                err = APIError(
+                    401,
+                    "invalid or missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
+                    type="authentication_error",
+                    code="invalid_api_key",
+                )
                 await error_response(err, path)(scope, receive, send_with_id)
                 return
             await self.app(scope, receive, send_with_id)
@@ -70,7 +86,9 @@ class GlintMiddleware:
             logger.exception("unhandled error in %s %s (request %s)", method, path, request_id)
             log.setdefault("error", type(e).__name__)
             if not status["started"]:
-                await error_response(APIError(500, "internal server error"), path)(scope, receive, send_with_id)
+                await error_response(APIError(500, "internal server error"), path)(
+                    scope, receive, send_with_id
+                )
         finally:
             if self.log_requests != "off" and path not in QUIET_PATHS:
                 self._log(request_id, scope, method, path, status["code"], time.monotonic() - t0, log)
@@ -89,12 +107,24 @@ class GlintMiddleware:
                 ok |= hmac.compare_digest(cb, key)
         return ok
 
-    def _log(self, request_id: str, scope: Scope, method: str, path: str, code: int, latency: float,
-             fields: dict[str, Any]) -> None:
+    def _log(
+        self,
+        request_id: str,
+        scope: Scope,
+        method: str,
+        path: str,
+        code: int,
+        latency: float,
+        fields: dict[str, Any],
+    ) -> None:
         client = scope.get("client")
         record: dict[str, Any] = {
-            "request_id": request_id, "client": f"{client[0]}:{client[1]}" if client else None,
-            "method": method, "path": path, "status": code, "latency_s": round(latency, 4),
+            "request_id": request_id,
+            "client": f"{client[0]}:{client[1]}" if client else None,
+            "method": method,
+            "path": path,
+            "status": code,
+            "latency_s": round(latency, 4),
         }
         for k, v in fields.items():
             if k in ("prompt", "output") and isinstance(v, str) and len(v) > self.max_log_chars:

@@ -18,7 +18,13 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
-from server.chat_template import normalize_messages, normalize_tools, prompt_starts_in_reasoning, template_kwargs
+from server.chat_template import (
+    encode_text,
+    normalize_messages,
+    normalize_tools,
+    prompt_starts_in_reasoning,
+    template_kwargs,
+)
 from server.engine_client import new_request_id
 from server.errors import APIError, bad_request, not_supported, sse_error_event
 from server.output_parser import ChatOutputParser
@@ -63,8 +69,9 @@ def _include_usage(req: Any) -> bool:
     return bool(req.stream_options and req.stream_options.include_usage)
 
 
-async def iterate_generations(gens: list[Generation], keepalive: float | None
-                              ) -> AsyncIterator[tuple[int, list[Any]] | None]:
+async def iterate_generations(
+    gens: list[Generation], keepalive: float | None
+) -> AsyncIterator[tuple[int, list[Any]] | None]:
     """Delta batches of several generations as they come: (generation index, batch), or None (keep-alive)."""
     if len(gens) == 1:
         async for batch in gens[0].batches(keepalive):
@@ -126,7 +133,9 @@ class ChatPlan:
             if not req.logprobs:
                 raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
             if not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
-                raise bad_request(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs")
+                raise bad_request(
+                    f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs"
+                )
         self.logprobs = (req.top_logprobs or 0) if req.logprobs else None
         self.top_logprobs = req.top_logprobs or 0
         tools = normalize_tools(req.tools)
@@ -136,8 +145,10 @@ class ChatPlan:
         self.parse_tools = False
         if isinstance(choice, str):
             if choice not in ("none", "auto", "required"):
-                raise bad_request(f"tool_choice must be none, auto, required or a named function; got {choice!r}",
-                                  param="tool_choice")
+                raise bad_request(
+                    f"tool_choice must be none, auto, required or a named function; got {choice!r}",
+                    param="tool_choice",
+                )
             if choice != "none":
                 if not tools:
                     raise bad_request(f"tool_choice {choice!r} needs tools", param="tool_choice")
@@ -147,7 +158,9 @@ class ChatPlan:
             name = fn.get("name") or choice.get("name")
             match = [t for t in tools or [] if t["function"]["name"] == name]
             if not match:
-                raise bad_request(f"tool_choice names function {name!r}, which is not in tools", param="tool_choice")
+                raise bad_request(
+                    f"tool_choice names function {name!r}, which is not in tools", param="tool_choice"
+                )
             tools = match  # best effort: only the named tool is offered to the model
             self.parse_tools = True
         else:
@@ -155,21 +168,29 @@ class ChatPlan:
         self.tools = tools
         self.parallel_tool_calls = req.parallel_tool_calls is not False
         self.messages = normalize_messages(req.messages)
-        self.kwargs = template_kwargs(state.chat_template.default_kwargs, req.chat_template_kwargs,
-                                      req.reasoning_effort, req.thinking)
+        self.kwargs = template_kwargs(
+            state.chat_template.default_kwargs, req.chat_template_kwargs, req.reasoning_effort, req.thinking
+        )
         if req.chat_template:
             logger.debug("ignoring a chat_template sent in the request (never run client Jinja)")
 
     def render(self, state: ServerState) -> tuple[str, list[int]]:
         prompt = state.chat_template.render(
-            self.messages, self.tools, kwargs=self.kwargs,
+            self.messages,
+            self.tools,
+            kwargs=self.kwargs,
             add_generation_prompt=self.req.add_generation_prompt is not False,
-            continue_final_message=bool(self.req.continue_final_message))
+            continue_final_message=bool(self.req.continue_final_message),
+        )
         return prompt, state.chat_template.encode(prompt)
 
     def parser(self, starts_in_reasoning: bool) -> ChatOutputParser:
-        return ChatOutputParser(starts_in_reasoning=starts_in_reasoning, tools=self.tools,
-                                parse_tools=self.parse_tools, parallel_tool_calls=self.parallel_tool_calls)
+        return ChatOutputParser(
+            starts_in_reasoning=starts_in_reasoning,
+            tools=self.tools,
+            parse_tools=self.parse_tools,
+            parallel_tool_calls=self.parallel_tool_calls,
+        )
 
 
 def _reasoning_fields(state: ServerState, text: str | None) -> dict[str, Any]:
@@ -197,23 +218,44 @@ class PreparedChat:
     created: int
 
 
-async def prepare_chat(state: ServerState, req: ChatCompletionRequest, log: dict[str, Any], arrival: float,
-                       id_prefix: str = "chatcmpl") -> PreparedChat:
+async def prepare_chat(
+    state: ServerState,
+    req: ChatCompletionRequest,
+    log: dict[str, Any],
+    arrival: float,
+    id_prefix: str = "chatcmpl",
+) -> PreparedChat:
     plan = ChatPlan(state, req)
     state.check_ready()
     prompt, prompt_ids = await to_thread(plan.render, state)
     starts_in_reasoning = prompt_starts_in_reasoning(prompt)
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    max_tokens = resolve_max_tokens(state, requested, len(prompt_ids),
-                                    param="max_completion_tokens" if req.max_completion_tokens is not None
-                                    else "max_tokens", prompt_param="messages")
+    max_tokens = resolve_max_tokens(
+        state,
+        requested,
+        len(prompt_ids),
+        param="max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens",
+        prompt_param="messages",
+    )
     params = make_sampling_params(
-        state, req=req, max_tokens=max_tokens, n=plan.n, logprobs=plan.logprobs,
-        skip_special_tokens=req.skip_special_tokens if req.skip_special_tokens is not None else False)
+        state,
+        req=req,
+        max_tokens=max_tokens,
+        n=plan.n,
+        logprobs=plan.logprobs,
+        skip_special_tokens=req.skip_special_tokens if req.skip_special_tokens is not None else False,
+    )
     rid = new_request_id(id_prefix)
     model = state.response_model(req.model)
-    log.update(engine_id=rid, model=model, stream=bool(req.stream), n=plan.n, messages=len(plan.messages),
-               tools=len(plan.tools or []), thinking=starts_in_reasoning)
+    log.update(
+        engine_id=rid,
+        model=model,
+        stream=bool(req.stream),
+        n=plan.n,
+        messages=len(plan.messages),
+        tools=len(plan.tools or []),
+        thinking=starts_in_reasoning,
+    )
     if state.config.log_requests in ("params", "full"):
         log["params"] = _params_summary(params)
     if state.config.log_requests == "full":
@@ -221,8 +263,9 @@ async def prepare_chat(state: ServerState, req: ChatCompletionRequest, log: dict
     gen = Generation(state, rid, n=plan.n, prompt_len=len(prompt_ids), log=log, arrival=arrival)
     await gen.start(prompt_ids, params, prompt)
     parsers = [plan.parser(starts_in_reasoning) for _ in range(plan.n)]
-    return PreparedChat(plan=plan, gen=gen, parsers=parsers, params=params, rid=rid, model=model,
-                        created=int(time.time()))
+    return PreparedChat(
+        plan=plan, gen=gen, parsers=parsers, params=params, rid=rid, model=model, created=int(time.time())
+    )
 
 
 @router.post("/v1/chat/completions")
@@ -246,8 +289,22 @@ async def chat_completions(request: Request) -> Response:
 
 
 def _params_summary(params: Any) -> dict[str, Any]:
-    keys = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "min_tokens", "stop", "ignore_eos",
-            "logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty")
+    keys = (
+        "n",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "seed",
+        "max_tokens",
+        "min_tokens",
+        "stop",
+        "ignore_eos",
+        "logprobs",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+    )
     return {k: getattr(params, k) for k in keys}
 
 
@@ -279,6 +336,7 @@ async def run_chat(state: ServerState, prep: PreparedChat) -> ChatResult:
                 res.logprobs[d.index].extend(d.new_logprobs)
             if d.finished:
                 res.reasons[d.index], res.stop_reasons[d.index] = d.finish_reason, d.stop_reason
+    prep.gen.log["reasoning_tokens"] = res.reasoning_tokens
     return res
 
 
@@ -286,32 +344,48 @@ def _chat_body(state: ServerState, prep: PreparedChat, res: ChatResult) -> dict[
     plan = prep.plan
     choices = []
     for i, p in enumerate(prep.parsers):
-        calls = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                 for c in p.tool_calls]
-        message: dict[str, Any] = {"role": "assistant", "content": p.content if (p.content or not calls) else None}
+        calls = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in p.tool_calls
+        ]
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": p.content if (p.content or not calls) else None,
+        }
         message.update(_reasoning_fields(state, p.reasoning or None))
         if calls:
             message["tool_calls"] = calls
-        choices.append({
-            "index": i, "message": message,
-            "logprobs": None if plan.logprobs is None else
-            {"content": chat_logprobs(state, res.token_ids[i], res.logprobs[i], plan.top_logprobs)},
-            "finish_reason": chat_finish_reason(res.reasons[i], bool(calls)),
-            "stop_reason": res.stop_reasons[i],
-        })
+        choices.append(
+            {
+                "index": i,
+                "message": message,
+                "logprobs": None
+                if plan.logprobs is None
+                else {"content": chat_logprobs(state, res.token_ids[i], res.logprobs[i], plan.top_logprobs)},
+                "finish_reason": chat_finish_reason(res.reasons[i], bool(calls)),
+                "stop_reason": res.stop_reasons[i],
+            }
+        )
     prep.gen.log["finish_reason"] = ",".join(sorted({c["finish_reason"] for c in choices}))
     return {
-        "id": prep.rid, "object": "chat.completion", "created": prep.created, "model": prep.model,
+        "id": prep.rid,
+        "object": "chat.completion",
+        "created": prep.created,
+        "model": prep.model,
         "choices": choices,
-        "usage": _usage(prep.gen.prompt_len, res.completion_tokens, prep.gen.num_cached_tokens,
-                        res.reasoning_tokens),
+        "usage": _usage(
+            prep.gen.prompt_len, res.completion_tokens, prep.gen.num_cached_tokens, res.reasoning_tokens
+        ),
     }
 
 
 def _usage(prompt: int, completion: int, cached: int, reasoning: int | None = None) -> dict[str, Any]:
-    usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
-                             "total_tokens": prompt + completion,
-                             "prompt_tokens_details": {"cached_tokens": cached}}
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
     if reasoning is not None:
         usage["completion_tokens_details"] = {"reasoning_tokens": reasoning}
     return usage
@@ -322,8 +396,13 @@ async def _chat_stream(state: ServerState, prep: PreparedChat) -> AsyncIterator[
     include_usage = _include_usage(plan.req)
     base = {"id": rid, "object": "chat.completion.chunk", "created": prep.created, "model": prep.model}
 
-    def chunk(index: int, delta: dict[str, Any], finish_reason: str | None = None, logprobs: Any = None,
-              **extra: Any) -> str:
+    def chunk(
+        index: int,
+        delta: dict[str, Any],
+        finish_reason: str | None = None,
+        logprobs: Any = None,
+        **extra: Any,
+    ) -> str:
         c = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason, **extra}
         body = {**base, "choices": [c]}
         if include_usage:
@@ -358,8 +437,16 @@ async def _chat_stream(state: ServerState, prep: PreparedChat) -> AsyncIterator[
                     elif kind == "reasoning":
                         delta = _reasoning_fields(state, ev[1])
                     elif kind == "tool_start":
-                        delta = {"tool_calls": [{"index": ev[1], "id": ev[2], "type": "function",
-                                                 "function": {"name": ev[3], "arguments": ""}}]}
+                        delta = {
+                            "tool_calls": [
+                                {
+                                    "index": ev[1],
+                                    "id": ev[2],
+                                    "type": "function",
+                                    "function": {"name": ev[3], "arguments": ""},
+                                }
+                            ]
+                        }
                     else:
                         delta = {"tool_calls": [{"index": ev[1], "function": {"arguments": ev[2]}}]}
                     yield chunk(i, delta, logprobs=lp)
@@ -371,10 +458,17 @@ async def _chat_stream(state: ServerState, prep: PreparedChat) -> AsyncIterator[
                 elif lp is not None:
                     yield chunk(i, {}, logprobs=lp)
         gen.log["finish_reason"] = ",".join(sorted(set(finish)))
+        gen.log["reasoning_tokens"] = reasoning_tokens
         if include_usage:
-            yield sse_data({**base, "choices": [],
-                            "usage": _usage(gen.prompt_len, completion_tokens, gen.num_cached_tokens,
-                                            reasoning_tokens)})
+            yield sse_data(
+                {
+                    **base,
+                    "choices": [],
+                    "usage": _usage(
+                        gen.prompt_len, completion_tokens, gen.num_cached_tokens, reasoning_tokens
+                    ),
+                }
+            )
         yield DONE
     except APIError as e:
         gen.log["error"] = e.message
@@ -406,14 +500,16 @@ def _prompts(state: ServerState, prompt: Any) -> list[CompletionPrompt]:
     elif isinstance(prompt, list):
         items = list(prompt)
     else:
-        raise bad_request("prompt must be a string, a list of strings, a list of token ids or a list of lists of "
-                          "token ids", param="prompt")
+        raise bad_request(
+            "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids",
+            param="prompt",
+        )
     if not items:
         raise bad_request("prompt must not be empty", param="prompt")
     out = []
     for p in items:
         if isinstance(p, str):
-            ids = list(state.tokenizer(p)["input_ids"]) if p else []
+            ids = encode_text(state.tokenizer, p, add_special_tokens=True) if p else []
             out.append(CompletionPrompt(p, ids))
         else:
             out.append(CompletionPrompt(None, [int(t) for t in p]))
@@ -440,20 +536,27 @@ async def completions(request: Request) -> Response:
     echo = bool(req.echo)
     scoring = req.max_tokens == 0
     if scoring and not echo:
-        raise bad_request("max_tokens must be at least 1 (0 is only allowed with echo, for scoring)",
-                          param="max_tokens")
+        raise bad_request(
+            "max_tokens must be at least 1 (0 is only allowed with echo, for scoring)", param="max_tokens"
+        )
     state.check_ready()
     prompts = await to_thread(_prompts, state, req.prompt)
     model = state.response_model(req.model)
     rid = new_request_id("cmpl")
     gens, param_sets = [], []
     for k, p in enumerate(prompts):
-        max_tokens = resolve_max_tokens(state, 1 if scoring else req.max_tokens, len(p.ids), param="max_tokens",
-                                        prompt_param="prompt")
+        max_tokens = resolve_max_tokens(
+            state, 1 if scoring else req.max_tokens, len(p.ids), param="max_tokens", prompt_param="prompt"
+        )
         params = make_sampling_params(
-            state, req=req, max_tokens=max_tokens, n=n, logprobs=req.logprobs,
+            state,
+            req=req,
+            max_tokens=max_tokens,
+            n=n,
+            logprobs=req.logprobs,
             prompt_logprobs=req.logprobs if (echo and req.logprobs is not None) else None,
-            skip_special_tokens=req.skip_special_tokens if req.skip_special_tokens is not None else True)
+            skip_special_tokens=req.skip_special_tokens if req.skip_special_tokens is not None else True,
+        )
         sub_log: dict[str, Any] = {} if k else log
         gens.append(Generation(state, f"{rid}-{k}", n=n, prompt_len=len(p.ids), log=sub_log, arrival=arrival))
         param_sets.append(params)
@@ -480,16 +583,28 @@ async def completions(request: Request) -> Response:
 
 
 class _CompletionContext:
-    def __init__(self, state: ServerState, req: CompletionRequest, prompts: list[CompletionPrompt],
-                 gens: list[Generation], params: list[Any], n: int, echo: bool, scoring: bool, rid: str,
-                 model: str) -> None:
+    def __init__(
+        self,
+        state: ServerState,
+        req: CompletionRequest,
+        prompts: list[CompletionPrompt],
+        gens: list[Generation],
+        params: list[Any],
+        n: int,
+        echo: bool,
+        scoring: bool,
+        rid: str,
+        model: str,
+    ) -> None:
         self.state, self.req, self.prompts, self.gens, self.params = state, req, prompts, gens, params
         self.n, self.echo, self.scoring, self.rid, self.model = n, echo, scoring, rid, model
         self.created = int(time.time())
         self.want_lp = req.logprobs is not None
         total = len(prompts) * n
         self.texts = [""] * total
-        self.lps = [CompletionLogprobs(state, req.logprobs or 0) if self.want_lp else None for _ in range(total)]
+        self.lps = [
+            CompletionLogprobs(state, req.logprobs or 0) if self.want_lp else None for _ in range(total)
+        ]
         self.reasons: list[str | None] = [None] * total
         self.stop_reasons: list[Any] = [None] * total
         self.started = [False] * total
@@ -549,21 +664,37 @@ class _CompletionContext:
             k, batch = item
             for d in batch:
                 self._consume(k, d)
-        choices = [{"index": i, "text": self.texts[i],
-                    "logprobs": self.lps[i].as_dict() if self.lps[i] is not None else None,
-                    "finish_reason": self.reasons[i], "stop_reason": self.stop_reasons[i]}
-                   for i in range(len(self.texts))]
+        choices = [
+            {
+                "index": i,
+                "text": self.texts[i],
+                "logprobs": self.lps[i].as_dict() if self.lps[i] is not None else None,
+                "finish_reason": self.reasons[i],
+                "stop_reason": self.stop_reasons[i],
+            }
+            for i in range(len(self.texts))
+        ]
         self.gens[0].log["finish_reason"] = ",".join(sorted({str(c["finish_reason"]) for c in choices}))
-        return {"id": self.rid, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": choices, "usage": self._usage()}
+        return {
+            "id": self.rid,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": self._usage(),
+        }
 
     async def stream(self) -> AsyncIterator[str]:
         include_usage = _include_usage(self.req)
         base = {"id": self.rid, "object": "text_completion", "created": self.created, "model": self.model}
 
         def chunk(index: int, text: str, logprobs: Any, finish: str | None = None, **extra: Any) -> str:
-            body = {**base, "choices": [{"index": index, "text": text, "logprobs": logprobs,
-                                         "finish_reason": finish, **extra}]}
+            body = {
+                **base,
+                "choices": [
+                    {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish, **extra}
+                ],
+            }
             if include_usage:
                 body["usage"] = None
             return sse_data(body)
@@ -581,7 +712,9 @@ class _CompletionContext:
                     if text or (lp is not None and len(lp) > lp_start):
                         yield chunk(index, text, lp_part)
                     if d.finished:
-                        yield chunk(index, "", None, self.reasons[index], stop_reason=self.stop_reasons[index])
+                        yield chunk(
+                            index, "", None, self.reasons[index], stop_reason=self.stop_reasons[index]
+                        )
             self.gens[0].log["finish_reason"] = ",".join(sorted({str(r) for r in self.reasons}))
             if include_usage:
                 yield sse_data({**base, "choices": [], "usage": self._usage()})

@@ -84,7 +84,7 @@ class ChatOutputParser:
                     events.append(("tool_start", i, out.id, out.name))
                 out = self.tool_calls[i]
                 if call.arguments.startswith(out.arguments):
-                    frag = call.arguments[len(out.arguments):]
+                    frag = call.arguments[len(out.arguments) :]
                 else:  # cannot happen with the prefix-stable parser; never resend what was sent
                     logger.warning("tool-call arguments of call %d diverged from what was streamed", i)
                     frag = ""
@@ -102,7 +102,7 @@ class ChatOutputParser:
         if not full.startswith(sent):
             logger.warning("%s text diverged from what was streamed", kind)
             return
-        frag = full[len(sent):]
+        frag = full[len(sent) :]
         setattr(self, kind, full)
         events.append((kind, frag))
 

@@ -82,9 +82,23 @@ class CompletionRequest(_SamplingFields):
 
 
 KNOWN_IGNORED = {
-    "user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key", "verbosity",
-    "prediction", "modalities", "audio", "web_search_options", "priority", "functions", "function_call",
-    "return_token_ids", "separate_reasoning", "stream_reasoning",
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "safety_identifier",
+    "prompt_cache_key",
+    "verbosity",
+    "prediction",
+    "modalities",
+    "audio",
+    "web_search_options",
+    "priority",
+    "functions",
+    "function_call",
+    "return_token_ids",
+    "separate_reasoning",
+    "stream_reasoning",
 }
 
 
@@ -125,5 +139,9 @@ def validation_error(e: ValidationError) -> APIError:
 
 def _is_union_tag(x: Any) -> bool:
     # pydantic puts the tried union member ("str", "list[int]") into the location; drop those.
-    return isinstance(x, str) and (x in ("str", "int", "float", "bool", "dict", "list") or "[" in x
-                                   or x.startswith("function-") or x.startswith("union["))
+    return isinstance(x, str) and (
+        x in ("str", "int", "float", "bool", "dict", "list")
+        or "[" in x
+        or x.startswith("function-")
+        or x.startswith("union[")
+    )

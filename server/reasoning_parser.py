@@ -52,7 +52,7 @@ def split_reasoning(text: str, starts_in_reasoning: bool, final: bool = False) -
     end = text.find(THINK_END, pos)
     tool = text.find(TOOL_CALL_START, pos)
     if end >= 0 and (tool < 0 or end < tool):
-        return ReasoningSplit(text[pos:end], text[end + len(THINK_END):], False, True)
+        return ReasoningSplit(text[pos:end], text[end + len(THINK_END) :], False, True)
     if tool >= 0:
         return ReasoningSplit(text[pos:tool], text[tool:], False, True)
     reasoning = text[pos:]

@@ -95,7 +95,9 @@ class ServerState:
 
 def _byte_level_decoder() -> dict[str, int]:
     """Inverse of the byte-to-printable-character table of byte-level BPE (GPT-2 convention)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    )
     chars = list(printable)
     extra = 0
     for b in range(256):
@@ -109,8 +111,9 @@ def _byte_level_decoder() -> dict[str, int]:
 # --------------------------------------------------------------------------------------------- sampling
 
 
-def resolve_max_tokens(state: ServerState, requested: int | None, prompt_len: int, *, param: str,
-                       prompt_param: str) -> int | None:
+def resolve_max_tokens(
+    state: ServerState, requested: int | None, prompt_len: int, *, param: str, prompt_param: str
+) -> int | None:
     """Clamp the output budget to the room left in the context; None = until the context is full."""
     room = state.max_model_len - prompt_len
     if room < 1:
@@ -118,7 +121,9 @@ def resolve_max_tokens(state: ServerState, requested: int | None, prompt_len: in
             400,
             f"This model's maximum context length is {state.max_model_len} tokens. However, your prompt has "
             f"{prompt_len} tokens, which leaves no room for output. Please shorten the prompt.",
-            param=prompt_param, code="context_length_exceeded")
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
     if requested is None:
         return None
     if requested < 1:
@@ -129,9 +134,17 @@ def resolve_max_tokens(state: ServerState, requested: int | None, prompt_len: in
 _FIELD_RE = re.compile(r"^([a-z_]+)")
 
 
-def make_sampling_params(state: ServerState, *, req: Any, max_tokens: int | None, n: int,
-                         logprobs: int | None = None, prompt_logprobs: int | None = None,
-                         skip_special_tokens: bool = True, stop: Any = None) -> SamplingParams:
+def make_sampling_params(
+    state: ServerState,
+    *,
+    req: Any,
+    max_tokens: int | None,
+    n: int,
+    logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
+    skip_special_tokens: bool = True,
+    stop: Any = None,
+) -> SamplingParams:
     d = state.generation_defaults
 
     def pick(name: str, default: Any) -> Any:
@@ -178,9 +191,13 @@ def check_response_format(response_format: dict[str, Any] | None) -> None:
     if kind in (None, "text"):
         return
     if kind in ("json_object", "json_schema"):
-        raise APIError(400, f"response_format type {kind!r} is not supported yet by this server (structured "
-                            "output is not enforced); omit response_format or use type 'text'",
-                       param="response_format", code="unsupported_parameter")
+        raise APIError(
+            400,
+            f"response_format type {kind!r} is not supported yet by this server (structured "
+            "output is not enforced); omit response_format or use type 'text'",
+            param="response_format",
+            code="unsupported_parameter",
+        )
     raise bad_request(f"unknown response_format type {kind!r}", param="response_format.type")
 
 
@@ -206,8 +223,16 @@ def strip_stop_token_text(state: ServerState, delta: Any, params: SamplingParams
 class Generation:
     """One engine request (all n choices) seen from an HTTP handler."""
 
-    def __init__(self, state: ServerState, request_id: str, *, n: int, prompt_len: int, log: dict[str, Any],
-                 arrival: float) -> None:
+    def __init__(
+        self,
+        state: ServerState,
+        request_id: str,
+        *,
+        n: int,
+        prompt_len: int,
+        log: dict[str, Any],
+        arrival: float,
+    ) -> None:
         self.state = state
         self.request_id = request_id
         self.n = n
@@ -235,9 +260,13 @@ class Generation:
             waiting = int(st.client.stats.get("num_waiting", 0)) + st.client.num_unacked
             if waiting >= limit:
                 st.metrics.num_rejected_requests.inc()
-                raise APIError(429, f"the server is overloaded ({waiting} requests waiting, limit {limit}); "
-                                    "retry later", type="rate_limit_error", code="server_overloaded",
-                               headers={"Retry-After": "1"})
+                raise APIError(
+                    429,
+                    f"the server is overloaded ({waiting} requests waiting, limit {limit}); retry later",
+                    type="rate_limit_error",
+                    code="server_overloaded",
+                    headers={"Retry-After": "1"},
+                )
         self.log["prompt_tokens"] = self.prompt_len
         try:
             self.stream = await st.client.add_request(self.request_id, prompt_token_ids, params, prompt)
@@ -258,7 +287,9 @@ class Generation:
             try:
                 batch = await self.stream.next_batch(keepalive)
             except EngineDeadError as e:
-                raise unavailable(f"the engine stopped while serving this request ({e})", retry_after=30) from None
+                raise unavailable(
+                    f"the engine stopped while serving this request ({e})", retry_after=30
+                ) from None
             if batch is None:
                 yield None
                 continue
@@ -327,31 +358,41 @@ def _clean(lp: float) -> float:
 
 
 def _sorted_top(lpd: dict[int, Any], k: int) -> list[tuple[int, Any]]:
-    return sorted(lpd.items(), key=lambda kv: (kv[1].rank if kv[1].rank is not None else 1 << 30, -kv[1].logprob))[:k]
+    return sorted(
+        lpd.items(), key=lambda kv: (kv[1].rank if kv[1].rank is not None else 1 << 30, -kv[1].logprob)
+    )[:k]
 
 
 def _lp_text(state: ServerState, tok: int, lp: Any) -> str:
     return lp.decoded_token if lp is not None and lp.decoded_token is not None else state.token_text(tok)
 
 
-def chat_logprobs(state: ServerState, token_ids: list[int], lp_dicts: list[dict[int, Any]], top_n: int) -> list[dict]:
+def chat_logprobs(
+    state: ServerState, token_ids: list[int], lp_dicts: list[dict[int, Any]], top_n: int
+) -> list[dict]:
     out = []
     for tok, lpd in zip(token_ids, lp_dicts):
         lp = lpd.get(tok)
-        out.append({
-            "token": _lp_text(state, tok, lp),
-            "logprob": _clean(lp.logprob) if lp is not None else MIN_LOGPROB,
-            "bytes": list(state.token_bytes(tok)),
-            "top_logprobs": [
-                {"token": _lp_text(state, t, l), "logprob": _clean(l.logprob), "bytes": list(state.token_bytes(t))}
-                for t, l in _sorted_top(lpd, top_n)
-            ],
-        })
+        out.append(
+            {
+                "token": _lp_text(state, tok, lp),
+                "logprob": _clean(lp.logprob) if lp is not None else MIN_LOGPROB,
+                "bytes": list(state.token_bytes(tok)),
+                "top_logprobs": [
+                    {
+                        "token": _lp_text(state, t, alt),
+                        "logprob": _clean(alt.logprob),
+                        "bytes": list(state.token_bytes(t)),
+                    }
+                    for t, alt in _sorted_top(lpd, top_n)
+                ],
+            }
+        )
     return out
 
 
 class CompletionLogprobs:
-    """Accumulates the legacy completions `logprobs` object (tokens, token_logprobs, top_logprobs, text_offset)."""
+    """Accumulates the legacy completions `logprobs` object: tokens, token_logprobs, top_logprobs, text_offset."""
 
     def __init__(self, state: ServerState, top_n: int, text_offset: int = 0) -> None:
         self.state = state
@@ -366,20 +407,26 @@ class CompletionLogprobs:
         lp = lpd.get(tok) if lpd else None
         text = _lp_text(self.state, tok, lp)
         self.tokens.append(text)
-        self.token_logprobs.append(None if lpd is None else (_clean(lp.logprob) if lp is not None else MIN_LOGPROB))
+        self.token_logprobs.append(
+            None if lpd is None else (_clean(lp.logprob) if lp is not None else MIN_LOGPROB)
+        )
         if lpd is None:
             self.top_logprobs.append(None)
         else:
             top = {}
-            for t, l in _sorted_top(lpd, self.top_n):
-                top.setdefault(_lp_text(self.state, t, l), _clean(l.logprob))
+            for t, alt in _sorted_top(lpd, self.top_n):
+                top.setdefault(_lp_text(self.state, t, alt), _clean(alt.logprob))
             self.top_logprobs.append(top)
         self.text_offset.append(self.offset)
         self.offset += len(text)
 
     def as_dict(self, start: int = 0) -> dict[str, Any]:
-        return {"tokens": self.tokens[start:], "token_logprobs": self.token_logprobs[start:],
-                "top_logprobs": self.top_logprobs[start:], "text_offset": self.text_offset[start:]}
+        return {
+            "tokens": self.tokens[start:],
+            "token_logprobs": self.token_logprobs[start:],
+            "top_logprobs": self.top_logprobs[start:],
+            "text_offset": self.text_offset[start:],
+        }
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -46,10 +46,18 @@ async def _wait_for_disconnect(receive: Receive) -> None:
 
 
 class SSEResponse(StreamingResponse):
-    def __init__(self, iterator: AsyncIterator[str], headers: dict[str, str] | None = None,
-                 on_disconnect: Callable[[], None] | None = None) -> None:
-        super().__init__(iterator, status_code=200, headers={**SSE_HEADERS, **(headers or {})},
-                         media_type="text/event-stream")
+    def __init__(
+        self,
+        iterator: AsyncIterator[str],
+        headers: dict[str, str] | None = None,
+        on_disconnect: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(
+            iterator,
+            status_code=200,
+            headers={**SSE_HEADERS, **(headers or {})},
+            media_type="text/event-stream",
+        )
         self.on_disconnect = on_disconnect
         self.disconnected = False
 
@@ -57,7 +65,9 @@ class SSEResponse(StreamingResponse):
         iterator = self.body_iterator
 
         async def produce() -> None:
-            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            await send(
+                {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+            )
             async for chunk in iterator:
                 await send({"type": "http.response.body", "body": chunk.encode("utf-8"), "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -2,7 +2,8 @@
 tool calls) through the whole stack although the tiny model writes random gibberish.
 
 Active only when the environment variable GLINT_TEST_SCRIPTS names a JSON file {"name": ["chunk", ...]} when
-the engine process starts (it logs a warning). A request whose prompt text contains `<<script:NAME>>` still
+the engine process starts (it logs a warning); a chunk may also be {"text": ..., "sleep": seconds}, which
+holds that step back (a slow prefill). A request whose prompt text contains `<<script:NAME>>` still
 runs on the real engine (scheduling, KV pages, one real token per step), but each delta's text is replaced by
 the next chunk of the script, and the request finishes with finish_reason "stop" after the last chunk (as if
 the model had written EOS). Requests without the marker are untouched. Never set the variable in production.
@@ -14,6 +15,7 @@ import dataclasses
 import json
 import logging
 import re
+import time
 from typing import Any
 
 logger = logging.getLogger("glint.engine")
@@ -28,21 +30,27 @@ class ScriptedEngineCore:
             self.scripts: dict[str, list[str]] = json.load(f)
         self.core = core
         self._active: dict[str, dict[int, list[str]]] = {}
-        logger.warning("TEST HOOK ACTIVE: scripted outputs from %s (%d scripts); not for production",
-                       scripts_path, len(self.scripts))
+        logger.warning(
+            "TEST HOOK ACTIVE: scripted outputs from %s (%d scripts); not for production",
+            scripts_path,
+            len(self.scripts),
+        )
 
     def __getattr__(self, name: str) -> Any:  # tokenizer, model_config, max_model_len, stats, ...
         return getattr(self.core, name)
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: Any, prompt: str | None = None):
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: Any, prompt: str | None = None
+    ):
         m = _MARKER.search(prompt or "")
         if m is None or m.group(1) not in self.scripts:
             return self.core.add_request(request_id, prompt_token_ids, params, prompt=prompt)
         chunks = list(self.scripts[m.group(1)])
         room = self.core.max_model_len - len(prompt_token_ids)
         n_tokens = max(1, min(len(chunks), room, params.max_tokens or room))
-        scripted = dataclasses.replace(params, max_tokens=n_tokens, min_tokens=0, ignore_eos=True, stop=None,
-                                       stop_token_ids=None)
+        scripted = dataclasses.replace(
+            params, max_tokens=n_tokens, min_tokens=0, ignore_eos=True, stop=None, stop_token_ids=None
+        )
         self.core.add_request(request_id, prompt_token_ids, scripted, prompt=prompt)
         self._active[request_id] = {i: list(chunks) for i in range(params.n)}
 
@@ -57,7 +65,11 @@ class ScriptedEngineCore:
             if script is None or d.finish_reason == "abort":
                 continue
             chunks = script.get(d.index, [])
-            d.new_text = chunks.pop(0) if chunks else ""
+            chunk = chunks.pop(0) if chunks else ""
+            if isinstance(chunk, dict):  # {"text": ..., "sleep": seconds}: a slow step (e.g. a long prefill)
+                time.sleep(float(chunk.get("sleep", 0)))
+                chunk = chunk.get("text", "")
+            d.new_text = chunk
             d.new_logprobs = None
             if d.finished:
                 # one real token per chunk: the budget ends with the script (an EOS-like stop) or before it

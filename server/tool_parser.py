@@ -47,7 +47,7 @@ class ToolParse:
     calls: list[ParsedToolCall] = field(default_factory=list)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Schema typing
 
 
@@ -179,7 +179,7 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Parsing
 
 
@@ -215,7 +215,7 @@ def _parse_call_body(body: str, closed: bool, final: bool, schemas: ToolSchemas)
         key_end = body.find(ARG_KEY_END, pos + len(ARG_KEY_START))
         if key_end < 0:
             break  # key still being written
-        key = body[pos + len(ARG_KEY_START): key_end].strip()
+        key = body[pos + len(ARG_KEY_START) : key_end].strip()
         pos = _skip_ws(body, key_end + len(ARG_KEY_END))
         if not body.startswith(ARG_VALUE_START, pos):
             break  # value not started yet (or junk)

@@ -32,7 +32,11 @@ class LiveServer:
         full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server", "--port", str(self.port), *args],
-            cwd=REPO, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+            cwd=REPO,
+            env=full_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
 
     def log_text(self) -> str:
         self._log.flush()

@@ -27,8 +27,12 @@ def test_health_generate_then_engine_death(server):
     started = threading.Event()
 
     def stream():
-        body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 2000, "stream": True,
-                "ignore_eos": True}
+        body = {
+            "messages": [{"role": "user", "content": "go"}],
+            "max_tokens": 2000,
+            "stream": True,
+            "ignore_eos": True,
+        }
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
             for line in r.iter_lines():
                 lines.append(line)

@@ -14,22 +14,47 @@ import pytest
 KEYS = ("key-one", "key-two")
 AUTH = {"Authorization": f"Bearer {KEYS[0]}"}
 SCRIPTS = {
-    "anthropic_tool": ["I need the weather.", "</think>", "Checking.", "<tool_call>get_weather",
-                       "<arg_key>city</arg_key><arg_value>Par", "is</arg_value>",
-                       "<arg_key>days</arg_key><arg_value>2</arg_value></tool_call>"],
+    "slow_first_token": [{"text": "first", "sleep": 0.6}, " second", " third"],
+    "anthropic_tool": [
+        "I need the weather.",
+        "</think>",
+        "Checking.",
+        "<tool_call>get_weather",
+        "<arg_key>city</arg_key><arg_value>Par",
+        "is</arg_value>",
+        "<arg_key>days</arg_key><arg_value>2</arg_value></tool_call>",
+    ],
 }
-ANTHROPIC_TOOLS = [{"name": "get_weather", "description": "Weather",
-                    "input_schema": {"type": "object", "properties": {"city": {"type": "string"},
-                                                                     "days": {"type": "integer"}}}}]
+ANTHROPIC_TOOLS = [
+    {
+        "name": "get_weather",
+        "description": "Weather",
+        "input_schema": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+        },
+    }
+]
 
 
 @pytest.fixture(scope="module")
 def server(launch_server, tmp_path_factory):
     scripts = tmp_path_factory.mktemp("scripts") / "scripts.json"
     scripts.write_text(json.dumps(SCRIPTS))
-    srv = launch_server("--api-key", *KEYS, "--max-running-requests", "2", "--max-queued-requests", "1",
-                        "--keepalive-interval", "0.02", "--served-model-name", "glm-4.7", "glm",
-                        env={"GLINT_TEST_SCRIPTS": str(scripts)})
+    srv = launch_server(
+        "--api-key",
+        *KEYS,
+        "--max-running-requests",
+        "2",
+        "--max-queued-requests",
+        "1",
+        "--keepalive-interval",
+        "0.1",
+        "--served-model-name",
+        "glm-4.7",
+        "glm",
+        env={"GLINT_TEST_SCRIPTS": str(scripts)},
+    )
     yield srv
     srv.stop()
 
@@ -95,24 +120,39 @@ def test_health_root_models_metrics(http):
     data = r.json()["data"]
     assert [m["id"] for m in data] == ["glm-4.7", "glm"] and all(m["max_model_len"] > 0 for m in data)
     text = metrics_text(http)
-    for name in ("glint:num_requests_running", "glint:num_requests_waiting", "glint:kv_cache_usage_perc",
-                 "glint:prefix_cache_hit_rate", "glint:time_to_first_token_seconds_bucket",
-                 "glint:inter_token_latency_seconds_bucket", "glint:e2e_request_latency_seconds_bucket",
-                 "glint:prompt_tokens_total", "glint:generation_tokens_total", "glint:kv_cache_capacity_tokens"):
+    for name in (
+        "glint:num_requests_running",
+        "glint:num_requests_waiting",
+        "glint:kv_cache_usage_perc",
+        "glint:prefix_cache_hit_rate",
+        "glint:time_to_first_token_seconds_bucket",
+        "glint:inter_token_latency_seconds_bucket",
+        "glint:e2e_request_latency_seconds_bucket",
+        "glint:prompt_tokens_total",
+        "glint:generation_tokens_total",
+        "glint:kv_cache_capacity_tokens",
+    ):
         assert name in text, name
     assert 'model_name="glm-4.7"' in text
 
 
 def test_auth(http):
-    err = assert_openai_error(http.post("/v1/chat/completions", json=chat_body()), 401, code="invalid_api_key")
+    err = assert_openai_error(
+        http.post("/v1/chat/completions", json=chat_body()), 401, code="invalid_api_key"
+    )
     assert err["type"] == "authentication_error"
-    assert_openai_error(http.post("/v1/chat/completions", json=chat_body(),
-                                  headers={"Authorization": "Bearer wrong"}), 401)
+    assert_openai_error(
+        http.post("/v1/chat/completions", json=chat_body(), headers={"Authorization": "Bearer wrong"}), 401
+    )
     assert_openai_error(http.get("/v1/models"), 401)
     assert http.post("/v1/chat/completions", json=chat_body(), headers=AUTH).status_code == 200
-    assert http.post("/v1/chat/completions", json=chat_body(), headers={"x-api-key": KEYS[1]}).status_code == 200
-    r = http.options("/v1/chat/completions", headers={"Origin": "http://example.com",
-                                                      "Access-Control-Request-Method": "POST"})
+    assert (
+        http.post("/v1/chat/completions", json=chat_body(), headers={"x-api-key": KEYS[1]}).status_code == 200
+    )
+    r = http.options(
+        "/v1/chat/completions",
+        headers={"Origin": "http://example.com", "Access-Control-Request-Method": "POST"},
+    )
     assert r.status_code == 200  # CORS preflight needs no key
     assert http.get("/metrics").status_code == 200 and http.get("/health").status_code == 200
 
@@ -136,18 +176,29 @@ def test_bad_inputs_are_openai_shaped_400s(http):
     assert_openai_error(http.post(url, content=b"[1, 2]", headers=h), 400)
     assert_openai_error(http.post(url, json={"model": "m"}, headers=AUTH), 400, param="messages")
     assert_openai_error(http.post(url, json=chat_body(n="abc"), headers=AUTH), 400, param="n")
-    assert_openai_error(http.post(url, json=chat_body(temperature="hot"), headers=AUTH), 400, param="temperature")
+    assert_openai_error(
+        http.post(url, json=chat_body(temperature="hot"), headers=AUTH), 400, param="temperature"
+    )
     assert_openai_error(http.post(url, json=chat_body(top_p=5), headers=AUTH), 400, param="top_p")
-    assert_openai_error(http.post(url, json={"messages": [{"role": "wizard", "content": "x"}]}, headers=AUTH),
-                        400, param="messages[0].role")
+    assert_openai_error(
+        http.post(url, json={"messages": [{"role": "wizard", "content": "x"}]}, headers=AUTH),
+        400,
+        param="messages[0].role",
+    )
     assert_openai_error(http.post(url, json=chat_body(tools=[]), headers=AUTH), 400, param="tools")
-    assert_openai_error(http.post(url, json=chat_body(logprobs=False, top_logprobs=3), headers=AUTH), 400,
-                        param="top_logprobs")
+    assert_openai_error(
+        http.post(url, json=chat_body(logprobs=False, top_logprobs=3), headers=AUTH),
+        400,
+        param="top_logprobs",
+    )
     assert_openai_error(http.post(url, json=chat_body(logit_bias={"999999": 5}), headers=AUTH), 400)
     assert_openai_error(http.post("/v1/completions", json={"prompt": [], "max_tokens": 2}, headers=AUTH), 400)
-    assert_openai_error(http.post("/v1/completions", json={"prompt": "x", "suffix": "y"}, headers=AUTH), 400,
-                        param="suffix")
-    assert_openai_error(http.post("/v1/completions", json={"prompt": [999999], "max_tokens": 2}, headers=AUTH), 400)
+    assert_openai_error(
+        http.post("/v1/completions", json={"prompt": "x", "suffix": "y"}, headers=AUTH), 400, param="suffix"
+    )
+    assert_openai_error(
+        http.post("/v1/completions", json={"prompt": [999999], "max_tokens": 2}, headers=AUTH), 400
+    )
     assert_openai_error(http.get("/v1/does-not-exist", headers=AUTH), 404)
     assert_openai_error(http.get("/v1/chat/completions", headers=AUTH), 405)
 
@@ -169,8 +220,13 @@ def sse_events(text: str) -> list[tuple[str, dict]]:
 
 def test_anthropic_messages_basic(http):
     headers = {"x-api-key": KEYS[1], "anthropic-version": "2023-06-01", "anthropic-beta": "x"}
-    body = {"model": "claude-sonnet-4-5", "max_tokens": 5, "system": [{"type": "text", "text": "Be brief."}],
-            "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "metadata": {"user_id": "u"}}
+    body = {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 5,
+        "system": [{"type": "text", "text": "Be brief."}],
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        "metadata": {"user_id": "u"},
+    }
     r = http.post("/v1/messages?beta=true", json=body, headers=headers)
     assert r.status_code == 200, r.text
     msg = r.json()
@@ -178,17 +234,27 @@ def test_anthropic_messages_basic(http):
     assert msg["model"] == "claude-sonnet-4-5" and msg["stop_reason"] in ("end_turn", "max_tokens")
     assert msg["usage"]["input_tokens"] > 0 and msg["usage"]["output_tokens"] >= 1
     assert all(b["type"] in ("text", "thinking") for b in msg["content"])
-    r = http.post("/v1/messages/count_tokens", json={"model": "x", "messages": body["messages"]}, headers=headers)
+    r = http.post(
+        "/v1/messages/count_tokens", json={"model": "x", "messages": body["messages"]}, headers=headers
+    )
     short = r.json()["input_tokens"]
-    r = http.post("/v1/messages/count_tokens", headers=headers, json={
-        "model": "x", "messages": body["messages"], "tools": ANTHROPIC_TOOLS})
+    r = http.post(
+        "/v1/messages/count_tokens",
+        headers=headers,
+        json={"model": "x", "messages": body["messages"], "tools": ANTHROPIC_TOOLS},
+    )
     assert r.status_code == 200 and r.json()["input_tokens"] > short > 0
 
 
 def test_anthropic_tool_use_and_streaming(http):
     headers = {"Authorization": f"Bearer {KEYS[0]}", "anthropic-version": "2023-06-01"}
-    body = {"model": "glm", "max_tokens": 100, "tools": ANTHROPIC_TOOLS, "tool_choice": {"type": "auto"},
-            "messages": [{"role": "user", "content": "<<script:anthropic_tool>>"}]}
+    body = {
+        "model": "glm",
+        "max_tokens": 100,
+        "tools": ANTHROPIC_TOOLS,
+        "tool_choice": {"type": "auto"},
+        "messages": [{"role": "user", "content": "<<script:anthropic_tool>>"}],
+    }
     msg = http.post("/v1/messages", json=body, headers=headers).json()
     assert msg["stop_reason"] == "tool_use"
     kinds = [b["type"] for b in msg["content"]]
@@ -224,19 +290,37 @@ def test_anthropic_tool_use_and_streaming(http):
     assert names.count("content_block_start") == names.count("content_block_stop") == 3
     assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
 
-    history = {"model": "glm", "max_tokens": 3, "tools": ANTHROPIC_TOOLS, "messages": [
-        {"role": "user", "content": "weather?"},
-        {"role": "assistant", "content": [{"type": "thinking", "thinking": "call it", "signature": ""},
-                                          {"type": "tool_use", "id": "toolu_1", "name": "get_weather",
-                                           "input": {"city": "Paris"}}]},
-        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"},
-                                     {"type": "text", "text": "thanks"}]}]}
+    history = {
+        "model": "glm",
+        "max_tokens": 3,
+        "tools": ANTHROPIC_TOOLS,
+        "messages": [
+            {"role": "user", "content": "weather?"},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "thinking", "thinking": "call it", "signature": ""},
+                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}},
+                ],
+            },
+            {
+                "role": "user",
+                "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"},
+                    {"type": "text", "text": "thanks"},
+                ],
+            },
+        ],
+    }
     assert http.post("/v1/messages", json=history, headers=headers).status_code == 200
 
 
 def test_anthropic_errors(http):
-    r = http.post("/v1/messages", json={"model": "x", "messages": [{"role": "user", "content": "hi"}]},
-                  headers={"x-api-key": KEYS[0]})
+    r = http.post(
+        "/v1/messages",
+        json={"model": "x", "messages": [{"role": "user", "content": "hi"}]},
+        headers={"x-api-key": KEYS[0]},
+    )
     assert r.status_code == 400
     body = r.json()
     assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
@@ -248,25 +332,43 @@ def test_anthropic_errors(http):
 
 
 def test_keepalive_comments_and_sdk_ignores_them(http, server):
-    body = {**chat_body("keep alive " * 40, max_tokens=40, stream=True), "ignore_eos": True}
+    # the scripted first step takes 0.6 s (like a long prefill): the stream must not stay silent meanwhile
+    body = chat_body("<<script:slow_first_token>>", max_tokens=40, stream=True)
     with http.stream("POST", "/v1/chat/completions", json=body, headers=AUTH) as r:
         lines = [ln for ln in r.iter_lines()]
-    assert ": keep-alive" in lines
+    first_data = next(i for i, ln in enumerate(lines) if '"first"' in ln)
+    assert lines[:first_data].count(": keep-alive") >= 2
     assert lines[-2] == "data: [DONE]" or lines[-1] == "data: [DONE]"
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEYS[1], max_retries=0)
-    chunks = list(client.chat.completions.create(model="glm", messages=[{"role": "user", "content": "x"}],
-                                                 max_tokens=20, stream=True, extra_body={"ignore_eos": True}))
-    assert chunks[-1].choices[0].finish_reason == "length"
+    chunks = list(
+        client.chat.completions.create(
+            model="glm", messages=[{"role": "user", "content": "<<script:slow_first_token>>"}], stream=True
+        )
+    )
+    reasoning = "".join(c.choices[0].delta.model_extra.get("reasoning_content") or "" for c in chunks)
+    assert reasoning == "first second third" and chunks[-1].choices[0].finish_reason == "stop"
+    r = http.post(
+        "/v1/messages",
+        headers=AUTH,
+        json={
+            "model": "x",
+            "max_tokens": 10,
+            "stream": True,
+            "messages": [{"role": "user", "content": "<<script:slow_first_token>>"}],
+        },
+    )
+    assert "event: ping" in r.text
 
 
 def _start_stream(server, results: list, key: int):
     def run():
         body = {**chat_body(f"long request {key}", max_tokens=400, stream=True), "ignore_eos": True}
         try:
-            with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers=AUTH,
-                              timeout=60) as r:
+            with httpx.stream(
+                "POST", server.url + "/v1/chat/completions", json=body, headers=AUTH, timeout=60
+            ) as r:
                 results.append(("status", key, r.status_code))
-                for i, _ in enumerate(r.iter_lines()):
+                for _ in r.iter_lines():
                     if stop_flags[key].is_set():
                         break
         except Exception as e:  # noqa: BLE001
@@ -297,8 +399,12 @@ def test_overload_429_then_disconnect_frees_everything(http, server):
     for t in threads:
         t.join(30)
     assert sorted(x[1] for x in results if x[0] == "status") == [0, 1, 2]
-    wait_until(lambda: metric(metrics_text(http), "glint:num_requests_running") == 0
-               and metric(metrics_text(http), "glint:num_requests_waiting") == 0)
+    wait_until(
+        lambda: (
+            metric(metrics_text(http), "glint:num_requests_running") == 0
+            and metric(metrics_text(http), "glint:num_requests_waiting") == 0
+        )
+    )
     s = wait_until(lambda: (lambda s: s if s["used_kv_blocks"] == 0 else None)(engine_stats(http)))
     assert s["free_kv_blocks"] == s["total_kv_blocks"] - s["cached_kv_blocks"]
     assert s["total_kv_blocks"] == stats0["total_kv_blocks"]
@@ -308,8 +414,12 @@ def test_overload_429_then_disconnect_frees_everything(http, server):
 def test_non_streaming_disconnect_aborts(http, server):
     aborted0 = metric(metrics_text(http), "glint:num_aborted_requests_total")
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/v1/chat/completions", headers=AUTH, timeout=1.0,
-                   json={**chat_body("slow", max_tokens=450), "ignore_eos": True})
+        httpx.post(
+            server.url + "/v1/chat/completions",
+            headers=AUTH,
+            timeout=1.0,
+            json={**chat_body("slow", max_tokens=450), "ignore_eos": True},
+        )
     wait_until(lambda: metric(metrics_text(http), "glint:num_aborted_requests_total") >= aborted0 + 1)
     wait_until(lambda: metric(metrics_text(http), "glint:num_requests_running") == 0)
     s = wait_until(lambda: (lambda s: s if s["used_kv_blocks"] == 0 else None)(engine_stats(http)))

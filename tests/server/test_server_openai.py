@@ -15,24 +15,66 @@ import pytest
 
 SCRIPTS = {
     # thinking on: reasoning, then a tool call without </think>; arguments arrive in small pieces
-    "reason_tool": ["The user wants", " the weather in Paris.", "<tool_call>", "get_weather", "<arg_key>", "city",
-                    "</arg_key>", "<arg_value>", "Par", "is", "</arg_value>", "<arg_key>days</arg_key><arg_value>",
-                    "3", "</arg_value>", "</tool_call>"],
+    "reason_tool": [
+        "The user wants",
+        " the weather in Paris.",
+        "<tool_call>",
+        "get_weather",
+        "<arg_key>",
+        "city",
+        "</arg_key>",
+        "<arg_value>",
+        "Par",
+        "is",
+        "</arg_value>",
+        "<arg_key>days</arg_key><arg_value>",
+        "3",
+        "</arg_value>",
+        "</tool_call>",
+    ],
     "reason_text": ["Let me think", " about it.", "</think>", "Hello", " world!"],
-    "two_calls": ["Plan.", "</think>", "Running two tools.\n", "<tool_call>list_files</tool_call>\n",
-                  "<tool_call>write_file<arg_key>path</arg_key><arg_value>a.txt</arg_value>",
-                  "<arg_key>content</arg_key><arg_value>line1\n  \"quoted\"\n", "</arg_value></tool_call>"],
-    "tool_no_think": ["<tool_call>get_weather<arg_key>city</arg_key>", "<arg_value>Oslo</arg_value></tool_call>"],
+    "two_calls": [
+        "Plan.",
+        "</think>",
+        "Running two tools.\n",
+        "<tool_call>list_files</tool_call>\n",
+        "<tool_call>write_file<arg_key>path</arg_key><arg_value>a.txt</arg_value>",
+        '<arg_key>content</arg_key><arg_value>line1\n  "quoted"\n',
+        "</arg_value></tool_call>",
+    ],
+    "tool_no_think": [
+        "<tool_call>get_weather<arg_key>city</arg_key>",
+        "<arg_value>Oslo</arg_value></tool_call>",
+    ],
 }
 
 TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
-                                      "parameters": {"type": "object", "properties": {
-                                          "city": {"type": "string"}, "days": {"type": "integer"}},
-                                          "required": ["city"]}}},
-    {"type": "function", "function": {"name": "list_files", "parameters": {"type": "object", "properties": {}}}},
-    {"type": "function", "function": {"name": "write_file", "parameters": {"type": "object", "properties": {
-        "path": {"type": "string"}, "content": {"type": "string"}}}}},
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather for a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                "required": ["city"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {"name": "list_files", "parameters": {"type": "object", "properties": {}}},
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "write_file",
+            "parameters": {
+                "type": "object",
+                "properties": {"path": {"type": "string"}, "content": {"type": "string"}},
+            },
+        },
+    },
 ]
 
 MAX_MODEL_LEN = 512
@@ -42,8 +84,13 @@ MAX_MODEL_LEN = 512
 def server(launch_server, tmp_path_factory):
     scripts = tmp_path_factory.mktemp("scripts") / "scripts.json"
     scripts.write_text(json.dumps(SCRIPTS))
-    srv = launch_server("--max-model-len", str(MAX_MODEL_LEN), "--stats-interval", "1",
-                        env={"GLINT_TEST_SCRIPTS": str(scripts)})
+    srv = launch_server(
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--stats-interval",
+        "1",
+        env={"GLINT_TEST_SCRIPTS": str(scripts)},
+    )
     yield srv
     srv.stop()
 
@@ -68,7 +115,8 @@ def test_models(client):
 
 def test_chat_non_streaming(client):
     raw = client.chat.completions.with_raw_response.create(
-        model="anything", messages=user("Hello there"), max_tokens=8, temperature=0)
+        model="anything", messages=user("Hello there"), max_tokens=8, temperature=0
+    )
     assert raw.headers.get("x-request-id")
     resp = raw.parse()
     assert resp.id.startswith("chatcmpl-") and resp.object == "chat.completion" and resp.model == "anything"
@@ -84,8 +132,13 @@ def test_chat_non_streaming(client):
 
 def test_chat_stream_with_usage(client):
     stream = client.chat.completions.create(
-        model="glint-tiny", messages=user("Stream please"), max_tokens=10, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        model="glint-tiny",
+        messages=user("Stream please"),
+        max_tokens=10,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     chunks = list(stream)
     assert len({c.id for c in chunks}) == 1 and len({c.created for c in chunks}) == 1
     first = chunks[0]
@@ -107,11 +160,20 @@ def test_chat_stream_without_usage_has_no_usage_chunk(client):
 
 
 def test_n2(client):
-    resp = client.chat.completions.create(model="m", messages=user("two answers"), n=2, max_tokens=5,
-                                          temperature=1.0, seed=1)
+    resp = client.chat.completions.create(
+        model="m", messages=user("two answers"), n=2, max_tokens=5, temperature=1.0, seed=1
+    )
     assert sorted(c.index for c in resp.choices) == [0, 1]
-    chunks = list(client.chat.completions.create(model="m", messages=user("two answers"), n=2, max_tokens=5,
-                                                 stream=True, extra_body={"ignore_eos": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="m",
+            messages=user("two answers"),
+            n=2,
+            max_tokens=5,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
     finishes = [c.choices[0] for c in chunks if c.choices and c.choices[0].finish_reason]
     assert sorted(f.index for f in finishes) == [0, 1]
     roles = [c.choices[0].index for c in chunks if c.choices and c.choices[0].delta.role == "assistant"]
@@ -119,8 +181,14 @@ def test_n2(client):
 
 
 def test_logprobs(client):
-    resp = client.chat.completions.create(model="m", messages=user("logprobs"), max_tokens=6, logprobs=True,
-                                          top_logprobs=3, extra_body={"ignore_eos": True})
+    resp = client.chat.completions.create(
+        model="m",
+        messages=user("logprobs"),
+        max_tokens=6,
+        logprobs=True,
+        top_logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
     content = resp.choices[0].logprobs.content
     assert len(content) == resp.usage.completion_tokens == 6
     for entry in content:
@@ -128,8 +196,15 @@ def test_logprobs(client):
         assert len(entry.top_logprobs) == 3
         assert entry.top_logprobs[0].logprob >= entry.top_logprobs[-1].logprob
     streamed = []
-    for c in client.chat.completions.create(model="m", messages=user("logprobs"), max_tokens=6, logprobs=True,
-                                            top_logprobs=2, stream=True, extra_body={"ignore_eos": True}):
+    for c in client.chat.completions.create(
+        model="m",
+        messages=user("logprobs"),
+        max_tokens=6,
+        logprobs=True,
+        top_logprobs=2,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    ):
         if c.choices and c.choices[0].logprobs:
             streamed.extend(c.choices[0].logprobs.content)
     assert len(streamed) == 6 and all(len(e.top_logprobs) == 2 for e in streamed)
@@ -137,17 +212,34 @@ def test_logprobs(client):
 
 def test_sampling_extras_accepted(client):
     resp = client.chat.completions.create(
-        model="m", messages=user("params"), max_completion_tokens=4, temperature=0.7, top_p=0.9, seed=3,
-        presence_penalty=0.5, frequency_penalty=0.2, stop=["\n\n"], user="u1", metadata={"a": "b"},
-        extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1, "min_tokens": 2, "ignore_eos": True,
-                    "some_unknown_field": 1})
+        model="m",
+        messages=user("params"),
+        max_completion_tokens=4,
+        temperature=0.7,
+        top_p=0.9,
+        seed=3,
+        presence_penalty=0.5,
+        frequency_penalty=0.2,
+        stop=["\n\n"],
+        user="u1",
+        metadata={"a": "b"},
+        extra_body={
+            "top_k": 20,
+            "min_p": 0.05,
+            "repetition_penalty": 1.1,
+            "min_tokens": 2,
+            "ignore_eos": True,
+            "some_unknown_field": 1,
+        },
+    )
     assert resp.usage.completion_tokens == 4
 
 
 def test_max_tokens_clamped_to_context(client):
     # a prompt near the end of the context and a huge max_tokens: clamped to the room left, not a 400
-    resp = client.completions.create(model="m", prompt=[10] * (MAX_MODEL_LEN - 6), max_tokens=10**6,
-                                     extra_body={"ignore_eos": True})
+    resp = client.completions.create(
+        model="m", prompt=[10] * (MAX_MODEL_LEN - 6), max_tokens=10**6, extra_body={"ignore_eos": True}
+    )
     assert resp.choices[0].finish_reason == "length"
     assert resp.usage.completion_tokens == 6 and resp.usage.total_tokens == MAX_MODEL_LEN
 
@@ -160,13 +252,18 @@ def test_prompt_too_long_is_context_length_exceeded(client):
 
 
 def test_response_format_rejected(client):
-    for fmt in ({"type": "json_object"},
-                {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}):
+    for fmt in (
+        {"type": "json_object"},
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
+    ):
         with pytest.raises(openai.BadRequestError) as e:
-            client.chat.completions.create(model="m", messages=user("json"), max_tokens=5, response_format=fmt)
+            client.chat.completions.create(
+                model="m", messages=user("json"), max_tokens=5, response_format=fmt
+            )
         assert e.value.param == "response_format"
-    resp = client.chat.completions.create(model="m", messages=user("json"), max_tokens=2,
-                                          response_format={"type": "text"})
+    resp = client.chat.completions.create(
+        model="m", messages=user("json"), max_tokens=2, response_format={"type": "text"}
+    )
     assert resp.choices
 
 
@@ -179,27 +276,49 @@ def test_invalid_params_are_400(client):
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="m", messages=[], max_tokens=3)
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model="m", messages=user("x"), tools=TOOLS, tool_choice={
-            "type": "function", "function": {"name": "nope"}})
+        client.chat.completions.create(
+            model="m",
+            messages=user("x"),
+            tools=TOOLS,
+            tool_choice={"type": "function", "function": {"name": "nope"}},
+        )
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model="m", messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}], max_tokens=3)
+        client.chat.completions.create(
+            model="m",
+            messages=[
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}
+            ],
+            max_tokens=3,
+        )
 
 
 def test_history_with_tool_calls(client):
     messages = [
         {"role": "system", "content": "You are helpful."},
         {"role": "user", "content": [{"type": "text", "text": "Weather in Paris?"}]},
-        {"role": "assistant", "content": None, "reasoning_content": "I should call the tool.",
-         "tool_calls": [{"id": "call_1", "type": "function",
-                         "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\", \"days\": 2}"}}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "reasoning_content": "I should call the tool.",
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 2}'},
+                }
+            ],
+        },
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
     ]
     resp = client.chat.completions.create(model="m", messages=messages, tools=TOOLS, max_tokens=3)
     assert resp.choices[0].finish_reason in ("stop", "length", "tool_calls")
     bad = [dict(m) for m in messages]
-    bad[2] = {**bad[2], "tool_calls": [{"id": "c", "type": "function",
-                                        "function": {"name": "get_weather", "arguments": "{not json"}}]}
+    bad[2] = {
+        **bad[2],
+        "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": "{not json"}}
+        ],
+    }
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="m", messages=bad, tools=TOOLS, max_tokens=3)
     assert "messages[2]" in e.value.message
@@ -209,8 +328,9 @@ def test_history_with_tool_calls(client):
 
 
 def test_completions_prompts(client):
-    resp = client.completions.create(model="m", prompt="Once upon a time", max_tokens=4,
-                                     extra_body={"ignore_eos": True})
+    resp = client.completions.create(
+        model="m", prompt="Once upon a time", max_tokens=4, extra_body={"ignore_eos": True}
+    )
     assert resp.object == "text_completion" and resp.id.startswith("cmpl-")
     assert len(resp.choices) == 1 and resp.usage.completion_tokens == 4
     resp = client.completions.create(model="m", prompt=["a b c", "d e f"], max_tokens=2, n=2)
@@ -232,16 +352,25 @@ def test_completions_echo_logprobs_scoring(client):
     assert lp.token_logprobs[0] is None and all(x <= 0 for x in lp.token_logprobs[1:])
     assert lp.top_logprobs[0] is None and all(len(t) >= 1 for t in lp.top_logprobs[1:])
     assert resp.usage.completion_tokens == 0
-    resp = client.completions.create(model="m", prompt=prompt, max_tokens=3, echo=True, logprobs=1,
-                                     extra_body={"ignore_eos": True})
+    resp = client.completions.create(
+        model="m", prompt=prompt, max_tokens=3, echo=True, logprobs=1, extra_body={"ignore_eos": True}
+    )
     choice = resp.choices[0]
     assert choice.text.startswith(prompt) and len(choice.logprobs.tokens) == n_prompt + 3
 
 
 def test_completions_stream(client):
-    chunks = list(client.completions.create(model="m", prompt="Stream", max_tokens=5, stream=True, logprobs=1,
-                                            stream_options={"include_usage": True},
-                                            extra_body={"ignore_eos": True}))
+    chunks = list(
+        client.completions.create(
+            model="m",
+            prompt="Stream",
+            max_tokens=5,
+            stream=True,
+            logprobs=1,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
     assert chunks[-2].choices[0].finish_reason == "length"
     n_lp = sum(len(c.choices[0].logprobs.tokens) for c in chunks[:-1] if c.choices and c.choices[0].logprobs)
@@ -288,7 +417,9 @@ def test_scripted_reasoning_then_tool_call(client):
     reasoning, content, calls, finish = _accumulate(client.chat.completions.create(**kw, stream=True))
     assert reasoning == "The user wants the weather in Paris." and content == ""
     assert finish == "tool_calls"
-    assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [("get_weather", {"city": "Paris", "days": 3})]
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [
+        ("get_weather", {"city": "Paris", "days": 3})
+    ]
     assert calls[0]["arguments"] == call.function.arguments
 
 
@@ -308,7 +439,7 @@ def test_scripted_two_calls_zero_arg_and_exact_strings(client):
     msg = resp.choices[0].message
     assert msg.content == "Running two tools.\n"
     names = [(c.function.name, json.loads(c.function.arguments)) for c in msg.tool_calls]
-    assert names == [("list_files", {}), ("write_file", {"path": "a.txt", "content": "line1\n  \"quoted\"\n"})]
+    assert names == [("list_files", {}), ("write_file", {"path": "a.txt", "content": 'line1\n  "quoted"\n'})]
     assert msg.tool_calls[0].function.arguments == "{}"
     _, content, calls, finish = _accumulate(client.chat.completions.create(**kw, stream=True))
     assert content == "Running two tools.\n" and finish == "tool_calls"
@@ -324,22 +455,32 @@ def test_scripted_truncated_by_max_tokens(client):
 
 def test_thinking_off_kwargs_and_reasoning_effort(client):
     for extra in ({"chat_template_kwargs": {"enable_thinking": False}}, {"reasoning_effort": "none"}):
-        resp = client.chat.completions.create(model="m", messages=user("<<script:tool_no_think>>"), tools=TOOLS,
-                                              max_tokens=50, extra_body=extra)
+        resp = client.chat.completions.create(
+            model="m", messages=user("<<script:tool_no_think>>"), tools=TOOLS, max_tokens=50, extra_body=extra
+        )
         msg = resp.choices[0].message
         assert msg.model_extra.get("reasoning_content") is None
         assert json.loads(msg.tool_calls[0].function.arguments) == {"city": "Oslo"}
     # tool_choice none: the markup stays text
-    resp = client.chat.completions.create(model="m", messages=user("<<script:tool_no_think>>"), tools=TOOLS,
-                                          tool_choice="none", max_tokens=50, reasoning_effort="none")
+    resp = client.chat.completions.create(
+        model="m",
+        messages=user("<<script:tool_no_think>>"),
+        tools=TOOLS,
+        tool_choice="none",
+        max_tokens=50,
+        reasoning_effort="none",
+    )
     assert resp.choices[0].message.tool_calls is None
     assert resp.choices[0].message.content.startswith("<tool_call>get_weather")
 
 
 def test_open_server_accepts_any_or_no_key(server):
     for headers in ({}, {"Authorization": "Bearer None"}, {"x-api-key": "whatever"}):
-        r = httpx.post(server.url + "/v1/chat/completions", headers=headers,
-                       json={"messages": user("x"), "max_tokens": 1})
+        r = httpx.post(
+            server.url + "/v1/chat/completions",
+            headers=headers,
+            json={"messages": user("x"), "max_tokens": 1},
+        )
         assert r.status_code == 200, r.text
 
 

@@ -12,18 +12,53 @@ from server.reasoning_parser import split_reasoning
 from server.tool_parser import ToolSchemas, convert_value, parse_tool_calls
 
 TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object",
-        "properties": {"city": {"type": "string"}, "days": {"type": "integer"}, "metric": {"type": "boolean"}},
-        "required": ["city"]}}},
-    {"type": "function", "function": {"name": "write_file", "parameters": {
-        "type": "object", "properties": {"path": {"type": "string"}, "content": {"type": "string"}}}}},
-    {"type": "function", "function": {"name": "list_files", "parameters": {"type": "object", "properties": {}}}},
-    {"type": "function", "function": {"name": "search", "parameters": {
-        "type": "object", "$defs": {"Filt": {"type": "object"}},
-        "properties": {"filters": {"$ref": "#/$defs/Filt"}, "limit": {"type": "integer"},
-                       "ratio": {"type": "number"}, "tags": {"type": "array", "items": {"type": "string"}},
-                       "mode": {"enum": ["fast", "exact"]}, "note": {"anyOf": [{"type": "string"}, {"type": "null"}]}}}}},
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string"},
+                    "days": {"type": "integer"},
+                    "metric": {"type": "boolean"},
+                },
+                "required": ["city"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "write_file",
+            "parameters": {
+                "type": "object",
+                "properties": {"path": {"type": "string"}, "content": {"type": "string"}},
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {"name": "list_files", "parameters": {"type": "object", "properties": {}}},
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "search",
+            "parameters": {
+                "type": "object",
+                "$defs": {"Filt": {"type": "object"}},
+                "properties": {
+                    "filters": {"$ref": "#/$defs/Filt"},
+                    "limit": {"type": "integer"},
+                    "ratio": {"type": "number"},
+                    "tags": {"type": "array", "items": {"type": "string"}},
+                    "mode": {"enum": ["fast", "exact"]},
+                    "note": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                },
+            },
+        },
+    },
 ]
 
 CODE = 'def f(x):\n    return "hi \\"there\\"" + x\n\n  '
@@ -31,16 +66,22 @@ CASES = {
     "reasoning_then_text": (
         True,
         "The user greets me.\nI should answer briefly.</think>Hello! How can I help you today?",
-        {"reasoning": "The user greets me.\nI should answer briefly.", "content": "Hello! How can I help you today?",
-         "calls": []},
+        {
+            "reasoning": "The user greets me.\nI should answer briefly.",
+            "content": "Hello! How can I help you today?",
+            "calls": [],
+        },
     ),
     "tool_call_ends_reasoning": (
         True,
         "Need the weather; call the tool.<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value>"
         "<arg_key>days</arg_key><arg_value>3</arg_value><arg_key>metric</arg_key><arg_value>true</arg_value>"
         "</tool_call>",
-        {"reasoning": "Need the weather; call the tool.", "content": "",
-         "calls": [("get_weather", {"city": "Paris", "days": 3, "metric": True})]},
+        {
+            "reasoning": "Need the weather; call the tool.",
+            "content": "",
+            "calls": [("get_weather", {"city": "Paris", "days": 3, "metric": True})],
+        },
     ),
     "text_and_several_calls": (
         True,
@@ -48,29 +89,49 @@ CASES = {
         "<tool_call>write_file<arg_key>path</arg_key><arg_value>/tmp/a b.py</arg_value><arg_key>content</arg_key>"
         "<arg_value>" + CODE + "</arg_value></tool_call>\n"
         "<tool_call>list_files</tool_call>\n"
-        "<tool_call>search<arg_key>filters</arg_key><arg_value>{\"lang\": [\"py\", \"rs\"], \"deep\": {\"x\": null}}"
+        '<tool_call>search<arg_key>filters</arg_key><arg_value>{"lang": ["py", "rs"], "deep": {"x": null}}'
         "</arg_value><arg_key>limit</arg_key><arg_value> 10 </arg_value><arg_key>ratio</arg_key><arg_value>0.5"
-        "</arg_value><arg_key>tags</arg_key><arg_value>[\"a\", \"<b>\"]</arg_value><arg_key>mode</arg_key>"
+        '</arg_value><arg_key>tags</arg_key><arg_value>["a", "<b>"]</arg_value><arg_key>mode</arg_key>'
         "<arg_value>exact</arg_value><arg_key>note</arg_key><arg_value>  keep  spaces </arg_value></tool_call>",
-        {"reasoning": "Plan: write, list, search.", "content": "I'll do three things.\n",
-         "calls": [("write_file", {"path": "/tmp/a b.py", "content": CODE}),
-                   ("list_files", {}),
-                   ("search", {"filters": {"lang": ["py", "rs"], "deep": {"x": None}}, "limit": 10, "ratio": 0.5,
-                               "tags": ["a", "<b>"], "mode": "exact", "note": "  keep  spaces "})]},
+        {
+            "reasoning": "Plan: write, list, search.",
+            "content": "I'll do three things.\n",
+            "calls": [
+                ("write_file", {"path": "/tmp/a b.py", "content": CODE}),
+                ("list_files", {}),
+                (
+                    "search",
+                    {
+                        "filters": {"lang": ["py", "rs"], "deep": {"x": None}},
+                        "limit": 10,
+                        "ratio": 0.5,
+                        "tags": ["a", "<b>"],
+                        "mode": "exact",
+                        "note": "  keep  spaces ",
+                    },
+                ),
+            ],
+        },
     ),
     "thinking_off_glm45_newlines": (
         False,
         "Sure.<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>New York</arg_value>\n</tool_call>"
-        "<tool_call>unknown_tool\n<arg_key>x</arg_key>\n<arg_value>{\"k\": 1}</arg_value>\n<arg_key>y</arg_key>"
+        '<tool_call>unknown_tool\n<arg_key>x</arg_key>\n<arg_value>{"k": 1}</arg_value>\n<arg_key>y</arg_key>'
         "<arg_value>plain</arg_value></tool_call>",
-        {"reasoning": "", "content": "Sure.",
-         "calls": [("get_weather", {"city": "New York"}), ("unknown_tool", {"x": {"k": 1}, "y": "plain"})]},
+        {
+            "reasoning": "",
+            "content": "Sure.",
+            "calls": [("get_weather", {"city": "New York"}), ("unknown_tool", {"x": {"k": 1}, "y": "plain"})],
+        },
     ),
     "explicit_think_tag_and_lookalikes": (
         True,
         "<think>a < b, and </thin is not a tag</think>x <tool is not a call; 3 < 4 </think> stays",
-        {"reasoning": "a < b, and </thin is not a tag", "content": "x <tool is not a call; 3 < 4 </think> stays",
-         "calls": []},
+        {
+            "reasoning": "a < b, and </thin is not a tag",
+            "content": "x <tool is not a call; 3 < 4 </think> stays",
+            "calls": [],
+        },
     ),
     "text_after_calls": (
         False,
@@ -78,20 +139,29 @@ CASES = {
         {"reasoning": "", "content": " Done, waiting.", "calls": [("list_files", {}), ("list_files", {})]},
     ),
     "truncated_in_reasoning": (
-        True, "Still thinking about </thi",
+        True,
+        "Still thinking about </thi",
         {"reasoning": "Still thinking about </thi", "content": "", "calls": []},
     ),
     "truncated_in_string_value": (
         False,
         "<tool_call>write_file<arg_key>path</arg_key><arg_value>x.txt</arg_value><arg_key>content</arg_key>"
         "<arg_value>line1\nline2</arg_va",
-        {"reasoning": "", "content": "", "calls": [("write_file", {"path": "x.txt", "content": "line1\nline2"})]},
+        {
+            "reasoning": "",
+            "content": "",
+            "calls": [("write_file", {"path": "x.txt", "content": "line1\nline2"})],
+        },
     ),
     "unicode": (
         True,
-        "用户想要天气。🌧</think>好的<tool_call>get_weather<arg_key>city</arg_key><arg_value>北京 \"市\"</arg_value>"
+        '用户想要天气。🌧</think>好的<tool_call>get_weather<arg_key>city</arg_key><arg_value>北京 "市"</arg_value>'
         "</tool_call>",
-        {"reasoning": "用户想要天气。🌧", "content": "好的", "calls": [("get_weather", {"city": "北京 \"市\""})]},
+        {
+            "reasoning": "用户想要天气。🌧",
+            "content": "好的",
+            "calls": [("get_weather", {"city": '北京 "市"'})],
+        },
     ),
 }
 
@@ -119,7 +189,8 @@ def run_stream(starts_in_reasoning: bool, chunks: list[str], tools=TOOLS):
     # the parser's own record equals what was streamed
     assert parser.reasoning == reasoning and parser.content == content
     assert [(c.id, c.name, c.arguments) for c in parser.tool_calls] == [
-        (c["id"], c["name"], c["arguments"]) for c in out_calls]
+        (c["id"], c["name"], c["arguments"]) for c in out_calls
+    ]
     return reasoning, content, [(c["name"], c["arguments"]) for c in out_calls]
 
 
@@ -154,7 +225,7 @@ def test_char_by_char_and_multi_token_chunks(name):
         chunks, pos = [], 0
         while pos < len(text):
             n = rng.randint(1, 12)
-            chunks.append(text[pos:pos + n])
+            chunks.append(text[pos : pos + n])
             pos += n
         assert run_stream(starts, chunks) == ref
 
@@ -185,9 +256,14 @@ def test_no_tools_leaves_markup_in_content():
 
 
 def test_parallel_tool_calls_false_keeps_first():
-    parser = ChatOutputParser(starts_in_reasoning=False, tools=TOOLS, parse_tools=True, parallel_tool_calls=False)
-    parser.feed("<tool_call>list_files</tool_call><tool_call>get_weather<arg_key>city</arg_key>"
-                "<arg_value>x</arg_value></tool_call>", final=True)
+    parser = ChatOutputParser(
+        starts_in_reasoning=False, tools=TOOLS, parse_tools=True, parallel_tool_calls=False
+    )
+    parser.feed(
+        "<tool_call>list_files</tool_call><tool_call>get_weather<arg_key>city</arg_key>"
+        "<arg_value>x</arg_value></tool_call>",
+        final=True,
+    )
     assert [c.name for c in parser.tool_calls] == ["list_files"]
 
 
@@ -200,21 +276,24 @@ def test_split_reasoning_thinking_off_and_holdback():
     assert s.content == "" and s.reasoning == ""
 
 
-@pytest.mark.parametrize("raw,types,expected", [
-    (" 42 ", frozenset({"integer"}), 42),
-    ("5.0", frozenset({"integer"}), 5),
-    ("1e3", frozenset({"number"}), 1000.0),
-    ("True", frozenset({"boolean"}), True),
-    ("false", frozenset({"boolean"}), False),
-    ("{'a': 1}", frozenset({"object"}), {"a": 1}),
-    ("not json", frozenset({"object"}), "not json"),
-    ("  spaced  ", frozenset({"string"}), "  spaced  "),
-    ('"quoted"', frozenset({"string"}), '"quoted"'),
-    ("42", frozenset({"string"}), "42"),
-    ("42", None, 42),
-    ("hello", None, "hello"),
-    ("null", frozenset({"integer", "null"}), None),
-])
+@pytest.mark.parametrize(
+    "raw,types,expected",
+    [
+        (" 42 ", frozenset({"integer"}), 42),
+        ("5.0", frozenset({"integer"}), 5),
+        ("1e3", frozenset({"number"}), 1000.0),
+        ("True", frozenset({"boolean"}), True),
+        ("false", frozenset({"boolean"}), False),
+        ("{'a': 1}", frozenset({"object"}), {"a": 1}),
+        ("not json", frozenset({"object"}), "not json"),
+        ("  spaced  ", frozenset({"string"}), "  spaced  "),
+        ('"quoted"', frozenset({"string"}), '"quoted"'),
+        ("42", frozenset({"string"}), "42"),
+        ("42", None, 42),
+        ("hello", None, "hello"),
+        ("null", frozenset({"integer", "null"}), None),
+    ],
+)
 def test_convert_value(raw, types, expected):
     assert convert_value(raw, types) == expected
 

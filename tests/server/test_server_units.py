@@ -17,8 +17,22 @@ def test_defaults_and_non_default_args():
     cfg = parse_args([])
     assert cfg == ServerConfig()
     assert cfg.host == "127.0.0.1" and cfg.port == 8000 and cfg.model is None
-    cfg = parse_args(["--model", "/m", "--api-key", "a", "b", "--port", "9000", "--served-model-name", "x", "y",
-                      "--default-chat-template-kwargs", '{"enable_thinking": false}'])
+    cfg = parse_args(
+        [
+            "--model",
+            "/m",
+            "--api-key",
+            "a",
+            "b",
+            "--port",
+            "9000",
+            "--served-model-name",
+            "x",
+            "y",
+            "--default-chat-template-kwargs",
+            '{"enable_thinking": false}',
+        ]
+    )
     assert cfg.api_key == ("a", "b") and cfg.served_model_name == ("x", "y")
     nd = cfg.non_default_args()
     assert nd["api_key"] == ["<redacted>", "<redacted>"] and nd["port"] == 9000
@@ -26,17 +40,53 @@ def test_defaults_and_non_default_args():
 
 
 def test_engine_kwargs_mapping():
-    cfg = parse_args(["--model", "/ckpt", "--tp-size", "2", "--max-model-len", "8192", "--max-running-requests",
-                      "32", "--chunked-prefill-size", "4096", "--kv-cache-dtype", "fp8_e4m3",
-                      "--mem-fraction-static", "0.8", "--page-size", "32", "--no-enable-prefix-caching",
-                      "--device", "cuda", "--dtype", "bfloat16", "--load-format", "dummy", "--seed", "7",
-                      "--enforce-eager"])
+    cfg = parse_args(
+        [
+            "--model",
+            "/ckpt",
+            "--tp-size",
+            "2",
+            "--max-model-len",
+            "8192",
+            "--max-running-requests",
+            "32",
+            "--chunked-prefill-size",
+            "4096",
+            "--kv-cache-dtype",
+            "fp8_e4m3",
+            "--mem-fraction-static",
+            "0.8",
+            "--page-size",
+            "32",
+            "--no-enable-prefix-caching",
+            "--device",
+            "cuda",
+            "--dtype",
+            "bfloat16",
+            "--load-format",
+            "dummy",
+            "--seed",
+            "7",
+            "--enforce-eager",
+        ]
+    )
     kw = engine_kwargs(cfg)
     assert kw == {
-        "model": "/ckpt", "tensor_parallel_size": 2, "dtype": "bfloat16", "device": "cuda", "max_model_len": 8192,
-        "max_num_batched_tokens": 4096, "max_num_seqs": 32, "kv_block_size": 32, "num_kv_blocks": None,
-        "enable_prefix_caching": False, "load_format": "dummy", "seed": 7, "enforce_eager": True,
-        "kv_cache_dtype": "fp8_e4m3", "mem_fraction_static": 0.8,
+        "model": "/ckpt",
+        "tensor_parallel_size": 2,
+        "dtype": "bfloat16",
+        "device": "cuda",
+        "max_model_len": 8192,
+        "max_num_batched_tokens": 4096,
+        "max_num_seqs": 32,
+        "kv_block_size": 32,
+        "num_kv_blocks": None,
+        "enable_prefix_caching": False,
+        "load_format": "dummy",
+        "seed": 7,
+        "enforce_eager": True,
+        "kv_cache_dtype": "fp8_e4m3",
+        "mem_fraction_static": 0.8,
     }
     import inspect
 
@@ -46,13 +96,16 @@ def test_engine_kwargs_mapping():
     assert set(kw) <= accepted
 
 
-@pytest.mark.parametrize("flags", [
-    ["--speculative-algorithm", "NEXTN", "--speculative-num-steps", "3"],
-    ["--disaggregation-mode", "prefill"],
-    ["--enable-fused-qk-norm-rope"],
-    ["--attention-backend", "triton"],
-    ["--chunked-prefill-size", "-1"],
-])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--speculative-algorithm", "NEXTN", "--speculative-num-steps", "3"],
+        ["--disaggregation-mode", "prefill"],
+        ["--enable-fused-qk-norm-rope"],
+        ["--attention-backend", "triton"],
+        ["--chunked-prefill-size", "-1"],
+    ],
+)
 def test_unsupported_flags_fail_clearly(flags, capsys):
     with pytest.raises(SystemExit) as e:
         parse_args(flags)
@@ -64,8 +117,21 @@ def test_reference_launch_line_flags_parse():
     # every flag of the DESIGN.md launch lines is known to the parser (supported or refused, never "unrecognized")
     names = {u[0] for u in UNSUPPORTED}
     assert {"speculative_algorithm", "disaggregation_mode", "enable_shared_experts_fusion"} <= names
-    cfg = parse_args(["--tool-call-parser", "glm47", "--reasoning-parser", "glm45", "--tp", "8",
-                      "--host", "0.0.0.0", "--allowed-origins", "http://a", "--log-requests"])
+    cfg = parse_args(
+        [
+            "--tool-call-parser",
+            "glm47",
+            "--reasoning-parser",
+            "glm45",
+            "--tp",
+            "8",
+            "--host",
+            "0.0.0.0",
+            "--allowed-origins",
+            "http://a",
+            "--log-requests",
+        ]
+    )
     assert cfg.tp_size == 8 and cfg.log_requests == "params" and cfg.allowed_origins == ("http://a",)
 
 
@@ -78,28 +144,49 @@ def test_glint_serve_help(capsys):
 
 def test_template_kwargs_precedence():
     assert template_kwargs({"enable_thinking": False}, None) == {"enable_thinking": False}
-    assert template_kwargs({"enable_thinking": True}, None, reasoning_effort="none") == {"enable_thinking": False}
-    assert template_kwargs({}, {"enable_thinking": True}, reasoning_effort="none") == {"enable_thinking": True}
+    assert template_kwargs({"enable_thinking": True}, None, reasoning_effort="none") == {
+        "enable_thinking": False
+    }
+    assert template_kwargs({}, {"enable_thinking": True}, reasoning_effort="none") == {
+        "enable_thinking": True
+    }
     assert template_kwargs({}, None, thinking={"type": "disabled", "clear_thinking": False}) == {
-        "enable_thinking": False, "clear_thinking": False}
+        "enable_thinking": False,
+        "clear_thinking": False,
+    }
     assert template_kwargs({"a": 1}, {"thinking": False, "b": 2})["enable_thinking"] is False
 
 
 def test_normalize_messages():
-    msgs = normalize_messages([
-        {"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
-        {"role": "user", "content": "q"},
-        {"role": "assistant", "content": None, "reasoning": "r",
-         "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{\"x\": [1]}"}}]},
-        {"role": "function", "tool_call_id": "1", "content": "ok"},
-    ])
+    msgs = normalize_messages(
+        [
+            {"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+            {"role": "user", "content": "q"},
+            {
+                "role": "assistant",
+                "content": None,
+                "reasoning": "r",
+                "tool_calls": [
+                    {"id": "1", "type": "function", "function": {"name": "f", "arguments": '{"x": [1]}'}}
+                ],
+            },
+            {"role": "function", "tool_call_id": "1", "content": "ok"},
+        ]
+    )
     assert msgs[0] == {"role": "system", "content": "a\nb"}
     assert msgs[2]["reasoning_content"] == "r" and msgs[2]["content"] == ""
     assert msgs[2]["tool_calls"][0]["function"]["arguments"] == {"x": [1]}
     assert msgs[3] == {"role": "tool", "content": "ok", "tool_call_id": "1"}
     with pytest.raises(APIError) as e:
-        normalize_messages([{"role": "assistant", "content": "", "tool_calls": [
-            {"function": {"name": "f", "arguments": "[1, 2]"}}]}])
+        normalize_messages(
+            [
+                {
+                    "role": "assistant",
+                    "content": "",
+                    "tool_calls": [{"function": {"name": "f", "arguments": "[1, 2]"}}],
+                }
+            ]
+        )
     assert e.value.param == "messages[0].tool_calls[0].function.arguments"
 
 
@@ -110,16 +197,24 @@ def test_render_with_tiny_template():
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir("bf16"))
     tpl = ChatTemplate(tok)
-    msgs = normalize_messages([
-        {"role": "user", "content": "q"},
-        {"role": "assistant", "content": "", "reasoning_content": "think",
-         "tool_calls": [{"function": {"name": "f", "arguments": json.dumps({"s": "a b", "n": 2})}}]},
-        {"role": "tool", "content": "res"},
-    ])
+    msgs = normalize_messages(
+        [
+            {"role": "user", "content": "q"},
+            {
+                "role": "assistant",
+                "content": "",
+                "reasoning_content": "think",
+                "tool_calls": [{"function": {"name": "f", "arguments": json.dumps({"s": "a b", "n": 2})}}],
+            },
+            {"role": "tool", "content": "res"},
+        ]
+    )
     on = tpl.render(msgs, kwargs=template_kwargs({}, None))
     assert on.endswith("<|assistant|><think>")
-    assert "<tool_call>f<arg_key>s</arg_key><arg_value>a b</arg_value><arg_key>n</arg_key><arg_value>2</arg_value>" \
-           "</tool_call>" in on
+    assert (
+        "<tool_call>f<arg_key>s</arg_key><arg_value>a b</arg_value><arg_key>n</arg_key><arg_value>2</arg_value>"
+        "</tool_call>" in on
+    )
     assert "<think>think</think>" in on  # reasoning after the last user turn is kept
     off = tpl.render(msgs, kwargs=template_kwargs({}, None, reasoning_effort="none"))
     assert off.endswith("<|assistant|></think>")

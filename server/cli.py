@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 from dataclasses import fields
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from server.config import ServerConfig
@@ -143,6 +144,11 @@ def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
         prog=prog,
         description="glint: an OpenAI- and Anthropic-compatible server for GLM-4.7",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--preset",
+        metavar="NAME|PATH",
+        help="launch flags from configs/presets/NAME.json (explicit flags override them)",
     )
     m = p.add_argument_group("model and engine")
     m.add_argument(
@@ -293,10 +299,43 @@ def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
     return p
 
 
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs" / "presets"
+
+
+def expand_preset(argv: Sequence[str]) -> list[str]:
+    """`--preset NAME|PATH` -> the preset's flags (configs/presets/NAME.json, key "args") followed by the rest
+    of the command line, so explicit flags win over the preset's."""
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg == "--preset" or arg.startswith("--preset="):
+            if arg == "--preset":
+                if i + 1 >= len(argv):
+                    raise ConfigError("--preset needs a name or a path")
+                value, rest = argv[i + 1], argv[:i] + argv[i + 2 :]
+            else:
+                value, rest = arg.split("=", 1)[1], argv[:i] + argv[i + 1 :]
+            path = Path(value)
+            if not path.is_file():
+                path = PRESETS_DIR / f"{value}.json"
+            if not path.is_file():
+                known = sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
+                raise ConfigError(f"--preset {value!r}: no such file or preset (presets: {known})")
+            args = json.loads(path.read_text()).get("args")
+            if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+                raise ConfigError(f"{path}: expected a JSON object with an 'args' list of strings")
+            return args + expand_preset(rest)
+    return argv
+
+
 def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m server") -> ServerConfig:
     parser = build_parser(prog)
+    try:
+        argv = expand_preset(sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        parser.error(str(e))
     ns = parser.parse_args(argv)
     values = vars(ns)
+    values.pop("preset", None)
     values.pop("enable_auto_tool_choice", None)
     values.pop("trust_remote_code", None)
     tuple_fields = {"served_model_name", "api_key", "allowed_origins", "allowed_methods", "allowed_headers"}

@@ -58,7 +58,6 @@ class ServerConfig:
     log_level: str = "info"
     log_requests: str = "meta"  # off | meta | params | full
     log_format: str = "text"  # text | json
-    disable_access_log: bool = False
     stats_interval: float = 5.0  # seconds between periodic stats lines; 0 disables
     keepalive_interval: float = 5.0  # seconds of SSE silence before a ": keep-alive" comment
     engine_ready_timeout: float = 1800.0

@@ -139,6 +139,7 @@ def run_engine_process(spec: EngineProcessSpec) -> None:
     except BaseException as e:  # noqa: BLE001 - report every start-up failure to the front end
         logger.error("engine start-up failed:\n%s", traceback.format_exc())
         push.send_pyobj(("startup_error", f"{type(e).__name__}: {e}"))
+        pull.close(linger=0)
         push.close(linger=2000)
         ctx.term()
         sys.exit(1)
@@ -153,6 +154,7 @@ def run_engine_process(spec: EngineProcessSpec) -> None:
         except Exception:
             pass
         shutdown_core(core)
+        pull.close(linger=0)
         push.close(linger=2000)
         ctx.term()
         sys.exit(1)

@@ -60,3 +60,19 @@ def test_health_generate_then_engine_death(server):
     assert body["type"] == "server_error" and "engine" in body["message"]
     assert "ENGINE DIED" in server.log_text()
     assert server.proc.poll() is None  # the front end stays up and keeps answering
+
+
+def test_engine_start_failure_exits_nonzero(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    r = subprocess.run(
+        [sys.executable, "-m", "server", "--port", "0", "--max-model-len", "999999"],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 1
+    assert "max_model_len" in r.stderr and "the engine failed to start" in r.stderr

@@ -233,3 +233,14 @@ def test_parse_body_errors():
     assert req.prompt == [[1, 2], [3]] and req.max_tokens == 16
     assert parse_body(b'{"prompt": [1, 2]}', CompletionRequest).prompt == [1, 2]
     assert parse_body(b'{"prompt": ["a", "b"]}', CompletionRequest).prompt == ["a", "b"]
+
+
+def test_presets(capsys):
+    cfg = parse_args(["--preset", "baseline-1gpu", "--port", "9001", "--model", "/m"])
+    assert cfg.load_format == "dummy" and cfg.served_model_name == ("glm-4.7-fp8",) and cfg.port == 9001
+    assert cfg.mem_fraction_static == 0.85 and cfg.host == "0.0.0.0"
+    with pytest.raises(SystemExit):
+        parse_args(["--preset", "baseline"])  # TP8 + NEXTN: speculative decoding is refused until it lands
+    assert "not supported yet" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--preset", "no-such-preset"])

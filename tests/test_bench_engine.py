@@ -1,0 +1,157 @@
+"""bench.engine / bench.real_shape / configs: the real GLM-4.7-FP8 config, the floor formulas at real shapes
+(on a meta-device model, no memory), the launch presets, and a CPU smoke run of the whole benchmark."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.engine import (
+    active_params_per_token,
+    decode_bytes,
+    expected_distinct_experts,
+    prefill_flops,
+)
+from bench.real_shape import PRESETS_DIR, load_preset, real_shape_config, real_shape_model_dir
+from model.config import config_from_dict, load_model_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_glm47_fp8_config_values():
+    c = load_model_config(ROOT / "configs" / "glm47-fp8")
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (
+        5120, 92, 96, 8, 128,
+    )  # fmt: skip
+    assert c.partial_rotary_factor == 0.5 and c.rope_theta == 1e6 and c.max_position_embeddings == 202752
+    assert (c.intermediate_size, c.moe_intermediate_size, c.n_routed_experts, c.num_experts_per_tok) == (
+        12288, 1536, 160, 8,
+    )  # fmt: skip
+    assert (c.n_group, c.topk_group, c.routed_scaling_factor, c.first_k_dense_replace) == (1, 1, 2.5, 3)
+    assert c.num_nextn_predict_layers == 1 and c.vocab_size == 151552 and c.n_shared_experts == 1
+    assert c.eos_token_ids == (151329, 151336, 151338) and c.use_qk_norm and c.attention_bias
+    assert c.quant.method == "fp8_channel"
+    assert "lm_head" in c.quant.ignore and "model.layers.92.mlp.gate" in c.quant.ignore
+    assert "model.layers.2.mlp.gate" not in c.quant.ignore and "model.layers.92.eh_proj" in c.quant.ignore
+
+
+def test_real_shape_dir(tmp_path):
+    d = real_shape_model_dir(15, 3, out_root=tmp_path)
+    c = load_model_config(d)
+    assert c.num_hidden_layers == 15 and c.first_k_dense_replace == 3 and c.hidden_size == 5120
+    assert "model.layers.15.eh_proj" in c.quant.ignore and "model.layers.16.mlp.gate" not in c.quant.ignore
+    assert (d / "tokenizer.json").is_file() and (d / "tokenizer_config.json").is_file()
+    assert real_shape_model_dir(15, 3, out_root=tmp_path) == d  # cached
+    assert load_model_config(real_shape_model_dir(2, 5, out_root=tmp_path)).first_k_dense_replace == 2
+    assert load_model_config(real_shape_model_dir(4, 1, out_root=tmp_path)).first_k_dense_replace == 1
+    small = load_model_config(real_shape_model_dir(2, 1, out_root=tmp_path, overrides={"vocab_size": 1536}))
+    assert small.vocab_size == 1536 and all(e < 1536 for e in small.eos_token_ids)
+
+
+def _meta_model(num_layers: int):
+    from model.glm4_moe import Glm4MoeForCausalLM
+    from model.quant_plan import QuantPlan
+
+    cfg = config_from_dict(real_shape_config(num_layers, 3), Path("<test>/config.json"))
+    model = Glm4MoeForCausalLM(cfg, QuantPlan(cfg, "fp8_channel", None), dtype=torch.bfloat16, device="meta")
+    return cfg, model
+
+
+def test_floors_match_reference_arithmetic():
+    # reference/performance.md section 6: 8 experts at B=1, about 154 at B=64 (160 experts, top-8)
+    assert expected_distinct_experts(160, 8, 1) == pytest.approx(8.0)
+    assert expected_distinct_experts(160, 8, 64) == pytest.approx(154.0, abs=0.1)
+    cfg, model = _meta_model(15)  # 3 dense + 12 MoE: section 6.4's H100 model
+    ap = active_params_per_token(cfg)
+    assert ap["attention_per_layer"] == pytest.approx(136.3e6, rel=1e-3)
+    assert ap["dense_mlp_per_layer"] == pytest.approx(188.7e6, rel=1e-3)
+    f = prefill_flops(cfg, 4096)
+    assert f["linear"] == pytest.approx(42.3e12, rel=0.01)  # "42.3 TFLOP FP8"
+    assert f["attention"] == pytest.approx(6.2e12, rel=0.01)  # "attention 6.2 TFLOP"
+    kv = {i: (torch.empty(1, 16, 8, 128, dtype=torch.bfloat16, device="meta"),) * 2 for i in range(15)}
+    b1 = decode_bytes(model, cfg, 1, 4096, kv)
+    assert b1["weights_total"] == pytest.approx(6.73e9, rel=0.01)  # "decode B = 1 floor 6.73 GB"
+    assert b1["kv_read"] == 4096 * 15 * 2 * 8 * 128 * 2
+    b64 = decode_bytes(model, cfg, 64, 4096, kv)
+    assert b64["weights_total"] == pytest.approx(48.1e9, rel=0.01)  # "48.1 GB weights" at B = 64
+    assert b64["kv_read"] == 64 * b1["kv_read"]
+    forced = decode_bytes(model, cfg, 64, 4096, kv, distinct_experts=8.0)
+    assert forced["routed_experts"] == pytest.approx(b1["routed_experts"])
+
+
+def test_presets_parse_with_server_cli():
+    from server.cli import build_parser
+
+    names = sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
+    assert {"baseline", "optimized", "baseline-1gpu", "optimized-1gpu"} <= set(names)
+    for name in names:
+        data = json.loads((PRESETS_DIR / f"{name}.json").read_text())
+        assert data["description"] and all(isinstance(a, str) for a in data["args"])
+        ns = build_parser().parse_args(load_preset(name) + ["--model", "/x"])
+        assert ns.tp_size == (1 if name.endswith("1gpu") else 8)
+        if name.startswith("optimized"):
+            assert ns.kv_cache_dtype == "fp8_e4m3" and ns.chunked_prefill_size == 16384
+            assert ns.enable_fused_qk_norm_rope and ns.enable_shared_experts_fusion
+        else:
+            assert ns.kv_cache_dtype == "auto" and not ns.enable_shared_experts_fusion
+    opt, base = load_preset("optimized"), load_preset("baseline")
+    assert base == opt[: len(base)]  # optimized = baseline + flags
+
+
+SMOKE = [
+    "--device", "cpu", "--layers", "2", "--dense-layers", "1", "--hidden", "64", "--experts", "8", "--topk", "2",
+    "--heads", "4", "--kv-heads", "2", "--head-dim", "32", "--intermediate", "128", "--moe-intermediate", "32",
+    "--vocab", "1536", "--batches", "1,3", "--context", "40", "--prefill", "48", "--hf-layers", "2",
+    "--gen-prompts", "2", "--gen-input", "8", "--gen-output", "4",
+]  # fmt: skip
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_cpu_smoke_run(tmp_path):
+    out = tmp_path / "engine.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.engine",
+        *SMOKE,
+        "--model-root",
+        str(tmp_path / "models"),
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "quantity" in proc.stdout and "vs HBM floor" in proc.stdout
+    r = json.loads(out.read_text())
+    assert r["schema"] == "glint.bench.engine/1" and "finished_at" in r
+    assert _finite(r["hardware"]["bandwidth"]["GBps"]) and _finite(r["hardware"]["peaks"]["mm_tflops"])
+    assert [d["batch"] for d in r["decode"]] == [1, 3]
+    for d in r["decode"]:
+        for key in ("step_ms", "floor_ms", "ratio_vs_floor", "eager_ratio_vs_floor"):
+            assert _finite(d[key]), (key, d)
+        assert _finite(d["bytes"]["total"]) and _finite(d["bytes"]["kv_read"])
+        assert 0 < d["measured_distinct_experts"] <= 8 and _finite(d["floor_ms_measured_routing"])
+        assert "graph" not in d  # no CUDA graphs on CPU
+    p = r["prefill"]
+    assert p["tokens"] == 48 and all(_finite(p[k]) for k in ("ms", "floor_ms", "ratio_vs_floor"))
+    g = r["generate"]
+    assert g["ours"]["output_tokens"] == 8 and g["hf"]["output_tokens"] == 8
+    assert _finite(g["ours"]["output_tok_per_s"]) and _finite(g["hf"]["output_tok_per_s"])
+    assert _finite(g["ours_vs_hf"])
+    o = r["overlap"]
+    if o["implemented"]:
+        assert _finite(o["speedup"])
+    else:
+        assert "overlap: not implemented" in proc.stdout
+    names = [row["name"] for row in r["summary"]]
+    assert any(n.startswith("prefill") for n in names) and any("ours vs HF" in n for n in names)
+    assert next(row for row in r["summary"] if row["name"].startswith("decode B=1"))["target"] == 1.5

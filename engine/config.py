@@ -48,6 +48,7 @@ class EngineConfig:
     load_format: str = "auto"
     seed: int = 0
     enforce_eager: bool = False
+    overlap_scheduling: bool = False  # plan step N+1 on the CPU while the device runs step N
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -81,6 +82,7 @@ class EngineConfig:
         kv_cache_dtype: str = "auto",
         mem_fraction_static: float | None = None,
         tokenizer: str | None = None,
+        overlap_scheduling: bool | None = None,
     ) -> "EngineConfig":
         mcfg = load_model_config(model)
         if device == "auto":
@@ -124,6 +126,7 @@ class EngineConfig:
             load_format=load_format,
             seed=seed,
             enforce_eager=enforce_eager,
+            overlap_scheduling=(device == "cuda") if overlap_scheduling is None else overlap_scheduling,
             cache=CacheConfig(
                 block_size=kv_block_size,
                 num_blocks=num_kv_blocks,

@@ -11,7 +11,7 @@ import logging
 import torch
 from tqdm import tqdm
 
-from engine.model_runner import StepInputs
+from engine.model_runner import StepInputs, fill_future
 from model.context import ForwardContext
 from model.glm4_moe import Glm4MoeForCausalLM
 
@@ -109,7 +109,7 @@ class DecodeGraphs:
         return next(s for s in self.sizes if s >= b)
 
     @torch.inference_mode()
-    def run(self, inp: StepInputs) -> torch.Tensor:
+    def run(self, inp: StepInputs, future: torch.Tensor | None = None) -> torch.Tensor:
         b = len(inp.seq_lens)
         size = self.bucket(b)
         dev = self.device
@@ -121,6 +121,7 @@ class DecodeGraphs:
         self.positions[:b].copy_(rows[1])
         self.slot_mapping[:b].copy_(rows[2])
         self.seq_lens[:b].copy_(rows[3].to(torch.int32))
+        fill_future(self.input_ids, inp, future)
         if size > b:  # padding rows: write nothing, read one token of page 0
             self.slot_mapping[b:size].fill_(-1)
             self.seq_lens[b:size].fill_(1)

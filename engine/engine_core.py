@@ -25,13 +25,13 @@ from engine.distributed import (
     shutdown_distributed,
     single_process,
 )
-from engine.model_runner import StepLayout, prepare_step
+from engine.model_runner import PLACEHOLDER, StepLayout, prepare_step
 from engine.model_worker import STOP, ModelWorker, spawned_worker_main
 from engine.outputs import LogprobsDict, RequestDelta
 from engine.request import Request, Status
-from engine.sampler import Sampler, SamplingState, compute_prompt_logprobs
+from engine.sampler import DeferredSample, Sampler, SamplingState, compute_prompt_logprobs
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import ScheduledRequest, Scheduler
 from engine.stop_strings import StopStringMatcher
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,16 @@ class _StepOutput:
     @property
     def prompt_rows(self) -> list[tuple[int, int, int] | None]:
         return self.layout.prompt_rows
+
+
+@dataclass
+class _Launched:
+    """A step whose forward (and sampling) has been enqueued on the device."""
+
+    scheduled: list[ScheduledRequest]
+    out: _StepOutput
+    sample_idx: list[int]  # indices into `scheduled` of the requests that sample
+    sampled: DeferredSample | None = None
 
 
 @dataclass
@@ -79,6 +89,8 @@ class EngineCore:
         self._requests: dict[str, list[Request]] = {}
         self._seq: dict[Request, _SeqState] = {}
         self._pending_deltas: list[RequestDelta] = []
+        self._inflight: _Launched | None = None
+        self.overlap = config.overlap_scheduling
         self.num_prompt_tokens_total = 0
         self.num_generated_tokens_total = 0
         log.info("KV cache: %d pages of %d tokens = %d tokens", self.pool.num_total, self.block_size,
@@ -186,7 +198,7 @@ class EngineCore:
         self._forget(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     def _forget(self, request_id: str) -> None:
         for req in self._requests.pop(request_id, []):
@@ -194,38 +206,67 @@ class EngineCore:
 
     # -- the step -----------------------------------------------------------------------------------
     def step(self) -> list[RequestDelta]:
+        """One engine step. With overlap scheduling the step launched here is finished by the next call:
+        this call plans and launches step N+1, then processes step N's tokens while the device runs N+1."""
         deltas, self._pending_deltas = self._pending_deltas, []
         sched = self.scheduler.schedule()
-        if sched.is_empty:
-            return deltas
-        inputs, layout = prepare_step(sched.scheduled, self.block_size)
+        launched = self._launch(sched.scheduled) if not sched.is_empty else None
+        if self._inflight is not None:
+            deltas += self._finish(self._inflight)
+            self._inflight = None
+        if launched is not None:
+            self._sample(launched)
+            if self.overlap:
+                self._inflight = launched
+                for k, i in enumerate(launched.sample_idx):  # let the scheduler plan past unknown tokens
+                    req = launched.scheduled[i].request
+                    if not req.is_finished:
+                        req.output_token_ids.append(PLACEHOLDER)
+                        req.extra["future_row"] = k
+            else:
+                deltas += self._finish(launched)
+        for rid in {d.request_id for d in deltas if d.finished}:
+            if all(r.is_finished for r in self._requests.get(rid, [])):
+                self._forget(rid)
+        return deltas
+
+    def _launch(self, scheduled: list[ScheduledRequest]) -> _Launched:
+        prev = self._inflight.sampled if self._inflight is not None and self._inflight.sampled else None
+        inputs, layout = prepare_step(scheduled, self.block_size, prev.tokens.numel() if prev else 0)
         self._check_ranks_alive()
         try:
-            logits = self.worker.execute(inputs)
+            logits = self.worker.execute(inputs, prev.tokens if prev else None)
         except RuntimeError as exc:
             if self.dist.world_size == 1:
                 raise
             raise RuntimeError(f"tensor-parallel step failed (a rank died or a collective timed out): {exc}") from exc
-        out = _StepOutput(logits, layout)
-        sample_idx = [i for i, r in enumerate(out.sample_rows) if r >= 0]
-        sampled = None
-        if sample_idx:
-            rows = torch.tensor([out.sample_rows[i] for i in sample_idx], device=out.logits.device)
-            states = [self._seq[sched.scheduled[i].request].sampling for i in sample_idx]
-            sampled = self.sampler.sample(out.logits.index_select(0, rows), states)
-        by_sched = {i: k for k, i in enumerate(sample_idx)}
-        for i, s in enumerate(sched.scheduled):
-            req = s.request
+        for s in scheduled:
             self.scheduler.advance(s)
-            self._collect_prompt_logprobs(req, out, i)
-            if i not in by_sched:
+        sample_idx = [i for i, r in enumerate(layout.sample_rows) if r >= 0]
+        return _Launched(scheduled, _StepOutput(logits, layout), sample_idx)
+
+    def _sample(self, step: _Launched) -> None:
+        if not step.sample_idx:
+            return
+        out = step.out
+        rows = torch.tensor([out.sample_rows[i] for i in step.sample_idx], device=out.logits.device)
+        states = [self._seq[step.scheduled[i].request].sampling for i in step.sample_idx]
+        step.sampled = self.sampler.sample_deferred(out.logits.index_select(0, rows), states)
+
+    def _finish(self, step: _Launched) -> list[RequestDelta]:
+        """Host side of a step: tokens, prompt logprobs, stop checks, prefix-cache pages, deltas."""
+        deltas = []
+        sampled = step.sampled.resolve() if step.sampled is not None else None
+        by_sched = {i: k for k, i in enumerate(step.sample_idx)}
+        for i, s in enumerate(step.scheduled):
+            req = s.request
+            if req.is_finished:  # aborted, or finished by the previous step while this one was in flight
                 continue
-            k = by_sched[i]
-            deltas.append(self._append_token(req, sampled.token_ids[k], sampled.logprobs[k]))
-        finished_ids = {d.request_id for d in deltas if d.finished}
-        for rid in finished_ids:
-            if all(r.is_finished for r in self._requests.get(rid, [])):
-                self._forget(rid)
+            self._collect_prompt_logprobs(req, step.out, i)
+            if i in by_sched:
+                k = by_sched[i]
+                deltas.append(self._append_token(req, sampled.token_ids[k], sampled.logprobs[k]))
+            self.scheduler.publish_blocks(req)
         return deltas
 
     def _collect_prompt_logprobs(self, req: Request, out, i: int) -> None:
@@ -246,7 +287,10 @@ class EngineCore:
 
     def _append_token(self, req: Request, token: int, logprobs: LogprobsDict | None) -> RequestDelta:
         st = self._seq[req]
-        req.output_token_ids.append(token)
+        if req.output_token_ids and req.output_token_ids[-1] == PLACEHOLDER:
+            req.output_token_ids[-1] = token
+        else:
+            req.output_token_ids.append(token)
         self.num_generated_tokens_total += 1
         if logprobs is not None and req.params.detokenize:
             decode_logprob_tokens(self.tokenizer, [logprobs])

@@ -41,6 +41,7 @@ class LLM:
         kv_cache_dtype: str = "auto",
         mem_fraction_static: float | None = None,
         tokenizer: str | None = None,
+        overlap_scheduling: bool | None = None,
     ) -> None:
         self.config = EngineConfig.create(
             model=model, tensor_parallel_size=tensor_parallel_size, dtype=dtype, device=device,
@@ -48,6 +49,7 @@ class LLM:
             kv_block_size=kv_block_size, num_kv_blocks=num_kv_blocks, enable_prefix_caching=enable_prefix_caching,
             load_format=load_format, seed=seed, speculative_config=speculative_config, enforce_eager=enforce_eager,
             kv_cache_dtype=kv_cache_dtype, mem_fraction_static=mem_fraction_static, tokenizer=tokenizer,
+            overlap_scheduling=overlap_scheduling,
         )
         self._counter = itertools.count()
         self._worker: ModelWorker | None = None  # set on ranks > 0 under torchrun

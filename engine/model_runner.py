@@ -22,6 +22,10 @@ class StepInputs:
     seq_lens: list[int]
     query_start_loc: list[int]
     logits_rows: list[int]  # rows of the hidden states whose logits are computed
+    # Overlap scheduling: input tokens sampled by the step still in flight, as (input index, row of that
+    # step's sampled-token tensor); the runner fills them on the device.
+    future_fill: list[tuple[int, int]] = field(default_factory=list)
+    num_future: int = 0  # length of that sampled-token tensor
 
 
 @dataclass
@@ -36,18 +40,26 @@ class StepLayout:
     prompt_rows: list[tuple[int, int, int] | None] = field(default_factory=list)
 
 
-def prepare_step(batch: list[ScheduledRequest], block_size: int) -> tuple[StepInputs, StepLayout]:
+PLACEHOLDER = -1  # an output token sampled by the in-flight step, not yet known on the host
+
+
+def prepare_step(
+    batch: list[ScheduledRequest], block_size: int, num_future: int = 0
+) -> tuple[StepInputs, StepLayout]:
     ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
     qsl = [0]
     seq_lens = []
     rows: list[int] = []
+    future: list[tuple[int, int]] = []
     layout = StepLayout()
     for s in batch:
         req = s.request
         offset = qsl[-1]
         ids.extend(req.tokens(s.start, s.end))
+        if s.end == req.num_tokens and req.output_token_ids and req.output_token_ids[-1] == PLACEHOLDER:
+            future.append((offset + s.num_tokens - 1, req.extra["future_row"]))
         pos = range(s.start, s.end)
         positions.extend(pos)
         table = req.block_ids
@@ -70,7 +82,19 @@ def prepare_step(batch: list[ScheduledRequest], block_size: int) -> tuple[StepIn
             layout.sample_rows.append(-1)
     max_blocks = max(len(s.request.block_ids) for s in batch)
     tables = [s.request.block_ids + [0] * (max_blocks - len(s.request.block_ids)) for s in batch]
-    return StepInputs(ids, positions, slots, tables, seq_lens, qsl, rows), layout
+    inputs = StepInputs(ids, positions, slots, tables, seq_lens, qsl, rows, future, num_future if future else 0)
+    return inputs, layout
+
+
+def fill_future(input_ids: torch.Tensor, inp: StepInputs, future: torch.Tensor | None) -> None:
+    """Write the in-flight step's sampled tokens into their input positions (on the device)."""
+    if not inp.future_fill:
+        return
+    if future is None:
+        raise RuntimeError("step inputs reference tokens of an in-flight step, but none were given")
+    dst = torch.tensor([i for i, _ in inp.future_fill], dtype=torch.long).to(input_ids.device, non_blocking=True)
+    src = torch.tensor([r for _, r in inp.future_fill], dtype=torch.long).to(future.device, non_blocking=True)
+    input_ids.index_copy_(0, dst, future.index_select(0, src).to(input_ids.dtype))
 
 
 class ModelRunner:
@@ -106,14 +130,16 @@ class ModelRunner:
         return torch.tensor(inp.input_ids, dtype=torch.long, device=dev), ctx
 
     @torch.inference_mode()
-    def run(self, inp: StepInputs) -> torch.Tensor:
-        """Forward + LM head on the requested rows: fp32 logits [len(logits_rows), vocab]."""
+    def run(self, inp: StepInputs, future: torch.Tensor | None = None) -> torch.Tensor:
+        """Forward + LM head on the requested rows: fp32 logits [len(logits_rows), vocab]. `future` is the
+        in-flight step's sampled tokens when `inp.future_fill` refers to them."""
         if self.graphs is not None:
             from engine.cuda_graphs import is_graphable
 
             if is_graphable(inp, self.graphs.max_batch):
-                return self.graphs.run(inp)
+                return self.graphs.run(inp, future)
         input_ids, ctx = self.build_context(inp)
+        fill_future(input_ids, inp, future)
         hidden = self.model(input_ids, ctx)
         index = torch.tensor(inp.logits_rows, dtype=torch.long, device=hidden.device)
         return self.model.compute_logits(hidden.index_select(0, index))

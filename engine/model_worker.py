@@ -99,11 +99,23 @@ class ModelWorker:
                 f"KV cache more memory (num_kv_blocks / mem_fraction_static)"
             )
 
-    def execute(self, inp: StepInputs) -> torch.Tensor:
-        """Rank 0: send the step to the other ranks, then run it here too."""
+    def execute(self, inp: StepInputs, future: torch.Tensor | None = None) -> torch.Tensor:
+        """Rank 0: send the step to the other ranks, then run it here too. `future`: the in-flight step's
+        sampled tokens (device tensor), sent to the other ranks on the model group when the step uses them."""
         if self.dist.world_size > 1:
             broadcast_object(inp, self.dist)
-        return self.runner.run(inp)
+            if inp.future_fill:
+                future = self._broadcast_future(inp, future)
+        return self.runner.run(inp, future)
+
+    def _broadcast_future(self, inp: StepInputs, future: torch.Tensor | None) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if future is None:
+            future = torch.empty(inp.num_future, dtype=torch.long, device=self.device)
+        future = future.to(device=self.device, dtype=torch.long).contiguous()
+        dist.broadcast(future, src=0, group=self.dist.tp.group)
+        return future
 
     def send_control(self, message: str) -> None:
         if self.dist.world_size > 1:
@@ -114,7 +126,8 @@ class ModelWorker:
         while True:
             msg = broadcast_object(None, self.dist)
             if isinstance(msg, StepInputs):
-                self.runner.run(msg)
+                future = self._broadcast_future(msg, None) if msg.future_fill else None
+                self.runner.run(msg, future)
             elif msg == STOP or msg == until:
                 return
             else:

@@ -181,6 +181,11 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> SamplerOutput:
         """logits [B, V] (one row per state) -> one token per row, plus the requested logprobs."""
+        return self.sample_deferred(logits, states).resolve()
+
+    def sample_deferred(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> "DeferredSample":
+        """Enqueue sampling on the logits' device without waiting for it; `.resolve()` later gives the
+        SamplerOutput (the only host sync). Lets the engine overlap CPU work with the GPU."""
         if logits.dim() != 2 or logits.shape[0] != len(states):
             raise ValueError(
                 f"logits must be [len(states), V], got {tuple(logits.shape)} for {len(states)} states"
@@ -207,16 +212,37 @@ class Sampler:
             tokens = sampled if all_random else tokens.index_copy(0, idx, sampled)
         assert tokens is not None
         lp_rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
-        logprobs: list[LogprobsDict | None] = [None] * len(states)
+        raw = None
         if lp_rows:
             idx = torch.tensor(lp_rows, dtype=torch.long, device=dev)
             raw = torch.log_softmax(logits.index_select(0, idx).float(), dim=-1)
-            dicts = logprob_dicts(
-                raw, tokens.index_select(0, idx), [states[i].params.logprobs for i in lp_rows]
-            )
-            for i, d in zip(lp_rows, dicts):
+        return DeferredSample(tokens, raw, lp_rows, [states[i].params.logprobs for i in lp_rows], len(states))
+
+
+class DeferredSample:
+    """Sampled tokens still on the device, copied to pinned host memory asynchronously."""
+
+    def __init__(self, tokens: torch.Tensor, raw: torch.Tensor | None, lp_rows: list[int], lp_k: list[int], n: int):
+        self.tokens = tokens
+        self._raw, self._lp_rows, self._lp_k, self._n = raw, lp_rows, lp_k, n
+        if tokens.is_cuda:
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host, self._event = tokens, None
+
+    def resolve(self) -> SamplerOutput:
+        if self._event is not None:
+            self._event.synchronize()
+        logprobs: list[LogprobsDict | None] = [None] * self._n
+        if self._raw is not None:
+            idx = torch.tensor(self._lp_rows, dtype=torch.long, device=self.tokens.device)
+            dicts = logprob_dicts(self._raw, self.tokens.index_select(0, idx), self._lp_k)
+            for i, d in zip(self._lp_rows, dicts):
                 logprobs[i] = d
-        return SamplerOutput(token_ids=tokens.tolist(), logprobs=logprobs, token_ids_tensor=tokens)
+        return SamplerOutput(token_ids=self._host.tolist(), logprobs=logprobs, token_ids_tensor=self.tokens)
 
 
 def logprob_dicts(raw: torch.Tensor, token_ids: torch.Tensor, num_top: Sequence[int]) -> list[LogprobsDict]:

@@ -88,8 +88,8 @@ class Scheduler:
             if req.status != Status.RUNNING:  # preempted earlier in this loop
                 continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if n <= 0:
-                continue
+            if n <= 0 or len(req.output_token_ids) >= req.max_tokens:
+                continue  # nothing to compute, or its last token is still in flight
             if not self._make_room(req, req.num_computed_tokens + n, out):
                 continue  # req itself was preempted
             out.scheduled.append(ScheduledRequest(req, req.num_computed_tokens, n))
@@ -165,10 +165,13 @@ class Scheduler:
 
     # -- after the forward --------------------------------------------------------------------------
     def advance(self, scheduled: ScheduledRequest) -> None:
-        """The step computed scheduled tokens: move the counter and publish newly full pages."""
-        req = scheduled.request
-        req.num_computed_tokens = scheduled.end
-        if not self.pool.enable_prefix_caching:
+        """The step computed scheduled tokens: move the counter (at launch, so the next step can be planned
+        while this one runs). Pages are published later, once the tokens in them are known."""
+        scheduled.request.num_computed_tokens = scheduled.end
+
+    def publish_blocks(self, req: Request) -> None:
+        """Register the request's newly full, computed pages in the prefix cache."""
+        if not self.pool.enable_prefix_caching or req.status != Status.RUNNING:
             return
         n_full = req.num_computed_tokens // self.block_size
         for i in range(req.num_registered_blocks, n_full):

@@ -59,6 +59,12 @@ def test_prefix_lookup_touch_and_lru_eviction():
     pool.check_invariants()
 
 
+def _done(s: Scheduler, x) -> None:
+    """What the engine does around a step: advance at launch, publish pages once tokens are known."""
+    s.advance(x)
+    s.publish_blocks(x.request)
+
+
 def _sched(num_blocks=16, bs=4, budget=8, max_seqs=8, prefix=True):
     pool = BlockPool(num_blocks, bs, prefix)
     return Scheduler(SchedulerConfig(budget, max_seqs, 1024), pool), pool
@@ -70,12 +76,12 @@ def test_chunking_splits_long_prompts_and_mixes_with_decode():
     s.add(r1)
     out = s.schedule()
     assert [(x.start, x.num_tokens) for x in out.scheduled] == [(0, 8)] and not out.scheduled[0].samples
-    s.advance(out.scheduled[0])
+    _done(s, out.scheduled[0])
     r2 = _req("b", list(range(100, 103)))
     s.add(r2)
     out = s.schedule()  # running chunk first (8), no budget left for b
     assert [(x.request.request_id, x.num_tokens) for x in out.scheduled] == [("a", 8)]
-    s.advance(out.scheduled[0])
+    _done(s, out.scheduled[0])
     out = s.schedule()
     assert [(x.request.request_id, x.start, x.num_tokens) for x in out.scheduled] == [("a", 16, 4), ("b", 0, 3)]
     assert all(x.samples for x in out.scheduled)
@@ -87,7 +93,7 @@ def test_full_prompt_hit_recomputes_last_token():
     r1 = _req("a", list(range(8)))
     s.add(r1)
     out = s.schedule()
-    s.advance(out.scheduled[0])
+    _done(s, out.scheduled[0])
     s.finish(r1, "stop")
     assert pool.num_cached == 2
     r2 = _req("b", list(range(8)))
@@ -96,7 +102,7 @@ def test_full_prompt_hit_recomputes_last_token():
     x = out.scheduled[0]
     assert (x.start, x.num_tokens) == (4, 4)  # page 2 holds the last token: it is recomputed
     assert r2.num_cached_tokens == 4
-    s.advance(x)
+    _done(s, x)
     s.finish(r2, "stop")
     pool.check_invariants()
 
@@ -108,14 +114,14 @@ def test_preempts_newest_when_pages_run_out():
     s.add(b)
     out = s.schedule()
     for x in out.scheduled:
-        s.advance(x)
+        _done(s, x)
         x.request.output_token_ids.append(1)
     # a and b each hold 2 pages; a's 9th token needs a 3rd page -> b (newest) is preempted
     for _ in range(2):
         a.output_token_ids.append(1)
         out = s.schedule()
         for x in out.scheduled:
-            s.advance(x)
+            _done(s, x)
     assert s.num_preemptions >= 1 and b.num_computed_tokens == 0 and not b.block_ids
     assert b in s.waiting
     pool.check_invariants()

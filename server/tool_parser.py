@@ -45,6 +45,10 @@ class ParsedToolCall:
 class ToolParse:
     content: str  # text outside tool-call blocks released so far
     calls: list[ParsedToolCall] = field(default_factory=list)
+    # Where the last `<tool_call>` starts (-1: none) and how many calls come before it. Everything before that
+    # point is final, so a streaming caller may re-parse from there only (see output_parser.py).
+    last_call_start: int = -1
+    calls_before_last: int = 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -257,6 +261,7 @@ def parse_tool_calls(text: str, schemas: ToolSchemas, final: bool = False) -> To
     calls: list[ParsedToolCall] = []
     pos = first
     while True:
+        last_start, before_last = pos, len(calls)
         body_start = pos + len(TOOL_CALL_START)
         end = text.find(TOOL_CALL_END, body_start)
         if end < 0:
@@ -276,4 +281,4 @@ def parse_tool_calls(text: str, schemas: ToolSchemas, final: bool = False) -> To
         if text[pos:nxt].strip(_WS):
             content.append(text[pos:nxt])
         pos = nxt
-    return ToolParse("".join(content), calls)
+    return ToolParse("".join(content), calls, last_start, before_last)

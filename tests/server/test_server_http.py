@@ -82,14 +82,14 @@ def engine_stats(http) -> dict:
     return http.get("/server_info", headers=AUTH).json()["engine"]
 
 
-def wait_until(fn, timeout=20.0, interval=0.05):
+def wait_until(fn, timeout=30.0, interval=0.05, what=""):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = fn()
         if value:
             return value
         time.sleep(interval)
-    raise AssertionError("condition not reached in time")
+    raise AssertionError(f"condition not reached in {timeout}s: {what}")
 
 
 def assert_openai_error(r: httpx.Response, status: int, param: str | None = None, code: str | None = None):
@@ -387,9 +387,9 @@ def test_overload_429_then_disconnect_frees_everything(http, server):
     stats0 = engine_stats(http)
     aborted0 = metric(metrics_text(http), "glint:num_aborted_requests_total")
     threads = [_start_stream(server, results, 0), _start_stream(server, results, 1)]
-    wait_until(lambda: metric(metrics_text(http), "glint:num_requests_running") == 2)
+    wait_until(lambda: metric(metrics_text(http), "glint:num_requests_running") == 2, what="2 running")
     threads.append(_start_stream(server, results, 2))
-    wait_until(lambda: metric(metrics_text(http), "glint:num_requests_waiting") == 1)
+    wait_until(lambda: metric(metrics_text(http), "glint:num_requests_waiting") == 1, what="1 waiting")
     r = http.post("/v1/chat/completions", json=chat_body(), headers=AUTH)
     err = assert_openai_error(r, 429, code="server_overloaded")
     assert err["type"] == "rate_limit_error" and r.headers["retry-after"]

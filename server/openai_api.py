@@ -351,6 +351,7 @@ def _chat_body(state: ServerState, prep: PreparedChat, res: ChatResult) -> dict[
         message: dict[str, Any] = {
             "role": "assistant",
             "content": p.content if (p.content or not calls) else None,
+            "refusal": None,
         }
         message.update(_reasoning_fields(state, p.reasoning or None))
         if calls:
@@ -367,6 +368,8 @@ def _chat_body(state: ServerState, prep: PreparedChat, res: ChatResult) -> dict[
             }
         )
     prep.gen.log["finish_reason"] = ",".join(sorted({c["finish_reason"] for c in choices}))
+    if state.config.log_requests == "full":
+        prep.gen.log["output"] = _output_for_log(prep.parsers[0])
     return {
         "id": prep.rid,
         "object": "chat.completion",
@@ -377,6 +380,11 @@ def _chat_body(state: ServerState, prep: PreparedChat, res: ChatResult) -> dict[
             prep.gen.prompt_len, res.completion_tokens, prep.gen.num_cached_tokens, res.reasoning_tokens
         ),
     }
+
+
+def _output_for_log(p: ChatOutputParser) -> str:
+    calls = "".join(f"\n[tool_call {c.name} {c.arguments}]" for c in p.tool_calls)
+    return (f"<think>{p.reasoning}</think>" if p.reasoning else "") + p.content + calls
 
 
 def _usage(prompt: int, completion: int, cached: int, reasoning: int | None = None) -> dict[str, Any]:
@@ -414,7 +422,7 @@ async def _chat_stream(state: ServerState, prep: PreparedChat) -> AsyncIterator[
     finish: list[str] = []
     try:
         for i in range(plan.n):
-            yield chunk(i, {"role": "assistant", "content": ""})
+            yield chunk(i, {"role": "assistant", "content": "", "refusal": None})
         async for item in iterate_generations([gen], state.config.keepalive_interval or None):
             if item is None:
                 yield KEEPALIVE
@@ -459,6 +467,8 @@ async def _chat_stream(state: ServerState, prep: PreparedChat) -> AsyncIterator[
                     yield chunk(i, {}, logprobs=lp)
         gen.log["finish_reason"] = ",".join(sorted(set(finish)))
         gen.log["reasoning_tokens"] = reasoning_tokens
+        if state.config.log_requests == "full":
+            gen.log["output"] = _output_for_log(parsers[0])
         if include_usage:
             yield sse_data(
                 {

@@ -64,7 +64,13 @@ class LiveServer:
         raise RuntimeError("engine process not found")
 
     def stop(self) -> int:
+        """Ctrl-C the server; both the front end and the engine process must be gone afterwards."""
+        if self._log.closed:
+            return self.proc.returncode
+        engine = None
         if self.proc.poll() is None:
+            with contextlib.suppress(RuntimeError):
+                engine = self.engine_pid()
             self.proc.send_signal(signal.SIGINT)
             try:
                 self.proc.wait(30)
@@ -72,6 +78,13 @@ class LiveServer:
                 self.proc.kill()
                 self.proc.wait(10)
         self._log.close()
+        if engine is not None:
+            deadline = time.monotonic() + 10
+            while Path(f"/proc/{engine}").exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            stat = Path(f"/proc/{engine}/stat")
+            alive = stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+            assert not alive, f"engine process {engine} survived the server's shutdown"
         return self.proc.returncode
 
 

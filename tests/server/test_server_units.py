@@ -244,3 +244,43 @@ def test_presets(capsys):
     assert "not supported yet" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_args(["--preset", "no-such-preset"])
+
+
+def test_app_without_engine_json_log_and_503(caplog):
+    """The ASGI app in process, its engine never started: 503 + Retry-After until ready, JSON request lines."""
+    import asyncio
+    import logging
+
+    import httpx
+
+    from model.tiny import tiny_model_dir
+    from server.app import build_app
+
+    cfg = ServerConfig(log_format="json", api_key=("k",), served_model_name=("tiny",))
+    app = build_app(cfg, {"model": str(tiny_model_dir("bf16"))})
+
+    async def run():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            h = await c.get("/health")
+            assert h.status_code == 503 and h.headers["retry-after"]
+            r = await c.post(
+                "/v1/chat/completions",
+                headers={"Authorization": "Bearer k"},
+                json={"messages": [{"role": "user", "content": "hi"}]},
+            )
+            assert r.status_code == 503 and r.headers["retry-after"]
+            assert r.json()["error"]["type"] == "server_error"
+            r = await c.post(
+                "/v1/messages",
+                headers={"x-api-key": "k"},
+                json={"model": "x", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]},
+            )
+            assert r.status_code == 503 and r.json()["error"]["type"] == "overloaded_error"
+            assert (await c.get("/v1/models")).status_code == 401
+
+    with caplog.at_level(logging.INFO, logger="glint.requests"):
+        asyncio.run(run())
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "glint.requests"]
+    assert [x["status"] for x in lines] == [503, 503, 401]
+    assert lines[0]["path"] == "/v1/chat/completions" and lines[0]["request_id"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -66,12 +67,13 @@ class LLM:
         else:
             self.engine = EngineCore(self.config)
         self.tokenizer = self.engine.tokenizer
-        atexit.register(self.shutdown)
+        # Stops spawned TP ranks when this LLM is collected or at exit, without keeping it alive.
+        self._finalizer = weakref.finalize(self, EngineCore.shutdown, self.engine)
 
     def shutdown(self) -> None:
         """Stop the TP ranks this LLM started (spawned ranks) or release torchrun's ranks."""
         if self.engine is not None:
-            self.engine.shutdown()
+            self._finalizer()
 
     @property
     def is_driver(self) -> bool:

@@ -302,6 +302,11 @@ class EngineCore:
             reason = "stop"
             # vLLM reports the token id only for stop_token_ids, not for the model's own EOS.
             stop_reason = token if token in req.params.stop_token_ids else None
+            if not req.params.include_stop_str_in_output and text:
+                # The stop token's own text (visible with skip_special_tokens=False) is not output.
+                tok_text = self.tokenizer.decode([token], skip_special_tokens=req.params.skip_special_tokens)
+                if tok_text and text.endswith(tok_text):
+                    text = text[: -len(tok_text)]
         use_stops = st.stops is not None and past_min
         if use_stops:
             text, matched = st.stops.feed(text)

@@ -75,6 +75,10 @@ def test_stop_token_ids_and_eos(llm):
     eos = llm.engine.model_config.eos_token_ids[1]
     out = llm.generate("eos", SamplingParams(temperature=0, max_tokens=10, logit_bias={eos: 100.0}), use_tqdm=False)[0].outputs[0]
     assert out.token_ids == [eos] and out.finish_reason == "stop" and out.stop_reason is None
+    # with skip_special_tokens=False the stop token's own text is still not part of the output
+    raw = llm.generate("eos", SamplingParams(temperature=0, max_tokens=10, logit_bias={eos: 100.0},
+                                             skip_special_tokens=False), use_tqdm=False)[0].outputs[0]
+    assert raw.token_ids == [eos] and raw.text == ""
     # min_tokens holds eos back
     out = llm.generate("eos", SamplingParams(temperature=0, max_tokens=10, min_tokens=4, logit_bias={eos: 100.0}),
                        use_tqdm=False)[0].outputs[0]

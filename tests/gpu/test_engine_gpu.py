@@ -10,6 +10,12 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 from engine import LLM, SamplingParams  # noqa: E402
 
+def _llm(path, **kw) -> LLM:
+    """Tests keep several engines alive in one process: give each a fixed, small KV pool."""
+    kw.setdefault("num_kv_blocks", 1024)
+    return LLM(str(path), **kw)
+
+
 PROMPTS = [{"prompt_token_ids": list(range(10, 10 + n))} for n in (3, 17, 64, 150)]
 
 
@@ -29,14 +35,14 @@ def cpu_ref(tiny_dirs):
 
 
 def test_graphs_equal_eager(tiny_dirs):
-    graphs = LLM(str(tiny_dirs["fp8-channel"]), device="cuda", max_num_seqs=16)
+    graphs = _llm(tiny_dirs["fp8-channel"], device="cuda", max_num_seqs=16)
     assert graphs.engine.worker.runner.graphs is not None
-    eager = LLM(str(tiny_dirs["fp8-channel"]), device="cuda", enforce_eager=True)
+    eager = _llm(tiny_dirs["fp8-channel"], device="cuda", enforce_eager=True)
     assert _greedy(graphs) == _greedy(eager)
 
 
 def test_gpu_matches_cpu_reference(tiny_dirs, cpu_ref):
-    gpu = LLM(str(tiny_dirs["fp8-channel"]), device="cuda")
+    gpu = _llm(tiny_dirs["fp8-channel"], device="cuda")
     ids = list(range(20, 200))
     d = (_prompt_lps(gpu, ids) - _prompt_lps(cpu_ref, ids)).abs()
     # bf16 activations + FP8 weights/activations vs fp32 dequantized: log-probs agree to a few 1e-2
@@ -46,8 +52,8 @@ def test_gpu_matches_cpu_reference(tiny_dirs, cpu_ref):
 
 
 def test_fp8_kv_cache(tiny_dirs):
-    bf16_kv = LLM(str(tiny_dirs["bf16"]), device="cuda")
-    fp8_kv = LLM(str(tiny_dirs["bf16"]), device="cuda", kv_cache_dtype="fp8_e4m3")
+    bf16_kv = _llm(tiny_dirs["bf16"], device="cuda")
+    fp8_kv = _llm(tiny_dirs["bf16"], device="cuda", kv_cache_dtype="fp8_e4m3")
     k_cache = fp8_kv.engine.worker.runner.kv_caches[0][0]
     assert k_cache.dtype == torch.float8_e4m3fn
     ids = list(range(30, 230))
@@ -56,10 +62,10 @@ def test_fp8_kv_cache(tiny_dirs):
 
 
 def test_prefix_cache_chunked_and_preempted_on_gpu(tiny_dirs):
-    ref = _greedy(LLM(str(tiny_dirs["bf16"]), device="cuda", enforce_eager=True))
-    chunked = LLM(str(tiny_dirs["bf16"]), device="cuda", max_num_batched_tokens=32, enforce_eager=True)
+    ref = _greedy(_llm(tiny_dirs["bf16"], device="cuda", enforce_eager=True))
+    chunked = _llm(tiny_dirs["bf16"], device="cuda", max_num_batched_tokens=32, enforce_eager=True)
     assert _greedy(chunked) == ref
-    small = LLM(str(tiny_dirs["bf16"]), device="cuda", num_kv_blocks=16, max_model_len=200, enforce_eager=True)
+    small = _llm(tiny_dirs["bf16"], device="cuda", num_kv_blocks=16, max_model_len=200, enforce_eager=True)
     assert _greedy(small) == ref and small.stats()["num_preemptions"] > 0
 
 
@@ -69,7 +75,7 @@ def test_real_shape_layers_match_cpu(tmp_path):
 
     path = real_shape_model_dir(num_layers=2, dense_layers=1, out_root=tmp_path)
     ids = list(range(100, 140))
-    gpu = LLM(str(path), device="cuda", load_format="dummy", max_model_len=1024, enforce_eager=True)
+    gpu = _llm(path, device="cuda", load_format="dummy", max_model_len=1024, enforce_eager=True)
     g = _prompt_lps(gpu, ids)
     del gpu
     torch.cuda.empty_cache()

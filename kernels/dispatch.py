@@ -1,8 +1,19 @@
 """Device dispatch: the torch reference on CPU, the Triton kernel on CUDA where one exists.
 
-Every public op keeps the reference's signature so the model never needs to know which one ran.
+Every public op keeps the reference's signature so the model never needs to know which one ran (a few take
+optional keyword arguments for fusions: `qk_norm_rope(..., v=, k_cache=, v_cache=, slot_mapping=)` also stores
+K/V into the paged cache, `fp8_linear_channel(..., x_fp8=, x_scale=)` takes an already quantized input).
+
+Backend choice: `GLINT_KERNELS=auto` (default: Triton for CUDA tensors, reference otherwise), `ref` (always
+the reference) or `triton` (always Triton, also on CPU tensors -- only meaningful under TRITON_INTERPRET=1,
+for tests); `set_backend()` changes it at run time. `TRITON_OPS` lists the ops whose Triton kernel passed
+its GPU tests; an op missing from it always runs the reference. The Triton modules are imported on first
+use, so importing this module never decorates a Triton kernel (TRITON_INTERPRET is read at that moment).
 """
 from __future__ import annotations
+
+import importlib
+import os
 
 import torch
 
@@ -14,22 +25,65 @@ from kernels.moe_routing import moe_route_ref
 from kernels.norm import add_rms_norm_ref, rms_norm_ref
 from kernels.rope import qk_norm_rope_ref
 
+_BACKEND = os.environ.get("GLINT_KERNELS", "auto")
+
+# ops with a Triton kernel that is dispatched to (remove an entry to force the reference for that op)
+TRITON_OPS = {
+    "rms_norm",
+    "add_rms_norm",
+    "silu_mul",
+    "qk_norm_rope",
+    "store_kv",
+    "fp8_linear_channel",
+    "fp8_linear_block",
+    "moe_route",
+    "fused_moe",
+    "paged_attention",
+}
+
+
+def set_backend(name: str) -> None:
+    global _BACKEND
+    if name not in ("auto", "ref", "triton"):
+        raise ValueError(f"unknown kernel backend {name!r}")
+    _BACKEND = name
+
+
+def get_backend() -> str:
+    return _BACKEND
+
+
+def _triton(mod: str):
+    return importlib.import_module(f"kernels.triton_{mod}")
+
 
 def _on_gpu(t: torch.Tensor) -> bool:
     return t.is_cuda
 
 
+def _use(op: str, t: torch.Tensor) -> bool:
+    if op not in TRITON_OPS or _BACKEND == "ref":
+        return False
+    return _BACKEND == "triton" or t.is_cuda
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if _use("rms_norm", x):
+        return _triton("norm").rms_norm(x, weight, eps)
     return rms_norm_ref(x, weight, eps)
 
 
 def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    if _use("add_rms_norm", x):
+        return _triton("norm").add_rms_norm(x, residual, weight, eps)
     return add_rms_norm_ref(x, residual, weight, eps)
 
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    if _use("silu_mul", x):
+        return _triton("activation").silu_mul(x)
     return silu_mul_ref(x)
 
 
@@ -41,19 +95,51 @@ def qk_norm_rope(
     cos_sin: torch.Tensor,
     positions: torch.Tensor,
     eps: float,
+    *,
+    v: torch.Tensor | None = None,
+    k_cache: torch.Tensor | None = None,
+    v_cache: torch.Tensor | None = None,
+    slot_mapping: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return qk_norm_rope_ref(q, k, q_norm_weight, k_norm_weight, cos_sin, positions, eps)
+    """With k_cache given, also stores the rotated k and v into the paged caches (as store_kv would)."""
+    if _use("qk_norm_rope", q) and (q_norm_weight is None) == (k_norm_weight is None):
+        return _triton("rope").qk_norm_rope(
+            q, k, q_norm_weight, k_norm_weight, cos_sin, positions, eps,
+            v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping, k_scale=k_scale, v_scale=v_scale,
+        )
+    q, k = qk_norm_rope_ref(q, k, q_norm_weight, k_norm_weight, cos_sin, positions, eps)
+    if k_cache is not None:
+        store_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    return q, k
 
 
 def fp8_linear_channel(
-    x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    w_fp8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    x_fp8: torch.Tensor | None = None,
+    x_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    if _use("fp8_linear_channel", x):
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        mod = _triton("fp8_gemm")
+        fn = mod.fp8_linear_channel_auto if x.is_cuda else mod.fp8_linear_channel
+        return fn(x2, w_fp8, w_scale, bias, x_fp8, x_scale).view(*lead, w_fp8.shape[0])
     return fp8_linear_channel_ref(x, w_fp8, w_scale, bias)
 
 
 def fp8_linear_block(
     x: torch.Tensor, w_fp8: torch.Tensor, w_scale_inv: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
+    if _use("fp8_linear_block", x):
+        lead = x.shape[:-1]
+        y = _triton("fp8_gemm").fp8_linear_block(x.reshape(-1, x.shape[-1]), w_fp8, w_scale_inv, bias)
+        return y.view(*lead, w_fp8.shape[0])
     return fp8_linear_block_ref(x, w_fp8, w_scale_inv, bias)
 
 
@@ -67,6 +153,11 @@ def moe_route(
     routed_scaling_factor: float = 1.0,
     num_fused_shared_experts: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    if _use("moe_route", router_logits):
+        return _triton("moe_routing").moe_route(
+            router_logits, correction_bias, top_k, n_group, topk_group, renormalize, routed_scaling_factor,
+            num_fused_shared_experts,
+        )
     return moe_route_ref(
         router_logits, correction_bias, top_k, n_group, topk_group, renormalize, routed_scaling_factor,
         num_fused_shared_experts,
@@ -83,6 +174,10 @@ def fused_moe(
     w2_scale: torch.Tensor | None = None,
     quant: str = "none",
 ) -> torch.Tensor:
+    # fp32 activations stay on the reference on GPU (the Triton dots would run in tf32)
+    if _use("fused_moe", x) and (x.dtype != torch.float32 or not x.is_cuda):
+        ids = topk_ids if topk_ids.dtype == torch.int32 else topk_ids.to(torch.int32)
+        return _triton("moe").fused_moe(x, w13, w2, topk_weights, ids, w13_scale, w2_scale, quant)
     return fused_moe_ref(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, quant)
 
 
@@ -95,6 +190,9 @@ def store_kv(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
 ) -> None:
+    if _use("store_kv", k):
+        _triton("kv_store").store_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+        return
     store_kv_ref(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
@@ -112,4 +210,10 @@ def paged_attention(
     max_seq_len: int | None = None,
 ) -> torch.Tensor:
     """max_query_len / max_seq_len are host-side hints for kernel choice (decode when max_query_len == 1)."""
+    d = q.shape[-1]
+    if _use("paged_attention", q) and (q.dtype != torch.float32 or not q.is_cuda) and d == 1 << (d.bit_length() - 1):
+        return _triton("attention").paged_attention(
+            q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale,
+            max_query_len=max_query_len, max_seq_len=max_seq_len,
+        )
     return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale)

@@ -48,10 +48,10 @@ def _load_kv_tile(cache_ptr, bt_row, j, jm, hk, stride_slot, stride_h, BS: tl.co
 @triton.jit
 def _decode_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, len_ptr, qsl_ptr, o_ptr, po_ptr, plse_ptr,
-    qk_scale, v_scale, HQ,
+    qk_scale, v_scale, HQ, SPLITS,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_kslot, stride_kh, stride_vslot, stride_vh,
     G: tl.constexpr, G_P: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLITS: tl.constexpr, QDT: tl.constexpr,
+    MULTI: tl.constexpr, QDT: tl.constexpr,
 ):
     b = tl.program_id(0)
     hk = tl.program_id(1)
@@ -84,7 +84,7 @@ def _decode_kernel(
         v = _load_kv_tile(vc_ptr, bt_row, j, jm, hk, stride_vslot, stride_vh, BS, D, QDT)
         acc = acc * alpha[:, None] + tl.dot(dot_operand(p.to(QDT)), dot_operand(v))
         m_i = m_new
-    if SPLITS == 1:
+    if not MULTI:
         o = acc / l_i[:, None] * v_scale
         tl.store(o_ptr + tok * stride_ot + heads[:, None] * stride_oh + d[None, :],
                  to_out(o, o_ptr.dtype.element_ty), mask=gm[:, None])
@@ -100,8 +100,8 @@ def _decode_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(
-    po_ptr, plse_ptr, qsl_ptr, o_ptr, v_scale, HQ, stride_ot, stride_oh,
-    SPLITS: tl.constexpr, S_P: tl.constexpr, D: tl.constexpr,
+    po_ptr, plse_ptr, qsl_ptr, o_ptr, v_scale, HQ, SPLITS, stride_ot, stride_oh,
+    S_P: tl.constexpr, D: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -222,15 +222,15 @@ def paged_attention(
             po = plse = out
         _decode_kernel[(b, hk, splits)](
             q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, po, plse,
-            qk_scale, float(v_scale), hq,
+            qk_scale, float(v_scale), hq, splits,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), *ks, *vs,
-            G=group, G_P=g_p, D=d, BS=bs, BLOCK_N=block_n, SPLITS=splits, QDT=qdt,
+            G=group, G_P=g_p, D=d, BS=bs, BLOCK_N=block_n, MULTI=splits > 1, QDT=qdt,
             num_warps=4, num_stages=2,
         )
         if splits > 1:
             _decode_reduce_kernel[(b, hq)](
-                po, plse, query_start_loc, out, float(v_scale), hq, out.stride(0), out.stride(1),
-                SPLITS=splits, S_P=max(2, next_pow2(splits)), D=d, num_warps=4,
+                po, plse, query_start_loc, out, float(v_scale), hq, splits, out.stride(0), out.stride(1),
+                S_P=max(2, next_pow2(splits)), D=d, num_warps=4,
             )
         return out
     block_m = 64 if max_query_len > 16 else 16

@@ -13,20 +13,22 @@ workspace and counters assume one stream at a time uses a given device's kernels
 from __future__ import annotations
 
 import functools
+import json
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import cdiv, dot_operand, next_pow2, to_out, zeroed_counters
+from kernels.triton_common import cdiv, device_name, dot_operand, next_pow2, to_out, zeroed_counters
 from kernels.triton_quant import quant_fp8_per_group, quant_fp8_per_token
 
 
 @triton.jit
 def _fp8_gemm_kernel(
     a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, ws_ptr, cnt_ptr,
-    M, N, K, stride_am, stride_bn, stride_cm, stride_asm, stride_bsn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    M, N, K, SPLIT_K, stride_am, stride_bn, stride_cm, stride_asm, stride_bsn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
     GROUP_M: tl.constexpr, BLOCK_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -74,7 +76,7 @@ def _fp8_gemm_kernel(
 
     c_ptrs = c_ptr + rm_c[:, None] * stride_cm + rn_c[None, :]
     cmask = mm[:, None] & mn[None, :]
-    if SPLIT_K > 1:
+    if SPLIT:
         tile = pid_m * num_n + pid_n
         ws_tile = ws_ptr + (tile * SPLIT_K).to(tl.int64) * (BLOCK_M * BLOCK_N)
         offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
@@ -164,8 +166,8 @@ def fp8_gemm(
     ws_ = w_scale if w_scale.dim() == 2 else w_scale.view(w_scale.shape[0], -1)
     _fp8_gemm_kernel[(tiles, split)](
         xq, w, out, xs, ws_, bias if bias is not None else out, ws, cnt,
-        m, n, k, xq.stride(0), w.stride(0), out.stride(0), xs.stride(0), ws_.stride(0),
-        SPLIT_K=split, BLOCK_SCALE=block_scale, HAS_BIAS=bias is not None,
+        m, n, k, split, xq.stride(0), w.stride(0), out.stride(0), xs.stride(0), ws_.stride(0),
+        SPLIT=split > 1, BLOCK_SCALE=block_scale, HAS_BIAS=bias is not None,
         EVEN_K=k % cfg["BLOCK_K"] == 0, **cfg,
     )
     return out
@@ -200,3 +202,61 @@ def fp8_linear_block(
 
 
 __all__ = ["fp8_gemm", "fp8_linear_channel", "fp8_linear_block", "gemm_config"]
+
+
+# ------------------------------------------------------------------------------------- cuBLAS crossover
+
+_LINEAR_TABLE = os.path.join(os.path.dirname(__file__), "configs", "fp8_linear.json")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_max_m(device: str) -> int:
+    """Largest M for which the Triton GEMM is used instead of cuBLAS `_scaled_mm` (measured per GPU, stored in
+    kernels/configs/fp8_linear.json; 64 when the GPU is not listed)."""
+    if os.path.exists(_LINEAR_TABLE):
+        with open(_LINEAR_TABLE) as f:
+            table = json.load(f)
+        entry = table.get(device)
+        if entry:
+            return int(entry["triton_max_m"])
+    return 64
+
+
+def scaled_mm_ok(x: torch.Tensor, w_fp8: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    k = x.shape[1]
+    n = w_fp8.shape[0]
+    return (
+        x.is_cuda and hasattr(torch, "_scaled_mm") and x.dtype == torch.bfloat16 and k % 16 == 0 and n % 16 == 0
+        and (bias is None or bias.dtype == torch.bfloat16)
+    )
+
+
+def scaled_mm_linear(
+    x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
+    bias: torch.Tensor | None, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """cuBLAS rowwise-scaled FP8 GEMM: per-token x_scale [M, 1] x per-channel w_scale [N, 1]."""
+    return torch._scaled_mm(
+        x_fp8, w_fp8.t(), scale_a=x_scale.view(-1, 1), scale_b=w_scale.view(1, -1).float(), bias=bias,
+        out_dtype=out_dtype,
+    )
+
+
+def fp8_linear_channel_auto(
+    x: torch.Tensor,
+    w_fp8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    x_fp8: torch.Tensor | None = None,
+    x_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """GPU FP8 channel linear: the Triton GEMM up to the measured crossover M, cuBLAS `_scaled_mm` above it."""
+    m = x.shape[0]
+    if m > triton_max_m(device_name(x.device)) and scaled_mm_ok(x, w_fp8, bias):
+        if x_fp8 is None:
+            x_fp8, x_scale = quant_fp8_per_token(x)
+        return scaled_mm_linear(x_fp8, x_scale, w_fp8, w_scale, bias, x.dtype)
+    return fp8_linear_channel(x, w_fp8, w_scale, bias, x_fp8, x_scale)
+
+
+__all__ += ["fp8_linear_channel_auto", "scaled_mm_linear", "triton_max_m"]

@@ -53,10 +53,10 @@ def _quant_tile(a, scale):
 @triton.jit
 def _moe_gate_up_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, act_ptr, sorted_ptr, bexp_ptr, part_ptr, cnt_ptr,
-    NP, TOPK, K, I,
+    NP, TOPK, K, I, SPLIT_K,
     stride_xm, stride_xsm, stride_we, stride_wn, stride_wse, stride_wsn, stride_am,
     QUANT: tl.constexpr, A_MODE: tl.constexpr, DT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
     # A_MODE: 0 = x used as is (bf16 / fp8 already quantized), 2 = x in bf16, quantized here
@@ -126,7 +126,7 @@ def _moe_gate_up_kernel(
             acc_u += tl.dot(a, bu) * sa[:, None] * su[None, :]
 
     do_epilogue = True
-    if SPLIT_K > 1:
+    if SPLIT:
         tile = pid_m * num_n + pid_n
         base = part_ptr + (tile * SPLIT_K).to(tl.int64) * (2 * BLOCK_M * BLOCK_N)
         offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
@@ -361,9 +361,9 @@ def fused_moe(
         part = cnt = act
     _moe_gate_up_kernel[(nblk * n1, split)](
         xa, xs, w13, w13s, act, sorted_ids, bexp, part, cnt,
-        np_, topk, h, inter,
+        np_, topk, h, inter, split,
         xa.stride(0), xs.stride(0) if qid else 0, w13.stride(0), w13.stride(1), *ws13_strides, act.stride(0),
-        QUANT=qid, A_MODE=a_mode, DT=dt, BLOCK_M=bm, BLOCK_N=bn1, BLOCK_K=cfg["BLOCK_K1"], SPLIT_K=split,
+        QUANT=qid, A_MODE=a_mode, DT=dt, BLOCK_M=bm, BLOCK_N=bn1, BLOCK_K=cfg["BLOCK_K1"], SPLIT=split > 1,
         EVEN_K=h % cfg["BLOCK_K1"] == 0, num_warps=cfg["W1"], num_stages=cfg["S1"],
     )
     y = torch.empty(np_, h, dtype=x.dtype, device=x.device)

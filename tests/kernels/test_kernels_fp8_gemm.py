@@ -56,15 +56,20 @@ def test_split_k_counters_reset(device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 7, 16, 64, 65, 300, 4096])
-@pytest.mark.parametrize("n,k", [(1536, 5120), (5120, 1536), (14336, 5120), (192 * 2, 5120)])
+@pytest.mark.parametrize("m", [1, 7, 64, 300, 4096])
+@pytest.mark.parametrize("n,k", [(1536, 5120), (5120, 1536), (14336, 5120)])
 def test_fp8_linear_gpu(m, n, k):
+    from kernels.triton_fp8_gemm import fp8_linear_channel_auto
+
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w, ws = quant_fp8_weight_per_channel(torch.randn(n, k, device="cuda") * 0.05)
     b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    ref = fp8_linear_channel_ref(x, w, ws, b)
     with poisoned_empty():
         y = fp8_linear_channel(x, w, ws, b)
-    _check(y, fp8_linear_channel_ref(x, w, ws, b))
+        y_auto = fp8_linear_channel_auto(x, w, ws, b)  # cuBLAS _scaled_mm above the crossover
+    _check(y, ref)
+    _check(y_auto, ref)
     wb, wbs = quant_fp8_weight_per_block(torch.randn(n, k, device="cuda") * 0.05)
     with poisoned_empty():
         y = fp8_linear_block(x, wb, wbs)

@@ -83,7 +83,7 @@ def test_fused_moe_fp32(device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("t", [1, 4, 64, 512, 4096])
+@pytest.mark.parametrize("t", [1, 64, 4096])
 @pytest.mark.parametrize("e,inter", [(161, 192), (161, 384), (160, 1536)])
 @pytest.mark.parametrize("quant", ["fp8_channel", "fp8_block"])
 def test_fused_moe_gpu(t, e, inter, quant):

@@ -1,0 +1,602 @@
+"""Kernel micro-benchmarks at GLM-4.7 shapes: ours vs a baseline in the same process, and vs the roofline.
+
+    python -m bench.kernels [--only quant,norm,rope,linear,block,route,moe,attn,prefill] [--quick]
+                            [--tune] [--out DIR]
+
+For every kernel and shape it prints the time (median), the baseline's time and the speedup (baseline /
+ours), and the share of the roofline: bytes the op must move (each input read once, each output written once)
+over the HBM bandwidth measured at the start of the run (a 2 GiB device copy, read + write counted), or FLOPs
+over the dense FP8 / BF16 datasheet peak (H100/H200 SXM: 1979 / 989 TFLOP/s; the cuBLAS peaks measured in the
+run are printed for reference). Targets from issue 5 are checked where they apply.
+
+Timing: every op (ours and baseline alike) is captured in a CUDA graph with R variants on rotated inputs
+(different weights / routings / caches, so repeated runs don't measure the L2 cache), the graph is replayed
+and the median replay time divided by R. Baselines that cannot be captured (host syncs) are timed eagerly
+and marked '(eager)'.
+
+Baselines: torch references (kernels/*.py) for the small ops; cuBLAS `torch._scaled_mm` (row-wise scales,
+same Triton activation quant in front) for the FP8 linear; bf16 `torch.mm` on dequantized weights for the
+block-FP8 linear; `torch._scaled_grouped_mm` over only the active experts (the two grouped GEMMs alone,
+weights pre-gathered outside the timing, rows padded to 16) for the fused MoE; `F.scaled_dot_product_attention`
+on contiguous bf16 K/V (GQA) for attention.
+
+--tune sweeps fused-MoE launch configs per (E, N, token bucket) and the FP8-linear Triton/cuBLAS crossover,
+and writes kernels/configs-style JSON files into --out (copy them into kernels/configs/ to use them).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+FP8 = torch.float8_e4m3fn
+BF16 = torch.bfloat16
+DATASHEET = {"fp8": 1979e12, "bf16": 989e12}
+ROWS: list[dict] = []
+
+
+# ------------------------------------------------------------------------------------------- timing
+
+
+def _graph_time(fns: list[Callable], reps: int = 20) -> float:
+    """Median seconds per call of fns (each called once per replay, in order)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            for f in fns:
+                f()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    g.replay()
+    torch.cuda.synchronize()
+    # replay enough times that one timed sample is >= ~1 ms
+    t0 = time.perf_counter()
+    g.replay()
+    torch.cuda.synchronize()
+    one = max(time.perf_counter() - t0, 1e-6)
+    inner = max(1, min(200, int(1e-3 / one)))
+    times = []
+    for _ in range(reps):
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(inner):
+            g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / inner)
+    del g
+    return statistics.median(times) / len(fns)
+
+
+def _eager_time(fns: list[Callable], reps: int = 20) -> float:
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        for f in fns:
+            f()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(times) / len(fns)
+
+
+def timeit(fns: list[Callable], graph: bool = True) -> tuple[float, str]:
+    if graph:
+        try:
+            return _graph_time(fns), "graph"
+        except Exception as exc:  # noqa: BLE001 - host syncs etc.: fall back to eager
+            torch.cuda.synchronize()
+            print(f"    (graph capture failed: {type(exc).__name__}: {str(exc)[:80]}; eager)", flush=True)
+    return _eager_time(fns), "eager"
+
+
+# ------------------------------------------------------------------------------------------- hardware
+
+
+def _copy_bw() -> float:
+    src = torch.empty(1 << 30, dtype=BF16, device="cuda").normal_()  # 2 GiB
+    dst = torch.empty_like(src)
+    t = _eager_time([lambda: dst.copy_(src)], reps=10)
+    return 2 * src.numel() * 2 / t
+
+
+def _mm_peaks(m: int = 8192) -> tuple[float, float]:
+    a = torch.randn(m, m, device="cuda", dtype=BF16)
+    b = torch.randn(m, m, device="cuda", dtype=BF16)
+    bf16 = 2 * m**3 / _eager_time([lambda: a @ b], reps=10)
+    a8, b8 = a.to(FP8), b.to(FP8).t()
+    sa = torch.rand(m, 1, device="cuda") + 0.5
+    sb = torch.rand(1, m, device="cuda") + 0.5
+    try:
+        fp8 = 2 * m**3 / _eager_time([lambda: torch._scaled_mm(a8, b8, scale_a=sa, scale_b=sb, out_dtype=BF16)], 10)
+    except Exception:  # noqa: BLE001
+        fp8 = float("nan")
+    return bf16, fp8
+
+
+def measure_hw() -> dict:
+    bw = _copy_bw()
+    torch.cuda.empty_cache()
+    bf16, fp8 = _mm_peaks()
+    torch.cuda.empty_cache()
+    props = torch.cuda.get_device_properties(0)
+    return {"device": torch.cuda.get_device_name(0), "sms": props.multi_processor_count,
+            "l2_bytes": getattr(props, "L2_cache_size", 50 << 20), "bw": bw, "bf16_cublas": bf16, "fp8_cublas": fp8}
+
+
+HW: dict = {}
+
+
+def report(kernel: str, shape: str, ours: float, base: float | None, base_name: str, *, nbytes: float = 0,
+           flops: float = 0, peak: str = "fp8", target: str = "", met: bool | None = None, note: str = "") -> dict:
+    mem = nbytes / ours / HW["bw"] if nbytes else None
+    comp = flops / ours / DATASHEET[peak] if flops else None
+    speed = base / ours if base else None
+    row = dict(kernel=kernel, shape=shape, us=ours * 1e6, base=base_name, base_us=base * 1e6 if base else None,
+               speedup=speed, hbm_pct=None if mem is None else 100 * mem,
+               peak_pct=None if comp is None else 100 * comp, peak=peak if flops else None, target=target,
+               met=met, note=note)
+    ROWS.append(row)
+    print(_fmt(row), flush=True)
+    return row
+
+
+def _fmt(r: dict) -> str:
+    sp = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
+    bu = f"{r['base_us']:.1f}" if r["base_us"] else "-"
+    hbm = f"{r['hbm_pct']:.0f}%" if r["hbm_pct"] is not None else "-"
+    pk = f"{r['peak_pct']:.0f}%{r['peak']}" if r["peak_pct"] is not None else "-"
+    met = {None: "", True: "met", False: "MISSED"}[r["met"]]
+    return (f"{r['kernel']:14s} {r['shape']:34s} {r['us']:9.1f}us  {r['base']:>18s} {bu:>9s}us {sp:>7s}  "
+            f"hbm {hbm:>5s}  {pk:>9s}  {r['target']} {met} {r['note']}")
+
+
+def rotations(bytes_per_variant: float, cap: int = 8) -> int:
+    """How many input variants to rotate so that they don't all fit in L2 (3x L2)."""
+    return max(1, min(cap, math.ceil(3 * HW["l2_bytes"] / max(bytes_per_variant, 1))))
+
+
+def fp8_weight(*shape, scale=0.05):
+    return (torch.randn(*shape, device="cuda") * (scale * 448 / 4)).clamp(-448, 448).to(FP8)
+
+
+# ------------------------------------------------------------------------------------------- sections
+
+
+def bench_elementwise(args):
+    from kernels.activation import silu_mul_ref
+    from kernels.norm import add_rms_norm_ref, rms_norm_ref
+    from kernels.quant import quant_fp8_per_token_ref
+    from kernels.triton_activation import silu_mul
+    from kernels.triton_norm import add_rms_norm, rms_norm, rms_norm_fp8
+    from kernels.triton_quant import quant_fp8_per_group, quant_fp8_per_token
+
+    h = 5120
+    for t in (1, 64, 4096):
+        r = rotations(t * h * 2 * 3)
+        xs = [torch.randn(t, h, device="cuda", dtype=BF16) for _ in range(r)]
+        rs = [torch.randn(t, h, device="cuda", dtype=BF16) for _ in range(r)]
+        w = torch.rand(h, device="cuda", dtype=BF16) + 0.5
+        if "quant" in args.only:
+            ours, _ = timeit([lambda x=x: quant_fp8_per_token(x) for x in xs])
+            base, _ = timeit([lambda x=x: quant_fp8_per_token_ref(x) for x in xs])
+            report("quant_token", f"T={t} K={h}", ours, base, "torch ref", nbytes=t * h * 3 + t * 4)
+            ours, _ = timeit([lambda x=x: quant_fp8_per_group(x) for x in xs])
+            report("quant_group128", f"T={t} K={h}", ours, None, "-", nbytes=t * h * 3 + t * h // 32)
+        if "norm" in args.only:
+            ours, _ = timeit([lambda x=x: rms_norm(x, w, 1e-5) for x in xs])
+            base, _ = timeit([lambda x=x: rms_norm_ref(x, w, 1e-5) for x in xs])
+            report("rms_norm", f"T={t} H={h}", ours, base, "torch ref", nbytes=t * h * 4)
+            ours, _ = timeit([lambda x=x, y=y: add_rms_norm(x, y, w, 1e-5) for x, y in zip(xs, rs)])
+            base, _ = timeit([lambda x=x, y=y: add_rms_norm_ref(x, y, w, 1e-5) for x, y in zip(xs, rs)])
+            report("add_rms_norm", f"T={t} H={h}", ours, base, "torch ref", nbytes=t * h * 8)
+            ours, _ = timeit([lambda x=x, y=y: rms_norm_fp8(x, w, 1e-5, residual=y) for x, y in zip(xs, rs)])
+            base, _ = timeit([lambda x=x, y=y: quant_fp8_per_token_ref(add_rms_norm_ref(x, y, w, 1e-5)[0])
+                              for x, y in zip(xs, rs)])
+            report("add_norm+fp8", f"T={t} H={h}", ours, base, "torch ref", nbytes=t * h * 9)
+        if "norm" in args.only:
+            i = 1536
+            gs = [torch.randn(t, 2 * i, device="cuda", dtype=BF16) for _ in range(r)]
+            ours, _ = timeit([lambda g=g: silu_mul(g) for g in gs])
+            base, _ = timeit([lambda g=g: silu_mul_ref(g) for g in gs])
+            report("silu_mul", f"T={t} I={i}", ours, base, "torch ref", nbytes=t * i * 6)
+
+
+def bench_rope(args):
+    from kernels.rope import qk_norm_rope_ref, rope_cos_sin_cache
+    from kernels.triton_rope import qk_norm_rope
+
+    d, rot, bs = 128, 64, 16
+    cs = rope_cos_sin_cache(rot, 131072, 1e6, "cuda")
+    for hq, hk in ((96, 8), (12, 1)):
+        for t in (1, 64, 4096):
+            per = t * (hq + 2 * hk) * d * 2 * 2
+            r = rotations(per)
+            qkvs = [torch.randn(t, (hq + 2 * hk) * d, device="cuda", dtype=BF16) for _ in range(r)]
+            parts = [x.split([hq * d, hk * d, hk * d], -1) for x in qkvs]
+            parts = [(q.view(t, hq, d), k.view(t, hk, d), v.view(t, hk, d)) for q, k, v in parts]
+            w = torch.rand(d, device="cuda", dtype=BF16) + 0.5
+            pos = torch.randint(0, 131072, (t,), device="cuda")
+            nb = (t + bs - 1) // bs + 1
+            kc = torch.zeros(nb, bs, hk, d, device="cuda", dtype=FP8)
+            vc = torch.zeros_like(kc)
+            slots = torch.randperm(nb * bs, device="cuda")[:t]
+
+            def ours_fn(q, k, v):
+                return qk_norm_rope(q, k, w, w, cs, pos, 1e-5, v=v, k_cache=kc, v_cache=vc, slot_mapping=slots,
+                                    k_scale=0.05, v_scale=0.05)
+
+            def base_fn(q, k, v):
+                qo, ko = qk_norm_rope_ref(q, k, w, w, cs, pos, 1e-5)
+                kc.view(-1, hk, d)[slots] = (ko.float() / 0.05).to(FP8)
+                vc.view(-1, hk, d)[slots] = (v.float() / 0.05).to(FP8)
+                return qo, ko
+
+            ours, _ = timeit([lambda p=p: ours_fn(*p) for p in parts])
+            base, _ = timeit([lambda p=p: base_fn(*p) for p in parts])
+            nbytes = t * (hq + hk) * d * 2 * 2 + t * hk * d * 2 + t * 2 * hk * d + t * rot * 4
+            mem = nbytes / ours / HW["bw"]
+            report("qk_norm_rope", f"T={t} heads {hq}/{hk} +fp8 KV store", ours, base, "torch ref", nbytes=nbytes,
+                   target=">=60% HBM" if t >= 4096 else "", met=(mem >= 0.6) if t >= 4096 else None)
+
+
+def bench_linear(args, tune_out: dict | None = None):
+    from kernels.triton_fp8_gemm import fp8_gemm, fp8_linear_channel_auto, scaled_mm_linear
+    from kernels.triton_quant import quant_fp8_per_token
+
+    shapes = [(1536, 5120), (5120, 1536), (14336, 5120), (5120, 12288)]
+    ms = (1, 8, 16, 32, 64, 128, 256, 1024, 4096) if not args.quick else (1, 16, 64, 256, 4096)
+    crossover: dict[tuple, list] = {}
+    for n, k in shapes:
+        r = rotations(n * k)
+        ws = [fp8_weight(n, k) for _ in range(r)]
+        wss = [torch.rand(n, 1, device="cuda") * 1e-3 for _ in range(r)]
+        bias = torch.randn(n, device="cuda", dtype=BF16)
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=BF16)
+            xq, xs = quant_fp8_per_token(x)
+            tri, _ = timeit([lambda w=w, s=s: fp8_gemm(xq, xs, w, s, bias, BF16, False) for w, s in zip(ws, wss)])
+            cub, _ = timeit([lambda w=w, s=s: scaled_mm_linear(xq, xs, w, s, bias, BF16) for w, s in zip(ws, wss)])
+            auto, _ = timeit([lambda w=w, s=s: fp8_linear_channel_auto(x, w, s, bias) for w, s in zip(ws, wss)])
+            q, _ = timeit([lambda: quant_fp8_per_token(x)])
+            crossover.setdefault((n, k), []).append((m, tri, cub))
+            nbytes = n * k + m * k * 2 + m * n * 2 + n * 4
+            flops = 2 * m * n * k
+            best = min(tri, cub)
+            report("fp8_linear", f"M={m} N={n} K={k} (triton {tri*1e6:.1f} / cublas {cub*1e6:.1f})",
+                   auto, cub + q, "quant+_scaled_mm", nbytes=nbytes, flops=flops,
+                   target="not slower than _scaled_mm", met=auto <= (cub + q) * 1.03,
+                   note=f"gemm-only best={'triton' if tri < cub else 'cublas'} {best*1e6:.1f}us")
+    if tune_out is not None:
+        # largest M where the Triton GEMM still beats cuBLAS on every shape
+        best_m = 0
+        for m in ms:
+            if all(tri <= cub for (mm, tri, cub) in sum(crossover.values(), []) if mm == m):
+                best_m = m
+            else:
+                break
+        tune_out["fp8_linear.json"] = {torch.cuda.get_device_name(0).replace(" ", "_"): {"triton_max_m": best_m}}
+        print(f"  tuned: Triton GEMM up to M={best_m}", flush=True)
+
+
+def bench_block_linear(args):
+    from kernels.quant import dequant_fp8_per_block
+    from kernels.triton_fp8_gemm import fp8_linear_block
+
+    for n, k in ((1536, 5120), (5120, 1536), (14336, 5120)):
+        r = rotations(n * k)
+        ws = [fp8_weight(n, k) for _ in range(r)]
+        sc = [torch.rand((n + 127) // 128, (k + 127) // 128, device="cuda") * 1e-3 for _ in range(r)]
+        wd = [dequant_fp8_per_block(w, s, BF16) for w, s in zip(ws[:2], sc[:2])]
+        wd = (wd * r)[:r]
+        for m in (1, 64, 4096):
+            x = torch.randn(m, k, device="cuda", dtype=BF16)
+            ours, _ = timeit([lambda w=w, s=s: fp8_linear_block(x, w, s) for w, s in zip(ws, sc)])
+            base, _ = timeit([lambda w=w: x @ w.t() for w in wd])
+            report("fp8_block_lin", f"M={m} N={n} K={k}", ours, base, "bf16 mm (dequant)",
+                   nbytes=n * k + m * k * 2 + m * n * 2, flops=2 * m * n * k)
+
+
+def bench_route(args):
+    from kernels.moe_routing import moe_route_ref
+    from kernels.triton_moe_routing import moe_route
+
+    for t in (1, 64, 4096):
+        logits = torch.randn(t, 160, device="cuda")
+        bias = torch.randn(160, device="cuda") * 0.1
+        ours, _ = timeit([lambda: moe_route(logits, bias, 8, 1, 1, True, 2.5, 1)])
+        base, _ = timeit([lambda: moe_route_ref(logits, bias, 8, 1, 1, True, 2.5, 1)])
+        report("moe_route", f"T={t} E=160 top8+shared", ours, base, "torch ref", nbytes=t * 160 * 4 + t * 9 * 8)
+
+
+def _grouped_baseline(x, w13, w2, s13, s2, ids):
+    """torch._scaled_grouped_mm over the active experts only: returns a closure running the two grouped GEMMs
+    (weights gathered and rows padded to 16 outside the timing), or None when unsupported."""
+    if not hasattr(torch, "_scaled_grouped_mm"):
+        return None
+    e_all = w13.shape[0]
+    flat = ids.reshape(-1).long()
+    active, counts = flat.unique(return_counts=True)
+    pad = ((counts + 15) // 16) * 16
+    offs = pad.cumsum(0).to(torch.int32)
+    rows = int(pad.sum())
+    h = x.shape[1]
+    inter = w2.shape[2]
+    a = torch.randn(rows, h, device="cuda").to(FP8)
+    sa = torch.rand(rows, device="cuda") + 0.5
+    if active.numel() == e_all:
+        g13, g2, gs13, gs2 = w13, w2, s13, s2
+    else:
+        g13, g2, gs13, gs2 = w13[active], w2[active], s13[active], s2[active]
+    b13 = g13.transpose(1, 2)  # [G, H, 2I], column-major per group
+    b2 = g2.transpose(1, 2)  # [G, I, H]
+    sb13 = gs13.reshape(g13.shape[0], -1).contiguous()
+    sb2 = gs2.reshape(g2.shape[0], -1).contiguous()
+    act = torch.randn(rows, inter, device="cuda").to(FP8)
+    sact = torch.rand(rows, device="cuda") + 0.5
+
+    def run():
+        y1 = torch._scaled_grouped_mm(a, b13, sa, sb13, offs=offs, out_dtype=BF16)
+        y2 = torch._scaled_grouped_mm(act, b2, sact, sb2, offs=offs, out_dtype=BF16)
+        return y1, y2
+
+    try:
+        run()
+        torch.cuda.synchronize()
+    except Exception as exc:  # noqa: BLE001
+        print(f"    _scaled_grouped_mm unsupported here: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+        return None
+    return run
+
+
+def _routings(t, e, k, r):
+    """r random routings (top-k of e-1 routed experts + shared expert e-1), as moe_route would give."""
+    out = []
+    for _ in range(r):
+        scores = torch.rand(t, e - 1, device="cuda")
+        ids = scores.topk(k, dim=1).indices
+        ids = torch.cat([ids, torch.full((t, 1), e - 1, device="cuda")], 1).to(torch.int32)
+        w = torch.rand(t, k + 1, device="cuda")
+        w[:, -1] = 1.0
+        out.append((w, ids))
+    return out
+
+
+def bench_moe(args, tune_out: dict | None = None):
+    from kernels.triton_moe import fused_moe, moe_config
+
+    h, k, e = 5120, 8, 161
+    tokens = (1, 4, 16, 64, 256, 1024, 4096) if not args.quick else (1, 64, 4096)
+    for inter in (192, 384, 1536):
+        w13 = fp8_weight(e, 2 * inter, h)
+        w2 = fp8_weight(e, h, inter)
+        s13 = torch.rand(e, 2 * inter, 1, device="cuda") * 1e-3
+        s2 = torch.rand(e, h, 1, device="cuda") * 1e-3
+        per_expert = 3 * inter * h + (2 * inter + h) * 4
+        table = {}
+        for t in tokens:
+            x = torch.randn(t, h, device="cuda", dtype=BF16)
+            r = 8 if t <= 64 else 2 if t <= 1024 else 1
+            routes = _routings(t, e, k, r)
+            n_active = statistics.mean(int(ids.unique().numel()) for _, ids in routes)
+            nbytes = n_active * per_expert + 2 * t * h * 2
+            flops = 2 * t * (k + 1) * 3 * inter * h
+            if tune_out is not None:
+                cfg = tune_moe(x, w13, w2, s13, s2, routes, t, e, inter, h)
+                table[str(t)] = cfg
+            else:
+                cfg = None
+            ours, _ = timeit([lambda w=w, ids=ids: fused_moe(x, w13, w2, w, ids, s13, s2, "fp8_channel", config=cfg)
+                              for w, ids in routes])
+            base_fns = [_grouped_baseline(x, w13, w2, s13, s2, ids) for _, ids in routes[: min(r, 4)]]
+            base = timeit(base_fns)[0] if all(base_fns) else None
+            mem = nbytes / ours / HW["bw"]
+            comp = flops / ours / DATASHEET["fp8"]
+            target, met = "", None
+            if inter == 192 and t == 1:
+                target, met = ">=50% HBM, >=1.5x grouped", mem >= 0.5 and (base is None or base / ours >= 1.5)
+            elif inter == 192 and t == 64:
+                target, met = ">=60% HBM, >=1.5x grouped", mem >= 0.6 and (base is None or base / ours >= 1.5)
+            elif inter == 192 and t <= 64:
+                target, met = ">=1.5x grouped", base is None or base / ours >= 1.5
+            elif t >= 4096:
+                target, met = ">=50% FP8 peak", comp >= 0.5
+            used = cfg or moe_config(t, e, inter, h, "fp8_channel", x.device)
+            report("fused_moe", f"T={t} E={e} N={inter} act~{n_active:.0f}", ours, base, "_scaled_grouped_mm x2",
+                   nbytes=nbytes, flops=flops, target=target, met=met,
+                   note=f"BM{used['BLOCK_M']} N1={used['BLOCK_N1']} SK{used['SPLIT_K1']} N2={used['BLOCK_N2']}")
+        if tune_out is not None:
+            name = f"E={e},N={inter},device={torch.cuda.get_device_name(0).replace(' ', '_')},quant=fp8_channel.json"
+            tune_out[name] = table
+        del w13, w2
+        torch.cuda.empty_cache()
+
+
+def tune_moe(x, w13, w2, s13, s2, routes, t, e, inter, h) -> dict:
+    """Sweep gate_up then down parameters (the other held at its default) for t tokens; return the best."""
+    from kernels.triton_moe import default_config, fused_moe
+
+    base = default_config(t, e, inter, h, "fp8_channel")
+    if t <= 64:
+        c1 = [dict(BLOCK_M=16, BLOCK_N1=bn, BLOCK_K1=bk, SPLIT_K1=sk, W1=4, S1=4)
+              for bn in (32, 64) for bk in (128, 256) for sk in (1, 2, 4)]
+        c2 = [dict(BLOCK_N2=bn, BLOCK_K2=bk, W2=4, S2=3) for bn in (64, 128) for bk in (64, 128)]
+    else:
+        c1 = [dict(BLOCK_M=bm, BLOCK_N1=bn, BLOCK_K1=128, SPLIT_K1=1, W1=w, S1=3)
+              for bm in (64, 128) for bn in (64, 128) for w in (4, 8) if not (bm == 128 and bn == 128)
+              and not (bm == 64 and w == 8)]
+        c2 = [dict(BLOCK_N2=bn, BLOCK_K2=128, W2=w, S2=3) for bn in (128, 256) for w in (4, 8)
+              if not (bn == 256 and w == 4)]
+    fns = lambda cfg: [lambda w=w, ids=ids: fused_moe(x, w13, w2, w, ids, s13, s2, "fp8_channel", config=cfg)  # noqa: E731
+                       for w, ids in routes]
+
+    def best_of(cands, start):
+        best, best_t = None, float("inf")
+        for c in cands:
+            cfg = dict(start, **c)
+            try:
+                tt = _graph_time(fns(cfg), reps=5)
+            except Exception:  # noqa: BLE001 - e.g. out of shared memory
+                torch.cuda.synchronize()
+                continue
+            if tt < best_t:
+                best, best_t = cfg, tt
+        return best or start, best_t
+
+    cfg, _ = best_of(c1, base)
+    cfg, tt = best_of(c2, cfg)
+    print(f"    tuned T={t} N={inter}: {cfg} {tt*1e6:.1f}us", flush=True)
+    return cfg
+
+
+def _paged(b, ctx, hk, d, bs, dtype):
+    pages = (ctx + bs - 1) // bs
+    nb = b * pages + 1
+    kc = torch.randn(nb, bs, hk, d, device="cuda", dtype=BF16)
+    vc = torch.randn(nb, bs, hk, d, device="cuda", dtype=BF16)
+    if dtype == FP8:
+        kc, vc = (kc * 20).to(FP8), (vc * 20).to(FP8)
+    bt = torch.randperm(nb, device="cuda")[: b * pages].view(b, pages).to(torch.int32)
+    return kc, vc, bt
+
+
+def bench_attention(args):
+    from kernels.triton_attention import paged_attention
+
+    d, bs = 128, 16
+    cases = [((96, 8), 8, 4096), ((96, 8), 32, 4096), ((96, 8), 1, 32768), ((12, 1), 64, 4096), ((12, 1), 32, 16384)]
+    if args.quick:
+        cases = cases[:2] + cases[3:4]
+    for (hq, hk), b, ctx in cases:
+        for dt in (BF16, FP8):
+            kc, vc, bt = _paged(b, ctx, hk, d, bs, dt)
+            ks = 0.05 if dt == FP8 else 1.0
+            lens = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
+            qsl = torch.arange(b + 1, dtype=torch.int32, device="cuda")
+            q = torch.randn(b, hq, d, device="cuda", dtype=BF16)
+            ours, _ = timeit([lambda: paged_attention(q, kc, vc, bt, lens, qsl, d ** -0.5, ks, ks, max_query_len=1,
+                                                      max_seq_len=ctx)])
+            elem = 1 if dt == FP8 else 2
+            nbytes = b * ctx * hk * d * 2 * elem + 2 * b * hq * d * 2
+            base = None
+            if dt == BF16:
+                kd = torch.randn(b, hk, ctx, d, device="cuda", dtype=BF16)
+                vd = torch.randn(b, hk, ctx, d, device="cuda", dtype=BF16)
+                qd = q.view(b, hq, 1, d)
+                base, _ = timeit([lambda: F.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True)])
+                del kd, vd
+                args._sdpa_cache = base
+            else:
+                base = getattr(args, "_sdpa_cache", None)
+            mem = nbytes / ours / HW["bw"]
+            report("attn_decode", f"B={b} ctx={ctx} heads {hq}/{hk} {'fp8' if dt == FP8 else 'bf16'} KV", ours,
+                   base, "SDPA bf16 contiguous", nbytes=nbytes, target=">=70% HBM", met=mem >= 0.7)
+            del kc, vc
+            torch.cuda.empty_cache()
+
+
+def bench_prefill(args):
+    from kernels.triton_attention import paged_attention
+
+    d, bs = 128, 16
+    cases = [((96, 8), 4096, 0), ((12, 1), 8192, 0), ((96, 8), 512, 4096), ((12, 1), 1024, 0)]
+    for (hq, hk), qlen, prefix in cases:
+        ctx = qlen + prefix
+        kc, vc, bt = _paged(1, ctx, hk, d, bs, BF16)
+        lens = torch.tensor([ctx], dtype=torch.int32, device="cuda")
+        qsl = torch.tensor([0, qlen], dtype=torch.int32, device="cuda")
+        q = torch.randn(qlen, hq, d, device="cuda", dtype=BF16)
+        ours, _ = timeit([lambda: paged_attention(q, kc, vc, bt, lens, qsl, d ** -0.5, max_query_len=qlen,
+                                                  max_seq_len=ctx)])
+        kd = torch.randn(1, hk, ctx, d, device="cuda", dtype=BF16)
+        vd = torch.randn(1, hk, ctx, d, device="cuda", dtype=BF16)
+        qd = q.transpose(0, 1).unsqueeze(0)
+        if prefix == 0:
+            base, _ = timeit([lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True)])
+        else:
+            mask = torch.ones(qlen, ctx, dtype=torch.bool, device="cuda").tril(prefix)
+            base, _ = timeit([lambda: F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, enable_gqa=True)])
+        flops = 4 * hq * d * (qlen * prefix + qlen * qlen / 2)
+        report("attn_prefill", f"q={qlen} prefix={prefix} heads {hq}/{hk} bf16", ours, base, "SDPA contiguous",
+               flops=flops, peak="bf16")
+        del kc, vc, kd, vd
+        torch.cuda.empty_cache()
+
+
+SECTIONS = {
+    "moe": bench_moe, "attn": bench_attention, "linear": bench_linear, "rope": bench_rope,
+    "quant": bench_elementwise, "norm": None, "route": bench_route, "block": bench_block_linear,
+    "prefill": bench_prefill,
+}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--only", default=",".join(SECTIONS), help="comma list of sections")
+    p.add_argument("--quick", action="store_true", help="fewer shapes")
+    p.add_argument("--tune", action="store_true", help="tune fused-MoE configs and the FP8-linear crossover")
+    p.add_argument("--out", default=os.environ.get("OUT", ""), help="folder for kernels.json (+ tuned configs)")
+    args = p.parse_args(argv)
+    args.only = set(args.only.split(","))
+    if not torch.cuda.is_available():
+        print("bench.kernels needs a CUDA GPU")
+        return 0
+    import triton
+
+    HW.update(measure_hw())
+    print(f"# {HW['device']} ({HW['sms']} SMs), torch {torch.__version__}, triton {triton.__version__}")
+    print(f"# HBM copy bandwidth {HW['bw']/1e12:.2f} TB/s; cuBLAS 8192^3: bf16 {HW['bf16_cublas']/1e12:.0f}, "
+          f"fp8 {HW['fp8_cublas']/1e12:.0f} TFLOP/s; roofline % use datasheet dense peaks bf16 989 / fp8 1979")
+    tune_out: dict | None = {} if args.tune else None
+    t0 = time.time()
+    for name, fn in SECTIONS.items():
+        if fn is None or not (args.only & ({name} | ({"norm"} if name == "quant" else set()))):
+            continue
+        print(f"## {name} (t={time.time() - t0:.0f}s)", flush=True)
+        try:
+            if name in ("linear", "moe"):
+                fn(args, tune_out)
+            else:
+                fn(args)
+        except Exception as exc:  # noqa: BLE001 - keep going, report
+            import traceback
+
+            traceback.print_exc()
+            print(f"   section {name} failed: {type(exc).__name__}: {exc}", flush=True)
+        torch.cuda.empty_cache()
+    print(f"# total {time.time() - t0:.0f}s")
+    print("\n## summary: targets")
+    for r in ROWS:
+        if r["met"] is not None:
+            print(_fmt(r))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "kernels.json"), "w") as f:
+            json.dump({"hw": HW, "rows": ROWS}, f, indent=1)
+        if tune_out:
+            with open(os.path.join(args.out, "tuned_configs.json"), "w") as f:
+                json.dump(tune_out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -66,12 +66,20 @@ def run_tp_worker(config: ServerConfig) -> int:
     setup_logging(config.log_level)
     config = resolve_model(config)
     econfig = EngineConfig.create(**engine_kwargs(config))
+    import signal
+
+    # Ctrl-C reaches every torchrun rank; this one waits for rank 0's orderly STOP instead of dying mid-step.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     info = init_distributed(config.tp_size, econfig.device)
     logger.info("tensor-parallel rank %d/%d serving model steps", info.rank, info.world_size)
     try:
         ModelWorker(econfig, info).serve_forever()
+    except RuntimeError as exc:
+        logger.error("tensor-parallel rank %d: lost rank 0 (%s); exiting", info.rank, str(exc).splitlines()[0])
+        return 1
     finally:
         shutdown_distributed()
+    logger.info("tensor-parallel rank %d stopped", info.rank)
     return 0
 
 

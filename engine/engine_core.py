@@ -25,6 +25,7 @@ from engine.distributed import (
     shutdown_distributed,
     single_process,
 )
+from engine.device_copy import to_device
 from engine.model_runner import PLACEHOLDER, StepLayout, prepare_step
 from engine.model_worker import STOP, ModelWorker, spawned_worker_main
 from engine.outputs import LogprobsDict, RequestDelta
@@ -249,7 +250,7 @@ class EngineCore:
         if not step.sample_idx:
             return
         out = step.out
-        rows = torch.tensor([out.sample_rows[i] for i in step.sample_idx], device=out.logits.device)
+        rows = to_device([out.sample_rows[i] for i in step.sample_idx], torch.long, out.logits.device)
         states = [self._seq[step.scheduled[i].request].sampling for i in step.sample_idx]
         step.sampled = self.sampler.sample_deferred(out.logits.index_select(0, rows), states)
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.device_copy import to_device
 from engine.scheduler import ScheduledRequest
 from model.context import ForwardContext
 from model.glm4_moe import Glm4MoeForCausalLM
@@ -92,8 +93,8 @@ def fill_future(input_ids: torch.Tensor, inp: StepInputs, future: torch.Tensor |
         return
     if future is None:
         raise RuntimeError("step inputs reference tokens of an in-flight step, but none were given")
-    dst = torch.tensor([i for i, _ in inp.future_fill], dtype=torch.long).to(input_ids.device, non_blocking=True)
-    src = torch.tensor([r for _, r in inp.future_fill], dtype=torch.long).to(future.device, non_blocking=True)
+    dst = to_device([i for i, _ in inp.future_fill], torch.long, input_ids.device)
+    src = to_device([r for _, r in inp.future_fill], torch.long, future.device)
     input_ids.index_copy_(0, dst, future.index_select(0, src).to(input_ids.dtype))
 
 
@@ -116,18 +117,18 @@ class ModelRunner:
         dev = self.device
         q_lens = [b - a for a, b in zip(inp.query_start_loc, inp.query_start_loc[1:])]
         ctx = ForwardContext(
-            positions=torch.tensor(inp.positions, dtype=torch.long, device=dev),
-            slot_mapping=torch.tensor(inp.slot_mapping, dtype=torch.long, device=dev),
-            block_tables=torch.tensor(inp.block_tables, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(inp.seq_lens, dtype=torch.int32, device=dev),
-            query_start_loc=torch.tensor(inp.query_start_loc, dtype=torch.int32, device=dev),
+            positions=to_device(inp.positions, torch.long, dev),
+            slot_mapping=to_device(inp.slot_mapping, torch.long, dev),
+            block_tables=to_device(inp.block_tables, torch.int32, dev),
+            seq_lens=to_device(inp.seq_lens, torch.int32, dev),
+            query_start_loc=to_device(inp.query_start_loc, torch.int32, dev),
             max_query_len=max(q_lens),
             max_seq_len=max(inp.seq_lens),
             kv_caches=self.kv_caches,
             k_scale=self.k_scale,
             v_scale=self.v_scale,
         )
-        return torch.tensor(inp.input_ids, dtype=torch.long, device=dev), ctx
+        return to_device(inp.input_ids, torch.long, dev), ctx
 
     @torch.inference_mode()
     def run(self, inp: StepInputs, future: torch.Tensor | None = None) -> torch.Tensor:
@@ -141,5 +142,5 @@ class ModelRunner:
         input_ids, ctx = self.build_context(inp)
         fill_future(input_ids, inp, future)
         hidden = self.model(input_ids, ctx)
-        index = torch.tensor(inp.logits_rows, dtype=torch.long, device=hidden.device)
+        index = to_device(inp.logits_rows, torch.long, hidden.device)
         return self.model.compute_logits(hidden.index_select(0, index))

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.device_copy import to_device
 from engine.outputs import Logprob, LogprobsDict
 from engine.sampling_params import SamplingParams
 
@@ -65,12 +66,12 @@ class SamplerOutput:
 
 
 def _rows_cols(pairs: list[tuple[int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    t = torch.tensor(pairs, dtype=torch.long, device=device).reshape(-1, 2)
+    t = to_device(pairs, torch.long, device).reshape(-1, 2)
     return t[:, 0], t[:, 1]
 
 
 def _row_tensor(values: list[float], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device)
+    return to_device(values, torch.float32, device)
 
 
 class Sampler:
@@ -100,7 +101,7 @@ class Sampler:
             for t in s.all_stop_token_ids
         ]
         if masked:
-            x.index_put_(_rows_cols(masked, dev), torch.tensor(float("-inf"), device=dev))
+            x.index_put_(_rows_cols(masked, dev), torch.full((), float("-inf"), device=dev))
         pen_rows = [i for i, s in enumerate(states) if s.params.has_penalties]
         if pen_rows:
             self._apply_penalties(x, pen_rows, states)
@@ -110,7 +111,7 @@ class Sampler:
     def _apply_penalties(x: torch.Tensor, rows: list[int], states: Sequence[SamplingState]) -> None:
         dev = x.device
         sts = [states[i] for i in rows]
-        idx = torch.tensor(rows, dtype=torch.long, device=dev)
+        idx = to_device(rows, torch.long, dev)
         sub = x.index_select(0, idx)
         # counts[r, v] = occurrences of v in the output of row r
         counts = torch.zeros_like(sub)
@@ -155,7 +156,7 @@ class Sampler:
         if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
             sorted_x, order = torch.sort(x, dim=-1, descending=True, stable=True)
             pos = torch.arange(vocab, device=dev)
-            keep_sorted = pos[None, :] < torch.tensor(top_k, device=dev)[:, None]
+            keep_sorted = pos[None, :] < to_device(top_k, torch.long, dev)[:, None]
             if any(p < 1.0 for p in top_p):
                 sp = torch.softmax(sorted_x.masked_fill(~keep_sorted, float("-inf")), dim=-1)
                 # mass strictly before each position; position 0 has 0 < top_p so is always kept
@@ -197,7 +198,7 @@ class Sampler:
         rand_rows = [i for i, g in enumerate(greedy) if not g]
         if rand_rows:
             all_random = len(rand_rows) == len(states)
-            idx = torch.tensor(rand_rows, dtype=torch.long, device=dev)
+            idx = to_device(rand_rows, torch.long, dev)
             xr = x if all_random else x.index_select(0, idx)
             rstates = [states[i] for i in rand_rows]
             probs = self.filtered_probs(xr, [s.params for s in rstates], normalize=False)
@@ -214,7 +215,7 @@ class Sampler:
         lp_rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
         raw = None
         if lp_rows:
-            idx = torch.tensor(lp_rows, dtype=torch.long, device=dev)
+            idx = to_device(lp_rows, torch.long, dev)
             raw = torch.log_softmax(logits.index_select(0, idx).float(), dim=-1)
         return DeferredSample(tokens, raw, lp_rows, [states[i].params.logprobs for i in lp_rows], len(states))
 

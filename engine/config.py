@@ -49,6 +49,8 @@ class EngineConfig:
     seed: int = 0
     enforce_eager: bool = False
     overlap_scheduling: bool = False  # plan step N+1 on the CPU while the device runs step N
+    enable_shared_experts_fusion: bool = False  # shared expert as expert E of the fused MoE (weight 1.0)
+    enable_fused_qk_norm_rope: bool = False  # one kernel: QK RMSNorm + RoPE + KV-cache store
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -83,6 +85,8 @@ class EngineConfig:
         mem_fraction_static: float | None = None,
         tokenizer: str | None = None,
         overlap_scheduling: bool | None = None,
+        enable_shared_experts_fusion: bool = False,
+        enable_fused_qk_norm_rope: bool = False,
     ) -> "EngineConfig":
         mcfg = load_model_config(model)
         if device == "auto":
@@ -127,6 +131,8 @@ class EngineConfig:
             seed=seed,
             enforce_eager=enforce_eager,
             overlap_scheduling=(device == "cuda") if overlap_scheduling is None else overlap_scheduling,
+            enable_shared_experts_fusion=enable_shared_experts_fusion,
+            enable_fused_qk_norm_rope=enable_fused_qk_norm_rope,
             cache=CacheConfig(
                 block_size=kv_block_size,
                 num_blocks=num_kv_blocks,

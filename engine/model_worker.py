@@ -31,7 +31,8 @@ class ModelWorker:
         torch.manual_seed(config.seed)
         self.model = build_model(
             config.model, self.device, config.torch_dtype, dist.tp, config.load_format, config.seed,
-            with_mtp=False, progress=dist.is_driver,
+            with_mtp=False, fuse_shared_experts=config.enable_shared_experts_fusion,
+            fused_qk_norm_rope=config.enable_fused_qk_norm_rope, progress=dist.is_driver,
         )
         self.block_size = config.cache.block_size
         kv_dtype = kv_cache_dtype(config.cache.kv_cache_dtype, config.torch_dtype)

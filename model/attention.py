@@ -21,10 +21,12 @@ class Attention(nn.Module):
         o_quant: str,
         dtype: torch.dtype,
         device,
+        fused_qk_norm_rope: bool = False,
     ) -> None:
         super().__init__()
         self.layer_id = layer_id
         self.tp = tp
+        self.fused_qk_norm_rope = fused_qk_norm_rope
         self.heads = HeadPartition.build(cfg.num_attention_heads, cfg.num_key_value_heads, tp)
         self.head_dim = cfg.head_dim
         self.eps = cfg.rms_norm_eps
@@ -48,9 +50,15 @@ class Attention(nn.Module):
         q = q.reshape(t, self.heads.num_heads, self.head_dim)
         k = k.reshape(t, self.heads.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.heads.num_kv_heads, self.head_dim)
-        q, k = kernels.qk_norm_rope(q, k, self.q_norm, self.k_norm, cos_sin, ctx.positions, self.eps)
         k_cache, v_cache = ctx.kv_caches[self.layer_id]
-        kernels.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping, ctx.k_scale, ctx.v_scale)
+        if self.fused_qk_norm_rope:  # norm + RoPE + KV store in one kernel
+            q, k = kernels.qk_norm_rope(
+                q, k, self.q_norm, self.k_norm, cos_sin, ctx.positions, self.eps, v=v, k_cache=k_cache,
+                v_cache=v_cache, slot_mapping=ctx.slot_mapping, k_scale=ctx.k_scale, v_scale=ctx.v_scale,
+            )
+        else:
+            q, k = kernels.qk_norm_rope(q, k, self.q_norm, self.k_norm, cos_sin, ctx.positions, self.eps)
+            kernels.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping, ctx.k_scale, ctx.v_scale)
         o = kernels.paged_attention(
             q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens, ctx.query_start_loc, self.scale,
             ctx.k_scale, ctx.v_scale, max_query_len=ctx.max_query_len, max_seq_len=ctx.max_seq_len,

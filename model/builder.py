@@ -20,13 +20,14 @@ def build_model(
     seed: int = 0,
     with_mtp: bool = False,
     fuse_shared_experts: bool = False,
+    fused_qk_norm_rope: bool = False,
     progress: bool = True,
 ) -> Glm4MoeForCausalLM:
     if load_format not in ("auto", "safetensors", "dummy"):
         raise ValueError(f"load_format must be 'auto', 'safetensors' or 'dummy', got {load_format!r}")
     source: TensorSource = DummySource(cfg, seed) if load_format == "dummy" else SafetensorsSource(cfg.path)
     names = None if load_format == "dummy" else set(source.names())
-    plan = QuantPlan.build(cfg, device, dtype, names, fuse_shared_experts)
+    plan = QuantPlan.build(cfg, device, dtype, names, fuse_shared_experts, fused_qk_norm_rope)
     model = Glm4MoeForCausalLM(cfg, plan, tp, dtype, device, with_mtp=with_mtp)
     load_weights(model, cfg, source, tp, fuse_shared_experts, dtype, device, progress=progress)
     model.eval()

@@ -28,6 +28,7 @@ class QuantPlan:
     storage: str  # "none" | "fp8_channel" | "fp8_block": what FP8 checkpoint tensors are kept as
     quantized_modules: frozenset[str] | None  # FP8 modules in the checkpoint; None = the release's rule
     fuse_shared_experts: bool = False
+    fused_qk_norm_rope: bool = False  # not quantization, but the same kind of build-time layer choice
 
     @staticmethod
     def build(
@@ -36,6 +37,7 @@ class QuantPlan:
         dtype: torch.dtype,
         checkpoint_names: set[str] | None,
         fuse_shared_experts: bool = False,
+        fused_qk_norm_rope: bool = False,
     ) -> "QuantPlan":
         keep_fp8 = cfg.quant.is_fp8 and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
         storage = cfg.quant.method if keep_fp8 else "none"
@@ -43,7 +45,7 @@ class QuantPlan:
         if checkpoint_names is not None:
             suffix = ".weight_scale" if cfg.quant.method == "fp8_channel" else ".weight_scale_inv"
             quantized = frozenset(n[: -len(suffix)] for n in checkpoint_names if n.endswith(suffix))
-        return QuantPlan(cfg, storage, quantized, fuse_shared_experts)
+        return QuantPlan(cfg, storage, quantized, fuse_shared_experts, fused_qk_norm_rope)
 
     def is_quantized(self, module: str) -> bool:
         if self.quantized_modules is not None:

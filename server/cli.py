@@ -28,11 +28,9 @@ class ConfigError(ValueError):
 UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
     (
         "attention_backend",
-        lambda v: v is not None,
-        "--attention-backend is not supported yet (the engine picks its attention implementation itself)",
+        lambda v: v not in (None, "triton"),
+        "--attention-backend fa3/torch/flashinfer is not supported yet (only 'triton', the default)",
     ),
-    ("enable_fused_qk_norm_rope", bool, "--enable-fused-qk-norm-rope is not supported yet"),
-    ("enable_shared_experts_fusion", bool, "--enable-shared-experts-fusion is not supported yet"),
     (
         "disaggregation_mode",
         lambda v: v != "null",
@@ -119,6 +117,9 @@ def engine_kwargs(config: ServerConfig) -> dict[str, Any]:
         "enforce_eager": config.enforce_eager,
         "kv_cache_dtype": config.kv_cache_dtype,
         "mem_fraction_static": config.mem_fraction_static,
+        "enable_shared_experts_fusion": config.enable_shared_experts_fusion,
+        "enable_fused_qk_norm_rope": config.enable_fused_qk_norm_rope,
+        "overlap_scheduling": False if config.disable_overlap_schedule else None,
     }
     if config.tokenizer is not None:
         kwargs["tokenizer"] = config.tokenizer
@@ -209,6 +210,8 @@ def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
     m.add_argument("--attention-backend", choices=["triton", "fa3", "torch", "flashinfer"], default=None)
     m.add_argument("--enable-fused-qk-norm-rope", action="store_true")
     m.add_argument("--enable-shared-experts-fusion", action="store_true")
+    m.add_argument("--disable-overlap-schedule", action="store_true",
+                   help="run the synchronous step loop (overlap scheduling is on by default on CUDA)")
     m.add_argument(
         "--disaggregation-mode", choices=["null", "prefill", "decode"], default=d.disaggregation_mode
     )

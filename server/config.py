@@ -29,6 +29,7 @@ class ServerConfig:
     enforce_eager: bool = False
     # flags of the reference launch lines (see cli.UNSUPPORTED for the ones not built yet)
     attention_backend: str | None = None
+    disable_overlap_schedule: bool = False
     enable_fused_qk_norm_rope: bool = False
     enable_shared_experts_fusion: bool = False
     disaggregation_mode: str = "null"

@@ -76,3 +76,12 @@ def test_no_prefix_caching_same_tokens(tiny_bf16, prompts, expected):
     assert _run(llm, prompts[:4] * 2) == expected[:4] * 2
     assert llm.stats()["prefix_cache_hit_tokens"] == 0
     assert_pages_clean(llm.engine)
+
+
+def test_fusion_flags_same_tokens(tiny_bf16, prompts, expected):
+    """--enable-shared-experts-fusion and --enable-fused-qk-norm-rope change kernels, not results."""
+    llm = LLM(str(tiny_bf16), device="cpu", enable_shared_experts_fusion=True, enable_fused_qk_norm_rope=True)
+    assert llm.engine.worker.model.layers[1].mlp.fused_shared
+    assert llm.engine.worker.model.layers[0].self_attn.fused_qk_norm_rope
+    assert _run(llm, prompts[:6]) == expected[:6]
+    assert_pages_clean(llm.engine)

@@ -87,7 +87,12 @@ def test_engine_kwargs_mapping():
         "enforce_eager": True,
         "kv_cache_dtype": "fp8_e4m3",
         "mem_fraction_static": 0.8,
+        "enable_shared_experts_fusion": False,
+        "enable_fused_qk_norm_rope": False,
+        "overlap_scheduling": None,
     }
+    assert engine_kwargs(parse_args(["--model", "/ckpt", "--disable-overlap-schedule", "--enable-shared-experts-fusion",
+                                     "--enable-fused-qk-norm-rope"]))["overlap_scheduling"] is False
     import inspect
 
     from engine import EngineConfig
@@ -101,8 +106,7 @@ def test_engine_kwargs_mapping():
     [
         ["--speculative-algorithm", "NEXTN", "--speculative-num-steps", "3"],
         ["--disaggregation-mode", "prefill"],
-        ["--enable-fused-qk-norm-rope"],
-        ["--attention-backend", "triton"],
+        ["--attention-backend", "fa3"],
         ["--chunked-prefill-size", "-1"],
     ],
 )
@@ -116,7 +120,8 @@ def test_unsupported_flags_fail_clearly(flags, capsys):
 def test_reference_launch_line_flags_parse():
     # every flag of the DESIGN.md launch lines is known to the parser (supported or refused, never "unrecognized")
     names = {u[0] for u in UNSUPPORTED}
-    assert {"speculative_algorithm", "disaggregation_mode", "enable_shared_experts_fusion"} <= names
+    assert {"speculative_algorithm", "disaggregation_mode"} <= names
+    assert "enable_shared_experts_fusion" not in names and "enable_fused_qk_norm_rope" not in names
     cfg = parse_args(
         [
             "--tool-call-parser",

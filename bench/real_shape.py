@@ -5,8 +5,9 @@
 prints the folder: `config.json` = configs/glm47-fp8/config.json with num_hidden_layers (and
 first_k_dense_replace = min(3, dense_layers, layers), the quantization ignore list renumbered, and any key
 given as an override; a shrunken vocab_size moves eos/pad ids inside it) overridden,
-plus the tiny checkpoint's tokenizer files. The tokenizer only exists so the engine can start: it knows about
-1,500 of the 151,552 ids, so benchmarks pass token ids and run with SamplingParams(detokenize=False).
+plus a synthetic word-level tokenizer over the whole vocabulary (id i <-> "w{i}", GLM special tokens at their real
+ids) and the tiny checkpoint's GLM-4.7-style chat template, so the server can serve the dummy model and every
+sampled id shows up as text.
 
 `load_preset(name)` returns the launch flags of configs/presets/<name>.json.
 """
@@ -26,7 +27,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_PATH = ROOT / "configs" / "glm47-fp8" / "config.json"
 PRESETS_DIR = ROOT / "configs" / "presets"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 REAL_DENSE_LAYERS = 3
 
 
@@ -83,22 +83,58 @@ def _tokenizer_dir() -> Path:
     return tiny_model_dir("bf16")
 
 
+# GLM-4.x special tokens at their real ids (reference/glm47.md 5.1).
+GLM_SPECIAL_TOKENS = {
+    151329: "<|endoftext|>", 151330: "[MASK]", 151331: "[gMASK]", 151332: "[sMASK]", 151333: "<sop>",
+    151334: "<eop>", 151335: "<|system|>", 151336: "<|user|>", 151337: "<|assistant|>", 151338: "<|observation|>",
+    151350: "<think>", 151351: "</think>", 151352: "<tool_call>", 151353: "</tool_call>", 151354: "<tool_response>",
+    151355: "</tool_response>", 151356: "<arg_key>", 151357: "</arg_key>", 151358: "<arg_value>",
+    151359: "</arg_value>", 151360: "/nothink",
+}
+
+
+def synthetic_tokenizer_files(vocab_size: int, chat_template: str) -> dict[str, bytes]:
+    """A word-level tokenizer covering the model's whole vocabulary: id i <-> "w{i}", GLM special tokens at their
+    real ids. Every id the dummy model samples decodes to visible text, so serving benchmarks see real deltas."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    for i, text in GLM_SPECIAL_TOKENS.items():
+        if i < vocab_size:
+            del vocab[f"w{i}"]
+            vocab[text] = i
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in GLM_SPECIAL_TOKENS.values()])
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "model_max_length": 202752,
+        "chat_template": chat_template,
+    }
+    return {
+        "tokenizer.json": tok.to_str().encode(),
+        "tokenizer_config.json": (json.dumps(config, indent=2) + "\n").encode(),
+        "chat_template.jinja": chat_template.encode(),
+    }
+
+
 def real_shape_model_dir(
     num_layers: int,
     dense_layers: int = REAL_DENSE_LAYERS,
     out_root: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> Path:
-    """A model folder (config.json + tiny tokenizer files) for `load_format="dummy"` runs at real widths.
+    """A model folder (config.json + a synthetic full-vocabulary tokenizer) for `load_format="dummy"` runs at real
+    widths.
 
     The folder name carries a hash of its contents, so differently shaped folders never collide; it is
     written into a temporary sibling and renamed into place (safe for concurrent callers)."""
     cfg = real_shape_config(num_layers, dense_layers, overrides)
-    tok_dir = _tokenizer_dir()
+    template = (_tokenizer_dir() / "chat_template.jinja").read_text()
     files = {"config.json": (json.dumps(cfg, indent=2) + "\n").encode()}
-    for name in TOKENIZER_FILES:
-        if (tok_dir / name).is_file():
-            files[name] = (tok_dir / name).read_bytes()
+    files.update(synthetic_tokenizer_files(cfg["vocab_size"], template))
     digest = hashlib.sha256()
     for name in sorted(files):
         digest.update(name.encode() + b"\0" + files[name] + b"\0")

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Serving on one GPU: the server on a dummy real-shape GLM-4.7 (bench/real_shape.py) under bench.serving, for the
+# baseline and the optimized 1-GPU presets (configs/presets), one after the other. Writes $OUT/serving_<preset>.json
+# and prints a TTFT/TPOT/ITL table. Knobs: LAYERS, NUM_PROMPTS, RATE, INPUT_LEN, OUTPUT_LEN, PRESETS.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/serving_out}
+mkdir -p "$OUT"
+export PYTHONPATH=${PYTHONPATH:-$PWD}
+MEM_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1 | tr -dc '0-9')
+LAYERS=${LAYERS:-$([ "${MEM_MIB:-0}" -ge 130000 ] && echo 27 || echo 15)}
+NUM_PROMPTS=${NUM_PROMPTS:-48}
+RATE=${RATE:-4}
+INPUT_LEN=${INPUT_LEN:-4096}
+OUTPUT_LEN=${OUTPUT_LEN:-1000}
+PRESETS=${PRESETS:-"baseline-1gpu optimized-1gpu"}
+MODEL=$(python3 -m bench.real_shape --layers "$LAYERS")
+echo "model $MODEL ($LAYERS layers), $NUM_PROMPTS prompts, ${INPUT_LEN} in / ${OUTPUT_LEN} out, Poisson rate $RATE/s"
+for preset in $PRESETS; do
+    port=$((18000 + RANDOM % 1000))
+    python3 -m server --model "$MODEL" --preset "$preset" --host 127.0.0.1 --port "$port" \
+        >"$OUT/server_$preset.log" 2>&1 &
+    pid=$!
+    ok=0
+    for _ in $(seq 1 300); do
+        if curl -sf "http://127.0.0.1:$port/health" >/dev/null 2>&1; then ok=1; break; fi
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 1
+    done
+    if [ "$ok" -ne 1 ]; then
+        echo "=== $preset: server did not start"; tail -20 "$OUT/server_$preset.log"; kill "$pid" 2>/dev/null; continue
+    fi
+    echo "=== $preset"
+    timeout 400 python3 -m bench.serving --base-url "http://127.0.0.1:$port" --endpoint completions \
+        --dataset random --num-prompts "$NUM_PROMPTS" --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN" \
+        --request-rate "$RATE" --seed 0 --tokenizer "$MODEL" --tokenize-prompt --disable-tqdm \
+        --output-json "$OUT/serving_$preset.json" 2>&1 | tail -30
+    kill -INT "$pid"; wait "$pid" 2>/dev/null
+done
+python3 - "$OUT" $PRESETS <<'PY'
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+print(f"{'preset':18} {'req/s':>7} {'out tok/s':>10} {'TTFT mean':>10} {'TTFT p99':>9} {'TPOT mean':>10} {'ITL p99':>8}  (ms)")
+for p in sys.argv[2:]:
+    f = out / f"serving_{p}.json"
+    if not f.is_file():
+        print(f"{p:18} (no result)"); continue
+    s = json.loads(f.read_text())["summary"]
+    g = lambda k, q: s.get(k, {}).get(q, float("nan"))
+    print(f"{p:18} {s.get('request_throughput', float('nan')):7.2f} {s.get('output_throughput', float('nan')):10.0f} "
+          f"{g('ttft_ms','mean'):10.1f} {g('ttft_ms','p99'):9.1f} {g('tpot_ms','mean'):10.2f} {g('itl_ms','p99'):8.2f}")
+PY

@@ -420,6 +420,14 @@ def bench_moe(args, tune_out: dict | None = None):
                 target, met = ">=1.5x grouped", base is None or base / ours >= 1.5
             elif t >= 4096:
                 target, met = ">=50% FP8 peak", comp >= 0.5
+            if t <= 64:  # the x quantization done by the preceding RMSNorm kernel (rms_norm_fp8)
+                from kernels.triton_quant import quant_fp8_per_token
+
+                xq, xsc = quant_fp8_per_token(x)
+                pre, _ = timeit([lambda w=w, ids=ids: fused_moe(x, w13, w2, w, ids, s13, s2, "fp8_channel", config=cfg,
+                                                                x_fp8=xq, x_scale=xsc) for w, ids in routes])
+                report("fused_moe_xq", f"T={t} E={e} N={inter} (x pre-quantized)", pre, base,
+                       "_scaled_grouped_mm x2", nbytes=nbytes, flops=flops)
             used = cfg or moe_config(t, e, inter, h, "fp8_channel", x.device)
             report("fused_moe", f"T={t} E={e} N={inter} act~{n_active:.0f}", ours, base, "_scaled_grouped_mm x2",
                    nbytes=nbytes, flops=flops, target=target, met=met,

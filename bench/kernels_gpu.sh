@@ -4,6 +4,7 @@
 #     bash bench/kernels_gpu.sh [bench.kernels args...]      (e.g. --tune, --quick, --only moe,attn)
 #
 # 1. pytest -m gpu tests/kernels      -> $OUT/pytest_kernels.log
+# (KT_DIAG=1: python tests/kernels/gpu_diag.py -> $OUT/diag.log)
 # 2. python -m bench.kernels "$@"     -> $OUT/bench_kernels.log, $OUT/kernels.json (+ tuned_configs.json)
 # Each step has its own timeout (KT_PYTEST, KT_BENCH seconds); the summary lines come last.
 set -u
@@ -18,5 +19,8 @@ set -o pipefail
 timeout --kill-after=5 "${KT_PYTEST:-170}" python3 -m pytest -m gpu tests/kernels -q -p no:cacheprovider -rf 2>&1 \
     | tee "$OUT/pytest_kernels.log" | grep -vE "^\s*$" | tail -25
 echo "pytest rc=$?"
+if [ "${KT_DIAG:-0}" = 1 ]; then
+    timeout --kill-after=5 "${KT_DIAG_CAP:-90}" python3 tests/kernels/gpu_diag.py 2>&1 | tee "$OUT/diag.log"
+fi
 timeout --kill-after=5 "${KT_BENCH:-230}" python3 -m bench.kernels --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_kernels.log"
 echo "bench rc=$?"

@@ -66,6 +66,7 @@ def _decode_kernel(
     heads = hk * G + gi
     d = tl.arange(0, D)
     q = tl.load(q_ptr + tok * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=gm[:, None], other=0.0)
+    q = q.to(QDT)
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
     m_i = tl.zeros([G_P], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([G_P], dtype=tl.float32)
@@ -141,6 +142,7 @@ def _extend_kernel(
     d = tl.arange(0, D)
     tok = (q0 + mi).to(tl.int64)
     q = tl.load(q_ptr + tok[:, None] * stride_qt + h * stride_qh + d[None, :], mask=mmask[:, None], other=0.0)
+    q = q.to(QDT)
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -190,9 +192,16 @@ def paged_attention(
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
     num_splits: int | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """q [T, Hq, D] -> [T, Hq, D] in q.dtype. max_query_len / max_seq_len: host-side hints (computed with a
-    device sync when missing); num_splits overrides the decode split count."""
+    device sync when missing); num_splits and the block / warp / stage arguments override the defaults.
+
+    With FP8 pages the products run in fp16 (the E4M3 -> fp16 conversion is one instruction; bf16 q loses
+    nothing in fp16 at these magnitudes)."""
     t, hq, d = q.shape
     nb, bs, hk, _ = k_cache.shape
     assert hq % hk == 0 and d == next_pow2(d)
@@ -206,12 +215,18 @@ def paged_attention(
     if max_query_len is None:
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max().item())
     ks, vs = _cache_strides(k_cache), _cache_strides(v_cache)
-    qdt = tl.float16 if q.dtype == torch.float16 else tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float32
+    fp8_kv = k_cache.dtype == torch.float8_e4m3fn
+    if q.dtype == torch.float32:
+        qdt = tl.float32
+    elif fp8_kv or q.dtype == torch.float16:
+        qdt = tl.float16
+    else:
+        qdt = tl.bfloat16
     qk_scale = float(scale) * float(k_scale) * LOG2E
     if max_query_len == 1 and t == b:
         if max_seq_len is None:
             max_seq_len = int(seq_lens.max().item())
-        block_n = 64
+        block_n = block_n or (128 if fp8_kv else 64)
         sms = _num_sms(q.device.index or 0) if q.is_cuda else 132
         splits = num_splits or decode_splits(b, hk, max_seq_len, sms, block_n)
         g_p = max(16, next_pow2(group))
@@ -225,7 +240,7 @@ def paged_attention(
             qk_scale, float(v_scale), hq, splits,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), *ks, *vs,
             G=group, G_P=g_p, D=d, BS=bs, BLOCK_N=block_n, MULTI=splits > 1, QDT=qdt,
-            num_warps=4, num_stages=2,
+            num_warps=num_warps or (8 if fp8_kv else 4), num_stages=num_stages or 2,
         )
         if splits > 1:
             _decode_reduce_kernel[(b, hq)](
@@ -233,14 +248,14 @@ def paged_attention(
                 S_P=max(2, next_pow2(splits)), D=d, num_warps=4,
             )
         return out
-    block_m = 64 if max_query_len > 16 else 16
-    block_n = 64
+    block_m = block_m or (64 if max_query_len > 16 else 16)
+    block_n = block_n or 64
     _extend_kernel[(b, cdiv(max_query_len, block_m), hq)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
         qk_scale, float(v_scale),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), *ks, *vs,
         G=group, D=d, BS=bs, BLOCK_M=block_m, BLOCK_N=block_n, QDT=qdt,
-        num_warps=4, num_stages=2,
+        num_warps=num_warps or 4, num_stages=num_stages or 2,
     )
     return out
 

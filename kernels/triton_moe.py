@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import cdiv, device_name, dot_operand, round_bf16, tl_dtype, to_fp8, to_out, zeroed_counters
+from kernels.triton_common import cdiv, device_name, div_rn, dot_operand, round_bf16, tl_dtype, to_fp8, to_out, zeroed_counters
 from kernels.triton_moe_align import max_blocks, moe_align
 from kernels.triton_quant import quant_fp8_per_group, quant_fp8_per_token
 
@@ -47,7 +47,7 @@ def _rnd(x, DT: tl.constexpr):
 @triton.jit
 def _quant_tile(a, scale):
     """fp32 tile / per-row scale [BM, 1] -> float8e4nv, as the reference (clamp, round to nearest even)."""
-    return to_fp8(tl.clamp(a / scale, -448.0, 448.0))
+    return to_fp8(tl.clamp(div_rn(a, scale), -448.0, 448.0))
 
 
 @triton.jit
@@ -57,9 +57,10 @@ def _moe_gate_up_kernel(
     stride_xm, stride_xsm, stride_we, stride_wn, stride_wse, stride_wsn, stride_am,
     QUANT: tl.constexpr, A_MODE: tl.constexpr, DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    EVEN_K: tl.constexpr, PAIR: tl.constexpr,
 ):
     # A_MODE: 0 = x used as is (bf16 / fp8 already quantized), 2 = x in bf16, quantized here
+    # PAIR: no alignment; block m is the single pair m (bexp_ptr = topk_ids), rows 1.. are padding
     num_n = tl.cdiv(I, BLOCK_N)
     pid = tl.program_id(0)
     pid_m = pid // num_n
@@ -70,7 +71,10 @@ def _moe_gate_up_kernel(
         return
     e64 = e.to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ptr + rows)
+    if PAIR:
+        pair = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, NP)
+    else:
+        pair = tl.load(sorted_ptr + rows)
     valid = pair < NP
     tok = tl.where(valid, pair // TOPK, 0).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -92,7 +96,7 @@ def _moe_gate_up_kernel(
             k = ki * BLOCK_K + rk
             a = tl.load(a_rows + k[None, :], mask=valid[:, None] & (k[None, :] < K), other=0.0)
             amax = tl.maximum(amax, tl.max(tl.abs(a.to(tl.float32)), 1))
-        a_scale = tl.maximum(amax / 448.0, 1e-12)[:, None]
+        a_scale = tl.maximum(div_rn(amax, 448.0), 1e-12)[:, None]
 
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -112,11 +116,11 @@ def _moe_gate_up_kernel(
         elif QUANT == 1:
             if A_MODE == 2:
                 a = _quant_tile(a.to(tl.float32), a_scale)
-            acc_g = tl.dot(a, bg, acc_g)
-            acc_u = tl.dot(a, bu, acc_u)
+            acc_g += tl.dot(a, bg)  # fp32 accumulation across K tiles (see triton_fp8_gemm)
+            acc_u += tl.dot(a, bu)
         else:
             if A_MODE == 2:
-                sa = tl.maximum(tl.max(tl.abs(a.to(tl.float32)), 1) / 448.0, 1e-12)
+                sa = tl.maximum(div_rn(tl.max(tl.abs(a.to(tl.float32)), 1), 448.0), 1e-12)
                 a = _quant_tile(a.to(tl.float32), sa[:, None])
             else:
                 sa = tl.load(xs_ptr + tok * stride_xsm + ki)
@@ -133,6 +137,7 @@ def _moe_gate_up_kernel(
         mine = base + pid_k * (2 * BLOCK_M * BLOCK_N)
         tl.store(mine + offs, acc_g)
         tl.store(mine + BLOCK_M * BLOCK_N + offs, acc_u)
+        tl.debug_barrier()  # every thread's partial stores precede the ticket (release)
         ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
         do_epilogue = ticket == SPLIT_K - 1
         if do_epilogue:
@@ -157,7 +162,7 @@ def _moe_gate_up_kernel(
             u = u * sa * su[None, :]
         g = _rnd(g, DT)
         u = _rnd(u, DT)
-        s = _rnd(g / (1.0 + tl.exp(-g)), DT)
+        s = _rnd(div_rn(g, 1.0 + tl.exp(-g)), DT)
         h = s * u
         out = act_ptr + rows.to(tl.int64)[:, None] * stride_am + rn_c[None, :]
         tl.store(out, to_out(h, act_ptr.dtype.element_ty), mask=mn[None, :])
@@ -165,12 +170,15 @@ def _moe_gate_up_kernel(
 
 @triton.jit
 def _moe_down_kernel(
-    act_ptr, as_ptr, w_ptr, ws_ptr, y_ptr, sorted_ptr, bexp_ptr,
+    act_ptr, as_ptr, w_ptr, ws_ptr, y_ptr, sorted_ptr, bexp_ptr, tw_ptr, out_ptr, cnt_ptr,
     NP, I, H,
-    stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_ym,
+    stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_ym, stride_wt, stride_ot,
     QUANT: tl.constexpr, A_MODE: tl.constexpr, DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    PAIR: tl.constexpr, FUSE_REDUCE: tl.constexpr, TOPK: tl.constexpr,
 ):
+    # FUSE_REDUCE: after writing its y rows, a program takes a ticket per (token, N tile); the program that
+    # completes a token's top-k set sums them (weighted) into out and resets the ticket
     num_n = tl.cdiv(H, BLOCK_N)
     pid = tl.program_id(0)
     pid_m = pid // num_n
@@ -180,7 +188,10 @@ def _moe_down_kernel(
         return
     e64 = e.to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ptr + rows)
+    if PAIR:
+        pair = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, NP)
+    else:
+        pair = tl.load(sorted_ptr + rows)
     valid = pair < NP
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mn = rn < H
@@ -195,7 +206,7 @@ def _moe_down_kernel(
             k = ki * BLOCK_K + rk
             a = tl.load(a_rows + k[None, :], mask=valid[:, None] & (k[None, :] < I), other=0.0)
             amax = tl.maximum(amax, tl.max(tl.abs(a.to(tl.float32)), 1))
-        a_scale = tl.maximum(amax / 448.0, 1e-12)[:, None]
+        a_scale = tl.maximum(div_rn(amax, 448.0), 1e-12)[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for ki in range(0, k_iters):
         k = ki * BLOCK_K + rk
@@ -210,11 +221,11 @@ def _moe_down_kernel(
         elif QUANT == 1:
             if A_MODE == 2:
                 a = _quant_tile(a.to(tl.float32), a_scale)
-            acc = tl.dot(a, b, acc)
+            acc += tl.dot(a, b)
         else:
             if A_MODE == 2:
                 af = a.to(tl.float32)
-                sa = tl.maximum(tl.max(tl.abs(af), 1) / 448.0, 1e-12)
+                sa = tl.maximum(div_rn(tl.max(tl.abs(af), 1), 448.0), 1e-12)
                 a = _quant_tile(af, sa[:, None])
             else:
                 sa = tl.load(as_ptr + rows.to(tl.int64) * stride_asm + ki)
@@ -229,6 +240,22 @@ def _moe_down_kernel(
     pair_c = tl.where(valid, pair, 0).to(tl.int64)
     tl.store(y_ptr + pair_c[:, None] * stride_ym + rn_c[None, :], to_out(y, y_ptr.dtype.element_ty),
              mask=valid[:, None] & mn[None, :])
+    if FUSE_REDUCE:
+        tok = pair_c // TOPK
+        tl.debug_barrier()  # all y stores of this program precede its tickets (release)
+        ctr = cnt_ptr + tok * num_n + pid_n
+        old = tl.atomic_add(ctr, 1, mask=valid, sem="acq_rel")
+        last = valid & (old == TOPK - 1)
+        if tl.max(last.to(tl.int32), 0) > 0:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            lm = last[:, None] & mn[None, :]
+            for j in tl.static_range(TOPK):
+                yj = tl.load(y_ptr + (tok * TOPK + j)[:, None] * stride_ym + rn_c[None, :], mask=lm, other=0.0,
+                             cache_modifier=".cg")
+                wj = tl.load(tw_ptr + tok * stride_wt + j, mask=last, other=0.0)
+                acc += yj.to(tl.float32) * wj[:, None]
+            tl.store(out_ptr + tok[:, None] * stride_ot + rn_c[None, :], to_out(acc, out_ptr.dtype.element_ty), mask=lm)
+            tl.atomic_xchg(ctr, 0, mask=last)
 
 
 @triton.jit
@@ -307,8 +334,15 @@ def fused_moe(
     quant: str = "none",
     config: dict | None = None,
     quant_in_kernel: bool | None = None,
+    x_fp8: torch.Tensor | None = None,
+    x_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [T, H]; w13 [E, 2I, H]; w2 [E, H, I]; topk_* [T, k] -> [T, H] in x.dtype (see the module doc)."""
+    """x [T, H]; w13 [E, 2I, H]; w2 [E, H, I]; topk_* [T, k] -> [T, H] in x.dtype (see the module doc).
+
+    x_fp8 / x_scale: x already quantized per token (fp8_channel only), e.g. by the preceding RMSNorm kernel.
+    quant_in_kernel: quantize act (channel) / x and act (block) inside the GEMMs; default for T <= 64.
+    config keys besides the tile sizes: PAIR_MAX (use no alignment when T*k <= it), FUSE_REDUCE_MAX_T.
+    """
     t, h = x.shape
     e, two_i, _ = w13.shape
     inter = two_i // 2
@@ -325,16 +359,24 @@ def fused_moe(
         x = x.contiguous()
     assert w13.stride(2) == 1 and w2.stride(2) == 1
     ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
-    sorted_ids, bexp = moe_align(ids, e, bm)
-    nblk = bexp.numel()
     np_ = t * topk
+    pair = np_ <= cfg.get("PAIR_MAX", 40)
+    if pair:
+        sorted_ids, bexp = ids, ids.view(-1)  # block m = pair m
+        nblk = np_
+    else:
+        sorted_ids, bexp = moe_align(ids, e, bm)
+        nblk = bexp.numel()
     if quant_in_kernel is None:
         quant_in_kernel = t <= 64
-    if qid == 0 or quant_in_kernel:
-        xa, xs, a_mode = x, x, 2 if qid else 0
+    if qid == 0:
+        xa, xs, a_mode = x, x, 0
     elif qid == 1:
-        xa, xs = quant_fp8_per_token(x)
-        a_mode = 0
+        if x_fp8 is None:
+            x_fp8, x_scale = quant_fp8_per_token(x)
+        xa, xs, a_mode = x_fp8, x_scale, 0
+    elif quant_in_kernel:
+        xa, xs, a_mode = x, x, 2
     else:
         xa, xs = quant_fp8_per_group(x, 128)
         a_mode = 0
@@ -343,13 +385,8 @@ def fused_moe(
     w2s = w2_scale if w2_scale is not None else w2
     if qid == 1:
         w13s, w2s = w13s.view(e, -1), w2s.view(e, -1)
-        ws13_strides = (w13s.stride(0), w13s.stride(1))
-        ws2_strides = (w2s.stride(0), w2s.stride(1))
-    elif qid == 2:
-        ws13_strides = (w13s.stride(0), w13s.stride(1))
-        ws2_strides = (w2s.stride(0), w2s.stride(1))
-    else:
-        ws13_strides = ws2_strides = (0, 0)
+    ws13_strides = (w13s.stride(0), w13s.stride(1)) if qid else (0, 0)
+    ws2_strides = (w2s.stride(0), w2s.stride(1)) if qid else (0, 0)
 
     act = torch.empty(nblk * bm, inter, dtype=x.dtype, device=x.device)
     bn1, split = cfg["BLOCK_N1"], cfg["SPLIT_K1"]
@@ -364,10 +401,11 @@ def fused_moe(
         np_, topk, h, inter, split,
         xa.stride(0), xs.stride(0) if qid else 0, w13.stride(0), w13.stride(1), *ws13_strides, act.stride(0),
         QUANT=qid, A_MODE=a_mode, DT=dt, BLOCK_M=bm, BLOCK_N=bn1, BLOCK_K=cfg["BLOCK_K1"], SPLIT=split > 1,
-        EVEN_K=h % cfg["BLOCK_K1"] == 0, num_warps=cfg["W1"], num_stages=cfg["S1"],
+        EVEN_K=h % cfg["BLOCK_K1"] == 0, PAIR=pair, num_warps=cfg["W1"], num_stages=cfg["S1"],
     )
     y = torch.empty(np_, h, dtype=x.dtype, device=x.device)
     bn2 = cfg["BLOCK_N2"]
+    n2 = cdiv(h, bn2)
     if qid == 0 or quant_in_kernel:
         act_a, act_s, a2_mode = act, act, 2 if qid else 0
     elif qid == 1:
@@ -376,17 +414,22 @@ def fused_moe(
     else:
         act_a, act_s = quant_fp8_per_group(act, 128)
         a2_mode = 0
-    _moe_down_kernel[(nblk * cdiv(h, bn2),)](
-        act_a, act_s, w2, w2s, y, sorted_ids, bexp, np_, inter, h,
-        act_a.stride(0), act_s.stride(0) if qid else 0, w2.stride(0), w2.stride(1), *ws2_strides, y.stride(0),
-        QUANT=qid, A_MODE=a2_mode, DT=dt, BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=cfg["BLOCK_K2"],
-        EVEN_K=inter % cfg["BLOCK_K2"] == 0, num_warps=cfg["W2"], num_stages=cfg["S2"],
-    )
     tw = topk_weights if topk_weights.stride(1) == 1 else topk_weights.contiguous()
-    bh = 1024
-    _moe_reduce_kernel[(t, cdiv(h, bh))](
-        y, tw, out, h, y.stride(0), tw.stride(0), out.stride(0), TOPK=topk, BLOCK_H=bh, num_warps=4,
+    fuse = t <= cfg.get("FUSE_REDUCE_MAX_T", 256)
+    cnt2 = zeroed_counters(t * n2, x.device) if fuse else y
+    _moe_down_kernel[(nblk * n2,)](
+        act_a, act_s, w2, w2s, y, sorted_ids, bexp, tw, out, cnt2, np_, inter, h,
+        act_a.stride(0), act_s.stride(0) if qid else 0, w2.stride(0), w2.stride(1), *ws2_strides, y.stride(0),
+        tw.stride(0), out.stride(0),
+        QUANT=qid, A_MODE=a2_mode, DT=dt, BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=cfg["BLOCK_K2"],
+        EVEN_K=inter % cfg["BLOCK_K2"] == 0, PAIR=pair, FUSE_REDUCE=fuse, TOPK=topk,
+        num_warps=cfg["W2"], num_stages=cfg["S2"],
     )
+    if not fuse:
+        bh = 1024
+        _moe_reduce_kernel[(t, cdiv(h, bh))](
+            y, tw, out, h, y.stride(0), tw.stride(0), out.stride(0), TOPK=topk, BLOCK_H=bh, num_warps=4,
+        )
     return out
 
 

@@ -24,7 +24,7 @@ from kernels.triton_common import cdiv, next_pow2
 @triton.jit
 def _moe_align_kernel(
     ids_ptr, sorted_ptr, bexp_ptr, cursor_ptr, NP, E, MAX_BLOCKS,
-    BLOCK_M: tl.constexpr, E_P: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, E_P: tl.constexpr, CHUNK: tl.constexpr, BCHUNK: tl.constexpr,
 ):
     ci = tl.arange(0, CHUNK)
     ei = tl.arange(0, E_P)
@@ -39,8 +39,8 @@ def _moe_align_kernel(
     blk_start = blk_end - nblk
     tl.store(cursor_ptr + ei, blk_start * BLOCK_M)
     # expert of each block: number of experts whose run ends at or before it
-    bi0 = tl.arange(0, CHUNK)
-    for b0 in range(0, MAX_BLOCKS, CHUNK):
+    bi0 = tl.arange(0, BCHUNK)
+    for b0 in range(0, MAX_BLOCKS, BCHUNK):
         bi = b0 + bi0
         ex = tl.sum((blk_end[None, :] <= bi[:, None]).to(tl.int32), 1)
         ex = tl.where(ex < E, ex, -1)
@@ -71,11 +71,12 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[t
     bexp = torch.empty(mb, dtype=torch.int32, device=ids.device)
     e_p = next_pow2(num_experts + 1)
     cursor = torch.empty(e_p, dtype=torch.int32, device=ids.device)
-    chunk = max(16, min(1024, next_pow2(max(np_, mb))))
-    chunk = min(chunk, max(16, 16384 // e_p))  # [CHUNK, E_P] block-expert tile stays small
+    # one program walks everything: wide chunks keep the number of dependent steps small
+    chunk = max(16, min(4096, next_pow2(max(np_, mb * block_m))))
+    bchunk = max(16, min(next_pow2(mb), 8192 // e_p))  # [BCHUNK, E_P] block-expert tile
     _moe_align_kernel[(1,)](
         ids, sorted_ids, bexp, cursor, np_, num_experts, mb,
-        BLOCK_M=block_m, E_P=e_p, CHUNK=chunk, num_warps=4,
+        BLOCK_M=block_m, E_P=e_p, CHUNK=chunk, BCHUNK=bchunk, num_warps=8 if chunk >= 2048 else 4,
     )
     return sorted_ids, bexp
 

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import cdiv, next_pow2, round_bf16, tl_dtype, to_out
+from kernels.triton_common import cdiv, div_rn, next_pow2, round_bf16, tl_dtype, to_out
 
 
 @triton.jit
@@ -52,7 +52,7 @@ def _norm_rope_heads(
         ss = tl.sum(a * a, 1) + tl.sum(b * b, 1)
         if PASS > 0:
             ss += tl.sum(c * c, 1)
-        rstd = tl.rsqrt(ss / D + eps)[:, None]
+        rstd = tl.rsqrt(div_rn(ss, D * 1.0) + eps)[:, None]
         wa = tl.load(w_ptr + ia, mask=ia < HALF, other=0.0).to(tl.float32)[None, :]
         wb = tl.load(w_ptr + HALF + ia, mask=ia < HALF, other=0.0).to(tl.float32)[None, :]
         a = _rnd(wa * _rnd(a * rstd, DT), DT)
@@ -81,8 +81,8 @@ def _store_cache_slices(
     ma = hm[:, None] & (ia[None, :] < HALF)
     rows = base + hi[:, None] * stride_ch
     dt = cache_ptr.dtype.element_ty
-    a = a / scale
-    b = b / scale
+    a = div_rn(a, scale)
+    b = div_rn(b, scale)
     if FP8:
         a = tl.clamp(a, -448.0, 448.0)
         b = tl.clamp(b, -448.0, 448.0)
@@ -91,15 +91,15 @@ def _store_cache_slices(
     if PASS > 0:
         ic = tl.arange(0, PASS_P)
         mc = hm[:, None] & (ic[None, :] < PASS)
-        c = c / scale
+        c = div_rn(c, scale)
         if FP8:
             c = tl.clamp(c, -448.0, 448.0)
         tl.store(cache_ptr + rows + 2 * HALF + ic[None, :], to_out(c, dt), mask=mc)
 
 
 @triton.jit
-def _qk_norm_rope_kernel(
-    q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, cs_ptr, pos_ptr,
+def _one_token(
+    t, hb, q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, cs_ptr, pos_ptr,
     v_ptr, kc_ptr, vc_ptr, slot_ptr,
     HQ, HK, eps, k_scale, v_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh, stride_kot, stride_koh,
@@ -108,8 +108,6 @@ def _qk_norm_rope_kernel(
     PASS_P: tl.constexpr, D: tl.constexpr, BH: tl.constexpr, NQB: tl.constexpr, DT: tl.constexpr,
     STORE_KV: tl.constexpr, CACHE_FP8: tl.constexpr,
 ):
-    t = tl.program_id(0).to(tl.int64)
-    hb = tl.program_id(1)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     ia = tl.arange(0, HALF_P)
     cos = tl.load(cs_ptr + pos * stride_cs + ia, mask=ia < HALF, other=0.0)[None, :]
@@ -151,6 +149,31 @@ def _qk_norm_rope_kernel(
                 )
 
 
+@triton.jit
+def _qk_norm_rope_kernel(
+    q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, cs_ptr, pos_ptr,
+    v_ptr, kc_ptr, vc_ptr, slot_ptr,
+    T, HQ, HK, eps, k_scale, v_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh, stride_kot, stride_koh,
+    stride_cs, stride_vt, stride_vh, stride_kc_slot, stride_kc_h, stride_vc_slot, stride_vc_h,
+    HAS_NORM: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr, PASS: tl.constexpr,
+    PASS_P: tl.constexpr, D: tl.constexpr, BH: tl.constexpr, NQB: tl.constexpr, DT: tl.constexpr,
+    STORE_KV: tl.constexpr, CACHE_FP8: tl.constexpr, TPP: tl.constexpr,
+):
+    """TPP tokens per program (unrolled, so their loads overlap) x one head block."""
+    hb = tl.program_id(1)
+    for i in tl.static_range(TPP):
+        t = tl.program_id(0).to(tl.int64) * TPP + i
+        if t < T:
+            _one_token(
+                t, hb, q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, cs_ptr, pos_ptr, v_ptr, kc_ptr, vc_ptr,
+                slot_ptr, HQ, HK, eps, k_scale, v_scale,
+                stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh, stride_kot, stride_koh,
+                stride_cs, stride_vt, stride_vh, stride_kc_slot, stride_kc_h, stride_vc_slot, stride_vc_h,
+                HAS_NORM, HALF, HALF_P, PASS, PASS_P, D, BH, NQB, DT, STORE_KV, CACHE_FP8,
+            )
+
+
 def _check_heads(x: torch.Tensor) -> torch.Tensor:
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -174,6 +197,7 @@ def qk_norm_rope(
     v_scale: float = 1.0,
     block_heads: int = 16,
     num_warps: int = 4,
+    tokens_per_program: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [T, Hq, D], k: [T, Hk, D] (token and head strides free) -> new contiguous (q, k). With k_cache given,
     also stores rotated k and v: [T, Hk, D] into the paged caches at slot_mapping."""
@@ -201,18 +225,19 @@ def qk_norm_rope(
         assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and k_cache.stride(0) == k_cache.shape[1] * k_cache.stride(1)
         assert v_cache.stride(0) == v_cache.shape[1] * v_cache.stride(1)
     dummy = qo
-    _qk_norm_rope_kernel[(t, nqb + nkb)](
+    tpp = tokens_per_program or max(1, min(8, 64 // max(hq, 1)))
+    _qk_norm_rope_kernel[(cdiv(t, tpp), nqb + nkb)](
         q, k, qo, ko, q_norm_weight if has_norm else dummy, k_norm_weight if has_norm else dummy,
         cos_sin, positions, v if store else dummy, k_cache if store else dummy, v_cache if store else dummy,
         slot_mapping if store else positions,
-        hq, hk, eps, float(k_scale), float(v_scale),
+        t, hq, hk, eps, float(k_scale), float(v_scale),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1),
         cos_sin.stride(0), v.stride(0) if store else 0, v.stride(1) if store else 0,
         k_cache.stride(1) if store else 0, k_cache.stride(2) if store else 0,
         v_cache.stride(1) if store else 0, v_cache.stride(2) if store else 0,
         HAS_NORM=has_norm, HALF=half, HALF_P=next_pow2(half), PASS=pas, PASS_P=next_pow2(max(pas, 1)), D=d, BH=bh,
         NQB=nqb, DT=tl_dtype(q.dtype), STORE_KV=store,
-        CACHE_FP8=store and k_cache.dtype == torch.float8_e4m3fn, num_warps=num_warps,
+        CACHE_FP8=store and k_cache.dtype == torch.float8_e4m3fn, TPP=tpp, num_warps=num_warps,
     )
     return qo, ko
 

@@ -79,6 +79,10 @@ def case_moe():
             w13 = torch.empty(e, 2 * inter, h, dtype=FP8)
             w2 = torch.empty(e, h, inter, dtype=FP8)
             fused_moe(x, w13, w2, tw, ids, torch.empty(e, 2 * inter, 1), torch.empty(e, h, 1), "fp8_channel")
+            if t == 64:  # aligned + separate reduce
+                fused_moe(x, w13, w2, tw, ids, torch.empty(e, 2 * inter, 1), torch.empty(e, h, 1), "fp8_channel",
+                          config=dict(BLOCK_M=16, BLOCK_N1=64, BLOCK_K1=128, SPLIT_K1=2, W1=4, S1=4, BLOCK_N2=128,
+                                      BLOCK_K2=128, W2=4, S2=3, PAIR_MAX=0, FUSE_REDUCE_MAX_T=0))
             if t in (1, 4096):
                 fused_moe(x, w13, w2, tw, ids, torch.empty(e, 2 * inter // 128 + 1, h // 128),
                           torch.empty(e, h // 128, inter // 128 + 1), "fp8_block")
@@ -97,8 +101,13 @@ def case_attention():
             q = torch.empty(b, hq, 128, dtype=BF16)
             paged_attention(q, kc, kc, bt, lens, qsl, 0.1, max_query_len=1, max_seq_len=8192)
             paged_attention(q, kc, kc, bt, lens, qsl, 0.1, max_query_len=1, max_seq_len=8192, num_splits=1)
+            for bn, w in ((64, 4), (128, 8)):
+                paged_attention(q, kc, kc, bt, lens, qsl, 0.1, max_query_len=1, max_seq_len=8192, block_n=bn,
+                                num_warps=w)
             q = torch.empty(4096, hq, 128, dtype=BF16)
             paged_attention(q, kc, kc, bt, lens, qsl, 0.1, max_query_len=4096)
+            if cdt == BF16:
+                paged_attention(q, kc, kc, bt, lens, qsl, 0.1, max_query_len=4096, block_m=128, num_warps=8)
 
 
 CASES = {

@@ -431,7 +431,8 @@ def bench_moe(args, tune_out: dict | None = None):
             used = cfg or moe_config(t, e, inter, h, "fp8_channel", x.device)
             report("fused_moe", f"T={t} E={e} N={inter} act~{n_active:.0f}", ours, base, "_scaled_grouped_mm x2",
                    nbytes=nbytes, flops=flops, target=target, met=met,
-                   note=f"BM{used['BLOCK_M']} N1={used['BLOCK_N1']} SK{used['SPLIT_K1']} N2={used['BLOCK_N2']}")
+                   note=f"BM{used['BLOCK_M']} N1={used['BLOCK_N1']} SK{used['SPLIT_K1']} N2={used['BLOCK_N2']}"
+                        f"x{used.get('N_LOOP2', 1)}")
         if tune_out is not None:
             name = f"E={e},N={inter},device={torch.cuda.get_device_name(0).replace(' ', '_')},quant=fp8_channel.json"
             tune_out[name] = table
@@ -447,13 +448,14 @@ def tune_moe(x, w13, w2, s13, s2, routes, t, e, inter, h) -> dict:
     if t <= 64:
         c1 = [dict(BLOCK_M=16, BLOCK_N1=bn, BLOCK_K1=bk, SPLIT_K1=sk, W1=4, S1=4)
               for bn in (32, 64) for bk in (128, 256) for sk in (1, 2, 4)]
-        c2 = [dict(BLOCK_N2=bn, BLOCK_K2=bk, W2=4, S2=3) for bn in (64, 128) for bk in (64, 128)]
+        c2 = [dict(BLOCK_N2=bn, BLOCK_K2=bk, W2=4, S2=3, N_LOOP2=nl) for bn in (64, 128) for bk in (64, 128)
+              for nl in (1, 4)]
     else:
         c1 = [dict(BLOCK_M=bm, BLOCK_N1=bn, BLOCK_K1=128, SPLIT_K1=1, W1=w, S1=3)
               for bm in (64, 128) for bn in (64, 128) for w in (4, 8) if not (bm == 128 and bn == 128)
               and not (bm == 64 and w == 8)]
-        c2 = [dict(BLOCK_N2=bn, BLOCK_K2=128, W2=w, S2=3) for bn in (128, 256) for w in (4, 8)
-              if not (bn == 256 and w == 4)]
+        c2 = [dict(BLOCK_N2=bn, BLOCK_K2=128, W2=w, S2=3, N_LOOP2=nl) for bn in (128, 256) for w in (4, 8)
+              for nl in (1, 4) if not (bn == 256 and w == 4)]
     fns = lambda cfg: [lambda w=w, ids=ids: fused_moe(x, w13, w2, w, ids, s13, s2, "fp8_channel", config=cfg)  # noqa: E731
                        for w, ids in routes]
 

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import cdiv, div_rn, next_pow2, round_bf16, to_fp8, to_out
+from kernels.triton_common import cdiv, next_pow2, round_bf16, to_fp8, to_out
 
 
 @triton.jit
@@ -28,7 +28,7 @@ def _silu_mul_kernel(
         m = c < I
         g = tl.load(x_ptr + row * stride_x + c, mask=m, other=0.0).to(tl.float32)
         u = tl.load(x_ptr + row * stride_x + I + c, mask=m, other=0.0).to(tl.float32)
-        s = div_rn(g, 1.0 + tl.exp(-g))
+        s = g / (1.0 + tl.exp(-g))
         if X_BF16:
             s = round_bf16(s)
         else:
@@ -38,12 +38,12 @@ def _silu_mul_kernel(
         if QUANT:
             amax = tl.maximum(amax, tl.abs(yo.to(tl.float32)))
     if QUANT:
-        scale = tl.maximum(div_rn(tl.max(amax, 0), 448.0), 1e-12)
+        scale = tl.maximum(tl.max(amax, 0) / 448.0, 1e-12)
         for it in range(0, n_iter):
             c = it * BLOCK + offs
             m = c < I
             yv = tl.load(y_ptr + row * stride_y + c, mask=m, other=0.0).to(tl.float32)
-            q = tl.clamp(div_rn(yv, scale), -448.0, 448.0)
+            q = tl.clamp(yv / scale, -448.0, 448.0)
             tl.store(q_ptr + row * stride_q + c, to_fp8(q), mask=m)
         tl.store(qs_ptr + row, scale)
 
@@ -66,7 +66,7 @@ def _launch(x: torch.Tensor, quant: bool):
         grid = (t, 1 if quant else cdiv(i, block))
         _silu_mul_kernel[grid](
             x2, y, q if quant else y, qs if quant else y, i, x2.stride(0), y.stride(0), q.stride(0) if quant else 0,
-            BLOCK=block, QUANT=quant, X_BF16=x.dtype == torch.bfloat16, num_warps=4,
+            BLOCK=block, QUANT=quant, X_BF16=x.dtype == torch.bfloat16, num_warps=4, enable_fp_fusion=False,
         )
     return y.view(*shape[:-1], i), q, qs
 

@@ -240,7 +240,7 @@ def paged_attention(
             qk_scale, float(v_scale), hq, splits,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), *ks, *vs,
             G=group, G_P=g_p, D=d, BS=bs, BLOCK_N=block_n, MULTI=splits > 1, QDT=qdt,
-            num_warps=num_warps or (8 if fp8_kv else 4), num_stages=num_stages or 2,
+            num_warps=num_warps or 4, num_stages=num_stages or 2,
         )
         if splits > 1:
             _decode_reduce_kernel[(b, hq)](

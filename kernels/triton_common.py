@@ -24,12 +24,6 @@ MIN_SCALE = 1e-12
 
 
 @triton.jit
-def div_rn(a, b):
-    """IEEE division (round to nearest), as torch computes x / y; Triton's `/` is an approximate division."""
-    return tl.math.div_rn(a, b)
-
-
-@triton.jit
 def round_bf16(x):
     """fp32 -> fp32 holding the nearest-even bf16 value (as torch's bf16 cast)."""
     if EMULATE:

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import cdiv, div_rn, next_pow2, to_out
+from kernels.triton_common import cdiv, next_pow2, to_out
 
 
 @triton.jit
@@ -24,8 +24,8 @@ def _store_kv_kernel(
         m = (hi[:, None] < HK) & (di[None, :] < D)
         k = tl.load(k_ptr + t * stride_kt + hi[:, None] * stride_kh + di[None, :], mask=m, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + t * stride_vt + hi[:, None] * stride_vh + di[None, :], mask=m, other=0.0).to(tl.float32)
-        k = div_rn(k, k_scale)
-        v = div_rn(v, v_scale)
+        k = k / k_scale
+        v = v / v_scale
         if FP8:
             k = tl.clamp(k, -448.0, 448.0)
             v = tl.clamp(v, -448.0, 448.0)

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import cdiv, device_name, div_rn, dot_operand, round_bf16, tl_dtype, to_fp8, to_out, zeroed_counters
+from kernels.triton_common import cdiv, device_name, dot_operand, round_bf16, tl_dtype, to_fp8, to_out, zeroed_counters
 from kernels.triton_moe_align import max_blocks, moe_align
 from kernels.triton_quant import quant_fp8_per_group, quant_fp8_per_token
 
@@ -47,7 +47,7 @@ def _rnd(x, DT: tl.constexpr):
 @triton.jit
 def _quant_tile(a, scale):
     """fp32 tile / per-row scale [BM, 1] -> float8e4nv, as the reference (clamp, round to nearest even)."""
-    return to_fp8(tl.clamp(div_rn(a, scale), -448.0, 448.0))
+    return to_fp8(tl.clamp(a / scale, -448.0, 448.0))
 
 
 @triton.jit
@@ -96,7 +96,7 @@ def _moe_gate_up_kernel(
             k = ki * BLOCK_K + rk
             a = tl.load(a_rows + k[None, :], mask=valid[:, None] & (k[None, :] < K), other=0.0)
             amax = tl.maximum(amax, tl.max(tl.abs(a.to(tl.float32)), 1))
-        a_scale = tl.maximum(div_rn(amax, 448.0), 1e-12)[:, None]
+        a_scale = tl.maximum(amax / 448.0, 1e-12)[:, None]
 
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -120,7 +120,7 @@ def _moe_gate_up_kernel(
             acc_u += tl.dot(a, bu)
         else:
             if A_MODE == 2:
-                sa = tl.maximum(div_rn(tl.max(tl.abs(a.to(tl.float32)), 1), 448.0), 1e-12)
+                sa = tl.maximum(tl.max(tl.abs(a.to(tl.float32)), 1) / 448.0, 1e-12)
                 a = _quant_tile(a.to(tl.float32), sa[:, None])
             else:
                 sa = tl.load(xs_ptr + tok * stride_xsm + ki)
@@ -162,7 +162,7 @@ def _moe_gate_up_kernel(
             u = u * sa * su[None, :]
         g = _rnd(g, DT)
         u = _rnd(u, DT)
-        s = _rnd(div_rn(g, 1.0 + tl.exp(-g)), DT)
+        s = _rnd(g / (1.0 + tl.exp(-g)), DT)
         h = s * u
         out = act_ptr + rows.to(tl.int64)[:, None] * stride_am + rn_c[None, :]
         tl.store(out, to_out(h, act_ptr.dtype.element_ty), mask=mn[None, :])
@@ -171,18 +171,21 @@ def _moe_gate_up_kernel(
 @triton.jit
 def _moe_down_kernel(
     act_ptr, as_ptr, w_ptr, ws_ptr, y_ptr, sorted_ptr, bexp_ptr, tw_ptr, out_ptr, cnt_ptr,
-    NP, I, H,
+    NP, I, H, N_LOOP,
     stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_ym, stride_wt, stride_ot,
     QUANT: tl.constexpr, A_MODE: tl.constexpr, DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     PAIR: tl.constexpr, FUSE_REDUCE: tl.constexpr, TOPK: tl.constexpr,
 ):
-    # FUSE_REDUCE: after writing its y rows, a program takes a ticket per (token, N tile); the program that
-    # completes a token's top-k set sums them (weighted) into out and resets the ticket
+    # A program takes one M block and N_LOOP consecutive N tiles (row indices, the act scale and the A rows
+    # are fetched once and reused). FUSE_REDUCE: after writing its y rows, a program takes a ticket per
+    # (token, N tile); the program that completes a token's top-k set sums them (weighted) into out and
+    # resets the ticket.
     num_n = tl.cdiv(H, BLOCK_N)
+    num_nb = tl.cdiv(num_n, N_LOOP)
     pid = tl.program_id(0)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
+    pid_m = pid // num_nb
+    pid_nb = pid % num_nb
     e = tl.load(bexp_ptr + pid_m)
     if e < 0:
         return
@@ -193,69 +196,74 @@ def _moe_down_kernel(
     else:
         pair = tl.load(sorted_ptr + rows)
     valid = pair < NP
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mn = rn < H
-    rn_c = tl.where(mn, rn, 0).to(tl.int64)
+    pair_c = tl.where(valid, pair, 0).to(tl.int64)
     rk = tl.arange(0, BLOCK_K)
     a_rows = act_ptr + rows.to(tl.int64)[:, None] * stride_am
-    wb = w_ptr + e64 * stride_we + rn_c[None, :] * stride_wn
     k_iters = tl.cdiv(I, BLOCK_K)
-    if QUANT == 1 and A_MODE == 2:
-        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for ki in range(0, k_iters):
-            k = ki * BLOCK_K + rk
-            a = tl.load(a_rows + k[None, :], mask=valid[:, None] & (k[None, :] < I), other=0.0)
-            amax = tl.maximum(amax, tl.max(tl.abs(a.to(tl.float32)), 1))
-        a_scale = tl.maximum(div_rn(amax, 448.0), 1e-12)[:, None]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for ki in range(0, k_iters):
-        k = ki * BLOCK_K + rk
-        if EVEN_K:
-            a = tl.load(a_rows + k[None, :], mask=valid[:, None], other=0.0)
-            b = tl.load(wb + k[:, None])
-        else:
-            a = tl.load(a_rows + k[None, :], mask=valid[:, None] & (k[None, :] < I), other=0.0)
-            b = tl.load(wb + k[:, None], mask=k[:, None] < I, other=0.0)
-        if QUANT == 0:
-            acc = tl.dot(dot_operand(a), dot_operand(b), acc)
-        elif QUANT == 1:
-            if A_MODE == 2:
-                a = _quant_tile(a.to(tl.float32), a_scale)
-            acc += tl.dot(a, b)
-        else:
-            if A_MODE == 2:
-                af = a.to(tl.float32)
-                sa = tl.maximum(div_rn(tl.max(tl.abs(af), 1), 448.0), 1e-12)
-                a = _quant_tile(af, sa[:, None])
-            else:
-                sa = tl.load(as_ptr + rows.to(tl.int64) * stride_asm + ki)
-            sb = tl.load(ws_ptr + e64 * stride_wse + (rn_c // 128) * stride_wsn + ki)
-            acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
-    y = acc
     if QUANT == 1:
-        if A_MODE == 0:
+        if A_MODE == 2:
+            amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for ki in range(0, k_iters):
+                k = ki * BLOCK_K + rk
+                a = tl.load(a_rows + k[None, :], mask=valid[:, None] & (k[None, :] < I), other=0.0)
+                amax = tl.maximum(amax, tl.max(tl.abs(a.to(tl.float32)), 1))
+            a_scale = tl.maximum(amax / 448.0, 1e-12)[:, None]
+        else:
             a_scale = tl.load(as_ptr + rows.to(tl.int64) * stride_asm)[:, None]
-        sb = tl.load(ws_ptr + e64 * stride_wse + rn_c * stride_wsn)
-        y = y * a_scale * sb[None, :]
-    pair_c = tl.where(valid, pair, 0).to(tl.int64)
-    tl.store(y_ptr + pair_c[:, None] * stride_ym + rn_c[None, :], to_out(y, y_ptr.dtype.element_ty),
-             mask=valid[:, None] & mn[None, :])
-    if FUSE_REDUCE:
-        tok = pair_c // TOPK
-        tl.debug_barrier()  # all y stores of this program precede its tickets (release)
-        ctr = cnt_ptr + tok * num_n + pid_n
-        old = tl.atomic_add(ctr, 1, mask=valid, sem="acq_rel")
-        last = valid & (old == TOPK - 1)
-        if tl.max(last.to(tl.int32), 0) > 0:
+    for nt in range(0, N_LOOP):
+        pid_n = pid_nb * N_LOOP + nt
+        if pid_n < num_n:
+            rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            mn = rn < H
+            rn_c = tl.where(mn, rn, 0).to(tl.int64)
+            wb = w_ptr + e64 * stride_we + rn_c[None, :] * stride_wn
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            lm = last[:, None] & mn[None, :]
-            for j in tl.static_range(TOPK):
-                yj = tl.load(y_ptr + (tok * TOPK + j)[:, None] * stride_ym + rn_c[None, :], mask=lm, other=0.0,
-                             cache_modifier=".cg")
-                wj = tl.load(tw_ptr + tok * stride_wt + j, mask=last, other=0.0)
-                acc += yj.to(tl.float32) * wj[:, None]
-            tl.store(out_ptr + tok[:, None] * stride_ot + rn_c[None, :], to_out(acc, out_ptr.dtype.element_ty), mask=lm)
-            tl.atomic_xchg(ctr, 0, mask=last)
+            for ki in range(0, k_iters):
+                k = ki * BLOCK_K + rk
+                if EVEN_K:
+                    a = tl.load(a_rows + k[None, :], mask=valid[:, None], other=0.0)
+                    b = tl.load(wb + k[:, None])
+                else:
+                    a = tl.load(a_rows + k[None, :], mask=valid[:, None] & (k[None, :] < I), other=0.0)
+                    b = tl.load(wb + k[:, None], mask=k[:, None] < I, other=0.0)
+                if QUANT == 0:
+                    acc = tl.dot(dot_operand(a), dot_operand(b), acc)
+                elif QUANT == 1:
+                    if A_MODE == 2:
+                        a = _quant_tile(a.to(tl.float32), a_scale)
+                    acc += tl.dot(a, b)
+                else:
+                    if A_MODE == 2:
+                        af = a.to(tl.float32)
+                        sa = tl.maximum(tl.max(tl.abs(af), 1) / 448.0, 1e-12)
+                        a = _quant_tile(af, sa[:, None])
+                    else:
+                        sa = tl.load(as_ptr + rows.to(tl.int64) * stride_asm + ki)
+                    sb = tl.load(ws_ptr + e64 * stride_wse + (rn_c // 128) * stride_wsn + ki)
+                    acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
+            y = acc
+            if QUANT == 1:
+                sb = tl.load(ws_ptr + e64 * stride_wse + rn_c * stride_wsn)
+                y = y * a_scale * sb[None, :]
+            tl.store(y_ptr + pair_c[:, None] * stride_ym + rn_c[None, :], to_out(y, y_ptr.dtype.element_ty),
+                     mask=valid[:, None] & mn[None, :])
+            if FUSE_REDUCE:
+                tok = pair_c // TOPK
+                tl.debug_barrier()  # all y stores of this program precede its tickets (release)
+                ctr = cnt_ptr + tok * num_n + pid_n
+                old = tl.atomic_add(ctr, 1, mask=valid, sem="acq_rel")
+                last = valid & (old == TOPK - 1)
+                if tl.max(last.to(tl.int32), 0) > 0:
+                    red = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                    lm = last[:, None] & mn[None, :]
+                    for j in tl.static_range(TOPK):
+                        yj = tl.load(y_ptr + (tok * TOPK + j)[:, None] * stride_ym + rn_c[None, :], mask=lm,
+                                     other=0.0, cache_modifier=".cg")
+                        wj = tl.load(tw_ptr + tok * stride_wt + j, mask=last, other=0.0)
+                        red += yj.to(tl.float32) * wj[:, None]
+                    tl.store(out_ptr + tok[:, None] * stride_ot + rn_c[None, :],
+                             to_out(red, out_ptr.dtype.element_ty), mask=lm)
+                    tl.atomic_xchg(ctr, 0, mask=last)
 
 
 @triton.jit
@@ -417,8 +425,9 @@ def fused_moe(
     tw = topk_weights if topk_weights.stride(1) == 1 else topk_weights.contiguous()
     fuse = t <= cfg.get("FUSE_REDUCE_MAX_T", 256)
     cnt2 = zeroed_counters(t * n2, x.device) if fuse else y
-    _moe_down_kernel[(nblk * n2,)](
-        act_a, act_s, w2, w2s, y, sorted_ids, bexp, tw, out, cnt2, np_, inter, h,
+    n_loop = max(1, min(cfg.get("N_LOOP2", 1), n2))
+    _moe_down_kernel[(nblk * cdiv(n2, n_loop),)](
+        act_a, act_s, w2, w2s, y, sorted_ids, bexp, tw, out, cnt2, np_, inter, h, n_loop,
         act_a.stride(0), act_s.stride(0) if qid else 0, w2.stride(0), w2.stride(1), *ws2_strides, y.stride(0),
         tw.stride(0), out.stride(0),
         QUANT=qid, A_MODE=a2_mode, DT=dt, BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=cfg["BLOCK_K2"],

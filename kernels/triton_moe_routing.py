@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import cdiv, div_rn, next_pow2
+from kernels.triton_common import cdiv, next_pow2
 
 
 @triton.jit
@@ -40,7 +40,7 @@ def _moe_route_kernel(
     m3 = tm[:, None, None] & emask[None, :, :]
     eidx3 = tl.where(emask, eidx, -1)[None, :, :]  # padding lanes alias no expert
     logits = tl.load(logit_ptr + ti_c[:, None, None] * stride_lt + eidx3, mask=m3, other=0.0).to(tl.float32)
-    scores = div_rn(1.0, 1.0 + tl.exp(-logits))
+    scores = 1.0 / (1.0 + tl.exp(-logits))
     choice = scores
     if HAS_BIAS:
         choice = choice + tl.load(bias_ptr + eidx, mask=emask, other=0.0).to(tl.float32)[None, :, :]

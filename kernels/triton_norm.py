@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import div_rn, next_pow2, round_bf16, to_fp8, to_out
+from kernels.triton_common import next_pow2, round_bf16, to_fp8, to_out
 
 
 @triton.jit
@@ -29,7 +29,7 @@ def _rms_norm_kernel(
         if X_BF16:
             x = round_bf16(x)
         tl.store(s_ptr + row * stride_s + offs, to_out(x, s_ptr.dtype.element_ty), mask=m)
-    var = div_rn(tl.sum(x * x, 0), H * 1.0)
+    var = tl.sum(x * x, 0) / H
     n = x * tl.rsqrt(var + eps)
     if X_BF16:
         n = round_bf16(n)
@@ -41,8 +41,8 @@ def _rms_norm_kernel(
     tl.store(y_ptr + row * stride_y + offs, yo, mask=m)
     if QUANT:
         yf = yo.to(tl.float32)
-        scale = tl.maximum(div_rn(tl.max(tl.abs(yf), 0), 448.0), 1e-12)
-        q = tl.clamp(div_rn(yf, scale), -448.0, 448.0)
+        scale = tl.maximum(tl.max(tl.abs(yf), 0) / 448.0, 1e-12)
+        q = tl.clamp(yf / scale, -448.0, 448.0)
         tl.store(q_ptr + row * stride_q + offs, to_fp8(q), mask=m)
         tl.store(qs_ptr + row, scale)
 
@@ -78,7 +78,7 @@ def _launch(x, residual, weight, eps, quant):
             qs if quant else y, h, eps, x2.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0),
             s.stride(0) if s is not None else 0, q.stride(0) if quant else 0,
             HAS_RES=residual is not None, QUANT=quant, X_BF16=x.dtype == torch.bfloat16, BLOCK=block,
-            num_warps=nw,
+            num_warps=nw, enable_fp_fusion=False,
         )
     y = y.view(shape)
     if s is not None:

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import FP8_MAX, MIN_SCALE, cdiv, div_rn, next_pow2, to_fp8
+from kernels.triton_common import FP8_MAX, MIN_SCALE, cdiv, next_pow2, to_fp8
 
 FP8_DTYPE = torch.float8_e4m3fn
 
@@ -26,8 +26,8 @@ def _quant_row_kernel(
     if ONE_PASS:
         m = offs < K
         x = tl.load(xr + offs, mask=m, other=0.0).to(tl.float32)
-        scale = tl.maximum(div_rn(tl.max(tl.abs(x), 0), 448.0), 1e-12)
-        q = tl.clamp(div_rn(x, scale), -448.0, 448.0)
+        scale = tl.maximum(tl.max(tl.abs(x), 0) / 448.0, 1e-12)
+        q = tl.clamp(x / scale, -448.0, 448.0)
         tl.store(qr + offs, to_fp8(q), mask=m)
     else:
         amax = tl.zeros([BLOCK], dtype=tl.float32)
@@ -35,11 +35,11 @@ def _quant_row_kernel(
             m = k0 + offs < K
             x = tl.load(xr + k0 + offs, mask=m, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(x))
-        scale = tl.maximum(div_rn(tl.max(amax, 0), 448.0), 1e-12)
+        scale = tl.maximum(tl.max(amax, 0) / 448.0, 1e-12)
         for k0 in range(0, K, BLOCK):
             m = k0 + offs < K
             x = tl.load(xr + k0 + offs, mask=m, other=0.0).to(tl.float32)
-            q = tl.clamp(div_rn(x, scale), -448.0, 448.0)
+            q = tl.clamp(x / scale, -448.0, 448.0)
             tl.store(qr + k0 + offs, to_fp8(q), mask=m)
     tl.store(s_ptr + row, scale)
 
@@ -56,8 +56,8 @@ def _quant_group_kernel(
     cols = gi[:, None] * GROUP + ci[None, :]
     m = (gi[:, None] < NG) & (cols < K)
     x = tl.load(x_ptr + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
-    scale = tl.maximum(div_rn(tl.max(tl.abs(x), 1), 448.0), 1e-12)
-    q = tl.clamp(div_rn(x, scale[:, None]), -448.0, 448.0)
+    scale = tl.maximum(tl.max(tl.abs(x), 1) / 448.0, 1e-12)
+    q = tl.clamp(x / scale[:, None], -448.0, 448.0)
     tl.store(q_ptr + row * stride_q + cols, to_fp8(q), mask=m)
     tl.store(s_ptr + row * stride_s + gi, scale, mask=gi < NG)
 

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import cdiv, div_rn, next_pow2, round_bf16, tl_dtype, to_out
+from kernels.triton_common import cdiv, next_pow2, round_bf16, tl_dtype, to_out
 
 
 @triton.jit
@@ -52,7 +52,7 @@ def _norm_rope_heads(
         ss = tl.sum(a * a, 1) + tl.sum(b * b, 1)
         if PASS > 0:
             ss += tl.sum(c * c, 1)
-        rstd = tl.rsqrt(div_rn(ss, D * 1.0) + eps)[:, None]
+        rstd = tl.rsqrt(ss / D + eps)[:, None]
         wa = tl.load(w_ptr + ia, mask=ia < HALF, other=0.0).to(tl.float32)[None, :]
         wb = tl.load(w_ptr + HALF + ia, mask=ia < HALF, other=0.0).to(tl.float32)[None, :]
         a = _rnd(wa * _rnd(a * rstd, DT), DT)
@@ -81,8 +81,8 @@ def _store_cache_slices(
     ma = hm[:, None] & (ia[None, :] < HALF)
     rows = base + hi[:, None] * stride_ch
     dt = cache_ptr.dtype.element_ty
-    a = div_rn(a, scale)
-    b = div_rn(b, scale)
+    a = a / scale
+    b = b / scale
     if FP8:
         a = tl.clamp(a, -448.0, 448.0)
         b = tl.clamp(b, -448.0, 448.0)
@@ -91,7 +91,7 @@ def _store_cache_slices(
     if PASS > 0:
         ic = tl.arange(0, PASS_P)
         mc = hm[:, None] & (ic[None, :] < PASS)
-        c = div_rn(c, scale)
+        c = c / scale
         if FP8:
             c = tl.clamp(c, -448.0, 448.0)
         tl.store(cache_ptr + rows + 2 * HALF + ic[None, :], to_out(c, dt), mask=mc)
@@ -225,7 +225,7 @@ def qk_norm_rope(
         assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and k_cache.stride(0) == k_cache.shape[1] * k_cache.stride(1)
         assert v_cache.stride(0) == v_cache.shape[1] * v_cache.stride(1)
     dummy = qo
-    tpp = tokens_per_program or max(1, min(8, 64 // max(hq, 1)))
+    tpp = tokens_per_program or 1
     _qk_norm_rope_kernel[(cdiv(t, tpp), nqb + nkb)](
         q, k, qo, ko, q_norm_weight if has_norm else dummy, k_norm_weight if has_norm else dummy,
         cos_sin, positions, v if store else dummy, k_cache if store else dummy, v_cache if store else dummy,
@@ -238,6 +238,7 @@ def qk_norm_rope(
         HAS_NORM=has_norm, HALF=half, HALF_P=next_pow2(half), PASS=pas, PASS_P=next_pow2(max(pas, 1)), D=d, BH=bh,
         NQB=nqb, DT=tl_dtype(q.dtype), STORE_KV=store,
         CACHE_FP8=store and k_cache.dtype == torch.float8_e4m3fn, TPP=tpp, num_warps=num_warps,
+        enable_fp_fusion=False,  # no FMA contraction across the emulated bf16 roundings
     )
     return qo, ko
 

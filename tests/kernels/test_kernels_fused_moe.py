@@ -41,7 +41,7 @@ def _tol(quant, gpu=False):
 SHAPES = [(1, 8, 128, 64, 2), (5, 6, 256, 96, 3), (19, 9, 192, 64, 4)]
 # aligned (no pair mode) + split-K + fused top-k reduce; aligned + separate reduce kernel
 CFG_SPLIT = dict(BLOCK_M=16, BLOCK_N1=32, BLOCK_K1=64, SPLIT_K1=2, W1=4, S1=2, BLOCK_N2=64, BLOCK_K2=64, W2=4, S2=2,
-                 PAIR_MAX=0)
+                 PAIR_MAX=0, N_LOOP2=3)
 CFG_BIG = dict(BLOCK_M=32, BLOCK_N1=64, BLOCK_K1=128, SPLIT_K1=1, W1=4, S1=2, BLOCK_N2=32, BLOCK_K2=128, W2=4, S2=2,
                PAIR_MAX=0, FUSE_REDUCE_MAX_T=0)
 
@@ -83,7 +83,7 @@ def test_fused_moe_pair_mode_split_prequantized(device):
     x = torch.randn(t, h, device=device, dtype=torch.bfloat16)
     w13, w2, s13, s2 = make_experts(e, h, inter, "fp8_channel", device)
     tw, ti = routing(t, e, k, device, shared=True)
-    cfg = dict(CFG_SPLIT, PAIR_MAX=64, SPLIT_K1=3)
+    cfg = dict(CFG_SPLIT, PAIR_MAX=64, SPLIT_K1=3, N_LOOP2=2)
     xq, xs = quant_fp8_per_token(x)
     with poisoned_empty():
         out = fused_moe(x, w13, w2, tw, ti, s13, s2, "fp8_channel", config=cfg, x_fp8=xq, x_scale=xs)

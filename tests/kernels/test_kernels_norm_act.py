@@ -9,7 +9,7 @@ from kernels.triton_norm import add_rms_norm, rms_norm, rms_norm_fp8
 from kernel_helpers import fp8_mismatch, poisoned_empty
 
 
-def _ulp_close(out, ref, max_frac=1e-3):
+def _ulp_close(out, ref, max_frac=1e-3, rtol=2 ** -7):
     """bf16 results that may differ from torch in rare last-bit roundings (reduction order of the mean)."""
     assert out.dtype == ref.dtype and out.shape == ref.shape
     assert not torch.isnan(out).any()
@@ -18,7 +18,7 @@ def _ulp_close(out, ref, max_frac=1e-3):
         return
     diff = out.float() != ref.float()
     assert diff.float().mean().item() <= max_frac
-    torch.testing.assert_close(out.float(), ref.float(), rtol=2 ** -7, atol=1e-6)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=rtol, atol=1e-6)
 
 
 @pytest.mark.parametrize("t,h", [(1, 64), (7, 5120), (3, 1000)])
@@ -99,6 +99,8 @@ def test_norm_act_gpu(t):
         g = silu_mul(torch.cat([x, r], -1))
     yr, sr = add_rms_norm_ref(x, r, w, 1e-5)
     assert torch.equal(s, sr)
-    _ulp_close(y, yr, 1e-2)
-    _ulp_close(y1, rms_norm_ref(x, w, 1e-5), 1e-2)
-    _ulp_close(g, silu_mul_ref(torch.cat([x, r], -1)), 1e-2)
+    # GPU exp / rsqrt differ from torch's in the last fp32 bit: rare one-step bf16 differences (two steps
+    # after a product)
+    _ulp_close(y, yr, 1e-2, 2 ** -6)
+    _ulp_close(y1, rms_norm_ref(x, w, 1e-5), 1e-2, 2 ** -6)
+    _ulp_close(g, silu_mul_ref(torch.cat([x, r], -1)), 1e-2, 2 ** -6)

@@ -315,9 +315,26 @@ def _load_table(path: str) -> dict[int, dict] | None:
     return {int(m): cfg for m, cfg in raw.items() if not m.startswith("_")}
 
 
+@functools.lru_cache(maxsize=None)
+def _table_for(e: int, n: int, device: str, quant: str) -> dict[int, dict] | None:
+    """The table for (E, N, device, quant); else the one of the nearest E with the same N (the launch config
+    hardly depends on E: E=160 without shared-expert fusion reuses E=161's)."""
+    table = _load_table(config_file(e, n, device, quant))
+    if table is not None or not os.path.isdir(CONFIG_DIR):
+        return table
+    best = None
+    suffix = f",N={n},device={device},quant={quant}.json"
+    for name in os.listdir(CONFIG_DIR):
+        if name.startswith("E=") and name.endswith(suffix):
+            other = int(name[2:].split(",")[0])
+            if best is None or abs(other - e) < abs(best - e):
+                best = other
+    return None if best is None else _load_table(config_file(best, n, device, quant))
+
+
 def moe_config(m: int, e: int, n: int, k: int, quant: str, device: torch.device) -> dict:
     """Tuned config for the smallest bucket >= m tokens (else the largest bucket), or the heuristic."""
-    table = _load_table(config_file(e, n, device_name(device), quant))
+    table = _table_for(e, n, device_name(device), quant)
     if table:
         buckets = sorted(table)
         bucket = next((b for b in buckets if b >= m), buckets[-1])

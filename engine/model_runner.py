@@ -112,6 +112,9 @@ class ModelRunner:
         self.device = device
         self.k_scale, self.v_scale = k_scale, v_scale
         self.graphs = None  # engine.cuda_graphs.DecodeGraphs once captured
+        # Decode steps tell attention the largest possible KV length, as the CUDA graphs must: the kernel's
+        # split-K layout (and so its rounding) is then the same eager or replayed.
+        self.decode_max_seq_len: int | None = None
 
     def build_context(self, inp: StepInputs) -> tuple[torch.Tensor, ForwardContext]:
         dev = self.device
@@ -123,7 +126,7 @@ class ModelRunner:
             seq_lens=to_device(inp.seq_lens, torch.int32, dev),
             query_start_loc=to_device(inp.query_start_loc, torch.int32, dev),
             max_query_len=max(q_lens),
-            max_seq_len=max(inp.seq_lens),
+            max_seq_len=self.decode_max_seq_len if max(q_lens) == 1 and self.decode_max_seq_len else max(inp.seq_lens),
             kv_caches=self.kv_caches,
             k_scale=self.k_scale,
             v_scale=self.v_scale,

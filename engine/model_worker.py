@@ -41,6 +41,7 @@ class ModelWorker:
         self._check_capacity()
         kv = allocate_kv_caches(config.model, dist.tp, layer_ids, self.num_blocks, self.block_size, kv_dtype, self.device)
         self.runner = ModelRunner(self.model, kv, self.device)
+        self.runner.decode_max_seq_len = config.scheduler.max_model_len
         if self.device.type == "cuda" and not config.enforce_eager:
             from engine.cuda_graphs import DecodeGraphs
 

@@ -32,8 +32,10 @@ def reference(ckpt):
     return llm.generate(PROMPTS, sp, use_tqdm=False)
 
 
-def test_spawned_tp2_equals_tp1(ckpt, reference):
-    llm = LLM(str(ckpt), device="cpu", tensor_parallel_size=2)
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_spawned_tp2_equals_tp1(ckpt, reference, overlap):
+    # overlap: the next step's input tokens reach rank 1 through a broadcast on the model group
+    llm = LLM(str(ckpt), device="cpu", tensor_parallel_size=2, overlap_scheduling=overlap)
     try:
         sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2, prompt_logprobs=1)
         outs = llm.generate(PROMPTS, sp, use_tqdm=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 from dataclasses import dataclass
 
 import torch
@@ -107,7 +108,8 @@ class EngineCore:
             if not info.is_driver:
                 raise RuntimeError("EngineCore runs on rank 0 only; other ranks run ModelWorker.serve_forever()")
             return info
-        init_method = f"tcp://127.0.0.1:{free_port()}"
+        port = int(os.environ.get("GLINT_DIST_PORT") or free_port())  # default: a free port (many instances/host)
+        init_method = f"tcp://127.0.0.1:{port}"
         ctx = mp.get_context("spawn")
         for rank in range(1, world):
             p = ctx.Process(target=spawned_worker_main, args=(rank, world, init_method, self.config), daemon=True)

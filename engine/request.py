@@ -62,10 +62,13 @@ class Request:
         return self.prompt_token_ids[pos] if pos < p else self.output_token_ids[pos - p]
 
     def tokens(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output, without copying the whole sequence (a decode step's hot path)."""
         p = len(self.prompt_token_ids)
         if end <= p:
             return self.prompt_token_ids[start:end]
-        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+        if start >= p:
+            return self.output_token_ids[start - p : end - p]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - p]
 
     def full_block_hashes(self, block_size: int, upto_tokens: int) -> tuple[list[int], list[tuple[int, ...]]]:
         """Hashes and tokens of every full page among the first `upto_tokens` tokens (computed lazily)."""

@@ -30,7 +30,7 @@ from engine.device_copy import to_device
 from engine.model_runner import PLACEHOLDER, StepLayout, prepare_step
 from engine.model_worker import STOP, ModelWorker, spawned_worker_main
 from engine.outputs import LogprobsDict, RequestDelta
-from engine.request import Request, Status
+from engine.request import Request
 from engine.sampler import DeferredSample, Sampler, SamplingState, compute_prompt_logprobs
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledRequest, Scheduler

@@ -20,7 +20,7 @@ from kernels.quant import (
     quant_fp8_weight_per_block,
     quant_fp8_weight_per_channel,
 )
-from model.config import ConfigError, ModelConfig
+from model.config import ModelConfig
 from model.linear import BLOCK
 from model.parallel import TPGroup
 from model.weight_map import (

@@ -46,15 +46,8 @@ class LLM:
         enable_shared_experts_fusion: bool = False,
         enable_fused_qk_norm_rope: bool = False,
     ) -> None:
-        self.config = EngineConfig.create(
-            model=model, tensor_parallel_size=tensor_parallel_size, dtype=dtype, device=device,
-            max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-            kv_block_size=kv_block_size, num_kv_blocks=num_kv_blocks, enable_prefix_caching=enable_prefix_caching,
-            load_format=load_format, seed=seed, speculative_config=speculative_config, enforce_eager=enforce_eager,
-            kv_cache_dtype=kv_cache_dtype, mem_fraction_static=mem_fraction_static, tokenizer=tokenizer,
-            overlap_scheduling=overlap_scheduling, enable_shared_experts_fusion=enable_shared_experts_fusion,
-            enable_fused_qk_norm_rope=enable_fused_qk_norm_rope,
-        )
+        # The parameters above mirror EngineConfig.create one to one (kept explicit for users' scripts).
+        self.config = EngineConfig.create(**{k: v for k, v in locals().items() if k != "self"})
         self._counter = itertools.count()
         self._worker: ModelWorker | None = None  # set on ranks > 0 under torchrun
         self._torchrun = tensor_parallel_size > 1 and launched_by_torchrun()

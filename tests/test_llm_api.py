@@ -199,3 +199,12 @@ def test_detokenize_false_gives_ids_only(llm):
     assert a.token_ids == b.token_ids and a.text and b.text == ""
     with pytest.raises(ValueError, match="detokenize"):
         SamplingParams(stop=["x"], detokenize=False)
+
+
+def test_llm_parameters_mirror_engine_config():
+    import inspect
+
+    from engine import EngineConfig
+
+    llm_params = set(inspect.signature(LLM.__init__).parameters) - {"self"}
+    assert llm_params == set(inspect.signature(EngineConfig.create).parameters)

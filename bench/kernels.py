@@ -450,12 +450,12 @@ def tune_moe(x, w13, w2, s13, s2, routes, t, e, inter, h) -> dict:
               for bn in (32, 64) for bk in (128, 256) for sk in (1, 2, 4)]
         c2 = [dict(BLOCK_N2=bn, BLOCK_K2=bk, W2=4, S2=3, N_LOOP2=nl) for bn in (64, 128) for bk in (64, 128)
               for nl in (1, 4)]
-    else:
-        c1 = [dict(BLOCK_M=bm, BLOCK_N1=bn, BLOCK_K1=128, SPLIT_K1=1, W1=w, S1=3)
-              for bm in (64, 128) for bn in (64, 128) for w in (4, 8) if not (bm == 128 and bn == 128)
-              and not (bm == 64 and w == 8)]
-        c2 = [dict(BLOCK_N2=bn, BLOCK_K2=128, W2=w, S2=3, N_LOOP2=nl) for bn in (128, 256) for w in (4, 8)
-              for nl in (1, 4) if not (bn == 256 and w == 4)]
+    else:  # FAST_ACC (accumulate inside the MMA) is on at these sizes: it never lost in the H200 probe
+        c1 = [dict(BLOCK_M=bm, BLOCK_N1=bn, BLOCK_K1=128, SPLIT_K1=1, W1=w, S1=st, FAST_ACC=True)
+              for bm, bn, w, st in ((64, 64, 4, 4), (64, 128, 4, 4), (128, 64, 8, 3), (128, 64, 8, 4),
+                                    (128, 128, 8, 3), (64, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3))]
+        c2 = [dict(BLOCK_N2=bn, BLOCK_K2=128, W2=w, S2=3, N_LOOP2=nl)
+              for bn, w, nl in ((128, 4, 1), (128, 8, 1), (256, 8, 1), (128, 8, 4), (256, 8, 2))]
     fns = lambda cfg: [lambda w=w, ids=ids: fused_moe(x, w13, w2, w, ids, s13, s2, "fp8_channel", config=cfg)  # noqa: E731
                        for w, ids in routes]
 

@@ -76,7 +76,7 @@ def _fp8_gemm_kernel(
             # (Triton never promotes it by default on sm_90), which costs ~1e-3 relative error at K = 5120
             acc += tl.dot(dot_operand(a), dot_operand(b))
 
-    c_ptrs = c_ptr + rm_c[:, None] * stride_cm + rn_c[None, :]
+    c_ptrs = c_ptr + rm_c[:, None] * stride_cm + rn[None, :]  # rn, not rn_c: keeps the stores vectorized
     cmask = mm[:, None] & mn[None, :]
     if SPLIT:
         tile = pid_m * num_n + pid_n

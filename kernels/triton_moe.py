@@ -57,7 +57,7 @@ def _moe_gate_up_kernel(
     stride_xm, stride_xsm, stride_we, stride_wn, stride_wse, stride_wsn, stride_am,
     QUANT: tl.constexpr, A_MODE: tl.constexpr, DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-    EVEN_K: tl.constexpr, PAIR: tl.constexpr,
+    EVEN_K: tl.constexpr, PAIR: tl.constexpr, FAST_ACC: tl.constexpr,
 ):
     # A_MODE: 0 = x used as is (bf16 / fp8 already quantized), 2 = x in bf16, quantized here
     # PAIR: no alignment; block m is the single pair m (bexp_ptr = topk_ids), rows 1.. are padding
@@ -79,6 +79,8 @@ def _moe_gate_up_kernel(
     tok = tl.where(valid, pair // TOPK, 0).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mn = rn < I
+    # rn_c (clamped) only addresses weight rows / scales; output pointers use rn itself with a mask, because a
+    # tl.where breaks Triton's contiguity analysis and the stores would be issued element by element
     rn_c = tl.where(mn, rn, 0).to(tl.int64)
     rk = tl.arange(0, BLOCK_K)
     a_rows = x_ptr + tok[:, None] * stride_xm
@@ -116,8 +118,12 @@ def _moe_gate_up_kernel(
         elif QUANT == 1:
             if A_MODE == 2:
                 a = _quant_tile(a.to(tl.float32), a_scale)
-            acc_g += tl.dot(a, bg)  # fp32 accumulation across K tiles (see triton_fp8_gemm)
-            acc_u += tl.dot(a, bu)
+            if FAST_ACC:  # accumulate in the MMA (Hopper: reduced-precision adds across all of K)
+                acc_g = tl.dot(a, bg, acc_g)
+                acc_u = tl.dot(a, bu, acc_u)
+            else:  # fp32 accumulation across K tiles (see triton_fp8_gemm)
+                acc_g += tl.dot(a, bg)
+                acc_u += tl.dot(a, bu)
         else:
             if A_MODE == 2:
                 sa = tl.maximum(tl.max(tl.abs(a.to(tl.float32)), 1) / 448.0, 1e-12)
@@ -164,7 +170,7 @@ def _moe_gate_up_kernel(
         u = _rnd(u, DT)
         s = _rnd(g / (1.0 + tl.exp(-g)), DT)
         h = s * u
-        out = act_ptr + rows.to(tl.int64)[:, None] * stride_am + rn_c[None, :]
+        out = act_ptr + rows.to(tl.int64)[:, None] * stride_am + rn[None, :]
         tl.store(out, to_out(h, act_ptr.dtype.element_ty), mask=mn[None, :])
 
 
@@ -175,7 +181,7 @@ def _moe_down_kernel(
     stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_ym, stride_wt, stride_ot,
     QUANT: tl.constexpr, A_MODE: tl.constexpr, DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    PAIR: tl.constexpr, FUSE_REDUCE: tl.constexpr, TOPK: tl.constexpr,
+    PAIR: tl.constexpr, FUSE_REDUCE: tl.constexpr, TOPK: tl.constexpr, FAST_ACC: tl.constexpr,
 ):
     # A program takes one M block and N_LOOP consecutive N tiles (row indices, the act scale and the A rows
     # are fetched once and reused). FUSE_REDUCE: after writing its y rows, a program takes a ticket per
@@ -231,7 +237,10 @@ def _moe_down_kernel(
                 elif QUANT == 1:
                     if A_MODE == 2:
                         a = _quant_tile(a.to(tl.float32), a_scale)
-                    acc += tl.dot(a, b)
+                    if FAST_ACC:
+                        acc = tl.dot(a, b, acc)
+                    else:
+                        acc += tl.dot(a, b)
                 else:
                     if A_MODE == 2:
                         af = a.to(tl.float32)
@@ -245,7 +254,7 @@ def _moe_down_kernel(
             if QUANT == 1:
                 sb = tl.load(ws_ptr + e64 * stride_wse + rn_c * stride_wsn)
                 y = y * a_scale * sb[None, :]
-            tl.store(y_ptr + pair_c[:, None] * stride_ym + rn_c[None, :], to_out(y, y_ptr.dtype.element_ty),
+            tl.store(y_ptr + pair_c[:, None] * stride_ym + rn[None, :], to_out(y, y_ptr.dtype.element_ty),
                      mask=valid[:, None] & mn[None, :])
             if FUSE_REDUCE:
                 tok = pair_c // TOPK
@@ -257,11 +266,11 @@ def _moe_down_kernel(
                     red = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
                     lm = last[:, None] & mn[None, :]
                     for j in tl.static_range(TOPK):
-                        yj = tl.load(y_ptr + (tok * TOPK + j)[:, None] * stride_ym + rn_c[None, :], mask=lm,
+                        yj = tl.load(y_ptr + (tok * TOPK + j)[:, None] * stride_ym + rn[None, :], mask=lm,
                                      other=0.0, cache_modifier=".cg")
                         wj = tl.load(tw_ptr + tok * stride_wt + j, mask=last, other=0.0)
                         red += yj.to(tl.float32) * wj[:, None]
-                    tl.store(out_ptr + tok[:, None] * stride_ot + rn_c[None, :],
+                    tl.store(out_ptr + tok[:, None] * stride_ot + rn[None, :],
                              to_out(red, out_ptr.dtype.element_ty), mask=lm)
                     tl.atomic_xchg(ctr, 0, mask=last)
 
@@ -296,7 +305,10 @@ def default_config(m: int, e: int, n: int, k: int, quant: str) -> dict:
     elif m <= 2048:
         cfg = dict(BLOCK_M=64, BLOCK_N1=64, BLOCK_K1=128, SPLIT_K1=1, W1=4, S1=4, BLOCK_N2=128, BLOCK_K2=128, W2=4, S2=4)
     else:
-        cfg = dict(BLOCK_M=128, BLOCK_N1=64, BLOCK_K1=128, SPLIT_K1=1, W1=8, S1=3, BLOCK_N2=128, BLOCK_K2=128, W2=8, S2=3)
+        cfg = dict(BLOCK_M=128, BLOCK_N1=64, BLOCK_K1=128, SPLIT_K1=1, W1=8, S1=3, BLOCK_N2=256, BLOCK_K2=128, W2=8, S2=3)
+    # Above decode sizes the GEMMs are compute-bound and accumulating inside the MMA pays (22% at 4096 tokens,
+    # N = 1536 on H200); its Hopper FP8 adds keep fewer mantissa bits than fp32 but more than the bf16 output.
+    cfg["FAST_ACC"] = m > 64
     if block:
         cfg["BLOCK_K1"] = cfg["BLOCK_K2"] = 128
     return cfg
@@ -426,7 +438,7 @@ def fused_moe(
         np_, topk, h, inter, split,
         xa.stride(0), xs.stride(0) if qid else 0, w13.stride(0), w13.stride(1), *ws13_strides, act.stride(0),
         QUANT=qid, A_MODE=a_mode, DT=dt, BLOCK_M=bm, BLOCK_N=bn1, BLOCK_K=cfg["BLOCK_K1"], SPLIT=split > 1,
-        EVEN_K=h % cfg["BLOCK_K1"] == 0, PAIR=pair, num_warps=cfg["W1"], num_stages=cfg["S1"],
+        EVEN_K=h % cfg["BLOCK_K1"] == 0, PAIR=pair, FAST_ACC=bool(cfg.get("FAST_ACC", False)), num_warps=cfg["W1"], num_stages=cfg["S1"],
     )
     y = torch.empty(np_, h, dtype=x.dtype, device=x.device)
     bn2 = cfg["BLOCK_N2"]
@@ -449,7 +461,7 @@ def fused_moe(
         tw.stride(0), out.stride(0),
         QUANT=qid, A_MODE=a2_mode, DT=dt, BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=cfg["BLOCK_K2"],
         EVEN_K=inter % cfg["BLOCK_K2"] == 0, PAIR=pair, FUSE_REDUCE=fuse, TOPK=topk,
-        num_warps=cfg["W2"], num_stages=cfg["S2"],
+        FAST_ACC=bool(cfg.get("FAST_ACC", False)), num_warps=cfg["W2"], num_stages=cfg["S2"],
     )
     if not fuse:
         bh = 1024

@@ -44,11 +44,13 @@ CFG_SPLIT = dict(BLOCK_M=16, BLOCK_N1=32, BLOCK_K1=64, SPLIT_K1=2, W1=4, S1=2, B
                  PAIR_MAX=0, N_LOOP2=3)
 CFG_BIG = dict(BLOCK_M=32, BLOCK_N1=64, BLOCK_K1=128, SPLIT_K1=1, W1=4, S1=2, BLOCK_N2=32, BLOCK_K2=128, W2=4, S2=2,
                PAIR_MAX=0, FUSE_REDUCE_MAX_T=0)
+# accumulation inside the MMA across K tiles (the prefill configs)
+CFG_FAST = dict(CFG_BIG, FAST_ACC=True)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("quant", ["none", "fp8_channel", "fp8_block"])
-@pytest.mark.parametrize("cfg", [None, CFG_SPLIT, CFG_BIG])
+@pytest.mark.parametrize("cfg", [None, CFG_SPLIT, CFG_BIG, CFG_FAST])
 def test_fused_moe(device, shape, quant, cfg):
     t, e, h, inter, k = shape
     if quant == "fp8_block" and cfg is not None and cfg["BLOCK_K1"] != 128:

@@ -24,6 +24,8 @@ def _check_align(ids, e, bm, sorted_ids, bexp):
         seen[real] += 1
     assert (seen == 1).all()  # every pair exactly once
     assert (s[nblk.sum() * bm:] == np_).all()
+    real = s[s < np_]
+    assert (real == flat.argsort(stable=True)).all()  # deterministic: index order within each expert
 
 
 @pytest.mark.parametrize("t,k,e,bm", [(1, 8, 160, 16), (1, 9, 161, 16), (13, 4, 8, 16), (40, 3, 5, 32), (7, 2, 64, 64)])
@@ -36,8 +38,17 @@ def test_moe_align(device, t, k, e, bm):
     _check_align(ids, e, bm, sorted_ids, bexp)
 
 
+@pytest.mark.parametrize("t,k,e,bm,small_max", [(300, 8, 161, 64, 0), (129, 9, 20, 16, 1000), (2, 2, 5, 16, 0)])
+def test_moe_align_chunked(device, t, k, e, bm, small_max):
+    # the grid (hist -> scan -> scatter) path: several 1024-pair chunks, a ragged last chunk
+    ids = torch.stack([torch.randperm(e, device=device)[:k] for _ in range(t)]).to(torch.int32)
+    with poisoned_empty():
+        sorted_ids, bexp = moe_align(ids, e, bm, small_max=small_max)
+    _check_align(ids, e, bm, sorted_ids, bexp)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("t", [1, 64, 4096])
+@pytest.mark.parametrize("t", [1, 64, 4096, 16384])
 def test_moe_align_gpu(t):
     e, k = 161, 9
     ids = torch.stack([torch.randperm(e, device="cuda")[:k] for _ in range(t)]).to(torch.int32)

@@ -1,0 +1,91 @@
+"""Per-kernel breakdown of one fused-MoE call (torch.profiler), to see where prefill-sized MoE time goes.
+
+    python -m bench.moe_stages [--tokens 1,64,4096] [--inter 192,1536] [--variants]
+
+Prints, per (tokens, N): every CUDA kernel launched by `kernels.triton_moe.fused_moe` with its mean time,
+the sum, and `torch._scaled_grouped_mm` (the two grouped GEMMs over the same routing) for scale.
+--variants also times the alternative launch configs listed in VARIANTS (config overrides).
+"""
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench.kernels import BF16, _graph_time, _grouped_baseline, _routings, fp8_weight
+
+VARIANTS = [
+    {},
+    {"FAST_ACC": True},
+    {"BLOCK_M": 128, "BLOCK_N1": 128, "W1": 8, "S1": 3, "FAST_ACC": True},
+    {"BLOCK_M": 128, "BLOCK_N1": 64, "W1": 8, "S1": 4, "FAST_ACC": True},
+    {"BLOCK_M": 64, "BLOCK_N1": 128, "W1": 4, "S1": 4, "FAST_ACC": True},
+    {"BLOCK_M": 128, "BLOCK_N2": 128, "W2": 8, "S2": 4, "N_LOOP2": 1, "FAST_ACC": True},
+    {"BLOCK_M": 128, "BLOCK_N2": 256, "W2": 8, "S2": 3, "N_LOOP2": 1, "FAST_ACC": True},
+]
+
+
+def breakdown(fn, reps: int = 5) -> dict[str, float]:
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    acc: dict[str, float] = defaultdict(float)
+    for ev in prof.key_averages():
+        if ev.device_time_total > 0:
+            acc[ev.key[:70]] += ev.device_time_total / reps
+    return dict(acc)
+
+
+def main(argv=None) -> int:
+    from kernels.triton_moe import fused_moe, moe_config
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--tokens", default="64,1024,4096,16384")
+    p.add_argument("--inter", default="192,1536")
+    p.add_argument("--variants", action="store_true")
+    a = p.parse_args(argv)
+    h, k, e = 5120, 8, 161
+    print(torch.cuda.get_device_name(0), flush=True)
+    for inter in [int(v) for v in a.inter.split(",")]:
+        w13 = fp8_weight(e, 2 * inter, h)
+        w2 = fp8_weight(e, h, inter)
+        s13 = torch.rand(e, 2 * inter, 1, device="cuda") * 1e-3
+        s2 = torch.rand(e, h, 1, device="cuda") * 1e-3
+        for t in [int(v) for v in a.tokens.split(",")]:
+            x = torch.randn(t, h, device="cuda", dtype=BF16)
+            (w, ids), = _routings(t, e, k, 1)
+            flops = 2 * t * (k + 1) * 3 * inter * h
+            cfg = moe_config(t, e, inter, h, "fp8_channel", x.device)
+            print(f"\n== T={t} N={inter} cfg={cfg}", flush=True)
+            parts = breakdown(lambda: fused_moe(x, w13, w2, w, ids, s13, s2, "fp8_channel"))
+            for name, us in sorted(parts.items(), key=lambda kv: -kv[1]):
+                print(f"   {us:9.1f} us  {name}")
+            total = sum(parts.values())
+            print(f"   {total:9.1f} us  total kernels ({flops / total / 1e6:.0f} TFLOP/s)")
+            base = _grouped_baseline(x, w13, w2, s13, s2, ids)
+            if base is not None:
+                bparts = breakdown(base)
+                bt = sum(bparts.values())
+                print(f"   {bt:9.1f} us  _scaled_grouped_mm x2 ({flops / bt / 1e6:.0f} TFLOP/s)", flush=True)
+            if a.variants and t >= 256:
+                for v in VARIANTS:
+                    c = dict(cfg, **v)
+                    try:
+                        tt = _graph_time([lambda: fused_moe(x, w13, w2, w, ids, s13, s2, "fp8_channel", config=c)],
+                                         reps=5)
+                        print(f"   variant {v}: {tt * 1e6:9.1f} us ({flops / tt / 1e12:.0f} TFLOP/s)", flush=True)
+                    except Exception as exc:  # noqa: BLE001
+                        torch.cuda.synchronize()
+                        print(f"   variant {v}: failed {type(exc).__name__}: {str(exc)[:100]}", flush=True)
+        del w13, w2
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

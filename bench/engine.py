@@ -429,6 +429,8 @@ def run_step_benchmarks(
         results["decode"] = decode
         save()
         print(f"decode B={b}: {step:.3f} ms (floor {row['floor_ms']:.3f} ms)", flush=True)
+        if args.profile and device.type == "cuda":
+            _profile_step(f"decode B={b} (eager, kernels only)", runner, inp, results, f"profile_decode_b{b}", save)
 
     inp, shared = prefill_inputs(args.prefill, bs, worker.num_blocks, mcfg.vocab_size, rng)
     t = time_fn(
@@ -451,6 +453,8 @@ def run_step_benchmarks(
     }
     save()
     print(f"prefill {args.prefill}: {t['median_ms']:.2f} ms (floor {floor_ms:.2f} ms)", flush=True)
+    if args.profile and device.type == "cuda":
+        _profile_step(f"prefill {args.prefill}", runner, inp, results, "profile_prefill", save)
     del worker, runner, model, kv
     _free(device)
     if device.type == "cuda":
@@ -802,6 +806,20 @@ def print_report(results: dict) -> None:
 # ------------------------------------------------------------------------------------------------ main
 
 
+def _profile_step(title: str, runner, inp, results: dict, key: str, save) -> None:
+    """Per-kernel breakdown of one eager step (graphs off: the profiler sees each kernel)."""
+    from bench.kernel_profile import kernel_breakdown, print_breakdown
+
+    graphs, runner.graphs = runner.graphs, None
+    try:
+        rows = kernel_breakdown(functools.partial(runner.run, inp))
+    finally:
+        runner.graphs = graphs
+    results[key] = rows[:40]
+    save()
+    print_breakdown(title, rows)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench.engine", description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
@@ -824,6 +842,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--num-kv-blocks", type=int, default=None, help="default: sized from memory (CUDA)")
     ap.add_argument("--mem-fraction-static", type=float, default=0.9)
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    ap.add_argument("--profile", action="store_true", help="print a per-kernel breakdown of each step (GPU)")
     ap.add_argument("--seed", type=int, default=0)
     for flag, key in _WIDTH_FLAGS.items():
         ap.add_argument(f"--{flag.replace('_', '-')}", type=int, default=None, help=f"override {key}")

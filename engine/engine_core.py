@@ -266,10 +266,12 @@ class EngineCore:
             if req.is_finished:  # aborted, or finished by the previous step while this one was in flight
                 continue
             self._collect_prompt_logprobs(req, step.out, i)
+            # publish before the new token can finish the request (a finished request's pages are released
+            # unpublished, and a one-token request would never feed the prefix cache)
+            self.scheduler.publish_blocks(req)
             if i in by_sched:
                 k = by_sched[i]
                 deltas.append(self._append_token(req, sampled.token_ids[k], sampled.logprobs[k]))
-            self.scheduler.publish_blocks(req)
         return deltas
 
     def _collect_prompt_logprobs(self, req: Request, out, i: int) -> None:

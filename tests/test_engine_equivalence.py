@@ -62,6 +62,20 @@ def test_prefix_caching_hits(tiny_bf16, hf):
     assert_pages_clean(llm.engine)
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_one_token_request_feeds_prefix_cache(tiny_bf16, overlap):
+    """A request that finishes on its first sampled token (max_tokens=1) still publishes its prompt pages."""
+    llm = LLM(str(tiny_bf16), device="cpu", kv_block_size=16, enable_prefix_caching=True,
+              overlap_scheduling=overlap)
+    ids = list(range(40, 240))
+    llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1), use_tqdm=False)
+    assert llm.stats()["cached_kv_blocks"] == len(ids) // 16
+    before = llm.stats()["prefix_cache_hit_tokens"]
+    llm.generate({"prompt_token_ids": ids + [7, 8, 9]}, SamplingParams(max_tokens=2), use_tqdm=False)
+    assert llm.stats()["prefix_cache_hit_tokens"] - before == (len(ids) // 16) * 16
+    assert_pages_clean(llm.engine)
+
+
 def test_preemption(tiny_bf16, prompts, expected):
     # 12 pages of 16 tokens: a few long requests cannot all fit at once.
     sel = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))[:6]

@@ -287,6 +287,7 @@ def bench_linear(args, tune_out: dict | None = None):
                    target="not slower than _scaled_mm", met=auto <= (cub + q) * 1.03,
                    note=f"gemm-only best={'triton' if tri < cub else 'cublas'} {best*1e6:.1f}us")
     if tune_out is not None:
+        small = tune_linear_small_m()
         # largest M where the Triton GEMM still beats cuBLAS on every shape
         best_m = 0
         for m in ms:
@@ -294,8 +295,53 @@ def bench_linear(args, tune_out: dict | None = None):
                 best_m = m
             else:
                 break
-        tune_out["fp8_linear.json"] = {torch.cuda.get_device_name(0).replace(" ", "_"): {"triton_max_m": best_m}}
+        tune_out["fp8_linear.json"] = {torch.cuda.get_device_name(0).replace(" ", "_"):
+                                       {"triton_max_m": best_m, "small_m": small}}
         print(f"  tuned: Triton GEMM up to M={best_m}", flush=True)
+
+
+# GLM-4.7 linear shapes (N, K) at TP1 (qkv, o_proj, dense gate_up, shared-expert gate_up / down) and TP8
+LINEAR_TUNE_SHAPES = [(14336, 5120), (5120, 12288), (24576, 5120), (3072, 5120), (5120, 1536), (1792, 5120),
+                      (1536, 5120)]
+
+
+def tune_linear_small_m(ms=(1, 16)) -> dict:
+    """Sweep the Triton FP8 GEMM's small-M configs per shape; {"N,K": {"M": config}} of the fastest."""
+    from kernels.triton_fp8_gemm import fp8_gemm, gemm_config
+    from kernels.triton_quant import quant_fp8_per_token
+
+    cands = [dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=st)
+             for bn in (32, 64, 128) for bk in (128, 256) for sk in (1, 2, 4, 8) for w in (4,) for st in (3, 5)
+             if not (bn == 128 and bk == 256)]
+    out: dict[str, dict] = {}
+    for n, k in LINEAR_TUNE_SHAPES:
+        r = rotations(n * k)
+        ws = [fp8_weight(n, k) for _ in range(r)]
+        wss = [torch.rand(n, 1, device="cuda") * 1e-3 for _ in range(r)]
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=BF16)
+            xq, xs = quant_fp8_per_token(x)
+            base = gemm_config(m, n, k, False, HW["sms"])
+            best, best_t = base, _graph_time([lambda w=w, s=s: fp8_gemm(xq, xs, w, s, None, BF16, False, base)
+                                             for w, s in zip(ws, wss)], reps=5)
+            heur_t = best_t
+            for c in cands:
+                cfg = dict(base, BLOCK_M=16, GROUP_M=1, **c)
+                try:
+                    tt = _graph_time([lambda w=w, s=s: fp8_gemm(xq, xs, w, s, None, BF16, False, cfg)
+                                      for w, s in zip(ws, wss)], reps=5)
+                except Exception:  # noqa: BLE001 - e.g. out of shared memory
+                    torch.cuda.synchronize()
+                    continue
+                if tt < best_t:
+                    best, best_t = cfg, tt
+            out.setdefault(f"{n},{k}", {})[str(m)] = best
+            hbm = (n * k + n * 4) / best_t / HW["bw"]
+            print(f"    tuned linear M={m} N={n} K={k}: {best_t*1e6:.1f}us ({100*hbm:.0f}% HBM; heuristic "
+                  f"{heur_t*1e6:.1f}us) {best}", flush=True)
+        del ws
+        torch.cuda.empty_cache()
+    return out
 
 
 def bench_block_linear(args):
@@ -546,6 +592,18 @@ def bench_prefill(args):
             mask = torch.ones(qlen, ctx, dtype=torch.bool, device="cuda").tril(prefix)
             base, _ = timeit([lambda: F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, enable_gqa=True)])
         flops = 4 * hq * d * (qlen * prefix + qlen * qlen / 2)
+        if getattr(args, "tune", False) and qlen >= 1024:
+            for bm, bn, w, st in ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2), (64, 128, 4, 2),
+                                  (128, 32, 4, 2), (128, 64, 4, 2)):
+                try:
+                    tt, _ = timeit([lambda: paged_attention(q, kc, vc, bt, lens, qsl, d ** -0.5, max_query_len=qlen,
+                                                            max_seq_len=ctx, block_m=bm, block_n=bn, num_warps=w,
+                                                            num_stages=st)])
+                    print(f"    extend q={qlen} heads {hq}/{hk} BM{bm} BN{bn} W{w} S{st}: {tt*1e6:.0f}us "
+                          f"({flops / tt / 1e12:.0f} TFLOP/s)", flush=True)
+                except Exception as exc:  # noqa: BLE001
+                    torch.cuda.synchronize()
+                    print(f"    extend BM{bm} BN{bn} W{w} S{st}: failed {type(exc).__name__}", flush=True)
         report("attn_prefill", f"q={qlen} prefix={prefix} heads {hq}/{hk} bf16", ours, base, "SDPA contiguous",
                flops=flops, peak="bf16")
         del kc, vc, kd, vd

@@ -9,7 +9,8 @@ decode   one new token per sequence (max_query_len == 1). Grid (B, Hk, splits): 
          CUDA graph captured with one split count stays correct for any length.
 extend   varlen prefill / chunked prefill / speculative verification over a cached prefix: query i of a
          sequence with q_len new tokens sits at position seq_len - q_len + i and sees keys 0 .. that position
-         (all keys are read from the cache, so store_kv runs first). Grid (B, q blocks, Hq).
+         (all keys are read from the cache, so store_kv runs first). Grid (q blocks, Hq, B); tiles below the
+         diagonal skip the mask.
 
 Online softmax in fp32 with exp2 (scale folded with log2 e); P is rounded to the query dtype for the P @ V
 tensor-core product (flash-attention style), FP8 pages are widened to the query dtype (exact).
@@ -120,6 +121,27 @@ def _decode_reduce_kernel(
 
 
 @triton.jit
+def _extend_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, start, kv_end, qpos, hk, qk_scale,
+                 stride_kslot, stride_kh, stride_vslot, stride_vh,
+                 D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, QDT: tl.constexpr, MASK: tl.constexpr):
+    """One KV tile of the online softmax. MASK: apply the causal / length mask (diagonal and last tiles only)."""
+    j = start + tl.arange(0, BLOCK_N)
+    jm = j < kv_end
+    k = _load_kv_tile(kc_ptr, bt_row, j, jm, hk, stride_kslot, stride_kh, BS, D, QDT)
+    s = tl.dot(dot_operand(q), dot_operand(tl.trans(k))) * qk_scale
+    if MASK:
+        s = tl.where(jm[None, :] & (j[None, :] <= qpos[:, None]), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet (padding rows)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_kv_tile(vc_ptr, bt_row, j, jm, hk, stride_vslot, stride_vh, BS, D, QDT)
+    acc = acc * alpha[:, None] + tl.dot(dot_operand(p.to(QDT)), dot_operand(v))
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _extend_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, len_ptr, qsl_ptr, o_ptr,
     qk_scale, v_scale,
@@ -127,9 +149,11 @@ def _extend_kernel(
     G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     QDT: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    qb = tl.program_id(1)
-    h = tl.program_id(2)
+    # grid (q blocks, Hq, B) with the q-block index reversed: the longest (last) blocks of a causal prompt start
+    # first, so the short ones fill the tail of the wave
+    qb = tl.num_programs(0) - 1 - tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
     q0 = tl.load(qsl_ptr + b)
     q_len = tl.load(qsl_ptr + b + 1) - q0
     if qb * BLOCK_M >= q_len:
@@ -148,21 +172,14 @@ def _extend_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     kv_end = tl.minimum(L, L - q_len + (qb + 1) * BLOCK_M)
-    jn = tl.arange(0, BLOCK_N)
-    for start in range(0, kv_end, BLOCK_N):
-        j = start + jn
-        jm = j < kv_end
-        k = _load_kv_tile(kc_ptr, bt_row, j, jm, hk, stride_kslot, stride_kh, BS, D, QDT)
-        s = tl.dot(dot_operand(q), dot_operand(tl.trans(k))) * qk_scale
-        s = tl.where(jm[None, :] & (j[None, :] <= qpos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet (padding rows)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_kv_tile(vc_ptr, bt_row, j, jm, hk, stride_vslot, stride_vh, BS, D, QDT)
-        acc = acc * alpha[:, None] + tl.dot(dot_operand(p.to(QDT)), dot_operand(v))
-        m_i = m_new
+    # keys every row of the block sees (j <= the first row's position < L): no mask
+    full_end = ((L - q_len + qb * BLOCK_M + 1) // BLOCK_N) * BLOCK_N
+    for start in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = _extend_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, start, kv_end, qpos, hk, qk_scale,
+                                     stride_kslot, stride_kh, stride_vslot, stride_vh, D, BS, BLOCK_N, QDT, False)
+    for start in range(full_end, kv_end, BLOCK_N):
+        acc, m_i, l_i = _extend_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, start, kv_end, qpos, hk, qk_scale,
+                                     stride_kslot, stride_kh, stride_vslot, stride_vh, D, BS, BLOCK_N, QDT, True)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None] * v_scale
     tl.store(o_ptr + tok[:, None] * stride_ot + h * stride_oh + d[None, :], to_out(o, o_ptr.dtype.element_ty),
              mask=mmask[:, None])
@@ -177,6 +194,15 @@ def decode_splits(batch: int, kv_heads: int, max_seq_len: int, num_sms: int, blo
     """Enough (batch, kv head, split) programs for about two waves, each split at least 4 KV tiles long."""
     want = cdiv(2 * num_sms, max(1, batch * kv_heads))
     return max(1, min(want, cdiv(max_seq_len, 4 * block_n), 64))
+
+
+def extend_config(max_query_len: int, head_dim: int) -> dict:
+    """Extend launch config: 16-row blocks for verification-sized queries, 128 x 64 tiles for prompts."""
+    if max_query_len <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=64, W=4, S=2)
+    if max_query_len <= 64 or head_dim > 128:
+        return dict(BLOCK_M=64, BLOCK_N=64, W=4, S=2)
+    return dict(BLOCK_M=128, BLOCK_N=64, W=8, S=2)
 
 
 def paged_attention(
@@ -248,17 +274,17 @@ def paged_attention(
                 S_P=max(2, next_pow2(splits)), D=d, num_warps=4,
             )
         return out
-    block_m = block_m or (64 if max_query_len > 16 else 16)
-    block_n = block_n or 64
-    _extend_kernel[(b, cdiv(max_query_len, block_m), hq)](
+    cfg = extend_config(max_query_len, d)
+    block_m = block_m or cfg["BLOCK_M"]
+    _extend_kernel[(cdiv(max_query_len, block_m), hq, b)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
         qk_scale, float(v_scale),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), *ks, *vs,
-        G=group, D=d, BS=bs, BLOCK_M=block_m, BLOCK_N=block_n, QDT=qdt,
-        num_warps=num_warps or 4, num_stages=num_stages or 2,
+        G=group, D=d, BS=bs, BLOCK_M=block_m, BLOCK_N=block_n or cfg["BLOCK_N"], QDT=qdt,
+        num_warps=num_warps or cfg["W"], num_stages=num_stages or cfg["S"],
     )
     return out
 
 
-__all__ = ["paged_attention", "decode_splits"]
+__all__ = ["paged_attention", "decode_splits", "extend_config"]
 

@@ -116,9 +116,14 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def gemm_config(m: int, n: int, k: int, block_scale: bool, num_sms: int = 132) -> dict:
-    """Heuristic launch config. Small M: one M tile, narrow N tiles and split-K to put ~2 waves of programs on
-    the SMs (the weights stream once). Large M: 128 x 128 tiles."""
+def gemm_config(m: int, n: int, k: int, block_scale: bool, num_sms: int = 132, device: str | None = None) -> dict:
+    """Launch config: the tuned small-M entry for (device, N, K) when kernels/configs/fp8_linear.json has one
+    (channel scales only), else the heuristic. Small M: one M tile, narrow N tiles and split-K to put ~2 waves of
+    programs on the SMs (the weights stream once). Large M: 128 x 128 tiles."""
+    if device is not None and not block_scale:
+        tuned = tuned_small_m(device, n, k, m)
+        if tuned is not None:
+            return dict(tuned)
     if m <= 64:
         bm = max(16, next_pow2(m))
         bn = 64 if n >= 512 else 32
@@ -154,7 +159,12 @@ def fp8_gemm(
     out = torch.empty(m, n, dtype=out_dtype, device=xq.device)
     if m == 0:
         return out
-    cfg = dict(config) if config else gemm_config(m, n, k, block_scale, _num_sms(xq.device.index or 0) if xq.is_cuda else 132)
+    if config:
+        cfg = dict(config)
+    elif xq.is_cuda:
+        cfg = gemm_config(m, n, k, block_scale, _num_sms(xq.device.index or 0), device_name(xq.device))
+    else:
+        cfg = gemm_config(m, n, k, block_scale)
     if block_scale:
         cfg["BLOCK_K"] = 128
     split = cfg.pop("SPLIT_K")
@@ -213,15 +223,33 @@ _LINEAR_TABLE = os.path.join(os.path.dirname(__file__), "configs", "fp8_linear.j
 
 
 @functools.lru_cache(maxsize=None)
+def _linear_table() -> dict:
+    if not os.path.exists(_LINEAR_TABLE):
+        return {}
+    with open(_LINEAR_TABLE) as f:
+        return json.load(f)
+
+
+@functools.lru_cache(maxsize=4096)
+def tuned_small_m(device: str, n: int, k: int, m: int) -> dict | None:
+    """The tuned config of the smallest M bucket >= m for this (device, N, K), None past the largest bucket."""
+    entry = _linear_table().get(device)
+    if not isinstance(entry, dict):
+        return None
+    buckets = entry.get("small_m", {}).get(f"{n},{k}")
+    if not buckets:
+        return None
+    fits = sorted(int(b) for b in buckets if int(b) >= m)
+    return dict(buckets[str(fits[0])]) if fits else None
+
+
+@functools.lru_cache(maxsize=None)
 def triton_max_m(device: str) -> int:
     """Largest M for which the Triton GEMM is used instead of cuBLAS `_scaled_mm` (measured per GPU, stored in
     kernels/configs/fp8_linear.json; 16 when the GPU is not listed)."""
-    if os.path.exists(_LINEAR_TABLE):
-        with open(_LINEAR_TABLE) as f:
-            table = json.load(f)
-        entry = table.get(device)
-        if isinstance(entry, dict):
-            return int(entry["triton_max_m"])
+    entry = _linear_table().get(device)
+    if isinstance(entry, dict) and "triton_max_m" in entry:
+        return int(entry["triton_max_m"])
     return 16
 
 
@@ -262,4 +290,4 @@ def fp8_linear_channel_auto(
     return fp8_linear_channel(x, w_fp8, w_scale, bias, x_fp8, x_scale)
 
 
-__all__ += ["fp8_linear_channel_auto", "scaled_mm_linear", "triton_max_m"]
+__all__ += ["fp8_linear_channel_auto", "scaled_mm_linear", "triton_max_m", "tuned_small_m"]

@@ -62,6 +62,8 @@ def test_decode_fp32(device):
     ([20, 50, 7], [20, 9, 0]),       # full prefill, extend over a cached prefix, a sequence with no new tokens
     ([80], [80]),                    # several q blocks, causal within the new tokens
     ([40, 33], [4, 1]),              # speculative verification (k+1 tokens) mixed with decode
+    ([150, 70], [30, 64]),           # 64-row blocks with unmasked (below-diagonal) prefix tiles
+    ([300, 150], [200, 150]),        # 128-row blocks: unmasked tiles, ragged last block, a prefix
 ])
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
 def test_extend(device, seq_lens, q_lens, cache_dtype):

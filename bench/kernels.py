@@ -570,6 +570,23 @@ def bench_attention(args):
             torch.cuda.empty_cache()
 
 
+def _varlen_fa2_time(q, kd, vd, qlen, prefix) -> float | None:
+    """torch.nn.attention.varlen.varlen_attn (PyTorch's bundled FlashAttention-2) on contiguous K/V, causal."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    k = kd[0].transpose(0, 1).contiguous()  # [T, Hk, D]
+    v = vd[0].transpose(0, 1).contiguous()
+    cu = torch.tensor([0, qlen], dtype=torch.int32, device="cuda")
+    d = q.shape[-1]
+    try:
+        return timeit([lambda: varlen_attn(q, k, v, cu, cu, qlen, qlen, scale=d ** -0.5, window_size=(-1, 0))])[0]
+    except Exception as exc:  # noqa: BLE001
+        print(f"    varlen_attn unavailable: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
+        return None
+
+
 def bench_prefill(args):
     from kernels.triton_attention import paged_attention
 
@@ -606,6 +623,10 @@ def bench_prefill(args):
                     print(f"    extend BM{bm} BN{bn} W{w} S{st}: failed {type(exc).__name__}", flush=True)
         report("attn_prefill", f"q={qlen} prefix={prefix} heads {hq}/{hk} bf16", ours, base, "SDPA contiguous",
                flops=flops, peak="bf16")
+        fa2 = _varlen_fa2_time(q, kd, vd, qlen, prefix) if prefix == 0 else None
+        if fa2 is not None:
+            report("attn_prefill", f"q={qlen} prefix={prefix} heads {hq}/{hk} bf16", ours, fa2,
+                   "torch varlen_attn (FA2)", flops=flops, peak="bf16")
         del kc, vc, kd, vd
         torch.cuda.empty_cache()
 

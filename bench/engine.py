@@ -376,6 +376,8 @@ def run_step_benchmarks(
         kv_cache_dtype=args.kv_cache_dtype,
         mem_fraction_static=args.mem_fraction_static,
         enforce_eager=args.enforce_eager,
+        enable_shared_experts_fusion=args.enable_shared_experts_fusion,
+        enable_fused_qk_norm_rope=args.enable_fused_qk_norm_rope,
     )
     t0 = time.perf_counter()
     worker = ModelWorker(cfg, single_process())
@@ -393,6 +395,8 @@ def run_step_benchmarks(
         "block_size": bs,
         "kv_capacity_tokens": worker.num_blocks * bs,
         "cuda_graphs": runner.graphs is not None,
+        "shared_experts_fusion": args.enable_shared_experts_fusion,
+        "fused_qk_norm_rope": args.enable_fused_qk_norm_rope,
         "startup_s": load_s,
         "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
     }
@@ -775,7 +779,9 @@ def print_report(results: dict) -> None:
     if mm:
         print(
             f"model: {mm['layers']} layers ({mm['dense_layers']} dense), fp8 weights {mm['fp8_weights']}, "
-            f"KV {mm['kv_cache_dtype']}, {mm['kv_capacity_tokens']} KV tokens, CUDA graphs {mm['cuda_graphs']}"
+            f"KV {mm['kv_cache_dtype']}, {mm['kv_capacity_tokens']} KV tokens, CUDA graphs {mm['cuda_graphs']}, "
+            f"shared-expert fusion {mm.get('shared_experts_fusion', False)}, "
+            f"fused QK-norm/RoPE {mm.get('fused_qk_norm_rope', False)}"
         )
     header = f"{'quantity':58s} {'ours':>12s} {'floor/base':>12s} {'ratio':>8s} {'target':>8s}  met"
     print(header)
@@ -843,6 +849,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--mem-fraction-static", type=float, default=0.9)
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     ap.add_argument("--profile", action="store_true", help="print a per-kernel breakdown of each step (GPU)")
+    ap.add_argument("--enable-shared-experts-fusion", action="store_true", help="shared expert as expert E")
+    ap.add_argument("--enable-fused-qk-norm-rope", action="store_true", help="QK-norm + RoPE + KV store fused")
     ap.add_argument("--seed", type=int, default=0)
     for flag, key in _WIDTH_FLAGS.items():
         ap.add_argument(f"--{flag.replace('_', '-')}", type=int, default=None, help=f"override {key}")

@@ -10,6 +10,7 @@ from kernels.dispatch import (
     paged_attention,
     qk_norm_rope,
     rms_norm,
+    rms_norm_quant,
     silu_mul,
     store_kv,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "paged_attention",
     "qk_norm_rope",
     "rms_norm",
+    "rms_norm_quant",
     "rope_cos_sin_cache",
     "silu_mul",
     "store_kv",

@@ -81,6 +81,22 @@ def add_rms_norm(
     return add_rms_norm_ref(x, residual, weight, eps)
 
 
+def rms_norm_quant(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+    """(rms_norm(x [+ residual]), x + residual or None, (y_fp8, y_scale) or None): the Triton kernel also
+    quantizes its output per token (exactly as quant_fp8_per_token_ref(y)) for a following FP8 linear / MoE;
+    the reference returns None there and the consumer quantizes itself (the same numbers)."""
+    op = "rms_norm" if residual is None else "add_rms_norm"
+    if _use(op, x) and x.dim() == 2 and x.dtype == torch.bfloat16:
+        y, summed, q, qs = _triton("norm").rms_norm_fp8(x, weight, eps, residual)
+        return y, summed, (q, qs)
+    if residual is None:
+        return rms_norm_ref(x, weight, eps), None, None
+    y, summed = add_rms_norm_ref(x, residual, weight, eps)
+    return y, summed, None
+
+
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
     if _use("silu_mul", x):
         return _triton("activation").silu_mul(x)

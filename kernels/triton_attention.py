@@ -191,9 +191,9 @@ def _cache_strides(c: torch.Tensor) -> tuple[int, int]:
 
 
 def decode_splits(batch: int, kv_heads: int, max_seq_len: int, num_sms: int, block_n: int = 64) -> int:
-    """Enough (batch, kv head, split) programs for about two waves, each split at least 4 KV tiles long."""
+    """Enough (batch, kv head, split) programs for about two waves, each split at least 2 KV tiles long."""
     want = cdiv(2 * num_sms, max(1, batch * kv_heads))
-    return max(1, min(want, cdiv(max_seq_len, 4 * block_n), 64))
+    return max(1, min(want, cdiv(max_seq_len, 2 * block_n), 64))
 
 
 def extend_config(max_query_len: int, head_dim: int) -> dict:

@@ -35,6 +35,9 @@ class DecoderLayer(nn.Module):
             inter = divide(cfg.intermediate_size, tp.size, "intermediate_size")
             self.mlp = DenseMLP(cfg.hidden_size, inter, plan.mlp(f"{prefix}.mlp", cfg.intermediate_size, tp), dtype, device)
         self.tp = tp
+        # norms also emit per-token FP8 for consumers that quantize that way (fused where a kernel exists)
+        self.quant_attn_input = self.self_attn.qkv_proj.quant == "fp8_channel"
+        self.quant_mlp_input = _first_quant(self.mlp) == "fp8_channel"
 
     def forward(
         self,
@@ -43,14 +46,31 @@ class DecoderLayer(nn.Module):
         ctx: ForwardContext,
         cos_sin: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        hq = None
         if residual is None:
             residual = x
-            h = self.input_layernorm(x)
+            if self.quant_attn_input:
+                h, _, hq = self.input_layernorm.forward_quant(x)
+            else:
+                h = self.input_layernorm(x)
+        elif self.quant_attn_input:
+            h, residual, hq = self.input_layernorm.forward_quant(x, residual)
         else:
             h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, ctx, cos_sin)
-        h, residual = self.post_attention_layernorm(h, residual)
-        h = self.mlp(h)
+        h = self.self_attn(h, ctx, cos_sin, hq)
+        if self.quant_mlp_input:
+            h, residual, hq = self.post_attention_layernorm.forward_quant(h, residual)
+            h = self.mlp(h, hq)
+        else:
+            h, residual = self.post_attention_layernorm(h, residual)
+            h = self.mlp(h)
         if not self.is_moe:
             h = self.tp.all_reduce(h)
         return h, residual
+
+
+def _first_quant(mlp: nn.Module) -> str:
+    """The quantization of the MLP's first GEMM (dense gate_up, or the routed experts)."""
+    if isinstance(mlp, MoE):
+        return mlp.experts.quant
+    return mlp.gate_up_proj.quant

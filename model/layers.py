@@ -21,6 +21,11 @@ class RMSNorm(nn.Module):
             return kernels.rms_norm(x, self.weight, self.eps)
         return kernels.add_rms_norm(x, residual, self.weight, self.eps)
 
+    def forward_quant(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """(y, x + residual or None, (y_fp8, y_scale) or None): the norm with its output also quantized per
+        token for an fp8_channel consumer, where the kernel can fuse it."""
+        return kernels.rms_norm_quant(x, self.weight, self.eps, residual)
+
 
 class VocabEmbedding(nn.Module):
     """Rows [start, start + local) of the (padded) vocabulary on each rank; an all-reduce assembles them."""
@@ -68,5 +73,5 @@ class DenseMLP(nn.Module):
         self.gate_up_proj = Linear(hidden, 2 * intermediate_local, False, quant, dtype, device)
         self.down_proj = Linear(intermediate_local, hidden, False, quant, dtype, device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(kernels.silu_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, x_q: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        return self.down_proj(kernels.silu_mul(self.gate_up_proj(x, x_q)))

@@ -58,7 +58,7 @@ class MoE(nn.Module):
             else None
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x_q: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         cfg = self.cfg
         logits = torch.nn.functional.linear(x.float(), self.gate.weight)
         weights, ids = kernels.moe_route(
@@ -66,7 +66,9 @@ class MoE(nn.Module):
             cfg.norm_topk_prob, cfg.routed_scaling_factor, 1 if self.fused_shared else 0,
         )
         ex = self.experts
-        out = kernels.fused_moe(x, ex.w13, ex.w2, weights, ids, ex.w13_scale, ex.w2_scale, ex.quant)
+        xf, xs = x_q if x_q is not None and ex.quant == "fp8_channel" else (None, None)
+        out = kernels.fused_moe(x, ex.w13, ex.w2, weights, ids, ex.w13_scale, ex.w2_scale, ex.quant,
+                                x_fp8=xf, x_scale=xs)
         if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
+            out = out + self.shared_experts(x, x_q)
         return self.tp.all_reduce(out)

@@ -748,7 +748,7 @@ def summary_rows(results: dict) -> list[dict]:
             }
         )
     o = results.get("overlap")
-    if o and o.get("implemented"):
+    if o and o.get("implemented") and "on" in o:
         rows.append(
             {
                 "name": "generate overlap on vs off (tok/s)",

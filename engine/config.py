@@ -7,9 +7,12 @@ from typing import Any
 
 import torch
 
+from engine.kv_cache import kv_cache_dtype as _kv_torch_dtype
+from kernels import flash_attn_adapter
 from model.config import ModelConfig, load_model_config
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTENTION_BACKENDS = ("triton", "fa3")  # the engine's Triton kernels (reference on CPU) | flash_attn
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class EngineConfig:
     overlap_scheduling: bool = False  # plan step N+1 on the CPU while the device runs step N
     enable_shared_experts_fusion: bool = False  # shared expert as expert E of the fused MoE (weight 1.0)
     enable_fused_qk_norm_rope: bool = False  # one kernel: QK RMSNorm + RoPE + KV-cache store
+    attention_backend: str = "triton"  # "triton" | "fa3" (flash_attn, see kernels/flash_attn_adapter.py)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -87,6 +91,7 @@ class EngineConfig:
         overlap_scheduling: bool | None = None,
         enable_shared_experts_fusion: bool = False,
         enable_fused_qk_norm_rope: bool = False,
+        attention_backend: str = "triton",
     ) -> "EngineConfig":
         mcfg = load_model_config(model)
         if device == "auto":
@@ -120,6 +125,14 @@ class EngineConfig:
             raise ValueError("kv_cache_dtype 'fp8_e4m3' needs device 'cuda'")
         if tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+        if attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {attention_backend!r}")
+        if attention_backend == "fa3":
+            torch_dtype = _DTYPES[dtype]
+            kv_dtype = _kv_torch_dtype(kv_cache_dtype, torch_dtype)
+            reason = flash_attn_adapter.unsupported_reason(device, torch_dtype, mcfg.head_dim, kv_dtype, kv_block_size)
+            if reason:
+                raise ValueError(f"attention_backend 'fa3' (--attention-backend fa3) {reason}")
         spec = None
         if speculative_config is not None:
             raise NotImplementedError("speculative_config is not supported yet (MTP and suffix decoding are planned)")
@@ -133,6 +146,7 @@ class EngineConfig:
             overlap_scheduling=(device == "cuda") if overlap_scheduling is None else overlap_scheduling,
             enable_shared_experts_fusion=enable_shared_experts_fusion,
             enable_fused_qk_norm_rope=enable_fused_qk_norm_rope,
+            attention_backend=attention_backend,
             cache=CacheConfig(
                 block_size=kv_block_size,
                 num_blocks=num_kv_blocks,

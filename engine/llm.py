@@ -45,6 +45,7 @@ class LLM:
         overlap_scheduling: bool | None = None,
         enable_shared_experts_fusion: bool = False,
         enable_fused_qk_norm_rope: bool = False,
+        attention_backend: str = "triton",
     ) -> None:
         # The parameters above mirror EngineConfig.create one to one (kept explicit for users' scripts).
         self.config = EngineConfig.create(**{k: v for k, v in locals().items() if k != "self"})

@@ -5,10 +5,13 @@ import torch
 from torch import nn
 
 import kernels
+from kernels import flash_attn_adapter
 from model.config import ModelConfig
 from model.context import ForwardContext
 from model.linear import Linear
 from model.parallel import HeadPartition, TPGroup
+
+ATTENTION_BACKENDS = ("triton", "fa3")  # triton: kernels.paged_attention (reference on CPU); fa3: flash_attn
 
 
 class Attention(nn.Module):
@@ -22,11 +25,15 @@ class Attention(nn.Module):
         dtype: torch.dtype,
         device,
         fused_qk_norm_rope: bool = False,
+        attention_backend: str = "triton",
     ) -> None:
         super().__init__()
+        if attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {attention_backend!r}")
         self.layer_id = layer_id
         self.tp = tp
         self.fused_qk_norm_rope = fused_qk_norm_rope
+        self.attention_backend = attention_backend
         self.heads = HeadPartition.build(cfg.num_attention_heads, cfg.num_key_value_heads, tp)
         self.head_dim = cfg.head_dim
         self.eps = cfg.rms_norm_eps
@@ -60,7 +67,9 @@ class Attention(nn.Module):
         else:
             q, k = kernels.qk_norm_rope(q, k, self.q_norm, self.k_norm, cos_sin, ctx.positions, self.eps)
             kernels.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping, ctx.k_scale, ctx.v_scale)
-        o = kernels.paged_attention(
+        fa3 = self.attention_backend == "fa3"
+        attend = flash_attn_adapter.paged_attention_fa if fa3 else kernels.paged_attention
+        o = attend(
             q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens, ctx.query_start_loc, self.scale,
             ctx.k_scale, ctx.v_scale, max_query_len=ctx.max_query_len, max_seq_len=ctx.max_seq_len,
         )

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels import flash_attn_adapter
+from model.attention import ATTENTION_BACKENDS, Attention
 from model.config import ModelConfig
 from model.dummy import DummySource
 from model.glm4_moe import Glm4MoeForCausalLM
@@ -22,13 +24,24 @@ def build_model(
     fuse_shared_experts: bool = False,
     fused_qk_norm_rope: bool = False,
     progress: bool = True,
+    attention_backend: str = "triton",
 ) -> Glm4MoeForCausalLM:
     if load_format not in ("auto", "safetensors", "dummy"):
         raise ValueError(f"load_format must be 'auto', 'safetensors' or 'dummy', got {load_format!r}")
+    if attention_backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {attention_backend!r}")
+    if attention_backend == "fa3":
+        reason = flash_attn_adapter.unsupported_reason(torch.device(device).type, dtype, cfg.head_dim)
+        if reason:
+            raise ValueError(f"--attention-backend fa3 {reason}")
     source: TensorSource = DummySource(cfg, seed) if load_format == "dummy" else SafetensorsSource(cfg.path)
     names = None if load_format == "dummy" else set(source.names())
-    plan = QuantPlan.build(cfg, device, dtype, names, fuse_shared_experts, fused_qk_norm_rope)
+    plan = QuantPlan.build(cfg, device, dtype, names, fuse_shared_experts, fused_qk_norm_rope, attention_backend)
     model = Glm4MoeForCausalLM(cfg, plan, tp, dtype, device, with_mtp=with_mtp)
+    # DecoderLayer builds its Attention with the default backend; the plan's choice is applied here
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.attention_backend = plan.attention_backend
     load_weights(model, cfg, source, tp, fuse_shared_experts, dtype, device, progress=progress)
     model.eval()
     return model

@@ -28,8 +28,8 @@ class ConfigError(ValueError):
 UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
     (
         "attention_backend",
-        lambda v: v not in (None, "triton"),
-        "--attention-backend fa3/torch/flashinfer is not supported yet (only 'triton', the default)",
+        lambda v: v not in (None, "triton", "fa3"),
+        "--attention-backend torch/flashinfer is not supported yet (only 'triton', the default, and 'fa3')",
     ),
     (
         "disaggregation_mode",
@@ -119,6 +119,7 @@ def engine_kwargs(config: ServerConfig) -> dict[str, Any]:
         "mem_fraction_static": config.mem_fraction_static,
         "enable_shared_experts_fusion": config.enable_shared_experts_fusion,
         "enable_fused_qk_norm_rope": config.enable_fused_qk_norm_rope,
+        "attention_backend": config.attention_backend or "triton",
         "overlap_scheduling": False if config.disable_overlap_schedule else None,
     }
     if config.tokenizer is not None:
@@ -207,7 +208,13 @@ def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
     m.add_argument("--load-format", choices=["auto", "safetensors", "dummy"], default=d.load_format)
     m.add_argument("--seed", "--random-seed", dest="seed", type=int, default=d.seed)
     m.add_argument("--enforce-eager", "--disable-cuda-graph", dest="enforce_eager", action="store_true")
-    m.add_argument("--attention-backend", choices=["triton", "fa3", "torch", "flashinfer"], default=None)
+    m.add_argument(
+        "--attention-backend",
+        choices=["triton", "fa3", "torch", "flashinfer"],
+        default=None,
+        help="paged attention: the engine's Triton kernels (default) or flash_attn (fa3: FlashAttention-3 "
+        "`flash_attn_interface`, else FlashAttention-2 `flash_attn`; CUDA, bf16/fp16 KV only)",
+    )
     m.add_argument("--enable-fused-qk-norm-rope", action="store_true")
     m.add_argument("--enable-shared-experts-fusion", action="store_true")
     m.add_argument("--disable-overlap-schedule", action="store_true",

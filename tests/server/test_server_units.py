@@ -89,6 +89,7 @@ def test_engine_kwargs_mapping():
         "mem_fraction_static": 0.8,
         "enable_shared_experts_fusion": False,
         "enable_fused_qk_norm_rope": False,
+        "attention_backend": "triton",
         "overlap_scheduling": None,
     }
     assert engine_kwargs(parse_args(["--model", "/ckpt", "--disable-overlap-schedule", "--enable-shared-experts-fusion",
@@ -101,12 +102,20 @@ def test_engine_kwargs_mapping():
     assert set(kw) <= accepted
 
 
+@pytest.mark.parametrize("flags,backend", [([], "triton"), (["--attention-backend", "triton"], "triton"),
+                                           (["--attention-backend", "fa3"], "fa3")])
+def test_attention_backend_flag_maps_to_engine_kwarg(flags, backend):
+    cfg = parse_args(["--model", "/ckpt", *flags])
+    assert engine_kwargs(cfg)["attention_backend"] == backend
+
+
 @pytest.mark.parametrize(
     "flags",
     [
         ["--speculative-algorithm", "NEXTN", "--speculative-num-steps", "3"],
         ["--disaggregation-mode", "prefill"],
-        ["--attention-backend", "fa3"],
+        ["--attention-backend", "torch"],
+        ["--attention-backend", "flashinfer"],
         ["--chunked-prefill-size", "-1"],
     ],
 )

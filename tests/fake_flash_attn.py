@@ -12,6 +12,7 @@ list that records every call as (function name, q.shape).
 """
 from __future__ import annotations
 
+import itertools
 import sys
 import types
 
@@ -97,7 +98,7 @@ def _fa3_module(calls):
         out = torch.zeros_like(qf)
         lens = cache_seqlens.tolist()
         if varlen:
-            assert max(e - s for s, e in zip(starts, starts[1:])) <= max_seqlen_q
+            assert max(e - s for s, e in itertools.pairwise(starts)) <= max_seqlen_q
         for i in range(b):
             s0, s1 = starts[i], starts[i + 1]
             assert s1 - s0 <= lens[i] <= page_table.shape[1] * k_cache.shape[1]
@@ -129,7 +130,7 @@ def _fa2_module(calls):
         assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
         _check_qkv(q, k_cache, v_cache)
         assert q.dim() == 4, "q is (batch_size, seqlen, nheads, headdim)"
-        b, s = q.shape[:2]
+        b, _s = q.shape[:2]
         assert block_table is not None
         _check_paged(k_cache, block_table, b)
         _check_index(cache_seqlens, "cache_seqlens", (b,))
@@ -156,8 +157,8 @@ def _fa2_module(calls):
         assert isinstance(softmax_scale, float)
         qs, ks = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
         assert qs[-1] == q.shape[0]
-        q_lens = [e - s for s, e in zip(qs, qs[1:])]
-        kv_lens = [e - s for s, e in zip(ks, ks[1:])]
+        q_lens = [e - s for s, e in itertools.pairwise(qs)]
+        kv_lens = [e - s for s, e in itertools.pairwise(ks)]
         assert max(q_lens) <= max_seqlen_q and max(kv_lens) <= max_seqlen_k
         # varlen_fwd reshapes q to (b * groups, hk, d) when max_seqlen_q == 1: only valid with total_q == b
         assert max_seqlen_q > 1 or q.shape[0] == b

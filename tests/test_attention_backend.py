@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import random
 
+import fake_flash_attn
 import pytest
 import torch
 
-import fake_flash_attn
 from engine import LLM, EngineConfig, SamplingParams
 from kernels import flash_attn_adapter
 from model.attention import Attention
@@ -39,8 +39,8 @@ def _run(llm, prompts):
 def test_fa3_backend_gives_the_default_backends_tokens(monkeypatch, cpu_ok, tiny_bf16, kind, block_size):
     prompts = _prompts()
     # chunked prefill (budget 24) and prefix caching: extends over a cached prefix, mixed with decodes
-    kw = dict(device="cpu", dtype="bfloat16", kv_block_size=block_size, max_num_batched_tokens=24,
-              enable_prefix_caching=True)
+    kw = {"device": "cpu", "dtype": "bfloat16", "kv_block_size": block_size, "max_num_batched_tokens": 24,
+              "enable_prefix_caching": True}
     expected = _run(LLM(str(tiny_bf16), **kw), prompts[:1]) + _run(LLM(str(tiny_bf16), **kw), prompts[1:])
     calls = fake_flash_attn.install(monkeypatch, kind)
     llm = LLM(str(tiny_bf16), attention_backend="fa3", **kw)

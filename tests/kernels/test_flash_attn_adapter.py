@@ -3,16 +3,16 @@ that keep the real signatures and assert the layouts the real library requires. 
 installed anywhere these tests run."""
 from __future__ import annotations
 
+import fake_flash_attn
 import pytest
 import torch
-
-import fake_flash_attn
 from kernel_helpers import rel_err
+
 from kernels import flash_attn_adapter as fa
 from kernels.attention import paged_attention_ref
 
 
-def make_batch(seq_lens, q_lens, hq, hk, d, bs, dtype=torch.bfloat16):
+def make_batch(seq_lens, q_lens, hq, hk, d, bs, dtype=torch.bfloat16, device="cpu"):
     """Random paged caches with shuffled pages (a few unused), block tables padded with 0, caches in dtype."""
     b = len(seq_lens)
     pages = [-(-s // bs) for s in seq_lens]
@@ -28,13 +28,14 @@ def make_batch(seq_lens, q_lens, hq, hk, d, bs, dtype=torch.bfloat16):
     qsl = torch.zeros(b + 1, dtype=torch.int32)
     qsl[1:] = torch.tensor(q_lens).cumsum(0)
     q = torch.randn(int(qsl[-1]), hq, d).to(dtype)
-    return q, kc, vc, bt, torch.tensor(seq_lens, dtype=torch.int32), qsl
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    return tuple(t.to(device) for t in (q, kc, vc, bt, lens, qsl))
 
 
 def _run(seq_lens, q_lens, hq, hk, d, bs, hints=True):
     q, kc, vc, bt, lens, qsl = make_batch(seq_lens, q_lens, hq, hk, d, bs)
     scale = d**-0.5
-    kw = dict(max_query_len=max(q_lens), max_seq_len=max(seq_lens)) if hints else {}
+    kw = {"max_query_len": max(q_lens), "max_seq_len": max(seq_lens)} if hints else {}
     out = fa.paged_attention_fa(q, kc, vc, bt, lens, qsl, scale, **kw)
     ref = paged_attention_ref(q, kc, vc, bt, lens, qsl, scale)
     assert out.shape == q.shape and out.dtype == q.dtype
@@ -147,3 +148,17 @@ def test_fake_library_catches_wrong_layouts(monkeypatch):
                                                        cu_seqlens_q=qsl, max_seqlen_q=4, softmax_scale=0.2,
                                                        causal=True)
     assert rel_err(out, paged_attention_ref(q, kc, vc, bt, lens, qsl, 0.2)) < TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not fa.available(), reason="flash_attn is not installed (it is not, on the lent GPU machine)")
+@pytest.mark.parametrize("bs", [16, 256])
+def test_real_library_gpu(bs):
+    """The real library, where installed: decode and extend over a cached prefix vs the reference."""
+    if fa.unsupported_reason("cuda", torch.bfloat16, 128, torch.bfloat16, bs):
+        pytest.skip(fa.unsupported_reason("cuda", torch.bfloat16, 128, torch.bfloat16, bs))
+    for seq_lens, q_lens in (([1, 100, 4096, 8191, 333], [1] * 5), ([1, 100, 1000, 8191, 333], [1, 100, 37, 8191, 4])):
+        q, kc, vc, bt, lens, qsl = make_batch(seq_lens, q_lens, 24, 2, 128, bs, device="cuda")
+        out = fa.paged_attention_fa(q, kc, vc, bt, lens, qsl, 128**-0.5, max_query_len=max(q_lens),
+                                    max_seq_len=max(seq_lens))
+        assert rel_err(out, paged_attention_ref(q, kc, vc, bt, lens, qsl, 128**-0.5)) < 1.5e-2

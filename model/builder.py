@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from kernels import flash_attn_adapter
-from model.attention import ATTENTION_BACKENDS, Attention
+from model.attention import ATTENTION_BACKENDS
 from model.config import ModelConfig
 from model.dummy import DummySource
 from model.glm4_moe import Glm4MoeForCausalLM
@@ -38,10 +38,6 @@ def build_model(
     names = None if load_format == "dummy" else set(source.names())
     plan = QuantPlan.build(cfg, device, dtype, names, fuse_shared_experts, fused_qk_norm_rope, attention_backend)
     model = Glm4MoeForCausalLM(cfg, plan, tp, dtype, device, with_mtp=with_mtp)
-    # DecoderLayer builds its Attention with the default backend; the plan's choice is applied here
-    for module in model.modules():
-        if isinstance(module, Attention):
-            module.attention_backend = plan.attention_backend
     load_weights(model, cfg, source, tp, fuse_shared_experts, dtype, device, progress=progress)
     model.eval()
     return model

@@ -129,6 +129,7 @@ class EngineCore:
                     if p.is_alive():
                         p.kill()
                 self._procs = []
+                self.worker.release_graphs()  # before the communicator goes (see ModelWorker.release_graphs)
                 shutdown_distributed()
                 self.dist = single_process()
 

@@ -2,6 +2,7 @@
 broadcasts each step's inputs; the other ranks sit in `serve_forever` and execute them."""
 from __future__ import annotations
 
+import gc
 import logging
 
 import torch
@@ -51,6 +52,15 @@ class ModelWorker:
                 config.scheduler.max_model_len, self.block_size,
             )
             self.runner.graphs.capture(progress=dist.is_driver)
+
+    def release_graphs(self) -> None:
+        """Destroy the CUDA graphs. Must precede leaving the process group: graphs that captured NCCL
+        all-reduces keep the communicator in use, and destroying it under them stalled the shutdown of a TP=2
+        engine on 2x H200 indefinitely."""
+        if self.runner.graphs is not None:
+            self.runner.graphs = None
+            gc.collect()
+            torch.cuda.synchronize(self.device)
 
     def _num_kv_blocks(self, kv_dtype: torch.dtype, num_layers: int) -> int:
         cc, bs = self.config.cache, self.block_size
@@ -143,7 +153,11 @@ def spawned_worker_main(rank: int, world_size: int, init_method: str, config: En
 
     logging.basicConfig(level=logging.WARNING)
     info = init_distributed(world_size, config.device, rank=rank, init_method=init_method)
+    worker = None
     try:
-        ModelWorker(config, info).serve_forever()
+        worker = ModelWorker(config, info)
+        worker.serve_forever()
     finally:
+        if worker is not None:
+            worker.release_graphs()
         shutdown_distributed()

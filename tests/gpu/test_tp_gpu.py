@@ -44,10 +44,12 @@ def test_tp2_matches_tp1_real_widths(tmp_path):
     path = real_shape_model_dir(num_layers=4, dense_layers=1, out_root=tmp_path)
     lp1, tok1 = _run(path, 1, "eager", tmp_path)
     lp2, tok2 = _run(path, 2, "eager", tmp_path)
-    lp2g, tok2g = _run(path, 2, "graphs", tmp_path)  # CUDA graphs with the NCCL all-reduce inside
     d = (lp1 - lp2).abs()
     print(json.dumps({"tp2_vs_tp1_mean": d.mean().item(), "tp2_vs_tp1_max": d.max().item(),
-                      "tokens_equal": tok1 == tok2, "graphs_equal_eager": tok2 == tok2g}))
+                      "tokens_equal": tok1 == tok2}))
     assert d.mean().item() < 0.05 and d.max().item() < 0.5
     assert sum(a[:4] == b[:4] for a, b in zip(tok1, tok2)) >= 1
+    # CUDA graphs with the NCCL all-reduce inside, and a clean shutdown with them alive
+    lp2g, tok2g = _run(path, 2, "graphs", tmp_path)
+    print(json.dumps({"graphs_equal_eager": tok2 == tok2g}))
     assert tok2g == tok2

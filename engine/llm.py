@@ -58,9 +58,12 @@ class LLM:
             atexit.register(shutdown_distributed, info)
             if not info.is_driver:
                 self._worker = ModelWorker(self.config, info)
+                # atexit runs last-registered first: the CUDA graphs (holding NCCL all-reduces) go before the group
+                atexit.register(self._worker.release_graphs)
                 self.tokenizer = AutoTokenizer.from_pretrained(self.config.tokenizer or self.config.model.path)
                 return
             self.engine = EngineCore(self.config, info)
+            atexit.register(self.engine.worker.release_graphs)
         else:
             self.engine = EngineCore(self.config)
         self.tokenizer = self.engine.tokenizer

@@ -72,12 +72,16 @@ def run_tp_worker(config: ServerConfig) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     info = init_distributed(config.tp_size, econfig.device)
     logger.info("tensor-parallel rank %d/%d serving model steps", info.rank, info.world_size)
+    worker = None
     try:
-        ModelWorker(econfig, info).serve_forever()
+        worker = ModelWorker(econfig, info)
+        worker.serve_forever()
     except RuntimeError as exc:
         logger.error("tensor-parallel rank %d: lost rank 0 (%s); exiting", info.rank, str(exc).splitlines()[0])
         return 1
     finally:
+        if worker is not None:
+            worker.release_graphs()  # graphs holding NCCL all-reduces must go before the process group
         shutdown_distributed()
     logger.info("tensor-parallel rank %d stopped", info.rank)
     return 0

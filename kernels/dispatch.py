@@ -6,14 +6,19 @@ K/V into the paged cache, `fp8_linear_channel(..., x_fp8=, x_scale=)` takes an a
 
 Backend choice: `GLINT_KERNELS=auto` (default: Triton for CUDA tensors, reference otherwise), `ref` (always
 the reference) or `triton` (always Triton, also on CPU tensors -- only meaningful under TRITON_INTERPRET=1,
-for tests); `set_backend()` changes it at run time. `TRITON_OPS` lists the ops whose Triton kernel passed
-its GPU tests; an op missing from it always runs the reference. The Triton modules are imported on first
-use, so importing this module never decorates a Triton kernel (TRITON_INTERPRET is read at that moment).
+for tests), read once at import. `with kernel_backend("ref"):` (optionally with `ops=`, the ops allowed on
+Triton) overrides it for the code inside the block only -- a ContextVar, so nothing global changes.
+`TRITON_OPS` lists the ops whose Triton kernel passed its GPU tests; an op missing from it always runs the
+reference. The Triton modules are imported on first use, so importing this module never decorates a Triton
+kernel (TRITON_INTERPRET is read at that moment).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import os
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -25,10 +30,10 @@ from kernels.moe_routing import moe_route_ref
 from kernels.norm import add_rms_norm_ref, rms_norm_ref
 from kernels.rope import qk_norm_rope_ref
 
-_BACKEND = os.environ.get("GLINT_KERNELS", "auto")
+BACKENDS = ("auto", "ref", "triton")
 
-# ops with a Triton kernel that is dispatched to (remove an entry to force the reference for that op)
-TRITON_OPS = {
+# ops with a Triton kernel that is dispatched to
+TRITON_OPS = frozenset({
     "rms_norm",
     "add_rms_norm",
     "silu_mul",
@@ -39,18 +44,40 @@ TRITON_OPS = {
     "moe_route",
     "fused_moe",
     "paged_attention",
-}
+})
 
 
-def set_backend(name: str) -> None:
-    global _BACKEND
-    if name not in ("auto", "ref", "triton"):
-        raise ValueError(f"unknown kernel backend {name!r}")
-    _BACKEND = name
+def _env_backend() -> str:
+    name = os.environ.get("GLINT_KERNELS", "auto")
+    if name not in BACKENDS:
+        raise ValueError(f"GLINT_KERNELS must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+# (backend, ops allowed on Triton) for the current context; kernel_backend() scopes a change
+_SELECTION: contextvars.ContextVar[tuple[str, frozenset[str]]] = contextvars.ContextVar(
+    "glint_kernel_backend", default=(_env_backend(), TRITON_OPS)
+)
+
+
+@contextlib.contextmanager
+def kernel_backend(name: str, ops: Iterable[str] | None = None) -> Iterator[None]:
+    """Use backend `name` (and only `ops` on Triton, default TRITON_OPS) inside the block."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; choose one of {BACKENDS}")
+    allowed = TRITON_OPS if ops is None else frozenset(ops)
+    unknown = allowed - TRITON_OPS
+    if unknown:
+        raise ValueError(f"no Triton kernel for {sorted(unknown)}")
+    token = _SELECTION.set((name, allowed))
+    try:
+        yield
+    finally:
+        _SELECTION.reset(token)
 
 
 def get_backend() -> str:
-    return _BACKEND
+    return _SELECTION.get()[0]
 
 
 def _triton(mod: str):
@@ -62,9 +89,10 @@ def _on_gpu(t: torch.Tensor) -> bool:
 
 
 def _use(op: str, t: torch.Tensor) -> bool:
-    if op not in TRITON_OPS or _BACKEND == "ref":
+    backend, ops = _SELECTION.get()
+    if op not in ops or backend == "ref":
         return False
-    return _BACKEND == "triton" or t.is_cuda
+    return backend == "triton" or t.is_cuda
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -1,7 +1,6 @@
 """The engine on a CUDA GPU (run on the lent GPU machine: `pytest -m gpu`)."""
 from __future__ import annotations
 
-import contextlib
 import json
 
 import pytest
@@ -35,17 +34,11 @@ def cpu_ref(tiny_dirs):
     return LLM(str(tiny_dirs["fp8-channel"]), device="cpu", dtype="float32")
 
 
-@contextlib.contextmanager
 def reference_kernels():
     """Run the torch reference ops on the GPU: same bf16/FP8 numerics as the Triton kernels, no Triton."""
-    from kernels.dispatch import get_backend, set_backend
+    from kernels.dispatch import kernel_backend
 
-    old = get_backend()
-    set_backend("ref")
-    try:
-        yield
-    finally:
-        set_backend(old)
+    return kernel_backend("ref")
 
 
 def test_graphs_equal_eager(tiny_dirs):

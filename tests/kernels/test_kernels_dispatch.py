@@ -17,10 +17,8 @@ from kernel_helpers import rel_err
 
 @pytest.fixture
 def forced_triton(device):
-    if device.type == "cpu":
-        dispatch.set_backend("triton")
-    yield
-    dispatch.set_backend("auto")
+    with dispatch.kernel_backend("triton" if device.type == "cpu" else "auto"):
+        yield
 
 
 def test_default_backend_keeps_cpu_on_reference(monkeypatch):
@@ -89,3 +87,20 @@ def test_dispatch_all_ops(device, forced_triton):
     assert rel_err(o, paged_attention_ref(qo, kc, vc, bt, lens, qsl, d ** -0.5)) < 6e-3
     o = kernels.paged_attention(qo[-1:], kc, vc, bt, lens, qsl[:2].clamp(max=1), d ** -0.5, max_query_len=1)
     assert rel_err(o, paged_attention_ref(qo[-1:], kc, vc, bt, lens, qsl[:2].clamp(max=1), d ** -0.5)) < 6e-3
+
+
+def test_kernel_backend_is_scoped(monkeypatch):
+    called = []
+    monkeypatch.setattr(dispatch, "_triton", lambda mod: called.append(mod) or pytest.fail("Triton called"))
+    x = torch.randn(2, 32)
+    w = torch.ones(32)
+    with dispatch.kernel_backend("ref"):
+        assert dispatch.get_backend() == "ref"
+        with dispatch.kernel_backend("triton", ops=set()):  # no op allowed on Triton: all stay on the reference
+            assert torch.equal(kernels.rms_norm(x, w, 1e-5), rms_norm_ref(x, w, 1e-5))
+        assert dispatch.get_backend() == "ref"
+    assert dispatch.get_backend() == "auto" and not called
+    with pytest.raises(ValueError, match="unknown kernel backend"), dispatch.kernel_backend("cuda"):
+        pass
+    with pytest.raises(ValueError, match="no Triton kernel"), dispatch.kernel_backend("triton", ops={"not_an_op"}):
+        pass

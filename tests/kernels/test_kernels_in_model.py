@@ -50,34 +50,20 @@ def _logprobs(model, cfg, dev) -> torch.Tensor:
         return torch.log_softmax(model.compute_logits(model(torch.arange(20, 20 + T, device=dev), ctx)), -1)
 
 
-@pytest.fixture
-def backend():
-    old_backend, old_ops = D.get_backend(), set(D.TRITON_OPS)
-
-    def use(name: str, ops: set[str] | None = None) -> None:
-        D.set_backend(name)
-        D.TRITON_OPS.clear()
-        D.TRITON_OPS.update(old_ops if ops is None else ops)
-
-    yield use
-    use(old_backend, old_ops)
-
-
-def test_all_ops_but_attention_bit_exact(fp8_model, backend):
+def test_all_ops_but_attention_bit_exact(fp8_model):
     model, cfg, dev = fp8_model
-    backend("ref")
-    ref = _logprobs(model, cfg, dev)
-    backend("triton", set(D.TRITON_OPS) - {"paged_attention"})
-    assert (_logprobs(model, cfg, dev) - ref).abs().max().item() == 0.0
+    with D.kernel_backend("ref"):
+        ref = _logprobs(model, cfg, dev)
+    with D.kernel_backend("triton", D.TRITON_OPS - {"paged_attention"}):
+        assert (_logprobs(model, cfg, dev) - ref).abs().max().item() == 0.0
 
 
-def test_attention_within_bf16_noise_floor(fp8_model, backend, monkeypatch):
+def test_attention_within_bf16_noise_floor(fp8_model, monkeypatch):
     model, cfg, dev = fp8_model
-    backend("ref")
-    ref = _logprobs(model, cfg, dev)
-    backend("triton")
-    err = (_logprobs(model, cfg, dev) - ref).abs().mean().item()
-    backend("ref")
+    with D.kernel_backend("ref"):
+        ref = _logprobs(model, cfg, dev)
+    with D.kernel_backend("triton"):
+        err = (_logprobs(model, cfg, dev) - ref).abs().mean().item()
     gen = torch.Generator(device="cpu").manual_seed(0)
     exact = D.paged_attention_ref
 
@@ -87,6 +73,7 @@ def test_attention_within_bf16_noise_floor(fp8_model, backend, monkeypatch):
         return (out.float() * (1 + 2**-9 * noise)).to(out.dtype)
 
     monkeypatch.setattr(D, "paged_attention_ref", bf16_noise)
-    floor = (_logprobs(model, cfg, dev) - ref).abs().mean().item()
+    with D.kernel_backend("ref"):
+        floor = (_logprobs(model, cfg, dev) - ref).abs().mean().item()
     assert floor > 0
     assert err <= 1.5 * floor + 0.02, (err, floor)

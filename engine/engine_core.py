@@ -108,6 +108,11 @@ class EngineCore:
             if not info.is_driver:
                 raise RuntimeError("EngineCore runs on rank 0 only; other ranks run ModelWorker.serve_forever()")
             return info
+        if torch.distributed.is_initialized():
+            raise RuntimeError(
+                "a torch.distributed process group already exists in this process (an earlier tensor-parallel LLM "
+                "that was not shut down, or the caller's own); call llm.shutdown() first, or launch with torchrun"
+            )
         port = int(os.environ.get("GLINT_DIST_PORT") or free_port())  # default: a free port (many instances/host)
         init_method = f"tcp://127.0.0.1:{port}"
         ctx = mp.get_context("spawn")
@@ -120,18 +125,24 @@ class EngineCore:
     def shutdown(self) -> None:
         """Stop the TP ranks this engine spawned and leave the process group. Under torchrun the other ranks
         are the user's processes: they serve only inside generate() calls, so there is nothing to stop."""
-        if self._procs:
-            try:
+        if not self._procs:
+            return
+        procs, self._procs = self._procs, []
+        all_alive = all(p.is_alive() for p in procs)
+        try:
+            if all_alive:
                 self.worker.send_control(STOP)
-            finally:
-                for p in self._procs:
-                    p.join(timeout=30)
-                    if p.is_alive():
-                        p.kill()
-                self._procs = []
-                self.worker.release_graphs()  # before the communicator goes (see ModelWorker.release_graphs)
-                shutdown_distributed()
-                self.dist = single_process()
+        except RuntimeError:
+            all_alive = False  # a rank went away meanwhile: the others cannot finish the collective either
+        finally:
+            for p in procs:
+                p.join(timeout=30 if all_alive else 1)
+                if p.is_alive():
+                    p.kill()
+                    p.join(5)
+            self.worker.release_graphs()  # before the communicator goes (see ModelWorker.release_graphs)
+            shutdown_distributed()  # also after a dead rank: a stale group would hang the next engine
+            self.dist = single_process()
 
     def _check_ranks_alive(self) -> None:
         for rank, p in enumerate(self._procs, start=1):

@@ -76,7 +76,18 @@ def test_dead_rank_brings_the_group_down(tiny_bf16):
             llm.generate(PROMPTS, SamplingParams(max_tokens=4), use_tqdm=False)
         assert time.monotonic() - t0 < 30
     finally:
-        llm.engine._procs = []
+        t0 = time.monotonic()
+        llm.shutdown()  # with a dead rank: no stop message, the group still torn down
+        assert time.monotonic() - t0 < 15
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    # and a new tensor-parallel engine starts and works in the same process
+    again = LLM(str(tiny_bf16), device="cpu", tensor_parallel_size=2, max_model_len=256, num_kv_blocks=64)
+    try:
+        assert again.generate(PROMPTS[:1], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+    finally:
+        again.shutdown()
 
 
 def test_shutdown_drops_graphs_before_the_process_group(tiny_bf16, monkeypatch):
@@ -101,3 +112,14 @@ def test_shutdown_drops_graphs_before_the_process_group(tiny_bf16, monkeypatch):
     llm.shutdown()
     assert events == ["graphs", "group"]
     assert llm.engine.worker.runner.graphs is None
+
+
+def test_existing_process_group_is_a_clear_error(tiny_bf16):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        with pytest.raises(RuntimeError, match="process group already exists"):
+            LLM(str(tiny_bf16), device="cpu", tensor_parallel_size=2, max_model_len=256, num_kv_blocks=64)
+    finally:
+        dist.destroy_process_group()

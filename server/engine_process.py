@@ -107,6 +107,9 @@ def engine_info(core: Any) -> dict[str, Any]:
         "stats": dict(core.stats()),
         "pid": os.getpid(),
     }
+    scheduler_cfg = getattr(getattr(core, "config", None), "scheduler", None)
+    if scheduler_cfg is not None:
+        info["max_num_seqs"] = int(scheduler_cfg.max_num_seqs)
     mc = getattr(core, "model_config", None)
     if mc is not None:
         info["vocab_size"] = getattr(mc, "vocab_size", None)

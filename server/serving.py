@@ -28,6 +28,18 @@ logger = logging.getLogger("glint.server")
 MIN_LOGPROB = -9999.0  # JSON has no -inf
 
 
+def queued_estimate(stats: dict, num_unacked: int, max_running: int | None) -> int:
+    """Requests that will sit in the engine's queue: those waiting now, plus the ones on their way to the engine
+    (not acknowledged yet) that will not find a free running slot. Without the slot count every in-flight
+    request counts as queued (two simultaneous requests to an idle server with --max-queued-requests 1 got a
+    429 for the second)."""
+    waiting = int(stats.get("num_waiting", 0))
+    if max_running is None:
+        return waiting + num_unacked
+    free = max(0, int(max_running) - int(stats.get("num_running", 0)) - waiting)
+    return waiting + max(0, num_unacked - free)
+
+
 @dataclass
 class ServerState:
     config: ServerConfig
@@ -257,7 +269,7 @@ class Generation:
         st.check_ready()
         limit = st.config.max_queued_requests
         if limit is not None:
-            waiting = int(st.client.stats.get("num_waiting", 0)) + st.client.num_unacked
+            waiting = queued_estimate(st.client.stats, st.client.num_unacked, st.client.info.get("max_num_seqs"))
             if waiting >= limit:
                 st.metrics.num_rejected_requests.inc()
                 raise APIError(

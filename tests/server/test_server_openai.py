@@ -8,6 +8,7 @@ each step is replaced by the next chunk of a realistic GLM-4.7 output.
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import openai
@@ -485,7 +486,12 @@ def test_open_server_accepts_any_or_no_key(server):
 
 
 def test_stats_line_and_request_log(server):
+    # the stats line is logged on the next --stats-interval (1 s) tick after activity: give it a few ticks
+    deadline = time.monotonic() + 5
     text = server.log_text()
+    while "Avg generation throughput" not in text and time.monotonic() < deadline:
+        time.sleep(0.1)
+        text = server.log_text()
     assert "KV cache capacity" in text and "glint server ready at http://" in text
     assert "Avg generation throughput" in text and "Prefix cache hit rate" in text
     assert '"POST /v1/chat/completions" 200' in text

@@ -298,3 +298,14 @@ def test_app_without_engine_json_log_and_503(caplog):
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "glint.requests"]
     assert [x["status"] for x in lines] == [503, 503, 401]
     assert lines[0]["path"] == "/v1/chat/completions" and lines[0]["request_id"]
+
+
+def test_queued_estimate_counts_only_requests_without_a_running_slot():
+    from server.serving import queued_estimate
+
+    idle = {"num_running": 0, "num_waiting": 0}
+    assert queued_estimate(idle, 1, 2) == 0  # a second simultaneous request still finds a free slot
+    assert queued_estimate(idle, 3, 2) == 1
+    assert queued_estimate({"num_running": 2, "num_waiting": 0}, 1, 2) == 1
+    assert queued_estimate({"num_running": 1, "num_waiting": 2}, 0, 2) == 2
+    assert queued_estimate({"num_running": 0, "num_waiting": 0}, 2, None) == 2  # slot count unknown: conservative

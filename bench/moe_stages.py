@@ -9,11 +9,10 @@ the sum, and `torch._scaled_grouped_mm` (the two grouped GEMMs over the same rou
 from __future__ import annotations
 
 import argparse
-from collections import defaultdict
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
+from bench.kernel_profile import kernel_breakdown
 from bench.kernels import BF16, _graph_time, _grouped_baseline, _routings, fp8_weight
 
 VARIANTS = [
@@ -28,17 +27,8 @@ VARIANTS = [
 
 
 def breakdown(fn, reps: int = 5) -> dict[str, float]:
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    acc: dict[str, float] = defaultdict(float)
-    for ev in prof.key_averages():
-        if ev.device_time_total > 0:
-            acc[ev.key[:70]] += ev.device_time_total / reps
-    return dict(acc)
+    """{kernel name: µs per call} (bench.kernel_profile)."""
+    return {r["name"]: r["us_per_call"] for r in kernel_breakdown(fn, reps)}
 
 
 def main(argv=None) -> int:

@@ -9,10 +9,10 @@ import torch
 
 from engine.kv_cache import kv_cache_dtype as _kv_torch_dtype
 from kernels import flash_attn_adapter
+from model.attention import ATTENTION_BACKENDS
 from model.config import ModelConfig, load_model_config
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ATTENTION_BACKENDS = ("triton", "fa3")  # the engine's Triton kernels (reference on CPU) | flash_attn
 
 
 @dataclass(frozen=True)

@@ -23,12 +23,11 @@ from engine.distributed import (
     free_port,
     init_distributed,
     launched_by_torchrun,
-    shutdown_distributed,
     single_process,
 )
 from engine.device_copy import to_device
 from engine.model_runner import PLACEHOLDER, StepLayout, prepare_step
-from engine.model_worker import STOP, ModelWorker, spawned_worker_main
+from engine.model_worker import STOP, ModelWorker, leave_process_group, spawned_worker_main
 from engine.outputs import LogprobsDict, RequestDelta
 from engine.request import Request
 from engine.sampler import DeferredSample, Sampler, SamplingState, compute_prompt_logprobs
@@ -140,8 +139,7 @@ class EngineCore:
                 if p.is_alive():
                     p.kill()
                     p.join(5)
-            self.worker.release_graphs()  # before the communicator goes (see ModelWorker.release_graphs)
-            shutdown_distributed()  # also after a dead rank: a stale group would hang the next engine
+            leave_process_group(self.worker)  # also after a dead rank: a stale group would hang the next engine
             self.dist = single_process()
 
     def _check_ranks_alive(self) -> None:

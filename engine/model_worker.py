@@ -147,9 +147,18 @@ class ModelWorker:
                 raise RuntimeError(f"unexpected control message {msg!r}")
 
 
+def leave_process_group(worker: ModelWorker | None) -> None:
+    """Drop the worker's CUDA graphs, then leave the process group (that order: see release_graphs)."""
+    from engine.distributed import shutdown_distributed
+
+    if worker is not None:
+        worker.release_graphs()
+    shutdown_distributed()
+
+
 def spawned_worker_main(rank: int, world_size: int, init_method: str, config: EngineConfig) -> None:
     """Entry point of a TP rank the engine started itself (multiprocessing spawn)."""
-    from engine.distributed import init_distributed, shutdown_distributed
+    from engine.distributed import init_distributed
 
     logging.basicConfig(level=logging.WARNING)
     info = init_distributed(world_size, config.device, rank=rank, init_method=init_method)
@@ -158,6 +167,4 @@ def spawned_worker_main(rank: int, world_size: int, init_method: str, config: En
         worker = ModelWorker(config, info)
         worker.serve_forever()
     finally:
-        if worker is not None:
-            worker.release_graphs()
-        shutdown_distributed()
+        leave_process_group(worker)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 
 from kernels import flash_attn_adapter
-from model.attention import ATTENTION_BACKENDS
 from model.config import ModelConfig
 from model.dummy import DummySource
 from model.glm4_moe import Glm4MoeForCausalLM
@@ -28,8 +27,6 @@ def build_model(
 ) -> Glm4MoeForCausalLM:
     if load_format not in ("auto", "safetensors", "dummy"):
         raise ValueError(f"load_format must be 'auto', 'safetensors' or 'dummy', got {load_format!r}")
-    if attention_backend not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {attention_backend!r}")
     if attention_backend == "fa3":
         reason = flash_attn_adapter.unsupported_reason(torch.device(device).type, dtype, cfg.head_dim)
         if reason:

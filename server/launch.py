@@ -60,8 +60,8 @@ def run_tp_worker(config: ServerConfig) -> int:
     """`torchrun --nproc-per-node N -m server --tp-size N ...`: ranks > 0 run the model worker loop (rank 0's
     engine process broadcasts every step to them) until the server stops."""
     from engine import EngineConfig
-    from engine.distributed import init_distributed, shutdown_distributed
-    from engine.model_worker import ModelWorker
+    from engine.distributed import init_distributed
+    from engine.model_worker import ModelWorker, leave_process_group
 
     setup_logging(config.log_level)
     config = resolve_model(config)
@@ -80,9 +80,7 @@ def run_tp_worker(config: ServerConfig) -> int:
         logger.error("tensor-parallel rank %d: lost rank 0 (%s); exiting", info.rank, str(exc).splitlines()[0])
         return 1
     finally:
-        if worker is not None:
-            worker.release_graphs()  # graphs holding NCCL all-reduces must go before the process group
-        shutdown_distributed()
+        leave_process_group(worker)
     logger.info("tensor-parallel rank %d stopped", info.rank)
     return 0
 

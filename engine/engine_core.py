@@ -128,9 +128,14 @@ class EngineCore:
             return
         procs, self._procs = self._procs, []
         all_alive = all(p.is_alive() for p in procs)
+        left = False
         try:
             if all_alive:
                 self.worker.send_control(STOP)
+                # NCCL's group teardown waits for every rank: leave together with the ranks, then reap them
+                # (leaving after the join cost the join's full 30 s timeout on 2x H200).
+                left = True
+                leave_process_group(self.worker)
         except RuntimeError:
             all_alive = False  # a rank went away meanwhile: the others cannot finish the collective either
         finally:
@@ -139,7 +144,8 @@ class EngineCore:
                 if p.is_alive():
                     p.kill()
                     p.join(5)
-            leave_process_group(self.worker)  # also after a dead rank: a stale group would hang the next engine
+            if not left:
+                leave_process_group(self.worker)  # also after a dead rank: a stale group would hang the next engine
             self.dist = single_process()
 
     def _check_ranks_alive(self) -> None:

@@ -75,9 +75,10 @@ def shutdown_core(core: Any) -> None:
             dist is not None and getattr(dist, "world_size", 1) > 1 and not getattr(core, "_procs", None)
         )
         if torchrun_ranks:
-            from engine.model_worker import STOP
+            from engine.model_worker import STOP, leave_process_group
 
             core.worker.send_control(STOP)
+            leave_process_group(core.worker)  # the workers leave now too; NCCL's teardown waits for every rank
         fn = getattr(core, "shutdown", None)
         if callable(fn):
             fn()

@@ -26,7 +26,7 @@ from kernels.activation import silu_mul_ref
 from kernels.attention import paged_attention_ref, store_kv_ref
 from kernels.fp8_linear import fp8_linear_block_ref, fp8_linear_channel_ref
 from kernels.fused_moe import fused_moe_ref
-from kernels.moe_routing import moe_route_ref
+from kernels.moe_routing import moe_gate_route_ref, moe_route_ref
 from kernels.norm import add_rms_norm_ref, rms_norm_ref
 from kernels.rope import qk_norm_rope_ref
 
@@ -42,6 +42,7 @@ TRITON_OPS = frozenset({
     "fp8_linear_channel",
     "fp8_linear_block",
     "moe_route",
+    "moe_gate_route",
     "fused_moe",
     "paged_attention",
 })
@@ -206,6 +207,28 @@ def moe_route(
         router_logits, correction_bias, top_k, n_group, topk_group, renormalize, routed_scaling_factor,
         num_fused_shared_experts,
     )
+
+
+def moe_gate_route(
+    x: torch.Tensor,
+    gate_weight: torch.Tensor,
+    correction_bias: torch.Tensor | None,
+    top_k: int,
+    n_group: int = 1,
+    topk_group: int = 1,
+    renormalize: bool = True,
+    routed_scaling_factor: float = 1.0,
+    num_fused_shared_experts: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """moe_route of the fp32 router logits x.float() @ gate_weight.T (on Triton: one launch for decode sizes)."""
+    if _use("moe_gate_route", x) and _use("moe_route", x):
+        return _triton("moe_routing").moe_gate_route(
+            x, gate_weight, correction_bias, top_k, n_group, topk_group, renormalize, routed_scaling_factor,
+            num_fused_shared_experts,
+        )
+    logits = torch.nn.functional.linear(x.float(), gate_weight.float())
+    return moe_route(logits, correction_bias, top_k, n_group, topk_group, renormalize, routed_scaling_factor,
+                     num_fused_shared_experts)
 
 
 def fused_moe(

@@ -40,3 +40,20 @@ def moe_route_ref(
         topk_ids = torch.cat([topk_ids, shared_ids], dim=1)
         weights = torch.cat([weights, torch.ones(t, 1, dtype=weights.dtype, device=weights.device)], dim=1)
     return weights, topk_ids.to(torch.int32)
+
+
+def moe_gate_route_ref(
+    x: torch.Tensor,
+    gate_weight: torch.Tensor,
+    correction_bias: torch.Tensor | None,
+    top_k: int,
+    n_group: int = 1,
+    topk_group: int = 1,
+    renormalize: bool = True,
+    routed_scaling_factor: float = 1.0,
+    num_fused_shared_experts: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router and the routing in one op: fp32 logits x.float() @ gate_weight.T, then moe_route_ref."""
+    logits = torch.nn.functional.linear(x.float(), gate_weight.float())
+    return moe_route_ref(logits, correction_bias, top_k, n_group, topk_group, renormalize, routed_scaling_factor,
+                         num_fused_shared_experts)

@@ -77,13 +77,13 @@ def _decode_kernel(
         j = start + jn
         jm = j < j1
         k = _load_kv_tile(kc_ptr, bt_row, j, jm, hk, stride_kslot, stride_kh, BS, D, QDT)
+        v = _load_kv_tile(vc_ptr, bt_row, j, jm, hk, stride_vslot, stride_vh, BS, D, QDT)  # in flight with k
         s = tl.dot(dot_operand(q), dot_operand(tl.trans(k))) * qk_scale
         s = tl.where(jm[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_kv_tile(vc_ptr, bt_row, j, jm, hk, stride_vslot, stride_vh, BS, D, QDT)
         acc = acc * alpha[:, None] + tl.dot(dot_operand(p.to(QDT)), dot_operand(v))
         m_i = m_new
     if not MULTI:

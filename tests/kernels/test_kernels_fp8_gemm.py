@@ -80,3 +80,59 @@ def test_fp8_linear_gpu(m, n, k):
     with poisoned_empty():
         y = fp8_linear_block(x, wb, wbs)
     _check(y, fp8_linear_block_ref(x, wb, wbs), gpu=True)
+
+
+GEMV_CFGS = [
+    None,  # heuristic
+    dict(BLOCK_N=8, BLOCK_K=64, SPLIT_K=3, K_PER_SPLIT=128, num_warps=4, num_stages=1),  # ragged last split
+    dict(BLOCK_N=32, BLOCK_K=128, SPLIT_K=1, K_PER_SPLIT=384, num_warps=4, num_stages=1),  # masked K tail
+]
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("n,k", [(40, 320), (96, 256)])
+@pytest.mark.parametrize("cfg", range(len(GEMV_CFGS)))
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp8_gemv(device, m, n, k, cfg, bias):
+    from kernels.triton_fp8_gemv import fp8_gemv
+    from kernels.triton_quant import quant_fp8_per_token
+
+    x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    w, ws = quant_fp8_weight_per_channel(torch.randn(n, k, device=device) * 0.05)
+    b = torch.randn(n, device=device, dtype=torch.bfloat16) if bias else None
+    xq, xs = quant_fp8_per_token(x)
+    with poisoned_empty():
+        y = fp8_gemv(xq, xs, w, ws, b, torch.bfloat16, config=GEMV_CFGS[cfg])
+    _check(y, fp8_linear_channel_ref(x, w, ws, b))
+
+
+def test_fp8_gemv_counters_reset_and_rejects_large_m(device):
+    from kernels.triton_fp8_gemv import fp8_gemv
+    from kernels.triton_quant import quant_fp8_per_token
+
+    x = torch.randn(2, 512, device=device, dtype=torch.bfloat16)
+    w, ws = quant_fp8_weight_per_channel(torch.randn(48, 512, device=device) * 0.05)
+    xq, xs = quant_fp8_per_token(x)
+    cfg = dict(BLOCK_N=16, BLOCK_K=64, SPLIT_K=8, K_PER_SPLIT=64, num_warps=4, num_stages=1)
+    ref = fp8_linear_channel_ref(x, w, ws)
+    for _ in range(3):
+        _check(fp8_gemv(xq, xs, w, ws, None, torch.bfloat16, config=cfg), ref)
+    x5 = torch.randn(5, 512, device=device, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="at most 4 rows"):
+        fp8_gemv(*quant_fp8_per_token(x5), w, ws, None, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2, 4])
+@pytest.mark.parametrize("n,k", [(14336, 5120), (5120, 12288), (24576, 5120), (1536, 5120), (5120, 1536)])
+def test_fp8_gemv_gpu(m, n, k):
+    from kernels.triton_fp8_gemv import fp8_gemv
+    from kernels.triton_quant import quant_fp8_per_token
+
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w, ws = quant_fp8_weight_per_channel(torch.randn(n, k, device="cuda") * 0.05)
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    xq, xs = quant_fp8_per_token(x)
+    with poisoned_empty():
+        y = fp8_gemv(xq, xs, w, ws, b, torch.bfloat16)
+    _check(y, fp8_linear_channel_ref(x, w, ws, b), gpu=True)

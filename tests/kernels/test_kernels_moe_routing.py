@@ -42,3 +42,53 @@ def test_moe_route_gpu(t, shared):
         w, ids = moe_route(logits, b, 8, 1, 1, True, 2.5, shared)
     wr, idr = moe_route_ref(logits, b, 8, 1, 1, True, 2.5, shared)
     _check(w, ids, wr, idr)
+
+
+@pytest.mark.parametrize(
+    "t,e,h,k,ng,tg,shared,cfg",
+    [
+        (1, 16, 96, 4, 1, 1, 0, dict(BLOCK_E=4, BLOCK_H=32, H_PER_SPLIT=32)),  # 3 hidden slices, 4 expert blocks
+        (3, 24, 200, 3, 4, 2, 1, dict(BLOCK_E=8, BLOCK_H=64, H_PER_SPLIT=128)),  # ragged last slice, t < 4
+        (4, 20, 64, 2, 1, 1, 1, None),  # default config (one slice)
+        (2, 64, 130, 6, 8, 3, 0, dict(BLOCK_E=16, BLOCK_H=16, H_PER_SPLIT=48)),
+    ],
+)
+@pytest.mark.parametrize("bias", [True, False])
+def test_moe_gate_route(device, t, e, h, k, ng, tg, shared, cfg, bias):
+    from kernels.moe_routing import moe_gate_route_ref
+    from kernels.triton_moe_routing import moe_gate_route
+
+    x = torch.randn(t, h, device=device, dtype=torch.bfloat16)
+    gw = torch.randn(e, h, device=device) / h**0.5 * 3
+    b = torch.randn(e, device=device) * 0.5 if bias else None
+    for _ in range(2):  # the ticket re-arms itself
+        with poisoned_empty():
+            w, ids = moe_gate_route(x, gw, b, k, ng, tg, True, 2.5, shared, config=cfg)
+        wr, idr = moe_gate_route_ref(x, gw, b, k, ng, tg, True, 2.5, shared)
+        _check(w, ids, wr, idr)
+
+
+def test_moe_gate_route_large_t_falls_back(device):
+    from kernels.moe_routing import moe_gate_route_ref
+    from kernels.triton_moe_routing import GATE_ROUTE_MAX_T, moe_gate_route
+
+    x = torch.randn(GATE_ROUTE_MAX_T + 3, 64, device=device, dtype=torch.bfloat16)
+    gw = torch.randn(32, 64, device=device) / 8
+    w, ids = moe_gate_route(x, gw, None, 4)
+    _check(w, ids, *moe_gate_route_ref(x, gw, None, 4))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 2, 4, 64])
+@pytest.mark.parametrize("shared", [0, 1])
+def test_moe_gate_route_gpu(t, shared):
+    """GLM-4.7 widths: 160 experts, hidden 5120, top-8, fp32 gate weights."""
+    from kernels.moe_routing import moe_gate_route_ref
+    from kernels.triton_moe_routing import moe_gate_route
+
+    x = torch.randn(t, 5120, device="cuda", dtype=torch.bfloat16)
+    gw = torch.randn(160, 5120, device="cuda") / 5120**0.5
+    b = torch.randn(160, device="cuda") * 0.1
+    w, ids = moe_gate_route(x, gw, b, 8, 1, 1, True, 2.5, shared)
+    wr, idr = moe_gate_route_ref(x, gw, b, 8, 1, 1, True, 2.5, shared)
+    _check(w, ids, wr, idr)

@@ -253,16 +253,6 @@ def triton_max_m(device: str) -> int:
     return 16
 
 
-@functools.lru_cache(maxsize=None)
-def gemv_max_m(device: str) -> int:
-    """Largest M that takes the FP8 GEMV (kernels/triton_fp8_gemv.py): `gemv_max_m` of the GPU's entry in
-    kernels/configs/fp8_linear.json, else 4 (its limit)."""
-    entry = _linear_table().get(device)
-    if isinstance(entry, dict) and "gemv_max_m" in entry:
-        return int(entry["gemv_max_m"])
-    return 4
-
-
 def scaled_mm_ok(x: torch.Tensor, w_fp8: torch.Tensor, bias: torch.Tensor | None) -> bool:
     k = x.shape[1]
     n = w_fp8.shape[0]
@@ -291,15 +281,8 @@ def fp8_linear_channel_auto(
     x_fp8: torch.Tensor | None = None,
     x_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """GPU FP8 channel linear: the CUDA-core GEMV for M <= gemv_max_m, the Triton GEMM up to the measured
-    crossover M, cuBLAS `_scaled_mm` above it."""
+    """GPU FP8 channel linear: the Triton GEMM up to the measured crossover M, cuBLAS `_scaled_mm` above it."""
     m = x.shape[0]
-    if 0 < m <= gemv_max_m(device_name(x.device)):
-        from kernels.triton_fp8_gemv import fp8_gemv
-
-        if x_fp8 is None:
-            x_fp8, x_scale = quant_fp8_per_token(x)
-        return fp8_gemv(x_fp8, x_scale, w_fp8, w_scale, bias, x.dtype)
     if m > triton_max_m(device_name(x.device)) and scaled_mm_ok(x, w_fp8, bias):
         if x_fp8 is None:
             x_fp8, x_scale = quant_fp8_per_token(x)
@@ -307,4 +290,4 @@ def fp8_linear_channel_auto(
     return fp8_linear_channel(x, w_fp8, w_scale, bias, x_fp8, x_scale)
 
 
-__all__ += ["fp8_linear_channel_auto", "gemv_max_m", "scaled_mm_linear", "triton_max_m", "tuned_small_m"]
+__all__ += ["fp8_linear_channel_auto", "scaled_mm_linear", "triton_max_m", "tuned_small_m"]

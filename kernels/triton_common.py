@@ -117,3 +117,52 @@ def cdiv(a: int, b: int) -> int:
 
 def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(1, n))
+
+
+# ------------------------------------------------------------------------ programmatic dependent launch
+# On Hopper a kernel launched with launch_pdl=True may be scheduled while the previous kernel in the stream
+# still runs. Every glint Triton kernel starts with pdl_entry(PDL): it first waits until the previous kernel has
+# completed and its writes are visible (griddepcontrol.wait), then lets the next kernel launch early
+# (griddepcontrol.launch_dependents). Nothing is read or written before the wait, so stream order is kept;
+# what overlaps is only the next kernel's launch and CTA setup (the ~1 us gaps between the many small kernels
+# of a batch-1 decode step). GLINT_PDL=0 turns it off (read once, like GLINT_KERNELS).
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    _PDL_IN_TRITON = "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+except ImportError:  # a Triton without PDL: PDL stays off and these are never compiled
+    _PDL_IN_TRITON = False
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
+
+_PDL_ENV = os.environ.get("GLINT_PDL", "1") != "0"
+
+
+@triton.jit
+def pdl_entry(PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+_PDL_CACHE: dict[int, bool] = {}
+
+
+def pdl_launch(device: torch.device) -> dict:
+    """Launch keywords for a glint Triton kernel on `device`: PDL on for CUDA GPUs of compute capability >= 9
+    when this Triton supports it (and GLINT_PDL is not 0), else nothing (the kernel's PDL defaults to False)."""
+    if INTERPRET or not _PDL_ENV or not _PDL_IN_TRITON or device.type != "cuda":
+        return {}
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    ok = _PDL_CACHE.get(index)
+    if ok is None:
+        ok = _PDL_CACHE[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return {"PDL": True, "launch_pdl": True} if ok else {}

@@ -26,7 +26,7 @@ from kernels.activation import silu_mul_ref
 from kernels.attention import paged_attention_ref, store_kv_ref
 from kernels.fp8_linear import fp8_linear_block_ref, fp8_linear_channel_ref
 from kernels.fused_moe import fused_moe_ref
-from kernels.moe_routing import moe_gate_route_ref, moe_route_ref
+from kernels.moe_routing import moe_route_ref
 from kernels.norm import add_rms_norm_ref, rms_norm_ref
 from kernels.rope import qk_norm_rope_ref
 

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import cdiv, dot_operand, next_pow2, pdl_entry, pdl_launch, to_out
+from kernels.triton_common import cdiv, dot_operand, next_pow2, to_out
 
 LOG2E = 1.4426950408889634
 
@@ -52,9 +52,8 @@ def _decode_kernel(
     qk_scale, v_scale, HQ, SPLITS,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_kslot, stride_kh, stride_vslot, stride_vh,
     G: tl.constexpr, G_P: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
-    MULTI: tl.constexpr, QDT: tl.constexpr, PDL: tl.constexpr = False,
+    MULTI: tl.constexpr, QDT: tl.constexpr,
 ):
-    pdl_entry(PDL)
     b = tl.program_id(0)
     hk = tl.program_id(1)
     sp = tl.program_id(2)
@@ -104,9 +103,8 @@ def _decode_kernel(
 @triton.jit
 def _decode_reduce_kernel(
     po_ptr, plse_ptr, qsl_ptr, o_ptr, v_scale, HQ, SPLITS, stride_ot, stride_oh,
-    S_P: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr = False,
+    S_P: tl.constexpr, D: tl.constexpr,
 ):
-    pdl_entry(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     tok = tl.load(qsl_ptr + b).to(tl.int64)
@@ -149,9 +147,8 @@ def _extend_kernel(
     qk_scale, v_scale,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_kslot, stride_kh, stride_vslot, stride_vh,
     G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    QDT: tl.constexpr, PDL: tl.constexpr = False,
+    QDT: tl.constexpr,
 ):
-    pdl_entry(PDL)
     # grid (q blocks, Hq, B) with the q-block index reversed: the longest (last) blocks of a causal prompt start
     # first, so the short ones fill the tail of the wave
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -269,12 +266,12 @@ def paged_attention(
             qk_scale, float(v_scale), hq, splits,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), *ks, *vs,
             G=group, G_P=g_p, D=d, BS=bs, BLOCK_N=block_n, MULTI=splits > 1, QDT=qdt,
-            num_warps=num_warps or 4, num_stages=num_stages or 2, **pdl_launch(q.device),
+            num_warps=num_warps or 4, num_stages=num_stages or 2,
         )
         if splits > 1:
             _decode_reduce_kernel[(b, hq)](
                 po, plse, query_start_loc, out, float(v_scale), hq, splits, out.stride(0), out.stride(1),
-                S_P=max(2, next_pow2(splits)), D=d, num_warps=4, **pdl_launch(po.device),
+                S_P=max(2, next_pow2(splits)), D=d, num_warps=4,
             )
         return out
     cfg = extend_config(max_query_len, d)
@@ -284,7 +281,7 @@ def paged_attention(
         qk_scale, float(v_scale),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), *ks, *vs,
         G=group, D=d, BS=bs, BLOCK_M=block_m, BLOCK_N=block_n or cfg["BLOCK_N"], QDT=qdt,
-        num_warps=num_warps or cfg["W"], num_stages=num_stages or cfg["S"], **pdl_launch(q.device),
+        num_warps=num_warps or cfg["W"], num_stages=num_stages or cfg["S"],
     )
     return out
 

@@ -32,9 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import (
-    cdiv, device_name, dot_operand, pdl_entry, pdl_launch, round_bf16, tl_dtype, to_fp8, to_out, zeroed_counters,
-)
+from kernels.triton_common import cdiv, device_name, dot_operand, round_bf16, tl_dtype, to_fp8, to_out, zeroed_counters
 from kernels.triton_moe_align import max_blocks, moe_align
 from kernels.triton_quant import quant_fp8_per_group, quant_fp8_per_token
 
@@ -65,9 +63,8 @@ def _moe_gate_up_kernel(
     stride_xm, stride_xsm, stride_we, stride_wn, stride_wse, stride_wsn, stride_am,
     QUANT: tl.constexpr, A_MODE: tl.constexpr, DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-    EVEN_K: tl.constexpr, PAIR: tl.constexpr, FAST_ACC: tl.constexpr, PDL: tl.constexpr = False,
+    EVEN_K: tl.constexpr, PAIR: tl.constexpr, FAST_ACC: tl.constexpr,
 ):
-    pdl_entry(PDL)
     # A_MODE: 0 = x used as is (bf16 / fp8 already quantized), 2 = x in bf16, quantized here
     # PAIR: no alignment; block m is the single pair m (bexp_ptr = topk_ids), rows 1.. are padding
     num_n = tl.cdiv(I, BLOCK_N)
@@ -191,9 +188,7 @@ def _moe_down_kernel(
     QUANT: tl.constexpr, A_MODE: tl.constexpr, DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     PAIR: tl.constexpr, FUSE_REDUCE: tl.constexpr, TOPK: tl.constexpr, FAST_ACC: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):
-    pdl_entry(PDL)
     # A program takes one M block and N_LOOP consecutive N tiles (row indices, the act scale and the A rows
     # are fetched once and reused). FUSE_REDUCE: after writing its y rows, a program takes a ticket per
     # (token, N tile); the program that completes a token's top-k set sums them (weighted) into out and
@@ -289,9 +284,8 @@ def _moe_down_kernel(
 @triton.jit
 def _moe_reduce_kernel(
     y_ptr, w_ptr, out_ptr, H, stride_ym, stride_wt, stride_ot,
-    TOPK: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr = False,
+    TOPK: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    pdl_entry(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     m = h < H
@@ -451,7 +445,6 @@ def fused_moe(
         xa.stride(0), xs.stride(0) if qid else 0, w13.stride(0), w13.stride(1), *ws13_strides, act.stride(0),
         QUANT=qid, A_MODE=a_mode, DT=dt, BLOCK_M=bm, BLOCK_N=bn1, BLOCK_K=cfg["BLOCK_K1"], SPLIT=split > 1,
         EVEN_K=h % cfg["BLOCK_K1"] == 0, PAIR=pair, FAST_ACC=bool(cfg.get("FAST_ACC", False)), num_warps=cfg["W1"], num_stages=cfg["S1"],
-            **pdl_launch(xa.device),
     )
     y = torch.empty(np_, h, dtype=x.dtype, device=x.device)
     bn2 = cfg["BLOCK_N2"]
@@ -475,13 +468,11 @@ def fused_moe(
         QUANT=qid, A_MODE=a2_mode, DT=dt, BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=cfg["BLOCK_K2"],
         EVEN_K=inter % cfg["BLOCK_K2"] == 0, PAIR=pair, FUSE_REDUCE=fuse, TOPK=topk,
         FAST_ACC=bool(cfg.get("FAST_ACC", False)), num_warps=cfg["W2"], num_stages=cfg["S2"],
-            **pdl_launch(act_a.device),
     )
     if not fuse:
         bh = 1024
         _moe_reduce_kernel[(t, cdiv(h, bh))](
             y, tw, out, h, y.stride(0), tw.stride(0), out.stride(0), TOPK=topk, BLOCK_H=bh, num_warps=4,
-                **pdl_launch(y.device),
         )
     return out
 

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import cdiv, next_pow2, pdl_entry, pdl_launch
+from kernels.triton_common import cdiv, next_pow2
 
 SMALL_MAX = 4096  # pairs handled by the one-program kernel
 CHUNK_LARGE = 1024
@@ -60,9 +60,7 @@ def _sort_scatter(ids_ptr, sorted_ptr, base_ptr, c, NP, E, CHUNK: tl.constexpr):
 def _align_small_kernel(
     ids_ptr, sorted_ptr, bexp_ptr, base_ptr, NP, E, MAX_BLOCKS,
     BLOCK_M: tl.constexpr, E_P: tl.constexpr, CHUNK: tl.constexpr, BCHUNK: tl.constexpr, FILL: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):
-    pdl_entry(PDL)
     li = tl.arange(0, CHUNK)
     ei = tl.arange(0, E_P)
     e = tl.load(ids_ptr + li, mask=li < NP, other=E)
@@ -82,10 +80,7 @@ def _align_small_kernel(
 
 
 @triton.jit
-def _align_hist_kernel(
-    ids_ptr, hist_ptr, sorted_ptr, NP, E, TOTAL, E_P: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr = False,
-):
-    pdl_entry(PDL)
+def _align_hist_kernel(ids_ptr, hist_ptr, sorted_ptr, NP, E, TOTAL, E_P: tl.constexpr, CHUNK: tl.constexpr):
     c = tl.program_id(0)
     nc = tl.num_programs(0)
     li = tl.arange(0, CHUNK)
@@ -99,9 +94,8 @@ def _align_hist_kernel(
 @triton.jit
 def _align_scan_kernel(
     hist_ptr, base_ptr, bexp_ptr, NCHUNK, E, MAX_BLOCKS,
-    BLOCK_M: tl.constexpr, E_P: tl.constexpr, BCHUNK: tl.constexpr, PDL: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, E_P: tl.constexpr, BCHUNK: tl.constexpr,
 ):
-    pdl_entry(PDL)
     ei = tl.arange(0, E_P)
     real = ei < E
     counts = tl.zeros([E_P], dtype=tl.int32)
@@ -120,10 +114,7 @@ def _align_scan_kernel(
 
 
 @triton.jit
-def _align_scatter_kernel(
-    ids_ptr, sorted_ptr, base_ptr, NP, E, E_P: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr = False,
-):
-    pdl_entry(PDL)
+def _align_scatter_kernel(ids_ptr, sorted_ptr, base_ptr, NP, E, E_P: tl.constexpr, CHUNK: tl.constexpr):
     c = tl.program_id(0)
     _sort_scatter(ids_ptr, sorted_ptr, base_ptr + c * E_P, c, NP, E, CHUNK)
 
@@ -151,7 +142,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
         _align_small_kernel[(1,)](
             ids, sorted_ids, bexp, base, np_, num_experts, mb,
             BLOCK_M=block_m, E_P=e_p, CHUNK=chunk, BCHUNK=bchunk, FILL=max(chunk, 1024),
-            num_warps=8 if chunk >= 2048 else 4, **pdl_launch(ids.device),
+            num_warps=8 if chunk >= 2048 else 4,
         )
         return sorted_ids, bexp
     chunk = CHUNK_LARGE
@@ -159,11 +150,10 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     hist = torch.empty(nchunk, e_p, dtype=torch.int32, device=dev)
     base = torch.empty(nchunk, e_p, dtype=torch.int32, device=dev)
     _align_hist_kernel[(nchunk,)](ids, hist, sorted_ids, np_, num_experts, mb * block_m, E_P=e_p, CHUNK=chunk,
-                                  num_warps=4, **pdl_launch(ids.device))
+                                  num_warps=4)
     _align_scan_kernel[(1,)](hist, base, bexp, nchunk, num_experts, mb, BLOCK_M=block_m, E_P=e_p, BCHUNK=bchunk,
-                             num_warps=4, **pdl_launch(hist.device))
-    _align_scatter_kernel[(nchunk,)](ids, sorted_ids, base, np_, num_experts, E_P=e_p, CHUNK=chunk, num_warps=4,
-        **pdl_launch(ids.device))
+                             num_warps=4)
+    _align_scatter_kernel[(nchunk,)](ids, sorted_ids, base, np_, num_experts, E_P=e_p, CHUNK=chunk, num_warps=4)
     return sorted_ids, bexp
 
 

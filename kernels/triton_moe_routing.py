@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import cdiv, next_pow2, pdl_entry, pdl_launch, zeroed_counters
+from kernels.triton_common import cdiv, next_pow2, zeroed_counters
 
 
 @triton.jit
@@ -94,9 +94,8 @@ def _moe_route_kernel(
     logit_ptr, bias_ptr, w_ptr, id_ptr, T, E, EG, G, stride_lt, stride_wt, stride_it, scaling,
     TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr,
     RENORM: tl.constexpr, SHARED: tl.constexpr, BLOCK_T: tl.constexpr, G_P: tl.constexpr, EG_P: tl.constexpr,
-    K_P: tl.constexpr, PDL: tl.constexpr = False,
+    K_P: tl.constexpr,
 ):
-    pdl_entry(PDL)
     ti = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tm = ti < T
     ti_c = tl.where(tm, ti, 0).to(tl.int64)
@@ -116,12 +115,11 @@ def _gate_route_kernel(
     BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
     TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr,
     RENORM: tl.constexpr, SHARED: tl.constexpr, BLOCK_T: tl.constexpr, G_P: tl.constexpr, EG_P: tl.constexpr,
-    K_P: tl.constexpr, PDL: tl.constexpr = False,
+    K_P: tl.constexpr,
 ):
     """Router GEMV + routing for up to BLOCK_T tokens in one launch. Program (e, h) computes the fp32 logits
     of experts [e * BLOCK_E, +BLOCK_E) over hidden slice h and stores them as a partial; the last program to
     take the ticket sums the partials in slice order (deterministic) and routes every token."""
-    pdl_entry(PDL)
     pid_e = tl.program_id(0)
     pid_h = tl.program_id(1)
     n_prog = tl.num_programs(0) * tl.num_programs(1)
@@ -184,7 +182,7 @@ def moe_route(
         logits.stride(0), w.stride(0), ids.stride(0), float(routed_scaling_factor),
         TOP_K=top_k, TOPK_GROUP=topk_group, HAS_BIAS=correction_bias is not None, GROUPED=n_group > 1,
         RENORM=renormalize, SHARED=num_fused_shared_experts, BLOCK_T=block_t, G_P=g_p, EG_P=eg_p, K_P=next_pow2(kk),
-        num_warps=8 if g_p * eg_p >= 256 else 4, **pdl_launch(logits.device),
+        num_warps=8 if g_p * eg_p >= 256 else 4,
     )
     return w, ids
 
@@ -235,7 +233,7 @@ def moe_gate_route(
         float(routed_scaling_factor), BLOCK_E=block_e, BLOCK_H=block_h,
         TOP_K=top_k, TOPK_GROUP=topk_group, HAS_BIAS=correction_bias is not None, GROUPED=n_group > 1,
         RENORM=renormalize, SHARED=num_fused_shared_experts, BLOCK_T=t_p, G_P=g_p, EG_P=eg_p, K_P=next_pow2(kk),
-        num_warps=4, **pdl_launch(x.device),
+        num_warps=4,
     )
     return w, ids
 

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import FP8_MAX, MIN_SCALE, cdiv, next_pow2, pdl_entry, pdl_launch, to_fp8
+from kernels.triton_common import FP8_MAX, MIN_SCALE, cdiv, next_pow2, to_fp8
 
 FP8_DTYPE = torch.float8_e4m3fn
 
@@ -17,9 +17,8 @@ FP8_DTYPE = torch.float8_e4m3fn
 @triton.jit
 def _quant_row_kernel(
     x_ptr, q_ptr, s_ptr, K, stride_x, stride_q,
-    BLOCK: tl.constexpr, ONE_PASS: tl.constexpr, PDL: tl.constexpr = False,
+    BLOCK: tl.constexpr, ONE_PASS: tl.constexpr,
 ):
-    pdl_entry(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     xr = x_ptr + row * stride_x
@@ -48,9 +47,8 @@ def _quant_row_kernel(
 @triton.jit
 def _quant_group_kernel(
     x_ptr, q_ptr, s_ptr, K, NG, stride_x, stride_q, stride_s,
-    GROUP: tl.constexpr, GPB: tl.constexpr, PDL: tl.constexpr = False,
+    GROUP: tl.constexpr, GPB: tl.constexpr,
 ):
-    pdl_entry(PDL)
     row = tl.program_id(0).to(tl.int64)
     g0 = tl.program_id(1) * GPB
     gi = g0 + tl.arange(0, GPB)
@@ -75,8 +73,7 @@ def quant_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     block = min(next_pow2(k), 8192)
     one_pass = block >= k
     nw = 4 if block <= 2048 else 8
-    _quant_row_kernel[(t,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK=block, ONE_PASS=one_pass, num_warps=nw,
-        **pdl_launch(x.device))
+    _quant_row_kernel[(t,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK=block, ONE_PASS=one_pass, num_warps=nw)
     return q, s
 
 
@@ -92,8 +89,7 @@ def quant_fp8_per_group(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor
         return q, s
     gpb = min(next_pow2(ng), max(1, 2048 // group))
     _quant_group_kernel[(t, cdiv(ng, gpb))](
-        x, q, s, k, ng, x.stride(0), q.stride(0), s.stride(0), GROUP=group, GPB=gpb, num_warps=4,
-            **pdl_launch(x.device)
+        x, q, s, k, ng, x.stride(0), q.stride(0), s.stride(0), GROUP=group, GPB=gpb, num_warps=4
     )
     return q, s
 

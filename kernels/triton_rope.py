@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import cdiv, next_pow2, pdl_entry, pdl_launch, round_bf16, tl_dtype, to_out
+from kernels.triton_common import cdiv, next_pow2, round_bf16, tl_dtype, to_out
 
 
 @triton.jit
@@ -158,10 +158,9 @@ def _qk_norm_rope_kernel(
     stride_cs, stride_vt, stride_vh, stride_kc_slot, stride_kc_h, stride_vc_slot, stride_vc_h,
     HAS_NORM: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr, PASS: tl.constexpr,
     PASS_P: tl.constexpr, D: tl.constexpr, BH: tl.constexpr, NQB: tl.constexpr, DT: tl.constexpr,
-    STORE_KV: tl.constexpr, CACHE_FP8: tl.constexpr, TPP: tl.constexpr, PDL: tl.constexpr = False,
+    STORE_KV: tl.constexpr, CACHE_FP8: tl.constexpr, TPP: tl.constexpr,
 ):
     """TPP tokens per program (unrolled, so their loads overlap) x one head block."""
-    pdl_entry(PDL)
     hb = tl.program_id(1)
     for i in tl.static_range(TPP):
         t = tl.program_id(0).to(tl.int64) * TPP + i
@@ -239,8 +238,7 @@ def qk_norm_rope(
         HAS_NORM=has_norm, HALF=half, HALF_P=next_pow2(half), PASS=pas, PASS_P=next_pow2(max(pas, 1)), D=d, BH=bh,
         NQB=nqb, DT=tl_dtype(q.dtype), STORE_KV=store,
         CACHE_FP8=store and k_cache.dtype == torch.float8_e4m3fn, TPP=tpp, num_warps=num_warps,
-        enable_fp_fusion=False,  # no FMA contraction across the emulated bf16 roundings,
-            **pdl_launch(q.device)
+        enable_fp_fusion=False,  # no FMA contraction across the emulated bf16 roundings
     )
     return qo, ko
 

@@ -104,11 +104,3 @@ def test_kernel_backend_is_scoped(monkeypatch):
         pass
     with pytest.raises(ValueError, match="no Triton kernel"), dispatch.kernel_backend("triton", ops={"not_an_op"}):
         pass
-
-
-def test_pdl_launch_is_off_off_gpu():
-    """Programmatic dependent launch is a CUDA launch attribute: never requested for CPU tensors or under the
-    interpreter (the kernels' PDL flag then keeps its default, False)."""
-    from kernels.triton_common import pdl_launch
-
-    assert pdl_launch(torch.device("cpu")) == {}

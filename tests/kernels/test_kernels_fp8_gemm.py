@@ -80,3 +80,54 @@ def test_fp8_linear_gpu(m, n, k):
     with poisoned_empty():
         y = fp8_linear_block(x, wb, wbs)
     _check(y, fp8_linear_block_ref(x, wb, wbs), gpu=True)
+
+
+SWAP_CFGS = [
+    None,  # heuristic
+    dict(BLOCK_W=32, BLOCK_K=64, SPLIT_K=3, num_warps=4, num_stages=2),  # split-K with a ragged last split
+    dict(BLOCK_W=64, BLOCK_K=128, SPLIT_K=1, num_warps=4, num_stages=3),  # masked K tail, partial weight tile
+]
+
+
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("n,k", [(96, 320), (200, 256)])
+@pytest.mark.parametrize("cfg", range(len(SWAP_CFGS)))
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp8_gemm_swap(device, m, n, k, cfg, bias):
+    from kernels.triton_fp8_gemm_swap import fp8_gemm_swap
+    from kernels.triton_quant import quant_fp8_per_token
+
+    x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    w, ws = quant_fp8_weight_per_channel(torch.randn(n, k, device=device) * 0.05)
+    b = torch.randn(n, device=device, dtype=torch.bfloat16) if bias else None
+    xq, xs = quant_fp8_per_token(x)
+    for _ in range(2):  # split-K tickets re-arm themselves
+        with poisoned_empty():
+            y = fp8_gemm_swap(xq, xs, w, ws, b, torch.bfloat16, config=SWAP_CFGS[cfg])
+        _check(y, fp8_linear_channel_ref(x, w, ws, b))
+
+
+def test_fp8_gemm_swap_rejects_large_m(device):
+    from kernels.triton_fp8_gemm_swap import fp8_gemm_swap
+    from kernels.triton_quant import quant_fp8_per_token
+
+    w, ws = quant_fp8_weight_per_channel(torch.randn(64, 128, device=device) * 0.05)
+    xq, xs = quant_fp8_per_token(torch.randn(17, 128, device=device, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="at most 16 tokens"):
+        fp8_gemm_swap(xq, xs, w, ws, None, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 4, 16])
+@pytest.mark.parametrize("n,k", [(14336, 5120), (5120, 12288), (24576, 5120), (1536, 5120), (5120, 1536)])
+def test_fp8_gemm_swap_gpu(m, n, k):
+    from kernels.triton_fp8_gemm_swap import fp8_gemm_swap
+    from kernels.triton_quant import quant_fp8_per_token
+
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w, ws = quant_fp8_weight_per_channel(torch.randn(n, k, device="cuda") * 0.05)
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    xq, xs = quant_fp8_per_token(x)
+    with poisoned_empty():
+        y = fp8_gemm_swap(xq, xs, w, ws, b, torch.bfloat16)
+    _check(y, fp8_linear_channel_ref(x, w, ws, b), gpu=True)

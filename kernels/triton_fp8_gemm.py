@@ -243,6 +243,20 @@ def tuned_small_m(device: str, n: int, k: int, m: int) -> dict | None:
     return dict(buckets[str(fits[0])]) if fits else None
 
 
+@functools.lru_cache(maxsize=4096)
+def tuned_swap(device: str, n: int, k: int, m: int) -> dict | None:
+    """The swept swap-AB config (`small_m_swap`) of the smallest M bucket >= m for this (device, N, K), or None
+    (the kernel's heuristic)."""
+    entry = _linear_table().get(device)
+    if not isinstance(entry, dict):
+        return None
+    buckets = entry.get("small_m_swap", {}).get(f"{n},{k}")
+    if not buckets:
+        return None
+    fits = sorted(int(b) for b in buckets if int(b) >= m)
+    return dict(buckets[str(fits[0])]) if fits else None
+
+
 @functools.lru_cache(maxsize=None)
 def triton_max_m(device: str) -> int:
     """Largest M for which the Triton GEMM is used instead of cuBLAS `_scaled_mm` (measured per GPU, stored in
@@ -281,8 +295,17 @@ def fp8_linear_channel_auto(
     x_fp8: torch.Tensor | None = None,
     x_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """GPU FP8 channel linear: the Triton GEMM up to the measured crossover M, cuBLAS `_scaled_mm` above it."""
+    """GPU FP8 channel linear: the swap-AB Triton GEMM up to 16 tokens (kernels/triton_fp8_gemm_swap.py), the
+    Triton GEMM up to the measured crossover M, cuBLAS `_scaled_mm` above it."""
+    from kernels import triton_fp8_gemm_swap as swap
+
     m = x.shape[0]
+    if 0 < m <= swap.MAX_M:
+        if x_fp8 is None:
+            x_fp8, x_scale = quant_fp8_per_token(x)
+        dev = device_name(x.device)
+        cfg = tuned_swap(dev, w_fp8.shape[0], x.shape[1], m)
+        return swap.fp8_gemm_swap(x_fp8, x_scale, w_fp8, w_scale, bias, x.dtype, cfg, _num_sms(x.device.index or 0))
     if m > triton_max_m(device_name(x.device)) and scaled_mm_ok(x, w_fp8, bias):
         if x_fp8 is None:
             x_fp8, x_scale = quant_fp8_per_token(x)
@@ -290,4 +313,4 @@ def fp8_linear_channel_auto(
     return fp8_linear_channel(x, w_fp8, w_scale, bias, x_fp8, x_scale)
 
 
-__all__ += ["fp8_linear_channel_auto", "scaled_mm_linear", "triton_max_m", "tuned_small_m"]
+__all__ += ["fp8_linear_channel_auto", "scaled_mm_linear", "triton_max_m", "tuned_small_m", "tuned_swap"]

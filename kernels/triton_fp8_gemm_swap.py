@@ -79,13 +79,18 @@ def _fp8_gemm_swap_kernel(
 
 
 def swap_config(m: int, n: int, k: int, num_sms: int = 132) -> dict:
-    """128 weight rows x 16 tokens per program, split-K until about two programs per SM."""
-    block_w, block_k = 128, 128
+    """The heuristic launch config (kernels/configs/fp8_linear.json `small_m_swap` holds swept ones): 256-wide K
+    tiles, 128 weight rows when there are enough of them, split-K only when the weight tiles are too few to
+    cover the SMs. Fitted to the H200 sweep in `python -m bench.fp8_swap_sweep --sweep`."""
+    block_k = 256 if k >= 1024 else 128
+    block_w = 128 if m <= 4 and cdiv(n, 128) >= num_sms // 2 else 64
+    tiles = cdiv(n, block_w)
     k_iters = cdiv(k, block_k)
-    split = max(1, min(k_iters // 4, cdiv(2 * num_sms, cdiv(n, block_w)), 8))
+    split = 1 if tiles >= num_sms // 3 else max(1, min(4, k_iters // 2, cdiv(num_sms, tiles)))
     per = cdiv(k_iters, split)
     split = cdiv(k_iters, per)  # no empty splits
-    return dict(BLOCK_W=block_w, BLOCK_K=block_k, SPLIT_K=split, num_warps=4, num_stages=5)
+    stages = 4 if block_w == 128 else 6
+    return dict(BLOCK_W=block_w, BLOCK_K=block_k, SPLIT_K=split, num_warps=4, num_stages=stages)
 
 
 def fp8_gemm_swap(

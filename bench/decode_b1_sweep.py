@@ -1,6 +1,7 @@
-"""Batch-1 decode launch-config sweeps on the GPU: paged decode attention and the fused MoE at one token.
+"""Batch-1 decode launch-config sweeps on the GPU: paged decode attention, the fused MoE and the router at one
+token.
 
-    python -m bench.decode_b1_sweep [--only attention|moe]
+    python -m bench.decode_b1_sweep [--only attention|moe|router]
 
 Attention: one sequence, 4096 tokens of bf16 KV in 16-token pages, GLM-4.7's 96/8 heads; every (BLOCK_N, splits,
 warps, stages) in a small grid vs the default launch. MoE: 1 token, E = 161 (shared expert fused), N = 1536,
@@ -99,9 +100,49 @@ def sweep_moe() -> None:
     best_of(c2, cfg)
 
 
+def sweep_router() -> None:
+    """The single-launch router (moe_gate_route) at 1 token vs the three launches it replaced."""
+    from kernels.triton_moe_routing import moe_gate_route, moe_route
+
+    h, e = 5120, 160
+    gws = [torch.randn(e, h, device="cuda") / h ** 0.5 for _ in range(8)]
+    bias = torch.randn(e, device="cuda") * 0.1
+    x = torch.randn(1, h, device="cuda", dtype=BF16)
+    nbytes = e * h * 4
+    bw = bk.HW["bw"]
+
+    def run(cfg=None) -> float:
+        return bk.timeit([lambda g=g: moe_gate_route(x, g, bias, 8, 1, 1, True, 2.5, 1, config=cfg) for g in gws])[0]
+
+    def three() -> None:
+        for g in gws:
+            moe_route(torch.nn.functional.linear(x.float(), g), bias, 8, 1, 1, True, 2.5, 1)
+
+    old = bk.timeit([three])[0] / len(gws)
+    base = run()
+    print(f"router T=1: copy + fp32 linear + moe_route {old * 1e6:.1f} us; moe_gate_route {base * 1e6:.1f} us "
+          f"({nbytes / base / bw:.0%} HBM)", flush=True)
+    out = []
+    for block_e in (2, 4, 8, 16):
+        for per in (512, 1024, 2560, 5120):
+            for bh in (256, 512, 1024):
+                if bh > per or block_e * bh > 8192:
+                    continue
+                for warps in (1, 2, 4, 8):
+                    cfg = dict(BLOCK_E=block_e, H_PER_SPLIT=per, BLOCK_H=bh, num_warps=warps)
+                    try:
+                        out.append((run(cfg), cfg))
+                    except Exception as exc:  # noqa: BLE001
+                        torch.cuda.synchronize()
+                        print(f"  skip {cfg}: {type(exc).__name__}")
+    out.sort(key=lambda r: r[0])
+    for t, cfg in out[:6]:
+        print(f"  {t * 1e6:6.1f} us ({nbytes / t / bw:.0%}) {cfg}", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=("attention", "moe"))
+    ap.add_argument("--only", choices=("attention", "moe", "router"))
     args = ap.parse_args(argv)
     bk.HW.update(bk.measure_hw())
     print(f"{torch.cuda.get_device_name(0)}: copy bandwidth {bk.HW['bw'] / 1e12:.2f} TB/s", flush=True)
@@ -109,6 +150,8 @@ def main(argv=None) -> int:
         sweep_attention()
     if args.only in (None, "moe"):
         sweep_moe()
+    if args.only in (None, "router"):
+        sweep_router()
     return 0
 
 

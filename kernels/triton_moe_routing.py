@@ -233,7 +233,7 @@ def moe_gate_route(
         float(routed_scaling_factor), BLOCK_E=block_e, BLOCK_H=block_h,
         TOP_K=top_k, TOPK_GROUP=topk_group, HAS_BIAS=correction_bias is not None, GROUPED=n_group > 1,
         RENORM=renormalize, SHARED=num_fused_shared_experts, BLOCK_T=t_p, G_P=g_p, EG_P=eg_p, K_P=next_pow2(kk),
-        num_warps=4,
+        num_warps=cfg.get("num_warps", 4),
     )
     return w, ids
 

@@ -125,10 +125,10 @@ def sweep_router() -> None:
     out = []
     for block_e in (2, 4, 8, 16):
         for per in (512, 1024, 2560, 5120):
-            for bh in (256, 512, 1024):
+            for bh in (512, 1024):
                 if bh > per or block_e * bh > 8192:
                     continue
-                for warps in (1, 2, 4, 8):
+                for warps in (1, 4):
                     cfg = dict(BLOCK_E=block_e, H_PER_SPLIT=per, BLOCK_H=bh, num_warps=warps)
                     try:
                         out.append((run(cfg), cfg))

@@ -298,7 +298,7 @@ def paged_attention(
             _decode_reduce_kernel[(b, hq)](
                 po, plse, query_start_loc, out, q8, qs, cnt, float(v_scale), b, hq, splits, out.stride(0),
                 out.stride(1), S_P=max(2, next_pow2(splits)), D=d, QUANT=quant, ROW_P=next_pow2(hq * d),
-                num_warps=8 if quant else 4,  # 8: the token's last program quantizes the whole row
+                num_warps=4,
             )
             if quant:
                 return out, (q8, qs)

@@ -189,7 +189,7 @@ def moe_route(
 
 # tokens up to which moe_gate_route runs the single-launch router (decode); more go through cuBLAS + moe_route
 GATE_ROUTE_MAX_T = 4
-_GATE_H_PER_SPLIT = 2560
+_GATE_H_PER_SPLIT = 1024
 
 
 def moe_gate_route(
@@ -216,11 +216,9 @@ def moe_gate_route(
     assert x.stride(1) == 1 and gate_weight.stride(1) == 1 and gate_weight.shape[1] == h
     cfg = dict(config or {})
     t_p = next_pow2(t)
-    # defaults: the fastest of the H200 sweep at 1 token (bench.decode_b1_sweep --only router): 160 experts
-    # -> 80 expert pairs x 2 hidden slices, one warp per program
-    block_e = cfg.get("BLOCK_E", 2)
+    block_e = cfg.get("BLOCK_E", 4)
     per = cfg.get("H_PER_SPLIT", _GATE_H_PER_SPLIT)
-    block_h = cfg.get("BLOCK_H", max(16, min(per, 512 // t_p)))
+    block_h = cfg.get("BLOCK_H", max(16, min(per, 1024 // t_p)))
     n_h = cdiv(h, per)
     kk = top_k + num_fused_shared_experts
     w = torch.empty(t, kk, dtype=torch.float32, device=x.device)
@@ -235,7 +233,7 @@ def moe_gate_route(
         float(routed_scaling_factor), BLOCK_E=block_e, BLOCK_H=block_h,
         TOP_K=top_k, TOPK_GROUP=topk_group, HAS_BIAS=correction_bias is not None, GROUPED=n_group > 1,
         RENORM=renormalize, SHARED=num_fused_shared_experts, BLOCK_T=t_p, G_P=g_p, EG_P=eg_p, K_P=next_pow2(kk),
-        num_warps=cfg.get("num_warps", 1),
+        num_warps=cfg.get("num_warps", 4),
     )
     return w, ids
 

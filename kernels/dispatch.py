@@ -291,29 +291,3 @@ def paged_attention(
             max_query_len=max_query_len, max_seq_len=max_seq_len,
         )
     return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale)
-
-
-def paged_attention_quant(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    scale: float,
-    k_scale: float = 1.0,
-    v_scale: float = 1.0,
-    max_query_len: int | None = None,
-    max_seq_len: int | None = None,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-    """(paged_attention(...), (out_fp8 [T, Hq*D], scale [T, 1]) or None): the Triton decode kernel also
-    quantizes its output per token for an FP8 o_proj (exactly as quant_fp8_per_token); where it does not (the
-    reference, prefill, unsplit decode) the consumer quantizes itself, to the same numbers."""
-    d = q.shape[-1]
-    if _use("paged_attention", q) and (q.dtype != torch.float32 or not q.is_cuda) and d == 1 << (d.bit_length() - 1):
-        return _triton("attention").paged_attention(
-            q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale,
-            max_query_len=max_query_len, max_seq_len=max_seq_len, fp8_out=True,
-        )
-    o = paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale)
-    return o, None

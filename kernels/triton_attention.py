@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import cdiv, dot_operand, next_pow2, to_fp8, to_out, zeroed_counters
+from kernels.triton_common import cdiv, dot_operand, next_pow2, to_out
 
 LOG2E = 1.4426950408889634
 
@@ -102,8 +102,8 @@ def _decode_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(
-    po_ptr, plse_ptr, qsl_ptr, o_ptr, q8_ptr, qs_ptr, cnt_ptr, v_scale, B, HQ, SPLITS, stride_ot, stride_oh,
-    S_P: tl.constexpr, D: tl.constexpr, QUANT: tl.constexpr, ROW_P: tl.constexpr,
+    po_ptr, plse_ptr, qsl_ptr, o_ptr, v_scale, HQ, SPLITS, stride_ot, stride_oh,
+    S_P: tl.constexpr, D: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -116,24 +116,8 @@ def _decode_reduce_kernel(
     w = tl.where(sm & (lse > float("-inf")), tl.exp2(lse - mx), 0.0)
     d = tl.arange(0, D)
     po = tl.load(po_ptr + row[:, None] * D + d[None, :], mask=sm[:, None], other=0.0)
-    o = to_out(tl.sum(po * w[:, None], 0) / tl.sum(w, 0) * v_scale, o_ptr.dtype.element_ty)
-    tl.store(o_ptr + tok * stride_ot + h * stride_oh + d, o)
-    if QUANT:
-        # per-token FP8 of the whole output row for o_proj (as quant_fp8_per_token): every head program posts
-        # its |o| max (float bits of non-negative values order like ints, so the max is exact and order-free)
-        # and takes a ticket; the token's last program quantizes the row and re-arms both counters
-        tl.atomic_max(cnt_ptr + B + b, tl.max(tl.abs(o.to(tl.float32)), 0).to(tl.int32, bitcast=True))
-        tl.debug_barrier()  # every thread's output stores precede the ticket (release)
-        ticket = tl.atomic_add(cnt_ptr + b, 1, sem="acq_rel")
-        if ticket == HQ - 1:
-            amax = tl.atomic_xchg(cnt_ptr + B + b, 0).to(tl.float32, bitcast=True)
-            scale = tl.maximum(amax / 448.0, 1e-12)
-            offs = tl.arange(0, ROW_P)
-            rm = offs < HQ * D
-            x = tl.load(o_ptr + tok * stride_ot + offs, mask=rm, other=0.0, cache_modifier=".cg").to(tl.float32)
-            tl.store(q8_ptr + tok * (HQ * D) + offs, to_fp8(tl.clamp(x / scale, -448.0, 448.0)), mask=rm)
-            tl.store(qs_ptr + tok, scale)
-            tl.atomic_xchg(cnt_ptr + b, 0)
+    o = tl.sum(po * w[:, None], 0) / tl.sum(w, 0) * v_scale
+    tl.store(o_ptr + tok * stride_ot + h * stride_oh + d, to_out(o, o_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -238,12 +222,9 @@ def paged_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    fp8_out: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+) -> torch.Tensor:
     """q [T, Hq, D] -> [T, Hq, D] in q.dtype. max_query_len / max_seq_len: host-side hints (computed with a
     device sync when missing); num_splits and the block / warp / stage arguments override the defaults.
-    fp8_out: return (out, (out_fp8 [T, Hq*D], scale [T, 1]) or None): split decode steps also quantize the
-    output per token in the reduce kernel (exactly as quant_fp8_per_token(out.view(T, -1))), for o_proj.
 
     With FP8 pages the products run in fp16 (the E4M3 -> fp16 conversion is one instruction; bf16 q loses
     nothing in fp16 at these magnitudes)."""
@@ -254,7 +235,7 @@ def paged_attention(
     out = torch.empty_like(q)
     b = seq_lens.numel()
     if t == 0 or b == 0:
-        return (out, None) if fp8_out else out
+        return out
     if q.stride(-1) != 1:
         q = q.contiguous()
     if max_query_len is None:
@@ -288,21 +269,11 @@ def paged_attention(
             num_warps=num_warps or 4, num_stages=num_stages or 2,
         )
         if splits > 1:
-            quant = fp8_out and out.is_contiguous()
-            if quant:
-                q8 = torch.empty(t, hq * d, dtype=torch.float8_e4m3fn, device=q.device)
-                qs = torch.empty(t, 1, dtype=torch.float32, device=q.device)
-                cnt = zeroed_counters(2 * b, q.device)
-            else:
-                q8 = qs = cnt = out
             _decode_reduce_kernel[(b, hq)](
-                po, plse, query_start_loc, out, q8, qs, cnt, float(v_scale), b, hq, splits, out.stride(0),
-                out.stride(1), S_P=max(2, next_pow2(splits)), D=d, QUANT=quant, ROW_P=next_pow2(hq * d),
-                num_warps=4,
+                po, plse, query_start_loc, out, float(v_scale), hq, splits, out.stride(0), out.stride(1),
+                S_P=max(2, next_pow2(splits)), D=d, num_warps=4,
             )
-            if quant:
-                return out, (q8, qs)
-        return (out, None) if fp8_out else out
+        return out
     cfg = extend_config(max_query_len, d)
     block_m = block_m or cfg["BLOCK_M"]
     _extend_kernel[(cdiv(max_query_len, block_m), hq, b)](
@@ -312,7 +283,7 @@ def paged_attention(
         G=group, D=d, BS=bs, BLOCK_M=block_m, BLOCK_N=block_n or cfg["BLOCK_N"], QDT=qdt,
         num_warps=num_warps or cfg["W"], num_stages=num_stages or cfg["S"],
     )
-    return (out, None) if fp8_out else out
+    return out
 
 
 __all__ = ["paged_attention", "decode_splits", "extend_config"]

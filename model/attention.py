@@ -67,14 +67,10 @@ class Attention(nn.Module):
         else:
             q, k = kernels.qk_norm_rope(q, k, self.q_norm, self.k_norm, cos_sin, ctx.positions, self.eps)
             kernels.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping, ctx.k_scale, ctx.v_scale)
-        args = (q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens, ctx.query_start_loc, self.scale,
-                ctx.k_scale, ctx.v_scale)
-        hints = dict(max_query_len=ctx.max_query_len, max_seq_len=ctx.max_seq_len)
-        o_q = None
-        if self.attention_backend == "fa3":
-            o = flash_attn_adapter.paged_attention_fa(*args, **hints)
-        elif self.o_proj.quant == "fp8_channel":  # decode: o_proj's FP8 input comes out of the attention kernel
-            o, o_q = kernels.paged_attention_quant(*args, **hints)
-        else:
-            o = kernels.paged_attention(*args, **hints)
-        return self.tp.all_reduce(self.o_proj(o.reshape(t, self.q_size), o_q))
+        fa3 = self.attention_backend == "fa3"
+        attend = flash_attn_adapter.paged_attention_fa if fa3 else kernels.paged_attention
+        o = attend(
+            q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens, ctx.query_start_loc, self.scale,
+            ctx.k_scale, ctx.v_scale, max_query_len=ctx.max_query_len, max_seq_len=ctx.max_seq_len,
+        )
+        return self.tp.all_reduce(self.o_proj(o.reshape(t, self.q_size)))

@@ -263,7 +263,7 @@ def measured_distinct_experts(runner, inp, num_experts: int) -> float | None:
     import kernels
 
     counts: list[int] = []
-    orig = kernels.moe_route
+    orig = kernels.moe_gate_route  # the MoE block's router + routing op
 
     def observed(*a, **kw):
         weights, ids = orig(*a, **kw)
@@ -271,11 +271,11 @@ def measured_distinct_experts(runner, inp, num_experts: int) -> float | None:
         return weights, ids
 
     graphs, runner.graphs = runner.graphs, None
-    kernels.moe_route = observed
+    kernels.moe_gate_route = observed
     try:
         runner.run(inp)
     finally:
-        kernels.moe_route = orig
+        kernels.moe_gate_route = orig
         runner.graphs = graphs
     return statistics.fmean(counts) if counts else None
 

@@ -77,6 +77,12 @@ def sweep_moe() -> None:
 
     base = run(base_cfg)
     print(f"MoE T=1 N={inter}: table config {base * 1e6:.1f} us ({nbytes / base / bw:.0%} HBM) {base_cfg}", flush=True)
+    # the down GEMM's input quantized by a separate per-token kernel instead of inside the kernel (its amax
+    # prologue is a serial pass over the activation row before the weights stream)
+    sep = bk.timeit([lambda w=w, ids=ids: fused_moe(x, w13, w2, w, ids, s13, s2, "fp8_channel", config=base_cfg,
+                                                    x_fp8=xq, x_scale=xs, quant_in_kernel=False)
+                     for w, ids in routes])[0]
+    print(f"  act quantized outside the down kernel: {sep * 1e6:.1f} us ({nbytes / sep / bw:.0%} HBM)", flush=True)
 
     def best_of(cands, start):
         out = []

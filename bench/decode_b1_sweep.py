@@ -83,9 +83,6 @@ def sweep_moe() -> None:
                                                     x_fp8=xq, x_scale=xs, quant_in_kernel=False)
                      for w, ids in routes])[0]
     print(f"  act quantized outside the down kernel: {sep * 1e6:.1f} us ({nbytes / sep / bw:.0%} HBM)", flush=True)
-    for swap in (False, True):  # the down GEMM with the weight rows on the MMA's large side, or not
-        t = run(dict(base_cfg, SWAP2=swap))
-        print(f"  SWAP2={swap}: {t * 1e6:.1f} us ({nbytes / t / bw:.0%} HBM)", flush=True)
 
     def best_of(cands, start):
         out = []
@@ -104,8 +101,8 @@ def sweep_moe() -> None:
     c1 = [dict(BLOCK_N1=bn, BLOCK_K1=bk_, SPLIT_K1=sk, W1=4, S1=st) for bn in (16, 32, 64) for bk_ in (128, 256)
           for sk in (1, 2) for st in (3, 5)]
     cfg = best_of(c1, base_cfg)
-    c2 = [dict(BLOCK_N2=bn, BLOCK_K2=bk_, W2=4, S2=st, SWAP2=True) for bn in (64, 128, 256) for bk_ in (64, 128, 256)
-          for st in (3, 5)]
+    c2 = [dict(BLOCK_N2=bn, BLOCK_K2=bk_, W2=w, S2=3) for bn in (32, 64, 128, 256) for bk_ in (64, 128, 256)
+          for w in (4, 8)]
     best_of(c2, cfg)
 
 

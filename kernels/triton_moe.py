@@ -188,13 +188,11 @@ def _moe_down_kernel(
     QUANT: tl.constexpr, A_MODE: tl.constexpr, DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     PAIR: tl.constexpr, FUSE_REDUCE: tl.constexpr, TOPK: tl.constexpr, FAST_ACC: tl.constexpr,
-    SWAP: tl.constexpr,
 ):
     # A program takes one M block and N_LOOP consecutive N tiles (row indices, the act scale and the A rows
     # are fetched once and reused). FUSE_REDUCE: after writing its y rows, a program takes a ticket per
     # (token, N tile); the program that completes a token's top-k set sums them (weighted) into out and
-    # resets the ticket. SWAP (decode sizes, not fp8_block): the MMA computes y^T = w2[e] @ act^T, with the
-    # BLOCK_N weight rows on its 64/128-row side instead of the few real act rows (as triton_fp8_gemm_swap).
+    # resets the ticket.
     num_n = tl.cdiv(H, BLOCK_N)
     num_nb = tl.cdiv(num_n, N_LOOP)
     pid = tl.program_id(0)
@@ -221,52 +219,43 @@ def _moe_down_kernel(
                 k = ki * BLOCK_K + rk
                 a = tl.load(a_rows + k[None, :], mask=valid[:, None] & (k[None, :] < I), other=0.0)
                 amax = tl.maximum(amax, tl.max(tl.abs(a.to(tl.float32)), 1))
-            a_scale_v = tl.maximum(amax / 448.0, 1e-12)
+            a_scale = tl.maximum(amax / 448.0, 1e-12)[:, None]
         else:
-            a_scale_v = tl.load(as_ptr + rows.to(tl.int64) * stride_asm)
-        a_scale = a_scale_v[:, None]
-    else:
-        a_scale_v = tl.zeros([BLOCK_M], dtype=tl.float32)  # unused
+            a_scale = tl.load(as_ptr + rows.to(tl.int64) * stride_asm)[:, None]
     for nt in range(0, N_LOOP):
         pid_n = pid_nb * N_LOOP + nt
         if pid_n < num_n:
             rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             mn = rn < H
             rn_c = tl.where(mn, rn, 0).to(tl.int64)
-            if SWAP:
-                acc = _down_tile_swapped(
-                    act_ptr, rows, valid, w_ptr + e64 * stride_we + rn_c[:, None] * stride_wn, a_scale_v, I,
-                    stride_am, k_iters, QUANT, A_MODE, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
-                )
-            else:
-                wb = w_ptr + e64 * stride_we + rn_c[None, :] * stride_wn
-                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                for ki in range(0, k_iters):
-                    k = ki * BLOCK_K + rk
-                    if EVEN_K:
-                        a = tl.load(a_rows + k[None, :], mask=valid[:, None], other=0.0)
-                        b = tl.load(wb + k[:, None])
+            wb = w_ptr + e64 * stride_we + rn_c[None, :] * stride_wn
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for ki in range(0, k_iters):
+                k = ki * BLOCK_K + rk
+                if EVEN_K:
+                    a = tl.load(a_rows + k[None, :], mask=valid[:, None], other=0.0)
+                    b = tl.load(wb + k[:, None])
+                else:
+                    a = tl.load(a_rows + k[None, :], mask=valid[:, None] & (k[None, :] < I), other=0.0)
+                    b = tl.load(wb + k[:, None], mask=k[:, None] < I, other=0.0)
+                if QUANT == 0:
+                    acc = tl.dot(dot_operand(a), dot_operand(b), acc)
+                elif QUANT == 1:
+                    if A_MODE == 2:
+                        a = _quant_tile(a.to(tl.float32), a_scale)
+                    if FAST_ACC:
+                        acc = tl.dot(a, b, acc)
                     else:
-                        a = tl.load(a_rows + k[None, :], mask=valid[:, None] & (k[None, :] < I), other=0.0)
-                        b = tl.load(wb + k[:, None], mask=k[:, None] < I, other=0.0)
-                    if QUANT == 0:
-                        acc = tl.dot(dot_operand(a), dot_operand(b), acc)
-                    elif QUANT == 1:
-                        if A_MODE == 2:
-                            a = _quant_tile(a.to(tl.float32), a_scale)
-                        if FAST_ACC:
-                            acc = tl.dot(a, b, acc)
-                        else:
-                            acc += tl.dot(a, b)
+                        acc += tl.dot(a, b)
+                else:
+                    if A_MODE == 2:
+                        af = a.to(tl.float32)
+                        sa = tl.maximum(tl.max(tl.abs(af), 1) / 448.0, 1e-12)
+                        a = _quant_tile(af, sa[:, None])
                     else:
-                        if A_MODE == 2:
-                            af = a.to(tl.float32)
-                            sa = tl.maximum(tl.max(tl.abs(af), 1) / 448.0, 1e-12)
-                            a = _quant_tile(af, sa[:, None])
-                        else:
-                            sa = tl.load(as_ptr + rows.to(tl.int64) * stride_asm + ki)
-                        sb = tl.load(ws_ptr + e64 * stride_wse + (rn_c // 128) * stride_wsn + ki)
-                        acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
+                        sa = tl.load(as_ptr + rows.to(tl.int64) * stride_asm + ki)
+                    sb = tl.load(ws_ptr + e64 * stride_wse + (rn_c // 128) * stride_wsn + ki)
+                    acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
             y = acc
             if QUANT == 1:
                 sb = tl.load(ws_ptr + e64 * stride_wse + rn_c * stride_wsn)
@@ -290,32 +279,6 @@ def _moe_down_kernel(
                     tl.store(out_ptr + tok[:, None] * stride_ot + rn[None, :],
                              to_out(red, out_ptr.dtype.element_ty), mask=lm)
                     tl.atomic_xchg(ctr, 0, mask=last)
-
-
-@triton.jit
-def _down_tile_swapped(act_ptr, rows, valid, w_rows, a_scale_v, I, stride_am, k_iters, QUANT: tl.constexpr,
-                       A_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       EVEN_K: tl.constexpr):
-    """acc [BLOCK_M, BLOCK_N] of the down GEMM computed as (w_rows [BLOCK_N, K] @ act[rows]^T)^T (fp32 sum of
-    the per-K-tile products, as the unswapped loop)."""
-    rk = tl.arange(0, BLOCK_K)
-    at_cols = act_ptr + rows.to(tl.int64)[None, :] * stride_am
-    acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for ki in range(0, k_iters):
-        k = ki * BLOCK_K + rk
-        if EVEN_K:
-            at = tl.load(at_cols + k[:, None], mask=valid[None, :], other=0.0)
-            bt = tl.load(w_rows + k[None, :])
-        else:
-            at = tl.load(at_cols + k[:, None], mask=valid[None, :] & (k[:, None] < I), other=0.0)
-            bt = tl.load(w_rows + k[None, :], mask=k[None, :] < I, other=0.0)
-        if QUANT == 0:
-            acc_t = tl.dot(dot_operand(bt), dot_operand(at), acc_t)
-        else:
-            if A_MODE == 2:
-                at = _quant_tile(at.to(tl.float32), a_scale_v[None, :])
-            acc_t += tl.dot(bt, at)
-    return tl.trans(acc_t)
 
 
 @triton.jit
@@ -352,8 +315,6 @@ def default_config(m: int, e: int, n: int, k: int, quant: str) -> dict:
     # Above decode sizes the GEMMs are compute-bound and accumulating inside the MMA pays (22% at 4096 tokens,
     # N = 1536 on H200); its Hopper FP8 adds keep fewer mantissa bits than fp32 but more than the bf16 output.
     cfg["FAST_ACC"] = m > 64
-    # decode sizes: the down GEMM puts the weight rows on the MMA's large side (the act block has <= 16 rows)
-    cfg["SWAP2"] = m <= 16
     if block:
         cfg["BLOCK_K1"] = cfg["BLOCK_K2"] = 128
     return cfg
@@ -507,7 +468,6 @@ def fused_moe(
         QUANT=qid, A_MODE=a2_mode, DT=dt, BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=cfg["BLOCK_K2"],
         EVEN_K=inter % cfg["BLOCK_K2"] == 0, PAIR=pair, FUSE_REDUCE=fuse, TOPK=topk,
         FAST_ACC=bool(cfg.get("FAST_ACC", False)), num_warps=cfg["W2"], num_stages=cfg["S2"],
-        SWAP=bool(cfg.get("SWAP2", False)) and qid != 2 and not cfg.get("FAST_ACC", False),
     )
     if not fuse:
         bh = 1024

@@ -46,13 +46,11 @@ CFG_BIG = dict(BLOCK_M=32, BLOCK_N1=64, BLOCK_K1=128, SPLIT_K1=1, W1=4, S1=2, BL
                PAIR_MAX=0, FUSE_REDUCE_MAX_T=0)
 # accumulation inside the MMA across K tiles (the prefill configs)
 CFG_FAST = dict(CFG_BIG, FAST_ACC=True)
-# the down GEMM swapped (weight rows on the MMA's large side), aligned blocks, ragged K tail
-CFG_SWAP = dict(CFG_SPLIT, SWAP2=True, BLOCK_K2=128, N_LOOP2=1)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("quant", ["none", "fp8_channel", "fp8_block"])
-@pytest.mark.parametrize("cfg", [None, CFG_SPLIT, CFG_BIG, CFG_FAST, CFG_SWAP])
+@pytest.mark.parametrize("cfg", [None, CFG_SPLIT, CFG_BIG, CFG_FAST])
 def test_fused_moe(device, shape, quant, cfg):
     t, e, h, inter, k = shape
     if quant == "fp8_block" and cfg is not None and cfg["BLOCK_K1"] != 128:
@@ -79,8 +77,7 @@ def test_fused_moe_prequantized_and_shared(device, quant):
     assert rel_err(out, ref) < _tol(quant)
 
 
-@pytest.mark.parametrize("swap", [False, True])
-def test_fused_moe_pair_mode_split_prequantized(device, swap):
+def test_fused_moe_pair_mode_split_prequantized(device):
     """Decode path: pairs without alignment, split-K gate_up, fused reduce, x quantized by the caller."""
     from kernels.triton_quant import quant_fp8_per_token
 
@@ -88,7 +85,7 @@ def test_fused_moe_pair_mode_split_prequantized(device, swap):
     x = torch.randn(t, h, device=device, dtype=torch.bfloat16)
     w13, w2, s13, s2 = make_experts(e, h, inter, "fp8_channel", device)
     tw, ti = routing(t, e, k, device, shared=True)
-    cfg = dict(CFG_SPLIT, PAIR_MAX=64, SPLIT_K1=3, N_LOOP2=2, SWAP2=swap)
+    cfg = dict(CFG_SPLIT, PAIR_MAX=64, SPLIT_K1=3, N_LOOP2=2)
     xq, xs = quant_fp8_per_token(x)
     with poisoned_empty():
         out = fused_moe(x, w13, w2, tw, ti, s13, s2, "fp8_channel", config=cfg, x_fp8=xq, x_scale=xs)

@@ -61,8 +61,8 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, x_q: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         cfg = self.cfg
         weights, ids = kernels.moe_gate_route(
-            x, self.gate.weight, self.gate.e_score_correction_bias, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group,
-            cfg.norm_topk_prob, cfg.routed_scaling_factor, 1 if self.fused_shared else 0,
+            x, self.gate.weight, self.gate.e_score_correction_bias, cfg.num_experts_per_tok, cfg.n_group,
+            cfg.topk_group, cfg.norm_topk_prob, cfg.routed_scaling_factor, 1 if self.fused_shared else 0,
         )
         ex = self.experts
         xf, xs = x_q if x_q is not None and ex.quant == "fp8_channel" else (None, None)

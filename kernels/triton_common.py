@@ -46,7 +46,8 @@ def round_fp8(x):
     d = t - f
     odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
     f = tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
-    sub = tl.where(x < 0, -f, f) / 512.0
+    negative = (x.to(tl.uint32, bitcast=True) >> 31) != 0  # the sign bit, so -0.0 stays -0.0 (as torch's cast)
+    sub = tl.where(negative, -f, f) / 512.0
     return tl.where(ax < 0.015625, sub, normal)
 
 

@@ -29,6 +29,18 @@ def test_quant_per_token_strided_and_zero_row(device):
     assert fp8_mismatch(q, qr) == 0.0
 
 
+def test_quant_per_token_keeps_signed_zeros(device):
+    """-0.0 quantizes to FP8 -0.0 (torch's cast keeps the sign; the interpreter's emulated rounding once did
+    not, which failed a random CI input whose row scale factor was 0: a row of signed zeros)."""
+    x = torch.tensor([[-0.0, 0.0, -0.0, -1e-9, 1e-9, -0.001, 3.0], [-0.0] * 3 + [0.0] * 4], device=device,
+                     dtype=torch.bfloat16)
+    with poisoned_empty():
+        q, s = quant_fp8_per_token(x)
+    qr, sr = quant_fp8_per_token_ref(x)
+    torch.testing.assert_close(s, sr, rtol=1e-6, atol=0)
+    assert fp8_mismatch(q, qr) == 0.0
+
+
 @pytest.mark.parametrize("t,k", [(1, 128), (7, 1536), (3, 5120)])
 def test_quant_per_group(device, t, k):
     x = torch.randn(t, k, device=device, dtype=torch.bfloat16) * 3

@@ -2,7 +2,9 @@
 
 Two scale formats (kernels/fp8_linear.py):
   channel  x quantized per token (x_scale [M, 1]), w per output channel (w_scale [N, 1]); applied once in the
-           epilogue. Used for decode-sized M, where cuBLAS `_scaled_mm` is launch/occupancy bound.
+           epilogue. On CUDA, `fp8_linear_channel_auto` sends M <= 16 to the swap-AB kernel
+           (triton_fp8_gemm_swap.py, faster at every GLM shape on H200) and larger M to cuBLAS `_scaled_mm`;
+           this kernel serves the interpreter (CPU tests) and is the swap kernel's benchmark baseline.
   block    x quantized per 1 x 128 group (x_scale [M, K/128]), w per 128 x 128 block (w_scale [N/128, K/128]);
            applied per K block (BLOCK_K = 128).
 Bias is added in the epilogue. Small M uses split-K: each split stores an fp32 partial tile, takes a ticket

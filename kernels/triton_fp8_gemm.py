@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 
 from kernels.triton_common import cdiv, device_name, dot_operand, next_pow2, to_out, zeroed_counters
+from kernels.triton_fp8_gemm_swap import MAX_M as SWAP_MAX_M
+from kernels.triton_fp8_gemm_swap import fp8_gemm_swap
 from kernels.triton_quant import quant_fp8_per_group, quant_fp8_per_token
 
 
@@ -299,16 +301,14 @@ def fp8_linear_channel_auto(
 ) -> torch.Tensor:
     """GPU FP8 channel linear: the swap-AB Triton GEMM up to 16 tokens (kernels/triton_fp8_gemm_swap.py), the
     Triton GEMM up to the measured crossover M, cuBLAS `_scaled_mm` above it."""
-    from kernels import triton_fp8_gemm_swap as swap
-
     m = x.shape[0]
-    if 0 < m <= swap.MAX_M:
+    dev = device_name(x.device)
+    if 0 < m <= SWAP_MAX_M:
         if x_fp8 is None:
             x_fp8, x_scale = quant_fp8_per_token(x)
-        dev = device_name(x.device)
         cfg = tuned_swap(dev, w_fp8.shape[0], x.shape[1], m)
-        return swap.fp8_gemm_swap(x_fp8, x_scale, w_fp8, w_scale, bias, x.dtype, cfg, _num_sms(x.device.index or 0))
-    if m > triton_max_m(device_name(x.device)) and scaled_mm_ok(x, w_fp8, bias):
+        return fp8_gemm_swap(x_fp8, x_scale, w_fp8, w_scale, bias, x.dtype, cfg, _num_sms(x.device.index or 0))
+    if m > triton_max_m(dev) and scaled_mm_ok(x, w_fp8, bias):
         if x_fp8 is None:
             x_fp8, x_scale = quant_fp8_per_token(x)
         return scaled_mm_linear(x_fp8, x_scale, w_fp8, w_scale, bias, x.dtype)

@@ -1,7 +1,7 @@
 """Batch-1 decode launch-config sweeps on the GPU: paged decode attention, the fused MoE and the router at one
 token.
 
-    python -m bench.decode_b1_sweep [--only attention|moe|router]
+    python -m bench.decode_b1_sweep [--only attention|moe|router|fusions]
 
 Attention: one sequence, 4096 tokens of bf16 KV in 16-token pages, GLM-4.7's 96/8 heads; every (BLOCK_N, splits,
 warps, stages) in a small grid vs the default launch. MoE: 1 token, E = 161 (shared expert fused), N = 1536,
@@ -146,9 +146,85 @@ def sweep_router() -> None:
         print(f"  {t * 1e6:6.1f} us ({nbytes / t / bw:.0%}) {cfg}", flush=True)
 
 
+def compare_fusions() -> None:
+    """Each batch-1 fusion alone vs the launches it replaces, with the launch configs the engine uses (H200
+    tables): o_proj with its input quantized in the GEMM, post-attention norm + router, qkv GEMM + QK-norm /
+    RoPE / KV store."""
+    from kernels.rope import rope_cos_sin_cache
+    from kernels.triton_fp8_gemm import tuned_swap
+    from kernels.triton_fp8_gemm_swap import fp8_gemm_swap, fp8_qkv_norm_rope
+    from kernels.triton_moe_routing import moe_gate_route, rms_norm_gate_route
+    from kernels.triton_norm import rms_norm_fp8
+    from kernels.triton_quant import quant_fp8_per_token
+    from kernels.triton_rope import qk_norm_rope
+
+    dev = torch.cuda.get_device_name(0).replace(" ", "_")
+    h = 5120
+
+    def show(name: str, unfused: float, fused: float) -> None:
+        print(f"{name}: unfused {unfused * 1e6:6.1f} us, fused {fused * 1e6:6.1f} us ({(unfused - fused) * 1e6:+.1f} us)",
+              flush=True)
+
+    # o_proj: quant kernel + GEMM vs the GEMM quantizing its input
+    n, k = h, 12288
+    r = bk.rotations(n * k)
+    ws = [bk.fp8_weight(n, k) for _ in range(r)]
+    wss = [torch.rand(n, 1, device="cuda") * 1e-3 for _ in range(r)]
+    x = torch.randn(1, k, device="cuda", dtype=BF16)
+    cfg = tuned_swap(dev, n, k, 1)
+    two = bk.timeit([lambda w=w, s=s: fp8_gemm_swap(*quant_fp8_per_token(x), w, s, None, BF16, config=cfg)
+                     for w, s in zip(ws, wss)])[0]
+    one = bk.timeit([lambda w=w, s=s: fp8_gemm_swap(x, None, w, s, None, BF16, config=cfg) for w, s in zip(ws, wss)])[0]
+    show("o_proj M=1 (quant + GEMM | GEMM quantizing x)", two, one)
+
+    # post-attention norm + router
+    e = 160
+    gws = [torch.randn(e, h, device="cuda") / h ** 0.5 for _ in range(8)]
+    bias = torch.randn(e, device="cuda") * 0.1
+    xa = torch.randn(1, h, device="cuda", dtype=BF16)
+    res = torch.randn(1, h, device="cuda", dtype=BF16)
+    nw = torch.ones(h, device="cuda", dtype=BF16)
+
+    def norm_then_route(g):
+        y, _, _, _ = rms_norm_fp8(xa, nw, 1e-5, res)
+        moe_gate_route(y, g, bias, 8, 1, 1, True, 2.5, 1)
+
+    two = bk.timeit([lambda g=g: norm_then_route(g) for g in gws])[0]
+    one = bk.timeit([lambda g=g: rms_norm_gate_route(xa, res, nw, 1e-5, True, g, bias, 8, 1, 1, True, 2.5, 1)
+                     for g in gws])[0]
+    show("norm + router T=1 (two launches | one)", two, one)
+
+    # qkv GEMM + QK-norm / RoPE / KV store
+    hq, hk, d = 96, 8, 128
+    n, k = (hq + 2 * hk) * d, h
+    r = bk.rotations(n * k)
+    ws = [bk.fp8_weight(n, k) for _ in range(r)]
+    wss = [torch.rand(n, 1, device="cuda") * 1e-3 for _ in range(r)]
+    b = torch.randn(n, device="cuda", dtype=BF16)
+    xq, xs = quant_fp8_per_token(torch.randn(1, k, device="cuda", dtype=BF16))
+    cs = rope_cos_sin_cache(64, 8192, 1e6, "cuda")
+    pos = torch.full((1,), 4095, dtype=torch.int64, device="cuda")
+    slot = torch.full((1,), 7, dtype=torch.int64, device="cuda")
+    kc = torch.zeros(64, 16, hk, d, device="cuda", dtype=BF16)
+    vc = torch.zeros_like(kc)
+    qn = torch.ones(d, device="cuda", dtype=BF16)
+    cfg = tuned_swap(dev, n, k, 1)
+
+    def gemm_then_rope(w, s):
+        qkv = fp8_gemm_swap(xq, xs, w, s, b, BF16, config=cfg)
+        q, kk, v = qkv.split([hq * d, hk * d, hk * d], -1)
+        qk_norm_rope(q.view(1, hq, d), kk.view(1, hk, d), qn, qn, cs, pos, 1e-5, v=v.view(1, hk, d), k_cache=kc,
+                     v_cache=vc, slot_mapping=slot)
+
+    two = bk.timeit([lambda w=w, s=s: gemm_then_rope(w, s) for w, s in zip(ws, wss)])[0]
+    one = bk.timeit([lambda w=w, s=s: fp8_qkv_norm_rope(xq, xs, w, s, b, BF16, hq, hk, qn, qn, cs, pos, 1e-5, kc, vc,
+                                                        slot, config=cfg) for w, s in zip(ws, wss)])[0]
+    show("qkv M=1 (GEMM + qk_norm_rope | fused)", two, one)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=("attention", "moe", "router"))
+    ap.add_argument("--only", choices=("attention", "moe", "router", "fusions"))
     args = ap.parse_args(argv)
     bk.HW.update(bk.measure_hw())
     print(f"{torch.cuda.get_device_name(0)}: copy bandwidth {bk.HW['bw'] / 1e12:.2f} TB/s", flush=True)
@@ -158,6 +234,8 @@ def main(argv=None) -> int:
         sweep_moe()
     if args.only in (None, "router"):
         sweep_router()
+    if args.only in (None, "fusions"):
+        compare_fusions()
     return 0
 
 

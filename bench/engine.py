@@ -263,19 +263,25 @@ def measured_distinct_experts(runner, inp, num_experts: int) -> float | None:
     import kernels
 
     counts: list[int] = []
-    orig = kernels.moe_gate_route  # the MoE block's router + routing op
+    # the MoE block's routing ops: norm + router (decoder layers), router alone (MoE called without routing)
+    origs = {name: getattr(kernels, name) for name in ("rms_norm_gate_route", "moe_gate_route")}
 
-    def observed(*a, **kw):
-        weights, ids = orig(*a, **kw)
-        counts.append(int(ids[ids < num_experts].unique().numel()))
-        return weights, ids
+    def observe(orig):
+        def observed(*a, **kw):
+            out = orig(*a, **kw)
+            ids = out[-1]
+            counts.append(int(ids[ids < num_experts].unique().numel()))
+            return out
+        return observed
 
     graphs, runner.graphs = runner.graphs, None
-    kernels.moe_gate_route = observed
+    for name, orig in origs.items():
+        setattr(kernels, name, observe(orig))
     try:
         runner.run(inp)
     finally:
-        kernels.moe_gate_route = orig
+        for name, orig in origs.items():
+            setattr(kernels, name, orig)
         runner.graphs = graphs
     return statistics.fmean(counts) if counts else None
 

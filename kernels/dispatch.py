@@ -38,11 +38,13 @@ TRITON_OPS = frozenset({
     "add_rms_norm",
     "silu_mul",
     "qk_norm_rope",
+    "qkv_norm_rope",
     "store_kv",
     "fp8_linear_channel",
     "fp8_linear_block",
     "moe_route",
     "moe_gate_route",
+    "rms_norm_gate_route",
     "fused_moe",
     "paged_attention",
 })
@@ -178,6 +180,59 @@ def fp8_linear_channel(
     return fp8_linear_channel_ref(x, w_fp8, w_scale, bias)
 
 
+def qkv_norm_rope(
+    x: torch.Tensor,
+    x_q: tuple[torch.Tensor, torch.Tensor] | None,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    quant: str,
+    num_heads: int,
+    num_kv_heads: int,
+    q_norm_weight: torch.Tensor | None,
+    k_norm_weight: torch.Tensor | None,
+    cos_sin: torch.Tensor,
+    positions: torch.Tensor,
+    eps: float,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> torch.Tensor:
+    """The attention prologue: qkv = linear(x) (quant: "none" / "fp8_channel" / "fp8_block"; x_q: x already
+    quantized per token), per-head QK RMSNorm + RoPE, K and V stored into the paged caches; returns q
+    [T, Hq, D]. On Triton, FP8-channel weights and decode sizes (<= 16 tokens) run as one kernel (the norm /
+    RoPE / store as the swap-AB GEMM's epilogue), the rest as linear + qk_norm_rope."""
+    t = x.shape[0]
+    d = weight.shape[0] // (num_heads + 2 * num_kv_heads)
+    if (quant == "fp8_channel" and _use("qkv_norm_rope", x) and _use("fp8_linear_channel", x)
+            and _use("qk_norm_rope", x) and x.dim() == 2 and 0 < t <= 16 and x.dtype != torch.float32
+            and (q_norm_weight is None) == (k_norm_weight is None)):
+        mod = _triton("fp8_gemm_swap")
+        xf, xs = x_q if x_q is not None else (x, None)
+        q, _ = mod.fp8_qkv_norm_rope(
+            xf, xs, weight, weight_scale, bias, x.dtype, num_heads, num_kv_heads, q_norm_weight, k_norm_weight,
+            cos_sin, positions, eps, k_cache, v_cache, slot_mapping, k_scale, v_scale,
+            config=_triton("fp8_gemm").qkv_swap_config(x.device, weight.shape[0], x.shape[1], t),
+        )
+        return q
+    if quant == "fp8_channel":
+        xf, xs = x_q if x_q is not None else (None, None)
+        qkv = fp8_linear_channel(x, weight, weight_scale, bias, x_fp8=xf, x_scale=xs)
+    elif quant == "fp8_block":
+        qkv = fp8_linear_block(x, weight, weight_scale, bias)
+    else:
+        qkv = torch.nn.functional.linear(x, weight, bias)
+    q, k, v = qkv.split([num_heads * d, num_kv_heads * d, num_kv_heads * d], dim=-1)
+    q, _ = qk_norm_rope(
+        q.reshape(t, num_heads, d), k.reshape(t, num_kv_heads, d), q_norm_weight, k_norm_weight, cos_sin,
+        positions, eps, v=v.reshape(t, num_kv_heads, d), k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping,
+        k_scale=k_scale, v_scale=v_scale,
+    )
+    return q
+
+
 def fp8_linear_block(
     x: torch.Tensor, w_fp8: torch.Tensor, w_scale_inv: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -229,6 +284,40 @@ def moe_gate_route(
     logits = torch.nn.functional.linear(x.float(), gate_weight.float())
     return moe_route(logits, correction_bias, top_k, n_group, topk_group, renormalize, routed_scaling_factor,
                      num_fused_shared_experts)
+
+
+def rms_norm_gate_route(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    quant: bool,
+    gate_weight: torch.Tensor,
+    correction_bias: torch.Tensor | None,
+    top_k: int,
+    n_group: int = 1,
+    topk_group: int = 1,
+    renormalize: bool = True,
+    routed_scaling_factor: float = 1.0,
+    num_fused_shared_experts: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor, torch.Tensor]:
+    """The post-attention norm and the MoE router: (y, x + residual, (y_fp8, y_scale) or None, weights, ids)
+    with y = rms_norm(x + residual) (quantized per token too when `quant`, where a kernel does it) and the
+    routing of y (moe_gate_route). On Triton one launch for decode sizes (bf16, <= 4 tokens)."""
+    route = (gate_weight, correction_bias, top_k, n_group, topk_group, renormalize, routed_scaling_factor,
+             num_fused_shared_experts)
+    if (_use("rms_norm_gate_route", x) and _use("add_rms_norm", x) and _use("moe_gate_route", x)
+            and _use("moe_route", x) and x.dim() == 2 and x.dtype == residual.dtype == norm_weight.dtype
+            == torch.bfloat16):
+        mod = _triton("moe_routing")
+        if 0 < x.shape[0] <= mod.GATE_ROUTE_MAX_T:
+            return mod.rms_norm_gate_route(x, residual, norm_weight, eps, quant, *route)
+    if quant:
+        y, summed, yq = rms_norm_quant(x, norm_weight, eps, residual)
+    else:
+        (y, summed), yq = add_rms_norm(x, residual, norm_weight, eps), None
+    w, ids = moe_gate_route(y, *route)
+    return y, summed, yq, w, ids
 
 
 def fused_moe(

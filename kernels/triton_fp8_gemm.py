@@ -27,6 +27,9 @@ from kernels.triton_fp8_gemm_swap import MAX_M as SWAP_MAX_M
 from kernels.triton_fp8_gemm_swap import fp8_gemm_swap
 from kernels.triton_quant import quant_fp8_per_group, quant_fp8_per_token
 
+# tokens up to which the swap-AB GEMM quantizes an unquantized x itself (its amax pass reads the row per token)
+SWAP_QUANT_MAX_M = 4
+
 
 @triton.jit
 def _fp8_gemm_kernel(
@@ -261,6 +264,14 @@ def tuned_swap(device: str, n: int, k: int, m: int) -> dict | None:
     return dict(buckets[str(fits[0])]) if fits else None
 
 
+def qkv_swap_config(device: torch.device, n: int, k: int, m: int) -> dict | None:
+    """The swap-AB config for the fused qkv + QK-norm/RoPE kernel: the swept one of this shape on CUDA (the
+    kernel widens its weight tile to one head), the heuristic elsewhere (None)."""
+    if device.type != "cuda":
+        return None
+    return tuned_swap(device_name(device), n, k, m)
+
+
 @functools.lru_cache(maxsize=None)
 def triton_max_m(device: str) -> int:
     """Largest M for which the Triton GEMM is used instead of cuBLAS `_scaled_mm` (measured per GPU, stored in
@@ -305,7 +316,10 @@ def fp8_linear_channel_auto(
     dev = device_name(x.device)
     if 0 < m <= SWAP_MAX_M:
         if x_fp8 is None:
-            x_fp8, x_scale = quant_fp8_per_token(x)
+            if m <= SWAP_QUANT_MAX_M:  # the GEMM quantizes x itself: one launch instead of two
+                x_fp8, x_scale = x, None
+            else:
+                x_fp8, x_scale = quant_fp8_per_token(x)
         cfg = tuned_swap(dev, w_fp8.shape[0], x.shape[1], m)
         return fp8_gemm_swap(x_fp8, x_scale, w_fp8, w_scale, bias, x.dtype, cfg, _num_sms(x.device.index or 0))
     if m > triton_max_m(dev) and scaled_mm_ok(x, w_fp8, bias):
@@ -315,4 +329,5 @@ def fp8_linear_channel_auto(
     return fp8_linear_channel(x, w_fp8, w_scale, bias, x_fp8, x_scale)
 
 
-__all__ += ["fp8_linear_channel_auto", "scaled_mm_linear", "triton_max_m", "tuned_small_m", "tuned_swap"]
+__all__ += ["fp8_linear_channel_auto", "qkv_swap_config", "scaled_mm_linear", "triton_max_m", "tuned_small_m",
+            "tuned_swap"]

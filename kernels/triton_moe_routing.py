@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import cdiv, next_pow2, zeroed_counters
+from kernels.triton_common import cdiv, next_pow2, round_bf16, to_fp8, zeroed_counters
 
 
 @triton.jit
@@ -109,17 +109,40 @@ def _moe_route_kernel(
 
 
 @triton.jit
+def _summed_rows(x_ptr, r_ptr, rt_c, h, mh, stride_xt, stride_rt):
+    """x + residual for tokens rt_c, hidden columns h, rounded to bf16 (as the add of two bf16 tensors)."""
+    x = tl.load(x_ptr + rt_c[:, None] * stride_xt + h[None, :], mask=mh[None, :], other=0.0).to(tl.float32)
+    r = tl.load(r_ptr + rt_c[:, None] * stride_rt + h[None, :], mask=mh[None, :], other=0.0).to(tl.float32)
+    return round_bf16(x + r)
+
+
+@triton.jit
+def _normed(summed, inv, nw_ptr, h, mh):
+    """RMSNorm of bf16 rows as kernels/triton_norm.py: normalized row rounded to bf16, times the weight,
+    rounded to bf16 again (returned as fp32)."""
+    n = round_bf16(summed * inv[:, None])
+    return round_bf16(tl.load(nw_ptr + h, mask=mh, other=0.0).to(tl.float32)[None, :] * n)
+
+
+@triton.jit
 def _gate_route_kernel(
     x_ptr, gw_ptr, part_ptr, cnt_ptr, bias_ptr, w_ptr, id_ptr,
+    r_ptr, nw_ptr, s_ptr, y_ptr, q_ptr, qs_ptr,
     T, E, H, EG, G, H_PER_SPLIT, stride_xt, stride_gw, stride_wt, stride_it, scaling,
+    stride_rt, stride_st, stride_yt, stride_qt, eps,
     BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
     TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr,
     RENORM: tl.constexpr, SHARED: tl.constexpr, BLOCK_T: tl.constexpr, G_P: tl.constexpr, EG_P: tl.constexpr,
-    K_P: tl.constexpr,
+    K_P: tl.constexpr, NORM: tl.constexpr = False, QUANT: tl.constexpr = False, H_CHUNKS: tl.constexpr = 1,
 ):
     """Router GEMV + routing for up to BLOCK_T tokens in one launch. Program (e, h) computes the fp32 logits
     of experts [e * BLOCK_E, +BLOCK_E) over hidden slice h and stores them as a partial; the last program to
-    take the ticket sums the partials in slice order (deterministic) and routes every token."""
+    take the ticket sums the partials in slice order (deterministic) and routes every token.
+
+    NORM: the router's input is rms_norm(x + residual) (bf16), computed here: every program sums the squares
+    of the whole row (the same chunked order everywhere, so all agree), the programs of expert block 0 also
+    write their slice of x + residual, of the normalized y and (QUANT) of y in FP8 with its per-token scale,
+    which takes a second pass over the row for the amax -- one launch for post-attention norm and router."""
     pid_e = tl.program_id(0)
     pid_h = tl.program_id(1)
     n_prog = tl.num_programs(0) * tl.num_programs(1)
@@ -130,13 +153,44 @@ def _gate_route_kernel(
     rt = tl.arange(0, BLOCK_T)
     tm = rt < T
     rt_c = tl.where(tm, rt, 0).to(tl.int64)
-    acc = tl.zeros([BLOCK_T, BLOCK_E, BLOCK_H], dtype=tl.float32)
     h_begin = pid_h * H_PER_SPLIT
+    if NORM:
+        ssq = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
+        for c in tl.static_range(H_CHUNKS):  # unrolled: the row's loads are in flight together
+            h = c * BLOCK_H + tl.arange(0, BLOCK_H)
+            sm = _summed_rows(x_ptr, r_ptr, rt_c, h, h < H, stride_xt, stride_rt)
+            ssq += sm * sm
+        inv = tl.rsqrt(tl.sum(ssq, 1) / H + eps)
+        writer = pid_e == 0
+        scale = tl.full([BLOCK_T], 1.0, tl.float32)
+        if QUANT:
+            if writer:
+                amax = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
+                for c in tl.static_range(H_CHUNKS):
+                    h = c * BLOCK_H + tl.arange(0, BLOCK_H)
+                    mh = h < H
+                    y = _normed(_summed_rows(x_ptr, r_ptr, rt_c, h, mh, stride_xt, stride_rt), inv, nw_ptr, h, mh)
+                    amax = tl.maximum(amax, tl.abs(y))
+                scale = tl.maximum(tl.max(amax, 1) / 448.0, 1e-12)
+                if pid_h == 0:
+                    tl.store(qs_ptr + rt_c, scale, mask=tm)
+    acc = tl.zeros([BLOCK_T, BLOCK_E, BLOCK_H], dtype=tl.float32)
     for h0 in range(h_begin, h_begin + H_PER_SPLIT, BLOCK_H):
         h = h0 + tl.arange(0, BLOCK_H)
         mh = h < H
         w = tl.load(gw_ptr + re_c[:, None] * stride_gw + h[None, :], mask=mh[None, :], other=0.0)
-        x = tl.load(x_ptr + rt_c[:, None] * stride_xt + h[None, :], mask=mh[None, :], other=0.0)
+        if NORM:
+            sm = _summed_rows(x_ptr, r_ptr, rt_c, h, mh, stride_xt, stride_rt)
+            x = _normed(sm, inv, nw_ptr, h, mh)
+            if writer:
+                om = tm[:, None] & mh[None, :]
+                tl.store(s_ptr + rt_c[:, None] * stride_st + h[None, :], sm.to(s_ptr.dtype.element_ty), mask=om)
+                tl.store(y_ptr + rt_c[:, None] * stride_yt + h[None, :], x.to(y_ptr.dtype.element_ty), mask=om)
+                if QUANT:
+                    q = to_fp8(tl.clamp(x / scale[:, None], -448.0, 448.0))
+                    tl.store(q_ptr + rt_c[:, None] * stride_qt + h[None, :], q, mask=om)
+        else:
+            x = tl.load(x_ptr + rt_c[:, None] * stride_xt + h[None, :], mask=mh[None, :], other=0.0)
         acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
     part = tl.sum(acc, 2)  # [BLOCK_T, BLOCK_E]
     tl.store(part_ptr + (pid_h * BLOCK_T + rt[:, None]) * E + re[None, :], part, mask=me[None, :])
@@ -203,12 +257,15 @@ def moe_gate_route(
     routed_scaling_factor: float = 1.0,
     num_fused_shared_experts: int = 0,
     config: dict | None = None,
+    norm: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """moe_route(x.float() @ gate_weight.T, ...) for x [T, H]: one launch for T <= GATE_ROUTE_MAX_T (the fp32
-    copy of x, the fp32 GEMV and the routing kernel were three), else the fp32 linear and moe_route."""
+    copy of x, the fp32 GEMV and the routing kernel were three), else the fp32 linear and moe_route.
+    norm: rms_norm_gate_route's tensors for the fused norm (internal)."""
     t, h = x.shape
     e = gate_weight.shape[0]
     if t > GATE_ROUTE_MAX_T or t == 0:
+        assert norm is None, "the fused norm takes 1..GATE_ROUTE_MAX_T tokens (rms_norm_gate_route checks)"
         logits = torch.nn.functional.linear(x.float(), gate_weight.float())
         return moe_route(logits, correction_bias, top_k, n_group, topk_group, renormalize, routed_scaling_factor,
                          num_fused_shared_experts)
@@ -227,15 +284,56 @@ def moe_gate_route(
     cnt = zeroed_counters(1, x.device)
     eg = e // n_group
     g_p, eg_p = next_pow2(n_group), next_pow2(eg)
+    nrm = norm or {}
+    r, nw, sm, y, q, qs = (nrm.get(k_, part) for k_ in ("residual", "weight", "summed", "y", "q", "qs"))
     _gate_route_kernel[(cdiv(e, block_e), n_h)](
         x, gate_weight, part, cnt, correction_bias if correction_bias is not None else part, w, ids,
+        r, nw, sm, y, q, qs,
         t, e, h, eg, n_group, per, x.stride(0), gate_weight.stride(0), w.stride(0), ids.stride(0),
-        float(routed_scaling_factor), BLOCK_E=block_e, BLOCK_H=block_h,
+        float(routed_scaling_factor), r.stride(0), sm.stride(0), y.stride(0), q.stride(0), float(nrm.get("eps", 0.0)),
+        BLOCK_E=block_e, BLOCK_H=block_h,
         TOP_K=top_k, TOPK_GROUP=topk_group, HAS_BIAS=correction_bias is not None, GROUPED=n_group > 1,
         RENORM=renormalize, SHARED=num_fused_shared_experts, BLOCK_T=t_p, G_P=g_p, EG_P=eg_p, K_P=next_pow2(kk),
+        NORM=norm is not None, QUANT="q" in nrm, H_CHUNKS=cdiv(h, block_h) if norm is not None else 1,
         num_warps=cfg.get("num_warps", 4),
     )
     return w, ids
 
 
-__all__ = ["moe_route", "moe_gate_route", "GATE_ROUTE_MAX_T"]
+def rms_norm_gate_route(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    quant: bool,
+    gate_weight: torch.Tensor,
+    correction_bias: torch.Tensor | None,
+    top_k: int,
+    n_group: int = 1,
+    topk_group: int = 1,
+    renormalize: bool = True,
+    routed_scaling_factor: float = 1.0,
+    num_fused_shared_experts: int = 0,
+    config: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor, torch.Tensor]:
+    """(y, x + residual, (y_fp8, y_scale) if quant, weights, ids) with y = rms_norm(x + residual) and the
+    routing of y, in one launch: bf16 x / residual / norm weight and 1 <= T <= GATE_ROUTE_MAX_T only."""
+    t, h = x.shape
+    if not 0 < t <= GATE_ROUTE_MAX_T or x.dtype != torch.bfloat16 or residual.dtype != torch.bfloat16 \
+            or norm_weight.dtype != torch.bfloat16:
+        raise ValueError("rms_norm_gate_route takes 1..4 tokens of bf16 x, residual and norm weight")
+    assert x.stride(1) == 1 and residual.stride(1) == 1 and residual.shape == x.shape
+    summed = torch.empty_like(x)
+    y = torch.empty_like(x)
+    norm = dict(residual=residual, weight=norm_weight, summed=summed, y=y, eps=eps)
+    yq = None
+    if quant:
+        yq = (torch.empty(t, h, dtype=torch.float8_e4m3fn, device=x.device),
+              torch.empty(t, 1, dtype=torch.float32, device=x.device))
+        norm.update(q=yq[0], qs=yq[1])
+    w, ids = moe_gate_route(x, gate_weight, correction_bias, top_k, n_group, topk_group, renormalize,
+                            routed_scaling_factor, num_fused_shared_experts, config, norm)
+    return y, summed, yq, w, ids
+
+
+__all__ = ["moe_route", "moe_gate_route", "rms_norm_gate_route", "GATE_ROUTE_MAX_T"]

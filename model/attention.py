@@ -53,20 +53,26 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext, cos_sin: torch.Tensor,
                 x_q: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         t = x.shape[0]
+        k_cache, v_cache = ctx.kv_caches[self.layer_id]
+        if self.fused_qk_norm_rope:  # projection + norm + RoPE + KV store (one kernel at decode sizes)
+            lin = self.qkv_proj
+            q = kernels.qkv_norm_rope(
+                x, x_q, lin.weight, lin.weight_scale, lin.bias, lin.quant, self.heads.num_heads,
+                self.heads.num_kv_heads, self.q_norm, self.k_norm, cos_sin, ctx.positions, self.eps, k_cache, v_cache,
+                ctx.slot_mapping, ctx.k_scale, ctx.v_scale,
+            )
+            return self._attend(q, ctx, k_cache, v_cache)
         qkv = self.qkv_proj(x, x_q)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(t, self.heads.num_heads, self.head_dim)
         k = k.reshape(t, self.heads.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.heads.num_kv_heads, self.head_dim)
-        k_cache, v_cache = ctx.kv_caches[self.layer_id]
-        if self.fused_qk_norm_rope:  # norm + RoPE + KV store in one kernel
-            q, k = kernels.qk_norm_rope(
-                q, k, self.q_norm, self.k_norm, cos_sin, ctx.positions, self.eps, v=v, k_cache=k_cache,
-                v_cache=v_cache, slot_mapping=ctx.slot_mapping, k_scale=ctx.k_scale, v_scale=ctx.v_scale,
-            )
-        else:
-            q, k = kernels.qk_norm_rope(q, k, self.q_norm, self.k_norm, cos_sin, ctx.positions, self.eps)
-            kernels.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping, ctx.k_scale, ctx.v_scale)
+        q, k = kernels.qk_norm_rope(q, k, self.q_norm, self.k_norm, cos_sin, ctx.positions, self.eps)
+        kernels.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping, ctx.k_scale, ctx.v_scale)
+        return self._attend(q, ctx, k_cache, v_cache)
+
+    def _attend(self, q: torch.Tensor, ctx: ForwardContext, k_cache: torch.Tensor, v_cache: torch.Tensor):
+        t = q.shape[0]
         fa3 = self.attention_backend == "fa3"
         attend = flash_attn_adapter.paged_attention_fa if fa3 else kernels.paged_attention
         o = attend(

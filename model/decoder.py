@@ -58,7 +58,12 @@ class DecoderLayer(nn.Module):
         else:
             h, residual = self.input_layernorm(x, residual)
         h = self.self_attn(h, ctx, cos_sin, hq)
-        if self.quant_mlp_input:
+        if self.is_moe:  # norm + router in one kernel at decode sizes
+            h, residual, hq, routing = self.mlp.norm_and_route(
+                self.post_attention_layernorm, h, residual, self.quant_mlp_input
+            )
+            h = self.mlp(h, hq, routing)
+        elif self.quant_mlp_input:
             h, residual, hq = self.post_attention_layernorm.forward_quant(h, residual)
             h = self.mlp(h, hq)
         else:

@@ -11,9 +11,12 @@ from torch import nn
 import kernels
 from kernels.quant import FP8_DTYPE
 from model.config import ModelConfig
-from model.layers import DenseMLP
+from model.layers import DenseMLP, RMSNorm
 from model.linear import scale_shape
 from model.parallel import TPGroup, divide
+
+
+Routing = tuple[torch.Tensor, torch.Tensor]  # (weights fp32 [T, k], expert ids int32 [T, k])
 
 
 class Router(nn.Module):
@@ -58,12 +61,25 @@ class MoE(nn.Module):
             else None
         )
 
-    def forward(self, x: torch.Tensor, x_q: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def _routing_args(self) -> tuple:
         cfg = self.cfg
-        weights, ids = kernels.moe_gate_route(
-            x, self.gate.weight, self.gate.e_score_correction_bias, cfg.num_experts_per_tok, cfg.n_group,
-            cfg.topk_group, cfg.norm_topk_prob, cfg.routed_scaling_factor, 1 if self.fused_shared else 0,
+        return (self.gate.weight, self.gate.e_score_correction_bias, cfg.num_experts_per_tok, cfg.n_group,
+                cfg.topk_group, cfg.norm_topk_prob, cfg.routed_scaling_factor, 1 if self.fused_shared else 0)
+
+    def norm_and_route(
+        self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor, quant: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, Routing]:
+        """The pre-MoE norm of x + residual and the routing of its output, one kernel at decode sizes:
+        (y, x + residual, (y_fp8, y_scale) or None, (weights, ids)) for forward(y, y_q, routing)."""
+        y, summed, yq, weights, ids = kernels.rms_norm_gate_route(
+            x, residual, norm.weight, norm.eps, quant, *self._routing_args()
         )
+        return y, summed, yq, (weights, ids)
+
+    def forward(self, x: torch.Tensor, x_q: tuple[torch.Tensor, torch.Tensor] | None = None,
+                routing: Routing | None = None) -> torch.Tensor:
+        """routing: (weights, ids) from norm_and_route; computed from x here when None."""
+        weights, ids = routing if routing is not None else kernels.moe_gate_route(x, *self._routing_args())
         ex = self.experts
         xf, xs = x_q if x_q is not None and ex.quant == "fp8_channel" else (None, None)
         out = kernels.fused_moe(x, ex.w13, ex.w2, weights, ids, ex.w13_scale, ex.w2_scale, ex.quant,

@@ -65,6 +65,39 @@ def case_gemm():
                 fp8_gemm(xq, torch.empty(m, k // 128), w, torch.empty(n // 128, k // 128), None, BF16, True)
 
 
+def case_swap():
+    from kernels.triton_fp8_gemm_swap import fp8_gemm_swap
+
+    for m in (1, 4, 16):
+        for n, k in ((14336, 5120), (5120, 12288)):
+            x = torch.empty(m, k, dtype=BF16)
+            w = torch.empty(n, k, dtype=FP8)
+            fp8_gemm_swap(torch.empty(m, k, dtype=FP8), torch.empty(m, 1), w, torch.empty(n, 1), None, BF16)
+            fp8_gemm_swap(x, None, w, torch.empty(n, 1), None, BF16)  # in-kernel activation quant
+    from kernels.triton_fp8_gemm_swap import fp8_qkv_norm_rope
+
+    for m in (1, 16):
+        for hq, hk in ((96, 8), (12, 1)):
+            n = (hq + 2 * hk) * 128
+            kc = torch.empty(100, 16, hk, 128, dtype=FP8)
+            pos = torch.zeros(m, dtype=torch.int64)
+            nw = torch.empty(128, dtype=BF16)
+            fp8_qkv_norm_rope(torch.empty(m, 5120, dtype=FP8), torch.empty(m, 1), torch.empty(n, 5120, dtype=FP8),
+                              torch.empty(n, 1), torch.empty(n, dtype=BF16), BF16, hq, hk, nw, nw,
+                              torch.empty(4096, 64), pos, 1e-5, kc, kc, pos)
+
+
+def case_router():
+    from kernels.triton_moe_routing import moe_gate_route, rms_norm_gate_route
+
+    for t in (1, 4):
+        x = torch.empty(t, 5120, dtype=BF16)
+        gw, b = torch.empty(160, 5120), torch.empty(160)
+        moe_gate_route(x, gw, b, 8, 1, 1, True, 2.5, 1)
+        for quant in (True, False):
+            rms_norm_gate_route(x, x, torch.empty(5120, dtype=BF16), 1e-5, quant, gw, b, 8, 1, 1, True, 2.5, 1)
+
+
 def case_moe():
     from kernels.triton_moe import fused_moe
     from kernels.triton_moe_routing import moe_route
@@ -114,6 +147,8 @@ CASES = {
     "attention": case_attention,
     "moe": case_moe,
     "gemm": case_gemm,
+    "swap": case_swap,
+    "router": case_router,
     "quant": case_quant,
     "norm_act": case_norm_act,
     "rope_kv": case_rope_kv,

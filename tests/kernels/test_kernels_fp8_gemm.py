@@ -104,7 +104,29 @@ def test_fp8_gemm_swap(device, m, n, k, cfg, bias):
     for _ in range(2):  # split-K tickets re-arm themselves
         with poisoned_empty():
             y = fp8_gemm_swap(xq, xs, w, ws, b, torch.bfloat16, config=SWAP_CFGS[cfg])
+            # x_scale None: the kernel quantizes the bf16 x itself, to the same codes and scales
+            y_q = fp8_gemm_swap(x, None, w, ws, b, torch.bfloat16, config=SWAP_CFGS[cfg])
         _check(y, fp8_linear_channel_ref(x, w, ws, b))
+        assert torch.equal(y_q, y)
+
+
+def test_fp8_gemm_swap_quantizes_rows_with_distinct_scales(device):
+    """In-kernel quantization keeps each token's own scale (rows 100x apart, one all-zero row, a row whose
+    amax sits in the last element of a ragged tail)."""
+    from kernels.triton_fp8_gemm_swap import fp8_gemm_swap
+    from kernels.triton_quant import quant_fp8_per_token
+
+    k = 2500  # two amax loads, the second ragged
+    x = torch.randn(4, k, device=device, dtype=torch.bfloat16)
+    x[1] *= 100
+    x[2] = 0
+    x[3, -1] = 1000
+    w, ws = quant_fp8_weight_per_channel(torch.randn(64, k, device=device) * 0.05)
+    xq, xs = quant_fp8_per_token(x)
+    y = fp8_gemm_swap(xq, xs, w, ws, None, torch.bfloat16)
+    y_q = fp8_gemm_swap(x, None, w, ws, None, torch.bfloat16)
+    assert torch.equal(y_q, y)
+    assert not torch.equal(y[0], y[1] / 100)  # distinct rows (guards a test that compares zeros)
 
 
 def test_fp8_gemm_swap_rejects_large_m(device):
@@ -130,4 +152,6 @@ def test_fp8_gemm_swap_gpu(m, n, k):
     xq, xs = quant_fp8_per_token(x)
     with poisoned_empty():
         y = fp8_gemm_swap(xq, xs, w, ws, b, torch.bfloat16)
+        y_q = fp8_gemm_swap(x, None, w, ws, b, torch.bfloat16)
     _check(y, fp8_linear_channel_ref(x, w, ws, b), gpu=True)
+    assert torch.equal(y_q, y)

@@ -21,33 +21,45 @@ from model.tiny import write_tiny_checkpoint
 T = 24
 
 
-@pytest.fixture(scope="module")
-def fp8_model(tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["unfused", "fused"])
+def fp8_model(tmp_path_factory, request):
+    """fused: shared expert as expert E and the fused qkv + QK-norm/RoPE/KV-store path."""
     path = write_tiny_checkpoint(tmp_path_factory.mktemp("fp8") / "c", fmt="fp8-channel")
     cfg = load_model_config(path)
     src = SafetensorsSource(path)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     quantized = QuantPlan.build(cfg, dev, torch.bfloat16, set(src.names())).quantized_modules
-    plan = QuantPlan(cfg, "fp8_channel", quantized)  # keep FP8 weights even on CPU
+    fused = request.param
+    plan = QuantPlan(cfg, "fp8_channel", quantized, fused, fused)  # keep FP8 weights even on CPU
     model = Glm4MoeForCausalLM(cfg, plan, dtype=torch.bfloat16, device=dev)
-    load_weights(model, cfg, src, model.tp, False, torch.bfloat16, dev, progress=False)
+    load_weights(model, cfg, src, model.tp, fused, torch.bfloat16, dev, progress=False)
     assert model.layers[0].self_attn.qkv_proj.quant == "fp8_channel"
     return model, cfg, dev
 
 
-def _logprobs(model, cfg, dev) -> torch.Tensor:
+def _logprobs(model, cfg, dev, decode: int = 0) -> torch.Tensor:
+    """Log-probs of a T-token prompt; with decode = n, of n more single-token decode steps after it (the
+    decode-size kernels: swap-AB GEMMs, fused norm + router, split decode attention)."""
     hk, d = cfg.num_key_value_heads, cfg.head_dim
     kv = {i: (torch.zeros(8, 16, hk, d, dtype=torch.bfloat16, device=dev),
               torch.zeros(8, 16, hk, d, dtype=torch.bfloat16, device=dev)) for i in range(cfg.num_hidden_layers)}
-    ctx = ForwardContext(
-        positions=torch.arange(T, device=dev), slot_mapping=torch.arange(T, device=dev),
-        block_tables=torch.arange(8, device=dev, dtype=torch.int32)[None],
-        seq_lens=torch.tensor([T], dtype=torch.int32, device=dev),
-        query_start_loc=torch.tensor([0, T], dtype=torch.int32, device=dev),
-        max_query_len=T, max_seq_len=T, kv_caches=kv,
-    )
-    with torch.no_grad():
-        return torch.log_softmax(model.compute_logits(model(torch.arange(20, 20 + T, device=dev), ctx)), -1)
+
+    def step(start: int, n: int) -> torch.Tensor:
+        ctx = ForwardContext(
+            positions=torch.arange(start, start + n, device=dev), slot_mapping=torch.arange(start, start + n, device=dev),
+            block_tables=torch.arange(8, device=dev, dtype=torch.int32)[None],
+            seq_lens=torch.tensor([start + n], dtype=torch.int32, device=dev),
+            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=dev),
+            max_query_len=n, max_seq_len=start + n, kv_caches=kv,
+        )
+        ids = torch.arange(20 + start, 20 + start + n, device=dev)
+        with torch.no_grad():
+            return torch.log_softmax(model.compute_logits(model(ids, ctx)), -1)
+
+    out = step(0, T)
+    if not decode:
+        return out
+    return torch.cat([step(T + i, 1) for i in range(decode)])
 
 
 def test_all_ops_but_attention_bit_exact(fp8_model):
@@ -56,6 +68,14 @@ def test_all_ops_but_attention_bit_exact(fp8_model):
         ref = _logprobs(model, cfg, dev)
     with D.kernel_backend("triton", D.TRITON_OPS - {"paged_attention"}):
         assert (_logprobs(model, cfg, dev) - ref).abs().max().item() == 0.0
+
+
+def test_decode_steps_all_ops_but_attention_bit_exact(fp8_model):
+    model, cfg, dev = fp8_model
+    with D.kernel_backend("ref"):
+        ref = _logprobs(model, cfg, dev, decode=3)
+    with D.kernel_backend("triton", D.TRITON_OPS - {"paged_attention"}):
+        assert (_logprobs(model, cfg, dev, decode=3) - ref).abs().max().item() == 0.0
 
 
 def test_attention_within_bf16_noise_floor(fp8_model, monkeypatch):

@@ -92,3 +92,95 @@ def test_moe_gate_route_gpu(t, shared):
     w, ids = moe_gate_route(x, gw, b, 8, 1, 1, True, 2.5, shared)
     wr, idr = moe_gate_route_ref(x, gw, b, 8, 1, 1, True, 2.5, shared)
     _check(w, ids, wr, idr)
+
+
+def _check_norm_route(out, x, res, nw, gw, b, k, ng, tg, shared, quant):
+    """The fused norm + router against the references: x + residual exact, y within 2 bf16 ulps of
+    add_rms_norm_ref (the kernel sums squares in another order), y_fp8 / scale exactly the per-token
+    quantization of the returned y, and the routing of the returned y."""
+    from kernels.moe_routing import moe_gate_route_ref
+    from kernels.norm import add_rms_norm_ref
+    from kernels.quant import quant_fp8_per_token_ref
+
+    y, summed, yq, w, ids = out
+    y_ref, s_ref = add_rms_norm_ref(x, res, nw, 1e-6)
+    assert torch.equal(summed, s_ref)
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=2**-7, atol=1e-6)
+    if quant:
+        q_ref, qs_ref = quant_fp8_per_token_ref(y)
+        assert torch.equal(yq[1], qs_ref)
+        assert torch.equal(yq[0].float(), q_ref.float())
+    else:
+        assert yq is None
+    _check(w, ids, *moe_gate_route_ref(y, gw, b, k, ng, tg, True, 2.5, shared))
+
+
+@pytest.mark.parametrize(
+    "t,e,h,k,ng,tg,shared,cfg",
+    [
+        (1, 16, 96, 4, 1, 1, 0, dict(BLOCK_E=4, BLOCK_H=32, H_PER_SPLIT=32)),  # 3 hidden slices, 4 expert blocks
+        (3, 24, 200, 3, 4, 2, 1, dict(BLOCK_E=8, BLOCK_H=64, H_PER_SPLIT=128)),  # ragged last slice, t < 4
+        (4, 20, 64, 2, 1, 1, 1, None),  # default config (one slice)
+    ],
+)
+@pytest.mark.parametrize("quant", [True, False])
+def test_rms_norm_gate_route(device, t, e, h, k, ng, tg, shared, cfg, quant):
+    from kernels.triton_moe_routing import rms_norm_gate_route
+
+    x = torch.randn(t, h, device=device, dtype=torch.bfloat16)
+    res = torch.randn(t, h, device=device, dtype=torch.bfloat16) * 3
+    res[0] *= 50  # rows of different scale
+    nw = (1 + 0.1 * torch.randn(h, device=device)).to(torch.bfloat16)
+    gw = torch.randn(e, h, device=device) / h**0.5 * 3
+    b = torch.randn(e, device=device) * 0.5
+    for _ in range(2):  # the ticket re-arms itself
+        with poisoned_empty():
+            out = rms_norm_gate_route(x, res, nw, 1e-6, quant, gw, b, k, ng, tg, True, 2.5, shared, config=cfg)
+        _check_norm_route(out, x, res, nw, gw, b, k, ng, tg, shared, quant)
+
+
+def test_rms_norm_gate_route_rejects_what_it_cannot_fuse(device):
+    from kernels.triton_moe_routing import GATE_ROUTE_MAX_T, rms_norm_gate_route
+
+    gw = torch.randn(8, 64, device=device)
+    nw = torch.ones(64, device=device, dtype=torch.bfloat16)
+    for x in (torch.randn(GATE_ROUTE_MAX_T + 1, 64, device=device, dtype=torch.bfloat16),
+              torch.randn(2, 64, device=device)):
+        with pytest.raises(ValueError, match="1..4 tokens of bf16"):
+            rms_norm_gate_route(x, x.clone(), nw, 1e-6, True, gw, None, 2)
+
+
+@pytest.mark.parametrize("t", [2, 9])
+def test_rms_norm_gate_route_dispatch(device, t):
+    """kernels.rms_norm_gate_route: fused at decode sizes, norm op + moe_gate_route above (same contract)."""
+    import kernels
+    from kernels.dispatch import kernel_backend
+
+    h, e = 64, 16
+    x = torch.randn(t, h, device=device, dtype=torch.bfloat16)
+    res = torch.randn(t, h, device=device, dtype=torch.bfloat16)
+    nw = torch.ones(h, device=device, dtype=torch.bfloat16)
+    gw = torch.randn(e, h, device=device) / 8
+    with kernel_backend("triton"):
+        out = kernels.rms_norm_gate_route(x, res, nw, 1e-6, True, gw, None, 4, 1, 1, True, 2.5, 1)
+    _check_norm_route(out, x, res, nw, gw, None, 4, 1, 1, 1, True)
+    with kernel_backend("ref"):
+        y, summed, yq, w, ids = kernels.rms_norm_gate_route(x, res, nw, 1e-6, True, gw, None, 4, 1, 1, True, 2.5, 1)
+    assert yq is None  # the reference leaves the quantization to the consumer
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 4])
+@pytest.mark.parametrize("quant", [True, False])
+def test_rms_norm_gate_route_gpu(t, quant):
+    """GLM-4.7 widths: hidden 5120, 160 experts + the fused shared one, top-8, fp32 gate weights."""
+    from kernels.triton_moe_routing import rms_norm_gate_route
+
+    x = torch.randn(t, 5120, device="cuda", dtype=torch.bfloat16)
+    res = torch.randn(t, 5120, device="cuda", dtype=torch.bfloat16) * 4
+    nw = (1 + 0.1 * torch.randn(5120, device="cuda")).to(torch.bfloat16)
+    gw = torch.randn(160, 5120, device="cuda") / 5120**0.5
+    b = torch.randn(160, device="cuda") * 0.1
+    with poisoned_empty():
+        out = rms_norm_gate_route(x, res, nw, 1e-6, quant, gw, b, 8, 1, 1, True, 2.5, 1)
+    _check_norm_route(out, x, res, nw, gw, b, 8, 1, 1, 1, quant)

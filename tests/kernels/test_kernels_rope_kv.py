@@ -115,3 +115,130 @@ def test_qk_norm_rope_gpu(hq, hk, t):
     store_kv_ref(ko, v, kc_ref, vc_ref, slots, 0.05, 0.05)
     assert (kc.view(torch.uint8) != kc_ref.view(torch.uint8)).float().mean() < 1e-4
     assert torch.equal(vc.view(torch.uint8), vc_ref.view(torch.uint8))
+
+
+def _fused_qkv_case(m, hq, hk, d, rot, norm, cache_dtype, device, bias=True):
+    from kernels.quant import quant_fp8_weight_per_channel
+    from kernels.triton_quant import quant_fp8_per_token
+
+    k_in, bs, nb = 96, 16, 4
+    n = (hq + 2 * hk) * d
+    x = torch.randn(m, k_in, device=device, dtype=torch.bfloat16)
+    w, ws = quant_fp8_weight_per_channel(torch.randn(n, k_in, device=device) * 0.1)
+    b = torch.randn(n, device=device, dtype=torch.bfloat16) if bias else None
+    cs = rope_cos_sin_cache(rot, 256, 1e6, device)
+    pos = torch.randint(0, 256, (m,), device=device)
+    qw = torch.rand(d, device=device, dtype=torch.bfloat16) + 0.5 if norm else None
+    kw = torch.rand(d, device=device, dtype=torch.bfloat16) + 0.5 if norm else None
+    slots = torch.randperm(nb * bs, device=device)[:m].to(torch.int64)
+    if m > 1:
+        slots[1] = -1  # a padded token: stored nowhere
+    ks, vs = (0.05, 0.02) if cache_dtype == torch.float8_e4m3fn else (1.0, 1.0)
+    kc, vc = _caches(nb, bs, hk, d, cache_dtype, device)
+    xq, xs = quant_fp8_per_token(x)
+    return dict(x=x, xq=xq, xs=xs, w=w, ws=ws, b=b, cs=cs, pos=pos, qw=qw, kw=kw, slots=slots, ks=ks, vs=vs,
+                kc=kc, vc=vc, hq=hq, hk=hk, d=d)
+
+
+FUSED_QKV_CFGS = [
+    None,  # heuristic (widened to one head per program)
+    dict(BLOCK_W=16, BLOCK_K=32, SPLIT_K=2, num_warps=4, num_stages=2),  # split-K: the epilogue after the ticket
+]
+
+
+@pytest.mark.parametrize("m,hq,hk,d,rot", [(1, 4, 2, 32, 16), (3, 6, 1, 64, 64), (5, 2, 2, 32, 32)])
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("cfg", range(len(FUSED_QKV_CFGS)))
+@pytest.mark.parametrize("prequant", [True, False])
+def test_fp8_qkv_norm_rope(device, m, hq, hk, d, rot, norm, cache_dtype, cfg, prequant):
+    """The fused decode qkv (GEMM + QK-norm + RoPE + KV store in one kernel) gives exactly what the swap-AB
+    GEMM followed by the fused qk_norm_rope kernel gives: q, both caches (untouched where slot is -1), and
+    the raw v / rotated k in its qkv output."""
+    from kernels.triton_fp8_gemm_swap import fp8_gemm_swap, fp8_qkv_norm_rope
+
+    c = _fused_qkv_case(m, hq, hk, d, rot, norm, cache_dtype, device)
+    kc_ref, vc_ref = c["kc"].clone(), c["vc"].clone()
+    qkv = fp8_gemm_swap(c["xq"], c["xs"], c["w"], c["ws"], c["b"], torch.bfloat16)
+    q, k, v = qkv.split([hq * d, hk * d, hk * d], -1)
+    q_ref, k_ref = qk_norm_rope(q.reshape(m, hq, d), k.reshape(m, hk, d), c["qw"], c["kw"], c["cs"], c["pos"], 1e-5,
+                                v=v.reshape(m, hk, d), k_cache=kc_ref, v_cache=vc_ref, slot_mapping=c["slots"],
+                                k_scale=c["ks"], v_scale=c["vs"])
+    xq, xs = (c["xq"], c["xs"]) if prequant else (c["x"], None)
+    for _ in range(2):  # split-K tickets re-arm themselves
+        with poisoned_empty():
+            qo, out = fp8_qkv_norm_rope(xq, xs, c["w"], c["ws"], c["b"], torch.bfloat16, hq, hk, c["qw"], c["kw"],
+                                        c["cs"], c["pos"], 1e-5, c["kc"], c["vc"], c["slots"], c["ks"], c["vs"],
+                                        config=FUSED_QKV_CFGS[cfg])
+        assert torch.equal(qo, q_ref)
+        assert torch.equal(c["kc"].view(torch.uint8), kc_ref.view(torch.uint8))
+        assert torch.equal(c["vc"].view(torch.uint8), vc_ref.view(torch.uint8))
+        assert torch.equal(out[:, (hq + hk) * d:], v)
+        assert torch.equal(out[:, hq * d:(hq + hk) * d], k_ref.reshape(m, hk * d))
+
+
+def test_fp8_qkv_norm_rope_rejects_bad_shapes(device):
+    from kernels.triton_fp8_gemm_swap import fp8_qkv_norm_rope
+
+    c = _fused_qkv_case(1, 4, 2, 32, 16, True, torch.bfloat16, device)
+    with pytest.raises(ValueError, match="heads"):  # 4 + 2x2 heads do not make 3 + 2x2
+        fp8_qkv_norm_rope(c["xq"], c["xs"], c["w"], c["ws"], c["b"], torch.bfloat16, 3, 2, c["qw"], c["kw"],
+                          c["cs"], c["pos"], 1e-5, c["kc"], c["vc"], c["slots"])
+
+
+@pytest.mark.parametrize("m", [2, 20])
+def test_qkv_norm_rope_dispatch_matches_reference(device, m):
+    """kernels.qkv_norm_rope on Triton (fused at <= 16 tokens, linear + qk_norm_rope above) vs on the
+    torch reference ops."""
+    import kernels
+    from kernels.dispatch import kernel_backend
+
+    c = _fused_qkv_case(m, 4, 2, 32, 16, True, torch.bfloat16, device)
+    args = lambda kc, vc: (c["x"], None, c["w"], c["ws"], c["b"], "fp8_channel", 4, 2, c["qw"], c["kw"], c["cs"],  # noqa: E731
+                           c["pos"], 1e-5, kc, vc, c["slots"])
+    kc_ref, vc_ref = c["kc"].clone(), c["vc"].clone()
+    with kernel_backend("ref"):
+        q_ref = kernels.qkv_norm_rope(*args(kc_ref, vc_ref))
+    with kernel_backend("triton"):
+        q = kernels.qkv_norm_rope(*args(c["kc"], c["vc"]))
+    _close_bf16(q, q_ref)
+    written = c["slots"][c["slots"] >= 0]
+    kc_flat, kr_flat = c["kc"].flatten(0, 1), kc_ref.flatten(0, 1)
+    _close_bf16(kc_flat[written], kr_flat[written])
+    assert torch.equal(c["vc"].flatten(0, 1)[written], vc_ref.flatten(0, 1)[written])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 4, 16])
+@pytest.mark.parametrize("hq,hk", [(96, 8), (12, 1)])
+def test_fp8_qkv_norm_rope_gpu(m, hq, hk):
+    """GLM-4.7 widths (hidden 5120, head_dim 128, rotary 64) on the GPU: the fused kernel vs the swap-AB GEMM +
+    qk_norm_rope kernel. The GEMM epilogue runs without FMA contraction in the fused kernel (for the exact
+    bf16 roundings of the norm / RoPE), so q may differ in a last bf16 bit here and there."""
+    from kernels.quant import quant_fp8_weight_per_channel
+    from kernels.triton_fp8_gemm_swap import fp8_gemm_swap, fp8_qkv_norm_rope
+    from kernels.triton_quant import quant_fp8_per_token
+
+    d, rot, k_in, bs, nb = 128, 64, 5120, 16, 64
+    n = (hq + 2 * hk) * d
+    x = torch.randn(m, k_in, device="cuda", dtype=torch.bfloat16)
+    w, ws = quant_fp8_weight_per_channel(torch.randn(n, k_in, device="cuda") * 0.05)
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    cs = rope_cos_sin_cache(rot, 131072, 1e6, "cuda")
+    pos = torch.randint(0, 131072, (m,), device="cuda")
+    qw = torch.rand(d, device="cuda", dtype=torch.bfloat16) + 0.5
+    kw = torch.rand(d, device="cuda", dtype=torch.bfloat16) + 0.5
+    slots = torch.randperm(nb * bs, device="cuda")[:m]
+    kc, vc = _caches(nb, bs, hk, d, torch.float8_e4m3fn, "cuda")
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    xq, xs = quant_fp8_per_token(x)
+    qkv = fp8_gemm_swap(xq, xs, w, ws, b, torch.bfloat16)
+    q, k, v = qkv.split([hq * d, hk * d, hk * d], -1)
+    q_ref, _ = qk_norm_rope(q.reshape(m, hq, d), k.reshape(m, hk, d), qw, kw, cs, pos, 1e-5, v=v.reshape(m, hk, d),
+                            k_cache=kc_ref, v_cache=vc_ref, slot_mapping=slots, k_scale=0.05, v_scale=0.05)
+    with poisoned_empty():
+        qo, _ = fp8_qkv_norm_rope(xq, xs, w, ws, b, torch.bfloat16, hq, hk, qw, kw, cs, pos, 1e-5, kc, vc, slots,
+                                  0.05, 0.05)
+    _close_bf16(qo, q_ref, 1e-2)
+    assert (kc.view(torch.uint8) != kc_ref.view(torch.uint8)).float().mean() < 1e-2
+    assert (vc.view(torch.uint8) != vc_ref.view(torch.uint8)).float().mean() < 1e-2

@@ -98,11 +98,11 @@ def sweep_moe() -> None:
             print(f"  {t * 1e6:6.1f} us ({nbytes / t / bw:.0%}) {cfg}", flush=True)
         return out[0][1]
 
-    c1 = [dict(BLOCK_N1=bn, BLOCK_K1=bk_, SPLIT_K1=sk, W1=4, S1=st) for bn in (16, 32, 64) for bk_ in (128, 256)
-          for sk in (1, 2) for st in (3, 5)]
+    c1 = [dict(BLOCK_N1=bn, BLOCK_K1=bk_, SPLIT_K1=sk, W1=w, S1=st) for bn in (16, 32, 64) for bk_ in (128, 256)
+          for sk in (1, 2) for st in (3, 4, 5) for w in (4, 8)]
     cfg = best_of(c1, base_cfg)
-    c2 = [dict(BLOCK_N2=bn, BLOCK_K2=bk_, W2=w, S2=3) for bn in (32, 64, 128, 256) for bk_ in (64, 128, 256)
-          for w in (4, 8)]
+    c2 = [dict(BLOCK_N2=bn, BLOCK_K2=bk_, W2=w, S2=st) for bn in (32, 64, 128, 256) for bk_ in (64, 128, 256)
+          for w in (4, 8) for st in (3, 4)]
     best_of(c2, cfg)
 
 
@@ -144,6 +144,36 @@ def sweep_router() -> None:
     out.sort(key=lambda r: r[0])
     for t, cfg in out[:6]:
         print(f"  {t * 1e6:6.1f} us ({nbytes / t / bw:.0%}) {cfg}", flush=True)
+
+    # the post-attention norm fused in front (rms_norm_gate_route, what decoder layers run): every program
+    # normalizes the row itself, so fewer, longer programs may win here
+    from kernels.triton_moe_routing import rms_norm_gate_route
+
+    res = torch.randn(1, h, device="cuda", dtype=BF16)
+    nw = torch.ones(h, device="cuda", dtype=BF16)
+
+    def run_norm(cfg=None) -> float:
+        return bk.timeit([lambda g=g: rms_norm_gate_route(x, res, nw, 1e-5, True, g, bias, 8, 1, 1, True, 2.5, 1,
+                                                          config=cfg) for g in gws])[0]
+
+    base = run_norm()
+    print(f"norm + router T=1: default {base * 1e6:.1f} us", flush=True)
+    out = []
+    for block_e in (4, 8, 16, 32):
+        for per in (1024, 2560, 5120):
+            for warps in (2, 4, 8):
+                bh = min(per, 1024)
+                if block_e * bh > 16384:
+                    continue
+                cfg = dict(BLOCK_E=block_e, H_PER_SPLIT=per, BLOCK_H=bh, num_warps=warps)
+                try:
+                    out.append((run_norm(cfg), cfg))
+                except Exception as exc:  # noqa: BLE001
+                    torch.cuda.synchronize()
+                    print(f"  skip {cfg}: {type(exc).__name__}")
+    out.sort(key=lambda r: r[0])
+    for t, cfg in out[:6]:
+        print(f"  {t * 1e6:6.1f} us {cfg}", flush=True)
 
 
 def compare_fusions() -> None:

@@ -1,6 +1,6 @@
 """Swap-AB FP8 GEMM (kernels/triton_fp8_gemm_swap.py) vs the small-M FP8 GEMM with its tuned configs.
 
-    python -m bench.fp8_swap_sweep [--sweep] [--ms 1,4,16]
+    python -m bench.fp8_swap_sweep [--sweep] [--ms 1,4,16] [--shapes 14336x5120,5120x12288]
 
 Per GLM-4.7 linear shape (N, K) and decode M: both kernels on the same pre-quantized input, in a CUDA graph
 over rotated weights (bench.kernels timing), as µs and % of the copy bandwidth measured in the run. --sweep also
@@ -27,8 +27,9 @@ def swap_candidates(n: int, k: int, sms: int) -> list[dict]:
                 if cdiv(k, bk_) < split * 2:
                     continue
                 for st in (3, 4, 6):
-                    cfg = dict(BLOCK_W=bw, BLOCK_K=bk_, SPLIT_K=split, num_warps=4, num_stages=st)
-                    out[json.dumps(cfg, sort_keys=True)] = cfg
+                    for warps in (4, 8):
+                        cfg = dict(BLOCK_W=bw, BLOCK_K=bk_, SPLIT_K=split, num_warps=warps, num_stages=st)
+                        out[json.dumps(cfg, sort_keys=True)] = cfg
     return list(out.values())
 
 
@@ -36,6 +37,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--ms", default="1,4,16")
+    ap.add_argument("--shapes", default=None, help="only these N x K, e.g. 14336x5120,5120x12288")
     args = ap.parse_args(argv)
     from kernels.triton_fp8_gemm import fp8_gemm
     from kernels.triton_fp8_gemm import tuned_swap
@@ -47,7 +49,10 @@ def main(argv=None) -> int:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"{torch.cuda.get_device_name(0)}: copy bandwidth {bw / 1e12:.2f} TB/s, {sms} SMs", flush=True)
     best_cfgs: dict[str, dict] = {}
-    for n, k in bk.LINEAR_TUNE_SHAPES:
+    shapes = bk.LINEAR_TUNE_SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")]
+    for n, k in shapes:
         r = bk.rotations(n * k)
         ws = [bk.fp8_weight(n, k) for _ in range(r)]
         wss = [torch.rand(n, 1, device="cuda") * 1e-3 for _ in range(r)]

@@ -58,17 +58,26 @@ class DecodeGraphs:
         self.sizes = graph_batch_sizes(max_batch)
         m = max_batch
         max_blocks = -(-max_model_len // block_size)
-        self.input_ids = torch.zeros(m, dtype=torch.long, device=device)
-        self.positions = torch.zeros(m, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((m,), -1, dtype=torch.long, device=device)
+        # ids, positions, slots and lengths arrive in one host-to-device copy into `rows`; the graph itself
+        # converts the lengths to the int32 the kernels read
+        self.rows = torch.zeros(4, m, dtype=torch.long, device=device)
+        self.input_ids, self.positions, self.slot_mapping, self.seq_lens_long = self.rows.unbind(0)
+        self.slot_mapping.fill_(-1)
+        self.seq_lens_long.fill_(1)
         self.block_tables = torch.zeros(m, max_blocks, dtype=torch.int32, device=device)
         self.seq_lens = torch.ones(m, dtype=torch.int32, device=device)
+        # pinned host staging for `rows`, two in turn: a buffer is refilled only once the copy that last read
+        # it has run (its event), so an overlapped next step never overwrites data still being copied
+        self.host_rows = [torch.zeros(4, m, dtype=torch.long).pin_memory() for _ in range(2)]
+        self.host_read = [torch.cuda.Event() for _ in range(2)]
+        self.turn = 0
         self.query_start_loc = torch.arange(m + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool = None
 
     def _forward(self, b: int) -> torch.Tensor:
+        self.seq_lens[:b].copy_(self.seq_lens_long[:b])
         ctx = ForwardContext(
             positions=self.positions[:b],
             slot_mapping=self.slot_mapping[:b],
@@ -86,6 +95,7 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self, progress: bool = True) -> None:
         self.slot_mapping.fill_(-1)  # capture runs must not write the KV cache
+        self.seq_lens_long.fill_(1)
         self.seq_lens.fill_(1)
         self.block_tables.zero_()
         stream = torch.cuda.Stream(self.device)
@@ -112,21 +122,18 @@ class DecodeGraphs:
     def run(self, inp: StepInputs, future: torch.Tensor | None = None) -> torch.Tensor:
         b = len(inp.seq_lens)
         size = self.bucket(b)
-        dev = self.device
-        host = torch.tensor(
-            [inp.input_ids, inp.positions, inp.slot_mapping, inp.seq_lens], dtype=torch.long
-        ).pin_memory()
-        rows = host.to(dev, non_blocking=True)
-        self.input_ids[:b].copy_(rows[0])
-        self.positions[:b].copy_(rows[1])
-        self.slot_mapping[:b].copy_(rows[2])
-        self.seq_lens[:b].copy_(rows[3].to(torch.int32))
-        fill_future(self.input_ids, inp, future)
-        if size > b:  # padding rows: write nothing, read one token of page 0
-            self.slot_mapping[b:size].fill_(-1)
-            self.seq_lens[b:size].fill_(1)
-            self.positions[b:size].zero_()
+        turn, self.turn = self.turn, 1 - self.turn
+        self.host_read[turn].synchronize()  # the copy that last read this staging buffer has run
+        host = self.host_rows[turn]
+        host[:, :b] = torch.tensor([inp.input_ids, inp.positions, inp.slot_mapping, inp.seq_lens], dtype=torch.long)
+        if size > b:  # padding rows: token 0 at position 0, write nothing (slot -1), read one token of page 0
+            host[:2, b:size] = 0
+            host[2, b:size] = -1
+            host[3, b:size] = 1
             self.block_tables[b:size, 0] = 0
+        self.rows[:, :size].copy_(host[:, :size], non_blocking=True)
+        self.host_read[turn].record()
+        fill_future(self.input_ids, inp, future)
         width = len(inp.block_tables[0])
         tables = torch.tensor(inp.block_tables, dtype=torch.int32).pin_memory()
         self.block_tables[:b, :width].copy_(tables, non_blocking=True)

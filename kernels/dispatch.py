@@ -170,13 +170,19 @@ def fp8_linear_channel(
     *,
     x_fp8: torch.Tensor | None = None,
     x_scale: torch.Tensor | None = None,
+    x_absmax_parts: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """x_absmax_parts: max |x| over slices of each row (e.g. per attention head, from paged_attention's
+    absmax_out), a hint that spares the GPU GEMM a pass over x when it quantizes x itself."""
     if _use("fp8_linear_channel", x):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         mod = _triton("fp8_gemm")
-        fn = mod.fp8_linear_channel_auto if x.is_cuda else mod.fp8_linear_channel
-        return fn(x2, w_fp8, w_scale, bias, x_fp8, x_scale).view(*lead, w_fp8.shape[0])
+        if x.is_cuda:
+            y = mod.fp8_linear_channel_auto(x2, w_fp8, w_scale, bias, x_fp8, x_scale, x_absmax_parts)
+        else:
+            y = mod.fp8_linear_channel(x2, w_fp8, w_scale, bias, x_fp8, x_scale)
+        return y.view(*lead, w_fp8.shape[0])
     return fp8_linear_channel_ref(x, w_fp8, w_scale, bias)
 
 
@@ -371,12 +377,18 @@ def paged_attention(
     v_scale: float = 1.0,
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
+    absmax_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """max_query_len / max_seq_len are host-side hints for kernel choice (decode when max_query_len == 1)."""
+    """max_query_len / max_seq_len are host-side hints for kernel choice (decode when max_query_len == 1).
+    absmax_out (fp32 [T, Hq], optional) receives max |o| per token and head (the Triton decode kernels write
+    it as they store o)."""
     d = q.shape[-1]
     if _use("paged_attention", q) and (q.dtype != torch.float32 or not q.is_cuda) and d == 1 << (d.bit_length() - 1):
         return _triton("attention").paged_attention(
             q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale,
-            max_query_len=max_query_len, max_seq_len=max_seq_len,
+            max_query_len=max_query_len, max_seq_len=max_seq_len, absmax_out=absmax_out,
         )
-    return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale)
+    out = paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale)
+    if absmax_out is not None:
+        absmax_out.copy_(out.abs().amax(-1))
+    return out

@@ -48,11 +48,11 @@ def _load_kv_tile(cache_ptr, bt_row, j, jm, hk, stride_slot, stride_h, BS: tl.co
 
 @triton.jit
 def _decode_kernel(
-    q_ptr, kc_ptr, vc_ptr, bt_ptr, len_ptr, qsl_ptr, o_ptr, po_ptr, plse_ptr,
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, len_ptr, qsl_ptr, o_ptr, po_ptr, plse_ptr, amax_ptr,
     qk_scale, v_scale, HQ, SPLITS,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_kslot, stride_kh, stride_vslot, stride_vh,
     G: tl.constexpr, G_P: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
-    MULTI: tl.constexpr, QDT: tl.constexpr,
+    MULTI: tl.constexpr, QDT: tl.constexpr, ABSMAX: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     hk = tl.program_id(1)
@@ -87,9 +87,10 @@ def _decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(dot_operand(p.to(QDT)), dot_operand(v))
         m_i = m_new
     if not MULTI:
-        o = acc / l_i[:, None] * v_scale
-        tl.store(o_ptr + tok * stride_ot + heads[:, None] * stride_oh + d[None, :],
-                 to_out(o, o_ptr.dtype.element_ty), mask=gm[:, None])
+        o = to_out(acc / l_i[:, None] * v_scale, o_ptr.dtype.element_ty)
+        tl.store(o_ptr + tok * stride_ot + heads[:, None] * stride_oh + d[None, :], o, mask=gm[:, None])
+        if ABSMAX:  # max |o| per head, for the per-token FP8 quantization of o_proj's input
+            tl.store(amax_ptr + tok * HQ + heads, tl.max(tl.abs(o.to(tl.float32)), 1), mask=gm)
     else:
         # normalized partial output + log2-sum-exp2 of this split (empty split: lse = -inf, o = 0)
         has = l_i > 0
@@ -102,8 +103,8 @@ def _decode_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(
-    po_ptr, plse_ptr, qsl_ptr, o_ptr, v_scale, HQ, SPLITS, stride_ot, stride_oh,
-    S_P: tl.constexpr, D: tl.constexpr,
+    po_ptr, plse_ptr, qsl_ptr, o_ptr, amax_ptr, v_scale, HQ, SPLITS, stride_ot, stride_oh,
+    S_P: tl.constexpr, D: tl.constexpr, ABSMAX: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -116,8 +117,10 @@ def _decode_reduce_kernel(
     w = tl.where(sm & (lse > float("-inf")), tl.exp2(lse - mx), 0.0)
     d = tl.arange(0, D)
     po = tl.load(po_ptr + row[:, None] * D + d[None, :], mask=sm[:, None], other=0.0)
-    o = tl.sum(po * w[:, None], 0) / tl.sum(w, 0) * v_scale
-    tl.store(o_ptr + tok * stride_ot + h * stride_oh + d, to_out(o, o_ptr.dtype.element_ty))
+    o = to_out(tl.sum(po * w[:, None], 0) / tl.sum(w, 0) * v_scale, o_ptr.dtype.element_ty)
+    tl.store(o_ptr + tok * stride_ot + h * stride_oh + d, o)
+    if ABSMAX:
+        tl.store(amax_ptr + tok * HQ + h, tl.max(tl.abs(o.to(tl.float32)), 0))
 
 
 @triton.jit
@@ -222,8 +225,11 @@ def paged_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    absmax_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q [T, Hq, D] -> [T, Hq, D] in q.dtype. max_query_len / max_seq_len: host-side hints (computed with a
+    """q [T, Hq, D] -> [T, Hq, D] in q.dtype. absmax_out (fp32 [T, Hq], optional) receives max |o| per token
+    and head, written by the decode kernels themselves (a following per-token FP8 quantization then needs no
+    pass over o). max_query_len / max_seq_len: host-side hints (computed with a
     device sync when missing); num_splits and the block / warp / stage arguments override the defaults.
 
     With FP8 pages the products run in fp16 (the E4M3 -> fp16 conversion is one instruction; bf16 q loses
@@ -235,7 +241,11 @@ def paged_attention(
     out = torch.empty_like(q)
     b = seq_lens.numel()
     if t == 0 or b == 0:
+        if absmax_out is not None:
+            absmax_out.zero_()
         return out
+    if absmax_out is not None:
+        assert absmax_out.shape == (t, hq) and absmax_out.is_contiguous() and absmax_out.dtype == torch.float32
     if q.stride(-1) != 1:
         q = q.contiguous()
     if max_query_len is None:
@@ -261,17 +271,19 @@ def paged_attention(
             plse = torch.empty(b * hq * splits, dtype=torch.float32, device=q.device)
         else:
             po = plse = out
+        absmax = absmax_out is not None
+        amax = absmax_out if absmax else plse
         _decode_kernel[(b, hk, splits)](
-            q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, po, plse,
+            q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, po, plse, amax,
             qk_scale, float(v_scale), hq, splits,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), *ks, *vs,
-            G=group, G_P=g_p, D=d, BS=bs, BLOCK_N=block_n, MULTI=splits > 1, QDT=qdt,
+            G=group, G_P=g_p, D=d, BS=bs, BLOCK_N=block_n, MULTI=splits > 1, QDT=qdt, ABSMAX=absmax,
             num_warps=num_warps or 4, num_stages=num_stages or 2,
         )
         if splits > 1:
             _decode_reduce_kernel[(b, hq)](
-                po, plse, query_start_loc, out, float(v_scale), hq, splits, out.stride(0), out.stride(1),
-                S_P=max(2, next_pow2(splits)), D=d, num_warps=4,
+                po, plse, query_start_loc, out, amax, float(v_scale), hq, splits, out.stride(0), out.stride(1),
+                S_P=max(2, next_pow2(splits)), D=d, ABSMAX=absmax, num_warps=4,
             )
         return out
     cfg = extend_config(max_query_len, d)
@@ -283,6 +295,8 @@ def paged_attention(
         G=group, D=d, BS=bs, BLOCK_M=block_m, BLOCK_N=block_n or cfg["BLOCK_N"], QDT=qdt,
         num_warps=num_warps or cfg["W"], num_stages=num_stages or cfg["S"],
     )
+    if absmax_out is not None:
+        absmax_out.copy_(out.abs().amax(-1))
     return out
 
 

@@ -309,9 +309,11 @@ def fp8_linear_channel_auto(
     bias: torch.Tensor | None = None,
     x_fp8: torch.Tensor | None = None,
     x_scale: torch.Tensor | None = None,
+    x_absmax_parts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """GPU FP8 channel linear: the swap-AB Triton GEMM up to 16 tokens (kernels/triton_fp8_gemm_swap.py), the
-    Triton GEMM up to the measured crossover M, cuBLAS `_scaled_mm` above it."""
+    Triton GEMM up to the measured crossover M, cuBLAS `_scaled_mm` above it. x_absmax_parts: see
+    fp8_gemm_swap (used where the swap-AB GEMM quantizes x itself)."""
     m = x.shape[0]
     dev = device_name(x.device)
     if 0 < m <= SWAP_MAX_M:
@@ -321,7 +323,8 @@ def fp8_linear_channel_auto(
             else:
                 x_fp8, x_scale = quant_fp8_per_token(x)
         cfg = tuned_swap(dev, w_fp8.shape[0], x.shape[1], m)
-        return fp8_gemm_swap(x_fp8, x_scale, w_fp8, w_scale, bias, x.dtype, cfg, _num_sms(x.device.index or 0))
+        return fp8_gemm_swap(x_fp8, x_scale, w_fp8, w_scale, bias, x.dtype, cfg, _num_sms(x.device.index or 0),
+                             x_absmax_parts=x_absmax_parts)
     if m > triton_max_m(dev) and scaled_mm_ok(x, w_fp8, bias):
         if x_fp8 is None:
             x_fp8, x_scale = quant_fp8_per_token(x)

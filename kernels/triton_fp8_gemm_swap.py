@@ -31,7 +31,7 @@ def _fp8_gemm_swap_kernel(
     M, N, K, SPLIT_K, stride_xm, stride_wn, stride_cm, stride_xsm,
     BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, QUANT_X: tl.constexpr = False, AMAX_BLOCK: tl.constexpr = 2048,
-    AMAX_CHUNKS: tl.constexpr = 1, qo_ptr=None, qw_ptr=None, kw_ptr=None, cs_ptr=None, pos_ptr=None, kc_ptr=None, vc_ptr=None, slot_ptr=None,
+    AMAX_CHUNKS: tl.constexpr = 1, xmax_ptr=None, N_PARTS=0, PARTS_P: tl.constexpr = 0, qo_ptr=None, qw_ptr=None, kw_ptr=None, cs_ptr=None, pos_ptr=None, kc_ptr=None, vc_ptr=None, slot_ptr=None,
     HQ=0, HK=0, eps=0.0, k_scale=1.0, v_scale=1.0, stride_qot=0, stride_cs=0,
     stride_kc_slot=0, stride_kc_h=0, stride_vc_slot=0, stride_vc_h=0,
     ROPE: tl.constexpr = False, HAS_NORM: tl.constexpr = False, HALF: tl.constexpr = 1, HALF_P: tl.constexpr = 1,
@@ -52,7 +52,11 @@ def _fp8_gemm_swap_kernel(
     k_begin = pid_k * per_split
     k_end = tl.minimum(k_begin + per_split, k_iters)
 
-    if QUANT_X:  # per-token scale over the whole row, as quant_fp8_per_token: max(amax / 448, 1e-12)
+    if QUANT_X and PARTS_P > 0:  # the row's amax from maxima of its parts, given (e.g. per attention head)
+        rp = tl.arange(0, PARTS_P)
+        parts = tl.load(xmax_ptr + rt_c[:, None] * N_PARTS + rp[None, :], mask=rp[None, :] < N_PARTS, other=0.0)
+        x_scale = tl.maximum(tl.max(parts, 1) / 448.0, 1e-12)
+    elif QUANT_X:  # per-token scale over the whole row, as quant_fp8_per_token: max(amax / 448, 1e-12)
         x_scale = tl.full([BLOCK_T], 1.0, tl.float32)
         ra = tl.arange(0, AMAX_BLOCK)
         for t in range(0, M):
@@ -189,9 +193,12 @@ def fp8_gemm_swap(
     out_dtype: torch.dtype,
     config: dict | None = None,
     num_sms: int = 132,
+    x_absmax_parts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """xq fp8 [M, K] (M <= 16), x_scale [M, 1], w fp8 [N, K], w_scale [N, 1] -> [M, N] out_dtype.
-    With x_scale None, xq is the unquantized (bf16) x and the kernel quantizes it per token itself."""
+    With x_scale None, xq is the unquantized (bf16) x and the kernel quantizes it per token itself; given
+    x_absmax_parts (fp32 [M, P]: max |x| over P slices of each row, e.g. per attention head) it takes the row
+    maxima from there instead of reading every row once more."""
     m, k = xq.shape
     n = w.shape[0]
     if m > MAX_M:
@@ -214,11 +221,16 @@ def fp8_gemm_swap(
         per_stage = cfg["BLOCK_K"] * (cfg["BLOCK_W"] + block_t * xq.element_size())
         cfg["num_stages"] = max(2, min(cfg.get("num_stages", 3), SMEM_BUDGET // per_stage))
     xs = xq if quant_x else x_scale.reshape(m, -1)
+    parts = quant_x and x_absmax_parts is not None
+    if parts:
+        assert x_absmax_parts.shape[0] == m and x_absmax_parts.is_contiguous()
     _fp8_gemm_swap_kernel[(tiles, split)](
         xq, w, out, xs, w_scale.reshape(-1), bias if bias is not None else out, part, cnt,
         m, n, k, split, xq.stride(0), w.stride(0), out.stride(0), xs.stride(0),
         BLOCK_T=block_t, SPLIT=split > 1, HAS_BIAS=bias is not None, EVEN_K=k % cfg["BLOCK_K"] == 0,
-        QUANT_X=quant_x, AMAX_BLOCK=min(AMAX_K, next_pow2(k)), AMAX_CHUNKS=cdiv(k, AMAX_K) if quant_x else 1, **cfg,
+        QUANT_X=quant_x, AMAX_BLOCK=min(AMAX_K, next_pow2(k)), AMAX_CHUNKS=cdiv(k, AMAX_K) if quant_x else 1,
+        xmax_ptr=x_absmax_parts if parts else None, N_PARTS=x_absmax_parts.shape[1] if parts else 0,
+        PARTS_P=next_pow2(x_absmax_parts.shape[1]) if parts else 0, **cfg,
     )
     return out
 

@@ -32,7 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import cdiv, device_name, dot_operand, round_bf16, tl_dtype, to_fp8, to_out, zeroed_counters
+from kernels.triton_common import (
+    cdiv, device_name, dot_operand, next_pow2, round_bf16, tl_dtype, to_fp8, to_out, zeroed_counters,
+)
 from kernels.triton_moe_align import max_blocks, moe_align
 from kernels.triton_quant import quant_fp8_per_group, quant_fp8_per_token
 
@@ -188,6 +190,7 @@ def _moe_down_kernel(
     QUANT: tl.constexpr, A_MODE: tl.constexpr, DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     PAIR: tl.constexpr, FUSE_REDUCE: tl.constexpr, TOPK: tl.constexpr, FAST_ACC: tl.constexpr,
+    I_P: tl.constexpr = 16,
 ):
     # A program takes one M block and N_LOOP consecutive N tiles (row indices, the act scale and the A rows
     # are fetched once and reused). FUSE_REDUCE: after writing its y rows, a program takes a ticket per
@@ -213,7 +216,14 @@ def _moe_down_kernel(
     a_rows = act_ptr + rows.to(tl.int64)[:, None] * stride_am
     k_iters = tl.cdiv(I, BLOCK_K)
     if QUANT == 1:
-        if A_MODE == 2:
+        if A_MODE == 2 and PAIR:
+            # one valid row per block (lane 0): its amax from one load of the whole row, not a K loop
+            ri = tl.arange(0, I_P)
+            lim = tl.where(pid_m < NP, I, 0)
+            arow = tl.load(act_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_am + ri, mask=ri < lim, other=0.0)
+            amax = tl.where(tl.arange(0, BLOCK_M) == 0, tl.max(tl.abs(arow.to(tl.float32)), 0), 0.0)
+            a_scale = tl.maximum(amax / 448.0, 1e-12)[:, None]
+        elif A_MODE == 2:
             amax = tl.zeros([BLOCK_M], dtype=tl.float32)
             for ki in range(0, k_iters):
                 k = ki * BLOCK_K + rk
@@ -467,7 +477,7 @@ def fused_moe(
         tw.stride(0), out.stride(0),
         QUANT=qid, A_MODE=a2_mode, DT=dt, BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=cfg["BLOCK_K2"],
         EVEN_K=inter % cfg["BLOCK_K2"] == 0, PAIR=pair, FUSE_REDUCE=fuse, TOPK=topk,
-        FAST_ACC=bool(cfg.get("FAST_ACC", False)), num_warps=cfg["W2"], num_stages=cfg["S2"],
+        FAST_ACC=bool(cfg.get("FAST_ACC", False)), I_P=next_pow2(inter), num_warps=cfg["W2"], num_stages=cfg["S2"],
     )
     if not fuse:
         bh = 1024

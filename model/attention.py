@@ -73,10 +73,15 @@ class Attention(nn.Module):
 
     def _attend(self, q: torch.Tensor, ctx: ForwardContext, k_cache: torch.Tensor, v_cache: torch.Tensor):
         t = q.shape[0]
-        fa3 = self.attention_backend == "fa3"
-        attend = flash_attn_adapter.paged_attention_fa if fa3 else kernels.paged_attention
-        o = attend(
-            q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens, ctx.query_start_loc, self.scale,
-            ctx.k_scale, ctx.v_scale, max_query_len=ctx.max_query_len, max_seq_len=ctx.max_seq_len,
-        )
-        return self.tp.all_reduce(self.o_proj(o.reshape(t, self.q_size)))
+        args = (q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens, ctx.query_start_loc, self.scale,
+                ctx.k_scale, ctx.v_scale)
+        hints = dict(max_query_len=ctx.max_query_len, max_seq_len=ctx.max_seq_len)
+        absmax = None
+        if self.attention_backend == "fa3":
+            o = flash_attn_adapter.paged_attention_fa(*args, **hints)
+        else:
+            if self.o_proj.quant == "fp8_channel" and ctx.max_query_len == 1:
+                # decode: the attention kernels also give max |o| per head, o_proj's per-token FP8 scale
+                absmax = torch.empty(t, self.heads.num_heads, dtype=torch.float32, device=q.device)
+            o = kernels.paged_attention(*args, **hints, absmax_out=absmax)
+        return self.tp.all_reduce(self.o_proj(o.reshape(t, self.q_size), x_absmax_parts=absmax))

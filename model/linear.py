@@ -51,13 +51,16 @@ class Linear(nn.Module):
         )
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), False) if bias else None
 
-    def forward(self, x: torch.Tensor, x_q: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """x_q: x already quantized per token (FP8, scale) by the preceding norm kernel (fp8_channel only)."""
+    def forward(self, x: torch.Tensor, x_q: tuple[torch.Tensor, torch.Tensor] | None = None,
+                x_absmax_parts: torch.Tensor | None = None) -> torch.Tensor:
+        """x_q: x already quantized per token (FP8, scale) by the preceding norm kernel (fp8_channel only).
+        x_absmax_parts: max |x| over slices of each row, from the producer of x (fp8_channel only, a hint)."""
         if self.quant == "none":
             return torch.nn.functional.linear(x, self.weight, self.bias)
         if self.quant == "fp8_channel":
             xf, xs = x_q if x_q is not None else (None, None)
-            return kernels.fp8_linear_channel(x, self.weight, self.weight_scale, self.bias, x_fp8=xf, x_scale=xs)
+            return kernels.fp8_linear_channel(x, self.weight, self.weight_scale, self.bias, x_fp8=xf, x_scale=xs,
+                                              x_absmax_parts=x_absmax_parts)
         return kernels.fp8_linear_block(x, self.weight, self.weight_scale, self.bias)
 
     def extra_repr(self) -> str:

@@ -74,6 +74,7 @@ def case_swap():
             w = torch.empty(n, k, dtype=FP8)
             fp8_gemm_swap(torch.empty(m, k, dtype=FP8), torch.empty(m, 1), w, torch.empty(n, 1), None, BF16)
             fp8_gemm_swap(x, None, w, torch.empty(n, 1), None, BF16)  # in-kernel activation quant
+            fp8_gemm_swap(x, None, w, torch.empty(n, 1), None, BF16, x_absmax_parts=torch.empty(m, 96))
     from kernels.triton_fp8_gemm_swap import fp8_qkv_norm_rope
 
     for m in (1, 16):
@@ -85,6 +86,10 @@ def case_swap():
             fp8_qkv_norm_rope(torch.empty(m, 5120, dtype=FP8), torch.empty(m, 1), torch.empty(n, 5120, dtype=FP8),
                               torch.empty(n, 1), torch.empty(n, dtype=BF16), BF16, hq, hk, nw, nw,
                               torch.empty(4096, 64), pos, 1e-5, kc, kc, pos)
+            fp8_qkv_norm_rope(torch.empty(m, 5120, dtype=FP8), torch.empty(m, 1), torch.empty(n, 5120, dtype=FP8),
+                              torch.empty(n, 1), torch.empty(n, dtype=BF16), BF16, hq, hk, nw, nw,
+                              torch.empty(4096, 64), pos, 1e-5, kc, kc, pos,
+                              config=dict(BLOCK_W=128, BLOCK_K=128, SPLIT_K=1, num_warps=8, num_stages=6))
 
 
 def case_router():
@@ -134,6 +139,9 @@ def case_attention():
             q = torch.empty(b, hq, 128, dtype=BF16)
             paged_attention(q, kc, kc, bt, lens, qsl, 0.1, max_query_len=1, max_seq_len=8192)
             paged_attention(q, kc, kc, bt, lens, qsl, 0.1, max_query_len=1, max_seq_len=8192, num_splits=1)
+            for splits in (1, 8):  # with max |o| per head for o_proj's quantization
+                paged_attention(q, kc, kc, bt, lens, qsl, 0.1, max_query_len=1, max_seq_len=8192, num_splits=splits,
+                                absmax_out=torch.empty(q.shape[0], hq))
             for bn, w in ((64, 4), (128, 8)):
                 paged_attention(q, kc, kc, bt, lens, qsl, 0.1, max_query_len=1, max_seq_len=8192, block_n=bn,
                                 num_warps=w)

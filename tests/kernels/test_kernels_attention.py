@@ -3,7 +3,7 @@ import torch
 
 from kernels.attention import paged_attention_ref
 from kernels.triton_attention import paged_attention
-from kernel_helpers import poisoned_empty, rel_err
+from kernel_helpers import poison, poisoned_empty, rel_err
 
 
 def make_batch(seq_lens, q_lens, hq, hk, d, bs, cache_dtype, device, qdtype=torch.bfloat16):
@@ -44,11 +44,26 @@ def _tol(q):
 @pytest.mark.parametrize("splits", [None, 1, 3])
 def test_decode(device, seq_lens, hq, hk, d, bs, cache_dtype, splits):
     q, kc, vc, bt, lens, qsl, ks, vs = make_batch(seq_lens, [1] * len(seq_lens), hq, hk, d, bs, cache_dtype, device)
+    absmax = poison(torch.empty(len(seq_lens), hq, device=device))
     with poisoned_empty():
         out = paged_attention(q, kc, vc, bt, lens, qsl, d ** -0.5, ks, vs, max_query_len=1,
-                              max_seq_len=max(seq_lens), num_splits=splits)
+                              max_seq_len=max(seq_lens), num_splits=splits, absmax_out=absmax)
     ref = paged_attention_ref(q, kc, vc, bt, lens, qsl, d ** -0.5, ks, vs)
     assert rel_err(out, ref) < _tol(q)
+    assert torch.equal(absmax, out.float().abs().amax(-1))  # max |o| per head, of the stored values
+
+
+def test_absmax_out_on_every_path(device):
+    """absmax_out is filled on the extend path (prefill) and by the reference too."""
+    import kernels
+    from kernels.dispatch import kernel_backend
+
+    q, kc, vc, bt, lens, qsl, ks, vs = make_batch([9, 30], [4, 3], 4, 2, 32, 16, torch.bfloat16, device)
+    for backend in ("triton", "ref"):
+        absmax = poison(torch.empty(q.shape[0], 4, device=device))
+        with kernel_backend(backend):
+            out = kernels.paged_attention(q, kc, vc, bt, lens, qsl, 0.2, max_query_len=4, absmax_out=absmax)
+        assert torch.equal(absmax, out.float().abs().amax(-1)), backend
 
 
 def test_decode_fp32(device):

@@ -110,6 +110,27 @@ def test_fp8_gemm_swap(device, m, n, k, cfg, bias):
         assert torch.equal(y_q, y)
 
 
+@pytest.mark.parametrize("parts", [1, 3, 8])
+def test_fp8_gemm_swap_scale_from_absmax_parts(device, parts):
+    """Given max |x| per slice of each row (as decode attention gives per head), the in-kernel quantization
+    takes its per-token scale from them: the same codes as quantizing the whole row."""
+    from kernels.triton_fp8_gemm_swap import fp8_gemm_swap
+    from kernels.triton_quant import quant_fp8_per_token
+
+    m, k = 3, 48 * parts
+    x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    x[1] *= 50
+    w, ws = quant_fp8_weight_per_channel(torch.randn(40, k, device=device) * 0.05)
+    amax_parts = x.float().abs().view(m, parts, k // parts).amax(-1)
+    y = fp8_gemm_swap(*quant_fp8_per_token(x), w, ws, None, torch.bfloat16)
+    with poisoned_empty():
+        y_p = fp8_gemm_swap(x, None, w, ws, None, torch.bfloat16, x_absmax_parts=amax_parts)
+    assert torch.equal(y_p, y)
+    # the parts are what sets the scale (a kernel that re-read x would not notice a larger hint)
+    y_big = fp8_gemm_swap(x, None, w, ws, None, torch.bfloat16, x_absmax_parts=amax_parts * 3)  # not a power of 2: other codes
+    assert not torch.equal(y_big, y)
+
+
 def test_fp8_gemm_swap_quantizes_rows_with_distinct_scales(device):
     """In-kernel quantization keeps each token's own scale (rows 100x apart, one all-zero row, a row whose
     amax sits in the last element of a ragged tail)."""

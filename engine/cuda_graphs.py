@@ -131,7 +131,9 @@ class DecodeGraphs:
             host[2, b:size] = -1
             host[3, b:size] = 1
             self.block_tables[b:size, 0] = 0
-        self.rows[:, :size].copy_(host[:, :size], non_blocking=True)
+        # the whole [4, max_batch] buffer: a contiguous pinned source keeps the copy asynchronous (a strided
+        # slice would go through a pageable temporary and stall the host); columns past `size` are not read
+        self.rows.copy_(host, non_blocking=True)
         self.host_read[turn].record()
         fill_future(self.input_ids, inp, future)
         width = len(inp.block_tables[0])

@@ -30,8 +30,12 @@ def _fp8_gemm_swap_kernel(
     x_ptr, w_ptr, c_ptr, xs_ptr, ws_ptr, bias_ptr, part_ptr, cnt_ptr,
     M, N, K, SPLIT_K, stride_xm, stride_wn, stride_cm, stride_xsm,
     BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, QUANT_X: tl.constexpr = False, AMAX_BLOCK: tl.constexpr = 2048,
-    AMAX_CHUNKS: tl.constexpr = 1, xmax_ptr=None, N_PARTS=0, PARTS_P: tl.constexpr = 0, qo_ptr=None, qw_ptr=None, kw_ptr=None, cs_ptr=None, pos_ptr=None, kc_ptr=None, vc_ptr=None, slot_ptr=None,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    # QUANT_X: x is bf16, quantized per token here (scale from a pass over the row, or from xmax_ptr's parts)
+    QUANT_X: tl.constexpr = False, AMAX_BLOCK: tl.constexpr = 2048, AMAX_CHUNKS: tl.constexpr = 1,
+    xmax_ptr=None, N_PARTS=0, PARTS_P: tl.constexpr = 0,
+    # ROPE: the qkv epilogue (QK-norm + RoPE of q / k heads, K and V into the paged caches)
+    qo_ptr=None, qw_ptr=None, kw_ptr=None, cs_ptr=None, pos_ptr=None, kc_ptr=None, vc_ptr=None, slot_ptr=None,
     HQ=0, HK=0, eps=0.0, k_scale=1.0, v_scale=1.0, stride_qot=0, stride_cs=0,
     stride_kc_slot=0, stride_kc_h=0, stride_vc_slot=0, stride_vc_h=0,
     ROPE: tl.constexpr = False, HAS_NORM: tl.constexpr = False, HALF: tl.constexpr = 1, HALF_P: tl.constexpr = 1,

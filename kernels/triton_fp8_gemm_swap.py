@@ -213,30 +213,45 @@ def fp8_gemm_swap(
         return out
     cfg = dict(config) if config else swap_config(m, n, k, num_sms)
     split = cfg.pop("SPLIT_K")
+    parts = x_scale is None and x_absmax_parts is not None
+    if parts:
+        assert x_absmax_parts.shape[0] == m and x_absmax_parts.is_contiguous()
+    _launch(
+        xq, x_scale, w, w_scale, bias, out, cfg, split, cap_stages=x_scale is None,
+        xmax_ptr=x_absmax_parts if parts else None, N_PARTS=x_absmax_parts.shape[1] if parts else 0,
+        PARTS_P=next_pow2(x_absmax_parts.shape[1]) if parts else 0,
+    )
+    return out
+
+
+def _launch(
+    xq: torch.Tensor, x_scale: torch.Tensor | None, w: torch.Tensor, w_scale: torch.Tensor,
+    bias: torch.Tensor | None, out: torch.Tensor, cfg: dict, split: int, cap_stages: bool, **features,
+) -> None:
+    """One launch of _fp8_gemm_swap_kernel into out [M, N] with launch config cfg (SPLIT_K taken out as split);
+    x_scale None: the kernel quantizes the 16-bit x itself. features: the kernel's optional inputs and flags.
+    cap_stages: fewer pipeline stages where the tiles would not fit SMEM_BUDGET."""
+    m, k = xq.shape
+    n = w.shape[0]
     block_t = max(16, next_pow2(m))
+    quant_x = x_scale is None
+    if cap_stages:  # e.g. 16-bit x tiles in the pipeline: fewer stages fit the 227 KB of shared memory
+        per_stage = cfg["BLOCK_K"] * (cfg["BLOCK_W"] + block_t * xq.element_size())
+        cfg["num_stages"] = max(2, min(cfg.get("num_stages", 3), SMEM_BUDGET // per_stage))
     tiles = cdiv(n, cfg["BLOCK_W"])
     if split > 1:
         part = torch.empty(tiles * split * cfg["BLOCK_W"] * block_t, dtype=torch.float32, device=xq.device)
         cnt = zeroed_counters(tiles, xq.device)
     else:
         part = cnt = out
-    quant_x = x_scale is None
-    if quant_x:  # the x tiles in the pipeline are 16-bit: fewer stages fit the 227 KB of shared memory
-        per_stage = cfg["BLOCK_K"] * (cfg["BLOCK_W"] + block_t * xq.element_size())
-        cfg["num_stages"] = max(2, min(cfg.get("num_stages", 3), SMEM_BUDGET // per_stage))
     xs = xq if quant_x else x_scale.reshape(m, -1)
-    parts = quant_x and x_absmax_parts is not None
-    if parts:
-        assert x_absmax_parts.shape[0] == m and x_absmax_parts.is_contiguous()
     _fp8_gemm_swap_kernel[(tiles, split)](
         xq, w, out, xs, w_scale.reshape(-1), bias if bias is not None else out, part, cnt,
         m, n, k, split, xq.stride(0), w.stride(0), out.stride(0), xs.stride(0),
         BLOCK_T=block_t, SPLIT=split > 1, HAS_BIAS=bias is not None, EVEN_K=k % cfg["BLOCK_K"] == 0,
         QUANT_X=quant_x, AMAX_BLOCK=min(AMAX_K, next_pow2(k)), AMAX_CHUNKS=cdiv(k, AMAX_K) if quant_x else 1,
-        xmax_ptr=x_absmax_parts if parts else None, N_PARTS=x_absmax_parts.shape[1] if parts else 0,
-        PARTS_P=next_pow2(x_absmax_parts.shape[1]) if parts else 0, **cfg,
+        **features, **cfg,
     )
-    return out
 
 
 def fp8_qkv_norm_rope(
@@ -289,24 +304,10 @@ def fp8_qkv_norm_rope(
         split = max(1, min(k_iters // 2, cdiv(split * d, cfg["BLOCK_W"])))
         split = cdiv(k_iters, cdiv(k_iters, split))
         cfg["BLOCK_W"] = d
-    block_t = max(16, next_pow2(m))
-    quant_x = x_scale is None
-    per_stage = cfg["BLOCK_K"] * (d + block_t * xq.element_size())
-    cfg["num_stages"] = max(2, min(cfg.get("num_stages", 3), SMEM_BUDGET // per_stage))
-    tiles = cdiv(n, d)
-    if split > 1:
-        part = torch.empty(tiles * split * d * block_t, dtype=torch.float32, device=xq.device)
-        cnt = zeroed_counters(tiles, xq.device)
-    else:
-        part = cnt = out
-    xs = xq if quant_x else x_scale.reshape(m, -1)
     half = rot // 2
     pas = d - rot
-    _fp8_gemm_swap_kernel[(tiles, split)](
-        xq, w, out, xs, w_scale.reshape(-1), bias if bias is not None else out, part, cnt,
-        m, n, k, split, xq.stride(0), w.stride(0), out.stride(0), xs.stride(0),
-        BLOCK_T=block_t, SPLIT=split > 1, HAS_BIAS=bias is not None, EVEN_K=k % cfg["BLOCK_K"] == 0,
-        QUANT_X=quant_x, AMAX_BLOCK=min(AMAX_K, next_pow2(k)), AMAX_CHUNKS=cdiv(k, AMAX_K) if quant_x else 1,
+    _launch(
+        xq, x_scale, w, w_scale, bias, out, cfg, split, cap_stages=True,
         qo_ptr=qo, qw_ptr=q_norm_weight if has_norm else out, kw_ptr=k_norm_weight if has_norm else out,
         cs_ptr=cos_sin, pos_ptr=positions, kc_ptr=k_cache, vc_ptr=v_cache, slot_ptr=slot_mapping,
         HQ=num_heads, HK=num_kv_heads, eps=eps, k_scale=float(k_scale), v_scale=float(v_scale),
@@ -315,7 +316,6 @@ def fp8_qkv_norm_rope(
         ROPE=True, HAS_NORM=has_norm, HALF=half, HALF_P=next_pow2(half), PASS=pas, PASS_P=next_pow2(max(pas, 1)),
         DT=tl_dtype(out_dtype), CACHE_FP8=k_cache.dtype == torch.float8_e4m3fn,
         enable_fp_fusion=False,  # no FMA contraction across the emulated bf16 roundings (as qk_norm_rope)
-        **cfg,
     )
     return qo, out
 

@@ -271,7 +271,8 @@ def router_logits(x: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tensor:
     GEMM with fp32 output against the exact bf16 split [hi; mid; lo] of the fp32 weight, then the three
     partial logits summed in fp32 -- every product is exact, only the summation order differs from the fp32
     GEMM (which runs on CUDA cores: ~5 ms of a 4096-token prefill over 24 MoE layers)."""
-    if x.is_cuda and x.dtype == torch.bfloat16 and x.shape[0] >= ROUTER_SPLIT_MIN_T and _mm_out_dtype_ok(str(x.device)):
+    split = x.is_cuda and x.dtype == torch.bfloat16 and x.shape[0] >= ROUTER_SPLIT_MIN_T
+    if split and _mm_out_dtype_ok(str(x.device)):
         e = gate_weight.shape[0]
         parts = torch.mm(x, torch.cat(split_bf16_exact(gate_weight.float())).t(), out_dtype=torch.float32)
         return (parts[:, :e] + parts[:, e:2 * e]) + parts[:, 2 * e:]

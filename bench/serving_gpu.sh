@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Serving on one GPU: the server on a dummy real-shape GLM-4.7 (bench/real_shape.py) under bench.serving, for the
 # baseline and the optimized 1-GPU presets (configs/presets), one after the other. Writes $OUT/serving_<preset>.json
-# and prints a TTFT/TPOT/ITL table. Knobs: LAYERS, NUM_PROMPTS, RATE, INPUT_LEN, OUTPUT_LEN, PRESETS.
+# and prints a TTFT/TPOT/ITL table. Knobs: LAYERS, NUM_PROMPTS, RATE, INPUT_LEN, OUTPUT_LEN, PRESETS, SERVER_WAIT_S
+# (start-up limit), CLIENT_TIMEOUT_S. Multi-GPU presets (optimized-tp4) spawn their ranks from the server.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/serving_out}
@@ -14,6 +15,9 @@ RATE=${RATE:-4}
 INPUT_LEN=${INPUT_LEN:-4096}
 OUTPUT_LEN=${OUTPUT_LEN:-1000}
 PRESETS=${PRESETS:-"baseline-1gpu optimized-1gpu"}
+SERVER_WAIT_S=${SERVER_WAIT_S:-300}
+CLIENT_TIMEOUT_S=${CLIENT_TIMEOUT_S:-400}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # no NVLink multicast
 MODEL=$(python3 -m bench.real_shape --layers "$LAYERS")
 echo "model $MODEL ($LAYERS layers), $NUM_PROMPTS prompts, ${INPUT_LEN} in / ${OUTPUT_LEN} out, Poisson rate $RATE/s"
 for preset in $PRESETS; do
@@ -22,7 +26,8 @@ for preset in $PRESETS; do
         >"$OUT/server_$preset.log" 2>&1 &
     pid=$!
     ok=0
-    for _ in $(seq 1 300); do
+    t_start=$(date +%s)
+    for _ in $(seq 1 "$SERVER_WAIT_S"); do
         if curl -sf "http://127.0.0.1:$port/health" >/dev/null 2>&1; then ok=1; break; fi
         kill -0 "$pid" 2>/dev/null || break
         sleep 1
@@ -30,12 +35,17 @@ for preset in $PRESETS; do
     if [ "$ok" -ne 1 ]; then
         echo "=== $preset: server did not start"; tail -20 "$OUT/server_$preset.log"; kill "$pid" 2>/dev/null; continue
     fi
-    echo "=== $preset"
-    timeout 400 python3 -m bench.serving --base-url "http://127.0.0.1:$port" --endpoint completions \
+    echo "=== $preset (server up in $(( $(date +%s) - t_start )) s)"
+    grep -E "KV cache|capacity" "$OUT/server_$preset.log" | head -3
+    timeout "$CLIENT_TIMEOUT_S" python3 -m bench.serving --base-url "http://127.0.0.1:$port" --endpoint completions \
         --dataset random --num-prompts "$NUM_PROMPTS" --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN" \
         --request-rate "$RATE" --seed 0 --tokenizer "$MODEL" --tokenize-prompt --disable-tqdm \
         --output-json "$OUT/serving_$preset.json" 2>&1 | tail -30
-    kill -INT "$pid"; wait "$pid" 2>/dev/null
+    kill -INT "$pid"
+    for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+    if kill -0 "$pid" 2>/dev/null; then echo "=== $preset: server still up 60 s after SIGINT, killed"; kill -9 "$pid"; fi
+    wait "$pid" 2>/dev/null
+    echo "=== $preset: server exit $(tail -1 "$OUT/server_$preset.log" | cut -c1-160)"
 done
 python3 - "$OUT" $PRESETS <<'PY'
 import json, sys, pathlib

@@ -93,6 +93,21 @@ def is_torchrun_worker(config: ServerConfig) -> bool:
     return config.tp_size > 1 and launched_by_torchrun() and int(os.environ.get("RANK", "0")) != 0
 
 
+def _quiet_uvicorn_server(config):
+    """uvicorn.Server whose shutdown on Ctrl-C / SIGTERM is always the graceful one (bounded by
+    timeout_graceful_shutdown and the engine's own shutdown timeouts) and never re-raises the signal afterwards.
+    Plain uvicorn (>= 0.29) re-raises the captured signal once shut down, and a second SIGINT (Ctrl-C twice, or a
+    wrapper like `timeout` forwarding it) skips the lifespan shutdown; either way the lifespan task is cancelled
+    mid-receive and a traceback is logged at ERROR level on a clean stop. Our exit code says how it ended."""
+    import uvicorn
+
+    class QuietServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:  # not recorded, so capture_signals re-raises nothing
+            self.should_exit = True
+
+    return QuietServer(config)
+
+
 def run_server(config: ServerConfig) -> int:
     import uvicorn
 
@@ -144,7 +159,7 @@ def run_server(config: ServerConfig) -> int:
         timeout_graceful_shutdown=5,
         lifespan="on",
     )
-    server = uvicorn.Server(uv_config)
+    server = _quiet_uvicorn_server(uv_config)
     holder["server"] = server
     try:
         server.run()

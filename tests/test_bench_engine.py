@@ -94,7 +94,7 @@ def test_presets_parse_with_server_cli():
         data = json.loads((PRESETS_DIR / f"{name}.json").read_text())
         assert data["description"] and all(isinstance(a, str) for a in data["args"])
         ns = build_parser().parse_args(load_preset(name) + ["--model", "/x"])
-        assert ns.tp_size == (1 if name.endswith("1gpu") else 8)
+        assert ns.tp_size == (1 if name.endswith("1gpu") else 4 if name.endswith("tp4") else 8)
         if name.startswith("optimized"):
             assert ns.kv_cache_dtype == "fp8_e4m3" and ns.chunked_prefill_size == 16384
             assert ns.enable_fused_qk_norm_rope and ns.enable_shared_experts_fusion
@@ -155,3 +155,24 @@ def test_cpu_smoke_run(tmp_path):
     names = [row["name"] for row in r["summary"]]
     assert any(n.startswith("prefill") for n in names) and any("ours vs HF" in n for n in names)
     assert next(row for row in r["summary"] if row["name"].startswith("decode B=1"))["target"] == 1.5
+
+
+def test_tp_decode_cpu_smoke(tmp_path):
+    """bench.tp_decode end to end on CPU: TP2 ranks spawned with gloo, tiny widths, with the served fusions."""
+    out = tmp_path / "tp.json"
+    widths = ["hidden_size=64", "n_routed_experts=8", "num_experts_per_tok=2", "num_attention_heads=4",
+              "num_key_value_heads=2", "head_dim=32", "intermediate_size=128", "moe_intermediate_size=32",
+              "vocab_size=1536"]
+    cmd = [sys.executable, "-m", "bench.tp_decode", "--device", "cpu", "--tp", "2", "--layers", "2",
+           "--dense-layers", "1", *[a for w in widths for a in ("--set", w)], "--batches", "1,3", "--context", "40",
+           "--prefill", "48", "--tpot-tokens", "4", "--enable-shared-experts-fusion", "--enable-fused-qk-norm-rope",
+           "--model-root", str(tmp_path / "models"), "--out", str(out)]
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["tp"] == 2 and sorted(r["decode"]) == ["1", "3"]
+    for d in r["decode"].values():
+        assert _finite(d["median_ms"]) and _finite(d["floor_ms"]) and _finite(d["ratio_vs_floor"])
+        assert d["bytes_rank0"]["weights_total"] < r["weight_bytes_per_gpu"] + 1  # a rank's shard, not more
+    assert _finite(r["prefill"]["median_ms"]) and _finite(r["prefill"]["floor_ms"])
+    assert _finite(r["end_to_end"]["ttft_ms"]) and _finite(r["end_to_end"]["tpot_ms"])

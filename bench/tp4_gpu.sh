@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Issue 7 on a 4-GPU machine (device kind nvidia-h200-x4), in stages (STAGES="test decode serving"):
+#   test     tests/gpu/test_tp_gpu.py: TP2 and TP4 vs TP1 at real widths (4 layers), graphs = eager
+#   decode   the full 92-layer GLM-4.7-FP8 shape at TP4 (dummy weights, the optimized flags): decode steps at
+#            batch 1/16/64 with 4K context vs the per-GPU HBM floor, the all-reduce share, a 4096-token prefill,
+#            a lone request's TTFT and TPOT (bench/tp_decode.py)
+#   serving  the server with configs/presets/optimized-tp4.json under bench.serving: RATE req/s (default 7),
+#            NUM_PROMPTS random 4096-in / 1000-out requests (bench/serving_gpu.sh)
+# Full logs and JSON go to $OUT; the output keeps to the result lines. NVLink multicast stays off.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/tp4_out}
+mkdir -p "$OUT"
+export PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+TP=${TP:-4}
+LAYERS=${LAYERS:-92}
+STAGES=${STAGES:-"test decode serving"}
+echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(nvidia-smi -L | wc -l) GPUs, stages: $STAGES"
+for stage in $STAGES; do
+    t0=$(date +%s)
+    case "$stage" in
+    test)
+        GLINT_TP_TEST_TIMEOUT_S=${GLINT_TP_TEST_TIMEOUT_S:-150} timeout "${TEST_TIMEOUT_S:-480}" \
+            python3 -m pytest -m gpu tests/gpu/test_tp_gpu.py -q -s -p no:cacheprovider >"$OUT/tp_test.log" 2>&1
+        echo "=== test: exit $? in $(( $(date +%s) - t0 )) s"
+        grep -E '_mean"|equal_eager|passed|failed|Error|error' "$OUT/tp_test.log" | cut -c1-300 | tail -30
+        ;;
+    decode)
+        timeout "${DECODE_TIMEOUT_S:-480}" python3 -m bench.tp_decode --tp "$TP" --layers "$LAYERS" \
+            --kv-cache-dtype fp8_e4m3 --enable-shared-experts-fusion --enable-fused-qk-norm-rope \
+            --out "$OUT/tp_decode.json" >"$OUT/tp_decode.log" 2>&1
+        echo "=== decode: exit $? in $(( $(date +%s) - t0 )) s"
+        grep -E '^(TP|decode|prefill|one request)|Error|error' "$OUT/tp_decode.log" | cut -c1-300 | tail -20
+        ;;
+    serving)
+        LAYERS=$LAYERS PRESETS=optimized-tp4 RATE=${RATE:-7} NUM_PROMPTS=${NUM_PROMPTS:-210} \
+            SERVER_WAIT_S=${SERVER_WAIT_S:-420} CLIENT_TIMEOUT_S=${CLIENT_TIMEOUT_S:-360} OUT=$OUT \
+            bash bench/serving_gpu.sh 2>&1 | tail -45
+        echo "=== serving: $(( $(date +%s) - t0 )) s"
+        ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+    esac
+done

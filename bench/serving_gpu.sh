@@ -12,6 +12,8 @@ MEM_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/d
 LAYERS=${LAYERS:-$([ "${MEM_MIB:-0}" -ge 130000 ] && echo 27 || echo 15)}
 NUM_PROMPTS=${NUM_PROMPTS:-48}
 RATE=${RATE:-4}
+RATES=${RATES:-$RATE}  # several: one run each against the same server, $OUT/serving_<preset>_r<rate>.json
+NUMS=${NUMS:-$NUM_PROMPTS}  # prompts per rate (one number for all, or one per rate)
 INPUT_LEN=${INPUT_LEN:-4096}
 OUTPUT_LEN=${OUTPUT_LEN:-1000}
 PRESETS=${PRESETS:-"baseline-1gpu optimized-1gpu"}
@@ -37,20 +39,28 @@ for preset in $PRESETS; do
     fi
     echo "=== $preset (server up in $(( $(date +%s) - t_start )) s)"
     grep -E "KV cache|capacity" "$OUT/server_$preset.log" | head -3
-    timeout "$CLIENT_TIMEOUT_S" python3 -m bench.serving --base-url "http://127.0.0.1:$port" --endpoint completions \
-        --dataset random --num-prompts "$NUM_PROMPTS" --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN" \
-        --request-rate "$RATE" --seed 0 --tokenizer "$MODEL" --tokenize-prompt --disable-tqdm \
-        --output-json "$OUT/serving_$preset.json" 2>&1 | tail -30
+    i=0
+    for rate in $RATES; do
+        i=$((i + 1))
+        n=$(echo "$NUMS" | awk -v i="$i" '{print (i <= NF) ? $i : $NF}')
+        name=$preset; [ "$RATES" = "$RATE" ] || name="${preset}_r$rate"
+        echo "--- $name: $n prompts at $rate req/s"
+        timeout "$CLIENT_TIMEOUT_S" python3 -m bench.serving --base-url "http://127.0.0.1:$port" --endpoint completions \
+            --dataset random --num-prompts "$n" --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN" \
+            --request-rate "$rate" --seed 0 --tokenizer "$MODEL" --tokenize-prompt --disable-tqdm \
+            --output-json "$OUT/serving_$name.json" 2>&1 | tail -30
+        RESULTS="${RESULTS:-} $name"
+    done
     kill -INT "$pid"
     for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
     if kill -0 "$pid" 2>/dev/null; then echo "=== $preset: server still up 60 s after SIGINT, killed"; kill -9 "$pid"; fi
     wait "$pid" 2>/dev/null
     echo "=== $preset: server exit $(tail -1 "$OUT/server_$preset.log" | cut -c1-160)"
 done
-python3 - "$OUT" $PRESETS <<'PY'
+python3 - "$OUT" ${RESULTS:-$PRESETS} <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
-print(f"{'preset':18} {'req/s':>7} {'out tok/s':>10} {'TTFT mean':>10} {'TTFT p99':>9} {'TPOT mean':>10} {'ITL p99':>8}  (ms)")
+print(f"{'run':18} {'req/s':>7} {'out tok/s':>10} {'TTFT mean':>10} {'TTFT p99':>9} {'TPOT mean':>10} {'ITL p99':>8}  (ms)")
 for p in sys.argv[2:]:
     f = out / f"serving_{p}.json"
     if not f.is_file():

@@ -4,8 +4,9 @@
 #   decode   the full 92-layer GLM-4.7-FP8 shape at TP4 (dummy weights, the optimized flags): decode steps at
 #            batch 1/16/64 with 4K context vs the per-GPU HBM floor, the all-reduce share, a 4096-token prefill,
 #            a lone request's TTFT and TPOT (bench/tp_decode.py)
-#   serving  the server with configs/presets/optimized-tp4.json under bench.serving: RATE req/s (default 7),
-#            NUM_PROMPTS random 4096-in / 1000-out requests (bench/serving_gpu.sh)
+#   serving  the server with configs/presets/optimized-tp4.json under bench.serving: at each of RATES req/s
+#            (default 7), NUMS random 4096-in / 1000-out requests (bench/serving_gpu.sh)
+# DECODE_ARGS adds flags to bench.tp_decode (e.g. "--profile --tpot-tokens 0").
 # Full logs and JSON go to $OUT; the output keeps to the result lines. NVLink multicast stays off.
 set -u
 cd "$(dirname "$0")/.."
@@ -29,12 +30,13 @@ for stage in $STAGES; do
     decode)
         timeout "${DECODE_TIMEOUT_S:-480}" python3 -m bench.tp_decode --tp "$TP" --layers "$LAYERS" \
             --kv-cache-dtype fp8_e4m3 --enable-shared-experts-fusion --enable-fused-qk-norm-rope \
-            --out "$OUT/tp_decode.json" >"$OUT/tp_decode.log" 2>&1
+            ${DECODE_ARGS:-} --out "$OUT/tp_decode.json" >"$OUT/tp_decode.log" 2>&1
         echo "=== decode: exit $? in $(( $(date +%s) - t0 )) s"
-        grep -E '^(TP|decode|prefill|one request)|Error|error' "$OUT/tp_decode.log" | cut -c1-300 | tail -20
+        grep -E '^(TP|decode|prefill|one request|--)|^ +[0-9.]+ us|Error|error' "$OUT/tp_decode.log" | cut -c1-160 \
+            | tail -80
         ;;
     serving)
-        LAYERS=$LAYERS PRESETS=optimized-tp4 RATE=${RATE:-7} NUM_PROMPTS=${NUM_PROMPTS:-210} \
+        LAYERS=$LAYERS PRESETS=optimized-tp4 RATES=${RATES:-7} NUMS=${NUMS:-210} \
             SERVER_WAIT_S=${SERVER_WAIT_S:-420} CLIENT_TIMEOUT_S=${CLIENT_TIMEOUT_S:-360} OUT=$OUT \
             bash bench/serving_gpu.sh 2>&1 | tail -45
         echo "=== serving: $(( $(date +%s) - t0 )) s"

@@ -102,6 +102,20 @@ class BroadcastingRunner:
         return self.worker.execute(inp)
 
 
+def profile_step(title: str, worker, inp) -> list:
+    """Per-kernel breakdown of one eager step on rank 0 (the other ranks run it too)."""
+    from bench.kernel_profile import kernel_breakdown, print_breakdown
+
+    runner = BroadcastingRunner(worker)
+    graphs, runner.graphs = runner.graphs, None
+    try:
+        rows = kernel_breakdown(functools.partial(runner.run, inp))
+    finally:
+        runner.graphs = graphs
+    print_breakdown(title, rows)
+    return rows[:40]
+
+
 def end_to_end(llm: LLM, context: int, tpot_tokens: int, vocab: int) -> dict:
     """One lone request through LLM.generate: TTFT (max_tokens=1) and TPOT over `tpot_tokens` more tokens."""
     rng = random.Random(1)
@@ -133,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--enable-shared-experts-fusion", action="store_true")
     ap.add_argument("--enable-fused-qk-norm-rope", action="store_true")
     ap.add_argument("--tpot-tokens", type=int, default=128, help="0: skip the end-to-end TTFT/TPOT")
+    ap.add_argument("--profile", action="store_true", help="per-kernel breakdown of rank 0's eager decode steps")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override a config.json key (smoke runs)"
@@ -218,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             f"({share['nccl_us_per_step']:.0f} us/step in {share['nccl_calls_per_step']:.0f} calls)",
             flush=True,
         )
+        if args.profile and device.type == "cuda":
+            result["decode"][b]["profile"] = profile_step(f"decode B={b} (rank 0, eager)", worker, inp)
     inp, _ = prefill_inputs(args.prefill, bs, blocks, vocab, rng)
     t = time_fn(
         functools.partial(worker.execute, inp),

@@ -16,28 +16,34 @@ import torch
 from bench import kernels as bk
 
 BF16 = torch.bfloat16
+FP8 = torch.float8_e4m3fn
 
 
-def sweep_attention() -> None:
+def sweep_attention(batch: int = 1, hq: int = 96, hk: int = 8, kv: str = "bf16", ctx: int = 4096) -> None:
+    """Decode attention configs for `batch` sequences of `ctx` tokens, hq/hk heads (per rank), bf16 or fp8 KV."""
     from kernels.triton_attention import paged_attention
 
-    hq, hk, d, bs, ctx = 96, 8, 128, 16, 4096
-    cases = [bk._paged(1, ctx, hk, d, bs, BF16) for _ in range(4)]
-    lens = torch.full((1,), ctx, dtype=torch.int32, device="cuda")
-    qsl = torch.arange(2, dtype=torch.int32, device="cuda")
-    q = torch.randn(1, hq, d, device="cuda", dtype=BF16)
-    nbytes = ctx * hk * d * 2 * 2
+    d, bs = 128, 16
+    dt = FP8 if kv == "fp8" else BF16
+    cases = [bk._paged(batch, ctx, hk, d, bs, dt) for _ in range(4)]
+    ks = 0.05 if dt == FP8 else 1.0
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    qsl = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, hq, d, device="cuda", dtype=BF16)
+    nbytes = batch * ctx * hk * d * 2 * (1 if dt == FP8 else 2)
     bw = bk.HW["bw"]
 
     def run(**kw) -> float:
-        return bk.timeit([lambda c=c: paged_attention(q, c[0], c[1], c[2], lens, qsl, d ** -0.5, max_query_len=1,
-                                                      max_seq_len=ctx, **kw) for c in cases])[0]
+        return bk.timeit([lambda c=c: paged_attention(q, c[0], c[1], c[2], lens, qsl, d ** -0.5, ks, ks,
+                                                      max_query_len=1, max_seq_len=ctx, **kw) for c in cases])[0]
 
     base = run()
-    print(f"attention B=1 ctx={ctx} 96/8 bf16: default {base * 1e6:.1f} us ({nbytes / base / bw:.0%} HBM)", flush=True)
+    print(f"attention B={batch} ctx={ctx} {hq}/{hk} {kv}: default {base * 1e6:.1f} us ({nbytes / base / bw:.0%} HBM)",
+          flush=True)
     results = []
+    split_grid = (8, 16, 32, 64) if batch == 1 else (1, 2, 3, 4, 6, 8, 12, 16)
     for block_n in (32, 64, 128):
-        for splits in (8, 16, 32, 64):
+        for splits in split_grid:
             if splits * block_n > ctx:
                 continue
             for warps in (4, 8):
@@ -255,11 +261,16 @@ def compare_fusions() -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=("attention", "moe", "router", "fusions"))
+    ap.add_argument("--attention-cases", default="1:96/8:bf16",
+                    help="decode attention sweeps, BATCH:HQ/HK:KV[,...] (KV bf16|fp8), e.g. 64:24/2:fp8")
     args = ap.parse_args(argv)
     bk.HW.update(bk.measure_hw())
     print(f"{torch.cuda.get_device_name(0)}: copy bandwidth {bk.HW['bw'] / 1e12:.2f} TB/s", flush=True)
     if args.only in (None, "attention"):
-        sweep_attention()
+        for case in args.attention_cases.split(","):
+            b, heads, kv = case.split(":")
+            hq, hk = (int(v) for v in heads.split("/"))
+            sweep_attention(int(b), hq, hk, kv)
     if args.only in (None, "moe"):
         sweep_moe()
     if args.only in (None, "router"):

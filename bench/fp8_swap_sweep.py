@@ -2,7 +2,7 @@
 
     python -m bench.fp8_swap_sweep [--sweep] [--ms 1,4,16] [--shapes 14336x5120,5120x12288]
 
-Per GLM-4.7 linear shape (N, K) and decode M: both kernels on the same pre-quantized input, in a CUDA graph
+Per GLM-4.7 linear shape (N, K) and decode M: both kernels (and cuBLAS `_scaled_mm`) on the same pre-quantized input, in a CUDA graph
 over rotated weights (bench.kernels timing), as µs and % of the copy bandwidth measured in the run. --sweep also
 times a grid of swap configs and prints the best per (shape, M) as JSON (the `small_m_swap` table format); the
 swap baseline is the table's config where it has one (else the heuristic), so "best" is never worse."""
@@ -19,14 +19,15 @@ from kernels.triton_common import cdiv
 BF16 = torch.bfloat16
 
 
-def swap_candidates(n: int, k: int, sms: int) -> list[dict]:
+def swap_candidates(n: int, k: int, sms: int, m: int = 1) -> list[dict]:
     out = {}
+    big = m > 16  # 32/64-token tiles: fewer splits and stages (the token tile takes shared memory too)
     for bw in (64, 128):
         for bk_ in (128, 256):
-            for split in (1, 2, 3, 4, 6, 8):  # 3 and 6: one full wave for the 40-tile o_proj
+            for split in (1, 2, 4) if big else (1, 2, 3, 4, 6, 8):  # 3 and 6: one full wave for the 40-tile o_proj
                 if cdiv(k, bk_) < split * 2:
                     continue
-                for st in (3, 4, 6):
+                for st in (3, 4) if big else (3, 4, 6):
                     for warps in (4, 8):
                         cfg = dict(BLOCK_W=bw, BLOCK_K=bk_, SPLIT_K=split, num_warps=warps, num_stages=st)
                         out[json.dumps(cfg, sort_keys=True)] = cfg
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=None, help="only these N x K, e.g. 14336x5120,5120x12288")
     args = ap.parse_args(argv)
     from kernels.triton_fp8_gemm import fp8_gemm
-    from kernels.triton_fp8_gemm import tuned_swap
+    from kernels.triton_fp8_gemm import scaled_mm_linear, tuned_swap
     from kernels.triton_fp8_gemm_swap import fp8_gemm_swap
     from kernels.triton_quant import quant_fp8_per_token
 
@@ -66,13 +67,15 @@ def main(argv=None) -> int:
                                   for w, s in zip(ws, wss)])[0]
 
             gemm = bk.timeit([lambda w=w, s=s: fp8_gemm(xq, xs, w, s, None, BF16, False) for w, s in zip(ws, wss)])[0]
+            cublas = bk.timeit([lambda w=w, s=s: scaled_mm_linear(xq, xs, w, s, None, BF16) for w, s in zip(ws, wss)])[0]
             table = tuned_swap(torch.cuda.get_device_name(0).replace(" ", "_"), n, k, m)
             t_swap = swap(table)
-            line = (f"N={n:6d} K={k:6d} M={m:2d}: gemm {gemm * 1e6:6.1f} us ({nbytes / gemm / bw:4.0%})  "
+            line = (f"N={n:6d} K={k:6d} M={m:2d}: cuBLAS {cublas * 1e6:6.1f} us ({nbytes / cublas / bw:4.0%})  "
+                    f"gemm {gemm * 1e6:6.1f} us ({nbytes / gemm / bw:4.0%})  "
                     f"swap ({'table' if table else 'heuristic'}) {t_swap * 1e6:6.1f} us ({nbytes / t_swap / bw:4.0%})  speedup {gemm / t_swap:.2f}x")
             if args.sweep:
                 best = (t_swap, table)
-                for cfg in swap_candidates(n, k, sms):
+                for cfg in swap_candidates(n, k, sms, m):
                     try:
                         t = swap(cfg)
                     except Exception as exc:  # noqa: BLE001 - a config that does not build is skipped

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_common import cdiv, device_name, dot_operand, next_pow2, to_out, zeroed_counters
-from kernels.triton_fp8_gemm_swap import MAX_M as SWAP_MAX_M
+from kernels.triton_fp8_gemm_swap import MAX_M as SWAP_KERNEL_MAX_M
 from kernels.triton_fp8_gemm_swap import fp8_gemm_swap
 from kernels.triton_quant import quant_fp8_per_group, quant_fp8_per_token
 
@@ -273,6 +273,16 @@ def qkv_swap_config(device: torch.device, n: int, k: int, m: int) -> dict | None
 
 
 @functools.lru_cache(maxsize=None)
+def swap_max_m(device: str) -> int:
+    """Largest M for which linears take the swap-AB GEMM (measured per GPU, `swap_max_m` in
+    kernels/configs/fp8_linear.json; 16 when the GPU is not listed)."""
+    entry = _linear_table().get(device)
+    if isinstance(entry, dict) and "swap_max_m" in entry:
+        return min(int(entry["swap_max_m"]), SWAP_KERNEL_MAX_M)
+    return 16
+
+
+@functools.lru_cache(maxsize=None)
 def triton_max_m(device: str) -> int:
     """Largest M for which the Triton GEMM is used instead of cuBLAS `_scaled_mm` (measured per GPU, stored in
     kernels/configs/fp8_linear.json; 16 when the GPU is not listed)."""
@@ -311,12 +321,12 @@ def fp8_linear_channel_auto(
     x_scale: torch.Tensor | None = None,
     x_absmax_parts: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """GPU FP8 channel linear: the swap-AB Triton GEMM up to 16 tokens (kernels/triton_fp8_gemm_swap.py), the
+    """GPU FP8 channel linear: the swap-AB Triton GEMM up to swap_max_m tokens (kernels/triton_fp8_gemm_swap.py), the
     Triton GEMM up to the measured crossover M, cuBLAS `_scaled_mm` above it. x_absmax_parts: see
     fp8_gemm_swap (used where the swap-AB GEMM quantizes x itself)."""
     m = x.shape[0]
     dev = device_name(x.device)
-    if 0 < m <= SWAP_MAX_M:
+    if 0 < m <= swap_max_m(dev):
         if x_fp8 is None:
             if m <= SWAP_QUANT_MAX_M:  # the GEMM quantizes x itself: one launch instead of two
                 x_fp8, x_scale = x, None
@@ -332,5 +342,5 @@ def fp8_linear_channel_auto(
     return fp8_linear_channel(x, w_fp8, w_scale, bias, x_fp8, x_scale)
 
 
-__all__ += ["fp8_linear_channel_auto", "qkv_swap_config", "scaled_mm_linear", "triton_max_m", "tuned_small_m",
-            "tuned_swap"]
+__all__ += ["fp8_linear_channel_auto", "qkv_swap_config", "scaled_mm_linear", "swap_max_m", "triton_max_m",
+            "tuned_small_m", "tuned_swap"]

@@ -20,7 +20,7 @@ import triton.language as tl
 from kernels.triton_common import cdiv, dot_operand, next_pow2, tl_dtype, to_fp8, to_out, zeroed_counters
 from kernels.triton_rope import _norm_rope_heads, _rnd, _store_cache_slices
 
-MAX_M = 16
+MAX_M = 64  # the kernel's limit (one token tile); the linear dispatch uses it up to swap_max_m (16 default)
 AMAX_K = 2048  # elements per load of the amax pass (QUANT_X)
 SMEM_BUDGET = 200 * 1024  # bytes of pipelined tiles per program (Hopper: 227 KB of shared memory per block)
 
@@ -199,7 +199,7 @@ def fp8_gemm_swap(
     num_sms: int = 132,
     x_absmax_parts: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """xq fp8 [M, K] (M <= 16), x_scale [M, 1], w fp8 [N, K], w_scale [N, 1] -> [M, N] out_dtype.
+    """xq fp8 [M, K] (M <= MAX_M), x_scale [M, 1], w fp8 [N, K], w_scale [N, 1] -> [M, N] out_dtype.
     With x_scale None, xq is the unquantized (bf16) x and the kernel quantizes it per token itself; given
     x_absmax_parts (fp32 [M, P]: max |x| over P slices of each row, e.g. per attention head) it takes the row
     maxima from there instead of reading every row once more."""

@@ -89,7 +89,7 @@ SWAP_CFGS = [
 ]
 
 
-@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("m", [1, 3, 16, 37, 64])
 @pytest.mark.parametrize("n,k", [(96, 320), (200, 256)])
 @pytest.mark.parametrize("cfg", range(len(SWAP_CFGS)))
 @pytest.mark.parametrize("bias", [False, True])
@@ -155,14 +155,15 @@ def test_fp8_gemm_swap_rejects_large_m(device):
     from kernels.triton_quant import quant_fp8_per_token
 
     w, ws = quant_fp8_weight_per_channel(torch.randn(64, 128, device=device) * 0.05)
-    xq, xs = quant_fp8_per_token(torch.randn(17, 128, device=device, dtype=torch.bfloat16))
-    with pytest.raises(ValueError, match="at most 16 tokens"):
+    xq, xs = quant_fp8_per_token(torch.randn(65, 128, device=device, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="at most 64 tokens"):
         fp8_gemm_swap(xq, xs, w, ws, None, torch.bfloat16)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 4, 16])
-@pytest.mark.parametrize("n,k", [(14336, 5120), (5120, 12288), (24576, 5120), (1536, 5120), (5120, 1536)])
+@pytest.mark.parametrize("m", [1, 4, 16, 64])
+@pytest.mark.parametrize("n,k", [(14336, 5120), (5120, 12288), (24576, 5120), (1536, 5120), (5120, 1536),
+                                 (3584, 5120), (5120, 3072)])
 def test_fp8_gemm_swap_gpu(m, n, k):
     from kernels.triton_fp8_gemm_swap import fp8_gemm_swap
     from kernels.triton_quant import quant_fp8_per_token

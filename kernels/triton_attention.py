@@ -201,16 +201,16 @@ def decode_splits(batch: int, kv_heads: int, max_seq_len: int, num_sms: int, blo
 
 
 def decode_config(batch: int, kv_heads: int, max_seq_len: int, num_sms: int, fp8_kv: bool) -> dict:
-    """Decode launch defaults. bf16 pages: 64-token tiles, two waves. FP8 pages (H200 sweep, 4K context,
-    `bench.decode_b1_sweep --attention-cases`): with many (sequence, KV head) pairs, 128-token tiles, one wave of
-    splits and 3 stages (B=64 at 2 KV heads per GPU, TP4: 84 -> 68 us; at 8 KV heads 248 -> 238 us); with few,
-    64-token tiles (B=1 at 2 KV heads, 64 splits: 9.5 -> 7.0 us)."""
+    """Decode launch defaults. bf16 pages: 64-token tiles, two waves. FP8 pages (H200 sweeps at 4K context,
+    `bench.decode_b1_sweep --attention-cases`, RESULTS session 5): 128-token tiles, but 64-token ones when there
+    are only a few (sequence, KV head) pairs and so many short splits (B=1 at 2 KV heads: 9.5 -> 7.0 us); one wave
+    of splits and 3 stages from 128 pairs (B=64 at 2 KV heads: 84 -> 67 us), 3 stages from 64."""
     if not fp8_kv:
         return dict(block_n=64, splits=decode_splits(batch, kv_heads, max_seq_len, num_sms, 64), stages=2)
-    many = batch * kv_heads >= 64
-    block_n = 128 if many else 64
-    splits = decode_splits(batch, kv_heads, max_seq_len, num_sms, block_n, waves=1 if many else 2)
-    return dict(block_n=block_n, splits=splits, stages=3 if many else 2)
+    pairs = batch * kv_heads
+    block_n = 64 if pairs <= 4 else 128
+    splits = decode_splits(batch, kv_heads, max_seq_len, num_sms, block_n, waves=1 if pairs >= 128 else 2)
+    return dict(block_n=block_n, splits=splits, stages=3 if pairs >= 64 else 2)
 
 
 def extend_config(max_query_len: int, head_dim: int) -> dict:

@@ -29,6 +29,7 @@ from kernels.triton_quant import quant_fp8_per_group, quant_fp8_per_token
 
 # tokens up to which the swap-AB GEMM quantizes an unquantized x itself (its amax pass reads the row per token)
 SWAP_QUANT_MAX_M = 4
+SWAP_DECODE_M = 16  # every shape takes the swap-AB GEMM up to here; above, only where the table has buckets
 
 
 @triton.jit
@@ -273,16 +274,6 @@ def qkv_swap_config(device: torch.device, n: int, k: int, m: int) -> dict | None
 
 
 @functools.lru_cache(maxsize=None)
-def swap_max_m(device: str) -> int:
-    """Largest M for which linears take the swap-AB GEMM (measured per GPU, `swap_max_m` in
-    kernels/configs/fp8_linear.json; 16 when the GPU is not listed)."""
-    entry = _linear_table().get(device)
-    if isinstance(entry, dict) and "swap_max_m" in entry:
-        return min(int(entry["swap_max_m"]), SWAP_KERNEL_MAX_M)
-    return 16
-
-
-@functools.lru_cache(maxsize=None)
 def triton_max_m(device: str) -> int:
     """Largest M for which the Triton GEMM is used instead of cuBLAS `_scaled_mm` (measured per GPU, stored in
     kernels/configs/fp8_linear.json; 16 when the GPU is not listed)."""
@@ -321,18 +312,19 @@ def fp8_linear_channel_auto(
     x_scale: torch.Tensor | None = None,
     x_absmax_parts: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """GPU FP8 channel linear: the swap-AB Triton GEMM up to swap_max_m tokens (kernels/triton_fp8_gemm_swap.py), the
+    """GPU FP8 channel linear: the swap-AB Triton GEMM up to 16 tokens, and up to 64 for shapes whose swept table
+    has buckets above 16 (measured faster than cuBLAS there: the TP-sharded shapes) (kernels/triton_fp8_gemm_swap.py), the
     Triton GEMM up to the measured crossover M, cuBLAS `_scaled_mm` above it. x_absmax_parts: see
     fp8_gemm_swap (used where the swap-AB GEMM quantizes x itself)."""
     m = x.shape[0]
     dev = device_name(x.device)
-    if 0 < m <= swap_max_m(dev):
+    cfg = tuned_swap(dev, w_fp8.shape[0], x.shape[1], m) if 0 < m <= SWAP_KERNEL_MAX_M else None
+    if 0 < m <= SWAP_DECODE_M or cfg is not None:
         if x_fp8 is None:
             if m <= SWAP_QUANT_MAX_M:  # the GEMM quantizes x itself: one launch instead of two
                 x_fp8, x_scale = x, None
             else:
                 x_fp8, x_scale = quant_fp8_per_token(x)
-        cfg = tuned_swap(dev, w_fp8.shape[0], x.shape[1], m)
         return fp8_gemm_swap(x_fp8, x_scale, w_fp8, w_scale, bias, x.dtype, cfg, _num_sms(x.device.index or 0),
                              x_absmax_parts=x_absmax_parts)
     if m > triton_max_m(dev) and scaled_mm_ok(x, w_fp8, bias):
@@ -342,5 +334,5 @@ def fp8_linear_channel_auto(
     return fp8_linear_channel(x, w_fp8, w_scale, bias, x_fp8, x_scale)
 
 
-__all__ += ["fp8_linear_channel_auto", "qkv_swap_config", "scaled_mm_linear", "swap_max_m", "triton_max_m",
-            "tuned_small_m", "tuned_swap"]
+__all__ += ["fp8_linear_channel_auto", "qkv_swap_config", "scaled_mm_linear", "triton_max_m", "tuned_small_m",
+            "tuned_swap"]

@@ -12,7 +12,8 @@ MEM_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/d
 LAYERS=${LAYERS:-$([ "${MEM_MIB:-0}" -ge 130000 ] && echo 27 || echo 15)}
 NUM_PROMPTS=${NUM_PROMPTS:-48}
 RATE=${RATE:-4}
-RATES=${RATES:-$RATE}  # several: one run each against the same server, $OUT/serving_<preset>_r<rate>.json
+RATES=${RATES:-$RATE}  # several: one run each against the same server, $OUT/serving_<preset>_r<rate>.json;
+# run i uses seed i-1, so no run's prompts are already in the prefix cache from an earlier one
 NUMS=${NUMS:-$NUM_PROMPTS}  # prompts per rate (one number for all, or one per rate)
 INPUT_LEN=${INPUT_LEN:-4096}
 OUTPUT_LEN=${OUTPUT_LEN:-1000}
@@ -47,7 +48,7 @@ for preset in $PRESETS; do
         echo "--- $name: $n prompts at $rate req/s"
         timeout "$CLIENT_TIMEOUT_S" python3 -m bench.serving --base-url "http://127.0.0.1:$port" --endpoint completions \
             --dataset random --num-prompts "$n" --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN" \
-            --request-rate "$rate" --seed 0 --tokenizer "$MODEL" --tokenize-prompt --disable-tqdm \
+            --request-rate "$rate" --seed "$((i - 1))" --tokenizer "$MODEL" --tokenize-prompt --disable-tqdm \
             --output-json "$OUT/serving_$name.json" 2>&1 | tail -30
         RESULTS="${RESULTS:-} $name"
     done

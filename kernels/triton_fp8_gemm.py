@@ -303,6 +303,16 @@ def scaled_mm_linear(
     )
 
 
+def swap_linear_config(device: str, n: int, k: int, m: int) -> tuple[bool, dict | None]:
+    """(whether an FP8 channel linear of m tokens with an [n, k] weight takes the swap-AB GEMM on this GPU, its
+    swept config or None for the kernel's heuristic): every shape up to 16 tokens, up to 64 where the table has a
+    bucket above 16 (the TP shards, where it beat cuBLAS)."""
+    if not 0 < m <= SWAP_KERNEL_MAX_M:
+        return False, None
+    cfg = tuned_swap(device, n, k, m)
+    return m <= SWAP_DECODE_M or cfg is not None, cfg
+
+
 def fp8_linear_channel_auto(
     x: torch.Tensor,
     w_fp8: torch.Tensor,
@@ -318,8 +328,8 @@ def fp8_linear_channel_auto(
     fp8_gemm_swap (used where the swap-AB GEMM quantizes x itself)."""
     m = x.shape[0]
     dev = device_name(x.device)
-    cfg = tuned_swap(dev, w_fp8.shape[0], x.shape[1], m) if 0 < m <= SWAP_KERNEL_MAX_M else None
-    if 0 < m <= SWAP_DECODE_M or cfg is not None:
+    swap, cfg = swap_linear_config(dev, w_fp8.shape[0], x.shape[1], m)
+    if swap:
         if x_fp8 is None:
             if m <= SWAP_QUANT_MAX_M:  # the GEMM quantizes x itself: one launch instead of two
                 x_fp8, x_scale = x, None
@@ -334,5 +344,5 @@ def fp8_linear_channel_auto(
     return fp8_linear_channel(x, w_fp8, w_scale, bias, x_fp8, x_scale)
 
 
-__all__ += ["fp8_linear_channel_auto", "qkv_swap_config", "scaled_mm_linear", "triton_max_m", "tuned_small_m",
-            "tuned_swap"]
+__all__ += ["fp8_linear_channel_auto", "qkv_swap_config", "scaled_mm_linear", "swap_linear_config", "triton_max_m",
+            "tuned_small_m", "tuned_swap"]

@@ -107,3 +107,19 @@ def test_attention_gpu(hq, hk, cache_dtype):
         out = paged_attention(q, kc, vc, bt, lens, qsl, d ** -0.5, ks, vs, max_query_len=8191)
     ref = paged_attention_ref(q, kc, vc, bt, lens, qsl, d ** -0.5, ks, vs)
     assert rel_err(out, ref) < 1.5e-2
+
+
+def test_decode_config_rules():
+    """The decode launch defaults the H200 sweeps chose (bench/RESULTS.md, Kernels, session 5): bf16 pages keep
+    64-token tiles and about two waves of programs; FP8 pages take 64-token tiles only for a handful of
+    (sequence, KV head) pairs, one wave of splits from 128 pairs, 3 stages from 64."""
+    from kernels.triton_attention import decode_config
+
+    long = 202752  # graphs pass max_model_len
+    assert decode_config(1, 8, long, 132, False) == {"block_n": 64, "splits": 33, "stages": 2}
+    assert decode_config(64, 8, long, 132, False) == {"block_n": 64, "splits": 1, "stages": 2}
+    assert decode_config(1, 2, long, 132, True) == {"block_n": 64, "splits": 64, "stages": 2}
+    assert decode_config(1, 8, long, 132, True) == {"block_n": 128, "splits": 33, "stages": 2}
+    assert decode_config(64, 2, long, 132, True) == {"block_n": 128, "splits": 2, "stages": 3}
+    assert decode_config(8, 8, long, 132, True) == {"block_n": 128, "splits": 5, "stages": 3}
+    assert decode_config(1, 2, 100, 132, True)["splits"] == 1  # a split covers at least two tiles

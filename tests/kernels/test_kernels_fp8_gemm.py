@@ -177,3 +177,21 @@ def test_fp8_gemm_swap_gpu(m, n, k):
         y_q = fp8_gemm_swap(x, None, w, ws, b, torch.bfloat16)
     _check(y, fp8_linear_channel_ref(x, w, ws, b), gpu=True)
     assert torch.equal(y_q, y)
+
+
+def test_swap_linear_routing_follows_the_table():
+    """Up to 16 tokens every shape takes the swap-AB GEMM; 17-64 only the shapes swept there (the TP shards, where
+    it beat cuBLAS); the full TP1 shapes keep cuBLAS above 16; nothing above the kernel's 64."""
+    from kernels.triton_fp8_gemm import swap_linear_config, tuned_swap
+
+    h200 = "NVIDIA_H200"
+    for m in (1, 4, 16):
+        assert swap_linear_config(h200, 14336, 5120, m)[0]
+        assert swap_linear_config("Some_Other_GPU", 14336, 5120, m) == (True, None)  # heuristic config
+    assert not swap_linear_config(h200, 14336, 5120, 17)[0]  # TP1 qkv: not swept above 16
+    assert not swap_linear_config("Some_Other_GPU", 3584, 5120, 32)[0]
+    for n, k in ((3584, 5120), (5120, 3072), (1792, 5120), (5120, 1536)):
+        ok, cfg = swap_linear_config(h200, n, k, 40)
+        assert ok and cfg == tuned_swap(h200, n, k, 64) and cfg is not None
+        assert swap_linear_config(h200, n, k, 64)[0] and not swap_linear_config(h200, n, k, 65)[0]
+    assert swap_linear_config(h200, 3584, 5120, 0) == (False, None)

@@ -322,10 +322,10 @@ def fp8_linear_channel_auto(
     x_scale: torch.Tensor | None = None,
     x_absmax_parts: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """GPU FP8 channel linear: the swap-AB Triton GEMM up to 16 tokens, and up to 64 for shapes whose swept table
-    has buckets above 16 (measured faster than cuBLAS there: the TP-sharded shapes) (kernels/triton_fp8_gemm_swap.py), the
-    Triton GEMM up to the measured crossover M, cuBLAS `_scaled_mm` above it. x_absmax_parts: see
-    fp8_gemm_swap (used where the swap-AB GEMM quantizes x itself)."""
+    """GPU FP8 channel linear: the swap-AB Triton GEMM (kernels/triton_fp8_gemm_swap.py) where
+    swap_linear_config says so (up to 16 tokens; up to 64 on the swept TP shards), the Triton GEMM up to the
+    measured crossover M, cuBLAS `_scaled_mm` above it. x_absmax_parts: see fp8_gemm_swap (used where the
+    swap-AB GEMM quantizes x itself)."""
     m = x.shape[0]
     dev = device_name(x.device)
     swap, cfg = swap_linear_config(dev, w_fp8.shape[0], x.shape[1], m)

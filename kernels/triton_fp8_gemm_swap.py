@@ -20,7 +20,7 @@ import triton.language as tl
 from kernels.triton_common import cdiv, dot_operand, next_pow2, tl_dtype, to_fp8, to_out, zeroed_counters
 from kernels.triton_rope import _norm_rope_heads, _rnd, _store_cache_slices
 
-MAX_M = 64  # the kernel's limit (one token tile); the linear dispatch uses it up to swap_max_m (16 default)
+MAX_M = 64  # the kernel's limit (one token tile); triton_fp8_gemm.swap_linear_config picks it per shape
 AMAX_K = 2048  # elements per load of the amax pass (QUANT_X)
 SMEM_BUDGET = 200 * 1024  # bytes of pipelined tiles per program (Hopper: 227 KB of shared memory per block)
 

@@ -1,10 +1,13 @@
 """Per-kernel breakdown of one fused-MoE call (torch.profiler), to see where prefill-sized MoE time goes.
 
     python -m bench.moe_stages [--tokens 1,64,4096] [--inter 192,1536] [--variants]
+    python -m bench.moe_stages --align [--tokens 64,256,512,1024]
 
 Prints, per (tokens, N): every CUDA kernel launched by `kernels.triton_moe.fused_moe` with its mean time,
 the sum, and `torch._scaled_grouped_mm` (the two grouped GEMMs over the same routing) for scale.
 --variants also times the alternative launch configs listed in VARIANTS (config overrides).
+--align times only the token sort/align step (kernels/triton_moe_align.py) per token count, with the one-program
+path's limit `small_max` at several values: which pair counts the one-program kernel should still take.
 """
 from __future__ import annotations
 
@@ -31,6 +34,22 @@ def breakdown(fn, reps: int = 5) -> dict[str, float]:
     return {r["name"]: r["us_per_call"] for r in kernel_breakdown(fn, reps)}
 
 
+def align_sweep(tokens: list[int], inter: int, small_maxes=(512, 1024, 2048, 4096)) -> None:
+    """moe_align alone (top-8 + the fused shared expert, 161 slots), CUDA graph, for each small_max."""
+    from kernels.triton_moe import moe_config
+    from kernels.triton_moe_align import moe_align
+
+    h, k, e = 5120, 8, 161
+    for t in tokens:
+        (_, ids), = _routings(t, e, k, 1)
+        block_m = moe_config(t, e, inter, h, "fp8_channel", ids.device)["BLOCK_M"]
+        cells = []
+        for sm in small_maxes:
+            us = _graph_time([lambda sm=sm, ids=ids, bm=block_m: moe_align(ids, e, bm, small_max=sm)]) * 1e6
+            cells.append(f"small_max={sm}: {us:6.1f} us")
+        print(f"align T={t:5d} ({ids.numel()} pairs, BLOCK_M={block_m}): " + "  ".join(cells), flush=True)
+
+
 def main(argv=None) -> int:
     from kernels.triton_moe import fused_moe, moe_config
 
@@ -38,7 +57,13 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", default="64,1024,4096,16384")
     p.add_argument("--inter", default="192,1536")
     p.add_argument("--variants", action="store_true")
+    p.add_argument("--align", action="store_true", help="only the align step, at several one-program limits")
     a = p.parse_args(argv)
+    if a.align:
+        print(torch.cuda.get_device_name(0), flush=True)
+        for inter in [int(v) for v in a.inter.split(",")]:
+            align_sweep([int(v) for v in a.tokens.split(",")], inter)
+        return 0
     h, k, e = 5120, 8, 161
     print(torch.cuda.get_device_name(0), flush=True)
     for inter in [int(v) for v in a.inter.split(",")]:

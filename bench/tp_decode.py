@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from bench.engine import (
+    _profile_step,
     decode_bytes,
     decode_inputs,
     measure_bandwidth,
@@ -100,20 +101,6 @@ class BroadcastingRunner:
 
     def run(self, inp):
         return self.worker.execute(inp)
-
-
-def profile_step(title: str, worker, inp) -> list:
-    """Per-kernel breakdown of one eager step on rank 0 (the other ranks run it too)."""
-    from bench.kernel_profile import kernel_breakdown, print_breakdown
-
-    runner = BroadcastingRunner(worker)
-    graphs, runner.graphs = runner.graphs, None
-    try:
-        rows = kernel_breakdown(functools.partial(runner.run, inp))
-    finally:
-        runner.graphs = graphs
-    print_breakdown(title, rows)
-    return rows[:40]
 
 
 def end_to_end(llm: LLM, context: int, tpot_tokens: int, vocab: int) -> dict:
@@ -234,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         if args.profile and device.type == "cuda":
-            result["decode"][b]["profile"] = profile_step(f"decode B={b} (rank 0, eager)", worker, inp)
+            _profile_step(f"decode B={b} (rank 0, eager)", BroadcastingRunner(worker), inp, result["decode"][b],
+                          "profile", lambda: None)
     inp, _ = prefill_inputs(args.prefill, bs, blocks, vocab, rng)
     t = time_fn(
         functools.partial(worker.execute, inp),

@@ -1,6 +1,7 @@
 """Per-kernel GPU time of a callable (torch.profiler), aggregated by kernel name: where a step's time goes."""
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -8,13 +9,23 @@ from torch.profiler import ProfilerActivity, profile
 
 
 def kernel_breakdown(fn: Callable[[], object], reps: int = 3) -> list[dict]:
-    """[{name, us_per_call, launches_per_call}] sorted by time, for fn() run reps times after one warm-up."""
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
+    """[{name, us_per_call, launches_per_call}] sorted by time, for fn() run reps times after one warm-up.
+    Kernels launch without programmatic dependent launch here (GLINT_PDL=0): a PDL kernel starts before the
+    one ahead of it ends, and the profiler would count its wait as its own time."""
+    saved = os.environ.get("GLINT_PDL")
+    os.environ["GLINT_PDL"] = "0"
+    try:
+        fn()
         torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                fn()
+            torch.cuda.synchronize()
+    finally:
+        if saved is None:
+            os.environ.pop("GLINT_PDL", None)
+        else:
+            os.environ["GLINT_PDL"] = saved
     rows = []
     for ev in prof.key_averages():
         if ev.device_time_total > 0 and ev.count:

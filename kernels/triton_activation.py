@@ -9,14 +9,19 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import cdiv, next_pow2, round_bf16, to_fp8, to_out
+from kernels.triton_common import (
+    cdiv, next_pow2, pdl_launch, pdl_release, pdl_wait, round_bf16, to_fp8, to_out,
+)
 
 
 @triton.jit
 def _silu_mul_kernel(
     x_ptr, y_ptr, q_ptr, qs_ptr, I, stride_x, stride_y, stride_q,
     BLOCK: tl.constexpr, QUANT: tl.constexpr, X_BF16: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)  # before any read of an earlier kernel's output or any write
+    pdl_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     col0 = tl.program_id(1) * BLOCK
     offs = tl.arange(0, BLOCK)
@@ -67,6 +72,7 @@ def _launch(x: torch.Tensor, quant: bool):
         _silu_mul_kernel[grid](
             x2, y, q if quant else y, qs if quant else y, i, x2.stride(0), y.stride(0), q.stride(0) if quant else 0,
             BLOCK=block, QUANT=quant, X_BF16=x.dtype == torch.bfloat16, num_warps=4, enable_fp_fusion=False,
+            **pdl_launch(x.device),
         )
     return y.view(*shape[:-1], i), q, qs
 

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import cdiv, dot_operand, next_pow2, to_out
+from kernels.triton_common import cdiv, dot_operand, next_pow2, pdl_launch, pdl_release, pdl_wait, to_out
 
 LOG2E = 1.4426950408889634
 
@@ -53,7 +53,10 @@ def _decode_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_kslot, stride_kh, stride_vslot, stride_vh,
     G: tl.constexpr, G_P: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
     MULTI: tl.constexpr, QDT: tl.constexpr, ABSMAX: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)  # before any read of an earlier kernel's output or any write
+    pdl_release(PDL)
     b = tl.program_id(0)
     hk = tl.program_id(1)
     sp = tl.program_id(2)
@@ -105,7 +108,10 @@ def _decode_kernel(
 def _decode_reduce_kernel(
     po_ptr, plse_ptr, qsl_ptr, o_ptr, amax_ptr, v_scale, HQ, SPLITS, stride_ot, stride_oh,
     S_P: tl.constexpr, D: tl.constexpr, ABSMAX: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)  # before any read of an earlier kernel's output or any write
+    pdl_release(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     tok = tl.load(qsl_ptr + b).to(tl.int64)
@@ -294,12 +300,12 @@ def paged_attention(
             qk_scale, float(v_scale), hq, splits,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), *ks, *vs,
             G=group, G_P=g_p, D=d, BS=bs, BLOCK_N=block_n, MULTI=splits > 1, QDT=qdt, ABSMAX=absmax,
-            num_warps=num_warps or 4, num_stages=num_stages or dflt["stages"],
+            num_warps=num_warps or 4, num_stages=num_stages or dflt["stages"], **pdl_launch(q.device),
         )
         if splits > 1:
             _decode_reduce_kernel[(b, hq)](
                 po, plse, query_start_loc, out, amax, float(v_scale), hq, splits, out.stride(0), out.stride(1),
-                S_P=max(2, next_pow2(splits)), D=d, ABSMAX=absmax, num_warps=4,
+                S_P=max(2, next_pow2(splits)), D=d, ABSMAX=absmax, num_warps=4, **pdl_launch(q.device),
             )
         return out
     cfg = extend_config(max_query_len, d)

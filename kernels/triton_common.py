@@ -7,9 +7,15 @@ returns garbage. The kernels therefore call `to_bf16` / `to_fp8` / `dot_operand`
 the plain casts and under the interpreter round to nearest-even in integer arithmetic first (then the cast
 is exact) or upcast dot operands to fp32. The flag is read when this module is imported: set
 TRITON_INTERPRET before importing any kernels.triton_* module.
+
+Programmatic dependent launch (PDL, Hopper): a kernel launched with `pdl_launch(device)`'s arguments may start
+while the kernel before it on the stream is still finishing. Such a kernel must call `pdl_wait(PDL)` in every
+program before it reads anything an earlier kernel wrote or writes anything (only constant weights may be read
+before it), and calls `pdl_release(PDL)` to let the next kernel launch early. `GLINT_PDL=0` turns it off.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -18,6 +24,11 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 EMULATE: tl.constexpr = tl.constexpr(INTERPRET)
+
+try:  # grid dependency control (Triton >= 3.4); without it PDL stays off
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton
+    gdc_launch_dependents = gdc_wait = None
 
 FP8_MAX = 448.0
 MIN_SCALE = 1e-12
@@ -81,6 +92,42 @@ def dot_operand(x):
         return x.to(tl.float32)
     else:
         return x
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """Wait until the kernels before this one on the stream have finished and their writes are visible."""
+    if PDL:
+        gdc_wait()
+
+
+@triton.jit
+def pdl_release(PDL: tl.constexpr):
+    """Let the next kernel on the stream launch now (it still waits for this one in its pdl_wait)."""
+    if PDL:
+        gdc_launch_dependents()
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_capable(device: str) -> bool:
+    """Whether this Triton can launch with PDL and the device is Hopper or newer."""
+    if INTERPRET or gdc_wait is None:
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:  # pragma: no cover - no CUDA backend
+        return False
+    if "launch_pdl" not in getattr(CUDAOptions, "__dataclass_fields__", {}):
+        return False
+    return torch.cuda.get_device_capability(torch.device(device)) >= (9, 0)
+
+
+def pdl_launch(device: torch.device) -> dict:
+    """Launch arguments of a kernel taking a `PDL` flag: PDL on for CUDA devices of compute capability >= 9.0
+    when Triton supports it and GLINT_PDL is not 0 (read at every launch, so a test or benchmark can compare
+    both; CUDA graphs keep what was in effect at capture), else off."""
+    on = device.type == "cuda" and os.environ.get("GLINT_PDL", "1") != "0" and _pdl_capable(str(device))
+    return dict(PDL=True, launch_pdl=True) if on else dict(PDL=False)
 
 
 def tl_dtype(dtype: torch.dtype):

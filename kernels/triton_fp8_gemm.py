@@ -22,7 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import cdiv, device_name, dot_operand, next_pow2, to_out, zeroed_counters
+from kernels.triton_common import (
+    cdiv, device_name, dot_operand, next_pow2, pdl_launch, pdl_release, pdl_wait, to_out, zeroed_counters,
+)
 from kernels.triton_fp8_gemm_swap import MAX_M as SWAP_KERNEL_MAX_M
 from kernels.triton_fp8_gemm_swap import fp8_gemm_swap
 from kernels.triton_quant import quant_fp8_per_group, quant_fp8_per_token
@@ -38,7 +40,10 @@ def _fp8_gemm_kernel(
     M, N, K, SPLIT_K, stride_am, stride_bn, stride_cm, stride_asm, stride_bsn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
     GROUP_M: tl.constexpr, BLOCK_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)  # before any read of an earlier kernel's output or any write
+    pdl_release(PDL)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     # grouped ordering of output tiles for L2 reuse of A/B across neighbouring programs
@@ -189,7 +194,7 @@ def fp8_gemm(
         xq, w, out, xs, ws_, bias if bias is not None else out, ws, cnt,
         m, n, k, split, xq.stride(0), w.stride(0), out.stride(0), xs.stride(0), ws_.stride(0),
         SPLIT=split > 1, BLOCK_SCALE=block_scale, HAS_BIAS=bias is not None,
-        EVEN_K=k % cfg["BLOCK_K"] == 0, **cfg,
+        EVEN_K=k % cfg["BLOCK_K"] == 0, **cfg, **pdl_launch(xq.device),
     )
     return out
 

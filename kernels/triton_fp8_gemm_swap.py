@@ -17,7 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import cdiv, dot_operand, next_pow2, tl_dtype, to_fp8, to_out, zeroed_counters
+from kernels.triton_common import (
+    cdiv, dot_operand, next_pow2, pdl_launch, pdl_release, pdl_wait, tl_dtype, to_fp8, to_out,
+    zeroed_counters,
+)
 from kernels.triton_rope import _norm_rope_heads, _rnd, _store_cache_slices
 
 MAX_M = 64  # the kernel's limit (one token tile); triton_fp8_gemm.swap_linear_config picks it per shape
@@ -40,7 +43,10 @@ def _fp8_gemm_swap_kernel(
     stride_kc_slot=0, stride_kc_h=0, stride_vc_slot=0, stride_vc_h=0,
     ROPE: tl.constexpr = False, HAS_NORM: tl.constexpr = False, HALF: tl.constexpr = 1, HALF_P: tl.constexpr = 1,
     PASS: tl.constexpr = 0, PASS_P: tl.constexpr = 1, DT: tl.constexpr = tl.bfloat16, CACHE_FP8: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)  # before any read of an earlier kernel's output or any write
+    pdl_release(PDL)
     pid_w = tl.program_id(0)
     pid_k = tl.program_id(1)
     rw = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
@@ -250,7 +256,7 @@ def _launch(
         m, n, k, split, xq.stride(0), w.stride(0), out.stride(0), xs.stride(0),
         BLOCK_T=block_t, SPLIT=split > 1, HAS_BIAS=bias is not None, EVEN_K=k % cfg["BLOCK_K"] == 0,
         QUANT_X=quant_x, AMAX_BLOCK=min(AMAX_K, next_pow2(k)), AMAX_CHUNKS=cdiv(k, AMAX_K) if quant_x else 1,
-        **features, **cfg,
+        **features, **cfg, **pdl_launch(xq.device),
     )
 
 

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import cdiv, next_pow2, to_out
+from kernels.triton_common import cdiv, next_pow2, pdl_launch, pdl_release, pdl_wait, to_out
 
 
 @triton.jit
@@ -15,7 +15,10 @@ def _store_kv_kernel(
     k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, HK, D, k_scale, v_scale,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_kc_slot, stride_kc_h, stride_vc_slot, stride_vc_h,
     BH: tl.constexpr, BD: tl.constexpr, FP8: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)  # before any read of an earlier kernel's output or any write
+    pdl_release(PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
@@ -58,7 +61,7 @@ def store_kv(
         k, v, k_cache, v_cache, slot_mapping, hk, d, float(k_scale), float(v_scale),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
-        BH=bh, BD=next_pow2(d), FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=4,
+        BH=bh, BD=next_pow2(d), FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=4, **pdl_launch(k.device),
     )
 
 

@@ -33,7 +33,8 @@ import triton
 import triton.language as tl
 
 from kernels.triton_common import (
-    cdiv, device_name, dot_operand, next_pow2, round_bf16, tl_dtype, to_fp8, to_out, zeroed_counters,
+    cdiv, device_name, dot_operand, next_pow2, pdl_launch, pdl_release, pdl_wait, round_bf16, tl_dtype, to_fp8,
+    to_out, zeroed_counters,
 )
 from kernels.triton_moe_align import max_blocks, moe_align
 from kernels.triton_quant import quant_fp8_per_group, quant_fp8_per_token
@@ -66,7 +67,10 @@ def _moe_gate_up_kernel(
     QUANT: tl.constexpr, A_MODE: tl.constexpr, DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
     EVEN_K: tl.constexpr, PAIR: tl.constexpr, FAST_ACC: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)  # before any read of an earlier kernel's output or any write
+    pdl_release(PDL)
     # A_MODE: 0 = x used as is (bf16 / fp8 already quantized), 2 = x in bf16, quantized here
     # PAIR: no alignment; block m is the single pair m (bexp_ptr = topk_ids), rows 1.. are padding
     num_n = tl.cdiv(I, BLOCK_N)
@@ -191,7 +195,10 @@ def _moe_down_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     PAIR: tl.constexpr, FUSE_REDUCE: tl.constexpr, TOPK: tl.constexpr, FAST_ACC: tl.constexpr,
     I_P: tl.constexpr = 16,
+    PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)  # before any read of an earlier kernel's output or any write
+    pdl_release(PDL)
     # A program takes one M block and N_LOOP consecutive N tiles (row indices, the act scale and the A rows
     # are fetched once and reused). FUSE_REDUCE: after writing its y rows, a program takes a ticket per
     # (token, N tile); the program that completes a token's top-k set sums them (weighted) into out and
@@ -295,7 +302,10 @@ def _moe_down_kernel(
 def _moe_reduce_kernel(
     y_ptr, w_ptr, out_ptr, H, stride_ym, stride_wt, stride_ot,
     TOPK: tl.constexpr, BLOCK_H: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)  # before any read of an earlier kernel's output or any write
+    pdl_release(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     m = h < H
@@ -454,7 +464,8 @@ def fused_moe(
         np_, topk, h, inter, split,
         xa.stride(0), xs.stride(0) if qid else 0, w13.stride(0), w13.stride(1), *ws13_strides, act.stride(0),
         QUANT=qid, A_MODE=a_mode, DT=dt, BLOCK_M=bm, BLOCK_N=bn1, BLOCK_K=cfg["BLOCK_K1"], SPLIT=split > 1,
-        EVEN_K=h % cfg["BLOCK_K1"] == 0, PAIR=pair, FAST_ACC=bool(cfg.get("FAST_ACC", False)), num_warps=cfg["W1"], num_stages=cfg["S1"],
+        EVEN_K=h % cfg["BLOCK_K1"] == 0, PAIR=pair, FAST_ACC=bool(cfg.get("FAST_ACC", False)),
+        num_warps=cfg["W1"], num_stages=cfg["S1"], **pdl_launch(xa.device),
     )
     y = torch.empty(np_, h, dtype=x.dtype, device=x.device)
     bn2 = cfg["BLOCK_N2"]
@@ -478,11 +489,13 @@ def fused_moe(
         QUANT=qid, A_MODE=a2_mode, DT=dt, BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=cfg["BLOCK_K2"],
         EVEN_K=inter % cfg["BLOCK_K2"] == 0, PAIR=pair, FUSE_REDUCE=fuse, TOPK=topk,
         FAST_ACC=bool(cfg.get("FAST_ACC", False)), I_P=next_pow2(inter), num_warps=cfg["W2"], num_stages=cfg["S2"],
+        **pdl_launch(y.device),
     )
     if not fuse:
         bh = 1024
         _moe_reduce_kernel[(t, cdiv(h, bh))](
             y, tw, out, h, y.stride(0), tw.stride(0), out.stride(0), TOPK=topk, BLOCK_H=bh, num_warps=4,
+            **pdl_launch(y.device),
         )
     return out
 

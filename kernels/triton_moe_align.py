@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import cdiv, next_pow2
+from kernels.triton_common import cdiv, next_pow2, pdl_launch, pdl_release, pdl_wait
 
 SMALL_MAX = 4096  # pairs handled by the one-program kernel
 CHUNK_LARGE = 1024
@@ -60,7 +60,10 @@ def _sort_scatter(ids_ptr, sorted_ptr, base_ptr, c, NP, E, CHUNK: tl.constexpr):
 def _align_small_kernel(
     ids_ptr, sorted_ptr, bexp_ptr, base_ptr, NP, E, MAX_BLOCKS,
     BLOCK_M: tl.constexpr, E_P: tl.constexpr, CHUNK: tl.constexpr, BCHUNK: tl.constexpr, FILL: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)  # before any read of an earlier kernel's output or any write
+    pdl_release(PDL)
     li = tl.arange(0, CHUNK)
     ei = tl.arange(0, E_P)
     e = tl.load(ids_ptr + li, mask=li < NP, other=E)
@@ -80,7 +83,12 @@ def _align_small_kernel(
 
 
 @triton.jit
-def _align_hist_kernel(ids_ptr, hist_ptr, sorted_ptr, NP, E, TOTAL, E_P: tl.constexpr, CHUNK: tl.constexpr):
+def _align_hist_kernel(
+    ids_ptr, hist_ptr, sorted_ptr, NP, E, TOTAL, E_P: tl.constexpr, CHUNK: tl.constexpr,
+    PDL: tl.constexpr = False,
+):
+    pdl_wait(PDL)  # before any read of an earlier kernel's output or any write
+    pdl_release(PDL)
     c = tl.program_id(0)
     nc = tl.num_programs(0)
     li = tl.arange(0, CHUNK)
@@ -95,7 +103,10 @@ def _align_hist_kernel(ids_ptr, hist_ptr, sorted_ptr, NP, E, TOTAL, E_P: tl.cons
 def _align_scan_kernel(
     hist_ptr, base_ptr, bexp_ptr, NCHUNK, E, MAX_BLOCKS,
     BLOCK_M: tl.constexpr, E_P: tl.constexpr, BCHUNK: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)  # before any read of an earlier kernel's output or any write
+    pdl_release(PDL)
     ei = tl.arange(0, E_P)
     real = ei < E
     counts = tl.zeros([E_P], dtype=tl.int32)
@@ -114,7 +125,11 @@ def _align_scan_kernel(
 
 
 @triton.jit
-def _align_scatter_kernel(ids_ptr, sorted_ptr, base_ptr, NP, E, E_P: tl.constexpr, CHUNK: tl.constexpr):
+def _align_scatter_kernel(
+    ids_ptr, sorted_ptr, base_ptr, NP, E, E_P: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr = False,
+):
+    pdl_wait(PDL)  # before any read of an earlier kernel's output or any write
+    pdl_release(PDL)
     c = tl.program_id(0)
     _sort_scatter(ids_ptr, sorted_ptr, base_ptr + c * E_P, c, NP, E, CHUNK)
 
@@ -142,7 +157,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
         _align_small_kernel[(1,)](
             ids, sorted_ids, bexp, base, np_, num_experts, mb,
             BLOCK_M=block_m, E_P=e_p, CHUNK=chunk, BCHUNK=bchunk, FILL=max(chunk, 1024),
-            num_warps=8 if chunk >= 2048 else 4,
+            num_warps=8 if chunk >= 2048 else 4, **pdl_launch(ids.device),
         )
         return sorted_ids, bexp
     chunk = CHUNK_LARGE
@@ -150,10 +165,11 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     hist = torch.empty(nchunk, e_p, dtype=torch.int32, device=dev)
     base = torch.empty(nchunk, e_p, dtype=torch.int32, device=dev)
     _align_hist_kernel[(nchunk,)](ids, hist, sorted_ids, np_, num_experts, mb * block_m, E_P=e_p, CHUNK=chunk,
-                                  num_warps=4)
+                                  num_warps=4, **pdl_launch(ids.device))
     _align_scan_kernel[(1,)](hist, base, bexp, nchunk, num_experts, mb, BLOCK_M=block_m, E_P=e_p, BCHUNK=bchunk,
-                             num_warps=4)
-    _align_scatter_kernel[(nchunk,)](ids, sorted_ids, base, np_, num_experts, E_P=e_p, CHUNK=chunk, num_warps=4)
+                             num_warps=4, **pdl_launch(ids.device))
+    _align_scatter_kernel[(nchunk,)](ids, sorted_ids, base, np_, num_experts, E_P=e_p, CHUNK=chunk,
+                                     num_warps=4, **pdl_launch(ids.device))
     return sorted_ids, bexp
 
 

@@ -14,7 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import cdiv, next_pow2, round_bf16, to_fp8, zeroed_counters
+from kernels.triton_common import (
+    cdiv, next_pow2, pdl_launch, pdl_release, pdl_wait, round_bf16, to_fp8, zeroed_counters,
+)
 
 
 @triton.jit
@@ -97,7 +99,10 @@ def _moe_route_kernel(
     TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr,
     RENORM: tl.constexpr, SHARED: tl.constexpr, BLOCK_T: tl.constexpr, G_P: tl.constexpr, EG_P: tl.constexpr,
     K_P: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)  # before any read of an earlier kernel's output or any write
+    pdl_release(PDL)
     ti = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tm = ti < T
     ti_c = tl.where(tm, ti, 0).to(tl.int64)
@@ -136,6 +141,7 @@ def _gate_route_kernel(
     TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr,
     RENORM: tl.constexpr, SHARED: tl.constexpr, BLOCK_T: tl.constexpr, G_P: tl.constexpr, EG_P: tl.constexpr,
     K_P: tl.constexpr, NORM: tl.constexpr = False, QUANT: tl.constexpr = False, H_CHUNKS: tl.constexpr = 1,
+    PDL: tl.constexpr = False,
 ):
     """Router GEMV + routing for up to BLOCK_T tokens in one launch. Program (e, h) computes the fp32 logits
     of experts [e * BLOCK_E, +BLOCK_E) over hidden slice h and stores them as a partial; the last program to
@@ -145,6 +151,8 @@ def _gate_route_kernel(
     of the whole row (the same chunked order everywhere, so all agree), the programs of expert block 0 also
     write their slice of x + residual, of the normalized y and (QUANT) of y in FP8 with its per-token scale,
     which takes a second pass over the row for the amax -- one launch for post-attention norm and router."""
+    pdl_wait(PDL)  # before any read of an earlier kernel's output or any write
+    pdl_release(PDL)
     pid_e = tl.program_id(0)
     pid_h = tl.program_id(1)
     n_prog = tl.num_programs(0) * tl.num_programs(1)
@@ -238,7 +246,7 @@ def moe_route(
         logits.stride(0), w.stride(0), ids.stride(0), float(routed_scaling_factor),
         TOP_K=top_k, TOPK_GROUP=topk_group, HAS_BIAS=correction_bias is not None, GROUPED=n_group > 1,
         RENORM=renormalize, SHARED=num_fused_shared_experts, BLOCK_T=block_t, G_P=g_p, EG_P=eg_p, K_P=next_pow2(kk),
-        num_warps=8 if g_p * eg_p >= 256 else 4,
+        num_warps=8 if g_p * eg_p >= 256 else 4, **pdl_launch(logits.device),
     )
     return w, ids
 
@@ -333,7 +341,7 @@ def moe_gate_route(
         TOP_K=top_k, TOPK_GROUP=topk_group, HAS_BIAS=correction_bias is not None, GROUPED=n_group > 1,
         RENORM=renormalize, SHARED=num_fused_shared_experts, BLOCK_T=t_p, G_P=g_p, EG_P=eg_p, K_P=next_pow2(kk),
         NORM=norm is not None, QUANT="q" in nrm, H_CHUNKS=cdiv(h, block_h) if norm is not None else 1,
-        num_warps=cfg.get("num_warps", 4),
+        num_warps=cfg.get("num_warps", 4), **pdl_launch(x.device),
     )
     return w, ids
 

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import next_pow2, round_bf16, to_fp8, to_out
+from kernels.triton_common import next_pow2, pdl_launch, pdl_release, pdl_wait, round_bf16, to_fp8, to_out
 
 
 @triton.jit
@@ -18,7 +18,10 @@ def _rms_norm_kernel(
     x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, q_ptr, qs_ptr,
     H, eps, stride_x, stride_r, stride_y, stride_s, stride_q,
     HAS_RES: tl.constexpr, QUANT: tl.constexpr, X_BF16: tl.constexpr, BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)  # before any read of an earlier kernel's output or any write
+    pdl_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     m = offs < H
@@ -78,7 +81,7 @@ def _launch(x, residual, weight, eps, quant):
             qs if quant else y, h, eps, x2.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0),
             s.stride(0) if s is not None else 0, q.stride(0) if quant else 0,
             HAS_RES=residual is not None, QUANT=quant, X_BF16=x.dtype == torch.bfloat16, BLOCK=block,
-            num_warps=nw, enable_fp_fusion=False,
+            num_warps=nw, enable_fp_fusion=False, **pdl_launch(x.device),
         )
     y = y.view(shape)
     if s is not None:

@@ -9,7 +9,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import FP8_MAX, MIN_SCALE, cdiv, next_pow2, to_fp8
+from kernels.triton_common import (
+    FP8_MAX, MIN_SCALE, cdiv, next_pow2, pdl_launch, pdl_release, pdl_wait, to_fp8,
+)
 
 FP8_DTYPE = torch.float8_e4m3fn
 
@@ -18,7 +20,10 @@ FP8_DTYPE = torch.float8_e4m3fn
 def _quant_row_kernel(
     x_ptr, q_ptr, s_ptr, K, stride_x, stride_q,
     BLOCK: tl.constexpr, ONE_PASS: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)  # before any read of an earlier kernel's output or any write
+    pdl_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     xr = x_ptr + row * stride_x
@@ -48,7 +53,10 @@ def _quant_row_kernel(
 def _quant_group_kernel(
     x_ptr, q_ptr, s_ptr, K, NG, stride_x, stride_q, stride_s,
     GROUP: tl.constexpr, GPB: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)  # before any read of an earlier kernel's output or any write
+    pdl_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     g0 = tl.program_id(1) * GPB
     gi = g0 + tl.arange(0, GPB)
@@ -73,7 +81,8 @@ def quant_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     block = min(next_pow2(k), 8192)
     one_pass = block >= k
     nw = 4 if block <= 2048 else 8
-    _quant_row_kernel[(t,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK=block, ONE_PASS=one_pass, num_warps=nw)
+    _quant_row_kernel[(t,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK=block, ONE_PASS=one_pass,
+                            num_warps=nw, **pdl_launch(x.device))
     return q, s
 
 
@@ -89,7 +98,8 @@ def quant_fp8_per_group(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor
         return q, s
     gpb = min(next_pow2(ng), max(1, 2048 // group))
     _quant_group_kernel[(t, cdiv(ng, gpb))](
-        x, q, s, k, ng, x.stride(0), q.stride(0), s.stride(0), GROUP=group, GPB=gpb, num_warps=4
+        x, q, s, k, ng, x.stride(0), q.stride(0), s.stride(0), GROUP=group, GPB=gpb, num_warps=4,
+        **pdl_launch(x.device),
     )
     return q, s
 

@@ -16,7 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import cdiv, next_pow2, round_bf16, tl_dtype, to_out
+from kernels.triton_common import (
+    cdiv, next_pow2, pdl_launch, pdl_release, pdl_wait, round_bf16, tl_dtype, to_out,
+)
 
 
 @triton.jit
@@ -159,8 +161,11 @@ def _qk_norm_rope_kernel(
     HAS_NORM: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr, PASS: tl.constexpr,
     PASS_P: tl.constexpr, D: tl.constexpr, BH: tl.constexpr, NQB: tl.constexpr, DT: tl.constexpr,
     STORE_KV: tl.constexpr, CACHE_FP8: tl.constexpr, TPP: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """TPP tokens per program (unrolled, so their loads overlap) x one head block."""
+    pdl_wait(PDL)  # before any read of an earlier kernel's output or any write
+    pdl_release(PDL)
     hb = tl.program_id(1)
     for i in tl.static_range(TPP):
         t = tl.program_id(0).to(tl.int64) * TPP + i
@@ -239,6 +244,7 @@ def qk_norm_rope(
         NQB=nqb, DT=tl_dtype(q.dtype), STORE_KV=store,
         CACHE_FP8=store and k_cache.dtype == torch.float8_e4m3fn, TPP=tpp, num_warps=num_warps,
         enable_fp_fusion=False,  # no FMA contraction across the emulated bf16 roundings
+        **pdl_launch(q.device),
     )
     return qo, ko
 

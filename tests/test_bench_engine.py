@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -176,3 +177,20 @@ def test_tp_decode_cpu_smoke(tmp_path):
         assert d["bytes_rank0"]["weights_total"] < r["weight_bytes_per_gpu"] + 1  # a rank's shard, not more
     assert _finite(r["prefill"]["median_ms"]) and _finite(r["prefill"]["floor_ms"])
     assert _finite(r["end_to_end"]["ttft_ms"]) and _finite(r["end_to_end"]["tpot_ms"])
+
+
+def test_engine_ab_script_alternates_variants(tmp_path):
+    """bench/engine_ab.sh runs bench.engine once per variant per round, each under its own environment."""
+    args = list(SMOKE)
+    args[args.index("--hf-layers") + 1] = "0"
+    args[args.index("--batches") + 1] = "1"
+    args.append("--no-hf")
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path), ROUNDS="1",
+               VARIANTS="GLINT_PDL=1|GLINT_PDL=0 GLINT_AB_PROBE=x")
+    res = subprocess.run(["bash", "bench/engine_ab.sh", *args], capture_output=True, text=True, env=env,
+                         timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert res.returncode == 0, res.stderr
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("[variant")]
+    assert [ln.split(",")[0] for ln in lines] == ["[variant 0 round 1", "[variant 1 round 1"], res.stdout
+    assert all("decode B=1:" in ln and "prefill 48:" in ln for ln in lines), res.stdout
+    assert "variant 1: GLINT_PDL=0 GLINT_AB_PROBE=x" in res.stdout

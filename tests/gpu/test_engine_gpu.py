@@ -48,6 +48,19 @@ def test_graphs_equal_eager(tiny_dirs):
     assert _greedy(graphs) == _greedy(eager)
 
 
+def test_pdl_graphs_equal_plain_launches(tiny_dirs, monkeypatch):
+    """Programmatic dependent launch (on by default on Hopper) against the same engine with it off
+    (GLINT_PDL=0 at capture): the same greedy tokens through CUDA graphs, with both decode fusions."""
+    from kernels.triton_common import pdl_launch
+
+    assert pdl_launch(torch.device("cuda"))["PDL"] or torch.cuda.get_device_capability() < (9, 0)
+    kw = dict(device="cuda", max_num_seqs=16, enable_shared_experts_fusion=True,
+              enable_fused_qk_norm_rope=True)
+    with_pdl = _greedy(_llm(tiny_dirs["fp8-channel"], **kw))
+    monkeypatch.setenv("GLINT_PDL", "0")
+    assert _greedy(_llm(tiny_dirs["fp8-channel"], **kw)) == with_pdl
+
+
 def test_triton_path_matches_reference_path(tiny_dirs, cpu_ref, monkeypatch):
     """The GPU path (Triton, bf16 activations, FP8 weights and per-token FP8 activations) against the torch
     reference ops doing the same math on the GPU. The tiny model's sharp logits amplify bf16 rounding (measured

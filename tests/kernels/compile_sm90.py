@@ -67,6 +67,11 @@ def _compile_only(self, *args, grid, warmup, **kwargs):
 def install() -> None:
     driver.set_active(_StubDriver())
     JITFunction.run = _compile_only
+    # compile the PDL variants the GPU runs (grid dependency wait / launch_dependents); the stub's tensors
+    # are CPU tensors, on which pdl_launch would turn it off. Before any kernel module takes the name.
+    import kernels.triton_common as common
+
+    common.pdl_launch = lambda device: dict(PDL=True, launch_pdl=True)
 
 
 def resource_report() -> list[str]:

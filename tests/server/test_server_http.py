@@ -15,6 +15,8 @@ KEYS = ("key-one", "key-two")
 AUTH = {"Authorization": f"Bearer {KEYS[0]}"}
 SCRIPTS = {
     "slow_first_token": [{"text": "first", "sleep": 0.6}, " second", " third"],
+    # 12 steps of 0.4 s: outlives a 1 s client timeout however fast the tiny model runs
+    "slow_steps": [{"text": " tick", "sleep": 0.4}] * 12,
     "anthropic_tool": [
         "I need the weather.",
         "</think>",
@@ -418,7 +420,7 @@ def test_non_streaming_disconnect_aborts(http, server):
             server.url + "/v1/chat/completions",
             headers=AUTH,
             timeout=1.0,
-            json={**chat_body("slow", max_tokens=450), "ignore_eos": True},
+            json=chat_body("<<script:slow_steps>>", max_tokens=450),
         )
     wait_until(lambda: metric(metrics_text(http), "glint:num_aborted_requests_total") >= aborted0 + 1)
     wait_until(lambda: metric(metrics_text(http), "glint:num_requests_running") == 0)

@@ -3,8 +3,9 @@ only, group-limited top-k (groups ranked by the sum of their top-2 biased scores
 scores, renormalized, times routed_scaling_factor; optionally the shared expert appended as id E, weight 1.0.
 
 One program handles BLOCK_T tokens; experts are laid out as a [groups, experts per group] tile so group
-scores are plain reductions. Top-k is k rounds of argmax (ties go to the lowest expert id). Ids come out in
-selection order (descending biased score); the reference leaves the order unspecified.
+scores are plain reductions. Top-k is k rounds of one max reduction over packed (score, id) keys (ties go to the
+lowest expert id). Ids come out in selection order (descending biased score); the reference leaves the order
+unspecified.
 """
 from __future__ import annotations
 
@@ -17,14 +18,6 @@ import triton.language as tl
 from kernels.triton_common import (
     cdiv, next_pow2, pdl_launch, pdl_release, pdl_wait, round_bf16, to_fp8, zeroed_counters,
 )
-
-
-@triton.jit
-def _argmax_3d(x, idx, BIG: tl.constexpr):
-    """Per token (axis 0) max over axes 1, 2 and the lowest flat index holding it."""
-    m = tl.max(tl.max(x, 2), 1)
-    cand = tl.where(x == m[:, None, None], idx, BIG)
-    return m, tl.min(tl.min(cand, 2), 1)
 
 
 @triton.jit
@@ -72,15 +65,25 @@ def _route_tokens(
             gscore = tl.where(hit, NEG, gscore)
         choice = tl.where(keep[:, :, None], choice, NEG)
     ki = tl.arange(0, K_P)[None, :]
-    wk = tl.zeros([BLOCK_T, K_P], dtype=tl.float32)
+    # top-k: each round takes the largest key -- the choice, then the lowest expert id -- in one max reduction.
+    # The int64 key holds the fp32 choice made order-preserving as an int32 in its high word and (2^24 - id)
+    # in its low word; padding lanes have low word 0, so they lose every tie. A taken lane's key drops to KO.
+    bits = choice.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    low = tl.where(eidx3 >= 0, (1 << 24) - eidx3, 0)
+    key = (ordered.to(tl.int64) << 32) | low.to(tl.int64)
+    KO: tl.constexpr = -(1 << 63)
+    slot = tl.full([BLOCK_T, G_P, EG_P], -1, tl.int32)  # the round that took each expert (-1: none)
     ik = tl.zeros([BLOCK_T, K_P], dtype=tl.int32)
     for i in tl.static_range(TOP_K):
-        m, sel = _argmax_3d(choice, eidx3, BIG)
-        hit = eidx3 == sel[:, None, None]
-        w = tl.sum(tl.sum(tl.where(hit, scores, 0.0), 2), 1)
-        choice = tl.where(hit, NEG, choice)
-        wk = tl.where(ki == i, w[:, None], wk)
-        ik = tl.where(ki == i, sel[:, None], ik)
+        mk = tl.max(tl.max(key, 2), 1)
+        hit = key == mk[:, None, None]
+        slot = tl.where(hit, i, slot)
+        key = tl.where(hit, KO, key)
+        ik = tl.where(ki == i, ((1 << 24) - (mk & 0xFFFFFFFF)).to(tl.int32)[:, None], ik)
+    # the unbiased score of every slot's expert, all slots in one reduction
+    taken = slot[:, None, :, :] == ki[:, :, None, None]
+    wk = tl.sum(tl.sum(tl.where(taken, scores[:, None, :, :], 0.0), 3), 2)  # [BLOCK_T, K_P]
     if RENORM:
         wsum = tl.sum(wk, 1)
         wk = wk / (wsum[:, None] + 1e-20)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from kernels.moe_routing import moe_route_ref
-from kernels.triton_moe_routing import moe_route
+from kernels.triton_moe_routing import moe_gate_route, moe_route
 from kernel_helpers import poisoned_empty
 
 
@@ -30,6 +30,25 @@ def test_moe_route(device, t, e, k, ng, tg, shared, bias, renorm):
     _check(w, ids, wr, idr)
     if shared:
         assert (ids[:, -1] == e).all() and (w[:, -1] == 1.0).all()
+
+
+@pytest.mark.parametrize("e,k", [(64, 8), (20, 8), (160, 8)])
+def test_moe_route_ties_go_to_the_lowest_id_in_score_order(device, e, k):
+    """Integer logits: many exact ties. Ids come out in descending score, ties by ascending expert id (a stable
+    sort), and each weight is its own expert's score -- also across padding lanes (e = 20 of 32). The uniform
+    bias makes some choices negative and some positive (the key's sign handling) without changing the order."""
+    t = 9
+    logits = torch.randint(-2, 3, (t, e), device=device).float()
+    w, ids = moe_route(logits, torch.full((e,), -0.75, device=device), k, 1, 1, False, 1.0, 1)
+    want = torch.sort(-logits, dim=1, stable=True).indices[:, :k].to(torch.int32)
+    assert torch.equal(ids[:, :k], want), (ids, want)
+    assert (ids[:, k] == e).all() and (w[:, k] == 1.0).all()
+    torch.testing.assert_close(w[:, :k], logits.sigmoid().gather(1, want.long()), rtol=1e-6, atol=0)
+    x = torch.randn(t, 64, device=device)
+    gw = torch.zeros(e, 64, device=device)  # all logits 0: one big tie, the fused router takes ids 0..k-1
+    wg, idg = moe_gate_route(x[:4].contiguous(), gw, None, k, 1, 1, True, 1.0, 0)
+    assert torch.equal(idg, torch.arange(k, dtype=torch.int32, device=device).expand(4, k))
+    torch.testing.assert_close(wg, torch.full((4, k), 1.0 / k, device=device))
 
 
 @pytest.mark.gpu

@@ -364,7 +364,8 @@ def test_keepalive_comments_and_sdk_ignores_them(http, server):
 
 def _start_stream(server, results: list, key: int):
     def run():
-        body = {**chat_body(f"long request {key}", max_tokens=400, stream=True), "ignore_eos": True}
+        # scripted 0.4 s steps: still streaming when the clients hang up, however fast the tiny model runs
+        body = chat_body(f"<<script:slow_steps>> long request {key}", max_tokens=400, stream=True)
         try:
             with httpx.stream(
                 "POST", server.url + "/v1/chat/completions", json=body, headers=AUTH, timeout=60

@@ -19,6 +19,22 @@ BF16 = torch.bfloat16
 FP8 = torch.float8_e4m3fn
 
 
+def _best_configs(run, cfgs, top: int, note=lambda t: "") -> list[tuple[float, dict]]:
+    """Time run(cfg) for every cfg (one that does not build is skipped) and print the `top` fastest, each with
+    note(seconds) after its time; returns (seconds, cfg) sorted fastest first."""
+    out = []
+    for cfg in cfgs:
+        try:
+            out.append((run(cfg), cfg))
+        except Exception as exc:  # noqa: BLE001 - a config that does not build is skipped
+            torch.cuda.synchronize()
+            print(f"  skip {cfg}: {type(exc).__name__}")
+    out.sort(key=lambda r: r[0])
+    for t, cfg in out[:top]:
+        print(f"  {t * 1e6:6.1f} us{note(t)} {cfg}", flush=True)
+    return out
+
+
 def sweep_attention(batch: int = 1, hq: int = 96, hk: int = 8, kv: str = "bf16", ctx: int = 4096) -> None:
     """Decode attention configs for `batch` sequences of `ctx` tokens, hq/hk heads (per rank), bf16 or fp8 KV."""
     from kernels.triton_attention import paged_attention
@@ -91,18 +107,8 @@ def sweep_moe() -> None:
     print(f"  act quantized outside the down kernel: {sep * 1e6:.1f} us ({nbytes / sep / bw:.0%} HBM)", flush=True)
 
     def best_of(cands, start):
-        out = []
-        for c in cands:
-            cfg = dict(start, **c)
-            try:
-                out.append((run(cfg), cfg))
-            except Exception as exc:  # noqa: BLE001
-                torch.cuda.synchronize()
-                print(f"  skip {c}: {type(exc).__name__}")
-        out.sort(key=lambda r: r[0])
-        for t, cfg in out[:4]:
-            print(f"  {t * 1e6:6.1f} us ({nbytes / t / bw:.0%}) {cfg}", flush=True)
-        return out[0][1]
+        cfgs = [dict(start, **c) for c in cands]
+        return _best_configs(run, cfgs, 4, lambda t: f" ({nbytes / t / bw:.0%})")[0][1]
 
     c1 = [dict(BLOCK_N1=bn, BLOCK_K1=bk_, SPLIT_K1=sk, W1=w, S1=st) for bn in (16, 32, 64) for bk_ in (128, 256)
           for sk in (1, 2) for st in (3, 4, 5) for w in (4, 8)]
@@ -134,22 +140,10 @@ def sweep_router() -> None:
     base = run()
     print(f"router T=1: copy + fp32 linear + moe_route {old * 1e6:.1f} us; moe_gate_route {base * 1e6:.1f} us "
           f"({nbytes / base / bw:.0%} HBM)", flush=True)
-    out = []
-    for block_e in (2, 4, 8, 16):
-        for per in (512, 1024, 2560, 5120):
-            for bh in (512, 1024):
-                if bh > per or block_e * bh > 8192:
-                    continue
-                for warps in (1, 4):
-                    cfg = dict(BLOCK_E=block_e, H_PER_SPLIT=per, BLOCK_H=bh, num_warps=warps)
-                    try:
-                        out.append((run(cfg), cfg))
-                    except Exception as exc:  # noqa: BLE001
-                        torch.cuda.synchronize()
-                        print(f"  skip {cfg}: {type(exc).__name__}")
-    out.sort(key=lambda r: r[0])
-    for t, cfg in out[:6]:
-        print(f"  {t * 1e6:6.1f} us ({nbytes / t / bw:.0%}) {cfg}", flush=True)
+    cfgs = [dict(BLOCK_E=block_e, H_PER_SPLIT=per, BLOCK_H=bh, num_warps=warps)
+            for block_e in (2, 4, 8, 16) for per in (512, 1024, 2560, 5120) for bh in (512, 1024)
+            if bh <= per and block_e * bh <= 8192 for warps in (1, 4)]
+    _best_configs(run, cfgs, 6, lambda t: f" ({nbytes / t / bw:.0%})")
 
     # the post-attention norm fused in front (rms_norm_gate_route, what decoder layers run): every program
     # normalizes the row itself, so fewer, longer programs may win here
@@ -164,22 +158,10 @@ def sweep_router() -> None:
 
     base = run_norm()
     print(f"norm + router T=1: default {base * 1e6:.1f} us", flush=True)
-    out = []
-    for block_e in (4, 8, 16, 32):
-        for per in (1024, 2560, 5120):
-            for warps in (2, 4, 8):
-                bh = min(per, 1024)
-                if block_e * bh > 16384:
-                    continue
-                cfg = dict(BLOCK_E=block_e, H_PER_SPLIT=per, BLOCK_H=bh, num_warps=warps)
-                try:
-                    out.append((run_norm(cfg), cfg))
-                except Exception as exc:  # noqa: BLE001
-                    torch.cuda.synchronize()
-                    print(f"  skip {cfg}: {type(exc).__name__}")
-    out.sort(key=lambda r: r[0])
-    for t, cfg in out[:6]:
-        print(f"  {t * 1e6:6.1f} us {cfg}", flush=True)
+    cfgs = [dict(BLOCK_E=block_e, H_PER_SPLIT=per, BLOCK_H=min(per, 1024), num_warps=warps)
+            for block_e in (4, 8, 16, 32) for per in (1024, 2560, 5120) if block_e * min(per, 1024) <= 16384
+            for warps in (2, 4, 8)]
+    _best_configs(run_norm, cfgs, 6)
 
 
 def compare_fusions() -> None:

@@ -379,9 +379,10 @@ def paged_attention(
     max_seq_len: int | None = None,
     absmax_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """max_query_len / max_seq_len are host-side hints for kernel choice (decode when max_query_len == 1).
-    absmax_out (fp32 [T, Hq], optional) receives max |o| per token and head (the Triton decode kernels write
-    it as they store o)."""
+    """max_query_len / max_seq_len are host-side hints for kernel choice (Triton: decode when max_query_len == 1
+    and every sequence has its token, verify when max_query_len <= 16 -- speculative k+1 token chains --,
+    extend above; see triton_attention.attention_path). absmax_out (fp32 [T, Hq], optional) receives max |o| per
+    token and head (the Triton decode and verify kernels write it as they store o)."""
     d = q.shape[-1]
     if _use("paged_attention", q) and (q.dtype != torch.float32 or not q.is_cuda) and d == 1 << (d.bit_length() - 1):
         return _triton("attention").paged_attention(

@@ -145,6 +145,11 @@ def case_attention():
             for bn, w in ((64, 4), (128, 8)):
                 paged_attention(q, kc, kc, bt, lens, qsl, 0.1, max_query_len=1, max_seq_len=8192, block_n=bn,
                                 num_warps=w)
+            for ql in (2, 4, 8, 16):  # verify: k+1 tokens per sequence
+                q = torch.empty(b * ql, hq, 128, dtype=BF16)
+                paged_attention(q, kc, kc, bt, lens, qsl, 0.1, max_query_len=ql, max_seq_len=8192,
+                                absmax_out=torch.empty(q.shape[0], hq))
+                paged_attention(q, kc, kc, bt, lens, qsl, 0.1, max_query_len=ql, max_seq_len=8192, num_splits=1)
             q = torch.empty(4096, hq, 128, dtype=BF16)
             paged_attention(q, kc, kc, bt, lens, qsl, 0.1, max_query_len=4096)
             if cdt == BF16:

@@ -11,7 +11,7 @@ target: a verify of q_len 4 costs about one decode step (it reads the same K/V).
 Timing is bench.kernels': CUDA-graph replays over R variants, each with its own block tables drawn at random
 from a page pool of several times the L2 size, so small batches are not served from L2.
 
---sweep times verify launch configs (rows per block, tile, warps, stages, splits) at a few shapes first.
+--sweep times verify launch configs (rows per block, tile, warps, stages, splits) at a few shapes instead.
 """
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def table(quick: bool) -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sweep", action="store_true", help="sweep verify launch configs first")
+    p.add_argument("--sweep", action="store_true", help="sweep verify launch configs instead of the table")
     p.add_argument("--quick", action="store_true", help="fewer shapes")
     p.add_argument("--out", default=os.environ.get("OUT", ""), help="folder for verify_attention.json")
     args = p.parse_args(argv)
@@ -149,6 +149,7 @@ def main(argv=None) -> int:
           f"{FLOOR_BW / 1e12:.1f} TB/s, ctx {CTX}, head_dim {D}, {BS}-token pages", flush=True)
     if args.sweep:
         sweep(args.quick)
+        return 0
     rows = table(args.quick)
     if args.out:
         os.makedirs(args.out, exist_ok=True)

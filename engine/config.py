@@ -11,6 +11,7 @@ from engine.kv_cache import kv_cache_dtype as _kv_torch_dtype
 from kernels import flash_attn_adapter
 from model.attention import ATTENTION_BACKENDS
 from model.config import ModelConfig, load_model_config
+from spec import SpeculativeConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -34,13 +35,6 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     tensor_parallel_size: int = 1
-
-
-@dataclass(frozen=True)
-class SpeculativeConfig:
-    method: str  # "mtp" | "suffix"
-    num_speculative_tokens: int = 3
-    options: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -135,7 +129,18 @@ class EngineConfig:
                 raise ValueError(f"attention_backend 'fa3' (--attention-backend fa3) {reason}")
         spec = None
         if speculative_config is not None:
-            raise NotImplementedError("speculative_config is not supported yet (MTP and suffix decoding are planned)")
+            spec = SpeculativeConfig.from_dict(speculative_config)
+            if spec.uses_mtp:
+                raise ValueError(
+                    f"speculative_config method {spec.method!r} needs the MTP drafter, which is not built yet; "
+                    "use {'method': 'suffix'}"
+                )
+            if overlap_scheduling:
+                raise ValueError(
+                    "overlap_scheduling does not work with speculative decoding: the drafter needs each step's "
+                    "accepted tokens on the host before it drafts the next (turn one of them off)"
+                )
+            overlap_scheduling = False
         return EngineConfig(
             model=mcfg,
             device=device,

@@ -1,21 +1,26 @@
-"""CUDA graphs for decode steps: one graph per batch-size bucket, captured largest first in one memory pool.
+"""CUDA graphs for decode and verify steps: one graph per (batch-size bucket, rows per request), captured
+largest first in one memory pool.
 
-A decode step (every sequence computes exactly one token and samples it) is copied into static input
-buffers, padded to the next bucket, and replayed; the LM head runs inside the graph. Padding rows write
-nothing (slot -1) and attend over one token of page 0, so they are harmless; their logits are dropped.
+A decode step has one row per request; a verify step has 1 + K rows per request (its last token and K draft
+tokens, shorter drafts padded with fillers by prepare_step). The step is copied into static input buffers,
+padded to the next batch bucket, and replayed; the LM head runs inside the graph. Padding rows write nothing
+(slot -1) and attend over their own few positions of page 0, so they are harmless; their logits are dropped.
 Attention is told the largest possible KV length so its launch grid does not depend on the batch."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from tqdm import tqdm
 
-from engine.model_runner import StepInputs, fill_future
+from engine.model_runner import StepInputs
 from model.context import ForwardContext
 from model.glm4_moe import Glm4MoeForCausalLM
 
 log = logging.getLogger(__name__)
+
+MAX_VERIFY_GRAPH_TOKENS = 512  # verify graphs cover batch x rows up to this (bounds their logits buffers)
 
 
 def graph_batch_sizes(max_batch: int) -> list[int]:
@@ -28,13 +33,10 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
     return sorted(set(sizes))
 
 
-def is_graphable(inp: StepInputs, max_batch: int) -> bool:
-    b = len(inp.seq_lens)
-    return (
-        b <= max_batch
-        and len(inp.input_ids) == b
-        and inp.logits_rows == list(range(b))
-    )
+def verify_row_counts(max_drafts: int) -> list[int]:
+    """Rows per request of the verify graphs: 1 + K for K = 1, 2, 4, 8, ... below max_drafts, and max_drafts."""
+    ks = [k for k in (1, 2, 4, 8, 16, 32) if k < max_drafts] + [max_drafts] if max_drafts > 0 else []
+    return [1 + k for k in ks]
 
 
 class DecodeGraphs:
@@ -46,6 +48,7 @@ class DecodeGraphs:
         max_batch: int,
         max_model_len: int,
         block_size: int,
+        max_drafts: int = 0,
         k_scale: float = 1.0,
         v_scale: float = 1.0,
     ) -> None:
@@ -56,88 +59,113 @@ class DecodeGraphs:
         self.max_model_len = max_model_len
         self.k_scale, self.v_scale = k_scale, v_scale
         self.sizes = graph_batch_sizes(max_batch)
-        m = max_batch
+        self.shapes: list[tuple[int, int]] = [(b, 1) for b in self.sizes]  # (batch, rows per request)
+        for q in verify_row_counts(max_drafts):
+            self.shapes += [(b, q) for b in self.sizes if b * q <= MAX_VERIFY_GRAPH_TOKENS]
+        m = max(b * q for b, q in self.shapes)
         max_blocks = -(-max_model_len // block_size)
-        # ids, positions, slots and lengths arrive in one host-to-device copy into `rows`; the graph itself
-        # converts the lengths to the int32 the kernels read
+        # ids, positions, slots (per row) and lengths (per request, first max_batch columns) arrive in one
+        # host-to-device copy into `rows`; the graph converts the lengths to the int32 the kernels read
         self.rows = torch.zeros(4, m, dtype=torch.long, device=device)
         self.input_ids, self.positions, self.slot_mapping, self.seq_lens_long = self.rows.unbind(0)
         self.slot_mapping.fill_(-1)
         self.seq_lens_long.fill_(1)
-        self.block_tables = torch.zeros(m, max_blocks, dtype=torch.int32, device=device)
-        self.seq_lens = torch.ones(m, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=device)
+        self.seq_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
         # pinned host staging for `rows`, two in turn: a buffer is refilled only once the copy that last read
         # it has run (its event), so an overlapped next step never overwrites data still being copied
         self.host_rows = [torch.zeros(4, m, dtype=torch.long).pin_memory() for _ in range(2)]
         self.host_read = [torch.cuda.Event() for _ in range(2)]
         self.turn = 0
-        self.query_start_loc = torch.arange(m + 1, dtype=torch.int32, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.query_start_loc = {
+            q: torch.arange(0, (max_batch + 1) * q, q, dtype=torch.int32, device=device)
+            for q in {q for _, q in self.shapes}
+        }
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
         self.pool = None
 
-    def _forward(self, b: int) -> torch.Tensor:
+    def _forward(self, b: int, q: int) -> torch.Tensor:
         self.seq_lens[:b].copy_(self.seq_lens_long[:b])
+        t = b * q
         ctx = ForwardContext(
-            positions=self.positions[:b],
-            slot_mapping=self.slot_mapping[:b],
+            positions=self.positions[:t],
+            slot_mapping=self.slot_mapping[:t],
             block_tables=self.block_tables[:b],
             seq_lens=self.seq_lens[:b],
-            query_start_loc=self.query_start_loc[: b + 1],
-            max_query_len=1,
+            query_start_loc=self.query_start_loc[q][: b + 1],
+            max_query_len=q,
             max_seq_len=self.max_model_len,
             kv_caches=self.kv_caches,
             k_scale=self.k_scale,
             v_scale=self.v_scale,
         )
-        return self.model.compute_logits(self.model(self.input_ids[:b], ctx))
+        return self.model.compute_logits(self.model(self.input_ids[:t], ctx))
 
     @torch.inference_mode()
     def capture(self, progress: bool = True) -> None:
         self.slot_mapping.fill_(-1)  # capture runs must not write the KV cache
-        self.seq_lens_long.fill_(1)
-        self.seq_lens.fill_(1)
         self.block_tables.zero_()
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            for b in tqdm(sorted(self.sizes, reverse=True), desc="Capturing CUDA graphs", disable=not progress):
+            order = sorted(self.shapes, key=lambda s: (s[0] * s[1], s[1]), reverse=True)
+            for b, q in tqdm(order, desc="Capturing CUDA graphs", disable=not progress):
+                # chains of q rows at positions 0..q-1 (causal attention needs seq_len >= q)
+                self.seq_lens_long.fill_(q)
+                self.positions.copy_(torch.arange(self.positions.numel(), device=self.device) % q)
                 for _ in range(2):  # warm up: Triton autotuning / compilation outside the capture
-                    self._forward(b)
+                    self._forward(b, q)
                 torch.cuda.synchronize(self.device)
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, pool=self.pool, stream=stream):
-                    self.outputs[b] = self._forward(b)
+                    self.outputs[(b, q)] = self._forward(b, q)
                 if self.pool is None:
                     self.pool = g.pool()
-                self.graphs[b] = g
+                self.graphs[(b, q)] = g
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
-        log.info("captured %d decode CUDA graphs for batch sizes %s", len(self.graphs), self.sizes)
+        log.info("captured %d CUDA graphs: batch sizes %s, rows per request %s", len(self.graphs), self.sizes,
+                 sorted({q for _, q in self.shapes}))
 
-    def bucket(self, b: int) -> int:
-        return next(s for s in self.sizes if s >= b)
+    def shape_for(self, batch: int, q: int) -> tuple[int, int] | None:
+        """The captured (batch bucket, q) that runs `batch` requests of q rows each, or None."""
+        for b, qq in self.shapes:
+            if qq == q and b >= batch:
+                return (b, q)
+        return None
+
+    def padded_rows(self, batch: int, max_chain: int) -> int:
+        """Rows per request to pad a decode/verify batch to (the smallest captured q >= max_chain), or 0."""
+        qs = sorted({q for b, q in self.shapes if q >= max_chain and b >= batch})
+        return qs[0] if qs else 0
+
+    def can_run(self, inp: StepInputs) -> bool:
+        return inp.uniform_q > 0 and self.shape_for(len(inp.seq_lens), inp.uniform_q) is not None
 
     @torch.inference_mode()
-    def run(self, inp: StepInputs, future: torch.Tensor | None = None) -> torch.Tensor:
-        b = len(inp.seq_lens)
-        size = self.bucket(b)
+    def run(self, inp: StepInputs, fill_inputs: Callable[[torch.Tensor], None]) -> torch.Tensor:
+        b, q = len(inp.seq_lens), inp.uniform_q
+        size, _ = self.shape_for(b, q)
+        t, t_pad = b * q, size * q
         turn, self.turn = self.turn, 1 - self.turn
         self.host_read[turn].synchronize()  # the copy that last read this staging buffer has run
         host = self.host_rows[turn]
-        host[:, :b] = torch.tensor([inp.input_ids, inp.positions, inp.slot_mapping, inp.seq_lens], dtype=torch.long)
-        if size > b:  # padding rows: token 0 at position 0, write nothing (slot -1), read one token of page 0
-            host[:2, b:size] = 0
-            host[2, b:size] = -1
-            host[3, b:size] = 1
+        host[:3, :t] = torch.tensor([inp.input_ids, inp.positions, inp.slot_mapping], dtype=torch.long)
+        host[3, :b] = torch.tensor(inp.seq_lens, dtype=torch.long)
+        if size > b:  # padding requests: token 0 at positions 0..q-1, write nothing (slot -1), page 0
+            host[0, t:t_pad] = 0
+            host[1, t:t_pad] = torch.arange(q).repeat(size - b)
+            host[2, t:t_pad] = -1
+            host[3, b:size] = q
             self.block_tables[b:size, 0] = 0
-        # the whole [4, max_batch] buffer: a contiguous pinned source keeps the copy asynchronous (a strided
-        # slice would go through a pageable temporary and stall the host); columns past `size` are not read
+        # the whole staging buffer: a contiguous pinned source keeps the copy asynchronous (a strided slice
+        # would go through a pageable temporary and stall the host); columns past the shape are not read
         self.rows.copy_(host, non_blocking=True)
         self.host_read[turn].record()
-        fill_future(self.input_ids, inp, future)
+        fill_inputs(self.input_ids)
         width = len(inp.block_tables[0])
         tables = torch.tensor(inp.block_tables, dtype=torch.int32).pin_memory()
         self.block_tables[:b, :width].copy_(tables, non_blocking=True)
-        self.graphs[size].replay()
-        return self.outputs[size][:b]
+        self.graphs[(size, q)].replay()
+        return self.outputs[(size, q)][:t]

@@ -1,5 +1,10 @@
 """Turns a scheduled step into the step's inputs (plain lists, cheap to broadcast to TP ranks), runs the
-model on them and returns the logits rows the engine needs."""
+model on them and returns the logits rows the engine needs.
+
+A scheduled request contributes a run of query rows: a prompt chunk, one token (decode), or its last token
+plus k draft tokens (verify). Every position that yields a token gets a logits row: the last one of a
+request that reaches its end, and each draft position before it. Input ids the host does not know yet
+(sampled by the in-flight step under overlap scheduling) are read from the device token table."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,67 +13,84 @@ import torch
 
 from engine.device_copy import to_device
 from engine.scheduler import ScheduledRequest
+from engine.token_table import TokenTable
 from model.context import ForwardContext
 from model.glm4_moe import Glm4MoeForCausalLM
+
+MAX_UNIFORM_Q = 32  # decode / verify chains up to this many rows per request count as graph-shaped steps
 
 
 @dataclass
 class StepInputs:
     """Everything every TP rank needs for one forward (host-side lists)."""
 
-    input_ids: list[int]
+    input_ids: list[int]  # 0 where table_reads supplies the id
     positions: list[int]
     slot_mapping: list[int]
     block_tables: list[list[int]]
     seq_lens: list[int]
     query_start_loc: list[int]
     logits_rows: list[int]  # rows of the hidden states whose logits are computed
-    # Overlap scheduling: input tokens sampled by the step still in flight, as (input index, row of that
-    # step's sampled-token tensor); the runner fills them on the device.
-    future_fill: list[tuple[int, int]] = field(default_factory=list)
-    num_future: int = 0  # length of that sampled-token tensor
+    # Device token table: where the previous step's sampled tokens go (one (slot, position) per entry of that
+    # step's sampled-token tensor), and which inputs come from the table ((input index, slot, position)).
+    table_writes: list[tuple[int, int]] = field(default_factory=list)
+    table_reads: list[tuple[int, int, int]] = field(default_factory=list)
+    # > 0: every request has exactly this many query rows and logits_rows are all rows (a CUDA-graph shape)
+    uniform_q: int = 0
 
 
 @dataclass
 class StepLayout:
     """Where each scheduled request's logits are (rank 0 only).
 
-    sample_rows[i]  logits row of scheduled request i's next token, or -1 when it does not sample
+    sample_rows[i]  logits rows of scheduled request i's sampled positions: one for a plain step, k + 1 for a
+                    verify step with k drafts (the drafts' positions, then the bonus position), [] if none
     prompt_rows[i]  (first_row, first_target_position, count) of rows predicting prompt tokens, or None
     """
 
-    sample_rows: list[int] = field(default_factory=list)
+    sample_rows: list[list[int]] = field(default_factory=list)
     prompt_rows: list[tuple[int, int, int] | None] = field(default_factory=list)
 
 
-PLACEHOLDER = -1  # an output token sampled by the in-flight step, not yet known on the host
-
-
 def prepare_step(
-    batch: list[ScheduledRequest], block_size: int, num_future: int = 0
+    batch: list[ScheduledRequest], block_size: int, pad_q: int = 0
 ) -> tuple[StepInputs, StepLayout]:
+    """pad_q > 0 (a CUDA-graph verify shape): every request is a decode or verify whose chain is padded to
+    pad_q rows with filler tokens that write no KV and whose logits are never sampled."""
     ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
     qsl = [0]
     seq_lens = []
     rows: list[int] = []
-    future: list[tuple[int, int]] = []
+    reads: list[tuple[int, int, int]] = []
     layout = StepLayout()
     for s in batch:
         req = s.request
         offset = qsl[-1]
-        ids.extend(req.tokens(s.start, s.end))
-        if s.end == req.num_tokens and req.output_token_ids and req.output_token_ids[-1] == PLACEHOLDER:
-            future.append((offset + s.num_tokens - 1, req.extra["future_row"]))
+        base_end = s.end - s.num_drafts  # positions before this hold the request's own tokens
+        known_end = min(base_end, req.num_known_tokens)
+        ids.extend(req.tokens(s.start, known_end) if known_end > s.start else ())
+        for pos in range(max(s.start, known_end), base_end):
+            reads.append((len(ids), req.table_slot, pos))
+            ids.append(0)
+        ids.extend(s.drafts)
         pos = range(s.start, s.end)
         positions.extend(pos)
         table = req.block_ids
         slots.extend(table[p // block_size] * block_size + p % block_size for p in pos)
-        qsl.append(offset + s.num_tokens)
-        seq_lens.append(s.end)
+        pad = 0
+        if pad_q:
+            pad = pad_q - s.num_tokens
+            if pad < 0:
+                raise ValueError(f"a request with {s.num_tokens} query rows cannot be padded to {pad_q}")
+            ids.extend([ids[-1]] * pad)
+            positions.extend(range(s.end, s.end + pad))
+            slots.extend([-1] * pad)
+        qsl.append(offset + s.num_tokens + pad)
+        seq_lens.append(s.end + pad)
         pr = None
-        if req.params.prompt_logprobs is not None:
+        if req.params.prompt_logprobs is not None and not pad_q:
             # Row for position p predicts token p+1; targets are prompt tokens 1..P-1 not yet scored.
             first_target = max(s.start + 1, req.prompt_logprobs_upto, 1)
             last_target = min(s.end, req.num_prompt_tokens - 1)
@@ -77,25 +99,23 @@ def prepare_step(
                 rows.extend(offset + (p - 1 - s.start) for p in range(first_target, last_target + 1))
         layout.prompt_rows.append(pr)
         if s.samples:
-            layout.sample_rows.append(len(rows))
-            rows.append(offset + s.num_tokens - 1)
+            first = offset + s.num_tokens - s.num_drafts - 1
+            if pad_q:
+                layout.sample_rows.append(list(range(first, first + s.num_drafts + 1)))
+            else:
+                layout.sample_rows.append(list(range(len(rows), len(rows) + s.num_drafts + 1)))
+                rows.extend(range(first, first + s.num_drafts + 1))
         else:
-            layout.sample_rows.append(-1)
+            layout.sample_rows.append([])
+    if pad_q:
+        rows = list(range(len(ids)))
+    q_lens = {b - a for a, b in zip(qsl, qsl[1:])}
+    uniform_q = q_lens.pop() if len(q_lens) == 1 and rows == list(range(len(ids))) else 0
+    uniform_q = uniform_q if uniform_q <= MAX_UNIFORM_Q else 0
     max_blocks = max(len(s.request.block_ids) for s in batch)
     tables = [s.request.block_ids + [0] * (max_blocks - len(s.request.block_ids)) for s in batch]
-    inputs = StepInputs(ids, positions, slots, tables, seq_lens, qsl, rows, future, num_future if future else 0)
+    inputs = StepInputs(ids, positions, slots, tables, seq_lens, qsl, rows, table_reads=reads, uniform_q=uniform_q)
     return inputs, layout
-
-
-def fill_future(input_ids: torch.Tensor, inp: StepInputs, future: torch.Tensor | None) -> None:
-    """Write the in-flight step's sampled tokens into their input positions (on the device)."""
-    if not inp.future_fill:
-        return
-    if future is None:
-        raise RuntimeError("step inputs reference tokens of an in-flight step, but none were given")
-    dst = to_device([i for i, _ in inp.future_fill], torch.long, input_ids.device)
-    src = to_device([r for _, r in inp.future_fill], torch.long, future.device)
-    input_ids.index_copy_(0, dst, future.index_select(0, src).to(input_ids.dtype))
 
 
 class ModelRunner:
@@ -106,44 +126,56 @@ class ModelRunner:
         device: torch.device,
         k_scale: float = 1.0,
         v_scale: float = 1.0,
+        token_table: TokenTable | None = None,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.device = device
         self.k_scale, self.v_scale = k_scale, v_scale
+        self.token_table = token_table
         self.graphs = None  # engine.cuda_graphs.DecodeGraphs once captured
-        # Decode steps tell attention the largest possible KV length, as the CUDA graphs must: the kernel's
-        # split-K layout (and so its rounding) is then the same eager or replayed.
+        # Decode and verify steps tell attention the largest possible KV length, as the CUDA graphs must: the
+        # kernel's split-K layout (and so its rounding) is then the same eager or replayed.
         self.decode_max_seq_len: int | None = None
 
     def build_context(self, inp: StepInputs) -> tuple[torch.Tensor, ForwardContext]:
         dev = self.device
-        q_lens = [b - a for a, b in zip(inp.query_start_loc, inp.query_start_loc[1:])]
+        max_q = max(b - a for a, b in zip(inp.query_start_loc, inp.query_start_loc[1:]))
+        fixed_len = inp.uniform_q > 0 and self.decode_max_seq_len is not None
         ctx = ForwardContext(
             positions=to_device(inp.positions, torch.long, dev),
             slot_mapping=to_device(inp.slot_mapping, torch.long, dev),
             block_tables=to_device(inp.block_tables, torch.int32, dev),
             seq_lens=to_device(inp.seq_lens, torch.int32, dev),
             query_start_loc=to_device(inp.query_start_loc, torch.int32, dev),
-            max_query_len=max(q_lens),
-            max_seq_len=self.decode_max_seq_len if max(q_lens) == 1 and self.decode_max_seq_len else max(inp.seq_lens),
+            max_query_len=max_q,
+            max_seq_len=self.decode_max_seq_len if fixed_len else max(inp.seq_lens),
             kv_caches=self.kv_caches,
             k_scale=self.k_scale,
             v_scale=self.v_scale,
         )
         return to_device(inp.input_ids, torch.long, dev), ctx
 
-    @torch.inference_mode()
-    def run(self, inp: StepInputs, future: torch.Tensor | None = None) -> torch.Tensor:
-        """Forward + LM head on the requested rows: fp32 logits [len(logits_rows), vocab]. `future` is the
-        in-flight step's sampled tokens when `inp.future_fill` refers to them."""
-        if self.graphs is not None:
-            from engine.cuda_graphs import is_graphable
+    def fill_inputs(self, input_ids: torch.Tensor, inp: StepInputs, prev_tokens: torch.Tensor | None) -> None:
+        """Record the previous step's sampled tokens in the token table, then read the ids the host lacks."""
+        if not (inp.table_writes or inp.table_reads):
+            return
+        if self.token_table is None:
+            raise RuntimeError("step inputs use the device token table, but this runner has none")
+        if inp.table_writes:
+            if prev_tokens is None:
+                raise RuntimeError("step inputs record the previous step's tokens, but none were given")
+            self.token_table.write(inp.table_writes, prev_tokens)
+        self.token_table.read_into(input_ids, inp.table_reads)
 
-            if is_graphable(inp, self.graphs.max_batch):
-                return self.graphs.run(inp, future)
+    @torch.inference_mode()
+    def run(self, inp: StepInputs, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Forward + LM head on the requested rows: fp32 logits [len(logits_rows), vocab]. `prev_tokens`: the
+        previous step's sampled tokens when `inp.table_writes` records them."""
+        if self.graphs is not None and self.graphs.can_run(inp):
+            return self.graphs.run(inp, lambda ids: self.fill_inputs(ids, inp, prev_tokens))
         input_ids, ctx = self.build_context(inp)
-        fill_future(input_ids, inp, future)
+        self.fill_inputs(input_ids, inp, prev_tokens)
         hidden = self.model(input_ids, ctx)
         index = to_device(inp.logits_rows, torch.long, hidden.device)
         return self.model.compute_logits(hidden.index_select(0, index))

@@ -6,11 +6,20 @@ import gc
 import logging
 
 import torch
+import torch.distributed
 
 from engine.config import EngineConfig
-from engine.distributed import DistInfo, broadcast_object, min_across_ranks
+from engine.cuda_graphs import DecodeGraphs
+from engine.distributed import (
+    DistInfo,
+    broadcast_object,
+    init_distributed,
+    min_across_ranks,
+    shutdown_distributed,
+)
 from engine.kv_cache import allocate_kv_caches, kv_bytes_per_token, kv_cache_dtype
 from engine.model_runner import ModelRunner, StepInputs
+from engine.token_table import TokenTable
 from model.builder import build_model
 
 log = logging.getLogger(__name__)
@@ -42,14 +51,15 @@ class ModelWorker:
         self.num_blocks = min_across_ranks(self._num_kv_blocks(kv_dtype, len(layer_ids)), dist)
         self._check_capacity()
         kv = allocate_kv_caches(config.model, dist.tp, layer_ids, self.num_blocks, self.block_size, kv_dtype, self.device)
-        self.runner = ModelRunner(self.model, kv, self.device)
+        table = TokenTable(config.scheduler.max_num_seqs, self.device) if config.overlap_scheduling else None
+        self.runner = ModelRunner(self.model, kv, self.device, token_table=table)
         self.runner.decode_max_seq_len = config.scheduler.max_model_len
         if self.device.type == "cuda" and not config.enforce_eager:
-            from engine.cuda_graphs import DecodeGraphs
-
+            spec = config.speculative
             self.runner.graphs = DecodeGraphs(
                 self.model, kv, self.device, min(config.scheduler.max_num_seqs, MAX_GRAPH_BATCH),
                 config.scheduler.max_model_len, self.block_size,
+                max_drafts=spec.num_speculative_tokens if spec is not None else 0,
             )
             self.runner.graphs.capture(progress=dist.is_driver)
 
@@ -112,23 +122,28 @@ class ModelWorker:
                 f"KV cache more memory (num_kv_blocks / mem_fraction_static)"
             )
 
-    def execute(self, inp: StepInputs, future: torch.Tensor | None = None) -> torch.Tensor:
-        """Rank 0: send the step to the other ranks, then run it here too. `future`: the in-flight step's
-        sampled tokens (device tensor), sent to the other ranks on the model group when the step uses them."""
+    def execute(self, inp: StepInputs, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Rank 0: send the step to the other ranks, then run it here too. `prev_tokens`: the previous step's
+        sampled tokens (device tensor), sent to the other ranks on the model group when the step records them
+        in the token table."""
         if self.dist.world_size > 1:
             broadcast_object(inp, self.dist)
-            if inp.future_fill:
-                future = self._broadcast_future(inp, future)
-        return self.runner.run(inp, future)
+            if inp.table_writes:
+                prev_tokens = self._broadcast_tokens(len(inp.table_writes), prev_tokens)
+        return self.runner.run(inp, prev_tokens)
 
-    def _broadcast_future(self, inp: StepInputs, future: torch.Tensor | None) -> torch.Tensor:
-        import torch.distributed as dist
+    def _broadcast_tokens(self, n: int, tokens: torch.Tensor | None) -> torch.Tensor:
+        if tokens is None:
+            tokens = torch.empty(n, dtype=torch.long, device=self.device)
+        tokens = tokens[:n].to(device=self.device, dtype=torch.long).contiguous()
+        torch.distributed.broadcast(tokens, src=0, group=self.dist.tp.group)
+        return tokens
 
-        if future is None:
-            future = torch.empty(inp.num_future, dtype=torch.long, device=self.device)
-        future = future.to(device=self.device, dtype=torch.long).contiguous()
-        dist.broadcast(future, src=0, group=self.dist.tp.group)
-        return future
+    def graph_rows_for(self, batch: int, max_chain: int) -> int:
+        """Rows per request to pad an all-decode/verify step of `batch` requests to, so that a captured CUDA
+        graph runs it; 0 when none does (run eagerly, unpadded)."""
+        graphs = self.runner.graphs
+        return graphs.padded_rows(batch, max_chain) if graphs is not None else 0
 
     def send_control(self, message: str) -> None:
         if self.dist.world_size > 1:
@@ -139,8 +154,8 @@ class ModelWorker:
         while True:
             msg = broadcast_object(None, self.dist)
             if isinstance(msg, StepInputs):
-                future = self._broadcast_future(msg, None) if msg.future_fill else None
-                self.runner.run(msg, future)
+                prev = self._broadcast_tokens(len(msg.table_writes), None) if msg.table_writes else None
+                self.runner.run(msg, prev)
             elif msg == STOP or msg == until:
                 return
             else:
@@ -149,8 +164,6 @@ class ModelWorker:
 
 def leave_process_group(worker: ModelWorker | None) -> None:
     """Drop the worker's CUDA graphs, then leave the process group (that order: see release_graphs)."""
-    from engine.distributed import shutdown_distributed
-
     if worker is not None:
         worker.release_graphs()
     shutdown_distributed()
@@ -158,8 +171,6 @@ def leave_process_group(worker: ModelWorker | None) -> None:
 
 def spawned_worker_main(rank: int, world_size: int, init_method: str, config: EngineConfig) -> None:
     """Entry point of a TP rank the engine started itself (multiprocessing spawn)."""
-    from engine.distributed import init_distributed
-
     logging.basicConfig(level=logging.WARNING)
     info = init_distributed(world_size, config.device, rank=rank, init_method=init_method)
     worker = None

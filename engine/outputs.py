@@ -55,6 +55,7 @@ class RequestDelta:
     stop_reason: int | str | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    error: str | None = None  # the sequence failed (finish_reason "error"); this says why
 
 
 @dataclass

@@ -3,14 +3,19 @@
 The scheduler is phase-agnostic: a request has num_tokens (prompt + generated) and num_computed_tokens
 (tokens whose KV is in its pages). A step computes some of the rest; when a step brings
 num_computed_tokens up to num_tokens, the last position's logits give the next token. Chunked prefill,
-prefix hits, preemption (num_computed_tokens back to 0) and speculative verification all follow that rule.
+prefix hits, preemption (num_computed_tokens back to 0) and speculative verification all follow that rule:
+a decoding request with k draft tokens computes its last token plus the k drafts in one step, and after
+verification num_computed_tokens is cut back to the tokens that were accepted (a length cut).
+
+With overlap scheduling a step may be planned while the previous one is still running: the tokens that step
+samples are counted in num_pending_tokens (their ids live only in the device-side token table until the
+host has them), so num_tokens already includes them and the host token lists never hold placeholders.
 """
 from __future__ import annotations
 
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from engine.block_pool import chain_hash
 from engine.sampling_params import SamplingParams
@@ -32,6 +37,10 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     prompt: str | None = None
     output_token_ids: list[int] = field(default_factory=list)
+    num_pending_tokens: int = 0  # sampled by the in-flight step, not yet in output_token_ids
+    draft_token_ids: list[int] = field(default_factory=list)  # proposed for the next step (speculation)
+    seq_key: int = -1  # engine-wide int id of this sequence (drafters, logs)
+    table_slot: int = -1  # row of the device token table while running
     status: Status = Status.WAITING
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
@@ -42,8 +51,7 @@ class Request:
     prompt_logprobs_upto: int = 0  # prompt positions whose logprobs were already produced
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    # Per-request helpers owned by the engine core (sampling state, detokenizer, stop matcher).
-    extra: dict[str, Any] = field(default_factory=dict)
+    tenant: str = ""  # scope of cross-request state (the API key; "" offline)
 
     @property
     def seq_id(self) -> str:
@@ -55,7 +63,17 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
+        """Prompt + output tokens, including those sampled by an in-flight step."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose ids the host has (all but the in-flight step's)."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids) + self.num_pending_tokens
 
     def token(self, pos: int) -> int:
         p = len(self.prompt_token_ids)

@@ -5,8 +5,13 @@ top-k -> top-p -> min-p -> sample). Logprobs come from the raw model distributio
 logits as given), as vLLM does by default.
 
 Sampling uses the exponential race: token = argmax(p_i / q_i) with q_i ~ Exp(1) i.i.d., which draws
-from p (normalised or not). Unseeded rows draw q from one batched call; seeded rows draw their own row
-from their per-request generator, so their tokens don't depend on what else is in the batch.
+from p (normalised or not). Unseeded rows draw q from one batched call; a seeded row draws its own q from a
+generator seeded by (seed, sequence index, output position), so its token depends on nothing but the request
+and the position: not on the rest of the batch, and not on how many draft tokens a verify step carried
+(speculative and plain runs of a seeded request give the same tokens).
+
+A row is a request's SamplingState, or a SampleRow: the state plus the draft tokens that precede the row in a
+verify chain, which count as history for penalties and min_tokens exactly as if they had been emitted.
 """
 
 from __future__ import annotations
@@ -42,13 +47,14 @@ class SamplingState:
             stops.update(self.eos_token_ids)
         self.all_stop_token_ids = frozenset(stops)
 
-    def get_generator(self, device: torch.device) -> torch.Generator | None:
-        """The per-request generator (created on first use, on the logits' device); None if unseeded."""
+    def generator_at(self, device: torch.device, position: int) -> torch.Generator | None:
+        """The request's generator (created on first use, on the logits' device) seeded for output position
+        `position`; None if unseeded."""
         if self.params.seed is None:
             return None
-        if self.generator is None:
+        if self.generator is None or self.generator.device != device:
             self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(self.params.seed + self.seed_offset)
+        self.generator.manual_seed(mix_seed(self.params.seed, self.seed_offset, position))
         return self.generator
 
     def prompt_ids_on(self, device: torch.device) -> torch.Tensor:
@@ -56,6 +62,51 @@ class SamplingState:
         if self._prompt_ids_dev is None or self._prompt_ids_dev.device != device:
             self._prompt_ids_dev = torch.tensor(list(self.prompt_token_ids), dtype=torch.long, device=device)
         return self._prompt_ids_dev
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def mix_seed(seed: int, offset: int, position: int) -> int:
+    """A 63-bit generator seed from any int seed (negative or past 2**64 included), the sequence index and the
+    output position: torch's manual_seed takes nothing wider."""
+    x = _splitmix64(seed & _MASK64)
+    x = _splitmix64(x ^ (offset & _MASK64))
+    x = _splitmix64(x ^ (position & _MASK64))
+    return x >> 1
+
+
+@dataclass(frozen=True)
+class SampleRow:
+    """One logits row of a verify chain: the request's state plus the draft tokens before this row."""
+
+    state: SamplingState
+    drafts: tuple[int, ...] = ()
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.state.params
+
+    @property
+    def num_output(self) -> int:
+        return len(self.state.output_token_ids) + len(self.drafts)
+
+    def history(self) -> list[int]:
+        return self.state.output_token_ids + list(self.drafts) if self.drafts else self.state.output_token_ids
+
+
+Row = SamplingState | SampleRow
+
+
+def _as_rows(rows: Sequence[Row]) -> list[SampleRow]:
+    return [r if isinstance(r, SampleRow) else SampleRow(r) for r in rows]
 
 
 @dataclass
@@ -81,8 +132,9 @@ class Sampler:
 
     # ---- logit processors -------------------------------------------------------------------------
 
-    def apply_logits_processors(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
+    def apply_logits_processors(self, logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
         """logit_bias, min_tokens masking and penalties on a float32 copy of logits [B, V]."""
+        states = _as_rows(rows)
         x = logits.to(torch.float32, copy=True)
         dev = x.device
         bias = [
@@ -97,8 +149,8 @@ class Sampler:
         masked = [
             (i, t)
             for i, s in enumerate(states)
-            if len(s.output_token_ids) < s.params.min_tokens
-            for t in s.all_stop_token_ids
+            if s.num_output < s.params.min_tokens
+            for t in s.state.all_stop_token_ids
         ]
         if masked:
             x.index_put_(_rows_cols(masked, dev), torch.full((), float("-inf"), device=dev))
@@ -108,14 +160,14 @@ class Sampler:
         return x
 
     @staticmethod
-    def _apply_penalties(x: torch.Tensor, rows: list[int], states: Sequence[SamplingState]) -> None:
+    def _apply_penalties(x: torch.Tensor, rows: list[int], states: Sequence[SampleRow]) -> None:
         dev = x.device
         sts = [states[i] for i in rows]
         idx = to_device(rows, torch.long, dev)
         sub = x.index_select(0, idx)
         # counts[r, v] = occurrences of v in the output of row r
         counts = torch.zeros_like(sub)
-        out_pairs = [(r, t) for r, s in enumerate(sts) for t in s.output_token_ids]
+        out_pairs = [(r, t) for r, s in enumerate(sts) for t in s.history()]
         if out_pairs:
             counts.index_put_(
                 _rows_cols(out_pairs, dev), torch.ones(len(out_pairs), device=dev), accumulate=True
@@ -124,8 +176,8 @@ class Sampler:
         if any(r != 1.0 for r in rep):
             seen = counts > 0
             for r, s in enumerate(sts):
-                if rep[r] != 1.0 and len(s.prompt_token_ids):
-                    seen[r].index_fill_(0, s.prompt_ids_on(dev), True)
+                if rep[r] != 1.0 and len(s.state.prompt_token_ids):
+                    seen[r].index_fill_(0, s.state.prompt_ids_on(dev), True)
             rp = _row_tensor(rep, dev)[:, None]
             # HF style: shrink positive logits, push negative ones further down.
             sub = torch.where(seen, torch.where(sub > 0, sub / rp, sub * rp), sub)
@@ -180,13 +232,14 @@ class Sampler:
 
     # ---- sampling ---------------------------------------------------------------------------------
 
-    def sample(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> SamplerOutput:
+    def sample(self, logits: torch.Tensor, rows: Sequence[Row]) -> SamplerOutput:
         """logits [B, V] (one row per state) -> one token per row, plus the requested logprobs."""
-        return self.sample_deferred(logits, states).resolve()
+        return self.sample_deferred(logits, rows).resolve()
 
-    def sample_deferred(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> "DeferredSample":
+    def sample_deferred(self, logits: torch.Tensor, rows: Sequence[Row]) -> "DeferredSample":
         """Enqueue sampling on the logits' device without waiting for it; `.resolve()` later gives the
         SamplerOutput (the only host sync). Lets the engine overlap CPU work with the GPU."""
+        states = _as_rows(rows)
         if logits.dim() != 2 or logits.shape[0] != len(states):
             raise ValueError(
                 f"logits must be [len(states), V], got {tuple(logits.shape)} for {len(states)} states"
@@ -204,7 +257,7 @@ class Sampler:
             probs = self.filtered_probs(xr, [s.params for s in rstates], normalize=False)
             q = torch.empty_like(probs).exponential_(generator=self.generator)
             for r, s in enumerate(rstates):
-                gen = s.get_generator(dev)
+                gen = s.state.generator_at(dev, s.num_output)
                 if gen is not None:
                     q[r].exponential_(generator=gen)
             # exponential_ may return exactly 0; keep p / q finite and 0 for masked tokens

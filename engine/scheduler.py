@@ -2,8 +2,11 @@
 
 Each step: running requests first (decodes and unfinished prompt chunks), then waiting requests in arrival
 order, each getting min(tokens it still needs, budget left) — so long prompts are split across steps and
-mixed with decodes (chunked prefill). When pages run out, the newest running request is preempted: its pages
-are released (full ones stay in the prefix cache) and it is recomputed later. Nothing here touches tensors.
+mixed with decodes (chunked prefill). A decoding request with draft tokens (speculation) gets its last token
+plus its drafts in one go, from the same budget (drafts are trimmed to the budget left, never split from their
+token). When pages run out, the newest running request is preempted: its pages are released (full ones stay
+in the prefix cache) and it is recomputed later. After a verify step `commit` cuts num_computed_tokens back to
+the accepted tokens and returns the pages past them. Nothing here touches tensors.
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ from engine.request import Request, Status
 class ScheduledRequest:
     request: Request
     start: int  # first position computed this step (== num_computed_tokens before the step)
-    num_tokens: int  # tokens computed this step
+    num_tokens: int  # tokens computed this step, draft tokens included
+    num_drafts: int = 0  # the last num_drafts of them are request.draft_token_ids[:num_drafts]
 
     @property
     def end(self) -> int:
@@ -27,8 +31,13 @@ class ScheduledRequest:
 
     @property
     def samples(self) -> bool:
-        """This step reaches the end of the known tokens, so the last position yields the next token."""
-        return self.end == self.request.num_tokens
+        """This step reaches the end of the request's tokens, so its last position (and every draft position)
+        yields a token."""
+        return self.end - self.num_drafts == self.request.num_tokens
+
+    @property
+    def drafts(self) -> list[int]:
+        return self.request.draft_token_ids[: self.num_drafts]
 
 
 @dataclass
@@ -53,6 +62,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        # rows of the device token table, one per running request
+        self._free_slots = list(range(config.max_num_seqs - 1, -1, -1))
 
     # -- queue management ---------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -65,6 +76,7 @@ class Scheduler:
         """Finish (or abort) a request wherever it is and release everything it holds."""
         if req.status == Status.RUNNING:
             self.running.remove(req)
+            self._free_slot(req)
         elif req.status == Status.WAITING:
             self.waiting.remove(req)
         else:
@@ -72,6 +84,10 @@ class Scheduler:
         req.status = Status.FINISHED
         req.finish_reason, req.stop_reason = reason, stop_reason
         self._release(req)
+
+    def _free_slot(self, req: Request) -> None:
+        self._free_slots.append(req.table_slot)
+        req.table_slot = -1
 
     def _release(self, req: Request) -> None:
         if req.block_ids:
@@ -87,13 +103,15 @@ class Scheduler:
                 break
             if req.status != Status.RUNNING:  # preempted earlier in this loop
                 continue
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if n <= 0 or len(req.output_token_ids) >= req.max_tokens:
+            rest = req.num_tokens - req.num_computed_tokens
+            n = min(rest, budget)
+            if n <= 0 or req.num_output_tokens >= req.max_tokens:
                 continue  # nothing to compute, or its last token is still in flight
-            if not self._make_room(req, req.num_computed_tokens + n, out):
+            drafts = min(len(req.draft_token_ids), budget - n) if n == rest else 0
+            if not self._make_room(req, req.num_computed_tokens + n + drafts, out):
                 continue  # req itself was preempted
-            out.scheduled.append(ScheduledRequest(req, req.num_computed_tokens, n))
-            budget -= n
+            out.scheduled.append(ScheduledRequest(req, req.num_computed_tokens, n + drafts, drafts))
+            budget -= n + drafts
         if out.preempted:  # memory is short: let the running set drain before admitting more
             return out
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -103,6 +121,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             req.status = Status.RUNNING
+            req.table_slot = self._free_slots.pop()
             self.running.append(req)
             out.scheduled.append(scheduled)
             budget -= scheduled.num_tokens
@@ -125,6 +144,7 @@ class Scheduler:
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.running.remove(req)
+        self._free_slot(req)
         self._release(req)
         req.status = Status.WAITING
         req.num_computed_tokens = 0
@@ -169,11 +189,23 @@ class Scheduler:
         while this one runs). Pages are published later, once the tokens in them are known."""
         scheduled.request.num_computed_tokens = scheduled.end
 
+    def commit(self, req: Request, computed_upto: int) -> None:
+        """After a verify step's emitted tokens were appended: keep the KV of the first `computed_upto` tokens
+        only (the step computed k drafts, fewer may have been accepted: a length cut) and return the pages past
+        what the request's tokens need."""
+        if req.num_computed_tokens > computed_upto:
+            req.num_computed_tokens = computed_upto
+            pages = self._pages_for(req.num_tokens)
+            if len(req.block_ids) > pages:
+                self.pool.free(req.block_ids[pages:])
+                del req.block_ids[pages:]
+
     def publish_blocks(self, req: Request) -> None:
         """Register the request's newly full, computed pages in the prefix cache."""
         if not self.pool.enable_prefix_caching or req.status != Status.RUNNING:
             return
-        n_full = req.num_computed_tokens // self.block_size
+        # pages full of computed tokens whose ids the host has (an in-flight step's token is not known yet)
+        n_full = min(req.num_computed_tokens, req.num_known_tokens) // self.block_size
         for i in range(req.num_registered_blocks, n_full):
             toks = tuple(req.tokens(i * self.block_size, (i + 1) * self.block_size))
             if i == len(req.block_hashes):

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from server.config import ServerConfig
+from spec import SpeculativeConfig
 
 
 class ConfigError(ValueError):
@@ -39,30 +40,18 @@ UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
     ("disaggregation_async_transfer", bool, "--disaggregation-async-transfer is not supported yet"),
     (
         "speculative_algorithm",
-        lambda v: v is not None,
-        "--speculative-algorithm is not supported yet (MTP/NEXTN and suffix decoding are planned)",
-    ),
-    ("speculative_num_steps", lambda v: v is not None, "--speculative-num-steps is not supported yet"),
-    ("speculative_eagle_topk", lambda v: v is not None, "--speculative-eagle-topk is not supported yet"),
-    (
-        "speculative_num_draft_tokens",
-        lambda v: v is not None,
-        "--speculative-num-draft-tokens is not supported yet",
+        lambda v: v is not None and v != "SUFFIX",
+        "--speculative-algorithm NEXTN/EAGLE/MTP is not supported yet (MTP drafting is planned; SUFFIX works)",
     ),
     (
-        "speculative_suffix_cache_max_depth",
-        lambda v: v is not None,
-        "--speculative-suffix-cache-max-depth is not supported yet",
+        "speculative_eagle_topk",
+        lambda v: v not in (None, 1),
+        "--speculative-eagle-topk must be 1: drafts are chains (tree drafts are not supported)",
     ),
     (
-        "speculative_suffix_max_spec_factor",
-        lambda v: v is not None,
-        "--speculative-suffix-max-spec-factor is not supported yet",
-    ),
-    (
-        "speculative_suffix_min_token_prob",
-        lambda v: v is not None,
-        "--speculative-suffix-min-token-prob is not supported yet",
+        "speculative_suffix_max_spec_offset",
+        lambda v: v not in (None, 0.0),
+        "--speculative-suffix-max-spec-offset must be 0.0 (other offsets are not supported)",
     ),
     (
         "chunked_prefill_size",
@@ -76,25 +65,46 @@ def unsupported_errors(config: ServerConfig) -> list[str]:
     return [msg for name, is_set, msg in UNSUPPORTED if is_set(getattr(config, name))]
 
 
+# speculative_config key -> the flag that sets it (errors name the flag)
+SPECULATIVE_FLAGS = {
+    "num_speculative_tokens": "--speculative-num-draft-tokens",
+    "max_tree_depth": "--speculative-suffix-cache-max-depth",
+    "max_spec_factor": "--speculative-suffix-max-spec-factor",
+    "min_token_prob": "--speculative-suffix-min-token-prob",
+}
+
+
 def speculative_config(config: ServerConfig) -> dict[str, Any] | None:
-    """The engine's speculative_config for the SGLang-style flags (used once the engine supports them)."""
+    """The engine's speculative_config for the SGLang-style flags, validated (errors name the flag).
+    --speculative-num-draft-tokens counts verify slots per request as SGLang does (drafts + the root token),
+    so N slots draft at most N - 1 tokens."""
     algo = config.speculative_algorithm
     if algo is None:
         return None
-    if algo.upper() in ("NEXTN", "MTP", "EAGLE"):
-        steps = config.speculative_num_steps or 3
-        return {"method": "mtp", "num_speculative_tokens": steps}
-    if algo.upper() == "SUFFIX":
-        out: dict[str, Any] = {"method": "suffix"}
-        for flag, key in (
-            ("speculative_suffix_cache_max_depth", "max_tree_depth"),
-            ("speculative_suffix_max_spec_factor", "max_spec_factor"),
-            ("speculative_suffix_min_token_prob", "min_token_prob"),
-        ):
-            if getattr(config, flag) is not None:
-                out[key] = getattr(config, flag)
-        return out
-    raise ConfigError(f"unknown --speculative-algorithm {algo!r}")
+    if algo.upper() != "SUFFIX":
+        raise ConfigError(f"unknown --speculative-algorithm {algo!r}")
+    out: dict[str, Any] = {"method": "suffix"}
+    if config.speculative_num_draft_tokens is not None:
+        out["num_speculative_tokens"] = config.speculative_num_draft_tokens - 1
+    for flag, key in (
+        ("speculative_suffix_cache_max_depth", "max_tree_depth"),
+        ("speculative_suffix_max_spec_factor", "max_spec_factor"),
+        ("speculative_suffix_min_token_prob", "min_token_prob"),
+    ):
+        if getattr(config, flag) is not None:
+            out[key] = getattr(config, flag)
+    try:
+        SpeculativeConfig.from_dict(out)
+    except ValueError as e:
+        msg = str(e)
+        for key, flag in SPECULATIVE_FLAGS.items():
+            msg = msg.replace(f"speculative_config['{key}']", flag)
+        if config.speculative_num_draft_tokens is not None:
+            msg = msg.replace(f"got {out.get('num_speculative_tokens')!r}",
+                              f"got {config.speculative_num_draft_tokens} slots = "
+                              f"{out.get('num_speculative_tokens')} drafts")
+        raise ConfigError(msg) from e
+    return out
 
 
 def engine_kwargs(config: ServerConfig) -> dict[str, Any]:
@@ -224,14 +234,23 @@ def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
     )
     m.add_argument("--disaggregation-async-transfer", action="store_true")
     m.add_argument(
-        "--speculative-algorithm", choices=["NEXTN", "EAGLE", "MTP", "SUFFIX"], type=str.upper, default=None
+        "--speculative-algorithm", choices=["NEXTN", "EAGLE", "MTP", "SUFFIX"], type=str.upper, default=None,
+        help="speculative decoding: SUFFIX (suffix decoding, model-free; overlap scheduling is turned off with it)",
     )
-    m.add_argument("--speculative-num-steps", type=int, default=None)
-    m.add_argument("--speculative-eagle-topk", type=int, default=None)
-    m.add_argument("--speculative-num-draft-tokens", type=int, default=None)
-    m.add_argument("--speculative-suffix-cache-max-depth", type=int, default=None)
-    m.add_argument("--speculative-suffix-max-spec-factor", type=float, default=None)
-    m.add_argument("--speculative-suffix-min-token-prob", type=float, default=None)
+    m.add_argument("--speculative-num-steps", type=int, default=None,
+                   help="MTP draft steps (NEXTN; not used by SUFFIX, whose draft length adapts per request)")
+    m.add_argument("--speculative-eagle-topk", type=int, default=None, help="draft branching; only 1 (chains)")
+    m.add_argument("--speculative-num-draft-tokens", type=int, default=None,
+                   help="verify slots per request including the root token: at most N - 1 draft tokens "
+                        "(SUFFIX default 17, i.e. 16 drafts)")
+    m.add_argument("--speculative-suffix-cache-max-depth", type=int, default=None,
+                   help="suffix trees' depth (default 64; the longest draft is about half of it)")
+    m.add_argument("--speculative-suffix-max-spec-factor", type=float, default=None,
+                   help="draft at most factor x the matched suffix length (default 1.0)")
+    m.add_argument("--speculative-suffix-min-token-prob", type=float, default=None,
+                   help="stop a draft where its cumulative tree probability falls below this (default 0.1)")
+    m.add_argument("--speculative-suffix-max-spec-offset", type=float, default=None,
+                   help="accepted for launch-line compatibility; only 0.0")
     m.add_argument(
         "--tool-call-parser",
         choices=["glm47", "glm45"],

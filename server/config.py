@@ -41,6 +41,7 @@ class ServerConfig:
     speculative_suffix_cache_max_depth: int | None = None
     speculative_suffix_max_spec_factor: float | None = None
     speculative_suffix_min_token_prob: float | None = None
+    speculative_suffix_max_spec_offset: float | None = None
     tool_call_parser: str = "glm47"
     reasoning_parser: str = "glm45"
     # HTTP front end

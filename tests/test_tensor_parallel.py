@@ -123,3 +123,19 @@ def test_existing_process_group_is_a_clear_error(tiny_bf16):
             LLM(str(tiny_bf16), device="cpu", tensor_parallel_size=2, max_model_len=256, num_kv_blocks=64)
     finally:
         dist.destroy_process_group()
+
+
+def test_spawned_tp2_suffix_speculation_equals_tp1_plain(ckpt):
+    # verify steps (k + 1 rows per request, rollback of rejected drafts) on both ranks
+    prompts = [{"prompt_token_ids": [11, 12, 13, 14, 15, 16] * 6}, {"prompt_token_ids": list(range(200, 230))}]
+    sp = SamplingParams(temperature=0, max_tokens=80, ignore_eos=True)
+    ref = LLM(str(ckpt), device="cpu").generate(prompts, sp, use_tqdm=False)
+    llm = LLM(str(ckpt), device="cpu", tensor_parallel_size=2,
+              speculative_config={"method": "suffix", "num_speculative_tokens": 6})
+    try:
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
+        stats = llm.stats()
+        assert stats["spec_accepted_tokens"] > 0 and stats["used_kv_blocks"] == 0
+    finally:
+        llm.shutdown()

@@ -1,0 +1,42 @@
+"""The interface every drafter implements, as the engine uses it.
+
+Per request the engine calls `add` once (prompt known), `accepted` after every step with the tokens the
+request emitted (accepted drafts + the bonus token, or the one token of a plain step), and `finish` when the
+request ends. Before a step's forward it calls `propose` for the decoding requests with a per-request cap on
+the draft length (max_tokens, context length and `num_speculative_tokens` already folded in); after the
+forward and sampling it calls `verify` per request. Requests are named by an int `seq_id` the engine chooses,
+so `spec/` needs nothing from `engine/`.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from spec.verify import accept_chain
+
+
+@dataclass(frozen=True)
+class DraftSlot:
+    seq_id: int
+    max_drafts: int  # >= 1
+
+
+class Drafter(ABC):
+    @abstractmethod
+    def add(self, seq_id: int, prompt: Sequence[int], tenant: str = "") -> None: ...
+
+    @abstractmethod
+    def accepted(self, seq_id: int, tokens: Sequence[int]) -> None: ...
+
+    @abstractmethod
+    def finish(self, seq_id: int, completed: bool) -> None:
+        """completed: the request finished normally (its response may feed cross-request state); False for
+        aborts and failures."""
+
+    @abstractmethod
+    def propose(self, slots: Sequence[DraftSlot]) -> list[list[int]]:
+        """One draft (possibly empty) per slot, each at most slot.max_drafts tokens."""
+
+    def verify(self, drafts: Sequence[int], sampled: Sequence[int]) -> list[int]:
+        return accept_chain(drafts, sampled)

@@ -1,0 +1,175 @@
+"""Speculative decoding through the whole engine: greedy tokens identical to plain decoding (suffix drafts and
+scripted drafts that are right, partly right and wrong), under chunked prefill, prefix hits, preemption,
+n > 1, aborts and stops; seeded sampling identical to plain; page invariants after every test."""
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import pytest
+
+from engine import LLM, SamplingParams
+from engine_checks import assert_pages_clean
+from spec import DraftSlot, Drafter
+
+KW = dict(device="cpu", kv_block_size=16, num_kv_blocks=48, max_model_len=512, max_num_batched_tokens=64)
+SUFFIX = {"method": "suffix", "num_speculative_tokens": 8}
+
+
+def _repetitive_prompts(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"prompt_token_ids": [rng.randrange(1400) for _ in range(8)] * 5} for _ in range(n)]
+
+
+def _random_prompts(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"prompt_token_ids": [rng.randrange(1400) for _ in range(rng.randint(3, 90))]} for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_bf16):
+    return LLM(str(tiny_bf16), **KW)
+
+
+@pytest.fixture(scope="module")
+def suffix(tiny_bf16):
+    return LLM(str(tiny_bf16), speculative_config=SUFFIX, **KW)
+
+
+def _same(a, b) -> None:
+    for x, y in zip(a, b, strict=True):
+        for cx, cy in zip(x.outputs, y.outputs, strict=True):
+            assert cx.token_ids == cy.token_ids
+            assert (cx.text, cx.finish_reason, cx.stop_reason) == (cy.text, cy.finish_reason, cy.stop_reason)
+
+
+def test_suffix_greedy_identity_with_repetition_chunking_preemption(plain, suffix):
+    # long greedy outputs of the tiny model fall into loops: the suffix trees draft them and get accepted
+    prompts = _repetitive_prompts(4, 0) + _random_prompts(2, 1)
+    sp = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+    before = suffix.stats()
+    _same(plain.generate(prompts, sp, use_tqdm=False), suffix.generate(prompts, sp, use_tqdm=False))
+    after = suffix.stats()
+    assert after["spec_accepted_tokens"] - before["spec_accepted_tokens"] > 50
+    assert after["spec_draft_tokens"] > after["spec_accepted_tokens"]  # some drafts were also rejected
+    assert after["num_preemptions"] > before["num_preemptions"]  # 6 x ~250 tokens > 48 pages of 16
+    assert_pages_clean(suffix.engine)
+
+
+def test_suffix_greedy_identity_without_repetition_and_prefix_hits(plain, suffix):
+    prompts = _random_prompts(5, 2)
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    first = suffix.generate(prompts, sp, use_tqdm=False)
+    _same(plain.generate(prompts, sp, use_tqdm=False), first)
+    hits = suffix.stats()["prefix_cache_hit_tokens"]
+    _same(first, suffix.generate(prompts, sp, use_tqdm=False))  # again: prompts now hit the prefix cache
+    assert suffix.stats()["prefix_cache_hit_tokens"] > hits
+    assert_pages_clean(suffix.engine)
+
+
+def test_seeded_sampling_and_n_identical_to_plain(plain, suffix):
+    # a seeded row's noise depends only on (seed, sequence, position): speculation cannot change its tokens
+    prompts = _repetitive_prompts(2, 3)
+    params = [
+        SamplingParams(temperature=0.7, seed=11, n=2, max_tokens=120, ignore_eos=True),
+        SamplingParams(temperature=1.0, top_k=5, seed=2**64 - 1, max_tokens=120, ignore_eos=True,
+                       repetition_penalty=1.1, presence_penalty=0.2, logprobs=2),
+    ]
+    a = plain.generate(prompts, params, use_tqdm=False)
+    b = suffix.generate(prompts, params, use_tqdm=False)
+    _same(a, b)
+    for x, y in zip(a[1].outputs[0].logprobs, b[1].outputs[0].logprobs):
+        assert list(x) == list(y) and all(abs(x[t].logprob - y[t].logprob) < 1e-4 for t in x)
+    assert_pages_clean(suffix.engine)
+
+
+class ScriptedDrafter(Drafter):
+    """Drafts the known plain continuation of each prompt, with every `wrong`-th draft token corrupted."""
+
+    def __init__(self, answers: dict[tuple[int, ...], list[int]], wrong: int, vocab: int) -> None:
+        self.answers, self.wrong, self.vocab = answers, wrong, vocab
+        self.seqs: dict[int, tuple[tuple[int, ...], list[int]]] = {}
+        self.calls = 0
+
+    def add(self, seq_id: int, prompt: Sequence[int], tenant: str = "") -> None:
+        self.seqs[seq_id] = (tuple(prompt), [])
+
+    def accepted(self, seq_id: int, tokens: Sequence[int]) -> None:
+        self.seqs[seq_id][1].extend(tokens)
+
+    def finish(self, seq_id: int, completed: bool) -> None:
+        del self.seqs[seq_id]
+
+    def propose(self, slots: Sequence[DraftSlot]) -> list[list[int]]:
+        out = []
+        for slot in slots:
+            prompt, done = self.seqs[slot.seq_id]
+            draft = list(self.answers.get(prompt, [])[len(done) : len(done) + slot.max_drafts])
+            for i in range(len(draft)):
+                self.calls += 1
+                if self.wrong and self.calls % self.wrong == 0:
+                    draft[i] = (draft[i] + 1) % self.vocab
+            out.append(draft)
+        return out
+
+
+@pytest.mark.parametrize("wrong", [0, 3, 1], ids=["all-right", "every-3rd-wrong", "all-wrong"])
+def test_scripted_drafts_give_plain_tokens_stops_and_lengths(plain, suffix, wrong):
+    prompts = _random_prompts(4, 5)
+    base = plain.generate(prompts, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)
+    answers = {tuple(p["prompt_token_ids"]): o.outputs[0].token_ids for p, o in zip(prompts, base)}
+    eng = suffix.engine
+    real, eng.drafter = eng.drafter, ScriptedDrafter(answers, wrong, eng.model_config.vocab_size)
+    try:
+        text = base[1].outputs[0].text
+        params = [
+            SamplingParams(temperature=0, max_tokens=13, ignore_eos=True),  # max_tokens exact under 8-token drafts
+            SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,  # a stop string spanning tokens
+                           stop=[text[len(text) // 3 : len(text) // 3 + 6]]),
+            SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[base[2].outputs[0].token_ids[17]]),
+            SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, min_tokens=30, logprobs=1),
+        ]
+        before = eng.spec_stats.accepted_tokens
+        _same(plain.generate(prompts, params, use_tqdm=False), out := suffix.generate(prompts, params, use_tqdm=False))
+        assert len(out[0].outputs[0].token_ids) == 13
+        assert out[1].outputs[0].finish_reason == "stop" and isinstance(out[1].outputs[0].stop_reason, str)
+        accepted = eng.spec_stats.accepted_tokens - before
+        assert accepted == 0 if wrong == 1 else accepted > 20
+    finally:
+        eng.drafter = real
+    assert_pages_clean(eng)
+
+
+def test_abort_between_verify_steps_frees_pages(suffix):
+    eng = suffix.engine
+    prompts = _repetitive_prompts(2, 7)
+    eng.add_request("x", prompts[0]["prompt_token_ids"], SamplingParams(temperature=0, max_tokens=150, ignore_eos=True))
+    eng.add_request("y", prompts[1]["prompt_token_ids"], SamplingParams(temperature=0, max_tokens=150, ignore_eos=True))
+    drafted = eng.spec_stats.draft_tokens
+    for _ in range(200):
+        eng.step()
+        if eng.spec_stats.draft_tokens > drafted + 20:
+            break
+    eng.abort_request("x")
+    finished = []
+    while eng.has_unfinished_requests():
+        finished += [d for d in eng.step() if d.finished]
+    assert [d.request_id for d in finished] == ["x", "y"] or {d.request_id for d in finished} == {"x", "y"}
+    assert_pages_clean(eng)
+
+
+def test_config_errors_name_the_key(tiny_bf16):
+    for bad, key in [
+        ({"method": "nope"}, "method"),
+        ({"method": "suffix", "max_tree_depth": 0}, "max_tree_depth"),
+        ({"method": "suffix", "min_token_prob": 2}, "min_token_prob"),
+        ({"method": "suffix", "max_spec_factor": -1.0}, "max_spec_factor"),
+        ({"method": "suffix", "num_speculative_tokens": 0}, "num_speculative_tokens"),
+        ({"method": "suffix", "depth": 3}, "depth"),
+    ]:
+        with pytest.raises(ValueError, match=key):
+            LLM(str(tiny_bf16), device="cpu", speculative_config=bad)
+    with pytest.raises(ValueError, match="overlap"):
+        LLM(str(tiny_bf16), device="cpu", speculative_config=SUFFIX, overlap_scheduling=True)
+    with pytest.raises(ValueError, match="MTP"):
+        LLM(str(tiny_bf16), device="cpu", speculative_config={"method": "mtp"})

@@ -28,6 +28,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -114,20 +115,26 @@ def build_corpus(src_dir: str | Path = "/work/shared/reference", out: str | Path
 
 def train_tokenizer(corpus_path: str | Path = CORPUS_PATH):
     """Train the tiny byte-level BPE (deterministic, well under a second) and add the GLM special tokens."""
+    text = Path(corpus_path).read_text(encoding="utf-8")
+    return train_bpe_tokenizer(text.splitlines(keepends=True), TOKENIZER_VOCAB_SIZE)
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int):
+    """A byte-level BPE of `vocab_size` ids in all (the GLM special tokens last, after the learned
+    vocabulary), trained on `texts` (deterministic for the same texts)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    text = Path(corpus_path).read_text(encoding="utf-8")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=TOKENIZER_VOCAB_SIZE - len(SPECIAL_TOKENS),
+        vocab_size=vocab_size - len(SPECIAL_TOKENS),
         min_frequency=2,
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[],
     )
-    tok.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return tok
 
@@ -143,29 +150,39 @@ def _tokenizer_json() -> bytes:
     return TOKENIZER_PATH.read_bytes()
 
 
-def special_token_ids() -> dict[str, int]:
-    """Id of every GLM special token in the tiny tokenizer."""
-    data = json.loads(_tokenizer_json())
+def special_token_ids(tokenizer_json: bytes | None = None) -> dict[str, int]:
+    """Id of every GLM special token in a tokenizer.json (default: the tiny tokenizer)."""
+    data = json.loads(_tokenizer_json() if tokenizer_json is None else tokenizer_json)
     ids = {t["content"]: int(t["id"]) for t in data["added_tokens"]}
     missing = [t for t in SPECIAL_TOKENS if t not in ids]
     if missing:
-        raise RuntimeError(f"{TOKENIZER_PATH}: special tokens {missing} missing; run --retrain-tokenizer")
+        where = TOKENIZER_PATH if tokenizer_json is None else "tokenizer.json"
+        raise RuntimeError(f"{where}: special tokens {missing} missing; run --retrain-tokenizer")
     return {t: ids[t] for t in SPECIAL_TOKENS}
 
 
-def _tokenizer_size() -> int:
-    data = json.loads(_tokenizer_json())
+def tokenizer_size(tokenizer_json: bytes | None = None) -> int:
+    """Number of ids of a tokenizer.json (default: the tiny tokenizer): the largest id + 1."""
+    data = json.loads(_tokenizer_json() if tokenizer_json is None else tokenizer_json)
     ids = list(data["model"]["vocab"].values()) + [t["id"] for t in data["added_tokens"]]
     return max(ids) + 1
 
 
+def padded_vocab_size(n_tokens: int) -> int:
+    """The embedding's row count for a tokenizer of n_tokens ids: rounded up to VOCAB_PAD_MULTIPLE."""
+    return -(-n_tokens // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+
+
+def _tokenizer_size() -> int:
+    return tokenizer_size()
+
+
 def _padded_vocab_size() -> int:
-    n = _tokenizer_size()
-    return -(-n // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+    return padded_vocab_size(_tokenizer_size())
 
 
-def _tokenizer_config(chat_template: str, max_len: int) -> dict[str, Any]:
-    ids = special_token_ids()
+def _tokenizer_config(chat_template: str, max_len: int, ids: dict[str, int] | None = None) -> dict[str, Any]:
+    ids = special_token_ids() if ids is None else ids
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "added_tokens_decoder": {
@@ -202,7 +219,14 @@ def tiny_config(fmt: str = "bf16", **config_overrides: Any) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown tiny config keys {unknown}; known: {sorted(TINY_DIMS)}")
     dims = {**TINY_DIMS, **config_overrides}
-    ids = special_token_ids()
+    return glm_config(dims, fmt, _padded_vocab_size(), special_token_ids())
+
+
+def glm_config(dims: dict[str, Any], fmt: str, vocab_size: int, ids: dict[str, int]) -> dict[str, Any]:
+    """The config.json dict of a GLM-4.7-format model: dimensions `dims` (the keys of TINY_DIMS), format
+    `fmt`, embedding rows `vocab_size` and the special token ids `ids` (validated with model.config)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown checkpoint format {fmt!r}; choose one of {FORMATS}")
     cfg: dict[str, Any] = {
         "architectures": ["Glm4MoeForCausalLM"],
         "model_type": "glm4_moe",
@@ -233,7 +257,7 @@ def tiny_config(fmt: str = "bf16", **config_overrides: Any) -> dict[str, Any]:
         "initializer_range": 0.02,
         "tie_word_embeddings": False,
         "num_nextn_predict_layers": dims["num_nextn_predict_layers"],
-        "vocab_size": _padded_vocab_size(),
+        "vocab_size": vocab_size,
         "bos_token_id": None,
         "eos_token_id": [ids[t] for t in EOS_TOKENS],
         "pad_token_id": ids[PAD_TOKEN],
@@ -387,16 +411,28 @@ def _to_format(name: str, w: torch.Tensor, kind: str, fmt: str) -> dict[str, tor
     return {name: q.contiguous(), name + "_scale_inv": scale_inv.float().contiguous()}
 
 
-def build_tensors(cfg: dict[str, Any], fmt: str, seed: int) -> list[dict[str, torch.Tensor]]:
-    """The checkpoint's tensors, grouped as tensor_specs() groups them (quantized/cast per `fmt`)."""
-    real_vocab = _tokenizer_size()
+def format_tensors(
+    cfg: dict[str, Any], fmt: str, weight: Callable[[str, tuple[int, ...], str], torch.Tensor]
+) -> list[dict[str, torch.Tensor]]:
+    """The checkpoint's tensors in format `fmt`, grouped as tensor_specs() groups them; `weight(name, shape,
+    kind)` gives each tensor's float weight (cast to bf16, or quantized to FP8 for the linear kinds)."""
     out = []
     for group in tensor_specs(cfg):
         tensors: dict[str, torch.Tensor] = {}
         for name, shape, kind in group:
-            tensors.update(_to_format(name, _init_tensor(name, shape, kind, seed, real_vocab), kind, fmt))
+            w = weight(name, shape, kind)
+            if tuple(w.shape) != shape:
+                raise ValueError(f"tensor {name!r} has shape {list(w.shape)}, the config gives {list(shape)}")
+            tensors.update(_to_format(name, w, kind, fmt))
         out.append(tensors)
     return out
+
+
+def build_tensors(cfg: dict[str, Any], fmt: str, seed: int) -> list[dict[str, torch.Tensor]]:
+    """The tiny checkpoint's random tensors, grouped as tensor_specs() groups them (cast/quantized per
+    `fmt`)."""
+    real_vocab = _tokenizer_size()
+    return format_tensors(cfg, fmt, lambda n, shape, kind: _init_tensor(n, shape, kind, seed, real_vocab))
 
 
 def _shards(groups: list[dict[str, torch.Tensor]], cfg: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
@@ -431,12 +467,24 @@ def write_tiny_checkpoint(
     """Write the tiny checkpoint in format `fmt` ("bf16" | "fp8-channel" | "fp8-block") into `out_dir`
     (created if needed; files of the same names are overwritten). Returns the folder path."""
     cfg = tiny_config(fmt, **config_overrides)
+    chat_template = CHAT_TEMPLATE_PATH.read_text(encoding="utf-8")
+    tensors = build_tensors(cfg, fmt, int(seed))
+    return write_checkpoint(out_dir, cfg, tensors, _tokenizer_json(), chat_template)
+
+
+def write_checkpoint(
+    out_dir: str | Path,
+    cfg: dict[str, Any],
+    groups: list[dict[str, torch.Tensor]],
+    tokenizer_json: bytes,
+    chat_template: str,
+) -> Path:
+    """Write a GLM-4.7-format folder: config `cfg` (see glm_config), the formatted tensor `groups` (see
+    format_tensors) in 2-3 shards with their index, generation config and tokenizer files."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ids = special_token_ids()
-    chat_template = CHAT_TEMPLATE_PATH.read_text(encoding="utf-8")
-
-    shards = _shards(build_tensors(cfg, fmt, int(seed)), cfg)
+    ids = special_token_ids(tokenizer_json)
+    shards = _shards(groups, cfg)
     n = len(shards)
     weight_map: dict[str, str] = {}
     total = 0
@@ -452,8 +500,8 @@ def write_tiny_checkpoint(
     eos = [ids[t] for t in EOS_TOKENS]
     gen = {"_from_model_config": False, "eos_token_id": eos, "pad_token_id": ids[PAD_TOKEN]}
     (out / "generation_config.json").write_bytes(_dump_json(gen))
-    (out / "tokenizer.json").write_bytes(_tokenizer_json())
-    tok_cfg = _tokenizer_config(chat_template, cfg["max_position_embeddings"])
+    (out / "tokenizer.json").write_bytes(tokenizer_json)
+    tok_cfg = _tokenizer_config(chat_template, cfg["max_position_embeddings"], ids)
     (out / "tokenizer_config.json").write_bytes(_dump_json(tok_cfg))
     (out / "chat_template.jinja").write_bytes(chat_template.encode("utf-8"))
     return out

@@ -1,4 +1,6 @@
-"""Workloads for the serving benchmark: ``random`` single-turn prompts and ``agentic`` multi-turn sessions.
+"""Workloads for the serving benchmark: ``random`` single-turn prompts, ``agentic`` multi-turn sessions,
+``agentic-edit`` multi-turn sessions that ask for held-out standard-library files back with small edits, and
+``plain-code`` single-turn continuations of held-out files (no answer in the prompt).
 
 Everything here is deterministic from the seed. With a tokenizer (any object with ``encode``/``decode``,
 normally a transformers AutoTokenizer) lengths are counted in its tokens; without one they are estimated
@@ -13,6 +15,9 @@ import random
 import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from bench.code_corpus import (SourceFile, code_answer, continue_request, edit_request, glm_chat_text,
+                               make_edits, stdlib_files)
 
 # --------------------------------------------------------------------------------------------------------
 # token counting
@@ -460,3 +465,145 @@ def make_agentic_sessions(num_sessions: int, num_turns: int, input_len: int, out
     system = system_prompt_text(seed, system_prompt_len, tokenizer)
     return [AgenticSession.create(i, num_turns, input_len, output_len, tool_result_len, range_ratio, seed,
                                   system, tokenizer, endpoint, tool_format) for i in range(num_sessions)]
+
+
+# --------------------------------------------------------------------------------------------------------
+# agentic-edit sessions and plain-code continuations (held-out standard-library files)
+
+EDIT_SAME_FILE_PROB = 0.5  # a later turn edits the previous turn's file again (re-sent, as re-read)
+EDIT_MAX_EDITS = 4  # edits per turn: 1..EDIT_MAX_EDITS
+EDIT_OUTPUT_MARGIN = 4  # max_tokens = the expected answer's tokens + this (the `</think>` and end of turn)
+_MIN_FILE_LINES = 12
+
+
+def _code_chunk(rng: random.Random, files: list[SourceFile], n_tokens: int,
+                tokenizer: TokenizerLike | None) -> tuple[str, str]:
+    """(path, whole lines of one file totalling about n_tokens tokens), from a random line of a random file
+    (one long enough, where there is one)."""
+    long_enough = [f for f in files if len(f.text) >= 3 * n_tokens and f.text.count("\n") >= _MIN_FILE_LINES]
+    f = rng.choice(long_enough or files)
+    lines = f.text.splitlines(keepends=True)
+    per_line = max(1.0, len(f.text) / max(1, len(lines)) / 3.5)  # rough tokens per line, to place the start
+    start = rng.randint(0, max(0, len(lines) - int(n_tokens / per_line) - 1))
+    end, used = start, 0
+    while end < len(lines) and used < n_tokens:
+        used += count_tokens(lines[end], tokenizer)
+        end += 1
+    while start > 0 and used < n_tokens:
+        start -= 1
+        used += count_tokens(lines[start], tokenizer)
+    return f.rel, "".join(lines[start:end])
+
+
+def heldout_code_files() -> list[SourceFile]:
+    """The held-out standard-library files of this machine (the modules bench.train_small never trains on)."""
+    files = stdlib_files("heldout")
+    if not files:
+        raise RuntimeError("no held-out standard-library source files (is the stdlib source installed?)")
+    return files
+
+
+@dataclass
+class EditSession:
+    """A multi-turn agentic editing session over held-out standard-library files. Each turn's user message
+    gives a file (a run of whole lines) and asks for it back with a few small edits; the next turn carries the
+    previous turns (the model's own answers as assistant messages) and either edits the same file again (its
+    expected current version re-sent) or moves to a new one. Same interface as AgenticSession."""
+
+    session_id: int
+    num_turns: int
+    user_texts: list[str]  # the user message of every turn, planned up front (independent of the outputs)
+    expected: list[str]  # the answer each turn asks for: the edited file in a code fence
+    paths: list[str]
+    output_lens: list[int]
+    tokenizer: TokenizerLike | None = None
+    endpoint: str = "chat"
+    messages: list[dict] = field(default_factory=list)
+    prompt_len: int = 0
+    turn: int = 0
+
+    @classmethod
+    def create(cls, session_id: int, num_turns: int, chunk_len: int, output_len: int, range_ratio: float,
+               seed: int, system_prompt: str, files: list[SourceFile], tokenizer: TokenizerLike | None = None,
+               endpoint: str = "chat") -> "EditSession":
+        rng = random.Random(f"edit-session-{seed}-{session_id}")
+        users, expected, paths, out_lens = [], [], [], []
+        path, code = "", ""
+        for k in range(num_turns):
+            if k == 0 or rng.random() >= EDIT_SAME_FILE_PROB:
+                path, code = _code_chunk(rng, files, sample_len(rng, chunk_len, range_ratio), tokenizer)
+            edited, instructions = make_edits(code, rng, rng.randint(1, EDIT_MAX_EDITS))
+            users.append(edit_request(path, code, instructions))
+            expected.append(code_answer(edited))
+            paths.append(path)
+            out_lens.append(min(output_len, count_tokens(expected[-1], tokenizer) + EDIT_OUTPUT_MARGIN))
+            code = edited
+        s = cls(session_id, num_turns, users, expected, paths, out_lens, tokenizer, endpoint)
+        if system_prompt:
+            s.messages.append({"role": "system", "content": system_prompt})
+            s.prompt_len += count_tokens(system_prompt, tokenizer)
+        s._add_user()
+        return s
+
+    def _add_user(self) -> None:
+        self.messages.append({"role": "user", "content": self.user_texts[self.turn]})
+        self.prompt_len += count_tokens(self.user_texts[self.turn], self.tokenizer)
+
+    @property
+    def done(self) -> bool:
+        return self.turn >= self.num_turns
+
+    def next_request(self) -> RequestSpec:
+        if self.done:
+            raise IndexError("session finished")
+        n_out = self.output_lens[self.turn]
+        if self.endpoint == "chat":
+            return RequestSpec(self.prompt_len, n_out, messages=copy.deepcopy(self.messages))
+        return RequestSpec(self.prompt_len, n_out, prompt=glm_chat_text(self.messages))
+
+    def record_output(self, content: str, reasoning: str = "") -> None:
+        """Append the model's answer of the current turn (reasoning is dropped, as GLM-4.7's template does for
+        turns before the last user message) and the next turn's request."""
+        self.messages.append({"role": "assistant", "content": content})
+        self.prompt_len += count_tokens(content, self.tokenizer) + 4
+        self.turn += 1
+        if not self.done:
+            self._add_user()
+
+
+def make_edit_sessions(num_sessions: int, num_turns: int, chunk_len: int, output_len: int,
+                       system_prompt_len: int, range_ratio: float, seed: int,
+                       tokenizer: TokenizerLike | None = None, endpoint: str = "chat",
+                       files: list[SourceFile] | None = None) -> list[EditSession]:
+    """agentic-edit: sessions whose turns give files of about chunk_len tokens; max_tokens per turn is the
+    expected answer's length (+ EDIT_OUTPUT_MARGIN), at most output_len."""
+    files = heldout_code_files() if files is None else files
+    system = system_prompt_text(seed, system_prompt_len, tokenizer)
+    return [EditSession.create(i, num_turns, chunk_len, output_len, range_ratio, seed, system, files,
+                               tokenizer, endpoint) for i in range(num_sessions)]
+
+
+def make_plain_code_dataset(num_prompts: int, input_len: int, output_len: int, range_ratio: float, seed: int,
+                            tokenizer: TokenizerLike | None = None, endpoint: str = "chat",
+                            files: list[SourceFile] | None = None) -> list[RequestSpec]:
+    """plain-code: a run of whole lines of a held-out file (about input_len tokens) to continue for
+    output_len tokens, each request from a different file while files last. Chat: a continuation request;
+    completions: the raw code."""
+    files = heldout_code_files() if files is None else files
+    files = [f for f in files if len(f.text) >= 4 * input_len] or files  # long enough to give input_len
+    rng = random.Random(f"plain-code-{seed}")
+    order = list(range(len(files)))
+    rng.shuffle(order)
+    specs = []
+    for i in range(num_prompts):
+        f = files[order[i % len(order)]]
+        path, head = _code_chunk(random.Random(f"plain-code-{seed}-{i}"), [f],
+                                 sample_len(rng, input_len, range_ratio), tokenizer)
+        n_out = sample_len(rng, output_len, range_ratio)
+        if endpoint == "chat":
+            text = continue_request(path, head)
+            specs.append(RequestSpec(count_tokens(text, tokenizer), n_out,
+                                     messages=[{"role": "user", "content": text}]))
+        else:
+            specs.append(RequestSpec(count_tokens(head, tokenizer), n_out, prompt=head))
+    return specs

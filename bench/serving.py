@@ -16,7 +16,7 @@ Result JSON (``--output-json``; schema "glint.bench.serving/1"):
 
     schema, started_at (UTC ISO time)
     config            every CLI option (api key and header values left out) + resolved model, tokenizer,
-                      num_sessions (agentic); request_rate "inf" for inf
+                      num_sessions (agentic, agentic-edit); request_rate "inf" for inf
     server_model_info the /v1/models entry of the model
     summary           completed, failed, skipped, duration_s, total_input_tokens (server usage count, else
                       the dataset's), total_input_tokens_dataset, total_output_tokens,
@@ -26,8 +26,8 @@ Result JSON (``--output-json``; schema "glint.bench.serving/1"):
                       concurrency, ttft_ms / tpot_ms / itl_ms / e2e_latency_ms / input_len / output_len as
                       {count, mean, median, std, min, max, p50, p90, p95, p99}, goodput (with --goodput),
                       errors {message: count}
-    per_turn          agentic only: per turn index, completed/failed/skipped, mean input/output/cached
-                      tokens, cached_token_fraction and the four latency distributions
+    per_turn          agentic/agentic-edit only: per turn index, completed/failed/skipped, mean input/output/
+                      cached tokens, cached_token_fraction and the four latency distributions
     requests          one record per request: index, session, turn, prompt_len, expected_output_len,
                       success, skipped, status, error, arrival_time, send_time (s since the run start),
                       ttft, e2e_latency, tpot (s), itl (list, s), output_len, output_len_source
@@ -53,13 +53,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from bench import serving_http as http
-from bench.datasets import (AgenticSession, RequestSpec, make_agentic_sessions, make_random_dataset,
-                            random_prompt)
+from bench.datasets import (AgenticSession, EditSession, RequestSpec, make_agentic_sessions,
+                            make_edit_sessions, make_plain_code_dataset, make_random_dataset, random_prompt)
 from bench.serving_metrics import RequestRecord, parse_goodput, poisson_arrivals, summarize
 
 SCHEMA = "glint.bench.serving/1"
 MAX_ERROR_CHARS = 4000  # of an error body kept per request record
 API_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+DATASETS = ("random", "agentic", "agentic-edit", "plain-code")
+SINGLE_TURN = ("random", "plain-code")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -291,7 +293,9 @@ class Runner:
         await asyncio.gather(*(one(i) for i in range(len(specs))))
         return records, time.perf_counter() - self.t0
 
-    async def run_agentic(self, sessions: list[AgenticSession]) -> tuple[list[RequestRecord], float]:
+    async def run_agentic(
+        self, sessions: Sequence[AgenticSession | EditSession]
+    ) -> tuple[list[RequestRecord], float]:
         arrivals = poisson_arrivals(len(sessions), self.args.request_rate, self.args.seed)
         records: list[RequestRecord] = []
         per_session: dict[int, list[RequestRecord]] = {}
@@ -301,7 +305,7 @@ class Runner:
                 records.append(rec)
                 per_session.setdefault(s.session_id, []).append(rec)
 
-        async def one(s: AgenticSession, arrival: float) -> None:
+        async def one(s: AgenticSession | EditSession, arrival: float) -> None:
             t = await self.sleep_until(arrival)
             recs = per_session[s.session_id]
             for k, rec in enumerate(recs):
@@ -478,7 +482,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="tokenizer path/name for exact prompt lengths (default: the model if it is a local "
                         "dir, or /v1/models 'root' if local); 'none' disables")
     p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--dataset", choices=("random", "agentic"), default="random")
+    p.add_argument("--dataset", choices=DATASETS, default="random",
+                   help="agentic-edit: multi-turn sessions asking for held-out stdlib files back with small "
+                        "edits (--input-len: file tokens per turn; max_tokens: the expected answer, at most "
+                        "--output-len); plain-code: continue held-out stdlib files (no answer in the prompt)")
     p.add_argument("--num-prompts", type=int, default=100,
                    help="requests (random); agentic: total turns when --num-sessions is not given")
     p.add_argument("--input-len", type=int, default=1024,
@@ -612,12 +619,22 @@ async def run(args: argparse.Namespace) -> dict:
             print(f"note: /flush_cache failed: {e}", file=sys.stderr)
 
     runner = Runner(args, ep, model, tokenizer)
-    sessions: list[AgenticSession] = []
+    sessions: list[AgenticSession] | list[EditSession] = []
     if args.dataset == "random":
         specs = make_random_dataset(args.num_prompts, args.input_len, args.output_len,
                                     args.random_range_ratio, args.seed, tokenizer, args.endpoint,
                                     args.tokenize_prompt)
         total = len(specs)
+    elif args.dataset == "plain-code":
+        specs = make_plain_code_dataset(args.num_prompts, args.input_len, args.output_len,
+                                        args.random_range_ratio, args.seed, tokenizer, args.endpoint)
+        total = len(specs)
+    elif args.dataset == "agentic-edit":
+        n_sessions = args.num_sessions or max(1, math.ceil(args.num_prompts / args.num_turns))
+        sessions = make_edit_sessions(n_sessions, args.num_turns, args.input_len, args.output_len,
+                                      args.system_prompt_len, args.random_range_ratio, args.seed, tokenizer,
+                                      args.endpoint)
+        total = n_sessions * args.num_turns
     else:
         n_sessions = args.num_sessions or max(1, math.ceil(args.num_prompts / args.num_turns))
         sessions = make_agentic_sessions(n_sessions, args.num_turns, args.input_len, args.output_len,
@@ -632,7 +649,7 @@ async def run(args: argparse.Namespace) -> dict:
     runner.pbar = tqdm(total=total, disable=args.disable_tqdm, desc="requests", dynamic_ncols=True)
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     try:
-        if args.dataset == "random":
+        if args.dataset in SINGLE_TURN:
             records, duration = await runner.run_random(specs)
         else:
             records, duration = await runner.run_agentic(sessions)
@@ -644,7 +661,7 @@ async def run(args: argparse.Namespace) -> dict:
     config.update({"model": model, "tokenizer": tok_path, "api_key_set": bool(args.api_key),
                    "extra_headers": [h.partition(":")[0].strip() for h in args.header or ()],  # names only
                    "request_rate": args.request_rate if not math.isinf(args.request_rate) else "inf"})
-    if args.dataset == "agentic":
+    if args.dataset not in SINGLE_TURN:
         config["num_sessions"] = len(sessions)
     result: dict[str, Any] = {
         "schema": SCHEMA,
@@ -653,7 +670,7 @@ async def run(args: argparse.Namespace) -> dict:
         "server_model_info": info,
         "summary": summarize(records, duration, slo or None),
     }
-    if args.dataset == "agentic":
+    if args.dataset not in SINGLE_TURN:
         result["per_turn"] = per_turn_summary(records, duration)
     result["requests"] = [r.to_json(include_text=args.include_text) for r in records]
     for r in result["requests"]:

@@ -593,6 +593,37 @@ def test_cli_agentic_end_to_end(fake_server, tmp_path, capsys):
             assert b[len(a) + 1]["role"] == "tool"
 
 
+def test_cli_agentic_edit_and_plain_code_end_to_end(fake_server, tmp_path):
+    url, received = fake_server
+    received.clear()
+    out = tmp_path / "e.json"
+    common = ["--base-url", url, "--api-key", API_KEY, "--tokenizer", "none", "--request-rate", "inf",
+              "--disable-tqdm", "--warmup-requests", "0", "--seed", "4", "--output-len", "5"]
+    rc = serving.main(common + ["--dataset", "agentic-edit", "--num-sessions", "2", "--num-turns", "3",
+                                "--input-len", "60", "--system-prompt-len", "20", "--output-json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["summary"]["completed"] == 6 and res["config"]["num_sessions"] == 2
+    assert [t["turn"] for t in res["per_turn"]] == [0, 1, 2]
+    by_session: dict[str, list[list[dict]]] = {}
+    for body in received:
+        assert "tools" not in body and body["max_tokens"] == 5
+        assert body["messages"][0]["role"] == "system"
+        assert "Apply these edits" in body["messages"][-1]["content"]
+        by_session.setdefault(body["messages"][1]["content"], []).append(body["messages"])
+    assert len(by_session) == 2
+    for turns in by_session.values():
+        turns.sort(key=len)
+        for a, b in zip(turns, turns[1:]):
+            assert b[:len(a)] == a and b[len(a)] == {"role": "assistant", "content": " w0 w1 w2 w3 w4"}
+    received.clear()
+    rc = serving.main(common + ["--dataset", "plain-code", "--num-prompts", "3", "--input-len", "50",
+                                "--output-json", str(out)])
+    res = json.loads(out.read_text())
+    assert rc == 0 and res["summary"]["completed"] == 3 and "per_turn" not in res
+    assert all(b["messages"][0]["content"].startswith("Continue `") for b in received)
+
+
 def test_cli_agentic_failure_skips_later_turns(fake_server, tmp_path):
     url, _ = fake_server
     out = tmp_path / "f.json"

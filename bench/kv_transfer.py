@@ -120,7 +120,11 @@ def main() -> None:
             spec = PoolSpec(layout=layout, num_layers=a.layers, num_pages=a.pool_pages or 2 * pages,
                             block_size=a.block_size, kv_heads=a.kv_heads, head_dim=a.head_dim, dtype=a.dtype,
                             device=a.device)
-            rows += run_case(backend, spec, pages, a.repeats, options, env)
+            try:
+                rows += run_case(backend, spec, pages, a.repeats, options, env)
+            except Exception as e:  # keep measuring the other cases
+                print(f"# {backend}/{layout}: FAILED {type(e).__name__}: {e}", flush=True)
+                continue
             r = rows[-1]
             print(f"# {backend}/{layout}: setup {r['setup_s']:.2f} s (agent, pool registration, peer and its "
                   f"prepared list), idle peer {r['idle_peer_core']:.2f} core", flush=True)

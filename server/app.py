@@ -175,16 +175,29 @@ async def _stats_logger(state: ServerState) -> None:
         if not (idle and was_idle):
             logger.info(
                 "Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, Running: %d reqs, "
-                "Waiting: %d reqs, KV cache usage: %.1f%%, Prefix cache hit rate: %.1f%%",
+                "Waiting: %d reqs, KV cache usage: %.1f%%, Prefix cache hit rate: %.1f%%%s",
                 d_prompt / dt,
                 d_gen / dt,
                 s.get("num_running", 0),
                 s.get("num_waiting", 0),
                 100 * kv_usage(s),
                 100 * (d_h / d_q if d_q else 0.0),
+                spec_summary(s, last),
             )
         was_idle = idle
         last, last_t = dict(s), now
+
+
+def spec_summary(stats: dict[str, Any], last: dict[str, Any]) -> str:
+    """The stats line's speculative-decoding part over the interval ('' without speculation)."""
+    if "spec_num_verifies" not in stats:
+        return ""
+    delta = {k: stats.get(k, 0) - last.get(k, 0) for k in ("spec_num_verifies", "spec_draft_tokens", "spec_accepted_tokens")}
+    verifies, drafted, accepted = delta["spec_num_verifies"], delta["spec_draft_tokens"], delta["spec_accepted_tokens"]
+    return (
+        f", Spec: {drafted} draft / {accepted} accepted tokens ({100 * accepted / drafted if drafted else 0.0:.1f}%), "
+        f"mean accepted length {(accepted + verifies) / verifies if verifies else 0.0:.2f}"
+    )
 
 
 def _add_utility_routes(app: FastAPI, state: ServerState) -> None:

@@ -149,6 +149,18 @@ class Metrics:
         self.request_generation_tokens = hist(
             "request_generation_tokens", "Generated tokens per request.", TOKEN_BUCKETS
         )
+        self.spec_draft_tokens = counter("spec_draft_tokens", "Draft tokens proposed to verify steps.")
+        self.spec_accepted_tokens = counter("spec_accepted_tokens", "Draft tokens accepted by verification.")
+        self.spec_num_verifies = counter("spec_num_verifies", "Request verifications (one request, one step).")
+        self.spec_mean_accepted_length = gauge(
+            "spec_mean_accepted_length", "Tokens emitted per verification (accepted drafts + 1), since start."
+        )
+        self.spec_acceptance_rate = Gauge(
+            "glint:spec_acceptance_rate_by_position",
+            "Fraction of draft tokens at this draft position that were accepted, since start.",
+            ["model_name", "position"],
+            registry=r,
+        )
         self._last_stats: dict[str, Any] = {}
 
     def success(self, finish_reason: str) -> None:
@@ -169,10 +181,17 @@ class Metrics:
             ("prefix_cache_queried_tokens", self.prefix_cache_queries),
             ("prefix_cache_hit_tokens", self.prefix_cache_hits),
             ("num_preemptions", self.num_preemptions),
+            ("spec_draft_tokens", self.spec_draft_tokens),
+            ("spec_accepted_tokens", self.spec_accepted_tokens),
+            ("spec_num_verifies", self.spec_num_verifies),
         ):
             inc = stats.get(key, 0) - last.get(key, 0)
             if inc > 0:
                 ctr.inc(inc)
+        if "spec_mean_accepted_length" in stats:
+            self.spec_mean_accepted_length.set(stats["spec_mean_accepted_length"])
+            for i, rate in enumerate(stats.get("spec_acceptance_rate_by_position", [])):
+                self.spec_acceptance_rate.labels(self.model_name, str(i)).set(rate)
         self._last_stats = dict(stats)
 
     def render(self) -> bytes:

@@ -173,3 +173,26 @@ def test_config_errors_name_the_key(tiny_bf16):
         LLM(str(tiny_bf16), device="cpu", speculative_config=SUFFIX, overlap_scheduling=True)
     with pytest.raises(ValueError, match="MTP"):
         LLM(str(tiny_bf16), device="cpu", speculative_config={"method": "mtp"})
+
+
+def _run(eng, rid: str, prompt: list[int], tenant: str) -> tuple[list[int], int]:
+    """Run one request alone to completion; its tokens and how many draft tokens were accepted for it."""
+    before = eng.spec_stats.accepted_tokens
+    eng.add_request(rid, prompt, SamplingParams(temperature=0, max_tokens=100, ignore_eos=True), tenant=tenant)
+    tokens: list[int] = []
+    while eng.has_unfinished_requests():
+        tokens += [t for d in eng.step() for t in d.new_token_ids]
+    return tokens, eng.spec_stats.accepted_tokens - before
+
+
+def test_tenants_never_draft_from_each_others_responses(tiny_bf16):
+    llm = LLM(str(tiny_bf16), speculative_config=SUFFIX, **KW)
+    eng = llm.engine
+    prompt = _random_prompts(1, 9)[0]["prompt_token_ids"]
+    first, _ = _run(eng, "a1", prompt, tenant="alice")
+    other, accepted_other = _run(eng, "b1", prompt, tenant="bob")  # alice's response is not bob's to draft from
+    again, accepted_same = _run(eng, "a2", prompt, tenant="alice")  # alice's own finished response is
+    assert first == other == again
+    assert accepted_same >= 60, accepted_same  # nearly the whole response drafted from alice's global tree
+    assert accepted_same > accepted_other + 30, (accepted_same, accepted_other)
+    assert_pages_clean(eng)

@@ -93,14 +93,14 @@ def test_dead_rank_brings_the_group_down(tiny_bf16):
 def test_shutdown_drops_graphs_before_the_process_group(tiny_bf16, monkeypatch):
     """CUDA graphs that captured NCCL all-reduces must be destroyed before the group is (a TP=2 shutdown with
     them alive stalled on 2x H200). On CPU there are no graphs: check the order of the two steps on rank 0."""
-    import engine.distributed as dist_mod
+    import engine.model_worker as worker_mod
     from engine.model_worker import ModelWorker
 
     llm = LLM(str(tiny_bf16), device="cpu", tensor_parallel_size=2, max_model_len=256, num_kv_blocks=64)
     events: list[str] = []
     sentinel = object()
     llm.engine.worker.runner.graphs = sentinel  # stands in for captured graphs
-    real_release, real_shutdown = ModelWorker.release_graphs, dist_mod.shutdown_distributed
+    real_release, real_shutdown = ModelWorker.release_graphs, worker_mod.shutdown_distributed
 
     def release(self):
         events.append("graphs" if self.runner.graphs is sentinel else "no graphs")
@@ -108,7 +108,7 @@ def test_shutdown_drops_graphs_before_the_process_group(tiny_bf16, monkeypatch):
         real_release(self)
 
     monkeypatch.setattr(ModelWorker, "release_graphs", release)
-    monkeypatch.setattr(dist_mod, "shutdown_distributed", lambda *a: (events.append("group"), real_shutdown(*a)))
+    monkeypatch.setattr(worker_mod, "shutdown_distributed", lambda *a: (events.append("group"), real_shutdown(*a)))
     llm.shutdown()
     assert events == ["graphs", "group"]
     assert llm.engine.worker.runner.graphs is None

@@ -122,7 +122,7 @@ def main() -> None:
                             device=a.device)
             try:
                 rows += run_case(backend, spec, pages, a.repeats, options, env)
-            except Exception as e:  # keep measuring the other cases
+            except Exception as e:  # noqa: BLE001 - report any failure, keep measuring the other cases
                 print(f"# {backend}/{layout}: FAILED {type(e).__name__}: {e}", flush=True)
                 continue
             r = rows[-1]

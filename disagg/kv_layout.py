@@ -111,6 +111,19 @@ class PageMajorKVPool:
         return KVPageRegions.from_kv_caches(self.kv_caches)
 
 
+def dense_layer_views(pool: PageMajorKVPool) -> tuple[KVCaches, int]:
+    """The same pool as per-layer views with DENSE pages (what the Triton kernels assert today), plus the factor
+    f = 2 * num_layers by which block ids must be scaled for them: the buffer is read as num_blocks * f pages of
+    [block_size, kv_heads, head_dim]; layer i's K view starts at page 2i and its V view at page 2i + 1, so block
+    b of layer i is page b * f of its view. With block tables * f and slot mapping = (block * f) * block_size +
+    offset (one scaling per step, shared by every layer) the kernels run on the page-major pool unchanged."""
+    nb, nl, _, bs, h, d = pool.buffer.shape
+    f = 2 * nl
+    pages = pool.buffer.view(nb * f, bs, h, d)
+    n = (nb - 1) * f + 1  # one length for every view (K and V must match): page (nb - 1) * f is the last used
+    return {lid: (pages[2 * i:2 * i + n], pages[2 * i + 1:2 * i + 1 + n]) for i, lid in enumerate(pool.kv_caches)}, f
+
+
 def allocate_page_major_kv(
     layer_ids: list[int],
     num_blocks: int,

@@ -16,7 +16,8 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,7 +54,7 @@ def _recv_exact(sock: socket.socket, view: memoryview, alive: Callable[[], bool]
     while got < len(view):
         try:
             n = sock.recv_into(view[got:])
-        except socket.timeout:
+        except TimeoutError:
             if alive is None or alive():
                 continue
             raise _Closed("stopped waiting") from None
@@ -204,7 +205,7 @@ class _Peer:
         while len(view):
             try:
                 view = view[sock.send(view):]
-            except socket.timeout:
+            except TimeoutError:
                 if self.removed:
                     raise _Closed("peer removed") from None
                 if time.monotonic() >= job.handle.deadline or job.handle.state.status is not Status.PENDING:

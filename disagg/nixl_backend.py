@@ -15,6 +15,7 @@ median of 40): delay 0 us -> 0.2 core per idle agent and 3-12 ms per transfer (t
 """
 from __future__ import annotations
 
+import contextlib
 import pickle
 import threading
 from dataclasses import dataclass
@@ -45,6 +46,10 @@ except ImportError:
         nixl_bind = None
 
 NIXL_AVAILABLE = nixl_bind is not None
+# the typed errors the bindings raise (NIXL_ERR_* statuses); anything else is a bug and propagates
+NIXL_ERRORS: tuple[type[Exception], ...] = tuple(
+    getattr(nixl_bind, n) for n in dir(nixl_bind) if n.startswith("nixl") and n.endswith("Error")
+) if NIXL_AVAILABLE else ()
 DEFAULT_PROGRESS_DELAY_US = 100
 
 
@@ -87,7 +92,7 @@ class _NixlHandle(TransferHandle):
                 return
             try:
                 st = self._agent._nixl.postXferReq(self._req, notification)
-            except Exception as e:
+            except NIXL_ERRORS as e:
                 self._finish(TransferState(Status.FAILED, *_failure_of(e)))
                 return
             if st != nixl_bind.NIXL_SUCCESS and st != nixl_bind.NIXL_IN_PROG:
@@ -96,7 +101,7 @@ class _NixlHandle(TransferHandle):
     def _check(self) -> TransferState:
         try:
             st = self._agent._nixl.getXferStatus(self._req)
-        except Exception as e:  # the bindings raise typed errors (disconnect, backend error)
+        except NIXL_ERRORS as e:  # the bindings raise typed errors (disconnect, backend error)
             return TransferState(Status.FAILED, *_failure_of(e))
         if st == nixl_bind.NIXL_SUCCESS:
             return DONE
@@ -171,10 +176,8 @@ class NixlTransferAgent(TransferAgent):
         with self._lock:
             self._retry_stuck()
             self._nixl.releasedDlistH(p.dlist)
-            try:
+            with contextlib.suppress(*NIXL_ERRORS):  # already gone on the engine side
                 self._nixl.invalidateRemoteMD(peer)
-            except Exception:  # already gone on the engine side
-                pass
 
     def peer_num_pages(self, peer: str) -> int | None:
         p = self._peers.get(peer)
@@ -192,7 +195,7 @@ class NixlTransferAgent(TransferAgent):
                 req = self._nixl.makeXferReq(nixl_bind.NIXL_WRITE, self._local,
                                              _indices(src, nreg, self.regions.num_pages), p.dlist,
                                              _indices(dst, nreg, p.num_pages), notification, [self._ucx], False)
-            except Exception as e:
+            except NIXL_ERRORS as e:
                 return FailedHandle(peer, *_failure_of(e))
             h = _NixlHandle(self, peer, req, deadline)
             p.handles.add(h)
@@ -206,7 +209,7 @@ class NixlTransferAgent(TransferAgent):
                 p.handles.discard(h)
             try:
                 self._nixl.releaseXferReq(h._req)
-            except Exception:  # an active request NIXL could not cancel: keep it, retry on removal / close
+            except NIXL_ERRORS:  # an active request NIXL could not cancel: keep it, retry on removal / close
                 self._stuck.append(h._req)
 
     def _retry_stuck(self) -> None:
@@ -214,7 +217,7 @@ class NixlTransferAgent(TransferAgent):
         for req in self._stuck:
             try:
                 self._nixl.releaseXferReq(req)
-            except Exception:
+            except NIXL_ERRORS:
                 left.append(req)
         self._stuck = left
 

@@ -13,8 +13,8 @@ import abc
 import enum
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

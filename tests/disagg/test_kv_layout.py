@@ -6,9 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from disagg.kv_layout import KVPageRegions, allocate_page_major_kv, allocate_page_major_kv_caches
+from disagg.kv_layout import (
+    KVPageRegions,
+    allocate_page_major_kv,
+    allocate_page_major_kv_caches,
+    dense_layer_views,
+)
 from engine.kv_cache import allocate_kv_caches
-from kernels.attention import gather_kv_ref, paged_attention_ref
+from kernels.attention import gather_kv_ref, paged_attention_ref, store_kv_ref
 from model.config import load_model_config
 from model.parallel import TPGroup
 
@@ -76,3 +81,27 @@ def test_attention_reference_reads_page_major_views():
     dense = paged_attention_ref(q, k.contiguous(), v.contiguous(), block_tables, seq_lens, qsl, 0.25)
     assert torch.equal(out, dense)
     assert torch.equal(gather_kv_ref(k, block_tables[0], 9), pool.buffer[[7, 2, 10], 1, 0].reshape(12, hk, d)[:9])
+
+
+def test_dense_views_with_scaled_block_ids_reach_the_same_pages():
+    """The no-kernel-change option: dense per-layer views + block ids * (2 * num_layers)."""
+    g = torch.Generator().manual_seed(1)
+    nb, bs, hk, d, hq = 10, 4, 2, 16, 4
+    pool = allocate_page_major_kv([3, 4, 5], nb, bs, hk, d, torch.float32, "cpu")
+    dense, f = dense_layer_views(pool)
+    assert f == 6
+    k, v = dense[4]
+    assert k.stride(0) == bs * k.stride(1)  # the kernels' "pages must be dense" check holds
+    slots = torch.tensor([9, 0, 27, 38])  # logical slots: block * bs + offset
+    kn, vn = torch.randn(4, hk, d, generator=g), torch.randn(4, hk, d, generator=g)
+    store_kv_ref(kn, vn, k, v, (slots // bs) * f * bs + slots % bs)
+    sk, sv = pool.kv_caches[4]  # the strided views of the same layer see the rows at the logical slots
+    assert torch.equal(sk[slots // bs, slots % bs], kn) and torch.equal(sv[slots // bs, slots % bs], vn)
+    assert int((pool.buffer != 0).sum()) == 2 * kn.numel()
+    pool.buffer.copy_(torch.randn(pool.buffer.shape, generator=g))
+    block_tables = torch.tensor([[7, 2, 9], [4, 0, 1]])
+    seq_lens, qsl = torch.tensor([10, 6]), torch.tensor([0, 2, 5])
+    q = torch.randn(5, hq, d, generator=g)
+    ref = paged_attention_ref(q, sk.contiguous(), sv.contiguous(), block_tables, seq_lens, qsl, 0.25)
+    out = paged_attention_ref(q, k, v, block_tables * f, seq_lens, qsl, 0.25)
+    assert torch.equal(out, ref)

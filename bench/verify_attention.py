@@ -1,6 +1,6 @@
 """Speculative-verify attention on the GPU: q_len = k+1 new tokens per sequence over a 4096-token paged context.
 
-    python -m bench.verify_attention [--sweep] [--quick] [--out DIR]
+    python -m bench.verify_attention [--tune] [--quick] [--q-lens 1,4,8] [--out DIR]
 
 For B in {1, 4, 16, 64}, q_len in {1, 4, 8}, heads 96/8 (TP1) and 12/1 (TP8), bf16 and FP8 KV it prints the time of
 the default path (`paged_attention` with max_query_len = q_len: the decode kernel at 1, the verify kernel above),
@@ -11,7 +11,7 @@ target: a verify of q_len 4 costs about one decode step (it reads the same K/V).
 Timing is bench.kernels': CUDA-graph replays over R variants, each with its own block tables drawn at random
 from a page pool of several times the L2 size, so small batches are not served from L2.
 
---sweep times verify launch configs (rows per block, tile, warps, stages, splits) at a few shapes instead.
+--tune also times verify launch configs around the default (tile, stages, splits, rows per block) per case.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import sys
 import torch
 
 from bench import kernels as bk
-from kernels.triton_attention import decode_splits, paged_attention, verify_config
+from kernels.triton_attention import paged_attention, verify_config, verify_splits
 
 BF16 = torch.bfloat16
 FP8 = torch.float8_e4m3fn
@@ -72,49 +72,37 @@ class Batch:
         return bk.timeit(fns)[0]
 
 
-def sweep(quick: bool) -> None:
-    """Verify launch configs around the defaults, the fastest five per shape."""
-    shapes = [((96, 8), 1, 4), ((96, 8), 16, 4), ((96, 8), 64, 4), ((96, 8), 4, 8), ((12, 1), 1, 4),
-              ((12, 1), 64, 8)]
-    if quick:
-        shapes = shapes[:2]
-    cands = [dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st)
-             for (bm, w), bn, st in itertools.product(((64, 4), (128, 8), (128, 4)), (64, 128), (2, 3))]
+def tune_grid(bat: Batch, dflt: dict) -> list[dict]:
+    """Verify configs around the default: both tiles x 2 / 3 stages at the rule's splits, half and twice the
+    splits at the default tile, and for more than 64 rows 64-row blocks (two per KV head)."""
     sms = bk.HW["sms"]
-    for (hq, hk), b, ql in shapes:
-        for dt in (BF16, FP8):
-            bat = Batch(hq, hk, dt, b, ql)
-            dflt = verify_config(b, hk, hq // hk, ql, CTX, sms, dt == FP8)
-            base = bat.time()
-            res = []
-            for c in cands:
-                rb = math.ceil(ql * (hq // hk) / c["block_m"])
-                one = decode_splits(b * rb, hk, CTX, sms, c["block_n"])
-                for splits in sorted({max(1, one // 2), one, min(2 * one, math.ceil(CTX / c["block_n"]))}):
-                    cfg = dict(c, num_splits=splits)
-                    try:
-                        res.append((bat.time(**cfg), cfg))
-                    except Exception as exc:  # noqa: BLE001 - a config that does not build is skipped
-                        torch.cuda.synchronize()
-                        print(f"    skip {cfg}: {type(exc).__name__}", flush=True)
-            res.sort(key=lambda x: x[0])
-            kv = "fp8" if dt == FP8 else "bf16"
-            print(f"sweep {hq}/{hk} {kv} B={b} q={ql}: default {base * 1e6:.1f}us {dflt}; floor "
-                  f"{bat.kv_bytes / FLOOR_BW * 1e6:.1f}us", flush=True)
-            for t, cfg in res[:5]:
-                print(f"    {t * 1e6:7.1f}us {cfg}", flush=True)
-            del bat
-            torch.cuda.empty_cache()
+    rows = bat.q_len * (bat.hq // bat.hk)
+
+    def cfg(bm: int, w: int, bn: int, st: int, mult: float = 1.0) -> dict:
+        one = verify_splits(bat.b * bat.hk * math.ceil(rows / bm), bat.ctx, sms, bn, 1 if bm > 64 else 2)
+        sp = max(1, min(int(one * mult), math.ceil(bat.ctx / bn)))
+        return dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st, num_splits=sp)
+
+    bm, w, bn, st = dflt["block_m"], dflt["warps"], dflt["block_n"], dflt["stages"]
+    out = [cfg(bm, w, n, s) for n, s in itertools.product((64, 128), (2, 3))]
+    out += [cfg(bm, w, bn, st, 0.5), cfg(bm, w, bn, st, 2.0)]
+    if bm > 64:
+        out.append(cfg(64, 4, 64, 2))
+    uniq = []
+    for c in out:
+        if c not in uniq:
+            uniq.append(c)
+    return uniq
 
 
-def table(quick: bool) -> list[dict]:
+def table(quick: bool, tune: bool, q_lens: tuple[int, ...] = (1, 4, 8)) -> list[dict]:
     rows = []
     batches = (1, 16) if quick else (1, 4, 16, 64)
     print(f"{'heads':6s} {'KV':4s} {'B':>3s} {'q':>2s} | {'default':>8s} {'extend':>8s} {'q x dec':>8s} "
-          f"{'decode':>8s} {'floor':>7s} | {'def/floor':>9s} {'def/dec':>7s} {'ext/def':>7s}  (us)")
+          f"{'decode':>8s} {'floor':>7s} | {'def/floor':>9s} {'def/dec':>7s} {'ext/def':>7s}  (us)", flush=True)
     for (hq, hk), dt, b in itertools.product(((96, 8), (12, 1)), (BF16, FP8), batches):
         dec = None
-        for ql in (1, 4, 8):
+        for ql in q_lens:
             bat = Batch(hq, hk, dt, b, ql)
             if dec is None:
                 dec = bat.time("decode")
@@ -124,10 +112,23 @@ def table(quick: bool) -> list[dict]:
             kv = "fp8" if dt == FP8 else "bf16"
             row = dict(hq=hq, hk=hk, kv=kv, b=b, q_len=ql, us=ours * 1e6, extend_us=ext * 1e6,
                        q_decode_us=ql * dec * 1e6, decode_us=dec * 1e6, floor_us=floor * 1e6)
-            rows.append(row)
             print(f"{hq:>2d}/{hk:<3d} {kv:4s} {b:3d} {ql:2d} | {ours * 1e6:8.1f} {ext * 1e6:8.1f} "
                   f"{ql * dec * 1e6:8.1f} {dec * 1e6:8.1f} {floor * 1e6:7.1f} | {ours / floor:9.2f} "
                   f"{ours / dec:7.2f} {ext / ours:7.2f}", flush=True)
+            if tune and ql > 1:
+                dflt = verify_config(b, hk, hq // hk, ql, CTX, bk.HW["sms"], dt == FP8)
+                row["default_cfg"] = dflt
+                row["tune"] = []
+                for cfg in tune_grid(bat, dflt):
+                    try:
+                        row["tune"].append((bat.time(**cfg) * 1e6, cfg))
+                    except Exception as exc:  # noqa: BLE001 - a config that does not build is skipped
+                        torch.cuda.synchronize()
+                        print(f"    skip {cfg}: {type(exc).__name__}", flush=True)
+                row["tune"].sort(key=lambda x: x[0])
+                for t, cfg in row["tune"][:3]:
+                    print(f"    {t:8.1f} {cfg}", flush=True)
+            rows.append(row)
             del bat
             torch.cuda.empty_cache()
     return rows
@@ -135,7 +136,8 @@ def table(quick: bool) -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sweep", action="store_true", help="sweep verify launch configs instead of the table")
+    p.add_argument("--tune", action="store_true", help="also time verify configs around the default per case")
+    p.add_argument("--q-lens", default="1,4,8", help="comma list of q_len")
     p.add_argument("--quick", action="store_true", help="fewer shapes")
     p.add_argument("--out", default=os.environ.get("OUT", ""), help="folder for verify_attention.json")
     args = p.parse_args(argv)
@@ -147,10 +149,7 @@ def main(argv=None) -> int:
                  bw=bk._copy_bw())
     print(f"# {torch.cuda.get_device_name(0)}: copy bandwidth {bk.HW['bw'] / 1e12:.2f} TB/s, floor at "
           f"{FLOOR_BW / 1e12:.1f} TB/s, ctx {CTX}, head_dim {D}, {BS}-token pages", flush=True)
-    if args.sweep:
-        sweep(args.quick)
-        return 0
-    rows = table(args.quick)
+    rows = table(args.quick, args.tune, tuple(int(x) for x in args.q_lens.split(",")))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "verify_attention.json"), "w") as f:

@@ -321,17 +321,29 @@ def decode_config(batch: int, kv_heads: int, max_seq_len: int, num_sms: int, fp8
 VERIFY_MAX_Q = 16  # the verify kernel serves 1 < max_query_len <= this; longer queries take the extend kernel
 
 
+def verify_splits(programs: int, max_seq_len: int, num_sms: int, block_n: int, per_sm: int) -> int:
+    """Splits for `programs` (sequence, KV head, row block) triples so that they all fit in one wave of `per_sm`
+    resident programs per SM (a partial second wave doubles the chain of dependent KV tiles), each split at
+    least 2 KV tiles long. Fewer splits than decode also keep the fp32 partials (q_len x G rows per split, as
+    many bytes as the split's K/V at 4 x 12 rows and 128 keys) from costing more than the K/V themselves."""
+    return max(1, min(per_sm * num_sms // max(1, programs), cdiv(max_seq_len, 2 * block_n), 64))
+
+
 def verify_config(batch: int, kv_heads: int, group: int, max_query_len: int, max_seq_len: int, num_sms: int,
                   fp8_kv: bool) -> dict:
     """Verify launch defaults: the q_len x G rows of a KV head in one block of up to 128 rows (4 warps up to 64
-    rows, 8 above), the decode kernel's tile and split rules applied to the (sequence, KV head, row block)
-    programs."""
+    rows, two resident programs per SM; 8 warps and one above), splits from verify_splits."""
     rows = max_query_len * group
     block_m = min(128, max(16, next_pow2(rows)))
     rb = cdiv(rows, block_m)
-    dec = decode_config(batch * rb, kv_heads, max_seq_len, num_sms, fp8_kv)
-    return dict(block_m=block_m, row_blocks=rb, block_n=dec["block_n"], splits=dec["splits"],
-                warps=8 if block_m > 64 else 4, stages=dec["stages"])
+    programs = batch * kv_heads * rb
+    if block_m > 64:
+        block_n, warps, stages, per_sm = 128, 8, 2 if fp8_kv else 3, 1
+    else:
+        # FP8 pages: 128-key tiles as decode, but not below 64 rows (mma.sync, no wgmma: 128 keys spill)
+        block_n, warps, stages, per_sm = 128 if fp8_kv and programs > 4 and block_m == 64 else 64, 4, 2, 2
+    splits = verify_splits(programs, max_seq_len, num_sms, block_n, per_sm)
+    return dict(block_m=block_m, row_blocks=rb, block_n=block_n, splits=splits, warps=warps, stages=stages)
 
 
 def extend_config(max_query_len: int, head_dim: int) -> dict:
@@ -474,7 +486,7 @@ def _launch_verify(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     rb = cdiv(max_query_len * group, block_m)
     block_n = block_n or dflt["block_n"]
     splits = num_splits or (dflt["splits"] if (block_n, rb) == (dflt["block_n"], dflt["row_blocks"]) else
-                            decode_splits(b * rb, hk, max_seq_len, sms, block_n))
+                            verify_splits(b * hk * rb, max_seq_len, sms, block_n, 1 if block_m > 64 else 2))
     if splits > 1:
         po = torch.empty(t * hq * splits * d, dtype=torch.float32, device=q.device)
         plse = torch.empty(t * hq * splits, dtype=torch.float32, device=q.device)
@@ -517,6 +529,7 @@ def _launch_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     )
 
 
-__all__ = ["paged_attention", "attention_path", "decode_splits", "decode_config", "verify_config", "extend_config",
+__all__ = ["paged_attention", "attention_path", "decode_splits", "decode_config", "verify_splits",
+           "verify_config", "extend_config",
            "VERIFY_MAX_Q"]
 

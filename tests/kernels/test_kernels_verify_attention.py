@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kernels.attention import paged_attention_ref
-from kernels.triton_attention import attention_path, paged_attention, verify_config
+from kernels.triton_attention import attention_path, paged_attention, verify_config, verify_splits
 from kernel_helpers import poison, poisoned_empty, rel_err
 from test_kernels_attention import make_batch
 
@@ -95,6 +95,12 @@ def test_verify_config_rules():
     cfg = verify_config(64, 8, 12, 16, 4096, 132, True)  # 192 rows: two 128-row blocks, 8 warps
     assert (cfg["block_m"], cfg["row_blocks"], cfg["warps"]) == (128, 2, 8)
     assert verify_config(4, 2, 1, 2, 100, 132, False)["block_m"] == 16
+    # splits: all programs in one wave (2 resident per SM up to 64 rows, 1 above), splits >= 2 tiles, <= 64
+    assert verify_splits(32, 4096, 132, 128, 1) == 4
+    assert verify_splits(128, 4096, 132, 64, 2) == 2
+    assert verify_splits(512, 4096, 132, 64, 2) == 1
+    assert verify_splits(1, 4096, 132, 64, 2) == 32 and verify_splits(1, 1 << 20, 132, 64, 2) == 64
+    assert verify_splits(1, 100, 132, 64, 2) == 1
 
 
 def _graph_case(hq, hk, cache_dtype, q_len, batch, max_len):

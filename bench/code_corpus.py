@@ -77,6 +77,36 @@ def stdlib_files(
     return out
 
 
+def extra_code_files(root: str | Path, max_total_bytes: int, seed: int = 0,
+                     max_bytes: int = MAX_FILE_BYTES) -> list[SourceFile]:
+    """More training code (e.g. this Python's site-packages, which unlike the stdlib differs per machine): a
+    seeded sample of the .py files under root up to max_total_bytes, sorted by path. Packages named like a
+    held-out stdlib module (typing_extensions for typing, importlib_metadata for importlib) are left out."""
+    base = Path(root)
+    held = {module_group(f.rel) for f in stdlib_files("heldout")}
+    rels = _py_files(base)
+    random.Random(seed).shuffle(rels)
+    out, total = [], 0
+    for rel in rels:
+        top = rel.split("/")[0].removesuffix(".py").strip("_")
+        if any(top == g or top.startswith(g + "_") for g in held):
+            continue
+        path = base / rel
+        try:
+            if path.stat().st_size > max_bytes:
+                continue
+            text = path.read_bytes().decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if not text.strip():
+            continue
+        if total + len(text) > max_total_bytes:
+            break
+        total += len(text)
+        out.append(SourceFile(rel, text if text.endswith("\n") else text + "\n"))
+    return sorted(out, key=lambda f: f.rel)
+
+
 def _py_files(base: Path) -> list[str]:
     """Sorted "/"-separated paths of the .py files under base, not descending into skipped folders."""
     out = []

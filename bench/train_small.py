@@ -20,10 +20,12 @@ from its bf16 folder byte for byte. DIR/train_small.json: arguments, sizes, loss
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import sys
+import sysconfig
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench.code_corpus import stdlib_files
+from bench.code_corpus import extra_code_files, stdlib_files
 from bench.small_model import SmallGlm, checkpoint_tensors, init_weights, load_checkpoint_tensors, losses
 from bench.train_data import encode, make_episodes, pack_episodes, raw_windows, token_stream
 from model.config import config_from_dict
@@ -55,11 +57,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(TINY_DIMS),
 }  # fmt: skip
 TRAIN_DEFAULTS = {  # per preset: vocab, seq len, batch rows, episode rows
-    "small": {"vocab_size": 8192, "seq_len": 2048, "batch_size": 32, "episode_rows": 6000},
+    "small": {"vocab_size": 8192, "seq_len": 2048, "batch_size": 32, "episode_rows": 10000},
     "tiny": {"vocab_size": 512, "seq_len": 128, "batch_size": 4, "episode_rows": 32},
 }
 BIAS_UPDATE = 1e-3  # correction-bias step per training step (DeepSeek-V3's aux-loss-free balancing)
 EVAL_ROWS = 64  # held-out rows of each kind (raw code, episodes) for the final evaluation
+VALID_PERCENT = 3  # of the training-split files, kept for choosing the best step
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -89,10 +92,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--mtp-weight", type=float, default=0.3)
     ap.add_argument("--init-std", type=float, default=0.02, help="std of the initial weight matrices")
     ap.add_argument("--max-files", type=int, default=None, help="use at most N files of each split (tests)")
+    ap.add_argument("--extra-code", action="append", default=[], metavar="DIR",
+                    help="more .py files for training only ('purelib': this Python's site-packages)")
+    ap.add_argument("--extra-code-mb", type=float, default=80.0,
+                    help="at most this many MB of --extra-code text")
     ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA")
-    ap.add_argument("--eval-every", type=int, default=500,
-                    help="steps between held-out code losses (0: none)")
+    ap.add_argument("--eval-every", type=int, default=250,
+                    help="steps between validation losses; the best validated weights are kept (0: last)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     for key, value in TRAIN_DEFAULTS[args.preset].items():
@@ -115,6 +122,11 @@ def model_dims(args: argparse.Namespace) -> dict[str, Any]:
     return dims
 
 
+def _is_valid(rel: str) -> bool:
+    digest = hashlib.sha256(f"glint-valid:{rel}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") % 100 < VALID_PERCENT
+
+
 def _spread(files: list, n: int | None) -> list:
     if n is None or len(files) <= n:
         return files
@@ -124,19 +136,27 @@ def _spread(files: list, n: int | None) -> list:
 def prepare_data(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     """Tokenizer, training stream and episode rows, held-out evaluation rows."""
     t0 = time.time()
-    train_files = _spread(stdlib_files("train"), args.max_files)
+    stdlib_train = _spread(stdlib_files("train"), args.max_files)
     held_files = _spread(stdlib_files("heldout"), args.max_files)
+    extra = []
+    for root in args.extra_code:
+        root = sysconfig.get_paths()["purelib"] if root == "purelib" else root
+        extra += extra_code_files(root, int(args.extra_code_mb * 1e6 / len(args.extra_code)), args.seed)
+    # validation (best-step selection): a hash share of the training-split files, never trained on
+    valid_files = [f for f in stdlib_train + extra if _is_valid(f.rel)] or stdlib_train[:1]
+    train_files = [f for f in stdlib_train + extra if not _is_valid(f.rel)] or stdlib_train
     n_ep = int(args.episode_rows * 1.8)  # about 1.8 episodes fill a row
     ep_train = make_episodes(train_files, n_ep, args.seq_len, args.seed, args.workers)
     ep_held = make_episodes(held_files, 2 * EVAL_ROWS, args.seq_len, args.seed + 1, args.workers)
-    log(f"data: {len(train_files)} train / {len(held_files)} held-out files, {len(ep_train)} episodes "
-        f"({time.time() - t0:.1f}s)")
-    tok = train_bpe_tokenizer([f.text for f in train_files], args.vocab_size)
+    log(f"data: {len(train_files)} train ({len(extra)} extra) / {len(valid_files)} validation / "
+        f"{len(held_files)} held-out files, {len(ep_train)} episodes ({time.time() - t0:.1f}s)")
+    tok = train_bpe_tokenizer([f.text for f in stdlib_train], args.vocab_size)
     tok_json = tok.to_str(pretty=True).encode("utf-8")
     sep = tok.token_to_id("<|endoftext|>")
     gen = torch.Generator().manual_seed(args.seed)
     raw = token_stream(encode(tok, [f.text for f in train_files]), sep)
     raw_held = token_stream(encode(tok, [f.text for f in held_files]), sep)
+    raw_valid = token_stream(encode(tok, [f.text for f in valid_files]), sep)
     row = args.seq_len + 1
     ep_rows = pack_episodes(encode(tok, ep_train), raw, row, gen)
     held_stride = max(1, (len(raw_held) - row) // EVAL_ROWS)
@@ -145,8 +165,12 @@ def prepare_data(args: argparse.Namespace, log: Callable[[str], None]) -> dict[s
     held_ep_rows = pack_episodes(encode(tok, ep_held), raw_held, row, gen)[:EVAL_ROWS]
     log(f"tokens: {len(raw)} train code, {ep_rows.numel()} in {len(ep_rows)} episode rows, {len(raw_held)} "
         f"held-out code; vocab {tok.get_vocab_size()} ({time.time() - t0:.1f}s)")
+    valid_gen = torch.Generator().manual_seed(1)
+    valid_rows = raw_windows(raw_valid, min(EVAL_ROWS, 2 * args.batch_size), row, valid_gen)
     return {"tokenizer_json": tok_json, "raw": raw, "ep_rows": ep_rows, "held_raw": held_raw_rows,
-            "held_ep": held_ep_rows, "n_tokens": tok.get_vocab_size(), "gen": gen}
+            "held_ep": held_ep_rows, "valid": valid_rows, "n_tokens": tok.get_vocab_size(), "gen": gen,
+            "files": {"train": len(train_files), "extra": len(extra), "valid": len(valid_files),
+                      "heldout": len(held_files), "train_code_tokens": len(raw)}}
 
 
 def lr_at(step: int, total: int | None, args: argparse.Namespace) -> float:
@@ -212,6 +236,7 @@ def train(
     order = torch.randperm(len(ep_rows), generator=gen)
     total, step, ep_pos, t_start, history = args.steps, 0, 0, time.time(), []
     t_calib = None
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     while total is None or step < total:
         if ep_pos + n_ep_rows > len(order):
             order, ep_pos = torch.randperm(len(ep_rows), generator=gen), 0
@@ -243,15 +268,23 @@ def train(
             per_step = (time.time() - t_calib) / 20
             total = max(step + 1, int(step + (args.time_budget - (time.time() - t_start)) / per_step))
             log(f"{per_step * 1000:.0f} ms/step -> {total} steps in {args.time_budget:.0f}s")
-        if args.eval_every and step % args.eval_every == 0:
-            held = evaluate(model, data["held_raw"][: args.batch_size], device, args.batch_size)
-            log(f"step {step} held-out code: main {held['main_loss']:.3f} mtp {held['mtp_loss']:.3f}")
+        if args.eval_every and (step % args.eval_every == 0 or step == total):
+            val = evaluate(model, data["valid"], device, args.batch_size)
+            score = val["main_loss"] + args.mtp_weight * val["mtp_loss"]
+            if best is None or score < best[0]:
+                best = (score, step, {k: v.detach().clone() for k, v in model.state_dict().items()})
+            log(f"step {step} validation: main {val['main_loss']:.3f} mtp {val['mtp_loss']:.3f}"
+                f"{' (best)' if best[1] == step else ''}")
         if step % 50 == 0 or step == 1 or step == total:
             history.append({"step": step, "main": main.item(), "mtp": mtp.item(), "s": time.time() - t_start})
             log(f"step {step}/{total} main {main.item():.3f} mtp {mtp.item():.3f} "
                 f"lr {lr_at(step, total, args):.2e} {time.time() - t_start:.0f}s")
+    if best is not None:
+        model.load_state_dict(best[2])
+        log(f"kept the weights of step {best[1]} (best validation loss)")
     model.eval()
-    return model, {"steps": step, "train_seconds": time.time() - t_start, "history": history,
+    return model, {"steps": step, "kept_step": best[1] if best else step,
+                   "train_seconds": time.time() - t_start, "history": history,
                    "tokens_seen": step * args.batch_size * args.seq_len}
 
 
@@ -314,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             "edit_episodes": evaluate(model, data["held_ep"], torch.device(args.device), args.batch_size)}
     sizes = write_formats(out, dims, data["n_tokens"], data["tokenizer_json"], tensors, args.formats)
     report = {"args": {k: v for k, v in vars(args).items()}, "dims": dims, "parameters": n_params,
+              "data": data["files"],
               "vocab_tokens": data["n_tokens"], **stats, "heldout": held, "sizes_bytes": sizes,
               "wall_seconds": time.time() - t0}
     (out / "train_small.json").write_text(json.dumps(report, indent=1) + "\n")

@@ -228,6 +228,8 @@ async def _stats_logger(state: ServerState) -> None:
             continue
         now = time.monotonic()
         dt = max(now - last_t, 1e-6)
+        if s.get("num_generated_tokens_total", 0) < last.get("num_generated_tokens_total", 0):
+            last = {}  # a restarted engine counts from zero again
         d_prompt = s.get("num_prompt_tokens_total", 0) - last.get("num_prompt_tokens_total", 0)
         d_gen = s.get("num_generated_tokens_total", 0) - last.get("num_generated_tokens_total", 0)
         d_q = s.get("prefix_cache_queried_tokens", 0) - last.get("prefix_cache_queried_tokens", 0)

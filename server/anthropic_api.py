@@ -435,7 +435,7 @@ async def count_tokens(request: Request) -> Response:
     log["endpoint"] = "count_tokens"
     req = await read_body(state, request, CountTokensRequest)
     chat_req = to_chat_request(req)
-    plan = ChatPlan(state, chat_req)
+    plan = await run_blocking(state, ChatPlan, state, chat_req)
     _, ids = await run_blocking(state, plan.render, state)
     log["prompt_tokens"] = len(ids)
     return JSONResponse({"input_tokens": len(ids)})

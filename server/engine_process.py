@@ -42,6 +42,8 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.log_safety import SafeFormatter
+
 logger = logging.getLogger("glint.engine")
 
 IDLE_POLL_MS = 1000
@@ -102,13 +104,11 @@ def _load_factory(path: str):
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s [engine] %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-        force=True,
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        SafeFormatter("%(asctime)s %(levelname)s [engine] %(name)s: %(message)s", "%H:%M:%S")
     )
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)
 
 
 def engine_info(core: Any) -> dict[str, Any]:

@@ -13,34 +13,23 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import re
 import sys
 from typing import Callable
 from pathlib import Path
 
 from server.cli import engine_kwargs
 from server.config import ServerConfig
+from server.log_safety import SafeFormatter
 
 logger = logging.getLogger("glint.server")
 
 TINY_MODEL_NAME = "glint-tiny"
 
 
-class _SafeFormatter(logging.Formatter):
-    """Escapes the control characters that could rewrite what an operator sees (CR, ESC, C1...; line feeds
-    stay for tracebacks: request-derived values are escaped where they are logged, see
-    server/middleware.py)."""
-
-    _UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
-
-    def format(self, record: logging.LogRecord) -> str:
-        return self._UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", super().format(record))
-
-
 def setup_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        _SafeFormatter("%(asctime)s %(levelname)s [server] %(name)s: %(message)s", "%H:%M:%S")
+        SafeFormatter("%(asctime)s %(levelname)s [server] %(name)s: %(message)s", "%H:%M:%S")
     )
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)

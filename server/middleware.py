@@ -24,14 +24,13 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import APIError, error_response
+from server.log_safety import escape_controls, has_controls
 
 logger = logging.getLogger("glint.requests")
 
 AUTH_EXEMPT = {"/health", "/version"}
 QUIET_PATHS = {"/health", "/metrics"}
 _ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-# C0 and C1 controls, DEL, line/paragraph separators and lone surrogates: never written raw into a log line
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 _NEEDS_QUOTES = re.compile(r'[\s"\\=]')
 
 
@@ -49,12 +48,6 @@ class RequestTooLarge(APIError):
             f"the request body is larger than this server accepts ({limit} bytes; see --max-request-bytes)",
             code="request_too_large",
         )
-
-
-def escape_controls(text: str) -> str:
-    """Control characters as \\uNNNN escapes (valid inside JSON strings too): the text stays on one line and
-    prints nothing special on a terminal."""
-    return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 class GlintMiddleware:
@@ -218,7 +211,7 @@ def _limited(receive: Receive, limit: int) -> Receive:
 
 def _fmt(v: Any) -> str:
     if isinstance(v, str):
-        if not v or _NEEDS_QUOTES.search(v) or _UNSAFE.search(v):
+        if not v or _NEEDS_QUOTES.search(v) or has_controls(v):
             return escape_controls(json.dumps(v, ensure_ascii=False))
         return v
     if isinstance(v, bool):

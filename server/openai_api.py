@@ -227,7 +227,7 @@ async def prepare_chat(
     arrival: float,
     id_prefix: str = "chatcmpl",
 ) -> PreparedChat:
-    plan = ChatPlan(state, req)
+    plan = await run_blocking(state, ChatPlan, state, req)  # decodes tool-call arguments: off the loop
     state.check_ready()
     prompt, prompt_ids = await run_blocking(state, plan.render, state)
     starts_in_reasoning = prompt_starts_in_reasoning(prompt)

@@ -185,6 +185,7 @@ async def _supervise(state: ServerState, on_ready, on_fatal) -> None:
             return
         logger.warning("restarting the engine (restart %d of %d)", client.restarts + 1, limit)
         await client.restart()
+        state.metrics.engine_restarts.inc()
         error = await _await_ready(state, None)
         if error is not None:
             logger.error("the restarted engine failed to start: %s", error)

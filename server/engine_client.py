@@ -269,7 +269,7 @@ class EngineClient:
         proc = self.process
         if proc is None:
             return
-        pgid = self._pgid
+        pgid, self._pgid = self._pgid, None  # once: the group id could be reused after the group is gone
         if pgid is not None and pgid != os.getpgrp():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pgid, signal.SIGKILL)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
+from conftest import metric
 
 STALL_TIMEOUT = 2.0
 
@@ -104,6 +105,7 @@ def test_kill9_restarts_the_engine_then_a_stall_with_no_restart_left_exits_1(lau
     assert second != first and gone(first), "the killed engine was not reaped"
     r = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    assert metric(httpx.get(url + "/metrics").text, "glint:engine_restarts_total") == 1
     log = srv.log_text()
     assert "killed by signal SIGKILL" in log and "restarting the engine (restart 1 of 1)" in log
     assert "exit code None" not in log and "exit status unknown" not in log

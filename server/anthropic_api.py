@@ -22,14 +22,19 @@ from starlette.responses import JSONResponse, Response
 
 from server.chat_template import content_text
 from server.errors import APIError, bad_request, not_supported
-from server.protocol import ChatCompletionRequest, _Loose, parse_body, validation_error
+from server.protocol import ChatCompletionRequest, _Loose, validation_error
 from server.openai_api import ChatPlan, iterate_generations, prepare_chat, request_log, run_chat
-from server.serving import ServerState, strip_stop_token_text, to_thread
+from server.serving import ServerState, read_body, run_blocking, strip_stop_token_text
 from server.sse import ClientDisconnected, SSEResponse, run_or_disconnect, sse_event
+from server.validation import check_tool_parameters
 
 logger = logging.getLogger("glint.server")
 
 router = APIRouter()
+
+# The end of every stream, also after an `error` event (the SDKs stop at the error; a plain SSE reader still
+# sees the message end).
+MESSAGE_STOP = sse_event("message_stop", {"type": "message_stop"})
 
 
 class MessagesRequest(_Loose):
@@ -164,9 +169,13 @@ def to_chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | 
         if not isinstance(t, dict) or not isinstance(t.get("name"), str):
             raise bad_request(f"tools[{i}].name is required", param=f"tools[{i}].name")
         if t.get("type") not in (None, "custom") and "input_schema" not in t:
-            logger.debug("ignoring server tool %r (%s)", t.get("name"), t.get("type"))
+            logger.debug("ignoring server tool %r (%r)", t.get("name"), t.get("type"))
             continue
-        fn = {"name": t["name"], "parameters": t.get("input_schema") or {"type": "object", "properties": {}}}
+        schema = t.get("input_schema")
+        if schema is None:
+            schema = {"type": "object", "properties": {}}
+        check_tool_parameters(schema, f"tools[{i}].input_schema")
+        fn = {"name": t["name"], "parameters": schema}
         if t.get("description"):
             fn["description"] = t["description"]
         out.append({"type": "function", "function": fn})
@@ -247,7 +256,7 @@ async def messages(request: Request) -> Response:
     state: ServerState = request.app.state.glint
     log = request_log(request)
     log["endpoint"] = "messages"
-    req = parse_body(await request.body(), MessagesRequest)
+    req = await read_body(state, request, MessagesRequest)
     if req.max_tokens < 1:
         raise bad_request("max_tokens must be at least 1", param="max_tokens")
     chat_req = to_chat_request(req, stream=bool(req.stream))
@@ -403,16 +412,18 @@ async def _stream(state: ServerState, prep: Any) -> AsyncIterator[str]:
                 },
             },
         )
-        yield sse_event("message_stop", {"type": "message_stop"})
+        yield MESSAGE_STOP
     except APIError as e:
         gen.log["error"] = e.message
         yield sse_event("error", e.anthropic_body())
+        yield MESSAGE_STOP
     except Exception as e:  # noqa: BLE001
         logger.exception("error while streaming %s", prep.rid)
         gen.log["error"] = type(e).__name__
         yield sse_event(
             "error", APIError(500, "internal error while streaming the response").anthropic_body()
         )
+        yield MESSAGE_STOP
     finally:
         gen.close()
 
@@ -422,9 +433,9 @@ async def count_tokens(request: Request) -> Response:
     state: ServerState = request.app.state.glint
     log = request_log(request)
     log["endpoint"] = "count_tokens"
-    req = parse_body(await request.body(), CountTokensRequest)
+    req = await read_body(state, request, CountTokensRequest)
     chat_req = to_chat_request(req)
-    plan = ChatPlan(state, chat_req)
-    _, ids = await to_thread(plan.render, state)
+    plan = await run_blocking(state, ChatPlan, state, chat_req)
+    _, ids = await run_blocking(state, plan.render, state)
     log["prompt_tokens"] = len(ids)
     return JSONResponse({"input_tokens": len(ids)})

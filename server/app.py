@@ -1,8 +1,14 @@
-"""The FastAPI application: lifespan (engine process, readiness, stats line), middleware, utility routes.
+"""The FastAPI application: lifespan (engine process, its supervision, stats line, drain), middleware, utility
+routes.
 
 Routes: OpenAI (server/openai_api.py), Anthropic (server/anthropic_api.py), and here `GET /health` (503 until
-the engine is ready and after it died), `GET /health_generate` (a one-token generation), `GET /v1/models`,
-`GET /metrics`, `GET|HEAD /`, `GET /version`.
+the engine is ready, while it is dead or restarting, and while draining), `GET /health_generate` (a one-token
+generation), `GET /v1/models`, `GET /metrics`, `GET|HEAD /`, `GET /version`, `GET /server_info` and
+`GET /openapi.json` (the request schemas; behind the API key like every route but /health, /version, HEAD /).
+
+Supervision: when the engine process dies or stalls (server/engine_client.py), the server restarts it up to
+--engine-restart times; after that `on_fatal` stops the server with a non-zero exit code, so that systemd or
+Kubernetes start a fresh one instead of a front end answering 503 forever.
 """
 
 from __future__ import annotations
@@ -24,10 +30,12 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from server.anthropic_api import router as anthropic_router
 from server.chat_template import ChatTemplate, load_chat_template
 from server.config import ServerConfig
+from server.drain import Drainer
 from server.engine_client import EngineClient, EngineStartupError, new_request_id
 from server.errors import APIError, error_response
 from server.metrics import CONTENT_TYPE, Metrics, kv_usage
 from server.middleware import GlintMiddleware
+from server.openapi import add_request_schemas
 from server.openai_api import router as openai_router
 from server.serving import Generation, ServerState, make_sampling_params
 
@@ -58,9 +66,12 @@ def build_app(
     tokenizer: Any = None,
     on_ready: Callable[[ServerState], None] | None = None,
     on_fatal: Callable[[str], None] | None = None,
+    on_drained: Callable[[], None] | None = None,
     client_options: dict[str, Any] | None = None,
 ) -> FastAPI:
-    """`engine_kwargs` go to EngineConfig.create in the engine process (see cli.engine_kwargs)."""
+    """`engine_kwargs` go to EngineConfig.create in the engine process (see cli.engine_kwargs).
+    `on_fatal`: the engine is gone for good (stop the server, non-zero exit); `on_drained`: a drain
+    (app.state.drainer, started from a signal handler) is over (stop the server)."""
     model_path = engine_kwargs["model"]
     if tokenizer is None:
         from transformers import AutoTokenizer
@@ -71,7 +82,12 @@ def build_app(
     )
     names = config.served_model_name or (Path(str(model_path)).name,)
     metrics = Metrics(names[0])
-    client = EngineClient(engine_kwargs, log_level=config.log_level, **(client_options or {}))
+    client = EngineClient(
+        engine_kwargs,
+        log_level=config.log_level,
+        stall_timeout=config.engine_stall_timeout,
+        **(client_options or {}),
+    )
     state = ServerState(
         config=config,
         client=client,
@@ -85,17 +101,20 @@ def build_app(
         else {},
     )
     client.add_stats_listener(metrics.update_from_stats)
+    drainer = Drainer(state, on_drained or (lambda: None))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        drainer.loop = asyncio.get_running_loop()
         await client.start()
-        tasks = [asyncio.create_task(_await_ready(state, on_ready, on_fatal), name="glint-ready")]
+        tasks = [asyncio.create_task(_supervise(state, on_ready, on_fatal), name="glint-supervisor")]
         if config.stats_interval > 0:
             tasks.append(asyncio.create_task(_stats_logger(state), name="glint-stats"))
         try:
             yield
         finally:
             state.draining = True
+            drainer.loop = None
             for t in tasks:
                 t.cancel()
             for t in tasks:
@@ -103,11 +122,19 @@ def build_app(
                     await t
             logger.info("shutting down the engine process")
             await client.shutdown()
+            state.executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
-        title="glint", version=VERSION, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+        title="glint",
+        version=VERSION,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json",
     )
     app.state.glint = state
+    app.state.drainer = drainer
+    add_request_schemas([openai_router, anthropic_router])
     app.include_router(openai_router)
     app.include_router(anthropic_router)
     _add_utility_routes(app, state)
@@ -115,6 +142,10 @@ def build_app(
     app.add_middleware(
         GlintMiddleware,
         api_keys=config.api_key,
+        metrics_public=config.metrics_public,
+        cors=bool(config.allowed_origins),
+        max_body=lambda: config.request_bytes_limit(state.max_model_len),
+        counter=state.requests,
         log_requests=config.log_requests,
         log_format=config.log_format,
     )
@@ -130,15 +161,45 @@ def build_app(
     return app
 
 
-async def _await_ready(state: ServerState, on_ready, on_fatal) -> None:
+async def _supervise(state: ServerState, on_ready, on_fatal) -> None:
+    """Wait for the engine; then, each time it dies, restart it (--engine-restart) or give up (`on_fatal`)."""
+    client, limit = state.client, state.config.engine_restart
+    error = await _await_ready(state, on_ready)
+    if error is not None:
+        logger.error("the engine failed to start: %s", error)
+        if on_fatal is not None:
+            on_fatal(error)
+        return
+    while True:
+        reason = await client.wait_dead()
+        if state.draining:
+            return
+        if client.restarts >= limit:
+            logger.error(
+                "the engine is gone (%s) and no restart is left (--engine-restart %d): stopping the server",
+                reason,
+                limit,
+            )
+            if on_fatal is not None:
+                on_fatal(reason)
+            return
+        logger.warning("restarting the engine (restart %d of %d)", client.restarts + 1, limit)
+        await client.restart()
+        state.metrics.engine_restarts.inc()
+        error = await _await_ready(state, None)
+        if error is not None:
+            logger.error("the restarted engine failed to start: %s", error)
+            client.kill(f"restart failed: {error}")
+        else:
+            logger.info("the engine is back (restart %d of %d)", client.restarts, limit)
+
+
+async def _await_ready(state: ServerState, on_ready) -> str | None:
+    """None once the engine is ready, else why it did not get there."""
     try:
         info = await state.client.wait_ready(state.config.engine_ready_timeout)
     except (EngineStartupError, asyncio.TimeoutError) as e:
-        msg = str(e) or "timed out waiting for the engine to load"
-        logger.error("the engine failed to start: %s", msg)
-        if on_fatal is not None:
-            on_fatal(msg)
-        return
+        return str(e) or "timed out waiting for the engine to load"
     state.max_model_len = int(info["max_model_len"])
     state.eos_token_ids = frozenset(info.get("eos_token_ids") or ())
     stats = info.get("stats") or {}
@@ -153,6 +214,7 @@ async def _await_ready(state: ServerState, on_ready, on_fatal) -> None:
         result = on_ready(state)
         if asyncio.iscoroutine(result):
             await result
+    return None
 
 
 async def _stats_logger(state: ServerState) -> None:
@@ -167,6 +229,8 @@ async def _stats_logger(state: ServerState) -> None:
             continue
         now = time.monotonic()
         dt = max(now - last_t, 1e-6)
+        if s.get("num_generated_tokens_total", 0) < last.get("num_generated_tokens_total", 0):
+            last = {}  # a restarted engine counts from zero again
         d_prompt = s.get("num_prompt_tokens_total", 0) - last.get("num_prompt_tokens_total", 0)
         d_gen = s.get("num_generated_tokens_total", 0) - last.get("num_generated_tokens_total", 0)
         d_q = s.get("prefix_cache_queried_tokens", 0) - last.get("prefix_cache_queried_tokens", 0)
@@ -205,7 +269,10 @@ def _add_utility_routes(app: FastAPI, state: ServerState) -> None:
     async def health() -> Response:
         if state.ready:
             return Response(status_code=200)
-        reason = state.client.dead_reason or ("shutting down" if state.draining else "starting")
+        if state.draining:
+            reason = "shutting down"
+        else:
+            reason = state.client.dead_reason or ("restarting" if state.client.restarts else "starting")
         return JSONResponse(
             {"status": "unavailable", "reason": reason}, status_code=503, headers={"Retry-After": "5"}
         )
@@ -229,8 +296,12 @@ def _add_utility_routes(app: FastAPI, state: ServerState) -> None:
             gen.close()
         return Response(status_code=200)
 
-    @app.api_route("/", methods=["GET", "HEAD"])
+    @app.get("/")
     async def root() -> Response:
+        return JSONResponse({"name": "glint", "version": VERSION, "ready": state.ready})
+
+    @app.head("/")
+    async def root_head() -> Response:  # a liveness probe: no key needed (see server/middleware.py)
         return JSONResponse({"name": "glint", "version": VERSION, "ready": state.ready})
 
     @app.get("/version")
@@ -300,6 +371,7 @@ def _add_utility_routes(app: FastAPI, state: ServerState) -> None:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> Response:
+        request.scope.setdefault("state", {}).setdefault("glint_log", {}).setdefault("error", exc.message)
         return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)

@@ -13,12 +13,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from server.errors import APIError, bad_request, not_supported
 from server.reasoning_parser import prompt_starts_in_reasoning
+from server.validation import check_tool_parameters, load_json
 
 _TEXT_PART_TYPES = ("text", "input_text", "output_text")
 
@@ -79,12 +79,7 @@ def _decode_arguments(args: Any, where: str) -> dict[str, Any]:
     if isinstance(args, dict):
         return args
     if isinstance(args, str):
-        try:
-            value = json.loads(args)
-        except ValueError as e:
-            raise bad_request(
-                f"{where} is not valid JSON ({e}); tool-call arguments must be a JSON object", param=where
-            ) from None
+        value = load_json(args, where)  # bounded depth: the template's tojson recurses over it
         if isinstance(value, dict):
             return value
     raise bad_request(f"{where} must be a JSON object (as a string or an object)", param=where)
@@ -164,11 +159,8 @@ def normalize_tools(tools: list[Any] | None) -> list[dict[str, Any]] | None:
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
             raise bad_request(f"tools[{i}].function.name is required", param=f"tools[{i}].function.name")
         params = fn.get("parameters")
-        if params is not None and not isinstance(params, dict):
-            raise bad_request(
-                f"tools[{i}].function.parameters must be a JSON schema object",
-                param=f"tools[{i}].function.parameters",
-            )
+        if params is not None:
+            check_tool_parameters(params, f"tools[{i}].function.parameters")
         out.append({"type": "function", "function": fn})
     return out
 

@@ -227,8 +227,11 @@ def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
     )
     m.add_argument("--enable-fused-qk-norm-rope", action="store_true")
     m.add_argument("--enable-shared-experts-fusion", action="store_true")
-    m.add_argument("--disable-overlap-schedule", action="store_true",
-                   help="run the synchronous step loop (overlap scheduling is on by default on CUDA)")
+    m.add_argument(
+        "--disable-overlap-schedule",
+        action="store_true",
+        help="run the synchronous step loop (overlap scheduling is on by default on CUDA)",
+    )
     m.add_argument(
         "--disaggregation-mode", choices=["null", "prefill", "decode"], default=d.disaggregation_mode
     )
@@ -274,12 +277,51 @@ def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
         nargs="+",
         action="extend",
         default=None,
-        help="accepted keys (Authorization: Bearer or x-api-key); default: no auth",
+        help="accepted keys (Authorization: Bearer or x-api-key); every route but /health, /version and "
+        "HEAD / then needs one; default: no auth",
     )
-    h.add_argument("--allowed-origins", nargs="+", default=list(d.allowed_origins))
-    h.add_argument("--allowed-methods", nargs="+", default=list(d.allowed_methods))
-    h.add_argument("--allowed-headers", nargs="+", default=list(d.allowed_headers))
-    h.add_argument("--allow-credentials", action="store_true")
+    h.add_argument(
+        "--metrics-public",
+        action="store_true",
+        help="serve /metrics without the API key (for a Prometheus scraper without credentials)",
+    )
+    h.add_argument(
+        "--allowed-origins",
+        nargs="+",
+        default=None,
+        help="CORS: origins allowed to call the API from a browser ('*' for any); default: no CORS headers",
+    )
+    h.add_argument(
+        "--allowed-methods",
+        nargs="+",
+        default=list(d.allowed_methods),
+        help="CORS: allowed methods (only with --allowed-origins)",
+    )
+    h.add_argument(
+        "--allowed-headers",
+        nargs="+",
+        default=list(d.allowed_headers),
+        help="CORS: allowed request headers (only with --allowed-origins)",
+    )
+    h.add_argument(
+        "--allow-credentials",
+        action="store_true",
+        help="CORS: allow credentials (only with --allowed-origins)",
+    )
+    h.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=None,
+        help="largest request body in bytes (larger: 413); default: max(8 MiB, 32 bytes per token of "
+        "--max-model-len)",
+    )
+    h.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=d.shutdown_timeout,
+        help="on SIGTERM/SIGINT: new requests get 503 and requests in flight may run this many seconds; the "
+        "rest then end with an error event (a second signal ends them at once)",
+    )
     h.add_argument("--chat-template", default=None, help="a Jinja file, or the template text itself")
     h.add_argument(
         "--default-chat-template-kwargs",
@@ -324,7 +366,27 @@ def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
         default=d.stats_interval,
         help="seconds between periodic stats lines; 0 disables",
     )
-    lg.add_argument("--engine-ready-timeout", type=float, default=d.engine_ready_timeout)
+    lg.add_argument(
+        "--engine-ready-timeout",
+        type=float,
+        default=d.engine_ready_timeout,
+        help="seconds the engine may take to load the model",
+    )
+    lg.add_argument(
+        "--engine-stall-timeout",
+        type=float,
+        default=d.engine_stall_timeout,
+        help="seconds without a heartbeat from the running engine (it sends one at least every second) "
+        "before it counts as stalled and is killed; 0 disables",
+    )
+    lg.add_argument(
+        "--engine-restart",
+        type=int,
+        default=d.engine_restart,
+        metavar="N",
+        help="restart a dead or stalled engine up to N times; after that the server exits with code 1 (so "
+        "systemd or Kubernetes restarts it). Not available under torchrun",
+    )
     return p
 
 
@@ -381,6 +443,14 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m server"
         errors.append("--port must be in [0, 65535]")
     if config.max_queued_requests is not None and config.max_queued_requests < 0:
         errors.append("--max-queued-requests must be >= 0")
+    if config.max_request_bytes is not None and config.max_request_bytes < 1024:
+        errors.append("--max-request-bytes must be >= 1024")
+    if config.shutdown_timeout < 0:
+        errors.append("--shutdown-timeout must be >= 0")
+    if config.engine_stall_timeout < 0:
+        errors.append("--engine-stall-timeout must be >= 0 (0 disables)")
+    if config.engine_restart < 0:
+        errors.append("--engine-restart must be >= 0")
     if errors:
         parser.exit(2, "".join(f"{parser.prog}: error: {e}\n" for e in errors))
     return config

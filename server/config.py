@@ -6,6 +6,13 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 
+# --max-request-bytes default: room for a context-filling prompt written in the most verbose legal JSON (every
+# character a 6-byte \uXXXX escape, token ids as 7-digit numbers, tool schemas and history around it), and
+# never below 8 MiB.
+MIN_REQUEST_BYTES = 8 << 20
+REQUEST_BYTES_PER_CONTEXT_TOKEN = 32
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     # model and engine
@@ -48,7 +55,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: tuple[str, ...] = ()
-    allowed_origins: tuple[str, ...] = ("*",)
+    metrics_public: bool = False  # /metrics without the API key
+    allowed_origins: tuple[str, ...] = ()  # no CORS headers at all unless origins are given
     allowed_methods: tuple[str, ...] = ("*",)
     allowed_headers: tuple[str, ...] = ("*",)
     allow_credentials: bool = False
@@ -62,7 +70,18 @@ class ServerConfig:
     log_format: str = "text"  # text | json
     stats_interval: float = 5.0  # seconds between periodic stats lines; 0 disables
     keepalive_interval: float = 5.0  # seconds of SSE silence before a ": keep-alive" comment
+    max_request_bytes: int | None = None  # None: max(8 MiB, 32 bytes per context token)
+    shutdown_timeout: float = 30.0  # SIGTERM/SIGINT: seconds in-flight requests may still run
     engine_ready_timeout: float = 1800.0
+    # supervision of the engine process
+    engine_stall_timeout: float = 30.0  # seconds without a heartbeat from a ready engine; 0 disables
+    engine_restart: int = 0  # restarts of a dead/stalled engine before the server exits non-zero
+
+    def request_bytes_limit(self, max_model_len: int) -> int:
+        """The largest request body accepted (413 above it)."""
+        if self.max_request_bytes is not None:
+            return self.max_request_bytes
+        return max(MIN_REQUEST_BYTES, REQUEST_BYTES_PER_CONTEXT_TOKEN * max(0, max_model_len))
 
     @property
     def default_chat_template_kwargs_dict(self) -> dict[str, Any]:

@@ -9,18 +9,25 @@ Front end -> engine (pickled tuples):
     ("abort", request_id)
     ("shutdown",)
 Engine -> front end:
+    ("hello", {"pid", "pgid"})              first thing: the process group the front end kills if it must
     ("ready", info)                         once the model is loaded; info has max_model_len, stats, ...
     ("startup_error", message)              loading failed; the process exits
     ("ack", request_id)                     add_request accepted the request
     ("reject", request_id, message, kind)   add_request refused it (kind "invalid": a ValueError naming the
                                             field; "internal": anything else)
     ("deltas", [RequestDelta, ...], stats)  after every step that changed something
-    ("stats", stats)                        when idle (about once a second) and after aborts
-    ("fatal", message)                      the loop crashed; the process exits
+    ("stats", stats)                        after aborts, and whenever a second passed without a message
+    ("fatal", message)                      the loop crashed (or a TP rank died); the process exits
+
+Heartbeat: once ready, the loop sends a message at least every HEARTBEAT_S seconds (deltas when steps produce
+them, else stats), from the loop itself, so a silent engine is a stuck loop (SIGSTOP, a hung collective, an
+endless step) and the front end's watchdog (--engine-stall-timeout) kills it.
 
 Loop: drain the input socket (blocking up to a second when there is no work), apply adds/aborts, run one
 `core.step()`, push the deltas. The process exits when told to or when its parent dies; SIGINT and SIGTERM
 are ignored so that a Ctrl-C (or a SIGTERM to the process group) lets the front end shut things down in order.
+The process leads its own process group (the TP ranks it spawns join it), so the front end can kill it and its
+ranks together when it stalls or dies.
 """
 
 from __future__ import annotations
@@ -35,9 +42,12 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.log_safety import SafeFormatter
+
 logger = logging.getLogger("glint.engine")
 
 IDLE_POLL_MS = 1000
+HEARTBEAT_S = 1.0  # the longest the loop stays silent (a single step longer than this delays it)
 
 
 @dataclass(frozen=True)
@@ -78,7 +88,9 @@ def shutdown_core(core: Any) -> None:
             from engine.model_worker import STOP, leave_process_group
 
             core.worker.send_control(STOP)
-            leave_process_group(core.worker)  # the workers leave now too; NCCL's teardown waits for every rank
+            leave_process_group(
+                core.worker
+            )  # the workers leave now too; NCCL's teardown waits for every rank
         fn = getattr(core, "shutdown", None)
         if callable(fn):
             fn()
@@ -92,13 +104,11 @@ def _load_factory(path: str):
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s [engine] %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-        force=True,
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        SafeFormatter("%(asctime)s %(levelname)s [engine] %(name)s: %(message)s", "%H:%M:%S")
     )
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)
 
 
 def engine_info(core: Any) -> dict[str, Any]:
@@ -127,6 +137,10 @@ def run_engine_process(spec: EngineProcessSpec) -> None:
     # second): a Ctrl-C or a SIGTERM sent to the whole process group must not kill the engine first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        os.setpgrp()
+    except OSError:
+        pass
 
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
@@ -136,6 +150,7 @@ def run_engine_process(spec: EngineProcessSpec) -> None:
     push.setsockopt(zmq.SNDHWM, 0)
     push.setsockopt(zmq.LINGER, 2000)
     push.connect(spec.output_addr)
+    push.send_pyobj(("hello", {"pid": os.getpid(), "pgid": os.getpgrp()}))
 
     try:
         core = _load_factory(spec.core_factory)(spec.engine_kwargs, spec.extra)
@@ -174,6 +189,7 @@ def _loop(core: Any, pull: Any, push: Any, parent_pid: int) -> None:
     poller = zmq.Poller()
     poller.register(pull, zmq.POLLIN)
     last_stats = 0.0
+    check_health = getattr(core, "check_health", None)  # raises when a tensor-parallel rank is gone
     while True:
         if os.getppid() != parent_pid:
             logger.warning("front-end process %d is gone; engine exiting", parent_pid)
@@ -211,7 +227,9 @@ def _loop(core: Any, pull: Any, push: Any, parent_pid: int) -> None:
                 last_stats = time.monotonic()
                 continue
         now = time.monotonic()
-        if changed or now - last_stats >= IDLE_POLL_MS / 1000:
+        if changed or now - last_stats >= HEARTBEAT_S:
+            if callable(check_health):
+                check_health()
             push.send_pyobj(("stats", core.stats()))
             last_stats = now
 

@@ -1,9 +1,11 @@
 """Start-up and shutdown: logging, model resolution, the FastAPI app under uvicorn, exit codes.
 
 The HTTP front end runs in this process; the engine core runs in a spawned child (server/engine_process.py).
-Ctrl-C (SIGINT) or SIGTERM stop uvicorn, whose lifespan shutdown tells the engine process to exit (it ignores
-SIGINT itself so the order is always front end first). If the engine fails to start or dies, the error is
-logged, /health turns 503 and every request gets a 503.
+SIGTERM or Ctrl-C (SIGINT) drain the server (server/drain.py: 503 for new requests, requests in flight may
+run for --shutdown-timeout seconds, then end with an error event), then stop uvicorn, whose lifespan shutdown
+tells the engine process to exit (it ignores SIGINT itself so the order is always front end first); exit code
+0. If the engine fails to start, or dies or stalls with no --engine-restart left, the server stops with exit
+code 1.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import asyncio
 import dataclasses
 import logging
 import sys
+from typing import Callable
 from pathlib import Path
 
 from server.cli import engine_kwargs
 from server.config import ServerConfig
+from server.log_safety import SafeFormatter
 
 logger = logging.getLogger("glint.server")
 
@@ -23,13 +27,11 @@ TINY_MODEL_NAME = "glint-tiny"
 
 
 def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s [server] %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-        force=True,
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        SafeFormatter("%(asctime)s %(levelname)s [server] %(name)s: %(message)s", "%H:%M:%S")
     )
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
 
 
@@ -77,7 +79,9 @@ def run_tp_worker(config: ServerConfig) -> int:
         worker = ModelWorker(econfig, info)
         worker.serve_forever()
     except RuntimeError as exc:
-        logger.error("tensor-parallel rank %d: lost rank 0 (%s); exiting", info.rank, str(exc).splitlines()[0])
+        logger.error(
+            "tensor-parallel rank %d: lost rank 0 (%s); exiting", info.rank, str(exc).splitlines()[0]
+        )
         return 1
     finally:
         leave_process_group(worker)
@@ -85,25 +89,32 @@ def run_tp_worker(config: ServerConfig) -> int:
     return 0
 
 
+def _launched_by_torchrun() -> bool:
+    from engine.distributed import launched_by_torchrun
+
+    return launched_by_torchrun()
+
+
 def is_torchrun_worker(config: ServerConfig) -> bool:
     import os
 
-    from engine.distributed import launched_by_torchrun
-
-    return config.tp_size > 1 and launched_by_torchrun() and int(os.environ.get("RANK", "0")) != 0
+    return config.tp_size > 1 and _launched_by_torchrun() and int(os.environ.get("RANK", "0")) != 0
 
 
-def _quiet_uvicorn_server(config):
-    """uvicorn.Server whose shutdown on Ctrl-C / SIGTERM is always the graceful one (bounded by
-    timeout_graceful_shutdown and the engine's own shutdown timeouts) and never re-raises the signal afterwards.
-    Plain uvicorn (>= 0.29) re-raises the captured signal once shut down, and a second SIGINT (Ctrl-C twice, or a
-    wrapper like `timeout` forwarding it) skips the lifespan shutdown; either way the lifespan task is cancelled
-    mid-receive and a traceback is logged at ERROR level on a clean stop. Our exit code says how it ended."""
+def _quiet_uvicorn_server(config, drain: Callable[[], bool] | None = None):
+    """uvicorn.Server whose shutdown on Ctrl-C / SIGTERM is always the graceful one and never re-raises the
+    signal afterwards. A signal first starts the app's drain (`drain()`, which sets should_exit when it is
+    over; a second signal hurries it); without one (no running loop yet) uvicorn stops directly. Plain
+    uvicorn (>= 0.29) re-raises the captured signal once shut down, and a second SIGINT (Ctrl-C twice, or a
+    wrapper like `timeout` forwarding it) skips the lifespan shutdown; either way the lifespan task is
+    cancelled mid-receive and a traceback is logged at ERROR level on a clean stop. Our exit code says how it
+    ended."""
     import uvicorn
 
     class QuietServer(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:  # not recorded, so capture_signals re-raises nothing
-            self.should_exit = True
+            if drain is None or self.should_exit or not drain():
+                self.should_exit = True
 
     return QuietServer(config)
 
@@ -120,6 +131,11 @@ def run_server(config: ServerConfig) -> int:
     non_default = config.non_default_args()
     logger.info("glint server, non-default args: %s", non_default or "(none)")
     config = resolve_model(config)
+    if config.engine_restart and config.tp_size > 1 and _launched_by_torchrun():
+        logger.warning(
+            "--engine-restart is not available under torchrun (the other ranks cannot rejoin): ignored"
+        )
+        config = dataclasses.replace(config, engine_restart=0)
     kwargs = engine_kwargs(config)
     exit_code = {"code": 0}
     holder: dict[str, uvicorn.Server] = {}
@@ -138,14 +154,19 @@ def run_server(config: ServerConfig) -> int:
         )
 
     def on_fatal(reason: str) -> None:
-        logger.error("the engine is gone (%s); stopping the server", reason)
+        logger.error("stopping the server (exit code 1) so that its supervisor can start a fresh one")
         exit_code["code"] = 1
         server = holder.get("server")
         if server is not None:
             server.should_exit = True
 
+    def on_drained() -> None:
+        server = holder.get("server")
+        if server is not None:
+            server.should_exit = True
+
     try:
-        app = build_app(config, kwargs, on_ready=on_ready, on_fatal=on_fatal)
+        app = build_app(config, kwargs, on_ready=on_ready, on_fatal=on_fatal, on_drained=on_drained)
     except (OSError, ValueError) as e:
         logger.error("cannot start: %s", e)
         return 1
@@ -156,10 +177,10 @@ def run_server(config: ServerConfig) -> int:
         log_config=None,
         log_level=config.log_level,
         access_log=False,
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=5,  # after the drain: responses are complete or ended by then
         lifespan="on",
     )
-    server = _quiet_uvicorn_server(uv_config)
+    server = _quiet_uvicorn_server(uv_config, drain=app.state.drainer.request)
     holder["server"] = server
     try:
         server.run()

@@ -136,6 +136,9 @@ class Metrics:
             "num_aborted_requests", "Requests aborted (client disconnect...)."
         )
         self.num_rejected_requests = counter("num_rejected_requests", "Requests refused by overload control.")
+        self.engine_restarts = counter(
+            "engine_restarts", "Engine processes restarted after a death or stall (--engine-restart)."
+        )
         self.time_to_first_token = hist("time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS)
         self.inter_token_latency = hist(
             "inter_token_latency_seconds", "Time between output tokens.", ITL_BUCKETS

@@ -28,7 +28,7 @@ from server.chat_template import (
 from server.engine_client import new_request_id
 from server.errors import APIError, bad_request, not_supported, sse_error_event
 from server.output_parser import ChatOutputParser
-from server.protocol import ChatCompletionRequest, CompletionRequest, parse_body
+from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.serving import (
     CompletionLogprobs,
     Generation,
@@ -38,7 +38,8 @@ from server.serving import (
     make_sampling_params,
     resolve_max_tokens,
     strip_stop_token_text,
-    to_thread,
+    read_body,
+    run_blocking,
 )
 from server.sse import DONE, KEEPALIVE, ClientDisconnected, SSEResponse, run_or_disconnect, sse_data
 
@@ -48,6 +49,7 @@ router = APIRouter()
 
 MAX_N = 64
 MAX_TOP_LOGPROBS = 20
+MAX_PROMPTS = 1024  # a completions request's prompt list
 
 
 def request_log(request: Request) -> dict[str, Any]:
@@ -225,9 +227,9 @@ async def prepare_chat(
     arrival: float,
     id_prefix: str = "chatcmpl",
 ) -> PreparedChat:
-    plan = ChatPlan(state, req)
+    plan = await run_blocking(state, ChatPlan, state, req)  # decodes tool-call arguments: off the loop
     state.check_ready()
-    prompt, prompt_ids = await to_thread(plan.render, state)
+    prompt, prompt_ids = await run_blocking(state, plan.render, state)
     starts_in_reasoning = prompt_starts_in_reasoning(prompt)
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = resolve_max_tokens(
@@ -274,7 +276,7 @@ async def chat_completions(request: Request) -> Response:
     state = state_of(request)
     log = request_log(request)
     log["endpoint"] = "chat"
-    req = parse_body(await request.body(), ChatCompletionRequest)
+    req = await read_body(state, request, ChatCompletionRequest)
     prep = await prepare_chat(state, req, log, arrival)
     if req.stream:
         return SSEResponse(_chat_stream(state, prep), on_disconnect=lambda: log.update(disconnected=True))
@@ -516,6 +518,8 @@ def _prompts(state: ServerState, prompt: Any) -> list[CompletionPrompt]:
         )
     if not items:
         raise bad_request("prompt must not be empty", param="prompt")
+    if len(items) > MAX_PROMPTS:
+        raise bad_request(f"at most {MAX_PROMPTS} prompts per request, got {len(items)}", param="prompt")
     out = []
     for p in items:
         if isinstance(p, str):
@@ -534,7 +538,7 @@ async def completions(request: Request) -> Response:
     state = state_of(request)
     log = request_log(request)
     log["endpoint"] = "completions"
-    req = parse_body(await request.body(), CompletionRequest)
+    req = await read_body(state, request, CompletionRequest)
     n = _check_n(req.n)
     check_response_format(req.response_format)
     if req.suffix:
@@ -550,7 +554,7 @@ async def completions(request: Request) -> Response:
             "max_tokens must be at least 1 (0 is only allowed with echo, for scoring)", param="max_tokens"
         )
     state.check_ready()
-    prompts = await to_thread(_prompts, state, req.prompt)
+    prompts = await run_blocking(state, _prompts, state, req.prompt)
     model = state.response_model(req.model)
     rid = new_request_id("cmpl")
     gens, param_sets = [], []

@@ -1,18 +1,20 @@
 """Request bodies of the OpenAI routes (pydantic). Unknown fields are accepted (and logged), never rejected.
 
 Bodies are parsed by hand (`parse_body`) so that malformed JSON and invalid fields become OpenAI-shaped 400s
-naming the field, never FastAPI's 422.
+naming the field, never FastAPI's 422. The JSON itself is checked first (server/validation.py: depth, lone
+surrogates, finite numbers); `seed` and `logit_bias` ranges are checked on every model built here, also when
+the Anthropic route builds a chat request.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any, TypeVar, Union
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from server.errors import APIError, bad_request
+from server.validation import check_logit_bias, check_seed, load_json
 
 logger = logging.getLogger("glint.server")
 
@@ -51,6 +53,12 @@ class _SamplingFields(_Loose):
     response_format: dict[str, Any] | None = None
     user: str | None = None
     request_id: str | None = None
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> "_SamplingFields":
+        check_seed(self.seed)  # APIError(400) passes through pydantic unchanged
+        check_logit_bias(self.logit_bias)
+        return self
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -106,10 +114,7 @@ def parse_body(raw: bytes, model: type[T]) -> T:
     """JSON bytes -> model, or an APIError(400) naming the offending field."""
     if not raw:
         raise bad_request("the request body is empty; expected a JSON object")
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise bad_request(f"the request body is not valid JSON: {e}") from None
+    data = load_json(raw)
     if not isinstance(data, dict):
         raise bad_request("the request body must be a JSON object")
     try:

@@ -8,24 +8,36 @@ delta batches (with `None` ticks for SSE keep-alives), per-request metrics and l
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import logging
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 from engine.sampling_params import SamplingParams
 
 from server.chat_template import ChatTemplate
 from server.config import ServerConfig
-from server.engine_client import EngineClient, EngineDeadError, EngineRequestError
+from server.engine_client import EngineClient, EngineDeadError, EngineRequestError, ServerShuttingDown
 from server.errors import APIError, bad_request, unavailable
 from server.metrics import Metrics
+from server.middleware import RequestCounter
+from server.protocol import parse_body
 
 logger = logging.getLogger("glint.server")
 
 MIN_LOGPROB = -9999.0  # JSON has no -inf
+
+T = TypeVar("T")
+
+
+def new_executor() -> concurrent.futures.ThreadPoolExecutor:
+    workers = max(2, min(8, os.cpu_count() or 2))
+    return concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="glint-worker")
 
 
 def queued_estimate(stats: dict, num_unacked: int, max_running: int | None) -> int:
@@ -54,6 +66,8 @@ class ServerState:
     eos_token_ids: frozenset[int] = frozenset()
     started_at: float = field(default_factory=time.time)
     draining: bool = False
+    requests: RequestCounter = field(default_factory=RequestCounter)  # HTTP requests being served
+    executor: concurrent.futures.ThreadPoolExecutor = field(default_factory=new_executor)
     _token_text: dict[int, str] = field(default_factory=dict)
     _token_bytes: dict[int, bytes] = field(default_factory=dict)
     _byte_decoder: dict[str, int] | None = None
@@ -269,7 +283,9 @@ class Generation:
         st.check_ready()
         limit = st.config.max_queued_requests
         if limit is not None:
-            waiting = queued_estimate(st.client.stats, st.client.num_unacked, st.client.info.get("max_num_seqs"))
+            waiting = queued_estimate(
+                st.client.stats, st.client.num_unacked, st.client.info.get("max_num_seqs")
+            )
             if waiting >= limit:
                 st.metrics.num_rejected_requests.inc()
                 raise APIError(
@@ -298,6 +314,10 @@ class Generation:
         while not self.finished:
             try:
                 batch = await self.stream.next_batch(keepalive)
+            except ServerShuttingDown:
+                raise unavailable(
+                    "the server is shutting down; this request was ended before it finished"
+                ) from None
             except EngineDeadError as e:
                 raise unavailable(
                     f"the engine stopped while serving this request ({e})", retry_after=30
@@ -444,6 +464,18 @@ class CompletionLogprobs:
         return len(self.tokens)
 
 
-async def to_thread(fn, *args, **kwargs):
-    """Tokenization / templating off the event loop (other requests keep streaming meanwhile)."""
-    return await asyncio.to_thread(fn, *args, **kwargs)
+OFFLOAD_BODY_BYTES = 256 << 10  # bodies larger than this are parsed and checked on the worker pool
+
+
+async def run_blocking(state: ServerState, fn: Callable[..., T], *args: Any) -> T:
+    """Tokenization, templating and big-body parsing on the server's worker pool, off the event loop (other
+    requests keep streaming meanwhile)."""
+    return await asyncio.get_running_loop().run_in_executor(state.executor, functools.partial(fn, *args))
+
+
+async def read_body(state: ServerState, request: Any, model: type[T]) -> T:
+    """The request's JSON body as `model` (400 on any problem; see server/protocol.py)."""
+    raw = await request.body()
+    if len(raw) > OFFLOAD_BODY_BYTES:
+        return await run_blocking(state, parse_body, raw, model)
+    return parse_body(raw, model)

@@ -55,6 +55,9 @@ def server(launch_server, tmp_path_factory):
         "--served-model-name",
         "glm-4.7",
         "glm",
+        "--allowed-origins",
+        "http://example.com",
+        "--metrics-public",
         env={"GLINT_TEST_SCRIPTS": str(scripts)},
     )
     yield srv
@@ -116,8 +119,8 @@ def chat_body(text="hello", **kw):
 
 def test_health_root_models_metrics(http):
     assert http.get("/health").status_code == 200  # no key needed
-    assert http.get("/").status_code == 200
     assert http.head("/").status_code == 200
+    assert http.get("/").status_code == 401 and http.get("/", headers=AUTH).status_code == 200
     r = http.get("/v1/models", headers=AUTH)
     data = r.json()["data"]
     assert [m["id"] for m in data] == ["glm-4.7", "glm"] and all(m["max_model_len"] > 0 for m in data)
@@ -155,8 +158,17 @@ def test_auth(http):
         "/v1/chat/completions",
         headers={"Origin": "http://example.com", "Access-Control-Request-Method": "POST"},
     )
-    assert r.status_code == 200  # CORS preflight needs no key
+    assert r.status_code == 200  # CORS preflight (--allowed-origins) needs no key
+    assert r.headers["access-control-allow-origin"] == "http://example.com"
+    r = http.options(
+        "/v1/chat/completions",
+        headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"},
+    )
+    assert "access-control-allow-origin" not in r.headers  # only the allowed origin
+    # --metrics-public: /metrics without a key; /health_generate runs a generation, so it needs one
     assert http.get("/metrics").status_code == 200 and http.get("/health").status_code == 200
+    assert http.get("/health_generate").status_code == 401
+    assert http.get("/health_generate", headers=AUTH).status_code == 200
 
 
 def test_request_id_header(http):

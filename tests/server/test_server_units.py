@@ -309,3 +309,65 @@ def test_queued_estimate_counts_only_requests_without_a_running_slot():
     assert queued_estimate({"num_running": 2, "num_waiting": 0}, 1, 2) == 1
     assert queued_estimate({"num_running": 1, "num_waiting": 2}, 0, 2) == 2
     assert queued_estimate({"num_running": 0, "num_waiting": 0}, 2, None) == 2  # slot count unknown: conservative
+
+
+def test_reliability_flags_parse_and_show_in_help(capsys):
+    cfg = parse_args([])
+    assert cfg.allowed_origins == () and not cfg.metrics_public  # safe defaults: no CORS, metrics behind a key
+    assert cfg.engine_restart == 0 and cfg.engine_stall_timeout == 30.0 and cfg.shutdown_timeout == 30.0
+    assert cfg.request_bytes_limit(4096) == 8 << 20  # small context: the 8 MiB floor
+    assert cfg.request_bytes_limit(1 << 20) == 32 << 20  # 32 bytes per context token
+    cfg = parse_args(
+        [
+            "--engine-restart", "2", "--engine-stall-timeout", "5", "--shutdown-timeout", "7",
+            "--max-request-bytes", "65536", "--metrics-public",
+        ]
+    )  # fmt: skip
+    assert (cfg.engine_restart, cfg.engine_stall_timeout, cfg.shutdown_timeout) == (2, 5.0, 7.0)
+    assert cfg.metrics_public and cfg.request_bytes_limit(1 << 20) == 65536
+    for bad in (["--engine-restart", "-1"], ["--max-request-bytes", "10"], ["--shutdown-timeout", "-1"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    for flag in (
+        "--engine-restart", "--engine-stall-timeout", "--shutdown-timeout", "--max-request-bytes",
+        "--metrics-public", "--allowed-origins",
+    ):  # fmt: skip
+        assert flag in out, flag
+
+
+def test_json_checks_and_log_escaping():
+    from server.middleware import escape_controls
+    from server.validation import check_json_schema, check_logit_bias, check_seed, load_json
+
+    assert load_json(b'{"a": [1, 2.5, "x"]}') == {"a": [1, 2.5, "x"]}
+    for raw, param in (
+        (b'{"a": NaN}', None),
+        (b'{"a": 1e999}', "a"),
+        (b'{"a": ["\\ud800"]}', "a[0]"),
+        (b'{"a": "\\udc00x"}', "a"),
+        (b"[" * 65 + b"]" * 65, "[0]" * 64),
+        (b"[" * 5000 + b"]" * 5000, None),
+        (b"\xff", None),
+    ):
+        with pytest.raises(APIError) as e:
+            load_json(raw)
+        assert e.value.status == 400 and e.value.param == param, (raw[:20], e.value.param)
+    assert load_json(b'"\\ud83d\\ude00"') == "\U0001f600"  # a surrogate pair is fine
+    check_seed(2**64 - 1), check_seed(-(2**63)), check_seed(None)
+    for seed in (2**64, -(2**63) - 1, True, 1.0):
+        with pytest.raises(APIError):
+            check_seed(seed)
+    check_logit_bias({"0": -100, "151329": 100.0})
+    for bias in ({"1": 100.5}, {"1": float("inf")}, {"-1": 1}, {"x": 1}, {"1": "2"}, [1]):
+        with pytest.raises(APIError):
+            check_logit_bias(bias)
+    check_json_schema({"type": ["string", "null"], "items": [True, {"type": "integer"}], "$defs": {}}, "p")
+    with pytest.raises(APIError) as e:
+        check_json_schema({"type": "object", "properties": {"a": {"oneOf": []}}}, "p")
+    assert e.value.param == "p.properties.a.oneOf"
+    assert escape_controls("a\r\nb\x1bc\x9bd\u2028e\ud800") == "a\\u000d\\u000ab\\u001bc\\u009bd\\u2028e\\ud800"
+    assert escape_controls("plain ü 😀") == "plain ü 😀"

@@ -161,7 +161,6 @@ class _Peer:
         name = self.agent.name.encode()
         s.sendall(_HELLO.pack(_MAGIC, len(name)) + name)
         s.settimeout(_IO_SLICE_S)  # for good: the sender and the ack reader share it (timeouts are per socket)
-        threading.Thread(target=self._ack_loop, args=(s,), name=f"kv-ack-{self.name}", daemon=True).start()
         return s
 
     def _send_loop(self) -> None:
@@ -175,20 +174,25 @@ class _Peer:
                 sock = self.sock
             if job.handle.state.status is not Status.PENDING:
                 continue  # already failed (deadline / release) while queued
-            try:
-                if sock is None:
+            if sock is None:
+                try:
                     sock = self._connect(job.handle.deadline)
-                    with self.cv:
-                        if self.removed:
-                            _shutdown(sock)
-                            return
-                        self.sock = sock
+                except OSError as e:
+                    job.finish(TransferState(Status.FAILED, FailureKind.PEER_DISCONNECTED, f"cannot connect: {e}"))
+                    continue
+                with self.cv:
+                    if self.removed:
+                        _shutdown(sock)
+                        return
+                    self.sock = sock
+                threading.Thread(target=self._ack_loop, args=(sock,), name=f"kv-ack-{self.name}", daemon=True).start()
+            try:
                 payload = self.agent._gather(job.src)
-                if len(payload) > 1:  # many small per-layer parts: one send, not one per region
-                    payload = [np.concatenate(payload)]
-            except OSError as e:
-                job.finish(TransferState(Status.FAILED, FailureKind.PEER_DISCONNECTED, f"cannot connect: {e}"))
+            except Exception as e:  # noqa: BLE001 - e.g. a CUDA error: fail this write, keep the thread
+                job.finish(TransferState(Status.FAILED, FailureKind.ERROR, f"gather failed: {e}"))
                 continue
+            if len(payload) > 1:  # many small per-layer parts: one send, not one per region
+                payload = [np.concatenate(payload)]
             head = _FRAME.pack(job.xid, job.dst.size, len(job.notif)) + job.dst.astype("<i8").tobytes() + job.notif
             with self.cv:  # forget() (handle released) takes cv too: either it sees the entry or we see the state
                 if job.handle.state.status is not Status.PENDING:

@@ -41,6 +41,7 @@ class Side:
 
 @pytest.fixture(scope="module")
 def world():
+    saved = {k: os.environ.get(k) for k in ENV}
     os.environ.update(ENV)
     procs: dict[tuple[str, str], PeerProcess] = {}
     for b in BACKENDS:  # start every child first: their imports overlap
@@ -63,6 +64,11 @@ def world():
             p.stop()
         for s in sides.values():
             s.agent.close()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _stop(pid: int) -> None:

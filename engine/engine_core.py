@@ -107,6 +107,11 @@ class EngineCore:
             "stats": self.stats(),
         }
 
+    def check_health(self) -> None:
+        """Raise RuntimeError if a tensor-parallel rank this engine spawned has exited (the server calls this
+        while idle, so a dead rank is noticed before the next step needs it)."""
+        check_ranks_alive(self._procs)
+
     @property
     def kv_capacity_tokens(self) -> int:
         return self.pool.num_total * self.block_size

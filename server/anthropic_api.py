@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 from server.chat_template import content_text
 from server.errors import APIError, bad_request, not_supported
 from server.protocol import ChatCompletionRequest, _Loose, validation_error
-from server.openai_api import ChatPlan, iterate_generations, prepare_chat, request_log, run_chat
+from server.openai_api import ChatPlan, iterate_generations, prepare_chat, request_log, request_tenant, run_chat
 from server.serving import ServerState, read_body, run_blocking, strip_stop_token_text
 from server.sse import ClientDisconnected, SSEResponse, run_or_disconnect, sse_event
 from server.validation import check_tool_parameters
@@ -260,7 +260,7 @@ async def messages(request: Request) -> Response:
     if req.max_tokens < 1:
         raise bad_request("max_tokens must be at least 1", param="max_tokens")
     chat_req = to_chat_request(req, stream=bool(req.stream))
-    prep = await prepare_chat(state, chat_req, log, arrival, id_prefix="msg_")
+    prep = await prepare_chat(state, chat_req, log, arrival, id_prefix="msg_", tenant=request_tenant(request))
     if req.stream:
         return SSEResponse(_stream(state, prep), on_disconnect=lambda: log.update(disconnected=True))
     try:

@@ -326,7 +326,8 @@ class EngineClient:
         return len(self._streams)
 
     async def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: Any, prompt: str | None = None
+        self, request_id: str, prompt_token_ids: list[int], params: Any, prompt: str | None = None,
+        tenant: str = "",
     ) -> RequestStream:
         if not self.ready or not self.alive:
             raise EngineDeadError(self.dead_reason or "the engine is not ready")
@@ -336,7 +337,7 @@ class EngineClient:
         self._streams[request_id] = stream
         try:
             self._sender.send_pyobj(
-                ("add", request_id, list(prompt_token_ids), params, prompt), flags=zmq.NOBLOCK
+                ("add", request_id, list(prompt_token_ids), params, prompt, tenant), flags=zmq.NOBLOCK
             )
         except zmq.ZMQError as e:
             self._streams.pop(request_id, None)

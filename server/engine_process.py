@@ -5,7 +5,7 @@ the same messages: tensor-parallel rank 0, a disaggregation role). The front end
 endpoints; this process connects to both.
 
 Front end -> engine (pickled tuples):
-    ("add", request_id, prompt_token_ids, SamplingParams, prompt_text | None)
+    ("add", request_id, prompt_token_ids, SamplingParams, prompt_text | None, tenant)
     ("abort", request_id)
     ("shutdown",)
 Engine -> front end:
@@ -42,6 +42,9 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
+import zmq
+
+from engine import EngineConfig, EngineCore
 from server.log_safety import SafeFormatter
 
 logger = logging.getLogger("glint.engine")
@@ -57,43 +60,21 @@ class EngineProcessSpec:
     output_addr: str  # engine -> front end
     parent_pid: int
     log_level: str = "info"
-    # "module:callable" building the core from EngineConfig.create(**engine_kwargs) kwargs; tests may point it
-    # at a wrapper (server/testing_hooks.py). Default: the real engine.
+    # "module:callable" building the core from EngineConfig.create(**engine_kwargs) kwargs; tests point it at
+    # a wrapper (tests/server/scripted_engine.py). Default: the real engine.
     core_factory: str = "server.engine_process:build_engine_core"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def build_engine_core(engine_kwargs: dict[str, Any], extra: dict[str, Any] | None = None) -> Any:
-    from engine import EngineConfig, EngineCore
-
-    core = EngineCore(EngineConfig.create(**engine_kwargs))
-    scripts = os.environ.get("GLINT_TEST_SCRIPTS")
-    if scripts:  # test-only hook, see server/testing_hooks.py
-        from server.testing_hooks import ScriptedEngineCore
-
-        core = ScriptedEngineCore(core, scripts)
-    return core
+def build_engine_core(engine_kwargs: dict[str, Any], extra: dict[str, Any] | None = None) -> EngineCore:
+    return EngineCore(EngineConfig.create(**engine_kwargs))
 
 
 def shutdown_core(core: Any) -> None:
-    """Stop what the core started (spawned tensor-parallel ranks). Under torchrun the other ranks are
-    `python -m server` processes serving steps until told to stop (server/launch.py run_tp_worker), so they get
-    the stop message too."""
+    """Stop what the core started. Under torchrun the other ranks are `python -m server` processes serving
+    steps until told to stop (server/launch.py run_tp_worker), so they get the stop message too."""
     try:
-        dist = getattr(core, "dist", None)
-        torchrun_ranks = (
-            dist is not None and getattr(dist, "world_size", 1) > 1 and not getattr(core, "_procs", None)
-        )
-        if torchrun_ranks:
-            from engine.model_worker import STOP, leave_process_group
-
-            core.worker.send_control(STOP)
-            leave_process_group(
-                core.worker
-            )  # the workers leave now too; NCCL's teardown waits for every rank
-        fn = getattr(core, "shutdown", None)
-        if callable(fn):
-            fn()
+        core.shutdown(stop_torchrun_ranks=True)
     except Exception:
         logger.exception("error while shutting the engine down")
 
@@ -113,25 +94,11 @@ def _setup_logging(level: str) -> None:
 
 def engine_info(core: Any) -> dict[str, Any]:
     """What the front end needs to know about the loaded engine."""
-    info: dict[str, Any] = {
-        "max_model_len": int(core.max_model_len),
-        "stats": dict(core.stats()),
-        "pid": os.getpid(),
-    }
-    scheduler_cfg = getattr(getattr(core, "config", None), "scheduler", None)
-    if scheduler_cfg is not None:
-        info["max_num_seqs"] = int(scheduler_cfg.max_num_seqs)
-    mc = getattr(core, "model_config", None)
-    if mc is not None:
-        info["vocab_size"] = getattr(mc, "vocab_size", None)
-        info["eos_token_ids"] = list(getattr(mc, "eos_token_ids", ()) or ())
-    return info
+    return {**core.info(), "pid": os.getpid()}
 
 
 def run_engine_process(spec: EngineProcessSpec) -> None:
     """Process entry point (must stay importable at module level for "spawn")."""
-    import zmq
-
     _setup_logging(spec.log_level)
     # The front end decides when the engine stops (a "shutdown" message, or its own death, noticed within a
     # second): a Ctrl-C or a SIGTERM sent to the whole process group must not kill the engine first.
@@ -184,8 +151,6 @@ def run_engine_process(spec: EngineProcessSpec) -> None:
 
 
 def _loop(core: Any, pull: Any, push: Any, parent_pid: int) -> None:
-    import zmq
-
     poller = zmq.Poller()
     poller.register(pull, zmq.POLLIN)
     last_stats = 0.0
@@ -202,9 +167,9 @@ def _loop(core: Any, pull: Any, push: Any, parent_pid: int) -> None:
             msg = pull.recv_pyobj()
             kind = msg[0]
             if kind == "add":
-                _, rid, ids, params, prompt = msg
+                _, rid, ids, params, prompt, tenant = msg
                 try:
-                    core.add_request(rid, ids, params, prompt=prompt)
+                    core.add_request(rid, ids, params, prompt=prompt, tenant=tenant)
                 except ValueError as e:
                     push.send_pyobj(("reject", rid, str(e), "invalid"))
                 except Exception as e:  # noqa: BLE001 - a bad request must not take the loop down
@@ -235,6 +200,4 @@ def _loop(core: Any, pull: Any, push: Any, parent_pid: int) -> None:
 
 
 def _has_more(sock: Any) -> bool:
-    import zmq
-
     return bool(sock.poll(0, zmq.POLLIN))

@@ -12,6 +12,7 @@ escaped, so a request cannot forge log lines or drive the operator's terminal.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
@@ -105,7 +106,10 @@ class GlintMiddleware:
 
         self.counter.active += 1
         try:
-            if self._needs_key(method, path) and not self._authorized(headers):
+            tenant = self._tenant(headers)
+            if tenant:
+                state["tenant"] = tenant
+            if self._needs_key(method, path) and not tenant:
                 err = APIError(
                     401,
                     "invalid or missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
@@ -145,19 +149,22 @@ class GlintMiddleware:
             if self.log_requests != "off" and path not in QUIET_PATHS:
                 self._log(request_id, scope, method, path, status["code"], time.monotonic() - t0, log)
 
-    def _authorized(self, headers: dict[str, str]) -> bool:
+    def _tenant(self, headers: dict[str, str]) -> str:
+        """The tenant of an authorized request: a digest of the API key it presented ("" when no key matched
+        or auth is off). Scopes cross-request state, such as the suffix decoder's global trees."""
         candidates = []
         auth = headers.get("authorization", "")
         if auth[:7].lower() == "bearer ":
             candidates.append(auth[7:].strip())
         if "x-api-key" in headers:
             candidates.append(headers["x-api-key"].strip())
-        ok = False
+        found = b""
         for c in candidates:
             cb = c.encode("utf-8", "replace")
             for key in self.api_keys:
-                ok |= hmac.compare_digest(cb, key)
-        return ok
+                if hmac.compare_digest(cb, key):
+                    found = key
+        return hashlib.sha256(found).hexdigest()[:16] if found else ""
 
     def _log(
         self,

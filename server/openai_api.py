@@ -56,6 +56,11 @@ def request_log(request: Request) -> dict[str, Any]:
     return request.scope.setdefault("state", {}).setdefault("glint_log", {})
 
 
+def request_tenant(request: Request) -> str:
+    """Who the request is from, for cross-request engine state (a digest of its API key; "" without auth)."""
+    return request.scope.get("state", {}).get("tenant", "")
+
+
 def state_of(request: Request) -> ServerState:
     return request.app.state.glint
 
@@ -226,6 +231,7 @@ async def prepare_chat(
     log: dict[str, Any],
     arrival: float,
     id_prefix: str = "chatcmpl",
+    tenant: str = "",
 ) -> PreparedChat:
     plan = await run_blocking(state, ChatPlan, state, req)  # decodes tool-call arguments: off the loop
     state.check_ready()
@@ -262,7 +268,7 @@ async def prepare_chat(
         log["params"] = _params_summary(params)
     if state.config.log_requests == "full":
         log["prompt"] = prompt
-    gen = Generation(state, rid, n=plan.n, prompt_len=len(prompt_ids), log=log, arrival=arrival)
+    gen = Generation(state, rid, n=plan.n, prompt_len=len(prompt_ids), log=log, arrival=arrival, tenant=tenant)
     await gen.start(prompt_ids, params, prompt)
     parsers = [plan.parser(starts_in_reasoning) for _ in range(plan.n)]
     return PreparedChat(
@@ -277,7 +283,7 @@ async def chat_completions(request: Request) -> Response:
     log = request_log(request)
     log["endpoint"] = "chat"
     req = await read_body(state, request, ChatCompletionRequest)
-    prep = await prepare_chat(state, req, log, arrival)
+    prep = await prepare_chat(state, req, log, arrival, tenant=request_tenant(request))
     if req.stream:
         return SSEResponse(_chat_stream(state, prep), on_disconnect=lambda: log.update(disconnected=True))
     try:
@@ -572,7 +578,8 @@ async def completions(request: Request) -> Response:
             skip_special_tokens=req.skip_special_tokens if req.skip_special_tokens is not None else True,
         )
         sub_log: dict[str, Any] = {} if k else log
-        gens.append(Generation(state, f"{rid}-{k}", n=n, prompt_len=len(p.ids), log=sub_log, arrival=arrival))
+        gens.append(Generation(state, f"{rid}-{k}", n=n, prompt_len=len(p.ids), log=sub_log, arrival=arrival,
+                               tenant=request_tenant(request)))
         param_sets.append(params)
     log.update(engine_id=rid, model=model, stream=bool(req.stream), n=n, prompts=len(prompts))
     try:

@@ -258,8 +258,10 @@ class Generation:
         prompt_len: int,
         log: dict[str, Any],
         arrival: float,
+        tenant: str = "",
     ) -> None:
         self.state = state
+        self.tenant = tenant  # scope of cross-request engine state (server/middleware.py: _tenant)
         self.request_id = request_id
         self.n = n
         self.prompt_len = prompt_len
@@ -297,7 +299,7 @@ class Generation:
                 )
         self.log["prompt_tokens"] = self.prompt_len
         try:
-            self.stream = await st.client.add_request(self.request_id, prompt_token_ids, params, prompt)
+            self.stream = await st.client.add_request(self.request_id, prompt_token_ids, params, prompt, self.tenant)
         except EngineRequestError as e:
             if e.kind == "invalid":
                 msg = str(e)
@@ -326,6 +328,9 @@ class Generation:
                 yield None
                 continue
             self._account(batch)
+            failed = next((d for d in batch if d.finish_reason == "error"), None)
+            if failed is not None:  # the engine failed this request alone (engine/engine_core.py: _fail)
+                raise APIError(500, f"the engine failed this request: {failed.error}", type="internal_error")
             yield batch
 
     def _account(self, batch: list[Any]) -> None:

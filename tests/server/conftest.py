@@ -30,8 +30,10 @@ class LiveServer:
         self.log_path = log_path
         self._log = open(log_path, "wb")
         full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        # scripted outputs: the test-only entry point that gives the engine process the scripted core
+        entry = [str(REPO / "tests/server/scripted_server.py")] if "GLINT_TEST_SCRIPTS" in env else ["-m", "server"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "--port", str(self.port), *args],
+            [sys.executable, *entry, "--port", str(self.port), *args],
             cwd=REPO,
             env=full_env,
             stdout=self._log,

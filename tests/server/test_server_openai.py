@@ -1,7 +1,7 @@
 """The live server (tiny checkpoint, real engine) through the real `openai` client.
 
 The tiny model writes gibberish, so these tests check structure. Reasoning and tool-call streaming go end to
-end with the test-only scripted-output hook (server/testing_hooks.py): the engine really runs, but the text of
+end with the test-only scripted-output engine (tests/server/scripted_engine.py): the engine really runs, but the text of
 each step is replaced by the next chunk of a realistic GLM-4.7 output.
 """
 

@@ -67,3 +67,31 @@ def test_bad_speculative_values_name_the_flag(flags, named):
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert named in proc.stderr, proc.stderr[-2000:]
+
+
+def test_api_keys_are_suffix_tenants(launch_server):
+    # one key's finished responses feed that key's drafts only: the server passes a digest of the key that
+    # authorized each request to the engine as its tenant
+    srv = launch_server("--max-model-len", "512", "--stats-interval", "0", "--api-key", "alice", "--api-key", "bob",
+                        *SEED_LINE)
+    try:
+        body = {"model": "glint-tiny", "prompt": list(range(700, 730)), "max_tokens": 100, "temperature": 0,
+                "ignore_eos": True}
+
+        def accepted_for(key: str) -> tuple[str, float]:
+            headers = {"Authorization": f"Bearer {key}"}
+            before = metric(httpx.get(srv.url + "/metrics", headers=headers, timeout=10).text,
+                            "glint:spec_accepted_tokens_total") or 0.0
+            text = httpx.post(srv.url + "/v1/completions", json=body, headers=headers, timeout=300).json()
+            # the engine's stats arrive with the last tokens, before the response ends
+            after = metric(httpx.get(srv.url + "/metrics", headers=headers, timeout=10).text,
+                           "glint:spec_accepted_tokens_total") or 0.0
+            return text["choices"][0]["text"], after - before
+
+        first, _ = accepted_for("alice")
+        other, by_bob = accepted_for("bob")
+        again, by_alice = accepted_for("alice")
+        assert first == other == again
+        assert by_alice >= 60 and by_alice > by_bob + 30, (by_alice, by_bob)
+    finally:
+        srv.stop()

@@ -1,8 +1,9 @@
-"""TEST-ONLY engine hook: scripted output text, so HTTP tests can replay realistic GLM-4.7 outputs (reasoning,
+"""Test-only engine wrapper: scripted output text, so HTTP tests can replay realistic GLM-4.7 outputs (reasoning,
 tool calls) through the whole stack although the tiny model writes random gibberish.
 
-Active only when the environment variable GLINT_TEST_SCRIPTS names a JSON file {"name": ["chunk", ...]} when
-the engine process starts (it logs a warning); a chunk may also be {"text": ..., "sleep": seconds}, which
+Not part of the server: tests start `tests/server/scripted_server.py`, which runs the real server with
+`build_scripted_core` as the engine-process factory, reading the JSON file named by GLINT_TEST_SCRIPTS
+{"name": ["chunk", ...]} (it logs a warning); a chunk may also be {"text": ..., "sleep": seconds}, which
 holds that step back (a slow prefill). A request whose prompt text contains `<<script:NAME>>` still
 runs on the real engine (scheduling, KV pages, one real token per step), but each delta's text is replaced by
 the next chunk of the script, and the request finishes with finish_reason "stop" after the last chunk (as if
@@ -14,9 +15,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 import time
 from typing import Any
+
+from server.engine_process import build_engine_core
 
 logger = logging.getLogger("glint.engine")
 
@@ -40,18 +44,19 @@ class ScriptedEngineCore:
         return getattr(self.core, name)
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: Any, prompt: str | None = None
+        self, request_id: str, prompt_token_ids: list[int], params: Any, prompt: str | None = None,
+        tenant: str = "",
     ):
         m = _MARKER.search(prompt or "")
         if m is None or m.group(1) not in self.scripts:
-            return self.core.add_request(request_id, prompt_token_ids, params, prompt=prompt)
+            return self.core.add_request(request_id, prompt_token_ids, params, prompt=prompt, tenant=tenant)
         chunks = list(self.scripts[m.group(1)])
         room = self.core.max_model_len - len(prompt_token_ids)
         n_tokens = max(1, min(len(chunks), room, params.max_tokens or room))
         scripted = dataclasses.replace(
             params, max_tokens=n_tokens, min_tokens=0, ignore_eos=True, stop=None, stop_token_ids=None
         )
-        self.core.add_request(request_id, prompt_token_ids, scripted, prompt=prompt)
+        self.core.add_request(request_id, prompt_token_ids, scripted, prompt=prompt, tenant=tenant)
         self._active[request_id] = {i: list(chunks) for i in range(params.n)}
 
     def abort_request(self, request_id: str) -> None:
@@ -78,3 +83,8 @@ class ScriptedEngineCore:
                 if not script:
                     self._active.pop(d.request_id, None)
         return deltas
+
+
+def build_scripted_core(engine_kwargs: dict[str, Any], extra: dict[str, Any] | None = None) -> ScriptedEngineCore:
+    """Engine-process factory (EngineProcessSpec.core_factory) of tests/server/scripted_server.py."""
+    return ScriptedEngineCore(build_engine_core(engine_kwargs, extra), os.environ[ENV_VAR])

@@ -82,10 +82,10 @@ class DecodeGraphs:
             for q in {q for _, q in self.shapes}
         }
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
+        self.outputs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (logits, hidden)
         self.pool = None
 
-    def _forward(self, b: int, q: int) -> torch.Tensor:
+    def _forward(self, b: int, q: int) -> tuple[torch.Tensor, torch.Tensor]:
         self.seq_lens[:b].copy_(self.seq_lens_long[:b])
         t = b * q
         ctx = ForwardContext(
@@ -100,7 +100,8 @@ class DecodeGraphs:
             k_scale=self.k_scale,
             v_scale=self.v_scale,
         )
-        return self.model.compute_logits(self.model(self.input_ids[:t], ctx))
+        hidden = self.model(self.input_ids[:t], ctx)
+        return self.model.compute_logits(hidden), hidden
 
     @torch.inference_mode()
     def capture(self, progress: bool = True) -> None:
@@ -144,7 +145,8 @@ class DecodeGraphs:
         return inp.uniform_q > 0 and self.shape_for(len(inp.seq_lens), inp.uniform_q) is not None
 
     @torch.inference_mode()
-    def run(self, inp: StepInputs, fill_inputs: Callable[[torch.Tensor], None]) -> torch.Tensor:
+    def run(self, inp: StepInputs, fill_inputs: Callable[[torch.Tensor], None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replay the step's graph: (logits, final hidden states) of its t rows (views of static buffers)."""
         b, q = len(inp.seq_lens), inp.uniform_q
         size, _ = self.shape_for(b, q)
         t, t_pad = b * q, size * q
@@ -168,4 +170,5 @@ class DecodeGraphs:
         tables = torch.tensor(inp.block_tables, dtype=torch.int32).pin_memory()
         self.block_tables[:b, :width].copy_(tables, non_blocking=True)
         self.graphs[(size, q)].replay()
-        return self.outputs[(size, q)][:t]
+        logits, hidden = self.outputs[(size, q)]
+        return logits[:t], hidden[:t]

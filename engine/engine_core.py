@@ -37,7 +37,7 @@ from engine.request_validation import check_request
 from engine.sampler import DeferredSample, SampleRow, Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledRequest, Scheduler
-from spec import DraftSlot, Drafter, SpecStats, build_drafter
+from spec import DraftSlot, Drafter, SpecStats, StepView, build_drafter
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler, self.pool)
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
         self.outputs = OutputProcessor(self.tokenizer, self.model_config.eos_token_ids)
-        self.drafter: Drafter | None = build_drafter(config.speculative)
+        self.drafter: Drafter | None = build_drafter(config.speculative, self.block_size, self.worker.execute_mtp)
         self.spec_stats = SpecStats()
         self._requests: dict[str, list[Request]] = {}
         self._pending_deltas: list[RequestDelta] = []
@@ -186,6 +186,7 @@ class EngineCore:
                 self._inflight = launched
             else:
                 deltas += self._finish(launched)
+                deltas += self._after_step(launched)
         for rid in {d.request_id for d in deltas if d.finished}:
             if all(r.is_finished for r in self._requests.get(rid, [])):
                 self._forget(rid)
@@ -236,6 +237,7 @@ class EngineCore:
     def _launch(self, scheduled: list[ScheduledRequest]) -> _Launched:
         prev = self._inflight
         inputs, layout = prepare_step(scheduled, self.block_size, self._graph_rows(scheduled))
+        inputs.keep_hidden = self.drafter is not None and self.drafter.needs_target_hidden
         if prev is not None and prev.sampled is not None:
             inputs.table_writes = prev.table_writes
         check_ranks_alive(self._procs)
@@ -310,6 +312,32 @@ class EngineCore:
         if out.finish_reason is not None:
             self._end(req, out.finish_reason, out.stop_reason)
         return out.delta
+
+    def _after_step(self, step: _Launched) -> list[RequestDelta]:
+        """Tell a drafter that reads the target's hidden states (MTP) what the step computed and kept, with
+        pages reserved for the next verify chain; it drafts the next step's tokens now."""
+        if self.drafter is None or not self.drafter.needs_target_hidden:
+            return []
+        views, reqs = [], []
+        for i, s in enumerate(step.scheduled):
+            req = s.request
+            kept_end = req.num_computed_tokens
+            if req.is_finished or kept_end <= s.start or req.num_known_tokens <= kept_end:
+                continue
+            drafts = 0
+            if req.num_tokens - kept_end == 1:  # decoding next: room for a chain, pages reserved for it
+                room = min(req.max_tokens - req.num_output_tokens, self.max_model_len - req.num_tokens) - 1
+                drafts = self.scheduler.reserve(req, req.num_tokens + min(room, self.config.speculative.num_speculative_tokens)) - req.num_tokens
+            offset = step.layout.row_offsets[i]
+            views.append(StepView(
+                seq_id=req.seq_key, start=s.start, next_tokens=req.tokens(s.start + 1, kept_end + 1),
+                hidden_rows=list(range(offset, offset + kept_end - s.start)), block_table=list(req.block_ids),
+                max_drafts=max(drafts, 0),
+            ))
+            reqs.append(req)
+        items, _, deltas = self._isolating("drafting", list(zip(reqs, views)),
+                                           lambda its: self.drafter.after_step([v for _, v in its]), lambda it: it[0])
+        return deltas
 
     # -- introspection ------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from engine.scheduler import ScheduledRequest
 from engine.token_table import TokenTable
 from model.context import ForwardContext
 from model.glm4_moe import Glm4MoeForCausalLM
+from spec import MtpBatch
 
 MAX_UNIFORM_Q = 32  # decode / verify chains up to this many rows per request count as graph-shaped steps
 
@@ -37,6 +38,7 @@ class StepInputs:
     table_reads: list[tuple[int, int, int]] = field(default_factory=list)
     # > 0: every request has exactly this many query rows and logits_rows are all rows (a CUDA-graph shape)
     uniform_q: int = 0
+    keep_hidden: bool = False  # keep the final hidden states of every row (the MTP drafter reads them next)
 
 
 @dataclass
@@ -50,6 +52,7 @@ class StepLayout:
 
     sample_rows: list[list[int]] = field(default_factory=list)
     prompt_rows: list[tuple[int, int, int] | None] = field(default_factory=list)
+    row_offsets: list[int] = field(default_factory=list)  # first packed row of each scheduled request
 
 
 def prepare_step(
@@ -68,6 +71,7 @@ def prepare_step(
     for s in batch:
         req = s.request
         offset = qsl[-1]
+        layout.row_offsets.append(offset)
         base_end = s.end - s.num_drafts  # positions before this hold the request's own tokens
         known_end = min(base_end, req.num_known_tokens)
         ids.extend(req.tokens(s.start, known_end) if known_end > s.start else ())
@@ -134,6 +138,8 @@ class ModelRunner:
         self.k_scale, self.v_scale = k_scale, v_scale
         self.token_table = token_table
         self.graphs = None  # engine.cuda_graphs.DecodeGraphs once captured
+        self.target_hidden: torch.Tensor | None = None  # the last target forward's hidden states (keep_hidden)
+        self.mtp_hidden: torch.Tensor | None = None  # the last NextN-layer forward's output
         # Decode and verify steps tell attention the largest possible KV length, as the CUDA graphs must: the
         # kernel's split-K layout (and so its rounding) is then the same eager or replayed.
         self.decode_max_seq_len: int | None = None
@@ -173,9 +179,41 @@ class ModelRunner:
         """Forward + LM head on the requested rows: fp32 logits [len(logits_rows), vocab]. `prev_tokens`: the
         previous step's sampled tokens when `inp.table_writes` records them."""
         if self.graphs is not None and self.graphs.can_run(inp):
-            return self.graphs.run(inp, lambda ids: self.fill_inputs(ids, inp, prev_tokens))
-        input_ids, ctx = self.build_context(inp)
-        self.fill_inputs(input_ids, inp, prev_tokens)
-        hidden = self.model(input_ids, ctx)
-        index = to_device(inp.logits_rows, torch.long, hidden.device)
-        return self.model.compute_logits(hidden.index_select(0, index))
+            logits, hidden = self.graphs.run(inp, lambda ids: self.fill_inputs(ids, inp, prev_tokens))
+        else:
+            input_ids, ctx = self.build_context(inp)
+            self.fill_inputs(input_ids, inp, prev_tokens)
+            hidden = self.model(input_ids, ctx)
+            index = to_device(inp.logits_rows, torch.long, hidden.device)
+            logits = self.model.compute_logits(hidden.index_select(0, index))
+        self.target_hidden = hidden if inp.keep_hidden else None
+        return logits
+
+    @torch.inference_mode()
+    def run_mtp(self, batch: MtpBatch) -> torch.Tensor:
+        """One NextN-layer forward (its KV is layer num_hidden_layers); logits of batch.logits_rows."""
+        source = self.target_hidden if batch.hidden_source == "target" else self.mtp_hidden
+        if source is None:
+            raise RuntimeError(f"an MTP step reads the {batch.hidden_source} hidden states, but none were kept")
+        dev = self.device
+        ctx = ForwardContext(
+            positions=to_device(batch.positions, torch.long, dev),
+            slot_mapping=to_device(batch.slot_mapping, torch.long, dev),
+            block_tables=to_device(_padded(batch.block_tables), torch.int32, dev),
+            seq_lens=to_device(batch.seq_lens, torch.int32, dev),
+            query_start_loc=to_device(batch.query_start_loc, torch.int32, dev),
+            max_query_len=max(b - a for a, b in zip(batch.query_start_loc, batch.query_start_loc[1:])),
+            max_seq_len=max(batch.seq_lens),
+            kv_caches=self.kv_caches,
+            k_scale=self.k_scale,
+            v_scale=self.v_scale,
+        )
+        prev = source.index_select(0, to_device(batch.hidden_rows, torch.long, dev))
+        out = self.model.mtp_forward(to_device(batch.input_ids, torch.long, dev), prev, ctx)
+        self.mtp_hidden = out
+        return self.model.compute_logits(out.index_select(0, to_device(batch.logits_rows, torch.long, dev)))
+
+
+def _padded(tables: list[list[int]]) -> list[list[int]]:
+    width = max(len(t) for t in tables)
+    return [t + [0] * (width - len(t)) for t in tables]

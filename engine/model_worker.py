@@ -21,6 +21,7 @@ from engine.kv_cache import allocate_kv_caches, kv_bytes_per_token, kv_cache_dty
 from engine.model_runner import ModelRunner, StepInputs
 from engine.token_table import TokenTable
 from model.builder import build_model
+from spec import MtpBatch
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +40,17 @@ class ModelWorker:
         else:
             self.device = torch.device("cpu")
         torch.manual_seed(config.seed)
+        with_mtp = config.speculative is not None and config.speculative.uses_mtp
         self.model = build_model(
             config.model, self.device, config.torch_dtype, dist.tp, config.load_format, config.seed,
-            with_mtp=False, fuse_shared_experts=config.enable_shared_experts_fusion,
+            with_mtp=with_mtp, fuse_shared_experts=config.enable_shared_experts_fusion,
             fused_qk_norm_rope=config.enable_fused_qk_norm_rope, progress=dist.is_driver,
             attention_backend=config.attention_backend,
         )
         self.block_size = config.cache.block_size
         kv_dtype = kv_cache_dtype(config.cache.kv_cache_dtype, config.torch_dtype)
-        layer_ids = list(range(config.model.num_hidden_layers))
+        # the MTP (NextN) layer has its own KV, layer id num_hidden_layers, in the same pages
+        layer_ids = list(range(config.model.num_hidden_layers + (1 if with_mtp else 0)))
         self.num_blocks = min_across_ranks(self._num_kv_blocks(kv_dtype, len(layer_ids)), dist)
         self._check_capacity()
         kv = allocate_kv_caches(config.model, dist.tp, layer_ids, self.num_blocks, self.block_size, kv_dtype, self.device)
@@ -132,6 +135,12 @@ class ModelWorker:
                 prev_tokens = self._broadcast_tokens(len(inp.table_writes), prev_tokens)
         return self.runner.run(inp, prev_tokens)
 
+    def execute_mtp(self, batch: MtpBatch) -> torch.Tensor:
+        """Rank 0: one NextN-layer forward on every rank (the drafter's model calls); rank 0's logits."""
+        if self.dist.world_size > 1:
+            broadcast_object(batch, self.dist)
+        return self.runner.run_mtp(batch)
+
     def _broadcast_tokens(self, n: int, tokens: torch.Tensor | None) -> torch.Tensor:
         if tokens is None:
             tokens = torch.empty(n, dtype=torch.long, device=self.device)
@@ -156,6 +165,8 @@ class ModelWorker:
             if isinstance(msg, StepInputs):
                 prev = self._broadcast_tokens(len(msg.table_writes), None) if msg.table_writes else None
                 self.runner.run(msg, prev)
+            elif isinstance(msg, MtpBatch):
+                self.runner.run_mtp(msg)
             elif msg == STOP or msg == until:
                 return
             else:

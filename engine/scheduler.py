@@ -189,6 +189,14 @@ class Scheduler:
         while this one runs). Pages are published later, once the tokens in them are known."""
         scheduled.request.num_computed_tokens = scheduled.end
 
+    def reserve(self, req: Request, upto: int) -> int:
+        """Give a running request pages for `upto` tokens if the pool has them without preempting anyone;
+        returns the tokens its pages cover (a drafter then drafts no further)."""
+        need = self._pages_for(upto) - len(req.block_ids)
+        if need > 0:
+            req.block_ids.extend(self.pool.allocate(min(need, self.pool.num_allocatable)))
+        return min(upto, len(req.block_ids) * self.block_size)
+
     def commit(self, req: Request, computed_upto: int) -> None:
         """After a verify step's emitted tokens were appended: keep the KV of the first `computed_upto` tokens
         only (the step computed k drafts, fewer may have been accepted: a length cut) and return the pages past

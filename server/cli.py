@@ -39,11 +39,6 @@ UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
     ),
     ("disaggregation_async_transfer", bool, "--disaggregation-async-transfer is not supported yet"),
     (
-        "speculative_algorithm",
-        lambda v: v is not None and v != "SUFFIX",
-        "--speculative-algorithm NEXTN/EAGLE/MTP is not supported yet (MTP drafting is planned; SUFFIX works)",
-    ),
-    (
         "speculative_eagle_topk",
         lambda v: v not in (None, 1),
         "--speculative-eagle-topk must be 1: drafts are chains (tree drafts are not supported)",
@@ -81,9 +76,24 @@ def speculative_config(config: ServerConfig) -> dict[str, Any] | None:
     algo = config.speculative_algorithm
     if algo is None:
         return None
+    if algo.upper() in ("NEXTN", "MTP", "EAGLE"):  # Zhipu's launch lines say EAGLE: SGLang runs it as NEXTN for GLM
+        steps = config.speculative_num_steps if config.speculative_num_steps is not None else 3
+        slots = config.speculative_num_draft_tokens
+        if slots is not None and slots != steps + 1:
+            raise ConfigError(
+                f"--speculative-num-draft-tokens must be --speculative-num-steps + 1 = {steps + 1} with "
+                f"--speculative-eagle-topk 1 (a chain of {steps} MTP tokens plus the root), got {slots}"
+            )
+        out: dict[str, Any] = {"method": "mtp", "num_speculative_tokens": steps}
+        try:
+            SpeculativeConfig.from_dict(out)
+        except ValueError as e:
+            raise ConfigError(str(e).replace("speculative_config['num_speculative_tokens']",
+                                             "--speculative-num-steps")) from e
+        return out
     if algo.upper() != "SUFFIX":
         raise ConfigError(f"unknown --speculative-algorithm {algo!r}")
-    out: dict[str, Any] = {"method": "suffix"}
+    out = {"method": "suffix"}
     if config.speculative_num_draft_tokens is not None:
         out["num_speculative_tokens"] = config.speculative_num_draft_tokens - 1
     for flag, key in (
@@ -238,10 +248,11 @@ def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
     m.add_argument("--disaggregation-async-transfer", action="store_true")
     m.add_argument(
         "--speculative-algorithm", choices=["NEXTN", "EAGLE", "MTP", "SUFFIX"], type=str.upper, default=None,
-        help="speculative decoding: SUFFIX (suffix decoding, model-free; overlap scheduling is turned off with it)",
+        help="speculative decoding: NEXTN (= MTP = EAGLE: the checkpoint's MTP layer drafts a chain) or SUFFIX (suffix decoding, "
+             "model-free); overlap scheduling is turned off with either",
     )
     m.add_argument("--speculative-num-steps", type=int, default=None,
-                   help="MTP draft steps (NEXTN; not used by SUFFIX, whose draft length adapts per request)")
+                   help="MTP draft tokens per step (NEXTN, default 3; not used by SUFFIX, whose drafts adapt per request)")
     m.add_argument("--speculative-eagle-topk", type=int, default=None, help="draft branching; only 1 (chains)")
     m.add_argument("--speculative-num-draft-tokens", type=int, default=None,
                    help="verify slots per request including the root token: at most N - 1 draft tokens "

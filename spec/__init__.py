@@ -1,8 +1,9 @@
 """Speculative decoding: drafters (suffix trees; MTP next) behind one interface, and lossless verification."""
 from spec.build import build_drafter
 from spec.config import SpeculativeConfig
-from spec.drafter import DraftSlot, Drafter
+from spec.drafter import DraftSlot, Drafter, StepView
+from spec.mtp import MtpBatch, MtpDrafter
 from spec.stats import SpecStats
 from spec.verify import accept_chain
 
-__all__ = ["DraftSlot", "Drafter", "SpecStats", "SpeculativeConfig", "accept_chain", "build_drafter"]
+__all__ = ["DraftSlot", "Drafter", "MtpBatch", "MtpDrafter", "StepView", "SpecStats", "SpeculativeConfig", "accept_chain", "build_drafter"]

@@ -22,7 +22,22 @@ class DraftSlot:
     max_drafts: int  # >= 1
 
 
+@dataclass(frozen=True)
+class StepView:
+    """What one target step did for one request, as the MTP drafter needs it."""
+
+    seq_id: int
+    start: int  # first position the step computed and kept
+    next_tokens: list[int]  # tokens at positions start + 1 .. start + n: the NextN layer's inputs
+    hidden_rows: list[int]  # rows of the step's forward holding positions start .. start + n - 1
+    block_table: list[int]  # the request's pages (already covering the next verify chain)
+    max_drafts: int  # drafts wanted for the next step (0: it is not decoding next)
+
+
 class Drafter(ABC):
+    # True: the engine keeps each target forward's hidden states and calls after_step (the MTP drafter)
+    needs_target_hidden = False
+
     @abstractmethod
     def add(self, seq_id: int, prompt: Sequence[int], tenant: str = "") -> None: ...
 
@@ -37,6 +52,10 @@ class Drafter(ABC):
     @abstractmethod
     def propose(self, slots: Sequence[DraftSlot]) -> list[list[int]]:
         """One draft (possibly empty) per slot, each at most slot.max_drafts tokens."""
+
+    def after_step(self, views: Sequence[StepView]) -> None:
+        """After a target step was verified and its tokens emitted (drafters that read the target's hidden
+        states: see spec/mtp.py)."""
 
     def verify(self, drafts: Sequence[int], sampled: Sequence[int]) -> list[int]:
         return accept_chain(drafts, sampled)

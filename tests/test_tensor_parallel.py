@@ -139,3 +139,19 @@ def test_spawned_tp2_suffix_speculation_equals_tp1_plain(ckpt):
         assert stats["spec_accepted_tokens"] > 0 and stats["used_kv_blocks"] == 0
     finally:
         llm.shutdown()
+
+
+def test_spawned_tp2_mtp_speculation_equals_tp1_plain(ckpt):
+    # the NextN layer is sharded like the main model; every rank runs the extend and chain forwards
+    prompts = [{"prompt_token_ids": list(range(40, 75))}, {"prompt_token_ids": [9, 8, 7]}]
+    sp = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    ref = LLM(str(ckpt), device="cpu").generate(prompts, sp, use_tqdm=False)
+    llm = LLM(str(ckpt), device="cpu", tensor_parallel_size=2,
+              speculative_config={"method": "mtp", "num_speculative_tokens": 3})
+    try:
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
+        stats = llm.stats()
+        assert stats["spec_draft_tokens"] > 0 and stats["used_kv_blocks"] == 0
+    finally:
+        llm.shutdown()

@@ -1,0 +1,105 @@
+"""MTP (NextN) drafting: the checkpoint's NextN layer drafts a chain from the target's last hidden states.
+
+The NextN layer at position p reads (token p+1, the target's final-normed hidden state at p) and predicts
+token p+2; it has its own KV (layer id num_hidden_layers, pages shared with the target). After every target
+step the engine hands over a StepView per request: the positions that step computed and kept, the token after
+each, and where their hidden states are in that step's forward. `after_step` then runs
+
+  1. an extend over those positions (the NextN layer's KV stays aligned with the accepted tokens, prompt chunks
+     included), whose last row predicts the first draft (the token after the bonus token);
+  2. chain steps: the NextN layer at the next position reads the previous draft and its own output hidden
+     state (as SGLang's NEXTN chain does), writing scratch KV that the next extend overwrites.
+
+Drafts are greedy (top-1): a point mass, verified losslessly like any other draft. The model runs through a
+callable the engine provides (every TP rank executes the same MtpBatch), so spec/ needs nothing from engine/.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from spec.config import SpeculativeConfig
+from spec.drafter import DraftSlot, Drafter, StepView
+
+
+@dataclass
+class MtpBatch:
+    """One NextN-layer forward over packed rows (plain lists, broadcast to TP ranks)."""
+
+    input_ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]
+    block_tables: list[list[int]]
+    seq_lens: list[int]
+    query_start_loc: list[int]
+    hidden_source: str  # "target": the last target forward's hidden states; "mtp": the last NextN output
+    hidden_rows: list[int]  # per row: the row of that source holding the hidden state at its position
+    logits_rows: list[int]
+
+
+class MtpDrafter(Drafter):
+    needs_target_hidden = True
+
+    def __init__(self, config: SpeculativeConfig, block_size: int, run: Callable[[MtpBatch], torch.Tensor]) -> None:
+        self.config = config
+        self.block_size = block_size
+        self.run = run
+        self._drafts: dict[int, list[int]] = {}
+
+    def add(self, seq_id: int, prompt: Sequence[int], tenant: str = "") -> None:
+        self._drafts.pop(seq_id, None)
+
+    def accepted(self, seq_id: int, tokens: Sequence[int]) -> None:
+        pass  # the NextN layer catches up in after_step, from the target's hidden states
+
+    def finish(self, seq_id: int, completed: bool) -> None:
+        self._drafts.pop(seq_id, None)
+
+    def propose(self, slots: Sequence[DraftSlot]) -> list[list[int]]:
+        return [self._drafts.pop(s.seq_id, [])[: s.max_drafts] for s in slots]
+
+    def _slot(self, table: list[int], pos: int) -> int:
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def after_step(self, views: Sequence[StepView]) -> None:
+        views = [v for v in views if v.next_tokens]
+        if not views:
+            return
+        ids, positions, slots, qsl, lens, rows = [], [], [], [0], [], []
+        for v in views:
+            n = len(v.next_tokens)
+            ids += v.next_tokens
+            positions += range(v.start, v.start + n)
+            slots += [self._slot(v.block_table, p) for p in range(v.start, v.start + n)]
+            qsl.append(qsl[-1] + n)
+            lens.append(v.start + n)
+            rows += v.hidden_rows
+        drafting = [k for k, v in enumerate(views) if v.max_drafts > 0]
+        last_rows = [qsl[k + 1] - 1 for k in drafting]
+        logits = self.run(MtpBatch(ids, positions, slots, [v.block_table for v in views], lens, qsl, "target",
+                                   rows, last_rows))
+        if not drafting:
+            return
+        tokens = logits.argmax(dim=-1).tolist()
+        active = [(views[k], [t]) for k, t in zip(drafting, tokens)]
+        drafts = {v.seq_id: d for v, d in active}  # the lists grow in place below
+        prev_rows = last_rows  # rows of the NextN output holding each active request's last hidden state
+        for step in range(1, max(v.max_drafts for v, _ in active)):
+            keep = [i for i, (v, _) in enumerate(active) if v.max_drafts > step]
+            if not keep:
+                break
+            chain = [active[i] for i in keep]
+            pos = [v.start + len(v.next_tokens) + step - 1 for v, _ in chain]
+            batch = MtpBatch(
+                input_ids=[d[-1] for _, d in chain], positions=pos,
+                slot_mapping=[self._slot(v.block_table, p) for (v, _), p in zip(chain, pos)],
+                block_tables=[v.block_table for v, _ in chain], seq_lens=[p + 1 for p in pos],
+                query_start_loc=list(range(len(chain) + 1)), hidden_source="mtp",
+                hidden_rows=[prev_rows[i] for i in keep], logits_rows=list(range(len(chain))),
+            )
+            for (_, d), t in zip(chain, self.run(batch).argmax(dim=-1).tolist()):
+                d.append(t)
+            active, prev_rows = chain, list(range(len(chain)))
+        self._drafts.update(drafts)

@@ -1,0 +1,112 @@
+"""MTP (NextN) drafting through the engine: the drafts equal an independent full recompute of the NextN chain
+from the whole sequence (so the layer's incremental KV stays aligned with the accepted tokens through chunked
+prefill, verify steps and rollbacks); greedy and seeded outputs equal plain decoding under chunked prefill,
+preemption, prefix hits and n > 1; the NextN KV goes back with the request's pages; a checkpoint without an
+MTP layer is a clear error."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine_checks import assert_pages_clean
+from model.builder import build_model
+from model.config import load_model_config
+from model.context import ForwardContext
+from model.tiny import write_tiny_checkpoint
+
+KW = dict(device="cpu", kv_block_size=16, num_kv_blocks=48, max_model_len=512, max_num_batched_tokens=48)
+MTP = {"method": "mtp", "num_speculative_tokens": 3}
+
+
+@pytest.fixture(scope="module")
+def mtp(tiny_bf16):
+    return LLM(str(tiny_bf16), speculative_config=MTP, **KW)
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_bf16):
+    return LLM(str(tiny_bf16), **KW)
+
+
+def _reference_drafts(model, cfg, tokens: list[int], k: int) -> list[int]:
+    """Full recompute: target over tokens[:-1], NextN over every position, then the chain of k - 1 steps."""
+    n = len(tokens)
+    bs = 16
+    pages = -(-(n + k + 1) // bs)
+    shape = (pages, bs, cfg.num_key_value_heads, cfg.head_dim)
+    kv = {i: (torch.zeros(shape), torch.zeros(shape)) for i in range(cfg.num_hidden_layers + 1)}
+
+    def ctx(start: int, q: int) -> ForwardContext:
+        return ForwardContext(
+            positions=torch.arange(start, start + q), slot_mapping=torch.arange(start, start + q),
+            block_tables=torch.arange(pages, dtype=torch.int32)[None], seq_lens=torch.tensor([start + q], dtype=torch.int32),
+            query_start_loc=torch.tensor([0, q], dtype=torch.int32), max_query_len=q, max_seq_len=start + q,
+            kv_caches=kv,
+        )
+
+    with torch.no_grad():
+        h = model(torch.tensor(tokens[:-1]), ctx(0, n - 1))
+        u = model.mtp_forward(torch.tensor(tokens[1:]), h, ctx(0, n - 1))
+        drafts = [int(model.compute_logits(u[-1:]).argmax())]
+        prev = u[-1:]
+        for j in range(1, k):
+            prev = model.mtp_forward(torch.tensor(drafts[-1:]), prev, ctx(n - 2 + j, 1))
+            drafts.append(int(model.compute_logits(prev).argmax()))
+    return drafts
+
+
+def test_drafts_equal_full_recompute_of_the_nextn_chain(tiny_bf16, mtp, monkeypatch):
+    cfg = load_model_config(tiny_bf16)
+    ref_model = build_model(cfg, torch.device("cpu"), torch.float32, with_mtp=True, progress=False)
+    eng = mtp.engine
+    seen: list[tuple[list[int], list[int]]] = []
+    real = eng.drafter.propose
+
+    def propose(slots):
+        out = real(slots)
+        by_key = {r.seq_key: r for r in eng.scheduler.running}
+        for slot, draft in zip(slots, out):
+            req = by_key[slot.seq_id]
+            seen.append((req.prompt_token_ids + req.output_token_ids, list(draft)))
+        return out
+
+    monkeypatch.setattr(eng.drafter, "propose", propose)
+    rng = random.Random(4)
+    prompts = [{"prompt_token_ids": [rng.randrange(1400) for _ in range(n)]} for n in (70, 5, 33)]  # 70: 2 chunks
+    mtp.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    assert len(seen) >= 20
+    checked = 0
+    for tokens, draft in seen[::3]:
+        assert draft == _reference_drafts(ref_model, cfg, tokens, len(draft)), len(tokens)
+        checked += bool(draft)
+    assert checked >= 5
+    assert_pages_clean(eng)
+
+
+def _same(a, b) -> None:
+    for x, y in zip(a, b, strict=True):
+        for cx, cy in zip(x.outputs, y.outputs, strict=True):
+            assert (cx.token_ids, cx.text, cx.finish_reason) == (cy.token_ids, cy.text, cy.finish_reason)
+
+
+def test_mtp_greedy_and_seeded_identity_chunking_preemption_prefix_hits(plain, mtp):
+    rng = random.Random(5)
+    prompts = [{"prompt_token_ids": [rng.randrange(1400) for _ in range(rng.randint(5, 100))]} for _ in range(6)]
+    greedy = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    _same(plain.generate(prompts, greedy, use_tqdm=False), mtp.generate(prompts, greedy, use_tqdm=False))
+    hits = mtp.stats()["prefix_cache_hit_tokens"]
+    seeded = [SamplingParams(temperature=0.8, seed=3, n=2, max_tokens=40, ignore_eos=True)] * len(prompts)
+    _same(plain.generate(prompts, seeded, use_tqdm=False), mtp.generate(prompts, seeded, use_tqdm=False))
+    stats = mtp.stats()
+    assert stats["prefix_cache_hit_tokens"] > hits and stats["num_preemptions"] > 0
+    assert stats["spec_draft_tokens"] > 0
+    assert_pages_clean(mtp.engine)
+
+
+def test_checkpoint_without_mtp_layer_is_a_clear_error(tmp_path):
+    path = write_tiny_checkpoint(tmp_path / "no_mtp", fmt="bf16", num_nextn_predict_layers=0)
+    with pytest.raises(ValueError, match="MTP"):
+        LLM(str(path), device="cpu", speculative_config=MTP)

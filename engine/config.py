@@ -130,8 +130,6 @@ class EngineConfig:
         spec = None
         if speculative_config is not None:
             spec = SpeculativeConfig.from_dict(speculative_config)
-            if spec.method == "hybrid":
-                raise ValueError("speculative_config method 'hybrid' is not built yet; use 'suffix' or 'mtp'")
             if spec.uses_mtp and mcfg.num_nextn_predict_layers < 1:
                 raise ValueError(
                     f"speculative_config method {spec.method!r} needs the checkpoint's MTP (NextN) layer, but "

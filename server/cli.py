@@ -63,6 +63,7 @@ def unsupported_errors(config: ServerConfig) -> list[str]:
 # speculative_config key -> the flag that sets it (errors name the flag)
 SPECULATIVE_FLAGS = {
     "num_speculative_tokens": "--speculative-num-draft-tokens",
+    "num_mtp_tokens": "--speculative-num-steps",
     "max_tree_depth": "--speculative-suffix-cache-max-depth",
     "max_spec_factor": "--speculative-suffix-max-spec-factor",
     "min_token_prob": "--speculative-suffix-min-token-prob",
@@ -91,11 +92,13 @@ def speculative_config(config: ServerConfig) -> dict[str, Any] | None:
             raise ConfigError(str(e).replace("speculative_config['num_speculative_tokens']",
                                              "--speculative-num-steps")) from e
         return out
-    if algo.upper() != "SUFFIX":
+    if algo.upper() not in ("SUFFIX", "HYBRID"):
         raise ConfigError(f"unknown --speculative-algorithm {algo!r}")
-    out = {"method": "suffix"}
+    out = {"method": algo.lower()}
     if config.speculative_num_draft_tokens is not None:
         out["num_speculative_tokens"] = config.speculative_num_draft_tokens - 1
+    if algo.upper() == "HYBRID" and config.speculative_num_steps is not None:
+        out["num_mtp_tokens"] = config.speculative_num_steps
     for flag, key in (
         ("speculative_suffix_cache_max_depth", "max_tree_depth"),
         ("speculative_suffix_max_spec_factor", "max_spec_factor"),
@@ -247,9 +250,11 @@ def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
     )
     m.add_argument("--disaggregation-async-transfer", action="store_true")
     m.add_argument(
-        "--speculative-algorithm", choices=["NEXTN", "EAGLE", "MTP", "SUFFIX"], type=str.upper, default=None,
-        help="speculative decoding: NEXTN (= MTP = EAGLE: the checkpoint's MTP layer drafts a chain) or SUFFIX (suffix decoding, "
-             "model-free); overlap scheduling is turned off with either",
+        "--speculative-algorithm", choices=["NEXTN", "EAGLE", "MTP", "SUFFIX", "HYBRID"], type=str.upper,
+        default=None,
+        help="speculative decoding: NEXTN (= MTP = EAGLE: the checkpoint's MTP layer drafts a chain), SUFFIX "
+             "(suffix decoding, model-free) or HYBRID (per request: the suffix draft when its score beats the "
+             "request's MTP acceptance, else MTP); overlap scheduling is turned off with any of them",
     )
     m.add_argument("--speculative-num-steps", type=int, default=None,
                    help="MTP draft tokens per step (NEXTN, default 3; not used by SUFFIX, whose drafts adapt per request)")

@@ -7,6 +7,7 @@ import torch
 
 from spec.config import SpeculativeConfig
 from spec.drafter import Drafter
+from spec.hybrid import HybridDrafter
 from spec.mtp import MtpBatch, MtpDrafter
 from spec.suffix import SuffixDrafter
 
@@ -21,4 +22,6 @@ def build_drafter(
         return SuffixDrafter(config)
     if config.method == "mtp":
         return MtpDrafter(config, block_size, run_mtp)
+    if config.method == "hybrid":
+        return HybridDrafter(config, SuffixDrafter(config), MtpDrafter(config, block_size, run_mtp))
     raise ValueError(f"speculative method {config.method!r} is not built yet; use 'suffix' or 'mtp'")

@@ -13,6 +13,8 @@ class SpeculativeConfig:
     method: str  # "suffix" | "mtp" | "hybrid"
     # Hard cap on draft tokens per request and step (suffix drafts are also capped by the tree depth).
     num_speculative_tokens: int = 16
+    # MTP chain length when it differs from the cap (hybrid: long suffix drafts, short MTP chains); None: the cap
+    num_mtp_tokens: int | None = None
     # Suffix decoding (Arctic Inference / SuffixDecoding names and defaults).
     max_tree_depth: int = 64
     max_spec_factor: float = 1.0
@@ -34,8 +36,10 @@ class SpeculativeConfig:
             raise ValueError(f"speculative_config['method'] must be one of {METHODS}, got {method!r}")
         if method == "suffix" and "num_speculative_tokens" not in options:
             options = {**options, "num_speculative_tokens": 16}
-        if method in ("mtp", "hybrid") and "num_speculative_tokens" not in options:
+        if method == "mtp" and "num_speculative_tokens" not in options:
             options = {**options, "num_speculative_tokens": 3}
+        if method == "hybrid":
+            options = {"num_speculative_tokens": 16, "num_mtp_tokens": 3, **options}
         cfg = SpeculativeConfig(**options)
         cfg._validate()
         return cfg
@@ -46,6 +50,10 @@ class SpeculativeConfig:
 
         if not _is_int(self.num_speculative_tokens) or not 1 <= self.num_speculative_tokens <= 64:
             raise bad("num_speculative_tokens", "an int in [1, 64]")
+        if self.num_mtp_tokens is not None and (
+            not _is_int(self.num_mtp_tokens) or not 1 <= self.num_mtp_tokens <= self.num_speculative_tokens
+        ):
+            raise bad("num_mtp_tokens", f"an int in [1, num_speculative_tokens = {self.num_speculative_tokens}]")
         if not _is_int(self.max_tree_depth) or not 2 <= self.max_tree_depth <= 1024:
             raise bad("max_tree_depth", "an int in [2, 1024]")
         if not _is_number(self.max_spec_factor) or not 0 < self.max_spec_factor <= 64:
@@ -54,6 +62,10 @@ class SpeculativeConfig:
             raise bad("min_token_prob", "a number in [0, 1]")
         if not _is_int(self.max_cached_tokens) or self.max_cached_tokens < 0:
             raise bad("max_cached_tokens", "an int >= 0")
+
+    @property
+    def mtp_chain_length(self) -> int:
+        return self.num_mtp_tokens or self.num_speculative_tokens
 
     @property
     def uses_suffix(self) -> bool:

@@ -16,7 +16,7 @@ callable the engine provides (every TP rank executes the same MtpBatch), so spec
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -76,6 +76,7 @@ class MtpDrafter(Drafter):
             qsl.append(qsl[-1] + n)
             lens.append(v.start + n)
             rows += v.hidden_rows
+        views = [replace(v, max_drafts=min(v.max_drafts, self.config.mtp_chain_length)) for v in views]
         drafting = [k for k, v in enumerate(views) if v.max_drafts > 0]
         last_rows = [qsl[k + 1] - 1 for k in drafting]
         logits = self.run(MtpBatch(ids, positions, slots, [v.block_table for v in views], lens, qsl, "target",

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from spec.config import SpeculativeConfig
 from spec.drafter import DraftSlot, Drafter
-from spec.suffix_index import SuffixIndex
+from spec.suffix_index import SuffixDraft, SuffixIndex
 
 
 class SuffixDrafter(Drafter):
@@ -30,11 +30,14 @@ class SuffixDrafter(Drafter):
             self.index.stop(seq_id, keep_response=completed)
 
     def propose(self, slots: Sequence[DraftSlot]) -> list[list[int]]:
+        return [d.tokens for d in self.drafts(slots)]
+
+    def drafts(self, slots: Sequence[DraftSlot]) -> list[SuffixDraft]:
+        """The drafts with their scores (expected accepted length under the trees' frequencies)."""
         if not slots:
             return []
         cap = self.config.num_speculative_tokens
-        drafts = self.index.speculate_batch(
+        return self.index.speculate_batch(
             [s.seq_id for s in slots], [min(cap, s.max_drafts) for s in slots],
             self.config.max_spec_factor, self.config.min_token_prob,
         )
-        return [d.tokens for d in drafts]

@@ -110,3 +110,17 @@ def test_checkpoint_without_mtp_layer_is_a_clear_error(tmp_path):
     path = write_tiny_checkpoint(tmp_path / "no_mtp", fmt="bf16", num_nextn_predict_layers=0)
     with pytest.raises(ValueError, match="MTP"):
         LLM(str(path), device="cpu", speculative_config=MTP)
+
+
+def test_hybrid_uses_both_sources_in_one_batch_and_keeps_plain_tokens(tiny_bf16, plain):
+    hybrid = LLM(str(tiny_bf16), speculative_config={"method": "hybrid", "num_speculative_tokens": 8,
+                                                     "num_mtp_tokens": 2}, **KW)
+    rng = random.Random(6)
+    repetitive = [{"prompt_token_ids": [rng.randrange(1400) for _ in range(8)] * 5} for _ in range(2)]
+    fresh = [{"prompt_token_ids": [rng.randrange(1400) for _ in range(30)]} for _ in range(2)]
+    sp = SamplingParams(temperature=0, max_tokens=150, ignore_eos=True)
+    _same(plain.generate(repetitive + fresh, sp, use_tqdm=False), hybrid.generate(repetitive + fresh, sp, use_tqdm=False))
+    proposed = hybrid.engine.drafter.proposed
+    assert proposed["suffix"] > 0 and proposed["mtp"] > 0, proposed
+    assert hybrid.stats()["spec_accepted_tokens"] > 0
+    assert_pages_clean(hybrid.engine)

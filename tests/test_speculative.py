@@ -171,8 +171,9 @@ def test_config_errors_name_the_key(tiny_bf16):
             LLM(str(tiny_bf16), device="cpu", speculative_config=bad)
     with pytest.raises(ValueError, match="overlap"):
         LLM(str(tiny_bf16), device="cpu", speculative_config=SUFFIX, overlap_scheduling=True)
-    with pytest.raises(ValueError, match="MTP"):
-        LLM(str(tiny_bf16), device="cpu", speculative_config={"method": "mtp"})
+    with pytest.raises(ValueError, match="num_mtp_tokens"):
+        LLM(str(tiny_bf16), device="cpu", speculative_config={"method": "hybrid", "num_speculative_tokens": 4,
+                                                              "num_mtp_tokens": 5})
 
 
 def _run(eng, rid: str, prompt: list[int], tenant: str) -> tuple[list[int], int]:

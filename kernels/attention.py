@@ -9,6 +9,9 @@ FP8 caches hold values divided by a per-tensor scale (k_scale, v_scale).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+QUERY_CHUNK = 1024  # query rows per attention call (bounds the boolean mask: rows x kv_len)
 
 
 def store_kv_ref(
@@ -49,7 +52,12 @@ def paged_attention_ref(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
 ) -> torch.Tensor:
-    """q: [T, Hq, D] -> [T, Hq, D] in q.dtype. Softmax in fp32, GQA by head grouping."""
+    """q: [T, Hq, D] -> [T, Hq, D] in q.dtype. Softmax in fp32, GQA by head grouping.
+
+    One fp32 scaled-dot-product attention per sequence over its gathered KV, with the causal limit aligned to
+    the end of the sequence (query i of n sees keys 0 .. kv_len - n + i), in query chunks of at most
+    `QUERY_CHUNK` rows so that the [rows, kv_len] mask stays small: a 34K-token prompt prefills in seconds
+    on a laptop CPU (the explicit [heads, n, kv_len] score tensor took minutes)."""
     t, hq, d = q.shape
     hk = k_cache.shape[2]
     group = hq // hk
@@ -61,14 +69,24 @@ def paged_attention_ref(
         if q1 == q0:
             continue
         kv_len = lens[b]
-        k = gather_kv_ref(k_cache, block_tables[b], kv_len, k_scale).repeat_interleave(group, dim=1)
-        v = gather_kv_ref(v_cache, block_tables[b], kv_len, v_scale).repeat_interleave(group, dim=1)
-        qb = q[q0:q1].float()  # [n, Hq, D]
         n = q1 - q0
-        scores = torch.einsum("nhd,khd->hnk", qb, k) * scale
-        q_pos = torch.arange(kv_len - n, kv_len, device=q.device)
-        k_pos = torch.arange(kv_len, device=q.device)
-        scores = scores.masked_fill(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
-        probs = scores.softmax(dim=-1)
-        out[q0:q1] = torch.einsum("hnk,khd->nhd", probs, v).to(q.dtype)
+        # [1, H, kv, D]: the 4-D layout takes torch's fused CPU kernel (the 3-D one took the slow math path)
+        k = gather_kv_ref(k_cache, block_tables[b], kv_len, k_scale).transpose(0, 1)[None]
+        v = gather_kv_ref(v_cache, block_tables[b], kv_len, v_scale).transpose(0, 1)[None]
+        if group > 1:
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+        for c0 in range(0, n, QUERY_CHUNK):
+            c1 = min(n, c0 + QUERY_CHUNK)
+            qc = q[q0 + c0 : q0 + c1].float().transpose(0, 1)[None]  # [1, Hq, rows, D]
+            first = kv_len - n + c0  # position of the chunk's first query: keys before it are all visible
+            end = kv_len - n + c1  # keys past the chunk's last query are never visible to it
+            mask = None  # a single query row (decode) sees every key
+            if c1 - c0 > 1:
+                q_pos = torch.arange(first, end, device=q.device)
+                k_pos = torch.arange(first, end, device=q.device)
+                mask = torch.zeros(c1 - c0, end, device=q.device)  # additive: a float mask is the fast path
+                mask[:, first:].masked_fill_(k_pos[None, :] > q_pos[:, None], float("-inf"))
+            o = F.scaled_dot_product_attention(qc, k[:, :, :end], v[:, :, :end], attn_mask=mask, scale=scale)
+            out[q0 + c0 : q0 + c1] = o[0].transpose(0, 1).to(q.dtype)
     return out

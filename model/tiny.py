@@ -70,7 +70,7 @@ TINY_DIMS: dict[str, Any] = {
     "head_dim": 32,
     "partial_rotary_factor": 0.5,
     "rope_theta": 1000000.0,
-    "max_position_embeddings": 4096,
+    "max_position_embeddings": 202752,  # GLM-4.7's own context length: agentic prompts fit
     "n_routed_experts": 8,
     "num_experts_per_tok": 2,
     "n_group": 2,

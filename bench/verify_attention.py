@@ -1,6 +1,6 @@
 """Speculative-verify attention on the GPU: q_len = k+1 new tokens per sequence over a 4096-token paged context.
 
-    python -m bench.verify_attention [--tune] [--quick] [--q-lens 1,4,8] [--out DIR]
+    python -m bench.verify_attention [--tune] [--quick] [--q-lens 1,4,8] [--batches 1,4,16,64] [--out DIR]
 
 For B in {1, 4, 16, 64}, q_len in {1, 4, 8}, heads 96/8 (TP1) and 12/1 (TP8), bf16 and FP8 KV it prints the time of
 the default path (`paged_attention` with max_query_len = q_len: the decode kernel at 1, the verify kernel above),
@@ -95,9 +95,10 @@ def tune_grid(bat: Batch, dflt: dict) -> list[dict]:
     return uniq
 
 
-def table(quick: bool, tune: bool, q_lens: tuple[int, ...] = (1, 4, 8)) -> list[dict]:
+def table(quick: bool, tune: bool, q_lens: tuple[int, ...] = (1, 4, 8),
+          batches: tuple[int, ...] = (1, 4, 16, 64)) -> list[dict]:
     rows = []
-    batches = (1, 16) if quick else (1, 4, 16, 64)
+    batches = (1, 16) if quick else batches
     print(f"{'heads':6s} {'KV':4s} {'B':>3s} {'q':>2s} | {'default':>8s} {'extend':>8s} {'q x dec':>8s} "
           f"{'decode':>8s} {'floor':>7s} | {'def/floor':>9s} {'def/dec':>7s} {'ext/def':>7s}  (us)", flush=True)
     for (hq, hk), dt, b in itertools.product(((96, 8), (12, 1)), (BF16, FP8), batches):
@@ -138,6 +139,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tune", action="store_true", help="also time verify configs around the default per case")
     p.add_argument("--q-lens", default="1,4,8", help="comma list of q_len")
+    p.add_argument("--batches", default="1,4,16,64", help="comma list of batch sizes")
     p.add_argument("--quick", action="store_true", help="fewer shapes")
     p.add_argument("--out", default=os.environ.get("OUT", ""), help="folder for verify_attention.json")
     args = p.parse_args(argv)
@@ -149,7 +151,8 @@ def main(argv=None) -> int:
                  bw=bk._copy_bw())
     print(f"# {torch.cuda.get_device_name(0)}: copy bandwidth {bk.HW['bw'] / 1e12:.2f} TB/s, floor at "
           f"{FLOOR_BW / 1e12:.1f} TB/s, ctx {CTX}, head_dim {D}, {BS}-token pages", flush=True)
-    rows = table(args.quick, args.tune, tuple(int(x) for x in args.q_lens.split(",")))
+    rows = table(args.quick, args.tune, tuple(int(x) for x in args.q_lens.split(",")),
+                 tuple(int(x) for x in args.batches.split(",")))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "verify_attention.json"), "w") as f:

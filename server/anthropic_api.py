@@ -6,7 +6,13 @@ input_schema -> parameters, tool_choice auto/any/tool/none, thinking {type} -> e
 through the same template, engine request and GLM parsers as /v1/chat/completions. Output: thinking / text /
 tool_use content blocks; streaming sends message_start, content_block_start / _delta / _stop per block
 (thinking_delta, text_delta, input_json_delta), message_delta with the stop_reason, message_stop, and `ping`
-events during silences. Errors use Anthropic's envelope (see server/errors.py).
+events (one after message_start, then one per --ping-interval of silence; never SSE comments). Errors use
+Anthropic's envelope (see server/errors.py).
+
+Claude Code compatibility: mid-conversation `system` messages become system turns; `thinking` follows
+Anthropic's semantics (absent or `disabled` = off, `enabled` / `adaptive` = on); `output_config.format`
+(json_schema) is enforced like response_format; `output_config.effort`, `metadata`, `cache_control` on any
+block and unknown (beta) fields are accepted and ignored.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from starlette.responses import JSONResponse, Response
 from server.chat_template import content_text
 from server.errors import APIError, bad_request, not_supported
 from server.protocol import ChatCompletionRequest, _Loose, validation_error
-from server.openai_api import ChatPlan, iterate_generations, prepare_chat, request_log, request_tenant, run_chat
+from server.chat_serving import ChatPlan, iterate_generations, prepare_chat, request_log, request_tenant, run_chat
 from server.serving import ServerState, read_body, run_blocking, strip_stop_token_text
 from server.sse import ClientDisconnected, SSEResponse, run_or_disconnect, sse_event
 from server.validation import check_tool_parameters
@@ -35,6 +41,7 @@ router = APIRouter()
 # The end of every stream, also after an `error` event (the SDKs stop at the error; a plain SSE reader still
 # sees the message end).
 MESSAGE_STOP = sse_event("message_stop", {"type": "message_stop"})
+PING = sse_event("ping", {"type": "ping"})
 
 
 class MessagesRequest(_Loose):
@@ -50,7 +57,8 @@ class MessagesRequest(_Loose):
     top_k: int | None = None
     stream: bool | None = False
     thinking: dict[str, Any] | None = None
-    metadata: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None  # accepted; user_id is not used
+    output_config: dict[str, Any] | None = None  # effort: ignored; format: structured output
 
 
 class CountTokensRequest(_Loose):
@@ -60,6 +68,7 @@ class CountTokensRequest(_Loose):
     tools: list[dict[str, Any]] | None = None
     tool_choice: dict[str, Any] | None = None
     thinking: dict[str, Any] | None = None
+    output_config: dict[str, Any] | None = None
 
 
 def _blocks(content: Any, where: str) -> list[dict[str, Any]]:
@@ -94,10 +103,20 @@ def _tool_result_text(block: dict[str, Any], where: str) -> str:
     return text
 
 
+def _system_blocks(content: Any) -> Any:
+    """System text blocks keep only their text (cache_control and other block fields do not apply)."""
+    if isinstance(content, list):
+        return [
+            {"type": "text", "text": b.get("text", "")} if isinstance(b, dict) and b.get("type") == "text" else b
+            for b in content
+        ]
+    return content
+
+
 def to_chat_messages(req: Any) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     if req.system is not None:
-        system = content_text(req.system, "system")
+        system = content_text(_system_blocks(req.system), "system")
         if system:
             out.append({"role": "system", "content": system})
     for i, m in enumerate(req.messages):
@@ -107,10 +126,15 @@ def to_chat_messages(req: Any) -> list[dict[str, Any]]:
         role = m.get("role")
         if role in ("ctx", "msg"):
             role = "user"
-        if role not in ("user", "assistant"):
+        if role not in ("user", "assistant", "system"):
             raise bad_request(
-                f"{where}.role must be 'user' or 'assistant', got {role!r}", param=f"{where}.role"
+                f"{where}.role must be 'user', 'assistant' or 'system', got {role!r}", param=f"{where}.role"
             )
+        if role == "system":  # a mid-conversation system message (beta mid-conversation-system-*)
+            text = content_text(_system_blocks(m.get("content", "")), f"{where}.content")
+            if text:
+                out.append({"role": "system", "content": text})
+            continue
         blocks = _blocks(m.get("content", ""), f"{where}.content")
         if role == "user":
             texts: list[str] = []
@@ -208,8 +232,10 @@ def to_chat_request(req: Any, *, stream: bool = False) -> ChatCompletionRequest:
         "parallel_tool_calls": parallel,
         "stream": stream,
     }
-    if isinstance(req.thinking, dict) and req.thinking.get("type") in ("enabled", "disabled", "adaptive"):
-        body["thinking"] = {"type": req.thinking["type"]}
+    body["thinking"] = {"type": "enabled" if thinking_enabled(req.thinking) else "disabled"}
+    response_format = _response_format(req)
+    if response_format is not None:
+        body["response_format"] = response_format
     for key in ("max_tokens", "temperature", "top_p", "top_k"):
         if getattr(req, key, None) is not None:
             body[key] = getattr(req, key)
@@ -223,6 +249,34 @@ def to_chat_request(req: Any, *, stream: bool = False) -> ChatCompletionRequest:
         return ChatCompletionRequest.model_validate(body)
     except ValidationError as e:
         raise validation_error(e) from None
+
+
+def thinking_enabled(thinking: Any) -> bool:
+    """Anthropic semantics: no `thinking` field (or `disabled`) = no thinking; `enabled` (with its
+    budget_tokens) and `adaptive` (the model decides; GLM-4.7 then always thinks) = thinking on."""
+    if thinking is None:
+        return False
+    if not isinstance(thinking, dict):
+        raise bad_request("thinking must be an object such as {'type': 'enabled'}", param="thinking")
+    kind = thinking.get("type")
+    if kind not in ("enabled", "disabled", "adaptive"):
+        logger.debug("unknown thinking type %r: thinking off", kind)
+    return kind in ("enabled", "adaptive")
+
+
+def _response_format(req: Any) -> dict[str, Any] | None:
+    """`output_config.format` (or the older beta `output_format`): {"type": "json_schema", "schema": {...}}
+    -> the chat route's response_format. `output_config.effort` does not apply to GLM-4.7 and is ignored."""
+    config = req.output_config if isinstance(req.output_config, dict) else {}
+    fmt = config.get("format") or (req.model_extra or {}).get("output_format")
+    if fmt is None:
+        return None
+    where = "output_config.format" if config.get("format") else "output_format"
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        raise bad_request(f"{where} must be {{'type': 'json_schema', 'schema': {{...}}}}", param=where)
+    if not isinstance(fmt.get("schema"), dict):
+        raise bad_request(f"{where}.schema must be a JSON schema object", param=f"{where}.schema")
+    return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"], "strict": True}}
 
 
 def _stop_reason(engine_reason: str | None, stop_reason: Any, has_tool_calls: bool) -> tuple[str, str | None]:
@@ -364,10 +418,11 @@ async def _stream(state: ServerState, prep: Any) -> AsyncIterator[str]:
                 },
             },
         )
+        yield PING  # as Anthropic does after message_start; then one per --ping-interval of silence
         stop_reason, stop_sequence = "end_turn", None
-        async for item in iterate_generations([gen], state.config.keepalive_interval or None):
+        async for item in iterate_generations([gen], state.config.ping_interval or None):
             if item is None:
-                yield sse_event("ping", {"type": "ping"})
+                yield PING
                 continue
             for d in item[1]:
                 output_tokens += len(d.new_token_ids)
@@ -434,6 +489,7 @@ async def count_tokens(request: Request) -> Response:
     log = request_log(request)
     log["endpoint"] = "count_tokens"
     req = await read_body(state, request, CountTokensRequest)
+    state.response_model(req.model)
     chat_req = to_chat_request(req)
     plan = await run_blocking(state, ChatPlan, state, chat_req)
     _, ids = await run_blocking(state, plan.render, state)

@@ -1,7 +1,8 @@
 """The FastAPI application: lifespan (engine process, its supervision, stats line, drain), middleware, utility
 routes.
 
-Routes: OpenAI (server/openai_api.py), Anthropic (server/anthropic_api.py), and here `GET /health` (503 until
+Routes: OpenAI (server/openai_api.py, server/responses_api.py), Anthropic (server/anthropic_api.py), all on the
+shared serving layer (server/chat_serving.py); and here `GET /health` (503 until
 the engine is ready, while it is dead or restarting, and while draining), `GET /health_generate` (a one-token
 generation), `GET /v1/models`, `GET /metrics`, `GET|HEAD /`, `GET /version`, `GET /server_info` and
 `GET /openapi.json` (the request schemas; behind the API key like every route but /health, /version, HEAD /).
@@ -37,6 +38,7 @@ from server.metrics import CONTENT_TYPE, Metrics, kv_usage
 from server.middleware import GlintMiddleware
 from server.openapi import add_request_schemas
 from server.openai_api import router as openai_router
+from server.responses_api import router as responses_router
 from server.serving import Generation, ServerState, make_sampling_params
 
 logger = logging.getLogger("glint.server")
@@ -134,9 +136,10 @@ def build_app(
     )
     app.state.glint = state
     app.state.drainer = drainer
-    add_request_schemas([openai_router, anthropic_router])
+    add_request_schemas([openai_router, anthropic_router, responses_router])
     app.include_router(openai_router)
     app.include_router(anthropic_router)
+    app.include_router(responses_router)
     _add_utility_routes(app, state)
     _add_error_handlers(app)
     app.add_middleware(
@@ -369,17 +372,21 @@ def _add_utility_routes(app: FastAPI, state: ServerState) -> None:
 
 
 def _add_error_handlers(app: FastAPI) -> None:
+    def respond(request: Request, err: APIError) -> Response:
+        """The error response; its message goes into the request's log line (every 4xx/5xx says why)."""
+        request.scope.setdefault("state", {}).setdefault("glint_log", {}).setdefault("error", err.message)
+        return error_response(err, request.url.path)
+
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> Response:
-        request.scope.setdefault("state", {}).setdefault("glint_log", {}).setdefault("error", exc.message)
-        return error_response(exc, request.url.path)
+        return respond(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         errs = exc.errors()
         loc = ".".join(str(x) for x in (errs[0].get("loc", ()) if errs else ()) if x != "body") or None
         msg = errs[0].get("msg", "invalid request") if errs else "invalid request"
-        return error_response(APIError(400, f"invalid request: {msg}", param=loc), request.url.path)
+        return respond(request, APIError(400, f"invalid request: {msg}", param=loc))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -395,11 +402,11 @@ def _add_error_handlers(app: FastAPI) -> None:
             err = APIError(exc.status_code, str(exc.detail))
         headers = dict(getattr(exc, "headers", None) or {})
         err.headers.update(headers)
-        return error_response(err, request.url.path)
+        return respond(request, err)
 
     @app.exception_handler(json.JSONDecodeError)
     async def json_error(request: Request, exc: json.JSONDecodeError) -> Response:
-        return error_response(APIError(400, f"the request body is not valid JSON: {exc}"), request.url.path)
+        return respond(request, APIError(400, f"the request body is not valid JSON: {exc}"))
 
 
 __all__ = ["build_app", "PlainTextResponse"]

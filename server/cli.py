@@ -361,7 +361,16 @@ def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
         "--keepalive-interval",
         type=float,
         default=d.keepalive_interval,
-        help="seconds of silence before an SSE keep-alive comment; 0 disables",
+        help="OpenAI routes: seconds of silence before an SSE ': keep-alive' comment line (for clients that "
+        "time out during long prefills); 0, the default, sends none (some clients, e.g. SGLang's "
+        "bench_serving.py, JSON-parse every line)",
+    )
+    h.add_argument(
+        "--ping-interval",
+        type=float,
+        default=d.ping_interval,
+        help="Anthropic route (/v1/messages): seconds of silence before a documented `ping` event; 0 sends "
+        "only the one after message_start",
     )
 
     lg = p.add_argument_group("logging and monitoring")

@@ -69,7 +69,8 @@ class ServerConfig:
     log_requests: str = "meta"  # off | meta | params | full
     log_format: str = "text"  # text | json
     stats_interval: float = 5.0  # seconds between periodic stats lines; 0 disables
-    keepalive_interval: float = 5.0  # seconds of SSE silence before a ": keep-alive" comment
+    keepalive_interval: float = 0.0  # OpenAI routes: seconds of SSE silence before a ": keep-alive" comment; 0 = off
+    ping_interval: float = 5.0  # Anthropic route: seconds of silence before a `ping` event; 0 = only the first
     max_request_bytes: int | None = None  # None: max(8 MiB, 32 bytes per context token)
     shutdown_timeout: float = 30.0  # SIGTERM/SIGINT: seconds in-flight requests may still run
     engine_ready_timeout: float = 1800.0

@@ -116,6 +116,8 @@ class GlintMiddleware:
                     type="authentication_error",
                     code="invalid_api_key",
                 )
+                log["error"] = "missing API key" if not headers.get("authorization") and "x-api-key" not in headers \
+                    else "invalid API key"
                 await error_response(err, path)(scope, receive, send_with_id)
                 return
             limit = self.max_body() if self.max_body is not None else None
@@ -123,6 +125,7 @@ class GlintMiddleware:
                 length = headers.get("content-length", "")
                 if length.isdigit() and int(length) > limit:
                     log["request_bytes"] = int(length)
+                    log["error"] = f"request body larger than {limit} bytes"
                     await error_response(RequestTooLarge(limit), path)(scope, receive, send_with_id)
                     return
                 receive = _limited(receive, limit)

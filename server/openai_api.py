@@ -3,14 +3,12 @@
 Streaming follows OpenAI's recorded shape: a role chunk per choice, content / reasoning / tool-call delta
 chunks (a tool call's first delta carries id, type and name with empty arguments; later ones only argument
 fragments), one chunk per choice with an empty delta and the finish_reason, a usage chunk with `choices: []`
-when `stream_options.include_usage`, then `data: [DONE]`. Comment lines (`: keep-alive`) fill silences longer
-than --keepalive-interval (long prefills). Errors after the headers are sent become an SSE `error` object.
+when `stream_options.include_usage`, then `data: [DONE]`. With --keepalive-interval (off by default: some
+clients JSON-parse every line) comment lines (`: keep-alive`) fill silences longer than that (long prefills). Errors after the headers are sent become an SSE `error` object.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from typing import Any, AsyncIterator
@@ -18,16 +16,26 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
-from server.chat_template import (
-    encode_text,
-    normalize_messages,
-    normalize_tools,
-    prompt_starts_in_reasoning,
-    template_kwargs,
+from server.chat_serving import (
+    MAX_TOP_LOGPROBS,
+    ChatResult,
+    PreparedChat,
+    chat_finish_reason,
+    check_n,
+    include_usage,
+    iterate_generations,
+    openai_usage,
+    output_for_log,
+    prepare_chat,
+    reasoning_fields,
+    request_log,
+    request_tenant,
+    run_chat,
+    state_of,
 )
+from server.chat_template import encode_text
 from server.engine_client import new_request_id
 from server.errors import APIError, bad_request, not_supported, sse_error_event
-from server.output_parser import ChatOutputParser
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.serving import (
     CompletionLogprobs,
@@ -47,233 +55,10 @@ logger = logging.getLogger("glint.server")
 
 router = APIRouter()
 
-MAX_N = 64
-MAX_TOP_LOGPROBS = 20
 MAX_PROMPTS = 1024  # a completions request's prompt list
 
 
-def request_log(request: Request) -> dict[str, Any]:
-    return request.scope.setdefault("state", {}).setdefault("glint_log", {})
-
-
-def request_tenant(request: Request) -> str:
-    """Who the request is from, for cross-request engine state (a digest of its API key; "" without auth)."""
-    return request.scope.get("state", {}).get("tenant", "")
-
-
-def state_of(request: Request) -> ServerState:
-    return request.app.state.glint
-
-
-def _check_n(n: int | None) -> int:
-    n = 1 if n is None else n
-    if not 1 <= n <= MAX_N:
-        raise bad_request(f"n must be between 1 and {MAX_N}, got {n}", param="n")
-    return n
-
-
-def _include_usage(req: Any) -> bool:
-    return bool(req.stream_options and req.stream_options.include_usage)
-
-
-async def iterate_generations(
-    gens: list[Generation], keepalive: float | None
-) -> AsyncIterator[tuple[int, list[Any]] | None]:
-    """Delta batches of several generations as they come: (generation index, batch), or None (keep-alive)."""
-    if len(gens) == 1:
-        async for batch in gens[0].batches(keepalive):
-            yield None if batch is None else (0, batch)
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, gen: Generation) -> None:
-        try:
-            async for batch in gen.batches():
-                queue.put_nowait((i, batch))
-        except BaseException as e:  # noqa: BLE001 - forwarded to the consumer
-            queue.put_nowait(e)
-        finally:
-            queue.put_nowait((i, None))
-
-    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
-    try:
-        remaining = len(gens)
-        while remaining:
-            try:
-                item = await asyncio.wait_for(queue.get(), keepalive) if keepalive else await queue.get()
-            except asyncio.TimeoutError:
-                yield None
-                continue
-            if isinstance(item, BaseException):
-                raise item
-            if item[1] is None:
-                remaining -= 1
-                continue
-            yield item
-    finally:
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(BaseException):
-                await t
-
-
 # ================================================================================================ chat
-
-
-def chat_finish_reason(engine_reason: str | None, has_tool_calls: bool) -> str:
-    if engine_reason == "length":
-        return "length"
-    if engine_reason == "abort":
-        raise APIError(503, "the request was aborted by the engine", headers={"Retry-After": "1"})
-    return "tool_calls" if has_tool_calls else "stop"
-
-
-class ChatPlan:
-    """Everything decided about a chat request before it is sent to the engine."""
-
-    def __init__(self, state: ServerState, req: ChatCompletionRequest) -> None:
-        self.req = req
-        self.n = _check_n(req.n)
-        check_response_format(req.response_format)
-        if req.top_logprobs is not None:
-            if not req.logprobs:
-                raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
-            if not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
-                raise bad_request(
-                    f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs"
-                )
-        self.logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        self.top_logprobs = req.top_logprobs or 0
-        tools = normalize_tools(req.tools)
-        choice = req.tool_choice
-        if choice is None:
-            choice = "auto" if tools else "none"
-        self.parse_tools = False
-        if isinstance(choice, str):
-            if choice not in ("none", "auto", "required"):
-                raise bad_request(
-                    f"tool_choice must be none, auto, required or a named function; got {choice!r}",
-                    param="tool_choice",
-                )
-            if choice != "none":
-                if not tools:
-                    raise bad_request(f"tool_choice {choice!r} needs tools", param="tool_choice")
-                self.parse_tools = True
-        elif isinstance(choice, dict):
-            fn = choice.get("function") if isinstance(choice.get("function"), dict) else {}
-            name = fn.get("name") or choice.get("name")
-            match = [t for t in tools or [] if t["function"]["name"] == name]
-            if not match:
-                raise bad_request(
-                    f"tool_choice names function {name!r}, which is not in tools", param="tool_choice"
-                )
-            tools = match  # best effort: only the named tool is offered to the model
-            self.parse_tools = True
-        else:
-            raise bad_request("tool_choice must be a string or an object", param="tool_choice")
-        self.tools = tools
-        self.parallel_tool_calls = req.parallel_tool_calls is not False
-        self.messages = normalize_messages(req.messages)
-        self.kwargs = template_kwargs(
-            state.chat_template.default_kwargs, req.chat_template_kwargs, req.reasoning_effort, req.thinking
-        )
-        if req.chat_template:
-            logger.debug("ignoring a chat_template sent in the request (never run client Jinja)")
-
-    def render(self, state: ServerState) -> tuple[str, list[int]]:
-        prompt = state.chat_template.render(
-            self.messages,
-            self.tools,
-            kwargs=self.kwargs,
-            add_generation_prompt=self.req.add_generation_prompt is not False,
-            continue_final_message=bool(self.req.continue_final_message),
-        )
-        return prompt, state.chat_template.encode(prompt)
-
-    def parser(self, starts_in_reasoning: bool) -> ChatOutputParser:
-        return ChatOutputParser(
-            starts_in_reasoning=starts_in_reasoning,
-            tools=self.tools,
-            parse_tools=self.parse_tools,
-            parallel_tool_calls=self.parallel_tool_calls,
-        )
-
-
-def _reasoning_fields(state: ServerState, text: str | None) -> dict[str, Any]:
-    mode = state.config.reasoning_field
-    out: dict[str, Any] = {}
-    if mode in ("reasoning_content", "both"):
-        out["reasoning_content"] = text
-    if mode in ("reasoning", "both"):
-        out["reasoning"] = text
-    return out
-
-
-class PreparedChat:
-    """A chat request rendered, tokenized and accepted by the engine."""
-
-    def __init__(self, **kw: Any) -> None:
-        self.__dict__.update(kw)
-
-    plan: ChatPlan
-    gen: Generation
-    parsers: list[ChatOutputParser]
-    params: Any
-    rid: str
-    model: str
-    created: int
-
-
-async def prepare_chat(
-    state: ServerState,
-    req: ChatCompletionRequest,
-    log: dict[str, Any],
-    arrival: float,
-    id_prefix: str = "chatcmpl",
-    tenant: str = "",
-) -> PreparedChat:
-    plan = await run_blocking(state, ChatPlan, state, req)  # decodes tool-call arguments: off the loop
-    state.check_ready()
-    prompt, prompt_ids = await run_blocking(state, plan.render, state)
-    starts_in_reasoning = prompt_starts_in_reasoning(prompt)
-    requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    max_tokens = resolve_max_tokens(
-        state,
-        requested,
-        len(prompt_ids),
-        param="max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens",
-        prompt_param="messages",
-    )
-    params = make_sampling_params(
-        state,
-        req=req,
-        max_tokens=max_tokens,
-        n=plan.n,
-        logprobs=plan.logprobs,
-        skip_special_tokens=req.skip_special_tokens if req.skip_special_tokens is not None else False,
-    )
-    rid = new_request_id(id_prefix)
-    model = state.response_model(req.model)
-    log.update(
-        engine_id=rid,
-        model=model,
-        stream=bool(req.stream),
-        n=plan.n,
-        messages=len(plan.messages),
-        tools=len(plan.tools or []),
-        thinking=starts_in_reasoning,
-    )
-    if state.config.log_requests in ("params", "full"):
-        log["params"] = _params_summary(params)
-    if state.config.log_requests == "full":
-        log["prompt"] = prompt
-    gen = Generation(state, rid, n=plan.n, prompt_len=len(prompt_ids), log=log, arrival=arrival, tenant=tenant)
-    await gen.start(prompt_ids, params, prompt)
-    parsers = [plan.parser(starts_in_reasoning) for _ in range(plan.n)]
-    return PreparedChat(
-        plan=plan, gen=gen, parsers=parsers, params=params, rid=rid, model=model, created=int(time.time())
-    )
 
 
 @router.post("/v1/chat/completions")
@@ -296,58 +81,6 @@ async def chat_completions(request: Request) -> Response:
     return JSONResponse(_chat_body(state, prep, result))
 
 
-def _params_summary(params: Any) -> dict[str, Any]:
-    keys = (
-        "n",
-        "temperature",
-        "top_p",
-        "top_k",
-        "min_p",
-        "seed",
-        "max_tokens",
-        "min_tokens",
-        "stop",
-        "ignore_eos",
-        "logprobs",
-        "presence_penalty",
-        "frequency_penalty",
-        "repetition_penalty",
-    )
-    return {k: getattr(params, k) for k in keys}
-
-
-class ChatResult:
-    def __init__(self, n: int) -> None:
-        self.token_ids: list[list[int]] = [[] for _ in range(n)]
-        self.logprobs: list[list[Any]] = [[] for _ in range(n)]
-        self.reasons: list[str | None] = [None] * n
-        self.stop_reasons: list[Any] = [None] * n
-        self.reasoning_tokens = 0
-
-    @property
-    def completion_tokens(self) -> int:
-        return sum(len(t) for t in self.token_ids)
-
-
-async def run_chat(state: ServerState, prep: PreparedChat) -> ChatResult:
-    """Drive a non-streaming chat request to its end, feeding the parsers."""
-    res = ChatResult(prep.plan.n)
-    async for batch in prep.gen.batches():
-        for d in batch:
-            p = prep.parsers[d.index]
-            was_reasoning = p.in_reasoning
-            p.feed(strip_stop_token_text(state, d, prep.params), final=d.finished)
-            if was_reasoning and p.in_reasoning:
-                res.reasoning_tokens += len(d.new_token_ids)
-            res.token_ids[d.index].extend(d.new_token_ids)
-            if d.new_logprobs:
-                res.logprobs[d.index].extend(d.new_logprobs)
-            if d.finished:
-                res.reasons[d.index], res.stop_reasons[d.index] = d.finish_reason, d.stop_reason
-    prep.gen.log["reasoning_tokens"] = res.reasoning_tokens
-    return res
-
-
 def _chat_body(state: ServerState, prep: PreparedChat, res: ChatResult) -> dict[str, Any]:
     plan = prep.plan
     choices = []
@@ -361,7 +94,7 @@ def _chat_body(state: ServerState, prep: PreparedChat, res: ChatResult) -> dict[
             "content": p.content if (p.content or not calls) else None,
             "refusal": None,
         }
-        message.update(_reasoning_fields(state, p.reasoning or None))
+        message.update(reasoning_fields(state, p.reasoning or None))
         if calls:
             message["tool_calls"] = calls
         choices.append(
@@ -377,39 +110,22 @@ def _chat_body(state: ServerState, prep: PreparedChat, res: ChatResult) -> dict[
         )
     prep.gen.log["finish_reason"] = ",".join(sorted({c["finish_reason"] for c in choices}))
     if state.config.log_requests == "full":
-        prep.gen.log["output"] = _output_for_log(prep.parsers[0])
+        prep.gen.log["output"] = output_for_log(prep.parsers[0])
     return {
         "id": prep.rid,
         "object": "chat.completion",
         "created": prep.created,
         "model": prep.model,
         "choices": choices,
-        "usage": _usage(
+        "usage": openai_usage(
             prep.gen.prompt_len, res.completion_tokens, prep.gen.num_cached_tokens, res.reasoning_tokens
         ),
     }
 
 
-def _output_for_log(p: ChatOutputParser) -> str:
-    calls = "".join(f"\n[tool_call {c.name} {c.arguments}]" for c in p.tool_calls)
-    return (f"<think>{p.reasoning}</think>" if p.reasoning else "") + p.content + calls
-
-
-def _usage(prompt: int, completion: int, cached: int, reasoning: int | None = None) -> dict[str, Any]:
-    usage: dict[str, Any] = {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cached},
-    }
-    if reasoning is not None:
-        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning}
-    return usage
-
-
 async def _chat_stream(state: ServerState, prep: PreparedChat) -> AsyncIterator[str]:
     plan, gen, parsers, params, rid = prep.plan, prep.gen, prep.parsers, prep.params, prep.rid
-    include_usage = _include_usage(plan.req)
+    want_usage = include_usage(plan.req)
     base = {"id": rid, "object": "chat.completion.chunk", "created": prep.created, "model": prep.model}
 
     def chunk(
@@ -421,7 +137,7 @@ async def _chat_stream(state: ServerState, prep: PreparedChat) -> AsyncIterator[
     ) -> str:
         c = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason, **extra}
         body = {**base, "choices": [c]}
-        if include_usage:
+        if want_usage:
             body["usage"] = None
         return sse_data(body)
 
@@ -451,7 +167,7 @@ async def _chat_stream(state: ServerState, prep: PreparedChat) -> AsyncIterator[
                     if kind == "content":
                         delta: dict[str, Any] = {"content": ev[1]}
                     elif kind == "reasoning":
-                        delta = _reasoning_fields(state, ev[1])
+                        delta = reasoning_fields(state, ev[1])
                     elif kind == "tool_start":
                         delta = {
                             "tool_calls": [
@@ -476,13 +192,13 @@ async def _chat_stream(state: ServerState, prep: PreparedChat) -> AsyncIterator[
         gen.log["finish_reason"] = ",".join(sorted(set(finish)))
         gen.log["reasoning_tokens"] = reasoning_tokens
         if state.config.log_requests == "full":
-            gen.log["output"] = _output_for_log(parsers[0])
-        if include_usage:
+            gen.log["output"] = output_for_log(parsers[0])
+        if want_usage:
             yield sse_data(
                 {
                     **base,
                     "choices": [],
-                    "usage": _usage(
+                    "usage": openai_usage(
                         gen.prompt_len, completion_tokens, gen.num_cached_tokens, reasoning_tokens
                     ),
                 }
@@ -545,7 +261,7 @@ async def completions(request: Request) -> Response:
     log = request_log(request)
     log["endpoint"] = "completions"
     req = await read_body(state, request, CompletionRequest)
-    n = _check_n(req.n)
+    n = check_n(req.n)
     check_response_format(req.response_format)
     if req.suffix:
         raise not_supported("suffix", param="suffix")
@@ -559,9 +275,9 @@ async def completions(request: Request) -> Response:
         raise bad_request(
             "max_tokens must be at least 1 (0 is only allowed with echo, for scoring)", param="max_tokens"
         )
+    model = state.response_model(req.model)
     state.check_ready()
     prompts = await run_blocking(state, _prompts, state, req.prompt)
-    model = state.response_model(req.model)
     rid = new_request_id("cmpl")
     gens, param_sets = [], []
     for k, p in enumerate(prompts):
@@ -673,10 +389,10 @@ class _CompletionContext:
             raise APIError(503, "the request was aborted by the engine", headers={"Retry-After": "1"})
         return reason or "stop"
 
-    def _usage(self) -> dict[str, Any]:
+    def openai_usage(self) -> dict[str, Any]:
         prompt = sum(len(p.ids) for p in self.prompts)
         cached = sum(g.num_cached_tokens for g in self.gens)
-        return _usage(prompt, self.completion_tokens, cached)
+        return openai_usage(prompt, self.completion_tokens, cached)
 
     async def full(self) -> dict[str, Any]:
         async for item in iterate_generations(self.gens, None):
@@ -702,11 +418,11 @@ class _CompletionContext:
             "created": self.created,
             "model": self.model,
             "choices": choices,
-            "usage": self._usage(),
+            "usage": self.openai_usage(),
         }
 
     async def stream(self) -> AsyncIterator[str]:
-        include_usage = _include_usage(self.req)
+        want_usage = include_usage(self.req)
         base = {"id": self.rid, "object": "text_completion", "created": self.created, "model": self.model}
 
         def chunk(index: int, text: str, logprobs: Any, finish: str | None = None, **extra: Any) -> str:
@@ -716,7 +432,7 @@ class _CompletionContext:
                     {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish, **extra}
                 ],
             }
-            if include_usage:
+            if want_usage:
                 body["usage"] = None
             return sse_data(body)
 
@@ -737,8 +453,8 @@ class _CompletionContext:
                             index, "", None, self.reasons[index], stop_reason=self.stop_reasons[index]
                         )
             self.gens[0].log["finish_reason"] = ",".join(sorted({str(r) for r in self.reasons}))
-            if include_usage:
-                yield sse_data({**base, "choices": [], "usage": self._usage()})
+            if want_usage:
+                yield sse_data({**base, "choices": [], "usage": self.openai_usage()})
             yield DONE
         except APIError as e:
             self.gens[0].log["error"] = e.message

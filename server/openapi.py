@@ -16,8 +16,10 @@ from fastapi import APIRouter
 from fastapi.routing import APIRoute
 
 from server.anthropic_api import CountTokensRequest, MessagesRequest
-from server.openai_api import MAX_N, MAX_PROMPTS, MAX_TOP_LOGPROBS
+from server.chat_serving import MAX_N, MAX_TOP_LOGPROBS
+from server.openai_api import MAX_PROMPTS
 from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.responses_api import ResponsesRequest
 from server.validation import LOGIT_BIAS_LIMIT, SEED_MAX, SEED_MIN
 
 
@@ -210,7 +212,7 @@ def request_schemas() -> dict[tuple[str, str], dict[str, Any]]:
         "thinking": _nullable(
             {
                 "type": "object",
-                "properties": {"type": {"enum": ["enabled", "disabled"]}},
+                "properties": {"type": {"enum": ["enabled", "disabled", "adaptive"]}},
                 "required": ["type"],
             }
         ),
@@ -229,7 +231,46 @@ def request_schemas() -> dict[tuple[str, str], dict[str, Any]]:
         },
     )
     count = _model_schema(CountTokensRequest, anthropic_common)
+    input_item = {
+        "type": "object",
+        "properties": {
+            "type": {"enum": ["message"]},
+            "role": {"enum": ["system", "developer", "user", "assistant"]},
+            "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART, "maxItems": 4}]},
+        },
+        "required": ["role", "content"],
+    }
+    responses = _model_schema(
+        ResponsesRequest,
+        {
+            "input": {"anyOf": [{"type": "string"}, {"type": "array", "items": input_item, "maxItems": 4}]},
+            "instructions": _nullable({"type": "string"}),
+            "max_output_tokens": max_tokens,
+            "temperature": _SAMPLING_RANGES["temperature"],
+            "top_p": _SAMPLING_RANGES["top_p"],
+            "tools": _nullable(
+                {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": 2,
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "type": {"enum": ["function"]},
+                            "name": {"type": "string", "minLength": 1},
+                            "parameters": _TOOL_PARAMETERS,
+                        },
+                        "required": ["type", "name"],
+                    },
+                }
+            ),
+            "tool_choice": _nullable({"enum": ["auto", "none"]}),
+            "previous_response_id": {"type": "null"},
+            "text": _nullable({"type": "object", "properties": {"format": _SAMPLING_RANGES["response_format"]}}),
+        },
+    )
     return {
+        ("POST", "/v1/responses"): responses,
         ("POST", "/v1/chat/completions"): chat,
         ("POST", "/v1/completions"): completion,
         ("POST", "/v1/messages"): messages,

@@ -81,8 +81,20 @@ class ServerState:
         return self.served_model_names[0]
 
     def response_model(self, requested: str | None) -> str:
-        # Lenient model policy: any name is served by the one model (Claude Code sends claude-* names).
-        return requested or self.model_name
+        """The model a request names: one of --served-model-name (none given: the first). Any other name is a
+        404 model_not_found, as vLLM answers (clients such as Claude Code are pointed at a served name, or the
+        name is added to --served-model-name)."""
+        if not requested:
+            return self.model_name
+        if requested not in self.served_model_names:
+            raise APIError(
+                404,
+                f"The model {requested!r} does not exist; this server serves {list(self.served_model_names)} "
+                "(add names with --served-model-name)",
+                param="model",
+                code="model_not_found",
+            )
+        return requested
 
     def check_ready(self) -> None:
         if self.draining:

@@ -112,7 +112,7 @@ def test_kill9_restarts_the_engine_then_a_stall_with_no_restart_left_exits_1(lau
 
     # 2. SIGSTOP during an Anthropic stream: no heartbeat -> error + message_stop; no restart left -> exit 1
     lines, started = [], threading.Event()
-    body = {"model": "x", "max_tokens": 2000, "stream": True, "messages": [{"role": "user", "content": "go"}]}
+    body = {"model": "glint-tiny", "max_tokens": 2000, "stream": True, "messages": [{"role": "user", "content": "go"}]}
     t = stream_lines(url, "/v1/messages", body, lines, started)
     assert started.wait(30)
     os.kill(second, signal.SIGSTOP)

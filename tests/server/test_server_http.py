@@ -235,7 +235,7 @@ def sse_events(text: str) -> list[tuple[str, dict]]:
 def test_anthropic_messages_basic(http):
     headers = {"x-api-key": KEYS[1], "anthropic-version": "2023-06-01", "anthropic-beta": "x"}
     body = {
-        "model": "claude-sonnet-4-5",
+        "model": "glm-4.7",
         "max_tokens": 5,
         "system": [{"type": "text", "text": "Be brief."}],
         "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
@@ -245,17 +245,17 @@ def test_anthropic_messages_basic(http):
     assert r.status_code == 200, r.text
     msg = r.json()
     assert msg["type"] == "message" and msg["role"] == "assistant" and msg["id"].startswith("msg_")
-    assert msg["model"] == "claude-sonnet-4-5" and msg["stop_reason"] in ("end_turn", "max_tokens")
+    assert msg["model"] == "glm-4.7" and msg["stop_reason"] in ("end_turn", "max_tokens")
     assert msg["usage"]["input_tokens"] > 0 and msg["usage"]["output_tokens"] >= 1
     assert all(b["type"] in ("text", "thinking") for b in msg["content"])
     r = http.post(
-        "/v1/messages/count_tokens", json={"model": "x", "messages": body["messages"]}, headers=headers
+        "/v1/messages/count_tokens", json={"model": "glm", "messages": body["messages"]}, headers=headers
     )
     short = r.json()["input_tokens"]
     r = http.post(
         "/v1/messages/count_tokens",
         headers=headers,
-        json={"model": "x", "messages": body["messages"], "tools": ANTHROPIC_TOOLS},
+        json={"model": "glm", "messages": body["messages"], "tools": ANTHROPIC_TOOLS},
     )
     assert r.status_code == 200 and r.json()["input_tokens"] > short > 0
 
@@ -267,6 +267,7 @@ def test_anthropic_tool_use_and_streaming(http):
         "max_tokens": 100,
         "tools": ANTHROPIC_TOOLS,
         "tool_choice": {"type": "auto"},
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
         "messages": [{"role": "user", "content": "<<script:anthropic_tool>>"}],
     }
     msg = http.post("/v1/messages", json=body, headers=headers).json()
@@ -332,13 +333,13 @@ def test_anthropic_tool_use_and_streaming(http):
 def test_anthropic_errors(http):
     r = http.post(
         "/v1/messages",
-        json={"model": "x", "messages": [{"role": "user", "content": "hi"}]},
+        json={"model": "glm", "messages": [{"role": "user", "content": "hi"}]},
         headers={"x-api-key": KEYS[0]},
     )
     assert r.status_code == 400
     body = r.json()
     assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
-    r = http.post("/v1/messages", json={"model": "x", "max_tokens": 5, "messages": []})
+    r = http.post("/v1/messages", json={"model": "glm", "max_tokens": 5, "messages": []})
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
 
 
@@ -365,7 +366,7 @@ def test_keepalive_comments_and_sdk_ignores_them(http, server):
         "/v1/messages",
         headers=AUTH,
         json={
-            "model": "x",
+            "model": "glm",
             "max_tokens": 10,
             "stream": True,
             "messages": [{"role": "user", "content": "<<script:slow_first_token>>"}],

@@ -116,11 +116,11 @@ def test_models(client):
 
 def test_chat_non_streaming(client):
     raw = client.chat.completions.with_raw_response.create(
-        model="anything", messages=user("Hello there"), max_tokens=8, temperature=0
+        model="glint-tiny", messages=user("Hello there"), max_tokens=8, temperature=0
     )
     assert raw.headers.get("x-request-id")
     resp = raw.parse()
-    assert resp.id.startswith("chatcmpl-") and resp.object == "chat.completion" and resp.model == "anything"
+    assert resp.id.startswith("chatcmpl-") and resp.object == "chat.completion" and resp.model == "glint-tiny"
     (choice,) = resp.choices
     assert choice.index == 0 and choice.message.role == "assistant"
     assert choice.finish_reason in ("stop", "length")
@@ -155,19 +155,19 @@ def test_chat_stream_with_usage(client):
 
 
 def test_chat_stream_without_usage_has_no_usage_chunk(client):
-    chunks = list(client.chat.completions.create(model="m", messages=user("x"), max_tokens=3, stream=True))
+    chunks = list(client.chat.completions.create(model="glint-tiny", messages=user("x"), max_tokens=3, stream=True))
     assert all(c.choices for c in chunks)
     assert chunks[-1].choices[0].finish_reason is not None
 
 
 def test_n2(client):
     resp = client.chat.completions.create(
-        model="m", messages=user("two answers"), n=2, max_tokens=5, temperature=1.0, seed=1
+        model="glint-tiny", messages=user("two answers"), n=2, max_tokens=5, temperature=1.0, seed=1
     )
     assert sorted(c.index for c in resp.choices) == [0, 1]
     chunks = list(
         client.chat.completions.create(
-            model="m",
+            model="glint-tiny",
             messages=user("two answers"),
             n=2,
             max_tokens=5,
@@ -183,7 +183,7 @@ def test_n2(client):
 
 def test_logprobs(client):
     resp = client.chat.completions.create(
-        model="m",
+        model="glint-tiny",
         messages=user("logprobs"),
         max_tokens=6,
         logprobs=True,
@@ -198,7 +198,7 @@ def test_logprobs(client):
         assert entry.top_logprobs[0].logprob >= entry.top_logprobs[-1].logprob
     streamed = []
     for c in client.chat.completions.create(
-        model="m",
+        model="glint-tiny",
         messages=user("logprobs"),
         max_tokens=6,
         logprobs=True,
@@ -213,7 +213,7 @@ def test_logprobs(client):
 
 def test_sampling_extras_accepted(client):
     resp = client.chat.completions.create(
-        model="m",
+        model="glint-tiny",
         messages=user("params"),
         max_completion_tokens=4,
         temperature=0.7,
@@ -239,7 +239,7 @@ def test_sampling_extras_accepted(client):
 def test_max_tokens_clamped_to_context(client):
     # a prompt near the end of the context and a huge max_tokens: clamped to the room left, not a 400
     resp = client.completions.create(
-        model="m", prompt=[10] * (MAX_MODEL_LEN - 6), max_tokens=10**6, extra_body={"ignore_eos": True}
+        model="glint-tiny", prompt=[10] * (MAX_MODEL_LEN - 6), max_tokens=10**6, extra_body={"ignore_eos": True}
     )
     assert resp.choices[0].finish_reason == "length"
     assert resp.usage.completion_tokens == 6 and resp.usage.total_tokens == MAX_MODEL_LEN
@@ -247,7 +247,7 @@ def test_max_tokens_clamped_to_context(client):
 
 def test_prompt_too_long_is_context_length_exceeded(client):
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="m", messages=user("word " * 3000), max_tokens=5)
+        client.chat.completions.create(model="glint-tiny", messages=user("word " * 3000), max_tokens=5)
     assert e.value.code == "context_length_exceeded"
     assert str(MAX_MODEL_LEN) in e.value.message
 
@@ -259,33 +259,33 @@ def test_response_format_rejected(client):
     ):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(
-                model="m", messages=user("json"), max_tokens=5, response_format=fmt
+                model="glint-tiny", messages=user("json"), max_tokens=5, response_format=fmt
             )
         assert e.value.param == "response_format"
     resp = client.chat.completions.create(
-        model="m", messages=user("json"), max_tokens=2, response_format={"type": "text"}
+        model="glint-tiny", messages=user("json"), max_tokens=2, response_format={"type": "text"}
     )
     assert resp.choices
 
 
 def test_invalid_params_are_400(client):
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="m", messages=user("x"), max_tokens=3, temperature=-1)
+        client.chat.completions.create(model="glint-tiny", messages=user("x"), max_tokens=3, temperature=-1)
     assert e.value.param == "temperature"
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model="m", messages=user("x"), max_tokens=0)
+        client.chat.completions.create(model="glint-tiny", messages=user("x"), max_tokens=0)
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model="m", messages=[], max_tokens=3)
+        client.chat.completions.create(model="glint-tiny", messages=[], max_tokens=3)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(
-            model="m",
+            model="glint-tiny",
             messages=user("x"),
             tools=TOOLS,
             tool_choice={"type": "function", "function": {"name": "nope"}},
         )
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(
-            model="m",
+            model="glint-tiny",
             messages=[
                 {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}
             ],
@@ -311,7 +311,7 @@ def test_history_with_tool_calls(client):
         },
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
     ]
-    resp = client.chat.completions.create(model="m", messages=messages, tools=TOOLS, max_tokens=3)
+    resp = client.chat.completions.create(model="glint-tiny", messages=messages, tools=TOOLS, max_tokens=3)
     assert resp.choices[0].finish_reason in ("stop", "length", "tool_calls")
     bad = [dict(m) for m in messages]
     bad[2] = {
@@ -321,7 +321,7 @@ def test_history_with_tool_calls(client):
         ],
     }
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="m", messages=bad, tools=TOOLS, max_tokens=3)
+        client.chat.completions.create(model="glint-tiny", messages=bad, tools=TOOLS, max_tokens=3)
     assert "messages[2]" in e.value.message
 
 
@@ -330,21 +330,21 @@ def test_history_with_tool_calls(client):
 
 def test_completions_prompts(client):
     resp = client.completions.create(
-        model="m", prompt="Once upon a time", max_tokens=4, extra_body={"ignore_eos": True}
+        model="glint-tiny", prompt="Once upon a time", max_tokens=4, extra_body={"ignore_eos": True}
     )
     assert resp.object == "text_completion" and resp.id.startswith("cmpl-")
     assert len(resp.choices) == 1 and resp.usage.completion_tokens == 4
-    resp = client.completions.create(model="m", prompt=["a b c", "d e f"], max_tokens=2, n=2)
+    resp = client.completions.create(model="glint-tiny", prompt=["a b c", "d e f"], max_tokens=2, n=2)
     assert sorted(c.index for c in resp.choices) == [0, 1, 2, 3]
-    resp = client.completions.create(model="m", prompt=[10, 20, 30, 40], max_tokens=2)
+    resp = client.completions.create(model="glint-tiny", prompt=[10, 20, 30, 40], max_tokens=2)
     assert resp.usage.prompt_tokens == 4
-    resp = client.completions.create(model="m", prompt=[[10, 20], [30, 40, 50]], max_tokens=2)
+    resp = client.completions.create(model="glint-tiny", prompt=[[10, 20], [30, 40, 50]], max_tokens=2)
     assert len(resp.choices) == 2 and resp.usage.prompt_tokens == 5
 
 
 def test_completions_echo_logprobs_scoring(client):
     prompt = "The quick brown fox"
-    resp = client.completions.create(model="m", prompt=prompt, max_tokens=0, echo=True, logprobs=2)
+    resp = client.completions.create(model="glint-tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=2)
     (choice,) = resp.choices
     assert choice.text == prompt
     lp = choice.logprobs
@@ -354,7 +354,7 @@ def test_completions_echo_logprobs_scoring(client):
     assert lp.top_logprobs[0] is None and all(len(t) >= 1 for t in lp.top_logprobs[1:])
     assert resp.usage.completion_tokens == 0
     resp = client.completions.create(
-        model="m", prompt=prompt, max_tokens=3, echo=True, logprobs=1, extra_body={"ignore_eos": True}
+        model="glint-tiny", prompt=prompt, max_tokens=3, echo=True, logprobs=1, extra_body={"ignore_eos": True}
     )
     choice = resp.choices[0]
     assert choice.text.startswith(prompt) and len(choice.logprobs.tokens) == n_prompt + 3
@@ -363,7 +363,7 @@ def test_completions_echo_logprobs_scoring(client):
 def test_completions_stream(client):
     chunks = list(
         client.completions.create(
-            model="m",
+            model="glint-tiny",
             prompt="Stream",
             max_tokens=5,
             stream=True,
@@ -406,7 +406,7 @@ def _accumulate(chunks):
 
 
 def test_scripted_reasoning_then_tool_call(client):
-    kw = dict(model="m", messages=user("<<script:reason_tool>>"), tools=TOOLS, max_tokens=100)
+    kw = dict(model="glint-tiny", messages=user("<<script:reason_tool>>"), tools=TOOLS, max_tokens=100)
     resp = client.chat.completions.create(**kw)
     msg = resp.choices[0].message
     assert resp.choices[0].finish_reason == "tool_calls"
@@ -425,7 +425,7 @@ def test_scripted_reasoning_then_tool_call(client):
 
 
 def test_scripted_reasoning_and_text(client):
-    kw = dict(model="m", messages=user("<<script:reason_text>>"), max_tokens=100)
+    kw = dict(model="glint-tiny", messages=user("<<script:reason_text>>"), max_tokens=100)
     resp = client.chat.completions.create(**kw)
     msg = resp.choices[0].message
     assert msg.model_extra["reasoning_content"] == "Let me think about it."
@@ -435,7 +435,7 @@ def test_scripted_reasoning_and_text(client):
 
 
 def test_scripted_two_calls_zero_arg_and_exact_strings(client):
-    kw = dict(model="m", messages=user("<<script:two_calls>>"), tools=TOOLS, max_tokens=100)
+    kw = dict(model="glint-tiny", messages=user("<<script:two_calls>>"), tools=TOOLS, max_tokens=100)
     resp = client.chat.completions.create(**kw)
     msg = resp.choices[0].message
     assert msg.content == "Running two tools.\n"
@@ -449,7 +449,7 @@ def test_scripted_two_calls_zero_arg_and_exact_strings(client):
 
 
 def test_scripted_truncated_by_max_tokens(client):
-    resp = client.chat.completions.create(model="m", messages=user("<<script:reason_text>>"), max_tokens=2)
+    resp = client.chat.completions.create(model="glint-tiny", messages=user("<<script:reason_text>>"), max_tokens=2)
     assert resp.choices[0].finish_reason == "length"
     assert resp.choices[0].message.model_extra["reasoning_content"] == "Let me think about it."
 
@@ -457,14 +457,14 @@ def test_scripted_truncated_by_max_tokens(client):
 def test_thinking_off_kwargs_and_reasoning_effort(client):
     for extra in ({"chat_template_kwargs": {"enable_thinking": False}}, {"reasoning_effort": "none"}):
         resp = client.chat.completions.create(
-            model="m", messages=user("<<script:tool_no_think>>"), tools=TOOLS, max_tokens=50, extra_body=extra
+            model="glint-tiny", messages=user("<<script:tool_no_think>>"), tools=TOOLS, max_tokens=50, extra_body=extra
         )
         msg = resp.choices[0].message
         assert msg.model_extra.get("reasoning_content") is None
         assert json.loads(msg.tool_calls[0].function.arguments) == {"city": "Oslo"}
     # tool_choice none: the markup stays text
     resp = client.chat.completions.create(
-        model="m",
+        model="glint-tiny",
         messages=user("<<script:tool_no_think>>"),
         tools=TOOLS,
         tool_choice="none",

@@ -62,7 +62,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(launch_server, tmp_path)
     threads = [
         stream("chat", "/v1/chat/completions", {"messages": slow, "max_tokens": 200, "stream": True}),
         stream(
-            "messages", "/v1/messages", {"model": "x", "max_tokens": 200, "stream": True, "messages": slow}
+            "messages", "/v1/messages", {"model": "glint-tiny", "max_tokens": 200, "stream": True, "messages": slow}
         ),
         threading.Thread(target=plain, daemon=True),
     ]

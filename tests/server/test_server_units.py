@@ -287,7 +287,7 @@ def test_app_without_engine_json_log_and_503(caplog):
             r = await c.post(
                 "/v1/messages",
                 headers={"x-api-key": "k"},
-                json={"model": "x", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]},
+                json={"model": "tiny", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]},
             )
             assert r.status_code == 503 and r.json()["error"]["type"] == "overloaded_error"
             assert (await c.get("/v1/models")).status_code == 401

@@ -1,0 +1,284 @@
+"""What agentic clients send and expect (issue #18), on a live tiny server with scripted outputs:
+
+Anthropic route (Claude Code's requests): thinking follows Anthropic's semantics (no field = off), mid-conversation
+system messages, output_config / metadata / cache_control / unknown beta fields accepted, documented `ping`
+events (never SSE comments); OpenAI routes send no SSE comments by default; unknown models are 404
+model_not_found on every route; every refused request's log line says why; POST /v1/responses (items in and
+out, tool calls, the streaming event order, the openai SDK's responses client)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from server.anthropic_api import MessagesRequest
+from server.anthropic_api import to_chat_request as anthropic_to_chat
+from server.chat_template import template_kwargs
+from server.responses_api import ResponsesRequest
+from server.responses_api import to_chat_request as responses_to_chat
+
+MODEL = "glint-tiny"
+SCRIPTS = {
+    "plain": ["Hello", " there."],
+    "think": ["Let me", " think.", "</think>", "Answer."],
+    "slow": [{"text": "first", "sleep": 0.6}, " second"],
+    "tool": [
+        "Need a file.",
+        "</think>",
+        "<tool_call>read_file",
+        "<arg_key>path</arg_key><arg_value>a.py</arg_value>",
+        "<arg_key>lines</arg_key><arg_value>3</arg_value></tool_call>",
+    ],
+}
+FILE_TOOL_PARAMS = {
+    "type": "object",
+    "properties": {"path": {"type": "string"}, "lines": {"type": "integer"}},
+    "required": ["path"],
+}
+
+
+@pytest.fixture(scope="module")
+def server(launch_server, tmp_path_factory):
+    scripts = tmp_path_factory.mktemp("scripts") / "scripts.json"
+    scripts.write_text(json.dumps(SCRIPTS))
+    srv = launch_server("--stats-interval", "0", "--ping-interval", "0.2", env={"GLINT_TEST_SCRIPTS": str(scripts)})
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+def sse(text: str) -> list[tuple[str | None, dict]]:
+    events = []
+    for block in text.split("\n\n"):
+        lines = [ln for ln in block.split("\n") if ln]
+        if not lines:
+            continue
+        assert not any(ln.startswith(":") for ln in lines), f"an SSE comment: {lines}"
+        name = next((ln[7:] for ln in lines if ln.startswith("event: ")), None)
+        data = "".join(ln[6:] for ln in lines if ln.startswith("data: "))
+        events.append((name, json.loads(data) if data != "[DONE]" else {"done": True}))
+    return events
+
+
+def messages(http, content: str, **kw) -> dict:
+    body = {"model": MODEL, "max_tokens": 20, "messages": [{"role": "user", "content": content}], **kw}
+    r = http.post("/v1/messages?beta=true", json=body, headers={"anthropic-version": "2023-06-01"})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+# ------------------------------------------------------------------------------------------ Anthropic
+
+
+def test_anthropic_thinking_semantics(http):
+    # no thinking field: thinking is off, the whole answer is text (content[0].text exists)
+    msg = messages(http, "<<script:plain>>")
+    assert msg["content"] == [{"type": "text", "text": "Hello there."}] and msg["stop_reason"] == "end_turn"
+    assert messages(http, "<<script:plain>>", thinking={"type": "disabled"})["content"][0]["type"] == "text"
+    for thinking in ({"type": "enabled", "budget_tokens": 2048}, {"type": "adaptive"}):
+        msg = messages(http, "<<script:think>>", thinking=thinking)
+        assert [b["type"] for b in msg["content"]] == ["thinking", "text"], msg
+        assert msg["content"][0]["thinking"] == "Let me think." and msg["content"][1]["text"] == "Answer."
+
+
+def test_anthropic_thinking_maps_to_the_template():
+    def kwargs(**kw):
+        req = anthropic_to_chat(MessagesRequest.model_validate({"max_tokens": 5, "messages": [], **kw}))
+        return template_kwargs({}, req.chat_template_kwargs, req.reasoning_effort, req.thinking)
+
+    assert kwargs()["enable_thinking"] is False
+    assert kwargs(thinking={"type": "disabled"})["enable_thinking"] is False
+    assert kwargs(thinking={"type": "enabled", "budget_tokens": 9})["enable_thinking"] is True
+    assert kwargs(thinking={"type": "adaptive"})["enable_thinking"] is True
+    # an explicit template kwarg still wins
+    assert kwargs(chat_template_kwargs={"enable_thinking": True})["enable_thinking"] is True
+
+
+def test_claude_code_request_shape_is_accepted(http):
+    """The fields Claude Code 2.1 sends: mid-conversation system message, adaptive thinking, output_config,
+    metadata, cache_control on blocks, context_management and other beta fields."""
+    body = {
+        "model": MODEL,
+        "max_tokens": 32000,
+        "stream": True,
+        "thinking": {"type": "adaptive"},
+        "output_config": {"effort": "high"},
+        "metadata": {"user_id": "user_abc_account__session_1"},
+        "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+        "system": [
+            {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1"},
+            {"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral", "ttl": "1h"}},
+        ],
+        "tools": [
+            {
+                "name": "read_file",
+                "description": "Read a file",
+                "input_schema": {**FILE_TOOL_PARAMS, "$schema": "http://json-schema.org/draft-07/schema#",
+                                 "additionalProperties": False},
+                "cache_control": {"type": "ephemeral"},
+            },
+            {"type": "web_search_20250305", "name": "web_search", "max_uses": 5},
+        ],
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "<<script:think>>", "cache_control": {"type": "ephemeral"}}]},
+            {"role": "system", "content": "The user switched to plan mode."},
+            {"role": "user", "content": [{"type": "text", "text": "go on"}]},
+        ],
+    }
+    r = http.post("/v1/messages?beta=true", json=body, headers={"anthropic-beta": "mid-conversation-system-2026-04-07"})
+    assert r.status_code == 200, r.text
+    events = sse(r.text)
+    names = [n for n, _ in events]
+    assert names[:2] == ["message_start", "ping"] and names[-2:] == ["message_delta", "message_stop"]
+    text = "".join(d["delta"].get("text", "") for n, d in events if n == "content_block_delta")
+    assert text == "Answer."
+    count = http.post("/v1/messages/count_tokens", json={k: body[k] for k in ("model", "system", "tools", "messages")})
+    assert count.status_code == 200 and count.json()["input_tokens"] > 0
+    without = {**body, "messages": [body["messages"][0], body["messages"][2]]}
+    count2 = http.post("/v1/messages/count_tokens", json={k: without[k] for k in ("model", "system", "tools", "messages")})
+    assert count.json()["input_tokens"] > count2.json()["input_tokens"]  # the mid-conversation system text counts
+
+
+def test_anthropic_pings_during_silence_and_no_comments(http):
+    body = {"model": MODEL, "max_tokens": 5, "stream": True, "messages": [{"role": "user", "content": "<<script:slow>>"}]}
+    events = sse(http.post("/v1/messages", json=body).text)  # sse() fails on any comment line
+    names = [n for n, _ in events]
+    first_delta = names.index("content_block_delta")
+    assert names.count("ping") >= 2 and names.index("ping") < first_delta  # 0.6 s silence, --ping-interval 0.2
+
+
+def test_openai_streams_have_no_comments_by_default(http):
+    body = {"model": MODEL, "max_tokens": 5, "stream": True, "messages": [{"role": "user", "content": "<<script:slow>>"}]}
+    r = http.post("/v1/chat/completions", json=body)
+    events = sse(r.text)  # every line is JSON data, as SGLang's bench_serving.py expects
+    assert events[-1][1] == {"done": True}
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "<<script:slow>>", "max_tokens": 5, "stream": True})
+    assert sse(r.text)[-1][1] == {"done": True}
+
+
+def test_unknown_model_is_404_everywhere(http, server):
+    chat = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    r = http.post("/v1/chat/completions", json=chat)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert MODEL in r.json()["error"]["message"]
+    r = http.post("/v1/completions", json={"model": "nope", "prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = http.post("/v1/responses", json={"model": "nope", "input": "hi"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = http.post("/v1/messages", json={"model": "claude-opus-4-1", "max_tokens": 2, "messages": chat["messages"]})
+    assert r.status_code == 404 and r.json() == {
+        "type": "error", "error": {"type": "not_found_error", "message": r.json()["error"]["message"]}
+    }
+    # no model named: the served one
+    r = http.post("/v1/chat/completions", json={**chat, "model": None})
+    assert r.status_code == 200 and r.json()["model"] == MODEL
+    with pytest.raises(openai.NotFoundError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0).chat.completions.create(**chat)
+
+
+def test_refused_requests_log_why(http, server):
+    http.post("/v1/chat/completions", json={"messages": "nope"}, headers={"X-Request-Id": "why-1"})
+    http.post("/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "x"}]},
+              headers={"X-Request-Id": "why-2"})
+    http.get("/v1/nothing-here", headers={"X-Request-Id": "why-3"})
+    http.post("/v1/messages", content=b"{bad", headers={"X-Request-Id": "why-4", "content-type": "application/json"})
+    lines = [ln for ln in server.log_text().splitlines() if "glint.requests" in ln]
+    for rid, why in (("why-1", "messages"), ("why-2", "does not exist"), ("why-3", "no route"), ("why-4", "JSON")):
+        line = next(ln for ln in lines if f"request_id={rid}" in ln)
+        assert "error=" in line and why in line.split("error=", 1)[1], line
+
+
+# ------------------------------------------------------------------------------------------ Responses API
+
+
+def responses(http, **body) -> dict:
+    r = http.post("/v1/responses", json={"model": MODEL, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_responses_items_out(http):
+    resp = responses(http, input="<<script:think>>", max_output_tokens=20)
+    assert resp["object"] == "response" and resp["status"] == "completed" and resp["id"].startswith("resp_")
+    assert [o["type"] for o in resp["output"]] == ["reasoning", "message"]
+    assert resp["output"][0]["content"] == [{"type": "reasoning_text", "text": "Let me think."}]
+    assert resp["output"][1]["content"][0]["type"] == "output_text"
+    assert resp["output"][1]["content"][0]["text"] == "Answer."
+    u = resp["usage"]
+    assert u["output_tokens"] == 4 and u["output_tokens_details"]["reasoning_tokens"] == 2
+    assert u["total_tokens"] == u["input_tokens"] + u["output_tokens"]
+    # reasoning off: only the message
+    resp = responses(http, input="<<script:plain>>", reasoning={"effort": "none"})
+    assert [o["type"] for o in resp["output"]] == ["message"] and resp["output"][0]["content"][0]["text"] == "Hello there."
+    # cut by max_output_tokens: incomplete
+    resp = responses(http, input="<<script:think>>", max_output_tokens=2)
+    assert resp["status"] == "incomplete" and resp["incomplete_details"] == {"reason": "max_output_tokens"}
+
+
+def test_responses_tool_calls_and_history(http):
+    tools = [{"type": "function", "name": "read_file", "description": "Read", "parameters": FILE_TOOL_PARAMS},
+             {"type": "web_search"}]
+    resp = responses(http, input="<<script:tool>>", tools=tools, include=["reasoning.encrypted_content"])
+    kinds = [o["type"] for o in resp["output"]]
+    assert kinds == ["reasoning", "function_call"], resp["output"]
+    call = resp["output"][1]
+    assert call["name"] == "read_file" and json.loads(call["arguments"]) == {"path": "a.py", "lines": 3}
+    assert call["call_id"].startswith("call_") and call["status"] == "completed"
+    assert resp["output"][0]["encrypted_content"] == "Need a file."
+    # the next turn sends the items back with the tool's output
+    history = [
+        {"role": "user", "content": [{"type": "input_text", "text": "read a.py"}]},
+        resp["output"][0],
+        call,
+        {"type": "function_call_output", "call_id": call["call_id"], "output": "print('hi')"},
+    ]
+    resp2 = responses(http, input=history, tools=tools, instructions="You are a coder.", max_output_tokens=3)
+    assert resp2["status"] in ("completed", "incomplete")
+    req = ResponsesRequest.model_validate({"input": history, "instructions": "Be brief."})
+    msgs = responses_to_chat(req).messages
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "tool"]
+    assert msgs[2]["reasoning_content"] == "Need a file."
+    assert msgs[2]["tool_calls"][0]["id"] == call["call_id"] and msgs[3]["tool_call_id"] == call["call_id"]
+
+
+def test_responses_stream_event_order(http):
+    tools = [{"type": "function", "name": "read_file", "parameters": FILE_TOOL_PARAMS}]
+    r = http.post("/v1/responses", json={"model": MODEL, "input": "<<script:tool>>", "tools": tools, "stream": True})
+    events = sse(r.text)
+    assert all(name == data["type"] for name, data in events)
+    assert [d["sequence_number"] for _, d in events] == list(range(len(events)))
+    names = [n for n, _ in events]
+    assert names == [
+        "response.created", "response.in_progress",
+        "response.output_item.added", *["response.reasoning_text.delta"] * names.count("response.reasoning_text.delta"),
+        "response.reasoning_text.done", "response.output_item.done",
+        "response.output_item.added",
+        *["response.function_call_arguments.delta"] * names.count("response.function_call_arguments.delta"),
+        "response.function_call_arguments.done", "response.output_item.done",
+        "response.completed",
+    ]
+    args = "".join(d["delta"] for n, d in events if n == "response.function_call_arguments.delta")
+    assert json.loads(args) == {"path": "a.py", "lines": 3}
+    final = events[-1][1]["response"]
+    assert [o["type"] for o in final["output"]] == ["reasoning", "function_call"]
+    assert final["output"][1]["arguments"] == args and final["usage"]["output_tokens"] == 5
+
+
+def test_responses_with_the_openai_sdk(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    resp = client.responses.create(model=MODEL, input="<<script:think>>", instructions="Be brief.")
+    assert resp.output_text == "Answer." and resp.output[0].type == "reasoning"
+    with client.responses.stream(model=MODEL, input="<<script:plain>>", reasoning={"effort": "none"}) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == "Hello there." == final.output_text
+    with pytest.raises(openai.BadRequestError, match="previous_response_id"):
+        client.responses.create(model=MODEL, input="hi", previous_response_id="resp_123")

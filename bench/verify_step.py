@@ -42,7 +42,6 @@ def verify_inputs(batch: int, rows: int, context: int, block_size: int, num_bloc
         input_ids=[rng.randrange(vocab) for _ in range(batch * rows)], positions=positions, slot_mapping=slots,
         block_tables=tables, seq_lens=[context + rows] * batch,
         query_start_loc=list(range(0, (batch + 1) * rows, rows)), logits_rows=list(range(batch * rows)),
-        uniform_q=rows,
     )
 
 

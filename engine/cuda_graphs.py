@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from tqdm import tqdm
 
-from engine.model_runner import StepInputs
+from engine.model_runner import StepInputs, uniform_rows
 from model.context import ForwardContext
 from model.glm4_moe import Glm4MoeForCausalLM
 
@@ -142,12 +142,13 @@ class DecodeGraphs:
         return qs[0] if qs else 0
 
     def can_run(self, inp: StepInputs) -> bool:
-        return inp.uniform_q > 0 and self.shape_for(len(inp.seq_lens), inp.uniform_q) is not None
+        q = uniform_rows(inp)
+        return q > 0 and self.shape_for(len(inp.seq_lens), q) is not None
 
     @torch.inference_mode()
     def run(self, inp: StepInputs, fill_inputs: Callable[[torch.Tensor], None]) -> tuple[torch.Tensor, torch.Tensor]:
         """Replay the step's graph: (logits, final hidden states) of its t rows (views of static buffers)."""
-        b, q = len(inp.seq_lens), inp.uniform_q
+        b, q = len(inp.seq_lens), uniform_rows(inp)
         size, _ = self.shape_for(b, q)
         t, t_pad = b * q, size * q
         turn, self.turn = self.turn, 1 - self.turn

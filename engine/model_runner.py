@@ -36,8 +36,6 @@ class StepInputs:
     # step's sampled-token tensor), and which inputs come from the table ((input index, slot, position)).
     table_writes: list[tuple[int, int]] = field(default_factory=list)
     table_reads: list[tuple[int, int, int]] = field(default_factory=list)
-    # > 0: every request has exactly this many query rows and logits_rows are all rows (a CUDA-graph shape)
-    uniform_q: int = 0
     keep_hidden: bool = False  # keep the final hidden states of every row (the MTP drafter reads them next)
 
 
@@ -113,13 +111,22 @@ def prepare_step(
             layout.sample_rows.append([])
     if pad_q:
         rows = list(range(len(ids)))
-    q_lens = {b - a for a, b in zip(qsl, qsl[1:])}
-    uniform_q = q_lens.pop() if len(q_lens) == 1 and rows == list(range(len(ids))) else 0
-    uniform_q = uniform_q if uniform_q <= MAX_UNIFORM_Q else 0
     max_blocks = max(len(s.request.block_ids) for s in batch)
     tables = [s.request.block_ids + [0] * (max_blocks - len(s.request.block_ids)) for s in batch]
-    inputs = StepInputs(ids, positions, slots, tables, seq_lens, qsl, rows, table_reads=reads, uniform_q=uniform_q)
+    inputs = StepInputs(ids, positions, slots, tables, seq_lens, qsl, rows, table_reads=reads)
     return inputs, layout
+
+
+def uniform_rows(inp: StepInputs) -> int:
+    """q > 0 when every request of the step has exactly q <= MAX_UNIFORM_Q query rows and every row's logits
+    are wanted (a decode or verify step: the shape CUDA graphs capture); else 0."""
+    b, t = len(inp.seq_lens), len(inp.input_ids)
+    q = t // b if b and t % b == 0 else 0
+    if not 0 < q <= MAX_UNIFORM_Q or len(inp.logits_rows) != t:
+        return 0
+    if inp.query_start_loc != list(range(0, t + 1, q)) or inp.logits_rows != list(range(t)):
+        return 0
+    return q
 
 
 class ModelRunner:
@@ -147,7 +154,7 @@ class ModelRunner:
     def build_context(self, inp: StepInputs) -> tuple[torch.Tensor, ForwardContext]:
         dev = self.device
         max_q = max(b - a for a, b in zip(inp.query_start_loc, inp.query_start_loc[1:]))
-        fixed_len = inp.uniform_q > 0 and self.decode_max_seq_len is not None
+        fixed_len = uniform_rows(inp) > 0 and self.decode_max_seq_len is not None
         ctx = ForwardContext(
             positions=to_device(inp.positions, torch.long, dev),
             slot_mapping=to_device(inp.slot_mapping, torch.long, dev),

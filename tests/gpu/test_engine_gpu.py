@@ -13,6 +13,7 @@ from engine import LLM, SamplingParams  # noqa: E402
 def _llm(path, **kw) -> LLM:
     """Tests keep several engines alive in one process: give each a fixed, small KV pool."""
     kw.setdefault("num_kv_blocks", 1024)
+    kw.setdefault("max_model_len", 4096)  # the tiny model has GLM-4.7's 202,752 positions
     return LLM(str(path), **kw)
 
 

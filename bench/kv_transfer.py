@@ -9,6 +9,15 @@ pages on both sides, one contiguous run, one page) the median over --repeats of 
 and post -> notification seen by the target, and the bandwidth; bytes are verified once per pattern. "post ms" is
 the time inside write() (NIXL over TCP/CMA may run the whole transfer in the post: call it from a transfer
 thread, not from the scheduler loop).
+
+Measured (4096 tokens = 256 pages, 92 layers x 1 KV head x 128, FP8 = 92 MiB; medians; post -> notification):
+  CPU, 2 cores, tcp+cma (commit 0e25909): NIXL page-major scattered 23-33 ms (256 descriptors), contiguous 17 ms
+    (1), one page 0.3 ms; NIXL per-layer scattered 255-384 ms (47,104 descriptors), one page 2.2 ms (184);
+    local page-major scattered 120-210 ms, per-layer 175-366 ms.
+  H200, both pools in VRAM of one GPU, CUDA IPC (UCX_CUDA_IPC_ENABLE_GET_ZCOPY=yes, commit 6f064a1): NIXL
+    page-major scattered 3.6 ms (26.7 GB/s; post 3.3 ms), contiguous 1.1 ms (88 GB/s), one page 0.8 ms;
+    NIXL per-layer failed (UCX cuda_ipc: cuMemcpyDtoDAsync invalid argument; 1 MiB per-layer tensors that
+    the caching allocator packs into shared segments, probably); local page-major scattered 112 ms.
 """
 from __future__ import annotations
 

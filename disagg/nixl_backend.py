@@ -12,6 +12,10 @@ median of 40): delay 0 us -> 0.2 core per idle agent and 3-12 ms per transfer (t
   so the deadline in TransferHandle.poll is the only way such a transfer ends;
 * UCX reads its environment when the agent is created: loopback tests want UCX_NET_DEVICES=lo, a single GPU
   without NVLink wants UCX_CUDA_IPC_ENABLE_GET_ZCOPY=yes (else CUDA-IPC reads fall back to TCP, 0.5 GB/s).
+* VRAM: register the page-major pool (one allocation). On the H200, a per-layer pool of 184 small tensors failed
+  at the first write (UCX cuda_ipc "cuMemcpyDtoDAsync ... invalid argument"), probably because the caching
+  allocator packs several of them into one CUDA segment; CUDA IPC also does not work on memory from
+  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True.
 """
 from __future__ import annotations
 

@@ -9,8 +9,8 @@ import re
 import pytest
 import torch
 
-from bench.code_corpus import (SourceFile, code_answer, edit_request, glm_chat_text, is_heldout, make_edits,
-                               module_group, stdlib_files)
+from bench.code_corpus import (SourceFile, code_answer, edit_request, extra_code_files, glm_chat_text,
+                               is_heldout, make_edits, module_group, stdlib_files)
 from bench.datasets import (EDIT_OUTPUT_MARGIN, count_tokens, make_edit_sessions, make_plain_code_dataset)
 from bench.train_data import END_OF_TURN, episode_text, make_episodes, pack_episodes, token_stream
 
@@ -52,6 +52,19 @@ def test_stdlib_split_is_disjoint_and_nonempty():
     assert all(is_heldout(f.rel) for f in held) and not any(is_heldout(f.rel) for f in train)
     assert all(f.text.endswith("\n") and "\r" not in f.text for f in held)
     assert not any(f.rel.startswith(("site-packages/", "encodings/")) for f in train + held)
+
+
+def test_extra_code_leaves_out_held_out_names_and_keeps_the_cap(tmp_path):
+    held = sorted({module_group(f.rel) for f in stdlib_files("heldout")})[0]
+    files = {f"{held}_backport/core.py": "x = 1\n", f"{held}.py": "y = 2\n", "pkg/a.py": "a = 1\n" * 10,
+             "pkg/b.py": "b = 2\n" * 10, "pkg/c.py": "c = 3\n" * 10, "pkg/__pycache__/d.py": "d = 4\n"}
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    got = extra_code_files(tmp_path, 10_000, seed=0)
+    assert [f.rel for f in got] == ["pkg/a.py", "pkg/b.py", "pkg/c.py"]
+    capped = extra_code_files(tmp_path, 130, seed=0)
+    assert len(capped) == 2 and capped == extra_code_files(tmp_path, 130, seed=0)
 
 
 # --------------------------------------------------------------------------------------------------------

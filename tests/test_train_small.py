@@ -26,7 +26,8 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("trained-small")
     rc = train_small.main(["--out", str(out), "--preset", "tiny", "--device", "cpu", "--steps", "4",
                            "--max-files", "10", "--workers", "1", "--seq-len", "64", "--batch-size", "4",
-                           "--episode-rows", "8", "--lr", "3e-3", "--warmup", "1", "--init-std", "0.3"])
+                           "--episode-rows", "8", "--lr", "3e-3", "--warmup", "1", "--init-std", "0.3",
+                           "--eval-every", "2"])
     assert rc == 0
     return out
 
@@ -42,6 +43,7 @@ def test_report_and_training_moves_the_loss(trained):
     assert report["steps"] == 4 and set(report["sizes_bytes"]) == {"bf16", "fp8-channel"}
     first, last = report["history"][0], report["history"][-1]
     assert last["step"] == 4 and last["main"] < first["main"] and last["mtp"] < first["mtp"]
+    assert report["kept_step"] in (2, 4)  # the weights of the best validated step
     for split in ("code", "edit_episodes"):
         m = report["heldout"][split]
         assert 0 < m["main_loss"] < 20 and 0 < m["mtp_loss"] < 20 and 0 <= m["mtp_acc"] <= 1

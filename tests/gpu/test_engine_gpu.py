@@ -155,9 +155,23 @@ def test_real_shape_layers_match_cpu(tmp_path):
     assert d.mean().item() < 0.1 and d.max().item() < 1.0
 
 
+def _agree_up_to_near_ties(got: list[int], ref, margin: float = 0.1) -> None:
+    """Greedy sequences from different kernel shapes (verify rows vs decode rows round differently in bf16/FP8)
+    may part only where the reference's top-2 log-probs were within `margin`: up to there they are equal."""
+    ref_ids = ref.token_ids
+    i = next((k for k, (a, b) in enumerate(zip(got, ref_ids)) if a != b), None)
+    if i is None:
+        assert len(got) == len(ref_ids)
+        return
+    top = sorted((lp.logprob for lp in ref.logprobs[i].values()), reverse=True)
+    assert len(top) >= 2 and top[0] - top[1] < margin, (i, top[:2], got[i], ref_ids[i])
+
+
 @pytest.mark.parametrize("method", ["suffix", "mtp"])
 def test_speculation_graphs_equal_eager_and_plain(tiny_dirs, method):
-    # verify steps replay (batch, 1 + K) graphs with padded chains; eager runs them unpadded
+    # verify steps replay (batch, 1 + K) graphs with padded chains; eager runs them unpadded. On the GPU the
+    # kernels round verify rows and decode rows differently, so the check is the teacher-forced one: equal
+    # tokens until a position where plain decoding itself had a near-tie.
     spec = {"method": method, "num_speculative_tokens": 4}
     prompts = [{"prompt_token_ids": [21, 22, 23, 24, 25] * 8}, {"prompt_token_ids": list(range(300, 340))}]
     sp = SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)
@@ -165,9 +179,12 @@ def test_speculation_graphs_equal_eager_and_plain(tiny_dirs, method):
     graphs = _llm(tiny_dirs["fp8-channel"], device="cuda", max_num_seqs=16, speculative_config=spec)
     eager = _llm(tiny_dirs["fp8-channel"], device="cuda", max_num_seqs=16, speculative_config=spec,
                  enforce_eager=True)
-    ref = [o.outputs[0].token_ids for o in plain.generate(prompts, sp, use_tqdm=False)]
+    ref = plain.generate(prompts, SamplingParams(temperature=0, max_tokens=120, ignore_eos=True, logprobs=2),
+                         use_tqdm=False)
     for llm in (graphs, eager):
-        assert [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)] == ref
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        for o, r in zip(outs, ref):
+            _agree_up_to_near_ties(o.outputs[0].token_ids, r.outputs[0])
         stats = llm.stats()
         assert stats["used_kv_blocks"] == 0
         assert stats["spec_accepted_tokens"] > 0 if method == "suffix" else stats["spec_draft_tokens"] > 0

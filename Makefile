@@ -6,7 +6,7 @@ STAMP := $(VENV)/.glint-installed
 # The CPU build of torch (pip takes 2.13.0 from local disk on our machines); a GPU machine keeps its own torch.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup serve test test-gpu
+.PHONY: setup clients serve test test-gpu
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,12 +17,32 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The agentic clients the server tests drive (tests/server/test_server_clients.py), in the ignored .tools/:
+# Claude Code and the Codex CLI from npm (Node from the system package manager where missing), and the sglang
+# wheel's bench_serving.py (files only: its GPU runtime is not needed to benchmark a server).
+TOOLS := .tools
+CLAUDE_CODE_VERSION ?= 2.1.197
+CODEX_VERSION ?= 0.171.0
+SGLANG_VERSION ?= 0.5.23
+CLIENTS_STAMP := $(TOOLS)/.installed-$(CLAUDE_CODE_VERSION)-$(CODEX_VERSION)-$(SGLANG_VERSION)
+
+$(CLIENTS_STAMP): | $(STAMP)
+	command -v npm >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm)
+	mkdir -p $(TOOLS)/node
+	npm install --prefix $(TOOLS)/node --no-audit --no-fund --loglevel=error \
+		@anthropic-ai/claude-code@$(CLAUDE_CODE_VERSION) @openai/codex@$(CODEX_VERSION)
+	rm -rf $(TOOLS)/sglang
+	$(BIN)/python -m pip install -q --no-deps --target $(TOOLS)/sglang sglang==$(SGLANG_VERSION)
+	touch $@
+
+clients: $(CLIENTS_STAMP)
+
 # Serve the built-in tiny GLM-4.7-format model (written on first use) with the OpenAI API on 127.0.0.1:8000.
 serve: setup
 	$(BIN)/python -m server $(ARGS)
 
 # The CPU test suite (what CI runs).
-test: setup
+test: setup clients
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # GPU tests, on a machine with CUDA (run through the device tool).

@@ -1,6 +1,7 @@
 """Batched token sampling: logit processors, greedy / temperature / top-k / top-p / min-p, logprobs.
 
-Order per row: logit_bias -> min_tokens stop-id mask -> penalties -> (greedy argmax | temperature ->
+Order per row: logit_bias -> min_tokens stop-id mask -> penalties -> grammar mask (structured output,
+engine/grammar.py; a verify row gets the grammar state after its drafts) -> (greedy argmax | temperature ->
 top-k -> top-p -> min-p -> sample). Logprobs come from the raw model distribution (log_softmax of the
 logits as given), as vLLM does by default.
 
@@ -18,10 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from engine.device_copy import to_device
+from engine.grammar import apply_grammar_masks
 from engine.outputs import Logprob, LogprobsDict
 from engine.sampling_params import SamplingParams
 
@@ -37,6 +40,7 @@ class SamplingState:
     # For n > 1 pass the sequence index: a seeded request seeds sequence i with seed + i.
     seed_offset: int = 0
     generator: torch.Generator | None = None
+    grammar: Any = None  # engine/grammar.py: SequenceGrammar, created on the first masked row
     # eos ids (unless ignore_eos) + stop_token_ids: the ids that finish the sequence, masked during min_tokens.
     all_stop_token_ids: frozenset[int] = field(init=False)
     _prompt_ids_dev: torch.Tensor | None = field(default=None, init=False, repr=False)
@@ -157,6 +161,7 @@ class Sampler:
         pen_rows = [i for i, s in enumerate(states) if s.params.has_penalties]
         if pen_rows:
             self._apply_penalties(x, pen_rows, states)
+        apply_grammar_masks(x, states)  # last: nothing may re-enable a token the grammar forbids
         return x
 
     @staticmethod

@@ -11,6 +11,20 @@ _GREEDY_EPS = 1e-5
 MAX_LOGPROBS = 20
 
 
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A grammar the output must follow (constrained decoding, engine/grammar.py).
+
+    grammar: an llguidance grammar (the JSON text of llguidance.LLMatcher.grammar_from_json_schema /
+    grammar_from_lark / grammar_from_regex); tokenizer: the tokenizer folder its token table is built from;
+    after_token_ids: the grammar starts after the first of these tokens in the output (e.g. `</think>`, so
+    that reasoning is free text), () = from the first token."""
+
+    grammar: str
+    tokenizer: str
+    after_token_ids: tuple[int, ...] = ()
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -36,6 +50,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None
     detokenize: bool = True  # False: token ids only (text stays ""), e.g. for benchmarks
+    structured_output: StructuredOutput | None = None  # constrained decoding (JSON schema, grammar, regex)
 
     def __post_init__(self) -> None:
         self._normalize()
@@ -106,6 +121,10 @@ class SamplingParams:
             raise ValueError("stop must not contain an empty string")
         if any(t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be >= 0, got {self.stop_token_ids}")
+        if self.structured_output is not None and not (
+            isinstance(self.structured_output, StructuredOutput) and self.structured_output.grammar
+        ):
+            raise ValueError("structured_output must be a StructuredOutput with a grammar")
         if self.logit_bias is not None:
             if any(t < 0 for t in self.logit_bias):
                 raise ValueError("logit_bias token ids must be >= 0")

@@ -29,12 +29,12 @@ from server.protocol import ChatCompletionRequest
 from server.serving import (
     Generation,
     ServerState,
-    check_response_format,
     make_sampling_params,
     resolve_max_tokens,
     run_blocking,
     strip_stop_token_text,
 )
+from server.structured_output import response_format_grammar, structured_output, tool_call_grammar
 
 logger = logging.getLogger("glint.server")
 
@@ -126,7 +126,6 @@ class ChatPlan:
     def __init__(self, state: ServerState, req: ChatCompletionRequest) -> None:
         self.req = req
         self.n = check_n(req.n)
-        check_response_format(req.response_format)
         if req.top_logprobs is not None:
             if not req.logprobs:
                 raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
@@ -159,12 +158,19 @@ class ChatPlan:
                 raise bad_request(
                     f"tool_choice names function {name!r}, which is not in tools", param="tool_choice"
                 )
-            tools = match  # best effort: only the named tool is offered to the model
+            tools = match  # only the named tool is offered, and the grammar forces a call to it
             self.parse_tools = True
         else:
             raise bad_request("tool_choice must be a string or an object", param="tool_choice")
         self.tools = tools
         self.parallel_tool_calls = req.parallel_tool_calls is not False
+        # structured output: a forced tool call (required / named) wins over response_format
+        forced = self.parse_tools and choice != "auto"
+        self.grammar = (
+            tool_call_grammar(tools, self.parallel_tool_calls, state.tokenizer)
+            if forced
+            else response_format_grammar(req.response_format)
+        )
         self.messages = normalize_messages(req.messages)
         self.kwargs = template_kwargs(
             state.chat_template.default_kwargs, req.chat_template_kwargs, req.reasoning_effort, req.thinking
@@ -246,6 +252,7 @@ async def prepare_chat(
         n=plan.n,
         logprobs=plan.logprobs,
         skip_special_tokens=req.skip_special_tokens if req.skip_special_tokens is not None else False,
+        structured_output=structured_output(state, plan.grammar, starts_in_reasoning),
     )
     rid = new_request_id(id_prefix)
     log.update(

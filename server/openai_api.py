@@ -42,14 +42,14 @@ from server.serving import (
     Generation,
     ServerState,
     chat_logprobs,
-    check_response_format,
     make_sampling_params,
-    resolve_max_tokens,
-    strip_stop_token_text,
     read_body,
+    resolve_max_tokens,
     run_blocking,
+    strip_stop_token_text,
 )
 from server.sse import DONE, KEEPALIVE, ClientDisconnected, SSEResponse, run_or_disconnect, sse_data
+from server.structured_output import response_format_grammar, structured_output
 
 logger = logging.getLogger("glint.server")
 
@@ -262,7 +262,7 @@ async def completions(request: Request) -> Response:
     log["endpoint"] = "completions"
     req = await read_body(state, request, CompletionRequest)
     n = check_n(req.n)
-    check_response_format(req.response_format)
+    grammar = response_format_grammar(req.response_format)
     if req.suffix:
         raise not_supported("suffix", param="suffix")
     if req.best_of is not None and req.best_of != n:
@@ -292,6 +292,7 @@ async def completions(request: Request) -> Response:
             logprobs=req.logprobs,
             prompt_logprobs=req.logprobs if (echo and req.logprobs is not None) else None,
             skip_special_tokens=req.skip_special_tokens if req.skip_special_tokens is not None else True,
+            structured_output=structured_output(state, grammar, False),
         )
         sub_log: dict[str, Any] = {} if k else log
         gens.append(Generation(state, f"{rid}-{k}", n=n, prompt_len=len(p.ids), log=sub_log, arrival=arrival,

@@ -18,8 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, TypeVar
 
-from engine.sampling_params import SamplingParams
-
+from engine.sampling_params import SamplingParams, StructuredOutput
 from server.chat_template import ChatTemplate
 from server.config import ServerConfig
 from server.engine_client import EngineClient, EngineDeadError, EngineRequestError, ServerShuttingDown
@@ -182,6 +181,7 @@ def make_sampling_params(
     prompt_logprobs: int | None = None,
     skip_special_tokens: bool = True,
     stop: Any = None,
+    structured_output: StructuredOutput | None = None,
 ) -> SamplingParams:
     d = state.generation_defaults
 
@@ -215,28 +215,11 @@ def make_sampling_params(
             skip_special_tokens=skip_special_tokens,
             include_stop_str_in_output=bool(getattr(req, "include_stop_str_in_output", False)),
             logit_bias=getattr(req, "logit_bias", None),
+            structured_output=structured_output,
         )
     except (ValueError, TypeError) as e:
         m = _FIELD_RE.match(str(e))
         raise bad_request(str(e), param=m.group(1) if m else None) from None
-
-
-def check_response_format(response_format: dict[str, Any] | None) -> None:
-    """Structured output is not enforced yet: refuse it rather than silently ignoring it."""
-    if not response_format:
-        return
-    kind = response_format.get("type")
-    if kind in (None, "text"):
-        return
-    if kind in ("json_object", "json_schema"):
-        raise APIError(
-            400,
-            f"response_format type {kind!r} is not supported yet by this server (structured "
-            "output is not enforced); omit response_format or use type 'text'",
-            param="response_format",
-            code="unsupported_parameter",
-        )
-    raise bad_request(f"unknown response_format type {kind!r}", param="response_format.type")
 
 
 def strip_stop_token_text(state: ServerState, delta: Any, params: SamplingParams) -> str:

@@ -4,7 +4,8 @@ tool calls) through the whole stack although the tiny model writes random gibber
 Not part of the server: tests start `tests/server/scripted_server.py`, which runs the real server with
 `build_scripted_core` as the engine-process factory, reading the JSON file named by GLINT_TEST_SCRIPTS
 {"name": ["chunk", ...]} (it logs a warning); a chunk may also be {"text": ..., "sleep": seconds}, which
-holds that step back (a slow prefill). A request whose prompt text contains `<<script:NAME>>` still
+holds that step back (a slow prefill). A request whose prompt text contains `<<script:NAME>>` (the last one counts: a tool result can switch a
+multi-turn client to another script) still
 runs on the real engine (scheduling, KV pages, one real token per step), but each delta's text is replaced by
 the next chunk of the script, and the request finishes with finish_reason "stop" after the last chunk (as if
 the model had written EOS). Requests without the marker are untouched. Never set the variable in production.
@@ -47,10 +48,11 @@ class ScriptedEngineCore:
         self, request_id: str, prompt_token_ids: list[int], params: Any, prompt: str | None = None,
         tenant: str = "",
     ):
-        m = _MARKER.search(prompt or "")
-        if m is None or m.group(1) not in self.scripts:
+        found = _MARKER.findall(prompt or "")  # the last marker: a later turn (a tool result) may name another
+        m = found[-1] if found else None
+        if m is None or m not in self.scripts:
             return self.core.add_request(request_id, prompt_token_ids, params, prompt=prompt, tenant=tenant)
-        chunks = list(self.scripts[m.group(1)])
+        chunks = list(self.scripts[m])
         room = self.core.max_model_len - len(prompt_token_ids)
         n_tokens = max(1, min(len(chunks), room, params.max_tokens or room))
         scripted = dataclasses.replace(

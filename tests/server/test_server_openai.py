@@ -252,16 +252,20 @@ def test_prompt_too_long_is_context_length_exceeded(client):
     assert str(MAX_MODEL_LEN) in e.value.message
 
 
-def test_response_format_rejected(client):
-    for fmt in (
-        {"type": "json_object"},
-        {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
+def test_invalid_response_formats_are_400s_naming_the_problem(client):
+    for fmt, param, words in (
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}},
+         "response_format.json_schema.schema", "objectx"),
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/$defs/missing"}}},
+         "response_format.json_schema.schema", "missing"),
+        ({"type": "json_schema", "json_schema": {"name": "x"}}, "response_format.json_schema.schema", "required"),
+        ({"type": "xml"}, "response_format.type", "xml"),
     ):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(
                 model="glint-tiny", messages=user("json"), max_tokens=5, response_format=fmt
             )
-        assert e.value.param == "response_format"
+        assert e.value.param == param and words in e.value.message, e.value.message
     resp = client.chat.completions.create(
         model="glint-tiny", messages=user("json"), max_tokens=2, response_format={"type": "text"}
     )

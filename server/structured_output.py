@@ -1,0 +1,130 @@
+"""Structured output: `response_format` (json_object / json_schema) and forced tool calls (`tool_choice`
+required / a named function) -> an llguidance grammar the engine enforces token by token (engine/grammar.py).
+
+- json_object: any JSON object; json_schema: that schema (strict or not, it is enforced). JSON is written
+  compactly (no free whitespace between tokens), so a model cannot pad it forever.
+- Forced tool calls: GLM-4.7's own call format, `<tool_call>NAME<arg_key>K</arg_key><arg_value>V</arg_value>...
+  </tool_call>` (one call, or several with parallel_tool_calls): the name is one of the offered tools, the keys
+  are the tool's properties (required ones first, in schema order, then optional ones in schema order, each at
+  most once), a string value is raw text (its enum / maxLength honoured), any other value is JSON following
+  the property's schema.
+- With thinking on, the grammar starts after `</think>`: the reasoning before it is free text.
+
+An invalid schema is a 400 naming the problem (llguidance's validator), raised before the engine sees it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import llguidance
+
+from engine.sampling_params import StructuredOutput
+from server.errors import bad_request
+
+JSON_OPTIONS = {"whitespace_flexible": False}
+TOOL_TOKENS = ("<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>")
+THINK_END = "</think>"
+
+
+def _checked(grammar: str, param: str, what: str) -> str:
+    error = llguidance.LLMatcher.validate_grammar(grammar)
+    if error:
+        raise bad_request(f"{what} cannot be enforced: {error}", param=param)
+    return grammar
+
+
+def json_grammar(schema: Any, param: str) -> str:
+    if not isinstance(schema, (dict, bool)):
+        raise bad_request(f"{param} must be a JSON schema (an object)", param=param)
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
+    except ValueError as e:
+        raise bad_request(f"{param} is not a usable JSON schema: {e}", param=param) from None
+    return _checked(grammar, param, f"the JSON schema in {param}")
+
+
+def response_format_grammar(response_format: Any) -> str | None:
+    """The grammar of a chat/completions `response_format`; None for plain text."""
+    if response_format is None:
+        return None
+    if not isinstance(response_format, dict):
+        raise bad_request("response_format must be an object", param="response_format")
+    kind = response_format.get("type")
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return json_grammar({"type": "object"}, "response_format")
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict):
+            raise bad_request(
+                "response_format type 'json_schema' needs json_schema: {name, schema, strict}",
+                param="response_format.json_schema",
+            )
+        if "schema" not in spec:
+            raise bad_request("response_format.json_schema.schema is required", param="response_format.json_schema.schema")
+        return json_grammar(spec["schema"], "response_format.json_schema.schema")
+    raise bad_request(
+        f"unknown response_format type {kind!r} (text, json_object or json_schema)", param="response_format.type"
+    )
+
+
+def _lark_str(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _value_rule(sub: Any) -> str:
+    """A tool argument's value: raw text for strings (an enum: one of its values; maxLength: at most that
+    many characters), JSON following the schema for anything else."""
+    if not isinstance(sub, dict) or sub == {}:
+        return "TEXT"
+    if sub.get("type") == "string":
+        if isinstance(sub.get("enum"), list) and all(isinstance(v, str) for v in sub["enum"]) and sub["enum"]:
+            return "(" + " | ".join(_lark_str(v) for v in sub["enum"]) + ")"
+        limit = sub.get("maxLength")
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0:
+            return f"/(?s:.{{0,{limit}}})/"
+        return "TEXT"
+    return f"%json {json.dumps(sub, ensure_ascii=False)}"
+
+
+def tool_call_grammar(tools: list[dict[str, Any]], parallel: bool, tokenizer: Any) -> str:
+    """A Lark grammar (llguidance dialect) for one or more GLM-4.7 tool calls to `tools`."""
+    vocab = tokenizer.get_vocab()
+    tag = {t: (t if t in vocab else _lark_str(t)) for t in TOOL_TOKENS}  # special tokens where the tokenizer has them
+    rules = ["TEXT: /(?s:.*)/", f"start: call{'+' if parallel else ''}"]
+    calls = []
+    for i, tool in enumerate(tools):
+        fn = tool["function"]
+        params = fn.get("parameters") if isinstance(fn.get("parameters"), dict) else {}
+        props = params.get("properties") if isinstance(params.get("properties"), dict) else {}
+        required = [k for k in params.get("required") or [] if k in props]
+        optional = [k for k in props if k not in required]
+        args = []
+        for j, key in enumerate(required + optional):
+            value = _value_rule(props[key])
+            name = f"arg_{i}_{j}"
+            rules.append(
+                f"{name}: {tag['<arg_key>']} {_lark_str(key)} {tag['</arg_key>']} {tag['<arg_value>']} {value} "
+                f"{tag['</arg_value>']}"
+            )
+            args.append(name if key in required else f"{name}?")
+        rules.append(f"call_{i}: {tag['<tool_call>']} {_lark_str(fn['name'])} {' '.join(args)} {tag['</tool_call>']}")
+        calls.append(f"call_{i}")
+    rules.append("call: " + " | ".join(calls))
+    grammar = llguidance.LLMatcher.grammar_from_lark("\n".join(rules))
+    return _checked(grammar, "tools", "the forced tool call (tool_choice) with these tool parameters")
+
+
+def structured_output(state: Any, grammar: str | None, starts_in_reasoning: bool) -> StructuredOutput | None:
+    """The engine's StructuredOutput for a request (the grammar waits for `</think>` when thinking is on)."""
+    if grammar is None:
+        return None
+    after: tuple[int, ...] = ()
+    if starts_in_reasoning:
+        think_end = state.tokenizer.convert_tokens_to_ids(THINK_END)
+        if isinstance(think_end, int) and think_end != state.tokenizer.unk_token_id:
+            after = (think_end,)
+    return StructuredOutput(grammar, state.config.tokenizer or state.model_path, after)

@@ -332,18 +332,21 @@ def verify_splits(programs: int, max_seq_len: int, num_sms: int, block_n: int, p
 def verify_config(batch: int, kv_heads: int, group: int, max_query_len: int, max_seq_len: int, num_sms: int,
                   fp8_kv: bool) -> dict:
     """Verify launch defaults: the q_len x G rows of a KV head in one block of up to 128 rows (4 warps up to 64
-    rows, two resident programs per SM; 8 warps and one above), splits from verify_splits."""
+    rows, counted as two resident programs per SM; 8 warps and one above), splits from verify_splits; tiles and
+    stages as decode (bf16: 64 keys, 2 stages; FP8: 128 keys from 64 rows on and more than 4 programs, 3 stages
+    from 64 programs). H200 sweep, 4K context (bench/RESULTS.md): these splits beat decode's two-wave rule at
+    B=4, q_len 8 (55.5 -> 51.3 us bf16, 52.6 -> 48.1 FP8) and equal it at B=1 / 64, q_len 4."""
     rows = max_query_len * group
     block_m = min(128, max(16, next_pow2(rows)))
     rb = cdiv(rows, block_m)
     programs = batch * kv_heads * rb
-    if block_m > 64:
-        block_n, warps, stages, per_sm = 128, 8, 2 if fp8_kv else 3, 1
-    else:
-        # FP8 pages: 128-key tiles as decode, but not below 64 rows (mma.sync, no wgmma: 128 keys spill)
-        block_n, warps, stages, per_sm = 128 if fp8_kv and programs > 4 and block_m == 64 else 64, 4, 2, 2
+    # FP8 below 64 rows runs mma.sync (no wgmma) where 128-key tiles spill
+    block_n = 128 if fp8_kv and programs > 4 and block_m >= 64 else 64
+    stages = 3 if fp8_kv and programs >= 64 else 2
+    per_sm = 1 if block_m > 64 else 2
     splits = verify_splits(programs, max_seq_len, num_sms, block_n, per_sm)
-    return dict(block_m=block_m, row_blocks=rb, block_n=block_n, splits=splits, warps=warps, stages=stages)
+    return dict(block_m=block_m, row_blocks=rb, block_n=block_n, splits=splits, warps=8 if block_m > 64 else 4,
+                stages=stages)
 
 
 def extend_config(max_query_len: int, head_dim: int) -> dict:

@@ -125,33 +125,22 @@ def test_existing_process_group_is_a_clear_error(tiny_bf16):
         dist.destroy_process_group()
 
 
-def test_spawned_tp2_suffix_speculation_equals_tp1_plain(ckpt):
-    # verify steps (k + 1 rows per request, rollback of rejected drafts) on both ranks
-    prompts = [{"prompt_token_ids": [11, 12, 13, 14, 15, 16] * 6}, {"prompt_token_ids": list(range(200, 230))}]
-    sp = SamplingParams(temperature=0, max_tokens=80, ignore_eos=True)
+@pytest.mark.parametrize("method,prompt,counter", [
+    # suffix: verify steps with accepted drafts and rollbacks on both ranks
+    ("suffix", [11, 12, 13, 14, 15, 16] * 6, "spec_accepted_tokens"),
+    # mtp: the NextN layer is sharded like the main model; every rank runs the extend and chain forwards
+    ("mtp", list(range(40, 75)), "spec_draft_tokens"),
+])
+def test_spawned_tp2_speculation_equals_tp1_plain(ckpt, method, prompt, counter):
+    prompts = [{"prompt_token_ids": prompt}, {"prompt_token_ids": list(range(200, 230))}]
+    sp = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
     ref = LLM(str(ckpt), device="cpu").generate(prompts, sp, use_tqdm=False)
     llm = LLM(str(ckpt), device="cpu", tensor_parallel_size=2,
-              speculative_config={"method": "suffix", "num_speculative_tokens": 6})
+              speculative_config={"method": method, "num_speculative_tokens": 4})
     try:
         outs = llm.generate(prompts, sp, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
         stats = llm.stats()
-        assert stats["spec_accepted_tokens"] > 0 and stats["used_kv_blocks"] == 0
-    finally:
-        llm.shutdown()
-
-
-def test_spawned_tp2_mtp_speculation_equals_tp1_plain(ckpt):
-    # the NextN layer is sharded like the main model; every rank runs the extend and chain forwards
-    prompts = [{"prompt_token_ids": list(range(40, 75))}, {"prompt_token_ids": [9, 8, 7]}]
-    sp = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
-    ref = LLM(str(ckpt), device="cpu").generate(prompts, sp, use_tqdm=False)
-    llm = LLM(str(ckpt), device="cpu", tensor_parallel_size=2,
-              speculative_config={"method": "mtp", "num_speculative_tokens": 3})
-    try:
-        outs = llm.generate(prompts, sp, use_tqdm=False)
-        assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
-        stats = llm.stats()
-        assert stats["spec_draft_tokens"] > 0 and stats["used_kv_blocks"] == 0
+        assert stats[counter] > 0 and stats["used_kv_blocks"] == 0
     finally:
         llm.shutdown()

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from transformers import AutoTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ try:  # the engine runs without it; requests that need it fail with a clear mess
     import llguidance
     import llguidance.hf
     import llguidance.torch
-except ImportError:  # pragma: no cover - llguidance is a dependency of the package
+except ImportError:  # a machine without it (e.g. a bare GPU box) still runs everything but grammars
     llguidance = None
 
 _tokenizers: dict[tuple[str, int, tuple[int, ...]], Any] = {}
@@ -47,8 +48,6 @@ def llg_tokenizer(path: str, vocab_size: int, eos_token_ids: tuple[int, ...], hf
         tok = _tokenizers.get(key)
         if tok is None:
             if hf_tokenizer is None:
-                from transformers import AutoTokenizer  # only when a grammar is first used
-
                 hf_tokenizer = AutoTokenizer.from_pretrained(path)
             tok = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=vocab_size, eos_token=list(eos_token_ids) or None)
             _tokenizers[key] = tok

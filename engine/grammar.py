@@ -30,8 +30,7 @@ log = logging.getLogger(__name__)
 
 try:  # the engine runs without it; requests that need it fail with a clear message
     import llguidance
-    import llguidance.hf
-    import llguidance.torch
+    import llguidance.hf  # not llguidance.torch: it runs torch.compile at import, which breaks Triton's interpreter
 except ImportError:  # a machine without it (e.g. a bare GPU box) still runs everything but grammars
     llguidance = None
 
@@ -131,7 +130,8 @@ class SequenceGrammar:
         """Write this state's allowed tokens into words[row] (packed int32); False = leave the row unmasked."""
         if self.broken or not self.started:
             return False
-        llguidance.torch.fill_next_token_bitmask(self.matcher, words, row)
+        v = words[row]
+        self.matcher.unsafe_compute_mask_ptr(v.data_ptr(), v.numel() * v.element_size())
         if self.matcher.is_accepting():
             for t in self.stop_token_ids:
                 words[row, t >> 5] |= _bit(t & 31)

@@ -282,3 +282,21 @@ def test_responses_with_the_openai_sdk(server):
     assert "".join(deltas) == "Hello there." == final.output_text
     with pytest.raises(openai.BadRequestError, match="previous_response_id"):
         client.responses.create(model=MODEL, input="hi", previous_response_id="resp_123")
+
+
+def test_anthropic_output_config_format_is_enforced(http):
+    schema = {
+        "type": "object",
+        "properties": {"word": {"type": "string", "maxLength": 8}, "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "required": ["word", "n"],
+        "additionalProperties": False,
+    }
+    body = {"model": MODEL, "max_tokens": 100, "messages": [{"role": "user", "content": "json please"}],
+            "output_config": {"effort": "low", "format": {"type": "json_schema", "schema": schema}}}
+    msg = http.post("/v1/messages", json=body).json()  # the real tiny model, under the grammar
+    assert msg["stop_reason"] == "end_turn" and msg["content"][0]["type"] == "text", msg
+    value = json.loads(msg["content"][0]["text"])
+    assert set(value) == {"word", "n"} and isinstance(value["n"], int) and len(value["word"]) <= 8
+    bad = {**body, "output_config": {"format": {"type": "json_schema", "schema": {"type": "strung"}}}}
+    r = http.post("/v1/messages", json=bad)
+    assert r.status_code == 400 and "strung" in r.json()["error"]["message"]

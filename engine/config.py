@@ -37,6 +37,25 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
 
 
+DISAGGREGATION_MODES = ("null", "prefill", "decode")
+
+
+@dataclass(frozen=True)
+class DisaggregationConfig:
+    """Prefill/decode disaggregation (disagg/): this instance's role and how it hands KV pages over."""
+
+    mode: str = "null"  # "null" (colocated) | "prefill" | "decode"
+    transfer_backend: str = "auto"  # "nixl" | "local" (in-tree fallback) | "auto" (nixl where installed)
+    async_transfer: bool = False  # send each chunk's pages as soon as the GPU wrote them (a CUDA event)
+    bootstrap_host: str = "127.0.0.1"  # prefill side: where its handshake socket listens
+    bootstrap_port: int = 8998
+    timeout_s: float = 60.0  # per request, both sides: handshake + prefill + transfer must end by then
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "null"
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
@@ -53,6 +72,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     speculative: SpeculativeConfig | None = None
+    disaggregation: DisaggregationConfig = field(default_factory=DisaggregationConfig)
     tokenizer: str | None = None
 
     @property
@@ -86,6 +106,12 @@ class EngineConfig:
         enable_shared_experts_fusion: bool = False,
         enable_fused_qk_norm_rope: bool = False,
         attention_backend: str = "triton",
+        disaggregation_mode: str = "null",
+        disaggregation_transfer_backend: str = "auto",
+        disaggregation_async_transfer: bool = False,
+        disaggregation_bootstrap_host: str = "127.0.0.1",
+        disaggregation_bootstrap_port: int = 8998,
+        disaggregation_timeout: float = 60.0,
     ) -> "EngineConfig":
         mcfg = load_model_config(model)
         if device == "auto":
@@ -127,6 +153,17 @@ class EngineConfig:
             reason = flash_attn_adapter.unsupported_reason(device, torch_dtype, mcfg.head_dim, kv_dtype, kv_block_size)
             if reason:
                 raise ValueError(f"attention_backend 'fa3' (--attention-backend fa3) {reason}")
+        if disaggregation_mode not in DISAGGREGATION_MODES:
+            raise ValueError(f"disaggregation_mode must be one of {DISAGGREGATION_MODES}, got {disaggregation_mode!r}")
+        if disaggregation_transfer_backend not in ("auto", "nixl", "local"):
+            raise ValueError(f"disaggregation_transfer_backend must be 'auto', 'nixl' or 'local', got "
+                             f"{disaggregation_transfer_backend!r}")
+        if not disaggregation_timeout > 0:
+            raise ValueError(f"disaggregation_timeout must be > 0 seconds, got {disaggregation_timeout}")
+        disagg = DisaggregationConfig(
+            disaggregation_mode, disaggregation_transfer_backend, disaggregation_async_transfer,
+            disaggregation_bootstrap_host, disaggregation_bootstrap_port, disaggregation_timeout,
+        )
         spec = None
         if speculative_config is not None:
             spec = SpeculativeConfig.from_dict(speculative_config)
@@ -162,5 +199,6 @@ class EngineConfig:
             scheduler=SchedulerConfig(max_num_batched_tokens, max_num_seqs, max_model_len),
             parallel=ParallelConfig(tensor_parallel_size),
             speculative=spec,
+            disaggregation=disagg,
             tokenizer=tokenizer,
         )

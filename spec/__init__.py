@@ -1,4 +1,5 @@
 """Speculative decoding: drafters (suffix trees; MTP next) behind one interface, and lossless verification."""
+from spec.budget import DraftBudget, StepCost
 from spec.build import build_drafter
 from spec.config import SpeculativeConfig
 from spec.drafter import DraftSlot, Drafter, StepView
@@ -6,4 +7,4 @@ from spec.mtp import MtpBatch, MtpDrafter
 from spec.stats import SpecStats
 from spec.verify import accept_chain
 
-__all__ = ["DraftSlot", "Drafter", "MtpBatch", "MtpDrafter", "StepView", "SpecStats", "SpeculativeConfig", "accept_chain", "build_drafter"]
+__all__ = ["DraftBudget", "DraftSlot", "Drafter", "MtpBatch", "MtpDrafter", "StepView", "SpecStats", "SpeculativeConfig", "StepCost", "accept_chain", "build_drafter"]

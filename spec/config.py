@@ -21,6 +21,25 @@ class SpeculativeConfig:
     min_token_prob: float = 0.1
     # Global tree over finished responses, per tenant; 0 turns cross-request drafting off.
     max_cached_tokens: int = 1 << 24
+    # Draft budget (spec/budget.py): per request and step, propose the number of drafts (0 .. the cap) that
+    # maximizes expected tokens per unit of step time, from each request's running acceptance and the step-cost
+    # model below; a request at 0 drafts gets a 1-draft probe now and then. False: always draft up to the cap.
+    draft_budget: bool = True
+    # Step time (ms) of a forward with N rows (decode rows + draft rows), piecewise linear through these points
+    # (the last segment's slope beyond). Defaults: bench/RESULTS.md, H200, 27 layers at GLM-4.7's widths, 4K
+    # context: decode B=1 4.0 ms; verify 1x4 / 4x4 / 16x4 rows 8.9 / 16.8 / 27.0 ms; past 64 rows every expert
+    # is touched already, so the slope is the prefill rate (4096 tokens in 136 ms) -- those two points estimated.
+    step_cost_rows: tuple[int, ...] = (1, 4, 16, 64, 256, 1024)
+    step_cost_ms: tuple[float, ...] = (4.0, 8.9, 16.8, 27.0, 34.0, 60.0)
+    # One MTP chain step (the NextN layer + LM head over the drafting requests, eager, one host sync), in the
+    # same unit; drafts past the first cost one such step per position. Not measured yet (bench.spec_budget).
+    mtp_step_cost_ms: float = 1.0
+    # Weight of older verifies in a request's running acceptance: each verify multiplies the past by this.
+    acceptance_decay: float = 0.9
+    # A request the budget holds at 0 drafts is probed with 1 draft after this many steps; each rejected probe
+    # doubles the wait, up to max_probe_interval; an accepted one resets it.
+    probe_interval: int = 4
+    max_probe_interval: int = 32
 
     @staticmethod
     def from_dict(options: dict[str, Any]) -> "SpeculativeConfig":
@@ -40,6 +59,9 @@ class SpeculativeConfig:
             options = {**options, "num_speculative_tokens": 3}
         if method == "hybrid":
             options = {"num_speculative_tokens": 16, "num_mtp_tokens": 3, **options}
+        for key in ("step_cost_rows", "step_cost_ms"):  # JSON gives lists; the dataclass is frozen and hashable
+            if isinstance(options.get(key), list):
+                options = {**options, key: tuple(options[key])}
         cfg = SpeculativeConfig(**options)
         cfg._validate()
         return cfg
@@ -62,6 +84,23 @@ class SpeculativeConfig:
             raise bad("min_token_prob", "a number in [0, 1]")
         if not _is_int(self.max_cached_tokens) or self.max_cached_tokens < 0:
             raise bad("max_cached_tokens", "an int >= 0")
+        if not isinstance(self.draft_budget, bool):
+            raise bad("draft_budget", "true or false")
+        rows, ms = self.step_cost_rows, self.step_cost_ms
+        if not isinstance(rows, tuple) or not rows or not all(_is_int(r) and r >= 1 for r in rows) or \
+                any(a >= b for a, b in zip(rows, rows[1:])):
+            raise bad("step_cost_rows", "a non-empty increasing list of ints >= 1")
+        if not isinstance(ms, tuple) or len(ms) != len(rows) or not all(_is_number(t) and t > 0 for t in ms) or \
+                any(a > b for a, b in zip(ms, ms[1:])):
+            raise bad("step_cost_ms", f"a non-decreasing list of {len(rows)} numbers > 0 (one per step_cost_rows)")
+        if not _is_number(self.mtp_step_cost_ms) or not 0 <= self.mtp_step_cost_ms < float("inf"):
+            raise bad("mtp_step_cost_ms", "a number >= 0")
+        if not _is_number(self.acceptance_decay) or not 0 <= self.acceptance_decay < 1:
+            raise bad("acceptance_decay", "a number in [0, 1)")
+        if not _is_int(self.probe_interval) or self.probe_interval < 1:
+            raise bad("probe_interval", "an int >= 1")
+        if not _is_int(self.max_probe_interval) or self.max_probe_interval < self.probe_interval:
+            raise bad("max_probe_interval", f"an int >= probe_interval = {self.probe_interval}")
 
     @property
     def mtp_chain_length(self) -> int:

@@ -1,36 +1,52 @@
-"""Hybrid MTP / suffix drafting, per request and per step: take the suffix draft when its score (the expected
-accepted length under the suffix trees' frequencies) beats the request's running MTP acceptance (accepted MTP
-tokens per MTP verify, an exponential moving average starting at the MTP chain's length), else the MTP
-draft. Both kinds of request verify in the same batch; the NextN layer keeps running for every request so
-its drafts are ready whenever suffix matching runs dry."""
+"""Hybrid MTP / suffix drafting, per request and per step. Both kinds of request verify in the same batch; the
+NextN layer's extend runs for every request so its KV stays aligned and its drafts are ready whenever suffix
+matching runs dry.
+
+With the draft budget (spec/budget.py, the default) the choice is made right after a step is verified (the
+suffix index already holds the step's tokens): per request, the source whose draft is worth more over what
+its rows cost (each draft token's acceptance probability above the step's cost of one row, in tokens: the
+suffix draft's calibrated tree probabilities against the request's running MTP acceptance), then the budget
+cuts the chosen drafts for the whole batch, and the NextN chain runs only for the requests that draft from it.
+
+Without the budget: the suffix draft when its score (the expected accepted length under the suffix trees'
+frequencies) beats the request's running MTP acceptance (accepted MTP tokens per MTP verify, an exponential
+moving average starting at the cap), else the MTP draft, each at full length; the chain runs for everyone."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from spec.budget import CALIBRATED, GEOMETRIC, DraftBudget
 from spec.config import SpeculativeConfig
 from spec.drafter import DraftSlot, Drafter, StepView
+from spec.mtp import SOURCE as MTP
 from spec.mtp import MtpDrafter
+from spec.suffix import SOURCE as SUFFIX
 from spec.suffix import SuffixDrafter
 
-EMA = 0.3  # weight of the newest MTP verify in the running acceptance
+EMA = 0.3  # without the budget: weight of the newest MTP verify in the running acceptance
 
 
 @dataclass
 class _Pending:
     source: str  # "mtp" | "suffix"
     draft: list[int]
+    probs: list[float] | None = None  # suffix: each token's probability under the trees
 
 
 class HybridDrafter(Drafter):
     needs_target_hidden = True
 
-    def __init__(self, config: SpeculativeConfig, suffix: SuffixDrafter, mtp: MtpDrafter) -> None:
+    def __init__(self, config: SpeculativeConfig, suffix: SuffixDrafter, mtp: MtpDrafter,
+                 budget: DraftBudget | None = None) -> None:
+        """suffix, mtp: drafters without a budget of their own (this one budgets for both)."""
         self.config = config
         self.suffix, self.mtp = suffix, mtp
+        self.budget = budget if budget is not None and budget.enabled else None
         self._mtp_accept: dict[int, float] = {}
         self._pending: dict[int, _Pending] = {}
-        self.proposed = {"mtp": 0, "suffix": 0}  # drafts proposed by each source (observability, tests)
+        self._planned: dict[int, _Pending] = {}  # budget: next step's choice, made in after_step
+        self.proposed = {MTP: 0, SUFFIX: 0}  # drafts proposed by each source (observability, tests)
 
     def add(self, seq_id: int, prompt: Sequence[int], tenant: str = "") -> None:
         self.suffix.add(seq_id, prompt, tenant)
@@ -40,8 +56,11 @@ class HybridDrafter(Drafter):
     def accepted(self, seq_id: int, tokens: Sequence[int]) -> None:
         self.suffix.accepted(seq_id, tokens)
         self.mtp.accepted(seq_id, tokens)
+        if self.budget is not None:
+            self.budget.accepted(seq_id, tokens)
+            return
         pending = self._pending.pop(seq_id, None)
-        if pending is not None and pending.source == "mtp" and pending.draft:
+        if pending is not None and pending.source == MTP and pending.draft:
             n = 0
             while n < len(pending.draft) and n < len(tokens) and pending.draft[n] == tokens[n]:
                 n += 1
@@ -52,17 +71,71 @@ class HybridDrafter(Drafter):
         self.mtp.finish(seq_id, completed)
         self._mtp_accept.pop(seq_id, None)
         self._pending.pop(seq_id, None)
+        self._planned.pop(seq_id, None)
+        if self.budget is not None:
+            self.budget.forget(seq_id)
 
     def after_step(self, views: Sequence[StepView]) -> None:
+        if self.budget is None:
+            self.mtp.after_step(views)
+            return
+        views = list(views)
+        nxt = [k for k, v in enumerate(views) if v.max_drafts > 0 and v.next_tokens]
+        slots = [DraftSlot(views[k].seq_id, views[k].max_drafts) for k in nxt]
+        suffix = self.suffix.drafts(slots)
+        budget, chain = self.budget, self.config.mtp_chain_length
+        row_cost = budget.row_cost_tokens(len(nxt))
+
+        def worth(gains: list[float]) -> tuple[float, float]:  # (net value, first gain: which one to probe)
+            return sum(max(0.0, g - row_cost) for g in gains), gains[0] if gains else 0.0
+
+        gains, use_mtp = [], []
+        for slot, d in zip(slots, suffix):
+            gs = budget.gains(slot.seq_id, SUFFIX, CALIBRATED, len(d.tokens), d.probs)
+            gm = budget.gains(slot.seq_id, MTP, GEOMETRIC, min(slot.max_drafts, chain))
+            mtp = not gs or worth(gm) > worth(gs)
+            gains.append(gm if mtp else gs)
+            use_mtp.append(mtp)
+        ks = budget.plan([s.seq_id for s in slots], gains, chain=use_mtp, has_draft=[True] * len(slots))
+        planned = {}
+        for k, slot, d, mtp, n in zip(nxt, slots, suffix, use_mtp, ks):
+            planned[slot.seq_id] = _Pending(MTP, []) if mtp else _Pending(SUFFIX, d.tokens[:n], d.probs[:n])
+            views[k] = replace(views[k], max_drafts=n if mtp else 0)
+        self._planned = planned
         self.mtp.after_step(views)
 
     def propose(self, slots: Sequence[DraftSlot]) -> list[list[int]]:
+        if self.budget is None:
+            return self._propose_unbudgeted(slots)
+        planned, self._planned = self._planned, {}
+        mtp = self.mtp.propose(slots)
+        chosen: list[_Pending | None] = [planned.get(s.seq_id) for s in slots]
+        rest = [i for i, p in enumerate(chosen) if p is None]  # not seen by after_step: suffix only
+        if rest:
+            rest_slots = [slots[i] for i in rest]
+            drafts = self.suffix.drafts(rest_slots)
+            gains = [self.budget.gains(s.seq_id, SUFFIX, CALIBRATED, len(d.tokens), d.probs)
+                     for s, d in zip(rest_slots, drafts)]
+            ks = self.budget.plan([s.seq_id for s in rest_slots], gains, num_seqs=len(slots))
+            for i, d, n in zip(rest, drafts, ks):
+                chosen[i] = _Pending(SUFFIX, d.tokens[:n], d.probs[:n])
+        out, proposals = [], {}
+        for slot, p, m in zip(slots, chosen, mtp):
+            draft = (m if p.source == MTP else p.draft)[: slot.max_drafts]
+            probs = None if p.source == MTP else (p.probs or [])[: len(draft)]
+            proposals[slot.seq_id] = (p.source, GEOMETRIC if p.source == MTP else CALIBRATED, draft, probs)
+            self.proposed[p.source] += bool(draft)
+            out.append(draft)
+        self.budget.proposed(proposals)
+        return out
+
+    def _propose_unbudgeted(self, slots: Sequence[DraftSlot]) -> list[list[int]]:
         suffix = self.suffix.drafts(slots)
         mtp = self.mtp.propose(slots)
         out = []
         for slot, s, m in zip(slots, suffix, mtp):
             use_suffix = s.tokens and s.score > self._mtp_accept.get(slot.seq_id, 0.0)
-            source, draft = ("suffix", s.tokens) if use_suffix else ("mtp", m)
+            source, draft = (SUFFIX, s.tokens) if use_suffix else (MTP, m)
             self._pending[slot.seq_id] = _Pending(source, list(draft))
             self.proposed[source] += bool(draft)
             out.append(list(draft))

@@ -10,7 +10,9 @@ each, and where their hidden states are in that step's forward. `after_step` the
   2. chain steps: the NextN layer at the next position reads the previous draft and its own output hidden
      state (as SGLang's NEXTN chain does), writing scratch KV that the next extend overwrites.
 
-Drafts are greedy (top-1): a point mass, verified losslessly like any other draft. The model runs through a
+Drafts are greedy (top-1): a point mass, verified losslessly like any other draft. With a draft budget
+(spec/budget.py) the chain of each request is cut to the drafts worth verifying this step (0: the extend still
+runs, so the layer's KV stays aligned; only the chain and the verify rows are saved). The model runs through a
 callable the engine provides (every TP rank executes the same MtpBatch), so spec/ needs nothing from engine/.
 """
 from __future__ import annotations
@@ -20,8 +22,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from spec.budget import GEOMETRIC, DraftBudget
 from spec.config import SpeculativeConfig
 from spec.drafter import DraftSlot, Drafter, StepView
+
+SOURCE = "mtp"
 
 
 @dataclass
@@ -42,23 +47,46 @@ class MtpBatch:
 class MtpDrafter(Drafter):
     needs_target_hidden = True
 
-    def __init__(self, config: SpeculativeConfig, block_size: int, run: Callable[[MtpBatch], torch.Tensor]) -> None:
+    def __init__(self, config: SpeculativeConfig, block_size: int, run: Callable[[MtpBatch], torch.Tensor],
+                 budget: DraftBudget | None = None) -> None:
+        """budget: cuts each request's chain (None, or one turned off: the full chain; the hybrid drafter
+        passes each view's chain length itself)."""
         self.config = config
         self.block_size = block_size
         self.run = run
+        self.budget = budget if budget is not None and budget.enabled else None
         self._drafts: dict[int, list[int]] = {}
 
     def add(self, seq_id: int, prompt: Sequence[int], tenant: str = "") -> None:
         self._drafts.pop(seq_id, None)
 
     def accepted(self, seq_id: int, tokens: Sequence[int]) -> None:
-        pass  # the NextN layer catches up in after_step, from the target's hidden states
+        # the NextN layer catches up in after_step, from the target's hidden states
+        if self.budget is not None:
+            self.budget.accepted(seq_id, tokens)
 
     def finish(self, seq_id: int, completed: bool) -> None:
         self._drafts.pop(seq_id, None)
+        if self.budget is not None:
+            self.budget.forget(seq_id)
 
     def propose(self, slots: Sequence[DraftSlot]) -> list[list[int]]:
-        return [self._drafts.pop(s.seq_id, [])[: s.max_drafts] for s in slots]
+        out = [self._drafts.pop(s.seq_id, [])[: s.max_drafts] for s in slots]
+        if self.budget is not None:
+            self.budget.proposed({s.seq_id: (SOURCE, GEOMETRIC, d, None) for s, d in zip(slots, out)})
+        return out
+
+    def _budgeted(self, views: Sequence[StepView]) -> list[StepView]:
+        """Each view's chain cut to what the budget will verify next step (the extend runs for all)."""
+        nxt = [k for k, v in enumerate(views) if v.max_drafts > 0]
+        budget, chain = self.budget, self.config.mtp_chain_length
+        ids = [views[k].seq_id for k in nxt]
+        gains = [budget.gains(views[k].seq_id, SOURCE, GEOMETRIC, min(views[k].max_drafts, chain)) for k in nxt]
+        ks = budget.plan(ids, gains, chain=[True] * len(nxt))
+        out = list(views)
+        for k, n in zip(nxt, ks):
+            out[k] = replace(views[k], max_drafts=n)
+        return out
 
     def _slot(self, table: list[int], pos: int) -> int:
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
@@ -77,6 +105,10 @@ class MtpDrafter(Drafter):
             lens.append(v.start + n)
             rows += v.hidden_rows
         views = [replace(v, max_drafts=min(v.max_drafts, self.config.mtp_chain_length)) for v in views]
+        if self.budget is not None:
+            views = self._budgeted(views)
+        for v in views:  # a chain cut to 0 must not leave an older step's draft behind
+            self._drafts.pop(v.seq_id, None)
         drafting = [k for k, v in enumerate(views) if v.max_drafts > 0]
         last_rows = [qsl[k + 1] - 1 for k in drafting]
         logits = self.run(MtpBatch(ids, positions, slots, [v.block_table for v in views], lens, qsl, "target",

@@ -5,15 +5,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from spec.budget import CALIBRATED, DraftBudget
 from spec.config import SpeculativeConfig
 from spec.drafter import DraftSlot, Drafter
 from spec.suffix_index import SuffixDraft, SuffixIndex
 
+SOURCE = "suffix"
+
 
 class SuffixDrafter(Drafter):
-    def __init__(self, config: SpeculativeConfig) -> None:
+    def __init__(self, config: SpeculativeConfig, budget: DraftBudget | None = None) -> None:
+        """budget: cuts each step's drafts (None, or one turned off: every draft up to its cap; the hybrid
+        drafter budgets for its parts itself)."""
         self.config = config
         self.index = SuffixIndex(max_depth=config.max_tree_depth, max_global_tokens=config.max_cached_tokens)
+        self.budget = budget if budget is not None and budget.enabled else None
         self._live: set[int] = set()
 
     def add(self, seq_id: int, prompt: Sequence[int], tenant: str = "") -> None:
@@ -23,14 +29,25 @@ class SuffixDrafter(Drafter):
     def accepted(self, seq_id: int, tokens: Sequence[int]) -> None:
         if seq_id in self._live:
             self.index.extend(seq_id, tokens)
+        if self.budget is not None:
+            self.budget.accepted(seq_id, tokens)
 
     def finish(self, seq_id: int, completed: bool) -> None:
         if seq_id in self._live:
             self._live.discard(seq_id)
             self.index.stop(seq_id, keep_response=completed)
+        if self.budget is not None:
+            self.budget.forget(seq_id)
 
     def propose(self, slots: Sequence[DraftSlot]) -> list[list[int]]:
-        return [d.tokens for d in self.drafts(slots)]
+        drafts = self.drafts(slots)
+        if self.budget is None:
+            return [d.tokens for d in drafts]
+        budget = self.budget
+        gains = [budget.gains(s.seq_id, SOURCE, CALIBRATED, len(d.tokens), d.probs) for s, d in zip(slots, drafts)]
+        ks = budget.plan([s.seq_id for s in slots], gains)
+        budget.proposed({s.seq_id: (SOURCE, CALIBRATED, d.tokens[:k], d.probs[:k]) for s, d, k in zip(slots, drafts, ks)})
+        return [d.tokens[:k] for d, k in zip(drafts, ks)]
 
     def drafts(self, slots: Sequence[DraftSlot]) -> list[SuffixDraft]:
         """The drafts with their scores (expected accepted length under the trees' frequencies)."""

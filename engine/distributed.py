@@ -82,6 +82,15 @@ def broadcast_object(obj: Any, info: DistInfo) -> Any:
     return box[0]
 
 
+def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    """Every rank contributes `obj`; rank 0 returns them in rank order (the others get [])."""
+    if info.world_size == 1:
+        return [obj]
+    out: list[Any] | None = [None] * info.world_size if info.is_driver else None
+    dist.gather_object(obj, out, dst=0, group=info.control)
+    return out if out is not None else []
+
+
 def min_across_ranks(value: int, info: DistInfo) -> int:
     if info.world_size == 1:
         return value

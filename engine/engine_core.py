@@ -27,12 +27,13 @@ from engine.block_pool import BlockPool
 from engine.config import EngineConfig
 from engine.device_copy import to_device
 from engine.distributed import DistInfo, single_process
+from engine.kv_connector import DisaggParams, KVConnector, KVSend
 from engine.model_runner import StepLayout, prepare_step
 from engine.model_worker import STOP, ModelWorker, leave_process_group
 from engine.output_processor import OutputProcessor
 from engine.outputs import LogprobsDict, RequestDelta
 from engine.rank_launcher import check_ranks_alive, start_ranks, stop_ranks
-from engine.request import Request
+from engine.request import Request, Status
 from engine.request_validation import check_request
 from engine.sampler import DeferredSample, SampleRow, Sampler
 from engine.sampling_params import SamplingParams
@@ -52,19 +53,23 @@ class _Launched:
     first_row: dict[int, int] = field(default_factory=dict)  # scheduled index -> its first sampled row
     sampled: DeferredSample | None = None
     table_writes: list[tuple[int, int]] = field(default_factory=list)  # (slot, position) per sampled row
+    kv_sends: list[KVSend] = field(default_factory=list)  # disaggregated prefill: pages this step completes
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, dist_info: DistInfo | None = None) -> None:
+    def __init__(
+        self, config: EngineConfig, dist_info: DistInfo | None = None, kv_connector: KVConnector | None = None
+    ) -> None:
         self.config = config
         self.model_config = config.model
         self.max_model_len = config.scheduler.max_model_len
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model.path)
         self._procs: list = []
+        kv_worker_factory = kv_connector.worker_factory() if kv_connector is not None else None
         if dist_info is None:
-            dist_info, self._procs = start_ranks(config)
+            dist_info, self._procs = start_ranks(config, kv_worker_factory)
         self.dist = dist_info
-        self.worker = ModelWorker(config, dist_info)
+        self.worker = ModelWorker(config, dist_info, kv_worker_factory)
         self.device = self.worker.device
         self.block_size = config.cache.block_size
         self.pool = BlockPool(self.worker.num_blocks, self.block_size, config.cache.enable_prefix_caching)
@@ -73,6 +78,10 @@ class EngineCore:
         self.outputs = OutputProcessor(self.tokenizer, self.model_config.eos_token_ids)
         self.drafter: Drafter | None = build_drafter(config.speculative, self.block_size, self.worker.execute_mtp)
         self.spec_stats = SpecStats()
+        self.connector = kv_connector
+        if kv_connector is not None:
+            kv_connector.bind(self.scheduler, self.pool, self.worker)
+        self._siblings: dict[str, list[Request]] = {}  # disaggregated decode, n > 1: started once choice 0 is
         self._requests: dict[str, list[Request]] = {}
         self._pending_deltas: list[RequestDelta] = []
         self._inflight: _Launched | None = None
@@ -104,6 +113,7 @@ class EngineCore:
             "vocab_size": int(self.model_config.vocab_size),
             "eos_token_ids": list(self.model_config.eos_token_ids),
             "speculative_method": self.config.speculative.method if self.config.speculative else None,
+            "disaggregation": self.connector.info() if self.connector is not None else None,
             "stats": self.stats(),
         }
 
@@ -124,12 +134,15 @@ class EngineCore:
         params: SamplingParams,
         prompt: str | None = None,
         tenant: str = "",
+        disagg: DisaggParams | None = None,
     ) -> None:
-        """tenant scopes cross-request state (the suffix decoder's global tree): the API key, "" offline."""
+        """tenant scopes cross-request state (the suffix decoder's global tree): the API key, "" offline.
+        disagg: the handover of a disaggregated instance (from the router); required there, refused elsewhere."""
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         prompt_token_ids = [int(t) for t in prompt_token_ids]
         max_tokens = check_request(prompt_token_ids, params, self.model_config.vocab_size, self.max_model_len)
+        self._check_disagg(params, disagg)
         seqs = []
         for index in range(params.n):
             req = Request(request_id, index, prompt_token_ids, params, max_tokens, prompt=prompt,
@@ -138,9 +151,40 @@ class EngineCore:
             if self.drafter is not None:
                 self.drafter.add(req.seq_key, prompt_token_ids, tenant)
             seqs.append(req)
-            self.scheduler.add(req)
         self._requests[request_id] = seqs
+        if disagg is None:
+            for req in seqs:
+                self.scheduler.add(req)
+        else:
+            self._add_disaggregated(seqs, disagg)
         self.num_prompt_tokens_total += len(prompt_token_ids)
+
+    def _check_disagg(self, params: SamplingParams, disagg: DisaggParams | None) -> None:
+        if self.connector is None:
+            if disagg is not None:
+                raise ValueError("this engine is not a disaggregated instance (disaggregation_mode is 'null')")
+            return
+        if disagg is None:
+            raise ValueError(f"a disaggregated {self.connector.mode} instance serves only requests routed to it "
+                             "(python -m disagg.router), which carry a handover room")
+        if params.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs is not supported with prefill/decode disaggregation")
+
+    def _add_disaggregated(self, seqs: list[Request], disagg: DisaggParams) -> None:
+        """Choice 0 goes to the connector (handshake, then prefill here or KV from the prefill instance). The
+        prefill side computes one first token, so choices 1.. end at once there; on the decode side they start
+        once choice 0's KV has arrived (its full prompt pages are then prefix-cache hits)."""
+        for req in seqs:
+            req.status = Status.HANDSHAKE
+        head, rest = seqs[0], seqs[1:]
+        if self.connector.mode == "prefill":
+            head.max_tokens = 1
+            for req in rest:
+                self._end(req, "length")
+                self._pending_deltas.append(self.outputs.delta(req, [], "", None, True, "length"))
+        elif rest:
+            self._siblings[head.request_id] = rest
+        self.connector.add(head, disagg)
 
     def abort_request(self, request_id: str) -> None:
         for req in self._requests.get(request_id, []):
@@ -150,13 +194,17 @@ class EngineCore:
         self._forget(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or self._inflight is not None
+        return (self.scheduler.has_unfinished() or self._inflight is not None
+                or (self.connector is not None and self.connector.has_work()))
 
     def _forget(self, request_id: str) -> None:
+        self._siblings.pop(request_id, None)
         for req in self._requests.pop(request_id, []):
             self.outputs.remove(req)
 
     def _end(self, req: Request, reason: str, stop_reason: int | str | None = None) -> None:
+        if self.connector is not None and reason in ("abort", "error"):
+            self.connector.abort(req)  # before the pages go: the connector keeps those a transfer may touch
         self.scheduler.finish(req, reason, stop_reason)
         if self.drafter is not None:
             self.drafter.finish(req.seq_key, completed=reason in ("stop", "length"))
@@ -174,6 +222,7 @@ class EngineCore:
         """One engine step. With overlap scheduling the step launched here is finished by the next call:
         this call plans and launches step N+1, then processes step N's tokens while the device runs N+1."""
         deltas, self._pending_deltas = self._pending_deltas, []
+        deltas += self._poll_connector()
         deltas += self._propose_drafts()
         sched = self.scheduler.schedule()
         launched = self._launch(sched.scheduled) if not sched.is_empty else None
@@ -187,10 +236,46 @@ class EngineCore:
             else:
                 deltas += self._finish(launched)
                 deltas += self._after_step(launched)
+        elif self._inflight is None and self.connector is not None and not deltas:
+            self.connector.wait(0.002)  # only handovers in flight: wait for the peer, do not spin
         for rid in {d.request_id for d in deltas if d.finished}:
             if all(r.is_finished for r in self._requests.get(rid, [])):
                 self._forget(rid)
         return deltas
+
+    def _poll_connector(self) -> list[RequestDelta]:
+        """Disaggregation: admit requests whose handshake is done (prefill), start those whose KV arrived
+        (decode), fail those whose handover failed."""
+        if self.connector is None:
+            return []
+        update = self.connector.poll()
+        deltas = []
+        for req in update.admit:
+            req.status = Status.WAITING
+            self.scheduler.add(req)
+        for req, token, logprobs in update.arrived:
+            try:
+                deltas.append(self._start_decoding(req, token, logprobs))
+            except Exception as exc:
+                deltas.append(self._fail(req, "starting to decode", exc))
+        for req, reason in update.failed:
+            for r in [req] + self._siblings.pop(req.request_id, []):
+                deltas.append(self._fail(r, "the prefill/decode handover", RuntimeError(reason)))
+        return deltas
+
+    def _start_decoding(self, req: Request, token: int, logprobs: LogprobsDict | None) -> RequestDelta:
+        """Decode side: the prompt's KV and the first token came from the prefill instance."""
+        self.scheduler.start_after_transfer(req)
+        out = self.outputs.append(req, [token], [logprobs])
+        self.scheduler.publish_blocks(req)
+        if self.drafter is not None:
+            self.drafter.accepted(req.seq_key, [token][: out.num_tokens])
+        if out.finish_reason is not None:
+            self._end(req, out.finish_reason, out.stop_reason)
+        for sibling in self._siblings.pop(req.request_id, []):
+            sibling.status = Status.WAITING
+            self.scheduler.add(sibling)
+        return out.delta
 
     def _propose_drafts(self) -> list[RequestDelta]:
         """Ask the drafter for draft tokens for every decoding request (capped by max_tokens and context)."""
@@ -240,6 +325,9 @@ class EngineCore:
         inputs.keep_hidden = self.drafter is not None and self.drafter.needs_target_hidden
         if prev is not None and prev.sampled is not None:
             inputs.table_writes = prev.table_writes
+        kv_sends = self.connector.plan_sends(scheduled) if self.connector is not None else []
+        if self.connector is not None and self.connector.async_transfer:
+            inputs.kv_sends = kv_sends  # every rank sends its shard once the forward has run (a CUDA event)
         check_ranks_alive(self._procs)
         try:
             logits = self.worker.execute(inputs, prev.sampled.tokens if inputs.table_writes else None)
@@ -249,7 +337,7 @@ class EngineCore:
             raise RuntimeError(f"tensor-parallel step failed (a rank died or a collective timed out): {exc}") from exc
         for s in scheduled:
             self.scheduler.advance(s)
-        return _Launched(scheduled, logits, layout)
+        return _Launched(scheduled, logits, layout, kv_sends=kv_sends)
 
     def _sample(self, step: _Launched) -> list[RequestDelta]:
         """Enqueue sampling of every sampled row (k + 1 per verify) of the requests still running."""
@@ -292,6 +380,8 @@ class EngineCore:
                 deltas.append(self._emit(req, s, sampled.token_ids, sampled.logprobs, step.first_row[i]))
             except Exception as exc:
                 deltas.append(self._fail(req, "processing its output", exc))
+        if step.kv_sends:
+            self.connector.after_step(step.kv_sends)  # sync transfer: now that the step has run
         return deltas
 
     def _emit(
@@ -304,6 +394,8 @@ class EngineCore:
         accepted = len(emitted) - 1
         self.spec_stats.record(s.num_drafts, accepted)
         out = self.outputs.append(req, emitted, logprobs[row : row + len(emitted)])
+        if self.connector is not None and self.connector.mode == "prefill" and out.num_tokens:
+            self.connector.first_token(req, emitted[0], logprobs[row])
         if s.num_drafts:  # keep the KV of the accepted drafts only (a length cut)
             self.scheduler.commit(req, s.end - s.num_drafts + accepted)
         self.scheduler.publish_blocks(req)  # pages full of accepted tokens, before finishing releases them
@@ -363,8 +455,10 @@ class EngineCore:
         self.pool.check_invariants()
         assert all(not r.block_ids for r in self.scheduler.waiting), "a waiting request holds pages"
         refs: dict[int, int] = {}
-        for r in self.scheduler.running:
+        for r in self.scheduler.running + self.scheduler.receiving:
             for pid in r.block_ids:
                 refs[pid] = refs.get(pid, 0) + 1
+        for pid in self.connector.held_pages() if self.connector is not None else []:
+            refs[pid] = refs.get(pid, 0) + 1
         for page in self.pool.pages:
             assert page.ref_count == refs.get(page.id, 0), f"page {page.id} ref_count {page.ref_count} != holders"

@@ -4,7 +4,7 @@ them; the engine imports nothing from there) and the per-request handover parame
 Rank 0 (EngineCore) owns one `KVConnector`, which runs the handshake with the peer instance and decides when a
 request may run, which pages to send and when a request's KV has arrived. Every TP rank's ModelWorker owns one
 `KVConnectorWorker`: its shard of the KV pool registered with a transfer agent. The connector reaches every rank
-through a `RankChannel`: `call(message)` runs `KVConnectorWorker.handle(message)` on every rank and returns the
+through a `RankChannel`: `connector_call(message)` runs `KVConnectorWorker.handle(message)` on every rank and returns the
 results in rank order (each rank moves its own head shard; nothing is funnelled through rank 0). Page sends
 planned for a step ride on that step's inputs (`StepInputs.kv_sends`): every rank hands its shard's write to its
 transfer thread right after enqueuing the forward that writes those pages (async transfer), or the connector
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from engine.outputs import LogprobsDict
@@ -56,7 +57,7 @@ class ConnectorUpdate:
 
 
 class RankChannel(Protocol):
-    def call(self, message: Any) -> list[Any]:
+    def connector_call(self, message: Any) -> list[Any]:
         """Run KVConnectorWorker.handle(message) on every TP rank; the results in rank order."""
 
 
@@ -84,6 +85,10 @@ class KVConnector(abc.ABC):
 
     mode: str  # "prefill" | "decode"
     async_transfer: bool
+
+    @abc.abstractmethod
+    def worker_factory(self) -> Callable[[Any, int], KVConnectorWorker]:
+        """A picklable callable (EngineConfig, rank) -> the rank's KVConnectorWorker (spawned ranks build theirs)."""
 
     @abc.abstractmethod
     def bind(self, scheduler: Any, pool: Any, ranks: RankChannel) -> None:
@@ -119,6 +124,10 @@ class KVConnector(abc.ABC):
     @abc.abstractmethod
     def has_work(self) -> bool:
         """Anything in flight (the engine loop keeps stepping while true)."""
+
+    @abc.abstractmethod
+    def wait(self, timeout_s: float) -> None:
+        """Block up to timeout_s for a message from a peer (a step with nothing to run calls this, not a spin)."""
 
     @abc.abstractmethod
     def info(self) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.device_copy import to_device
+from engine.kv_connector import KVSend
 from engine.scheduler import ScheduledRequest
 from engine.token_table import TokenTable
 from model.context import ForwardContext
@@ -37,6 +38,7 @@ class StepInputs:
     table_writes: list[tuple[int, int]] = field(default_factory=list)
     table_reads: list[tuple[int, int, int]] = field(default_factory=list)
     keep_hidden: bool = False  # keep the final hidden states of every row (the MTP drafter reads them next)
+    kv_sends: list[KVSend] = field(default_factory=list)  # disaggregation: pages to send once this step ran
 
 
 @dataclass

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed
@@ -14,9 +17,11 @@ from engine.distributed import (
     DistInfo,
     broadcast_object,
     init_distributed,
+    gather_objects,
     min_across_ranks,
     shutdown_distributed,
 )
+from engine.kv_connector import KVConnectorWorker
 from engine.kv_cache import allocate_kv_caches, kv_bytes_per_token, kv_cache_dtype
 from engine.model_runner import ModelRunner, StepInputs
 from engine.token_table import TokenTable
@@ -29,10 +34,19 @@ MAX_GRAPH_BATCH = 256
 GRAPH_AND_COMM_RESERVE = 1 << 30  # CUDA graph pool, NCCL and cuBLAS workspaces (not seen by the profile)
 STOP = "stop"  # control message: leave the worker loop
 END_OF_CALL = "end_of_call"  # control message: rank 0's generate() returned (torchrun offline scripts)
+# builds a rank's KV connector worker (disaggregation); picklable, so spawned ranks get it too
+KVWorkerFactory = Callable[[EngineConfig, int], KVConnectorWorker]
+
+
+@dataclass(frozen=True)
+class ConnectorCall:
+    """Control message: run the KV connector worker's handle(message) on every rank, gather the results."""
+
+    message: Any
 
 
 class ModelWorker:
-    def __init__(self, config: EngineConfig, dist: DistInfo) -> None:
+    def __init__(self, config: EngineConfig, dist: DistInfo, kv_worker_factory: KVWorkerFactory | None = None) -> None:
         self.config = config
         self.dist = dist
         if config.device == "cuda":
@@ -54,6 +68,10 @@ class ModelWorker:
         self.num_blocks = min_across_ranks(self._num_kv_blocks(kv_dtype, len(layer_ids)), dist)
         self._check_capacity()
         kv = allocate_kv_caches(config.model, dist.tp, layer_ids, self.num_blocks, self.block_size, kv_dtype, self.device)
+        self.kv_worker: KVConnectorWorker | None = None
+        if kv_worker_factory is not None:
+            self.kv_worker = kv_worker_factory(config, dist.rank)
+            self.kv_worker.register(kv, dist.rank)
         table = TokenTable(config.scheduler.max_num_seqs, self.device) if config.overlap_scheduling else None
         self.runner = ModelRunner(self.model, kv, self.device, token_table=table)
         self.runner.decode_max_seq_len = config.scheduler.max_model_len
@@ -133,7 +151,23 @@ class ModelWorker:
             broadcast_object(inp, self.dist)
             if inp.table_writes:
                 prev_tokens = self._broadcast_tokens(len(inp.table_writes), prev_tokens)
-        return self.runner.run(inp, prev_tokens)
+        return self._run(inp, prev_tokens)
+
+    def _run(self, inp: StepInputs, prev_tokens: torch.Tensor | None) -> torch.Tensor:
+        logits = self.runner.run(inp, prev_tokens)
+        if inp.kv_sends:  # the forward that writes these pages is enqueued: the transfer thread takes over
+            self.kv_worker.after_forward(inp.kv_sends)
+        return logits
+
+    def connector_call(self, message: Any) -> list[Any]:
+        """Rank 0: the KV connector worker's handle(message) on every rank; results in rank order."""
+        if self.dist.world_size > 1:
+            broadcast_object(ConnectorCall(message), self.dist)
+        return gather_objects(self.kv_worker.handle(message), self.dist)
+
+    def close_connector(self) -> None:
+        if self.kv_worker is not None:
+            self.kv_worker.close()
 
     def execute_mtp(self, batch: MtpBatch) -> torch.Tensor:
         """Rank 0: one NextN-layer forward on every rank (the drafter's model calls); rank 0's logits."""
@@ -164,7 +198,9 @@ class ModelWorker:
             msg = broadcast_object(None, self.dist)
             if isinstance(msg, StepInputs):
                 prev = self._broadcast_tokens(len(msg.table_writes), None) if msg.table_writes else None
-                self.runner.run(msg, prev)
+                self._run(msg, prev)
+            elif isinstance(msg, ConnectorCall):
+                gather_objects(self.kv_worker.handle(msg.message), self.dist)
             elif isinstance(msg, MtpBatch):
                 self.runner.run_mtp(msg)
             elif msg == STOP or msg == until:
@@ -176,17 +212,20 @@ class ModelWorker:
 def leave_process_group(worker: ModelWorker | None) -> None:
     """Drop the worker's CUDA graphs, then leave the process group (that order: see release_graphs)."""
     if worker is not None:
+        worker.close_connector()
         worker.release_graphs()
     shutdown_distributed()
 
 
-def spawned_worker_main(rank: int, world_size: int, init_method: str, config: EngineConfig) -> None:
+def spawned_worker_main(
+    rank: int, world_size: int, init_method: str, config: EngineConfig, kv_worker_factory: KVWorkerFactory | None = None
+) -> None:
     """Entry point of a TP rank the engine started itself (multiprocessing spawn)."""
     logging.basicConfig(level=logging.WARNING)
     info = init_distributed(world_size, config.device, rank=rank, init_method=init_method)
     worker = None
     try:
-        worker = ModelWorker(config, info)
+        worker = ModelWorker(config, info, kv_worker_factory)
         worker.serve_forever()
     finally:
         leave_process_group(worker)

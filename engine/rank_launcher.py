@@ -9,10 +9,12 @@ import torch
 
 from engine.config import EngineConfig
 from engine.distributed import DistInfo, free_port, init_distributed, launched_by_torchrun, single_process
-from engine.model_worker import STOP, ModelWorker, leave_process_group, spawned_worker_main
+from engine.model_worker import STOP, KVWorkerFactory, ModelWorker, leave_process_group, spawned_worker_main
 
 
-def start_ranks(config: EngineConfig) -> tuple[DistInfo, list[mp.Process]]:
+def start_ranks(
+    config: EngineConfig, kv_worker_factory: KVWorkerFactory | None = None
+) -> tuple[DistInfo, list[mp.Process]]:
     """TP > 1: join torchrun's group as rank 0, or spawn ranks 1..N-1 (returned, to be stopped later)."""
     world = config.parallel.tensor_parallel_size
     if world == 1:
@@ -32,7 +34,8 @@ def start_ranks(config: EngineConfig) -> tuple[DistInfo, list[mp.Process]]:
     ctx = mp.get_context("spawn")
     procs = []
     for rank in range(1, world):
-        p = ctx.Process(target=spawned_worker_main, args=(rank, world, init_method, config), daemon=True)
+        p = ctx.Process(target=spawned_worker_main, args=(rank, world, init_method, config, kv_worker_factory),
+                        daemon=True)
         p.start()
         procs.append(p)
     return init_distributed(world, config.device, rank=0, init_method=init_method), procs

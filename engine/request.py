@@ -25,6 +25,10 @@ class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
+    # disaggregation: held by the KV connector during the handshake (in no scheduler queue, no pages) ...
+    HANDSHAKE = "handshake"
+    # ... decode side: pages reserved, waiting for the prefill instance's KV (the scheduler skips it)
+    RECEIVING = "receiving"
 
 
 @dataclass(eq=False)

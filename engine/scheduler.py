@@ -61,6 +61,7 @@ class Scheduler:
         self.block_size = pool.block_size
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.receiving: list[Request] = []  # disaggregated decode: pages reserved, KV on its way
         self.num_preemptions = 0
         # rows of the device token table, one per running request
         self._free_slots = list(range(config.max_num_seqs - 1, -1, -1))
@@ -70,7 +71,7 @@ class Scheduler:
         self.waiting.append(req)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.receiving)
 
     def finish(self, req: Request, reason: str, stop_reason: int | str | None = None) -> None:
         """Finish (or abort) a request wherever it is and release everything it holds."""
@@ -79,7 +80,9 @@ class Scheduler:
             self._free_slot(req)
         elif req.status == Status.WAITING:
             self.waiting.remove(req)
-        else:
+        elif req.status == Status.RECEIVING:
+            self.receiving.remove(req)
+        elif req.status != Status.HANDSHAKE:
             return
         req.status = Status.FINISHED
         req.finish_reason, req.stop_reason = reason, stop_reason
@@ -93,6 +96,35 @@ class Scheduler:
         if req.block_ids:
             self.pool.free(req.block_ids)
             req.block_ids = []
+
+    # -- disaggregation (decode side) ------------------------------------------------------------------
+    def reserve_for_transfer(self, req: Request) -> bool:
+        """Pages for the whole prompt of a request whose KV another instance computes, and a seat among the
+        running requests; False (nothing taken) if either is short now. The request then waits in `receiving`
+        (never scheduled) until `start_after_transfer`."""
+        need = self._pages_for(req.num_prompt_tokens)
+        if len(self.running) + len(self.receiving) >= self.config.max_num_seqs or need > self.pool.num_allocatable:
+            return False
+        req.block_ids = self.pool.allocate(need)
+        req.status = Status.RECEIVING
+        self.receiving.append(req)
+        return True
+
+    def cancel_reservation(self, req: Request) -> None:
+        """Give a receiving request's pages and seat back (it goes back to the connector's handshake)."""
+        self.receiving.remove(req)
+        self._release(req)
+        req.status = Status.HANDSHAKE
+
+    def start_after_transfer(self, req: Request) -> None:
+        """The prompt's KV is in the request's pages: it runs on as an ordinary decoding request."""
+        self.receiving.remove(req)
+        req.status = Status.RUNNING
+        req.table_slot = self._free_slots.pop()
+        req.num_computed_tokens = req.num_prompt_tokens
+        if req.num_cached_tokens < 0:
+            req.num_cached_tokens = 0
+        self.running.append(req)
 
     # -- the step -----------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -114,7 +146,7 @@ class Scheduler:
             budget -= n + drafts
         if out.preempted:  # memory is short: let the running set drain before admitting more
             return out
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) + len(self.receiving) < self.config.max_num_seqs:
             req = self.waiting[0]
             scheduled = self._admit(req, budget)
             if scheduled is None:

@@ -1,0 +1,291 @@
+"""The prefill instance's side of the handover (rank 0).
+
+A request arrives from the router with a room; it waits (HANDSHAKE, no pages) until the decode instance's
+Reserve for that room names the destination pages, then it is scheduled like any prompt (chunked, prefix cache).
+Each step that completes pages plans one write of them (`plan_sends`); the connector takes a reference on every
+page it sends, so preemption or the request's end never frees a page a write may still read. Once the first
+token is sampled and every rank's writes are done, Done(room, token) goes to the decode side; its Ack releases the
+pages. A failed write, an Abort from the decode side, or the deadline ends the request on both sides.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from disagg.bootstrap import BootstrapServer
+from disagg.protocol import (
+    Abort,
+    AbortAck,
+    Ack,
+    AddPeer,
+    CancelRoom,
+    Done,
+    Hello,
+    PollWrites,
+    PostSends,
+    Reserve,
+    Unknown,
+    Welcome,
+    WriteStates,
+)
+from disagg.transfer_worker import build_transfer_worker, resolve_backend
+from engine.block_pool import BlockPool
+from engine.config import DisaggregationConfig
+from engine.kv_connector import ConnectorUpdate, DisaggParams, KVConnector, KVSend, RankChannel
+from engine.outputs import LogprobsDict
+from engine.request import Request
+from engine.scheduler import ScheduledRequest, Scheduler
+
+log = logging.getLogger(__name__)
+
+
+def prompt_hash(tokens: list[int]) -> int:
+    return hash(tuple(tokens)) & ((1 << 62) - 1)
+
+
+@dataclass
+class _Room:
+    req: Request
+    deadline: float  # time.time()
+    decode: bytes = b""  # the decode instance's identity (set by its Reserve)
+    reserve: Reserve | None = None
+    sent_pages: int = 0  # pages of the prompt already planned into writes
+    next_seq: int = 0
+    pending: dict[int, int] = field(default_factory=dict)  # write seq -> ranks that finished it
+    held: list[int] = field(default_factory=list)  # page references the connector holds
+    token: tuple[int, LogprobsDict | None] | None = None
+    admitted: bool = False
+    done_sent: bool = False
+
+
+class PrefillConnector(KVConnector):
+    mode = "prefill"
+
+    def __init__(self, config: DisaggregationConfig) -> None:
+        self.config = config
+        self.async_transfer = config.async_transfer
+        self.backend = resolve_backend(config.transfer_backend)
+        self.name = f"prefill-{uuid.uuid4().hex[:12]}"
+        self.server = BootstrapServer(config.bootstrap_host, config.bootstrap_port)
+        self._rooms: dict[int, _Room] = {}
+        self._early: dict[int, tuple[bytes, Reserve, float]] = {}  # Reserves that came before their request
+        self._peers: dict[bytes, str] = {}  # decode identity -> its instance name (Hello applied)
+        self._cancelling: dict[int, tuple[bytes, float]] = {}  # decode-aborted rooms: writes being cancelled
+        self._room_of: dict[int, int] = {}  # request seq_key -> room
+        self._scheduler: Scheduler | None = None
+        self._pool: BlockPool | None = None
+        self._ranks: RankChannel | None = None
+        self.num_handed_over = 0
+        self.num_failed = 0
+
+    def worker_factory(self):
+        return build_transfer_worker
+
+    def bind(self, scheduler: Scheduler, pool: BlockPool, ranks: RankChannel) -> None:
+        self._scheduler, self._pool, self._ranks = scheduler, pool, ranks
+
+    def info(self) -> dict[str, Any]:
+        return {"mode": self.mode, "bootstrap_addr": self.server.address, "transfer_backend": self.backend,
+                "async_transfer": self.async_transfer}
+
+    # -- requests -----------------------------------------------------------------------------------
+    def add(self, req: Request, params: DisaggParams) -> None:
+        if params.room in self._rooms:
+            raise ValueError(f"disaggregation room {params.room} is already in use on this prefill instance")
+        room = _Room(req, time.time() + self.config.timeout_s)
+        self._rooms[params.room] = room
+        self._room_of[req.seq_key] = params.room
+        early = self._early.pop(params.room, None)
+        if early is not None:
+            self._accept_reserve(room, early[0], early[1])
+
+    def _room(self, req: Request) -> tuple[int, _Room | None]:
+        room_id = self._room_of.get(req.seq_key, -1)
+        room = self._rooms.get(room_id)
+        return room_id, (room if room is not None and room.req is req else None)
+
+    def abort(self, req: Request) -> None:
+        room_id, room = self._room(req)
+        if room is not None:
+            self._drop(room_id, "the request ended on the prefill instance (client gone or error)")
+
+    def first_token(self, req: Request, token: int, logprobs: LogprobsDict | None) -> None:
+        _, room = self._room(req)
+        if room is not None and room.token is None:
+            room.token = (token, logprobs)
+
+    def plan_sends(self, scheduled: list[ScheduledRequest]) -> list[KVSend]:
+        sends = []
+        bs = self._pool.block_size
+        for s in scheduled:
+            req = s.request
+            room_id, room = self._room(req)
+            if room is None or room.reserve is None:
+                continue
+            n_prompt = req.num_prompt_tokens
+            upto = -(-n_prompt // bs) if s.end >= n_prompt else min(s.end, n_prompt) // bs
+            if upto <= room.sent_pages:
+                continue
+            src = req.block_ids[room.sent_pages : upto]
+            dst = room.reserve.pages[room.sent_pages : upto]
+            self._pool.touch(src)  # ours until the decode side acknowledged (or the room failed)
+            room.held.extend(src)
+            send = KVSend(room_id, self._peers[room.decode], room.next_seq, tuple(src), tuple(dst), room.deadline)
+            room.pending[room.next_seq] = 0
+            room.next_seq += 1
+            room.sent_pages = upto
+            sends.append(send)
+        return sends
+
+    def after_step(self, sends: list[KVSend]) -> None:
+        if not self.async_transfer and sends:
+            self._ranks.connector_call(PostSends(tuple(sends)))
+
+    def held_pages(self) -> list[int]:
+        return [pid for room in self._rooms.values() for pid in room.held]
+
+    def has_work(self) -> bool:
+        return bool(self._rooms or self._early or self._cancelling)
+
+    def wait(self, timeout_s: float) -> None:
+        self.server.wait(timeout_s)
+
+    def close(self) -> None:
+        for room_id in list(self._rooms):
+            self._drop(room_id, "the prefill instance is shutting down")
+        self.server.close()
+
+    # -- the step's poll ----------------------------------------------------------------------------
+    def poll(self) -> ConnectorUpdate:
+        update = ConnectorUpdate()
+        for identity, msg in self.server.receive():
+            self._on_message(identity, msg, update)
+        if any(room.pending for room in self._rooms.values()) or self._cancelling:
+            self._collect_writes(update)
+        now = time.time()
+        for room_id, room in list(self._rooms.items()):
+            if room.token is not None and not room.pending and not room.done_sent and room.reserve is not None \
+                    and room.sent_pages >= len(room.reserve.pages):
+                self.server.send(room.decode, Done(room_id, *room.token))
+                room.done_sent = True
+            elif now > room.deadline:
+                self._fail(room_id, f"handover not finished within {self.config.timeout_s:g} s "
+                                    f"(disaggregation_timeout)", update)
+        for room_id, (identity, _, expires) in list(self._early.items()):
+            if now > expires:
+                del self._early[room_id]
+                self.server.send(identity, Abort(room_id, "the prefill instance never got this request"))
+        for room in self._rooms.values():
+            if room.reserve is not None and not room.admitted:
+                room.admitted = True
+                update.admit.append(room.req)
+        return update
+
+    def _on_message(self, identity: bytes, msg: Any, update: ConnectorUpdate) -> None:
+        if isinstance(msg, Hello):
+            self.server.send(identity, self._hello(identity, msg))
+        elif isinstance(msg, Reserve):
+            if identity not in self._peers:
+                self.server.send(identity, Unknown(msg.room))
+                return
+            room = self._rooms.get(msg.room)
+            if room is None:
+                self._early[msg.room] = (identity, msg, msg.deadline)
+                return
+            self._accept_reserve(room, identity, msg)
+        elif isinstance(msg, Ack):
+            room = self._rooms.pop(msg.room, None)
+            if room is not None:
+                self._room_of.pop(room.req.seq_key, None)
+                self._release(room)
+                self.num_handed_over += 1
+        elif isinstance(msg, Abort):
+            self._early.pop(msg.room, None)
+            room = self._rooms.get(msg.room)
+            if room is not None:
+                reason = f"the decode instance gave up: {msg.reason}"
+                if room.req.is_finished:
+                    self._drop(msg.room, reason, tell_peer=False)
+                else:
+                    self._fail(msg.room, reason, update, tell_peer=False)
+            self._cancel_writes(msg.room, identity)
+
+    def _hello(self, identity: bytes, msg: Hello) -> Welcome:
+        if msg.backend != self.backend:
+            return Welcome(self.name, f"transfer backend {msg.backend!r} on the decode side, {self.backend!r} here")
+        try:
+            self._ranks.connector_call(AddPeer(msg.decode, msg.metadata))
+        except Exception as exc:  # layout mismatch (model, TP heads, KV dtype, page size), unreachable agent
+            log.error("decode instance %s refused: %s", msg.decode, exc)
+            return Welcome(self.name, f"{type(exc).__name__}: {exc}")
+        self._peers[identity] = msg.decode
+        return Welcome(self.name)
+
+    def _accept_reserve(self, room: _Room, identity: bytes, msg: Reserve) -> None:
+        req = room.req
+        need = -(-req.num_prompt_tokens // self._pool.block_size)
+        room.decode = identity
+        if msg.num_prompt_tokens != req.num_prompt_tokens or msg.prompt_hash != prompt_hash(req.prompt_token_ids) \
+                or len(msg.pages) != need:
+            room.deadline = 0.0  # fails at this poll's deadline check, telling the decode side
+            log.error("room %d: the decode side's prompt (%d tokens, %d pages) is not ours (%d tokens)",
+                      msg.room, msg.num_prompt_tokens, len(msg.pages), req.num_prompt_tokens)
+            return
+        room.reserve = msg
+        room.deadline = min(room.deadline, msg.deadline)
+
+    def _collect_writes(self, update: ConnectorUpdate) -> None:
+        states: list[WriteStates] = self._ranks.connector_call(PollWrites())
+        failed: dict[int, str] = {}
+        for st in states:
+            for room_id, seq in st.done:
+                room = self._rooms.get(room_id)
+                if room is not None and seq in room.pending:
+                    room.pending[seq] += 1
+                    if room.pending[seq] == len(states):
+                        del room.pending[seq]
+            for room_id, reason in st.failed:
+                failed.setdefault(room_id, reason)
+        for room_id, reason in failed.items():
+            if room_id in self._rooms:
+                self._fail(room_id, reason, update)
+        for room_id, (identity, expires) in list(self._cancelling.items()):
+            left = sum(self._ranks.connector_call(CancelRoom(room_id)))
+            if left == 0 or time.time() > expires:
+                del self._cancelling[room_id]
+                self.server.send(identity, AbortAck(room_id))
+
+    # -- endings ------------------------------------------------------------------------------------
+    def _fail(self, room_id: int, reason: str, update: ConnectorUpdate, tell_peer: bool = True) -> None:
+        room = self._rooms.get(room_id)
+        if room is None:
+            return
+        if not room.req.is_finished:
+            update.failed.append((room.req, reason))
+        self._drop(room_id, reason, tell_peer)
+
+    def _drop(self, room_id: int, reason: str, tell_peer: bool = True) -> None:
+        """End the room here: cancel its writes, tell the decode side, release the pages we hold."""
+        room = self._rooms.pop(room_id, None)
+        if room is None:
+            return
+        self._room_of.pop(room.req.seq_key, None)
+        self.num_failed += 1
+        log.warning("disaggregation room %d (%s) failed: %s", room_id, room.req.seq_id, reason)
+        if room.next_seq:
+            self._ranks.connector_call(CancelRoom(room_id))
+        if tell_peer and room.decode:
+            self.server.send(room.decode, Abort(room_id, reason))
+        self._release(room)
+
+    def _cancel_writes(self, room_id: int, identity: bytes) -> None:
+        """A decode Abort: answer AbortAck once no write of the room is in flight on any rank."""
+        self._cancelling[room_id] = (identity, time.time() + self.config.timeout_s)
+
+    def _release(self, room: _Room) -> None:
+        if room.held:
+            self._pool.free(room.held)
+            room.held = []

@@ -1,0 +1,114 @@
+"""Messages of the disaggregation protocol.
+
+Between instances (pickled over the bootstrap ZMQ sockets; the prefill instance listens, each decode instance
+connects to it):
+
+    decode -> prefill   Hello(decode, metadata)      once per connection: the decode instance's transfer agents
+                        Reserve(room, pages, ...)    the pages the prompt's KV goes to (reserved already)
+                        Ack(room)                    the KV and the first token arrived: free the source pages
+                        Abort(room, reason)          the decode side gave up on the request
+    prefill -> decode   Welcome(prefill)             the Hello was applied (peers added on every rank)
+                        Done(room, token, logprobs)  every page landed on every rank; here is the first token
+                        Abort(room, reason)          the prefill side gave up (error, client gone, deadline)
+                        AbortAck(room)               after a decode Abort: no write of this room is in flight
+                        Unknown(room)                a Reserve before any Hello (the prefill side restarted)
+
+Between rank 0's connector and every TP rank's transfer worker (RankChannel.call): GetMetadata, AddPeer,
+PostSends (sync transfer), PollWrites, CancelRoom.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.kv_connector import KVSend
+from engine.outputs import LogprobsDict
+
+
+# -- instance <-> instance ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Hello:
+    decode: str  # the decode instance's name
+    metadata: tuple[bytes, ...]  # per TP rank: its transfer agent's metadata
+    backend: str  # the transfer backend, which must match
+
+
+@dataclass(frozen=True)
+class Welcome:
+    prefill: str
+    error: str = ""  # non-empty: the prefill side refused the peer (layout, TP size, backend)
+
+
+@dataclass(frozen=True)
+class Reserve:
+    room: int
+    pages: tuple[int, ...]  # the decode side's pages, in block-table order, covering the whole prompt
+    num_prompt_tokens: int
+    prompt_hash: int  # both sides check they talk about the same prompt
+    deadline: float  # time.time(): the decode side gives up then
+
+
+@dataclass(frozen=True)
+class Ack:
+    room: int
+
+
+@dataclass(frozen=True)
+class Abort:
+    room: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class AbortAck:
+    room: int
+
+
+@dataclass(frozen=True)
+class Unknown:
+    """Prefill -> decode: a Reserve from an instance whose Hello this prefill instance never got (it restarted):
+    say Hello again, then resend the Reserve."""
+
+    room: int
+
+
+@dataclass(frozen=True)
+class Done:
+    room: int
+    token: int
+    logprobs: LogprobsDict | None
+
+
+# -- rank 0 -> every TP rank ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GetMetadata:
+    pass
+
+
+@dataclass(frozen=True)
+class AddPeer:
+    instance: str  # the peer instance's name
+    metadata: tuple[bytes, ...]  # per TP rank; rank r adds metadata[r]
+
+
+@dataclass(frozen=True)
+class PostSends:
+    sends: tuple[KVSend, ...]
+
+
+@dataclass(frozen=True)
+class PollWrites:
+    pass
+
+
+@dataclass(frozen=True)
+class CancelRoom:
+    room: int
+
+
+@dataclass(frozen=True)
+class WriteStates:
+    """A rank's answer to PollWrites: rooms whose writes all finished since the last poll, and failures."""
+
+    done: tuple[tuple[int, int], ...]  # (room, seq) of each write that completed
+    failed: tuple[tuple[int, str], ...]  # (room, reason)
+    in_flight: int

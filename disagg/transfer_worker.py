@@ -1,0 +1,150 @@
+"""Every TP rank's side of disaggregation: its KV shard registered with a transfer agent, and (prefill) a
+transfer thread that posts page writes.
+
+Async transfer: `after_forward(sends)` is called right after the rank enqueued the forward that writes those
+pages; it records a CUDA event on the current stream and queues (event, sends). The thread waits for the event
+(the GPU work is done, not the next step's launch) and posts one write per send. Sync transfer: rank 0's
+connector sends `PostSends` after the step's tokens are on the host, and the write is posted then.
+Rank 0 polls write states with `PollWrites` and cancels a room's writes with `CancelRoom`.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from typing import Any
+
+import torch
+
+from disagg.kv_layout import KVPageRegions
+from disagg.protocol import AddPeer, CancelRoom, GetMetadata, PollWrites, PostSends, WriteStates
+from disagg.transfer import NIXL_AVAILABLE, TransferAgent, TransferHandle, create_transfer_agent
+from engine.config import DisaggregationConfig, EngineConfig
+from engine.kv_connector import KVConnectorWorker, KVSend
+
+log = logging.getLogger(__name__)
+
+
+def resolve_backend(name: str) -> str:
+    return ("nixl" if NIXL_AVAILABLE else "local") if name == "auto" else name
+
+
+class TransferWorker(KVConnectorWorker):
+    def __init__(self, config: DisaggregationConfig) -> None:
+        self.config = config
+        self.backend = resolve_backend(config.transfer_backend)
+        self.agent: TransferAgent | None = None
+        self.rank = 0
+        self._peers: dict[str, str] = {}  # peer instance -> its agent's name (this rank's counterpart)
+        self._lock = threading.Lock()
+        self._writes: list[tuple[int, int, TransferHandle]] = []  # (room, seq, handle), pending or unreported
+        self._cancelled: set[int] = set()
+        self._queue: queue.Queue[tuple[Any, list[KVSend]] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def register(self, kv_caches: dict[int, tuple[Any, Any]], rank: int) -> None:
+        self.rank = rank
+        regions = KVPageRegions.from_kv_caches(kv_caches)
+        name = f"{self.config.mode}-{uuid.uuid4().hex[:12]}-tp{rank}"
+        self.agent = create_transfer_agent(self.backend, name, regions)
+        if self.config.mode == "prefill":
+            self._thread = threading.Thread(target=self._send_loop, name=f"kv-send-tp{rank}", daemon=True)
+            self._thread.start()
+
+    # -- control messages from rank 0 ---------------------------------------------------------------
+    def handle(self, message: Any) -> Any:
+        if isinstance(message, GetMetadata):
+            return self.agent.metadata()
+        if isinstance(message, AddPeer):
+            name = self.agent.add_peer(message.metadata[self.rank])
+            self._peers[message.instance] = name
+            return name
+        if isinstance(message, PostSends):
+            if torch.cuda.is_available() and self.agent.regions.device.type == "cuda":
+                torch.cuda.current_stream(self.agent.regions.device).synchronize()
+            for send in message.sends:
+                self._post(send)
+            return None
+        if isinstance(message, PollWrites):
+            return self._poll()
+        if isinstance(message, CancelRoom):
+            return self._cancel(message.room)
+        raise TypeError(f"unknown connector message {message!r}")
+
+    def after_forward(self, sends: list[KVSend]) -> None:
+        event = None
+        if self.agent.regions.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.agent.regions.device))
+        self._queue.put((event, list(sends)))
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=5)
+            self._thread = None
+        if self.agent is not None:
+            self.agent.close()
+            self.agent = None
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _send_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            event, sends = item
+            if event is not None:
+                event.synchronize()  # the forward that wrote these pages has run
+            for send in sends:
+                try:
+                    self._post(send)
+                except Exception:  # a bug in one send must not kill the thread (the room fails by deadline)
+                    log.exception("posting KV write of room %d failed", send.room)
+
+    def _post(self, send: KVSend) -> None:
+        with self._lock:
+            if send.room in self._cancelled:
+                return
+            peer = self._peers.get(send.peer, send.peer)
+            timeout = max(send.deadline - time.time(), 0.001)
+            handle = self.agent.write(peer, send.src_pages, send.dst_pages, timeout_s=timeout)
+            self._writes.append((send.room, send.seq, handle))
+
+    def _poll(self) -> WriteStates:
+        done, failed, keep = [], [], []
+        with self._lock:
+            for room, seq, handle in self._writes:
+                st = handle.poll()
+                if st.done:
+                    done.append((room, seq))
+                elif st.failed:
+                    failed.append((room, f"KV write to the decode instance failed ({st.kind.value}: {st.reason})"))
+                else:
+                    keep.append((room, seq, handle))
+            self._writes = keep
+        return WriteStates(tuple(done), tuple(failed), len(keep))
+
+    def _cancel(self, room: int) -> int:
+        """Stop the room's writes (queued ones are skipped); returns how many are still in flight."""
+        with self._lock:
+            self._cancelled.add(room)
+            if len(self._cancelled) > 100_000:
+                self._cancelled = {room}
+            left = []
+            for r, seq, handle in self._writes:
+                if r == room:
+                    handle.release()
+                    if not (handle.poll().done or handle.poll().failed):
+                        left.append((r, seq, handle))
+                else:
+                    left.append((r, seq, handle))
+            self._writes = left
+            return sum(1 for r, _, _ in left if r == room)
+
+
+def build_transfer_worker(config: EngineConfig, rank: int) -> TransferWorker:
+    """The KVWorkerFactory every rank calls (module-level: picklable for spawned ranks)."""
+    return TransferWorker(config.disaggregation)

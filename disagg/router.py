@@ -1,0 +1,237 @@
+"""The prefill/decode disaggregation router: one OpenAI and Anthropic endpoint in front of prefill and decode
+instances (`python -m server --disaggregation-mode prefill|decode`).
+
+    python -m disagg.router --prefill http://127.0.0.1:30001 --decode http://127.0.0.1:30002 --port 8000
+
+Each generation request (chat completions, completions, messages, responses) goes, with one random room id, to a
+prefill instance (header X-Glint-Disagg-Room) and a decode instance (X-Glint-Disagg-Room and
+X-Glint-Disagg-Bootstrap: the prefill instance's bootstrap address); the client gets the decode instance's
+response, streamed through unbuffered (disagg/router_proxy.py). /v1/models and /v1/messages/count_tokens are
+answered by a decode instance. /health is 200 while at least one instance of each role is healthy; /metrics are the
+router's own (scrape the instances for theirs). Instances are checked at startup (roles must match) and every
+--health-interval seconds (disagg/router_pool.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import logging
+import sys
+from dataclasses import dataclass
+from typing import AsyncIterator, Sequence
+
+import httpx
+import uvicorn
+from fastapi import FastAPI, Request
+from starlette.responses import JSONResponse, Response
+
+from disagg.router_metrics import RouterMetrics
+from disagg.router_pool import InstancePool, RouterStartupError
+from disagg.router_proxy import DisaggResponse, RouterState, error_response, simple_proxy
+
+logger = logging.getLogger("glint.router")
+
+GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/responses")
+
+
+@dataclass
+class RouterConfig:
+    prefill: list[str]
+    decode: list[str]
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: tuple[str, ...] = ()  # keys clients must send (Bearer or x-api-key); empty: no check
+    upstream_api_key: str | None = None  # sent by the router's own health checks
+    connect_timeout: float = 5.0
+    read_timeout: float = 1800.0  # per read: the longest silence allowed from an upstream (non-streaming: whole run)
+    write_timeout: float = 60.0
+    health_interval: float = 5.0
+    health_timeout: float = 5.0
+    startup_timeout: float = 900.0
+    prefill_affinity_chars: int = 2048  # 0: no prefix affinity
+    prefill_affinity_slack: int = 2
+    connect_retries: int = 1
+    log_level: str = "info"
+
+    def upstream_timeout(self) -> httpx.Timeout:
+        return httpx.Timeout(
+            connect=self.connect_timeout, read=self.read_timeout, write=self.write_timeout, pool=self.connect_timeout
+        )
+
+    def probe_headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.upstream_api_key}"} if self.upstream_api_key else {}
+
+
+def _probe_client(config: RouterConfig) -> httpx.AsyncClient:
+    return httpx.AsyncClient(timeout=config.health_timeout, trust_env=False)
+
+
+def _authorized(request: Request, keys: tuple[str, ...]) -> bool:
+    if not keys:
+        return True
+    auth = request.headers.get("authorization", "")
+    offered = [auth[7:].strip()] if auth.lower().startswith("bearer ") else []
+    if "x-api-key" in request.headers:
+        offered.append(request.headers["x-api-key"].strip())
+    return any(hmac.compare_digest(o.encode(), k.encode()) for o in offered for k in keys)
+
+
+def _unauthorized(path: str) -> Response:
+    return error_response(
+        path, 401, "invalid or missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
+        "invalid_api_key",
+    )
+
+
+async def _poll(state: RouterState, config: RouterConfig, client: httpx.AsyncClient) -> None:
+    while True:
+        await asyncio.sleep(config.health_interval)
+        try:
+            await state.pool.refresh(client, config.probe_headers())
+        except Exception:  # noqa: BLE001 - the poller must outlive any one bad round
+            logger.exception("health check round failed")
+
+
+def build_app(config: RouterConfig, pool: InstancePool | None = None) -> FastAPI:
+    """The router app; `pool` is normally one that `InstancePool.wait_ready` has checked."""
+    pool = pool or InstancePool(config.prefill, config.decode, config.prefill_affinity_slack)
+    client = httpx.AsyncClient(
+        timeout=config.upstream_timeout(),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+        trust_env=False,
+    )
+    state = RouterState(
+        pool, RouterMetrics(pool), client, config.prefill_affinity_chars, config.connect_retries
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        probe_client = _probe_client(config)
+        poller = asyncio.create_task(_poll(state, config, probe_client))
+        try:
+            yield
+        finally:
+            tasks = [poller, *state.background]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await client.aclose()
+            await probe_client.aclose()
+
+    app = FastAPI(title="glint disaggregation router", lifespan=lifespan, openapi_url=None, docs_url=None)
+    app.state.router = state
+
+    def add_generation_route(path: str) -> None:
+        async def generate(request: Request) -> Response:
+            if not _authorized(request, config.api_keys):
+                return _unauthorized(path)
+            return DisaggResponse(state, path, await request.body(), request.headers)
+
+        app.add_api_route(path, generate, methods=["POST"], name=path)
+
+    for path in GENERATION_ROUTES:
+        add_generation_route(path)
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(request: Request) -> Response:
+        if not _authorized(request, config.api_keys):
+            return _unauthorized(request.url.path)
+        body = await request.body()
+        return await simple_proxy(state, "POST", "/v1/messages/count_tokens", body, request.headers)
+
+    @app.get("/v1/models")
+    @app.get("/v1/models/{model_id:path}")
+    async def models(request: Request) -> Response:
+        if not _authorized(request, config.api_keys):
+            return _unauthorized(request.url.path)
+        return await simple_proxy(state, "GET", request.url.path, b"", request.headers)
+
+    @app.get("/health")
+    async def health() -> Response:
+        body = {
+            "prefill": [i.describe() for i in pool.of_role("prefill")],
+            "decode": [i.describe() for i in pool.of_role("decode")],
+        }
+        if pool.ready():
+            return JSONResponse({"status": "ok", **body})
+        down = [f"{i.role} {i.url}: {i.reason}" for i in pool.instances if not i.healthy]
+        return JSONResponse(
+            {"status": "unavailable", "down": down, **body}, status_code=503, headers={"Retry-After": "5"}
+        )
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+async def check_instances(config: RouterConfig, pool: InstancePool) -> None:
+    """Wait for the instances and check their roles (raises RouterStartupError)."""
+    async with _probe_client(config) as client:
+        await pool.wait_ready(client, config.probe_headers(), config.startup_timeout)
+
+
+def _url(value: str) -> str:
+    return value if "://" in value else f"http://{value}"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
+    d = RouterConfig(prefill=[], decode=[])
+    p = argparse.ArgumentParser(prog="python -m disagg.router", description=__doc__.split("\n\n")[0])
+    p.add_argument("--prefill", action="append", required=True, type=_url, metavar="URL",
+                   help="a prefill instance (repeat for several)")
+    p.add_argument("--decode", action="append", required=True, type=_url, metavar="URL",
+                   help="a decode instance (repeat for several)")
+    p.add_argument("--host", default=d.host)
+    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--api-key", action="append", default=[], help="a key clients must send (repeatable)")
+    p.add_argument("--upstream-api-key", default=None,
+                   help="key the router's own health checks send to the instances (client requests carry theirs)")
+    p.add_argument("--connect-timeout", type=float, default=d.connect_timeout)
+    p.add_argument("--read-timeout", type=float, default=d.read_timeout,
+                   help="seconds an upstream may stay silent (between chunks of a stream; before the whole body "
+                        "of a non-streaming answer)")
+    p.add_argument("--write-timeout", type=float, default=d.write_timeout)
+    p.add_argument("--health-interval", type=float, default=d.health_interval)
+    p.add_argument("--health-timeout", type=float, default=d.health_timeout)
+    p.add_argument("--startup-timeout", type=float, default=d.startup_timeout,
+                   help="seconds to wait for the instances at startup; then start if one of each role is up")
+    p.add_argument("--prefill-affinity-chars", type=int, default=d.prefill_affinity_chars,
+                   help="route prompts sharing their first N characters to the same prefill instance (0: off)")
+    p.add_argument("--prefill-affinity-slack", type=int, default=d.prefill_affinity_slack,
+                   help="leave the preferred prefill instance when it has more than this many requests more "
+                        "outstanding than the least loaded one")
+    p.add_argument("--connect-retries", type=int, default=d.connect_retries,
+                   help="new pairs to try when an instance refuses the connection")
+    p.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"])
+    a = p.parse_args(argv)
+    return RouterConfig(
+        prefill=a.prefill, decode=a.decode, host=a.host, port=a.port, api_keys=tuple(a.api_key),
+        upstream_api_key=a.upstream_api_key, connect_timeout=a.connect_timeout, read_timeout=a.read_timeout,
+        write_timeout=a.write_timeout, health_interval=a.health_interval, health_timeout=a.health_timeout,
+        startup_timeout=a.startup_timeout, prefill_affinity_chars=a.prefill_affinity_chars,
+        prefill_affinity_slack=a.prefill_affinity_slack, connect_retries=a.connect_retries, log_level=a.log_level,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_args(argv)
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    pool = InstancePool(config.prefill, config.decode, config.prefill_affinity_slack)
+    try:
+        asyncio.run(check_instances(config, pool))
+    except RouterStartupError as e:
+        print(f"glint router: cannot start: {e}", file=sys.stderr)
+        return 2
+    for inst in pool.instances:
+        logger.info("%s instance %s: %s", inst.role, inst.url, "healthy" if inst.healthy else inst.reason)
+    uvicorn.run(build_app(config, pool), host=config.host, port=config.port, log_level=config.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

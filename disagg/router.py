@@ -20,8 +20,8 @@ import contextlib
 import hmac
 import logging
 import sys
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import AsyncIterator, Sequence
 
 import httpx
 import uvicorn
@@ -54,6 +54,7 @@ class RouterConfig:
     prefill_affinity_chars: int = 2048  # 0: no prefix affinity
     prefill_affinity_slack: int = 2
     connect_retries: int = 1
+    shutdown_timeout: float = 30.0  # seconds open streams get to finish on SIGINT/SIGTERM
     log_level: str = "info"
 
     def upstream_timeout(self) -> httpx.Timeout:
@@ -91,7 +92,7 @@ async def _poll(state: RouterState, config: RouterConfig, client: httpx.AsyncCli
         await asyncio.sleep(config.health_interval)
         try:
             await state.pool.refresh(client, config.probe_headers())
-        except Exception:  # noqa: BLE001 - the poller must outlive any one bad round
+        except Exception:
             logger.exception("health check round failed")
 
 
@@ -207,6 +208,8 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
                         "outstanding than the least loaded one")
     p.add_argument("--connect-retries", type=int, default=d.connect_retries,
                    help="new pairs to try when an instance refuses the connection")
+    p.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
+                   help="seconds open responses get to finish on SIGINT/SIGTERM before they are cut")
     p.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"])
     a = p.parse_args(argv)
     return RouterConfig(
@@ -214,7 +217,8 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
         upstream_api_key=a.upstream_api_key, connect_timeout=a.connect_timeout, read_timeout=a.read_timeout,
         write_timeout=a.write_timeout, health_interval=a.health_interval, health_timeout=a.health_timeout,
         startup_timeout=a.startup_timeout, prefill_affinity_chars=a.prefill_affinity_chars,
-        prefill_affinity_slack=a.prefill_affinity_slack, connect_retries=a.connect_retries, log_level=a.log_level,
+        prefill_affinity_slack=a.prefill_affinity_slack, connect_retries=a.connect_retries,
+        shutdown_timeout=a.shutdown_timeout, log_level=a.log_level,
     )
 
 
@@ -229,7 +233,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for inst in pool.instances:
         logger.info("%s instance %s: %s", inst.role, inst.url, "healthy" if inst.healthy else inst.reason)
-    uvicorn.run(build_app(config, pool), host=config.host, port=config.port, log_level=config.log_level)
+    uvicorn.run(
+        build_app(config, pool), host=config.host, port=config.port, log_level=config.log_level,
+        timeout_graceful_shutdown=config.shutdown_timeout,
+    )
     return 0
 
 

@@ -15,8 +15,9 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import httpx
 
@@ -72,6 +73,10 @@ async def probe(client: httpx.AsyncClient, inst: Instance, headers: dict[str, st
         info = await client.get(f"{inst.url}/disagg/info", headers=headers)
     except httpx.HTTPError as e:
         return Probe(False, f"unreachable ({type(e).__name__}: {e})")
+    if info.status_code == 404:
+        reason = "/disagg/info answered 404"
+        return Probe(False, reason, fatal=f"{inst.url}: {reason}: not a glint server started with "
+                     f"--disaggregation-mode {inst.role}?")
     if info.status_code != 200:
         return Probe(False, f"/disagg/info answered {info.status_code}")
     try:

@@ -20,8 +20,9 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import httpx
 from starlette.responses import JSONResponse, Response
@@ -42,7 +43,7 @@ FORWARD_HEADERS = (
 # Upstream response headers not passed to the client (hop by hop, or set by the router's own server).
 _DROP_RESPONSE_HEADERS = frozenset(
     {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"date", b"server", b"te",
-     b"trailer", b"upgrade", b"proxy-connection"}
+     b"trailer", b"upgrade", b"proxy-connection", ROOM_HEADER.lower().encode()}
 )
 _OPENAI_TYPES = {401: "authentication_error", 404: "not_found_error"}
 _ANTHROPIC_TYPES = {401: "authentication_error", 404: "not_found_error", 503: "overloaded_error"}

@@ -12,9 +12,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -48,7 +49,7 @@ class FakeInstance:
 
     role: str
     name: str
-    report_mode: str | None = None  # what /disagg/info says (default: role)
+    report_mode: str | None = None  # what /disagg/info says (default: role; "" for no such route)
     models: list[str] = field(default_factory=lambda: ["glm"])
     status: int = 200
     healthy: bool = True
@@ -60,10 +61,10 @@ class FakeInstance:
 
     @property
     def bootstrap(self) -> str:
-        return f"tcp://10.0.0.1:{abs(hash(self.name)) % 50000 + 1000}"
+        return f"tcp://10.0.0.1:{5000 + sum(map(ord, self.name))}"
 
     def json_body(self) -> bytes:  # odd spacing and an escape: a re-serialisation would differ
-        return ('{"id": "%s",  "object":"chat.completion", "note":"d\\u00e9code"}\n' % self.name).encode()
+        return f'{{"id": "{self.name}",  "object":"chat.completion", "note":"d\\u00e9code"}}\n'.encode()
 
     def events(self) -> list[bytes]:
         return [f'data: {{"from":"{self.name}","n":{i}}}\n\n'.encode() for i in range(3)] + [b"data: [DONE]\n\n"]
@@ -73,7 +74,7 @@ class FakeInstance:
         if method == "GET":
             if path == "/health":
                 return await self._send(send, 200 if self.healthy else 503, b"")
-            if path == "/disagg/info":
+            if path == "/disagg/info" and self.report_mode != "":
                 info = {"mode": self.report_mode or self.role, "models": self.models,
                         "bootstrap_addr": self.bootstrap if self.role == "prefill" else None}
                 return await self._send(send, 200, json.dumps(info).encode())
@@ -108,7 +109,7 @@ class FakeInstance:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         if await self._hold(receive):
-            await self._send(send, 200, self.json_body(), [(b"x-request-id", f"req-{self.name}".encode())])
+            await self._send(send, 200, self.json_body(), ((b"x-request-id", f"req-{self.name}".encode()),))
 
     async def _hold(self, receive: Any) -> bool:
         """Wait for the gate; False (and `cancelled` set) when the client went away first."""
@@ -125,7 +126,7 @@ class FakeInstance:
         finally:
             gone.cancel()
 
-    async def _send(self, send: Any, status: int, body: bytes, extra: list[tuple[bytes, bytes]] = []) -> None:
+    async def _send(self, send: Any, status: int, body: bytes, extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         headers = [(b"content-type", b"application/json"), *extra]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
@@ -161,7 +162,7 @@ def cluster() -> Iterator[Any]:
             return servers[-1].url
 
         def router(self, prefill: list[str], decode: list[str], **kw: Any) -> tuple[str, InstancePool]:
-            opts: dict[str, Any] = dict(health_interval=60.0, startup_timeout=5.0, read_timeout=5.0)
+            opts: dict[str, Any] = {"health_interval": 60.0, "startup_timeout": 5.0, "read_timeout": 5.0}
             config = RouterConfig(prefill=prefill, decode=decode, **{**opts, **kw})
             pool = InstancePool(prefill, decode, config.prefill_affinity_slack)
             asyncio.run(check_instances(config, pool))
@@ -211,7 +212,7 @@ def test_same_body_and_room_to_both_and_decode_answer_byte_for_byte(cluster: Any
 
 def test_sse_passes_through_chunk_by_chunk_before_upstream_ends(cluster: Any) -> None:
     gate = threading.Event()
-    p, d, url = _pair(cluster, gate=gate)
+    _, d, url = _pair(cluster, gate=gate)
     got = b""
     with httpx.stream("POST", f"{url}/v1/chat/completions", json={**CHAT, "stream": True}, timeout=5) as r:
         assert r.status_code == 200 and r.headers["content-type"] == "text/event-stream"
@@ -255,7 +256,7 @@ def test_dead_decode_is_skipped_and_traffic_moves(cluster: Any) -> None:
     p = FakeInstance("prefill", "P")
     d1, d2 = FakeInstance("decode", "D1"), FakeInstance("decode", "D2")
     u1 = cluster.instance(d1)
-    url, pool = cluster.router([cluster.instance(p)], [u1, cluster.instance(d2)])
+    url, _ = cluster.router([cluster.instance(p)], [u1, cluster.instance(d2)])
     cluster.stop(u1)
     t0 = time.monotonic()
     for _ in range(4):
@@ -317,7 +318,7 @@ def test_client_disconnect_cancels_both_upstream_requests(cluster: Any) -> None:
 @pytest.mark.parametrize("path,marker", [("/v1/chat/completions", b'data: {"error"'),
                                          ("/v1/messages", b"event: error\ndata: {\"type\": \"error\"")])
 def test_decode_dying_midstream_ends_stream_with_error_event(cluster: Any, path: str, marker: bytes) -> None:
-    p, d, url = _pair(cluster, die_midstream=True)
+    _, d, url = _pair(cluster, die_midstream=True)
     t0 = time.monotonic()
     with httpx.stream("POST", f"{url}{path}", json={**CHAT, "stream": True}, timeout=5) as r:
         body = r.read()
@@ -334,8 +335,16 @@ def test_prefill_failure_ends_request_with_its_error_and_cancels_decode(cluster:
     assert d.cancelled.wait(3)
 
 
+def test_client_giving_up_on_a_non_streaming_request_cancels_it(cluster: Any) -> None:
+    gate = threading.Event()
+    _, d, url = _pair(cluster, gate=gate)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/completions", json={"model": "glm", "prompt": "x"}, timeout=0.5)
+    assert d.cancelled.wait(3)
+
+
 def test_decode_error_status_passes_through(cluster: Any) -> None:
-    p, d, url = _pair(cluster, status=400)
+    _, _, url = _pair(cluster, status=400)
     r = httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=5)
     assert r.status_code == 400 and r.json()["error"]["message"] == "D refused"
 
@@ -392,6 +401,9 @@ def test_startup_refuses_role_mismatch_and_different_models(cluster: Any) -> Non
     other = cluster.instance(FakeInstance("prefill", "P", models=["other"]))
     with pytest.raises(RouterStartupError, match="different models"):
         asyncio.run(check_instances(config, InstancePool([other], [d])))
+    plain = cluster.instance(FakeInstance("prefill", "N", report_mode=""))
+    with pytest.raises(RouterStartupError, match="/disagg/info answered 404"):
+        asyncio.run(check_instances(config, InstancePool([plain], [d])))
     dead = "http://127.0.0.1:9"
     config = RouterConfig(prefill=[dead], decode=[d], startup_timeout=0.3)
     with pytest.raises(RouterStartupError, match="not up after 0.3 s"):
@@ -450,7 +462,7 @@ def test_cli_starts_serves_and_refuses_mismatch(cluster: Any) -> None:
         proc.wait(10)
     bad = subprocess.run(
         [sys.executable, "-m", "disagg.router", "--prefill", ud, "--decode", ud, "--port", str(port)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=30,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=30, check=False,
     )
     assert bad.returncode == 2
     assert f"{ud} was given as a prefill instance but reports --disaggregation-mode 'decode'" in bad.stderr

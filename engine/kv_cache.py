@@ -1,4 +1,7 @@
-"""KV cache tensors: one (K, V) pair of [num_blocks, block_size, kv_heads_local, head_dim] per layer."""
+"""KV cache tensors: one (K, V) pair of [num_blocks, block_size, kv_heads_local, head_dim] per layer, all views of
+ONE allocation [num_layers, 2, num_blocks, ...] (layer-major: each view is dense, as the kernels want). One
+allocation is also what a transfer engine registers for disaggregation: NIXL's CUDA-IPC path failed on a pool of
+184 separate tensors that the caching allocator had packed into shared segments (disagg/nixl_backend.py)."""
 from __future__ import annotations
 
 import torch
@@ -28,5 +31,5 @@ def allocate_kv_caches(
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     heads = HeadPartition.build(cfg.num_attention_heads, cfg.num_key_value_heads, tp)
     shape = (num_blocks, block_size, heads.num_kv_heads, cfg.head_dim)
-    return {i: (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for i in layer_ids}
+    buf = torch.zeros((len(layer_ids), 2, *shape), dtype=dtype, device=device)
+    return {lid: (buf[i, 0], buf[i, 1]) for i, lid in enumerate(layer_ids)}

@@ -45,6 +45,11 @@ class ConnectorCall:
     message: Any
 
 
+@dataclass(frozen=True)
+class ConnectorError:
+    message: str
+
+
 class ModelWorker:
     def __init__(self, config: EngineConfig, dist: DistInfo, kv_worker_factory: KVWorkerFactory | None = None) -> None:
         self.config = config
@@ -163,7 +168,19 @@ class ModelWorker:
         """Rank 0: the KV connector worker's handle(message) on every rank; results in rank order."""
         if self.dist.world_size > 1:
             broadcast_object(ConnectorCall(message), self.dist)
-        return gather_objects(self.kv_worker.handle(message), self.dist)
+        results = gather_objects(self._handle_connector(message), self.dist)
+        errors = [f"rank {r}: {res.message}" for r, res in enumerate(results) if isinstance(res, ConnectorError)]
+        if errors:
+            raise RuntimeError("; ".join(errors))
+        return results
+
+    def _handle_connector(self, message: Any) -> Any:
+        """A failing handler is an answer, not a dead rank (a rank that raised would leave rank 0 in gather)."""
+        try:
+            return self.kv_worker.handle(message)
+        except Exception as exc:
+            log.exception("KV connector message %s failed", type(message).__name__)
+            return ConnectorError(f"{type(exc).__name__}: {exc}")
 
     def close_connector(self) -> None:
         if self.kv_worker is not None:
@@ -200,7 +217,7 @@ class ModelWorker:
                 prev = self._broadcast_tokens(len(msg.table_writes), None) if msg.table_writes else None
                 self._run(msg, prev)
             elif isinstance(msg, ConnectorCall):
-                gather_objects(self.kv_worker.handle(msg.message), self.dist)
+                gather_objects(self._handle_connector(msg.message), self.dist)
             elif isinstance(msg, MtpBatch):
                 self.runner.run_mtp(msg)
             elif msg == STOP or msg == until:

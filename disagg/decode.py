@@ -36,6 +36,7 @@ class _Room:
     addr: str  # the prefill instance's bootstrap address
     deadline: float  # time.time()
     reserved: bool = False
+    added_at: float = 0.0  # time.monotonic()
 
 
 @dataclass
@@ -65,6 +66,7 @@ class DecodeConnector(KVConnector):
         self._pool: BlockPool | None = None
         self.num_received = 0
         self.num_failed = 0
+        self.wait_seconds = 0.0  # request added -> KV and first token here, summed
 
     def worker_factory(self):
         return build_transfer_worker
@@ -72,6 +74,13 @@ class DecodeConnector(KVConnector):
     def bind(self, scheduler: Scheduler, pool: BlockPool, ranks: RankChannel) -> None:
         self._scheduler, self._pool = scheduler, pool
         self._metadata = tuple(ranks.connector_call(GetMetadata()))
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "disagg_rooms_active": len(self._rooms), "disagg_received_total": self.num_received,
+            "disagg_failed_total": self.num_failed, "disagg_wait_seconds_total": self.wait_seconds,
+            "disagg_quarantined_pages": sum(len(p) for p, _ in self._quarantine.values()),
+        }
 
     def info(self) -> dict[str, Any]:
         return {"mode": self.mode, "bootstrap_addr": None, "transfer_backend": self.backend,
@@ -83,7 +92,8 @@ class DecodeConnector(KVConnector):
             raise ValueError("a request to a decode instance needs its prefill instance's bootstrap address")
         if params.room in self._rooms:
             raise ValueError(f"disaggregation room {params.room} is already in use on this decode instance")
-        self._rooms[params.room] = _Room(req, params.bootstrap_addr, time.time() + self.config.timeout_s)
+        self._rooms[params.room] = _Room(req, params.bootstrap_addr, time.time() + self.config.timeout_s,
+                                         added_at=time.monotonic())
         self._room_of[req.seq_key] = params.room
         self._link(params.bootstrap_addr)
 
@@ -160,6 +170,7 @@ class DecodeConnector(KVConnector):
             self._room_of.pop(room.req.seq_key, None)
             self.clients.send(addr, Ack(msg.room))
             self.num_received += 1
+            self.wait_seconds += time.monotonic() - room.added_at
             update.arrived.append((room.req, msg.token, msg.logprobs))
         elif isinstance(msg, Abort):
             if msg.room in self._rooms:

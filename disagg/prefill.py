@@ -57,7 +57,8 @@ class _Room:
     pending: dict[int, int] = field(default_factory=dict)  # write seq -> ranks that finished it
     held: list[int] = field(default_factory=list)  # page references the connector holds
     token: tuple[int, LogprobsDict | None] | None = None
-    admitted: bool = False
+    admitted_at: float = 0.0  # time.monotonic() when scheduled (0: not yet)
+    token_at: float = 0.0  # when the first token was sampled
     done_sent: bool = False
 
 
@@ -80,12 +81,23 @@ class PrefillConnector(KVConnector):
         self._ranks: RankChannel | None = None
         self.num_handed_over = 0
         self.num_failed = 0
+        self.num_pages_sent = 0
+        self.prefill_seconds = 0.0  # admitted -> first token, summed over handed-over rooms
+        self.transfer_tail_seconds = 0.0  # first token -> every write done (what async transfer shortens)
 
     def worker_factory(self):
         return build_transfer_worker
 
     def bind(self, scheduler: Scheduler, pool: BlockPool, ranks: RankChannel) -> None:
         self._scheduler, self._pool, self._ranks = scheduler, pool, ranks
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "disagg_rooms_active": len(self._rooms), "disagg_handovers_total": self.num_handed_over,
+            "disagg_failed_total": self.num_failed, "disagg_pages_sent_total": self.num_pages_sent,
+            "disagg_prefill_seconds_total": self.prefill_seconds,
+            "disagg_transfer_tail_seconds_total": self.transfer_tail_seconds,
+        }
 
     def info(self) -> dict[str, Any]:
         return {"mode": self.mode, "bootstrap_addr": self.server.address, "transfer_backend": self.backend,
@@ -116,6 +128,7 @@ class PrefillConnector(KVConnector):
         _, room = self._room(req)
         if room is not None and room.token is None:
             room.token = (token, logprobs)
+            room.token_at = time.monotonic()
 
     def plan_sends(self, scheduled: list[ScheduledRequest]) -> list[KVSend]:
         sends = []
@@ -137,6 +150,7 @@ class PrefillConnector(KVConnector):
             room.pending[room.next_seq] = 0
             room.next_seq += 1
             room.sent_pages = upto
+            self.num_pages_sent += len(src)
             sends.append(send)
         return sends
 
@@ -171,6 +185,8 @@ class PrefillConnector(KVConnector):
                     and room.sent_pages >= len(room.reserve.pages):
                 self.server.send(room.decode, Done(room_id, *room.token))
                 room.done_sent = True
+                self.prefill_seconds += room.token_at - room.admitted_at
+                self.transfer_tail_seconds += time.monotonic() - room.token_at
             elif now > room.deadline:
                 self._fail(room_id, f"handover not finished within {self.config.timeout_s:g} s "
                                     f"(disaggregation_timeout)", update)
@@ -179,8 +195,8 @@ class PrefillConnector(KVConnector):
                 del self._early[room_id]
                 self.server.send(identity, Abort(room_id, "the prefill instance never got this request"))
         for room in self._rooms.values():
-            if room.reserve is not None and not room.admitted:
-                room.admitted = True
+            if room.reserve is not None and not room.admitted_at:
+                room.admitted_at = time.monotonic()
                 update.admit.append(room.req)
         return update
 

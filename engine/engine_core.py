@@ -448,6 +448,8 @@ class EngineCore:
         )
         if self.drafter is not None:
             s.update(self.spec_stats.as_dict())
+        if self.connector is not None:
+            s.update(self.connector.stats())
         return s
 
     def check_invariants(self) -> None:

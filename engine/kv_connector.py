@@ -130,6 +130,10 @@ class KVConnector(abc.ABC):
         """Block up to timeout_s for a message from a peer (a step with nothing to run calls this, not a spin)."""
 
     @abc.abstractmethod
+    def stats(self) -> dict[str, float]:
+        """Counters merged into the engine's stats (names start with disagg_)."""
+
+    @abc.abstractmethod
     def info(self) -> dict[str, Any]:
         """What the router needs (role, bootstrap address)."""
 

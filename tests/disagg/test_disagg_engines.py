@@ -103,7 +103,10 @@ def test_greedy_tokens_equal_colocated(tiny_bf16, prompts, backend, async_transf
         assert got == expected
         assert all(v["finish"] == "length" for v in out.values())
         pair.assert_clean()
-        assert pair.prefill.connector.num_handed_over == len(prompts)
+        ps, ds = pair.prefill.stats(), pair.decode.stats()
+        assert ps["disagg_handovers_total"] == ds["disagg_received_total"] == len(prompts)
+        assert ps["disagg_pages_sent_total"] == sum(-(-len(p) // 16) for p in prompts)
+        assert ps["disagg_prefill_seconds_total"] > 0 and ds["disagg_wait_seconds_total"] > 0
     finally:
         pair.close()
 

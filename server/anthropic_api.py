@@ -29,8 +29,8 @@ from starlette.responses import JSONResponse, Response
 from server.chat_template import content_text
 from server.errors import APIError, bad_request, not_supported
 from server.protocol import ChatCompletionRequest, _Loose, validation_error
-from server.chat_serving import ChatPlan, iterate_generations, prepare_chat, request_log, request_tenant, run_chat
-from server.serving import ServerState, read_body, run_blocking, strip_stop_token_text
+from server.chat_serving import ChatPlan, iterate_generations, prepare_chat, request_log, run_chat
+from server.serving import ServerState, read_body, request_origin, run_blocking, strip_stop_token_text
 from server.sse import ClientDisconnected, SSEResponse, run_or_disconnect, sse_event
 from server.validation import check_tool_parameters
 
@@ -314,7 +314,8 @@ async def messages(request: Request) -> Response:
     if req.max_tokens < 1:
         raise bad_request("max_tokens must be at least 1", param="max_tokens")
     chat_req = to_chat_request(req, stream=bool(req.stream))
-    prep = await prepare_chat(state, chat_req, log, arrival, id_prefix="msg_", tenant=request_tenant(request))
+    prep = await prepare_chat(state, chat_req, log, arrival, id_prefix="msg_",
+                              origin=request_origin(state, request))
     if req.stream:
         return SSEResponse(_stream(state, prep), on_disconnect=lambda: log.update(disconnected=True))
     try:

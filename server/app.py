@@ -282,8 +282,8 @@ def _add_utility_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/health_generate")
     async def health_generate(request: Request) -> Response:
-        if not state.ready:
-            return await health()
+        if not state.ready or state.disagg_info["mode"] != "null":
+            return await health()  # a prefill/decode instance generates only with its peer (via the router)
         ids = state.chat_template.encode("hi") or [0]
         params = make_sampling_params(state, req=None, max_tokens=1, n=1)
         gen = Generation(
@@ -345,6 +345,16 @@ def _add_utility_routes(app: FastAPI, state: ServerState) -> None:
                 "root": state.model_path,
                 "max_model_len": state.max_model_len or None,
             }
+        )
+
+    @app.get("/disagg/info")
+    async def disagg_info() -> Response:
+        """This instance's disaggregation role for the router (disagg/router.py): mode, the prefill side's
+        bootstrap address, the served model names."""
+        state.check_ready()
+        info = state.disagg_info
+        return JSONResponse(
+            {"mode": info["mode"], "bootstrap_addr": info["bootstrap_addr"], "models": list(state.served_model_names)}
         )
 
     @app.get("/metrics")

@@ -28,6 +28,7 @@ from server.output_parser import ChatOutputParser
 from server.protocol import ChatCompletionRequest
 from server.serving import (
     Generation,
+    Origin,
     ServerState,
     make_sampling_params,
     resolve_max_tokens,
@@ -44,11 +45,6 @@ MAX_TOP_LOGPROBS = 20
 
 def request_log(request: Request) -> dict[str, Any]:
     return request.scope.setdefault("state", {}).setdefault("glint_log", {})
-
-
-def request_tenant(request: Request) -> str:
-    """Who the request is from, for cross-request engine state (a digest of its API key; "" without auth)."""
-    return request.scope.get("state", {}).get("tenant", "")
 
 
 def state_of(request: Request) -> ServerState:
@@ -228,7 +224,7 @@ async def prepare_chat(
     log: dict[str, Any],
     arrival: float,
     id_prefix: str = "chatcmpl",
-    tenant: str = "",
+    origin: Origin = Origin(),
 ) -> PreparedChat:
     if req.model:
         log["model"] = req.model  # in the log line even when the name is refused
@@ -268,7 +264,7 @@ async def prepare_chat(
         log["params"] = params_summary(params)
     if state.config.log_requests == "full":
         log["prompt"] = prompt
-    gen = Generation(state, rid, n=plan.n, prompt_len=len(prompt_ids), log=log, arrival=arrival, tenant=tenant)
+    gen = Generation(state, rid, n=plan.n, prompt_len=len(prompt_ids), log=log, arrival=arrival, origin=origin)
     await gen.start(prompt_ids, params, prompt)
     parsers = [plan.parser(starts_in_reasoning) for _ in range(plan.n)]
     return PreparedChat(

@@ -33,12 +33,6 @@ UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
         "--attention-backend torch/flashinfer is not supported yet (only 'triton', the default, and 'fa3')",
     ),
     (
-        "disaggregation_mode",
-        lambda v: v != "null",
-        "--disaggregation-mode prefill/decode is not supported yet (prefill/decode disaggregation is planned)",
-    ),
-    ("disaggregation_async_transfer", bool, "--disaggregation-async-transfer is not supported yet"),
-    (
         "speculative_eagle_topk",
         lambda v: v not in (None, 1),
         "--speculative-eagle-topk must be 1: drafts are chains (tree drafts are not supported)",
@@ -144,6 +138,12 @@ def engine_kwargs(config: ServerConfig) -> dict[str, Any]:
         "enable_fused_qk_norm_rope": config.enable_fused_qk_norm_rope,
         "attention_backend": config.attention_backend or "triton",
         "overlap_scheduling": False if config.disable_overlap_schedule else None,
+        "disaggregation_mode": config.disaggregation_mode,
+        "disaggregation_transfer_backend": config.disaggregation_transfer_backend,
+        "disaggregation_async_transfer": config.disaggregation_async_transfer,
+        "disaggregation_bootstrap_host": config.disaggregation_bootstrap_host,
+        "disaggregation_bootstrap_port": config.disaggregation_bootstrap_port,
+        "disaggregation_timeout": config.disaggregation_timeout,
     }
     if config.tokenizer is not None:
         kwargs["tokenizer"] = config.tokenizer
@@ -246,9 +246,22 @@ def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
         help="run the synchronous step loop (overlap scheduling is on by default on CUDA)",
     )
     m.add_argument(
-        "--disaggregation-mode", choices=["null", "prefill", "decode"], default=d.disaggregation_mode
+        "--disaggregation-mode", choices=["null", "prefill", "decode"], default=d.disaggregation_mode,
+        help="prefill/decode disaggregation: this instance's role (null: colocated); a prefill or decode "
+        "instance serves requests forwarded by `python -m disagg.router`",
     )
-    m.add_argument("--disaggregation-async-transfer", action="store_true")
+    m.add_argument("--disaggregation-transfer-backend", choices=["auto", "nixl", "local"],
+                   default=d.disaggregation_transfer_backend,
+                   help="how KV pages move between instances: nixl, local (in-tree fallback) or auto (nixl where "
+                   "installed)")
+    m.add_argument("--disaggregation-async-transfer", action="store_true",
+                   help="send each prefill chunk's KV pages as soon as the GPU wrote them")
+    m.add_argument("--disaggregation-bootstrap-host", default=d.disaggregation_bootstrap_host,
+                   help="prefill instance: the address its KV handshake socket listens on")
+    m.add_argument("--disaggregation-bootstrap-port", type=int, default=d.disaggregation_bootstrap_port,
+                   help="prefill instance: the port of its KV handshake socket")
+    m.add_argument("--disaggregation-timeout", type=float, default=d.disaggregation_timeout,
+                   help="seconds per request, both sides, for handshake + prefill + KV transfer")
     m.add_argument(
         "--speculative-algorithm", choices=["NEXTN", "EAGLE", "MTP", "SUFFIX", "HYBRID"], type=str.upper,
         default=None,

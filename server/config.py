@@ -40,7 +40,11 @@ class ServerConfig:
     enable_fused_qk_norm_rope: bool = False
     enable_shared_experts_fusion: bool = False
     disaggregation_mode: str = "null"
+    disaggregation_transfer_backend: str = "auto"
     disaggregation_async_transfer: bool = False
+    disaggregation_bootstrap_host: str = "127.0.0.1"
+    disaggregation_bootstrap_port: int = 8998
+    disaggregation_timeout: float = 60.0
     speculative_algorithm: str | None = None
     speculative_num_steps: int | None = None
     speculative_eagle_topk: int | None = None

@@ -327,8 +327,9 @@ class EngineClient:
 
     async def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: Any, prompt: str | None = None,
-        tenant: str = "",
+        tenant: str = "", disagg: Any = None,
     ) -> RequestStream:
+        """disagg: the router's handover (engine.kv_connector.DisaggParams) on a prefill or decode instance."""
         if not self.ready or not self.alive:
             raise EngineDeadError(self.dead_reason or "the engine is not ready")
         if request_id in self._streams:
@@ -337,7 +338,7 @@ class EngineClient:
         self._streams[request_id] = stream
         try:
             self._sender.send_pyobj(
-                ("add", request_id, list(prompt_token_ids), params, prompt, tenant), flags=zmq.NOBLOCK
+                ("add", request_id, list(prompt_token_ids), params, prompt, tenant, disagg), flags=zmq.NOBLOCK
             )
         except zmq.ZMQError as e:
             self._streams.pop(request_id, None)

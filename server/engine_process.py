@@ -5,7 +5,7 @@ the same messages: tensor-parallel rank 0, a disaggregation role). The front end
 endpoints; this process connects to both.
 
 Front end -> engine (pickled tuples):
-    ("add", request_id, prompt_token_ids, SamplingParams, prompt_text | None, tenant)
+    ("add", request_id, prompt_token_ids, SamplingParams, prompt_text | None, tenant, DisaggParams | None)
     ("abort", request_id)
     ("shutdown",)
 Engine -> front end:
@@ -44,6 +44,7 @@ from typing import Any
 
 import zmq
 
+from disagg.connector import build_kv_connector
 from engine import EngineConfig, EngineCore
 from server.log_safety import SafeFormatter
 
@@ -67,7 +68,8 @@ class EngineProcessSpec:
 
 
 def build_engine_core(engine_kwargs: dict[str, Any], extra: dict[str, Any] | None = None) -> EngineCore:
-    return EngineCore(EngineConfig.create(**engine_kwargs))
+    config = EngineConfig.create(**engine_kwargs)
+    return EngineCore(config, kv_connector=build_kv_connector(config))
 
 
 def shutdown_core(core: Any) -> None:
@@ -167,9 +169,9 @@ def _loop(core: Any, pull: Any, push: Any, parent_pid: int) -> None:
             msg = pull.recv_pyobj()
             kind = msg[0]
             if kind == "add":
-                _, rid, ids, params, prompt, tenant = msg
+                _, rid, ids, params, prompt, tenant, disagg = msg
                 try:
-                    core.add_request(rid, ids, params, prompt=prompt, tenant=tenant)
+                    core.add_request(rid, ids, params, prompt=prompt, tenant=tenant, disagg=disagg)
                 except ValueError as e:
                     push.send_pyobj(("reject", rid, str(e), "invalid"))
                 except Exception as e:  # noqa: BLE001 - a bad request must not take the loop down

@@ -29,7 +29,6 @@ from server.chat_serving import (
     prepare_chat,
     reasoning_fields,
     request_log,
-    request_tenant,
     run_chat,
     state_of,
 )
@@ -44,6 +43,7 @@ from server.serving import (
     chat_logprobs,
     make_sampling_params,
     read_body,
+    request_origin,
     resolve_max_tokens,
     run_blocking,
     strip_stop_token_text,
@@ -68,7 +68,7 @@ async def chat_completions(request: Request) -> Response:
     log = request_log(request)
     log["endpoint"] = "chat"
     req = await read_body(state, request, ChatCompletionRequest)
-    prep = await prepare_chat(state, req, log, arrival, tenant=request_tenant(request))
+    prep = await prepare_chat(state, req, log, arrival, origin=request_origin(state, request))
     if req.stream:
         return SSEResponse(_chat_stream(state, prep), on_disconnect=lambda: log.update(disconnected=True))
     try:
@@ -277,6 +277,7 @@ async def completions(request: Request) -> Response:
         )
     model = state.response_model(req.model)
     state.check_ready()
+    origin = request_origin(state, request)
     prompts = await run_blocking(state, _prompts, state, req.prompt)
     rid = new_request_id("cmpl")
     gens, param_sets = [], []
@@ -296,7 +297,7 @@ async def completions(request: Request) -> Response:
         )
         sub_log: dict[str, Any] = {} if k else log
         gens.append(Generation(state, f"{rid}-{k}", n=n, prompt_len=len(p.ids), log=sub_log, arrival=arrival,
-                               tenant=request_tenant(request)))
+                               origin=origin))
         param_sets.append(params)
     log.update(engine_id=rid, model=model, stream=bool(req.stream), n=n, prompts=len(prompts))
     try:

@@ -45,13 +45,12 @@ from server.chat_serving import (
     iterate_generations,
     prepare_chat,
     request_log,
-    request_tenant,
     run_chat,
 )
 from server.chat_template import content_text
 from server.errors import APIError, bad_request
 from server.protocol import ChatCompletionRequest, _Loose, validation_error
-from server.serving import ServerState, read_body, strip_stop_token_text
+from server.serving import ServerState, read_body, request_origin, strip_stop_token_text
 from server.sse import ClientDisconnected, SSEResponse, run_or_disconnect, sse_event
 
 logger = logging.getLogger("glint.server")
@@ -337,7 +336,8 @@ async def responses(request: Request) -> Response:
     log["endpoint"] = "responses"
     req = await read_body(state, request, ResponsesRequest)
     chat_req = to_chat_request(req)
-    prep = await prepare_chat(state, chat_req, log, arrival, id_prefix="resp_", tenant=request_tenant(request))
+    prep = await prepare_chat(state, chat_req, log, arrival, id_prefix="resp_",
+                              origin=request_origin(state, request))
     if req.stream:
         return SSEResponse(_stream(state, req, prep), on_disconnect=lambda: log.update(disconnected=True))
     try:

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, TypeVar
 
+from engine.kv_connector import DisaggParams
 from engine.sampling_params import SamplingParams, StructuredOutput
 from server.chat_template import ChatTemplate
 from server.config import ServerConfig
@@ -30,6 +31,12 @@ from server.protocol import parse_body
 logger = logging.getLogger("glint.server")
 
 MIN_LOGPROB = -9999.0  # JSON has no -inf
+
+# Sent by the disaggregation router (disagg/router.py) with every request it forwards to a prefill or decode
+# instance: the handover's room number, and (to the decode instance) the prefill instance's bootstrap address.
+DISAGG_ROOM_HEADER = "X-Glint-Disagg-Room"
+DISAGG_BOOTSTRAP_HEADER = "X-Glint-Disagg-Bootstrap"
+MAX_ROOM = (1 << 63) - 1
 
 T = TypeVar("T")
 
@@ -78,6 +85,13 @@ class ServerState:
     @property
     def model_name(self) -> str:
         return self.served_model_names[0]
+
+    @property
+    def disagg_info(self) -> dict[str, Any]:
+        """This instance's disaggregation role, from the loaded engine: {"mode", "bootstrap_addr"}; mode
+        "null" when colocated (the engine reports None or nothing) or while no engine is loaded."""
+        info = self.client.info.get("disaggregation") or {}
+        return {"mode": info.get("mode", "null"), "bootstrap_addr": info.get("bootstrap_addr")}
 
     def response_model(self, requested: str | None) -> str:
         """The model a request names: one of --served-model-name (none given: the first). Any other name is a
@@ -143,6 +157,67 @@ def _byte_level_decoder() -> dict[str, int]:
             chars.append(256 + extra)
             extra += 1
     return {chr(c): b for b, c in zip(printable, chars)}
+
+
+# --------------------------------------------------------------------------------------------- origin
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a request comes from, as the engine needs to know: the tenant that scopes cross-request engine
+    state (a digest of its API key, see server/middleware.py; "" without auth) and, on a prefill or decode
+    instance, the router's handover (DisaggParams)."""
+
+    tenant: str = ""
+    disagg: DisaggParams | None = None
+
+
+def request_origin(state: ServerState, request: Any) -> Origin:
+    """The Origin of an HTTP request (every generation route calls this once)."""
+    tenant = request.scope.get("state", {}).get("tenant", "")
+    return Origin(tenant, disagg_params(state.disagg_info["mode"], request.headers))
+
+
+def disagg_params(mode: str, headers: Any) -> DisaggParams | None:
+    """The router's handover headers -> DisaggParams (None when colocated: the headers are ignored there).
+    A prefill or decode instance serves only requests its router forwards; anything else is a 400."""
+    if mode == "null":
+        return None
+    room_text = headers.get(DISAGG_ROOM_HEADER)
+    if room_text is None:
+        raise bad_request(
+            f"this server is the {mode} instance of a disaggregated deployment and serves only requests forwarded "
+            f"by its router (`python -m disagg.router`, which sends the {DISAGG_ROOM_HEADER} header); send "
+            "requests to the router",
+            code="disaggregation_router_required",
+        )
+    digits = room_text.strip()
+    room = int(digits) if re.fullmatch(r"[0-9]{1,19}", digits) else -1
+    if not 0 <= room <= MAX_ROOM:
+        raise bad_request(
+            f"{DISAGG_ROOM_HEADER} must be an integer in [0, 2^63 - 1], got {room_text[:64]!r}",
+            code="invalid_disaggregation_header",
+        )
+    bootstrap = headers.get(DISAGG_BOOTSTRAP_HEADER, "").strip()
+    if mode == "decode" and not bootstrap:
+        raise bad_request(
+            f"a decode instance needs the prefill instance's bootstrap address: the {DISAGG_BOOTSTRAP_HEADER} "
+            "header (tcp://host:port), which the router (`python -m disagg.router`) sends",
+            code="invalid_disaggregation_header",
+        )
+    if bootstrap and not _is_tcp_address(bootstrap):
+        raise bad_request(
+            f"{DISAGG_BOOTSTRAP_HEADER} must be tcp://host:port, got {bootstrap[:200]!r}",
+            code="invalid_disaggregation_header",
+        )
+    return DisaggParams(room=room, bootstrap_addr=bootstrap)
+
+
+def _is_tcp_address(addr: str) -> bool:
+    if not addr.startswith("tcp://"):
+        return False
+    host, sep, port = addr[len("tcp://"):].rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536 and not any(c.isspace() for c in host))
 
 
 # --------------------------------------------------------------------------------------------- sampling
@@ -253,10 +328,10 @@ class Generation:
         prompt_len: int,
         log: dict[str, Any],
         arrival: float,
-        tenant: str = "",
+        origin: Origin = Origin(),
     ) -> None:
         self.state = state
-        self.tenant = tenant  # scope of cross-request engine state (server/middleware.py: _tenant)
+        self.origin = origin
         self.request_id = request_id
         self.n = n
         self.prompt_len = prompt_len
@@ -294,7 +369,9 @@ class Generation:
                 )
         self.log["prompt_tokens"] = self.prompt_len
         try:
-            self.stream = await st.client.add_request(self.request_id, prompt_token_ids, params, prompt, self.tenant)
+            self.stream = await st.client.add_request(
+                self.request_id, prompt_token_ids, params, prompt, self.origin.tenant, self.origin.disagg
+            )
         except EngineRequestError as e:
             if e.kind == "invalid":
                 msg = str(e)

@@ -46,19 +46,20 @@ class ScriptedEngineCore:
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: Any, prompt: str | None = None,
-        tenant: str = "",
+        tenant: str = "", disagg: Any = None,
     ):
         found = _MARKER.findall(prompt or "")  # the last marker: a later turn (a tool result) may name another
         m = found[-1] if found else None
         if m is None or m not in self.scripts:
-            return self.core.add_request(request_id, prompt_token_ids, params, prompt=prompt, tenant=tenant)
+            return self.core.add_request(request_id, prompt_token_ids, params, prompt=prompt, tenant=tenant,
+                                         disagg=disagg)
         chunks = list(self.scripts[m])
         room = self.core.max_model_len - len(prompt_token_ids)
         n_tokens = max(1, min(len(chunks), room, params.max_tokens or room))
         scripted = dataclasses.replace(
             params, max_tokens=n_tokens, min_tokens=0, ignore_eos=True, stop=None, stop_token_ids=None
         )
-        self.core.add_request(request_id, prompt_token_ids, scripted, prompt=prompt, tenant=tenant)
+        self.core.add_request(request_id, prompt_token_ids, scripted, prompt=prompt, tenant=tenant, disagg=disagg)
         self._active[request_id] = {i: list(chunks) for i in range(params.n)}
 
     def abort_request(self, request_id: str) -> None:

@@ -91,6 +91,12 @@ def test_engine_kwargs_mapping():
         "enable_fused_qk_norm_rope": False,
         "attention_backend": "triton",
         "overlap_scheduling": None,
+        "disaggregation_mode": "null",
+        "disaggregation_transfer_backend": "auto",
+        "disaggregation_async_transfer": False,
+        "disaggregation_bootstrap_host": "127.0.0.1",
+        "disaggregation_bootstrap_port": 8998,
+        "disaggregation_timeout": 60.0,
     }
     assert engine_kwargs(parse_args(["--model", "/ckpt", "--disable-overlap-schedule", "--enable-shared-experts-fusion",
                                      "--enable-fused-qk-norm-rope"]))["overlap_scheduling"] is False
@@ -100,6 +106,19 @@ def test_engine_kwargs_mapping():
 
     accepted = set(inspect.signature(EngineConfig.create).parameters)
     assert set(kw) <= accepted
+
+
+def test_disaggregation_flags_map_to_engine_kwargs():
+    kw = engine_kwargs(parse_args([
+        "--model", "/ckpt", "--disaggregation-mode", "decode", "--disaggregation-transfer-backend", "local",
+        "--disaggregation-async-transfer", "--disaggregation-bootstrap-host", "10.0.0.2",
+        "--disaggregation-bootstrap-port", "9100", "--disaggregation-timeout", "12.5",
+    ]))
+    assert {k: v for k, v in kw.items() if k.startswith("disaggregation_")} == {
+        "disaggregation_mode": "decode", "disaggregation_transfer_backend": "local",
+        "disaggregation_async_transfer": True, "disaggregation_bootstrap_host": "10.0.0.2",
+        "disaggregation_bootstrap_port": 9100, "disaggregation_timeout": 12.5,
+    }
 
 
 @pytest.mark.parametrize("flags,backend", [([], "triton"), (["--attention-backend", "triton"], "triton"),
@@ -112,7 +131,6 @@ def test_attention_backend_flag_maps_to_engine_kwarg(flags, backend):
 @pytest.mark.parametrize(
     "flags",
     [
-        ["--disaggregation-mode", "prefill"],
         ["--attention-backend", "torch"],
         ["--attention-backend", "flashinfer"],
         ["--chunked-prefill-size", "-1"],
@@ -128,7 +146,7 @@ def test_unsupported_flags_fail_clearly(flags, capsys):
 def test_reference_launch_line_flags_parse():
     # every flag of the DESIGN.md launch lines is known to the parser (supported or refused, never "unrecognized")
     names = {u[0] for u in UNSUPPORTED}
-    assert "disaggregation_mode" in names  # refused with a reason until it lands
+    assert "disaggregation_mode" not in names and "disaggregation_async_transfer" not in names
     assert "speculative_algorithm" not in names  # NEXTN and SUFFIX run
     assert "enable_shared_experts_fusion" not in names and "enable_fused_qk_norm_rope" not in names
     cfg = parse_args(

@@ -111,6 +111,19 @@ def test_greedy_tokens_equal_colocated(tiny_bf16, prompts, backend, async_transf
         pair.close()
 
 
+def test_overlap_scheduling_on_both_sides(tiny_bf16, prompts):
+    expected = colocated(tiny_bf16, prompts, GREEDY)
+    pair = Pair(tiny_bf16, "local", overlap_scheduling=True, prefill_kw={"max_num_batched_tokens": 32})
+    try:
+        for i, p in enumerate(prompts):
+            pair.add(f"r{i}", p, GREEDY)
+        out = pair.run()
+        assert [[out[(f"r{i}", 0)]["tokens"]] for i in range(len(prompts))] == expected
+        pair.assert_clean()
+    finally:
+        pair.close()
+
+
 def test_chunked_prefill_prefix_hits_and_n_greater_than_one(tiny_bf16, prompts):
     """Long prompts in 16-token chunks on the prefill side; a repeated prompt hits the prefill side's prefix
     cache; n = 3 choices: one handed over, two decoded from the decode side's own prefix cache."""

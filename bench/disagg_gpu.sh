@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Prefill/decode disaggregation on one GPU (issue 17 item 7): colocated vs disaggregated (sync and async transfer)
+# under one load where long prompts arrive while other requests decode. A prefill and a decode instance share
+# the GPU (memory split by --mem-fraction-static), behind `python -m disagg.router`; the colocated run is one
+# server with the same memory. Two bench.serving clients run at once: DECODERS (short prompts, long outputs,
+# fixed concurrency: their TPOT / ITL show how much the long prefills stall decoding) and LONG (long prompts at a
+# Poisson rate, few output tokens: their TTFT shows prefill + handover). Transfer cost per request comes from the
+# prefill instance's stats (/server_info: disagg_transfer_tail_seconds_total = first token -> every page landed,
+# against disagg_prefill_seconds_total = scheduled -> first token).
+# Writes $OUT/<run>_{decoders,long}.json and prints one table.
+# Knobs: LAYERS (real-shape dummy model depth; two instances must fit), MODEL (a checkpoint instead),
+# DEVICE_ARGS (e.g. "--device cpu" for a smoke run), RUNS, LONG_LEN, LONG_NUM, LONG_RATE, DEC_LEN, DEC_OUT,
+# DEC_NUM, DEC_CONC, MEM, BACKEND, SERVER_WAIT_S, CLIENT_TIMEOUT_S.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/disagg_out}
+mkdir -p "$OUT"
+export PYTHONPATH=${PYTHONPATH:-$PWD}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+# NIXL over UCX between two processes on one GPU: CUDA IPC with zero-copy gets (else it falls back to TCP)
+export UCX_CUDA_IPC_ENABLE_GET_ZCOPY=${UCX_CUDA_IPC_ENABLE_GET_ZCOPY:-yes}
+LAYERS=${LAYERS:-8}
+MODEL=${MODEL:-$(python3 -m bench.real_shape --layers "$LAYERS")}
+DEVICE_ARGS=${DEVICE_ARGS:-}
+RUNS=${RUNS:-"colocated disagg-sync disagg-async"}
+LONG_LEN=${LONG_LEN:-16384}; LONG_NUM=${LONG_NUM:-16}; LONG_RATE=${LONG_RATE:-0.5}
+DEC_LEN=${DEC_LEN:-1024}; DEC_OUT=${DEC_OUT:-512}; DEC_NUM=${DEC_NUM:-64}; DEC_CONC=${DEC_CONC:-16}
+MEM=${MEM:-0.40}  # per instance in the disaggregated runs; the colocated server gets 2 x MEM
+BACKEND=${BACKEND:-nixl}
+SERVER_WAIT_S=${SERVER_WAIT_S:-600}
+CLIENT_TIMEOUT_S=${CLIENT_TIMEOUT_S:-900}
+echo "model $MODEL; long: $LONG_NUM x $LONG_LEN tokens at $LONG_RATE/s; decoders: $DEC_NUM x $DEC_LEN in/$DEC_OUT out, $DEC_CONC at once"
+
+PIDS=()
+wait_up() {  # url pid log
+    for _ in $(seq 1 "$SERVER_WAIT_S"); do
+        curl -sf "$1/health" >/dev/null 2>&1 && return 0
+        kill -0 "$2" 2>/dev/null || { echo "--- died:"; tail -20 "$3"; return 1; }
+        sleep 1
+    done
+    echo "--- not up after $SERVER_WAIT_S s:"; tail -20 "$3"; return 1
+}
+stop_all() {
+    for pid in "${PIDS[@]}"; do kill -INT "$pid" 2>/dev/null; done
+    for pid in "${PIDS[@]}"; do
+        for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+        kill -9 "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+    done
+    PIDS=()
+}
+trap stop_all EXIT
+
+for run in $RUNS; do
+    base=$((19000 + RANDOM % 500 * 4))
+    url="http://127.0.0.1:$base"
+    common=(--model "$MODEL" --host 127.0.0.1 $DEVICE_ARGS)
+    if [ "$run" = colocated ]; then
+        mem2=$(python3 -c "print(2 * $MEM)")
+        python3 -m server "${common[@]}" --port "$base" --mem-fraction-static "$mem2" >"$OUT/$run.server.log" 2>&1 &
+        PIDS+=($!); wait_up "$url" "$!" "$OUT/$run.server.log" || { stop_all; continue; }
+        prefill_url=$url
+    else
+        async=(); [ "$run" = disagg-async ] && async=(--disaggregation-async-transfer)
+        p=$((base + 1)); d=$((base + 2)); bport=$((base + 3))
+        python3 -m server "${common[@]}" --port "$p" --mem-fraction-static "$MEM" --disaggregation-mode prefill \
+            --disaggregation-bootstrap-port "$bport" --disaggregation-transfer-backend "$BACKEND" "${async[@]}" \
+            >"$OUT/$run.prefill.log" 2>&1 &
+        PIDS+=($!); wait_up "http://127.0.0.1:$p" "$!" "$OUT/$run.prefill.log" || { stop_all; continue; }
+        python3 -m server "${common[@]}" --port "$d" --mem-fraction-static "$MEM" --disaggregation-mode decode \
+            --disaggregation-transfer-backend "$BACKEND" "${async[@]}" >"$OUT/$run.decode.log" 2>&1 &
+        PIDS+=($!); wait_up "http://127.0.0.1:$d" "$!" "$OUT/$run.decode.log" || { stop_all; continue; }
+        python3 -m disagg.router --prefill "http://127.0.0.1:$p" --decode "http://127.0.0.1:$d" --port "$base" \
+            >"$OUT/$run.router.log" 2>&1 &
+        PIDS+=($!); wait_up "$url" "$!" "$OUT/$run.router.log" || { stop_all; continue; }
+        prefill_url="http://127.0.0.1:$p"
+    fi
+    echo "=== $run"
+    bench=(python3 -m bench.serving --base-url "$url" --endpoint completions --dataset random --tokenizer "$MODEL"
+           --tokenize-prompt --disable-tqdm)
+    timeout "$CLIENT_TIMEOUT_S" "${bench[@]}" --num-prompts "$DEC_NUM" --input-len "$DEC_LEN" --output-len "$DEC_OUT" \
+        --max-concurrency "$DEC_CONC" --seed 11 --output-json "$OUT/${run}_decoders.json" >"$OUT/${run}_decoders.log" 2>&1 &
+    dec=$!
+    sleep 2  # decoders running first
+    timeout "$CLIENT_TIMEOUT_S" "${bench[@]}" --num-prompts "$LONG_NUM" --input-len "$LONG_LEN" --output-len 16 \
+        --request-rate "$LONG_RATE" --seed 12 --warmup-requests 0 --output-json "$OUT/${run}_long.json" \
+        >"$OUT/${run}_long.log" 2>&1
+    wait "$dec"
+    curl -sf "$prefill_url/server_info" >"$OUT/${run}_prefill_info.json" || true
+    stop_all
+done
+
+python3 - "$OUT" $RUNS <<'PY'
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+nan = float("nan")
+print(f"{'run':14} {'long TTFT mean':>14} {'p50':>8} {'p99':>8} | {'dec TPOT mean':>13} {'ITL p50':>8} {'ITL p99':>8} "
+      f"| {'xfer tail/prefill':>17}  (ms)")
+for run in sys.argv[2:]:
+    try:
+        lg = json.loads((out / f"{run}_long.json").read_text())["summary"]
+        dc = json.loads((out / f"{run}_decoders.json").read_text())["summary"]
+    except (OSError, ValueError, KeyError):
+        print(f"{run:14} (no result)"); continue
+    g = lambda s, k, q: s.get(k, {}).get(q, nan)
+    ratio = ""
+    try:
+        st = json.loads((out / f"{run}_prefill_info.json").read_text())["engine"]
+        if st.get("disagg_prefill_seconds_total"):
+            ratio = (f"{st['disagg_transfer_tail_seconds_total'] / st['disagg_prefill_seconds_total']:.3f} "
+                     f"({st['disagg_handovers_total']} handovers, {st['disagg_failed_total']} failed)")
+    except (OSError, ValueError, KeyError):
+        pass
+    print(f"{run:14} {g(lg,'ttft_ms','mean'):14.1f} {g(lg,'ttft_ms','p50'):8.1f} {g(lg,'ttft_ms','p99'):8.1f} | "
+          f"{g(dc,'tpot_ms','mean'):13.2f} {g(dc,'itl_ms','p50'):8.2f} {g(dc,'itl_ms','p99'):8.2f} | {ratio}")
+    for name, s in (("long", lg), ("decoders", dc)):
+        if s.get("failed"):
+            print(f"   {name}: {s['failed']} failed: {s.get('errors')}")
+PY

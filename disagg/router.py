@@ -44,7 +44,7 @@ class RouterConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: tuple[str, ...] = ()  # keys clients must send (Bearer or x-api-key); empty: no check
-    upstream_api_key: str | None = None  # sent by the router's own health checks
+    upstream_api_key: str | None = None  # sent by the router's own checks (default: the first of api_keys)
     connect_timeout: float = 5.0
     read_timeout: float = 1800.0  # per read: the longest silence allowed from an upstream (non-streaming: whole run)
     write_timeout: float = 60.0
@@ -63,7 +63,8 @@ class RouterConfig:
         )
 
     def probe_headers(self) -> dict[str, str]:
-        return {"authorization": f"Bearer {self.upstream_api_key}"} if self.upstream_api_key else {}
+        key = self.upstream_api_key or (self.api_keys[0] if self.api_keys else None)
+        return {"authorization": f"Bearer {key}"} if key else {}
 
 
 def _probe_client(config: RouterConfig) -> httpx.AsyncClient:
@@ -191,7 +192,8 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
     p.add_argument("--port", type=int, default=d.port)
     p.add_argument("--api-key", action="append", default=[], help="a key clients must send (repeatable)")
     p.add_argument("--upstream-api-key", default=None,
-                   help="key the router's own health checks send to the instances (client requests carry theirs)")
+                   help="key the router's own checks (/disagg/info) send to the instances; default: the first "
+                        "--api-key (client requests carry their own)")
     p.add_argument("--connect-timeout", type=float, default=d.connect_timeout)
     p.add_argument("--read-timeout", type=float, default=d.read_timeout,
                    help="seconds an upstream may stay silent (between chunks of a stream; before the whole body "
@@ -225,6 +227,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per upstream request otherwise
     pool = InstancePool(config.prefill, config.decode, config.prefill_affinity_slack)
     try:
         asyncio.run(check_instances(config, pool))

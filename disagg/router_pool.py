@@ -77,6 +77,9 @@ async def probe(client: httpx.AsyncClient, inst: Instance, headers: dict[str, st
         reason = "/disagg/info answered 404"
         return Probe(False, reason, fatal=f"{inst.url}: {reason}: not a glint server started with "
                      f"--disaggregation-mode {inst.role}?")
+    if info.status_code in (401, 403):
+        reason = f"/disagg/info answered {info.status_code}"
+        return Probe(False, reason, fatal=f"{inst.url}: {reason}: pass the instances' key as --upstream-api-key")
     if info.status_code != 200:
         return Probe(False, f"/disagg/info answered {info.status_code}")
     try:
@@ -89,7 +92,8 @@ async def probe(client: httpx.AsyncClient, inst: Instance, headers: dict[str, st
             False,
             f"role mismatch: reports mode {mode!r}",
             fatal=f"{inst.url} was given as a {inst.role} instance but reports --disaggregation-mode {mode!r}; "
-            f"start it with --disaggregation-mode {inst.role} or pass it as --{mode} to the router",
+            f"start it with --disaggregation-mode {inst.role}"
+            + (f" or pass it as --{mode} to the router" if mode in ROLES else ""),
         )
     addr = data.get("bootstrap_addr")
     if inst.role == "prefill" and not addr:

@@ -52,6 +52,7 @@ class FakeInstance:
     report_mode: str | None = None  # what /disagg/info says (default: role; "" for no such route)
     models: list[str] = field(default_factory=lambda: ["glm"])
     status: int = 200
+    key: str | None = None  # /disagg/info needs "Authorization: Bearer <key>" (as on a glint server with --api-key)
     healthy: bool = True
     hang: bool = False  # accept the request, never answer
     die_midstream: bool = False  # after the first SSE event, drop the connection
@@ -74,6 +75,9 @@ class FakeInstance:
         if method == "GET":
             if path == "/health":
                 return await self._send(send, 200 if self.healthy else 503, b"")
+            auth = dict(scope["headers"]).get(b"authorization", b"").decode()
+            if path == "/disagg/info" and self.key and auth != f"Bearer {self.key}":
+                return await self._send(send, 401, b"{}")
             if path == "/disagg/info" and self.report_mode != "":
                 info = {"mode": self.report_mode or self.role, "models": self.models,
                         "bootstrap_addr": self.bootstrap if self.role == "prefill" else None}
@@ -270,6 +274,21 @@ def test_dead_decode_is_skipped_and_traffic_moves(cluster: Any) -> None:
     assert f'glint_router_upstream_errors_total{{instance="{u1}",kind="connect",role="decode"}} 1.0' in metrics
 
 
+def test_dead_prefill_is_skipped_with_a_fresh_room(cluster: Any) -> None:
+    p1, p2, d = FakeInstance("prefill", "P1"), FakeInstance("prefill", "P2"), FakeInstance("decode", "D")
+    u1, u2 = cluster.instance(p1), cluster.instance(p2)
+    url, pool = cluster.router([u1, u2], [cluster.instance(d)], prefill_affinity_chars=0)
+    cluster.stop(u1)
+    for _ in range(4):  # the first goes to P1 (least loaded, first listed), fails to connect, is retried
+        assert httpx.post(f"{url}/v1/chat/completions", json=CHAT).status_code == 200
+    time.sleep(0.1)
+    metrics = httpx.get(f"{url}/metrics").text
+    assert f'glint_router_upstream_errors_total{{instance="{u1}",kind="connect",role="prefill"}} 1.0' in metrics
+    assert len(p2.seen) == 4 and not pool.of_role("prefill")[0].healthy
+    served = [s for s in d.seen if s.headers[BOOT] == p2.bootstrap]  # decode requests paired with the live one
+    assert {s.headers[ROOM] for s in served} == {s.headers[ROOM] for s in p2.seen}
+
+
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
 def test_only_decode_dead_gives_502_in_route_shape_and_health_503(cluster: Any, path: str) -> None:
     p, d = FakeInstance("prefill", "P"), FakeInstance("decode", "D")
@@ -350,7 +369,7 @@ def test_decode_error_status_passes_through(cluster: Any) -> None:
 
 
 def test_models_metrics_and_api_key(cluster: Any) -> None:
-    p, d = FakeInstance("prefill", "P"), FakeInstance("decode", "D")
+    p, d = FakeInstance("prefill", "P", key="k1"), FakeInstance("decode", "D", key="k1")
     ud = cluster.instance(d)
     url, _ = cluster.router([cluster.instance(p)], [ud], api_keys=("k1",))
     assert httpx.post(f"{url}/v1/chat/completions", json=CHAT).status_code == 401
@@ -401,6 +420,14 @@ def test_startup_refuses_role_mismatch_and_different_models(cluster: Any) -> Non
     other = cluster.instance(FakeInstance("prefill", "P", models=["other"]))
     with pytest.raises(RouterStartupError, match="different models"):
         asyncio.run(check_instances(config, InstancePool([other], [d])))
+    colocated = cluster.instance(FakeInstance("prefill", "C", report_mode="null"))
+    with pytest.raises(RouterStartupError, match="reports --disaggregation-mode 'null'; start it with"):
+        asyncio.run(check_instances(config, InstancePool([colocated], [d])))
+    keyed = cluster.instance(FakeInstance("prefill", "K", key="k9"))
+    with pytest.raises(RouterStartupError, match="answered 401: pass the instances' key as --upstream-api-key"):
+        asyncio.run(check_instances(config, InstancePool([keyed], [d])))
+    config_k = RouterConfig(prefill=[keyed], decode=[d], startup_timeout=5, upstream_api_key="k9")
+    asyncio.run(check_instances(config_k, InstancePool([keyed], [d])))
     plain = cluster.instance(FakeInstance("prefill", "N", report_mode=""))
     with pytest.raises(RouterStartupError, match="/disagg/info answered 404"):
         asyncio.run(check_instances(config, InstancePool([plain], [d])))

@@ -10,6 +10,7 @@ import torch
 from engine.config import EngineConfig
 from engine.distributed import DistInfo, free_port, init_distributed, launched_by_torchrun, single_process
 from engine.model_worker import STOP, KVWorkerFactory, ModelWorker, leave_process_group, spawned_worker_main
+from engine.spawn_guard import refuse_while_bootstrapping, run_started, wait_until_started
 
 
 def start_ranks(
@@ -29,15 +30,24 @@ def start_ranks(
             "a torch.distributed process group already exists in this process (an earlier tensor-parallel LLM "
             "that was not shut down, or the caller's own); call llm.shutdown() first, or launch with torchrun"
         )
+    refuse_while_bootstrapping()
     port = int(os.environ.get("GLINT_DIST_PORT") or free_port())  # default: a free port (many instances/host)
     init_method = f"tcp://127.0.0.1:{port}"
     ctx = mp.get_context("spawn")
-    procs = []
+    procs, started = [], []
     for rank in range(1, world):
-        p = ctx.Process(target=spawned_worker_main, args=(rank, world, init_method, config, kv_worker_factory),
-                        daemon=True)
+        started.append(ctx.Event())
+        args = (started[-1], spawned_worker_main, rank, world, init_method, config, kv_worker_factory)
+        p = ctx.Process(target=run_started, args=args, daemon=True)
         p.start()
         procs.append(p)
+    try:
+        wait_until_started(procs, started)  # a rank that dies while booting never joins the rendezvous
+    except RuntimeError:
+        for p in procs:
+            p.kill()
+            p.join(5)
+        raise
     return init_distributed(world, config.device, rank=0, init_method=init_method), procs
 
 

@@ -164,6 +164,22 @@ class Metrics:
             ["model_name", "position"],
             registry=r,
         )
+        # prefill/decode disaggregation (engine stats disagg_*; zero on a colocated server)
+        self.disagg_rooms_active = gauge("disagg_rooms_active", "Requests in a prefill/decode handover now.")
+        self.disagg_handovers = counter("disagg_handovers", "Prefill side: requests handed over (KV landed, acked).")
+        self.disagg_received = counter("disagg_received", "Decode side: requests whose KV and first token arrived.")
+        self.disagg_failed = counter("disagg_failed", "Handovers that failed (deadline, peer gone, abort).")
+        self.disagg_pages_sent = counter("disagg_pages_sent", "Prefill side: KV pages written to decode instances.")
+        self.disagg_prefill_seconds = counter(
+            "disagg_prefill_seconds", "Prefill side: seconds from scheduling to the first token, summed."
+        )
+        self.disagg_transfer_tail_seconds = counter(
+            "disagg_transfer_tail_seconds",
+            "Prefill side: seconds from the first token until every KV write landed, summed (async transfer's gain).",
+        )
+        self.disagg_wait_seconds = counter(
+            "disagg_wait_seconds", "Decode side: seconds from a request's arrival to its KV and first token, summed."
+        )
         self._last_stats: dict[str, Any] = {}
 
     def success(self, finish_reason: str) -> None:
@@ -187,10 +203,18 @@ class Metrics:
             ("spec_draft_tokens", self.spec_draft_tokens),
             ("spec_accepted_tokens", self.spec_accepted_tokens),
             ("spec_num_verifies", self.spec_num_verifies),
+            ("disagg_handovers_total", self.disagg_handovers),
+            ("disagg_received_total", self.disagg_received),
+            ("disagg_failed_total", self.disagg_failed),
+            ("disagg_pages_sent_total", self.disagg_pages_sent),
+            ("disagg_prefill_seconds_total", self.disagg_prefill_seconds),
+            ("disagg_transfer_tail_seconds_total", self.disagg_transfer_tail_seconds),
+            ("disagg_wait_seconds_total", self.disagg_wait_seconds),
         ):
             inc = stats.get(key, 0) - last.get(key, 0)
             if inc > 0:
                 ctr.inc(inc)
+        self.disagg_rooms_active.set(stats.get("disagg_rooms_active", 0))
         if "spec_mean_accepted_length" in stats:
             self.spec_mean_accepted_length.set(stats["spec_mean_accepted_length"])
             for i, rate in enumerate(stats.get("spec_acceptance_rate_by_position", [])):

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import REPO, LiveServer, free_port
+from conftest import REPO, LiveServer, free_port, metric
 
 TIMEOUT = 6.0  # --disaggregation-timeout of the failure tests
 ENV = {"UCX_NET_DEVICES": "lo"}
@@ -154,6 +154,11 @@ def test_router_gives_the_colocated_greedy_completions(cluster):
         path, body = CASES[name]
         assert stream_text(router, path, body) == stream_text(col, path, body), name
     wait_pages_back(cluster["prefill"].url, cluster["decode"].url)
+    prefill_metrics = httpx.get(cluster["prefill"].url + "/metrics").text
+    decode_metrics = httpx.get(cluster["decode"].url + "/metrics").text
+    assert metric(prefill_metrics, "glint:disagg_handovers_total") >= 6  # 3 cases + 1 hit + 2 streams
+    assert metric(decode_metrics, "glint:disagg_received_total") >= 6
+    assert metric(prefill_metrics, "glint:disagg_pages_sent_total") > 0
 
 
 def test_random_client_disconnects_leak_no_page(cluster):

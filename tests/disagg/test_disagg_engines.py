@@ -126,11 +126,13 @@ def test_overlap_scheduling_on_both_sides(tiny_bf16, prompts):
 
 def test_chunked_prefill_prefix_hits_and_n_greater_than_one(tiny_bf16, prompts):
     """Long prompts in 16-token chunks on the prefill side; a repeated prompt hits the prefill side's prefix
-    cache; n = 3 choices: one handed over, two decoded from the decode side's own prefix cache."""
+    cache; n = 3 choices: one handed over, two decoded from the decode side's own prefix cache; MTP speculation
+    on both sides (the NextN layer's KV is a layer of the pool, so it moves with the pages)."""
     long = prompts[-1] + prompts[-2]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, n=3)
     expected = colocated(tiny_bf16, [long, long], params)
-    pair = Pair(tiny_bf16, "local", prefill_kw={"max_num_batched_tokens": 16})
+    mtp = {"method": "mtp", "num_speculative_tokens": 3}
+    pair = Pair(tiny_bf16, "local", speculative_config=mtp, prefill_kw={"max_num_batched_tokens": 16})
     try:
         pair.add("a", long, params)
         out_a = pair.run()
@@ -140,6 +142,7 @@ def test_chunked_prefill_prefix_hits_and_n_greater_than_one(tiny_bf16, prompts):
             assert [out[(rid, i)]["tokens"] for i in range(3)] == exp
         assert pair.prefill.pool.hit_tokens >= (len(long) - 1) // 16 * 16  # "b": all full pages but the last
         assert pair.decode.pool.hit_tokens >= 2 * 2 * ((len(long) - 1) // 16 * 16)  # choices 1, 2 of a and b
+        assert pair.decode.stats()["spec_num_verifies"] > 0
         pair.assert_clean()
     finally:
         pair.close()

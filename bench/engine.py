@@ -41,7 +41,6 @@ import argparse
 import atexit
 import functools
 import gc
-import inspect
 import json
 import logging
 import math
@@ -474,9 +473,9 @@ def run_step_benchmarks(
 
 def overlap_flag() -> str | None:
     """The LLM(...) keyword that turns overlap scheduling on/off, if the engine has one."""
-    from engine.llm import LLM
+    from engine.config import engine_options
 
-    names = [n for n in inspect.signature(LLM.__init__).parameters if "overlap" in n]
+    names = [opt.name for opt in engine_options() if "overlap" in opt.name]
     return names[0] if names else None
 
 

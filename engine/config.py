@@ -1,55 +1,91 @@
-"""The engine's one frozen config tree. `EngineConfig.create(**kwargs)` takes the LLM(...) keyword names
-(vLLM-shaped); the server's CLI flags map onto the same keywords."""
+"""The engine's one frozen config tree, and the one declaration of its options.
+
+Every option a user sets is declared with `option(...)` on the field it fills (engine/options.py): its
+`LLM(...)` / `EngineConfig.create` keyword (vLLM-shaped), default, help, choices and server flags (SGLang's
+names first). `engine_options()` lists them; LLM takes exactly these keywords and server/cli.py builds its flags
+from them."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 import torch
 
 from engine.kv_cache import kv_cache_dtype as _kv_torch_dtype
+from engine.options import REQUIRED, EngineOption, option, option_of
 from kernels import flash_attn_adapter
 from model.attention import ATTENTION_BACKENDS
 from model.config import ModelConfig, load_model_config
 from spec import SpeculativeConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DISAGGREGATION_MODES = ("null", "prefill", "decode")
+TRANSFER_BACKENDS = ("auto", "nixl", "local")
 
 
 @dataclass(frozen=True)
 class CacheConfig:
-    block_size: int = 16
-    num_blocks: int | None = None  # None: sized from memory (GPU) or a CPU default
-    enable_prefix_caching: bool = True
-    kv_cache_dtype: str = "auto"  # "auto" (= model dtype) | "fp8_e4m3"
-    mem_fraction_static: float = 0.85
+    block_size: int = option(
+        "kv_block_size", 16, "tokens per KV page (a power of two)",
+        flags=("--page-size", "--kv-block-size", "--block-size"), type=int)
+    num_blocks: int | None = option(
+        "num_kv_blocks", None, "KV pages in the pool (default: sized from GPU memory, or a CPU default)",
+        flags=("--num-kv-blocks",), type=int)
+    enable_prefix_caching: bool = option(
+        "enable_prefix_caching", True, "reuse the KV pages of earlier requests' shared prompt prefixes",
+        flags=("--enable-prefix-caching",), type=bool, off_flags=("--disable-radix-cache",))
+    kv_cache_dtype: str = option(
+        "kv_cache_dtype", "auto", "KV cache element type: auto (the model dtype) or fp8_e4m3 (CUDA only)",
+        flags=("--kv-cache-dtype",), choices=("auto", "fp8_e4m3"))
+    mem_fraction_static: float = option(
+        "mem_fraction_static", 0.85, "fraction of GPU memory for weights + KV cache",
+        flags=("--mem-fraction-static", "--gpu-memory-utilization"), type=float)
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_batched_tokens: int = 8192
-    max_num_seqs: int = 256
-    max_model_len: int = 4096
+    max_num_batched_tokens: int = option(
+        "max_num_batched_tokens", None, "token budget per engine step (default: 8192 on CUDA, 2048 on CPU)",
+        flags=("--chunked-prefill-size", "--max-num-batched-tokens"), type=int, field_default=8192)
+    max_num_seqs: int = option(
+        "max_num_seqs", None, "most requests running at once (default: 256 on CUDA, 64 on CPU)",
+        flags=("--max-running-requests", "--max-num-seqs"), type=int, field_default=256)
+    max_model_len: int = option(
+        "max_model_len", None, "context length in tokens (default: the model's max_position_embeddings)",
+        flags=("--max-model-len", "--context-length"), type=int, field_default=4096)
 
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    tensor_parallel_size: int = 1
-
-
-DISAGGREGATION_MODES = ("null", "prefill", "decode")
+    tensor_parallel_size: int = option(
+        "tensor_parallel_size", 1, "GPUs (processes) the model is sharded over; without torchrun the engine "
+        "spawns the extra ranks itself", flags=("--tp-size", "--tp", "--tensor-parallel-size"), type=int)
 
 
 @dataclass(frozen=True)
 class DisaggregationConfig:
     """Prefill/decode disaggregation (disagg/): this instance's role and how it hands KV pages over."""
 
-    mode: str = "null"  # "null" (colocated) | "prefill" | "decode"
-    transfer_backend: str = "auto"  # "nixl" | "local" (in-tree fallback) | "auto" (nixl where installed)
-    async_transfer: bool = False  # send each chunk's pages as soon as the GPU wrote them (a CUDA event)
-    bootstrap_host: str = "127.0.0.1"  # prefill side: where its handshake socket listens
-    bootstrap_port: int = 8998
-    timeout_s: float = 60.0  # per request, both sides: handshake + prefill + transfer must end by then
+    mode: str = option(
+        "disaggregation_mode", "null", "prefill/decode disaggregation: this instance's role (null: colocated); "
+        "a prefill or decode instance serves the requests `python -m disagg.router` forwards",
+        flags=("--disaggregation-mode",), choices=DISAGGREGATION_MODES)
+    transfer_backend: str = option(
+        "disaggregation_transfer_backend", "auto", "how KV pages move between instances: nixl, local (the "
+        "in-tree fallback) or auto (nixl where installed)",
+        flags=("--disaggregation-transfer-backend",), choices=TRANSFER_BACKENDS)
+    async_transfer: bool = option(
+        "disaggregation_async_transfer", False, "send each prefill chunk's KV pages as soon as the GPU wrote "
+        "them (a CUDA event)", flags=("--disaggregation-async-transfer",), type=bool)
+    bootstrap_host: str = option(
+        "disaggregation_bootstrap_host", "127.0.0.1", "prefill instance: where its KV handshake socket listens",
+        flags=("--disaggregation-bootstrap-host",), type=str)
+    bootstrap_port: int = option(
+        "disaggregation_bootstrap_port", 8998, "prefill instance: the port of its KV handshake socket",
+        flags=("--disaggregation-bootstrap-port",), type=int)
+    timeout_s: float = option(
+        "disaggregation_timeout", 60.0, "seconds per request, both sides: handshake + prefill + KV transfer "
+        "must end by then", flags=("--disaggregation-timeout",), type=float)
 
     @property
     def enabled(self) -> bool:
@@ -59,21 +95,44 @@ class DisaggregationConfig:
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
-    device: str
-    dtype: str
-    load_format: str = "auto"
-    seed: int = 0
-    enforce_eager: bool = False
-    overlap_scheduling: bool = False  # plan step N+1 on the CPU while the device runs step N
-    enable_shared_experts_fusion: bool = False  # shared expert as expert E of the fused MoE (weight 1.0)
-    enable_fused_qk_norm_rope: bool = False  # one kernel: QK RMSNorm + RoPE + KV-cache store
-    attention_backend: str = "triton"  # "triton" | "fa3" (flash_attn, see kernels/flash_attn_adapter.py)
+    device: str = option(
+        "device", "auto", "where the model runs (auto: cuda when available)",
+        flags=("--device",), choices=("auto", "cuda", "cpu"), field_default=REQUIRED)
+    dtype: str = option(
+        "dtype", "auto", "weights and activations (auto: bfloat16 on CUDA, float32 on CPU)",
+        flags=("--dtype",), choices=("auto", *_DTYPES), field_default=REQUIRED)
+    load_format: str = option(
+        "load_format", "auto", "weights: from the checkpoint (auto, safetensors) or random (dummy, for timing)",
+        flags=("--load-format",), choices=("auto", "safetensors", "dummy"))
+    seed: int = option("seed", 0, "sampling seed of the engine", flags=("--seed", "--random-seed"), type=int)
+    enforce_eager: bool = option(
+        "enforce_eager", False, "no CUDA graphs (every step runs eagerly)",
+        flags=("--enforce-eager", "--disable-cuda-graph"), type=bool)
+    overlap_scheduling: bool = option(  # plan step N+1 on the CPU while the device runs step N
+        "overlap_scheduling", None, "plan the next step on the CPU while the device runs this one (default: on "
+        "with CUDA, off on CPU and with speculative decoding)",
+        off_flags=("--disable-overlap-schedule",), field_default=False)
+    enable_shared_experts_fusion: bool = option(
+        "enable_shared_experts_fusion", False, "run the shared expert as expert E of the fused MoE (weight 1.0)",
+        flags=("--enable-shared-experts-fusion",), type=bool)
+    enable_fused_qk_norm_rope: bool = option(
+        "enable_fused_qk_norm_rope", False, "one kernel for QK RMSNorm + RoPE + KV-cache store",
+        flags=("--enable-fused-qk-norm-rope",), type=bool)
+    attention_backend: str = option(
+        "attention_backend", "triton", "paged attention: the engine's Triton kernels or flash_attn (fa3: "
+        "FlashAttention-3 `flash_attn_interface`, else FlashAttention-2 `flash_attn`; CUDA, bf16/fp16 KV only)",
+        flags=("--attention-backend",), choices=ATTENTION_BACKENDS)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    speculative: SpeculativeConfig | None = None
+    speculative: SpeculativeConfig | None = option(
+        "speculative_config", None, "speculative decoding, a dict: {'method': 'suffix' | 'mtp' | 'hybrid', "
+        "'num_speculative_tokens': ..., ...} (spec.SpeculativeConfig); the server sets it with the "
+        "--speculative-* flags")
     disaggregation: DisaggregationConfig = field(default_factory=DisaggregationConfig)
-    tokenizer: str | None = None
+    tokenizer: str | None = option(
+        "tokenizer", None, "tokenizer folder (default: the model's)", flags=("--tokenizer", "--tokenizer-path"),
+        type=str)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -84,36 +143,13 @@ class EngineConfig:
         return torch.device(self.device)
 
     @staticmethod
-    def create(
-        model: str,
-        tensor_parallel_size: int = 1,
-        dtype: str = "auto",
-        device: str = "auto",
-        max_model_len: int | None = None,
-        max_num_batched_tokens: int | None = None,
-        max_num_seqs: int | None = None,
-        kv_block_size: int = 16,
-        num_kv_blocks: int | None = None,
-        enable_prefix_caching: bool = True,
-        load_format: str = "auto",
-        seed: int = 0,
-        speculative_config: dict[str, Any] | None = None,
-        enforce_eager: bool = False,
-        kv_cache_dtype: str = "auto",
-        mem_fraction_static: float | None = None,
-        tokenizer: str | None = None,
-        overlap_scheduling: bool | None = None,
-        enable_shared_experts_fusion: bool = False,
-        enable_fused_qk_norm_rope: bool = False,
-        attention_backend: str = "triton",
-        disaggregation_mode: str = "null",
-        disaggregation_transfer_backend: str = "auto",
-        disaggregation_async_transfer: bool = False,
-        disaggregation_bootstrap_host: str = "127.0.0.1",
-        disaggregation_bootstrap_port: int = 8998,
-        disaggregation_timeout: float = 60.0,
-    ) -> "EngineConfig":
+    def create(model: str, **options: Any) -> "EngineConfig":
+        """The config for a checkpoint folder and engine options (keywords: `engine_options()`, the same as
+        LLM's); unset options take their declared defaults. ValueError names a bad value, TypeError an unknown
+        keyword."""
+        o = option_values(options)
         mcfg = load_model_config(model)
+        device, dtype = o["device"], o["dtype"]
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device not in ("cpu", "cuda"):
@@ -122,83 +158,105 @@ class EngineConfig:
             dtype = "bfloat16" if device == "cuda" else "float32"
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or 'auto', got {dtype!r}")
+        o["device"], o["dtype"] = device, dtype
         limit = mcfg.max_position_embeddings
-        if max_model_len is None:
-            max_model_len = limit
-        if not 1 < max_model_len <= limit:
-            raise ValueError(f"max_model_len must be in [2, {limit}] (the model's max_position_embeddings), got {max_model_len}")
-        if kv_block_size < 1 or kv_block_size & (kv_block_size - 1):
-            raise ValueError(f"kv_block_size must be a power of two, got {kv_block_size}")
-        if max_num_batched_tokens is None:
-            max_num_batched_tokens = 8192 if device == "cuda" else 2048
-        if max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
-        if max_num_seqs is None:
-            max_num_seqs = 256 if device == "cuda" else 64
-        if max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
-        if num_kv_blocks is not None and num_kv_blocks < 2:
-            raise ValueError(f"num_kv_blocks must be >= 2, got {num_kv_blocks}")
+        if o["max_model_len"] is None:
+            o["max_model_len"] = limit
+        if not 1 < o["max_model_len"] <= limit:
+            raise ValueError(f"max_model_len must be in [2, {limit}] (the model's max_position_embeddings), "
+                             f"got {o['max_model_len']}")
+        block_size = o["kv_block_size"]
+        if block_size < 1 or block_size & (block_size - 1):
+            raise ValueError(f"kv_block_size must be a power of two, got {block_size}")
+        if o["max_num_batched_tokens"] is None:
+            o["max_num_batched_tokens"] = 8192 if device == "cuda" else 2048
+        if o["max_num_batched_tokens"] < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {o['max_num_batched_tokens']}")
+        if o["max_num_seqs"] is None:
+            o["max_num_seqs"] = 256 if device == "cuda" else 64
+        if o["max_num_seqs"] < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {o['max_num_seqs']}")
+        if o["num_kv_blocks"] is not None and o["num_kv_blocks"] < 2:
+            raise ValueError(f"num_kv_blocks must be >= 2, got {o['num_kv_blocks']}")
+        kv_cache_dtype = o["kv_cache_dtype"]
         if kv_cache_dtype not in ("auto", "fp8_e4m3"):
             raise ValueError(f"kv_cache_dtype must be 'auto' or 'fp8_e4m3', got {kv_cache_dtype!r}")
         if kv_cache_dtype == "fp8_e4m3" and device != "cuda":
             raise ValueError("kv_cache_dtype 'fp8_e4m3' needs device 'cuda'")
-        if tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
-        if attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {attention_backend!r}")
-        if attention_backend == "fa3":
+        if o["mem_fraction_static"] is None:  # accepted for callers that passed None for "the default"
+            o["mem_fraction_static"] = 0.85
+        if o["tensor_parallel_size"] < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {o['tensor_parallel_size']}")
+        backend = o["attention_backend"]
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+        if backend == "fa3":
             torch_dtype = _DTYPES[dtype]
             kv_dtype = _kv_torch_dtype(kv_cache_dtype, torch_dtype)
-            reason = flash_attn_adapter.unsupported_reason(device, torch_dtype, mcfg.head_dim, kv_dtype, kv_block_size)
+            reason = flash_attn_adapter.unsupported_reason(device, torch_dtype, mcfg.head_dim, kv_dtype, block_size)
             if reason:
                 raise ValueError(f"attention_backend 'fa3' (--attention-backend fa3) {reason}")
-        if disaggregation_mode not in DISAGGREGATION_MODES:
-            raise ValueError(f"disaggregation_mode must be one of {DISAGGREGATION_MODES}, got {disaggregation_mode!r}")
-        if disaggregation_transfer_backend not in ("auto", "nixl", "local"):
+        if o["disaggregation_mode"] not in DISAGGREGATION_MODES:
+            raise ValueError(f"disaggregation_mode must be one of {DISAGGREGATION_MODES}, got "
+                             f"{o['disaggregation_mode']!r}")
+        if o["disaggregation_transfer_backend"] not in TRANSFER_BACKENDS:
             raise ValueError(f"disaggregation_transfer_backend must be 'auto', 'nixl' or 'local', got "
-                             f"{disaggregation_transfer_backend!r}")
-        if not disaggregation_timeout > 0:
-            raise ValueError(f"disaggregation_timeout must be > 0 seconds, got {disaggregation_timeout}")
-        disagg = DisaggregationConfig(
-            disaggregation_mode, disaggregation_transfer_backend, disaggregation_async_transfer,
-            disaggregation_bootstrap_host, disaggregation_bootstrap_port, disaggregation_timeout,
-        )
+                             f"{o['disaggregation_transfer_backend']!r}")
+        if not o["disaggregation_timeout"] > 0:
+            raise ValueError(f"disaggregation_timeout must be > 0 seconds, got {o['disaggregation_timeout']}")
         spec = None
-        if speculative_config is not None:
-            spec = SpeculativeConfig.from_dict(speculative_config)
+        if o["speculative_config"] is not None:
+            spec = SpeculativeConfig.from_dict(o["speculative_config"])
             if spec.uses_mtp and mcfg.num_nextn_predict_layers < 1:
                 raise ValueError(
                     f"speculative_config method {spec.method!r} needs the checkpoint's MTP (NextN) layer, but "
                     f"{mcfg.path} has none (config.json num_nextn_predict_layers is 0)"
                 )
-            if overlap_scheduling:
+            if o["overlap_scheduling"]:
                 raise ValueError(
                     "overlap_scheduling does not work with speculative decoding: the drafter needs each step's "
                     "accepted tokens on the host before it drafts the next (turn one of them off)"
                 )
-            overlap_scheduling = False
-        return EngineConfig(
-            model=mcfg,
-            device=device,
-            dtype=dtype,
-            load_format=load_format,
-            seed=seed,
-            enforce_eager=enforce_eager,
-            overlap_scheduling=(device == "cuda") if overlap_scheduling is None else overlap_scheduling,
-            enable_shared_experts_fusion=enable_shared_experts_fusion,
-            enable_fused_qk_norm_rope=enable_fused_qk_norm_rope,
-            attention_backend=attention_backend,
-            cache=CacheConfig(
-                block_size=kv_block_size,
-                num_blocks=num_kv_blocks,
-                enable_prefix_caching=enable_prefix_caching,
-                kv_cache_dtype=kv_cache_dtype,
-                mem_fraction_static=0.85 if mem_fraction_static is None else mem_fraction_static,
-            ),
-            scheduler=SchedulerConfig(max_num_batched_tokens, max_num_seqs, max_model_len),
-            parallel=ParallelConfig(tensor_parallel_size),
-            speculative=spec,
-            disaggregation=disagg,
-            tokenizer=tokenizer,
-        )
+            o["overlap_scheduling"] = False
+        o["speculative_config"] = spec
+        if o["overlap_scheduling"] is None:
+            o["overlap_scheduling"] = device == "cuda"
+        return _build(EngineConfig, o, model=mcfg)
+
+
+def engine_options(cls: type = EngineConfig) -> list[EngineOption]:
+    """Every engine option, in declaration order (the sections' options where the section is declared)."""
+    out: list[EngineOption] = []
+    for f in fields(cls):
+        opt = option_of(f)
+        if opt is not None:
+            out.append(opt)
+        elif _is_section(f):
+            out.extend(engine_options(f.default_factory))
+    return out
+
+
+def option_values(options: dict[str, Any]) -> dict[str, Any]:
+    """The declared defaults overridden by `options` (TypeError for a keyword that is not an engine option)."""
+    declared = {opt.name: opt.default for opt in engine_options()}
+    unknown = sorted(set(options) - set(declared))
+    if unknown:
+        raise TypeError(f"unknown engine option(s) {unknown}; the options are: {sorted(declared)}")
+    return {**declared, **options}
+
+
+def _build(cls: type, values: dict[str, Any], **fixed: Any) -> Any:
+    """A config section from option values: each option field takes its option's value, each section recurses."""
+    kwargs = dict(fixed)
+    for f in fields(cls):
+        opt = option_of(f)
+        if opt is not None:
+            kwargs[f.name] = values[opt.name]
+        elif _is_section(f):
+            kwargs[f.name] = _build(f.default_factory, values)
+    return cls(**kwargs)
+
+
+def _is_section(f: Any) -> bool:
+    """A nested config (cache, scheduler, parallel, disaggregation): a field whose default is a config class."""
+    return isinstance(f.default_factory, type) and is_dataclass(f.default_factory)

@@ -12,7 +12,7 @@ from typing import Any
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, engine_options
 from engine.distributed import init_distributed, launched_by_torchrun, shutdown_distributed
 from engine.engine_core import EngineCore
 from engine.model_worker import END_OF_CALL, ModelWorker
@@ -23,32 +23,11 @@ PromptType = str | dict[str, Any]
 
 
 class LLM:
-    def __init__(
-        self,
-        model: str,
-        tensor_parallel_size: int = 1,
-        dtype: str = "auto",
-        device: str = "auto",
-        max_model_len: int | None = None,
-        max_num_batched_tokens: int | None = None,
-        max_num_seqs: int | None = None,
-        kv_block_size: int = 16,
-        num_kv_blocks: int | None = None,
-        enable_prefix_caching: bool = True,
-        load_format: str = "auto",
-        seed: int = 0,
-        speculative_config: dict[str, Any] | None = None,
-        enforce_eager: bool = False,
-        kv_cache_dtype: str = "auto",
-        mem_fraction_static: float | None = None,
-        tokenizer: str | None = None,
-        overlap_scheduling: bool | None = None,
-        enable_shared_experts_fusion: bool = False,
-        enable_fused_qk_norm_rope: bool = False,
-        attention_backend: str = "triton",
-    ) -> None:
-        # The parameters above mirror EngineConfig.create one to one (kept explicit for users' scripts).
-        self.config = EngineConfig.create(**{k: v for k, v in locals().items() if k != "self"})
+    def __init__(self, model: str, **options: Any) -> None:
+        """`model`: a checkpoint folder. `options`: engine options by keyword (listed below, declared once in
+        engine/config.py; EngineConfig.create takes the same); TypeError for an unknown one."""
+        self.config = EngineConfig.create(model, **options)
+        tensor_parallel_size = self.config.parallel.tensor_parallel_size
         self._counter = itertools.count()
         self._worker: ModelWorker | None = None  # set on ranks > 0 under torchrun
         self._torchrun = tensor_parallel_size > 1 and launched_by_torchrun()
@@ -172,3 +151,11 @@ class LLM:
                 ids = ids["input_ids"]
             prompts.append({"prompt_token_ids": list(ids)})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+
+def _options_doc() -> str:
+    lines = [f"    {opt.name} = {opt.default!r}: {opt.help}" for opt in engine_options()]
+    return "\n\nEngine options:\n" + "\n".join(lines)
+
+
+LLM.__init__.__doc__ = (LLM.__init__.__doc__ or "") + _options_doc()  # help(LLM) lists every keyword, from the one declaration

@@ -78,7 +78,7 @@ def build_app(
     if tokenizer is None:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or model_path)
+        tokenizer = AutoTokenizer.from_pretrained(config.engine.get("tokenizer") or model_path)
     template = ChatTemplate(
         tokenizer, load_chat_template(config.chat_template), config.default_chat_template_kwargs_dict
     )

@@ -1,11 +1,11 @@
 """Command line: `python -m server [flags]` or `glint serve [flags]` -> one frozen ServerConfig.
 
-Flag names follow SGLang's launch lines (reference DESIGN.md) with vLLM spellings as aliases. Two things live
-here on purpose, in one place each:
-
-* `UNSUPPORTED`: flags whose feature is not built yet. Setting one fails at start-up with a clear
-  "not supported yet" error instead of being silently ignored. Remove an entry when its feature lands.
-* `engine_kwargs(config)`: the one mapping from ServerConfig to `EngineConfig.create(**kwargs)`.
+Flag names follow SGLang's launch lines (reference DESIGN.md) with vLLM spellings as aliases. The engine's flags
+are not listed here: each engine option is declared once, with its flags and help, on the EngineConfig field it
+fills (engine/config.py), and `add_engine_flags` builds them from there; they land in `ServerConfig.engine` by
+their LLM(...) keyword. `UNSUPPORTED` lists flag values whose feature is not built yet: setting one fails at
+start-up with a clear "not supported yet" error instead of being silently ignored (remove an entry when its
+feature lands). server/engine_args.py maps a ServerConfig onto EngineConfig.create's keywords.
 """
 
 from __future__ import annotations
@@ -13,19 +13,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
+from engine.config import engine_options
 from server.config import ServerConfig
-from spec import SpeculativeConfig
+from server.engine_args import ConfigError, engine_kwargs, speculative_config
+from server.launch import run_server
 
+__all__ = ["UNSUPPORTED", "ConfigError", "build_parser", "engine_kwargs", "main", "parse_args", "speculative_config"]
 
-class ConfigError(ValueError):
-    pass
-
-
-# (field, "is it set?", what the user is told). Checked after parsing; any hit stops the launch.
+# (parsed field, "is it set?", what the user is told). Checked after parsing; any hit stops the launch.
 UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
     (
         "attention_backend",
@@ -48,109 +48,40 @@ UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
         "--chunked-prefill-size -1 (no chunking) is not supported yet; give a token budget per step",
     ),
 ]
+# values the parser knows (SGLang's launch lines use them) only to refuse them through UNSUPPORTED
+PLANNED_CHOICES = {"attention_backend": ("torch", "flashinfer")}
 
 
-def unsupported_errors(config: ServerConfig) -> list[str]:
-    return [msg for name, is_set, msg in UNSUPPORTED if is_set(getattr(config, name))]
+def unsupported_errors(values: dict[str, Any]) -> list[str]:
+    """`values`: the parsed command line (argparse fields)."""
+    return [msg for name, is_set, msg in UNSUPPORTED if name in values and is_set(values[name])]
 
 
-# speculative_config key -> the flag that sets it (errors name the flag)
-SPECULATIVE_FLAGS = {
-    "num_speculative_tokens": "--speculative-num-draft-tokens",
-    "num_mtp_tokens": "--speculative-num-steps",
-    "max_tree_depth": "--speculative-suffix-cache-max-depth",
-    "max_spec_factor": "--speculative-suffix-max-spec-factor",
-    "min_token_prob": "--speculative-suffix-min-token-prob",
-}
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" except where it says nothing: no default (None; the help says what happens),
+    the help names its default itself, or an off-switch (--disable-*)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.const is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
-def speculative_config(config: ServerConfig) -> dict[str, Any] | None:
-    """The engine's speculative_config for the SGLang-style flags, validated (errors name the flag).
-    --speculative-num-draft-tokens counts verify slots per request as SGLang does (drafts + the root token),
-    so N slots draft at most N - 1 tokens."""
-    algo = config.speculative_algorithm
-    if algo is None:
-        return None
-    if algo.upper() in ("NEXTN", "MTP", "EAGLE"):  # Zhipu's launch lines say EAGLE: SGLang runs it as NEXTN for GLM
-        steps = config.speculative_num_steps if config.speculative_num_steps is not None else 3
-        slots = config.speculative_num_draft_tokens
-        if slots is not None and slots != steps + 1:
-            raise ConfigError(
-                f"--speculative-num-draft-tokens must be --speculative-num-steps + 1 = {steps + 1} with "
-                f"--speculative-eagle-topk 1 (a chain of {steps} MTP tokens plus the root), got {slots}"
-            )
-        out: dict[str, Any] = {"method": "mtp", "num_speculative_tokens": steps}
-        try:
-            SpeculativeConfig.from_dict(out)
-        except ValueError as e:
-            raise ConfigError(str(e).replace("speculative_config['num_speculative_tokens']",
-                                             "--speculative-num-steps")) from e
-        return out
-    if algo.upper() not in ("SUFFIX", "HYBRID"):
-        raise ConfigError(f"unknown --speculative-algorithm {algo!r}")
-    out = {"method": algo.lower()}
-    if config.speculative_num_draft_tokens is not None:
-        out["num_speculative_tokens"] = config.speculative_num_draft_tokens - 1
-    if algo.upper() == "HYBRID" and config.speculative_num_steps is not None:
-        out["num_mtp_tokens"] = config.speculative_num_steps
-    for flag, key in (
-        ("speculative_suffix_cache_max_depth", "max_tree_depth"),
-        ("speculative_suffix_max_spec_factor", "max_spec_factor"),
-        ("speculative_suffix_min_token_prob", "min_token_prob"),
-    ):
-        if getattr(config, flag) is not None:
-            out[key] = getattr(config, flag)
-    try:
-        SpeculativeConfig.from_dict(out)
-    except ValueError as e:
-        msg = str(e)
-        for key, flag in SPECULATIVE_FLAGS.items():
-            msg = msg.replace(f"speculative_config['{key}']", flag)
-        if config.speculative_num_draft_tokens is not None:
-            msg = msg.replace(f"got {out.get('num_speculative_tokens')!r}",
-                              f"got {config.speculative_num_draft_tokens} slots = "
-                              f"{out.get('num_speculative_tokens')} drafts")
-        raise ConfigError(msg) from e
-    return out
-
-
-def engine_kwargs(config: ServerConfig) -> dict[str, Any]:
-    """ServerConfig -> keyword arguments of engine.EngineConfig.create (the only place this mapping lives)."""
-    if config.model is None:
-        raise ConfigError("engine_kwargs needs a resolved model path (see server.launch.resolve_model)")
-    kwargs: dict[str, Any] = {
-        "model": config.model,
-        "tensor_parallel_size": config.tp_size,
-        "dtype": config.dtype,
-        "device": config.device,
-        "max_model_len": config.max_model_len,
-        "max_num_batched_tokens": config.chunked_prefill_size,
-        "max_num_seqs": config.max_running_requests,
-        "kv_block_size": config.page_size,
-        "num_kv_blocks": config.num_kv_blocks,
-        "enable_prefix_caching": config.enable_prefix_caching,
-        "load_format": config.load_format,
-        "seed": config.seed,
-        "enforce_eager": config.enforce_eager,
-        "kv_cache_dtype": config.kv_cache_dtype,
-        "mem_fraction_static": config.mem_fraction_static,
-        "enable_shared_experts_fusion": config.enable_shared_experts_fusion,
-        "enable_fused_qk_norm_rope": config.enable_fused_qk_norm_rope,
-        "attention_backend": config.attention_backend or "triton",
-        "overlap_scheduling": False if config.disable_overlap_schedule else None,
-        "disaggregation_mode": config.disaggregation_mode,
-        "disaggregation_transfer_backend": config.disaggregation_transfer_backend,
-        "disaggregation_async_transfer": config.disaggregation_async_transfer,
-        "disaggregation_bootstrap_host": config.disaggregation_bootstrap_host,
-        "disaggregation_bootstrap_port": config.disaggregation_bootstrap_port,
-        "disaggregation_timeout": config.disaggregation_timeout,
-    }
-    if config.tokenizer is not None:
-        kwargs["tokenizer"] = config.tokenizer
-    spec = speculative_config(config)
-    if spec is not None:
-        kwargs["speculative_config"] = spec
-    return kwargs
+def add_engine_flags(group: Any) -> None:
+    """One flag (with its aliases) per engine option that declares flags, plus its --disable-* spellings."""
+    for opt in engine_options():
+        if opt.flags:
+            kw: dict[str, Any] = {"dest": opt.dest, "default": opt.default, "help": opt.help}
+            if opt.type is bool:
+                kw["action"] = argparse.BooleanOptionalAction if opt.default else "store_true"
+            else:
+                kw["type"] = opt.type or str
+                if opt.choices is not None:
+                    kw["choices"] = [*opt.choices, *PLANNED_CHOICES.get(opt.name, ())]
+            group.add_argument(*opt.flags, **kw)
+        for flag in opt.off_flags:
+            group.add_argument(flag, dest=opt.dest, action="store_const", const=False, default=opt.default,
+                               help=f"do not {opt.help}")
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -168,7 +99,7 @@ def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
         description="glint: an OpenAI- and Anthropic-compatible server for GLM-4.7",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "--preset",
@@ -183,7 +114,6 @@ def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
         default=None,
         help="Hugging Face checkpoint folder; default: the built-in tiny model (written on first use)",
     )
-    m.add_argument("--tokenizer", "--tokenizer-path", dest="tokenizer", default=None)
     m.add_argument(
         "--served-model-name",
         nargs="+",
@@ -191,77 +121,13 @@ def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
         default=None,
         help="model name(s) reported by /v1/models; the first is echoed when a request names none",
     )
-    m.add_argument("--device", choices=["auto", "cuda", "cpu"], default=d.device)
-    m.add_argument("--dtype", choices=["auto", "bfloat16", "float32", "float16"], default=d.dtype)
-    m.add_argument("--tp-size", "--tp", "--tensor-parallel-size", dest="tp_size", type=int, default=d.tp_size)
-    m.add_argument("--max-model-len", "--context-length", dest="max_model_len", type=int, default=None)
-    m.add_argument(
-        "--max-running-requests", "--max-num-seqs", dest="max_running_requests", type=int, default=None
-    )
     m.add_argument(
         "--max-queued-requests",
         type=int,
         default=None,
         help="refuse new requests with 429 while this many are waiting",
     )
-    m.add_argument(
-        "--chunked-prefill-size",
-        "--max-num-batched-tokens",
-        dest="chunked_prefill_size",
-        type=int,
-        default=None,
-        help="token budget per engine step",
-    )
-    m.add_argument("--kv-cache-dtype", choices=["auto", "fp8_e4m3"], default=d.kv_cache_dtype)
-    m.add_argument(
-        "--mem-fraction-static",
-        "--gpu-memory-utilization",
-        dest="mem_fraction_static",
-        type=float,
-        default=None,
-    )
-    m.add_argument(
-        "--page-size", "--kv-block-size", "--block-size", dest="page_size", type=int, default=d.page_size
-    )
-    m.add_argument("--num-kv-blocks", type=int, default=None)
-    m.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    m.add_argument(
-        "--disable-radix-cache", dest="enable_prefix_caching", action="store_false", help=argparse.SUPPRESS
-    )
-    m.add_argument("--load-format", choices=["auto", "safetensors", "dummy"], default=d.load_format)
-    m.add_argument("--seed", "--random-seed", dest="seed", type=int, default=d.seed)
-    m.add_argument("--enforce-eager", "--disable-cuda-graph", dest="enforce_eager", action="store_true")
-    m.add_argument(
-        "--attention-backend",
-        choices=["triton", "fa3", "torch", "flashinfer"],
-        default=None,
-        help="paged attention: the engine's Triton kernels (default) or flash_attn (fa3: FlashAttention-3 "
-        "`flash_attn_interface`, else FlashAttention-2 `flash_attn`; CUDA, bf16/fp16 KV only)",
-    )
-    m.add_argument("--enable-fused-qk-norm-rope", action="store_true")
-    m.add_argument("--enable-shared-experts-fusion", action="store_true")
-    m.add_argument(
-        "--disable-overlap-schedule",
-        action="store_true",
-        help="run the synchronous step loop (overlap scheduling is on by default on CUDA)",
-    )
-    m.add_argument(
-        "--disaggregation-mode", choices=["null", "prefill", "decode"], default=d.disaggregation_mode,
-        help="prefill/decode disaggregation: this instance's role (null: colocated); a prefill or decode "
-        "instance serves requests forwarded by `python -m disagg.router`",
-    )
-    m.add_argument("--disaggregation-transfer-backend", choices=["auto", "nixl", "local"],
-                   default=d.disaggregation_transfer_backend,
-                   help="how KV pages move between instances: nixl, local (in-tree fallback) or auto (nixl where "
-                   "installed)")
-    m.add_argument("--disaggregation-async-transfer", action="store_true",
-                   help="send each prefill chunk's KV pages as soon as the GPU wrote them")
-    m.add_argument("--disaggregation-bootstrap-host", default=d.disaggregation_bootstrap_host,
-                   help="prefill instance: the address its KV handshake socket listens on")
-    m.add_argument("--disaggregation-bootstrap-port", type=int, default=d.disaggregation_bootstrap_port,
-                   help="prefill instance: the port of its KV handshake socket")
-    m.add_argument("--disaggregation-timeout", type=float, default=d.disaggregation_timeout,
-                   help="seconds per request, both sides, for handshake + prefill + KV transfer")
+    add_engine_flags(m)
     m.add_argument(
         "--speculative-algorithm", choices=["NEXTN", "EAGLE", "MTP", "SUFFIX", "HYBRID"], type=str.upper,
         default=None,
@@ -299,8 +165,8 @@ def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
     m.add_argument("--trust-remote-code", action="store_true", help=argparse.SUPPRESS)
 
     h = p.add_argument_group("HTTP front end")
-    h.add_argument("--host", default=d.host)
-    h.add_argument("--port", type=int, default=d.port)
+    h.add_argument("--host", default=d.host, help="address to listen on (0.0.0.0: every interface)")
+    h.add_argument("--port", type=int, default=d.port, help="port to listen on")
     h.add_argument(
         "--api-key",
         nargs="+",
@@ -387,7 +253,8 @@ def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
     )
 
     lg = p.add_argument_group("logging and monitoring")
-    lg.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=d.log_level)
+    lg.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=d.log_level,
+                    help="server and engine log level")
     lg.add_argument(
         "--log-requests",
         nargs="?",
@@ -397,7 +264,8 @@ def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
         help="one line per request: off, meta (no prompt text), params (+ sampling parameters), "
         "full (+ prompt text); a bare --log-requests means params",
     )
-    lg.add_argument("--log-format", choices=["text", "json"], default=d.log_format)
+    lg.add_argument("--log-format", choices=["text", "json"], default=d.log_format,
+                    help="request log lines as text or one JSON object each")
     lg.add_argument(
         "--stats-interval",
         type=float,
@@ -464,18 +332,24 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m server"
         parser.error(str(e))
     ns = parser.parse_args(argv)
     values = vars(ns)
+    errors = unsupported_errors(values)
     values.pop("preset", None)
     values.pop("enable_auto_tool_choice", None)
     values.pop("trust_remote_code", None)
+    engine: dict[str, Any] = {}
+    for opt in engine_options():  # the engine's flags -> ServerConfig.engine, by LLM keyword (non-defaults only)
+        if opt.dest in values:
+            value = values.pop(opt.dest)
+            if value != opt.default:
+                engine[opt.name] = value
     tuple_fields = {"served_model_name", "api_key", "allowed_origins", "allowed_methods", "allowed_headers"}
     for key in tuple_fields:
         values[key] = tuple(values[key] or ())
     kw = values.pop("default_chat_template_kwargs") or {}
     values["default_chat_template_kwargs"] = tuple(sorted(kw.items()))
     known = {f.name for f in fields(ServerConfig)}
-    config = ServerConfig(**{k: v for k, v in values.items() if k in known})
-    errors = unsupported_errors(config)
-    if config.tp_size < 1:
+    config = ServerConfig(engine=engine, **{k: v for k, v in values.items() if k in known})
+    if engine.get("tensor_parallel_size", 1) < 1:
         errors.append("--tp-size must be >= 1")
     if config.port < 0 or config.port > 65535:
         errors.append("--port must be in [0, 65535]")
@@ -506,10 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    config = parse_args(args, prog=prog)
-    from server.launch import run_server
-
-    return run_server(config)
+    return run_server(parse_args(args, prog=prog))
 
 
 if __name__ == "__main__":

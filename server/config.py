@@ -1,10 +1,10 @@
-"""The server's one frozen configuration (every CLI flag maps onto one field, see server/cli.py)."""
+"""The server's one frozen configuration (every CLI flag maps onto one field, or onto one engine option in
+`engine`; see server/cli.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from typing import Any
-
 
 # --max-request-bytes default: room for a context-filling prompt written in the most verbose legal JSON (every
 # character a 6-byte \uXXXX escape, token ids as 7-digit numbers, tool schemas and history around it), and
@@ -17,34 +17,12 @@ REQUEST_BYTES_PER_CONTEXT_TOKEN = 32
 class ServerConfig:
     # model and engine
     model: str | None = None  # None: the built-in tiny checkpoint (written on first use)
-    tokenizer: str | None = None  # defaults to the model folder
     served_model_name: tuple[str, ...] = ()
-    device: str = "auto"
-    dtype: str = "auto"
-    tp_size: int = 1
-    max_model_len: int | None = None
-    max_running_requests: int | None = None
+    # The engine options given on the command line, by their LLM(...) keyword (engine/config.py declares each
+    # option once, with its flags; server/cli.py builds the flags from there); the rest take their defaults.
+    engine: dict[str, Any] = field(default_factory=dict)
     max_queued_requests: int | None = None
-    chunked_prefill_size: int | None = None
-    kv_cache_dtype: str = "auto"
-    mem_fraction_static: float | None = None
-    page_size: int = 16
-    num_kv_blocks: int | None = None
-    enable_prefix_caching: bool = True
-    load_format: str = "auto"
-    seed: int = 0
-    enforce_eager: bool = False
-    # flags of the reference launch lines (see cli.UNSUPPORTED for the ones not built yet)
-    attention_backend: str | None = None
-    disable_overlap_schedule: bool = False
-    enable_fused_qk_norm_rope: bool = False
-    enable_shared_experts_fusion: bool = False
-    disaggregation_mode: str = "null"
-    disaggregation_transfer_backend: str = "auto"
-    disaggregation_async_transfer: bool = False
-    disaggregation_bootstrap_host: str = "127.0.0.1"
-    disaggregation_bootstrap_port: int = 8998
-    disaggregation_timeout: float = 60.0
+    # the SGLang --speculative-* flags (server/engine_args.py turns them into the engine's speculative_config)
     speculative_algorithm: str | None = None
     speculative_num_steps: int | None = None
     speculative_eagle_topk: int | None = None
@@ -94,11 +72,12 @@ class ServerConfig:
 
     def non_default_args(self) -> dict[str, Any]:
         """Fields that differ from their defaults, with API keys redacted (for the start-up log)."""
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = dict(self.engine)  # only options given on the command line
         for f in fields(self):
+            if f.name == "engine":
+                continue
             value = getattr(self, f.name)
-            default = f.default if f.default is not field else None
-            if value != default:
+            if value != f.default:
                 if f.name == "api_key":
                     value = ["<redacted>"] * len(value)
                 out[f.name] = value

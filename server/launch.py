@@ -17,7 +17,7 @@ import sys
 from typing import Callable
 from pathlib import Path
 
-from server.cli import engine_kwargs
+from server.engine_args import engine_kwargs
 from server.config import ServerConfig
 from server.log_safety import SafeFormatter
 
@@ -50,11 +50,11 @@ def resolve_model(config: ServerConfig) -> ServerConfig:
     logger.info(
         "no --model given: serving the built-in tiny model at %s (random weights, gibberish output)", path
     )
+    engine = dict(config.engine)
+    if engine.get("device", "auto") == "auto":
+        engine["device"] = "cpu"
     return dataclasses.replace(
-        config,
-        model=str(path),
-        device="cpu" if config.device == "auto" else config.device,
-        served_model_name=config.served_model_name or (TINY_MODEL_NAME,),
+        config, model=str(path), engine=engine, served_model_name=config.served_model_name or (TINY_MODEL_NAME,)
     )
 
 
@@ -72,7 +72,7 @@ def run_tp_worker(config: ServerConfig) -> int:
 
     # Ctrl-C reaches every torchrun rank; this one waits for rank 0's orderly STOP instead of dying mid-step.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    info = init_distributed(config.tp_size, econfig.device)
+    info = init_distributed(econfig.parallel.tensor_parallel_size, econfig.device)
     logger.info("tensor-parallel rank %d/%d serving model steps", info.rank, info.world_size)
     worker = None
     try:
@@ -98,7 +98,7 @@ def _launched_by_torchrun() -> bool:
 def is_torchrun_worker(config: ServerConfig) -> bool:
     import os
 
-    return config.tp_size > 1 and _launched_by_torchrun() and int(os.environ.get("RANK", "0")) != 0
+    return config.engine.get("tensor_parallel_size", 1) > 1 and _launched_by_torchrun() and int(os.environ.get("RANK", "0")) != 0
 
 
 def _quiet_uvicorn_server(config, drain: Callable[[], bool] | None = None):
@@ -131,7 +131,7 @@ def run_server(config: ServerConfig) -> int:
     non_default = config.non_default_args()
     logger.info("glint server, non-default args: %s", non_default or "(none)")
     config = resolve_model(config)
-    if config.engine_restart and config.tp_size > 1 and _launched_by_torchrun():
+    if config.engine_restart and config.engine.get("tensor_parallel_size", 1) > 1 and _launched_by_torchrun():
         logger.warning(
             "--engine-restart is not available under torchrun (the other ranks cannot rejoin): ignored"
         )

@@ -127,4 +127,4 @@ def structured_output(state: Any, grammar: str | None, starts_in_reasoning: bool
         think_end = state.tokenizer.convert_tokens_to_ids(THINK_END)
         if isinstance(think_end, int) and think_end != state.tokenizer.unk_token_id:
             after = (think_end,)
-    return StructuredOutput(grammar, state.config.tokenizer or state.model_path, after)
+    return StructuredOutput(grammar, state.config.engine.get("tokenizer") or state.model_path, after)

@@ -201,10 +201,14 @@ def test_detokenize_false_gives_ids_only(llm):
         SamplingParams(stop=["x"], detokenize=False)
 
 
-def test_llm_parameters_mirror_engine_config():
-    import inspect
+def test_llm_takes_exactly_the_engine_options(tiny_bf16):
+    from engine.config import engine_options
 
-    from engine import EngineConfig
-
-    llm_params = set(inspect.signature(LLM.__init__).parameters) - {"self"}
-    assert llm_params == set(inspect.signature(EngineConfig.create).parameters)
+    names = [opt.name for opt in engine_options()]
+    assert len(names) == len(set(names)) and {"tensor_parallel_size", "kv_block_size", "speculative_config",
+                                              "disaggregation_mode", "attention_backend"} <= set(names)
+    assert all(name in LLM.__init__.__doc__ for name in names)  # help(LLM) lists them
+    with pytest.raises(TypeError, match="tp_size"):
+        LLM(str(tiny_bf16), device="cpu", tp_size=1)
+    with pytest.raises(ValueError, match="kv_block_size must be a power of two"):
+        LLM(str(tiny_bf16), device="cpu", kv_block_size=3)

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_unguarded_tp_script_fails_fast_with_the_fix(tiny_bf16):
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, str(ROOT / "tests/scripts/tp_unguarded.py"), str(tiny_bf16)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
     elapsed = time.monotonic() - t0
     assert proc.returncode != 0 and "UNREACHABLE" not in proc.stdout, proc.stdout + proc.stderr
     assert elapsed < 60, f"took {elapsed:.0f} s"

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from server.chat_template import ChatTemplate, normalize_messages, template_kwargs
-from server.cli import UNSUPPORTED, engine_kwargs, main, parse_args, speculative_config
+from server.cli import UNSUPPORTED, build_parser, engine_kwargs, main, parse_args, speculative_config
 from server.config import ServerConfig
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest, CompletionRequest, parse_body
@@ -70,6 +70,12 @@ def test_engine_kwargs_mapping():
             "--enforce-eager",
         ]
     )
+    assert cfg.engine == {  # by LLM(...) keyword, only what the command line set
+        "tensor_parallel_size": 2, "max_model_len": 8192, "max_num_seqs": 32, "max_num_batched_tokens": 4096,
+        "kv_cache_dtype": "fp8_e4m3", "mem_fraction_static": 0.8, "kv_block_size": 32,
+        "enable_prefix_caching": False, "device": "cuda", "dtype": "bfloat16", "load_format": "dummy", "seed": 7,
+        "enforce_eager": True,
+    }
     kw = engine_kwargs(cfg)
     assert kw == {
         "model": "/ckpt",
@@ -97,15 +103,37 @@ def test_engine_kwargs_mapping():
         "disaggregation_bootstrap_host": "127.0.0.1",
         "disaggregation_bootstrap_port": 8998,
         "disaggregation_timeout": 60.0,
+        "tokenizer": None,
+        "speculative_config": None,
     }
     assert engine_kwargs(parse_args(["--model", "/ckpt", "--disable-overlap-schedule", "--enable-shared-experts-fusion",
                                      "--enable-fused-qk-norm-rope"]))["overlap_scheduling"] is False
-    import inspect
+    # vLLM's spellings and SGLang's --disable-* flags set the same options
+    alias = parse_args(["--tensor-parallel-size", "2", "--max-num-batched-tokens", "64", "--max-num-seqs", "3",
+                        "--block-size", "8", "--gpu-memory-utilization", "0.5", "--context-length", "100",
+                        "--disable-radix-cache", "--disable-cuda-graph", "--random-seed", "3",
+                        "--tokenizer-path", "/t"])
+    assert alias.engine == {"tensor_parallel_size": 2, "max_num_batched_tokens": 64, "max_num_seqs": 3,
+                            "kv_block_size": 8, "mem_fraction_static": 0.5, "max_model_len": 100,
+                            "enable_prefix_caching": False, "enforce_eager": True, "seed": 3, "tokenizer": "/t"}
 
     from engine import EngineConfig
 
-    accepted = set(inspect.signature(EngineConfig.create).parameters)
-    assert set(kw) <= accepted
+    with pytest.raises(TypeError, match="unknown engine option"):
+        EngineConfig.create("/ckpt", tp_size=2)  # the flag's name is not a keyword
+
+
+def test_every_engine_option_has_a_flag_with_help(capsys):
+    from engine.config import engine_options
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    for opt in engine_options():
+        for flag in (*opt.flags, *opt.off_flags):
+            assert flag in out, flag
+    actions = {a.dest: a for a in build_parser()._actions}
+    assert all(a.help for a in actions.values()), [d for d, a in actions.items() if not a.help]
 
 
 def test_disaggregation_flags_map_to_engine_kwargs():
@@ -164,7 +192,7 @@ def test_reference_launch_line_flags_parse():
             "--log-requests",
         ]
     )
-    assert cfg.tp_size == 8 and cfg.log_requests == "params" and cfg.allowed_origins == ("http://a",)
+    assert cfg.engine["tensor_parallel_size"] == 8 and cfg.log_requests == "params" and cfg.allowed_origins == ("http://a",)
 
 
 def test_glint_serve_help(capsys):
@@ -269,8 +297,8 @@ def test_parse_body_errors():
 
 def test_presets(capsys):
     cfg = parse_args(["--preset", "baseline-1gpu", "--port", "9001", "--model", "/m"])
-    assert cfg.load_format == "dummy" and cfg.served_model_name == ("glm-4.7-fp8",) and cfg.port == 9001
-    assert cfg.mem_fraction_static == 0.85 and cfg.host == "0.0.0.0"
+    assert cfg.engine["load_format"] == "dummy" and cfg.served_model_name == ("glm-4.7-fp8",) and cfg.port == 9001
+    assert engine_kwargs(cfg)["mem_fraction_static"] == 0.85 and cfg.host == "0.0.0.0"
     baseline = parse_args(["--preset", "baseline"])  # TP8 + NEXTN 3/1/4, as Zhipu launches it
     assert speculative_config(baseline) == {"method": "mtp", "num_speculative_tokens": 3}
     with pytest.raises(SystemExit):

@@ -1,15 +1,15 @@
 """Draft budget: how many draft tokens each request proposes this step (0 .. its cap), so that speculation gets
 out of the way where drafts are rejected (vLLM's adaptive verification, SGLang's fallback to plain decoding).
 
-Per request and draft source the budget keeps a running acceptance estimate, from the verifies it saw (each
-older verify weighted by `acceptance_decay` per newer one):
-  * "geometric" sources (MTP: no per-token confidence): a = P(a draft token is accepted | the ones before it
-    were), from decayed counts of accepted tokens and of first rejections, with a prior of mean 0.8 and mass 1;
-    draft position j (0-based) is accepted with probability a^(j+1);
-  * "calibrated" sources (suffix trees: each draft token carries its cumulative probability p_j under the
-    trees' counts): c = decayed accepted tokens / decayed sum of the proposed tokens' p_j (prior 1 over mass 1),
-    so position j is accepted with probability min(1, c * p_j). On text that does not repeat, short matches in
-    the trees claim p = 1 and c falls to the real rate.
+Per request and draft source the budget keeps a running acceptance estimate from the verifies it saw (each
+older verify weighted by `acceptance_decay` per newer one). A source may give each draft token a probability
+(suffix trees: the cumulative p_j under the trees' counts, so the conditional q_j = p_j / p_(j-1)); one without
+(MTP) counts as q_j = 1. The request's calibration c = decayed accepted tokens / decayed sum of q over the
+positions its verifies tested (each accepted one and the first rejected one), and draft position j (0-based)
+is accepted with probability prod_(i<=j) min(1, c * q_i): for MTP that is the geometric estimate c^(j+1) (prior
+c = 0.8 over mass 1, so a new request drafts); for suffix drafts the trees' own probabilities scaled by how
+well they predicted this request so far (prior 1: trust the trees). On text that does not repeat, short
+matches in the trees claim p = 1 and c falls to the real rate.
 Those probabilities are each extra draft's expected extra tokens (its marginal gain; non-increasing along a
 draft). For a step of B decoding requests the budget takes the extra draft rows in order of gain, and keeps the
 prefix that maximizes (B + expected accepted tokens) / step time, the step time being StepCost(B + rows) plus,
@@ -17,8 +17,9 @@ for MTP drafts, one chain step per draft position past the first. So a request p
 draft's gain is below what one more row costs, and the cap when drafts are reliably accepted.
 
 A request held at 0 drafts (while its drafter has a draft for it) gets a 1-draft probe after `probe_interval`
-steps; a rejected probe doubles the wait (up to `max_probe_interval`), an accepted one resets it, so a request
-whose text turns repetitive drafts again within a few probes. Suffix drafts need no probe to come back sooner:
+steps; a rejected probe doubles the wait (up to `max_probe_interval`), an accepted one is followed by another
+probe the next step (each accepted probe paid for its row), so a request whose text turns repetitive drafts
+again a few steps after its next probe. Suffix drafts need no probe to come back sooner:
 their gain follows the trees' probabilities, which rise with the repetition.
 
 With `draft_budget=False` every request drafts up to its cap (fixed k) and nothing is tracked.
@@ -31,10 +32,9 @@ from dataclasses import dataclass, field
 
 from spec.config import SpeculativeConfig
 
-GEOMETRIC = "geometric"
-CALIBRATED = "calibrated"
-PRIOR_ACCEPT, PRIOR_REJECT = 0.8, 0.2  # geometric prior: mean 0.8 over mass 1 (new requests draft fully)
-PRIOR_CALIBRATION = 1.0  # calibrated prior: trust the trees' probabilities, mass 1 token
+PRIOR_WEIGHT = 1.0  # the prior counts as one tested position
+PRIOR_PLAIN = 0.8  # prior acceptance of a source without per-token probabilities (a new request drafts)
+PRIOR_SCALED = 1.0  # prior calibration of a source with them: trust its probabilities
 MIN_GAIN = 1e-3  # drafts expected to add less than this are never worth a row
 
 
@@ -59,8 +59,7 @@ class StepCost:
 @dataclass
 class _Estimate:
     accepted: float = 0.0  # decayed accepted draft tokens
-    rejected: float = 0.0  # geometric: decayed first rejections
-    predicted: float = 0.0  # calibrated: decayed sum of the proposed tokens' probabilities
+    tested: float = 0.0  # decayed sum of the conditional probabilities q of the positions verifies tested
 
 
 @dataclass
@@ -74,9 +73,19 @@ class _RequestState:
 @dataclass(frozen=True)
 class _Proposal:
     source: str
-    kind: str
     tokens: list[int]
     probs: list[float] | None
+
+
+def conditionals(probs: Sequence[float] | None, n: int) -> list[float]:
+    """q_j for the first n draft positions: cumulative probabilities -> each one's given the ones before."""
+    if probs is None:
+        return [1.0] * n
+    out, prev = [], 1.0
+    for p in probs[:n]:
+        out.append(p / prev if prev > 0 else 0.0)
+        prev = p
+    return out
 
 
 def matched_prefix(draft: Sequence[int], emitted: Sequence[int]) -> tuple[int, bool]:
@@ -111,32 +120,20 @@ class DraftBudget:
         self._proposals.pop(seq_id, None)
 
     # -- estimates --------------------------------------------------------------------------------------
-    def gains(self, seq_id: int, source: str, kind: str, cap: int, probs: Sequence[float] | None = None) -> list[float]:
+    def gains(self, seq_id: int, source: str, cap: int, probs: Sequence[float] | None = None) -> list[float]:
         """Each draft position's probability of being accepted (non-increasing), for up to `cap` positions
-        (calibrated sources: at most len(probs))."""
+        (and at most len(probs) when the source gives per-token probabilities)."""
         if cap <= 0:
             return []
         st = self._requests.get(seq_id)
         est = (st.estimates.get(source) if st is not None else None) or _Estimate()
-        if kind == GEOMETRIC:
-            a = (est.accepted + PRIOR_ACCEPT) / (est.accepted + est.rejected + PRIOR_ACCEPT + PRIOR_REJECT)
-            out, g = [], 1.0
-            for _ in range(cap):
-                g *= a
-                out.append(g)
-            return out
-        if probs is None:
-            raise ValueError(f"a {CALIBRATED} source needs each draft token's probability")
-        c = (est.accepted + PRIOR_CALIBRATION) / (est.predicted + PRIOR_CALIBRATION)
-        out, prev = [], 1.0
-        for p in probs[:cap]:
-            prev = min(prev, c * p)
-            out.append(prev)
+        prior = PRIOR_PLAIN if probs is None else PRIOR_SCALED
+        c = (est.accepted + prior * PRIOR_WEIGHT) / (est.tested + PRIOR_WEIGHT)
+        out, g = [], 1.0
+        for q in conditionals(probs, cap):
+            g *= min(1.0, c * q)
+            out.append(g)
         return out
-
-    def acceptance(self, seq_id: int, source: str, kind: str, cap: int) -> float:
-        """Expected accepted tokens of a `cap`-token draft of this source (its running acceptance)."""
-        return sum(self.gains(seq_id, source, kind, cap, [1.0] * cap if kind == CALIBRATED else None))
 
     def row_cost_tokens(self, num_seqs: int) -> float:
         """What one more row costs a step of num_seqs decoding requests, in tokens of that step's output."""
@@ -178,11 +175,11 @@ class DraftBudget:
         return ks
 
     # -- what was proposed, and what came of it ---------------------------------------------------------
-    def proposed(self, proposals: dict[int, tuple[str, str, list[int], list[float] | None]]) -> None:
-        """This step's drafts, per seq_id: (source, kind, tokens, their probabilities or None). Replaces the
+    def proposed(self, proposals: dict[int, tuple[str, list[int], list[float] | None]]) -> None:
+        """This step's drafts, per seq_id: (source, tokens, their probabilities or None). Replaces the
         last step's, so a draft whose step never ran (preemption) is never compared with later tokens."""
         if self.enabled:
-            self._proposals = {s: _Proposal(*p) for s, p in proposals.items() if p[2]}
+            self._proposals = {s: _Proposal(*p) for s, p in proposals.items() if p[1]}
 
     def accepted(self, seq_id: int, tokens: Sequence[int]) -> None:
         """The tokens the request emitted in the step that verified its proposal."""
@@ -194,12 +191,9 @@ class DraftBudget:
         est = st.estimates.setdefault(prop.source, _Estimate())
         d = self.decay
         est.accepted = d * est.accepted + n
-        if prop.kind == GEOMETRIC:
-            est.rejected = d * est.rejected + rejected
-        else:
-            est.predicted = d * est.predicted + sum(prop.probs or [])
-        if st.probing:
-            st.interval = self.probe_interval if n else min(2 * st.interval, self.max_probe_interval)
+        est.tested = d * est.tested + sum(conditionals(prop.probs, n + rejected))
+        if st.probing:  # accepted: probe again next step until the estimate carries it; rejected: back off
+            st.interval = 1 if n else min(max(2 * st.interval, self.probe_interval), self.max_probe_interval)
             st.probing = False
         elif n:
             st.interval = self.probe_interval

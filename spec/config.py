@@ -37,7 +37,7 @@ class SpeculativeConfig:
     # Weight of older verifies in a request's running acceptance: each verify multiplies the past by this.
     acceptance_decay: float = 0.9
     # A request the budget holds at 0 drafts is probed with 1 draft after this many steps; each rejected probe
-    # doubles the wait, up to max_probe_interval; an accepted one resets it.
+    # doubles the wait, up to max_probe_interval; an accepted one is followed by another probe the next step.
     probe_interval: int = 4
     max_probe_interval: int = 32
 

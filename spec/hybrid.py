@@ -16,13 +16,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from spec.budget import CALIBRATED, GEOMETRIC, DraftBudget
+from spec.budget import DraftBudget
 from spec.config import SpeculativeConfig
 from spec.drafter import DraftSlot, Drafter, StepView
 from spec.mtp import SOURCE as MTP
 from spec.mtp import MtpDrafter
 from spec.suffix import SOURCE as SUFFIX
-from spec.suffix import SuffixDrafter
+from spec.suffix import SuffixDrafter, budget_source
 
 EMA = 0.3  # without the budget: weight of the newest MTP verify in the running acceptance
 
@@ -32,6 +32,7 @@ class _Pending:
     source: str  # "mtp" | "suffix"
     draft: list[int]
     probs: list[float] | None = None  # suffix: each token's probability under the trees
+    budget_source: str = MTP  # the budget's name for it (suffix: by match length)
 
 
 class HybridDrafter(Drafter):
@@ -91,15 +92,16 @@ class HybridDrafter(Drafter):
 
         gains, use_mtp = [], []
         for slot, d in zip(slots, suffix):
-            gs = budget.gains(slot.seq_id, SUFFIX, CALIBRATED, len(d.tokens), d.probs)
-            gm = budget.gains(slot.seq_id, MTP, GEOMETRIC, min(slot.max_drafts, chain))
+            gs = budget.gains(slot.seq_id, budget_source(d), len(d.tokens), d.probs)
+            gm = budget.gains(slot.seq_id, MTP, min(slot.max_drafts, chain))
             mtp = not gs or worth(gm) > worth(gs)
             gains.append(gm if mtp else gs)
             use_mtp.append(mtp)
         ks = budget.plan([s.seq_id for s in slots], gains, chain=use_mtp, has_draft=[True] * len(slots))
         planned = {}
         for k, slot, d, mtp, n in zip(nxt, slots, suffix, use_mtp, ks):
-            planned[slot.seq_id] = _Pending(MTP, []) if mtp else _Pending(SUFFIX, d.tokens[:n], d.probs[:n])
+            planned[slot.seq_id] = _Pending(MTP, []) if mtp else \
+                _Pending(SUFFIX, d.tokens[:n], d.probs[:n], budget_source(d))
             views[k] = replace(views[k], max_drafts=n if mtp else 0)
         self._planned = planned
         self.mtp.after_step(views)
@@ -114,16 +116,16 @@ class HybridDrafter(Drafter):
         if rest:
             rest_slots = [slots[i] for i in rest]
             drafts = self.suffix.drafts(rest_slots)
-            gains = [self.budget.gains(s.seq_id, SUFFIX, CALIBRATED, len(d.tokens), d.probs)
+            gains = [self.budget.gains(s.seq_id, budget_source(d), len(d.tokens), d.probs)
                      for s, d in zip(rest_slots, drafts)]
             ks = self.budget.plan([s.seq_id for s in rest_slots], gains, num_seqs=len(slots))
             for i, d, n in zip(rest, drafts, ks):
-                chosen[i] = _Pending(SUFFIX, d.tokens[:n], d.probs[:n])
+                chosen[i] = _Pending(SUFFIX, d.tokens[:n], d.probs[:n], budget_source(d))
         out, proposals = [], {}
         for slot, p, m in zip(slots, chosen, mtp):
             draft = (m if p.source == MTP else p.draft)[: slot.max_drafts]
             probs = None if p.source == MTP else (p.probs or [])[: len(draft)]
-            proposals[slot.seq_id] = (p.source, GEOMETRIC if p.source == MTP else CALIBRATED, draft, probs)
+            proposals[slot.seq_id] = (p.budget_source, draft, probs)
             self.proposed[p.source] += bool(draft)
             out.append(draft)
         self.budget.proposed(proposals)

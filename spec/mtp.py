@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from spec.budget import GEOMETRIC, DraftBudget
+from spec.budget import DraftBudget
 from spec.config import SpeculativeConfig
 from spec.drafter import DraftSlot, Drafter, StepView
 
@@ -73,7 +73,7 @@ class MtpDrafter(Drafter):
     def propose(self, slots: Sequence[DraftSlot]) -> list[list[int]]:
         out = [self._drafts.pop(s.seq_id, [])[: s.max_drafts] for s in slots]
         if self.budget is not None:
-            self.budget.proposed({s.seq_id: (SOURCE, GEOMETRIC, d, None) for s, d in zip(slots, out)})
+            self.budget.proposed({s.seq_id: (SOURCE, d, None) for s, d in zip(slots, out)})
         return out
 
     def _budgeted(self, views: Sequence[StepView]) -> list[StepView]:
@@ -81,7 +81,7 @@ class MtpDrafter(Drafter):
         nxt = [k for k, v in enumerate(views) if v.max_drafts > 0]
         budget, chain = self.budget, self.config.mtp_chain_length
         ids = [views[k].seq_id for k in nxt]
-        gains = [budget.gains(views[k].seq_id, SOURCE, GEOMETRIC, min(views[k].max_drafts, chain)) for k in nxt]
+        gains = [budget.gains(views[k].seq_id, SOURCE, min(views[k].max_drafts, chain)) for k in nxt]
         ks = budget.plan(ids, gains, chain=[True] * len(nxt))
         out = list(views)
         for k, n in zip(nxt, ks):

@@ -5,12 +5,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from spec.budget import CALIBRATED, DraftBudget
+from spec.budget import DraftBudget
 from spec.config import SpeculativeConfig
 from spec.drafter import DraftSlot, Drafter
 from spec.suffix_index import SuffixDraft, SuffixIndex
 
 SOURCE = "suffix"
+# The draft budget calibrates the trees' probabilities per request and per match length: a request's short
+# matches (often chance on text that does not repeat) and its long ones (copying) are right at different rates.
+MATCH_BUCKETS = (4, 16)
+
+
+def budget_source(draft: SuffixDraft) -> str:
+    """The draft budget's name for this draft's source: suffix drafts by length of the matched context."""
+    return f"{SOURCE}/{sum(draft.match_len >= b for b in MATCH_BUCKETS)}"
 
 
 class SuffixDrafter(Drafter):
@@ -44,9 +52,10 @@ class SuffixDrafter(Drafter):
         if self.budget is None:
             return [d.tokens for d in drafts]
         budget = self.budget
-        gains = [budget.gains(s.seq_id, SOURCE, CALIBRATED, len(d.tokens), d.probs) for s, d in zip(slots, drafts)]
+        sources = [budget_source(d) for d in drafts]
+        gains = [budget.gains(s.seq_id, src, len(d.tokens), d.probs) for s, d, src in zip(slots, drafts, sources)]
         ks = budget.plan([s.seq_id for s in slots], gains)
-        budget.proposed({s.seq_id: (SOURCE, CALIBRATED, d.tokens[:k], d.probs[:k]) for s, d, k in zip(slots, drafts, ks)})
+        budget.proposed({s.seq_id: (src, d.tokens[:k], d.probs[:k]) for s, d, src, k in zip(slots, drafts, sources, ks)})
         return [d.tokens[:k] for d, k in zip(drafts, ks)]
 
     def drafts(self, slots: Sequence[DraftSlot]) -> list[SuffixDraft]:

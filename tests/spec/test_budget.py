@@ -8,7 +8,9 @@ from collections.abc import Callable
 
 import pytest
 
-from spec.budget import CALIBRATED, GEOMETRIC, DraftBudget, StepCost, matched_prefix
+from spec.budget import DraftBudget, StepCost, matched_prefix
+
+GEOMETRIC, CALIBRATED = "mtp-like", "suffix-like"  # drafts without / with per-token probabilities
 from spec.config import SpeculativeConfig
 
 WRONG = 7  # the target's token after a rejected draft: never a draft token below (those are >= 100)
@@ -26,10 +28,10 @@ def simulate(b: DraftBudget, kind: str, cap: int, steps: int, accepted: Callable
     history = []
     for t in range(steps):
         probs = [1.0] * cap if kind == CALIBRATED else None
-        gains = [b.gains(s, "src", kind, cap, probs) for s in ids]
+        gains = [b.gains(s, "src", cap, probs) for s in ids]
         ks = b.plan(ids, gains, chain=[kind == GEOMETRIC] * num_seqs)
         drafts = {s: list(range(100, 100 + k)) for s, k in zip(ids, ks)}
-        b.proposed({s: ("src", kind, d, probs[: len(d)] if probs else None) for s, d in drafts.items()})
+        b.proposed({s: ("src", d, probs[: len(d)] if probs else None) for s, d in drafts.items()})
         for s, d in drafts.items():
             b.accepted(s, d + [WRONG] if accepted(t) else [WRONG])
         history.append(ks)
@@ -81,10 +83,10 @@ def test_rejected_request_does_not_hold_back_an_accepted_one():
     ids = [0, 1]
     ks_hist = []
     for _ in range(40):
-        gains = [b.gains(s, "mtp", GEOMETRIC, 3) for s in ids]
+        gains = [b.gains(s, "mtp", 3) for s in ids]
         ks = b.plan(ids, gains, chain=[True, True])
         drafts = {s: list(range(100, 100 + k)) for s, k in zip(ids, ks)}
-        b.proposed({s: ("mtp", GEOMETRIC, d, None) for s, d in drafts.items()})
+        b.proposed({s: ("mtp", d, None) for s, d in drafts.items()})
         b.accepted(0, drafts[0] + [WRONG])  # request 0: every draft accepted
         b.accepted(1, [WRONG])  # request 1: every draft rejected
         ks_hist.append(ks)
@@ -105,7 +107,7 @@ def test_step_cost_interpolates_and_extrapolates():
 def _drafts_per_request(b: DraftBudget, num_seqs: int, accept: float, cap: int = 8) -> float:
     ids = list(range(num_seqs))
     probs = [accept ** (j + 1) for j in range(cap)]
-    gains = [b.gains(s, "suffix", CALIBRATED, cap, probs) for s in ids]
+    gains = [b.gains(s, "suffix", cap, probs) for s in ids]
     return sum(b.plan(ids, gains)) / num_seqs
 
 
@@ -146,14 +148,14 @@ def test_switch_off_drafts_to_the_cap_and_tracks_nothing():
 
 def test_forgotten_or_unverified_proposals_are_not_counted():
     b = budget()
-    b.proposed({5: ("mtp", GEOMETRIC, [100, 101], None)})
-    b.proposed({6: ("mtp", GEOMETRIC, [100], None)})  # the next step: 5's draft never ran (preempted)
+    b.proposed({5: ("mtp", [100, 101], None)})
+    b.proposed({6: ("mtp", [100], None)})  # the next step: 5's draft never ran (preempted)
     b.accepted(5, [WRONG])
-    assert b.gains(5, "mtp", GEOMETRIC, 1) == [pytest.approx(0.8)]  # the prior, untouched
+    assert b.gains(5, "mtp", 1) == [pytest.approx(0.8)]  # the prior, untouched
     b.accepted(6, [WRONG])
-    assert b.gains(6, "mtp", GEOMETRIC, 1)[0] < 0.5
+    assert b.gains(6, "mtp", 1)[0] < 0.5
     b.forget(6)
-    assert b.gains(6, "mtp", GEOMETRIC, 1) == [pytest.approx(0.8)]
+    assert b.gains(6, "mtp", 1) == [pytest.approx(0.8)]
 
 
 def test_matched_prefix():
@@ -172,3 +174,19 @@ def test_matched_prefix():
 def test_config_errors_name_the_key(bad):
     with pytest.raises(ValueError, match=next(iter(bad)) if len(bad) == 1 else "step_cost|probe_interval"):
         SpeculativeConfig.from_dict({"method": "suffix", **bad})
+
+
+def test_suffix_calibration_is_per_match_length():
+    # chance matches of a few tokens are rejected; that must not hold back the drafts of a long (copying) match
+    from spec.suffix import budget_source
+    from spec.suffix_index import SuffixDraft
+
+    short = SuffixDraft([100, 101, 102], 3.0, 2, [1.0, 1.0, 1.0])
+    long = SuffixDraft([100, 101, 102], 3.0, 24, [1.0, 1.0, 1.0])
+    assert budget_source(short) != budget_source(long)
+    b = budget()
+    for _ in range(10):
+        b.proposed({0: (budget_source(short), short.tokens, short.probs)})
+        b.accepted(0, [WRONG])
+    assert b.plan([0], [b.gains(0, budget_source(short), 3, short.probs)]) == [0]
+    assert b.plan([0], [b.gains(0, budget_source(long), 3, long.probs)]) == [3]

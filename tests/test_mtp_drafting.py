@@ -74,6 +74,7 @@ def test_drafts_equal_full_recompute_of_the_nextn_chain(tiny_bf16, mtp, monkeypa
         return out
 
     monkeypatch.setattr(eng.drafter, "propose", propose)
+    monkeypatch.setattr(eng.drafter, "budget", None)  # fixed k: every step drafts (cut chains: test_spec_budget_engine)
     rng = random.Random(4)
     prompts = [{"prompt_token_ids": [rng.randrange(1400) for _ in range(n)]} for n in (70, 5, 33)]  # 70: 2 chunks
     mtp.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)

@@ -10,9 +10,13 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from engine import LLM, SamplingParams
 from engine_checks import assert_pages_clean
+from model.builder import build_model
+from model.config import load_model_config
+from test_mtp_drafting import _reference_drafts
 
 KW = dict(device="cpu", kv_block_size=16, num_kv_blocks=64, max_model_len=512, max_num_batched_tokens=64)
 CONFIGS = {
@@ -94,3 +98,35 @@ def test_budget_drafts_again_when_text_turns_repetitive(tiny_bf16, plain, traps,
     assert budget.probes > probes  # held at 0 drafts during the first M tokens, probed
     assert stats["spec_accepted_tokens"] >= 30, stats  # of the 70 repeated tokens
     assert_pages_clean(llm.engine)
+
+
+def test_mtp_drafts_after_cut_chains_equal_the_full_recompute(tiny_bf16):
+    # while the budget holds a request at 0 drafts only the NextN extend runs; the drafts of its later probes
+    # must still be the full recompute's (the layer's KV stayed aligned)
+    llm = LLM(str(tiny_bf16), speculative_config=CONFIGS["mtp"], kv_block_size=16, num_kv_blocks=48,
+              max_model_len=512, max_num_batched_tokens=48, device="cpu")
+    eng = llm.engine
+    seen, real = [], eng.drafter.propose
+
+    def propose(slots):
+        out = real(slots)
+        by_key = {r.seq_key: r for r in eng.scheduler.running}
+        seen.extend((by_key[s.seq_id].prompt_token_ids + by_key[s.seq_id].output_token_ids, list(d))
+                    for s, d in zip(slots, out))
+        return out
+
+    eng.drafter.propose = propose
+    rng = random.Random(4)
+    prompts = [{"prompt_token_ids": [rng.randrange(1400) for _ in range(n)]} for n in (70, 5, 33)]
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)
+    cfg = load_model_config(tiny_bf16)
+    with torch.no_grad():
+        ref_model = build_model(cfg, torch.device("cpu"), torch.float32, with_mtp=True, progress=False)
+    held = 0
+    checked = 0
+    for tokens, draft in seen:
+        held += not draft
+        if draft and held:  # a draft after steps at 0 drafts
+            assert draft == _reference_drafts(ref_model, cfg, tokens, len(draft)), len(tokens)
+            checked += 1
+    assert held >= 30 and checked >= 3, (held, checked)

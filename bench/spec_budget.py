@@ -1,0 +1,156 @@
+"""Draft budget on / off, offline, in one process: per speculative method (none / mtp / suffix / hybrid) and
+budget setting, the agentic-edit sessions (files asked back with small edits: repetition) and plain-code
+continuations (no repetition) at each concurrency, driving EngineCore directly with at most `concurrency`
+requests in flight. Prints TPOT (mean / p50 / p99, per request: (last token time - first) / (tokens - 1)),
+output tokens per second, drafted and accepted tokens per emitted token; JSON lines to --out.
+
+    python -m bench.spec_budget --model DIR/fp8-channel --device cuda \\
+        --methods none,mtp,suffix,hybrid --budget on,off --concurrency 1,16 \\
+        --enable-fused-qk-norm-rope --enable-shared-experts-fusion --out $OUT/spec_budget.jsonl
+
+The issue-16 target this measures: no method more than 3% slower (TPOT) than none on plain-code.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Any
+
+from bench.code_corpus import glm_chat_text
+from bench.datasets import make_edit_sessions, make_plain_code_dataset
+from engine import LLM, SamplingParams
+
+SPEC = {
+    "mtp": {"method": "mtp", "num_speculative_tokens": 3},
+    "suffix": {"method": "suffix", "num_speculative_tokens": 16},
+    "hybrid": {"method": "hybrid", "num_speculative_tokens": 16, "num_mtp_tokens": 3},
+}
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * (len(xs) - 1) + 0.5))] if xs else float("nan")
+
+
+class Driver:
+    """Keeps up to `concurrency` requests in the engine; records when each output token arrived."""
+
+    def __init__(self, llm: LLM, concurrency: int) -> None:
+        self.llm, self.eng, self.concurrency = llm, llm.engine, concurrency
+        self.times: dict[str, list[float]] = {}
+        self.texts: dict[str, str] = {}
+        self._done: dict[str, Any] = {}
+
+    def run(self, jobs: list[tuple[str, list[int], int, Any]], tenant: str) -> None:
+        """jobs: (request id, prompt ids, max_tokens, on_done(text) or None); on_done may queue more jobs."""
+        queue, live = list(jobs), set()
+        while queue or live:
+            while queue and len(live) < self.concurrency:
+                rid, ids, n, done = queue.pop(0)
+                self.eng.add_request(rid, ids, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True),
+                                     tenant=tenant)
+                live.add(rid)
+                self.times[rid], self.texts[rid], self._done[rid] = [], "", done
+            for d in self.eng.step():
+                now = time.perf_counter()
+                self.times[d.request_id] += [now] * len(d.new_token_ids)
+                self.texts[d.request_id] += d.new_text
+                if d.finished:
+                    live.discard(d.request_id)
+                    more = self._done.pop(d.request_id)
+                    if more is not None:
+                        queue += more(self.texts[d.request_id])
+
+
+def measure(llm: LLM, dataset: str, concurrency: int, args: argparse.Namespace, tag: str) -> dict[str, Any]:
+    """Prompts depend on (seed, concurrency) only, so every method sees the same ones."""
+    tok = llm.get_tokenizer()
+    seed = args.seed * 1000 + concurrency
+    drv = Driver(llm, concurrency)
+    jobs = []
+    if dataset == "plain-code":
+        specs = make_plain_code_dataset(args.num_prompts, args.input_len, args.output_len, 0.0, seed, tok,
+                                        endpoint="completions")
+        jobs = [(f"{tag}-p{i}", tok.encode(s.prompt, add_special_tokens=False), s.output_len, None)
+                for i, s in enumerate(specs)]
+    else:
+        sessions = make_edit_sessions(args.num_sessions, args.num_turns, args.input_len, args.output_len, 0, 0.0,
+                                      seed, tok, endpoint="completions")
+
+        def turn(s, k: int):
+            spec = s.next_request()
+
+            def done(text: str):
+                s.record_output(text)
+                return [] if s.done else [turn(s, k + 1)]
+            return (f"{tag}-s{s.session_id}-t{k}", tok.encode(spec.prompt, add_special_tokens=False),
+                    spec.output_len, done)
+        jobs = [turn(s, 0) for s in sessions]
+    before = llm.stats()
+    t0 = time.perf_counter()
+    drv.run(jobs, tenant=tag)  # a tenant per run: no run drafts from another's responses
+    wall = time.perf_counter() - t0
+    after = llm.stats()
+    tpot = [1000 * (t[-1] - t[0]) / (len(t) - 1) for t in drv.times.values() if len(t) > 1]
+    out_tokens = sum(len(t) for t in drv.times.values())
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("spec_draft_tokens", "spec_accepted_tokens")}
+    return {
+        "tpot_ms_mean": statistics.fmean(tpot) if tpot else float("nan"), "tpot_ms_p50": _pct(tpot, 0.5),
+        "tpot_ms_p99": _pct(tpot, 0.99), "output_tok_s": out_tokens / wall, "output_tokens": out_tokens,
+        "drafted_per_token": delta["spec_draft_tokens"] / max(out_tokens, 1),
+        "accepted_per_token": delta["spec_accepted_tokens"] / max(out_tokens, 1),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--methods", default="none,mtp,suffix,hybrid")
+    ap.add_argument("--budget", default="on,off", help="draft budget settings to run (spec draft_budget)")
+    ap.add_argument("--datasets", default="agentic-edit,plain-code")
+    ap.add_argument("--concurrency", default="1,16")
+    ap.add_argument("--num-prompts", type=int, default=32, help="plain-code requests")
+    ap.add_argument("--num-sessions", type=int, default=16, help="agentic-edit sessions")
+    ap.add_argument("--num-turns", type=int, default=3)
+    ap.add_argument("--input-len", type=int, default=1024)
+    ap.add_argument("--output-len", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--spec-option", action="append", default=[],
+                    help="extra speculative_config key=JSON value for every method, e.g. mtp_step_cost_ms=0.3")
+    ap.add_argument("--kv-cache-dtype", default="auto")
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--enable-fused-qk-norm-rope", action="store_true")
+    ap.add_argument("--enable-shared-experts-fusion", action="store_true")
+    ap.add_argument("--max-model-len", type=int, default=8192)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    extra = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.spec_option)}
+    engine_kw = dict(device=args.device, kv_cache_dtype=args.kv_cache_dtype, enforce_eager=args.enforce_eager,
+                     enable_fused_qk_norm_rope=args.enable_fused_qk_norm_rope,
+                     enable_shared_experts_fusion=args.enable_shared_experts_fusion, max_model_len=args.max_model_len,
+                     max_num_seqs=max(int(c) for c in args.concurrency.split(",")))
+    runs = []
+    for method in args.methods.split(","):
+        for budget in (["-"] if method == "none" else args.budget.split(",")):
+            spec = None if method == "none" else {**SPEC[method], **extra, "draft_budget": budget == "on"}
+            llm = LLM(args.model, speculative_config=spec, **engine_kw)
+            for dataset in args.datasets.split(","):
+                for conc in (int(c) for c in args.concurrency.split(",")):
+                    r = {"method": method, "budget": budget, "dataset": dataset, "concurrency": conc,
+                         **measure(llm, dataset, conc, args, f"{method}-{budget}-{dataset}-{conc}")}
+                    runs.append(r)
+                    print(f"{method:<7} {budget:<3} {dataset:<13} c{conc:<3} TPOT {r['tpot_ms_mean']:8.2f} "
+                          f"p50 {r['tpot_ms_p50']:8.2f} p99 {r['tpot_ms_p99']:8.2f} | {r['output_tok_s']:8.1f} tok/s | "
+                          f"drafted/tok {r['drafted_per_token']:.2f} accepted/tok {r['accepted_per_token']:.2f}",
+                          flush=True)
+                    if args.out:
+                        with open(args.out, "a") as f:
+                            f.write(json.dumps(r) + "\n")
+            llm.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -125,6 +125,9 @@ def main() -> None:
     ap.add_argument("--enable-fused-qk-norm-rope", action="store_true")
     ap.add_argument("--enable-shared-experts-fusion", action="store_true")
     ap.add_argument("--max-model-len", type=int, default=8192)
+    ap.add_argument("--none-overlap", choices=["auto", "off"], default="auto",
+                    help="overlap scheduling for method none (speculation always runs without it): auto = the "
+                         "engine default (on with CUDA); off = the same host/device serialization as speculation")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     extra = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.spec_option)}
@@ -136,7 +139,8 @@ def main() -> None:
     for method in args.methods.split(","):
         for budget in (["-"] if method == "none" else args.budget.split(",")):
             spec = None if method == "none" else {**SPEC[method], **extra, "draft_budget": budget == "on"}
-            llm = LLM(args.model, speculative_config=spec, **engine_kw)
+            overlap = {"overlap_scheduling": False} if spec is None and args.none_overlap == "off" else {}
+            llm = LLM(args.model, speculative_config=spec, **engine_kw, **overlap)
             for dataset in args.datasets.split(","):
                 for conc in (int(c) for c in args.concurrency.split(",")):
                     r = {"method": method, "budget": budget, "dataset": dataset, "concurrency": conc,

@@ -55,8 +55,11 @@ class Router:
         self._log.close()
 
 
-def start(tmp: Path, name: str, *args: str) -> LiveServer:
-    srv = LiveServer(list(args), ENV, tmp / f"{name}.log")
+def start(tmp: Path, name: str, *args: str, port: int | None = None) -> LiveServer:
+    """A ready server; `port` pins its port (the last --port flag wins over LiveServer's own)."""
+    srv = LiveServer(list(args) + (["--port", str(port)] if port else []), ENV, tmp / f"{name}.log")
+    if port:
+        srv.port, srv.url = port, f"http://127.0.0.1:{port}"
     try:
         srv.wait_ready()
     except Exception:
@@ -227,33 +230,58 @@ def send_in_background(url: str, prompt: list[int]) -> dict:
     return result
 
 
-def test_killed_decode_instance_ends_the_request_and_prefill_pages_come_back(fragile):
+def kill(server: LiveServer) -> None:
+    os.killpg(os.getpgid(server.engine_pid()), signal.SIGKILL)
+    server.proc.kill()
+    server.proc.wait(10)
+
+
+def freeze_mid_handover(prefill: LiveServer, decode: LiveServer) -> int:
+    """Wait until both sides hold the request's room, then SIGSTOP the prefill engine (so the handover cannot
+    finish before the test kills an instance); returns the frozen pid."""
+    deadline = time.monotonic() + 30
+    while not (engine_stats(prefill.url)["disagg_rooms_active"] and engine_stats(decode.url)["disagg_rooms_active"]):
+        assert time.monotonic() < deadline, "the request never reached both instances"
+        time.sleep(0.05)
+    pid = prefill.engine_pid()
+    os.kill(pid, signal.SIGSTOP)
+    return pid
+
+
+def test_killed_and_restarted_instances(fragile, tmp_path):
+    """Kill the decode instance while a long prompt is prefilled: the client gets an error within the deadline
+    and the prefill side's pages come back. Restart it on the same port: the router and the prefill instance
+    take it back (a new Hello). Then kill the prefill instance mid-request: the decode side frees its
+    reservation within the deadline."""
     prefill, decode, router = fragile
-    res = send_in_background(router.url, long_prompt(1500, 7))  # ~94 chunks: seconds of prefill on this CPU
-    time.sleep(1.0)
-    assert engine_stats(prefill.url)["disagg_rooms_active"] == 1
-    os.killpg(os.getpgid(decode.engine_pid()), signal.SIGKILL)
-    decode.proc.kill()
+    res = send_in_background(router.url, long_prompt(4000, 7))  # 250 chunks of 16
+    frozen = freeze_mid_handover(prefill, decode)
+    kill(decode)
+    os.kill(frozen, signal.SIGCONT)
     res["thread"].join(TIMEOUT + 30)
-    assert res.get("status") != 200, res
-    assert res["elapsed"] < TIMEOUT + 30
+    assert res.get("status") != 200 and res["elapsed"] < TIMEOUT + 30, res
     wait_pages_back(prefill.url, timeout=TIMEOUT + 20)
     assert engine_stats(prefill.url)["disagg_failed_total"] >= 1
 
+    decode = start(tmp_path, "decode2", *role_args("decode", "--disaggregation-timeout", str(TIMEOUT)),
+                   port=decode.port)
+    try:
+        deadline = time.monotonic() + 30
+        while httpx.get(router.url + "/health", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline, "the router did not take the restarted decode instance back"
+            time.sleep(0.3)
+        assert post(router.url, *CASES["chat"])["choices"][0]["finish_reason"] == "length"
 
-def test_killed_prefill_instance_frees_the_decode_reservation(fragile):
-    prefill, decode, router = fragile
-    res = send_in_background(router.url, long_prompt(1500, 8))
-    time.sleep(1.0)
-    assert engine_stats(decode.url)["disagg_rooms_active"] == 1
-    os.killpg(os.getpgid(prefill.engine_pid()), signal.SIGKILL)
-    prefill.proc.kill()
-    res["thread"].join(TIMEOUT + 30)
-    assert res.get("status") != 200, res
-    assert res["elapsed"] < TIMEOUT + 30
-    wait_pages_back(decode.url, timeout=TIMEOUT + 20)
-    stats = engine_stats(decode.url)
-    assert stats["disagg_failed_total"] >= 1 and stats["disagg_quarantined_pages"] == 0
+        res = send_in_background(router.url, long_prompt(4000, 8))
+        freeze_mid_handover(prefill, decode)
+        kill(prefill)
+        res["thread"].join(TIMEOUT + 30)
+        assert res.get("status") != 200 and res["elapsed"] < TIMEOUT + 30, res
+        wait_pages_back(decode.url, timeout=TIMEOUT + 20)
+        stats = engine_stats(decode.url)
+        assert stats["disagg_failed_total"] >= 1 and stats["disagg_quarantined_pages"] == 0
+    finally:
+        decode.stop()
 
 
 def test_tensor_parallel_two_on_each_side(cluster, tmp_path):

@@ -30,6 +30,8 @@ import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from spec.config import SpeculativeConfig
 
 PRIOR_WEIGHT = 1.0  # the prior counts as one tested position
@@ -54,6 +56,16 @@ class StepCost:
         i = min(bisect.bisect_right(rows, n), len(rows) - 1)  # segment rows[i-1] .. rows[i]
         slope = (ms[i] - ms[i - 1]) / (rows[i] - rows[i - 1])
         return ms[i - 1] + slope * (n - rows[i - 1])
+
+    def many(self, n: torch.Tensor) -> torch.Tensor:
+        """__call__ for a float64 tensor of row counts."""
+        rows = torch.tensor(self.rows, dtype=torch.float64)
+        ms = torch.tensor(self.ms, dtype=torch.float64)
+        if len(self.rows) == 1:
+            return torch.full_like(n, self.ms[0])
+        i = torch.bucketize(n, rows, right=True).clamp(1, len(self.rows) - 1)
+        slope = (ms[i] - ms[i - 1]) / (rows[i] - rows[i - 1])
+        return torch.where(n <= rows[0], ms[0], ms[i - 1] + slope * (n - rows[i - 1]))
 
 
 @dataclass
@@ -149,19 +161,7 @@ class DraftBudget:
         if not self.enabled:
             return [len(g) for g in gains]
         b = len(seq_ids) if num_seqs is None else num_seqs
-        cands = sorted((-g, j, i) for i, gs in enumerate(gains) for j, g in enumerate(gs) if g >= MIN_GAIN)
-        best_rate, best_m = b / self.cost(b), 0
-        tokens, depth = float(b), 0
-        for m, (neg_g, j, i) in enumerate(cands, 1):
-            tokens -= neg_g
-            if chain is not None and chain[i]:
-                depth = max(depth, j + 1)
-            rate = tokens / (self.cost(b + m) + self.chain_step_ms * max(0, depth - 1))
-            if rate > best_rate:
-                best_rate, best_m = rate, m
-        ks = [0] * len(gains)
-        for _, _, i in cands[:best_m]:
-            ks[i] += 1
+        ks = self._best_prefix(b, gains, chain) if any(gains) else [0] * len(gains)
         for i, seq_id in enumerate(seq_ids):
             st = self._state(seq_id)
             st.probing = False
@@ -173,6 +173,31 @@ class DraftBudget:
                     ks[i], st.idle, st.probing = 1, 0, True
                     self.probes += 1
         return ks
+
+    def _best_prefix(self, b: int, gains: Sequence[Sequence[float]], chain: Sequence[bool] | None) -> list[int]:
+        """Take the extra rows in order of gain (a request's own in position order: its gains do not increase,
+        and the sort is stable) and keep the prefix with the most tokens per ms. In torch: ~1000 candidates
+        at batch 64 x 16 drafts cost ~0.1 ms this way, ~2 ms in a Python loop."""
+        width = max(len(g) for g in gains)
+        g = torch.tensor([list(x) + [0.0] * (width - len(x)) for x in gains], dtype=torch.float64)
+        flat = g.flatten()
+        order = torch.sort(flat, descending=True, stable=True).indices
+        order = order[flat[order] >= MIN_GAIN]
+        if order.numel() == 0:
+            return [0] * len(gains)
+        req, pos = order // width, order % width
+        tokens = b + torch.cumsum(flat[order], 0)
+        rows = b + torch.arange(1, order.numel() + 1, dtype=torch.float64)
+        time = self.cost.many(rows)
+        if chain is not None and any(chain):
+            on_chain = torch.tensor(list(chain), dtype=torch.bool)[req]
+            depth = torch.cummax(torch.where(on_chain, pos + 1, 0), 0).values
+            time = time + self.chain_step_ms * (depth - 1).clamp(min=0)
+        rate = tokens / time
+        best = int(torch.argmax(rate))
+        if float(rate[best]) <= b / self.cost(b):
+            return [0] * len(gains)
+        return torch.bincount(req[: best + 1], minlength=len(gains)).tolist()
 
     # -- what was proposed, and what came of it ---------------------------------------------------------
     def proposed(self, proposals: dict[int, tuple[str, list[int], list[float] | None]]) -> None:

@@ -190,3 +190,39 @@ def test_suffix_calibration_is_per_match_length():
         b.accepted(0, [WRONG])
     assert b.plan([0], [b.gains(0, budget_source(short), 3, short.probs)]) == [0]
     assert b.plan([0], [b.gains(0, budget_source(long), 3, long.probs)]) == [3]
+
+
+def _reference_prefix(b: int, gains, chain, cost, chain_ms: float) -> list[int]:
+    """The plan's choice written plainly: candidates by gain (stable), the best prefix by tokens per ms."""
+    cands = [(g, i, j) for i, gs in enumerate(gains) for j, g in enumerate(gs) if g >= 1e-3]
+    order = sorted(range(len(cands)), key=lambda k: cands[k][0], reverse=True)
+    best_rate, best_m = b / cost(b), 0
+    for m in range(1, len(order) + 1):
+        taken = [cands[k] for k in order[:m]]
+        depth = max([j + 1 for _, i, j in taken if chain[i]], default=0)
+        rate = (b + sum(g for g, _, _ in taken)) / (cost(b + m) + chain_ms * max(0, depth - 1))
+        if rate > best_rate:
+            best_rate, best_m = rate, m
+    ks = [0] * len(gains)
+    for k in order[:best_m]:
+        ks[cands[k][1]] += 1
+    return ks
+
+
+def test_plan_equals_the_plain_reference_on_random_gains():
+    import random
+
+    rng = random.Random(0)
+    b = budget(probe_interval=1000, max_probe_interval=1000)  # no probes: the optimizer's choice alone
+    for trial in range(200):
+        num, cap = rng.choice([1, 2, 5, 16, 40]), rng.choice([1, 3, 8, 16])
+        gains = []
+        for _ in range(num):
+            a, x, g = rng.random(), 1.0, []
+            for _ in range(rng.randint(0, cap)):
+                x *= min(1.0, a * (0.5 + rng.random()))
+                g.append(round(x, 2))  # ties, within and across requests
+            gains.append(g)
+        chain = [rng.random() < 0.5 for _ in range(num)]
+        want = _reference_prefix(num, gains, chain, b.cost, b.chain_step_ms)
+        assert b.plan(list(range(1000 * trial, 1000 * trial + num)), gains, chain=chain) == want, (gains, chain)

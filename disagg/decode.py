@@ -164,11 +164,11 @@ class DecodeConnector(KVConnector):
                 self._scheduler.cancel_reservation(room.req)  # no write came: reserved afresh after the Welcome
                 room.reserved = False
         elif isinstance(msg, Done):
+            self.clients.send(addr, Ack(msg.room))  # also for a room we gave up on: the source pages go free
             room = self._rooms.pop(msg.room, None)
             if room is None:
                 return
             self._room_of.pop(room.req.seq_key, None)
-            self.clients.send(addr, Ack(msg.room))
             self.num_received += 1
             self.wait_seconds += time.monotonic() - room.added_at
             update.arrived.append((room.req, msg.token, msg.logprobs))

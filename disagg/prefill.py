@@ -74,6 +74,7 @@ class PrefillConnector(KVConnector):
         self._rooms: dict[int, _Room] = {}
         self._early: dict[int, tuple[bytes, Reserve, float]] = {}  # Reserves that came before their request
         self._peers: dict[bytes, str] = {}  # decode identity -> its instance name (Hello applied)
+        self._hellos: dict[bytes, Hello] = {}
         self._cancelling: dict[int, tuple[bytes, float]] = {}  # decode-aborted rooms: writes being cancelled
         self._room_of: dict[int, int] = {}  # request seq_key -> room
         self._scheduler: Scheduler | None = None
@@ -230,6 +231,8 @@ class PrefillConnector(KVConnector):
             self._cancel_writes(msg.room, identity)
 
     def _hello(self, identity: bytes, msg: Hello) -> Welcome:
+        if self._hellos.get(identity) == msg:  # a resent Hello (our Welcome was slow): re-adding would drop
+            return Welcome(self.name)          # the peer's in-flight writes
         if msg.backend != self.backend:
             return Welcome(self.name, f"transfer backend {msg.backend!r} on the decode side, {self.backend!r} here")
         try:
@@ -238,6 +241,7 @@ class PrefillConnector(KVConnector):
             log.error("decode instance %s refused: %s", msg.decode, exc)
             return Welcome(self.name, f"{type(exc).__name__}: {exc}")
         self._peers[identity] = msg.decode
+        self._hellos[identity] = msg
         return Welcome(self.name)
 
     def _accept_reserve(self, room: _Room, identity: bytes, msg: Reserve) -> None:

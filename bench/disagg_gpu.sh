@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Prefill/decode disaggregation on one GPU (issue 17 item 7): colocated vs disaggregated (sync and async transfer)
+# Prefill/decode disaggregation on one GPU (issue 17 item 7): colocated (also with the prefill cap next to decodes,
+# issue 21 item 4) vs disaggregated (sync and async transfer)
 # under one load where long prompts arrive while other requests decode. A prefill and a decode instance share
 # the GPU (memory split by --mem-fraction-static), behind `python -m disagg.router`; the colocated run is one
 # server with the same memory. Two bench.serving clients run at once: DECODERS (short prompts, long outputs,
@@ -22,7 +23,8 @@ export UCX_CUDA_IPC_ENABLE_GET_ZCOPY=${UCX_CUDA_IPC_ENABLE_GET_ZCOPY:-yes}
 LAYERS=${LAYERS:-8}
 MODEL=${MODEL:-$(python3 -m bench.real_shape --layers "$LAYERS")}
 DEVICE_ARGS=${DEVICE_ARGS:-}
-RUNS=${RUNS:-"colocated disagg-sync disagg-async"}
+RUNS=${RUNS:-"colocated colocated-capped disagg-sync disagg-async"}
+CAP=${CAP:-2048}  # colocated-capped: --max-prefill-tokens-while-decoding (issue 21 item 4)
 LONG_LEN=${LONG_LEN:-16384}; LONG_NUM=${LONG_NUM:-16}; LONG_RATE=${LONG_RATE:-0.5}
 DEC_LEN=${DEC_LEN:-1024}; DEC_OUT=${DEC_OUT:-512}; DEC_NUM=${DEC_NUM:-64}; DEC_CONC=${DEC_CONC:-16}
 MEM=${MEM:-0.40}  # per instance in the disaggregated runs; the colocated server gets 2 x MEM
@@ -54,9 +56,11 @@ for run in $RUNS; do
     base=$((19000 + RANDOM % 500 * 4))
     url="http://127.0.0.1:$base"
     common=(--model "$MODEL" --host 127.0.0.1 $DEVICE_ARGS)
-    if [ "$run" = colocated ]; then
+    if [ "${run#colocated}" != "$run" ]; then
         mem2=$(python3 -c "print(2 * $MEM)")
-        python3 -m server "${common[@]}" --port "$base" --mem-fraction-static "$mem2" >"$OUT/$run.server.log" 2>&1 &
+        cap=(); [ "$run" = colocated-capped ] && cap=(--max-prefill-tokens-while-decoding "$CAP")
+        python3 -m server "${common[@]}" --port "$base" --mem-fraction-static "$mem2" "${cap[@]}" \
+            >"$OUT/$run.server.log" 2>&1 &
         PIDS+=($!); wait_up "$url" "$!" "$OUT/$run.server.log" || { stop_all; continue; }
         prefill_url=$url
     else

@@ -50,6 +50,13 @@ class BootstrapServer:
     def wait(self, timeout_s: float) -> None:
         self._sock.poll(int(timeout_s * 1000))
 
+    def has_pending(self) -> bool:
+        return bool(self._sock.poll(0))
+
+    @property
+    def socket(self) -> zmq.Socket:
+        return self._sock
+
     def close(self) -> None:
         self._sock.close(0)
 

@@ -163,7 +163,10 @@ class PrefillConnector(KVConnector):
         return [pid for room in self._rooms.values() for pid in room.held]
 
     def has_work(self) -> bool:
-        return bool(self._rooms or self._early or self._cancelling)
+        return bool(self._rooms or self._early or self._cancelling) or self.server.has_pending()
+
+    def wake_sockets(self) -> list[Any]:
+        return [self.server.socket]
 
     def wait(self, timeout_s: float) -> None:
         self.server.wait(timeout_s)

@@ -53,6 +53,10 @@ class SchedulerConfig:
     max_model_len: int = option(
         "max_model_len", None, "context length in tokens (default: the model's max_position_embeddings)",
         flags=("--max-model-len", "--context-length"), type=int, field_default=4096)
+    max_prefill_tokens_while_decoding: int | None = option(
+        "max_prefill_tokens_while_decoding", None, "most prompt tokens a step computes while it also runs "
+        "decodes: smaller prefill chunks next to decodes bound their inter-token latency (default: no cap "
+        "beyond the step budget)", flags=("--max-prefill-tokens-while-decoding",), type=int)
 
 
 @dataclass(frozen=True)
@@ -172,6 +176,9 @@ class EngineConfig:
             o["max_num_batched_tokens"] = 8192 if device == "cuda" else 2048
         if o["max_num_batched_tokens"] < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {o['max_num_batched_tokens']}")
+        cap = o["max_prefill_tokens_while_decoding"]
+        if cap is not None and cap < 1:
+            raise ValueError(f"max_prefill_tokens_while_decoding must be >= 1, got {cap}")
         if o["max_num_seqs"] is None:
             o["max_num_seqs"] = 256 if device == "cuda" else 64
         if o["max_num_seqs"] < 1:

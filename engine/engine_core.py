@@ -117,6 +117,10 @@ class EngineCore:
             "stats": self.stats(),
         }
 
+    def wake_sockets(self) -> list[Any]:
+        """Sockets whose messages must wake an idle serving loop (disaggregation's handshake socket)."""
+        return self.connector.wake_sockets() if self.connector is not None else []
+
     def check_health(self) -> None:
         """Raise RuntimeError if a tensor-parallel rank this engine spawned has exited (the server calls this
         while idle, so a dead rank is noticed before the next step needs it)."""

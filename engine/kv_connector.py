@@ -125,6 +125,10 @@ class KVConnector(abc.ABC):
     def has_work(self) -> bool:
         """Anything in flight (the engine loop keeps stepping while true)."""
 
+    def wake_sockets(self) -> list[Any]:
+        """ZMQ sockets whose messages must wake an idle engine loop (a prefill instance's handshake socket)."""
+        return []
+
     @abc.abstractmethod
     def wait(self, timeout_s: float) -> None:
         """Block up to timeout_s for a message from a peer (a step with nothing to run calls this, not a spin)."""

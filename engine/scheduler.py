@@ -130,25 +130,29 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        prefill_budget = self._prefill_budget(budget)
         for req in list(self.running):
             if budget == 0:
                 break
             if req.status != Status.RUNNING:  # preempted earlier in this loop
                 continue
             rest = req.num_tokens - req.num_computed_tokens
-            n = min(rest, budget)
+            n = min(rest, budget) if rest == 1 else min(rest, budget, prefill_budget)
             if n <= 0 or req.num_output_tokens >= req.max_tokens:
-                continue  # nothing to compute, or its last token is still in flight
+                continue  # nothing to compute (or no prefill budget left), or its last token is still in flight
             drafts = min(len(req.draft_token_ids), budget - n) if n == rest else 0
             if not self._make_room(req, req.num_computed_tokens + n + drafts, out):
                 continue  # req itself was preempted
             out.scheduled.append(ScheduledRequest(req, req.num_computed_tokens, n + drafts, drafts))
             budget -= n + drafts
+            if rest > 1:
+                prefill_budget -= n
         if out.preempted:  # memory is short: let the running set drain before admitting more
             return out
-        while self.waiting and budget > 0 and len(self.running) + len(self.receiving) < self.config.max_num_seqs:
+        while (self.waiting and min(budget, prefill_budget) > 0
+               and len(self.running) + len(self.receiving) < self.config.max_num_seqs):
             req = self.waiting[0]
-            scheduled = self._admit(req, budget)
+            scheduled = self._admit(req, min(budget, prefill_budget))
             if scheduled is None:
                 break
             self.waiting.popleft()
@@ -157,7 +161,16 @@ class Scheduler:
             self.running.append(req)
             out.scheduled.append(scheduled)
             budget -= scheduled.num_tokens
+            prefill_budget -= scheduled.num_tokens
         return out
+
+    def _prefill_budget(self, budget: int) -> int:
+        """Prompt tokens this step may compute: the whole budget, or the cap for steps that also decode (a
+        decode waits for the whole step, so a long chunk next to it is its inter-token latency)."""
+        cap = self.config.max_prefill_tokens_while_decoding
+        if cap is None or not any(r.num_computed_tokens >= r.num_prompt_tokens for r in self.running):
+            return budget
+        return min(cap, budget)
 
     def _pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

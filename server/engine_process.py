@@ -155,6 +155,8 @@ def run_engine_process(spec: EngineProcessSpec) -> None:
 def _loop(core: Any, pull: Any, push: Any, parent_pid: int) -> None:
     poller = zmq.Poller()
     poller.register(pull, zmq.POLLIN)
+    for sock in getattr(core, "wake_sockets", list)():  # a prefill instance's handshake socket
+        poller.register(sock, zmq.POLLIN)
     last_stats = 0.0
     check_health = getattr(core, "check_health", None)  # raises when a tensor-parallel rank is gone
     while True:

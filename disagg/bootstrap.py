@@ -6,6 +6,7 @@ loop polls. A peer that dies is not reported by ZMQ; both sides' per-request dea
 from __future__ import annotations
 
 import pickle
+import socket
 from typing import Any
 
 import zmq
@@ -29,7 +30,9 @@ class BootstrapServer:
             port = self._sock.bind_to_random_port(f"tcp://{host}")
         else:
             self._sock.bind(f"tcp://{host}:{port}")
-        self.address = f"tcp://{host}:{port}"
+        # the address decode instances connect to: a wildcard bind is advertised as this host's address
+        advertised = socket.gethostbyname(socket.gethostname()) if host in ("0.0.0.0", "*", "") else host
+        self.address = f"tcp://{advertised}:{port}"
 
     def receive(self) -> list[tuple[bytes, Any]]:
         out = []

@@ -61,6 +61,7 @@ def resolve_model(config: ServerConfig) -> ServerConfig:
 def run_tp_worker(config: ServerConfig) -> int:
     """`torchrun --nproc-per-node N -m server --tp-size N ...`: ranks > 0 run the model worker loop (rank 0's
     engine process broadcasts every step to them) until the server stops."""
+    from disagg.connector import kv_worker_factory
     from engine import EngineConfig
     from engine.distributed import init_distributed
     from engine.model_worker import ModelWorker, leave_process_group
@@ -76,7 +77,7 @@ def run_tp_worker(config: ServerConfig) -> int:
     logger.info("tensor-parallel rank %d/%d serving model steps", info.rank, info.world_size)
     worker = None
     try:
-        worker = ModelWorker(econfig, info)
+        worker = ModelWorker(econfig, info, kv_worker_factory(econfig))  # disaggregation: this rank's KV shard
         worker.serve_forever()
     except RuntimeError as exc:
         logger.error(

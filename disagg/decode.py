@@ -3,7 +3,8 @@
 A request arrives from the router with a room and its prefill instance's bootstrap address. Once the control
 connection to that instance is up (Hello -> Welcome: the prefill side added our transfer agents on every rank),
 the request reserves pages for its whole prompt and a seat (`Scheduler.reserve_for_transfer`; it waits in
-`receiving`, never scheduled) and sends Reserve(room, pages). The prefill side's Done(room, token) says every
+`receiving`, never scheduled; full prompt pages in our own prefix cache are reused and not sent again) and sends
+Reserve(room, pages, skip). The prefill side's Done(room, token) says every
 page has landed on every rank: the request starts decoding and we Ack. If we give up (deadline, client gone,
 the prefill side's Abort), the reserved pages are quarantined — referenced by the connector, so nothing reuses
 them — until the prefill side confirms that no write into them is in flight (AbortAck) or the deadline passes.
@@ -142,11 +143,14 @@ class DecodeConnector(KVConnector):
             elif not link.welcomed:
                 if now - link.hello_sent_at > 1.0:  # a lost Hello (the prefill side was not up yet): again
                     self._hello(room.addr)
-            elif not room.reserved and self._scheduler.reserve_for_transfer(room.req):
-                room.reserved = True
-                req = room.req
-                self.clients.send(room.addr, Reserve(room_id, tuple(req.block_ids), req.num_prompt_tokens,
-                                                     prompt_hash(req.prompt_token_ids), room.deadline))
+            elif not room.reserved:
+                cached = self._scheduler.reserve_for_transfer(room.req)
+                if cached is not None:
+                    room.reserved = True
+                    req = room.req
+                    self.clients.send(room.addr, Reserve(
+                        room_id, tuple(req.block_ids), cached, req.num_prompt_tokens,
+                        prompt_hash(req.prompt_token_ids), room.deadline))
         for room_id, (pages, until) in list(self._quarantine.items()):
             if now > until:  # the prefill side never confirmed; its writes cannot outlive its own deadline
                 self._release_quarantine(room_id)

@@ -252,12 +252,13 @@ class PrefillConnector(KVConnector):
         need = -(-req.num_prompt_tokens // self._pool.block_size)
         room.decode = identity
         if msg.num_prompt_tokens != req.num_prompt_tokens or msg.prompt_hash != prompt_hash(req.prompt_token_ids) \
-                or len(msg.pages) != need:
+                or len(msg.pages) != need or not 0 <= msg.skip_pages <= need:
             room.deadline = 0.0  # fails at this poll's deadline check, telling the decode side
             log.error("room %d: the decode side's prompt (%d tokens, %d pages) is not ours (%d tokens)",
                       msg.room, msg.num_prompt_tokens, len(msg.pages), req.num_prompt_tokens)
             return
         room.reserve = msg
+        room.sent_pages = msg.skip_pages  # the decode side's prefix cache has those
         room.deadline = min(room.deadline, msg.deadline)
 
     def _collect_writes(self, update: ConnectorUpdate) -> None:

@@ -42,6 +42,7 @@ class Welcome:
 class Reserve:
     room: int
     pages: tuple[int, ...]  # the decode side's pages, in block-table order, covering the whole prompt
+    skip_pages: int  # leading pages the decode side has already (its prefix cache): not sent
     num_prompt_tokens: int
     prompt_hash: int  # both sides check they talk about the same prompt
     deadline: float  # time.time(): the decode side gives up then

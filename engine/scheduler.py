@@ -98,17 +98,31 @@ class Scheduler:
             req.block_ids = []
 
     # -- disaggregation (decode side) ------------------------------------------------------------------
-    def reserve_for_transfer(self, req: Request) -> bool:
+    def reserve_for_transfer(self, req: Request) -> int | None:
         """Pages for the whole prompt of a request whose KV another instance computes, and a seat among the
-        running requests; False (nothing taken) if either is short now. The request then waits in `receiving`
-        (never scheduled) until `start_after_transfer`."""
-        need = self._pages_for(req.num_prompt_tokens)
-        if len(self.running) + len(self.receiving) >= self.config.max_num_seqs or need > self.pool.num_allocatable:
-            return False
-        req.block_ids = self.pool.allocate(need)
+        running requests; None (nothing taken) if either is short now. Full prompt pages found in this
+        instance's prefix cache are reused; returns how many leading pages hold their KV already (the other
+        instance need not send those). The request then waits in `receiving` (never scheduled) until
+        `start_after_transfer`."""
+        if len(self.running) + len(self.receiving) >= self.config.max_num_seqs:
+            return None
+        hits: list[int] = []
+        if self.pool.enable_prefix_caching:
+            hashes, blocks = req.full_block_hashes(self.block_size, req.num_prompt_tokens)
+            req.block_hashes = hashes
+            hits = self.pool.lookup(hashes, blocks)
+        need = self._pages_for(req.num_prompt_tokens) - len(hits)
+        hits_unreferenced = sum(1 for pid in hits if self.pool.pages[pid].ref_count == 0)
+        if need > self.pool.num_allocatable - hits_unreferenced:
+            return None
+        self.pool.touch(hits)
+        req.block_ids = hits + self.pool.allocate(need)
+        req.num_registered_blocks = len(hits)
+        req.num_cached_tokens = len(hits) * self.block_size
+        self.pool.record_query(req.num_prompt_tokens, req.num_cached_tokens)
         req.status = Status.RECEIVING
         self.receiving.append(req)
-        return True
+        return len(hits)
 
     def cancel_reservation(self, req: Request) -> None:
         """Give a receiving request's pages and seat back (it goes back to the connector's handshake)."""

@@ -148,6 +148,30 @@ def test_chunked_prefill_prefix_hits_and_n_greater_than_one(tiny_bf16, prompts):
         pair.close()
 
 
+def test_second_turn_sends_only_what_the_decode_side_lacks(tiny_bf16, prompts):
+    """An agentic second turn (the first turn's prompt + answer + more): the decode side's prefix cache holds the
+    first turn's full pages, so the prefill side sends only the rest; tokens still equal the colocated ones."""
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    turn1 = prompts[-1]
+    answer = colocated(tiny_bf16, [turn1], params)[0][0]
+    turn2 = turn1 + answer + prompts[2]
+    expected = colocated(tiny_bf16, [turn1, turn2], params)
+    pair = Pair(tiny_bf16, "local")
+    try:
+        pair.add("t1", turn1, params)
+        out1 = pair.run()
+        sent1 = pair.prefill.stats()["disagg_pages_sent_total"]
+        pair.add("t2", turn2, params)
+        out2 = pair.run()
+        assert [[out1[("t1", 0)]["tokens"]], [out2[("t2", 0)]["tokens"]]] == expected
+        reused = (len(turn1) + len(answer) - 1) // 16  # full pages of turn 1 the decode side published
+        sent2 = pair.prefill.stats()["disagg_pages_sent_total"] - sent1
+        assert sent2 == -(-len(turn2) // 16) - reused
+        pair.assert_clean()
+    finally:
+        pair.close()
+
+
 def test_sampled_seeded_and_stop_on_first_token(tiny_bf16, prompts):
     """Seeded sampling gives the colocated tokens (the first token is sampled on the prefill side); a request
     whose first token is a stop token ends on the decode side at once."""

@@ -8,7 +8,8 @@ from __future__ import annotations
 import multiprocessing as mp
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 START_TIMEOUT_S = 600.0  # a rank's interpreter + re-import of the main module; only a hang takes this long
 

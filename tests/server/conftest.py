@@ -45,6 +45,15 @@ class LiveServer:
             self._log.flush()
         return self.log_path.read_text(errors="replace")
 
+    def wait_for_log(self, *needles: str, timeout: float = 10.0) -> str:
+        """The log once every needle is in it (request lines are written after the response is sent)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.log_text()
+            if all(n in text for n in needles) or time.monotonic() > deadline:
+                return text
+            time.sleep(0.05)
+
     def wait_ready(self, timeout: float = 240.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

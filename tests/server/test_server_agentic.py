@@ -190,7 +190,8 @@ def test_refused_requests_log_why(http, server):
               headers={"X-Request-Id": "why-2"})
     http.get("/v1/nothing-here", headers={"X-Request-Id": "why-3"})
     http.post("/v1/messages", content=b"{bad", headers={"X-Request-Id": "why-4", "content-type": "application/json"})
-    lines = [ln for ln in server.log_text().splitlines() if "glint.requests" in ln]
+    text = server.wait_for_log(*(f"request_id=why-{i}" for i in range(1, 5)))
+    lines = [ln for ln in text.splitlines() if "glint.requests" in ln]
     for rid, why in (("why-1", "messages"), ("why-2", "does not exist"), ("why-3", "no route"), ("why-4", "JSON")):
         line = next(ln for ln in lines if f"request_id={rid}" in ln)
         assert "error=" in line and why in line.split("error=", 1)[1], line

@@ -406,9 +406,7 @@ def test_log_lines_escape_control_characters(http, server):
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"  # logged all the same
     r = http.get("/v1/nope%0d%0a12:00:00%20INFO%20x%1b[2J")
     assert r.status_code == 404
-    deadline = time.monotonic() + 10
-    while "forge-1" not in server.log_text() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    server.wait_for_log("request_id=forge-1", "/v1/nope")
     # (the engine's weight-loading progress bar draws itself with CR: that one line is not ours)
     raw = b"\n".join(ln for ln in server.log_path.read_bytes().split(b"\n") if b"Loading weights" not in ln)
     assert b"\x1b" not in raw and b"\r" not in raw and "\x9b".encode() not in raw

@@ -149,6 +149,10 @@ def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
                    help="stop a draft where its cumulative tree probability falls below this (default 0.1)")
     m.add_argument("--speculative-suffix-max-spec-offset", type=float, default=None,
                    help="accepted for launch-line compatibility; only 0.0")
+    m.add_argument("--speculative-config", dest="speculative_config_json", default=None, metavar="JSON",
+                   help="the engine's speculative_config as a JSON object (vLLM's flag), e.g. "
+                        "'{\"method\": \"suffix\", \"num_speculative_tokens\": 16, \"draft_budget\": false}'; "
+                        "its keys override the --speculative-* flags (spec.SpeculativeConfig lists them)")
     m.add_argument(
         "--tool-call-parser",
         choices=["glm47", "glm45"],
@@ -363,6 +367,10 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m server"
         errors.append("--engine-stall-timeout must be >= 0 (0 disables)")
     if config.engine_restart < 0:
         errors.append("--engine-restart must be >= 0")
+    try:
+        speculative_config(config)  # before anything starts: a bad --speculative-* value is a usage error
+    except ConfigError as e:
+        errors.append(str(e))
     if errors:
         parser.exit(2, "".join(f"{parser.prog}: error: {e}\n" for e in errors))
     return config

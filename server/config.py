@@ -31,6 +31,7 @@ class ServerConfig:
     speculative_suffix_max_spec_factor: float | None = None
     speculative_suffix_min_token_prob: float | None = None
     speculative_suffix_max_spec_offset: float | None = None
+    speculative_config_json: str | None = None  # vLLM's --speculative-config: a JSON object, over the flags above
     tool_call_parser: str = "glm47"
     reasoning_parser: str = "glm45"
     # HTTP front end

@@ -4,6 +4,7 @@ SGLang-style --speculative-* flags as one speculative_config."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from engine.config import option_values
@@ -26,7 +27,27 @@ SPECULATIVE_FLAGS = {
 
 
 def speculative_config(config: ServerConfig) -> dict[str, Any] | None:
-    """The engine's speculative_config for the SGLang-style flags, validated (errors name the flag).
+    """The engine's speculative_config: the SGLang-style flags, then --speculative-config's JSON keys over them
+    (vLLM's flag; every SpeculativeConfig key, e.g. the draft budget's), validated (errors name the flag)."""
+    flags = speculative_flags(config)
+    if config.speculative_config_json is None:
+        return flags
+    try:
+        extra = json.loads(config.speculative_config_json)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--speculative-config is not valid JSON: {e}") from e
+    if not isinstance(extra, dict):
+        raise ConfigError("--speculative-config must be a JSON object, e.g. '{\"method\": \"suffix\"}'")
+    out = {**(flags or {}), **extra}
+    try:
+        SpeculativeConfig.from_dict(out)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"--speculative-config: {e}") from e
+    return out
+
+
+def speculative_flags(config: ServerConfig) -> dict[str, Any] | None:
+    """The speculative_config the SGLang-style flags give, validated (errors name the flag).
     --speculative-num-draft-tokens counts verify slots per request as SGLang does (drafts + the root token),
     so N slots draft at most N - 1 tokens."""
     algo = config.speculative_algorithm

@@ -105,6 +105,7 @@ def test_engine_kwargs_mapping():
         "disaggregation_timeout": 60.0,
         "tokenizer": None,
         "speculative_config": None,
+        "max_prefill_tokens_while_decoding": None,
     }
     assert engine_kwargs(parse_args(["--model", "/ckpt", "--disable-overlap-schedule", "--enable-shared-experts-fusion",
                                      "--enable-fused-qk-norm-rope"]))["overlap_scheduling"] is False
@@ -303,6 +304,20 @@ def test_presets(capsys):
     assert speculative_config(baseline) == {"method": "mtp", "num_speculative_tokens": 3}
     with pytest.raises(SystemExit):
         parse_args(["--preset", "no-such-preset"])
+
+
+def test_speculative_config_json_flag(capsys):
+    """vLLM's --speculative-config: a JSON object whose keys go over the SGLang-style flags."""
+    cfg = parse_args(["--speculative-algorithm", "SUFFIX", "--speculative-num-draft-tokens", "17",
+                      "--speculative-config", '{"draft_budget": false, "min_token_prob": 0.2}'])
+    assert speculative_config(cfg) == {"method": "suffix", "num_speculative_tokens": 16, "draft_budget": False,
+                                       "min_token_prob": 0.2}
+    assert engine_kwargs(parse_args(["--model", "/m", "--speculative-config", '{"method": "mtp"}'])
+                         )["speculative_config"] == {"method": "mtp"}
+    for bad, why in (("[1]", "JSON object"), ("{x", "not valid JSON"), ('{"method": "suffix", "nope": 1}', "nope")):
+        with pytest.raises(SystemExit):  # a usage error, before anything starts
+            parse_args(["--speculative-config", bad])
+        assert why in capsys.readouterr().err
 
 
 def test_app_without_engine_json_log_and_503(caplog):

@@ -126,6 +126,7 @@ def run_server(config: ServerConfig) -> int:
     if is_torchrun_worker(config):
         return run_tp_worker(config)
 
+    from engine.config import EngineConfig
     from server.app import build_app
 
     setup_logging(config.log_level)
@@ -138,6 +139,11 @@ def run_server(config: ServerConfig) -> int:
         )
         config = dataclasses.replace(config, engine_restart=0)
     kwargs = engine_kwargs(config)
+    try:  # every engine option's check (FP8 KV on CPU, fa3 without flash_attn, ...) before the port is bound
+        EngineConfig.create(**kwargs)
+    except (OSError, ValueError, TypeError) as e:
+        logger.error("cannot start: %s", e)
+        return 1
     exit_code = {"code": 0}
     holder: dict[str, uvicorn.Server] = {}
 

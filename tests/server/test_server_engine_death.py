@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,10 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from conftest import metric
+
+from model.tiny import tiny_model_dir
 
 STALL_TIMEOUT = 2.0
 
@@ -153,12 +157,32 @@ def test_dead_tensor_parallel_rank_is_fatal(launch_server):
 
 
 def test_engine_start_failure_exits_nonzero(tmp_path):
+    """A checkpoint whose weights are missing passes the option checks and fails in the engine process."""
+    model = tmp_path / "no-weights"
+    shutil.copytree(tiny_model_dir("bf16"), model, ignore=shutil.ignore_patterns("*.safetensors*"))
     r = subprocess.run(
-        [sys.executable, "-m", "server", "--port", "0", "--max-model-len", "999999"],
+        [sys.executable, "-m", "server", "--port", "0", "--model", str(model)],
         cwd=Path(__file__).resolve().parents[2],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert r.returncode == 1
-    assert "max_model_len" in r.stderr and "the engine failed to start" in r.stderr
+    assert "the engine failed to start" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("flags,why", [
+    (["--max-model-len", "999999"], "max_model_len"),
+    (["--kv-cache-dtype", "fp8_e4m3", "--device", "cpu"], "needs device 'cuda'"),
+    (["--attention-backend", "fa3", "--device", "cpu"], "fa3"),
+])
+def test_options_that_cannot_work_fail_before_the_port_is_bound(flags, why):
+    r = subprocess.run(
+        [sys.executable, "-m", "server", "--port", "0", *flags],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 1 and "cannot start" in r.stderr and why in r.stderr, r.stderr[-2000:]
+    assert "Uvicorn running" not in r.stderr and "engine process started" not in r.stderr

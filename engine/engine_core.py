@@ -54,6 +54,7 @@ class _Launched:
     sampled: DeferredSample | None = None
     table_writes: list[tuple[int, int]] = field(default_factory=list)  # (slot, position) per sampled row
     kv_sends: list[KVSend] = field(default_factory=list)  # disaggregated prefill: pages this step completes
+    overlapped: bool = False  # finished by the next step (overlap scheduling): its tokens are pending meanwhile
 
 
 class EngineCore:
@@ -87,6 +88,7 @@ class EngineCore:
         self._inflight: _Launched | None = None
         self._seq_keys = itertools.count()
         self.overlap = config.overlap_scheduling
+        self.num_overlapped_steps = 0
         self.num_prompt_tokens_total = 0
         self.num_failed_requests = 0
         log.info("KV cache: %d pages of %d tokens = %d tokens", self.pool.num_total, self.block_size,
@@ -227,15 +229,23 @@ class EngineCore:
         this call plans and launches step N+1, then processes step N's tokens while the device runs N+1."""
         deltas, self._pending_deltas = self._pending_deltas, []
         deltas += self._poll_connector()
-        deltas += self._propose_drafts()
+        if self.drafter is not None:
+            if self._inflight is not None and self.drafter.wants_sync():
+                deltas += self._finish(self._inflight)  # it may draft: every request's tokens on the host first
+                self._inflight = None
+            if self._inflight is None:
+                deltas += self._propose_drafts()
         sched = self.scheduler.schedule()
         launched = self._launch(sched.scheduled) if not sched.is_empty else None
         if self._inflight is not None:
             deltas += self._finish(self._inflight)
             self._inflight = None
         if launched is not None:
+            # a verify step is never left in flight: the next step's positions depend on what it accepts
+            launched.overlapped = self.overlap and not any(s.num_drafts for s in launched.scheduled)
             deltas += self._sample(launched)
-            if self.overlap:
+            if launched.overlapped:
+                self.num_overlapped_steps += 1
                 self._inflight = launched
             else:
                 deltas += self._finish(launched)
@@ -361,7 +371,7 @@ class EngineCore:
         for i, s in items:
             step.first_row[i] = row
             row += s.num_drafts + 1
-            if self.overlap:  # the token this step samples is the next step's input: counted as pending
+            if step.overlapped:  # the token this step samples is the next step's input: counted as pending
                 s.request.num_pending_tokens += 1
                 step.table_writes.append((s.request.table_slot, s.end))
         return deltas
@@ -381,7 +391,8 @@ class EngineCore:
                 if i not in step.first_row:
                     self.scheduler.publish_blocks(req)
                     continue
-                deltas.append(self._emit(req, s, sampled.token_ids, sampled.logprobs, step.first_row[i]))
+                deltas.append(self._emit(req, s, sampled.token_ids, sampled.logprobs, step.first_row[i],
+                                         step.overlapped))
             except Exception as exc:
                 deltas.append(self._fail(req, "processing its output", exc))
         if step.kv_sends:
@@ -389,9 +400,10 @@ class EngineCore:
         return deltas
 
     def _emit(
-        self, req: Request, s: ScheduledRequest, tokens: list[int], logprobs: list[LogprobsDict | None], row: int
+        self, req: Request, s: ScheduledRequest, tokens: list[int], logprobs: list[LogprobsDict | None], row: int,
+        overlapped: bool,
     ) -> RequestDelta:
-        if self.overlap:
+        if overlapped:
             req.num_pending_tokens -= 1
         chain = tokens[row : row + s.num_drafts + 1]
         emitted = self.drafter.verify(s.drafts, chain) if s.num_drafts else chain
@@ -449,6 +461,7 @@ class EngineCore:
             num_prompt_tokens_total=self.num_prompt_tokens_total,
             num_generated_tokens_total=self.outputs.num_generated_tokens_total,
             num_failed_requests=self.num_failed_requests,
+            num_overlapped_steps=self.num_overlapped_steps,
         )
         if self.drafter is not None:
             s.update(self.spec_stats.as_dict())

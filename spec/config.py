@@ -40,6 +40,10 @@ class SpeculativeConfig:
     # doubles the wait, up to max_probe_interval; an accepted one is followed by another probe the next step.
     probe_interval: int = 4
     max_probe_interval: int = 32
+    # Suffix with the budget under overlap scheduling: while every request is held at 0 drafts, steps overlap
+    # (like plain decoding) and drafts are looked for again every this many steps (each look waits for the
+    # step in flight).
+    overlap_sync_interval: int = 4
 
     @staticmethod
     def from_dict(options: dict[str, Any]) -> "SpeculativeConfig":
@@ -101,6 +105,8 @@ class SpeculativeConfig:
             raise bad("probe_interval", "an int >= 1")
         if not _is_int(self.max_probe_interval) or self.max_probe_interval < self.probe_interval:
             raise bad("max_probe_interval", f"an int >= probe_interval = {self.probe_interval}")
+        if not _is_int(self.overlap_sync_interval) or self.overlap_sync_interval < 1:
+            raise bad("overlap_sync_interval", "an int >= 1")
 
     @property
     def mtp_chain_length(self) -> int:

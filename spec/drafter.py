@@ -53,6 +53,13 @@ class Drafter(ABC):
     def propose(self, slots: Sequence[DraftSlot]) -> list[list[int]]:
         """One draft (possibly empty) per slot, each at most slot.max_drafts tokens."""
 
+    def wants_sync(self) -> bool:
+        """Asked before a step while the previous one is still in flight (overlap scheduling): True makes the
+        engine finish it first, so that every request's tokens are on the host and `propose` runs; False lets
+        this step run without drafts, overlapped. Only drafters that allow overlap at all are asked (the engine
+        refuses overlap with one that reads each step's hidden states)."""
+        return True
+
     def after_step(self, views: Sequence[StepView]) -> None:
         """After a target step was verified and its tokens emitted (drafters that read the target's hidden
         states: see spec/mtp.py)."""

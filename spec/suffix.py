@@ -29,6 +29,8 @@ class SuffixDrafter(Drafter):
         self.index = SuffixIndex(max_depth=config.max_tree_depth, max_global_tokens=config.max_cached_tokens)
         self.budget = budget if budget is not None and budget.enabled else None
         self._live: set[int] = set()
+        self._drafted = True  # the last propose drafted for someone (or none ran yet)
+        self._quiet_steps = 0  # steps run without drafting (overlapped) since the last propose
 
     def add(self, seq_id: int, prompt: Sequence[int], tenant: str = "") -> None:
         self.index.start(seq_id, prompt, tenant)
@@ -47,7 +49,17 @@ class SuffixDrafter(Drafter):
         if self.budget is not None:
             self.budget.forget(seq_id)
 
+    def wants_sync(self) -> bool:
+        """Overlap scheduling: while the budget holds every request at 0 drafts, let steps overlap and look for
+        drafts again only every `overlap_sync_interval` steps (each look finishes the in-flight step first);
+        without a budget every step may draft."""
+        if self.budget is None or self._drafted or self._quiet_steps + 1 >= self.config.overlap_sync_interval:
+            return True
+        self._quiet_steps += 1
+        return False
+
     def propose(self, slots: Sequence[DraftSlot]) -> list[list[int]]:
+        self._quiet_steps = 0
         drafts = self.drafts(slots)
         if self.budget is None:
             return [d.tokens for d in drafts]
@@ -56,6 +68,7 @@ class SuffixDrafter(Drafter):
         gains = [budget.gains(s.seq_id, src, len(d.tokens), d.probs) for s, d, src in zip(slots, drafts, sources)]
         ks = budget.plan([s.seq_id for s in slots], gains)
         budget.proposed({s.seq_id: (src, d.tokens[:k], d.probs[:k]) for s, d, src, k in zip(slots, drafts, sources, ks)})
+        self._drafted = any(ks)
         return [d.tokens[:k] for d, k in zip(drafts, ks)]
 
     def drafts(self, slots: Sequence[DraftSlot]) -> list[SuffixDraft]:

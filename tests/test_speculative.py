@@ -170,7 +170,7 @@ def test_config_errors_name_the_key(tiny_bf16):
         with pytest.raises(ValueError, match=key):
             LLM(str(tiny_bf16), device="cpu", speculative_config=bad)
     with pytest.raises(ValueError, match="overlap"):
-        LLM(str(tiny_bf16), device="cpu", speculative_config=SUFFIX, overlap_scheduling=True)
+        LLM(str(tiny_bf16), device="cpu", speculative_config={"method": "mtp"}, overlap_scheduling=True)
     with pytest.raises(ValueError, match="num_mtp_tokens"):
         LLM(str(tiny_bf16), device="cpu", speculative_config={"method": "hybrid", "num_speculative_tokens": 4,
                                                               "num_mtp_tokens": 5})
@@ -197,3 +197,19 @@ def test_tenants_never_draft_from_each_others_responses(tiny_bf16):
     assert accepted_same >= 60, accepted_same  # nearly the whole response drafted from alice's global tree
     assert accepted_same > accepted_other + 30, (accepted_same, accepted_other)
     assert_pages_clean(eng)
+
+
+def test_suffix_with_overlap_scheduling_overlaps_quiet_steps_only(tiny_bf16, plain):
+    """Overlap scheduling with suffix speculation: steps without drafts overlap (the budget holds requests whose
+    drafts fail at 0), verify steps do not; greedy and seeded tokens stay the plain ones, and repetitive text
+    still gets drafted and accepted."""
+    eng = LLM(str(tiny_bf16), speculative_config=SUFFIX, overlap_scheduling=True, **KW)
+    prompts = _repetitive_prompts(3, 5) + _random_prompts(3, 6)
+    greedy = SamplingParams(temperature=0, max_tokens=160, ignore_eos=True)
+    seeded = SamplingParams(temperature=0.8, seed=7, max_tokens=60, ignore_eos=True)
+    for sp in (greedy, seeded):
+        _same(plain.generate(prompts, sp, use_tqdm=False), eng.generate(prompts, sp, use_tqdm=False))
+    stats = eng.stats()
+    assert stats["num_overlapped_steps"] > 20
+    assert stats["spec_accepted_tokens"] > 20
+    assert_pages_clean(eng.engine)

@@ -4,8 +4,9 @@ A request arrives from the router with a room and its prefill instance's bootstr
 connection to that instance is up (Hello -> Welcome: the prefill side added our transfer agents on every rank),
 the request reserves pages for its whole prompt and a seat (`Scheduler.reserve_for_transfer`; it waits in
 `receiving`, never scheduled; full prompt pages in our own prefix cache are reused and not sent again) and sends
-Reserve(room, pages, skip). The prefill side's Done(room, token) says every
-page has landed on every rank: the request starts decoding and we Ack. If we give up (deadline, client gone,
+Reserve(room, pages, skip). The prefill side's Done(room, token, num_writes)
+brings the first token; once every rank's notifications of writes 0 .. num_writes - 1 have come (the data has
+landed), the request starts decoding and we Ack. If we give up (deadline, client gone,
 the prefill side's Abort), the reserved pages are quarantined — referenced by the connector, so nothing reuses
 them — until the prefill side confirms that no write into them is in flight (AbortAck) or the deadline passes.
 """
@@ -14,12 +15,23 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from disagg.bootstrap import BootstrapClients
 from disagg.prefill import prompt_hash
-from disagg.protocol import Abort, AbortAck, Ack, Done, GetMetadata, Hello, Reserve, Unknown, Welcome
+from disagg.protocol import (
+    Abort,
+    AbortAck,
+    Ack,
+    Done,
+    GetMetadata,
+    Hello,
+    Reserve,
+    TakeNotifications,
+    Unknown,
+    Welcome,
+)
 from disagg.transfer_worker import build_transfer_worker, resolve_backend
 from engine.block_pool import BlockPool
 from engine.config import DisaggregationConfig
@@ -38,6 +50,8 @@ class _Room:
     deadline: float  # time.time()
     reserved: bool = False
     added_at: float = 0.0  # time.monotonic()
+    done: Done | None = None  # the prefill side's first token and write count
+    landed: list[set[int]] = field(default_factory=list)  # per rank: the writes whose notification came
 
 
 @dataclass
@@ -63,6 +77,7 @@ class DecodeConnector(KVConnector):
         self._links: dict[str, _Link] = {}
         self._quarantine: dict[int, tuple[list[int], float]] = {}  # room -> (pages we hold, until)
         self._metadata: tuple[bytes, ...] = ()
+        self._ranks: RankChannel | None = None
         self._scheduler: Scheduler | None = None
         self._pool: BlockPool | None = None
         self.num_received = 0
@@ -73,7 +88,7 @@ class DecodeConnector(KVConnector):
         return build_transfer_worker
 
     def bind(self, scheduler: Scheduler, pool: BlockPool, ranks: RankChannel) -> None:
-        self._scheduler, self._pool = scheduler, pool
+        self._scheduler, self._pool, self._ranks = scheduler, pool, ranks
         self._metadata = tuple(ranks.connector_call(GetMetadata()))
 
     def stats(self) -> dict[str, float]:
@@ -94,7 +109,7 @@ class DecodeConnector(KVConnector):
         if params.room in self._rooms:
             raise ValueError(f"disaggregation room {params.room} is already in use on this decode instance")
         self._rooms[params.room] = _Room(req, params.bootstrap_addr, time.time() + self.config.timeout_s,
-                                         added_at=time.monotonic())
+                                         added_at=time.monotonic(), landed=[set() for _ in self._metadata])
         self._room_of[req.seq_key] = params.room
         self._link(params.bootstrap_addr)
 
@@ -132,6 +147,8 @@ class DecodeConnector(KVConnector):
         update = ConnectorUpdate()
         for addr, msg in self.clients.receive():
             self._on_message(addr, msg, update)
+        if any(room.reserved for room in self._rooms.values()):
+            self._collect_landed(update)
         now = time.time()
         for room_id, room in list(self._rooms.items()):
             link = self._links[room.addr]
@@ -168,19 +185,34 @@ class DecodeConnector(KVConnector):
                 self._scheduler.cancel_reservation(room.req)  # no write came: reserved afresh after the Welcome
                 room.reserved = False
         elif isinstance(msg, Done):
-            self.clients.send(addr, Ack(msg.room))  # also for a room we gave up on: the source pages go free
-            room = self._rooms.pop(msg.room, None)
-            if room is None:
+            room = self._rooms.get(msg.room)
+            if room is None:  # we gave up on it: the source pages may go (our Abort cancels its writes)
+                self.clients.send(addr, Ack(msg.room))
                 return
-            self._room_of.pop(room.req.seq_key, None)
-            self.num_received += 1
-            self.wait_seconds += time.monotonic() - room.added_at
-            update.arrived.append((room.req, msg.token, msg.logprobs))
+            room.done = msg
         elif isinstance(msg, Abort):
             if msg.room in self._rooms:
                 self._fail(msg.room, f"the prefill instance gave up: {msg.reason}", update, tell_peer=False)
         elif isinstance(msg, AbortAck):
             self._release_quarantine(msg.room)
+
+    def _collect_landed(self, update: ConnectorUpdate) -> None:
+        """Every rank's landed writes; a room whose Done came and whose writes all landed on every rank starts."""
+        for rank, notes in enumerate(self._ranks.connector_call(TakeNotifications())):
+            for room_id, seq in notes:
+                room = self._rooms.get(room_id)
+                if room is not None:
+                    room.landed[rank].add(seq)
+        for room_id, room in list(self._rooms.items()):
+            done = room.done
+            if done is None or any(len(got) < done.num_writes for got in room.landed):
+                continue
+            del self._rooms[room_id]
+            self._room_of.pop(room.req.seq_key, None)
+            self.clients.send(room.addr, Ack(room_id))
+            self.num_received += 1
+            self.wait_seconds += time.monotonic() - room.added_at
+            update.arrived.append((room.req, done.token, done.logprobs))
 
     # -- helpers ------------------------------------------------------------------------------------
     def _link(self, addr: str) -> _Link:

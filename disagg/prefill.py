@@ -4,8 +4,8 @@ A request arrives from the router with a room; it waits (HANDSHAKE, no pages) un
 Reserve for that room names the destination pages, then it is scheduled like any prompt (chunked, prefix cache).
 Each step that completes pages plans one write of them (`plan_sends`); the connector takes a reference on every
 page it sends, so preemption or the request's end never frees a page a write may still read. Once the first
-token is sampled and every rank's writes are done, Done(room, token) goes to the decode side; its Ack releases the
-pages. A failed write, an Abort from the decode side, or the deadline ends the request on both sides.
+token is sampled and every write is planned, Done(room, token, num_writes) goes to the decode side, which starts
+the request once every rank's write notifications have landed and answers Ack, which releases the pages. A failed write, an Abort from the decode side, or the deadline ends the request on both sides.
 """
 from __future__ import annotations
 
@@ -77,6 +77,8 @@ class PrefillConnector(KVConnector):
         self._hellos: dict[bytes, Hello] = {}
         self._cancelling: dict[int, tuple[bytes, float]] = {}  # decode-aborted rooms: writes being cancelled
         self._room_of: dict[int, int] = {}  # request seq_key -> room
+        self._ended: dict[int, tuple[str, float]] = {}  # rooms dropped before their Reserve came: (why, until)
+        self._writes_in_flight = False  # some rank may hold a write not yet reported done
         self._scheduler: Scheduler | None = None
         self._pool: BlockPool | None = None
         self._ranks: RankChannel | None = None
@@ -84,7 +86,7 @@ class PrefillConnector(KVConnector):
         self.num_failed = 0
         self.num_pages_sent = 0
         self.prefill_seconds = 0.0  # admitted -> first token, summed over handed-over rooms
-        self.transfer_tail_seconds = 0.0  # first token -> every write done (what async transfer shortens)
+        self.transfer_tail_seconds = 0.0  # first token -> the decode side acknowledged every page
 
     def worker_factory(self):
         return build_transfer_worker
@@ -151,6 +153,7 @@ class PrefillConnector(KVConnector):
             room.pending[room.next_seq] = 0
             room.next_seq += 1
             room.sent_pages = upto
+            self._writes_in_flight = True
             self.num_pages_sent += len(src)
             sends.append(send)
         return sends
@@ -163,7 +166,8 @@ class PrefillConnector(KVConnector):
         return [pid for room in self._rooms.values() for pid in room.held]
 
     def has_work(self) -> bool:
-        return bool(self._rooms or self._early or self._cancelling) or self.server.has_pending()
+        return bool(self._rooms or self._early or self._cancelling or self._writes_in_flight) \
+            or self.server.has_pending()
 
     def wake_sockets(self) -> list[Any]:
         return [self.server.socket]
@@ -181,19 +185,22 @@ class PrefillConnector(KVConnector):
         update = ConnectorUpdate()
         for identity, msg in self.server.receive():
             self._on_message(identity, msg, update)
-        if any(room.pending for room in self._rooms.values()) or self._cancelling:
+        if self._writes_in_flight or self._cancelling:
             self._collect_writes(update)
         now = time.time()
         for room_id, room in list(self._rooms.items()):
-            if room.token is not None and not room.pending and not room.done_sent and room.reserve is not None \
+            if room.token is not None and not room.done_sent and room.reserve is not None \
                     and room.sent_pages >= len(room.reserve.pages):
-                self.server.send(room.decode, Done(room_id, *room.token))
+                # every write is planned: the decode side starts once their notifications have landed
+                self.server.send(room.decode, Done(room_id, *room.token, room.next_seq))
                 room.done_sent = True
                 self.prefill_seconds += room.token_at - room.admitted_at
-                self.transfer_tail_seconds += time.monotonic() - room.token_at
-            elif now > room.deadline:
+            if now > room.deadline:
                 self._fail(room_id, f"handover not finished within {self.config.timeout_s:g} s "
                                     f"(disaggregation_timeout)", update)
+        for room_id, (_, until) in list(self._ended.items()):
+            if now > until:
+                del self._ended[room_id]
         for room_id, (identity, _, expires) in list(self._early.items()):
             if now > expires:
                 del self._early[room_id]
@@ -212,16 +219,21 @@ class PrefillConnector(KVConnector):
                 self.server.send(identity, Unknown(msg.room))
                 return
             room = self._rooms.get(msg.room)
-            if room is None:
+            ended = self._ended.pop(msg.room, None)
+            if ended is not None:
+                self.server.send(identity, Abort(msg.room, ended[0]))
+            elif room is None:
                 self._early[msg.room] = (identity, msg, msg.deadline)
-                return
-            self._accept_reserve(room, identity, msg)
+            else:
+                self._accept_reserve(room, identity, msg)
         elif isinstance(msg, Ack):
             room = self._rooms.pop(msg.room, None)
             if room is not None:
                 self._room_of.pop(room.req.seq_key, None)
                 self._release(room)
                 self.num_handed_over += 1
+                # first token -> the decode side has every page (what async transfer shortens)
+                self.transfer_tail_seconds += time.monotonic() - room.token_at
         elif isinstance(msg, Abort):
             self._early.pop(msg.room, None)
             room = self._rooms.get(msg.room)
@@ -263,6 +275,7 @@ class PrefillConnector(KVConnector):
 
     def _collect_writes(self, update: ConnectorUpdate) -> None:
         states: list[WriteStates] = self._ranks.connector_call(PollWrites())
+        self._writes_in_flight = any(st.in_flight for st in states)
         failed: dict[int, str] = {}
         for st in states:
             for room_id, seq in st.done:
@@ -303,6 +316,8 @@ class PrefillConnector(KVConnector):
             self._ranks.connector_call(CancelRoom(room_id))
         if tell_peer and room.decode:
             self.server.send(room.decode, Abort(room_id, reason))
+        elif tell_peer:  # no Reserve yet: answer it with the Abort when it comes
+            self._ended[room_id] = (reason, time.time() + self.config.timeout_s)
         self._release(room)
 
     def _cancel_writes(self, room_id: int, identity: bytes) -> None:

@@ -8,13 +8,18 @@ connects to it):
                         Ack(room)                    the KV and the first token arrived: free the source pages
                         Abort(room, reason)          the decode side gave up on the request
     prefill -> decode   Welcome(prefill)             the Hello was applied (peers added on every rank)
-                        Done(room, token, logprobs)  every page landed on every rank; here is the first token
+                        Done(room, token, logprobs, num_writes)
+                                                     the first token, and how many writes each rank makes
                         Abort(room, reason)          the prefill side gave up (error, client gone, deadline)
                         AbortAck(room)               after a decode Abort: no write of this room is in flight
                         Unknown(room)                a Reserve before any Hello (the prefill side restarted)
 
 Between rank 0's connector and every TP rank's transfer worker (RankChannel.call): GetMetadata, AddPeer,
-PostSends (sync transfer), PollWrites, CancelRoom.
+PostSends (sync transfer), PollWrites, CancelRoom; decode side: TakeNotifications.
+
+A write's data is known to have landed when its NIXL notification ("room:seq") reaches the decode rank it was
+written to: the decode instance starts a request once it has the Done and every rank's notifications for writes
+0 .. num_writes - 1, independent of the prefill instance's step cadence.
 """
 from __future__ import annotations
 
@@ -77,6 +82,7 @@ class Done:
     room: int
     token: int
     logprobs: LogprobsDict | None
+    num_writes: int  # writes every prefill rank makes for the room (their notifications say when they landed)
 
 
 # -- rank 0 -> every TP rank ---------------------------------------------------------------------------------
@@ -104,6 +110,23 @@ class PollWrites:
 @dataclass(frozen=True)
 class CancelRoom:
     room: int
+
+
+@dataclass(frozen=True)
+class TakeNotifications:
+    """Decode side: the (room, seq) of every write into this rank's pool that has landed since the last call."""
+
+
+def write_notification(room: int, seq: int) -> bytes:
+    return f"{room}:{seq}".encode()
+
+
+def parse_notification(message: bytes) -> tuple[int, int] | None:
+    try:
+        room, seq = message.decode().split(":")
+        return int(room), int(seq)
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)

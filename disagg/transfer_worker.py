@@ -19,7 +19,17 @@ from typing import Any
 import torch
 
 from disagg.kv_layout import KVPageRegions
-from disagg.protocol import AddPeer, CancelRoom, GetMetadata, PollWrites, PostSends, WriteStates
+from disagg.protocol import (
+    AddPeer,
+    CancelRoom,
+    GetMetadata,
+    PollWrites,
+    PostSends,
+    TakeNotifications,
+    WriteStates,
+    parse_notification,
+    write_notification,
+)
 from disagg.transfer import NIXL_AVAILABLE, TransferAgent, TransferHandle, create_transfer_agent
 from engine.config import DisaggregationConfig, EngineConfig
 from engine.kv_connector import KVConnectorWorker, KVSend
@@ -71,6 +81,9 @@ class TransferWorker(KVConnectorWorker):
             return self._poll()
         if isinstance(message, CancelRoom):
             return self._cancel(message.room)
+        if isinstance(message, TakeNotifications):
+            notes = (parse_notification(n.message) for n in self.agent.take_notifications())
+            return [n for n in notes if n is not None]
         raise TypeError(f"unknown connector message {message!r}")
 
     def after_forward(self, sends: list[KVSend]) -> None:
@@ -110,7 +123,8 @@ class TransferWorker(KVConnectorWorker):
                 return
             peer = self._peers.get(send.peer, send.peer)
             timeout = max(send.deadline - time.time(), 0.001)
-            handle = self.agent.write(peer, send.src_pages, send.dst_pages, timeout_s=timeout)
+            handle = self.agent.write(peer, send.src_pages, send.dst_pages,
+                                      notification=write_notification(send.room, send.seq), timeout_s=timeout)
             self._writes.append((send.room, send.seq, handle))
 
     def _poll(self) -> WriteStates:

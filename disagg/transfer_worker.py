@@ -51,6 +51,7 @@ class TransferWorker(KVConnectorWorker):
         self._lock = threading.Lock()
         self._writes: list[tuple[int, int, TransferHandle]] = []  # (room, seq, handle), pending or unreported
         self._cancelled: set[int] = set()
+        self._queued = 0  # sends handed to the transfer thread, not posted yet (they count as in flight)
         self._queue: queue.Queue[tuple[Any, list[KVSend]] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
 
@@ -91,6 +92,8 @@ class TransferWorker(KVConnectorWorker):
         if self.agent.regions.device.type == "cuda":
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.agent.regions.device))
+        with self._lock:
+            self._queued += len(sends)
         self._queue.put((event, list(sends)))
 
     def close(self) -> None:
@@ -116,6 +119,9 @@ class TransferWorker(KVConnectorWorker):
                     self._post(send)
                 except Exception:  # a bug in one send must not kill the thread (the room fails by deadline)
                     log.exception("posting KV write of room %d failed", send.room)
+                finally:
+                    with self._lock:
+                        self._queued -= 1
 
     def _post(self, send: KVSend) -> None:
         with self._lock:
@@ -139,7 +145,7 @@ class TransferWorker(KVConnectorWorker):
                 else:
                     keep.append((room, seq, handle))
             self._writes = keep
-        return WriteStates(tuple(done), tuple(failed), len(keep))
+            return WriteStates(tuple(done), tuple(failed), len(keep) + self._queued)
 
     def _cancel(self, room: int) -> int:
         """Stop the room's writes (queued ones are skipped); returns how many are still in flight."""

@@ -11,6 +11,7 @@ import pytest
 
 from disagg.connector import build_kv_connector
 from disagg.transfer import NIXL_AVAILABLE
+from disagg.transfer_worker import TransferWorker
 from engine import LLM, EngineConfig, SamplingParams
 from engine.engine_core import EngineCore
 from engine.kv_connector import DisaggParams
@@ -92,8 +93,11 @@ def prompts():
 
 # the production backend with async transfer, the fallback with sync (the other two pairings add nothing new)
 @pytest.mark.parametrize("backend,async_transfer", [(BACKENDS[-1], True), ("local", False)])
-def test_greedy_tokens_equal_colocated(tiny_bf16, prompts, backend, async_transfer):
+def test_greedy_tokens_equal_colocated(tiny_bf16, prompts, backend, async_transfer, monkeypatch):
     expected = colocated(tiny_bf16, prompts, GREEDY)
+    # slow writes down, so that the prefill side polls while some are still queued in the transfer thread
+    post = TransferWorker._post
+    monkeypatch.setattr(TransferWorker, "_post", lambda self, send: (time.sleep(0.02), post(self, send))[1])
     pair = Pair(tiny_bf16, backend, disaggregation_async_transfer=async_transfer)
     try:
         for i, p in enumerate(prompts):

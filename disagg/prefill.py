@@ -23,6 +23,7 @@ from disagg.protocol import (
     AddPeer,
     CancelRoom,
     Done,
+    GetMetadata,
     Hello,
     PollWrites,
     PostSends,
@@ -82,6 +83,7 @@ class PrefillConnector(KVConnector):
         self._scheduler: Scheduler | None = None
         self._pool: BlockPool | None = None
         self._ranks: RankChannel | None = None
+        self._num_ranks = 1
         self.num_handed_over = 0
         self.num_failed = 0
         self.num_pages_sent = 0
@@ -93,6 +95,7 @@ class PrefillConnector(KVConnector):
 
     def bind(self, scheduler: Scheduler, pool: BlockPool, ranks: RankChannel) -> None:
         self._scheduler, self._pool, self._ranks = scheduler, pool, ranks
+        self._num_ranks = len(ranks.connector_call(GetMetadata()))
 
     def stats(self) -> dict[str, float]:
         return {
@@ -250,6 +253,10 @@ class PrefillConnector(KVConnector):
             return Welcome(self.name)          # the peer's in-flight writes
         if msg.backend != self.backend:
             return Welcome(self.name, f"transfer backend {msg.backend!r} on the decode side, {self.backend!r} here")
+        if len(msg.metadata) != self._num_ranks:
+            return Welcome(self.name, f"tensor-parallel size {len(msg.metadata)} on the decode side, "
+                                      f"{self._num_ranks} here: both sides need the same TP size (each rank "
+                                      "sends its own KV head shard to its counterpart)")
         try:
             self._ranks.connector_call(AddPeer(msg.decode, msg.metadata))
         except Exception as exc:  # layout mismatch (model, TP heads, KV dtype, page size), unreachable agent

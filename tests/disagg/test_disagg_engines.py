@@ -266,3 +266,18 @@ def test_random_disconnects_leak_nothing(tiny_bf16):
         pair.assert_clean()
     finally:
         pair.close()
+
+
+def test_different_tp_sizes_are_refused_clearly(tiny_bf16, prompts, monkeypatch):
+    """A decode instance whose Hello carries two ranks' agents (TP=2) against a TP=1 prefill instance: the
+    prefill side refuses it by name and the request ends with that reason, nothing leaked."""
+    pair = Pair(tiny_bf16, "local")
+    try:
+        monkeypatch.setattr(pair.decode.connector, "_metadata", pair.decode.connector._metadata * 2)
+        pair.add("tp", prompts[1], GREEDY)
+        out = pair.run(timeout_s=30)
+        assert out[("tp", 0)]["finish"] == "error"
+        assert "tensor-parallel size 2 on the decode side, 1 here" in out[("tp", 0)]["error"]
+        pair.assert_clean()
+    finally:
+        pair.close()

@@ -179,8 +179,13 @@ class PrefillConnector(KVConnector):
         self.server.wait(timeout_s)
 
     def close(self) -> None:
-        for room_id in list(self._rooms):
-            self._drop(room_id, "the prefill instance is shutting down")
+        """Tell the decode side, then let go: no call to the ranks (after a failure they may be gone, and a
+        collective would wait its full timeout); the pool goes with the engine."""
+        for room_id, room in self._rooms.items():
+            if room.decode:
+                self.server.send(room.decode, Abort(room_id, "the prefill instance is shutting down"))
+        self._rooms.clear()
+        self._room_of.clear()
         self.server.close()
 
     # -- the step's poll ----------------------------------------------------------------------------

@@ -55,7 +55,6 @@ class _Room:
     reserve: Reserve | None = None
     sent_pages: int = 0  # pages of the prompt already planned into writes
     next_seq: int = 0
-    pending: dict[int, int] = field(default_factory=dict)  # write seq -> ranks that finished it
     held: list[int] = field(default_factory=list)  # page references the connector holds
     token: tuple[int, LogprobsDict | None] | None = None
     admitted_at: float = 0.0  # time.monotonic() when scheduled (0: not yet)
@@ -153,7 +152,6 @@ class PrefillConnector(KVConnector):
             self._pool.touch(src)  # ours until the decode side acknowledged (or the room failed)
             room.held.extend(src)
             send = KVSend(room_id, self._peers[room.decode], room.next_seq, tuple(src), tuple(dst), room.deadline)
-            room.pending[room.next_seq] = 0
             room.next_seq += 1
             room.sent_pages = upto
             self._writes_in_flight = True
@@ -290,12 +288,6 @@ class PrefillConnector(KVConnector):
         self._writes_in_flight = any(st.in_flight for st in states)
         failed: dict[int, str] = {}
         for st in states:
-            for room_id, seq in st.done:
-                room = self._rooms.get(room_id)
-                if room is not None and seq in room.pending:
-                    room.pending[seq] += 1
-                    if room.pending[seq] == len(states):
-                        del room.pending[seq]
             for room_id, reason in st.failed:
                 failed.setdefault(room_id, reason)
         for room_id, reason in failed.items():

@@ -131,8 +131,8 @@ def parse_notification(message: bytes) -> tuple[int, int] | None:
 
 @dataclass(frozen=True)
 class WriteStates:
-    """A rank's answer to PollWrites: rooms whose writes all finished since the last poll, and failures."""
+    """A rank's answer to PollWrites: the writes that failed since the last poll, and how many are still going
+    (posted or queued: NIXL moves a write only while it is polled)."""
 
-    done: tuple[tuple[int, int], ...]  # (room, seq) of each write that completed
     failed: tuple[tuple[int, str], ...]  # (room, reason)
     in_flight: int

@@ -134,18 +134,16 @@ class TransferWorker(KVConnectorWorker):
             self._writes.append((send.room, send.seq, handle))
 
     def _poll(self) -> WriteStates:
-        done, failed, keep = [], [], []
+        failed, keep = [], []
         with self._lock:
             for room, seq, handle in self._writes:
                 st = handle.poll()
-                if st.done:
-                    done.append((room, seq))
-                elif st.failed:
+                if st.failed:
                     failed.append((room, f"KV write to the decode instance failed ({st.kind.value}: {st.reason})"))
-                else:
+                elif not st.done:
                     keep.append((room, seq, handle))
             self._writes = keep
-            return WriteStates(tuple(done), tuple(failed), len(keep) + self._queued)
+            return WriteStates(tuple(failed), len(keep) + self._queued)
 
     def _cancel(self, room: int) -> int:
         """Stop the room's writes (queued ones are skipped); returns how many are still in flight."""

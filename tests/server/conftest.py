@@ -24,8 +24,8 @@ def free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
-        self.port = free_port()
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "wb")
@@ -44,6 +44,17 @@ class LiveServer:
         if not self._log.closed:
             self._log.flush()
         return self.log_path.read_text(errors="replace")
+
+    @classmethod
+    def started(cls, args: list[str], env: dict[str, str], log_path: Path, port: int | None = None) -> "LiveServer":
+        """A ready server (stopped again if it does not come up)."""
+        srv = cls(args, env, log_path, port)
+        try:
+            srv.wait_ready()
+        except Exception:
+            srv.stop()
+            raise
+        return srv
 
     def wait_for_log(self, *needles: str, timeout: float = 10.0) -> str:
         """The log once every needle is in it (request lines are written after the response is sent)."""
@@ -107,14 +118,8 @@ def launch_server(tmp_path_factory):
     servers: list[LiveServer] = []
 
     def launch(*args: str, env: dict[str, str] | None = None) -> LiveServer:
-        log = tmp_path_factory.mktemp("server") / "server.log"
-        srv = LiveServer(list(args), env or {}, log)
+        srv = LiveServer.started(list(args), env or {}, tmp_path_factory.mktemp("server") / "server.log")
         servers.append(srv)
-        try:
-            srv.wait_ready()
-        except Exception:
-            srv.stop()
-            raise
         return srv
 
     yield launch

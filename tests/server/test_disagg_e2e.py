@@ -56,16 +56,7 @@ class Router:
 
 
 def start(tmp: Path, name: str, *args: str, port: int | None = None) -> LiveServer:
-    """A ready server; `port` pins its port (the last --port flag wins over LiveServer's own)."""
-    srv = LiveServer(list(args) + (["--port", str(port)] if port else []), ENV, tmp / f"{name}.log")
-    if port:
-        srv.port, srv.url = port, f"http://127.0.0.1:{port}"
-    try:
-        srv.wait_ready()
-    except Exception:
-        srv.stop()
-        raise
-    return srv
+    return LiveServer.started(list(args), ENV, tmp / f"{name}.log", port)
 
 
 def role_args(mode: str, *extra: str) -> list[str]:

@@ -162,6 +162,9 @@ class PrefillConnector(KVConnector):
     def after_step(self, sends: list[KVSend]) -> None:
         if not self.async_transfer and sends:
             self._ranks.connector_call(PostSends(tuple(sends)))
+            # poll them from the next step on: with overlap this runs after the step's poll, which may have
+            # cleared the flag, and NIXL moves a write only while it is polled
+            self._writes_in_flight = True
 
     def held_pages(self) -> list[int]:
         return [pid for room in self._rooms.values() for pid in room.held]

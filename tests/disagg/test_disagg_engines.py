@@ -79,6 +79,22 @@ class Pair:
             assert not e.connector.held_pages()
 
 
+class PollDrivenHandle:
+    """A write that starts on its first poll: the transfer moves only while its initiator polls it."""
+
+    def __init__(self, start) -> None:
+        self._start, self._real = start, None
+
+    def poll(self):
+        if self._real is None:
+            self._real = self._start()
+        return self._real.poll()
+
+    def release(self) -> None:
+        if self._real is not None:
+            self._real.release()
+
+
 def colocated(model, prompts, params, **kw) -> list[list[list[int]]]:
     llm = LLM(str(model), device="cpu", **kw)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -98,7 +114,18 @@ def test_greedy_tokens_equal_colocated(tiny_bf16, prompts, backend, async_transf
     # slow writes down, so that the prefill side polls while some are still queued in the transfer thread
     post = TransferWorker._post
     monkeypatch.setattr(TransferWorker, "_post", lambda self, send: (time.sleep(0.02), post(self, send))[1])
-    pair = Pair(tiny_bf16, backend, disaggregation_async_transfer=async_transfer)
+    # and move data only while the prefill side polls, as NIXL does over CUDA IPC (on the H200 a sync-transfer
+    # write posted after the prefill side's last poll sat for the full 60 s deadline)
+    register = TransferWorker.register
+
+    def register_poll_driven(self, kv_caches, rank):
+        register(self, kv_caches, rank)
+        write = self.agent.write
+        self.agent.write = lambda *a, **k: PollDrivenHandle(lambda: write(*a, **k))
+    monkeypatch.setattr(TransferWorker, "register", register_poll_driven)
+    # overlap on: the sync write of step N is posted by the next step() call, after that call polled
+    pair = Pair(tiny_bf16, backend, disaggregation_async_transfer=async_transfer, disaggregation_timeout=20,
+                overlap_scheduling=True)
     try:
         for i, p in enumerate(prompts):
             pair.add(f"r{i}", p, GREEDY)

@@ -21,7 +21,11 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 # NIXL over UCX between two processes on one GPU: CUDA IPC with zero-copy gets (else it falls back to TCP)
 export UCX_CUDA_IPC_ENABLE_GET_ZCOPY=${UCX_CUDA_IPC_ENABLE_GET_ZCOPY:-yes}
 LAYERS=${LAYERS:-8}
-MODEL=${MODEL:-$(python3 -m bench.real_shape --layers "$LAYERS")}
+if [ -z "${MODEL:-}" ]; then  # the real-shape folder holds config + tokenizer only: random weights
+    MODEL=$(python3 -m bench.real_shape --layers "$LAYERS"); LOAD_ARGS=(--load-format dummy)
+else
+    LOAD_ARGS=()
+fi
 DEVICE_ARGS=${DEVICE_ARGS:-}
 RUNS=${RUNS:-"colocated colocated-capped disagg-sync disagg-async"}
 CAP=${CAP:-2048}  # colocated-capped: --max-prefill-tokens-while-decoding (issue 21 item 4)
@@ -55,7 +59,7 @@ trap stop_all EXIT
 for run in $RUNS; do
     base=$((19000 + RANDOM % 500 * 4))
     url="http://127.0.0.1:$base"
-    common=(--model "$MODEL" --host 127.0.0.1 $DEVICE_ARGS)
+    common=(--model "$MODEL" "${LOAD_ARGS[@]}" --host 127.0.0.1 $DEVICE_ARGS)
     if [ "${run#colocated}" != "$run" ]; then
         mem2=$(python3 -c "print(2 * $MEM)")
         cap=(); [ "$run" = colocated-capped ] && cap=(--max-prefill-tokens-while-decoding "$CAP")
@@ -81,6 +85,14 @@ for run in $RUNS; do
     echo "=== $run"
     bench=(python3 -m bench.serving --base-url "$url" --endpoint completions --dataset random --tokenizer "$MODEL"
            --tokenize-prompt --disable-tqdm)
+    # warm-up, not timed: the shapes the load brings (long prefill chunks next to a decode batch), so that no
+    # run pays Triton's compile and autotune of a new shape inside its measurement
+    timeout "$CLIENT_TIMEOUT_S" "${bench[@]}" --num-prompts "$DEC_CONC" --input-len "$DEC_LEN" --output-len 64 \
+        --max-concurrency "$DEC_CONC" --seed 21 >"$OUT/${run}_warmup.log" 2>&1 &
+    warm=$!
+    timeout "$CLIENT_TIMEOUT_S" "${bench[@]}" --num-prompts 2 --input-len "$LONG_LEN" --output-len 4 \
+        --max-concurrency 1 --seed 22 --warmup-requests 0 >>"$OUT/${run}_warmup.log" 2>&1
+    wait "$warm"
     timeout "$CLIENT_TIMEOUT_S" "${bench[@]}" --num-prompts "$DEC_NUM" --input-len "$DEC_LEN" --output-len "$DEC_OUT" \
         --max-concurrency "$DEC_CONC" --seed 11 --output-json "$OUT/${run}_decoders.json" >"$OUT/${run}_decoders.log" 2>&1 &
     dec=$!

@@ -38,7 +38,7 @@ from engine.request_validation import check_request
 from engine.sampler import DeferredSample, SampleRow, Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledRequest, Scheduler
-from spec import DraftSlot, Drafter, SpecStats, StepView, build_drafter
+from spec import DraftSlot, Drafter, MtpCalls, SpecStats, StepView, build_drafter
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,9 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler, self.pool)
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
         self.outputs = OutputProcessor(self.tokenizer, self.model_config.eos_token_ids)
-        self.drafter: Drafter | None = build_drafter(config.speculative, self.block_size, self.worker.execute_mtp)
+        self.drafter: Drafter | None = build_drafter(
+            config.speculative, self.block_size,
+            MtpCalls(self.worker.execute_mtp, self.worker.mtp_graph_rows, self.worker.execute_mtp_draft))
         self.spec_stats = SpecStats()
         self.connector = kv_connector
         if kv_connector is not None:

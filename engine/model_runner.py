@@ -17,7 +17,7 @@ from engine.scheduler import ScheduledRequest
 from engine.token_table import TokenTable
 from model.context import ForwardContext
 from model.glm4_moe import Glm4MoeForCausalLM
-from spec import MtpBatch
+from spec import MtpBatch, MtpDraftBatch
 
 MAX_UNIFORM_Q = 32  # decode / verify chains up to this many rows per request count as graph-shaped steps
 
@@ -147,6 +147,7 @@ class ModelRunner:
         self.k_scale, self.v_scale = k_scale, v_scale
         self.token_table = token_table
         self.graphs = None  # engine.cuda_graphs.DecodeGraphs once captured
+        self.mtp_graphs = None  # engine.mtp_graphs.MtpDraftGraphs once captured (MTP speculation)
         self.target_hidden: torch.Tensor | None = None  # the last target forward's hidden states (keep_hidden)
         self.mtp_hidden: torch.Tensor | None = None  # the last NextN-layer forward's output
         # Decode and verify steps tell attention the largest possible KV length, as the CUDA graphs must: the
@@ -197,6 +198,17 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden.index_select(0, index))
         self.target_hidden = hidden if inp.keep_hidden else None
         return logits
+
+    def mtp_graph_rows(self, batch: int, max_kept: int) -> int:
+        return self.mtp_graphs.rows_for(batch, max_kept) if self.mtp_graphs is not None else 0
+
+    @torch.inference_mode()
+    def run_mtp_draft(self, batch: MtpDraftBatch) -> list[list[int]]:
+        """The step's whole NextN draft (extend + chain) in one graph replay; every request's drafts."""
+        if self.target_hidden is None:
+            raise RuntimeError("an MTP draft reads the target's hidden states, but none were kept")
+        self.mtp_hidden = None
+        return self.mtp_graphs.run(batch, self.target_hidden)
 
     @torch.inference_mode()
     def run_mtp(self, batch: MtpBatch) -> torch.Tensor:

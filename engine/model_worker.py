@@ -13,6 +13,7 @@ import torch.distributed
 
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
+from engine.mtp_graphs import MtpDraftGraphs
 from engine.distributed import (
     DistInfo,
     broadcast_object,
@@ -26,7 +27,7 @@ from engine.kv_cache import allocate_kv_caches, kv_bytes_per_token, kv_cache_dty
 from engine.model_runner import ModelRunner, StepInputs
 from engine.token_table import TokenTable
 from model.builder import build_model
-from spec import MtpBatch
+from spec import MtpBatch, MtpDraftBatch
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +89,20 @@ class ModelWorker:
                 max_drafts=spec.num_speculative_tokens if spec is not None else 0,
             )
             self.runner.graphs.capture(progress=dist.is_driver)
+            if with_mtp:
+                self.runner.mtp_graphs = MtpDraftGraphs(
+                    self.model, kv, self.device, min(config.scheduler.max_num_seqs, MAX_GRAPH_BATCH),
+                    config.scheduler.max_model_len, self.block_size, spec.mtp_chain_length,
+                    spec.num_speculative_tokens, config.model.hidden_size, config.torch_dtype,
+                )
+                self.runner.mtp_graphs.capture(progress=dist.is_driver)
 
     def release_graphs(self) -> None:
         """Destroy the CUDA graphs. Must precede leaving the process group: graphs that captured NCCL
         all-reduces keep the communicator in use, and destroying it under them stalled the shutdown of a TP=2
         engine on 2x H200 indefinitely."""
-        if self.runner.graphs is not None:
-            self.runner.graphs = None
+        if self.runner.graphs is not None or self.runner.mtp_graphs is not None:
+            self.runner.graphs = self.runner.mtp_graphs = None
             gc.collect()
             torch.cuda.synchronize(self.device)
 
@@ -192,6 +200,17 @@ class ModelWorker:
             broadcast_object(batch, self.dist)
         return self.runner.run_mtp(batch)
 
+    def mtp_graph_rows(self, batch: int, max_kept: int) -> int:
+        """Rows per request of a captured MTP draft graph for `batch` requests keeping up to max_kept
+        positions each; 0: draft eagerly."""
+        return self.runner.mtp_graph_rows(batch, max_kept)
+
+    def execute_mtp_draft(self, batch: MtpDraftBatch) -> list[list[int]]:
+        """Rank 0: the step's whole NextN draft in one graph replay on every rank; the drafts."""
+        if self.dist.world_size > 1:
+            broadcast_object(batch, self.dist)
+        return self.runner.run_mtp_draft(batch)
+
     def _broadcast_tokens(self, n: int, tokens: torch.Tensor | None) -> torch.Tensor:
         if tokens is None:
             tokens = torch.empty(n, dtype=torch.long, device=self.device)
@@ -220,6 +239,8 @@ class ModelWorker:
                 gather_objects(self._handle_connector(msg.message), self.dist)
             elif isinstance(msg, MtpBatch):
                 self.runner.run_mtp(msg)
+            elif isinstance(msg, MtpDraftBatch):
+                self.runner.run_mtp_draft(msg)
             elif msg == STOP or msg == until:
                 return
             else:

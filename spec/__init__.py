@@ -3,8 +3,8 @@ from spec.budget import DraftBudget, StepCost
 from spec.build import build_drafter
 from spec.config import SpeculativeConfig
 from spec.drafter import DraftSlot, Drafter, StepView
-from spec.mtp import MtpBatch, MtpDrafter
+from spec.mtp import MtpBatch, MtpCalls, MtpDraftBatch, MtpDrafter
 from spec.stats import SpecStats
 from spec.verify import accept_chain
 
-__all__ = ["DraftBudget", "DraftSlot", "Drafter", "MtpBatch", "MtpDrafter", "StepView", "SpecStats", "SpeculativeConfig", "StepCost", "accept_chain", "build_drafter"]
+__all__ = ["DraftBudget", "DraftSlot", "Drafter", "MtpBatch", "MtpCalls", "MtpDraftBatch", "MtpDrafter", "StepView", "SpecStats", "SpeculativeConfig", "StepCost", "accept_chain", "build_drafter"]

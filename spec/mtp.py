@@ -14,6 +14,10 @@ Drafts are greedy (top-1): a point mass, verified losslessly like any other draf
 (spec/budget.py) the chain of each request is cut to the drafts worth verifying this step (0: the extend still
 runs, so the layer's KV stays aligned; only the chain and the verify rows are saved). The model runs through a
 callable the engine provides (every TP rank executes the same MtpBatch), so spec/ needs nothing from engine/.
+
+With CUDA graphs the engine also offers the whole draft of a step (extend + chain) as one graph replay
+(engine/mtp_graphs.py): when every request's kept positions fit a captured shape, `after_step` lays them out
+as an MtpDraftBatch (q rows per request, padding rows first) and gets every request's drafts back at once.
 """
 from __future__ import annotations
 
@@ -44,16 +48,41 @@ class MtpBatch:
     logits_rows: list[int]
 
 
+@dataclass
+class MtpDraftBatch:
+    """A step's whole NextN draft for the graph path: q rows per request, the padding rows first (slot -1),
+    then the request's kept positions; the chain continues from each request's last row."""
+
+    rows_per_request: int
+    input_ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]
+    hidden_rows: list[int]  # per row: the target forward's row holding the hidden state at its position
+    block_tables: list[list[int]]  # padded to one width
+    seq_lens: list[int]  # per request: its last kept position + 1
+    max_drafts: list[int]  # per request: drafts wanted (chain rows past it write nothing)
+
+
+@dataclass(frozen=True)
+class MtpCalls:
+    """How the drafter runs the NextN layer on every TP rank (the engine provides these)."""
+
+    forward: Callable[[MtpBatch], torch.Tensor]  # one eager forward; rank 0's logits of batch.logits_rows
+    graph_rows: Callable[[int, int], int] | None = None  # (requests, most kept rows) -> q of a captured draft graph, 0: none
+    draft: Callable[[MtpDraftBatch], list[list[int]]] | None = None  # extend + chain in one replay
+
+
 class MtpDrafter(Drafter):
     needs_target_hidden = True
 
-    def __init__(self, config: SpeculativeConfig, block_size: int, run: Callable[[MtpBatch], torch.Tensor],
+    def __init__(self, config: SpeculativeConfig, block_size: int, model: MtpCalls,
                  budget: DraftBudget | None = None) -> None:
         """budget: cuts each request's chain (None, or one turned off: the full chain; the hybrid drafter
         passes each view's chain length itself)."""
         self.config = config
         self.block_size = block_size
-        self.run = run
+        self.run = model.forward
+        self.model = model
         self.budget = budget if budget is not None and budget.enabled else None
         self._drafts: dict[int, list[int]] = {}
 
@@ -91,6 +120,30 @@ class MtpDrafter(Drafter):
     def _slot(self, table: list[int], pos: int) -> int:
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
+    def _graph_rows(self, views: Sequence[StepView]) -> int:
+        """q of a captured draft graph that takes these views, else 0 (eager). Padding rows sit at the positions
+        before a request's first kept one, so each request needs at least q positions."""
+        if self.model.graph_rows is None or self.model.draft is None:
+            return 0
+        q = self.model.graph_rows(len(views), max(len(v.next_tokens) for v in views))
+        return q if q and all(v.start + len(v.next_tokens) >= q for v in views) else 0
+
+    def _draft_batch(self, views: Sequence[StepView], q: int) -> MtpDraftBatch:
+        ids, positions, slots, rows = [], [], [], []
+        for v in views:
+            n = len(v.next_tokens)
+            for r in range(n - q, n):  # r < 0: padding, at the positions just before the kept ones
+                positions.append(v.start + r)
+                ids.append(v.next_tokens[max(r, 0)])
+                slots.append(self._slot(v.block_table, v.start + r) if r >= 0 else -1)
+                rows.append(v.hidden_rows[max(r, 0)])
+        width = max(len(v.block_table) for v in views)
+        return MtpDraftBatch(
+            rows_per_request=q, input_ids=ids, positions=positions, slot_mapping=slots, hidden_rows=rows,
+            block_tables=[v.block_table + [0] * (width - len(v.block_table)) for v in views],
+            seq_lens=[v.start + len(v.next_tokens) for v in views], max_drafts=[v.max_drafts for v in views],
+        )
+
     def after_step(self, views: Sequence[StepView]) -> None:
         views = [v for v in views if v.next_tokens]
         if not views:
@@ -109,6 +162,11 @@ class MtpDrafter(Drafter):
             views = self._budgeted(views)
         for v in views:  # a chain cut to 0 must not leave an older step's draft behind
             self._drafts.pop(v.seq_id, None)
+        q = self._graph_rows(views)
+        if q:
+            out = self.model.draft(self._draft_batch(views, q))
+            self._drafts.update({v.seq_id: d for v, d in zip(views, out) if v.max_drafts > 0})
+            return
         drafting = [k for k, v in enumerate(views) if v.max_drafts > 0]
         last_rows = [qsl[k + 1] - 1 for k in drafting]
         logits = self.run(MtpBatch(ids, positions, slots, [v.block_table for v in views], lens, qsl, "target",

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
+from engine.mtp_graphs import MtpDraftGraphs
+from spec import DraftSlot, MtpCalls, MtpDrafter, StepView
 from engine_checks import assert_pages_clean
 from model.builder import build_model
 from model.config import load_model_config
@@ -24,6 +26,34 @@ MTP = {"method": "mtp", "num_speculative_tokens": 3}
 @pytest.fixture(scope="module")
 def mtp(tiny_bf16):
     return LLM(str(tiny_bf16), speculative_config=MTP, **KW)
+
+
+def with_draft_graphs(llm: LLM) -> list[int]:
+    """Give the engine the MTP draft graphs' code path (static buffers, padding-first layout, in-graph chain)
+    run eagerly: CUDA graphs need a GPU, the layout and the chain are what can go wrong. Returns a list that
+    counts the draft-graph runs."""
+    cfg, w = llm.config, llm.engine.worker
+    graphs = MtpDraftGraphs(
+        w.model, w.runner.kv_caches, w.device, 8, cfg.scheduler.max_model_len, cfg.cache.block_size,
+        cfg.speculative.mtp_chain_length, cfg.speculative.num_speculative_tokens, cfg.model.hidden_size,
+        cfg.torch_dtype, replay=False,
+    )
+    runs: list[int] = []
+    real = graphs.run
+
+    def run(batch, hidden):
+        runs.append(len(batch.seq_lens))
+        return real(batch, hidden)
+    graphs.run = run
+    w.runner.mtp_graphs = graphs
+    return runs
+
+
+@pytest.fixture(scope="module")
+def mtp_graphed(tiny_bf16):
+    llm = LLM(str(tiny_bf16), speculative_config=MTP, **KW)
+    llm.graph_runs = with_draft_graphs(llm)
+    return llm
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +88,9 @@ def _reference_drafts(model, cfg, tokens: list[int], k: int) -> list[int]:
     return drafts
 
 
-def test_drafts_equal_full_recompute_of_the_nextn_chain(tiny_bf16, mtp, monkeypatch):
+@pytest.mark.parametrize("engine_name", ["mtp", "mtp_graphed"])
+def test_drafts_equal_full_recompute_of_the_nextn_chain(tiny_bf16, engine_name, request, monkeypatch):
+    mtp = request.getfixturevalue(engine_name)
     cfg = load_model_config(tiny_bf16)
     ref_model = build_model(cfg, torch.device("cpu"), torch.float32, with_mtp=True, progress=False)
     eng = mtp.engine
@@ -85,6 +117,9 @@ def test_drafts_equal_full_recompute_of_the_nextn_chain(tiny_bf16, mtp, monkeypa
         checked += bool(draft)
     assert checked >= 5
     assert_pages_clean(eng)
+    if engine_name == "mtp_graphed":  # decode and verify steps drafted through the graph path (prefill chunks
+        assert len(mtp.graph_runs) >= 10  # eagerly), batches of up to 3 requests padded to a bucket of 4
+        assert max(mtp.graph_runs) == 3
 
 
 def _same(a, b) -> None:
@@ -93,7 +128,9 @@ def _same(a, b) -> None:
             assert (cx.token_ids, cx.text, cx.finish_reason) == (cy.token_ids, cy.text, cy.finish_reason)
 
 
-def test_mtp_greedy_and_seeded_identity_chunking_preemption_prefix_hits(plain, mtp):
+@pytest.mark.parametrize("engine_name", ["mtp", "mtp_graphed"])
+def test_mtp_greedy_and_seeded_identity_chunking_preemption_prefix_hits(plain, engine_name, request):
+    mtp = request.getfixturevalue(engine_name)
     rng = random.Random(5)
     prompts = [{"prompt_token_ids": [rng.randrange(1400) for _ in range(rng.randint(5, 100))]} for _ in range(6)]
     greedy = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
@@ -105,6 +142,7 @@ def test_mtp_greedy_and_seeded_identity_chunking_preemption_prefix_hits(plain, m
     assert stats["prefix_cache_hit_tokens"] > hits and stats["num_preemptions"] > 0
     assert stats["spec_draft_tokens"] > 0
     assert_pages_clean(mtp.engine)
+    assert engine_name == "mtp" or mtp.graph_runs
 
 
 def test_checkpoint_without_mtp_layer_is_a_clear_error(tmp_path):
@@ -113,9 +151,11 @@ def test_checkpoint_without_mtp_layer_is_a_clear_error(tmp_path):
         LLM(str(path), device="cpu", speculative_config=MTP)
 
 
-def test_hybrid_uses_both_sources_in_one_batch_and_keeps_plain_tokens(tiny_bf16, plain):
+@pytest.mark.parametrize("graphed", [False, True])
+def test_hybrid_uses_both_sources_in_one_batch_and_keeps_plain_tokens(tiny_bf16, plain, graphed):
     hybrid = LLM(str(tiny_bf16), speculative_config={"method": "hybrid", "num_speculative_tokens": 8,
                                                      "num_mtp_tokens": 2}, **KW)
+    runs = with_draft_graphs(hybrid) if graphed else [0]
     rng = random.Random(6)
     repetitive = [{"prompt_token_ids": [rng.randrange(1400) for _ in range(8)] * 5} for _ in range(2)]
     fresh = [{"prompt_token_ids": [rng.randrange(1400) for _ in range(30)]} for _ in range(2)]
@@ -125,3 +165,44 @@ def test_hybrid_uses_both_sources_in_one_batch_and_keeps_plain_tokens(tiny_bf16,
     assert proposed["suffix"] > 0 and proposed["mtp"] > 0, proposed
     assert hybrid.stats()["spec_accepted_tokens"] > 0
     assert_pages_clean(hybrid.engine)
+    assert runs
+
+
+def test_draft_graph_layout_equals_the_eager_chain(tiny_bf16):
+    """The graph path's padding-first layout against the eager extend + chain, on one batch of requests that
+    kept 1, 3 and 4 positions (padded to 4 rows) with different draft limits: the same drafts and the same
+    NextN KV afterwards (pages past a request's limit untouched)."""
+    llm = LLM(str(tiny_bf16), speculative_config=MTP, **KW)
+    cfg, w = llm.config, llm.engine.worker
+    nextn = cfg.model.num_hidden_layers
+    gen = torch.Generator().manual_seed(0)
+    views, row, page = [], 0, 1
+    for seq_id, (start, kept, limit) in enumerate([(40, 1, 3), (17, 3, 2), (60, 4, 3)]):
+        pages = -(-(start + kept + 3) // 16)
+        views.append(StepView(seq_id=seq_id, start=start,
+                              next_tokens=torch.randint(0, 1400, (kept,), generator=gen).tolist(),
+                              hidden_rows=list(range(row, row + kept)), block_table=list(range(page, page + pages)),
+                              max_drafts=limit))
+        row, page = row + kept, page + pages
+    w.runner.target_hidden = torch.randn(row, cfg.model.hidden_size, generator=gen)
+    cache = w.runner.kv_caches[nextn]
+    for t in cache:
+        t.copy_(torch.randn(t.shape, generator=gen))
+    before = [t.clone() for t in cache]
+    slots = [DraftSlot(v.seq_id, 3) for v in views]
+
+    eager = MtpDrafter(cfg.speculative, 16, MtpCalls(w.execute_mtp))
+    eager.after_step(views)
+    want, want_kv = eager.propose(slots), [t.clone() for t in cache]
+    for t, b in zip(cache, before):
+        t.copy_(b)
+    runs = with_draft_graphs(llm)
+    graphed = MtpDrafter(cfg.speculative, 16, MtpCalls(w.execute_mtp, w.mtp_graph_rows, w.execute_mtp_draft))
+    graphed.after_step(views)
+    got = graphed.propose(slots)
+    assert runs == [3]
+    assert [len(d) for d in want] == [3, 2, 3]
+    assert got == want
+    for t, ref, b in zip(cache, want_kv, before):
+        assert torch.allclose(t, ref, atol=1e-5)
+        assert not torch.equal(t, b)  # the extend wrote something

@@ -131,6 +131,8 @@ def main() -> None:
     ap.add_argument("--none-overlap", choices=["auto", "off"], default="auto",
                     help="overlap scheduling for method none (speculation always runs without it): auto = the "
                          "engine default (on with CUDA); off = the same host/device serialization as speculation")
+    ap.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                    help="an untimed short pass of every dataset and concurrency per engine first")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     extra = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.spec_option)}
@@ -144,6 +146,12 @@ def main() -> None:
             spec = None if method == "none" else {**SPEC[method], **extra, "draft_budget": budget == "on"}
             overlap = {"overlap_scheduling": False} if spec is None and args.none_overlap == "off" else {}
             llm = LLM(args.model, speculative_config=spec, **engine_kw, **overlap)
+            if args.warmup:  # Triton compiles each new eager shape once per process: not inside a timed run
+                small = argparse.Namespace(**{**vars(args), "num_prompts": 4, "num_sessions": 4, "num_turns": 2,
+                                              "output_len": 64, "seed": args.seed + 99})
+                for dataset in args.datasets.split(","):
+                    for conc in (int(c) for c in args.concurrency.split(",")):
+                        measure(llm, dataset, conc, small, f"warmup-{method}-{budget}-{dataset}-{conc}")
             for dataset in args.datasets.split(","):
                 for conc in (int(c) for c in args.concurrency.split(",")):
                     r = {"method": method, "budget": budget, "dataset": dataset, "concurrency": conc,

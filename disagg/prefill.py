@@ -27,6 +27,7 @@ from disagg.protocol import (
     Hello,
     PollWrites,
     PostSends,
+    QueueSends,
     Reserve,
     Unknown,
     Welcome,
@@ -160,11 +161,15 @@ class PrefillConnector(KVConnector):
         return sends
 
     def after_step(self, sends: list[KVSend]) -> None:
-        if not self.async_transfer and sends:
-            self._ranks.connector_call(PostSends(tuple(sends)))
-            # poll them from the next step on: with overlap this runs after the step's poll, which may have
-            # cleared the flag, and NIXL moves a write only while it is polled
-            self._writes_in_flight = True
+        """Sends that did not ride on the step's inputs: sync transfer posts them now (the step has run); async
+        transfer (with MTP, whose NextN extend writes the pages' last layer after the step) queues them behind
+        a CUDA event recorded now, after that extend."""
+        if not sends:
+            return
+        self._ranks.connector_call(QueueSends(tuple(sends)) if self.async_transfer else PostSends(tuple(sends)))
+        # poll them from the next step on: with overlap this runs after the step's poll, which may have
+        # cleared the flag, and NIXL moves a write only while it is polled
+        self._writes_in_flight = True
 
     def held_pages(self) -> list[int]:
         return [pid for room in self._rooms.values() for pid in room.held]

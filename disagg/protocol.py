@@ -103,6 +103,13 @@ class PostSends:
 
 
 @dataclass(frozen=True)
+class QueueSends:
+    """Async transfer: hand these sends to the transfer thread behind a CUDA event recorded now."""
+
+    sends: tuple[KVSend, ...]
+
+
+@dataclass(frozen=True)
 class PollWrites:
     pass
 

@@ -25,6 +25,7 @@ from disagg.protocol import (
     GetMetadata,
     PollWrites,
     PostSends,
+    QueueSends,
     TakeNotifications,
     WriteStates,
     parse_notification,
@@ -77,6 +78,9 @@ class TransferWorker(KVConnectorWorker):
                 torch.cuda.current_stream(self.agent.regions.device).synchronize()
             for send in message.sends:
                 self._post(send)
+            return None
+        if isinstance(message, QueueSends):
+            self.after_forward(list(message.sends))
             return None
         if isinstance(message, PollWrites):
             return self._poll()

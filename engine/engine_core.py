@@ -87,6 +87,9 @@ class EngineCore:
         self._siblings: dict[str, list[Request]] = {}  # disaggregated decode, n > 1: started once choice 0 is
         self._requests: dict[str, list[Request]] = {}
         self._pending_deltas: list[RequestDelta] = []
+        # disaggregated prefill with MTP: requests whose first token ended them, kept alive until the NextN
+        # extend has written their last chunk's NextN KV (it ships with the pages)
+        self._ending: list[tuple[Request, str, int | str | None]] = []
         self._inflight: _Launched | None = None
         self._seq_keys = itertools.count()
         self.overlap = config.overlap_scheduling
@@ -241,6 +244,7 @@ class EngineCore:
         launched = self._launch(sched.scheduled) if not sched.is_empty else None
         if self._inflight is not None:
             deltas += self._finish(self._inflight)
+            self._post_sends(self._inflight)
             self._inflight = None
         if launched is not None:
             # a verify step is never left in flight: the next step's positions depend on what it accepts
@@ -252,6 +256,11 @@ class EngineCore:
             else:
                 deltas += self._finish(launched)
                 deltas += self._after_step(launched)
+                for req, reason, stop in self._ending:
+                    if not req.is_finished:
+                        self._end(req, reason, stop)
+                self._ending.clear()
+                self._post_sends(launched)
         elif self._inflight is None and self.connector is not None and not deltas:
             self.connector.wait(0.002)  # only handovers in flight: wait for the peer, do not spin
         for rid in {d.request_id for d in deltas if d.finished}:
@@ -342,8 +351,10 @@ class EngineCore:
         if prev is not None and prev.sampled is not None:
             inputs.table_writes = prev.table_writes
         kv_sends = self.connector.plan_sends(scheduled) if self.connector is not None else []
-        if self.connector is not None and self.connector.async_transfer:
-            inputs.kv_sends = kv_sends  # every rank sends its shard once the forward has run (a CUDA event)
+        if kv_sends and self.connector.async_transfer and not inputs.keep_hidden:
+            # every rank sends its shard once the forward has run (a CUDA event recorded after it); with MTP
+            # the NextN layer writes its KV of these pages later (the extend): the sends go after that
+            inputs.kv_sends, kv_sends = kv_sends, []
         check_ranks_alive(self._procs)
         try:
             logits = self.worker.execute(inputs, prev.sampled.tokens if inputs.table_writes else None)
@@ -397,8 +408,6 @@ class EngineCore:
                                          step.overlapped))
             except Exception as exc:
                 deltas.append(self._fail(req, "processing its output", exc))
-        if step.kv_sends:
-            self.connector.after_step(step.kv_sends)  # sync transfer: now that the step has run
         return deltas
 
     def _emit(
@@ -420,8 +429,22 @@ class EngineCore:
         if self.drafter is not None:
             self.drafter.accepted(req.seq_key, emitted[: out.num_tokens])
         if out.finish_reason is not None:
-            self._end(req, out.finish_reason, out.stop_reason)
+            if self._nextn_kv_ships:
+                self._ending.append((req, out.finish_reason, out.stop_reason))
+            else:
+                self._end(req, out.finish_reason, out.stop_reason)
         return out.delta
+
+    @property
+    def _nextn_kv_ships(self) -> bool:
+        return (self.connector is not None and self.connector.mode == "prefill" and self.drafter is not None
+                and self.drafter.needs_target_hidden)
+
+    def _post_sends(self, step: _Launched) -> None:
+        """Disaggregated prefill: the pages this step completed, once everything that writes them (the target
+        forward, and the NextN extend with MTP) is enqueued; sends that rode on the step's inputs are gone."""
+        if step.kv_sends:
+            self.connector.after_step(step.kv_sends)
 
     def _after_step(self, step: _Launched) -> list[RequestDelta]:
         """Tell a drafter that reads the target's hidden states (MTP) what the step computed and kept, with

@@ -8,7 +8,9 @@ through a `RankChannel`: `connector_call(message)` runs `KVConnectorWorker.handl
 results in rank order (each rank moves its own head shard; nothing is funnelled through rank 0). Page sends
 planned for a step ride on that step's inputs (`StepInputs.kv_sends`): every rank hands its shard's write to its
 transfer thread right after enqueuing the forward that writes those pages (async transfer), or the connector
-sends them after the step (sync).
+sends them after the step (sync). With MTP the NextN layer writes its layer of those pages after the step (the
+extend), so the sends go after that: `after_step(sends)` queues them behind a CUDA event recorded then (async)
+or posts them (sync), and a request its first token ended lives until that extend ran.
 
 The engine calls, in a step: `poll()` first (handshakes, arrivals, acknowledgements, deadlines), then
 `plan_sends(scheduled)` for the step it launches, `after_step(...)` once the step's tokens are known; plus

@@ -13,10 +13,9 @@ import torch
 from engine import LLM, SamplingParams
 from engine.mtp_graphs import MtpDraftGraphs
 from spec import DraftSlot, MtpCalls, MtpDrafter, StepView
-from engine_checks import assert_pages_clean
+from engine_checks import assert_pages_clean, reference_drafts
 from model.builder import build_model
 from model.config import load_model_config
-from model.context import ForwardContext
 from model.tiny import write_tiny_checkpoint
 
 KW = dict(device="cpu", kv_block_size=16, num_kv_blocks=48, max_model_len=512, max_num_batched_tokens=48)
@@ -61,33 +60,6 @@ def plain(tiny_bf16):
     return LLM(str(tiny_bf16), **KW)
 
 
-def _reference_drafts(model, cfg, tokens: list[int], k: int) -> list[int]:
-    """Full recompute: target over tokens[:-1], NextN over every position, then the chain of k - 1 steps."""
-    n = len(tokens)
-    bs = 16
-    pages = -(-(n + k + 1) // bs)
-    shape = (pages, bs, cfg.num_key_value_heads, cfg.head_dim)
-    kv = {i: (torch.zeros(shape), torch.zeros(shape)) for i in range(cfg.num_hidden_layers + 1)}
-
-    def ctx(start: int, q: int) -> ForwardContext:
-        return ForwardContext(
-            positions=torch.arange(start, start + q), slot_mapping=torch.arange(start, start + q),
-            block_tables=torch.arange(pages, dtype=torch.int32)[None], seq_lens=torch.tensor([start + q], dtype=torch.int32),
-            query_start_loc=torch.tensor([0, q], dtype=torch.int32), max_query_len=q, max_seq_len=start + q,
-            kv_caches=kv,
-        )
-
-    with torch.no_grad():
-        h = model(torch.tensor(tokens[:-1]), ctx(0, n - 1))
-        u = model.mtp_forward(torch.tensor(tokens[1:]), h, ctx(0, n - 1))
-        drafts = [int(model.compute_logits(u[-1:]).argmax())]
-        prev = u[-1:]
-        for j in range(1, k):
-            prev = model.mtp_forward(torch.tensor(drafts[-1:]), prev, ctx(n - 2 + j, 1))
-            drafts.append(int(model.compute_logits(prev).argmax()))
-    return drafts
-
-
 @pytest.mark.parametrize("engine_name", ["mtp", "mtp_graphed"])
 def test_drafts_equal_full_recompute_of_the_nextn_chain(tiny_bf16, engine_name, request, monkeypatch):
     mtp = request.getfixturevalue(engine_name)
@@ -113,7 +85,7 @@ def test_drafts_equal_full_recompute_of_the_nextn_chain(tiny_bf16, engine_name, 
     assert len(seen) >= 20
     checked = 0
     for tokens, draft in seen[::3]:
-        assert draft == _reference_drafts(ref_model, cfg, tokens, len(draft)), len(tokens)
+        assert draft == reference_drafts(ref_model, cfg, tokens, len(draft)), len(tokens)
         checked += bool(draft)
     assert checked >= 5
     assert_pages_clean(eng)

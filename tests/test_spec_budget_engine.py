@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine_checks import assert_pages_clean
+from engine_checks import assert_pages_clean, reference_drafts
 from model.builder import build_model
 from model.config import load_model_config
-from test_mtp_drafting import _reference_drafts
+
 
 KW = dict(device="cpu", kv_block_size=16, num_kv_blocks=64, max_model_len=512, max_num_batched_tokens=64)
 CONFIGS = {
@@ -127,6 +127,6 @@ def test_mtp_drafts_after_cut_chains_equal_the_full_recompute(tiny_bf16):
     for tokens, draft in seen:
         held += not draft
         if draft and held:  # a draft after steps at 0 drafts
-            assert draft == _reference_drafts(ref_model, cfg, tokens, len(draft)), len(tokens)
+            assert draft == reference_drafts(ref_model, cfg, tokens, len(draft)), len(tokens)
             checked += 1
     assert held >= 30 and checked >= 3, (held, checked)

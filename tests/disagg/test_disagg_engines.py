@@ -8,6 +8,7 @@ import random
 import time
 
 import pytest
+import torch
 
 from disagg.connector import build_kv_connector
 from disagg.transfer import NIXL_AVAILABLE
@@ -15,7 +16,9 @@ from disagg.transfer_worker import TransferWorker
 from engine import LLM, EngineConfig, SamplingParams
 from engine.engine_core import EngineCore
 from engine.kv_connector import DisaggParams
-from engine_checks import assert_pages_clean
+from engine_checks import assert_pages_clean, reference_drafts
+from model.builder import build_model
+from model.config import load_model_config
 
 BACKENDS = ["local"] + (["nixl"] if NIXL_AVAILABLE else [])
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -174,6 +177,39 @@ def test_chunked_prefill_prefix_hits_and_n_greater_than_one(tiny_bf16, prompts):
         assert pair.prefill.pool.hit_tokens >= (len(long) - 1) // 16 * 16  # "b": all full pages but the last
         assert pair.decode.pool.hit_tokens >= 2 * 2 * ((len(long) - 1) // 16 * 16)  # choices 1, 2 of a and b
         assert pair.decode.stats()["spec_num_verifies"] > 0
+        pair.assert_clean()
+    finally:
+        pair.close()
+
+
+@pytest.mark.parametrize("backend,async_transfer", [(BACKENDS[-1], True), ("local", False)])
+def test_nextn_kv_moves_after_the_mtp_extend_wrote_it(tiny_bf16, prompts, backend, async_transfer, monkeypatch):
+    """The NextN layer writes its KV for a prompt chunk after the chunk's target forward (the MTP extend): the
+    pages must leave the prefill side after that, or the decode side drafts from stale NextN KV. Every draft
+    the decode side makes equals a full recompute of the NextN chain from the whole sequence."""
+    mtp = {"method": "mtp", "num_speculative_tokens": 3, "draft_budget": False}
+    pair = Pair(tiny_bf16, backend, speculative_config=mtp, disaggregation_async_transfer=async_transfer,
+                prefill_kw={"max_num_batched_tokens": 32})
+    cfg = load_model_config(tiny_bf16)
+    ref_model = build_model(cfg, torch.device("cpu"), torch.float32, with_mtp=True, progress=False)
+    dec = pair.decode
+    seen: list[tuple[list[int], list[int]]] = []
+    real = dec.drafter.propose
+
+    def propose(slots):
+        out = real(slots)
+        by_key = {r.seq_key: r for r in dec.scheduler.running}
+        seen.extend((by_key[s.seq_id].prompt_token_ids + by_key[s.seq_id].output_token_ids, list(d))
+                    for s, d in zip(slots, out) if d)
+        return out
+    monkeypatch.setattr(dec.drafter, "propose", propose)
+    try:
+        for i, p in enumerate(prompts[2:]):  # 17..150 tokens: 1 to 5 chunks
+            pair.add(f"r{i}", p, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+        pair.run()
+        assert len(seen) >= 8
+        for tokens, draft in seen:
+            assert draft == reference_drafts(ref_model, cfg, tokens, len(draft)), len(tokens)
         pair.assert_clean()
     finally:
         pair.close()

@@ -212,7 +212,7 @@ class DecodeConnector(KVConnector):
             self.clients.send(room.addr, Ack(room_id))
             self.num_received += 1
             self.wait_seconds += time.monotonic() - room.added_at
-            update.arrived.append((room.req, done.token, done.logprobs))
+            update.arrived.append((room.req, done.token, done.logprobs, done.drafts))
 
     # -- helpers ------------------------------------------------------------------------------------
     def _link(self, addr: str) -> _Link:

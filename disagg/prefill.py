@@ -58,6 +58,7 @@ class _Room:
     next_seq: int = 0
     held: list[int] = field(default_factory=list)  # page references the connector holds
     token: tuple[int, LogprobsDict | None] | None = None
+    drafts: tuple[int, ...] = ()  # MTP: the NextN drafts for the decode side's first step
     admitted_at: float = 0.0  # time.monotonic() when scheduled (0: not yet)
     token_at: float = 0.0  # when the first token was sampled
     done_sent: bool = False
@@ -136,6 +137,11 @@ class PrefillConnector(KVConnector):
             room.token = (token, logprobs)
             room.token_at = time.monotonic()
 
+    def first_drafts(self, req: Request, drafts: tuple[int, ...]) -> None:
+        _, room = self._room(req)
+        if room is not None:
+            room.drafts = drafts
+
     def plan_sends(self, scheduled: list[ScheduledRequest]) -> list[KVSend]:
         sends = []
         bs = self._pool.block_size
@@ -206,7 +212,7 @@ class PrefillConnector(KVConnector):
             if room.token is not None and not room.done_sent and room.reserve is not None \
                     and room.sent_pages >= len(room.reserve.pages):
                 # every write is planned: the decode side starts once their notifications have landed
-                self.server.send(room.decode, Done(room_id, *room.token, room.next_seq))
+                self.server.send(room.decode, Done(room_id, *room.token, room.next_seq, room.drafts))
                 room.done_sent = True
                 self.prefill_seconds += room.token_at - room.admitted_at
             if now > room.deadline:

@@ -83,6 +83,7 @@ class Done:
     token: int
     logprobs: LogprobsDict | None
     num_writes: int  # writes every prefill rank makes for the room (their notifications say when they landed)
+    drafts: tuple[int, ...] = ()  # MTP: the drafts for the decode side's first step
 
 
 # -- rank 0 -> every TP rank ---------------------------------------------------------------------------------

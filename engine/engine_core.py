@@ -256,10 +256,7 @@ class EngineCore:
             else:
                 deltas += self._finish(launched)
                 deltas += self._after_step(launched)
-                for req, reason, stop in self._ending:
-                    if not req.is_finished:
-                        self._end(req, reason, stop)
-                self._ending.clear()
+                self._hand_over_ending()
                 self._post_sends(launched)
         elif self._inflight is None and self.connector is not None and not deltas:
             self.connector.wait(0.002)  # only handovers in flight: wait for the peer, do not spin
@@ -278,9 +275,9 @@ class EngineCore:
         for req in update.admit:
             req.status = Status.WAITING
             self.scheduler.add(req)
-        for req, token, logprobs in update.arrived:
+        for req, token, logprobs, drafts in update.arrived:
             try:
-                deltas.append(self._start_decoding(req, token, logprobs))
+                deltas.append(self._start_decoding(req, token, logprobs, drafts))
             except Exception as exc:
                 deltas.append(self._fail(req, "starting to decode", exc))
         for req, reason in update.failed:
@@ -288,13 +285,18 @@ class EngineCore:
                 deltas.append(self._fail(r, "the prefill/decode handover", RuntimeError(reason)))
         return deltas
 
-    def _start_decoding(self, req: Request, token: int, logprobs: LogprobsDict | None) -> RequestDelta:
-        """Decode side: the prompt's KV and the first token came from the prefill instance."""
+    def _start_decoding(
+        self, req: Request, token: int, logprobs: LogprobsDict | None, drafts: tuple[int, ...] = ()
+    ) -> RequestDelta:
+        """Decode side: the prompt's KV and the first token (and MTP's first drafts) came from the prefill
+        instance."""
         self.scheduler.start_after_transfer(req)
         out = self.outputs.append(req, [token], [logprobs])
         self.scheduler.publish_blocks(req)
         if self.drafter is not None:
             self.drafter.accepted(req.seq_key, [token][: out.num_tokens])
+            if drafts:
+                self.drafter.handed_over(req.seq_key, drafts)
         if out.finish_reason is not None:
             self._end(req, out.finish_reason, out.stop_reason)
         for sibling in self._siblings.pop(req.request_id, []):
@@ -440,6 +442,16 @@ class EngineCore:
         return (self.connector is not None and self.connector.mode == "prefill" and self.drafter is not None
                 and self.drafter.needs_target_hidden)
 
+    def _hand_over_ending(self) -> None:
+        """Disaggregated prefill with MTP: end the requests their first token ended, now that the NextN extend
+        wrote their last chunk's KV; their drafts go to the decode side with the first token."""
+        for req, reason, stop in self._ending:
+            if not req.is_finished:
+                drafts = self.drafter.propose([DraftSlot(req.seq_key, self.config.speculative.num_speculative_tokens)])
+                self.connector.first_drafts(req, tuple(drafts[0]))
+                self._end(req, reason, stop)
+        self._ending.clear()
+
     def _post_sends(self, step: _Launched) -> None:
         """Disaggregated prefill: the pages this step completed, once everything that writes them (the target
         forward, and the NextN extend with MTP) is enqueued; sends that rode on the step's inputs are gone."""
@@ -452,6 +464,7 @@ class EngineCore:
         if self.drafter is None or not self.drafter.needs_target_hidden:
             return []
         views, reqs = [], []
+        handing_over = {id(r) for r, _, _ in self._ending}  # their drafts are for the decode side's first step
         for i, s in enumerate(step.scheduled):
             req = s.request
             kept_end = req.num_computed_tokens
@@ -460,6 +473,8 @@ class EngineCore:
             drafts = 0
             if req.num_tokens - kept_end == 1:  # decoding next: room for a chain, pages reserved for it
                 room = min(req.max_tokens - req.num_output_tokens, self.max_model_len - req.num_tokens) - 1
+                if id(req) in handing_over:  # max_tokens is 1 here; the decode side cuts to its own room
+                    room = self.max_model_len - req.num_tokens - 1
                 drafts = self.scheduler.reserve(req, req.num_tokens + min(room, self.config.speculative.num_speculative_tokens)) - req.num_tokens
             offset = step.layout.row_offsets[i]
             views.append(StepView(

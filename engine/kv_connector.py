@@ -54,7 +54,8 @@ class ConnectorUpdate:
     """What the connector hands the engine at the start of a step."""
 
     admit: list[Request] = field(default_factory=list)  # prefill: handshake done, schedule it
-    arrived: list[tuple[Request, int, LogprobsDict | None]] = field(default_factory=list)  # decode: KV + 1st token
+    # decode: KV + first token (+ the prefill side's MTP drafts for the first step)
+    arrived: list[tuple[Request, int, LogprobsDict | None, tuple[int, ...]]] = field(default_factory=list)
     failed: list[tuple[Request, str]] = field(default_factory=list)  # end it with an error, saying why
 
 
@@ -118,6 +119,10 @@ class KVConnector(abc.ABC):
     @abc.abstractmethod
     def first_token(self, req: Request, token: int, logprobs: LogprobsDict | None) -> None:
         """Prefill: the request's first token, to hand over once its pages have landed."""
+
+    def first_drafts(self, req: Request, drafts: tuple[int, ...]) -> None:
+        """Prefill with MTP: the drafts the NextN layer made from the prompt's last hidden state, handed over
+        with the first token (the decode side has no hidden state to draft its first step from)."""
 
     @abc.abstractmethod
     def held_pages(self) -> list[int]:

@@ -60,6 +60,10 @@ class Drafter(ABC):
         refuses overlap with one that reads each step's hidden states)."""
         return True
 
+    def handed_over(self, seq_id: int, drafts: Sequence[int]) -> None:
+        """Disaggregated decode: drafts another instance made for this request's first step (MTP: from the
+        prompt's last hidden state, which this instance never had)."""
+
     def after_step(self, views: Sequence[StepView]) -> None:
         """After a target step was verified and its tokens emitted (drafters that read the target's hidden
         states: see spec/mtp.py)."""

@@ -99,6 +99,9 @@ class MtpDrafter(Drafter):
         if self.budget is not None:
             self.budget.forget(seq_id)
 
+    def handed_over(self, seq_id: int, drafts: Sequence[int]) -> None:
+        self._drafts[seq_id] = list(drafts)[: self.config.mtp_chain_length]
+
     def propose(self, slots: Sequence[DraftSlot]) -> list[list[int]]:
         out = [self._drafts.pop(s.seq_id, [])[: s.max_drafts] for s in slots]
         if self.budget is not None:

@@ -186,7 +186,8 @@ def test_chunked_prefill_prefix_hits_and_n_greater_than_one(tiny_bf16, prompts):
 def test_nextn_kv_moves_after_the_mtp_extend_wrote_it(tiny_bf16, prompts, backend, async_transfer, monkeypatch):
     """The NextN layer writes its KV for a prompt chunk after the chunk's target forward (the MTP extend): the
     pages must leave the prefill side after that, or the decode side drafts from stale NextN KV. Every draft
-    the decode side makes equals a full recompute of the NextN chain from the whole sequence."""
+    the decode side makes equals a full recompute of the NextN chain from the whole sequence, including its
+    first step's, which the prefill side drafted from the prompt's last hidden state and handed over."""
     mtp = {"method": "mtp", "num_speculative_tokens": 3, "draft_budget": False}
     pair = Pair(tiny_bf16, backend, speculative_config=mtp, disaggregation_async_transfer=async_transfer,
                 prefill_kw={"max_num_batched_tokens": 32})
@@ -208,6 +209,8 @@ def test_nextn_kv_moves_after_the_mtp_extend_wrote_it(tiny_bf16, prompts, backen
             pair.add(f"r{i}", p, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
         pair.run()
         assert len(seen) >= 8
+        first_step = {len(tokens) for tokens, _ in seen} & {len(p) + 1 for p in prompts[2:]}
+        assert first_step == {len(p) + 1 for p in prompts[2:]}  # every request drafted its first decode step
         for tokens, draft in seen:
             assert draft == reference_drafts(ref_model, cfg, tokens, len(draft)), len(tokens)
         pair.assert_clean()

@@ -18,7 +18,9 @@ Baselines: torch references (kernels/*.py) for the small ops; cuBLAS `torch._sca
 same Triton activation quant in front) for the FP8 linear; bf16 `torch.mm` on dequantized weights for the
 block-FP8 linear; `torch._scaled_grouped_mm` over only the active experts (the two grouped GEMMs alone,
 weights pre-gathered outside the timing, rows padded to 16) for the fused MoE; `F.scaled_dot_product_attention`
-on contiguous bf16 K/V (GQA) for attention.
+on contiguous bf16 K/V (GQA) for attention; for prefill, cuDNN SDPA on contiguous bf16 K/V (with a cached prefix:
+the same two cuDNN calls + LSE merge as the SDPA prefill path, without its gather) for both ours (Triton) and the
+SDPA prefill path (`--prefill-attention-backend sdpa`).
 
 --tune sweeps fused-MoE launch configs per (E, N, token bucket) and the FP8-linear Triton/cuBLAS crossover,
 and writes kernels/configs-style JSON files into --out (copy them into kernels/configs/ to use them).
@@ -36,6 +38,9 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from kernels.sdpa_prefill import paged_attention_prefill_sdpa, prefill_attention_sdpa
 
 FP8 = torch.float8_e4m3fn
 BF16 = torch.bfloat16
@@ -587,48 +592,89 @@ def _varlen_fa2_time(q, kd, vd, qlen, prefix) -> float | None:
         return None
 
 
+def _prefill_baseline(q, kd, vd, prefix: int) -> tuple[float | None, str]:
+    """cuDNN SDPA on contiguous K/V [kv, Hk, D] (no gather): one is_causal call without a prefix (cuDNN only, so
+    a fallback to another backend shows up as a failure, not as a silently different baseline); with one, the
+    same prefix + causal-square + LSE-merge calls the SDPA path makes (there is no single bottom-right cuDNN
+    call in torch)."""
+    d = q.shape[-1]
+    if prefix == 0:
+        q4, k4, v4 = (x.transpose(0, 1).unsqueeze(0) for x in (q, kd, vd))
+
+        def run():
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=d ** -0.5, enable_gqa=True)
+
+        name = "cuDNN SDPA contiguous"
+    else:
+        out = torch.empty_like(q)
+
+        def run():
+            prefill_attention_sdpa(q, kd, vd, d ** -0.5, "merge", out)
+
+        name = "cuDNN merge contiguous"
+    try:
+        return timeit([run])[0], name
+    except Exception as exc:  # noqa: BLE001 - report and go on
+        torch.cuda.synchronize()
+        print(f"    {name} failed: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+        return None, name
+
+
 def bench_prefill(args):
+    """Causal prefill of one sequence (q new tokens after `prefix` cached ones) from the paged cache: ours (Triton
+    extend kernel) and the SDPA path (kernels/sdpa_prefill.py: gather + dequantize + cuDNN SDPA; prefix modes
+    merge and pad), each against cuDNN SDPA on contiguous bf16 K/V, and as % of the bf16 peak. FLOPs: causal
+    QK^T + PV over the visible keys, 4 * H * D * (q * prefix + q^2 / 2)."""
     from kernels.triton_attention import paged_attention
 
     d, bs = 128, 16
-    cases = [((96, 8), 4096, 0), ((12, 1), 8192, 0), ((96, 8), 512, 4096), ((12, 1), 1024, 0)]
-    for (hq, hk), qlen, prefix in cases:
-        ctx = qlen + prefix
-        kc, vc, bt = _paged(1, ctx, hk, d, bs, BF16)
-        lens = torch.tensor([ctx], dtype=torch.int32, device="cuda")
-        qsl = torch.tensor([0, qlen], dtype=torch.int32, device="cuda")
-        q = torch.randn(qlen, hq, d, device="cuda", dtype=BF16)
-        ours, _ = timeit([lambda: paged_attention(q, kc, vc, bt, lens, qsl, d ** -0.5, max_query_len=qlen,
-                                                  max_seq_len=ctx)])
-        kd = torch.randn(1, hk, ctx, d, device="cuda", dtype=BF16)
-        vd = torch.randn(1, hk, ctx, d, device="cuda", dtype=BF16)
-        qd = q.transpose(0, 1).unsqueeze(0)
-        if prefix == 0:
-            base, _ = timeit([lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True)])
-        else:
-            mask = torch.ones(qlen, ctx, dtype=torch.bool, device="cuda").tril(prefix)
-            base, _ = timeit([lambda: F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, enable_gqa=True)])
-        flops = 4 * hq * d * (qlen * prefix + qlen * qlen / 2)
-        if getattr(args, "tune", False) and qlen >= 1024:
-            for bm, bn, w, st in ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2), (64, 128, 4, 2),
-                                  (128, 32, 4, 2), (128, 64, 4, 2)):
-                try:
-                    tt, _ = timeit([lambda: paged_attention(q, kc, vc, bt, lens, qsl, d ** -0.5, max_query_len=qlen,
-                                                            max_seq_len=ctx, block_m=bm, block_n=bn, num_warps=w,
-                                                            num_stages=st)])
-                    print(f"    extend q={qlen} heads {hq}/{hk} BM{bm} BN{bn} W{w} S{st}: {tt*1e6:.0f}us "
-                          f"({flops / tt / 1e12:.0f} TFLOP/s)", flush=True)
-                except Exception as exc:  # noqa: BLE001
-                    torch.cuda.synchronize()
-                    print(f"    extend BM{bm} BN{bn} W{w} S{st}: failed {type(exc).__name__}", flush=True)
-        report("attn_prefill", f"q={qlen} prefix={prefix} heads {hq}/{hk} bf16", ours, base, "SDPA contiguous",
-               flops=flops, peak="bf16")
-        fa2 = _varlen_fa2_time(q, kd, vd, qlen, prefix) if prefix == 0 else None
-        if fa2 is not None:
-            report("attn_prefill", f"q={qlen} prefix={prefix} heads {hq}/{hk} bf16", ours, fa2,
-                   "torch varlen_attn (FA2)", flops=flops, peak="bf16")
-        del kc, vc, kd, vd
-        torch.cuda.empty_cache()
+    qlens = (4096,) if args.quick else (4096, 16384, 32768)
+    heads = ((96, 8),) if args.quick else ((96, 8), (12, 1))
+    for qlen in qlens:
+        for prefix in (0, 4096):
+            for hq, hk in heads:
+                ctx = qlen + prefix
+                q = torch.randn(qlen, hq, d, device="cuda", dtype=BF16)
+                kd = torch.randn(ctx, hk, d, device="cuda", dtype=BF16)
+                vd = torch.randn(ctx, hk, d, device="cuda", dtype=BF16)
+                base, base_name = _prefill_baseline(q, kd, vd, prefix)
+                flops = 4 * hq * d * (qlen * prefix + qlen * qlen / 2)
+                shape0 = f"q={qlen} prefix={prefix} heads {hq}/{hk} bf16 KV"
+                if base is not None:
+                    report("prefill_cudnn", shape0, base, None, "-", flops=flops, peak="bf16", note=base_name)
+                fa2 = _varlen_fa2_time(q, kd.transpose(0, 1).unsqueeze(0), vd.transpose(0, 1).unsqueeze(0), qlen,
+                                       prefix) if prefix == 0 else None
+                if fa2 is not None:
+                    report("prefill_fa2", shape0, fa2, base, base_name, flops=flops, peak="bf16",
+                           note="torch varlen_attn (FA2), contiguous")
+                for dt in (BF16, FP8):
+                    kc, vc, bt = _paged(1, ctx, hk, d, bs, dt)
+                    ks = 0.05 if dt == FP8 else 1.0
+                    lens = torch.tensor([ctx], dtype=torch.int32, device="cuda")
+                    qsl = torch.tensor([0, qlen], dtype=torch.int32, device="cuda")
+                    shape = f"q={qlen} prefix={prefix} heads {hq}/{hk} {'fp8' if dt == FP8 else 'bf16'} KV"
+                    ours, _ = timeit([lambda: paged_attention(q, kc, vc, bt, lens, qsl, d ** -0.5, ks, ks,
+                                                              max_query_len=qlen, max_seq_len=ctx)])
+                    report("prefill_triton", shape, ours, base, base_name, flops=flops, peak="bf16")
+                    for mode in ("merge", "pad") if prefix else ("merge",):
+                        def sdpa_path(mode=mode):
+                            paged_attention_prefill_sdpa(q, kc, vc, bt, lens, qsl, d ** -0.5, ks, ks,
+                                                         rest=paged_attention, query_start_host=[0, qlen],
+                                                         seq_lens_host=[ctx], prefix_mode=mode)
+                        try:
+                            t, _ = timeit([sdpa_path])
+                        except Exception as exc:  # noqa: BLE001 - report and go on
+                            torch.cuda.synchronize()
+                            print(f"    sdpa {mode} {shape} failed: {type(exc).__name__}: {str(exc)[:120]}",
+                                  flush=True)
+                            continue
+                        report("prefill_sdpa" if mode == "merge" else "prefill_sdpa_pad", shape, t, base, base_name, flops=flops, peak="bf16",
+                               note=f"{ours / t:.2f}x vs triton")
+                    del kc, vc
+                    torch.cuda.empty_cache()
+                del q, kd, vd
+                torch.cuda.empty_cache()
 
 
 SECTIONS = {

@@ -14,7 +14,7 @@ import torch
 from engine.kv_cache import kv_cache_dtype as _kv_torch_dtype
 from engine.options import REQUIRED, EngineOption, option, option_of
 from kernels import flash_attn_adapter
-from model.attention import ATTENTION_BACKENDS
+from model.attention import ATTENTION_BACKENDS, PREFILL_ATTENTION_BACKENDS
 from model.config import ModelConfig, load_model_config
 from spec import SpeculativeConfig
 
@@ -126,6 +126,12 @@ class EngineConfig:
         "attention_backend", "triton", "paged attention: the engine's Triton kernels or flash_attn (fa3: "
         "FlashAttention-3 `flash_attn_interface`, else FlashAttention-2 `flash_attn`; CUDA, bf16/fp16 KV only)",
         flags=("--attention-backend",), choices=ATTENTION_BACKENDS)
+    prefill_attention_backend: str = option(
+        "prefill_attention_backend", "triton", "attention of prefill rows (sequences with >= 512 new tokens in a "
+        "step): triton = the --attention-backend kernels like every other row; sdpa = torch "
+        "scaled_dot_product_attention (cuDNN on Hopper) over the sequence's K/V gathered from the paged cache "
+        "(FP8 KV dequantized); decode / verify rows stay on --attention-backend",
+        flags=("--prefill-attention-backend",), choices=PREFILL_ATTENTION_BACKENDS)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -203,6 +209,9 @@ class EngineConfig:
             reason = flash_attn_adapter.unsupported_reason(device, torch_dtype, mcfg.head_dim, kv_dtype, block_size)
             if reason:
                 raise ValueError(f"attention_backend 'fa3' (--attention-backend fa3) {reason}")
+        if o["prefill_attention_backend"] not in PREFILL_ATTENTION_BACKENDS:
+            raise ValueError(f"prefill_attention_backend must be one of {PREFILL_ATTENTION_BACKENDS}, got "
+                             f"{o['prefill_attention_backend']!r}")
         if o["disaggregation_mode"] not in DISAGGREGATION_MODES:
             raise ValueError(f"disaggregation_mode must be one of {DISAGGREGATION_MODES}, got "
                              f"{o['disaggregation_mode']!r}")

@@ -65,7 +65,7 @@ class ModelWorker:
             config.model, self.device, config.torch_dtype, dist.tp, config.load_format, config.seed,
             with_mtp=with_mtp, fuse_shared_experts=config.enable_shared_experts_fusion,
             fused_qk_norm_rope=config.enable_fused_qk_norm_rope, progress=dist.is_driver,
-            attention_backend=config.attention_backend,
+            attention_backend=config.attention_backend, prefill_attention_backend=config.prefill_attention_backend,
         )
         self.block_size = config.cache.block_size
         kv_dtype = kv_cache_dtype(config.cache.kv_cache_dtype, config.torch_dtype)

@@ -5,13 +5,16 @@ import torch
 from torch import nn
 
 import kernels
-from kernels import flash_attn_adapter
+from kernels import flash_attn_adapter, sdpa_prefill
 from model.config import ModelConfig
 from model.context import ForwardContext
 from model.linear import Linear
 from model.parallel import HeadPartition, TPGroup
 
 ATTENTION_BACKENDS = ("triton", "fa3")  # triton: kernels.paged_attention (reference on CPU); fa3: flash_attn
+# prefill rows (>= sdpa_prefill.MIN_PREFILL_TOKENS new tokens): triton = whatever attention_backend runs;
+# sdpa = torch SDPA (cuDNN) over the gathered K/V (kernels/sdpa_prefill.py), the other rows stay on attention_backend
+PREFILL_ATTENTION_BACKENDS = ("triton", "sdpa")
 
 
 class Attention(nn.Module):
@@ -26,14 +29,19 @@ class Attention(nn.Module):
         device,
         fused_qk_norm_rope: bool = False,
         attention_backend: str = "triton",
+        prefill_attention_backend: str = "triton",
     ) -> None:
         super().__init__()
         if attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {attention_backend!r}")
+        if prefill_attention_backend not in PREFILL_ATTENTION_BACKENDS:
+            raise ValueError(f"prefill_attention_backend must be one of {PREFILL_ATTENTION_BACKENDS}, got "
+                             f"{prefill_attention_backend!r}")
         self.layer_id = layer_id
         self.tp = tp
         self.fused_qk_norm_rope = fused_qk_norm_rope
         self.attention_backend = attention_backend
+        self.prefill_attention_backend = prefill_attention_backend
         self.heads = HeadPartition.build(cfg.num_attention_heads, cfg.num_key_value_heads, tp)
         self.head_dim = cfg.head_dim
         self.eps = cfg.rms_norm_eps
@@ -77,7 +85,11 @@ class Attention(nn.Module):
                 ctx.k_scale, ctx.v_scale)
         hints = dict(max_query_len=ctx.max_query_len, max_seq_len=ctx.max_seq_len)
         absmax = None
-        if self.attention_backend == "fa3":
+        if self.prefill_attention_backend == "sdpa" and ctx.max_query_len >= sdpa_prefill.MIN_PREFILL_TOKENS:
+            rest = flash_attn_adapter.paged_attention_fa if self.attention_backend == "fa3" else kernels.paged_attention
+            qsl, lens = ctx.host_lengths()
+            o = sdpa_prefill.paged_attention_prefill_sdpa(*args, rest=rest, query_start_host=qsl, seq_lens_host=lens)
+        elif self.attention_backend == "fa3":
             o = flash_attn_adapter.paged_attention_fa(*args, **hints)
         else:
             if self.o_proj.quant == "fp8_channel" and ctx.max_query_len == 1:

@@ -24,6 +24,7 @@ def build_model(
     fused_qk_norm_rope: bool = False,
     progress: bool = True,
     attention_backend: str = "triton",
+    prefill_attention_backend: str = "triton",
 ) -> Glm4MoeForCausalLM:
     if load_format not in ("auto", "safetensors", "dummy"):
         raise ValueError(f"load_format must be 'auto', 'safetensors' or 'dummy', got {load_format!r}")
@@ -33,7 +34,8 @@ def build_model(
             raise ValueError(f"--attention-backend fa3 {reason}")
     source: TensorSource = DummySource(cfg, seed) if load_format == "dummy" else SafetensorsSource(cfg.path)
     names = None if load_format == "dummy" else set(source.names())
-    plan = QuantPlan.build(cfg, device, dtype, names, fuse_shared_experts, fused_qk_norm_rope, attention_backend)
+    plan = QuantPlan.build(cfg, device, dtype, names, fuse_shared_experts, fused_qk_norm_rope, attention_backend,
+                           prefill_attention_backend)
     model = Glm4MoeForCausalLM(cfg, plan, tp, dtype, device, with_mtp=with_mtp)
     load_weights(model, cfg, source, tp, fuse_shared_experts, dtype, device, progress=progress)
     model.eval()

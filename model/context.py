@@ -17,6 +17,9 @@ class ForwardContext:
     query_start_loc     [B+1] offsets of each sequence's new tokens in the packed batch
     kv_caches[layer]    (k_cache, v_cache) [num_blocks, block_size, kv_heads, head_dim], indexed by layer id
                         (the MTP layer uses index num_hidden_layers)
+    host_query_start_loc, host_seq_lens
+                        optional host copies of query_start_loc / seq_lens (the runner's lists); paths that need
+                        per-sequence lengths on the host (the SDPA prefill split) read them through host_lengths()
     """
 
     positions: torch.Tensor
@@ -29,6 +32,17 @@ class ForwardContext:
     kv_caches: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     k_scale: float = 1.0
     v_scale: float = 1.0
+    host_query_start_loc: list[int] | None = None
+    host_seq_lens: list[int] | None = None
+
+    def host_lengths(self) -> tuple[list[int], list[int]]:
+        """(query_start_loc, seq_lens) as host lists: the given copies, else read from the device once (one
+        sync per forward) and kept for the other layers."""
+        if self.host_query_start_loc is None:
+            self.host_query_start_loc = self.query_start_loc.tolist()
+        if self.host_seq_lens is None:
+            self.host_seq_lens = self.seq_lens.tolist()
+        return self.host_query_start_loc, self.host_seq_lens
 
     @property
     def is_decode(self) -> bool:

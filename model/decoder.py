@@ -24,6 +24,7 @@ class DecoderLayer(nn.Module):
             plan.linear(f"{prefix}.self_attn.q_proj", tp, column=True),
             plan.linear(f"{prefix}.self_attn.o_proj", tp, column=False),
             dtype, device, fused_qk_norm_rope=plan.fused_qk_norm_rope, attention_backend=plan.attention_backend,
+            prefill_attention_backend=plan.prefill_attention_backend,
         )
         self.is_moe = cfg.is_moe_layer(layer_id)
         if self.is_moe:

@@ -30,6 +30,7 @@ class QuantPlan:
     fuse_shared_experts: bool = False
     fused_qk_norm_rope: bool = False  # not quantization, but the same kind of build-time layer choice
     attention_backend: str = "triton"  # likewise: "triton" (kernels.paged_attention) | "fa3" (flash_attn)
+    prefill_attention_backend: str = "triton"  # "triton" (as attention_backend) | "sdpa" (kernels/sdpa_prefill.py)
 
     @staticmethod
     def build(
@@ -40,6 +41,7 @@ class QuantPlan:
         fuse_shared_experts: bool = False,
         fused_qk_norm_rope: bool = False,
         attention_backend: str = "triton",
+        prefill_attention_backend: str = "triton",
     ) -> "QuantPlan":
         keep_fp8 = cfg.quant.is_fp8 and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
         storage = cfg.quant.method if keep_fp8 else "none"
@@ -47,7 +49,8 @@ class QuantPlan:
         if checkpoint_names is not None:
             suffix = ".weight_scale" if cfg.quant.method == "fp8_channel" else ".weight_scale_inv"
             quantized = frozenset(n[: -len(suffix)] for n in checkpoint_names if n.endswith(suffix))
-        return QuantPlan(cfg, storage, quantized, fuse_shared_experts, fused_qk_norm_rope, attention_backend)
+        return QuantPlan(cfg, storage, quantized, fuse_shared_experts, fused_qk_norm_rope, attention_backend,
+                         prefill_attention_backend)
 
     def is_quantized(self, module: str) -> bool:
         if self.quantized_modules is not None:

@@ -96,6 +96,7 @@ def test_engine_kwargs_mapping():
         "enable_shared_experts_fusion": False,
         "enable_fused_qk_norm_rope": False,
         "attention_backend": "triton",
+        "prefill_attention_backend": "triton",
         "overlap_scheduling": None,
         "disaggregation_mode": "null",
         "disaggregation_transfer_backend": "auto",

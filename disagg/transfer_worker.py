@@ -6,6 +6,11 @@ pages; it records a CUDA event on the current stream and queues (event, sends). 
 (the GPU work is done, not the next step's launch) and posts one write per send. Sync transfer: rank 0's
 connector sends `PostSends` after the step's tokens are on the host, and the write is posted then.
 Rank 0 polls write states with `PollWrites` and cancels a room's writes with `CancelRoom`.
+
+NIXL moves a write, and sends its notification once the data landed, only while the initiator polls it. The
+engine polls once per step, which on a busy prefill instance is once per long prefill chunk (~150 ms at 8K
+tokens); so the transfer thread also polls every write in flight, every `PROGRESS_S`, and a chunk's pages (and
+the decode side's notification) do not wait for the prefill instance's next step.
 """
 from __future__ import annotations
 
@@ -36,6 +41,9 @@ from engine.config import DisaggregationConfig, EngineConfig
 from engine.kv_connector import KVConnectorWorker, KVSend
 
 log = logging.getLogger(__name__)
+
+PROGRESS_S = 0.001  # how often the transfer thread polls the writes in flight
+_WAKE: tuple[Any, list[KVSend]] = (None, [])  # a write was posted by another thread: poll it from now on
 
 
 def resolve_backend(name: str) -> str:
@@ -78,6 +86,7 @@ class TransferWorker(KVConnectorWorker):
                 torch.cuda.current_stream(self.agent.regions.device).synchronize()
             for send in message.sends:
                 self._post(send)
+            self._queue.put(_WAKE)
             return None
         if isinstance(message, QueueSends):
             self.after_forward(list(message.sends))
@@ -112,7 +121,10 @@ class TransferWorker(KVConnectorWorker):
     # -- internals ----------------------------------------------------------------------------------
     def _send_loop(self) -> None:
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=PROGRESS_S if self._progress() else None)
+            except queue.Empty:
+                continue
             if item is None:
                 return
             event, sends = item
@@ -136,6 +148,12 @@ class TransferWorker(KVConnectorWorker):
             handle = self.agent.write(peer, send.src_pages, send.dst_pages,
                                       notification=write_notification(send.room, send.seq), timeout_s=timeout)
             self._writes.append((send.room, send.seq, handle))
+
+    def _progress(self) -> bool:
+        """Poll every write in flight (that is what moves it); True while any is still going."""
+        with self._lock:
+            states = [handle.poll() for _, _, handle in self._writes]
+            return any(not (st.done or st.failed) for st in states)
 
     def _poll(self) -> WriteStates:
         failed, keep = [], []

@@ -12,6 +12,7 @@ import torch
 
 from disagg.connector import build_kv_connector
 from disagg.transfer import NIXL_AVAILABLE
+from disagg.transfer_base import PENDING
 from disagg.transfer_worker import TransferWorker
 from engine import LLM, EngineConfig, SamplingParams
 from engine.engine_core import EngineCore
@@ -35,7 +36,12 @@ def ucx_loopback():
         os.environ["UCX_NET_DEVICES"] = saved
 
 
+# a small KV pool per engine: on CPU the default is sized for the model's whole context (GBs per engine)
+SMALL_POOL = {"max_model_len": 2048, "num_kv_blocks": 256}
+
+
 def make_engine(model, mode: str, backend: str, **kw) -> EngineCore:
+    kw = {**SMALL_POOL, **kw}
     config = EngineConfig.create(
         str(model), device="cpu", disaggregation_mode=mode, disaggregation_transfer_backend=backend,
         disaggregation_bootstrap_port=0, **kw,
@@ -83,13 +89,16 @@ class Pair:
 
 
 class PollDrivenHandle:
-    """A write that starts on its first poll: the transfer moves only while its initiator polls it."""
+    """A write that starts on its `polls`-th poll: the transfer moves only while its initiator polls it."""
 
-    def __init__(self, start) -> None:
-        self._start, self._real = start, None
+    def __init__(self, start, polls: int = 1) -> None:
+        self._start, self._real, self._left = start, None, polls
 
     def poll(self):
         if self._real is None:
+            self._left -= 1
+            if self._left > 0:
+                return PENDING
             self._real = self._start()
         return self._real.poll()
 
@@ -99,7 +108,7 @@ class PollDrivenHandle:
 
 
 def colocated(model, prompts, params, **kw) -> list[list[list[int]]]:
-    llm = LLM(str(model), device="cpu", **kw)
+    llm = LLM(str(model), device="cpu", **{**SMALL_POOL, **kw})
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     return [[c.token_ids for c in o.outputs] for o in outs]
 
@@ -177,6 +186,45 @@ def test_chunked_prefill_prefix_hits_and_n_greater_than_one(tiny_bf16, prompts):
         assert pair.prefill.pool.hit_tokens >= (len(long) - 1) // 16 * 16  # "b": all full pages but the last
         assert pair.decode.pool.hit_tokens >= 2 * 2 * ((len(long) - 1) // 16 * 16)  # choices 1, 2 of a and b
         assert pair.decode.stats()["spec_num_verifies"] > 0
+        pair.assert_clean()
+    finally:
+        pair.close()
+
+
+@pytest.mark.parametrize("async_transfer", [True, False])
+def test_writes_move_while_the_prefill_engine_does_not_step(tiny_bf16, prompts, async_transfer, monkeypatch):
+    """Writes that move only while polled (several polls, as NIXL's progress) reach the decode side although
+    the prefill engine stops stepping once every Done went out: its transfer thread polls them (a busy prefill
+    instance steps once per long chunk)."""
+    register = TransferWorker.register
+
+    def register_poll_driven(self, kv_caches, rank):
+        register(self, kv_caches, rank)
+        write = self.agent.write
+        self.agent.write = lambda *a, **k: PollDrivenHandle(lambda: write(*a, **k), polls=5)
+    monkeypatch.setattr(TransferWorker, "register", register_poll_driven)
+    pair = Pair(tiny_bf16, "local", disaggregation_async_transfer=async_transfer, disaggregation_timeout=8,
+                prefill_kw={"max_num_batched_tokens": 32})
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    try:
+        for i, p in enumerate(prompts):
+            pair.add(f"r{i}", p, params)
+        deadline, ran, out = time.time() + 60, set(), {}
+
+        def step_decode() -> None:
+            for d in pair.decode.step():
+                assert d.error is None, d.error
+                out.setdefault(d.request_id, []).extend(d.new_token_ids)
+        while len(ran) < len(prompts):  # until every prompt ran (each ends at its first token there)
+            assert time.time() < deadline
+            ran |= {d.request_id for d in pair.prefill.step() if d.finished}
+            step_decode()
+        pair.prefill.step()  # its poll sends the last Dones; from here on only the decode engine steps
+        while pair.decode.has_unfinished_requests():
+            assert time.time() < deadline, "the decode side never got every page"
+            step_decode()
+        assert [out[f"r{i}"] for i in range(len(prompts))] == [e[0] for e in colocated(tiny_bf16, prompts, params)]
+        pair.run()  # the prefill side takes the Acks and lets its pages go
         pair.assert_clean()
     finally:
         pair.close()

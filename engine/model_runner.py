@@ -169,6 +169,8 @@ class ModelRunner:
             kv_caches=self.kv_caches,
             k_scale=self.k_scale,
             v_scale=self.v_scale,
+            host_query_start_loc=inp.query_start_loc,
+            host_seq_lens=inp.seq_lens,
         )
         return to_device(inp.input_ids, torch.long, dev), ctx
 
@@ -228,6 +230,8 @@ class ModelRunner:
             kv_caches=self.kv_caches,
             k_scale=self.k_scale,
             v_scale=self.v_scale,
+            host_query_start_loc=batch.query_start_loc,
+            host_seq_lens=batch.seq_lens,
         )
         prev = source.index_select(0, to_device(batch.hidden_rows, torch.long, dev))
         out = self.model.mtp_forward(to_device(batch.input_ids, torch.long, dev), prev, ctx)

@@ -96,7 +96,9 @@ class MtpDraftGraphs:
         t, model, bs = b * q, self.model, self.block_size
         self.seq_lens[:b].copy_(self.seq_lens_long[:b])
         ctx = self._ctx(self.positions[:t], self.slot_mapping[:t], self.seq_lens[:b], b, q)
-        hidden = model.mtp_forward(self.input_ids[:t], self.hidden_in[:t], ctx).view(b, q, -1)[:, q - 1]
+        # each request's last row, made contiguous: the chain feeds it to kernels that expect packed rows
+        out = model.mtp_forward(self.input_ids[:t], self.hidden_in[:t], ctx)
+        hidden = out.view(b, q, -1)[:, q - 1].contiguous()
         token = model.compute_logits(hidden).argmax(dim=-1)
         drafts = [token]
         last = self.positions[:t].view(b, q)[:, q - 1]

@@ -68,7 +68,8 @@ class MtpCalls:
     """How the drafter runs the NextN layer on every TP rank (the engine provides these)."""
 
     forward: Callable[[MtpBatch], torch.Tensor]  # one eager forward; rank 0's logits of batch.logits_rows
-    graph_rows: Callable[[int, int], int] | None = None  # (requests, most kept rows) -> q of a captured draft graph, 0: none
+    # (requests, most kept rows) -> rows per request of a captured draft graph that takes them; 0: none
+    graph_rows: Callable[[int, int], int] | None = None
     draft: Callable[[MtpDraftBatch], list[list[int]]] | None = None  # extend + chain in one replay
 
 

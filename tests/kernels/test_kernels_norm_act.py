@@ -9,10 +9,12 @@ from kernels.triton_norm import add_rms_norm, rms_norm, rms_norm_fp8
 from kernel_helpers import fp8_mismatch, poisoned_empty
 
 
-def _ulp_close(out, ref, max_frac=1e-3, rtol=2 ** -6):
+def _ulp_close(out, ref, max_frac=1e-2, rtol=2 ** -6):
     """bf16 results that may differ from torch in rare last-bit roundings (reduction order of the mean). A
     last-bit flip of the normalized value, times the weight and rounded again, can move an output by up to ~1.5
-    bf16 ulps: 1.16% relative just above a power of two (seen in CI: 11 of 46080 elements), hence 2 ulps."""
+    bf16 ulps: 1.16% relative just above a power of two (seen in CI: 11 of 46080 elements), hence 2 ulps. How
+    many flip depends on the row: one row's inverse RMS a last bit off moved 8 of its 1000 outputs (CI,
+    2026-12-02), so up to 1% may differ; a wrong formula moves most of them."""
     assert out.dtype == ref.dtype and out.shape == ref.shape
     assert not torch.isnan(out).any()
     if out.dtype == torch.float32:

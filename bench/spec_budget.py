@@ -146,6 +146,13 @@ def main() -> None:
             spec = None if method == "none" else {**SPEC[method], **extra, "draft_budget": budget == "on"}
             overlap = {"overlap_scheduling": False} if spec is None and args.none_overlap == "off" else {}
             llm = LLM(args.model, speculative_config=spec, **engine_kw, **overlap)
+            runner = llm.engine.worker.runner
+            if runner.graphs is not None and runner.graphs.replay_ms:  # what the draft budget was given
+                print(f"{method} {budget}: graph replay ms (batch, rows per request) "
+                      f"{ {k: round(v, 3) for k, v in sorted(runner.graphs.replay_ms.items())} }", flush=True)
+            if runner.mtp_graphs is not None and runner.mtp_graphs.replay_ms:
+                print(f"{method} {budget}: MTP draft graph ms "
+                      f"{ {k: round(v, 3) for k, v in sorted(runner.mtp_graphs.replay_ms.items())} }", flush=True)
             if args.warmup:  # Triton compiles each new eager shape once per process: not inside a timed run
                 small = argparse.Namespace(**{**vars(args), "num_prompts": 4, "num_sessions": 4, "num_turns": 2,
                                               "output_len": 64, "seed": args.seed + 99})

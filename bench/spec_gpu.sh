@@ -5,7 +5,7 @@
 # next one's measurement. Prints the table last; JSON lines in $OUT/spec_budget.jsonl.
 # Usage: bash bench/spec_gpu.sh                      (trains: ~4 min of the call)
 #        MODEL=.models/fp8-channel bash bench/spec_gpu.sh   (a carried checkpoint; see bench/RESULTS.md)
-# Knobs: TRAIN_S (training time budget), RUNS ("method:budget ..."), CONCURRENCY, SPEC_ARGS (extra
+# Knobs: TRAIN_S (training time budget), EXPORT_MODEL (0: keep the trained folder on the device), RUNS ("method:budget ..."), CONCURRENCY, SPEC_ARGS (extra
 # bench.spec_budget arguments), RUN_TIMEOUT_S (per process), SKIP_TESTS=1, DEVICE.
 set -u
 cd "$(dirname "$0")/.."
@@ -23,6 +23,9 @@ if [ -z "${MODEL:-}" ]; then
         --extra-code-mb 150 2>&1 | tail -5 | tee "$OUT/train.log"
     cp /tmp/ts/train_small.json "$OUT/" 2>/dev/null
     MODEL=/tmp/ts/fp8-channel
+    # The trained FP8 folder back to the dev machine in pieces under the device tool's 16 MiB per file:
+    #   cat model.tar.part-* | tar -x -C .models   (then MODEL=.models/fp8-channel in a later call)
+    [ "${EXPORT_MODEL:-1}" = 1 ] && tar -C /tmp/ts -c fp8-channel | split -b 15m - "$OUT/model.tar.part-"
 fi
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
     timeout 240 python3 -m pytest -q -m gpu tests/gpu/test_engine_gpu.py -k "mtp_draft_graphs or speculation" \

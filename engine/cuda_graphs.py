@@ -23,6 +23,24 @@ log = logging.getLogger(__name__)
 MAX_VERIFY_GRAPH_TOKENS = 512  # verify graphs cover batch x rows up to this (bounds their logits buffers)
 
 
+def time_replays(graphs: dict[tuple[int, int], torch.cuda.CUDAGraph], device: torch.device,
+                 repeats: int = 5) -> dict[tuple[int, int], float]:
+    """Median ms of each graph's replay (after one untimed replay), over their capture inputs (slot -1: they
+    write nothing). Every TP rank must call it, in the same order: graphs hold the step's all-reduces."""
+    out = {}
+    for key, g in graphs.items():
+        g.replay()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(repeats)]
+        for start, end in events:
+            start.record()
+            g.replay()
+            end.record()
+        torch.cuda.synchronize(device)
+        out[key] = sorted(s.elapsed_time(e) for s, e in events)[repeats // 2]
+    return out
+
+
 def graph_batch_sizes(max_batch: int) -> list[int]:
     """1, 2, 4, 8, then every 8 up to 64, then every 16 up to max_batch (always including max_batch)."""
     sizes = [b for b in (1, 2, 4, 8) if b <= max_batch]
@@ -83,6 +101,7 @@ class DecodeGraphs:
         }
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (logits, hidden)
+        self.replay_ms: dict[tuple[int, int], float] = {}  # each graph's replay time (capture(time=True))
         self.pool = None
 
     def _forward(self, b: int, q: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +123,8 @@ class DecodeGraphs:
         return self.model.compute_logits(hidden), hidden
 
     @torch.inference_mode()
-    def capture(self, progress: bool = True) -> None:
+    def capture(self, progress: bool = True, time: bool = False) -> None:
+        """time: also time every graph's replay (self.replay_ms: the draft budget's step cost)."""
         self.slot_mapping.fill_(-1)  # capture runs must not write the KV cache
         self.block_tables.zero_()
         stream = torch.cuda.Stream(self.device)
@@ -128,6 +148,10 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.device)
         log.info("captured %d CUDA graphs: batch sizes %s, rows per request %s", len(self.graphs), self.sizes,
                  sorted({q for _, q in self.shapes}))
+        if time:
+            self.replay_ms = time_replays(self.graphs, self.device)
+            log.info("graph replay ms (batch, rows per request): %s",
+                     {k: round(v, 3) for k, v in sorted(self.replay_ms.items())})
 
     def shape_for(self, batch: int, q: int) -> tuple[int, int] | None:
         """The captured (batch bucket, q) that runs `batch` requests of q rows each, or None."""

@@ -79,7 +79,8 @@ class EngineCore:
         self.outputs = OutputProcessor(self.tokenizer, self.model_config.eos_token_ids)
         self.drafter: Drafter | None = build_drafter(
             config.speculative, self.block_size,
-            MtpCalls(self.worker.execute_mtp, self.worker.mtp_graph_rows, self.worker.execute_mtp_draft))
+            MtpCalls(self.worker.execute_mtp, self.worker.mtp_graph_rows, self.worker.execute_mtp_draft),
+            *self.worker.measured_step_cost())
         self.spec_stats = SpecStats()
         self.connector = kv_connector
         if kv_connector is not None:

@@ -27,7 +27,7 @@ from engine.kv_cache import allocate_kv_caches, kv_bytes_per_token, kv_cache_dty
 from engine.model_runner import ModelRunner, StepInputs
 from engine.token_table import TokenTable
 from model.builder import build_model
-from spec import MtpBatch, MtpDraftBatch
+from spec import MtpBatch, MtpDraftBatch, StepCost
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +88,26 @@ class ModelWorker:
                 config.scheduler.max_model_len, self.block_size,
                 max_drafts=spec.num_speculative_tokens if spec is not None else 0,
             )
-            self.runner.graphs.capture(progress=dist.is_driver)
+            # the draft budget's step cost, measured on this model and GPU (every rank times: graphs all-reduce)
+            time = spec is not None and spec.draft_budget and spec.measure_step_cost
+            self.runner.graphs.capture(progress=dist.is_driver, time=time)
             if with_mtp:
                 self.runner.mtp_graphs = MtpDraftGraphs(
                     self.model, kv, self.device, min(config.scheduler.max_num_seqs, MAX_GRAPH_BATCH),
                     config.scheduler.max_model_len, self.block_size, spec.mtp_chain_length,
                     spec.num_speculative_tokens, config.model.hidden_size, config.torch_dtype,
                 )
-                self.runner.mtp_graphs.capture(progress=dist.is_driver)
+                self.runner.mtp_graphs.capture(progress=dist.is_driver, time=time)
+
+    def measured_step_cost(self) -> tuple[StepCost | None, float | None]:
+        """(step cost, MTP chain step cost) for the draft budget, from the graph replays timed at capture:
+        rows = batch x rows per request. A chain step costs 0 at the margin where MTP draft graphs were
+        captured (each replays its whole chain, however many drafts are kept). (None, None): not measured."""
+        graphs = self.runner.graphs
+        if graphs is None or not graphs.replay_ms:
+            return None, None
+        cost = StepCost.measured((b * q, ms) for (b, q), ms in graphs.replay_ms.items())
+        return cost, (0.0 if self.runner.mtp_graphs is not None else None)
 
     def release_graphs(self) -> None:
         """Destroy the CUDA graphs. Must precede leaving the process group: graphs that captured NCCL

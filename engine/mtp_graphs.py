@@ -22,7 +22,7 @@ import logging
 import torch
 from tqdm import tqdm
 
-from engine.cuda_graphs import MAX_VERIFY_GRAPH_TOKENS, graph_batch_sizes, verify_row_counts
+from engine.cuda_graphs import MAX_VERIFY_GRAPH_TOKENS, graph_batch_sizes, time_replays, verify_row_counts
 from model.context import ForwardContext
 from model.glm4_moe import Glm4MoeForCausalLM
 from spec import MtpDraftBatch
@@ -70,6 +70,7 @@ class MtpDraftGraphs:
         }
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}  # drafts [b, K]
+        self.replay_ms: dict[tuple[int, int], float] = {}  # each graph's replay time (capture(time=True))
         self.pool = None
 
     def shape_for(self, batch: int, q: int) -> tuple[int, int] | None:
@@ -115,7 +116,8 @@ class MtpDraftGraphs:
         return torch.stack(drafts, dim=1)
 
     @torch.inference_mode()
-    def capture(self, progress: bool = True) -> None:
+    def capture(self, progress: bool = True, time: bool = False) -> None:
+        """time: also time every graph's replay (self.replay_ms, reported with the step costs)."""
         if not self.replay:
             return
         self.slot_mapping.fill_(-1)  # capture runs must not write the KV cache
@@ -140,6 +142,10 @@ class MtpDraftGraphs:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
         log.info("captured %d MTP draft graphs (chain of %d)", len(self.graphs), self.chain_length)
+        if time:
+            self.replay_ms = time_replays(self.graphs, self.device)
+            log.info("MTP draft graph replay ms (batch, rows per request): %s",
+                     {k: round(v, 3) for k, v in sorted(self.replay_ms.items())})
 
     @torch.inference_mode()
     def run(self, batch: MtpDraftBatch, target_hidden: torch.Tensor) -> list[list[int]]:

@@ -27,7 +27,8 @@ With `draft_budget=False` every request drafts up to its cap (fixed k) and nothi
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -56,6 +57,20 @@ class StepCost:
         i = min(bisect.bisect_right(rows, n), len(rows) - 1)  # segment rows[i-1] .. rows[i]
         slope = (ms[i] - ms[i - 1]) / (rows[i] - rows[i - 1])
         return ms[i - 1] + slope * (n - rows[i - 1])
+
+    @classmethod
+    def measured(cls, points: Iterable[tuple[int, float]]) -> "StepCost":
+        """From measured (rows, ms) points (several shapes may share a row count: the slowest counts), made
+        non-decreasing in rows: a step with more rows never costs less (timing noise, or a faster kernel path
+        at a larger shape, must not make the budget add rows for free)."""
+        slowest: dict[int, float] = {}
+        for rows, ms in points:
+            slowest[rows] = max(ms, slowest.get(rows, 0.0))
+        if not slowest:
+            raise ValueError("step cost: no measured points")
+        rows = sorted(slowest)
+        ms = list(itertools.accumulate((slowest[r] for r in rows), max))
+        return cls(rows, ms)
 
     def many(self, n: torch.Tensor) -> torch.Tensor:
         """__call__ for a float64 tensor of row counts."""
@@ -111,10 +126,12 @@ def matched_prefix(draft: Sequence[int], emitted: Sequence[int]) -> tuple[int, b
 
 
 class DraftBudget:
-    def __init__(self, config: SpeculativeConfig) -> None:
+    def __init__(self, config: SpeculativeConfig, cost: StepCost | None = None,
+                 chain_step_ms: float | None = None) -> None:
+        """cost, chain_step_ms: measured on this engine (the config's step_cost_* / mtp_step_cost_ms when None)."""
         self.enabled = config.draft_budget
-        self.cost = StepCost(config.step_cost_rows, config.step_cost_ms)
-        self.chain_step_ms = config.mtp_step_cost_ms
+        self.cost = cost if cost is not None else StepCost(config.step_cost_rows, config.step_cost_ms)
+        self.chain_step_ms = config.mtp_step_cost_ms if chain_step_ms is None else chain_step_ms
         self.decay = config.acceptance_decay
         self.probe_interval, self.max_probe_interval = config.probe_interval, config.max_probe_interval
         self._requests: dict[int, _RequestState] = {}

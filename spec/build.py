@@ -1,7 +1,7 @@
 """The drafter a SpeculativeConfig asks for."""
 from __future__ import annotations
 
-from spec.budget import DraftBudget
+from spec.budget import DraftBudget, StepCost
 from spec.config import SpeculativeConfig
 from spec.drafter import Drafter
 from spec.hybrid import HybridDrafter
@@ -9,11 +9,14 @@ from spec.mtp import MtpCalls, MtpDrafter
 from spec.suffix import SuffixDrafter
 
 
-def build_drafter(config: SpeculativeConfig | None, block_size: int, mtp: MtpCalls) -> Drafter | None:
-    """mtp: how the NextN layer runs on every TP rank (eager forwards; the draft graphs where captured)."""
+def build_drafter(config: SpeculativeConfig | None, block_size: int, mtp: MtpCalls,
+                  step_cost: StepCost | None = None, chain_step_ms: float | None = None) -> Drafter | None:
+    """mtp: how the NextN layer runs on every TP rank (eager forwards; the draft graphs where captured).
+    step_cost, chain_step_ms: what this engine measured for the draft budget (None: the config's defaults)."""
     if config is None:
         return None
-    budget = DraftBudget(config)  # turned off by config.draft_budget=False: fixed draft lengths
+    # turned off by config.draft_budget=False: fixed draft lengths
+    budget = DraftBudget(config, step_cost, chain_step_ms)
     if config.method == "suffix":
         return SuffixDrafter(config, budget)
     if config.method == "mtp":

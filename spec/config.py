@@ -32,8 +32,12 @@ class SpeculativeConfig:
     step_cost_rows: tuple[int, ...] = (1, 4, 16, 64, 256, 1024)
     step_cost_ms: tuple[float, ...] = (4.0, 8.9, 16.8, 27.0, 34.0, 60.0)
     # One MTP chain step (the NextN layer + LM head over the drafting requests, eager, one host sync), in the
-    # same unit; drafts past the first cost one such step per position. Not measured yet (bench.spec_budget).
+    # same unit; drafts past the first cost one such step per position.
     mtp_step_cost_ms: float = 1.0
+    # With CUDA graphs: time every captured decode/verify graph once at start-up and budget with those times
+    # (rows = batch x rows per request) instead of step_cost_rows/ms, which were measured on another model; the
+    # MTP chain then costs nothing at the margin (its draft graph replays the whole chain every step).
+    measure_step_cost: bool = True
     # Weight of older verifies in a request's running acceptance: each verify multiplies the past by this.
     acceptance_decay: float = 0.9
     # A request the budget holds at 0 drafts is probed with 1 draft after this many steps; each rejected probe
@@ -88,8 +92,9 @@ class SpeculativeConfig:
             raise bad("min_token_prob", "a number in [0, 1]")
         if not _is_int(self.max_cached_tokens) or self.max_cached_tokens < 0:
             raise bad("max_cached_tokens", "an int >= 0")
-        if not isinstance(self.draft_budget, bool):
-            raise bad("draft_budget", "true or false")
+        for key in ("draft_budget", "measure_step_cost"):
+            if not isinstance(getattr(self, key), bool):
+                raise bad(key, "true or false")
         rows, ms = self.step_cost_rows, self.step_cost_ms
         if not isinstance(rows, tuple) or not rows or not all(_is_int(r) and r >= 1 for r in rows) or \
                 any(a >= b for a, b in zip(rows, rows[1:])):

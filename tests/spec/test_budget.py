@@ -104,6 +104,31 @@ def test_step_cost_interpolates_and_extrapolates():
     assert all(a <= b for a, b in zip(times, times[1:]))
 
 
+def test_measured_step_cost_takes_the_slowest_shape_per_row_count_and_never_falls():
+    # (batch, rows per request) graphs: decode 4x1 and verify 1x4 are both 4 rows; a faster larger shape
+    # (noise, or another kernel path) must not make rows look free
+    c = StepCost.measured([(1, 0.50), (4, 0.52), (4, 0.61), (2, 0.55), (8, 0.58), (16, 0.90)])
+    assert c.rows == [1.0, 2.0, 4.0, 8.0, 16.0]
+    assert c.ms == [0.50, 0.55, 0.61, 0.61, 0.90]
+    with pytest.raises(ValueError, match="no measured points"):
+        StepCost.measured([])
+
+
+def test_a_measured_cost_replaces_the_configured_one():
+    cfg = SpeculativeConfig.from_dict({"method": "mtp"})
+    cheap = StepCost([1, 64], [0.5, 0.6])  # a small model: rows almost free
+    b = DraftBudget(cfg, cheap, chain_step_ms=0.0)
+    assert b.cost is cheap and b.chain_step_ms == 0.0
+    default = DraftBudget(cfg)
+    assert default.cost(1) == cfg.step_cost_ms[0] and default.chain_step_ms == cfg.mtp_step_cost_ms
+    # the same middling acceptance: the default (27-layer) costs hold a lone request back, the measured ones
+    # let it draft its whole chain
+    gains = [b.gains(0, "mtp", 3)]
+    assert b.plan([0], gains, chain=[True]) == [3]
+    assert default.plan([0], [[0.3, 0.09, 0.03]], chain=[True]) == [0]
+    assert b.plan([0], [[0.3, 0.09, 0.03]], chain=[True]) == [3]
+
+
 def _drafts_per_request(b: DraftBudget, num_seqs: int, accept: float, cap: int = 8) -> float:
     ids = list(range(num_seqs))
     probs = [accept ** (j + 1) for j in range(cap)]
@@ -169,7 +194,7 @@ def test_matched_prefix():
     {"draft_budget": 1}, {"step_cost_rows": [4, 1], "step_cost_ms": [1.0, 2.0]},
     {"step_cost_ms": [1.0]}, {"step_cost_rows": [1, 2], "step_cost_ms": [2.0, 1.0]},
     {"acceptance_decay": 1.0}, {"probe_interval": 0}, {"probe_interval": 8, "max_probe_interval": 4},
-    {"mtp_step_cost_ms": -1},
+    {"mtp_step_cost_ms": -1}, {"measure_step_cost": "yes"},
 ])
 def test_config_errors_name_the_key(bad):
     with pytest.raises(ValueError, match=next(iter(bad)) if len(bad) == 1 else "step_cost|probe_interval"):

@@ -110,7 +110,7 @@ import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
 nan = float("nan")
 print(f"{'run':14} {'long TTFT mean':>14} {'p50':>8} {'p99':>8} | {'dec TPOT mean':>13} {'ITL p50':>8} {'ITL p99':>8} "
-      f"| {'xfer tail/prefill':>17}  (ms)")
+      f"{'ITL max':>8} | {'xfer tail/prefill':>17}  (ms)")
 for run in sys.argv[2:]:
     try:
         lg = json.loads((out / f"{run}_long.json").read_text())["summary"]
@@ -122,12 +122,14 @@ for run in sys.argv[2:]:
     try:
         st = json.loads((out / f"{run}_prefill_info.json").read_text())["engine"]
         if st.get("disagg_prefill_seconds_total"):
-            ratio = (f"{st['disagg_transfer_tail_seconds_total'] / st['disagg_prefill_seconds_total']:.3f} "
-                     f"({st['disagg_handovers_total']} handovers, {st['disagg_failed_total']} failed)")
+            tail, n = st["disagg_transfer_tail_seconds_total"], st["disagg_handovers_total"]
+            ratio = (f"{tail / st['disagg_prefill_seconds_total']:.3f} ({n} handovers, "
+                     f"{1000 * tail / max(n, 1):.2f} ms each, {st['disagg_failed_total']} failed)")
     except (OSError, ValueError, KeyError):
         pass
     print(f"{run:14} {g(lg,'ttft_ms','mean'):14.1f} {g(lg,'ttft_ms','p50'):8.1f} {g(lg,'ttft_ms','p99'):8.1f} | "
-          f"{g(dc,'tpot_ms','mean'):13.2f} {g(dc,'itl_ms','p50'):8.2f} {g(dc,'itl_ms','p99'):8.2f} | {ratio}")
+          f"{g(dc,'tpot_ms','mean'):13.2f} {g(dc,'itl_ms','p50'):8.2f} {g(dc,'itl_ms','p99'):8.2f} "
+          f"{g(dc,'itl_ms','max'):8.1f} | {ratio}")
     for name, s in (("long", lg), ("decoders", dc)):
         if s.get("failed"):
             print(f"   {name}: {s['failed']} failed: {s.get('errors')}")

@@ -6,7 +6,7 @@
 # Usage: bash bench/spec_gpu.sh                      (trains: ~4 min of the call)
 #        MODEL=.models/fp8-channel bash bench/spec_gpu.sh   (a carried checkpoint; see bench/RESULTS.md)
 # Knobs: TRAIN_S (training time budget), EXPORT_MODEL (0: keep the trained folder on the device), RUNS ("method:budget ..."), CONCURRENCY, SPEC_ARGS (extra
-# bench.spec_budget arguments), RUN_TIMEOUT_S (per process), SKIP_TESTS=1, DEVICE.
+# bench.spec_budget arguments), RUN_TIMEOUT_S (per process), SKIP_TESTS=1, TESTS_K (pytest -k), DEVICE.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/spec_out}
@@ -17,6 +17,7 @@ RUNS=${RUNS:-"none:on mtp:on suffix:on hybrid:on mtp:off hybrid:off"}
 CONCURRENCY=${CONCURRENCY:-1,16}
 SPEC_ARGS=${SPEC_ARGS:-"--num-prompts 16 --num-sessions 8 --num-turns 3 --output-len 256"}
 RUN_TIMEOUT_S=${RUN_TIMEOUT_S:-150}
+TESTS_K=${TESTS_K:-"mtp_draft_graphs or speculation or draft_budget"}
 DEVICE=${DEVICE:-cuda}  # cpu: a smoke run (with MODEL and SKIP_TESTS=1)
 if [ -z "${MODEL:-}" ]; then
     python3 -m bench.train_small --out /tmp/ts --device cuda --time-budget "$TRAIN_S" --extra-code purelib \
@@ -28,7 +29,7 @@ if [ -z "${MODEL:-}" ]; then
     [ "${EXPORT_MODEL:-1}" = 1 ] && tar -C /tmp/ts -c fp8-channel | split -b 15m - "$OUT/model.tar.part-"
 fi
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-    timeout 240 python3 -m pytest -q -m gpu tests/gpu/test_engine_gpu.py -k "mtp_draft_graphs or speculation" \
+    timeout 240 python3 -m pytest -q -m gpu tests/gpu/test_engine_gpu.py -k "$TESTS_K" \
         2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
 fi
 rm -f "$OUT/spec_budget.jsonl"

@@ -27,7 +27,7 @@ from engine.kv_cache import allocate_kv_caches, kv_bytes_per_token, kv_cache_dty
 from engine.model_runner import ModelRunner, StepInputs
 from engine.token_table import TokenTable
 from model.builder import build_model
-from spec import MtpBatch, MtpDraftBatch, StepCost
+from spec import MtpBatch, MtpDraftBatch, StepCost, StepCosts
 
 log = logging.getLogger(__name__)
 
@@ -99,15 +99,22 @@ class ModelWorker:
                 )
                 self.runner.mtp_graphs.capture(progress=dist.is_driver, time=time)
 
-    def measured_step_cost(self) -> tuple[StepCost | None, float | None]:
-        """(step cost, MTP chain step cost) for the draft budget, from the graph replays timed at capture:
-        rows = batch x rows per request. A chain step costs 0 at the margin where MTP draft graphs were
-        captured (each replays its whole chain, however many drafts are kept). (None, None): not measured."""
-        graphs = self.runner.graphs
+    def measured_step_costs(self) -> StepCosts | None:
+        """The draft budget's costs from the graph replays timed at capture: the target step by rows (batch x
+        rows per request) and, with MTP draft graphs, the chain as a whole by batch (a draft replay minus the
+        extend-only replay of the same shape, averaged over the shapes of that batch). None: not measured."""
+        graphs, drafts = self.runner.graphs, self.runner.mtp_graphs
         if graphs is None or not graphs.replay_ms:
-            return None, None
-        cost = StepCost.measured((b * q, ms) for (b, q), ms in graphs.replay_ms.items())
-        return cost, (0.0 if self.runner.mtp_graphs is not None else None)
+            return None
+        step = StepCost.measured((b * q, ms) for (b, q), ms in graphs.replay_ms.items())
+        if drafts is None or not drafts.replay_ms:
+            return StepCosts(step, self.config.speculative.mtp_step_cost_ms)
+        by_batch: dict[int, list[float]] = {}
+        for (b, q, chain), ms in drafts.replay_ms.items():
+            if chain:
+                by_batch.setdefault(b, []).append(max(0.0, ms - drafts.replay_ms[(b, q, False)]))
+        chain_cost = StepCost.measured((b, sum(v) / len(v)) for b, v in by_batch.items())
+        return StepCosts(step, chain_step_ms=0.0, chain_fixed=chain_cost)
 
     def release_graphs(self) -> None:
         """Destroy the CUDA graphs. Must precede leaving the process group: graphs that captured NCCL

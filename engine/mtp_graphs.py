@@ -14,6 +14,10 @@ them at their positions, and the last row (the one whose logits give the first d
 Chain rows past a request's draft limit write nothing either (slot -1): their pages may not be reserved.
 The argmax and the next step's inputs stay on the device. On a machine without CUDA (tests), `replay=False`
 runs the same function over the same static buffers eagerly.
+
+Every shape is captured twice: with the chain, and as the extend alone, which a step replays when no request
+drafts (the draft budget held every request at 0 drafts, or hybrid chose suffix drafts for all of them): the
+NextN KV stays aligned and the chain is not paid for.
 """
 from __future__ import annotations
 
@@ -68,9 +72,10 @@ class MtpDraftGraphs:
             q: torch.arange(0, (max_batch + 1) * q, q, dtype=torch.int32, device=device)
             for q in {1, *(q for _, q in self.shapes)}
         }
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[tuple[int, int], torch.Tensor] = {}  # drafts [b, K]
-        self.replay_ms: dict[tuple[int, int], float] = {}  # each graph's replay time (capture(time=True))
+        # keys (batch bucket, q, chain): chain False is the extend alone
+        self.graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int, bool], torch.Tensor | None] = {}  # drafts [b, K] (None: extend alone)
+        self.replay_ms: dict[tuple[int, int, bool], float] = {}  # each graph's replay time (capture(time=True))
         self.pool = None
 
     def shape_for(self, batch: int, q: int) -> tuple[int, int] | None:
@@ -93,12 +98,14 @@ class MtpDraftGraphs:
             kv_caches=self.kv_caches, k_scale=self.k_scale, v_scale=self.v_scale,
         )
 
-    def _forward(self, b: int, q: int) -> torch.Tensor:
+    def _forward(self, b: int, q: int, chain: bool = True) -> torch.Tensor | None:
         t, model, bs = b * q, self.model, self.block_size
         self.seq_lens[:b].copy_(self.seq_lens_long[:b])
         ctx = self._ctx(self.positions[:t], self.slot_mapping[:t], self.seq_lens[:b], b, q)
-        # each request's last row, made contiguous: the chain feeds it to kernels that expect packed rows
         out = model.mtp_forward(self.input_ids[:t], self.hidden_in[:t], ctx)
+        if not chain:
+            return None
+        # each request's last row, made contiguous: the chain feeds it to kernels that expect packed rows
         hidden = out.view(b, q, -1)[:, q - 1].contiguous()
         token = model.compute_logits(hidden).argmax(dim=-1)
         drafts = [token]
@@ -127,30 +134,33 @@ class MtpDraftGraphs:
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             order = sorted(self.shapes, key=lambda s: (s[0] * s[1], s[1]), reverse=True)
-            for b, q in tqdm(order, desc="Capturing MTP draft graphs", disable=not progress):
+            for b, q, chain in tqdm([(b, q, c) for b, q in order for c in (True, False)],
+                                    desc="Capturing MTP draft graphs", disable=not progress):
                 self.seq_lens_long.fill_(q)
                 self.positions.copy_(torch.arange(self.positions.numel(), device=self.device) % q)
                 for _ in range(2):  # Triton compilation outside the capture
-                    self._forward(b, q)
+                    self._forward(b, q, chain)
                 torch.cuda.synchronize(self.device)
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, pool=self.pool, stream=stream):
-                    self.outputs[(b, q)] = self._forward(b, q)
+                    self.outputs[(b, q, chain)] = self._forward(b, q, chain)
                 if self.pool is None:
                     self.pool = g.pool()
-                self.graphs[(b, q)] = g
+                self.graphs[(b, q, chain)] = g
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
         log.info("captured %d MTP draft graphs (chain of %d)", len(self.graphs), self.chain_length)
         if time:
             self.replay_ms = time_replays(self.graphs, self.device)
-            log.info("MTP draft graph replay ms (batch, rows per request): %s",
+            log.info("MTP draft graph replay ms (batch, rows per request, chain): %s",
                      {k: round(v, 3) for k, v in sorted(self.replay_ms.items())})
 
     @torch.inference_mode()
     def run(self, batch: MtpDraftBatch, target_hidden: torch.Tensor) -> list[list[int]]:
-        """Every request's drafts, each cut to its limit (the extend runs for all of them)."""
+        """Every request's drafts, each cut to its limit (the extend runs for all of them; the chain only when
+        some request drafts)."""
         b, q = len(batch.seq_lens), batch.rows_per_request
+        chain = max(batch.max_drafts) > 0
         size, _ = self.shape_for(b, q)
         t, t_pad = b * q, size * q
         host = torch.zeros(5, t_pad, dtype=torch.long)
@@ -170,9 +180,11 @@ class MtpDraftGraphs:
         width = len(batch.block_tables[0])
         self.block_tables[:b, :width].copy_(torch.tensor(batch.block_tables, dtype=torch.int32).to(self.device))
         if self.replay:
-            self.graphs[(size, q)].replay()
-            drafts = self.outputs[(size, q)]
+            self.graphs[(size, q, chain)].replay()
+            drafts = self.outputs[(size, q, chain)]
         else:
-            drafts = self._forward(size, q)
+            drafts = self._forward(size, q, chain)
+        if drafts is None:
+            return [[] for _ in range(b)]
         out = drafts[:b].tolist()
         return [d[:k] for d, k in zip(out, batch.max_drafts)]

@@ -1,5 +1,5 @@
 """Speculative decoding: drafters (suffix trees; MTP next) behind one interface, and lossless verification."""
-from spec.budget import DraftBudget, StepCost
+from spec.budget import DraftBudget, StepCost, StepCosts
 from spec.build import build_drafter
 from spec.config import SpeculativeConfig
 from spec.drafter import DraftSlot, Drafter, StepView
@@ -7,4 +7,4 @@ from spec.mtp import MtpBatch, MtpCalls, MtpDraftBatch, MtpDrafter
 from spec.stats import SpecStats
 from spec.verify import accept_chain
 
-__all__ = ["DraftBudget", "DraftSlot", "Drafter", "MtpBatch", "MtpCalls", "MtpDraftBatch", "MtpDrafter", "StepView", "SpecStats", "SpeculativeConfig", "StepCost", "accept_chain", "build_drafter"]
+__all__ = ["DraftBudget", "DraftSlot", "Drafter", "MtpBatch", "MtpCalls", "MtpDraftBatch", "MtpDrafter", "StepView", "SpecStats", "SpeculativeConfig", "StepCost", "StepCosts", "accept_chain", "build_drafter"]

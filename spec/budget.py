@@ -13,14 +13,17 @@ matches in the trees claim p = 1 and c falls to the real rate.
 Those probabilities are each extra draft's expected extra tokens (its marginal gain; non-increasing along a
 draft). For a step of B decoding requests the budget takes the extra draft rows in order of gain, and keeps the
 prefix that maximizes (B + expected accepted tokens) / step time, the step time being StepCost(B + rows) plus,
-for MTP drafts, one chain step per draft position past the first. So a request proposes 0 drafts when its next
+for MTP drafts, one chain step per draft position past the first (eager), or the whole chain once (its draft
+graph; a step whose requests all draft 0 with MTP replays the NextN extend alone). With CUDA graphs the costs
+are this engine's graph replays, timed at start-up (StepCosts). So a request proposes 0 drafts when its next
 draft's gain is below what one more row costs, and the cap when drafts are reliably accepted.
 
 A request held at 0 drafts (while its drafter has a draft for it) gets a 1-draft probe after `probe_interval`
-steps; a rejected probe doubles the wait (up to `max_probe_interval`), an accepted one is followed by another
-probe the next step (each accepted probe paid for its row), so a request whose text turns repetitive drafts
-again a few steps after its next probe. Suffix drafts need no probe to come back sooner:
-their gain follows the trees' probabilities, which rise with the repetition.
+steps (an MTP probe only where the whole chain costs less than its drafts could add); a rejected probe
+doubles the wait (up to `max_probe_interval`), an accepted one is followed by another probe the next step
+(each accepted probe paid for its row), so a request whose text turns repetitive drafts again a few steps
+after its next probe. Suffix drafts need no probe to come back sooner: their gain follows the trees'
+probabilities, which rise with the repetition.
 
 With `draft_budget=False` every request drafts up to its cap (fixed k) and nothing is tracked.
 """
@@ -125,13 +128,25 @@ def matched_prefix(draft: Sequence[int], emitted: Sequence[int]) -> tuple[int, b
     return n, n < min(len(draft), len(emitted))
 
 
+@dataclass(frozen=True)
+class StepCosts:
+    """Step costs measured on this engine (its CUDA graphs, timed at capture). step: a target forward by rows;
+    chain_step_ms: each MTP draft past the first (an eager chain step); chain_fixed: the MTP chain as a whole,
+    by the step's number of requests, paid once any request drafts with MTP (a draft graph replays the whole
+    chain; a step without MTP drafts replays the extend alone)."""
+
+    step: StepCost
+    chain_step_ms: float = 0.0
+    chain_fixed: StepCost | None = None
+
+
 class DraftBudget:
-    def __init__(self, config: SpeculativeConfig, cost: StepCost | None = None,
-                 chain_step_ms: float | None = None) -> None:
-        """cost, chain_step_ms: measured on this engine (the config's step_cost_* / mtp_step_cost_ms when None)."""
+    def __init__(self, config: SpeculativeConfig, measured: StepCosts | None = None) -> None:
+        """measured: this engine's costs (None: the config's step_cost_* and mtp_step_cost_ms)."""
         self.enabled = config.draft_budget
-        self.cost = cost if cost is not None else StepCost(config.step_cost_rows, config.step_cost_ms)
-        self.chain_step_ms = config.mtp_step_cost_ms if chain_step_ms is None else chain_step_ms
+        if measured is None:
+            measured = StepCosts(StepCost(config.step_cost_rows, config.step_cost_ms), config.mtp_step_cost_ms)
+        self.cost, self.chain_step_ms, self.chain_fixed = measured.step, measured.chain_step_ms, measured.chain_fixed
         self.decay = config.acceptance_decay
         self.probe_interval, self.max_probe_interval = config.probe_interval, config.max_probe_interval
         self._requests: dict[int, _RequestState] = {}
@@ -169,6 +184,13 @@ class DraftBudget:
         base = self.cost(num_seqs)
         return num_seqs * (self.cost(num_seqs + 1) - base) / base
 
+    def chain_cost_tokens(self, num_seqs: int) -> float:
+        """What running the MTP chain as a whole (draft graphs) costs a step of num_seqs decoding requests, in
+        tokens of that step's output; 0 where the chain is paid per draft position (eager) instead."""
+        if self.chain_fixed is None or num_seqs <= 0:
+            return 0.0
+        return num_seqs * self.chain_fixed(num_seqs) / self.cost(num_seqs)
+
     # -- the choice -------------------------------------------------------------------------------------
     def plan(self, seq_ids: Sequence[int], gains: Sequence[Sequence[float]], chain: Sequence[bool] | None = None,
              num_seqs: int | None = None, has_draft: Sequence[bool] | None = None) -> list[int]:
@@ -179,11 +201,16 @@ class DraftBudget:
             return [len(g) for g in gains]
         b = len(seq_ids) if num_seqs is None else num_seqs
         ks = self._best_prefix(b, gains, chain) if any(gains) else [0] * len(gains)
+        # a probe that needs the whole MTP chain is not worth it where the chain costs more than the request's
+        # drafts could add even if all were accepted
+        chain_tokens = self.chain_cost_tokens(b)
         for i, seq_id in enumerate(seq_ids):
             st = self._state(seq_id)
             st.probing = False
             if ks[i] > 0:
                 st.idle = 0
+            elif chain is not None and chain[i] and chain_tokens >= len(gains[i]):
+                continue
             elif gains[i] if has_draft is None else has_draft[i]:
                 st.idle += 1
                 if st.idle >= st.interval:
@@ -210,6 +237,8 @@ class DraftBudget:
             on_chain = torch.tensor(list(chain), dtype=torch.bool)[req]
             depth = torch.cummax(torch.where(on_chain, pos + 1, 0), 0).values
             time = time + self.chain_step_ms * (depth - 1).clamp(min=0)
+            if self.chain_fixed is not None:
+                time = time + torch.where(depth > 0, self.chain_fixed(b), 0.0)
         rate = tokens / time
         best = int(torch.argmax(rate))
         if float(rate[best]) <= b / self.cost(b):

@@ -1,7 +1,7 @@
 """The drafter a SpeculativeConfig asks for."""
 from __future__ import annotations
 
-from spec.budget import DraftBudget, StepCost
+from spec.budget import DraftBudget, StepCosts
 from spec.config import SpeculativeConfig
 from spec.drafter import Drafter
 from spec.hybrid import HybridDrafter
@@ -10,13 +10,12 @@ from spec.suffix import SuffixDrafter
 
 
 def build_drafter(config: SpeculativeConfig | None, block_size: int, mtp: MtpCalls,
-                  step_cost: StepCost | None = None, chain_step_ms: float | None = None) -> Drafter | None:
+                  measured: StepCosts | None = None) -> Drafter | None:
     """mtp: how the NextN layer runs on every TP rank (eager forwards; the draft graphs where captured).
-    step_cost, chain_step_ms: what this engine measured for the draft budget (None: the config's defaults)."""
+    measured: this engine's step costs for the draft budget (None: the config's defaults)."""
     if config is None:
         return None
-    # turned off by config.draft_budget=False: fixed draft lengths
-    budget = DraftBudget(config, step_cost, chain_step_ms)
+    budget = DraftBudget(config, measured)  # turned off by config.draft_budget=False: fixed draft lengths
     if config.method == "suffix":
         return SuffixDrafter(config, budget)
     if config.method == "mtp":

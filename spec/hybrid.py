@@ -7,6 +7,9 @@ suffix index already holds the step's tokens): per request, the source whose dra
 its rows cost (each draft token's acceptance probability above the step's cost of one row, in tokens: the
 suffix draft's calibrated tree probabilities against the request's running MTP acceptance), then the budget
 cuts the chosen drafts for the whole batch, and the NextN chain runs only for the requests that draft from it.
+With draft graphs the chain runs whole or not at all: where what MTP adds over the suffix drafts of the
+requests that would take it does not pay for the chain, they take their suffix drafts and the step replays
+the NextN extend alone.
 
 Without the budget: the suffix draft when its score (the expected accepted length under the suffix trees'
 frequencies) beats the request's running MTP acceptance (accepted MTP tokens per MTP verify, an exponential
@@ -90,13 +93,19 @@ class HybridDrafter(Drafter):
         def worth(gains: list[float]) -> tuple[float, float]:  # (net value, first gain: which one to probe)
             return sum(max(0.0, g - row_cost) for g in gains), gains[0] if gains else 0.0
 
-        gains, use_mtp = [], []
+        by_source, use_mtp, edge = [], [], 0.0
         for slot, d in zip(slots, suffix):
             gs = budget.gains(slot.seq_id, budget_source(d), len(d.tokens), d.probs)
             gm = budget.gains(slot.seq_id, MTP, min(slot.max_drafts, chain))
             mtp = not gs or worth(gm) > worth(gs)
-            gains.append(gm if mtp else gs)
+            by_source.append((gs, gm))
             use_mtp.append(mtp)
+            edge += worth(gm)[0] - worth(gs)[0] if mtp and gs else 0.0
+        # the MTP chain is paid once per step (a draft graph runs it whole): where what MTP adds over those
+        # requests' suffix drafts does not pay for it, they take their suffix drafts and the step skips it
+        if 0 < edge < budget.chain_cost_tokens(len(nxt)):
+            use_mtp = [m and not gs for m, (gs, _) in zip(use_mtp, by_source)]
+        gains = [gm if m else gs for m, (gs, gm) in zip(use_mtp, by_source)]
         ks = budget.plan([s.seq_id for s in slots], gains, chain=use_mtp, has_draft=[True] * len(slots))
         planned = {}
         for k, slot, d, mtp, n in zip(nxt, slots, suffix, use_mtp, ks):

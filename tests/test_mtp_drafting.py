@@ -12,7 +12,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.mtp_graphs import MtpDraftGraphs
-from spec import DraftSlot, MtpCalls, MtpDrafter, StepView
+from spec import DraftSlot, MtpCalls, MtpDrafter, StepCost, StepView
 from engine_checks import assert_pages_clean, reference_drafts
 from model.builder import build_model
 from model.config import load_model_config
@@ -140,16 +140,43 @@ def test_hybrid_uses_both_sources_in_one_batch_and_keeps_plain_tokens(tiny_bf16,
     assert runs
 
 
-def test_draft_graph_layout_equals_the_eager_chain(tiny_bf16):
+def test_hybrid_skips_the_mtp_chain_where_it_does_not_pay(tiny_bf16, plain):
+    """With draft graphs the chain is paid once per step: priced high, hybrid takes suffix drafts where it has
+    them and most steps replay the NextN extend alone; priced near zero, MTP drafts often. Tokens stay plain."""
+    rng = random.Random(8)
+    prompts = [{"prompt_token_ids": [rng.randrange(1400) for _ in range(8)] * 5} for _ in range(2)]
+    prompts += [{"prompt_token_ids": [rng.randrange(1400) for _ in range(30)]} for _ in range(2)]
+    sp = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+    want = plain.generate(prompts, sp, use_tqdm=False)
+    proposed, chained = {}, {}
+    for price in (1e-4, 1e4):
+        hybrid = LLM(str(tiny_bf16), speculative_config={"method": "hybrid", "num_speculative_tokens": 8,
+                                                         "num_mtp_tokens": 2}, **KW)
+        with_draft_graphs(hybrid)
+        graphs, budget = hybrid.engine.worker.runner.mtp_graphs, hybrid.engine.drafter.budget
+        budget.chain_step_ms, budget.chain_fixed = 0.0, StepCost([1], [price])  # as measured_step_costs gives
+        drafting = []
+        real = graphs.run
+        graphs.run = lambda batch, hidden: drafting.append(max(batch.max_drafts) > 0) or real(batch, hidden)
+        _same(want, hybrid.generate(prompts, sp, use_tqdm=False))
+        proposed[price], chained[price] = hybrid.engine.drafter.proposed["mtp"], sum(drafting) / len(drafting)
+        assert_pages_clean(hybrid.engine)
+    assert proposed[1e-4] > 3 * proposed[1e4], (proposed, chained)
+    assert chained[1e4] < 0.5 * chained[1e-4], chained
+
+
+@pytest.mark.parametrize("limits", [(3, 2, 3), (0, 0, 0)], ids=["chain", "extend-alone"])
+def test_draft_graph_layout_equals_the_eager_chain(tiny_bf16, limits, monkeypatch):
     """The graph path's padding-first layout against the eager extend + chain, on one batch of requests that
     kept 1, 3 and 4 positions (padded to 4 rows) with different draft limits: the same drafts and the same
-    NextN KV afterwards (pages past a request's limit untouched)."""
+    NextN KV afterwards (pages past a request's limit untouched). With every limit 0 the graph path runs the
+    extend alone: no LM head, no chain."""
     llm = LLM(str(tiny_bf16), speculative_config=MTP, **KW)
     cfg, w = llm.config, llm.engine.worker
     nextn = cfg.model.num_hidden_layers
     gen = torch.Generator().manual_seed(0)
     views, row, page = [], 0, 1
-    for seq_id, (start, kept, limit) in enumerate([(40, 1, 3), (17, 3, 2), (60, 4, 3)]):
+    for seq_id, (start, kept, limit) in enumerate(zip((40, 17, 60), (1, 3, 4), limits)):
         pages = -(-(start + kept + 3) // 16)
         views.append(StepView(seq_id=seq_id, start=start,
                               next_tokens=torch.randint(0, 1400, (kept,), generator=gen).tolist(),
@@ -170,11 +197,15 @@ def test_draft_graph_layout_equals_the_eager_chain(tiny_bf16):
         t.copy_(b)
     runs = with_draft_graphs(llm)
     graphed = MtpDrafter(cfg.speculative, 16, MtpCalls(w.execute_mtp, w.mtp_graph_rows, w.execute_mtp_draft))
+    heads = []
+    real_head = w.model.compute_logits
+    monkeypatch.setattr(w.model, "compute_logits", lambda h: heads.append(len(h)) or real_head(h))
     graphed.after_step(views)
     got = graphed.propose(slots)
     assert runs == [3]
-    assert [len(d) for d in want] == [3, 2, 3]
+    assert [len(d) for d in want] == list(limits)
     assert got == want
+    assert len(heads) == (3 if any(limits) else 0)  # first draft + 2 chain steps, or none
     for t, ref, b in zip(cache, want_kv, before):
         assert torch.allclose(t, ref, atol=1e-5)
         assert not torch.equal(t, b)  # the extend wrote something

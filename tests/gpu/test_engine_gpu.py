@@ -234,8 +234,8 @@ def test_mtp_draft_graphs_replay_what_the_eager_chain_drafts(tiny_dirs):
 
 def test_draft_budget_uses_the_step_costs_timed_at_capture(tiny_dirs):
     """With graphs the budget's step cost is the capture-time replay times (rows = batch x rows per request),
-    the MTP chain costs nothing at the margin (its graph replays the whole chain), and measure_step_cost=False
-    keeps the configured costs."""
+    the MTP chain is priced as a whole (draft graph minus the extend-alone graph of the same shape), and
+    measure_step_cost=False keeps the configured costs."""
     spec = {"method": "mtp", "num_speculative_tokens": 3}
     llm = _llm(tiny_dirs["fp8-channel"], device="cuda", max_num_seqs=16, speculative_config=spec)
     runner, budget = llm.engine.worker.runner, llm.engine.drafter.budget
@@ -243,6 +243,11 @@ def test_draft_budget_uses_the_step_costs_timed_at_capture(tiny_dirs):
     assert all(0 < ms < 100 for ms in runner.graphs.replay_ms.values())
     rows = sorted({b * q for b, q in runner.graphs.replay_ms})
     assert budget.cost.rows == [float(r) for r in rows] and budget.chain_step_ms == 0.0
+    drafts = runner.mtp_graphs.replay_ms
+    assert {k[:2] for k in drafts if k[2]} == {k[:2] for k in drafts if not k[2]}
+    assert budget.chain_fixed is not None and budget.chain_fixed.rows == sorted({float(b) for b, _, _ in drafts})
+    # the chain (2 more NextN steps and 3 LM heads) costs something, less than the extend and verify together
+    assert 0 < budget.chain_fixed(1) < budget.cost(4) + drafts[(1, 4, False)]
     assert all(a <= b for a, b in zip(budget.cost.ms, budget.cost.ms[1:]))
     fixed = _llm(tiny_dirs["fp8-channel"], device="cuda", max_num_seqs=16,
                  speculative_config={**spec, "measure_step_cost": False})

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from spec.budget import DraftBudget, StepCost, matched_prefix
+from spec.budget import DraftBudget, StepCost, StepCosts, matched_prefix
 
 GEOMETRIC, CALIBRATED = "mtp-like", "suffix-like"  # drafts without / with per-token probabilities
 from spec.config import SpeculativeConfig
@@ -117,8 +117,8 @@ def test_measured_step_cost_takes_the_slowest_shape_per_row_count_and_never_fall
 def test_a_measured_cost_replaces_the_configured_one():
     cfg = SpeculativeConfig.from_dict({"method": "mtp"})
     cheap = StepCost([1, 64], [0.5, 0.6])  # a small model: rows almost free
-    b = DraftBudget(cfg, cheap, chain_step_ms=0.0)
-    assert b.cost is cheap and b.chain_step_ms == 0.0
+    b = DraftBudget(cfg, StepCosts(cheap, chain_step_ms=0.0))
+    assert b.cost is cheap and b.chain_step_ms == 0.0 and b.chain_cost_tokens(4) == 0.0
     default = DraftBudget(cfg)
     assert default.cost(1) == cfg.step_cost_ms[0] and default.chain_step_ms == cfg.mtp_step_cost_ms
     # the same middling acceptance: the default (27-layer) costs hold a lone request back, the measured ones
@@ -127,6 +127,24 @@ def test_a_measured_cost_replaces_the_configured_one():
     assert b.plan([0], gains, chain=[True]) == [3]
     assert default.plan([0], [[0.3, 0.09, 0.03]], chain=[True]) == [0]
     assert b.plan([0], [[0.3, 0.09, 0.03]], chain=[True]) == [3]
+
+
+def test_a_whole_chain_cost_is_paid_once_and_only_when_some_request_drafts_with_mtp():
+    cfg = SpeculativeConfig.from_dict({"method": "mtp"})
+    step = StepCost([1, 64], [1.0, 1.1])
+    gains = [[0.6, 0.36, 0.2]] * 4
+    cheap = DraftBudget(cfg, StepCosts(step, 0.0, StepCost([1], [0.1])))
+    dear = DraftBudget(cfg, StepCosts(step, 0.0, StepCost([1], [3.0])))
+    assert cheap.plan(range(4), gains, chain=[True] * 4) == [3, 3, 3, 3]
+    assert dear.plan(range(4), gains, chain=[True] * 4) == [0, 0, 0, 0]  # 4.8 tokens do not pay 3 ms more
+    assert dear.plan(range(4), gains, chain=[False] * 4) == [3, 3, 3, 3]  # suffix drafts: no chain
+    assert dear.chain_cost_tokens(4) == pytest.approx(4 * 3.0 / step(4))
+    # held at 0 (gains too small to pay rows): a suffix-like request is probed now and then, an MTP one whose
+    # 3 drafts could never pay the chain (12 tokens' worth at 4 requests) is not
+    low = [[0.01, 0.001, 0.001]] * 4
+    chained = [dear.plan(range(10, 14), low, chain=[True] * 4) for _ in range(20)]
+    plain = [dear.plan(range(20, 24), low, chain=[False] * 4) for _ in range(20)]
+    assert all(ks == [0, 0, 0, 0] for ks in chained) and any(any(ks) for ks in plain)
 
 
 def _drafts_per_request(b: DraftBudget, num_seqs: int, accept: float, cap: int = 8) -> float:
@@ -217,7 +235,7 @@ def test_suffix_calibration_is_per_match_length():
     assert b.plan([0], [b.gains(0, budget_source(long), 3, long.probs)]) == [3]
 
 
-def _reference_prefix(b: int, gains, chain, cost, chain_ms: float) -> list[int]:
+def _reference_prefix(b: int, gains, chain, cost, chain_ms: float, chain_fixed=None) -> list[int]:
     """The plan's choice written plainly: candidates by gain (stable), the best prefix by tokens per ms."""
     cands = [(g, i, j) for i, gs in enumerate(gains) for j, g in enumerate(gs) if g >= 1e-3]
     order = sorted(range(len(cands)), key=lambda k: cands[k][0], reverse=True)
@@ -225,7 +243,8 @@ def _reference_prefix(b: int, gains, chain, cost, chain_ms: float) -> list[int]:
     for m in range(1, len(order) + 1):
         taken = [cands[k] for k in order[:m]]
         depth = max([j + 1 for _, i, j in taken if chain[i]], default=0)
-        rate = (b + sum(g for g, _, _ in taken)) / (cost(b + m) + chain_ms * max(0, depth - 1))
+        fixed = chain_fixed(b) if chain_fixed is not None and depth > 0 else 0.0
+        rate = (b + sum(g for g, _, _ in taken)) / (cost(b + m) + chain_ms * max(0, depth - 1) + fixed)
         if rate > best_rate:
             best_rate, best_m = rate, m
     ks = [0] * len(gains)
@@ -239,6 +258,9 @@ def test_plan_equals_the_plain_reference_on_random_gains():
 
     rng = random.Random(0)
     b = budget(probe_interval=1000, max_probe_interval=1000)  # no probes: the optimizer's choice alone
+    whole = DraftBudget(b_cfg := SpeculativeConfig.from_dict({"method": "mtp", "probe_interval": 1000,
+                                                          "max_probe_interval": 1000}),
+                    StepCosts(StepCost(b_cfg.step_cost_rows, b_cfg.step_cost_ms), 0.0, StepCost([1, 64], [1.0, 3.0])))
     for trial in range(200):
         num, cap = rng.choice([1, 2, 5, 16, 40]), rng.choice([1, 3, 8, 16])
         gains = []
@@ -251,3 +273,5 @@ def test_plan_equals_the_plain_reference_on_random_gains():
         chain = [rng.random() < 0.5 for _ in range(num)]
         want = _reference_prefix(num, gains, chain, b.cost, b.chain_step_ms)
         assert b.plan(list(range(1000 * trial, 1000 * trial + num)), gains, chain=chain) == want, (gains, chain)
+        want = _reference_prefix(num, gains, chain, whole.cost, 0.0, whole.chain_fixed)
+        assert whole.plan(list(range(1000 * trial, 1000 * trial + num)), gains, chain=chain) == want, (gains, chain)

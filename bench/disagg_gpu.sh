@@ -5,9 +5,13 @@
 # the GPU (memory split by --mem-fraction-static), behind `python -m disagg.router`; the colocated run is one
 # server with the same memory. Two bench.serving clients run at once: DECODERS (short prompts, long outputs,
 # fixed concurrency: their TPOT / ITL show how much the long prefills stall decoding) and LONG (long prompts at a
-# Poisson rate, few output tokens: their TTFT shows prefill + handover). Transfer cost per request comes from the
-# prefill instance's stats (/server_info: disagg_transfer_tail_seconds_total = first token -> every page landed,
-# against disagg_prefill_seconds_total = scheduled -> first token).
+# Poisson rate, few output tokens: their TTFT shows prefill + handover). The decoders must outlast the long
+# prompts' arrivals (DEC_NUM/DEC_CONC x DEC_OUT tokens x ~5 ms vs LONG_NUM/LONG_RATE s), else most long prompts
+# meet no decode. Transfer cost per request comes from the instances' stats over the measured load (after the
+# warm-up): the decode side's disagg_landing_seconds_total (the prefill side's Done, i.e. first token sampled and
+# every write posted -> every page landed there) against the prefill side's disagg_prefill_seconds_total
+# (scheduled -> first token); also the prefill side's transfer tail (first token -> the Ack was read there, at
+# its next step).
 # Writes $OUT/<run>_{decoders,long}.json and prints one table.
 # Knobs: LAYERS (real-shape dummy model depth; two instances must fit), MODEL (a checkpoint instead),
 # DEVICE_ARGS (e.g. "--device cpu" for a smoke run), RUNS, LONG_LEN, LONG_NUM, LONG_RATE, DEC_LEN, DEC_OUT,
@@ -30,7 +34,7 @@ DEVICE_ARGS=${DEVICE_ARGS:-}
 RUNS=${RUNS:-"colocated colocated-capped disagg-sync disagg-async"}
 CAP=${CAP:-2048}  # colocated-capped: --max-prefill-tokens-while-decoding (issue 21 item 4)
 LONG_LEN=${LONG_LEN:-16384}; LONG_NUM=${LONG_NUM:-16}; LONG_RATE=${LONG_RATE:-0.5}
-DEC_LEN=${DEC_LEN:-1024}; DEC_OUT=${DEC_OUT:-512}; DEC_NUM=${DEC_NUM:-64}; DEC_CONC=${DEC_CONC:-16}
+DEC_LEN=${DEC_LEN:-1024}; DEC_OUT=${DEC_OUT:-2048}; DEC_NUM=${DEC_NUM:-48}; DEC_CONC=${DEC_CONC:-16}
 MEM=${MEM:-0.40}  # per instance in the disaggregated runs; the colocated server gets 2 x MEM
 BACKEND=${BACKEND:-nixl}
 SERVER_WAIT_S=${SERVER_WAIT_S:-600}
@@ -66,7 +70,7 @@ for run in $RUNS; do
         python3 -m server "${common[@]}" --port "$base" --mem-fraction-static "$mem2" "${cap[@]}" \
             >"$OUT/$run.server.log" 2>&1 &
         PIDS+=($!); wait_up "$url" "$!" "$OUT/$run.server.log" || { stop_all; continue; }
-        prefill_url=$url
+        prefill_url=$url; decode_url=$url
     else
         async=(); [ "$run" = disagg-async ] && async=(--disaggregation-async-transfer)
         p=$((base + 1)); d=$((base + 2)); bport=$((base + 3))
@@ -80,7 +84,7 @@ for run in $RUNS; do
         python3 -m disagg.router --prefill "http://127.0.0.1:$p" --decode "http://127.0.0.1:$d" --port "$base" \
             >"$OUT/$run.router.log" 2>&1 &
         PIDS+=($!); wait_up "$url" "$!" "$OUT/$run.router.log" || { stop_all; continue; }
-        prefill_url="http://127.0.0.1:$p"
+        prefill_url="http://127.0.0.1:$p"; decode_url="http://127.0.0.1:$d"
     fi
     echo "=== $run"
     bench=(python3 -m bench.serving --base-url "$url" --endpoint completions --dataset random --tokenizer "$MODEL"
@@ -93,6 +97,8 @@ for run in $RUNS; do
     timeout "$CLIENT_TIMEOUT_S" "${bench[@]}" --num-prompts 2 --input-len "$LONG_LEN" --output-len 4 \
         --max-concurrency 1 --seed 22 --warmup-requests 0 >>"$OUT/${run}_warmup.log" 2>&1
     wait "$warm"
+    curl -sf "$prefill_url/server_info" >"$OUT/${run}_prefill_info0.json" || true
+    curl -sf "$decode_url/server_info" >"$OUT/${run}_decode_info0.json" || true
     timeout "$CLIENT_TIMEOUT_S" "${bench[@]}" --num-prompts "$DEC_NUM" --input-len "$DEC_LEN" --output-len "$DEC_OUT" \
         --max-concurrency "$DEC_CONC" --seed 11 --output-json "$OUT/${run}_decoders.json" >"$OUT/${run}_decoders.log" 2>&1 &
     dec=$!
@@ -102,6 +108,7 @@ for run in $RUNS; do
         >"$OUT/${run}_long.log" 2>&1
     wait "$dec"
     curl -sf "$prefill_url/server_info" >"$OUT/${run}_prefill_info.json" || true
+    curl -sf "$decode_url/server_info" >"$OUT/${run}_decode_info.json" || true
     stop_all
 done
 
@@ -110,7 +117,7 @@ import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
 nan = float("nan")
 print(f"{'run':14} {'long TTFT mean':>14} {'p50':>8} {'p99':>8} | {'dec TPOT mean':>13} {'ITL p50':>8} {'ITL p99':>8} "
-      f"{'ITL max':>8} | {'xfer tail/prefill':>17}  (ms)")
+      f"{'ITL max':>8} | {'landing/prefill':>15}  (ms)")
 for run in sys.argv[2:]:
     try:
         lg = json.loads((out / f"{run}_long.json").read_text())["summary"]
@@ -119,12 +126,17 @@ for run in sys.argv[2:]:
         print(f"{run:14} (no result)"); continue
     g = lambda s, k, q: s.get(k, {}).get(q, nan)
     ratio = ""
-    try:
-        st = json.loads((out / f"{run}_prefill_info.json").read_text())["engine"]
+    try:  # over the measured load: stats after it minus stats after the warm-up
+        def delta(side):
+            a, b = (json.loads((out / f"{run}_{side}_info{s}.json").read_text())["engine"] for s in ("0", ""))
+            return {k: b[k] - a.get(k, 0) for k in b if isinstance(b[k], (int, float))}
+        st, dst = delta("prefill"), delta("decode")
         if st.get("disagg_prefill_seconds_total"):
-            tail, n = st["disagg_transfer_tail_seconds_total"], st["disagg_handovers_total"]
-            ratio = (f"{tail / st['disagg_prefill_seconds_total']:.3f} ({n} handovers, "
-                     f"{1000 * tail / max(n, 1):.2f} ms each, {st['disagg_failed_total']} failed)")
+            pre, n = st["disagg_prefill_seconds_total"], st["disagg_handovers_total"]
+            land, tail = dst.get("disagg_landing_seconds_total", nan), st["disagg_transfer_tail_seconds_total"]
+            ratio = (f"{land / pre:.3f} (landing {1000 * land / max(n, 1):.1f} ms, prefill {1000 * pre / max(n, 1):.0f}"
+                     f" ms, Ack read {1000 * tail / max(n, 1):.0f} ms each; {n} handovers, "
+                     f"{st['disagg_failed_total']} failed)")
     except (OSError, ValueError, KeyError):
         pass
     print(f"{run:14} {g(lg,'ttft_ms','mean'):14.1f} {g(lg,'ttft_ms','p50'):8.1f} {g(lg,'ttft_ms','p99'):8.1f} | "

@@ -51,6 +51,7 @@ class _Room:
     reserved: bool = False
     added_at: float = 0.0  # time.monotonic()
     done: Done | None = None  # the prefill side's first token and write count
+    done_at: float = 0.0  # time.monotonic() when Done came
     landed: list[set[int]] = field(default_factory=list)  # per rank: the writes whose notification came
 
 
@@ -83,6 +84,9 @@ class DecodeConnector(KVConnector):
         self.num_received = 0
         self.num_failed = 0
         self.wait_seconds = 0.0  # request added -> KV and first token here, summed
+        # Done (the first token is sampled, every write posted) -> every page landed here, summed: the transfer
+        # time a request waits for after its prefill (seen at this instance's poll, once per decode step)
+        self.landing_seconds = 0.0
 
     def worker_factory(self):
         return build_transfer_worker
@@ -95,6 +99,7 @@ class DecodeConnector(KVConnector):
         return {
             "disagg_rooms_active": len(self._rooms), "disagg_received_total": self.num_received,
             "disagg_failed_total": self.num_failed, "disagg_wait_seconds_total": self.wait_seconds,
+            "disagg_landing_seconds_total": self.landing_seconds,
             "disagg_quarantined_pages": sum(len(p) for p, _ in self._quarantine.values()),
         }
 
@@ -189,7 +194,7 @@ class DecodeConnector(KVConnector):
             if room is None:  # we gave up on it: the source pages may go (our Abort cancels its writes)
                 self.clients.send(addr, Ack(msg.room))
                 return
-            room.done = msg
+            room.done, room.done_at = msg, time.monotonic()
         elif isinstance(msg, Abort):
             if msg.room in self._rooms:
                 self._fail(msg.room, f"the prefill instance gave up: {msg.reason}", update, tell_peer=False)
@@ -211,7 +216,9 @@ class DecodeConnector(KVConnector):
             self._room_of.pop(room.req.seq_key, None)
             self.clients.send(room.addr, Ack(room_id))
             self.num_received += 1
-            self.wait_seconds += time.monotonic() - room.added_at
+            now = time.monotonic()
+            self.wait_seconds += now - room.added_at
+            self.landing_seconds += now - room.done_at
             update.arrived.append((room.req, done.token, done.logprobs, done.drafts))
 
     # -- helpers ------------------------------------------------------------------------------------

@@ -175,10 +175,16 @@ class Metrics:
         )
         self.disagg_transfer_tail_seconds = counter(
             "disagg_transfer_tail_seconds",
-            "Prefill side: seconds from the first token until every KV write landed, summed (async transfer's gain).",
+            "Prefill side: seconds from the first token until the decode side acknowledged every KV page (its Ack "
+            "is read at this instance's next step), summed.",
         )
         self.disagg_wait_seconds = counter(
             "disagg_wait_seconds", "Decode side: seconds from a request's arrival to its KV and first token, summed."
+        )
+        self.disagg_landing_seconds = counter(
+            "disagg_landing_seconds",
+            "Decode side: seconds from the prefill side's first token (every write posted) until every KV page "
+            "landed here, summed (the transfer time a request waits for after its prefill).",
         )
         self._last_stats: dict[str, Any] = {}
 
@@ -210,6 +216,7 @@ class Metrics:
             ("disagg_prefill_seconds_total", self.disagg_prefill_seconds),
             ("disagg_transfer_tail_seconds_total", self.disagg_transfer_tail_seconds),
             ("disagg_wait_seconds_total", self.disagg_wait_seconds),
+            ("disagg_landing_seconds_total", self.disagg_landing_seconds),
         ):
             inc = stats.get(key, 0) - last.get(key, 0)
             if inc > 0:

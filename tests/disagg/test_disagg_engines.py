@@ -150,6 +150,7 @@ def test_greedy_tokens_equal_colocated(tiny_bf16, prompts, backend, async_transf
         assert ps["disagg_handovers_total"] == ds["disagg_received_total"] == len(prompts)
         assert ps["disagg_pages_sent_total"] == sum(-(-len(p) // 16) for p in prompts)
         assert ps["disagg_prefill_seconds_total"] > 0 and ds["disagg_wait_seconds_total"] > 0
+        assert 0 <= ds["disagg_landing_seconds_total"] < ds["disagg_wait_seconds_total"]
     finally:
         pair.close()
 

@@ -220,13 +220,14 @@ def test_mtp_draft_graphs_replay_what_the_eager_chain_drafts(tiny_dirs):
     prompts = [{"prompt_token_ids": [rng.randrange(1000) for _ in range(rng.randint(20, 200))]} for _ in range(6)]
     llm.generate(prompts, SamplingParams(temperature=0, max_tokens=48, ignore_eos=True), use_tqdm=False)
     assert sum(compared) >= 100
-    assert all(len(g) == len(w) == 3 for g, w in pairs)
+    # a request's last steps draft fewer (its max_tokens cuts the chain): both paths cut alike
+    assert all(len(g) == len(w) for g, w in pairs) and any(len(g) == 3 for g, _ in pairs)
     # bf16 on the GPU: a batch of 6 padded to 8 rounds differently from the eager chain's batches, and this
     # random tiny model has many near-ties (a first run: 248 of 276 whole chains equal). So the check is per
     # chain position, among the chains that agree up to it: a wrong extend row, position, slot or hidden
     # state feeding a chain step makes that position disagree nearly always, not a few percent of the time.
     for j in range(3):
-        same_before = [(g, w) for g, w in pairs if g[:j] == w[:j]]
+        same_before = [(g, w) for g, w in pairs if len(g) > j and g[:j] == w[:j]]
         agree = sum(g[j] == w[j] for g, w in same_before)
         assert agree >= 0.9 * len(same_before), (j, agree, len(same_before))
     assert llm.stats()["used_kv_blocks"] == 0

@@ -107,6 +107,20 @@ def measure(llm: LLM, dataset: str, concurrency: int, args: argparse.Namespace, 
     }
 
 
+def profile(llm: LLM, args: argparse.Namespace, tag: str) -> None:
+    """Host and device time of a short run (4 plain-code requests at the lowest concurrency), top ops."""
+    conc = min(int(c) for c in args.concurrency.split(","))
+    small = argparse.Namespace(**{**vars(args), "num_prompts": 4, "output_len": 64, "seed": args.seed + 7})
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        r = measure(llm, "plain-code", conc, small, f"profile-{tag}")
+    print(f"--- profile {tag}: c{conc}, TPOT {r['tpot_ms_mean']:.2f} ms, {r['output_tokens']} tokens")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60),
+          flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -133,6 +147,9 @@ def main() -> None:
                          "engine default (on with CUDA); off = the same host/device serialization as speculation")
     ap.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                     help="an untimed short pass of every dataset and concurrency per engine first")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the warm-up, one short plain-code pass per engine at the lowest concurrency under "
+                         "torch.profiler: where a step's host and device time go (top ops by self CPU time)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     extra = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.spec_option)}
@@ -159,6 +176,8 @@ def main() -> None:
                 for dataset in args.datasets.split(","):
                     for conc in (int(c) for c in args.concurrency.split(",")):
                         measure(llm, dataset, conc, small, f"warmup-{method}-{budget}-{dataset}-{conc}")
+            if args.profile:
+                profile(llm, args, f"{method}-{budget}")
             for dataset in args.datasets.split(","):
                 for conc in (int(c) for c in args.concurrency.split(",")):
                     r = {"method": method, "budget": budget, "dataset": dataset, "concurrency": conc,

@@ -150,7 +150,10 @@ class MtpDraftGraphs:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
         log.info("captured %d MTP draft graphs (chain of %d)", len(self.graphs), self.chain_length)
-        if time:
+        if time:  # every graph over the longest capture chains: no row sits before position 0
+            q_max = max(q for _, q in self.shapes)
+            self.seq_lens_long.fill_(q_max)
+            self.positions.copy_(torch.arange(self.positions.numel(), device=self.device) % q_max)
             self.replay_ms = time_replays(self.graphs, self.device)
             log.info("MTP draft graph replay ms (batch, rows per request, chain): %s",
                      {k: round(v, 3) for k, v in sorted(self.replay_ms.items())})

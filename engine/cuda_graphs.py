@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 MAX_VERIFY_GRAPH_TOKENS = 512  # verify graphs cover batch x rows up to this (bounds their logits buffers)
 
 
-def time_replays(graphs: dict[tuple[int, int], torch.cuda.CUDAGraph], device: torch.device,
-                 repeats: int = 5) -> dict[tuple[int, int], float]:
+def time_replays(graphs: dict[tuple[int, ...], torch.cuda.CUDAGraph], device: torch.device,
+                 repeats: int = 5) -> dict[tuple[int, ...], float]:
     """Median ms of each graph's replay (after one untimed replay), over their capture inputs (slot -1: they
     write nothing). Every TP rank must call it, in the same order: graphs hold the step's all-reduces."""
     out = {}

@@ -209,7 +209,7 @@ class DraftBudget:
             st.probing = False
             if ks[i] > 0:
                 st.idle = 0
-            elif chain is not None and chain[i] and chain_tokens >= len(gains[i]):
+            elif self.chain_fixed is not None and chain is not None and chain[i] and chain_tokens >= len(gains[i]):
                 continue
             elif gains[i] if has_draft is None else has_draft[i]:
                 st.idle += 1

@@ -41,6 +41,17 @@ def time_replays(graphs: dict[tuple[int, ...], torch.cuda.CUDAGraph], device: to
     return out
 
 
+def time_captured(graphs: dict[tuple[int, ...], torch.cuda.CUDAGraph], shapes: list[tuple[int, int]],
+                  seq_lens_long: torch.Tensor, positions: torch.Tensor, device: torch.device) -> dict[tuple[int, ...], float]:
+    """time_replays over the longest capture chains of `shapes` (no row sits before position 0), logged."""
+    q_max = max(q for _, q in shapes)
+    seq_lens_long.fill_(q_max)
+    positions.copy_(torch.arange(positions.numel(), device=device) % q_max)
+    out = time_replays(graphs, device)
+    log.info("graph replay ms: %s", {k: round(v, 3) for k, v in sorted(out.items())})
+    return out
+
+
 def graph_batch_sizes(max_batch: int) -> list[int]:
     """1, 2, 4, 8, then every 8 up to 64, then every 16 up to max_batch (always including max_batch)."""
     sizes = [b for b in (1, 2, 4, 8) if b <= max_batch]
@@ -148,13 +159,8 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.device)
         log.info("captured %d CUDA graphs: batch sizes %s, rows per request %s", len(self.graphs), self.sizes,
                  sorted({q for _, q in self.shapes}))
-        if time:  # every graph over the longest capture chains: no row sits before position 0
-            q_max = max(q for _, q in self.shapes)
-            self.seq_lens_long.fill_(q_max)
-            self.positions.copy_(torch.arange(self.positions.numel(), device=self.device) % q_max)
-            self.replay_ms = time_replays(self.graphs, self.device)
-            log.info("graph replay ms (batch, rows per request): %s",
-                     {k: round(v, 3) for k, v in sorted(self.replay_ms.items())})
+        if time:
+            self.replay_ms = time_captured(self.graphs, self.shapes, self.seq_lens_long, self.positions, self.device)
 
     def shape_for(self, batch: int, q: int) -> tuple[int, int] | None:
         """The captured (batch bucket, q) that runs `batch` requests of q rows each, or None."""

@@ -26,7 +26,7 @@ import logging
 import torch
 from tqdm import tqdm
 
-from engine.cuda_graphs import MAX_VERIFY_GRAPH_TOKENS, graph_batch_sizes, time_replays, verify_row_counts
+from engine.cuda_graphs import MAX_VERIFY_GRAPH_TOKENS, graph_batch_sizes, time_captured, verify_row_counts
 from model.context import ForwardContext
 from model.glm4_moe import Glm4MoeForCausalLM
 from spec import MtpDraftBatch
@@ -150,13 +150,8 @@ class MtpDraftGraphs:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
         log.info("captured %d MTP draft graphs (chain of %d)", len(self.graphs), self.chain_length)
-        if time:  # every graph over the longest capture chains: no row sits before position 0
-            q_max = max(q for _, q in self.shapes)
-            self.seq_lens_long.fill_(q_max)
-            self.positions.copy_(torch.arange(self.positions.numel(), device=self.device) % q_max)
-            self.replay_ms = time_replays(self.graphs, self.device)
-            log.info("MTP draft graph replay ms (batch, rows per request, chain): %s",
-                     {k: round(v, 3) for k, v in sorted(self.replay_ms.items())})
+        if time:
+            self.replay_ms = time_captured(self.graphs, self.shapes, self.seq_lens_long, self.positions, self.device)
 
     @torch.inference_mode()
     def run(self, batch: MtpDraftBatch, target_hidden: torch.Tensor) -> list[list[int]]:

@@ -137,6 +137,11 @@ for run in sys.argv[2:]:
             ratio = (f"{land / pre:.3f} (landing {1000 * land / max(n, 1):.1f} ms, prefill {1000 * pre / max(n, 1):.0f}"
                      f" ms, Ack read {1000 * tail / max(n, 1):.0f} ms each; {n} handovers, "
                      f"{st['disagg_failed_total']} failed)")
+            w = max(st.get("disagg_writes_done_total", 0), 1)
+            ratio += (f"; per write: GPU wait {1000 * st.get('disagg_write_gpu_wait_seconds_total', nan) / w:.1f}, "
+                      f"post delay {1000 * st.get('disagg_write_post_delay_seconds_total', nan) / w:.1f}, "
+                      f"flight {1000 * st.get('disagg_write_flight_seconds_total', nan) / w:.1f} ms "
+                      f"({st.get('disagg_writes_done_total', 0)} writes)")
     except (OSError, ValueError, KeyError):
         pass
     print(f"{run:14} {g(lg,'ttft_ms','mean'):14.1f} {g(lg,'ttft_ms','p50'):8.1f} {g(lg,'ttft_ms','p99'):8.1f} | "

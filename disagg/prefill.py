@@ -90,6 +90,8 @@ class PrefillConnector(KVConnector):
         self.num_pages_sent = 0
         self.prefill_seconds = 0.0  # admitted -> first token, summed over handed-over rooms
         self.transfer_tail_seconds = 0.0  # first token -> the decode side acknowledged every page
+        # every rank's writes, summed (transfer_worker._Timings): GPU wait, post delay, flight; writes done
+        self.write_timings = [0.0, 0.0, 0.0, 0]
 
     def worker_factory(self):
         return build_transfer_worker
@@ -104,6 +106,10 @@ class PrefillConnector(KVConnector):
             "disagg_failed_total": self.num_failed, "disagg_pages_sent_total": self.num_pages_sent,
             "disagg_prefill_seconds_total": self.prefill_seconds,
             "disagg_transfer_tail_seconds_total": self.transfer_tail_seconds,
+            "disagg_write_gpu_wait_seconds_total": self.write_timings[0],
+            "disagg_write_post_delay_seconds_total": self.write_timings[1],
+            "disagg_write_flight_seconds_total": self.write_timings[2],
+            "disagg_writes_done_total": self.write_timings[3],
         }
 
     def info(self) -> dict[str, Any]:
@@ -302,6 +308,7 @@ class PrefillConnector(KVConnector):
         self._writes_in_flight = any(st.in_flight for st in states)
         failed: dict[int, str] = {}
         for st in states:
+            self.write_timings = [a + b for a, b in zip(self.write_timings, st.timings)]
             for room_id, reason in st.failed:
                 failed.setdefault(room_id, reason)
         for room_id, reason in failed.items():

@@ -144,3 +144,5 @@ class WriteStates:
 
     failed: tuple[tuple[int, str], ...]  # (room, reason)
     in_flight: int
+    # since the last poll, summed over writes (seconds): GPU wait, post delay, flight; writes done
+    timings: tuple[float, float, float, int] = (0.0, 0.0, 0.0, 0)

@@ -19,6 +19,7 @@ import queue
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,7 +44,34 @@ from engine.kv_connector import KVConnectorWorker, KVSend
 log = logging.getLogger(__name__)
 
 PROGRESS_S = 0.001  # how often the transfer thread polls the writes in flight
-_WAKE: tuple[Any, list[KVSend]] = (None, [])  # a write was posted by another thread: poll it from now on
+_WAKE: tuple[Any, list[KVSend], float] = (None, [], 0.0)  # a write was posted by another thread: poll it now
+
+
+@dataclass
+class _Write:
+    room: int
+    seq: int
+    handle: TransferHandle
+    posted_at: float  # time.perf_counter() when the write was posted
+
+
+@dataclass
+class _Timings:
+    """Where a rank's writes spent their time (seconds, summed over writes; reported and reset by PollWrites):
+    waiting for the GPU work that wrote the pages (async: queued -> CUDA event done), waiting to be posted (that
+    -> the write posted: the transfer thread waiting for the GIL or the lock), and in flight (posted -> the first
+    poll that saw it done)."""
+
+    gpu_wait: float = 0.0
+    post_delay: float = 0.0
+    flight: float = 0.0
+    done: int = 0
+
+    def take(self) -> tuple[float, float, float, int]:
+        out = (self.gpu_wait, self.post_delay, self.flight, self.done)
+        self.gpu_wait = self.post_delay = self.flight = 0.0
+        self.done = 0
+        return out
 
 
 def resolve_backend(name: str) -> str:
@@ -58,10 +86,11 @@ class TransferWorker(KVConnectorWorker):
         self.rank = 0
         self._peers: dict[str, str] = {}  # peer instance -> its agent's name (this rank's counterpart)
         self._lock = threading.Lock()
-        self._writes: list[tuple[int, int, TransferHandle]] = []  # (room, seq, handle), pending or unreported
+        self._writes: list[_Write] = []  # pending or unreported
+        self._timings = _Timings()
         self._cancelled: set[int] = set()
         self._queued = 0  # sends handed to the transfer thread, not posted yet (they count as in flight)
-        self._queue: queue.Queue[tuple[Any, list[KVSend]] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[Any, list[KVSend], float] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
 
     def register(self, kv_caches: dict[int, tuple[Any, Any]], rank: int) -> None:
@@ -84,8 +113,9 @@ class TransferWorker(KVConnectorWorker):
         if isinstance(message, PostSends):
             if torch.cuda.is_available() and self.agent.regions.device.type == "cuda":
                 torch.cuda.current_stream(self.agent.regions.device).synchronize()
+            ready = time.perf_counter()
             for send in message.sends:
-                self._post(send)
+                self._post(send, ready)
             self._queue.put(_WAKE)
             return None
         if isinstance(message, QueueSends):
@@ -107,7 +137,7 @@ class TransferWorker(KVConnectorWorker):
             event.record(torch.cuda.current_stream(self.agent.regions.device))
         with self._lock:
             self._queued += len(sends)
-        self._queue.put((event, list(sends)))
+        self._queue.put((event, list(sends), time.perf_counter()))
 
     def close(self) -> None:
         if self._thread is not None:
@@ -127,19 +157,24 @@ class TransferWorker(KVConnectorWorker):
                 continue
             if item is None:
                 return
-            event, sends = item
+            event, sends, queued_at = item
             if event is not None:
                 event.synchronize()  # the forward that wrote these pages has run
+            ready = time.perf_counter()
+            if sends:
+                with self._lock:
+                    self._timings.gpu_wait += (ready - queued_at) * len(sends)
             for send in sends:
                 try:
-                    self._post(send)
+                    self._post(send, ready)
                 except Exception:  # a bug in one send must not kill the thread (the room fails by deadline)
                     log.exception("posting KV write of room %d failed", send.room)
                 finally:
                     with self._lock:
                         self._queued -= 1
 
-    def _post(self, send: KVSend) -> None:
+    def _post(self, send: KVSend, ready: float) -> None:
+        """ready: when the pages were written (the GPU work done), for the post-delay timing."""
         with self._lock:
             if send.room in self._cancelled:
                 return
@@ -147,25 +182,42 @@ class TransferWorker(KVConnectorWorker):
             timeout = max(send.deadline - time.time(), 0.001)
             handle = self.agent.write(peer, send.src_pages, send.dst_pages,
                                       notification=write_notification(send.room, send.seq), timeout_s=timeout)
-            self._writes.append((send.room, send.seq, handle))
+            now = time.perf_counter()
+            self._timings.post_delay += now - ready
+            self._writes.append(_Write(send.room, send.seq, handle, now))
 
     def _progress(self) -> bool:
-        """Poll every write in flight (that is what moves it); True while any is still going."""
+        """Poll every write in flight (that is what moves it); True while any is still going. A write seen done
+        for the first time leaves the list (its flight time counted); failed ones stay for _poll to report."""
+        going, keep = False, []
         with self._lock:
-            states = [handle.poll() for _, _, handle in self._writes]
-            return any(not (st.done or st.failed) for st in states)
+            now = time.perf_counter()
+            for w in self._writes:
+                st = w.handle.poll()
+                if st.done:
+                    self._timings.flight += now - w.posted_at
+                    self._timings.done += 1
+                    continue
+                going |= not st.failed
+                keep.append(w)
+            self._writes = keep
+            return going
 
     def _poll(self) -> WriteStates:
         failed, keep = [], []
         with self._lock:
-            for room, seq, handle in self._writes:
-                st = handle.poll()
+            now = time.perf_counter()
+            for w in self._writes:
+                st = w.handle.poll()
                 if st.failed:
-                    failed.append((room, f"KV write to the decode instance failed ({st.kind.value}: {st.reason})"))
-                elif not st.done:
-                    keep.append((room, seq, handle))
+                    failed.append((w.room, f"KV write to the decode instance failed ({st.kind.value}: {st.reason})"))
+                elif st.done:
+                    self._timings.flight += now - w.posted_at
+                    self._timings.done += 1
+                else:
+                    keep.append(w)
             self._writes = keep
-            return WriteStates(tuple(failed), len(keep) + self._queued)
+            return WriteStates(tuple(failed), len(keep) + self._queued, self._timings.take())
 
     def _cancel(self, room: int) -> int:
         """Stop the room's writes (queued ones are skipped); returns how many are still in flight."""
@@ -174,15 +226,15 @@ class TransferWorker(KVConnectorWorker):
             if len(self._cancelled) > 100_000:
                 self._cancelled = {room}
             left = []
-            for r, seq, handle in self._writes:
-                if r == room:
-                    handle.release()
-                    if not (handle.poll().done or handle.poll().failed):
-                        left.append((r, seq, handle))
+            for w in self._writes:
+                if w.room == room:
+                    w.handle.release()
+                    if not (w.handle.poll().done or w.handle.poll().failed):
+                        left.append(w)
                 else:
-                    left.append((r, seq, handle))
+                    left.append(w)
             self._writes = left
-            return sum(1 for r, _, _ in left if r == room)
+            return sum(1 for w in left if w.room == room)
 
 
 def build_transfer_worker(config: EngineConfig, rank: int) -> TransferWorker:

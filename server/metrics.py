@@ -186,6 +186,14 @@ class Metrics:
             "Decode side: seconds from the prefill side's first token (every write posted) until every KV page "
             "landed here, summed (the transfer time a request waits for after its prefill).",
         )
+        self.disagg_write_seconds = Counter(
+            "glint:disagg_write_seconds",
+            "Prefill side: where KV writes spent their time, summed over writes (stage: gpu_wait = queued until the "
+            "GPU work that wrote the pages was done, async only; post_delay = until posted; flight = posted until "
+            "seen done).",
+            ["model_name", "stage"],
+            registry=r,
+        )
         self._last_stats: dict[str, Any] = {}
 
     def success(self, finish_reason: str) -> None:
@@ -221,6 +229,11 @@ class Metrics:
             inc = stats.get(key, 0) - last.get(key, 0)
             if inc > 0:
                 ctr.inc(inc)
+        for stage in ("gpu_wait", "post_delay", "flight"):
+            key = f"disagg_write_{stage}_seconds_total"
+            inc = stats.get(key, 0) - last.get(key, 0)
+            if inc > 0:
+                self.disagg_write_seconds.labels(self.model_name, stage).inc(inc)
         self.disagg_rooms_active.set(stats.get("disagg_rooms_active", 0))
         if "spec_mean_accepted_length" in stats:
             self.spec_mean_accepted_length.set(stats["spec_mean_accepted_length"])

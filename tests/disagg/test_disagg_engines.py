@@ -125,7 +125,7 @@ def test_greedy_tokens_equal_colocated(tiny_bf16, prompts, backend, async_transf
     expected = colocated(tiny_bf16, prompts, GREEDY)
     # slow writes down, so that the prefill side polls while some are still queued in the transfer thread
     post = TransferWorker._post
-    monkeypatch.setattr(TransferWorker, "_post", lambda self, send: (time.sleep(0.02), post(self, send))[1])
+    monkeypatch.setattr(TransferWorker, "_post", lambda self, send, ready: (time.sleep(0.02), post(self, send, ready))[1])
     # and move data only while the prefill side polls, as NIXL does over CUDA IPC (on the H200 a sync-transfer
     # write posted after the prefill side's last poll sat for the full 60 s deadline)
     register = TransferWorker.register
@@ -151,6 +151,12 @@ def test_greedy_tokens_equal_colocated(tiny_bf16, prompts, backend, async_transf
         assert ps["disagg_pages_sent_total"] == sum(-(-len(p) // 16) for p in prompts)
         assert ps["disagg_prefill_seconds_total"] > 0 and ds["disagg_wait_seconds_total"] > 0
         assert 0 <= ds["disagg_landing_seconds_total"] < ds["disagg_wait_seconds_total"]
+        # where the writes spent their time: each sat >= 20 ms before its post (the slowed-down _post above)
+        writes = ps["disagg_writes_done_total"]
+        assert writes >= len(prompts)
+        assert ps["disagg_write_post_delay_seconds_total"] >= 0.02 * writes
+        assert ps["disagg_write_flight_seconds_total"] > 0
+        assert (ps["disagg_write_gpu_wait_seconds_total"] > 0) == async_transfer
     finally:
         pair.close()
 

@@ -114,7 +114,8 @@ class EngineConfig:
         flags=("--enforce-eager", "--disable-cuda-graph"), type=bool)
     overlap_scheduling: bool = option(  # plan step N+1 on the CPU while the device runs step N
         "overlap_scheduling", None, "plan the next step on the CPU while the device runs this one (default: on "
-        "with CUDA, off on CPU; with suffix speculation only steps without drafts overlap, MTP turns it off)",
+        "with CUDA, off on CPU; with speculation only steps without drafts overlap, and with MTP only those of "
+        "requests retired from MTP drafting)",
         off_flags=("--disable-overlap-schedule",), field_default=False)
     enable_shared_experts_fusion: bool = option(
         "enable_shared_experts_fusion", False, "run the shared expert as expert E of the fused MoE (weight 1.0)",
@@ -228,13 +229,6 @@ class EngineConfig:
                     f"speculative_config method {spec.method!r} needs the checkpoint's MTP (NextN) layer, but "
                     f"{mcfg.path} has none (config.json num_nextn_predict_layers is 0)"
                 )
-            if spec.method != "suffix":
-                if o["overlap_scheduling"]:
-                    raise ValueError(
-                        f"overlap_scheduling does not work with speculative method {spec.method!r}: the MTP layer "
-                        "drafts from each step's hidden states right after it (turn one of them off)"
-                    )
-                o["overlap_scheduling"] = False
         o["speculative_config"] = spec
         if o["overlap_scheduling"] is None:
             o["overlap_scheduling"] = device == "cuda"

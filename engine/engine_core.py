@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +39,7 @@ from engine.request_validation import check_request
 from engine.sampler import DeferredSample, SampleRow, Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledRequest, Scheduler
-from spec import DraftSlot, Drafter, MtpCalls, SpecStats, StepView, build_drafter
+from spec import DraftSlot, Drafter, MtpCalls, SpecStats, StepTiming, StepView, build_drafter
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class _Launched:
     sampled: DeferredSample | None = None
     table_writes: list[tuple[int, int]] = field(default_factory=list)  # (slot, position) per sampled row
     kv_sends: list[KVSend] = field(default_factory=list)  # disaggregated prefill: pages this step completes
+    keeps_hidden: bool = False  # the forward kept its hidden states for the drafter's after_step (MTP)
     overlapped: bool = False  # finished by the next step (overlap scheduling): its tokens are pending meanwhile
 
 
@@ -92,6 +94,7 @@ class EngineCore:
         # extend has written their last chunk's NextN KV (it ships with the pages)
         self._ending: list[tuple[Request, str, int | str | None]] = []
         self._inflight: _Launched | None = None
+        self._cycle: tuple[float, _Launched] | None = None  # the last decode-only step and when its cycle began
         self._seq_keys = itertools.count()
         self.overlap = config.overlap_scheduling
         self.num_overlapped_steps = 0
@@ -233,6 +236,8 @@ class EngineCore:
     def step(self) -> list[RequestDelta]:
         """One engine step. With overlap scheduling the step launched here is finished by the next call:
         this call plans and launches step N+1, then processes step N's tokens while the device runs N+1."""
+        started = time.perf_counter()
+        self._time_cycle(started)
         deltas, self._pending_deltas = self._pending_deltas, []
         deltas += self._poll_connector()
         if self.drafter is not None:
@@ -248,9 +253,13 @@ class EngineCore:
             self._post_sends(self._inflight)
             self._inflight = None
         if launched is not None:
-            # a verify step is never left in flight: the next step's positions depend on what it accepts
-            launched.overlapped = self.overlap and not any(s.num_drafts for s in launched.scheduled)
+            # a verify step is never left in flight: the next step's positions depend on what it accepts; nor
+            # one whose hidden states the drafter reads right after it (MTP)
+            launched.overlapped = (self.overlap and not launched.keeps_hidden
+                                   and not any(s.num_drafts for s in launched.scheduled))
             deltas += self._sample(launched)
+            if self.drafter is not None and all(s.num_tokens - s.num_drafts == 1 for s in launched.scheduled):
+                self._cycle = (started, launched)
             if launched.overlapped:
                 self.num_overlapped_steps += 1
                 self._inflight = launched
@@ -264,7 +273,20 @@ class EngineCore:
         for rid in {d.request_id for d in deltas if d.finished}:
             if all(r.is_finished for r in self._requests.get(rid, [])):
                 self._forget(rid)
+        if not self.scheduler.running:
+            self._cycle = None  # the next call may come much later (no work): not a step's time
         return deltas
+
+    def _time_cycle(self, now: float) -> None:
+        """The last decode-only step's cycle (its step() call to this one) to the drafter's wall-clock model."""
+        if self._cycle is None:
+            return
+        started, step = self._cycle
+        self._cycle = None
+        drafts = sum(s.num_drafts for s in step.scheduled)
+        self.drafter.observe_step(StepTiming(
+            num_seqs=len(step.scheduled), rows=len(step.scheduled) + drafts, drafted=drafts > 0, chain=False,
+            plain=step.overlapped, wall_ms=1000 * (now - started)))
 
     def _poll_connector(self) -> list[RequestDelta]:
         """Disaggregation: admit requests whose handshake is done (prefill), start those whose KV arrived
@@ -350,7 +372,8 @@ class EngineCore:
     def _launch(self, scheduled: list[ScheduledRequest]) -> _Launched:
         prev = self._inflight
         inputs, layout = prepare_step(scheduled, self.block_size, self._graph_rows(scheduled))
-        inputs.keep_hidden = self.drafter is not None and self.drafter.needs_target_hidden
+        inputs.keep_hidden = self.drafter is not None and any(
+            self.drafter.needs_hidden(s.request.seq_key) for s in scheduled)
         if prev is not None and prev.sampled is not None:
             inputs.table_writes = prev.table_writes
         kv_sends = self.connector.plan_sends(scheduled) if self.connector is not None else []
@@ -367,7 +390,7 @@ class EngineCore:
             raise RuntimeError(f"tensor-parallel step failed (a rank died or a collective timed out): {exc}") from exc
         for s in scheduled:
             self.scheduler.advance(s)
-        return _Launched(scheduled, logits, layout, kv_sends=kv_sends)
+        return _Launched(scheduled, logits, layout, kv_sends=kv_sends, keeps_hidden=inputs.keep_hidden)
 
     def _sample(self, step: _Launched) -> list[RequestDelta]:
         """Enqueue sampling of every sampled row (k + 1 per verify) of the requests still running."""
@@ -462,14 +485,15 @@ class EngineCore:
     def _after_step(self, step: _Launched) -> list[RequestDelta]:
         """Tell a drafter that reads the target's hidden states (MTP) what the step computed and kept, with
         pages reserved for the next verify chain; it drafts the next step's tokens now."""
-        if self.drafter is None or not self.drafter.needs_target_hidden:
+        if self.drafter is None or not step.keeps_hidden:
             return []
         views, reqs = [], []
         handing_over = {id(r) for r, _, _ in self._ending}  # their drafts are for the decode side's first step
         for i, s in enumerate(step.scheduled):
             req = s.request
             kept_end = req.num_computed_tokens
-            if req.is_finished or kept_end <= s.start or req.num_known_tokens <= kept_end:
+            if (req.is_finished or kept_end <= s.start or req.num_known_tokens <= kept_end
+                    or not self.drafter.needs_hidden(req.seq_key)):
                 continue
             drafts = 0
             if req.num_tokens - kept_end == 1:  # decoding next: room for a chain, pages reserved for it

@@ -12,11 +12,15 @@ well they predicted this request so far (prior 1: trust the trees). On text that
 matches in the trees claim p = 1 and c falls to the real rate.
 Those probabilities are each extra draft's expected extra tokens (its marginal gain; non-increasing along a
 draft). For a step of B decoding requests the budget takes the extra draft rows in order of gain, and keeps the
-prefix that maximizes (B + expected accepted tokens) / step time, the step time being StepCost(B + rows) plus,
-for MTP drafts, one chain step per draft position past the first (eager), or the whole chain once (its draft
-graph; a step whose requests all draft 0 with MTP replays the NextN extend alone). With CUDA graphs the costs
-are this engine's graph replays, timed at start-up (StepCosts). So a request proposes 0 drafts when its next
-draft's gain is below what one more row costs, and the cap when drafts are reliably accepted.
+prefix that maximizes (B + expected accepted tokens) / step time, against B / (a plain step's time). The step
+time is wall time (spec/wall_clock.py): a plain step's, plus the extra rows' GPU time (StepCost(B + rows) -
+StepCost(B)), plus the host work of a step that verifies drafts, plus for MTP drafts one chain step per draft
+position past the first (eager) and the whole chain once (its draft graph and host work; a step whose requests
+all draft 0 with MTP replays the NextN extend alone). The GPU costs are this engine's graph replays, timed at
+start-up (StepCosts); the rest is learnt from the step cycles the engine times while serving. So a request
+proposes 0 drafts when its next draft's gain is below what one more row costs, and the cap when drafts are
+reliably accepted; and where the host work of speculating outweighs what drafts add (a small, fast model),
+nothing is drafted and MTP requests retire from drafting (spec/mtp.py) so that steps overlap again.
 
 A request held at 0 drafts (while its drafter has a draft for it) gets a 1-draft probe after `probe_interval`
 steps (an MTP probe only where the whole chain costs less than its drafts could add); a rejected probe
@@ -37,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from spec.config import SpeculativeConfig
+from spec.wall_clock import WallClock
 
 PRIOR_WEIGHT = 1.0  # the prior counts as one tested position
 PRIOR_PLAIN = 0.8  # prior acceptance of a source without per-token probabilities (a new request drafts)
@@ -147,6 +152,8 @@ class DraftBudget:
         if measured is None:
             measured = StepCosts(StepCost(config.step_cost_rows, config.step_cost_ms), config.mtp_step_cost_ms)
         self.cost, self.chain_step_ms, self.chain_fixed = measured.step, measured.chain_step_ms, measured.chain_fixed
+        # what steps really take, learnt while serving (host work included); priors: the GPU costs above
+        self.clock = WallClock(self.cost, self.chain_fixed, enabled=config.measure_wall_clock)
         self.decay = config.acceptance_decay
         self.probe_interval, self.max_probe_interval = config.probe_interval, config.max_probe_interval
         self._requests: dict[int, _RequestState] = {}
@@ -181,15 +188,23 @@ class DraftBudget:
 
     def row_cost_tokens(self, num_seqs: int) -> float:
         """What one more row costs a step of num_seqs decoding requests, in tokens of that step's output."""
-        base = self.cost(num_seqs)
-        return num_seqs * (self.cost(num_seqs + 1) - base) / base
+        return num_seqs * (self.cost(num_seqs + 1) - self.cost(num_seqs)) / self.clock.plain_ms(num_seqs)
 
     def chain_cost_tokens(self, num_seqs: int) -> float:
-        """What running the MTP chain as a whole (draft graphs) costs a step of num_seqs decoding requests, in
-        tokens of that step's output; 0 where the chain is paid per draft position (eager) instead."""
-        if self.chain_fixed is None or num_seqs <= 0:
+        """What running the MTP chain costs a step of num_seqs decoding requests as a whole (a draft graph's
+        replay, and the host work the wall clock measured around it), in tokens of that step's output; per
+        draft position an eager chain also pays chain_step_ms (in _best_prefix)."""
+        if num_seqs <= 0:
             return 0.0
-        return num_seqs * self.chain_fixed(num_seqs) / self.cost(num_seqs)
+        return num_seqs * self.clock.chain_ms(num_seqs) / self.clock.plain_ms(num_seqs)
+
+    def chain_cannot_pay(self, num_seqs: int, cap: int) -> bool:
+        """Whether the MTP chain (and the host work of a speculative step) costs a step of num_seqs requests
+        more than it could add even if every request's every one of `cap` drafts were accepted."""
+        if num_seqs <= 0:
+            return False
+        spec = num_seqs * self.clock.spec_overhead_ms(num_seqs) / self.clock.plain_ms(num_seqs)
+        return self.chain_cost_tokens(num_seqs) + spec >= num_seqs * cap
 
     # -- the choice -------------------------------------------------------------------------------------
     def plan(self, seq_ids: Sequence[int], gains: Sequence[Sequence[float]], chain: Sequence[bool] | None = None,
@@ -209,7 +224,8 @@ class DraftBudget:
             st.probing = False
             if ks[i] > 0:
                 st.idle = 0
-            elif self.chain_fixed is not None and chain is not None and chain[i] and chain_tokens >= len(gains[i]):
+            elif (self.chain_fixed is not None or chain_tokens > 0) and chain is not None and chain[i] \
+                    and chain_tokens >= len(gains[i]):
                 continue
             elif gains[i] if has_draft is None else has_draft[i]:
                 st.idle += 1
@@ -232,16 +248,17 @@ class DraftBudget:
         req, pos = order // width, order % width
         tokens = b + torch.cumsum(flat[order], 0)
         rows = b + torch.arange(1, order.numel() + 1, dtype=torch.float64)
-        time = self.cost.many(rows)
+        # wall time: a plain step, the extra rows' GPU time, the host work of a step that verifies drafts
+        clock, plain = self.clock, self.clock.plain_ms(b)
+        time = plain + (self.cost.many(rows) - self.cost(b)) + clock.spec_overhead_ms(b)
         if chain is not None and any(chain):
             on_chain = torch.tensor(list(chain), dtype=torch.bool)[req]
             depth = torch.cummax(torch.where(on_chain, pos + 1, 0), 0).values
             time = time + self.chain_step_ms * (depth - 1).clamp(min=0)
-            if self.chain_fixed is not None:
-                time = time + torch.where(depth > 0, self.chain_fixed(b), 0.0)
+            time = time + torch.where(depth > 0, clock.chain_ms(b), 0.0)
         rate = tokens / time
         best = int(torch.argmax(rate))
-        if float(rate[best]) <= b / self.cost(b):
+        if float(rate[best]) <= b / plain:
             return [0] * len(gains)
         return torch.bincount(req[: best + 1], minlength=len(gains)).tolist()
 

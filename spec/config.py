@@ -38,6 +38,14 @@ class SpeculativeConfig:
     # (rows = batch x rows per request) instead of step_cost_rows/ms, which were measured on another model; the
     # MTP chain then costs nothing at the margin (its draft graph replays the whole chain every step).
     measure_step_cost: bool = True
+    # Learn what steps really take while serving (each decode step cycle's wall time, host work included: a plain
+    # step overlaps it, a speculative one does not, the MTP chain adds its own; spec/wall_clock.py) and budget
+    # with that. False: the GPU costs above only.
+    measure_wall_clock: bool = True
+    # MTP (and hybrid): a request the budget gave no MTP drafts for this many steps in a row stops running the
+    # NextN layer for good (no extend, no hidden states kept): its steps decode plainly (hybrid: suffix drafts
+    # only) and may overlap. Its NextN KV is then stale, so it never drafts with MTP again. 0: never.
+    mtp_retire_steps: int = 16
     # Weight of older verifies in a request's running acceptance: each verify multiplies the past by this.
     acceptance_decay: float = 0.9
     # A request the budget holds at 0 drafts is probed with 1 draft after this many steps; each rejected probe
@@ -92,7 +100,7 @@ class SpeculativeConfig:
             raise bad("min_token_prob", "a number in [0, 1]")
         if not _is_int(self.max_cached_tokens) or self.max_cached_tokens < 0:
             raise bad("max_cached_tokens", "an int >= 0")
-        for key in ("draft_budget", "measure_step_cost"):
+        for key in ("draft_budget", "measure_step_cost", "measure_wall_clock"):
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "true or false")
         rows, ms = self.step_cost_rows, self.step_cost_ms
@@ -110,6 +118,8 @@ class SpeculativeConfig:
             raise bad("probe_interval", "an int >= 1")
         if not _is_int(self.max_probe_interval) or self.max_probe_interval < self.probe_interval:
             raise bad("max_probe_interval", f"an int >= probe_interval = {self.probe_interval}")
+        if not _is_int(self.mtp_retire_steps) or self.mtp_retire_steps < 0:
+            raise bad("mtp_retire_steps", "an int >= 0")
         if not _is_int(self.overlap_sync_interval) or self.overlap_sync_interval < 1:
             raise bad("overlap_sync_interval", "an int >= 1")
 

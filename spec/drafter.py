@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from spec.verify import accept_chain
+from spec.wall_clock import StepTiming
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,14 @@ class Drafter(ABC):
         this step run without drafts, overlapped. Only drafters that allow overlap at all are asked (the engine
         refuses overlap with one that reads each step's hidden states)."""
         return True
+
+    def needs_hidden(self, seq_id: int) -> bool:
+        """Whether a step must keep this request's target hidden states and call after_step for it (MTP: until
+        the request is retired from MTP drafting)."""
+        return self.needs_target_hidden
+
+    def observe_step(self, timing: StepTiming) -> None:
+        """A decode-only step cycle's wall time (the draft budget's wall-clock model learns from it)."""
 
     def handed_over(self, seq_id: int, drafts: Sequence[int]) -> None:
         """Disaggregated decode: drafts another instance made for this request's first step (MTP: from the

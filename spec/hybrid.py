@@ -9,7 +9,8 @@ suffix draft's calibrated tree probabilities against the request's running MTP a
 cuts the chosen drafts for the whole batch, and the NextN chain runs only for the requests that draft from it.
 With draft graphs the chain runs whole or not at all: where what MTP adds over the suffix drafts of the
 requests that would take it does not pay for the chain, they take their suffix drafts and the step replays
-the NextN extend alone.
+the NextN extend alone. A request that takes no MTP drafts for `mtp_retire_steps` steps retires from MTP
+(spec/mtp.py): suffix drafts only from then on, and its steps may overlap when nothing is drafted.
 
 Without the budget: the suffix draft when its score (the expected accepted length under the suffix trees'
 frequencies) beats the request's running MTP acceptance (accepted MTP tokens per MTP verify, an exponential
@@ -26,6 +27,7 @@ from spec.mtp import SOURCE as MTP
 from spec.mtp import MtpDrafter
 from spec.suffix import SOURCE as SUFFIX
 from spec.suffix import SuffixDrafter, budget_source
+from spec.wall_clock import StepTiming
 
 EMA = 0.3  # without the budget: weight of the newest MTP verify in the running acceptance
 
@@ -51,11 +53,33 @@ class HybridDrafter(Drafter):
         self._pending: dict[int, _Pending] = {}
         self._planned: dict[int, _Pending] = {}  # budget: next step's choice, made in after_step
         self.proposed = {MTP: 0, SUFFIX: 0}  # drafts proposed by each source (observability, tests)
+        self._drafted = True  # the last propose drafted for someone (or none ran yet)
+        self._quiet_steps = 0  # steps run without drafting (overlapped) since the last propose
 
     def add(self, seq_id: int, prompt: Sequence[int], tenant: str = "") -> None:
         self.suffix.add(seq_id, prompt, tenant)
         self.mtp.add(seq_id, prompt, tenant)
         self._mtp_accept[seq_id] = float(self.config.num_speculative_tokens)
+
+    def needs_hidden(self, seq_id: int) -> bool:
+        return self.mtp.needs_hidden(seq_id)
+
+    @property
+    def num_retired(self) -> int:
+        return self.mtp.num_retired
+
+    def wants_sync(self) -> bool:
+        """As suffix decoding's: while nothing is drafted, steps of requests retired from MTP overlap and drafts
+        are looked for every `overlap_sync_interval` steps."""
+        if self.budget is None or self.mtp.wants_sync() or self._drafted \
+                or self._quiet_steps + 1 >= self.config.overlap_sync_interval:
+            return True
+        self._quiet_steps += 1
+        return False
+
+    def observe_step(self, timing: StepTiming) -> None:
+        if self.budget is not None:
+            self.budget.clock.observe(replace(timing, chain=self.mtp.take_chain_ran()))
 
     def accepted(self, seq_id: int, tokens: Sequence[int]) -> None:
         self.suffix.accepted(seq_id, tokens)
@@ -96,8 +120,9 @@ class HybridDrafter(Drafter):
         by_source, use_mtp, edge = [], [], 0.0
         for slot, d in zip(slots, suffix):
             gs = budget.gains(slot.seq_id, budget_source(d), len(d.tokens), d.probs)
-            gm = budget.gains(slot.seq_id, MTP, min(slot.max_drafts, chain))
-            mtp = not gs or worth(gm) > worth(gs)
+            live = self.mtp.needs_hidden(slot.seq_id)
+            gm = budget.gains(slot.seq_id, MTP, min(slot.max_drafts, chain)) if live else []
+            mtp = live and (not gs or worth(gm) > worth(gs))
             by_source.append((gs, gm))
             use_mtp.append(mtp)
             edge += worth(gm)[0] - worth(gs)[0] if mtp and gs else 0.0
@@ -107,17 +132,20 @@ class HybridDrafter(Drafter):
             use_mtp = [m and not gs for m, (gs, _) in zip(use_mtp, by_source)]
         gains = [gm if m else gs for m, (gs, gm) in zip(use_mtp, by_source)]
         ks = budget.plan([s.seq_id for s in slots], gains, chain=use_mtp, has_draft=[True] * len(slots))
-        planned = {}
+        planned, hopeless = {}, budget.chain_cannot_pay(len(nxt), chain)
         for k, slot, d, mtp, n in zip(nxt, slots, suffix, use_mtp, ks):
             planned[slot.seq_id] = _Pending(MTP, []) if mtp else \
                 _Pending(SUFFIX, d.tokens[:n], d.probs[:n], budget_source(d))
             views[k] = replace(views[k], max_drafts=n if mtp else 0)
+            if self.mtp.needs_hidden(slot.seq_id):
+                self.mtp.count_idle(slot.seq_id, mtp and n > 0, self.config.mtp_retire_steps, hopeless)
         self._planned = planned
         self.mtp.after_step(views)
 
     def propose(self, slots: Sequence[DraftSlot]) -> list[list[int]]:
         if self.budget is None:
             return self._propose_unbudgeted(slots)
+        self._quiet_steps = 0
         planned, self._planned = self._planned, {}
         mtp = self.mtp.propose(slots)
         chosen: list[_Pending | None] = [planned.get(s.seq_id) for s in slots]
@@ -138,6 +166,7 @@ class HybridDrafter(Drafter):
             self.proposed[p.source] += bool(draft)
             out.append(draft)
         self.budget.proposed(proposals)
+        self._drafted = any(out)
         return out
 
     def _propose_unbudgeted(self, slots: Sequence[DraftSlot]) -> list[list[int]]:

@@ -18,6 +18,12 @@ callable the engine provides (every TP rank executes the same MtpBatch), so spec
 With CUDA graphs the engine also offers the whole draft of a step (extend + chain) as one graph replay
 (engine/mtp_graphs.py): when every request's kept positions fit a captured shape, `after_step` lays them out
 as an MtpDraftBatch (q rows per request, padding rows first) and gets every request's drafts back at once.
+
+Retirement: a request the budget gives no MTP drafts for `mtp_retire_steps` steps in a row (its drafts are not
+worth the chain's cost, host work included), or none in a step where the measured chain could not pay even if
+every draft were accepted, stops here for good: no extend, no hidden states kept, so its steps
+decode plainly and may overlap again (the engine asks `needs_hidden`). Its NextN KV is stale from then on, so
+it never drafts with MTP again.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ import torch
 from spec.budget import DraftBudget
 from spec.config import SpeculativeConfig
 from spec.drafter import DraftSlot, Drafter, StepView
+from spec.wall_clock import StepTiming
 
 SOURCE = "mtp"
 
@@ -86,9 +93,42 @@ class MtpDrafter(Drafter):
         self.model = model
         self.budget = budget if budget is not None and budget.enabled else None
         self._drafts: dict[int, list[int]] = {}
+        self._idle: dict[int, int] = {}  # steps in a row without MTP drafts (retirement)
+        self._retired: set[int] = set()
+        self._chain_ran = False  # since the last observe_step
+        self.num_retired = 0  # requests retired from MTP drafting (observability, tests)
 
     def add(self, seq_id: int, prompt: Sequence[int], tenant: str = "") -> None:
         self._drafts.pop(seq_id, None)
+
+    def needs_hidden(self, seq_id: int) -> bool:
+        return seq_id not in self._retired
+
+    def wants_sync(self) -> bool:
+        """Only retired requests' steps overlap (the others keep hidden states); drafts waiting here (handed
+        over) need the step in flight finished first."""
+        return bool(self._drafts)
+
+    def count_idle(self, seq_id: int, drafting: bool, retire_after: int, hopeless: bool = False) -> None:
+        """A step planned for the request: drafting with MTP or not; retire it after retire_after idle ones, or
+        at once where the chain could not pay even if every draft were accepted (hopeless)."""
+        if drafting:
+            self._idle.pop(seq_id, None)
+            return
+        n = self._idle[seq_id] = self._idle.get(seq_id, 0) + 1
+        if retire_after and (n >= retire_after or hopeless):
+            self._retired.add(seq_id)
+            self._idle.pop(seq_id, None)
+            self._drafts.pop(seq_id, None)
+            self.num_retired += 1
+
+    def take_chain_ran(self) -> bool:
+        ran, self._chain_ran = self._chain_ran, False
+        return ran
+
+    def observe_step(self, timing: StepTiming) -> None:
+        if self.budget is not None:
+            self.budget.clock.observe(replace(timing, chain=self.take_chain_ran()))
 
     def accepted(self, seq_id: int, tokens: Sequence[int]) -> None:
         # the NextN layer catches up in after_step, from the target's hidden states
@@ -97,6 +137,8 @@ class MtpDrafter(Drafter):
 
     def finish(self, seq_id: int, completed: bool) -> None:
         self._drafts.pop(seq_id, None)
+        self._idle.pop(seq_id, None)
+        self._retired.discard(seq_id)
         if self.budget is not None:
             self.budget.forget(seq_id)
 
@@ -116,9 +158,11 @@ class MtpDrafter(Drafter):
         ids = [views[k].seq_id for k in nxt]
         gains = [budget.gains(views[k].seq_id, SOURCE, min(views[k].max_drafts, chain)) for k in nxt]
         ks = budget.plan(ids, gains, chain=[True] * len(nxt))
+        hopeless = budget.chain_cannot_pay(len(nxt), chain)
         out = list(views)
         for k, n in zip(nxt, ks):
             out[k] = replace(views[k], max_drafts=n)
+            self.count_idle(views[k].seq_id, n > 0, self.config.mtp_retire_steps, hopeless)
         return out
 
     def _slot(self, table: list[int], pos: int) -> int:
@@ -149,7 +193,7 @@ class MtpDrafter(Drafter):
         )
 
     def after_step(self, views: Sequence[StepView]) -> None:
-        views = [v for v in views if v.next_tokens]
+        views = [v for v in views if v.next_tokens and v.seq_id not in self._retired]
         if not views:
             return
         ids, positions, slots, qsl, lens, rows = [], [], [], [0], [], []
@@ -166,6 +210,7 @@ class MtpDrafter(Drafter):
             views = self._budgeted(views)
         for v in views:  # a chain cut to 0 must not leave an older step's draft behind
             self._drafts.pop(v.seq_id, None)
+        self._chain_ran |= any(v.max_drafts > 0 for v in views)
         q = self._graph_rows(views)
         if q:
             out = self.model.draft(self._draft_batch(views, q))

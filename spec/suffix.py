@@ -9,6 +9,7 @@ from spec.budget import DraftBudget
 from spec.config import SpeculativeConfig
 from spec.drafter import DraftSlot, Drafter
 from spec.suffix_index import SuffixDraft, SuffixIndex
+from spec.wall_clock import StepTiming
 
 SOURCE = "suffix"
 # The draft budget calibrates the trees' probabilities per request and per match length: a request's short
@@ -48,6 +49,10 @@ class SuffixDrafter(Drafter):
             self.index.stop(seq_id, keep_response=completed)
         if self.budget is not None:
             self.budget.forget(seq_id)
+
+    def observe_step(self, timing: StepTiming) -> None:
+        if self.budget is not None:
+            self.budget.clock.observe(timing)
 
     def wants_sync(self) -> bool:
         """Overlap scheduling: while the budget holds every request at 0 drafts, let steps overlap and look for

@@ -150,11 +150,14 @@ def test_hybrid_skips_the_mtp_chain_where_it_does_not_pay(tiny_bf16, plain):
     want = plain.generate(prompts, sp, use_tqdm=False)
     proposed, chained = {}, {}
     for price in (1e-4, 1e4):
+        # the GPU price alone (no wall-clock learning, no retirement: CPU step times would decide instead)
         hybrid = LLM(str(tiny_bf16), speculative_config={"method": "hybrid", "num_speculative_tokens": 8,
-                                                         "num_mtp_tokens": 2}, **KW)
+                                                         "num_mtp_tokens": 2, "measure_wall_clock": False,
+                                                         "mtp_retire_steps": 0}, **KW)
         with_draft_graphs(hybrid)
         graphs, budget = hybrid.engine.worker.runner.mtp_graphs, hybrid.engine.drafter.budget
         budget.chain_step_ms, budget.chain_fixed = 0.0, StepCost([1], [price])  # as measured_step_costs gives
+        budget.clock.chain_prior = budget.chain_fixed
         drafting = []
         real = graphs.run
         graphs.run = lambda batch, hidden: drafting.append(max(batch.max_drafts) > 0) or real(batch, hidden)
@@ -209,3 +212,30 @@ def test_draft_graph_layout_equals_the_eager_chain(tiny_bf16, limits, monkeypatc
     for t, ref, b in zip(cache, want_kv, before):
         assert torch.allclose(t, ref, atol=1e-5)
         assert not torch.equal(t, b)  # the extend wrote something
+
+
+@pytest.mark.parametrize("method", ["mtp", "hybrid"])
+def test_requests_retired_from_mtp_decode_plainly_overlapped_with_plain_tokens(tiny_bf16, plain, method):
+    """Rows priced so that no draft pays: every request is held at 0 MTP drafts, retires after 3 steps, and
+    from then on its steps keep no hidden states, run no NextN work and overlap (overlap scheduling on).
+    The tokens stay the plain engine's; a request's NextN layer is never run again once retired."""
+    spec = {"method": method, "num_speculative_tokens": 3, "mtp_retire_steps": 3, "measure_wall_clock": False,
+            "step_cost_rows": [1, 2], "step_cost_ms": [1.0, 1000.0], "probe_interval": 8}
+    if method == "hybrid":
+        spec.update(num_speculative_tokens=8, num_mtp_tokens=3)
+    llm = LLM(str(tiny_bf16), speculative_config=spec, overlap_scheduling=True, **KW)
+    rng = random.Random(11)
+    prompts = [{"prompt_token_ids": [rng.randrange(1400) for _ in range(30)]} for _ in range(4)]
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    mtp_rows: list[int] = []
+    real = llm.engine.worker.execute_mtp
+    drafter = llm.engine.drafter
+    target = drafter.mtp if method == "hybrid" else drafter
+    target.run = lambda batch: mtp_rows.append(max(batch.positions)) or real(batch)
+    _same(plain.generate(prompts, sp, use_tqdm=False), llm.generate(prompts, sp, use_tqdm=False))
+    assert target.num_retired == len(prompts)
+    stats = llm.stats()
+    assert stats["num_overlapped_steps"] > 20, stats["num_overlapped_steps"]
+    # the NextN layer ran over the prompts and the first steps only: never near the end of the 40 tokens
+    assert mtp_rows and max(mtp_rows) < 30 + 10, max(mtp_rows)
+    assert_pages_clean(llm.engine)

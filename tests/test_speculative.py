@@ -169,8 +169,8 @@ def test_config_errors_name_the_key(tiny_bf16):
     ]:
         with pytest.raises(ValueError, match=key):
             LLM(str(tiny_bf16), device="cpu", speculative_config=bad)
-    with pytest.raises(ValueError, match="overlap"):
-        LLM(str(tiny_bf16), device="cpu", speculative_config={"method": "mtp"}, overlap_scheduling=True)
+    with pytest.raises(ValueError, match="mtp_retire_steps"):
+        LLM(str(tiny_bf16), device="cpu", speculative_config={"method": "mtp", "mtp_retire_steps": -1})
     with pytest.raises(ValueError, match="num_mtp_tokens"):
         LLM(str(tiny_bf16), device="cpu", speculative_config={"method": "hybrid", "num_speculative_tokens": 4,
                                                               "num_mtp_tokens": 5})

@@ -1,0 +1,161 @@
+"""The draft budget's wall-clock model (spec/wall_clock.py) and MTP retirement (spec/mtp.py): measured step
+cycles replace the GPU priors, a measured expensive chain stops MTP drafting where a GPU-only price would draft,
+and a request held at 0 MTP drafts retires (no more NextN work for it)."""
+from __future__ import annotations
+
+import torch
+
+from spec import DraftSlot, MtpCalls, MtpDrafter, StepView
+from spec.budget import DraftBudget, StepCost, StepCosts
+from spec.config import SpeculativeConfig
+from spec.wall_clock import SKIP_FIRST, StepTiming, WallClock, bucket
+
+GPU = StepCost([1, 4, 16, 64], [0.10, 0.12, 0.18, 0.40])
+
+
+def timing(b: int, wall: float, *, rows: int | None = None, drafted=False, chain=False, plain=False) -> StepTiming:
+    return StepTiming(num_seqs=b, rows=b if rows is None else rows, drafted=drafted, chain=chain, plain=plain,
+                      wall_ms=wall)
+
+
+def learn(clock: WallClock, t: StepTiming) -> None:
+    """Observe t past the skipped first observations of its kind and bucket (then the average is t's)."""
+    for _ in range(SKIP_FIRST + 1):
+        clock.observe(t)
+
+
+def test_priors_then_measured_kinds_by_batch_bucket():
+    clock = WallClock(GPU, StepCost([1], [0.05]))
+    assert clock.plain_ms(1) == GPU(1) and clock.spec_overhead_ms(1) == 0 and clock.chain_ms(3) == 0.05
+    learn(clock, timing(1, 0.40, plain=True))
+    assert clock.plain_ms(1) == 0.40 and clock.plain_ms(2) == GPU(2)  # another bucket keeps its prior
+    # a suffix step: 4 rows, 0.70 ms = plain 0.40 + the rows' GPU (0.02) + 0.28 of host work
+    learn(clock, timing(1, 0.70, rows=4, drafted=True))
+    assert abs(clock.spec_overhead_ms(1) - 0.28) < 1e-9
+    # an MTP step: the same plus the chain
+    learn(clock, timing(1, 1.70, rows=4, drafted=True, chain=True))
+    assert abs(clock.chain_ms(1) - 1.00) < 1e-9
+    # averages move by EWMA, idle gaps and synchronous no-draft steps are not learnt from
+    clock.observe(timing(1, 0.50, plain=True))
+    assert 0.40 < clock.plain_ms(1) < 0.50
+    before = clock.plain_ms(1)
+    clock.observe(timing(1, 100.0, plain=True))  # a slow outlier counts as 4x the average at most
+    assert clock.plain_ms(1) <= 0.9 * before + 0.1 * 4 * before + 1e-9
+    fresh = WallClock(GPU)
+    for _ in range(SKIP_FIRST):  # a new shape's first steps (compiles) are not learnt from
+        fresh.observe(timing(4, 900.0, plain=True))
+    assert fresh.plain_ms(4) == GPU(4) and fresh.observed == 0
+    n = clock.observed
+    clock.observe(timing(1, 60_000.0, plain=True))
+    clock.observe(timing(1, 0.9))  # no drafts, no chain, not overlapped (MTP's extend alone)
+    assert clock.observed == n
+    assert [bucket(b) for b in (1, 2, 3, 4, 5, 16, 17)] == [1, 2, 4, 4, 8, 16, 32]
+
+
+def test_disabled_clock_keeps_its_priors():
+    clock = WallClock(GPU, None, enabled=False)
+    learn(clock, timing(1, 5.0, plain=True))
+    assert clock.plain_ms(1) == GPU(1) and clock.observed == 0
+
+
+def mtp_budget(**kw) -> DraftBudget:
+    cfg = SpeculativeConfig.from_dict({"method": "mtp", "num_speculative_tokens": 3, **kw})
+    return DraftBudget(cfg, StepCosts(GPU, 0.0, StepCost([1, 16], [0.07, 0.09])))
+
+
+def test_a_measured_expensive_chain_stops_mtp_drafts_that_the_gpu_price_allows():
+    gains = [[0.8, 0.64, 0.51]]
+    cheap = mtp_budget()
+    assert cheap.plan([1], gains, chain=[True]) == [3]  # GPU prices only: drafting pays
+    costly = mtp_budget()
+    learn(costly.clock, timing(1, 0.40, plain=True))
+    learn(costly.clock, timing(1, 1.70, rows=4, drafted=True, chain=True))  # the small model on the H200
+    assert costly.chain_cost_tokens(1) > 3
+    assert costly.plan([1], gains, chain=[True]) == [0]
+    assert all(costly.plan([1], gains, chain=[True]) == [0] for _ in range(20))  # and no probes: cannot pay
+    # a step that is GPU-bound (a large model): the same host work is small next to it, MTP drafts
+    big = DraftBudget(SpeculativeConfig.from_dict({"method": "mtp", "num_speculative_tokens": 3}),
+                      StepCosts(StepCost([1, 4, 16], [25.0, 26.0, 30.0]), 0.0, StepCost([1, 16], [2.0, 2.5])))
+    learn(big.clock, timing(1, 25.5, plain=True))
+    learn(big.clock, timing(1, 30.0, rows=4, drafted=True, chain=True))
+    assert big.plan([1], gains, chain=[True]) == [3]
+
+
+class FakeNextN:
+    """MtpCalls over a fake NextN layer: every eager forward returns logits whose argmax is token 5."""
+
+    def __init__(self) -> None:
+        self.rows: list[int] = []  # rows of every forward (extend and chain)
+
+    def forward(self, batch) -> torch.Tensor:
+        self.rows.append(len(batch.input_ids))
+        logits = torch.zeros(len(batch.logits_rows), 16)
+        logits[:, 5] = 1.0
+        return logits
+
+
+def view(seq_id: int, start: int, max_drafts: int = 3) -> StepView:
+    return StepView(seq_id=seq_id, start=start, next_tokens=[1], hidden_rows=[seq_id], block_table=[0, 1],
+                    max_drafts=max_drafts)
+
+
+def test_mtp_request_held_at_zero_drafts_retires_and_its_nextn_work_stops():
+    cfg = SpeculativeConfig.from_dict({"method": "mtp", "num_speculative_tokens": 3, "mtp_retire_steps": 3})
+    budget = DraftBudget(cfg, StepCosts(GPU, 0.0, StepCost([1, 16], [0.07, 0.09])))
+    learn(budget.clock, timing(2, 0.40, plain=True))
+    # a ~0.96 ms chain next to a 0.40 ms step: drafting does not pay, but could if every draft were accepted
+    learn(budget.clock, timing(2, 1.40, rows=8, drafted=True, chain=True))
+    assert not budget.chain_cannot_pay(2, 3)
+    fake = FakeNextN()
+    drafter = MtpDrafter(cfg, 16, MtpCalls(fake.forward), budget)
+    for seq_id in (0, 1):
+        drafter.add(seq_id, [1, 2, 3])
+    for step in range(3):
+        assert drafter.needs_hidden(0) and drafter.needs_hidden(1)
+        drafter.after_step([view(0, 10 + step), view(1, 10 + step)])
+        assert drafter.propose([DraftSlot(0, 3), DraftSlot(1, 3)]) == [[], []]
+    assert not drafter.needs_hidden(0) and not drafter.needs_hidden(1) and drafter.num_retired == 2
+    calls = len(fake.rows)
+    drafter.after_step([view(0, 13), view(1, 13)])
+    assert len(fake.rows) == calls  # no extend for retired requests
+    assert not drafter.wants_sync()  # their steps may overlap
+    drafter.finish(0, completed=True)
+    drafter.add(0, [1, 2])  # a seq id is never reused by the engine, but finishing clears the state
+    assert drafter.needs_hidden(0)
+
+
+def test_retirement_off_and_accepted_mtp_keep_the_request_drafting():
+    cfg = SpeculativeConfig.from_dict({"method": "mtp", "num_speculative_tokens": 3, "mtp_retire_steps": 0})
+    budget = DraftBudget(cfg, StepCosts(GPU, 0.0, StepCost([1, 16], [0.07, 0.09])))
+    learn(budget.clock, timing(1, 0.40, plain=True))
+    learn(budget.clock, timing(1, 3.0, rows=4, drafted=True, chain=True))
+    drafter = MtpDrafter(cfg, 16, MtpCalls(FakeNextN().forward), budget)
+    drafter.add(0, [1, 2, 3])
+    for step in range(10):
+        drafter.after_step([view(0, 10 + step)])
+        drafter.propose([DraftSlot(0, 3)])
+    assert drafter.needs_hidden(0) and drafter.num_retired == 0
+    # with GPU prices only, the request drafts every step and never retires
+    cfg = SpeculativeConfig.from_dict({"method": "mtp", "num_speculative_tokens": 3, "mtp_retire_steps": 2})
+    drafter = MtpDrafter(cfg, 16, MtpCalls(FakeNextN().forward),
+                         DraftBudget(cfg, StepCosts(GPU, 0.0, StepCost([1, 16], [0.07, 0.09]))))
+    drafter.add(0, [1, 2, 3])
+    for step in range(10):
+        drafter.after_step([view(0, 10 + step)])
+        drafts = drafter.propose([DraftSlot(0, 3)])
+        assert drafts == [[5, 5, 5]]
+        drafter.accepted(0, [5, 5, 5, 9])
+    assert drafter.needs_hidden(0) and drafter.num_retired == 0
+
+
+def test_a_chain_that_cannot_pay_retires_a_request_at_its_first_step():
+    cfg = SpeculativeConfig.from_dict({"method": "mtp", "num_speculative_tokens": 3, "mtp_retire_steps": 16})
+    budget = DraftBudget(cfg, StepCosts(GPU, 0.0, StepCost([1, 16], [0.07, 0.09])))
+    drafter = MtpDrafter(cfg, 16, MtpCalls(FakeNextN().forward), budget)
+    drafter.add(0, [1, 2, 3])
+    assert not budget.chain_cannot_pay(1, 3)  # GPU prices: the chain is cheap
+    learn(budget.clock, timing(1, 0.40, plain=True))
+    learn(budget.clock, timing(1, 1.70, rows=4, drafted=True, chain=True))  # 1.28 ms chain vs a 0.40 ms step
+    assert budget.chain_cannot_pay(1, 3) and not budget.chain_cannot_pay(1, 4)
+    drafter.after_step([view(0, 10)])
+    assert not drafter.needs_hidden(0) and drafter.num_retired == 1

@@ -45,7 +45,7 @@ class SpeculativeConfig:
     # MTP (and hybrid): a request the budget gave no MTP drafts for this many steps in a row stops running the
     # NextN layer for good (no extend, no hidden states kept): its steps decode plainly (hybrid: suffix drafts
     # only) and may overlap. Its NextN KV is then stale, so it never drafts with MTP again. 0: never.
-    mtp_retire_steps: int = 16
+    mtp_retire_steps: int = 8
     # Weight of older verifies in a request's running acceptance: each verify multiplies the past by this.
     acceptance_decay: float = 0.9
     # A request the budget holds at 0 drafts is probed with 1 draft after this many steps; each rejected probe

@@ -98,12 +98,15 @@ def measure(llm: LLM, dataset: str, concurrency: int, args: argparse.Namespace, 
     after = llm.stats()
     tpot = [1000 * (t[-1] - t[0]) / (len(t) - 1) for t in drv.times.values() if len(t) > 1]
     out_tokens = sum(len(t) for t in drv.times.values())
-    delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("spec_draft_tokens", "spec_accepted_tokens")}
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("spec_draft_tokens", "spec_accepted_tokens",
+                                                              "num_overlapped_steps", "spec_mtp_retired_requests")}
     return {
         "tpot_ms_mean": statistics.fmean(tpot) if tpot else float("nan"), "tpot_ms_p50": _pct(tpot, 0.5),
         "tpot_ms_p99": _pct(tpot, 0.99), "output_tok_s": out_tokens / wall, "output_tokens": out_tokens,
         "drafted_per_token": delta["spec_draft_tokens"] / max(out_tokens, 1),
         "accepted_per_token": delta["spec_accepted_tokens"] / max(out_tokens, 1),
+        "overlapped_steps": delta["num_overlapped_steps"], "mtp_retired": delta["spec_mtp_retired_requests"],
+        "requests": len(drv.times),
     }
 
 
@@ -185,7 +188,8 @@ def main() -> None:
                     runs.append(r)
                     print(f"{method:<7} {budget:<3} {dataset:<13} c{conc:<3} TPOT {r['tpot_ms_mean']:8.2f} "
                           f"p50 {r['tpot_ms_p50']:8.2f} p99 {r['tpot_ms_p99']:8.2f} | {r['output_tok_s']:8.1f} tok/s | "
-                          f"drafted/tok {r['drafted_per_token']:.2f} accepted/tok {r['accepted_per_token']:.2f}",
+                          f"drafted/tok {r['drafted_per_token']:.2f} accepted/tok {r['accepted_per_token']:.2f} | "
+                          f"overlapped steps {r['overlapped_steps']}, MTP retired {r['mtp_retired']}/{r['requests']}",
                           flush=True)
                     if args.out:
                         with open(args.out, "a") as f:

@@ -48,9 +48,10 @@ except OSError:
     sys.exit("no results")
 order = ["none", "suffix", "mtp", "hybrid"]
 print(f"{'dataset':13} {'conc':>4} {'method':7} {'budget':6} | {'TPOT mean':>9} {'p50':>7} {'p99':>7} | "
-      f"{'tok/s':>8} {'drafted/tok':>11} {'accepted/tok':>12}")
+      f"{'tok/s':>8} {'drafted/tok':>11} {'accepted/tok':>12} {'overlapped':>10} {'retired':>8}")
 for r in sorted(rows, key=lambda r: (r["dataset"], r["concurrency"], order.index(r["method"]), r["budget"])):
     print(f"{r['dataset']:13} {r['concurrency']:>4} {r['method']:7} {r['budget']:6} | {r['tpot_ms_mean']:9.2f} "
           f"{r['tpot_ms_p50']:7.2f} {r['tpot_ms_p99']:7.2f} | {r['output_tok_s']:8.0f} "
-          f"{r['drafted_per_token']:11.2f} {r['accepted_per_token']:12.2f}")
+          f"{r['drafted_per_token']:11.2f} {r['accepted_per_token']:12.2f} {r.get('overlapped_steps', -1):10} "
+          f"{r.get('mtp_retired', -1)}/{r.get('requests', -1)}")
 PY

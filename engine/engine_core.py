@@ -530,6 +530,7 @@ class EngineCore:
         )
         if self.drafter is not None:
             s.update(self.spec_stats.as_dict())
+            s["spec_mtp_retired_requests"] = self.drafter.num_retired
         if self.connector is not None:
             s.update(self.connector.stats())
         return s

@@ -38,6 +38,7 @@ class StepView:
 class Drafter(ABC):
     # True: the engine keeps each target forward's hidden states and calls after_step (the MTP drafter)
     needs_target_hidden = False
+    num_retired = 0  # requests retired from MTP drafting (spec/mtp.py)
 
     @abstractmethod
     def add(self, seq_id: int, prompt: Sequence[int], tenant: str = "") -> None: ...

@@ -236,6 +236,7 @@ def test_requests_retired_from_mtp_decode_plainly_overlapped_with_plain_tokens(t
     assert target.num_retired == len(prompts)
     stats = llm.stats()
     assert stats["num_overlapped_steps"] > 20, stats["num_overlapped_steps"]
+    assert stats["spec_mtp_retired_requests"] == len(prompts)
     # the NextN layer ran over the prompts and the first steps only: never near the end of the 40 tokens
     assert mtp_rows and max(mtp_rows) < 30 + 10, max(mtp_rows)
     assert_pages_clean(llm.engine)

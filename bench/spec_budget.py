@@ -194,6 +194,11 @@ def main() -> None:
                     if args.out:
                         with open(args.out, "a") as f:
                             f.write(json.dumps(r) + "\n")
+            draft_budget = getattr(llm.engine.drafter, "budget", None)
+            if draft_budget is not None:  # what the draft budget's wall clock learnt (spec/wall_clock.py)
+                learnt = {k: {b: round(v, 3) for b, v in sorted(d.items())}
+                          for k, d in draft_budget.clock.snapshot().items()}
+                print(f"{method} {budget}: wall clock learnt (ms by batch bucket) {learnt}", flush=True)
             llm.shutdown()
             del llm  # the next engine sizes its KV cache from free memory: give this one's back first
             gc.collect()

@@ -84,6 +84,11 @@ class WallClock:
     def chain_ms(self, b: int) -> float:
         return self._chain.get(b, self.chain_prior(b) if self.chain_prior is not None else 0.0)
 
+    def snapshot(self) -> dict[str, dict[int, float]]:
+        """What was learnt (ms by batch bucket), for logs and benchmarks."""
+        return {"plain": dict(self._plain.value), "spec_overhead": dict(self._spec.value),
+                "chain": dict(self._chain.value)}
+
     def observe(self, t: StepTiming) -> None:
         if not self.enabled or t.num_seqs <= 0 or not 0 < t.wall_ms < MAX_WALL_MS:
             return

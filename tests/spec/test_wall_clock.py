@@ -35,6 +35,8 @@ def test_priors_then_measured_kinds_by_batch_bucket():
     # an MTP step: the same plus the chain
     learn(clock, timing(1, 1.70, rows=4, drafted=True, chain=True))
     assert abs(clock.chain_ms(1) - 1.00) < 1e-9
+    learnt = clock.snapshot()
+    assert set(learnt) == {"plain", "spec_overhead", "chain"} and learnt["plain"] == {1: 0.40}
     # averages move by EWMA, idle gaps and synchronous no-draft steps are not learnt from
     clock.observe(timing(1, 0.50, plain=True))
     assert 0.40 < clock.plain_ms(1) < 0.50

@@ -6,17 +6,23 @@ plain step, ~1.7 ms per MTP step on the H200) the host decides, and it differs b
 step overlaps its host work with the device (overlap scheduling), a speculative step does not (the next step's
 positions depend on what it accepts), and the MTP chain adds its own launches, copies and syncs. So the engine
 times every decode-only step cycle (one step() call to the next) and this model keeps, per batch-size bucket,
-running averages of
+running averages of the wall time (less the GPU time of the rows past one per request) of three kinds of step:
 
-    plain_ms(b)          a plain overlapped step of b requests (prior: its GPU cost)
-    spec_overhead_ms(b)  what a step with drafts costs beyond that, past its extra rows' GPU cost (prior 0)
-    chain_ms(b)          what the MTP chain costs on top (prior: its draft graph's replay, else 0)
+    plain   an overlapped step without drafts or drafter work
+    draft   a step that verified drafts, no MTP chain in its cycle (suffix drafts)
+    chain   a step whose cycle ran the MTP chain (drafting the next step)
 
-from W = plain_ms(b) + (gpu(rows) - gpu(b)) + spec_overhead_ms(b) [drafted] + chain_ms(b) [chain ran] (the
-first observations of each kind and bucket are skipped: a new shape compiles; an outlier counts at most 4x). A step
-kind never seen keeps its prior (a pure MTP engine never runs a plain step while every request drafts: its
-plain steps are priced at their GPU cost, which favours plain decoding where the host dominates -- what
-"speculation gets out of the way" asks for).
+and answers, from whichever kinds it has seen (differences taken when asked, so the order in which the kinds
+were first seen does not matter):
+
+    plain_ms(b)          plain, else the prior: a plain step's GPU cost
+    spec_overhead_ms(b)  draft - plain_ms, else 0
+    chain_ms(b)          chain - (draft, else plain_ms), else the prior: the draft graph's replay (or 0)
+
+The first observations of each kind and bucket are skipped (a new shape compiles) and an outlier counts at most
+4x the running average. A pure MTP engine never runs a plain step while every request drafts: its plain steps
+are priced at their GPU cost, which favours plain decoding where the host dominates -- what "speculation gets
+out of the way" asks for; once requests retire, their overlapped steps are measured.
 """
 from __future__ import annotations
 
@@ -53,7 +59,7 @@ class _Average:
         self.value: dict[int, float] = {}
         self.seen: dict[int, int] = {}
 
-    def get(self, b: int, prior: float) -> float:
+    def get(self, b: int, prior: float | None) -> float | None:
         return self.value.get(bucket(b), prior)
 
     def add(self, b: int, x: float) -> bool:
@@ -72,36 +78,38 @@ class WallClock:
         """gpu: a target forward's GPU time by rows; chain_prior: the MTP chain's by batch (None: 0).
         enabled=False: never learns (every estimate stays at its prior)."""
         self.gpu, self.chain_prior, self.enabled = gpu, chain_prior, enabled
-        self._plain, self._spec, self._chain = _Average(), _Average(), _Average()
+        self._plain, self._draft, self._chain = _Average(), _Average(), _Average()
         self.observed = 0
 
     def plain_ms(self, b: int) -> float:
         return self._plain.get(b, self.gpu(b))
 
     def spec_overhead_ms(self, b: int) -> float:
-        return self._spec.get(b, 0.0)
+        draft = self._draft.get(b, None)
+        return 0.0 if draft is None else max(draft - self.plain_ms(b), 0.0)
 
     def chain_ms(self, b: int) -> float:
-        return self._chain.get(b, self.chain_prior(b) if self.chain_prior is not None else 0.0)
+        chain = self._chain.get(b, None)
+        if chain is None:
+            return self.chain_prior(b) if self.chain_prior is not None else 0.0
+        base = self._draft.get(b, None)
+        return max(chain - (self.plain_ms(b) if base is None else base), 0.0)
 
     def snapshot(self) -> dict[str, dict[int, float]]:
-        """What was learnt (ms by batch bucket), for logs and benchmarks."""
-        return {"plain": dict(self._plain.value), "spec_overhead": dict(self._spec.value),
-                "chain": dict(self._chain.value)}
+        """The running averages (ms by batch bucket), for logs and benchmarks."""
+        return {"plain": dict(self._plain.value), "draft": dict(self._draft.value), "chain": dict(self._chain.value)}
 
     def observe(self, t: StepTiming) -> None:
         if not self.enabled or t.num_seqs <= 0 or not 0 < t.wall_ms < MAX_WALL_MS:
             return
         b = t.num_seqs
+        wall = t.wall_ms - max(self.gpu(t.rows) - self.gpu(b), 0.0)  # as if the step had one row per request
         if t.plain:
-            learnt = self._plain.add(b, t.wall_ms)
+            kind = self._plain
+        elif t.chain:
+            kind = self._chain
+        elif t.drafted:
+            kind = self._draft
         else:
-            extra = t.wall_ms - self.plain_ms(b) - max(self.gpu(t.rows) - self.gpu(b), 0.0)
-            if t.drafted and not t.chain:
-                learnt = self._spec.add(b, max(extra, 0.0))
-            elif t.chain:
-                spec = self.spec_overhead_ms(b) if t.drafted else 0.0
-                learnt = self._chain.add(b, max(extra - spec, 0.0))
-            else:
-                return  # a synchronous step without drafts (MTP's extend only): not a kind the budget prices
-        self.observed += learnt
+            return  # a synchronous step without drafts (MTP's extend alone): not a kind the budget prices
+        self.observed += kind.add(b, wall)

@@ -57,6 +57,7 @@ from typing import Any
 import torch
 
 from bench.real_shape import parse_overrides, real_shape_model_dir
+from model.attention import PREFILL_ATTENTION_BACKENDS
 
 SCHEMA = "glint.bench.engine/1"
 # issue 6 item 5
@@ -249,10 +250,12 @@ def active_params_per_token(cfg) -> dict:
     }
 
 
-def prefill_flops(cfg, tokens: int) -> dict:
+def prefill_flops(cfg, tokens: int, prefix: int = 0) -> dict:
     ap = active_params_per_token(cfg)
     linear = 2.0 * ap["body"] * tokens + 2.0 * ap["lm_head"]  # LM head for the last token only
-    attention = 2.0 * 2.0 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * tokens**2 / 2
+    # causal QK^T + PV: each new token sees the prefix and the new tokens before it
+    attention = 2.0 * 2.0 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * (
+        tokens * prefix + tokens**2 / 2)
     return {"linear": linear, "attention": attention, "active_params_body": ap["body"]}
 
 
@@ -316,18 +319,22 @@ def decode_inputs(batch: int, context: int, block_size: int, num_blocks: int, vo
     return inp, shared
 
 
-def prefill_inputs(tokens: int, block_size: int, num_blocks: int, vocab: int, rng: random.Random):
+def prefill_inputs(tokens: int, block_size: int, num_blocks: int, vocab: int, rng: random.Random,
+                   prefix: int = 0):
+    """One sequence's prefill chunk of `tokens` new tokens after `prefix` cached ones (a prefix-cache hit or
+    the chunks before it: their KV is whatever the pages hold)."""
     from engine.model_runner import StepInputs
 
-    per = -(-tokens // block_size)
+    per = -(-(prefix + tokens) // block_size)
     usable = num_blocks - 1
     table = [1 + j % usable for j in range(per)]
+    new = range(prefix, prefix + tokens)
     inp = StepInputs(
         input_ids=[rng.randrange(vocab) for _ in range(tokens)],
-        positions=list(range(tokens)),
-        slot_mapping=[table[p // block_size] * block_size + p % block_size for p in range(tokens)],
+        positions=list(new),
+        slot_mapping=[table[p // block_size] * block_size + p % block_size for p in new],
         block_tables=[table],
-        seq_lens=[tokens],
+        seq_lens=[prefix + tokens],
         query_start_loc=[0, tokens],
         logits_rows=[tokens - 1],
     )
@@ -363,9 +370,9 @@ def run_step_benchmarks(
 
     bs = args.block_size
     batches = args.batches
-    max_model_len = -(-max(args.context + 1, args.prefill) // bs) * bs
+    max_model_len = -(-max(args.context + 1, args.prefill_prefix + args.prefill) // bs) * bs
     per_seq = -(-(args.context + 1) // bs)
-    need = 1 + max(max(batches) * per_seq, -(-args.prefill // bs))
+    need = 1 + max(max(batches) * per_seq, -(-(args.prefill_prefix + args.prefill) // bs))
     num_blocks = args.num_kv_blocks or (need if device.type == "cpu" else None)
     cfg = EngineConfig.create(
         model=str(model_dir),
@@ -383,6 +390,7 @@ def run_step_benchmarks(
         enforce_eager=args.enforce_eager,
         enable_shared_experts_fusion=args.enable_shared_experts_fusion,
         enable_fused_qk_norm_rope=args.enable_fused_qk_norm_rope,
+        prefill_attention_backend=args.prefill_attention_backend,
     )
     t0 = time.perf_counter()
     worker = ModelWorker(cfg, single_process())
@@ -441,15 +449,17 @@ def run_step_benchmarks(
         if args.profile and device.type == "cuda":
             _profile_step(f"decode B={b} (eager, kernels only)", runner, inp, results, f"profile_decode_b{b}", save)
 
-    inp, shared = prefill_inputs(args.prefill, bs, worker.num_blocks, mcfg.vocab_size, rng)
+    inp, shared = prefill_inputs(args.prefill, bs, worker.num_blocks, mcfg.vocab_size, rng, args.prefill_prefix)
     t = time_fn(
         functools.partial(runner.run, inp), device, warmup=_iters(device, 2, 1), iters=_iters(device, 5, 2)
     )
-    flops = prefill_flops(mcfg, args.prefill)
+    flops = prefill_flops(mcfg, args.prefill, args.prefill_prefix)
     lin_peak = peaks["fp8_tflops"] if fp8 and peaks.get("fp8_tflops") else peaks["mm_tflops"]
     floor_ms = (flops["linear"] / (lin_peak * 1e12) + flops["attention"] / (peaks["mm_tflops"] * 1e12)) * 1e3
     results["prefill"] = {
         "tokens": args.prefill,
+        "prefix": args.prefill_prefix,
+        "attention_backend": args.prefill_attention_backend,
         "time": t,
         "ms": t["median_ms"],
         "flops": flops,
@@ -461,7 +471,8 @@ def run_step_benchmarks(
         "achieved_tflops": (flops["linear"] + flops["attention"]) / (t["median_ms"] * 1e-3) / 1e12,
     }
     save()
-    print(f"prefill {args.prefill}: {t['median_ms']:.2f} ms (floor {floor_ms:.2f} ms)", flush=True)
+    print(f"prefill {args.prefill}: {t['median_ms']:.2f} ms (floor {floor_ms:.2f} ms, {t['median_ms'] / floor_ms:.2f}x; "
+          f"{args.prefill_prefix} tokens cached before it, {args.prefill_attention_backend} attention)", flush=True)
     if args.profile and device.type == "cuda":
         _profile_step(f"prefill {args.prefill}", runner, inp, results, "profile_prefill", save)
     del worker, runner, model, kv
@@ -839,6 +850,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batches", default="1,8,64", help="decode batch sizes, comma separated")
     ap.add_argument("--context", type=int, default=4096, help="tokens already in each decode sequence's KV")
     ap.add_argument("--prefill", type=int, default=4096, help="prefill length (one sequence)")
+    ap.add_argument("--prefill-prefix", type=int, default=0,
+                    help="tokens already cached before the prefill (a prefix hit, or the chunks before this one)")
+    ap.add_argument("--prefill-attention-backend", default="triton", choices=list(PREFILL_ATTENTION_BACKENDS))
     ap.add_argument(
         "--hf-layers", type=int, default=3, help="layers of the generate/HF model; 0 skips generate"
     )

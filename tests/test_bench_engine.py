@@ -75,6 +75,9 @@ def test_floors_match_reference_arithmetic():
     f = prefill_flops(cfg, 4096)
     assert f["linear"] == pytest.approx(42.3e12, rel=0.01)  # "42.3 TFLOP FP8"
     assert f["attention"] == pytest.approx(6.2e12, rel=0.01)  # "attention 6.2 TFLOP"
+    # a 4096-token chunk after 4096 cached tokens: same linear work, attention over the prefix too (3x)
+    g = prefill_flops(cfg, 4096, prefix=4096)
+    assert g["linear"] == f["linear"] and g["attention"] == pytest.approx(3 * f["attention"])
     kv = {i: (torch.empty(1, 16, 8, 128, dtype=torch.bfloat16, device="meta"),) * 2 for i in range(15)}
     b1 = decode_bytes(model, cfg, 1, 4096, kv)
     assert b1["weights_total"] == pytest.approx(6.73e9, rel=0.01)  # "decode B = 1 floor 6.73 GB"
@@ -194,3 +197,19 @@ def test_engine_ab_script_alternates_variants(tmp_path):
     assert [ln.split(",")[0] for ln in lines] == ["[variant 0 round 1", "[variant 1 round 1"], res.stdout
     assert all("decode B=1:" in ln and "prefill 48:" in ln for ln in lines), res.stdout
     assert "variant 1: GLINT_PDL=0 GLINT_AB_PROBE=x" in res.stdout
+
+
+def test_prefill_after_a_cached_prefix_with_the_sdpa_backend(tmp_path):
+    """--prefill-prefix / --prefill-attention-backend (issue 21 item 3's chunked prefill after a prefix hit)."""
+    out = tmp_path / "engine.json"
+    args = list(SMOKE)
+    i = args.index("--hf-layers")
+    del args[i : i + 2]
+    args[args.index("--batches") + 1] = "1"
+    cmd = [sys.executable, "-m", "bench.engine", *args, "--no-hf", "--hf-layers", "0", "--prefill-prefix", "32",
+           "--prefill-attention-backend", "sdpa", "--model-root", str(tmp_path / "models"), "--out", str(out)]
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    p = json.loads(out.read_text())["prefill"]
+    assert (p["tokens"], p["prefix"], p["attention_backend"]) == (48, 32, "sdpa") and _finite(p["ms"])
+    assert "32 tokens cached before it, sdpa attention" in proc.stdout

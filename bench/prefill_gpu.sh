@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Issue 21 item 3 in one device call: the whole prefill on the real-width model (27 layers on one H200, dummy FP8
+# weights, both fusions) against its compute floor, with our Triton prefill attention and with the SDPA path
+# (--prefill-attention-backend sdpa), at 4096 and 16384 tokens and for a 16384-token chunk after 4096 cached
+# tokens; then the TP4 and TP8 shard widths emulated on one GPU (heads, KV heads, expert and dense widths cut by
+# the TP size). Decode B=1/64 rides along in every run (must not get slower). Prints one table; JSON in $OUT.
+# Knobs: LAYERS, BACKENDS, CAP (seconds per bench.engine run), SHARDS ("1 4 8").
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/prefill_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+LAYERS=${LAYERS:-27}; BACKENDS=${BACKENDS:-"triton sdpa"}; CAP=${CAP:-150}; SHARDS=${SHARDS:-"1 4 8"}
+shard_args() {  # GLM-4.7: 96 heads / 8 KV heads, MoE expert width 1536, dense width 12288
+    [ "$1" = 1 ] && return
+    echo "--heads $((96 / $1)) --kv-heads $(( 8 / $1 > 0 ? 8 / $1 : 1 )) --moe-intermediate $((1536 / $1)) --intermediate $((12288 / $1))"
+}
+for tp in $SHARDS; do
+    for backend in $BACKENDS; do
+        for shape in "4096 0" "16384 0" "16384 4096"; do
+            set -- $shape
+            [ "$tp" != 1 ] && [ "$1 $2" != "16384 0" ] && continue  # shard widths: one shape
+            name="tp${tp}_${backend}_q$1_p$2"
+            # shellcheck disable=SC2046
+            timeout --kill-after=10 "$CAP" python3 -m bench.engine --device cuda --layers "$LAYERS" --dense-layers 3 \
+                --no-hf --hf-layers 0 --batches 1,64 --prefill "$1" --prefill-prefix "$2" \
+                --prefill-attention-backend "$backend" --enable-shared-experts-fusion --enable-fused-qk-norm-rope \
+                $(shard_args "$tp") --out "$OUT/$name.json" 2>&1 | grep -E "^(decode|prefill) " | sed "s/^/$name: /"
+        done
+    done
+done
+python3 - "$OUT" <<'PY'
+import json, pathlib, sys
+print(f"{'run':28} {'prefill ms':>10} {'floor ms':>9} {'x floor':>8} | {'decode B=1':>10} {'B=64':>8} (ms)")
+for f in sorted(pathlib.Path(sys.argv[1]).glob("tp*.json")):
+    r = json.loads(f.read_text())
+    p, d = r.get("prefill", {}), {x["batch"]: x["step_ms"] for x in r.get("decode", [])}
+    if p:
+        print(f"{f.stem:28} {p['ms']:10.2f} {p['floor_ms']:9.2f} {p['ratio_vs_floor']:8.2f} | "
+              f"{d.get(1, float('nan')):10.3f} {d.get(64, float('nan')):8.3f}")
+PY

@@ -82,7 +82,8 @@ class EngineCore:
         self.drafter: Drafter | None = build_drafter(
             config.speculative, self.block_size,
             MtpCalls(self.worker.execute_mtp, self.worker.mtp_graph_rows, self.worker.execute_mtp_draft),
-            self.worker.measured_step_costs())
+            self.worker.measured_step_costs(),
+            learn_wall_clock=self.device.type == "cuda")  # on CPU the configured costs: deterministic tests
         self.spec_stats = SpecStats()
         self.connector = kv_connector
         if kv_connector is not None:

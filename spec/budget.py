@@ -146,14 +146,16 @@ class StepCosts:
 
 
 class DraftBudget:
-    def __init__(self, config: SpeculativeConfig, measured: StepCosts | None = None) -> None:
-        """measured: this engine's costs (None: the config's step_cost_* and mtp_step_cost_ms)."""
+    def __init__(self, config: SpeculativeConfig, measured: StepCosts | None = None,
+                 learn_wall_clock: bool = True) -> None:
+        """measured: this engine's costs (None: the config's step_cost_* and mtp_step_cost_ms).
+        learn_wall_clock: learn step times while serving (and config.measure_wall_clock); else the GPU costs."""
         self.enabled = config.draft_budget
         if measured is None:
             measured = StepCosts(StepCost(config.step_cost_rows, config.step_cost_ms), config.mtp_step_cost_ms)
         self.cost, self.chain_step_ms, self.chain_fixed = measured.step, measured.chain_step_ms, measured.chain_fixed
         # what steps really take, learnt while serving (host work included); priors: the GPU costs above
-        self.clock = WallClock(self.cost, self.chain_fixed, enabled=config.measure_wall_clock)
+        self.clock = WallClock(self.cost, self.chain_fixed, enabled=config.measure_wall_clock and learn_wall_clock)
         self.decay = config.acceptance_decay
         self.probe_interval, self.max_probe_interval = config.probe_interval, config.max_probe_interval
         self._requests: dict[int, _RequestState] = {}

@@ -10,12 +10,14 @@ from spec.suffix import SuffixDrafter
 
 
 def build_drafter(config: SpeculativeConfig | None, block_size: int, mtp: MtpCalls,
-                  measured: StepCosts | None = None) -> Drafter | None:
+                  measured: StepCosts | None = None, learn_wall_clock: bool = False) -> Drafter | None:
     """mtp: how the NextN layer runs on every TP rank (eager forwards; the draft graphs where captured).
-    measured: this engine's step costs for the draft budget (None: the config's defaults)."""
+    measured: this engine's step costs for the draft budget (None: the config's defaults). learn_wall_clock:
+    the budget learns step times while serving (where config.measure_wall_clock allows it)."""
     if config is None:
         return None
-    budget = DraftBudget(config, measured)  # turned off by config.draft_budget=False: fixed draft lengths
+    # turned off by config.draft_budget=False: fixed draft lengths
+    budget = DraftBudget(config, measured, learn_wall_clock=learn_wall_clock)
     if config.method == "suffix":
         return SuffixDrafter(config, budget)
     if config.method == "mtp":

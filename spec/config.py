@@ -40,7 +40,7 @@ class SpeculativeConfig:
     measure_step_cost: bool = True
     # Learn what steps really take while serving (each decode step cycle's wall time, host work included: a plain
     # step overlaps it, a speculative one does not, the MTP chain adds its own; spec/wall_clock.py) and budget
-    # with that. False: the GPU costs above only.
+    # with that (on CUDA; a CPU engine keeps the configured costs). False: the GPU costs above only.
     measure_wall_clock: bool = True
     # MTP (and hybrid): a request the budget gave no MTP drafts for this many steps in a row stops running the
     # NextN layer for good (no extend, no hidden states kept): its steps decode plainly (hybrid: suffix drafts

@@ -240,3 +240,21 @@ def test_requests_retired_from_mtp_decode_plainly_overlapped_with_plain_tokens(t
     # the NextN layer ran over the prompts and the first steps only: never near the end of the 40 tokens
     assert mtp_rows and max(mtp_rows) < 30 + 10, max(mtp_rows)
     assert_pages_clean(llm.engine)
+
+
+def test_the_engine_times_its_decode_steps_for_the_wall_clock(tiny_bf16, plain):
+    """On CPU the budget keeps its configured costs (deterministic tests); turned on, the engine feeds it every
+    decode-only step cycle: MTP chain steps, and the plain overlapped steps of requests that retired."""
+    spec = {"method": "mtp", "num_speculative_tokens": 3, "mtp_retire_steps": 3, "probe_interval": 8,
+            "step_cost_rows": [1, 2], "step_cost_ms": [1.0, 1000.0]}
+    llm = LLM(str(tiny_bf16), speculative_config=spec, overlap_scheduling=True, **KW)
+    clock = llm.engine.drafter.budget.clock
+    assert not clock.enabled
+    clock.enabled = True
+    rng = random.Random(12)
+    prompts = [{"prompt_token_ids": [rng.randrange(1400) for _ in range(30)]} for _ in range(3)]
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    _same(plain.generate(prompts, sp, use_tqdm=False), llm.generate(prompts, sp, use_tqdm=False))
+    learnt = clock.snapshot()
+    assert clock.observed > 20 and learnt["plain"], learnt  # retired requests' overlapped steps
+    assert all(v > 0 for d in learnt.values() for v in d.values())

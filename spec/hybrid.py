@@ -59,6 +59,8 @@ class HybridDrafter(Drafter):
     def add(self, seq_id: int, prompt: Sequence[int], tenant: str = "") -> None:
         self.suffix.add(seq_id, prompt, tenant)
         self.mtp.add(seq_id, prompt, tenant)
+        if self.budget is not None:
+            self.mtp.retire_if_hopeless(seq_id, self.budget)
         self._mtp_accept[seq_id] = float(self.config.num_speculative_tokens)
 
     def needs_hidden(self, seq_id: int) -> bool:
@@ -133,6 +135,7 @@ class HybridDrafter(Drafter):
         gains = [gm if m else gs for m, (gs, gm) in zip(use_mtp, by_source)]
         ks = budget.plan([s.seq_id for s in slots], gains, chain=use_mtp, has_draft=[True] * len(slots))
         planned, hopeless = {}, budget.chain_cannot_pay(len(nxt), chain)
+        self.mtp.last_batch = len(nxt) or self.mtp.last_batch
         for k, slot, d, mtp, n in zip(nxt, slots, suffix, use_mtp, ks):
             planned[slot.seq_id] = _Pending(MTP, []) if mtp else \
                 _Pending(SUFFIX, d.tokens[:n], d.probs[:n], budget_source(d))

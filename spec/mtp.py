@@ -21,7 +21,7 @@ as an MtpDraftBatch (q rows per request, padding rows first) and gets every requ
 
 Retirement: a request the budget gives no MTP drafts for `mtp_retire_steps` steps in a row (its drafts are not
 worth the chain's cost, host work included), or none in a step where the measured chain could not pay even if
-every draft were accepted, stops here for good: no extend, no hidden states kept, so its steps
+every draft were accepted (a request added while that holds starts retired), stops here for good: no extend, no hidden states kept, so its steps
 decode plainly and may overlap again (the engine asks `needs_hidden`). Its NextN KV is stale from then on, so
 it never drafts with MTP again.
 """
@@ -97,9 +97,26 @@ class MtpDrafter(Drafter):
         self._retired: set[int] = set()
         self._chain_ran = False  # since the last observe_step
         self.num_retired = 0  # requests retired from MTP drafting (observability, tests)
+        self.last_batch = 0  # decoding requests of the last step the budget planned (0: none yet)
 
     def add(self, seq_id: int, prompt: Sequence[int], tenant: str = "") -> None:
         self._drafts.pop(seq_id, None)
+        if self.budget is not None:
+            self.retire_if_hopeless(seq_id, self.budget)
+
+    def retire_if_hopeless(self, seq_id: int, budget: DraftBudget) -> None:
+        """A new request starts retired where the chain could not pay at the last planned batch size even if
+        every draft were accepted: it never runs the NextN layer, not even over its prompt."""
+        if self.config.mtp_retire_steps and self.last_batch and \
+                budget.chain_cannot_pay(self.last_batch, self.config.mtp_chain_length):
+            self.retire(seq_id)
+
+    def retire(self, seq_id: int) -> None:
+        if seq_id not in self._retired:
+            self._retired.add(seq_id)
+            self._idle.pop(seq_id, None)
+            self._drafts.pop(seq_id, None)
+            self.num_retired += 1
 
     def needs_hidden(self, seq_id: int) -> bool:
         return seq_id not in self._retired
@@ -117,10 +134,7 @@ class MtpDrafter(Drafter):
             return
         n = self._idle[seq_id] = self._idle.get(seq_id, 0) + 1
         if retire_after and (n >= retire_after or hopeless):
-            self._retired.add(seq_id)
-            self._idle.pop(seq_id, None)
-            self._drafts.pop(seq_id, None)
-            self.num_retired += 1
+            self.retire(seq_id)
 
     def take_chain_ran(self) -> bool:
         ran, self._chain_ran = self._chain_ran, False
@@ -158,6 +172,7 @@ class MtpDrafter(Drafter):
         ids = [views[k].seq_id for k in nxt]
         gains = [budget.gains(views[k].seq_id, SOURCE, min(views[k].max_drafts, chain)) for k in nxt]
         ks = budget.plan(ids, gains, chain=[True] * len(nxt))
+        self.last_batch = len(nxt) or self.last_batch
         hopeless = budget.chain_cannot_pay(len(nxt), chain)
         out = list(views)
         for k, n in zip(nxt, ks):

@@ -176,3 +176,21 @@ def test_a_chain_that_cannot_pay_retires_a_request_at_its_first_step():
     assert budget.chain_cannot_pay(1, 3) and not budget.chain_cannot_pay(1, 4)
     drafter.after_step([view(0, 10)])
     assert not drafter.needs_hidden(0) and drafter.num_retired == 1
+
+
+def test_a_request_added_where_the_chain_cannot_pay_starts_retired():
+    cfg = SpeculativeConfig.from_dict({"method": "mtp", "num_speculative_tokens": 3, "mtp_retire_steps": 8})
+    budget = DraftBudget(cfg, StepCosts(GPU, 0.0, StepCost([1, 16], [0.07, 0.09])))
+    fake = FakeNextN()
+    drafter = MtpDrafter(cfg, 16, MtpCalls(fake.forward), budget)
+    drafter.add(0, [1, 2, 3])
+    assert drafter.needs_hidden(0)  # nothing planned yet: a new engine drafts
+    drafter.after_step([view(0, 10)])
+    assert drafter.last_batch == 1 and drafter.needs_hidden(0)  # GPU prices: the chain pays
+    learn(budget.clock, timing(1, 0.40, plain=True))
+    learn(budget.clock, timing(1, 1.70, rows=4, drafted=True, chain=True))
+    drafter.add(1, [4, 5])
+    assert not drafter.needs_hidden(1) and drafter.num_retired == 1
+    calls = len(fake.rows)
+    drafter.after_step([view(1, 2)])
+    assert len(fake.rows) == calls  # not even its prompt's extend

@@ -21,9 +21,9 @@ as an MtpDraftBatch (q rows per request, padding rows first) and gets every requ
 
 Retirement: a request the budget gives no MTP drafts for `mtp_retire_steps` steps in a row (its drafts are not
 worth the chain's cost, host work included), or none in a step where the measured chain could not pay even if
-every draft were accepted (a request added while that holds starts retired), stops here for good: no extend, no hidden states kept, so its steps
-decode plainly and may overlap again (the engine asks `needs_hidden`). Its NextN KV is stale from then on, so
-it never drafts with MTP again.
+every draft were accepted (a request added while that holds starts retired), stops here for good: no extend,
+no hidden states kept, so its steps decode plainly and may overlap again (the engine asks `needs_hidden`). Its
+NextN KV is stale from then on, so it never drafts with MTP again.
 """
 from __future__ import annotations
 

@@ -89,6 +89,10 @@ class BlockPool:
                 page.hash, page.tokens = None, None
             page.ref_count = 1
             out.append(pid)
+        # ascending: a request frees its pages tail first, so the LRU hands them back in descending order; sorted,
+        # adjacent pages stay adjacent in the block table, and a KV transfer (disaggregation) moves each run of
+        # them as one descriptor per layer instead of one per page (which pages are evicted does not change)
+        out.sort()
         return out
 
     def free(self, page_ids: list[int]) -> None:

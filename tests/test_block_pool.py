@@ -30,6 +30,20 @@ def test_allocate_free_invariants_and_double_free():
     pool.check_invariants()
 
 
+def test_reallocated_pages_come_back_ascending_and_adjacent():
+    """A request frees tail first; the next request of the same size gets the same pages in ascending order
+    (without sorting: descending), so runs of adjacent pages survive churn (one KV-transfer descriptor per run)."""
+    pool = BlockPool(64, 16)
+    first = pool.allocate(32)
+    assert first == list(range(32))
+    pool.free(first)
+    rest = pool.allocate(32)  # the never-used pages 32..63 are older in the LRU
+    again = pool.allocate(32)
+    assert rest == list(range(32, 64)) and again == list(range(32))
+    runs = 1 + sum(b != a + 1 for a, b in zip(again, again[1:]))
+    assert runs == 1
+
+
 def test_chained_hash_depends_on_parent():
     h1 = chain_hash(None, (1, 2))
     assert chain_hash(h1, (3, 4)) != chain_hash(chain_hash(None, (9, 9)), (3, 4))

@@ -186,38 +186,36 @@ class TransferWorker(KVConnectorWorker):
             self._timings.post_delay += now - ready
             self._writes.append(_Write(send.room, send.seq, handle, now))
 
-    def _progress(self) -> bool:
-        """Poll every write in flight (that is what moves it); True while any is still going. A write seen done
-        for the first time leaves the list (its flight time counted); failed ones stay for _poll to report."""
-        going, keep = False, []
-        with self._lock:
-            now = time.perf_counter()
-            for w in self._writes:
-                st = w.handle.poll()
-                if st.done:
-                    self._timings.flight += now - w.posted_at
-                    self._timings.done += 1
+    def _sweep(self, drop_failed: bool) -> tuple[list[tuple[int, str]], bool]:
+        """Poll every write (that is what moves it; call under the lock). Writes seen done leave the list, their
+        flight time counted; failed ones are returned, and leave it only with drop_failed. Returns (failures,
+        whether any write is still going)."""
+        failed, keep, going = [], [], False
+        now = time.perf_counter()
+        for w in self._writes:
+            st = w.handle.poll()
+            if st.done:
+                self._timings.flight += now - w.posted_at
+                self._timings.done += 1
+                continue
+            if st.failed:
+                failed.append((w.room, f"KV write to the decode instance failed ({st.kind.value}: {st.reason})"))
+                if drop_failed:
                     continue
-                going |= not st.failed
-                keep.append(w)
-            self._writes = keep
-            return going
+            going |= not st.failed
+            keep.append(w)
+        self._writes = keep
+        return failed, going
+
+    def _progress(self) -> bool:
+        """The transfer thread's poll: True while any write is still going (failed ones stay for _poll)."""
+        with self._lock:
+            return self._sweep(drop_failed=False)[1]
 
     def _poll(self) -> WriteStates:
-        failed, keep = [], []
         with self._lock:
-            now = time.perf_counter()
-            for w in self._writes:
-                st = w.handle.poll()
-                if st.failed:
-                    failed.append((w.room, f"KV write to the decode instance failed ({st.kind.value}: {st.reason})"))
-                elif st.done:
-                    self._timings.flight += now - w.posted_at
-                    self._timings.done += 1
-                else:
-                    keep.append(w)
-            self._writes = keep
-            return WriteStates(tuple(failed), len(keep) + self._queued, self._timings.take())
+            failed, _ = self._sweep(drop_failed=True)
+            return WriteStates(tuple(failed), len(self._writes) + self._queued, self._timings.take())
 
     def _cancel(self, room: int) -> int:
         """Stop the room's writes (queued ones are skipped); returns how many are still in flight."""

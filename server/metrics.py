@@ -225,15 +225,12 @@ class Metrics:
             ("disagg_transfer_tail_seconds_total", self.disagg_transfer_tail_seconds),
             ("disagg_wait_seconds_total", self.disagg_wait_seconds),
             ("disagg_landing_seconds_total", self.disagg_landing_seconds),
+            *((f"disagg_write_{stage}_seconds_total", self.disagg_write_seconds.labels(self.model_name, stage))
+              for stage in ("gpu_wait", "post_delay", "flight")),
         ):
             inc = stats.get(key, 0) - last.get(key, 0)
             if inc > 0:
                 ctr.inc(inc)
-        for stage in ("gpu_wait", "post_delay", "flight"):
-            key = f"disagg_write_{stage}_seconds_total"
-            inc = stats.get(key, 0) - last.get(key, 0)
-            if inc > 0:
-                self.disagg_write_seconds.labels(self.model_name, stage).inc(inc)
         self.disagg_rooms_active.set(stats.get("disagg_rooms_active", 0))
         if "spec_mean_accepted_length" in stats:
             self.spec_mean_accepted_length.set(stats["spec_mean_accepted_length"])

@@ -95,7 +95,6 @@ class EngineCore:
         # extend has written their last chunk's NextN KV (it ships with the pages)
         self._ending: list[tuple[Request, str, int | str | None]] = []
         self._inflight: _Launched | None = None
-        self._cycle: tuple[float, _Launched] | None = None  # the last decode-only step and when its cycle began
         self._seq_keys = itertools.count()
         self.overlap = config.overlap_scheduling
         self.num_overlapped_steps = 0
@@ -238,7 +237,7 @@ class EngineCore:
         """One engine step. With overlap scheduling the step launched here is finished by the next call:
         this call plans and launches step N+1, then processes step N's tokens while the device runs N+1."""
         started = time.perf_counter()
-        self._time_cycle(started)
+        timed: _Launched | None = None  # a decode-only step launched here: this call's duration prices it
         deltas, self._pending_deltas = self._pending_deltas, []
         deltas += self._poll_connector()
         if self.drafter is not None:
@@ -260,7 +259,7 @@ class EngineCore:
                                    and not any(s.num_drafts for s in launched.scheduled))
             deltas += self._sample(launched)
             if self.drafter is not None and all(s.num_tokens - s.num_drafts == 1 for s in launched.scheduled):
-                self._cycle = (started, launched)
+                timed = launched
             if launched.overlapped:
                 self.num_overlapped_steps += 1
                 self._inflight = launched
@@ -274,20 +273,19 @@ class EngineCore:
         for rid in {d.request_id for d in deltas if d.finished}:
             if all(r.is_finished for r in self._requests.get(rid, [])):
                 self._forget(rid)
-        if not self.scheduler.running:
-            self._cycle = None  # the next call may come much later (no work): not a step's time
+        if timed is not None:
+            self._time_step(timed, 1000 * (time.perf_counter() - started))
         return deltas
 
-    def _time_cycle(self, now: float) -> None:
-        """The last decode-only step's cycle (its step() call to this one) to the drafter's wall-clock model."""
-        if self._cycle is None:
-            return
-        started, step = self._cycle
-        self._cycle = None
+    def _time_step(self, step: _Launched, call_ms: float) -> None:
+        """A decode-only step to the drafter's wall-clock model, priced by the step() call that launched it: an
+        overlapped step's call also finishes the step before it (in steady state, one step's cycle); a synchronous
+        one's holds its whole verify and drafting. What the caller does between calls (a server's loop, a
+        benchmark driver tokenizing its next turn) is not part of any kind of step, so it is not counted."""
         drafts = sum(s.num_drafts for s in step.scheduled)
         self.drafter.observe_step(StepTiming(
             num_seqs=len(step.scheduled), rows=len(step.scheduled) + drafts, drafted=drafts > 0, chain=False,
-            plain=step.overlapped, wall_ms=1000 * (now - started)))
+            plain=step.overlapped, wall_ms=call_ms))
 
     def _poll_connector(self) -> list[RequestDelta]:
         """Disaggregation: admit requests whose handshake is done (prefill), start those whose KV arrived

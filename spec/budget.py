@@ -2,7 +2,9 @@
 out of the way where drafts are rejected (vLLM's adaptive verification, SGLang's fallback to plain decoding).
 
 Per request and draft source the budget keeps a running acceptance estimate from the verifies it saw (each
-older verify weighted by `acceptance_decay` per newer one). A source may give each draft token a probability
+older verify weighted by `acceptance_decay` per newer one), and one per source over all requests (older verifies
+weighted by ENGINE_DECAY each), which prices a new request's drafts before it has verified any (spec/mtp.py
+retires a new request at admission where even that would not pay for the MTP chain). A source may give each draft token a probability
 (suffix trees: the cumulative p_j under the trees' counts, so the conditional q_j = p_j / p_(j-1)); one without
 (MTP) counts as q_j = 1. The request's calibration c = decayed accepted tokens / decayed sum of q over the
 positions its verifies tested (each accepted one and the first rejected one), and draft position j (0-based)
@@ -47,6 +49,7 @@ PRIOR_WEIGHT = 1.0  # the prior counts as one tested position
 PRIOR_PLAIN = 0.8  # prior acceptance of a source without per-token probabilities (a new request drafts)
 PRIOR_SCALED = 1.0  # prior calibration of a source with them: trust its probabilities
 MIN_GAIN = 1e-3  # drafts expected to add less than this are never worth a row
+ENGINE_DECAY = 0.99  # the engine-wide acceptance per source: weight of older verifies (~100 verifies remembered)
 
 
 class StepCost:
@@ -160,6 +163,7 @@ class DraftBudget:
         self.probe_interval, self.max_probe_interval = config.probe_interval, config.max_probe_interval
         self._requests: dict[int, _RequestState] = {}
         self._proposals: dict[int, _Proposal] = {}
+        self._engine: dict[str, _Estimate] = {}  # per source, over every request's verifies (admission)
         self.probes = 0  # probes proposed (observability, tests)
 
     def _state(self, seq_id: int) -> _RequestState:
@@ -180,6 +184,15 @@ class DraftBudget:
             return []
         st = self._requests.get(seq_id)
         est = (st.estimates.get(source) if st is not None else None) or _Estimate()
+        return self._gains(est, cap, probs)
+
+    def engine_gains(self, source: str, cap: int) -> list[float]:
+        """gains() for a request that drafts as every request of this engine did so far (the prior before any
+        verify): what a new request's drafts are expected to be worth."""
+        return self._gains(self._engine.get(source) or _Estimate(), cap, None) if cap > 0 else []
+
+    @staticmethod
+    def _gains(est: _Estimate, cap: int, probs: Sequence[float] | None) -> list[float]:
         prior = PRIOR_PLAIN if probs is None else PRIOR_SCALED
         c = (est.accepted + prior * PRIOR_WEIGHT) / (est.tested + PRIOR_WEIGHT)
         out, g = [], 1.0
@@ -207,6 +220,15 @@ class DraftBudget:
             return False
         spec = num_seqs * self.clock.spec_overhead_ms(num_seqs) / self.clock.plain_ms(num_seqs)
         return self.chain_cost_tokens(num_seqs) + spec >= num_seqs * cap
+
+    def chain_pays(self, num_seqs: int, gains: Sequence[float]) -> bool:
+        """Whether a step of num_seqs requests that each draft with these per-position gains on the MTP chain
+        would draft at all (the budget's choice, nothing recorded)."""
+        if not self.enabled or num_seqs <= 0:
+            return True
+        if not gains:
+            return False
+        return any(self._best_prefix(num_seqs, [list(gains)] * num_seqs, [True] * num_seqs))
 
     # -- the choice -------------------------------------------------------------------------------------
     def plan(self, seq_ids: Sequence[int], gains: Sequence[Sequence[float]], chain: Sequence[bool] | None = None,
@@ -278,10 +300,11 @@ class DraftBudget:
             return
         n, rejected = matched_prefix(prop.tokens, tokens)
         st = self._state(seq_id)
-        est = st.estimates.setdefault(prop.source, _Estimate())
-        d = self.decay
-        est.accepted = d * est.accepted + n
-        est.tested = d * est.tested + sum(conditionals(prop.probs, n + rejected))
+        tested = sum(conditionals(prop.probs, n + rejected))
+        for est, d in ((st.estimates.setdefault(prop.source, _Estimate()), self.decay),
+                       (self._engine.setdefault(prop.source, _Estimate()), ENGINE_DECAY)):
+            est.accepted = d * est.accepted + n
+            est.tested = d * est.tested + tested
         if st.probing:  # accepted: probe again next step until the estimate carries it; rejected: back off
             st.interval = 1 if n else min(max(2 * st.interval, self.probe_interval), self.max_probe_interval)
             st.probing = False

@@ -46,6 +46,11 @@ class SpeculativeConfig:
     # NextN layer for good (no extend, no hidden states kept): its steps decode plainly (hybrid: suffix drafts
     # only) and may overlap. Its NextN KV is then stale, so it never drafts with MTP again. 0: never.
     mtp_retire_steps: int = 8
+    # With retirement on: a new request starts retired where the chain would not pay for requests drafting at the
+    # engine-wide MTP acceptance so far (at the last step's batch size), except every this-many-th such request,
+    # which drafts (and keeps that acceptance current, so MTP comes back when the text turns predictable); 1: every
+    # new request drafts (only the all-accepted bound retires it at admission).
+    mtp_explore_every: int = 8
     # Weight of older verifies in a request's running acceptance: each verify multiplies the past by this.
     acceptance_decay: float = 0.9
     # A request the budget holds at 0 drafts is probed with 1 draft after this many steps; each rejected probe
@@ -120,6 +125,8 @@ class SpeculativeConfig:
             raise bad("max_probe_interval", f"an int >= probe_interval = {self.probe_interval}")
         if not _is_int(self.mtp_retire_steps) or self.mtp_retire_steps < 0:
             raise bad("mtp_retire_steps", "an int >= 0")
+        if not _is_int(self.mtp_explore_every) or self.mtp_explore_every < 1:
+            raise bad("mtp_explore_every", "an int >= 1")
         if not _is_int(self.overlap_sync_interval) or self.overlap_sync_interval < 1:
             raise bad("overlap_sync_interval", "an int >= 1")
 

@@ -60,7 +60,7 @@ class HybridDrafter(Drafter):
         self.suffix.add(seq_id, prompt, tenant)
         self.mtp.add(seq_id, prompt, tenant)
         if self.budget is not None:
-            self.mtp.retire_if_hopeless(seq_id, self.budget)
+            self.mtp.retire_at_admission(seq_id, self.budget)
         self._mtp_accept[seq_id] = float(self.config.num_speculative_tokens)
 
     def needs_hidden(self, seq_id: int) -> bool:

@@ -21,9 +21,11 @@ as an MtpDraftBatch (q rows per request, padding rows first) and gets every requ
 
 Retirement: a request the budget gives no MTP drafts for `mtp_retire_steps` steps in a row (its drafts are not
 worth the chain's cost, host work included), or none in a step where the measured chain could not pay even if
-every draft were accepted (a request added while that holds starts retired), stops here for good: no extend,
-no hidden states kept, so its steps decode plainly and may overlap again (the engine asks `needs_hidden`). Its
-NextN KV is stale from then on, so it never drafts with MTP again.
+every draft were accepted, stops here for good: no extend, no hidden states kept, so its steps decode plainly and
+may overlap again (the engine asks `needs_hidden`). Its NextN KV is stale from then on, so it never drafts with
+MTP again. A new request starts retired (not even its prompt's extend runs) where the chain could not pay even
+if every draft were accepted, or where the budget would not draft for a batch of requests accepting at the
+engine-wide MTP rate so far; every `mtp_explore_every`-th such request drafts anyway, so that rate stays current.
 """
 from __future__ import annotations
 
@@ -97,19 +99,27 @@ class MtpDrafter(Drafter):
         self._retired: set[int] = set()
         self._chain_ran = False  # since the last observe_step
         self.num_retired = 0  # requests retired from MTP drafting (observability, tests)
+        self._unpaid_admissions = 0  # requests admitted where the chain did not pay at the engine-wide rate
         self.last_batch = 0  # decoding requests of the last step the budget planned (0: none yet)
 
     def add(self, seq_id: int, prompt: Sequence[int], tenant: str = "") -> None:
         self._drafts.pop(seq_id, None)
         if self.budget is not None:
-            self.retire_if_hopeless(seq_id, self.budget)
+            self.retire_at_admission(seq_id, self.budget)
 
-    def retire_if_hopeless(self, seq_id: int, budget: DraftBudget) -> None:
-        """A new request starts retired where the chain could not pay at the last planned batch size even if
-        every draft were accepted: it never runs the NextN layer, not even over its prompt."""
-        if self.config.mtp_retire_steps and self.last_batch and \
-                budget.chain_cannot_pay(self.last_batch, self.config.mtp_chain_length):
+    def retire_at_admission(self, seq_id: int, budget: DraftBudget) -> None:
+        """A new request starts retired (it never runs the NextN layer, not even over its prompt) where, at the
+        last planned batch size, the chain could not pay even if every draft were accepted, or the budget would
+        not draft for requests accepting at the engine-wide MTP rate (but for every mtp_explore_every-th)."""
+        b, cap = self.last_batch, self.config.mtp_chain_length
+        if not self.config.mtp_retire_steps or not b:
+            return
+        if budget.chain_cannot_pay(b, cap):
             self.retire(seq_id)
+        elif not budget.chain_pays(b, budget.engine_gains(SOURCE, cap)):
+            self._unpaid_admissions += 1
+            if self._unpaid_admissions % self.config.mtp_explore_every:
+                self.retire(seq_id)
 
     def retire(self, seq_id: int) -> None:
         if seq_id not in self._retired:

@@ -5,8 +5,11 @@ are short next to the host work around them (the small model trained here: a 0.1
 plain step, ~1.7 ms per MTP step on the H200) the host decides, and it differs by kind of step: a plain decode
 step overlaps its host work with the device (overlap scheduling), a speculative step does not (the next step's
 positions depend on what it accepts), and the MTP chain adds its own launches, copies and syncs. So the engine
-times every decode-only step cycle (one step() call to the next) and this model keeps, per batch-size bucket,
-running averages of the wall time (less the GPU time of the rows past one per request) of three kinds of step:
+times every decode-only step by the step() call that launched it (an overlapped step's call also waits for the
+step before it: in steady state, one step cycle; what the caller does between calls -- a server loop, a
+benchmark driver preparing its next turn -- is no kind of step and is not counted) and this model keeps, per
+batch-size bucket, running averages of the wall time (less the GPU time of the rows past one per request) of
+three kinds of step:
 
     plain   an overlapped step without drafts or drafter work
     draft   a step that verified drafts, no MTP chain in its cycle (suffix drafts)

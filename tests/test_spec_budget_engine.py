@@ -8,6 +8,7 @@ confidently and wrongly. The tiny model's NextN layer (random weights) never pre
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import torch
@@ -130,3 +131,22 @@ def test_mtp_drafts_after_cut_chains_equal_the_full_recompute(tiny_bf16):
             assert draft == reference_drafts(ref_model, cfg, tokens, len(draft)), len(tokens)
             checked += 1
     assert held >= 30 and checked >= 3, (held, checked)
+
+
+def test_step_timings_leave_out_the_callers_time_between_steps(tiny_bf16):
+    """The wall-clock budget prices a decode step by the step() call that launched it: what the caller does
+    between calls (a benchmark driver preparing its next turn) is no kind of step and must not inflate one."""
+    llm = LLM(str(tiny_bf16), speculative_config=CONFIGS["suffix"], **KW)
+    core = llm.engine
+    seen = []
+    core.drafter.observe_step = seen.append  # the drafter's wall-clock model, spied on
+    core.add_request("r", list(range(10, 30)), SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    calls = []
+    while core.has_unfinished_requests():
+        t0 = time.perf_counter()
+        core.step()
+        calls.append(1000 * (time.perf_counter() - t0))
+        time.sleep(0.05)  # the caller's own work
+    assert len(seen) >= 8 and all(t.num_seqs == 1 for t in seen)
+    assert max(t.wall_ms for t in seen) <= max(calls) < 50
+    assert_pages_clean(core)

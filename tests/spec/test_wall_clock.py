@@ -117,7 +117,9 @@ def view(seq_id: int, start: int, max_drafts: int = 3) -> StepView:
 
 
 def test_mtp_request_held_at_zero_drafts_retires_and_its_nextn_work_stops():
-    cfg = SpeculativeConfig.from_dict({"method": "mtp", "num_speculative_tokens": 3, "mtp_retire_steps": 3})
+    # (mtp_explore_every=1: no retirement at admission by the engine-wide rate, tested below)
+    cfg = SpeculativeConfig.from_dict({"method": "mtp", "num_speculative_tokens": 3, "mtp_retire_steps": 3,
+                                       "mtp_explore_every": 1})
     budget = DraftBudget(cfg, StepCosts(GPU, 0.0, StepCost([1, 16], [0.07, 0.09])))
     learn(budget.clock, timing(2, 0.40, plain=True))
     # a ~0.96 ms chain next to a 0.40 ms step: drafting does not pay, but could if every draft were accepted
@@ -194,3 +196,41 @@ def test_a_request_added_where_the_chain_cannot_pay_starts_retired():
     calls = len(fake.rows)
     drafter.after_step([view(1, 2)])
     assert len(fake.rows) == calls  # not even its prompt's extend
+
+
+def test_new_requests_start_retired_where_the_engine_wide_mtp_acceptance_would_not_pay():
+    """The chain pays for a request that accepts most drafts, not for one that accepts none. Once the engine's
+    verifies show MTP drafts rejected, new requests start retired -- but every mtp_explore_every-th, which
+    drafts and so keeps the engine-wide rate current: accepted drafts bring MTP back for the next ones."""
+    cfg = SpeculativeConfig.from_dict({"method": "mtp", "num_speculative_tokens": 3, "mtp_retire_steps": 8,
+                                       "mtp_explore_every": 4})
+    budget = DraftBudget(cfg, StepCosts(GPU, 0.0, StepCost([1, 16], [0.07, 0.09])))
+    drafter = MtpDrafter(cfg, 16, MtpCalls(FakeNextN().forward), budget)
+    learn(budget.clock, timing(1, 0.40, plain=True))
+    learn(budget.clock, timing(1, 0.92, rows=4, drafted=True, chain=True))  # a 0.5 ms chain
+    assert not budget.chain_cannot_pay(1, 3)  # were every draft accepted, the chain would pay
+    drafter.add(0, [1, 2, 3])
+    drafter.after_step([view(0, 10)])
+    assert drafter.last_batch == 1 and budget.chain_pays(1, budget.engine_gains("mtp", 3))  # the prior: 0.8
+    drafter.add(1, [1, 2])
+    assert drafter.needs_hidden(1)
+
+    def verify(seq_id: int, emitted: list[int]) -> None:
+        budget.proposed({seq_id: ("mtp", [5, 5, 5], None)})
+        budget.accepted(seq_id, emitted)
+
+    for i in range(40):  # the engine's MTP drafts are rejected at their first token
+        verify(100 + i, [9])
+    assert not budget.chain_pays(1, budget.engine_gains("mtp", 3))
+    live = []
+    for seq_id in range(2, 10):
+        drafter.add(seq_id, [1, 2])
+        live.append(drafter.needs_hidden(seq_id))
+    assert live == [False, False, False, True] * 2  # every 4th explores
+    for i in range(300):  # now they are accepted
+        verify(200 + i, [5, 5, 5, 7])
+    assert budget.chain_pays(1, budget.engine_gains("mtp", 3))
+    drafter.add(10, [1, 2])
+    assert drafter.needs_hidden(10)
+    # the per-request estimates are the requests' own: a new request's gains start at the prior
+    assert budget.gains(10, "mtp", 3) == budget.gains(11, "mtp", 3) == [0.8, 0.8 ** 2, 0.8 ** 3]

@@ -24,8 +24,10 @@ worth the chain's cost, host work included), or none in a step where the measure
 every draft were accepted, stops here for good: no extend, no hidden states kept, so its steps decode plainly and
 may overlap again (the engine asks `needs_hidden`). Its NextN KV is stale from then on, so it never drafts with
 MTP again. A new request starts retired (not even its prompt's extend runs) where the chain could not pay even
-if every draft were accepted, or where the budget would not draft for a batch of requests accepting at the
-engine-wide MTP rate so far; every `mtp_explore_every`-th such request drafts anyway, so that rate stays current.
+if every draft were accepted, where the budget would not draft for a batch of requests accepting at the
+engine-wide MTP rate so far, or where most recent requests retired rather than finish drafting with MTP (the
+hybrid's case: its requests take suffix drafts where those are worth more, which the MTP rate does not show);
+every `mtp_explore_every`-th such request drafts anyway, so that the rate and the outcomes stay current.
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ from spec.drafter import DraftSlot, Drafter, StepView
 from spec.wall_clock import StepTiming
 
 SOURCE = "mtp"
+OUTCOME_EMA = 0.2  # weight of the newest request's outcome (retired: 0, finished drafting with MTP: 1)
+MIN_USEFUL = 0.5  # below this share of MTP-drafting outcomes, new requests start retired
 
 
 @dataclass
@@ -100,6 +104,8 @@ class MtpDrafter(Drafter):
         self._chain_ran = False  # since the last observe_step
         self.num_retired = 0  # requests retired from MTP drafting (observability, tests)
         self._unpaid_admissions = 0  # requests admitted where the chain did not pay at the engine-wide rate
+        self._drafted: set[int] = set()  # live requests the budget gave MTP drafts at least once
+        self.useful = 1.0  # running share of requests that finished drafting with MTP rather than retired
         self.last_batch = 0  # decoding requests of the last step the budget planned (0: none yet)
 
     def add(self, seq_id: int, prompt: Sequence[int], tenant: str = "") -> None:
@@ -109,14 +115,15 @@ class MtpDrafter(Drafter):
 
     def retire_at_admission(self, seq_id: int, budget: DraftBudget) -> None:
         """A new request starts retired (it never runs the NextN layer, not even over its prompt) where, at the
-        last planned batch size, the chain could not pay even if every draft were accepted, or the budget would
-        not draft for requests accepting at the engine-wide MTP rate (but for every mtp_explore_every-th)."""
+        last planned batch size, the chain could not pay even if every draft were accepted; or where the budget
+        would not draft for requests accepting at the engine-wide MTP rate, or most recent requests retired
+        before they finished (but for every mtp_explore_every-th of these)."""
         b, cap = self.last_batch, self.config.mtp_chain_length
         if not self.config.mtp_retire_steps or not b:
             return
         if budget.chain_cannot_pay(b, cap):
             self.retire(seq_id)
-        elif not budget.chain_pays(b, budget.engine_gains(SOURCE, cap)):
+        elif self.useful < MIN_USEFUL or not budget.chain_pays(b, budget.engine_gains(SOURCE, cap)):
             self._unpaid_admissions += 1
             if self._unpaid_admissions % self.config.mtp_explore_every:
                 self.retire(seq_id)
@@ -126,7 +133,11 @@ class MtpDrafter(Drafter):
             self._retired.add(seq_id)
             self._idle.pop(seq_id, None)
             self._drafts.pop(seq_id, None)
+            self._drafted.discard(seq_id)
             self.num_retired += 1
+
+    def _outcome(self, useful: bool) -> None:
+        self.useful = (1 - OUTCOME_EMA) * self.useful + OUTCOME_EMA * useful
 
     def needs_hidden(self, seq_id: int) -> bool:
         return seq_id not in self._retired
@@ -141,10 +152,12 @@ class MtpDrafter(Drafter):
         at once where the chain could not pay even if every draft were accepted (hopeless)."""
         if drafting:
             self._idle.pop(seq_id, None)
+            self._drafted.add(seq_id)
             return
         n = self._idle[seq_id] = self._idle.get(seq_id, 0) + 1
         if retire_after and (n >= retire_after or hopeless):
             self.retire(seq_id)
+            self._outcome(False)
 
     def take_chain_ran(self) -> bool:
         ran, self._chain_ran = self._chain_ran, False
@@ -160,6 +173,9 @@ class MtpDrafter(Drafter):
             self.budget.accepted(seq_id, tokens)
 
     def finish(self, seq_id: int, completed: bool) -> None:
+        if seq_id in self._drafted:  # it ended still drafting with MTP
+            self._drafted.discard(seq_id)
+            self._outcome(True)
         self._drafts.pop(seq_id, None)
         self._idle.pop(seq_id, None)
         self._retired.discard(seq_id)

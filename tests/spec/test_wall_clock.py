@@ -234,3 +234,40 @@ def test_new_requests_start_retired_where_the_engine_wide_mtp_acceptance_would_n
     assert drafter.needs_hidden(10)
     # the per-request estimates are the requests' own: a new request's gains start at the prior
     assert budget.gains(10, "mtp", 3) == budget.gains(11, "mtp", 3) == [0.8, 0.8 ** 2, 0.8 ** 3]
+
+
+def test_new_requests_start_retired_where_recent_requests_retired_rather_than_drafted():
+    """The hybrid's case: its requests take suffix drafts wherever those are worth more, so the engine-wide
+    MTP rate stays at its prior while request after request retires from MTP unused. Once most recent requests
+    retired, new ones start retired (every mtp_explore_every-th explores); requests that finish still drafting
+    with MTP bring it back."""
+    cfg = SpeculativeConfig.from_dict({"method": "mtp", "num_speculative_tokens": 3, "mtp_retire_steps": 2,
+                                       "mtp_explore_every": 3})
+    budget = DraftBudget(cfg, StepCosts(GPU, 0.0, StepCost([1, 16], [0.07, 0.09])))
+    drafter = MtpDrafter(cfg, 16, MtpCalls(FakeNextN().forward), budget)
+    learn(budget.clock, timing(1, 0.40, plain=True))
+    learn(budget.clock, timing(1, 0.92, rows=4, drafted=True, chain=True))
+    drafter.last_batch = 1
+    assert budget.chain_pays(1, budget.engine_gains("mtp", 3))  # the MTP rate alone would keep them live
+    for seq_id in range(4):  # each held at 0 MTP drafts until it retires
+        drafter.add(seq_id, [1, 2])
+        assert drafter.needs_hidden(seq_id)
+        for _ in range(2):
+            drafter.count_idle(seq_id, drafting=False, retire_after=2)
+        assert not drafter.needs_hidden(seq_id)
+    assert drafter.useful < 0.5
+    live = []
+    for seq_id in range(4, 10):
+        drafter.add(seq_id, [1, 2])
+        live.append(drafter.needs_hidden(seq_id))
+    assert live == [False, False, True] * 2
+    for seq_id in (6, 9, 6, 9):  # the explorers draft with MTP and finish doing so
+        drafter.count_idle(seq_id, drafting=True, retire_after=2)
+    for seq_id in (6, 9):
+        drafter.finish(seq_id, completed=True)
+    drafter.add(20, [1])
+    drafter.count_idle(20, drafting=True, retire_after=2)
+    drafter.finish(20, completed=True)
+    assert drafter.useful >= 0.5
+    drafter.add(21, [1, 2])
+    assert drafter.needs_hidden(21)

@@ -15,7 +15,8 @@
 # Writes $OUT/<run>_{decoders,long}.json and prints one table.
 # Knobs: LAYERS (real-shape dummy model depth; two instances must fit), MODEL (a checkpoint instead),
 # DEVICE_ARGS (e.g. "--device cpu" for a smoke run), RUNS, LONG_LEN, LONG_NUM, LONG_RATE, DEC_LEN, DEC_OUT,
-# DEC_NUM, DEC_CONC, MEM, BACKEND, SERVER_WAIT_S, CLIENT_TIMEOUT_S.
+# DEC_NUM, DEC_CONC, MEM, BACKEND, SERVER_WAIT_S, CLIENT_TIMEOUT_S, SERVER_ARGS (extra flags for every instance,
+# e.g. "--max-num-batched-tokens 16384").
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/disagg_out}
@@ -63,7 +64,8 @@ trap stop_all EXIT
 for run in $RUNS; do
     base=$((19000 + RANDOM % 500 * 4))
     url="http://127.0.0.1:$base"
-    common=(--model "$MODEL" "${LOAD_ARGS[@]}" --host 127.0.0.1 $DEVICE_ARGS)
+    # shellcheck disable=SC2206
+    common=(--model "$MODEL" "${LOAD_ARGS[@]}" --host 127.0.0.1 $DEVICE_ARGS ${SERVER_ARGS:-})
     if [ "${run#colocated}" != "$run" ]; then
         mem2=$(python3 -c "print(2 * $MEM)")
         cap=(); [ "$run" = colocated-capped ] && cap=(--max-prefill-tokens-while-decoding "$CAP")
@@ -89,9 +91,10 @@ for run in $RUNS; do
     echo "=== $run"
     bench=(python3 -m bench.serving --base-url "$url" --endpoint completions --dataset random --tokenizer "$MODEL"
            --tokenize-prompt --disable-tqdm)
-    # warm-up, not timed: the shapes the load brings (long prefill chunks next to a decode batch), so that no
+    # warm-up, not timed: the shapes the load brings (long prefill chunks next to a decode batch: the decoders
+    # outlast the long prompts), so that no
     # run pays Triton's compile and autotune of a new shape inside its measurement
-    timeout "$CLIENT_TIMEOUT_S" "${bench[@]}" --num-prompts "$DEC_CONC" --input-len "$DEC_LEN" --output-len 64 \
+    timeout "$CLIENT_TIMEOUT_S" "${bench[@]}" --num-prompts "$DEC_CONC" --input-len "$DEC_LEN" --output-len 512 \
         --max-concurrency "$DEC_CONC" --seed 21 >"$OUT/${run}_warmup.log" 2>&1 &
     warm=$!
     timeout "$CLIENT_TIMEOUT_S" "${bench[@]}" --num-prompts 2 --input-len "$LONG_LEN" --output-len 4 \

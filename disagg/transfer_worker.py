@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -44,6 +45,10 @@ from engine.kv_connector import KVConnectorWorker, KVSend
 log = logging.getLogger(__name__)
 
 PROGRESS_S = 0.001  # how often the transfer thread polls the writes in flight
+# Async prefill: the transfer thread needs the GIL to post and poll writes while the scheduler thread launches
+# the next chunk; at CPython's default 5 ms switch interval each of its turns can wait that long (session 12
+# measured 5.9 ms from the pages being written to their write posted, 0.7 ms with sync transfer).
+ASYNC_SWITCH_INTERVAL_S = 0.0005
 _WAKE: tuple[Any, list[KVSend], float] = (None, [], 0.0)  # a write was posted by another thread: poll it now
 
 
@@ -99,6 +104,8 @@ class TransferWorker(KVConnectorWorker):
         name = f"{self.config.mode}-{uuid.uuid4().hex[:12]}-tp{rank}"
         self.agent = create_transfer_agent(self.backend, name, regions)
         if self.config.mode == "prefill":
+            if self.config.async_transfer:
+                sys.setswitchinterval(min(sys.getswitchinterval(), ASYNC_SWITCH_INTERVAL_S))
             self._thread = threading.Thread(target=self._send_loop, name=f"kv-send-tp{rank}", daemon=True)
             self._thread.start()
 

@@ -9,12 +9,19 @@ output tokens per second, drafted and accepted tokens per emitted token; JSON li
         --enable-fused-qk-norm-rope --enable-shared-experts-fusion --out $OUT/spec_budget.jsonl
 
 The issue-16 target this measures: no method more than 3% slower (TPOT) than none on plain-code.
+
+`--repeat R` (R > 1) builds every engine first (KV pages from --num-kv-blocks, so that several fit one GPU) and
+then runs R rounds; in each round every (dataset, concurrency) cell runs all engines back to back, the order
+rotated per round. A slow period of the host (the small model's steps are host-bound, and one run of a method
+was seen 80% slower than another in one call) then hits every method of a cell alike: per cell it prints the
+median TPOT and the median of each round's TPOT over none's in the same round (paired ratios).
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import itertools
 import statistics
 import time
 from typing import Any
@@ -124,6 +131,76 @@ def profile(llm: LLM, args: argparse.Namespace, tag: str) -> None:
           flush=True)
 
 
+def build(args: argparse.Namespace, method: str, budget: str, extra: dict[str, Any]) -> LLM:
+    """One engine for (method, budget), warmed up over every dataset and concurrency."""
+    spec = None if method == "none" else {**SPEC[method], **extra, "draft_budget": budget == "on"}
+    overlap = {"overlap_scheduling": False} if spec is None and args.none_overlap == "off" else {}
+    kv = {"num_kv_blocks": args.num_kv_blocks} if args.num_kv_blocks else {}
+    llm = LLM(args.model, speculative_config=spec, device=args.device, kv_cache_dtype=args.kv_cache_dtype,
+              enforce_eager=args.enforce_eager, enable_fused_qk_norm_rope=args.enable_fused_qk_norm_rope,
+              enable_shared_experts_fusion=args.enable_shared_experts_fusion, max_model_len=args.max_model_len,
+              max_num_seqs=max(cells(args), key=lambda c: c[1])[1], **overlap, **kv)
+    runner = llm.engine.worker.runner
+    if runner.graphs is not None and runner.graphs.replay_ms:  # what the draft budget was given
+        print(f"{method} {budget}: graph replay ms (batch, rows per request) "
+              f"{ {k: round(v, 3) for k, v in sorted(runner.graphs.replay_ms.items())} }", flush=True)
+    if runner.mtp_graphs is not None and runner.mtp_graphs.replay_ms:
+        print(f"{method} {budget}: MTP draft graph ms "
+              f"{ {k: round(v, 3) for k, v in sorted(runner.mtp_graphs.replay_ms.items())} }", flush=True)
+    if args.warmup:  # Triton compiles each new eager shape once per process: not inside a timed run
+        small = argparse.Namespace(**{**vars(args), "num_prompts": 4, "num_sessions": 4, "num_turns": 2,
+                                      "output_len": 64, "seed": args.seed + 99})
+        for dataset, conc in cells(args):
+            measure(llm, dataset, conc, small, f"warmup-{method}-{budget}-{dataset}-{conc}")
+    if args.profile:
+        profile(llm, args, f"{method}-{budget}")
+    return llm
+
+
+def cells(args: argparse.Namespace) -> list[tuple[str, int]]:
+    return [(d, int(c)) for d in args.datasets.split(",") for c in args.concurrency.split(",")]
+
+
+def run_cell(llm: LLM, method: str, budget: str, dataset: str, conc: int, args: argparse.Namespace,
+             rep: int | None = None) -> dict[str, Any]:
+    tag = f"{method}-{budget}-{dataset}-{conc}" + ("" if rep is None else f"-r{rep}")
+    r = {"method": method, "budget": budget, "dataset": dataset, "concurrency": conc,
+         **({} if rep is None else {"rep": rep}), **measure(llm, dataset, conc, args, tag)}
+    print(f"{method:<7} {budget:<3} {dataset:<13} c{conc:<3} {'' if rep is None else f'r{rep} '}"
+          f"TPOT {r['tpot_ms_mean']:8.2f} p50 {r['tpot_ms_p50']:8.2f} p99 {r['tpot_ms_p99']:8.2f} | "
+          f"{r['output_tok_s']:8.1f} tok/s | drafted/tok {r['drafted_per_token']:.2f} "
+          f"accepted/tok {r['accepted_per_token']:.2f} | overlapped steps {r['overlapped_steps']}, "
+          f"MTP retired {r['mtp_retired']}/{r['requests']}", flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(json.dumps(r) + "\n")
+    return r
+
+
+def print_learnt(llm: LLM, method: str, budget: str) -> None:
+    draft_budget = getattr(llm.engine.drafter, "budget", None)
+    if draft_budget is not None:  # what the draft budget's wall clock learnt (spec/wall_clock.py)
+        learnt = {k: {b: round(v, 3) for b, v in sorted(d.items())} for k, d in draft_budget.clock.snapshot().items()}
+        print(f"{method} {budget}: wall clock learnt (ms by batch bucket) {learnt}", flush=True)
+
+
+def paired_summary(rows: list[dict[str, Any]]) -> list[str]:
+    """Per (dataset, concurrency, method, budget): median TPOT over the rounds, and the median over rounds of
+    TPOT / none's TPOT in the same round and cell."""
+    none = {(r["dataset"], r["concurrency"], r["rep"]): r["tpot_ms_mean"] for r in rows if r["method"] == "none"}
+    lines = []
+    key = lambda r: (r["dataset"], r["concurrency"], r["method"], r["budget"])  # noqa: E731
+    for (dataset, conc, method, budget), group in itertools.groupby(sorted(rows, key=key), key=key):
+        group = list(group)
+        tpot = [r["tpot_ms_mean"] for r in group]
+        ratios = [r["tpot_ms_mean"] / none[(dataset, conc, r["rep"])] for r in group
+                  if (dataset, conc, r["rep"]) in none]
+        vs = f"{100 * (statistics.median(ratios) - 1):+6.1f}% vs none" if ratios and method != "none" else ""
+        lines.append(f"{dataset:<13} c{conc:<3} {method:<7} {budget:<3} TPOT median {statistics.median(tpot):6.3f} "
+                     f"ms over {len(tpot)} rounds (min {min(tpot):.3f}, max {max(tpot):.3f}) {vs}")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -154,56 +231,41 @@ def main() -> None:
                     help="after the warm-up, one short plain-code pass per engine at the lowest concurrency under "
                          "torch.profiler: where a step's host and device time go (top ops by self CPU time)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds; > 1: every engine built first, methods interleaved per cell (see above)")
+    ap.add_argument("--num-kv-blocks", type=int, default=None,
+                    help="KV pages per engine (default: from GPU memory; with --repeat > 1: enough for "
+                         "max concurrency x max-model-len twice over)")
     args = ap.parse_args()
     extra = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.spec_option)}
-    engine_kw = dict(device=args.device, kv_cache_dtype=args.kv_cache_dtype, enforce_eager=args.enforce_eager,
-                     enable_fused_qk_norm_rope=args.enable_fused_qk_norm_rope,
-                     enable_shared_experts_fusion=args.enable_shared_experts_fusion, max_model_len=args.max_model_len,
-                     max_num_seqs=max(int(c) for c in args.concurrency.split(",")))
-    runs = []
-    for method in args.methods.split(","):
-        for budget in (["-"] if method == "none" else args.budget.split(",")):
-            spec = None if method == "none" else {**SPEC[method], **extra, "draft_budget": budget == "on"}
-            overlap = {"overlap_scheduling": False} if spec is None and args.none_overlap == "off" else {}
-            llm = LLM(args.model, speculative_config=spec, **engine_kw, **overlap)
-            runner = llm.engine.worker.runner
-            if runner.graphs is not None and runner.graphs.replay_ms:  # what the draft budget was given
-                print(f"{method} {budget}: graph replay ms (batch, rows per request) "
-                      f"{ {k: round(v, 3) for k, v in sorted(runner.graphs.replay_ms.items())} }", flush=True)
-            if runner.mtp_graphs is not None and runner.mtp_graphs.replay_ms:
-                print(f"{method} {budget}: MTP draft graph ms "
-                      f"{ {k: round(v, 3) for k, v in sorted(runner.mtp_graphs.replay_ms.items())} }", flush=True)
-            if args.warmup:  # Triton compiles each new eager shape once per process: not inside a timed run
-                small = argparse.Namespace(**{**vars(args), "num_prompts": 4, "num_sessions": 4, "num_turns": 2,
-                                              "output_len": 64, "seed": args.seed + 99})
-                for dataset in args.datasets.split(","):
-                    for conc in (int(c) for c in args.concurrency.split(",")):
-                        measure(llm, dataset, conc, small, f"warmup-{method}-{budget}-{dataset}-{conc}")
-            if args.profile:
-                profile(llm, args, f"{method}-{budget}")
-            for dataset in args.datasets.split(","):
-                for conc in (int(c) for c in args.concurrency.split(",")):
-                    r = {"method": method, "budget": budget, "dataset": dataset, "concurrency": conc,
-                         **measure(llm, dataset, conc, args, f"{method}-{budget}-{dataset}-{conc}")}
-                    runs.append(r)
-                    print(f"{method:<7} {budget:<3} {dataset:<13} c{conc:<3} TPOT {r['tpot_ms_mean']:8.2f} "
-                          f"p50 {r['tpot_ms_p50']:8.2f} p99 {r['tpot_ms_p99']:8.2f} | {r['output_tok_s']:8.1f} tok/s | "
-                          f"drafted/tok {r['drafted_per_token']:.2f} accepted/tok {r['accepted_per_token']:.2f} | "
-                          f"overlapped steps {r['overlapped_steps']}, MTP retired {r['mtp_retired']}/{r['requests']}",
-                          flush=True)
-                    if args.out:
-                        with open(args.out, "a") as f:
-                            f.write(json.dumps(r) + "\n")
-            draft_budget = getattr(llm.engine.drafter, "budget", None)
-            if draft_budget is not None:  # what the draft budget's wall clock learnt (spec/wall_clock.py)
-                learnt = {k: {b: round(v, 3) for b, v in sorted(d.items())}
-                          for k, d in draft_budget.clock.snapshot().items()}
-                print(f"{method} {budget}: wall clock learnt (ms by batch bucket) {learnt}", flush=True)
+    setups = [(m, b) for m in args.methods.split(",") for b in (["-"] if m == "none" else args.budget.split(","))]
+    if args.repeat <= 1:  # one engine at a time, each sizing its KV cache from the free memory
+        for method, budget in setups:
+            llm = build(args, method, budget, extra)
+            for dataset, conc in cells(args):
+                run_cell(llm, method, budget, dataset, conc, args)
+            print_learnt(llm, method, budget)
             llm.shutdown()
             del llm  # the next engine sizes its KV cache from free memory: give this one's back first
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+        return
+    if args.num_kv_blocks is None:  # 16-token pages
+        args.num_kv_blocks = 2 * max(c for _, c in cells(args)) * (-(-args.max_model_len // 16))
+    engines = [(m, b, build(args, m, b, extra)) for m, b in setups]
+    rows = []
+    for rep in range(args.repeat):
+        for dataset, conc in cells(args):
+            k = rep % len(engines)
+            for method, budget, llm in engines[k:] + engines[:k]:
+                rows.append(run_cell(llm, method, budget, dataset, conc, args, rep))
+    for method, budget, llm in engines:
+        print_learnt(llm, method, budget)
+    print("--- paired summary (each round's methods ran back to back per cell)")
+    print("\n".join(paired_summary(rows)), flush=True)
+    for _, _, llm in engines:
+        llm.shutdown()
 
 
 if __name__ == "__main__":

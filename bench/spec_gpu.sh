@@ -5,7 +5,8 @@
 # next one's measurement. Prints the table last; JSON lines in $OUT/spec_budget.jsonl.
 # Usage: bash bench/spec_gpu.sh                      (trains: ~4 min of the call)
 #        MODEL=.models/fp8-channel bash bench/spec_gpu.sh   (a carried checkpoint; see bench/RESULTS.md)
-# Knobs: TRAIN_S (training time budget), EXPORT_MODEL (0: keep the trained folder on the device), RUNS ("method:budget ..."), CONCURRENCY, SPEC_ARGS (extra
+# Knobs: TRAIN_S (training time budget), EXPORT_MODEL (0: keep the trained folder on the device), RUNS ("method:budget ..."),
+# REPEAT (> 1: one process, the methods of RUNS interleaved over REPEAT rounds, budget on), CONCURRENCY, SPEC_ARGS (extra
 # bench.spec_budget arguments), RUN_TIMEOUT_S (per process), SKIP_TESTS=1, TESTS_K (pytest -k), DEVICE.
 set -u
 cd "$(dirname "$0")/.."
@@ -33,6 +34,18 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
         2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
 fi
 rm -f "$OUT/spec_budget.jsonl"
+if [ "${REPEAT:-1}" -gt 1 ]; then
+    # every engine in one process, methods interleaved per cell for REPEAT rounds (bench/spec_budget.py): the
+    # paired summary's medians do not move with a slow period of the host the way one run per process does
+    methods=$(for mb in $RUNS; do echo "${mb%:*}"; done | awk '!seen[$0]++' | paste -sd, -)
+    # shellcheck disable=SC2086
+    timeout "$((RUN_TIMEOUT_S * REPEAT))" python3 -m bench.spec_budget --model "$MODEL" --device "$DEVICE" \
+        --methods "$methods" --budget on --concurrency "$CONCURRENCY" $SPEC_ARGS --repeat "$REPEAT" \
+        --enable-fused-qk-norm-rope --enable-shared-experts-fusion --out "$OUT/spec_budget.jsonl" 2>&1 \
+        | grep -v "Loading\|Capturing" >>"$OUT/spec_budget.log"
+    sed -n '/^--- paired summary/,$p' "$OUT/spec_budget.log"
+    exit 0
+fi
 for mb in $RUNS; do
     # shellcheck disable=SC2086
     timeout "$RUN_TIMEOUT_S" python3 -m bench.spec_budget --model "$MODEL" --device "$DEVICE" --methods "${mb%:*}" \

@@ -12,10 +12,17 @@ Programmatic dependent launch (PDL, Hopper): a kernel launched with `pdl_launch(
 while the kernel before it on the stream is still finishing. Such a kernel must call `pdl_wait(PDL)` in every
 program before it reads anything an earlier kernel wrote or writes anything (only constant weights may be read
 before it), and calls `pdl_release(PDL)` to let the next kernel launch early. `GLINT_PDL=0` turns it off.
+
+Token counts: Triton compiles one variant of a kernel per divisibility-by-16 of each int argument, so a kernel
+taking the step's token count compiles again the first time that count's divisibility changes -- inside a
+serving step (a 16-request decode batch next to an 8192-token chunk is 8208 tokens; 15 requests, 8207), seconds
+of stall. Kernels mark such arguments with `@triton.jit(**token_counts("M", ...))`: no alignment variants for
+them (the == 1 variant stays, which batch-1 decode uses).
 """
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 
 import torch
@@ -32,6 +39,16 @@ except ImportError:  # pragma: no cover - older Triton
 
 FP8_MAX = 448.0
 MIN_SCALE = 1e-12
+
+
+# Triton >= 3.2 can drop only the alignment specialization; an older one drops both (== 1 too)
+_NO_ALIGNMENT_KW = ("do_not_specialize_on_alignment" if "do_not_specialize_on_alignment"
+                    in inspect.signature(triton.jit).parameters else "do_not_specialize")
+
+
+def token_counts(*names: str) -> dict[str, list[str]]:
+    """triton.jit keyword arguments: do not specialize these int arguments on their alignment (module doc)."""
+    return {_NO_ALIGNMENT_KW: list(names)}
 
 
 @triton.jit

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_common import (
-    cdiv, device_name, dot_operand, next_pow2, pdl_launch, pdl_release, pdl_wait, to_out, zeroed_counters,
+    cdiv, device_name, dot_operand, next_pow2, pdl_launch, pdl_release, pdl_wait, to_out, zeroed_counters, token_counts,
 )
 from kernels.triton_fp8_gemm_swap import MAX_M as SWAP_KERNEL_MAX_M
 from kernels.triton_fp8_gemm_swap import fp8_gemm_swap
@@ -34,7 +34,7 @@ SWAP_QUANT_MAX_M = 4
 SWAP_DECODE_M = 16  # every shape takes the swap-AB GEMM up to here; above, only where the table has buckets
 
 
-@triton.jit
+@triton.jit(**token_counts("M"))
 def _fp8_gemm_kernel(
     a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, ws_ptr, cnt_ptr,
     M, N, K, SPLIT_K, stride_am, stride_bn, stride_cm, stride_asm, stride_bsn,

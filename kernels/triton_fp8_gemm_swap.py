@@ -19,7 +19,7 @@ import triton.language as tl
 
 from kernels.triton_common import (
     cdiv, dot_operand, next_pow2, pdl_launch, pdl_release, pdl_wait, tl_dtype, to_fp8, to_out,
-    zeroed_counters,
+    zeroed_counters, token_counts,
 )
 from kernels.triton_rope import _norm_rope_heads, _rnd, _store_cache_slices
 
@@ -28,7 +28,7 @@ AMAX_K = 2048  # elements per load of the amax pass (QUANT_X)
 SMEM_BUDGET = 200 * 1024  # bytes of pipelined tiles per program (Hopper: 227 KB of shared memory per block)
 
 
-@triton.jit
+@triton.jit(**token_counts("M"))
 def _fp8_gemm_swap_kernel(
     x_ptr, w_ptr, c_ptr, xs_ptr, ws_ptr, bias_ptr, part_ptr, cnt_ptr,
     M, N, K, SPLIT_K, stride_xm, stride_wn, stride_cm, stride_xsm,

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from kernels.triton_common import (
     cdiv, device_name, dot_operand, next_pow2, pdl_launch, pdl_release, pdl_wait, round_bf16, tl_dtype, to_fp8,
-    to_out, zeroed_counters,
+    to_out, zeroed_counters, token_counts,
 )
 from kernels.triton_moe_align import max_blocks, moe_align
 from kernels.triton_quant import quant_fp8_per_group, quant_fp8_per_token
@@ -59,7 +59,7 @@ def _quant_tile(a, scale):
     return to_fp8(tl.clamp(a / scale, -448.0, 448.0))
 
 
-@triton.jit
+@triton.jit(**token_counts("NP"))
 def _moe_gate_up_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, act_ptr, sorted_ptr, bexp_ptr, part_ptr, cnt_ptr,
     NP, TOPK, K, I, SPLIT_K,
@@ -186,7 +186,7 @@ def _moe_gate_up_kernel(
         tl.store(out, to_out(h, act_ptr.dtype.element_ty), mask=mn[None, :])
 
 
-@triton.jit
+@triton.jit(**token_counts("NP"))
 def _moe_down_kernel(
     act_ptr, as_ptr, w_ptr, ws_ptr, y_ptr, sorted_ptr, bexp_ptr, tw_ptr, out_ptr, cnt_ptr,
     NP, I, H, N_LOOP,

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import cdiv, next_pow2, pdl_launch, pdl_release, pdl_wait
+from kernels.triton_common import cdiv, next_pow2, pdl_launch, pdl_release, pdl_wait, token_counts
 
 # pairs handled by the one-program kernel. H200, `python -m bench.moe_stages --align` (161 slots): 2304 pairs
 # take 73.5 us in one program vs 16.8 us on the multi-program path; 576 pairs 14.0 vs 13.0 us
@@ -58,7 +58,7 @@ def _sort_scatter(ids_ptr, sorted_ptr, base_ptr, c, NP, E, CHUNK: tl.constexpr):
     tl.store(sorted_ptr + pos, src.to(tl.int32), mask=ok)
 
 
-@triton.jit
+@triton.jit(**token_counts("NP"))
 def _align_small_kernel(
     ids_ptr, sorted_ptr, bexp_ptr, base_ptr, NP, E, MAX_BLOCKS,
     BLOCK_M: tl.constexpr, E_P: tl.constexpr, CHUNK: tl.constexpr, BCHUNK: tl.constexpr, FILL: tl.constexpr,
@@ -84,7 +84,7 @@ def _align_small_kernel(
     _sort_scatter(ids_ptr, sorted_ptr, base_ptr, 0, NP, E, CHUNK)
 
 
-@triton.jit
+@triton.jit(**token_counts("NP", "TOTAL"))
 def _align_hist_kernel(
     ids_ptr, hist_ptr, sorted_ptr, NP, E, TOTAL, E_P: tl.constexpr, CHUNK: tl.constexpr,
     PDL: tl.constexpr = False,
@@ -101,7 +101,7 @@ def _align_hist_kernel(
         tl.store(sorted_ptr + r0 + li, tl.zeros([CHUNK], dtype=tl.int32) + NP, mask=r0 + li < TOTAL)
 
 
-@triton.jit
+@triton.jit(**token_counts("NCHUNK"))
 def _align_scan_kernel(
     hist_ptr, base_ptr, bexp_ptr, NCHUNK, E, MAX_BLOCKS,
     BLOCK_M: tl.constexpr, E_P: tl.constexpr, BCHUNK: tl.constexpr,
@@ -126,7 +126,7 @@ def _align_scan_kernel(
     _block_experts(bexp_ptr, blk_end, E, MAX_BLOCKS, BCHUNK)
 
 
-@triton.jit
+@triton.jit(**token_counts("NP"))
 def _align_scatter_kernel(
     ids_ptr, sorted_ptr, base_ptr, NP, E, E_P: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr = False,
 ):

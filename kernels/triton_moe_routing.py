@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_common import (
-    cdiv, next_pow2, pdl_launch, pdl_release, pdl_wait, round_bf16, to_fp8, zeroed_counters,
+    cdiv, next_pow2, pdl_launch, pdl_release, pdl_wait, round_bf16, to_fp8, zeroed_counters, token_counts,
 )
 
 
@@ -96,7 +96,7 @@ def _route_tokens(
     tl.store(w_ptr + ti_c[:, None] * stride_wt + ki, wk, mask=omask)
 
 
-@triton.jit
+@triton.jit(**token_counts("T"))
 def _moe_route_kernel(
     logit_ptr, bias_ptr, w_ptr, id_ptr, T, E, EG, G, stride_lt, stride_wt, stride_it, scaling,
     TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr,
@@ -134,7 +134,7 @@ def _normed(summed, inv, nw_ptr, h, mh):
     return round_bf16(tl.load(nw_ptr + h, mask=mh, other=0.0).to(tl.float32)[None, :] * n)
 
 
-@triton.jit
+@triton.jit(**token_counts("T"))
 def _gate_route_kernel(
     x_ptr, gw_ptr, part_ptr, cnt_ptr, bias_ptr, w_ptr, id_ptr,
     r_ptr, nw_ptr, s_ptr, y_ptr, q_ptr, qs_ptr,

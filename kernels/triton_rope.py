@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_common import (
-    cdiv, next_pow2, pdl_launch, pdl_release, pdl_wait, round_bf16, tl_dtype, to_out,
+    cdiv, next_pow2, pdl_launch, pdl_release, pdl_wait, round_bf16, tl_dtype, to_out, token_counts,
 )
 
 
@@ -151,7 +151,7 @@ def _one_token(
                 )
 
 
-@triton.jit
+@triton.jit(**token_counts("T"))
 def _qk_norm_rope_kernel(
     q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, cs_ptr, pos_ptr,
     v_ptr, kc_ptr, vc_ptr, slot_ptr,

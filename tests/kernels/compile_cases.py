@@ -156,7 +156,49 @@ def case_attention():
                 paged_attention(q, kc, kc, bt, lens, qsl, 0.1, max_query_len=4096, block_m=128, num_warps=8)
 
 
+def case_token_counts():
+    """A mixed step's token count (an 8192-token chunk next to 16 decodes = 8208, next to 15 = 8207) must not
+    compile new variants of the kernels that take it: after the 8208-token calls, the 8207-token ones add no
+    entry to any kernel's compile cache (Triton keys it on each int argument's divisibility by 16)."""
+    from triton.runtime.jit import JITFunction
+
+    import kernels.triton_fp8_gemm as gemm
+    import kernels.triton_moe as moe
+    import kernels.triton_moe_align as align
+    import kernels.triton_moe_routing as routing
+    import kernels.triton_rope as rope
+
+    jitted = {f"{m.__name__}.{n}": f for m in (gemm, moe, align, routing, rope) for n, f in vars(m).items()
+              if isinstance(f, JITFunction)}
+
+    def variants() -> dict[str, int]:
+        return {n: sum(len(c[0]) for c in f.device_caches.values()) for n, f in jitted.items()}
+
+    def step(t: int) -> None:
+        gemm.fp8_gemm(torch.empty(t, 5120, dtype=FP8), torch.empty(t, 1), torch.empty(1536, 5120, dtype=FP8),
+                      torch.empty(1536, 1), None, BF16, False)
+        routing.moe_route(torch.empty(t, 160), torch.empty(160), 8, 1, 1, True, 2.5, 1)
+        e, inter, h = 161, 192, 5120
+        moe.fused_moe(torch.empty(t, h, dtype=BF16), torch.empty(e, 2 * inter, h, dtype=FP8),
+                      torch.empty(e, h, inter, dtype=FP8), torch.empty(t, 9), torch.zeros(t, 9, dtype=torch.int32),
+                      torch.empty(e, 2 * inter, 1), torch.empty(e, h, 1), "fp8_channel")
+        q, k = torch.empty(t, 12, 128, dtype=BF16), torch.empty(t, 1, 128, dtype=BF16)
+        w = torch.empty(128, dtype=BF16)
+        rope.qk_norm_rope(q, k, w, w, torch.empty(4096, 64), torch.empty(t, dtype=torch.int64), 1e-5)
+
+    step(8208)
+    first = variants()
+    step(8207)
+    again = variants()
+    grew = sorted(n for n in again if again[n] > first[n])
+    used = sorted(n for n in first if first[n])
+    if grew:
+        raise AssertionError(f"new compiled variants for a token count of another alignment: {grew}")
+    print(f"token counts 8208 / 8207: no new variants of {used}")
+
+
 CASES = {
+    "token_counts": case_token_counts,
     "attention": case_attention,
     "moe": case_moe,
     "gemm": case_gemm,

@@ -43,6 +43,8 @@ from spec import DraftSlot, Drafter, MtpCalls, SpecStats, StepTiming, StepView, 
 
 log = logging.getLogger(__name__)
 
+SLOW_STEP_S = 1.0  # a step() call this long is logged (a compile of a new kernel variant, a stalled peer)
+
 
 @dataclass
 class _Launched:
@@ -98,6 +100,7 @@ class EngineCore:
         self._seq_keys = itertools.count()
         self.overlap = config.overlap_scheduling
         self.num_overlapped_steps = 0
+        self.num_slow_steps = 0  # step() calls longer than SLOW_STEP_S (logged)
         self.num_prompt_tokens_total = 0
         self.num_failed_requests = 0
         log.info("KV cache: %d pages of %d tokens = %d tokens", self.pool.num_total, self.block_size,
@@ -273,8 +276,13 @@ class EngineCore:
         for rid in {d.request_id for d in deltas if d.finished}:
             if all(r.is_finished for r in self._requests.get(rid, [])):
                 self._forget(rid)
+        took = time.perf_counter() - started
         if timed is not None:
-            self._time_step(timed, 1000 * (time.perf_counter() - started))
+            self._time_step(timed, 1000 * took)
+        if took > SLOW_STEP_S:
+            self.num_slow_steps += 1
+            log.warning("slow step: %.2f s for %d tokens of %d requests", took,
+                        sum(s.num_tokens for s in sched.scheduled), len(sched.scheduled))
         return deltas
 
     def _time_step(self, step: _Launched, call_ms: float) -> None:
@@ -526,6 +534,7 @@ class EngineCore:
             num_generated_tokens_total=self.outputs.num_generated_tokens_total,
             num_failed_requests=self.num_failed_requests,
             num_overlapped_steps=self.num_overlapped_steps,
+            num_slow_steps=self.num_slow_steps,
         )
         if self.drafter is not None:
             s.update(self.spec_stats.as_dict())

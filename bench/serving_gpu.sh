@@ -2,7 +2,12 @@
 # Serving on one GPU: the server on a dummy real-shape GLM-4.7 (bench/real_shape.py) under bench.serving, for the
 # baseline and the optimized 1-GPU presets (configs/presets), one after the other. Writes $OUT/serving_<preset>.json
 # and prints a TTFT/TPOT/ITL table. Knobs: LAYERS, NUM_PROMPTS, RATE, INPUT_LEN, OUTPUT_LEN, PRESETS, SERVER_WAIT_S
-# (start-up limit), CLIENT_TIMEOUT_S. Multi-GPU presets (optimized-tp4) spawn their ranks from the server.
+# (start-up limit), CLIENT_TIMEOUT_S, SERVER_ARGS (extra server flags) with TAG (appended to the result names),
+# WARMUP_PROMPTS (a first, unrecorded run of that many prompts at the first rate: the load's step shapes compile
+# there, not inside the measurement). Multi-GPU presets (optimized-tp4) spawn their ranks from the server.
+# Issue 21 item 4 (the prefill cap next to decodes), one call:
+#   for cap in "" 2048; do TAG=${cap:+_cap$cap} SERVER_ARGS="--chunked-prefill-size 16384 ${cap:+--max-prefill-tokens-while-decoding $cap}" \
+#     PRESETS=optimized-1gpu WARMUP_PROMPTS=16 RATE=6 bash bench/serving_gpu.sh; done
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/serving_out}
@@ -25,8 +30,9 @@ MODEL=$(python3 -m bench.real_shape --layers "$LAYERS")
 echo "model $MODEL ($LAYERS layers), $NUM_PROMPTS prompts, ${INPUT_LEN} in / ${OUTPUT_LEN} out, Poisson rate $RATE/s"
 for preset in $PRESETS; do
     port=$((18000 + RANDOM % 1000))
-    python3 -m server --model "$MODEL" --preset "$preset" --host 127.0.0.1 --port "$port" \
-        >"$OUT/server_$preset.log" 2>&1 &
+    # shellcheck disable=SC2086
+    python3 -m server --model "$MODEL" --preset "$preset" --host 127.0.0.1 --port "$port" ${SERVER_ARGS:-} \
+        >"$OUT/server_$preset${TAG:-}.log" 2>&1 &
     pid=$!
     ok=0
     t_start=$(date +%s)
@@ -36,15 +42,22 @@ for preset in $PRESETS; do
         sleep 1
     done
     if [ "$ok" -ne 1 ]; then
-        echo "=== $preset: server did not start"; tail -20 "$OUT/server_$preset.log"; kill "$pid" 2>/dev/null; continue
+        echo "=== $preset: server did not start"; tail -20 "$OUT/server_$preset${TAG:-}.log"; kill "$pid" 2>/dev/null
+        continue
     fi
     echo "=== $preset (server up in $(( $(date +%s) - t_start )) s)"
-    grep -E "KV cache|capacity" "$OUT/server_$preset.log" | head -3
+    grep -E "KV cache|capacity" "$OUT/server_$preset${TAG:-}.log" | head -3
+    if [ "${WARMUP_PROMPTS:-0}" -gt 0 ]; then
+        timeout "$CLIENT_TIMEOUT_S" python3 -m bench.serving --base-url "http://127.0.0.1:$port" --endpoint completions \
+            --dataset random --num-prompts "$WARMUP_PROMPTS" --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN" \
+            --request-rate "${RATES%% *}" --seed 1000 --tokenizer "$MODEL" --tokenize-prompt --disable-tqdm \
+            >"$OUT/warmup_$preset${TAG:-}.log" 2>&1
+    fi
     i=0
     for rate in $RATES; do
         i=$((i + 1))
         n=$(echo "$NUMS" | awk -v i="$i" '{print (i <= NF) ? $i : $NF}')
-        name=$preset; [ "$RATES" = "$RATE" ] || name="${preset}_r$rate"
+        name=$preset${TAG:-}; [ "$RATES" = "$RATE" ] || name="${preset}${TAG:-}_r$rate"
         echo "--- $name: $n prompts at $rate req/s"
         timeout "$CLIENT_TIMEOUT_S" python3 -m bench.serving --base-url "http://127.0.0.1:$port" --endpoint completions \
             --dataset random --num-prompts "$n" --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN" \
@@ -56,12 +69,14 @@ for preset in $PRESETS; do
     for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
     if kill -0 "$pid" 2>/dev/null; then echo "=== $preset: server still up 60 s after SIGINT, killed"; kill -9 "$pid"; fi
     wait "$pid" 2>/dev/null
-    echo "=== $preset: server exit $(tail -1 "$OUT/server_$preset.log" | cut -c1-160)"
+    echo "=== $preset${TAG:-}: $(grep -c "slow step" "$OUT/server_$preset${TAG:-}.log") slow steps (> 1 s) logged"
+    echo "=== $preset: server exit $(tail -1 "$OUT/server_$preset${TAG:-}.log" | cut -c1-160)"
 done
+# shellcheck disable=SC2086
 python3 - "$OUT" ${RESULTS:-$PRESETS} <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
-print(f"{'run':18} {'req/s':>7} {'out tok/s':>10} {'TTFT mean':>10} {'TTFT p99':>9} {'TPOT mean':>10} {'ITL p99':>8}  (ms)")
+print(f"{'run':18} {'req/s':>7} {'out tok/s':>10} {'TTFT mean':>10} {'TTFT p99':>9} {'TPOT mean':>10} {'ITL p99':>8} {'ITL max':>8}  (ms)")
 for p in sys.argv[2:]:
     f = out / f"serving_{p}.json"
     if not f.is_file():
@@ -69,5 +84,5 @@ for p in sys.argv[2:]:
     s = json.loads(f.read_text())["summary"]
     g = lambda k, q: s.get(k, {}).get(q, float("nan"))
     print(f"{p:18} {s.get('request_throughput', float('nan')):7.2f} {s.get('output_throughput', float('nan')):10.0f} "
-          f"{g('ttft_ms','mean'):10.1f} {g('ttft_ms','p99'):9.1f} {g('tpot_ms','mean'):10.2f} {g('itl_ms','p99'):8.2f}")
+          f"{g('ttft_ms','mean'):10.1f} {g('ttft_ms','p99'):9.1f} {g('tpot_ms','mean'):10.2f} {g('itl_ms','p99'):8.2f} {g('itl_ms','max'):8.1f}")
 PY

@@ -4,9 +4,9 @@ out of the way where drafts are rejected (vLLM's adaptive verification, SGLang's
 Per request and draft source the budget keeps a running acceptance estimate from the verifies it saw (each
 older verify weighted by `acceptance_decay` per newer one), and one per source over all requests (older verifies
 weighted by ENGINE_DECAY each), which prices a new request's drafts before it has verified any (spec/mtp.py
-retires a new request at admission where even that would not pay for the MTP chain). A source may give each draft token a probability
-(suffix trees: the cumulative p_j under the trees' counts, so the conditional q_j = p_j / p_(j-1)); one without
-(MTP) counts as q_j = 1. The request's calibration c = decayed accepted tokens / decayed sum of q over the
+retires a new request at admission where even that would not pay for the MTP chain). A source may give each
+draft token a probability (suffix trees: the cumulative p_j under the trees' counts, so the conditional
+q_j = p_j / p_(j-1)); one without (MTP) counts as q_j = 1. The request's calibration c = decayed accepted tokens / decayed sum of q over the
 positions its verifies tested (each accepted one and the first rejected one), and draft position j (0-based)
 is accepted with probability prod_(i<=j) min(1, c * q_i): for MTP that is the geometric estimate c^(j+1) (prior
 c = 0.8 over mass 1, so a new request drafts); for suffix drafts the trees' own probabilities scaled by how

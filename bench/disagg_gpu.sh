@@ -12,7 +12,8 @@
 # every write posted -> every page landed there) against the prefill side's disagg_prefill_seconds_total
 # (scheduled -> first token); also the prefill side's transfer tail (first token -> the Ack was read there, at
 # its next step).
-# Writes $OUT/<run>_{decoders,long}.json and prints one table.
+# Writes $OUT/<run>_{decoders,long}.json and prints one table. The device tool returns a limited number of files:
+# run with OUT=/tmp/dg and then `tar -C /tmp -czf "$OUT/dg.tgz" dg` to get them all back.
 # Knobs: LAYERS (real-shape dummy model depth; two instances must fit), MODEL (a checkpoint instead),
 # DEVICE_ARGS (e.g. "--device cpu" for a smoke run), RUNS, LONG_LEN, LONG_NUM, LONG_RATE, DEC_LEN, DEC_OUT,
 # DEC_NUM, DEC_CONC, MEM, BACKEND, SERVER_WAIT_S, CLIENT_TIMEOUT_S, SERVER_ARGS (extra flags for every instance,
@@ -113,6 +114,8 @@ for run in $RUNS; do
     curl -sf "$prefill_url/server_info" >"$OUT/${run}_prefill_info.json" || true
     curl -sf "$decode_url/server_info" >"$OUT/${run}_decode_info.json" || true
     stop_all
+    # steps over 1 s (engine/engine_core.py SLOW_STEP_S): a kernel variant compiling inside the load, a stalled peer
+    echo "$run: $(cat "$OUT/$run".*.log 2>/dev/null | grep -c "slow step") slow steps logged (warm-up included)"
 done
 
 python3 - "$OUT" $RUNS <<'PY'

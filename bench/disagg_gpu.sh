@@ -33,7 +33,7 @@ else
     LOAD_ARGS=()
 fi
 DEVICE_ARGS=${DEVICE_ARGS:-}
-RUNS=${RUNS:-"colocated colocated-capped disagg-sync disagg-async"}
+RUNS=${RUNS:-"colocated colocated-capped disagg-sync disagg-async"}  # also: disagg-async-last-sync
 CAP=${CAP:-2048}  # colocated-capped: --max-prefill-tokens-while-decoding (issue 21 item 4)
 LONG_LEN=${LONG_LEN:-16384}; LONG_NUM=${LONG_NUM:-16}; LONG_RATE=${LONG_RATE:-0.5}
 DEC_LEN=${DEC_LEN:-1024}; DEC_OUT=${DEC_OUT:-2048}; DEC_NUM=${DEC_NUM:-48}; DEC_CONC=${DEC_CONC:-16}
@@ -75,7 +75,9 @@ for run in $RUNS; do
         PIDS+=($!); wait_up "$url" "$!" "$OUT/$run.server.log" || { stop_all; continue; }
         prefill_url=$url; decode_url=$url
     else
-        async=(); [ "$run" = disagg-async ] && async=(--disaggregation-async-transfer)
+        async=()
+        [ "$run" = disagg-async ] && async=(--disaggregation-async-transfer)
+        [ "$run" = disagg-async-last-sync ] && async=(--disaggregation-async-transfer --disaggregation-async-last-chunk-sync)
         p=$((base + 1)); d=$((base + 2)); bport=$((base + 3))
         python3 -m server "${common[@]}" --port "$p" --mem-fraction-static "$MEM" --disaggregation-mode prefill \
             --disaggregation-bootstrap-port "$bport" --disaggregation-transfer-backend "$BACKEND" "${async[@]}" \

@@ -114,7 +114,7 @@ class PrefillConnector(KVConnector):
 
     def info(self) -> dict[str, Any]:
         return {"mode": self.mode, "bootstrap_addr": self.server.address, "transfer_backend": self.backend,
-                "async_transfer": self.async_transfer}
+                "async_transfer": self.async_transfer, "async_last_chunk_sync": self.config.async_last_chunk_sync}
 
     # -- requests -----------------------------------------------------------------------------------
     def add(self, req: Request, params: DisaggParams) -> None:
@@ -164,7 +164,8 @@ class PrefillConnector(KVConnector):
             dst = room.reserve.pages[room.sent_pages : upto]
             self._pool.touch(src)  # ours until the decode side acknowledged (or the room failed)
             room.held.extend(src)
-            send = KVSend(room_id, self._peers[room.decode], room.next_seq, tuple(src), tuple(dst), room.deadline)
+            send = KVSend(room_id, self._peers[room.decode], room.next_seq, tuple(src), tuple(dst), room.deadline,
+                          last=upto == -(-n_prompt // bs))
             room.next_seq += 1
             room.sent_pages = upto
             self._writes_in_flight = True
@@ -172,13 +173,30 @@ class PrefillConnector(KVConnector):
             sends.append(send)
         return sends
 
+    def _in_step_order(self, send: KVSend) -> bool:
+        """Posted after its step like sync transfer's: every send without async transfer; with it, a request's
+        last write where async_last_chunk_sync asks for it."""
+        return not self.async_transfer or (self.config.async_last_chunk_sync and send.last)
+
+    def rides_on_step(self, send: KVSend) -> bool:
+        return not self._in_step_order(send)
+
+    def posts_before_next_step(self, sends: list[KVSend]) -> bool:
+        return self.async_transfer and any(self._in_step_order(s) for s in sends)
+
     def after_step(self, sends: list[KVSend]) -> None:
-        """Sends that did not ride on the step's inputs: sync transfer posts them now (the step has run); async
-        transfer (with MTP, whose NextN extend writes the pages' last layer after the step) queues them behind
-        a CUDA event recorded now, after that extend."""
+        """Sends that did not ride on the step's inputs: sync transfer posts them now (the step has run), as
+        async transfer does a last write with async_last_chunk_sync; other async sends (with MTP, whose NextN
+        extend writes the pages' last layer after the step) are queued behind a CUDA event recorded now, after
+        that extend."""
         if not sends:
             return
-        self._ranks.connector_call(QueueSends(tuple(sends)) if self.async_transfer else PostSends(tuple(sends)))
+        queued = tuple(s for s in sends if not self._in_step_order(s))
+        posted = tuple(s for s in sends if self._in_step_order(s))
+        if queued:
+            self._ranks.connector_call(QueueSends(queued))
+        if posted:
+            self._ranks.connector_call(PostSends(posted))
         # poll them from the next step on: with overlap this runs after the step's poll, which may have
         # cleared the flag, and NIXL moves a write only while it is polled
         self._writes_in_flight = True

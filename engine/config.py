@@ -81,6 +81,11 @@ class DisaggregationConfig:
     async_transfer: bool = option(
         "disaggregation_async_transfer", False, "send each prefill chunk's KV pages as soon as the GPU wrote "
         "them (a CUDA event)", flags=("--disaggregation-async-transfer",), type=bool)
+    async_last_chunk_sync: bool = option(
+        "disaggregation_async_last_chunk_sync", False, "with async transfer: post a request's last chunk the way "
+        "sync transfer does (after its step, which then does not overlap the next), so that on a GPU the prefill "
+        "instance shares its copy is not queued behind the next chunk's kernels",
+        flags=("--disaggregation-async-last-chunk-sync",), type=bool)
     bootstrap_host: str = option(
         "disaggregation_bootstrap_host", "127.0.0.1", "prefill instance: where its KV handshake socket listens",
         flags=("--disaggregation-bootstrap-host",), type=str)
@@ -213,6 +218,9 @@ class EngineConfig:
         if o["prefill_attention_backend"] not in PREFILL_ATTENTION_BACKENDS:
             raise ValueError(f"prefill_attention_backend must be one of {PREFILL_ATTENTION_BACKENDS}, got "
                              f"{o['prefill_attention_backend']!r}")
+        if o["disaggregation_async_last_chunk_sync"] and not o["disaggregation_async_transfer"]:
+            raise ValueError("disaggregation_async_last_chunk_sync (--disaggregation-async-last-chunk-sync) needs "
+                             "disaggregation_async_transfer (--disaggregation-async-transfer)")
         if o["disaggregation_mode"] not in DISAGGREGATION_MODES:
             raise ValueError(f"disaggregation_mode must be one of {DISAGGREGATION_MODES}, got "
                              f"{o['disaggregation_mode']!r}")

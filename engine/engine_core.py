@@ -257,9 +257,12 @@ class EngineCore:
             self._inflight = None
         if launched is not None:
             # a verify step is never left in flight: the next step's positions depend on what it accepts; nor
-            # one whose hidden states the drafter reads right after it (MTP)
+            # one whose hidden states the drafter reads right after it (MTP), nor one whose KV writes must be
+            # posted before the next step's kernels (disaggregation, async_last_chunk_sync)
             launched.overlapped = (self.overlap and not launched.keeps_hidden
-                                   and not any(s.num_drafts for s in launched.scheduled))
+                                   and not any(s.num_drafts for s in launched.scheduled)
+                                   and not (launched.kv_sends and self.connector.posts_before_next_step(
+                                       launched.kv_sends)))
             deltas += self._sample(launched)
             if self.drafter is not None and all(s.num_tokens - s.num_drafts == 1 for s in launched.scheduled):
                 timed = launched
@@ -384,10 +387,11 @@ class EngineCore:
         if prev is not None and prev.sampled is not None:
             inputs.table_writes = prev.table_writes
         kv_sends = self.connector.plan_sends(scheduled) if self.connector is not None else []
-        if kv_sends and self.connector.async_transfer and not inputs.keep_hidden:
-            # every rank sends its shard once the forward has run (a CUDA event recorded after it); with MTP
-            # the NextN layer writes its KV of these pages later (the extend): the sends go after that
-            inputs.kv_sends, kv_sends = kv_sends, []
+        if kv_sends and not inputs.keep_hidden:
+            # async transfer: every rank sends its shard once the forward has run (a CUDA event recorded after
+            # it); with MTP the NextN layer writes its KV of these pages later (the extend): they go after that
+            inputs.kv_sends = [s for s in kv_sends if self.connector.rides_on_step(s)]
+            kv_sends = [s for s in kv_sends if not self.connector.rides_on_step(s)]
         check_ranks_alive(self._procs)
         try:
             logits = self.worker.execute(inputs, prev.sampled.tokens if inputs.table_writes else None)

@@ -47,6 +47,7 @@ class KVSend:
     src_pages: tuple[int, ...]
     dst_pages: tuple[int, ...]
     deadline: float  # time.time() seconds
+    last: bool = False  # the request's last write (its step completes the prompt's pages)
 
 
 @dataclass
@@ -115,6 +116,16 @@ class KVConnector(abc.ABC):
     @abc.abstractmethod
     def after_step(self, sends: list[KVSend]) -> None:
         """The step ran (its tokens are on the host): sync transfer posts the step's sends now."""
+
+    def rides_on_step(self, send: KVSend) -> bool:
+        """Whether the send goes with the step's forward (async transfer: a CUDA event recorded after it, then
+        the rank's transfer thread posts it); else after_step takes it once the step ran."""
+        return self.async_transfer
+
+    def posts_before_next_step(self, sends: list[KVSend]) -> bool:
+        """Whether the step whose after_step takes these sends must not overlap the next step, so that their
+        writes are posted before the next step's kernels are submitted."""
+        return False
 
     @abc.abstractmethod
     def first_token(self, req: Request, token: int, logprobs: LogprobsDict | None) -> None:

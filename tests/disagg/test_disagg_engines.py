@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from disagg.connector import build_kv_connector
+from disagg.protocol import PostSends, QueueSends
 from disagg.transfer import NIXL_AVAILABLE
 from disagg.transfer_base import PENDING
 from disagg.transfer_worker import TransferWorker
@@ -402,3 +403,44 @@ def test_different_tp_sizes_are_refused_clearly(tiny_bf16, prompts, monkeypatch)
         pair.assert_clean()
     finally:
         pair.close()
+
+
+def test_async_last_chunk_sync_posts_only_the_last_write_after_its_step(tiny_bf16, prompts, monkeypatch):
+    """--disaggregation-async-last-chunk-sync: a chunked prompt's earlier writes ride on their steps (a CUDA
+    event, then the transfer thread), its last write is posted after its step like sync transfer's, that step
+    does not overlap the next, and the tokens are the colocated ones."""
+    expected = colocated(tiny_bf16, prompts, GREEDY)
+    calls: list[tuple[str, tuple[bool, ...]]] = []  # (message, each send's `last`)
+    handle = TransferWorker.handle
+
+    def spy(self, message):
+        if isinstance(message, (PostSends, QueueSends)):
+            calls.append((type(message).__name__, tuple(s.last for s in message.sends)))
+        return handle(self, message)
+    monkeypatch.setattr(TransferWorker, "handle", spy)
+    riding = []
+    after_forward = TransferWorker.after_forward
+    monkeypatch.setattr(TransferWorker, "after_forward",
+                        lambda self, sends: (riding.extend(s.last for s in sends), after_forward(self, sends))[1])
+    pair = Pair(tiny_bf16, "local", disaggregation_async_transfer=True, disaggregation_async_last_chunk_sync=True,
+                overlap_scheduling=True, prefill_kw={"max_num_batched_tokens": 32})
+    try:
+        assert pair.prefill.info()["disaggregation"]["async_last_chunk_sync"]
+        for i, p in enumerate(prompts):
+            pair.add(f"r{i}", p, GREEDY)
+        out = pair.run()
+        assert [[out[(f"r{i}", 0)]["tokens"]] for i in range(len(prompts))] == expected
+        pair.assert_clean()
+        posted = [lasts for name, lasts in calls if name == "PostSends"]
+        assert sum(len(x) for x in posted) == len(prompts) and all(all(x) for x in posted)  # one last write each
+        assert not any(name == "QueueSends" for name, _ in calls)  # no MTP: the others ride on their steps
+        chunked = sum(-(-len(p) // 32) - 1 for p in prompts)  # writes before each prompt's last chunk
+        assert len(riding) >= chunked > 0 and not any(riding)
+    finally:
+        pair.close()
+
+
+def test_async_last_chunk_sync_needs_async_transfer(tiny_bf16):
+    with pytest.raises(ValueError, match="needs disaggregation_async_transfer"):
+        EngineConfig.create(str(tiny_bf16), device="cpu", disaggregation_mode="prefill",
+                            disaggregation_async_last_chunk_sync=True)

@@ -100,7 +100,7 @@ def test_engine_kwargs_mapping():
         "overlap_scheduling": None,
         "disaggregation_mode": "null",
         "disaggregation_transfer_backend": "auto",
-        "disaggregation_async_transfer": False,
+        "disaggregation_async_transfer": False, "disaggregation_async_last_chunk_sync": False,
         "disaggregation_bootstrap_host": "127.0.0.1",
         "disaggregation_bootstrap_port": 8998,
         "disaggregation_timeout": 60.0,
@@ -143,11 +143,13 @@ def test_disaggregation_flags_map_to_engine_kwargs():
         "--model", "/ckpt", "--disaggregation-mode", "decode", "--disaggregation-transfer-backend", "local",
         "--disaggregation-async-transfer", "--disaggregation-bootstrap-host", "10.0.0.2",
         "--disaggregation-bootstrap-port", "9100", "--disaggregation-timeout", "12.5",
+        "--disaggregation-async-last-chunk-sync",
     ]))
     assert {k: v for k, v in kw.items() if k.startswith("disaggregation_")} == {
         "disaggregation_mode": "decode", "disaggregation_transfer_backend": "local",
         "disaggregation_async_transfer": True, "disaggregation_bootstrap_host": "10.0.0.2",
         "disaggregation_bootstrap_port": 9100, "disaggregation_timeout": 12.5,
+        "disaggregation_async_last_chunk_sync": True,
     }
 
 

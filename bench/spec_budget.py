@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 
-from bench.code_corpus import glm_chat_text
 from bench.datasets import make_edit_sessions, make_plain_code_dataset
 from engine import LLM, SamplingParams
 

@@ -390,8 +390,9 @@ class EngineCore:
         if kv_sends and not inputs.keep_hidden:
             # async transfer: every rank sends its shard once the forward has run (a CUDA event recorded after
             # it); with MTP the NextN layer writes its KV of these pages later (the extend): they go after that
-            inputs.kv_sends = [s for s in kv_sends if self.connector.rides_on_step(s)]
-            kv_sends = [s for s in kv_sends if not self.connector.rides_on_step(s)]
+            rides = [self.connector.rides_on_step(s) for s in kv_sends]
+            inputs.kv_sends = [s for s, r in zip(kv_sends, rides) if r]
+            kv_sends = [s for s, r in zip(kv_sends, rides) if not r]
         check_ranks_alive(self._procs)
         try:
             logits = self.worker.execute(inputs, prev.sampled.tokens if inputs.table_writes else None)

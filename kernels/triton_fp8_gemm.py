@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 
 from kernels.triton_common import (
-    cdiv, device_name, dot_operand, next_pow2, pdl_launch, pdl_release, pdl_wait, to_out, zeroed_counters, token_counts,
+    cdiv, device_name, dot_operand, next_pow2, pdl_launch, pdl_release, pdl_wait, to_out, zeroed_counters,
+    token_counts,
 )
 from kernels.triton_fp8_gemm_swap import MAX_M as SWAP_KERNEL_MAX_M
 from kernels.triton_fp8_gemm_swap import fp8_gemm_swap

@@ -117,6 +117,9 @@ class EngineConfig:
     enforce_eager: bool = option(
         "enforce_eager", False, "no CUDA graphs (every step runs eagerly)",
         flags=("--enforce-eager", "--disable-cuda-graph"), type=bool)
+    kernel_warmup: bool = option(
+        "kernel_warmup", True, "compile the Triton kernels' launch variants for every step shape at start-up "
+        "(CUDA), so that no serving step stalls on a compile", off_flags=("--disable-kernel-warmup",))
     overlap_scheduling: bool = option(  # plan step N+1 on the CPU while the device runs step N
         "overlap_scheduling", None, "plan the next step on the CPU while the device runs this one (default: on "
         "with CUDA, off on CPU; with speculation only steps without drafts overlap, and with MTP only those of "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,11 +23,13 @@ from engine.distributed import (
     min_across_ranks,
     shutdown_distributed,
 )
+from engine.kernel_warmup import AttentionShape, step_inputs, warmup_steps
 from engine.kv_connector import KVConnectorWorker
 from engine.kv_cache import allocate_kv_caches, kv_bytes_per_token, kv_cache_dtype
 from engine.model_runner import ModelRunner, StepInputs
 from engine.token_table import TokenTable
 from model.builder import build_model
+from model.parallel import HeadPartition
 from spec import MtpBatch, MtpDraftBatch, StepCost, StepCosts
 
 log = logging.getLogger(__name__)
@@ -81,6 +84,8 @@ class ModelWorker:
         table = TokenTable(config.scheduler.max_num_seqs, self.device) if config.overlap_scheduling else None
         self.runner = ModelRunner(self.model, kv, self.device, token_table=table)
         self.runner.decode_max_seq_len = config.scheduler.max_model_len
+        if self.device.type == "cuda" and config.kernel_warmup:
+            self._warm_up_kernels(kv_dtype == torch.float8_e4m3fn)
         if self.device.type == "cuda" and not config.enforce_eager:
             spec = config.speculative
             self.runner.graphs = DecodeGraphs(
@@ -164,6 +169,22 @@ class ModelWorker:
         del kv
         torch.cuda.empty_cache()
         return peak - kv_bytes
+
+    @torch.inference_mode()
+    def _warm_up_kernels(self, fp8_kv: bool) -> None:
+        """Compile every launch variant a serving step can select, before any request (engine/kernel_warmup.py):
+        eager steps over page 0 of the KV cache, the same on every rank."""
+        sc, mc = self.config.scheduler, self.config.model
+        heads = HeadPartition.build(mc.num_attention_heads, mc.num_key_value_heads, self.dist.tp)
+        shape = AttentionShape(heads.num_kv_heads, heads.num_heads // heads.num_kv_heads, mc.head_dim, fp8_kv,
+                               torch.cuda.get_device_properties(self.device).multi_processor_count)
+        steps = warmup_steps(sc.max_num_batched_tokens, sc.max_num_seqs, sc.max_model_len, shape)
+        start = time.perf_counter()
+        for step in steps:
+            self.runner.run(step_inputs(step, self.block_size, self.num_blocks))
+        torch.cuda.synchronize(self.device)
+        if self.dist.is_driver:
+            log.info("kernel warm-up: %d steps in %.1f s", len(steps), time.perf_counter() - start)
 
     def _check_capacity(self) -> None:
         max_len = self.config.scheduler.max_model_len

@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import cdiv, dot_operand, next_pow2, pdl_launch, pdl_release, pdl_wait, to_out
+from kernels.triton_common import (cdiv, dot_operand, next_pow2, not_specialized, pdl_launch, pdl_release, pdl_wait,
+                                   to_out)
 
 LOG2E = 1.4426950408889634
 
@@ -52,7 +53,7 @@ def _load_kv_tile(cache_ptr, bt_row, j, jm, hk, stride_slot, stride_h, BS: tl.co
     return x.to(QDT)
 
 
-@triton.jit
+@triton.jit(**not_specialized("SPLITS", "stride_bt"))
 def _decode_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, len_ptr, qsl_ptr, o_ptr, po_ptr, plse_ptr, amax_ptr,
     qk_scale, v_scale, HQ, SPLITS,
@@ -110,7 +111,7 @@ def _decode_kernel(
         tl.store(plse_ptr + row, lse, mask=gm)
 
 
-@triton.jit
+@triton.jit(**not_specialized("SPLITS"))
 def _decode_reduce_kernel(
     po_ptr, plse_ptr, qsl_ptr, o_ptr, amax_ptr, v_scale, HQ, SPLITS, stride_ot, stride_oh,
     S_P: tl.constexpr, D: tl.constexpr, ABSMAX: tl.constexpr = False,
@@ -168,7 +169,7 @@ def _verify_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, start, j1, lim, hk, q
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(**not_specialized("SPLITS", "stride_bt"))
 def _verify_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, len_ptr, qsl_ptr, o_ptr, po_ptr, plse_ptr, amax_ptr,
     qk_scale, v_scale, HQ, SPLITS,
@@ -249,7 +250,7 @@ def _extend_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, start, kv_end, qpos, 
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(**not_specialized("stride_bt"))
 def _extend_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, len_ptr, qsl_ptr, o_ptr,
     qk_scale, v_scale,

@@ -17,7 +17,10 @@ Token counts: Triton compiles one variant of a kernel per divisibility-by-16 of 
 taking the step's token count compiles again the first time that count's divisibility changes -- inside a
 serving step (a 16-request decode batch next to an 8192-token chunk is 8208 tokens; 15 requests, 8207), seconds
 of stall. Kernels mark such arguments with `@triton.jit(**token_counts("M", ...))`: no alignment variants for
-them (the == 1 variant stays, which batch-1 decode uses).
+them (the == 1 variant stays, which batch-1 decode uses). Arguments that vary from step to step but gain nothing
+from either specialization (a block table's row stride, which is the batch's longest page count; a split count
+whose > 1 case is a constexpr already) are marked `@triton.jit(**not_specialized(...))`: one variant for all
+values.
 """
 from __future__ import annotations
 
@@ -49,6 +52,11 @@ _NO_ALIGNMENT_KW = ("do_not_specialize_on_alignment" if "do_not_specialize_on_al
 def token_counts(*names: str) -> dict[str, list[str]]:
     """triton.jit keyword arguments: do not specialize these int arguments on their alignment (module doc)."""
     return {_NO_ALIGNMENT_KW: list(names)}
+
+
+def not_specialized(*names: str) -> dict[str, list[str]]:
+    """triton.jit keyword arguments: specialize these int arguments on nothing, == 1 included (module doc)."""
+    return {"do_not_specialize": list(names)}
 
 
 @triton.jit

@@ -159,20 +159,31 @@ def case_attention():
 def case_token_counts():
     """A mixed step's token count (an 8192-token chunk next to 16 decodes = 8208, next to 15 = 8207) must not
     compile new variants of the kernels that take it: after the 8208-token calls, the 8207-token ones add no
-    entry to any kernel's compile cache (Triton keys it on each int argument's divisibility by 16)."""
+    entry to any kernel's compile cache (Triton keys it on each int argument's divisibility by 16). Nor must the
+    block table's width (the step's longest page count: 512, then 513 and 1) or a split count (16, then 15)."""
     from triton.runtime.jit import JITFunction
 
+    import kernels.triton_attention as attention
     import kernels.triton_fp8_gemm as gemm
     import kernels.triton_moe as moe
     import kernels.triton_moe_align as align
     import kernels.triton_moe_routing as routing
     import kernels.triton_rope as rope
 
-    jitted = {f"{m.__name__}.{n}": f for m in (gemm, moe, align, routing, rope) for n, f in vars(m).items()
+    jitted = {f"{m.__name__}.{n}": f for m in (attention, gemm, moe, align, routing, rope)
+              for n, f in vars(m).items()
               if isinstance(f, JITFunction)}
 
     def variants() -> dict[str, int]:
         return {n: sum(len(c[0]) for c in f.device_caches.values()) for n, f in jitted.items()}
+
+    def attend(pages: int, splits: int) -> None:
+        kc = torch.empty(1000, 16, 1, 128, dtype=BF16)
+        for b, ql, path in ((2, 4096, "extend"), (8, 4, "verify"), (8, 1, "decode")):
+            bt = torch.empty(b, pages, dtype=torch.int32)
+            lens, qsl = torch.empty(b, dtype=torch.int32), torch.empty(b + 1, dtype=torch.int32)
+            attention.paged_attention(torch.empty(b * ql if ql < 4096 else ql, 12, 128, dtype=BF16), kc, kc, bt,
+                                      lens, qsl, 0.1, max_query_len=ql, max_seq_len=8192, num_splits=splits, path=path)
 
     def step(t: int) -> None:
         gemm.fp8_gemm(torch.empty(t, 5120, dtype=FP8), torch.empty(t, 1), torch.empty(1536, 5120, dtype=FP8),
@@ -187,8 +198,11 @@ def case_token_counts():
         rope.qk_norm_rope(q, k, w, w, torch.empty(4096, 64), torch.empty(t, dtype=torch.int64), 1e-5)
 
     step(8208)
+    attend(512, 16)
     first = variants()
     step(8207)
+    attend(513, 15)
+    attend(1, 15)
     again = variants()
     grew = sorted(n for n in again if again[n] > first[n])
     used = sorted(n for n in first if first[n])

@@ -1,0 +1,113 @@
+"""Start-up warm-up: compile the Triton kernels' variants before the first request (CUDA).
+
+Triton compiles a kernel variant the first time it meets a new set of constexprs (launch configs chosen by token
+count, query length, batch and context: kernels/triton_*.py's `*_config` functions). Without a warm-up, the
+first serving step of a new shape compiles inside the step: a mixed step that stalls every running decode for a
+second or more (bench/RESULTS.md, session 14: "slow step" lines of 1.0-1.5 s at 16 / 25 / 8192 tokens). The
+steps below cover those choices: every token count up to 64 and each power of two (and one above it) up to the
+step budget, for the GEMM / MoE / routing buckets (and the extend attention configs); for single-token and
+verify-sized queries (2..16 tokens), one batch per distinct decode / verify variant the attention configs select
+on this rank's head layout (row blocks, 64 / 128-key tiles, stages, split or not); one sequence over growing
+contexts for the split reduction's width. Steps run through the model like real ones, over page 0 of
+the real KV cache (before any request owns a page), on every TP rank alike (the forwards all-reduce).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.model_runner import StepInputs
+from kernels.triton_attention import VERIFY_MAX_Q, attention_path, decode_config, extend_config, verify_config
+
+SMALL_COUNTS = 64  # every token count up to this one (the tuned small-M GEMM tables have buckets in here)
+LONG_CONTEXT = 16384  # long enough for the most splits (64) of decode / verify at a small batch
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """What the attention kernels' launch configs depend on besides the step: this rank's KV heads, query
+    heads per KV head, head size, FP8 pages, the GPU's SMs."""
+
+    kv_heads: int
+    group: int
+    head_dim: int
+    fp8_kv: bool
+    num_sms: int
+
+    def variant(self, sequences: int, query: int, context: int) -> tuple:
+        """The attention kernel's compiled variant for a step of `sequences` requests of `query` tokens each
+        (the constexprs _launch_decode / _launch_verify / _launch_extend in kernels/triton_attention.py pick)."""
+        path = attention_path(query, sequences * query, sequences)
+        if path == "extend":
+            return ("extend", *sorted(extend_config(query, self.head_dim).items()))
+        if path == "decode":
+            c = decode_config(sequences, self.kv_heads, context, self.num_sms, self.fp8_kv)
+            return ("decode", c["block_n"], c["splits"] > 1, c["stages"])
+        c = verify_config(sequences, self.kv_heads, self.group, query, context, self.num_sms, self.fp8_kv)
+        return ("verify", c["block_m"], c["row_blocks"], c["block_n"], c["splits"] > 1, c["warps"], c["stages"])
+
+
+@dataclass(frozen=True)
+class WarmupStep:
+    """`sequences` requests of `query` new tokens each, after `context - query` cached ones."""
+
+    sequences: int
+    query: int
+    context: int
+
+    @property
+    def tokens(self) -> int:
+        return self.sequences * self.query
+
+
+def token_counts(max_tokens: int) -> list[int]:
+    """Token counts whose steps select every bucketed launch config: 1..SMALL_COUNTS, then 2^k and 2^k + 1."""
+    counts = set(range(1, min(SMALL_COUNTS, max_tokens) + 1))
+    p = SMALL_COUNTS
+    while p <= max_tokens:
+        counts.update((p, p + 1))
+        p *= 2
+    counts.add(max_tokens)
+    return sorted(c for c in counts if c <= max_tokens)
+
+
+def warmup_steps(max_tokens: int, max_seqs: int, max_model_len: int, attention: AttentionShape) -> list[WarmupStep]:
+    """The warm-up's steps for a step budget of max_tokens tokens and max_seqs sequences: one prompt per token
+    count, then for every query length up to VERIFY_MAX_Q the first batch (short or long context) of each
+    decode / verify variant, then one sequence over growing contexts (the split reduction's width)."""
+    steps = [WarmupStep(1, t, t) for t in token_counts(min(max_tokens, max_model_len))]
+    long_ctx = min(LONG_CONTEXT, max_model_len)
+    seen: set[tuple] = set()
+    for q in range(1, VERIFY_MAX_Q + 1):
+        for b in range(1, min(max_seqs, max_tokens // q) + 1):
+            for ctx in sorted({q, max(q, long_ctx)}):
+                key = attention.variant(b, q, ctx)
+                if ctx <= max_model_len and key not in seen:
+                    seen.add(key)
+                    steps.append(WarmupStep(b, q, ctx))
+    # split counts: the reduce kernels' width is a power of two >= the splits, which grow with the context
+    ctx = 128
+    while ctx < long_ctx:
+        steps += [WarmupStep(1, q, ctx) for q in (1, 2)]
+        ctx *= 2
+    return steps
+
+
+def step_inputs(step: WarmupStep, block_size: int, num_blocks: int) -> StepInputs:
+    """A step over pages 0..n-1 of the cache (every sequence uses the same pages: what they read and write is
+    throwaway), logits for each sequence's last token."""
+    pages = -(-step.context // block_size)
+    table = [p % num_blocks for p in range(pages)]
+    ids, positions, slots, qsl, rows = [], [], [], [0], []
+    for _ in range(step.sequences):
+        for pos in range(step.context - step.query, step.context):
+            ids.append(0)
+            positions.append(pos)
+            slots.append(table[pos // block_size] * block_size + pos % block_size)
+        qsl.append(qsl[-1] + step.query)
+        rows.append(qsl[-1] - 1)
+    return StepInputs(input_ids=ids, positions=positions, slot_mapping=slots,
+                      block_tables=[list(table) for _ in range(step.sequences)],
+                      seq_lens=[step.context] * step.sequences, query_start_loc=qsl, logits_rows=rows)
+
+
+__all__ = ["AttentionShape", "WarmupStep", "step_inputs", "token_counts", "warmup_steps"]

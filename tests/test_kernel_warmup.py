@@ -1,0 +1,123 @@
+"""The start-up warm-up (engine/kernel_warmup.py) must reach every launch variant a serving step can select, so
+that no step compiles one inside serving. Variants are keyed here the way the launchers pick their constexprs
+(kernels/triton_*.py's config functions); a step shape the warm-up misses fails with the shape named. The
+warm-up steps themselves also run through the tiny model's runner (the CPU path of the same code)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import kernels.triton_moe as moe
+from engine.config import EngineConfig
+from engine.kernel_warmup import AttentionShape, step_inputs, token_counts, warmup_steps
+from engine.kv_cache import allocate_kv_caches
+from engine.model_runner import ModelRunner
+from kernels.triton_attention import (
+    VERIFY_MAX_Q,
+    attention_path,
+    decode_config,
+    extend_config,
+    next_pow2,
+    verify_config,
+)
+from kernels.triton_fp8_gemm import gemm_config, swap_linear_config, tuned_small_m
+from model.builder import build_model
+from model.parallel import TPGroup
+
+SMS = 132
+GROUP = 12  # GLM-4.7: 96 query heads over 8 KV heads, at every TP size
+H200 = "NVIDIA_H200"
+BUDGETS = [(8192, 256, 202752), (16384, 64, 131072), (2048, 8, 8192)]  # (max tokens, max seqs, max model len)
+
+
+def attention_variants(b: int, t: int, max_q: int, max_seq: int, hk: int, fp8: bool) -> set[tuple]:
+    """The compiled variants (kernel, constexprs) one step's attention launches, read off _launch_* in
+    kernels/triton_attention.py (written here apart from engine/kernel_warmup.py's AttentionShape.variant)."""
+    path = attention_path(max_q, t, b)
+    if path == "extend":
+        return {("extend", *sorted(extend_config(max_q, 128).items()))}
+    if path == "decode":
+        c = decode_config(b, hk, max_seq, SMS, fp8)
+        out = {("decode", c["block_n"], c["splits"] > 1, c["stages"])}
+        by_token = False
+    else:
+        c = verify_config(b, hk, GROUP, max_q, max_seq, SMS, fp8)
+        out = {("verify", c["block_m"], c["row_blocks"], c["block_n"], c["splits"] > 1, c["warps"], c["stages"])}
+        by_token = True
+    if c["splits"] > 1:
+        out.add(("reduce", max(2, next_pow2(c["splits"])), by_token))
+    return out
+
+
+def warmup_attention(max_tokens: int, max_seqs: int, max_len: int, hk: int, fp8: bool) -> set[tuple]:
+    keys: set[tuple] = set()
+    for s in warmup_steps(max_tokens, max_seqs, max_len, AttentionShape(hk, GROUP, 128, fp8, SMS)):
+        keys |= attention_variants(s.sequences, s.tokens, s.query, s.context, hk, fp8)
+    return keys
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("hk", [8, 2, 1])  # TP1, TP4, TP8 shards
+@pytest.mark.parametrize("fp8", [False, True])
+def test_every_serving_step_attention_variant_is_warmed_up(budget, hk, fp8):
+    max_tokens, max_seqs, max_len = budget
+    warm = warmup_attention(max_tokens, max_seqs, max_len, hk, fp8)
+    rng = random.Random(hk * 2 + fp8)
+    for _ in range(20000):
+        b = rng.randint(1, max_seqs)
+        q = rng.choice([1, 1, rng.randint(1, VERIFY_MAX_Q), rng.randint(1, max_tokens)])
+        if q > max_tokens - (b - 1):  # one request of q tokens next to b - 1 decodes
+            q = max(1, max_tokens - (b - 1))
+        t = q + b - 1 if rng.random() < 0.5 else min(max_tokens, b * q)  # mixed step / all alike
+        max_seq = rng.randint(q, max_len)
+        missing = attention_variants(b, t, q, max_seq, hk, fp8) - warm
+        assert not missing, f"step (batch {b}, {t} tokens, max query {q}, max context {max_seq}): {missing}"
+
+
+def _moe_configs(device: str, e: int, n: int, m: int) -> tuple:
+    saved = moe.device_name
+    moe.device_name = lambda _d: device  # the tuned table of that GPU
+    try:
+        return tuple(sorted(moe.moe_config(m, e, n, 5120, "fp8_channel", torch.device("cpu")).items()))
+    finally:
+        moe.device_name = saved
+
+
+@pytest.mark.parametrize("max_tokens", [8192, 16384, 3000])
+def test_every_token_count_bucket_is_warmed_up(max_tokens):
+    """GEMM (swap-AB / Triton / heuristic) and fused-MoE configs are bucketed by token count: every count a
+    step can have selects a config that one of the warm-up's token counts selects too."""
+    warm_counts = {s.tokens for s in warmup_steps(max_tokens, 256, 202752, AttentionShape(8, GROUP, 128, True, SMS))}
+    assert set(token_counts(max_tokens)) <= warm_counts
+    shapes = [(12288 + 1024, 5120), (5120, 12288), (1536, 5120), (384, 5120), (5120, 1536)]
+    pickers = {
+        "gemm heuristic": lambda m, n, k: tuple(sorted(gemm_config(m, n, k, False).items())),
+        "gemm tuned": lambda m, n, k: repr(tuned_small_m(H200, n, k, m)),
+        "swap-AB": lambda m, n, k: repr(swap_linear_config(H200, n, k, m)),
+        "moe 1536": lambda m, n, k: _moe_configs(H200, 161, 1536, m),
+        "moe 192": lambda m, n, k: _moe_configs(H200, 161, 192, m),
+    }
+    for name, pick in pickers.items():
+        for n, k in shapes:
+            warm = {pick(m, n, k) for m in warm_counts}
+            for m in range(1, max_tokens + 1):
+                assert pick(m, n, k) in warm, f"{name} [{n}, {k}]: {m} tokens select a config no warm-up step does"
+
+
+def test_warmup_steps_run_through_the_model(tiny_bf16):
+    """The warm-up's inputs are valid steps: the runner takes each of them (CPU path of the same code), and the
+    logits have one row per sequence."""
+    config = EngineConfig.create(str(tiny_bf16), device="cpu", max_model_len=512)
+    cpu = torch.device("cpu")
+    model = build_model(config.model, cpu, torch.float32, TPGroup(), "auto", 0, progress=False)
+    kv = allocate_kv_caches(config.model, TPGroup(), list(range(config.model.num_hidden_layers)), 64, 16,
+                            torch.float32, cpu)
+    runner = ModelRunner(model, kv, torch.device("cpu"))
+    steps = warmup_steps(256, 8, 512, AttentionShape(config.model.num_key_value_heads, config.model.num_attention_heads
+                         // config.model.num_key_value_heads, config.model.head_dim, False, SMS))
+    assert {s.query for s in steps} >= set(range(1, VERIFY_MAX_Q + 1))
+    for s in steps[:: max(1, len(steps) // 40)]:
+        logits = runner.run(step_inputs(s, 16, 64))
+        assert logits.shape[0] == s.sequences and torch.isfinite(logits).all()

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from tqdm import tqdm
 
-from engine.model_runner import StepInputs, uniform_rows
+from engine.model_runner import StepInputs, table_width, uniform_rows
 from model.context import ForwardContext
 from model.glm4_moe import Glm4MoeForCausalLM
 
@@ -92,7 +92,7 @@ class DecodeGraphs:
         for q in verify_row_counts(max_drafts):
             self.shapes += [(b, q) for b in self.sizes if b * q <= MAX_VERIFY_GRAPH_TOKENS]
         m = max(b * q for b, q in self.shapes)
-        max_blocks = -(-max_model_len // block_size)
+        max_blocks = table_width(-(-max_model_len // block_size))
         # ids, positions, slots (per row) and lengths (per request, first max_batch columns) arrive in one
         # host-to-device copy into `rows`; the graph converts the lengths to the int32 the kernels read
         self.rows = torch.zeros(4, m, dtype=torch.long, device=device)

@@ -19,6 +19,11 @@ from model.context import ForwardContext
 from model.glm4_moe import Glm4MoeForCausalLM
 from spec import MtpBatch, MtpDraftBatch
 
+# Block tables on the device have widths in multiples of this: the attention kernels take the width as the
+# table's row stride, and Triton compiles a variant per divisibility of an int argument by 16, so a width that
+# followed the step's longest sequence would compile new variants inside serving (kernels/triton_common.py).
+TABLE_WIDTH_MULTIPLE = 16
+
 MAX_UNIFORM_Q = 32  # decode / verify chains up to this many rows per request count as graph-shaped steps
 
 
@@ -161,7 +166,7 @@ class ModelRunner:
         ctx = ForwardContext(
             positions=to_device(inp.positions, torch.long, dev),
             slot_mapping=to_device(inp.slot_mapping, torch.long, dev),
-            block_tables=to_device(inp.block_tables, torch.int32, dev),
+            block_tables=block_table_tensor(inp.block_tables, dev),
             seq_lens=to_device(inp.seq_lens, torch.int32, dev),
             query_start_loc=to_device(inp.query_start_loc, torch.int32, dev),
             max_query_len=max_q,
@@ -222,7 +227,7 @@ class ModelRunner:
         ctx = ForwardContext(
             positions=to_device(batch.positions, torch.long, dev),
             slot_mapping=to_device(batch.slot_mapping, torch.long, dev),
-            block_tables=to_device(_padded(batch.block_tables), torch.int32, dev),
+            block_tables=block_table_tensor(batch.block_tables, dev),
             seq_lens=to_device(batch.seq_lens, torch.int32, dev),
             query_start_loc=to_device(batch.query_start_loc, torch.int32, dev),
             max_query_len=max(b - a for a, b in zip(batch.query_start_loc, batch.query_start_loc[1:])),
@@ -239,6 +244,12 @@ class ModelRunner:
         return self.model.compute_logits(out.index_select(0, to_device(batch.logits_rows, torch.long, dev)))
 
 
-def _padded(tables: list[list[int]]) -> list[list[int]]:
-    width = max(len(t) for t in tables)
-    return [t + [0] * (width - len(t)) for t in tables]
+def table_width(pages: int) -> int:
+    """A block table's width for rows of up to `pages` pages: a multiple of TABLE_WIDTH_MULTIPLE."""
+    return max(1, -(-pages // TABLE_WIDTH_MULTIPLE)) * TABLE_WIDTH_MULTIPLE
+
+
+def block_table_tensor(tables: list[list[int]], device: torch.device) -> torch.Tensor:
+    """int32 [len(tables), table_width(longest)], rows padded with page 0 (never read: past each length)."""
+    width = table_width(max(len(t) for t in tables))
+    return to_device([t + [0] * (width - len(t)) for t in tables], torch.int32, device)

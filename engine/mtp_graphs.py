@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from engine.cuda_graphs import MAX_VERIFY_GRAPH_TOKENS, graph_batch_sizes, time_captured, verify_row_counts
+from engine.model_runner import table_width
 from model.context import ForwardContext
 from model.glm4_moe import Glm4MoeForCausalLM
 from spec import MtpDraftBatch
@@ -61,7 +62,7 @@ class MtpDraftGraphs:
         self.shapes = [(b, q) for q in [1, *verify_row_counts(max_verify_drafts)] for b in sizes
                        if b * q <= max(MAX_VERIFY_GRAPH_TOKENS, b)]
         m = max(b * q for b, q in self.shapes)
-        self.max_blocks = -(-max_model_len // block_size)
+        self.max_blocks = table_width(-(-max_model_len // block_size))
         # per row: ids, positions, slots; per request (first max_batch columns): seq_lens, draft limits
         self.rows = torch.zeros(5, m, dtype=torch.long, device=device)
         self.input_ids, self.positions, self.slot_mapping, self.seq_lens_long, self.limits = self.rows.unbind(0)

@@ -53,7 +53,7 @@ def _load_kv_tile(cache_ptr, bt_row, j, jm, hk, stride_slot, stride_h, BS: tl.co
     return x.to(QDT)
 
 
-@triton.jit(**not_specialized("SPLITS", "stride_bt"))
+@triton.jit(**not_specialized("SPLITS"))
 def _decode_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, len_ptr, qsl_ptr, o_ptr, po_ptr, plse_ptr, amax_ptr,
     qk_scale, v_scale, HQ, SPLITS,
@@ -169,7 +169,7 @@ def _verify_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, start, j1, lim, hk, q
     return acc, m_new, l_i
 
 
-@triton.jit(**not_specialized("SPLITS", "stride_bt"))
+@triton.jit(**not_specialized("SPLITS"))
 def _verify_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, len_ptr, qsl_ptr, o_ptr, po_ptr, plse_ptr, amax_ptr,
     qk_scale, v_scale, HQ, SPLITS,
@@ -250,7 +250,7 @@ def _extend_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, start, kv_end, qpos, 
     return acc, m_new, l_i
 
 
-@triton.jit(**not_specialized("stride_bt"))
+@triton.jit
 def _extend_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, len_ptr, qsl_ptr, o_ptr,
     qk_scale, v_scale,

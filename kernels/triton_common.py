@@ -18,9 +18,9 @@ taking the step's token count compiles again the first time that count's divisib
 serving step (a 16-request decode batch next to an 8192-token chunk is 8208 tokens; 15 requests, 8207), seconds
 of stall. Kernels mark such arguments with `@triton.jit(**token_counts("M", ...))`: no alignment variants for
 them (the == 1 variant stays, which batch-1 decode uses). Arguments that vary from step to step but gain nothing
-from either specialization (a block table's row stride, which is the batch's longest page count; a split count
-whose > 1 case is a constexpr already) are marked `@triton.jit(**not_specialized(...))`: one variant for all
-values.
+from either specialization (a split count whose > 1 case is a constexpr already) are marked
+`@triton.jit(**not_specialized(...))`: one variant for all values. (A block table's row stride stays specialized:
+the engine pads its width to a multiple of 16, engine/model_runner.py.)
 """
 from __future__ import annotations
 

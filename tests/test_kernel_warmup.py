@@ -11,7 +11,7 @@ import torch
 
 import kernels.triton_moe as moe
 from engine.config import EngineConfig
-from engine.kernel_warmup import AttentionShape, step_inputs, token_counts, warmup_steps
+from engine.kernel_warmup import AttentionShape, WarmupStep, step_inputs, token_counts, warmup_steps
 from engine.kv_cache import allocate_kv_caches
 from engine.model_runner import ModelRunner
 from kernels.triton_attention import (
@@ -121,3 +121,21 @@ def test_warmup_steps_run_through_the_model(tiny_bf16):
     for s in steps[:: max(1, len(steps) // 40)]:
         logits = runner.run(step_inputs(s, 16, 64))
         assert logits.shape[0] == s.sequences and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("pages", [1, 15, 16, 17, 513])
+def test_block_tables_reach_the_kernels_padded_to_a_multiple_of_16(tiny_bf16, pages):
+    """The attention kernels take the table's width as an int argument that Triton specializes on its
+    divisibility by 16: the runner pads every table so a step's longest sequence cannot select a new variant."""
+    config = EngineConfig.create(str(tiny_bf16), device="cpu", max_model_len=16 * 600)
+    cpu = torch.device("cpu")
+    model = build_model(config.model, cpu, torch.float32, TPGroup(), "auto", 0, progress=False)
+    kv = allocate_kv_caches(config.model, TPGroup(), list(range(config.model.num_hidden_layers)), 600, 16,
+                            torch.float32, cpu)
+    runner = ModelRunner(model, kv, cpu)
+    inp = step_inputs(WarmupStep(2, 1, 16 * pages), 16, 600)
+    inp.block_tables[1] = inp.block_tables[1][:1]  # a shorter second row
+    _, ctx = runner.build_context(inp)
+    width = ctx.block_tables.shape[1]
+    assert width % 16 == 0 and width >= pages and ctx.block_tables.stride(0) == width
+    assert ctx.block_tables[1, 1:].eq(0).all() and ctx.block_tables[0, :pages].tolist() == list(range(pages))

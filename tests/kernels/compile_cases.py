@@ -211,8 +211,32 @@ def case_token_counts():
     print(f"token counts 8208 / 8207: no new variants of {used}")
 
 
+HOPPER_MAX_SHARED = 232448  # bytes of shared memory a block may use on H100 / H200 (Triton's launch check)
+
+
+def case_moe_bf16():
+    """Unquantized (16-bit) expert weights at every token-count bucket, tiny-checkpoint and GLM widths: each
+    compiled variant fits a Hopper block's shared memory (the FP8-sized configs' bf16 tiles did not: 288 KiB)."""
+    from triton.runtime.jit import JITFunction
+
+    import kernels.triton_moe as moe
+
+    for t in (1, 64, 1000, 4096):
+        for e, inter, h in ((8, 32, 64), (161, 192, 5120)):
+            moe.fused_moe(torch.empty(t, h, dtype=BF16), torch.empty(e, 2 * inter, h, dtype=BF16),
+                          torch.empty(e, h, inter, dtype=BF16), torch.empty(t, 2), torch.zeros(t, 2, dtype=torch.int32),
+                          None, None, "none")
+    kernels = [k for f in vars(moe).values() if isinstance(f, JITFunction) for c in f.device_caches.values()
+               for k in c[0].values()]
+    over = [(k.name, k.metadata.shared) for k in kernels if k.metadata.shared > HOPPER_MAX_SHARED]
+    if over:
+        raise AssertionError(f"variants over {HOPPER_MAX_SHARED} bytes of shared memory: {over}")
+    print(f"moe bf16: {len(kernels)} variants, largest shared memory {max(k.metadata.shared for k in kernels)}")
+
+
 CASES = {
     "token_counts": case_token_counts,
+    "moe_bf16": case_moe_bf16,
     "attention": case_attention,
     "moe": case_moe,
     "gemm": case_gemm,

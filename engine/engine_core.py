@@ -28,6 +28,7 @@ from engine.block_pool import BlockPool
 from engine.config import EngineConfig
 from engine.device_copy import to_device
 from engine.distributed import DistInfo, single_process
+from engine.gc_control import GcPauses
 from engine.kv_connector import DisaggParams, KVConnector, KVSend
 from engine.model_runner import StepLayout, prepare_step
 from engine.model_worker import STOP, ModelWorker, leave_process_group
@@ -105,11 +106,13 @@ class EngineCore:
         self.num_failed_requests = 0
         log.info("KV cache: %d pages of %d tokens = %d tokens", self.pool.num_total, self.block_size,
                  self.kv_capacity_tokens)
+        self.gc_pauses = GcPauses()  # the process that serves freezes its start-up heap (server/engine_process.py)
 
     def shutdown(self, stop_torchrun_ranks: bool = False) -> None:
         """Stop the TP ranks this engine spawned and leave the process group. Ranks started by torchrun are
         the user's processes: an offline script's ranks serve only inside generate() (nothing to stop); a
         server's ranks serve until told, so the server passes stop_torchrun_ranks=True."""
+        self.gc_pauses.close()
         if self._procs:
             procs, self._procs = self._procs, []
             stop_ranks(self.worker, procs)
@@ -541,6 +544,7 @@ class EngineCore:
             num_overlapped_steps=self.num_overlapped_steps,
             num_slow_steps=self.num_slow_steps,
         )
+        s.update(self.gc_pauses.stats())
         if self.drafter is not None:
             s.update(self.spec_stats.as_dict())
             s["spec_mtp_retired_requests"] = self.drafter.num_retired

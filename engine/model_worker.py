@@ -23,6 +23,7 @@ from engine.distributed import (
     min_across_ranks,
     shutdown_distributed,
 )
+from engine.gc_control import freeze_startup_heap
 from engine.kernel_warmup import AttentionShape, step_inputs, warmup_steps
 from engine.kv_connector import KVConnectorWorker
 from engine.kv_cache import allocate_kv_caches, kv_bytes_per_token, kv_cache_dtype
@@ -103,6 +104,8 @@ class ModelWorker:
                     spec.num_speculative_tokens, config.model.hidden_size, config.torch_dtype,
                 )
                 self.runner.mtp_graphs.capture(progress=dist.is_driver, time=time)
+        if config.gc_freeze and not dist.is_driver:  # rank 0 freezes once its EngineCore is built
+            freeze_startup_heap()
 
     def measured_step_costs(self) -> StepCosts | None:
         """The draft budget's costs from the graph replays timed at capture: the target step by rows (batch x

@@ -194,6 +194,12 @@ class Metrics:
             ["model_name", "stage"],
             registry=r,
         )
+        self.gc_pause_seconds = counter(
+            "gc_pause_seconds", "Engine process: seconds the garbage collector stopped it, summed (engine/gc_control.py)."
+        )
+        self.gc_collections_gen2 = counter(
+            "gc_collections_gen2", "Engine process: collections of the garbage collector's oldest generation."
+        )
         self._last_stats: dict[str, Any] = {}
 
     def success(self, finish_reason: str) -> None:
@@ -225,6 +231,8 @@ class Metrics:
             ("disagg_transfer_tail_seconds_total", self.disagg_transfer_tail_seconds),
             ("disagg_wait_seconds_total", self.disagg_wait_seconds),
             ("disagg_landing_seconds_total", self.disagg_landing_seconds),
+            ("gc_pause_seconds_total", self.gc_pause_seconds),
+            ("gc_collections_gen2", self.gc_collections_gen2),
             *((f"disagg_write_{stage}_seconds_total", self.disagg_write_seconds.labels(self.model_name, stage))
               for stage in ("gpu_wait", "post_delay", "flight")),
         ):

@@ -155,6 +155,16 @@ def test_router_gives_the_colocated_greedy_completions(cluster):
     assert metric(prefill_metrics, "glint:disagg_pages_sent_total") > 0
 
 
+def test_serving_engine_processes_freeze_their_startup_heap(cluster):
+    """Each server's engine process moved its start-up heap out of garbage collection (engine/gc_control.py) and
+    reports the collector's pauses."""
+    for name in ("colocated", "prefill", "decode"):
+        stats = engine_stats(cluster[name].url)
+        assert stats["gc_frozen_objects"] > 10000, (name, stats["gc_frozen_objects"])
+        assert stats["gc_pause_seconds_total"] >= 0 and "gc_collections_gen2" in stats
+        assert "glint:gc_pause_seconds_total" in httpx.get(cluster[name].url + "/metrics").text
+
+
 def test_random_client_disconnects_leak_no_page(cluster):
     """200 streaming requests, about half of them dropped by the client at a random moment."""
     router = cluster["router"].url

@@ -195,7 +195,8 @@ class Metrics:
             registry=r,
         )
         self.gc_pause_seconds = counter(
-            "gc_pause_seconds", "Engine process: seconds the garbage collector stopped it, summed (engine/gc_control.py)."
+            "gc_pause_seconds",
+            "Engine process: seconds the garbage collector stopped it, summed (engine/gc_control.py).",
         )
         self.gc_collections_gen2 = counter(
             "gc_collections_gen2", "Engine process: collections of the garbage collector's oldest generation."

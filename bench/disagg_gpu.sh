@@ -76,8 +76,10 @@ for run in $RUNS; do
         prefill_url=$url; decode_url=$url
     else
         async=()
-        [ "$run" = disagg-async ] && async=(--disaggregation-async-transfer)
-        [ "$run" = disagg-async-last-sync ] && async=(--disaggregation-async-transfer --disaggregation-async-last-chunk-sync)
+        # disagg-async: every write async (sessions 10-13's async); disagg-async-last-sync: the default async
+        # transfer since session 14 (a request's last write is posted after its step)
+        [ "$run" = disagg-async ] && async=(--disaggregation-async-transfer --disable-disaggregation-async-last-chunk-sync)
+        [ "$run" = disagg-async-last-sync ] && async=(--disaggregation-async-transfer)
         p=$((base + 1)); d=$((base + 2)); bport=$((base + 3))
         python3 -m server "${common[@]}" --port "$p" --mem-fraction-static "$MEM" --disaggregation-mode prefill \
             --disaggregation-bootstrap-port "$bport" --disaggregation-transfer-backend "$BACKEND" "${async[@]}" \

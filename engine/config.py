@@ -82,10 +82,11 @@ class DisaggregationConfig:
         "disaggregation_async_transfer", False, "send each prefill chunk's KV pages as soon as the GPU wrote "
         "them (a CUDA event)", flags=("--disaggregation-async-transfer",), type=bool)
     async_last_chunk_sync: bool = option(
-        "disaggregation_async_last_chunk_sync", False, "with async transfer: post a request's last chunk the way "
+        "disaggregation_async_last_chunk_sync", None, "with async transfer: post a request's last chunk the way "
         "sync transfer does (after its step, which then does not overlap the next), so that on a GPU the prefill "
-        "instance shares its copy is not queued behind the next chunk's kernels",
-        flags=("--disaggregation-async-last-chunk-sync",), type=bool)
+        "instance shares its copy is not queued behind the next chunk's kernels (default: on with async transfer)",
+        flags=("--disaggregation-async-last-chunk-sync",), type=bool,
+        off_flags=("--disable-disaggregation-async-last-chunk-sync",), field_default=False)
     bootstrap_host: str = option(
         "disaggregation_bootstrap_host", "127.0.0.1", "prefill instance: where its KV handshake socket listens",
         flags=("--disaggregation-bootstrap-host",), type=str)
@@ -225,6 +226,8 @@ class EngineConfig:
         if o["prefill_attention_backend"] not in PREFILL_ATTENTION_BACKENDS:
             raise ValueError(f"prefill_attention_backend must be one of {PREFILL_ATTENTION_BACKENDS}, got "
                              f"{o['prefill_attention_backend']!r}")
+        if o["disaggregation_async_last_chunk_sync"] is None:  # measured: bench/RESULTS.md, session 14
+            o["disaggregation_async_last_chunk_sync"] = o["disaggregation_async_transfer"]
         if o["disaggregation_async_last_chunk_sync"] and not o["disaggregation_async_transfer"]:
             raise ValueError("disaggregation_async_last_chunk_sync (--disaggregation-async-last-chunk-sync) needs "
                              "disaggregation_async_transfer (--disaggregation-async-transfer)")

@@ -137,7 +137,8 @@ def test_greedy_tokens_equal_colocated(tiny_bf16, prompts, backend, async_transf
         self.agent.write = lambda *a, **k: PollDrivenHandle(lambda: write(*a, **k))
     monkeypatch.setattr(TransferWorker, "register", register_poll_driven)
     # overlap on: the sync write of step N is posted by the next step() call, after that call polled
-    pair = Pair(tiny_bf16, backend, disaggregation_async_transfer=async_transfer, disaggregation_timeout=20,
+    pair = Pair(tiny_bf16, backend, disaggregation_async_transfer=async_transfer,
+                disaggregation_async_last_chunk_sync=False, disaggregation_timeout=20,
                 overlap_scheduling=True)
     try:
         for i, p in enumerate(prompts):
@@ -211,7 +212,8 @@ def test_writes_move_while_the_prefill_engine_does_not_step(tiny_bf16, prompts, 
         write = self.agent.write
         self.agent.write = lambda *a, **k: PollDrivenHandle(lambda: write(*a, **k), polls=5)
     monkeypatch.setattr(TransferWorker, "register", register_poll_driven)
-    pair = Pair(tiny_bf16, "local", disaggregation_async_transfer=async_transfer, disaggregation_timeout=8,
+    pair = Pair(tiny_bf16, "local", disaggregation_async_transfer=async_transfer,
+                disaggregation_async_last_chunk_sync=False, disaggregation_timeout=8,
                 prefill_kw={"max_num_batched_tokens": 32})
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     try:
@@ -406,9 +408,9 @@ def test_different_tp_sizes_are_refused_clearly(tiny_bf16, prompts, monkeypatch)
 
 
 def test_async_last_chunk_sync_posts_only_the_last_write_after_its_step(tiny_bf16, prompts, monkeypatch):
-    """--disaggregation-async-last-chunk-sync: a chunked prompt's earlier writes ride on their steps (a CUDA
-    event, then the transfer thread), its last write is posted after its step like sync transfer's, that step
-    does not overlap the next, and the tokens are the colocated ones."""
+    """Async transfer by default (--disaggregation-async-last-chunk-sync): a chunked prompt's earlier writes ride
+    on their steps (a CUDA event, then the transfer thread), its last write is posted after its step like sync
+    transfer's, that step does not overlap the next, and the tokens are the colocated ones."""
     expected = colocated(tiny_bf16, prompts, GREEDY)
     calls: list[tuple[str, tuple[bool, ...]]] = []  # (message, each send's `last`)
     handle = TransferWorker.handle
@@ -422,8 +424,8 @@ def test_async_last_chunk_sync_posts_only_the_last_write_after_its_step(tiny_bf1
     after_forward = TransferWorker.after_forward
     monkeypatch.setattr(TransferWorker, "after_forward",
                         lambda self, sends: (riding.extend(s.last for s in sends), after_forward(self, sends))[1])
-    pair = Pair(tiny_bf16, "local", disaggregation_async_transfer=True, disaggregation_async_last_chunk_sync=True,
-                overlap_scheduling=True, prefill_kw={"max_num_batched_tokens": 32})
+    pair = Pair(tiny_bf16, "local", disaggregation_async_transfer=True, overlap_scheduling=True,
+                prefill_kw={"max_num_batched_tokens": 32})
     try:
         assert pair.prefill.info()["disaggregation"]["async_last_chunk_sync"]
         for i, p in enumerate(prompts):

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from engine.config import EngineConfig
 from server.chat_template import ChatTemplate, normalize_messages, template_kwargs
 from server.cli import UNSUPPORTED, build_parser, engine_kwargs, main, parse_args, speculative_config
 from server.config import ServerConfig
@@ -97,10 +98,12 @@ def test_engine_kwargs_mapping():
         "enable_fused_qk_norm_rope": False,
         "attention_backend": "triton",
         "prefill_attention_backend": "triton",
+        "gc_freeze": True,
+        "kernel_warmup": True,
         "overlap_scheduling": None,
         "disaggregation_mode": "null",
         "disaggregation_transfer_backend": "auto",
-        "disaggregation_async_transfer": False, "disaggregation_async_last_chunk_sync": False,
+        "disaggregation_async_transfer": False, "disaggregation_async_last_chunk_sync": None,
         "disaggregation_bootstrap_host": "127.0.0.1",
         "disaggregation_bootstrap_port": 8998,
         "disaggregation_timeout": 60.0,
@@ -151,6 +154,16 @@ def test_disaggregation_flags_map_to_engine_kwargs():
         "disaggregation_bootstrap_port": 9100, "disaggregation_timeout": 12.5,
         "disaggregation_async_last_chunk_sync": True,
     }
+
+
+@pytest.mark.parametrize("flags,expected", [
+    ([], False), (["--disaggregation-async-transfer"], True),  # on with async transfer unless switched off
+    (["--disaggregation-async-transfer", "--disable-disaggregation-async-last-chunk-sync"], False),
+])
+def test_async_last_chunk_sync_flags(tiny_bf16, flags, expected):
+    kw = engine_kwargs(parse_args(["--model", str(tiny_bf16), "--disaggregation-mode", "prefill", "--device", "cpu",
+                                   *flags]))
+    assert EngineConfig.create(**kw).disaggregation.async_last_chunk_sync is expected
 
 
 @pytest.mark.parametrize("flags,backend", [([], "triton"), (["--attention-backend", "triton"], "triton"),

@@ -13,7 +13,7 @@ import kernels.triton_moe as moe
 from engine.config import EngineConfig
 from engine.kernel_warmup import AttentionShape, WarmupStep, step_inputs, token_counts, warmup_steps
 from engine.kv_cache import allocate_kv_caches
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, uniform_rows
 from kernels.triton_attention import (
     VERIFY_MAX_Q,
     attention_path,
@@ -34,7 +34,7 @@ BUDGETS = [(8192, 256, 202752), (16384, 64, 131072), (2048, 8, 8192)]  # (max to
 
 def attention_variants(b: int, t: int, max_q: int, max_seq: int, hk: int, fp8: bool) -> set[tuple]:
     """The compiled variants (kernel, constexprs) one step's attention launches, read off _launch_* in
-    kernels/triton_attention.py (written here apart from engine/kernel_warmup.py's AttentionShape.variant)."""
+    kernels/triton_attention.py (written here apart from engine/kernel_warmup.py's AttentionShape.variants)."""
     path = attention_path(max_q, t, b)
     if path == "extend":
         return {("extend", *sorted(extend_config(max_q, 128).items()))}
@@ -52,9 +52,12 @@ def attention_variants(b: int, t: int, max_q: int, max_seq: int, hk: int, fp8: b
 
 
 def warmup_attention(max_tokens: int, max_seqs: int, max_len: int, hk: int, fp8: bool) -> set[tuple]:
+    """The variants the warm-up's steps launch, each at the context the runner gives attention for it (the
+    longest possible one for decode-shaped steps: engine/model_runner.py uniform_rows)."""
     keys: set[tuple] = set()
     for s in warmup_steps(max_tokens, max_seqs, max_len, AttentionShape(hk, GROUP, 128, fp8, SMS)):
-        keys |= attention_variants(s.sequences, s.tokens, s.query, s.context, hk, fp8)
+        ctx = max_len if uniform_rows(step_inputs(s, 16, 1 << 20)) else s.context
+        keys |= attention_variants(s.sequences, s.tokens, s.query, ctx, hk, fp8)
     return keys
 
 
@@ -62,16 +65,23 @@ def warmup_attention(max_tokens: int, max_seqs: int, max_len: int, hk: int, fp8:
 @pytest.mark.parametrize("hk", [8, 2, 1])  # TP1, TP4, TP8 shards
 @pytest.mark.parametrize("fp8", [False, True])
 def test_every_serving_step_attention_variant_is_warmed_up(budget, hk, fp8):
+    """Random serving steps: mixed (one request of q tokens next to decodes, or all alike) at their real
+    context, and decode / verify-shaped ones (every row sampled) at the longest context, as the runner runs
+    them outside the CUDA graphs (up to max_num_seqs rows: larger ones only run in the graphs)."""
     max_tokens, max_seqs, max_len = budget
     warm = warmup_attention(max_tokens, max_seqs, max_len, hk, fp8)
     rng = random.Random(hk * 2 + fp8)
     for _ in range(20000):
         b = rng.randint(1, max_seqs)
-        q = rng.choice([1, 1, rng.randint(1, VERIFY_MAX_Q), rng.randint(1, max_tokens)])
-        if q > max_tokens - (b - 1):  # one request of q tokens next to b - 1 decodes
-            q = max(1, max_tokens - (b - 1))
-        t = q + b - 1 if rng.random() < 0.5 else min(max_tokens, b * q)  # mixed step / all alike
-        max_seq = rng.randint(q, max_len)
+        if rng.random() < 0.3:  # decode / verify-shaped
+            q = rng.randint(1, min(VERIFY_MAX_Q, max_seqs // b))
+            t, max_seq = b * q, max_len
+        else:
+            q = rng.choice([1, 1, rng.randint(1, VERIFY_MAX_Q), rng.randint(1, max_tokens)])
+            if q > max_tokens - (b - 1):  # one request of q tokens next to b - 1 decodes
+                q = max(1, max_tokens - (b - 1))
+            t = q + b - 1 if rng.random() < 0.5 else min(max_tokens, b * q)  # mixed step / all alike
+            max_seq = rng.randint(q, max_len)
         missing = attention_variants(b, t, q, max_seq, hk, fp8) - warm
         assert not missing, f"step (batch {b}, {t} tokens, max query {q}, max context {max_seq}): {missing}"
 
@@ -107,8 +117,8 @@ def test_every_token_count_bucket_is_warmed_up(max_tokens):
 
 
 def test_warmup_steps_run_through_the_model(tiny_bf16):
-    """The warm-up's inputs are valid steps: the runner takes each of them (CPU path of the same code), and the
-    logits have one row per sequence."""
+    """The warm-up's inputs are valid steps: the runner takes each of them (CPU path of the same code), and
+    logits come for no more rows than the step has sequences unless it is decode-shaped."""
     config = EngineConfig.create(str(tiny_bf16), device="cpu", max_model_len=512)
     cpu = torch.device("cpu")
     model = build_model(config.model, cpu, torch.float32, TPGroup(), "auto", 0, progress=False)
@@ -118,9 +128,12 @@ def test_warmup_steps_run_through_the_model(tiny_bf16):
     steps = warmup_steps(256, 8, 512, AttentionShape(config.model.num_key_value_heads, config.model.num_attention_heads
                          // config.model.num_key_value_heads, config.model.head_dim, False, SMS))
     assert {s.query for s in steps} >= set(range(1, VERIFY_MAX_Q + 1))
+    assert any(s.all_logits for s in steps) and any(not s.all_logits and s.query == 1 for s in steps)
     for s in steps[:: max(1, len(steps) // 40)]:
-        logits = runner.run(step_inputs(s, 16, 64))
-        assert logits.shape[0] == s.sequences and torch.isfinite(logits).all()
+        inp = step_inputs(s, 16, 64)
+        assert 1 <= len(inp.logits_rows) <= max(s.sequences, s.tokens if s.all_logits else 0)
+        logits = runner.run(inp)
+        assert logits.shape[0] == len(inp.logits_rows) and torch.isfinite(logits).all()
 
 
 @pytest.mark.parametrize("pages", [1, 15, 16, 17, 513])

@@ -118,7 +118,7 @@ def prepare_step(
             layout.sample_rows.append([])
     if pad_q:
         rows = list(range(len(ids)))
-    max_blocks = max(len(s.request.block_ids) for s in batch)
+    max_blocks = table_width(max(len(s.request.block_ids) for s in batch))
     tables = [s.request.block_ids + [0] * (max_blocks - len(s.request.block_ids)) for s in batch]
     inputs = StepInputs(ids, positions, slots, tables, seq_lens, qsl, rows, table_reads=reads)
     return inputs, layout
@@ -252,4 +252,4 @@ def table_width(pages: int) -> int:
 def block_table_tensor(tables: list[list[int]], device: torch.device) -> torch.Tensor:
     """int32 [len(tables), table_width(longest)], rows padded with page 0 (never read: past each length)."""
     width = table_width(max(len(t) for t in tables))
-    return to_device([t + [0] * (width - len(t)) for t in tables], torch.int32, device)
+    return to_device([t if len(t) == width else t + [0] * (width - len(t)) for t in tables], torch.int32, device)

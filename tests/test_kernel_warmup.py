@@ -116,15 +116,20 @@ def test_every_token_count_bucket_is_warmed_up(max_tokens):
                 assert pick(m, n, k) in warm, f"{name} [{n}, {k}]: {m} tokens select a config no warm-up step does"
 
 
+def _cpu_runner(checkpoint, max_model_len: int, num_blocks: int) -> tuple[EngineConfig, ModelRunner]:
+    """The tiny model's runner on CPU in float32 over num_blocks pages of 16 tokens."""
+    config = EngineConfig.create(str(checkpoint), device="cpu", max_model_len=max_model_len)
+    cpu = torch.device("cpu")
+    model = build_model(config.model, cpu, torch.float32, TPGroup(), "auto", 0, progress=False)
+    kv = allocate_kv_caches(config.model, TPGroup(), list(range(config.model.num_hidden_layers)), num_blocks, 16,
+                            torch.float32, cpu)
+    return config, ModelRunner(model, kv, cpu)
+
+
 def test_warmup_steps_run_through_the_model(tiny_bf16):
     """The warm-up's inputs are valid steps: the runner takes each of them (CPU path of the same code), and
     logits come for no more rows than the step has sequences unless it is decode-shaped."""
-    config = EngineConfig.create(str(tiny_bf16), device="cpu", max_model_len=512)
-    cpu = torch.device("cpu")
-    model = build_model(config.model, cpu, torch.float32, TPGroup(), "auto", 0, progress=False)
-    kv = allocate_kv_caches(config.model, TPGroup(), list(range(config.model.num_hidden_layers)), 64, 16,
-                            torch.float32, cpu)
-    runner = ModelRunner(model, kv, torch.device("cpu"))
+    config, runner = _cpu_runner(tiny_bf16, max_model_len=512, num_blocks=64)
     steps = warmup_steps(256, 8, 512, AttentionShape(config.model.num_key_value_heads, config.model.num_attention_heads
                          // config.model.num_key_value_heads, config.model.head_dim, False, SMS))
     assert {s.query for s in steps} >= set(range(1, VERIFY_MAX_Q + 1))
@@ -140,12 +145,7 @@ def test_warmup_steps_run_through_the_model(tiny_bf16):
 def test_block_tables_reach_the_kernels_padded_to_a_multiple_of_16(tiny_bf16, pages):
     """The attention kernels take the table's width as an int argument that Triton specializes on its
     divisibility by 16: the runner pads every table so a step's longest sequence cannot select a new variant."""
-    config = EngineConfig.create(str(tiny_bf16), device="cpu", max_model_len=16 * 600)
-    cpu = torch.device("cpu")
-    model = build_model(config.model, cpu, torch.float32, TPGroup(), "auto", 0, progress=False)
-    kv = allocate_kv_caches(config.model, TPGroup(), list(range(config.model.num_hidden_layers)), 600, 16,
-                            torch.float32, cpu)
-    runner = ModelRunner(model, kv, cpu)
+    _, runner = _cpu_runner(tiny_bf16, max_model_len=16 * 600, num_blocks=600)
     inp = step_inputs(WarmupStep(2, 1, 16 * pages), 16, 600)
     inp.block_tables[1] = inp.block_tables[1][:1]  # a shorter second row
     _, ctx = runner.build_context(inp)

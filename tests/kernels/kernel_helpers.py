@@ -1,6 +1,11 @@
 """Comparison helpers for kernel tests."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 
@@ -56,3 +61,12 @@ class poisoned_empty:
     def __exit__(self, *exc):
         torch.empty, torch.empty_like, torch.Tensor.new_empty = self._saved
         return False
+
+
+def compile_sm90(group: str) -> subprocess.CompletedProcess:
+    """Run one group of tests/kernels/compile_sm90.py (kernels compiled for sm_90 with its stub driver, no GPU)
+    in a subprocess, so that its stub stays out of this one; without the interpreter flag."""
+    here = Path(__file__).parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, str(here / "compile_sm90.py"), group], capture_output=True, text=True,
+                          timeout=600, env=env, cwd=here.parent.parent)

@@ -5,17 +5,10 @@ checkpoint, session 14). Compiled for sm_90 on this machine (tests/kernels/compi
 subprocess so that its stub stays out of this one."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-HERE = Path(__file__).parent
+from kernel_helpers import compile_sm90
 
 
 def test_bf16_moe_variants_fit_in_shared_memory():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, str(HERE / "compile_sm90.py"), "moe_bf16"], capture_output=True,
-                         text=True, timeout=600, env=env, cwd=HERE.parent.parent)
+    out = compile_sm90("moe_bf16")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "moe bf16: " in out.stdout and "largest shared memory" in out.stdout

@@ -5,18 +5,11 @@ stall inside serving (the colocated runs of bench/RESULTS.md, session 13). Compi
 (no GPU: tests/kernels/compile_sm90.py's stub driver), in a subprocess so that its stub stays out of this one."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-HERE = Path(__file__).parent
+from kernel_helpers import compile_sm90
 
 
 def test_a_token_count_of_another_alignment_compiles_no_new_variant():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, str(HERE / "compile_sm90.py"), "token_counts"], capture_output=True,
-                         text=True, timeout=600, env=env, cwd=HERE.parent.parent)
+    out = compile_sm90("token_counts")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "token counts 8208 / 8207: no new variants of" in out.stdout
     assert "_moe_gate_up_kernel" in out.stdout and "_fp8_gemm_kernel" in out.stdout

@@ -172,6 +172,11 @@ class DraftBudget:
             st = self._requests[seq_id] = _RequestState(self.probe_interval)
         return st
 
+    def probing(self, seq_id: int) -> bool:
+        """Whether the request's drafts of the last plan are a probe (the budget's own choice was 0)."""
+        st = self._requests.get(seq_id)
+        return st is not None and st.probing
+
     def forget(self, seq_id: int) -> None:
         self._requests.pop(seq_id, None)
         self._proposals.pop(seq_id, None)

@@ -141,7 +141,8 @@ class HybridDrafter(Drafter):
                 _Pending(SUFFIX, d.tokens[:n], d.probs[:n], budget_source(d))
             views[k] = replace(views[k], max_drafts=n if mtp else 0)
             if self.mtp.needs_hidden(slot.seq_id):
-                self.mtp.count_idle(slot.seq_id, mtp and n > 0, self.config.mtp_retire_steps, hopeless)
+                drafting = mtp and n > 0 and not budget.probing(slot.seq_id)  # as in MtpDrafter._budgeted
+                self.mtp.count_idle(slot.seq_id, drafting, self.config.mtp_retire_steps, hopeless)
         self._planned = planned
         self.mtp.after_step(views)
 

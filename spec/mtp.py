@@ -20,7 +20,9 @@ With CUDA graphs the engine also offers the whole draft of a step (extend + chai
 as an MtpDraftBatch (q rows per request, padding rows first) and gets every request's drafts back at once.
 
 Retirement: a request the budget gives no MTP drafts for `mtp_retire_steps` steps in a row (its drafts are not
-worth the chain's cost, host work included), or none in a step where the measured chain could not pay even if
+worth the chain's cost, host work included; a probe's one draft does not count: while a request keeps hidden
+states every step of the batch is synchronous, so one whose probes are accepted often enough to be repeated but
+whose estimate never earns drafts of the budget's own choosing must not stay live on probes alone), or none in a step where the measured chain could not pay even if
 every draft were accepted, stops here for good: no extend, no hidden states kept, so its steps decode plainly and
 may overlap again (the engine asks `needs_hidden`). Its NextN KV is stale from then on, so it never drafts with
 MTP again. A new request starts retired (not even its prompt's extend runs) where the chain could not pay even
@@ -203,7 +205,8 @@ class MtpDrafter(Drafter):
         out = list(views)
         for k, n in zip(nxt, ks):
             out[k] = replace(views[k], max_drafts=n)
-            self.count_idle(views[k].seq_id, n > 0, self.config.mtp_retire_steps, hopeless)
+            drafting = n > 0 and not budget.probing(views[k].seq_id)  # a probe is no reason to stay live
+            self.count_idle(views[k].seq_id, drafting, self.config.mtp_retire_steps, hopeless)
         return out
 
     def _slot(self, table: list[int], pos: int) -> int:

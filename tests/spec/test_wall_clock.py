@@ -167,6 +167,29 @@ def test_retirement_off_and_accepted_mtp_keep_the_request_drafting():
     assert drafter.needs_hidden(0) and drafter.num_retired == 0
 
 
+def test_accepted_probes_alone_do_not_keep_an_mtp_request_live():
+    """A request whose 1-draft probes are accepted often enough to be repeated (interval 1 after each accepted
+    one) but whose estimate never earns drafts of the budget's own choosing retires like one held at 0: while it
+    keeps hidden states, every step of its batch is synchronous."""
+    cfg = SpeculativeConfig.from_dict({"method": "mtp", "num_speculative_tokens": 3, "mtp_retire_steps": 4,
+                                       "mtp_explore_every": 1, "probe_interval": 1})
+    budget = DraftBudget(cfg, StepCosts(GPU, 0.0, StepCost([1, 16], [0.07, 0.09])))
+    learn(budget.clock, timing(1, 0.40, plain=True))
+    learn(budget.clock, timing(1, 1.22, rows=4, drafted=True, chain=True))  # ~0.8 ms chain: probes allowed
+    assert not budget.chain_cannot_pay(1, 3)
+    drafter = MtpDrafter(cfg, 16, MtpCalls(FakeNextN().forward), budget)
+    drafter.add(0, [1, 2, 3])
+    sizes = []
+    for step in range(40):
+        if not drafter.needs_hidden(0):
+            break
+        drafter.after_step([view(0, 10 + step % 16)])
+        sizes.append(len(drafter.propose([DraftSlot(0, 3)])[0]))
+        drafter.accepted(0, [9] if step % 3 == 2 else [5, 9])  # two probes of three accepted
+    assert not drafter.needs_hidden(0) and drafter.num_retired == 1
+    assert sizes.count(1) >= 2 and len(sizes) < 12  # it was probed, and retired within a few steps
+
+
 def test_a_chain_that_cannot_pay_retires_a_request_at_its_first_step():
     cfg = SpeculativeConfig.from_dict({"method": "mtp", "num_speculative_tokens": 3, "mtp_retire_steps": 16})
     budget = DraftBudget(cfg, StepCosts(GPU, 0.0, StepCost([1, 16], [0.07, 0.09])))

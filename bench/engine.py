@@ -57,7 +57,7 @@ from typing import Any
 import torch
 
 from bench.real_shape import parse_overrides, real_shape_model_dir
-from model.attention import PREFILL_ATTENTION_BACKENDS
+from model.attention import PREFILL_ATTENTION_BACKENDS, resolve_prefill_attention_backend
 
 SCHEMA = "glint.bench.engine/1"
 # issue 6 item 5
@@ -459,7 +459,7 @@ def run_step_benchmarks(
     results["prefill"] = {
         "tokens": args.prefill,
         "prefix": args.prefill_prefix,
-        "attention_backend": args.prefill_attention_backend,
+        "attention_backend": resolve_prefill_attention_backend(args.prefill_attention_backend, worker.device),
         "time": t,
         "ms": t["median_ms"],
         "flops": flops,
@@ -852,7 +852,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--prefill", type=int, default=4096, help="prefill length (one sequence)")
     ap.add_argument("--prefill-prefix", type=int, default=0,
                     help="tokens already cached before the prefill (a prefix hit, or the chunks before this one)")
-    ap.add_argument("--prefill-attention-backend", default="triton", choices=list(PREFILL_ATTENTION_BACKENDS))
+    ap.add_argument("--prefill-attention-backend", default="auto", choices=list(PREFILL_ATTENTION_BACKENDS))
     ap.add_argument(
         "--hf-layers", type=int, default=3, help="layers of the generate/HF model; 0 skips generate"
     )

@@ -141,10 +141,11 @@ class EngineConfig:
         "FlashAttention-3 `flash_attn_interface`, else FlashAttention-2 `flash_attn`; CUDA, bf16/fp16 KV only)",
         flags=("--attention-backend",), choices=ATTENTION_BACKENDS)
     prefill_attention_backend: str = option(
-        "prefill_attention_backend", "triton", "attention of prefill rows (sequences with >= 512 new tokens in a "
+        "prefill_attention_backend", "auto", "attention of prefill rows (sequences with >= 512 new tokens in a "
         "step): triton = the --attention-backend kernels like every other row; sdpa = torch "
         "scaled_dot_product_attention (cuDNN on Hopper) over the sequence's K/V gathered from the paged cache "
-        "(FP8 KV dequantized); decode / verify rows stay on --attention-backend",
+        "(FP8 KV dequantized; the gather's workspace at max_model_len is reserved before the KV cache is sized); "
+        "auto = sdpa on CUDA, triton elsewhere; decode / verify rows stay on --attention-backend",
         flags=("--prefill-attention-backend",), choices=PREFILL_ATTENTION_BACKENDS)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -29,6 +29,8 @@ from engine.kv_connector import KVConnectorWorker
 from engine.kv_cache import allocate_kv_caches, kv_bytes_per_token, kv_cache_dtype
 from engine.model_runner import ModelRunner, StepInputs
 from engine.token_table import TokenTable
+from kernels import sdpa_prefill
+from model.attention import resolve_prefill_attention_backend
 from model.builder import build_model
 from model.parallel import HeadPartition
 from spec import MtpBatch, MtpDraftBatch, StepCost, StepCosts
@@ -141,12 +143,23 @@ class ModelWorker:
         if self.device.type == "cuda":
             peak = self._profile_peak_memory(kv_dtype)
             _, total = torch.cuda.mem_get_info(self.device)
+            peak += self._prefill_workspace_bytes()
             budget = cc.mem_fraction_static * total - peak - GRAPH_AND_COMM_RESERVE
             per_block = kv_bytes_per_token(self.config.model, self.dist.tp, kv_dtype, num_layers) * bs
             log.info("memory: total %.1f GiB, weights+activation peak %.1f GiB, KV budget %.1f GiB",
                      total / 2**30, peak / 2**30, budget / 2**30)
             return max(0, int(budget // per_block))
         return -(-max(2 * max_len, 32768) // bs)
+
+    def _prefill_workspace_bytes(self) -> int:
+        """What the SDPA prefill path needs at the longest context beyond the profiling step (a chunk without a
+        cached prefix): its K/V gather grows with the context (~0.9 GB at 200K tokens with 8 KV heads)."""
+        if resolve_prefill_attention_backend(self.config.prefill_attention_backend, self.device) != "sdpa":
+            return 0
+        mc, sc = self.config.model, self.config.scheduler
+        heads = HeadPartition.build(mc.num_attention_heads, mc.num_key_value_heads, self.dist.tp)
+        return sdpa_prefill.workspace_bytes(sc.max_num_batched_tokens, sc.max_model_len, heads.num_heads,
+                                            heads.num_kv_heads, mc.head_dim, self.config.torch_dtype)
 
     @torch.inference_mode()
     def _profile_peak_memory(self, kv_dtype: torch.dtype) -> int:

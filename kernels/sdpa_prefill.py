@@ -134,6 +134,21 @@ def prefill_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
     return out
 
 
+def workspace_bytes(max_query: int, max_context: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                    dtype: torch.dtype) -> int:
+    """Peak transient bytes of one layer's prefill through this path (a sequence of up to max_query new tokens
+    at a context of up to max_context): the gathered K and V, the output, and with a cached prefix the merge's
+    two partial outputs, their log-sum-exps, the weights and one MERGE_ROWS block of fp32 temporaries. The
+    engine reserves this before sizing the KV cache (its profiling step has no prefix)."""
+    es = torch.empty((), dtype=dtype).element_size()
+    n, ctx = min(max_query, max_context), max_context
+    gathered = 2 * ctx * num_kv_heads * head_dim * es
+    outputs = 3 * n * num_heads * head_dim * es  # out, o_pre, o_new
+    lse = 3 * n * num_heads * 4  # lse_pre, lse_new, w
+    merge = 3 * min(n, MERGE_ROWS) * num_heads * head_dim * 4  # two fp32 upcasts and the lerp's result
+    return gathered + outputs + lse + merge
+
+
 def _row_ranges(qsl: list[int], seqs: list[int]) -> list[tuple[int, int]]:
     """The packed query rows of `seqs`, as few [start, end) ranges as possible (neighbours merged)."""
     ranges: list[tuple[int, int]] = []
@@ -204,4 +219,4 @@ def paged_attention_prefill_sdpa(
 
 
 __all__ = ["MIN_PREFILL_TOKENS", "PREFIX_MODES", "gather_kv", "paged_attention_prefill_sdpa",
-           "prefill_attention_sdpa"]
+           "prefill_attention_sdpa", "workspace_bytes"]

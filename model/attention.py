@@ -13,8 +13,19 @@ from model.parallel import HeadPartition, TPGroup
 
 ATTENTION_BACKENDS = ("triton", "fa3")  # triton: kernels.paged_attention (reference on CPU); fa3: flash_attn
 # prefill rows (>= sdpa_prefill.MIN_PREFILL_TOKENS new tokens): triton = whatever attention_backend runs;
-# sdpa = torch SDPA (cuDNN) over the gathered K/V (kernels/sdpa_prefill.py), the other rows stay on attention_backend
-PREFILL_ATTENTION_BACKENDS = ("triton", "sdpa")
+# sdpa = torch SDPA (cuDNN) over the gathered K/V (kernels/sdpa_prefill.py), the other rows stay on attention_backend;
+# auto = sdpa on CUDA (1.4-1.8x faster than our Triton extend kernel at 4K-32K tokens on the H200, bench/RESULTS.md),
+# triton elsewhere (the CPU reference path)
+PREFILL_ATTENTION_BACKENDS = ("auto", "triton", "sdpa")
+
+
+def resolve_prefill_attention_backend(name: str, device: torch.device | str) -> str:
+    """The prefill backend that runs on `device`: "auto" -> "sdpa" on CUDA, else "triton"."""
+    if name not in PREFILL_ATTENTION_BACKENDS:
+        raise ValueError(f"prefill_attention_backend must be one of {PREFILL_ATTENTION_BACKENDS}, got {name!r}")
+    if name != "auto":
+        return name
+    return "sdpa" if torch.device(device).type == "cuda" else "triton"
 
 
 class Attention(nn.Module):
@@ -29,19 +40,16 @@ class Attention(nn.Module):
         device,
         fused_qk_norm_rope: bool = False,
         attention_backend: str = "triton",
-        prefill_attention_backend: str = "triton",
+        prefill_attention_backend: str = "auto",
     ) -> None:
         super().__init__()
         if attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {attention_backend!r}")
-        if prefill_attention_backend not in PREFILL_ATTENTION_BACKENDS:
-            raise ValueError(f"prefill_attention_backend must be one of {PREFILL_ATTENTION_BACKENDS}, got "
-                             f"{prefill_attention_backend!r}")
         self.layer_id = layer_id
         self.tp = tp
         self.fused_qk_norm_rope = fused_qk_norm_rope
         self.attention_backend = attention_backend
-        self.prefill_attention_backend = prefill_attention_backend
+        self.prefill_attention_backend = resolve_prefill_attention_backend(prefill_attention_backend, device)
         self.heads = HeadPartition.build(cfg.num_attention_heads, cfg.num_key_value_heads, tp)
         self.head_dim = cfg.head_dim
         self.eps = cfg.rms_norm_eps

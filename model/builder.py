@@ -24,7 +24,7 @@ def build_model(
     fused_qk_norm_rope: bool = False,
     progress: bool = True,
     attention_backend: str = "triton",
-    prefill_attention_backend: str = "triton",
+    prefill_attention_backend: str = "auto",
 ) -> Glm4MoeForCausalLM:
     if load_format not in ("auto", "safetensors", "dummy"):
         raise ValueError(f"load_format must be 'auto', 'safetensors' or 'dummy', got {load_format!r}")

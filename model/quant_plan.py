@@ -30,7 +30,7 @@ class QuantPlan:
     fuse_shared_experts: bool = False
     fused_qk_norm_rope: bool = False  # not quantization, but the same kind of build-time layer choice
     attention_backend: str = "triton"  # likewise: "triton" (kernels.paged_attention) | "fa3" (flash_attn)
-    prefill_attention_backend: str = "triton"  # "triton" (as attention_backend) | "sdpa" (kernels/sdpa_prefill.py)
+    prefill_attention_backend: str = "auto"  # auto | triton | sdpa: model/attention.py
 
     @staticmethod
     def build(
@@ -41,7 +41,7 @@ class QuantPlan:
         fuse_shared_experts: bool = False,
         fused_qk_norm_rope: bool = False,
         attention_backend: str = "triton",
-        prefill_attention_backend: str = "triton",
+        prefill_attention_backend: str = "auto",
     ) -> "QuantPlan":
         keep_fp8 = cfg.quant.is_fp8 and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
         storage = cfg.quant.method if keep_fp8 else "none"

@@ -6,10 +6,11 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from engine import LLM, EngineConfig, SamplingParams
 from kernels import sdpa_prefill
-from model.attention import Attention
+from model.attention import Attention, resolve_prefill_attention_backend
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 
@@ -55,4 +56,49 @@ def test_sdpa_prefill_gives_the_default_tokens(monkeypatch, tiny_bf16):
 def test_config_checks_the_choice(tiny_bf16):
     with pytest.raises(ValueError, match="prefill_attention_backend must be one of"):
         EngineConfig.create(str(tiny_bf16), device="cpu", prefill_attention_backend="cudnn")
-    assert EngineConfig.create(str(tiny_bf16), device="cpu").prefill_attention_backend == "triton"
+    assert EngineConfig.create(str(tiny_bf16), device="cpu").prefill_attention_backend == "auto"
+
+
+def test_auto_is_sdpa_on_cuda_and_triton_elsewhere(tiny_bf16):
+    assert resolve_prefill_attention_backend("auto", "cuda") == "sdpa"
+    assert resolve_prefill_attention_backend("auto", torch.device("cuda", 1)) == "sdpa"
+    assert resolve_prefill_attention_backend("auto", "cpu") == "triton"
+    assert resolve_prefill_attention_backend("sdpa", "cpu") == "sdpa"
+    assert resolve_prefill_attention_backend("triton", "cuda") == "triton"
+    with pytest.raises(ValueError, match="must be one of"):
+        resolve_prefill_attention_backend("cudnn", "cuda")
+    llm = LLM(str(tiny_bf16), device="cpu")  # the default on CPU: the reference path
+    attns = [m for m in llm.engine.worker.model.modules() if isinstance(m, Attention)]
+    assert attns and all(a.prefill_attention_backend == "triton" for a in attns)
+
+
+@pytest.mark.parametrize("prefix", [0, 300])
+def test_workspace_bytes_covers_what_a_prefill_allocates(monkeypatch, prefix):
+    """The reserve the engine takes before sizing the KV cache is at least what one call's gather, outputs and
+    merge allocate (counted by spying on every tensor-producing step of the path)."""
+    hq, hk, d, n, bs = 8, 2, 16, 200, 16
+    ctx = prefix + n
+    pages = -(-ctx // bs)
+    k_cache = torch.randn(pages, bs, hk, d)
+    v_cache = torch.randn(pages, bs, hk, d)
+    q = torch.randn(n, hq, d)
+    gathered: list[int] = []
+    real_gather = sdpa_prefill.gather_kv
+
+    def spy(*args, **kw):
+        x = real_gather(*args, **kw)
+        gathered.append(x.numel() * x.element_size())
+        return x
+
+    monkeypatch.setattr(sdpa_prefill, "gather_kv", spy)
+    sdpa_prefill.paged_attention_prefill_sdpa(
+        q, k_cache, v_cache, torch.arange(pages).view(1, -1), torch.tensor([ctx]), torch.tensor([0, n]), d**-0.5,
+        rest=lambda *a, **k: None, min_prefill_tokens=1)
+    need = sum(gathered) + 3 * q.numel() * 4  # K and V, the output and (with a prefix) the two partial outputs
+    have = sdpa_prefill.workspace_bytes(n, ctx, hq, hk, d, torch.float32)
+    assert sum(gathered) == 2 * ctx * hk * d * 4
+    assert need <= have
+    # the longest context dominates: a 200K-token context with GLM-4.7's 8 KV heads needs ~0.8 GB of gather
+    big = sdpa_prefill.workspace_bytes(8192, 202752, 96, 8, 128, torch.bfloat16)
+    small = sdpa_prefill.workspace_bytes(8192, 8192, 96, 8, 128, torch.bfloat16)
+    assert big - small == 2 * (202752 - 8192) * 8 * 128 * 2

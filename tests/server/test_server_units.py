@@ -97,7 +97,7 @@ def test_engine_kwargs_mapping():
         "enable_shared_experts_fusion": False,
         "enable_fused_qk_norm_rope": False,
         "attention_backend": "triton",
-        "prefill_attention_backend": "triton",
+        "prefill_attention_backend": "auto",
         "gc_freeze": True,
         "kernel_warmup": True,
         "overlap_scheduling": None,

@@ -4,10 +4,14 @@ build that the kernel benchmarks (the same shape replayed) never see. Per prompt
 call of the SDPA path (kernels/sdpa_prefill.py, paged K/V) and of our Triton extend kernel, one sequence, bf16 KV.
 
     python -m bench.sdpa_shapes --lengths 24 --heads 96/8,12/1
+    python -m bench.sdpa_shapes --exact-plans      # torch's default: a cuDNN plan per exact length
+
+"err" is the SDPA path's largest difference from the Triton kernel's output over the largest Triton value.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import time
@@ -15,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from kernels.sdpa_prefill import paged_attention_prefill_sdpa
+from kernels.sdpa_prefill import AVOID_RECOMPILE_ENV, paged_attention_prefill_sdpa
 from kernels.triton_attention import paged_attention
 
 BF16 = torch.bfloat16
@@ -50,6 +54,8 @@ def _case(qlen: int, prefix: int, hq: int, hk: int, d: int = 128, bs: int = 16) 
 
     out = {"sdpa_first": _timed(sdpa), "sdpa_again": min(_timed(sdpa) for _ in range(3)),
            "triton_first": _timed(triton), "triton_again": min(_timed(triton) for _ in range(3))}
+    ref = triton().float()
+    out["err"] = float((sdpa().float() - ref).abs().max() / ref.abs().max())
     return out
 
 
@@ -61,7 +67,12 @@ def main() -> None:
     ap.add_argument("--heads", default="96/8,12/1")
     ap.add_argument("--prefixes", default="0,4096")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--exact-plans", action="store_true",
+                    help=f"{AVOID_RECOMPILE_ENV}=0: torch's default, one cuDNN plan per exact length")
     args = ap.parse_args()
+    if args.exact_plans:
+        os.environ[AVOID_RECOMPILE_ENV] = "0"
+    print(f"{AVOID_RECOMPILE_ENV}={os.environ.get(AVOID_RECOMPILE_ENV, '(unset: the SDPA path sets 1)')}", flush=True)
     rng = random.Random(args.seed)
     for heads in args.heads.split(","):
         hq, hk = (int(x) for x in heads.split("/"))
@@ -73,14 +84,16 @@ def main() -> None:
                 r = _case(qlen, prefix, hq, hk)
                 rows.append(r)
                 print(f"{hq}/{hk} prefix {prefix:5} q {qlen:5}: sdpa first {r['sdpa_first']:7.2f} ms, again "
-                      f"{r['sdpa_again']:7.2f} | triton first {r['triton_first']:7.2f}, again {r['triton_again']:7.2f}",
+                      f"{r['sdpa_again']:7.2f} | triton first {r['triton_first']:7.2f}, again {r['triton_again']:7.2f}"
+                      f" | err {r['err']:.1e}",
                       flush=True)
             extra = [r["sdpa_first"] - r["sdpa_again"] for r in rows]
             t_extra = [r["triton_first"] - r["triton_again"] for r in rows]
             print(f"== {hq}/{hk} prefix {prefix}: first-call extra over {len(rows)} new lengths: sdpa median "
                   f"{statistics.median(extra):.2f} ms (max {max(extra):.2f}), triton median "
                   f"{statistics.median(t_extra):.2f} ms (max {max(t_extra):.2f}); repeated: sdpa / triton median "
-                  f"{statistics.median(r['sdpa_again'] / r['triton_again'] for r in rows):.2f}", flush=True)
+                  f"{statistics.median(r['sdpa_again'] / r['triton_again'] for r in rows):.2f}; "
+                  f"err max {max(r['err'] for r in rows):.1e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -33,12 +33,21 @@ GQA: `enable_gqa=True` (torch >= 2.5). The cuDNN backend takes K/V with fewer he
 pytorch/pytorch#149976, March 2025, before torch 2.11), as does flash; the efficient backend and math expand.
 The private LSE ops take the grouped K/V as they are (SDPA passes them through unexpanded to the same ops).
 
+One cuDNN plan per length bucket, not per length: cuDNN builds an execution plan per shape (40-90 ms on the H200,
+up to 0.7 s, measured by bench/sdpa_shapes.py) and torch caches it by exact sequence lengths, so under serving --
+every prompt a new length -- each prefill would pay a build. torch's `TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1`
+(pytorch#155958, torch >= 2.9; opt-in, "experimental") runs BSHD-contiguous inputs without a bias through cuDNN's
+ragged path and keys the plan on the lengths rounded up to powers of two; our inputs are BSHD views without a
+bias. `reuse_plans_across_lengths()` sets it (unless the user set it) before this path's first SDPA call; the
+variable is read once per process.
+
 Backend order: `sdpa_kernel([CUDNN, FLASH, EFFICIENT, MATH], set_priority=True)` asks for cuDNN first (torch
 already prefers it on sm90 with cuDNN > 9.15; older cuDNN fall through to flash). On CPU the flash-CPU / math
 kernels run the same code, which is what the CPU tests check against the reference.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -57,6 +66,13 @@ AttentionFn = Callable[..., torch.Tensor]
 
 # the CUDA op that gives an output and its log-sum-exp: "cudnn" until it fails once, then "flash"
 _LSE_OP: dict[str, str] = {"cuda": "cudnn"}
+AVOID_RECOMPILE_ENV = "TORCH_CUDNN_SDPA_AVOID_RECOMPILE"
+
+
+def reuse_plans_across_lengths() -> None:
+    """Let cuDNN reuse one plan per power-of-two length bucket (see the module docstring); a value the user set
+    is kept. Takes effect only before the process's first cuDNN SDPA call."""
+    os.environ.setdefault(AVOID_RECOMPILE_ENV, "1")
 
 
 def gather_kv(cache: torch.Tensor, block_row: torch.Tensor, length: int, dtype: torch.dtype,
@@ -99,6 +115,7 @@ def prefill_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
     >= n) -> [n, Hq, D] in q.dtype, written into `out` when given. See the module docstring for prefix_mode."""
     if prefix_mode not in PREFIX_MODES:
         raise ValueError(f"prefix_mode must be one of {PREFIX_MODES}, got {prefix_mode!r}")
+    reuse_plans_across_lengths()
     n, kv = q.shape[0], k.shape[0]
     p = kv - n
     if p < 0:
@@ -218,5 +235,5 @@ def paged_attention_prefill_sdpa(
     return out
 
 
-__all__ = ["MIN_PREFILL_TOKENS", "PREFIX_MODES", "gather_kv", "paged_attention_prefill_sdpa",
-           "prefill_attention_sdpa", "workspace_bytes"]
+__all__ = ["AVOID_RECOMPILE_ENV", "MIN_PREFILL_TOKENS", "PREFIX_MODES", "gather_kv", "paged_attention_prefill_sdpa",
+           "prefill_attention_sdpa", "reuse_plans_across_lengths", "workspace_bytes"]

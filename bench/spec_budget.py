@@ -134,9 +134,15 @@ def profile(llm: LLM, args: argparse.Namespace, tag: str) -> None:
           flush=True)
 
 
+def base_method(label: str) -> str:
+    """The method of a --methods entry: "none#2" is a second engine of method none (an A/A control)."""
+    return label.split("#", 1)[0]
+
+
 def build(args: argparse.Namespace, method: str, budget: str, extra: dict[str, Any]) -> LLM:
     """One engine for (method, budget), warmed up over every dataset and concurrency."""
-    spec = None if method == "none" else {**SPEC[method], **extra, "draft_budget": budget == "on"}
+    spec = None if base_method(method) == "none" else {**SPEC[base_method(method)], **extra,
+                                                       "draft_budget": budget == "on"}
     overlap = {"overlap_scheduling": False} if spec is None and args.none_overlap == "off" else {}
     kv = {"num_kv_blocks": args.num_kv_blocks} if args.num_kv_blocks else {}
     llm = LLM(args.model, speculative_config=spec, device=args.device, kv_cache_dtype=args.kv_cache_dtype,
@@ -208,7 +214,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--methods", default="none,mtp,suffix,hybrid")
+    ap.add_argument("--methods", default="none,mtp,suffix,hybrid",
+                    help="comma separated; a method given twice as M#2 builds a second engine of M (an A/A control: "
+                         "how far two identical engines differ in this process)")
     ap.add_argument("--budget", default="on,off", help="draft budget settings to run (spec draft_budget)")
     ap.add_argument("--datasets", default="agentic-edit,plain-code")
     ap.add_argument("--concurrency", default="1,16")
@@ -241,7 +249,8 @@ def main() -> None:
                          "max concurrency x max-model-len twice over)")
     args = ap.parse_args()
     extra = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.spec_option)}
-    setups = [(m, b) for m in args.methods.split(",") for b in (["-"] if m == "none" else args.budget.split(","))]
+    setups = [(m, b) for m in args.methods.split(",")
+              for b in (["-"] if base_method(m) == "none" else args.budget.split(","))]
     if args.repeat <= 1:  # one engine at a time, each sizing its KV cache from the free memory
         for method, budget in setups:
             llm = build(args, method, budget, extra)

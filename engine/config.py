@@ -141,7 +141,7 @@ class EngineConfig:
         "FlashAttention-3 `flash_attn_interface`, else FlashAttention-2 `flash_attn`; CUDA, bf16/fp16 KV only)",
         flags=("--attention-backend",), choices=ATTENTION_BACKENDS)
     prefill_attention_backend: str = option(
-        "prefill_attention_backend", "auto", "attention of prefill rows (sequences with >= 512 new tokens in a "
+        "prefill_attention_backend", "auto", "attention of prefill rows (sequences with >= 8192 new tokens in a "
         "step): triton = the --attention-backend kernels like every other row; sdpa = torch "
         "scaled_dot_product_attention (cuDNN on Hopper) over the sequence's K/V gathered from the paged cache "
         "(FP8 KV dequantized; the gather's workspace at max_model_len is reserved before the KV cache is sized); "

@@ -10,6 +10,11 @@ verify-sized queries (2..16 tokens), one batch per distinct decode / verify vari
 on this rank's head layout (row blocks, 64 / 128-key tiles, stages, split or not); one sequence over growing
 contexts for the split reduction's width. Steps run through the model like real ones, over page 0 of
 the real KV cache (before any request owns a page), on every TP rank alike (the forwards all-reduce).
+
+With the SDPA prefill path (kernels/sdpa_prefill.py) the same holds for cuDNN: it builds an execution plan per
+power-of-two bucket of the query and key lengths (40-140 ms each on the H200), so one prompt per query bucket
+from the path's threshold on, after a cached prefix of each power-of-two length that fits, builds them all (the
+prompts without a prefix are among the token-count steps).
 """
 from __future__ import annotations
 
@@ -85,12 +90,21 @@ def token_counts(max_tokens: int) -> list[int]:
     return sorted(c for c in counts if c <= max_tokens)
 
 
-def warmup_steps(max_tokens: int, max_seqs: int, max_model_len: int, attention: AttentionShape) -> list[WarmupStep]:
+def warmup_steps(max_tokens: int, max_seqs: int, max_model_len: int, attention: AttentionShape,
+                 sdpa_min_tokens: int | None = None) -> list[WarmupStep]:
     """The warm-up's steps for a step budget of max_tokens tokens and max_seqs sequences: one prompt per token
     count; for every query length up to VERIFY_MAX_Q, the first batch of each decode / verify / reduction variant
     (short or long context, or decode-shaped); one or two sequences over growing contexts (the reductions'
-    widths)."""
-    steps = [WarmupStep(1, t, t) for t in token_counts(min(max_tokens, max_model_len))]
+    widths). sdpa_min_tokens: the SDPA prefill path's threshold where it runs (its cuDNN plans, see above)."""
+    prompts = token_counts(min(max_tokens, max_model_len))
+    steps = [WarmupStep(1, t, t) for t in prompts]
+    if sdpa_min_tokens is not None:
+        for bucket in sorted({next_pow2(t) for t in prompts if t >= sdpa_min_tokens}):
+            q = max(sdpa_min_tokens, bucket // 2 + 1)  # the bucket's shortest query leaves the most room for a prefix
+            room, prefix = max_model_len - q, 1
+            while prefix // 2 < room:  # a prefix in (prefix / 2, prefix]: the longest that fits
+                steps.append(WarmupStep(1, q, q + min(prefix, room)))
+                prefix *= 2
     long_ctx = min(LONG_CONTEXT, max_model_len)
     forms = [(long_ctx, True), (long_ctx, False), (1, False)]  # (context, all_logits); 1: as short as q allows
     seen: set[tuple] = set()

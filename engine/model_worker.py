@@ -194,7 +194,9 @@ class ModelWorker:
         heads = HeadPartition.build(mc.num_attention_heads, mc.num_key_value_heads, self.dist.tp)
         shape = AttentionShape(heads.num_kv_heads, heads.num_heads // heads.num_kv_heads, mc.head_dim, fp8_kv,
                                torch.cuda.get_device_properties(self.device).multi_processor_count)
-        steps = warmup_steps(sc.max_num_batched_tokens, sc.max_num_seqs, sc.max_model_len, shape)
+        sdpa = resolve_prefill_attention_backend(self.config.prefill_attention_backend, self.device) == "sdpa"
+        steps = warmup_steps(sc.max_num_batched_tokens, sc.max_num_seqs, sc.max_model_len, shape,
+                             sdpa_prefill.MIN_PREFILL_TOKENS if sdpa else None)
         start = time.perf_counter()
         for step in steps:
             self.runner.run(step_inputs(step, self.block_size, self.num_blocks))

@@ -152,3 +152,36 @@ def test_block_tables_reach_the_kernels_padded_to_a_multiple_of_16(tiny_bf16, pa
     width = ctx.block_tables.shape[1]
     assert width % 16 == 0 and width >= pages and ctx.block_tables.stride(0) == width
     assert ctx.block_tables[1, 1:].eq(0).all() and ctx.block_tables[0, :pages].tolist() == list(range(pages))
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@pytest.mark.parametrize("max_tokens,max_seqs,max_model_len", BUDGETS)
+def test_sdpa_prefill_plans_cover_every_length_bucket(max_tokens, max_seqs, max_model_len):
+    """With the SDPA prefill path, cuDNN keys its plans on the query and key lengths rounded up to powers of two
+    (kernels/sdpa_prefill.py): the warm-up must meet every (query bucket, cached-prefix bucket) pair a prefill row
+    can have -- the prefix part (query x prefix keys) and the square part (query x query) of the merge, and the
+    square call without a prefix -- and nothing of it where the path is off."""
+    shape = AttentionShape(1, GROUP, 128, False, SMS)
+    threshold = 4096
+    plain = warmup_steps(max_tokens, max_seqs, max_model_len, shape)
+    steps = warmup_steps(max_tokens, max_seqs, max_model_len, shape, threshold)
+    extra = [s for s in steps if s not in plain]
+    assert all(s in steps for s in plain)
+    assert all(s.sequences == 1 and s.query >= threshold and s.context > s.query for s in extra)
+    seen = set()
+    for s in steps:
+        if s.sequences == 1 and s.query >= threshold:
+            seen.add((_pow2(s.query), _pow2(s.context - s.query) if s.context > s.query else 0))
+    rng = random.Random(1)
+    for _ in range(5000):
+        q = rng.randint(threshold, min(max_tokens, max_model_len)) if threshold <= min(max_tokens, max_model_len) \
+            else None
+        if q is None:
+            break
+        p = rng.choice([0, rng.randint(1, max_model_len - q)]) if max_model_len > q else 0
+        assert (_pow2(q), _pow2(p) if p else 0) in seen, (q, p)
+    if threshold > min(max_tokens, max_model_len):
+        assert steps == plain

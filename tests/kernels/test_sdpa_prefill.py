@@ -71,7 +71,7 @@ def test_mixed_batch_matches_reference(seqs, why, hq, hk, cache_dtype, prefix_mo
 def test_no_prefill_row_is_all_rest():
     q, kc, vc, bt, sl, qsl, ks, vs = make_batch([40, 9], [3, 1], 4, 2, 32, 16, torch.bfloat16, "cpu")
     spy = Spy()
-    out = paged_attention_prefill_sdpa(q, kc, vc, bt, sl, qsl, 0.2, rest=spy)  # default threshold: 512
+    out = paged_attention_prefill_sdpa(q, kc, vc, bt, sl, qsl, 0.2, rest=spy)  # default threshold: 8192
     assert spy.calls == [(4, [0, 3, 4], [40, 9])]
     assert torch.equal(out, paged_attention_ref(q, kc, vc, bt, sl, qsl, 0.2))
 

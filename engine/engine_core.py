@@ -523,8 +523,12 @@ class EngineCore:
                 max_drafts=max(drafts, 0),
             ))
             reqs.append(req)
-        items, _, deltas = self._isolating("drafting", list(zip(reqs, views)),
-                                           lambda its: self.drafter.after_step([v for _, v in its]), lambda it: it[0])
+        # the batch the next step decodes, retired requests included: what MTP drafts and the chain slow down
+        decoding = sum(1 for s in step.scheduled
+                       if not s.request.is_finished and s.request.num_tokens - s.request.num_computed_tokens == 1)
+        items, _, deltas = self._isolating(
+            "drafting", list(zip(reqs, views)),
+            lambda its: self.drafter.after_step([v for _, v in its], decoding), lambda it: it[0])
         return deltas
 
     # -- introspection ------------------------------------------------------------------------------

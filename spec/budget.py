@@ -218,13 +218,15 @@ class DraftBudget:
             return 0.0
         return num_seqs * self.clock.chain_ms(num_seqs) / self.clock.plain_ms(num_seqs)
 
-    def chain_cannot_pay(self, num_seqs: int, cap: int) -> bool:
+    def chain_cannot_pay(self, num_seqs: int, cap: int, num_drafting: int | None = None) -> bool:
         """Whether the MTP chain (and the host work of a speculative step) costs a step of num_seqs requests
-        more than it could add even if every request's every one of `cap` drafts were accepted."""
+        more than it could add even if every one of `cap` drafts of each of the num_drafting requests that can
+        draft with MTP (default: all of them) were accepted."""
         if num_seqs <= 0:
             return False
+        drafting = num_seqs if num_drafting is None else min(num_drafting, num_seqs)
         spec = num_seqs * self.clock.spec_overhead_ms(num_seqs) / self.clock.plain_ms(num_seqs)
-        return self.chain_cost_tokens(num_seqs) + spec >= num_seqs * cap
+        return self.chain_cost_tokens(num_seqs) + spec >= drafting * cap
 
     def chain_pays(self, num_seqs: int, gains: Sequence[float]) -> bool:
         """Whether a step of num_seqs requests that each draft with these per-position gains on the MTP chain

@@ -74,9 +74,11 @@ class Drafter(ABC):
         """Disaggregated decode: drafts another instance made for this request's first step (MTP: from the
         prompt's last hidden state, which this instance never had)."""
 
-    def after_step(self, views: Sequence[StepView]) -> None:
+    def after_step(self, views: Sequence[StepView], num_decoding: int | None = None) -> None:
         """After a target step was verified and its tokens emitted (drafters that read the target's hidden
-        states: see spec/mtp.py)."""
+        states: see spec/mtp.py). views: the requests whose hidden states the step kept; num_decoding: every
+        request decoding next step, MTP or not (the batch whose step the drafts make slower; None: the views
+        that decode next)."""
 
     def verify(self, drafts: Sequence[int], sampled: Sequence[int]) -> list[int]:
         return accept_chain(drafts, sampled)

@@ -105,7 +105,7 @@ class HybridDrafter(Drafter):
         if self.budget is not None:
             self.budget.forget(seq_id)
 
-    def after_step(self, views: Sequence[StepView]) -> None:
+    def after_step(self, views: Sequence[StepView], num_decoding: int | None = None) -> None:
         if self.budget is None:
             self.mtp.after_step(views)
             return
@@ -114,7 +114,8 @@ class HybridDrafter(Drafter):
         slots = [DraftSlot(views[k].seq_id, views[k].max_drafts) for k in nxt]
         suffix = self.suffix.drafts(slots)
         budget, chain = self.budget, self.config.mtp_chain_length
-        row_cost = budget.row_cost_tokens(len(nxt))
+        b = max(len(nxt), num_decoding or 0)  # the whole batch decoding next prices the chain and the rows
+        row_cost = budget.row_cost_tokens(b)
 
         def worth(gains: list[float]) -> tuple[float, float]:  # (net value, first gain: which one to probe)
             return sum(max(0.0, g - row_cost) for g in gains), gains[0] if gains else 0.0
@@ -130,12 +131,13 @@ class HybridDrafter(Drafter):
             edge += worth(gm)[0] - worth(gs)[0] if mtp and gs else 0.0
         # the MTP chain is paid once per step (a draft graph runs it whole): where what MTP adds over those
         # requests' suffix drafts does not pay for it, they take their suffix drafts and the step skips it
-        if 0 < edge < budget.chain_cost_tokens(len(nxt)):
+        if 0 < edge < budget.chain_cost_tokens(b):
             use_mtp = [m and not gs for m, (gs, _) in zip(use_mtp, by_source)]
         gains = [gm if m else gs for m, (gs, gm) in zip(use_mtp, by_source)]
-        ks = budget.plan([s.seq_id for s in slots], gains, chain=use_mtp, has_draft=[True] * len(slots))
-        planned, hopeless = {}, budget.chain_cannot_pay(len(nxt), chain)
-        self.mtp.last_batch = len(nxt) or self.mtp.last_batch
+        ks = budget.plan([s.seq_id for s in slots], gains, chain=use_mtp, num_seqs=b,
+                         has_draft=[True] * len(slots)) if slots else []
+        planned, hopeless = {}, budget.chain_cannot_pay(b, chain, len(nxt))
+        self.mtp.last_batch = b or self.mtp.last_batch
         for k, slot, d, mtp, n in zip(nxt, slots, suffix, use_mtp, ks):
             planned[slot.seq_id] = _Pending(MTP, []) if mtp else \
                 _Pending(SUFFIX, d.tokens[:n], d.probs[:n], budget_source(d))

@@ -22,7 +22,8 @@ as an MtpDraftBatch (q rows per request, padding rows first) and gets every requ
 Retirement: a request the budget gives no MTP drafts for `mtp_retire_steps` steps in a row (its drafts are not
 worth the chain's cost, host work included; a probe's one draft does not count: while a request keeps hidden
 states every step of the batch is synchronous, so one whose probes are accepted often enough to be repeated but
-whose estimate never earns drafts of the budget's own choosing must not stay live on probes alone), or none in a step where the measured chain could not pay even if
+whose estimate never earns drafts of the budget's own choosing must not stay live on probes alone; and the chain
+is priced against every request the next step decodes, retired ones included, since it is their step it slows), or none in a step where the measured chain could not pay even if
 every draft were accepted, stops here for good: no extend, no hidden states kept, so its steps decode plainly and
 may overlap again (the engine asks `needs_hidden`). Its NextN KV is stale from then on, so it never drafts with
 MTP again. A new request starts retired (not even its prompt's extend runs) where the chain could not pay even
@@ -193,15 +194,18 @@ class MtpDrafter(Drafter):
             self.budget.proposed({s.seq_id: (SOURCE, d, None) for s, d in zip(slots, out)})
         return out
 
-    def _budgeted(self, views: Sequence[StepView]) -> list[StepView]:
-        """Each view's chain cut to what the budget will verify next step (the extend runs for all)."""
+    def _budgeted(self, views: Sequence[StepView], num_decoding: int | None) -> list[StepView]:
+        """Each view's chain cut to what the budget will verify next step (the extend runs for all), priced
+        against the whole batch that decodes next (retired requests included: the chain and the drafts' rows
+        slow their step too)."""
         nxt = [k for k, v in enumerate(views) if v.max_drafts > 0]
         budget, chain = self.budget, self.config.mtp_chain_length
+        b = max(len(nxt), num_decoding or 0)
         ids = [views[k].seq_id for k in nxt]
         gains = [budget.gains(views[k].seq_id, SOURCE, min(views[k].max_drafts, chain)) for k in nxt]
-        ks = budget.plan(ids, gains, chain=[True] * len(nxt))
-        self.last_batch = len(nxt) or self.last_batch
-        hopeless = budget.chain_cannot_pay(len(nxt), chain)
+        ks = budget.plan(ids, gains, chain=[True] * len(nxt), num_seqs=b) if nxt else []
+        self.last_batch = b or self.last_batch
+        hopeless = budget.chain_cannot_pay(b, chain, len(nxt))
         out = list(views)
         for k, n in zip(nxt, ks):
             out[k] = replace(views[k], max_drafts=n)
@@ -236,7 +240,7 @@ class MtpDrafter(Drafter):
             seq_lens=[v.start + len(v.next_tokens) for v in views], max_drafts=[v.max_drafts for v in views],
         )
 
-    def after_step(self, views: Sequence[StepView]) -> None:
+    def after_step(self, views: Sequence[StepView], num_decoding: int | None = None) -> None:
         views = [v for v in views if v.next_tokens and v.seq_id not in self._retired]
         if not views:
             return
@@ -251,7 +255,7 @@ class MtpDrafter(Drafter):
             rows += v.hidden_rows
         views = [replace(v, max_drafts=min(v.max_drafts, self.config.mtp_chain_length)) for v in views]
         if self.budget is not None:
-            views = self._budgeted(views)
+            views = self._budgeted(views, num_decoding)
         for v in views:  # a chain cut to 0 must not leave an older step's draft behind
             self._drafts.pop(v.seq_id, None)
         self._chain_ran |= any(v.max_drafts > 0 for v in views)

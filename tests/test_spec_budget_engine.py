@@ -148,5 +148,9 @@ def test_step_timings_leave_out_the_callers_time_between_steps(tiny_bf16):
         calls.append(1000 * (time.perf_counter() - t0))
         time.sleep(0.05)  # the caller's own work
     assert len(seen) >= 8 and all(t.num_seqs == 1 for t in seen)
-    assert max(t.wall_ms for t in seen) <= max(calls) < 50
+    walls = sorted(t.wall_ms for t in seen)
+    assert walls[-1] <= max(calls)
+    # had the caller's 50 ms between calls been counted, every timing would be >= 50 ms; a loaded machine may
+    # stretch a few steps past that, not the typical one
+    assert walls[len(walls) // 2] < 50
     assert_pages_clean(core)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 
 from spec import DraftSlot, MtpCalls, MtpDrafter, StepView
+from spec.hybrid import HybridDrafter
+from spec.suffix import SuffixDrafter
 from spec.budget import DraftBudget, StepCost, StepCosts
 from spec.config import SpeculativeConfig
 from spec.wall_clock import SKIP_FIRST, StepTiming, WallClock, bucket
@@ -294,3 +296,62 @@ def test_new_requests_start_retired_where_recent_requests_retired_rather_than_dr
     assert drafter.useful >= 0.5
     drafter.add(21, [1, 2])
     assert drafter.needs_hidden(21)
+
+
+def test_a_lone_mtp_request_is_priced_against_the_whole_batch_it_slows():
+    """One request still drafting with MTP in a batch of 16 whose others retired: the chain and the synchronous
+    verify slow all 16 requests' step, so the budget prices them at batch 16 (num_decoding), not at the one live
+    request -- at batch 1 the same chain looks worth running and the request would keep the batch synchronous."""
+    cfg = SpeculativeConfig.from_dict({"method": "mtp", "num_speculative_tokens": 3, "mtp_retire_steps": 3,
+                                       "mtp_explore_every": 1})
+
+    def drafter_with_clock() -> MtpDrafter:
+        budget = DraftBudget(cfg, StepCosts(GPU, 0.0, StepCost([1, 16], [0.07, 0.09])))
+        learn(budget.clock, timing(1, 0.40, plain=True))
+        learn(budget.clock, timing(1, 1.00, rows=4, drafted=True, chain=True))  # chain ~0.58 ms at batch 1
+        learn(budget.clock, timing(16, 1.10, plain=True))
+        learn(budget.clock, timing(16, 2.60, rows=64, drafted=True, chain=True))  # ~1.28 ms at batch 16
+        drafter = MtpDrafter(cfg, 16, MtpCalls(FakeNextN().forward), budget)
+        drafter.add(0, [1, 2, 3])
+        return drafter
+
+    alone = drafter_with_clock()
+    for step in range(6):
+        alone.after_step([view(0, 10 + step)])
+        assert alone.propose([DraftSlot(0, 3)]) == [[5, 5, 5]]  # priced at batch 1: the chain pays
+    assert alone.needs_hidden(0)
+    in_batch = drafter_with_clock()
+    for step in range(6):
+        if not in_batch.needs_hidden(0):
+            break
+        in_batch.after_step([view(0, 10 + step)], num_decoding=16)
+        assert in_batch.propose([DraftSlot(0, 3)]) == [[]]
+    assert not in_batch.needs_hidden(0) and in_batch.num_retired == 1 and step <= 3
+    assert in_batch.last_batch == 16  # what admission prices the next request at
+
+
+def test_the_hybrid_prices_its_mtp_requests_against_the_whole_batch_too():
+    cfg = SpeculativeConfig.from_dict({"method": "hybrid", "mtp_retire_steps": 3, "mtp_explore_every": 1})
+
+    def hybrid() -> HybridDrafter:
+        budget = DraftBudget(cfg, StepCosts(GPU, 0.0, StepCost([1, 16], [0.07, 0.09])))
+        learn(budget.clock, timing(1, 0.40, plain=True))
+        learn(budget.clock, timing(1, 1.00, rows=4, drafted=True, chain=True))
+        learn(budget.clock, timing(16, 1.10, plain=True))
+        learn(budget.clock, timing(16, 2.60, rows=64, drafted=True, chain=True))
+        drafter = HybridDrafter(cfg, SuffixDrafter(cfg), MtpDrafter(cfg, 16, MtpCalls(FakeNextN().forward)), budget)
+        drafter.add(0, [1, 2, 3, 4])  # nothing repeats: no suffix draft, MTP is the only source
+        return drafter
+
+    alone = hybrid()
+    for step in range(6):
+        alone.after_step([view(0, 10 + step)])
+        assert alone.propose([DraftSlot(0, 3)]) == [[5, 5, 5]]
+    assert alone.needs_hidden(0)
+    in_batch = hybrid()
+    for step in range(6):
+        if not in_batch.needs_hidden(0):
+            break
+        in_batch.after_step([view(0, 10 + step)], num_decoding=16)
+        assert in_batch.propose([DraftSlot(0, 3)]) == [[]]
+    assert not in_batch.needs_hidden(0) and in_batch.num_retired == 1 and step <= 3

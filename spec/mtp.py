@@ -23,8 +23,9 @@ Retirement: a request the budget gives no MTP drafts for `mtp_retire_steps` step
 worth the chain's cost, host work included; a probe's one draft does not count: while a request keeps hidden
 states every step of the batch is synchronous, so one whose probes are accepted often enough to be repeated but
 whose estimate never earns drafts of the budget's own choosing must not stay live on probes alone; and the chain
-is priced against every request the next step decodes, retired ones included, since it is their step it slows), or none in a step where the measured chain could not pay even if
-every draft were accepted, stops here for good: no extend, no hidden states kept, so its steps decode plainly and
+is priced against every request the next step decodes, retired ones included, since it is their step it
+slows), or none in a step where the measured chain could not pay even if every draft were accepted, stops here
+for good: no extend, no hidden states kept, so its steps decode plainly and
 may overlap again (the engine asks `needs_hidden`). Its NextN KV is stale from then on, so it never drafts with
 MTP again. A new request starts retired (not even its prompt's extend runs) where the chain could not pay even
 if every draft were accepted, where the budget would not draft for a batch of requests accepting at the

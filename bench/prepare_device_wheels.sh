@@ -4,7 +4,7 @@
 # device call): the server wheels from ../shared/device-wheels, llguidance, httpx (+ deps), and nixl-cu13 with
 # its expert-parallel extension (nixl_ep_cu13/, 28 MB of the 59 MB wheel; glint does not use it) cut out.
 # On the device: python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-#                export PYTHONPATH=/tmp/site:$PWD          (carry: [".whl"])
+#                export PYTHONPATH=/tmp/site:$PWD          (carry: [".whl"], or [".whl_lite", ".models"] below)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared/device-wheels}
@@ -32,4 +32,8 @@ with zipfile.ZipFile(tmp) as zin, zipfile.ZipFile(src, "w", zipfile.ZIP_DEFLATED
         zout.writestr(info, data, compress_type=info.compress_type)
 os.remove(tmp)
 PY
-du -sh .whl
+# .whl_lite/: the same without NIXL (7.6 MB), for calls that carry the trained model (.models/, 37 MB) too and
+# need no KV transfer (the speculative and prefill benchmarks, the GPU tests): carry [".models", ".whl_lite"]
+grep -qx '/.whl_lite/' .git/info/exclude 2>/dev/null || echo '/.whl_lite/' >> .git/info/exclude
+rm -rf .whl_lite && mkdir -p .whl_lite && find .whl -name '*.whl' ! -name 'nixl*' -exec cp {} .whl_lite/ \;
+du -sh .whl .whl_lite

@@ -8,6 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared/device-wheels}
+mkdir -p .git/info  # a fresh checkout may have none
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 rm -rf .whl && mkdir -p .whl
 for name in annotated_types fastapi msgspec opentelemetry_api prometheus_client pydantic pydantic_core pyzmq \

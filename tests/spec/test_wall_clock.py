@@ -298,6 +298,35 @@ def test_new_requests_start_retired_where_recent_requests_retired_rather_than_dr
     assert drafter.needs_hidden(21)
 
 
+def batch_priced_budget(cfg: SpeculativeConfig) -> DraftBudget:
+    """A budget whose learnt clock makes the chain worth running at batch 1 (~0.58 ms next to a 0.40 ms plain
+    step) and not at batch 16 (~1.28 ms next to 1.10 ms, paid by 16 requests)."""
+    budget = DraftBudget(cfg, StepCosts(GPU, 0.0, StepCost([1, 16], [0.07, 0.09])))
+    learn(budget.clock, timing(1, 0.40, plain=True))
+    learn(budget.clock, timing(1, 1.00, rows=4, drafted=True, chain=True))
+    learn(budget.clock, timing(16, 1.10, plain=True))
+    learn(budget.clock, timing(16, 2.60, rows=64, drafted=True, chain=True))
+    return budget
+
+
+def check_priced_against_the_batch(make) -> MtpDrafter | HybridDrafter:
+    """Request 0 alone drafts with MTP every step; the same request among 16 decoding ones drafts nothing and
+    retires within mtp_retire_steps. Returns the second drafter."""
+    alone = make()
+    for step in range(6):
+        alone.after_step([view(0, 10 + step)])
+        assert alone.propose([DraftSlot(0, 3)]) == [[5, 5, 5]]  # priced at batch 1: the chain pays
+    assert alone.needs_hidden(0)
+    in_batch = make()
+    for step in range(6):
+        if not in_batch.needs_hidden(0):
+            break
+        in_batch.after_step([view(0, 10 + step)], num_decoding=16)
+        assert in_batch.propose([DraftSlot(0, 3)]) == [[]]
+    assert not in_batch.needs_hidden(0) and in_batch.num_retired == 1 and step <= 3
+    return in_batch
+
+
 def test_a_lone_mtp_request_is_priced_against_the_whole_batch_it_slows():
     """One request still drafting with MTP in a batch of 16 whose others retired: the chain and the synchronous
     verify slow all 16 requests' step, so the budget prices them at batch 16 (num_decoding), not at the one live
@@ -305,28 +334,12 @@ def test_a_lone_mtp_request_is_priced_against_the_whole_batch_it_slows():
     cfg = SpeculativeConfig.from_dict({"method": "mtp", "num_speculative_tokens": 3, "mtp_retire_steps": 3,
                                        "mtp_explore_every": 1})
 
-    def drafter_with_clock() -> MtpDrafter:
-        budget = DraftBudget(cfg, StepCosts(GPU, 0.0, StepCost([1, 16], [0.07, 0.09])))
-        learn(budget.clock, timing(1, 0.40, plain=True))
-        learn(budget.clock, timing(1, 1.00, rows=4, drafted=True, chain=True))  # chain ~0.58 ms at batch 1
-        learn(budget.clock, timing(16, 1.10, plain=True))
-        learn(budget.clock, timing(16, 2.60, rows=64, drafted=True, chain=True))  # ~1.28 ms at batch 16
-        drafter = MtpDrafter(cfg, 16, MtpCalls(FakeNextN().forward), budget)
+    def mtp() -> MtpDrafter:
+        drafter = MtpDrafter(cfg, 16, MtpCalls(FakeNextN().forward), batch_priced_budget(cfg))
         drafter.add(0, [1, 2, 3])
         return drafter
 
-    alone = drafter_with_clock()
-    for step in range(6):
-        alone.after_step([view(0, 10 + step)])
-        assert alone.propose([DraftSlot(0, 3)]) == [[5, 5, 5]]  # priced at batch 1: the chain pays
-    assert alone.needs_hidden(0)
-    in_batch = drafter_with_clock()
-    for step in range(6):
-        if not in_batch.needs_hidden(0):
-            break
-        in_batch.after_step([view(0, 10 + step)], num_decoding=16)
-        assert in_batch.propose([DraftSlot(0, 3)]) == [[]]
-    assert not in_batch.needs_hidden(0) and in_batch.num_retired == 1 and step <= 3
+    in_batch = check_priced_against_the_batch(mtp)
     assert in_batch.last_batch == 16  # what admission prices the next request at
 
 
@@ -334,24 +347,9 @@ def test_the_hybrid_prices_its_mtp_requests_against_the_whole_batch_too():
     cfg = SpeculativeConfig.from_dict({"method": "hybrid", "mtp_retire_steps": 3, "mtp_explore_every": 1})
 
     def hybrid() -> HybridDrafter:
-        budget = DraftBudget(cfg, StepCosts(GPU, 0.0, StepCost([1, 16], [0.07, 0.09])))
-        learn(budget.clock, timing(1, 0.40, plain=True))
-        learn(budget.clock, timing(1, 1.00, rows=4, drafted=True, chain=True))
-        learn(budget.clock, timing(16, 1.10, plain=True))
-        learn(budget.clock, timing(16, 2.60, rows=64, drafted=True, chain=True))
-        drafter = HybridDrafter(cfg, SuffixDrafter(cfg), MtpDrafter(cfg, 16, MtpCalls(FakeNextN().forward)), budget)
+        drafter = HybridDrafter(cfg, SuffixDrafter(cfg), MtpDrafter(cfg, 16, MtpCalls(FakeNextN().forward)),
+                                batch_priced_budget(cfg))
         drafter.add(0, [1, 2, 3, 4])  # nothing repeats: no suffix draft, MTP is the only source
         return drafter
 
-    alone = hybrid()
-    for step in range(6):
-        alone.after_step([view(0, 10 + step)])
-        assert alone.propose([DraftSlot(0, 3)]) == [[5, 5, 5]]
-    assert alone.needs_hidden(0)
-    in_batch = hybrid()
-    for step in range(6):
-        if not in_batch.needs_hidden(0):
-            break
-        in_batch.after_step([view(0, 10 + step)], num_decoding=16)
-        assert in_batch.propose([DraftSlot(0, 3)]) == [[]]
-    assert not in_batch.needs_hidden(0) and in_batch.num_retired == 1 and step <= 3
+    check_priced_against_the_batch(hybrid)

@@ -7,7 +7,9 @@ Each generation request (chat completions, completions, messages, responses) goe
 prefill instance (header X-Glint-Disagg-Room) and a decode instance (X-Glint-Disagg-Room and
 X-Glint-Disagg-Bootstrap: the prefill instance's bootstrap address); the client gets the decode instance's
 response, streamed through unbuffered (disagg/router_proxy.py). /v1/models and /v1/messages/count_tokens are
-answered by a decode instance. /health is 200 while at least one instance of each role is healthy; /metrics are the
+answered by a decode instance. With `--colocated URL ...` instead (plain glint servers), each request goes to one of
+them, by prompt-prefix affinity and load, and its response passes through: the same router in front of colocated
+instances, e.g. as the same-GPU-count baseline of a disaggregated setup. /health is 200 while at least one instance of each role is healthy; /metrics are the
 router's own (scrape the instances for theirs). Instances are checked at startup (roles must match) and every
 --health-interval seconds (disagg/router_pool.py).
 """
@@ -21,7 +23,7 @@ import hmac
 import logging
 import sys
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 import uvicorn
@@ -56,6 +58,7 @@ class RouterConfig:
     connect_retries: int = 1
     shutdown_timeout: float = 30.0  # seconds open streams get to finish on SIGINT/SIGTERM
     log_level: str = "info"
+    colocated: list[str] = field(default_factory=list)  # instead of prefill + decode: plain servers
 
     def upstream_timeout(self) -> httpx.Timeout:
         return httpx.Timeout(
@@ -99,7 +102,7 @@ async def _poll(state: RouterState, config: RouterConfig, client: httpx.AsyncCli
 
 def build_app(config: RouterConfig, pool: InstancePool | None = None) -> FastAPI:
     """The router app; `pool` is normally one that `InstancePool.wait_ready` has checked."""
-    pool = pool or InstancePool(config.prefill, config.decode, config.prefill_affinity_slack)
+    pool = pool or _pool(config)
     client = httpx.AsyncClient(
         timeout=config.upstream_timeout(),
         limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
@@ -153,10 +156,7 @@ def build_app(config: RouterConfig, pool: InstancePool | None = None) -> FastAPI
 
     @app.get("/health")
     async def health() -> Response:
-        body = {
-            "prefill": [i.describe() for i in pool.of_role("prefill")],
-            "decode": [i.describe() for i in pool.of_role("decode")],
-        }
+        body = {role: [i.describe() for i in pool.of_role(role)] for role in pool.roles}
         if pool.ready():
             return JSONResponse({"status": "ok", **body})
         down = [f"{i.role} {i.url}: {i.reason}" for i in pool.instances if not i.healthy]
@@ -177,6 +177,10 @@ async def check_instances(config: RouterConfig, pool: InstancePool) -> None:
         await pool.wait_ready(client, config.probe_headers(), config.startup_timeout)
 
 
+def _pool(config: RouterConfig) -> InstancePool:
+    return InstancePool(config.prefill, config.decode, config.prefill_affinity_slack, config.colocated)
+
+
 def _url(value: str) -> str:
     return value if "://" in value else f"http://{value}"
 
@@ -184,10 +188,12 @@ def _url(value: str) -> str:
 def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
     d = RouterConfig(prefill=[], decode=[])
     p = argparse.ArgumentParser(prog="python -m disagg.router", description=__doc__.split("\n\n")[0])
-    p.add_argument("--prefill", action="append", required=True, type=_url, metavar="URL",
+    p.add_argument("--prefill", action="append", default=[], type=_url, metavar="URL",
                    help="a prefill instance (repeat for several)")
-    p.add_argument("--decode", action="append", required=True, type=_url, metavar="URL",
+    p.add_argument("--decode", action="append", default=[], type=_url, metavar="URL",
                    help="a decode instance (repeat for several)")
+    p.add_argument("--colocated", action="append", default=[], type=_url, metavar="URL",
+                   help="instead of --prefill/--decode: a plain (colocated) instance (repeat for several)")
     p.add_argument("--host", default=d.host)
     p.add_argument("--port", type=int, default=d.port)
     p.add_argument("--api-key", action="append", default=[], help="a key clients must send (repeatable)")
@@ -204,9 +210,10 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
     p.add_argument("--startup-timeout", type=float, default=d.startup_timeout,
                    help="seconds to wait for the instances at startup; then start if one of each role is up")
     p.add_argument("--prefill-affinity-chars", type=int, default=d.prefill_affinity_chars,
-                   help="route prompts sharing their first N characters to the same prefill instance (0: off)")
+                   help="route prompts sharing their first N characters to the same prefill (or colocated) instance "
+                        "(0: off)")
     p.add_argument("--prefill-affinity-slack", type=int, default=d.prefill_affinity_slack,
-                   help="leave the preferred prefill instance when it has more than this many requests more "
+                   help="leave the preferred instance when it has more than this many requests more "
                         "outstanding than the least loaded one")
     p.add_argument("--connect-retries", type=int, default=d.connect_retries,
                    help="new pairs to try when an instance refuses the connection")
@@ -214,13 +221,17 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
                    help="seconds open responses get to finish on SIGINT/SIGTERM before they are cut")
     p.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"])
     a = p.parse_args(argv)
+    if a.colocated and (a.prefill or a.decode):
+        p.error("--colocated instances cannot be mixed with --prefill/--decode instances")
+    if not a.colocated and not (a.prefill and a.decode):
+        p.error("give at least one --prefill and one --decode instance, or --colocated instances")
     return RouterConfig(
         prefill=a.prefill, decode=a.decode, host=a.host, port=a.port, api_keys=tuple(a.api_key),
         upstream_api_key=a.upstream_api_key, connect_timeout=a.connect_timeout, read_timeout=a.read_timeout,
         write_timeout=a.write_timeout, health_interval=a.health_interval, health_timeout=a.health_timeout,
         startup_timeout=a.startup_timeout, prefill_affinity_chars=a.prefill_affinity_chars,
         prefill_affinity_slack=a.prefill_affinity_slack, connect_retries=a.connect_retries,
-        shutdown_timeout=a.shutdown_timeout, log_level=a.log_level,
+        shutdown_timeout=a.shutdown_timeout, log_level=a.log_level, colocated=a.colocated,
     )
 
 
@@ -228,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per upstream request otherwise
-    pool = InstancePool(config.prefill, config.decode, config.prefill_affinity_slack)
+    pool = _pool(config)
     try:
         asyncio.run(check_instances(config, pool))
     except RouterStartupError as e:

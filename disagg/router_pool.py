@@ -1,5 +1,6 @@
-"""The router's view of its prefill and decode instances: health, role, bootstrap address and load, and the choice
-of one instance of a role per request.
+"""The router's view of its instances: health, role, bootstrap address and load, and the choice of one instance of a
+role per request. A router serves either prefill/decode pairs or colocated instances (plain glint servers, no
+disaggregation: the router then only spreads requests, e.g. as the same-GPU-count baseline of a disaggregated setup).
 
 An instance is healthy when `GET /health` answers 200 and `GET /disagg/info` reports the role it was given (and, for
 a prefill instance, a bootstrap address). Requests go to the healthy instance with the fewest outstanding requests
@@ -24,6 +25,8 @@ import httpx
 logger = logging.getLogger("glint.router")
 
 ROLES = ("prefill", "decode")
+COLOCATED = "colocated"
+_MODE = {"prefill": "prefill", "decode": "decode", COLOCATED: "null"}  # what /disagg/info reports per role
 # The request fields a prompt's first tokens come from, in the order a chat template lays them out.
 _PREFIX_FIELDS = ("model", "tools", "system", "instructions", "messages", "prompt", "input")
 
@@ -87,13 +90,14 @@ async def probe(client: httpx.AsyncClient, inst: Instance, headers: dict[str, st
     except ValueError:
         return Probe(False, "/disagg/info did not answer JSON")
     mode = data.get("mode")
-    if mode != inst.role:
+    if mode != _MODE[inst.role]:
+        start = "without --disaggregation-mode" if inst.role == COLOCATED else f"with --disaggregation-mode {inst.role}"
+        other = next((r for r, m in _MODE.items() if m == mode), None)
         return Probe(
             False,
             f"role mismatch: reports mode {mode!r}",
             fatal=f"{inst.url} was given as a {inst.role} instance but reports --disaggregation-mode {mode!r}; "
-            f"start it with --disaggregation-mode {inst.role}"
-            + (f" or pass it as --{mode} to the router" if mode in ROLES else ""),
+            f"start it {start}" + (f" or pass it as --{other} to the router" if other else ""),
         )
     addr = data.get("bootstrap_addr")
     if inst.role == "prefill" and not addr:
@@ -120,16 +124,30 @@ def _rendezvous(key: str, url: str) -> int:
 
 
 class InstancePool:
-    def __init__(self, prefill: Iterable[str], decode: Iterable[str], affinity_slack: int = 2) -> None:
+    def __init__(
+        self, prefill: Iterable[str], decode: Iterable[str], affinity_slack: int = 2, colocated: Iterable[str] = ()
+    ) -> None:
         self.instances = [Instance(u.rstrip("/"), "prefill") for u in prefill]
         self.instances += [Instance(u.rstrip("/"), "decode") for u in decode]
+        self.instances += [Instance(u.rstrip("/"), COLOCATED) for u in colocated]
         self.affinity_slack = affinity_slack
+        self.colocated = any(i.role == COLOCATED for i in self.instances)
 
     def of_role(self, role: str) -> list[Instance]:
         return [i for i in self.instances if i.role == role]
 
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The roles a request needs one healthy instance of."""
+        return (COLOCATED,) if self.colocated else ROLES
+
+    @property
+    def answering_role(self) -> str:
+        """The role that answers requests that generate nothing (models, token counts)."""
+        return COLOCATED if self.colocated else "decode"
+
     def ready(self) -> bool:
-        return all(any(i.healthy for i in self.of_role(r)) for r in ROLES)
+        return all(any(i.healthy for i in self.of_role(r)) for r in self.roles)
 
     def pick(self, role: str, key: str | None = None, exclude: Iterable[Instance] = ()) -> Instance | None:
         skip = set(map(id, exclude))

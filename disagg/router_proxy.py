@@ -1,5 +1,6 @@
 """One disaggregated request: the same body to a prefill and a decode instance under one room, and the decode
-instance's response passed through to the client chunk by chunk as it arrives.
+instance's response passed through to the client chunk by chunk as it arrives. Behind a router of colocated
+instances a request goes to one of them alone (no room), and its response passes through the same way.
 
 Failure rules:
 - A connection that could not be made (nothing was sent) marks the instance down and retries the pair once with a
@@ -29,7 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from disagg.router_metrics import RouterMetrics
-from disagg.router_pool import Instance, InstancePool, prefix_key
+from disagg.router_pool import COLOCATED, Instance, InstancePool, prefix_key
 
 logger = logging.getLogger("glint.router")
 
@@ -176,21 +177,51 @@ class DisaggResponse(Response):
         tried: list[Instance] = []
         last: UpstreamError | None = None
         for attempt in range(self.state.connect_retries + 1):
-            p = pool.pick("prefill", key, tried)
-            d = pool.pick("decode", None, tried)
-            if p is None or d is None:
+            may_retry = attempt < self.state.connect_retries
+            # colocated: the prefix-affine instance answers alone; disaggregated: a prefill and a decode instance
+            pair = [pool.pick(COLOCATED, key, tried)] if pool.colocated else \
+                [pool.pick("prefill", key, tried), pool.pick("decode", None, tried)]
+            if None in pair:
                 if last is not None:  # the retry found no other instance: report the failure itself
                     await self._send_upstream_error(send, last)
                     return
-                role = "prefill" if p is None else "decode"
+                role = pool.roles[pair.index(None)]
                 await self._send_error(send, 503, f"no healthy {role} instance", "no_healthy_instance")
                 return
             try:
-                await self._exchange(send, p, d, may_retry=attempt < self.state.connect_retries)
+                if pool.colocated:
+                    await self._forward(send, pair[0], may_retry)
+                else:
+                    await self._exchange(send, pair[0], pair[1], may_retry)
                 return
             except _Retry as r:
                 tried.append(r.error.inst)
                 last = r.error
+
+    async def _forward(self, send: Send, c: Instance, may_retry: bool) -> None:
+        """Colocated: the request to one instance, its response passed through."""
+        st = self.state
+        st.pool.acquire(c)
+        st.metrics.requests.labels(self.path, c.role, c.url).inc()
+        resp: httpx.Response | None = None
+        try:
+            req = st.client.build_request("POST", c.url + self.path, content=self.body_bytes,
+                                          headers=self.client_headers)
+            try:
+                resp = await st.client.send(req, stream=True)
+            except httpx.HTTPError as e:
+                err = st.failure(c, e)
+                if err.kind == "connect" and may_retry:
+                    raise _Retry(err) from e
+                await self._send_upstream_error(send, err)
+                return
+            no_prefill: asyncio.Future[UpstreamError | None] = asyncio.get_running_loop().create_future()
+            no_prefill.set_result(None)  # nothing else can fail this response
+            await self._stream(send, resp, no_prefill, c)
+        finally:
+            if resp is not None:
+                await resp.aclose()
+            st.pool.release(c)
 
     async def _exchange(self, send: Send, p: Instance, d: Instance, may_retry: bool) -> None:
         st = self.state
@@ -276,10 +307,11 @@ class DisaggResponse(Response):
                 await opening.result().aclose()  # both finished together and the prefill side failed
 
     async def _stream(
-        self, send: Send, resp: httpx.Response, prefill: asyncio.Task[UpstreamError | None], d: Instance
+        self, send: Send, resp: httpx.Response, prefill: asyncio.Future[UpstreamError | None], d: Instance
     ) -> bool:
-        """Pass the decode response through; True when it ended normally."""
-        headers = _response_headers(resp) + [(ROOM_HEADER.lower().encode(), str(self.room).encode())]
+        """Pass the decode (or colocated) response through; True when it ended normally."""
+        room = [(ROOM_HEADER.lower().encode(), str(self.room).encode())] if self.room else []
+        headers = _response_headers(resp) + room
         await send({"type": "http.response.start", "status": resp.status_code, "headers": headers})
         self.state.metrics.responses.labels(self.path, str(resp.status_code)).inc()
         pump = asyncio.ensure_future(self._pump(send, resp, d))
@@ -340,12 +372,13 @@ class DisaggResponse(Response):
 async def simple_proxy(
     state: RouterState, method: str, path: str, body: bytes, headers: Mapping[str, str]
 ) -> Response:
-    """A non-generating request (models, token counts) answered by one healthy decode instance."""
+    """A non-generating request (models, token counts) answered by one healthy decode (or colocated) instance."""
     tried: list[Instance] = []
+    role = state.pool.answering_role
     while True:
-        d = state.pool.pick("decode", None, tried)
+        d = state.pool.pick(role, None, tried)
         if d is None:
-            return error_response(path, 503, "no healthy decode instance", "no_healthy_instance")
+            return error_response(path, 503, f"no healthy {role} instance", "no_healthy_instance")
         state.pool.acquire(d)
         state.metrics.requests.labels(path, d.role, d.url).inc()
         try:
@@ -357,7 +390,7 @@ async def simple_proxy(
             if err.kind == "connect":
                 tried.append(d)
                 continue
-            message = f"decode instance {d.url} failed: {err.message}"
+            message = f"{role} instance {d.url} failed: {err.message}"
             return error_response(path, 502, message, f"upstream_{err.kind}")
         finally:
             state.pool.release(d)

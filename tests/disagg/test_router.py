@@ -168,7 +168,7 @@ def cluster() -> Iterator[Any]:
         def router(self, prefill: list[str], decode: list[str], **kw: Any) -> tuple[str, InstancePool]:
             opts: dict[str, Any] = {"health_interval": 60.0, "startup_timeout": 5.0, "read_timeout": 5.0}
             config = RouterConfig(prefill=prefill, decode=decode, **{**opts, **kw})
-            pool = InstancePool(prefill, decode, config.prefill_affinity_slack)
+            pool = InstancePool(prefill, decode, config.prefill_affinity_slack, config.colocated)
             asyncio.run(check_instances(config, pool))
             servers.append(ServerThread(build_app(config, pool), lifespan="on"))
             return servers[-1].url, pool
@@ -493,3 +493,80 @@ def test_cli_starts_serves_and_refuses_mismatch(cluster: Any) -> None:
     )
     assert bad.returncode == 2
     assert f"{ud} was given as a prefill instance but reports --disaggregation-mode 'decode'" in bad.stderr
+
+
+def _colocated(cluster: Any, n: int, router_kw: dict[str, Any] | None = None,
+               **kw: Any) -> tuple[list[FakeInstance], str, InstancePool]:
+    fakes = [FakeInstance("colocated", f"C{i}", report_mode="null", **kw) for i in range(n)]
+    url, pool = cluster.router([], [], colocated=[cluster.instance(f) for f in fakes], **(router_kw or {}))
+    return fakes, url, pool
+
+
+def test_colocated_instances_answer_alone_byte_for_byte_and_share_the_load(cluster: Any) -> None:
+    gate = threading.Event()
+    fakes, url, pool = _colocated(cluster, 2, {"prefill_affinity_chars": 0}, gate=gate)
+    body = json.dumps({**CHAT, "stream": True}).encode()
+    with httpx.Client(timeout=5) as c:
+        streams = []
+        for _ in range(2):  # two held streams, no prefix affinity: the second goes to the idle instance
+            s = c.stream("POST", f"{url}/v1/chat/completions", content=body, headers={"authorization": "Bearer k"})
+            r = s.__enter__()
+            chunks = r.iter_raw()
+            first = next(chunks)
+            streams.append((s, r, chunks, first))
+        assert {r.headers["x-from"] for _, r, _, _ in streams} == {"C0", "C1"}
+        assert all(ROOM not in r.headers for _, r, _, _ in streams)  # no room: nothing was disaggregated
+        assert [i.in_flight for i in pool.of_role("colocated")] == [1, 1]
+        gate.set()
+        for s, r, chunks, first in streams:
+            name = r.headers["x-from"]
+            assert first + b"".join(chunks) == b"".join(next(f for f in fakes if f.name == name).events())
+            s.__exit__(None, None, None)
+        plain = json.dumps(CHAT).encode()
+        r = c.post(f"{url}/v1/chat/completions", content=plain, headers={"authorization": "Bearer k"})
+        assert r.status_code == 200 and r.content in {f.json_body() for f in fakes}
+        assert c.get(f"{url}/v1/models").status_code == 200  # answered by a colocated instance
+        health = c.get(f"{url}/health").json()
+    for f in fakes:
+        for seen in f.seen:
+            assert seen.body in (body, plain)
+            assert ROOM not in seen.headers and BOOT not in seen.headers
+            assert seen.headers["authorization"] == "Bearer k"
+    assert sum(len(f.seen) for f in fakes) == 3
+    assert health["status"] == "ok" and [i["url"] for i in health["colocated"]] == [i.url for i in pool.instances]
+    assert "prefill" not in health and [i.in_flight for i in pool.of_role("colocated")] == [0, 0]
+
+
+def test_colocated_prefix_affinity_and_a_dead_instance(cluster: Any) -> None:
+    fakes, url, pool = _colocated(cluster, 2)
+    chats = [{**CHAT, "messages": [{"role": "user", "content": f"doc {i} " * 40}]} for i in range(8)]
+    with httpx.Client(timeout=5) as c:
+        first = [c.post(f"{url}/v1/chat/completions", json=m).json()["id"] for m in chats]
+        again = [c.post(f"{url}/v1/chat/completions", json=m).json()["id"] for m in chats]
+        assert first == again and set(first) == {"C0", "C1"}  # same prefix, same instance; both used
+        cluster.stop(pool.instances[0].url)  # C0 goes away: its prompts move, nothing fails
+        moved = [c.post(f"{url}/v1/chat/completions", json=m) for m in chats]
+        assert all(r.status_code == 200 and r.json()["id"] == "C1" for r in moved)
+        cluster.stop(pool.instances[1].url)
+        r = c.post(f"{url}/v1/chat/completions", json=CHAT)
+        assert r.status_code in (502, 503) and r.json()["error"]["code"] in ("upstream_connect", "no_healthy_instance")
+        assert c.get(f"{url}/health").status_code == 503
+
+
+def test_colocated_role_is_checked_and_cannot_be_mixed(cluster: Any) -> None:
+    d = cluster.instance(FakeInstance("decode", "D"))
+    config = RouterConfig(prefill=[], decode=[], colocated=[d], startup_timeout=5.0)
+    with pytest.raises(RouterStartupError, match="given as a colocated instance but reports --disaggregation-mode "
+                                                 "'decode'; start it without --disaggregation-mode or pass it as "
+                                                 "--decode"):
+        asyncio.run(check_instances(config, InstancePool([], [], colocated=[d])))
+    plain = cluster.instance(FakeInstance("colocated", "C", report_mode="null"))
+    with pytest.raises(RouterStartupError, match="given as a decode instance but reports --disaggregation-mode "
+                                                 "'null'; start it with --disaggregation-mode decode or pass it as "
+                                                 "--colocated to the router"):
+        asyncio.run(check_instances(config, InstancePool([d], [plain])))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for args in (["--colocated", plain, "--decode", d], ["--prefill", d]):
+        bad = subprocess.run([sys.executable, "-m", "disagg.router", *args], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=30, check=False)
+        assert bad.returncode == 2 and ("cannot be mixed" in bad.stderr or "give at least one" in bad.stderr)

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Prefill/decode disaggregation on one GPU (issue 17 item 7): colocated (also with the prefill cap next to decodes,
-# issue 21 item 4) vs disaggregated (sync and async transfer)
-# under one load where long prompts arrive while other requests decode. A prefill and a decode instance share
-# the GPU (memory split by --mem-fraction-static), behind `python -m disagg.router`; the colocated run is one
-# server with the same memory. Two bench.serving clients run at once: DECODERS (short prompts, long outputs,
+# Prefill/decode disaggregation (issues 17 and 20): colocated (also with the prefill cap next to decodes, issue 21
+# item 4, and two colocated instances behind the router) vs disaggregated (sync and async transfer) under one load
+# where long prompts arrive while other requests decode. GPUS=1: a prefill and a decode instance share the GPU
+# (memory split by --mem-fraction-static); the colocated run is one server with the same memory. GPUS=2 (issue 20):
+# the prefill instance (and the colocated one) on GPU 0, the decode instance (and a second colocated one) on GPU 1,
+# KV over NVLink. Two bench.serving clients run at once: DECODERS (short prompts, long outputs,
 # fixed concurrency: their TPOT / ITL show how much the long prefills stall decoding) and LONG (long prompts at a
 # Poisson rate, few output tokens: their TTFT shows prefill + handover). The decoders must outlast the long
 # prompts' arrivals (DEC_NUM/DEC_CONC x DEC_OUT tokens x ~5 ms vs LONG_NUM/LONG_RATE s), else most long prompts
@@ -11,13 +12,19 @@
 # warm-up): the decode side's disagg_landing_seconds_total (the prefill side's Done, i.e. first token sampled and
 # every write posted -> every page landed there) against the prefill side's disagg_prefill_seconds_total
 # (scheduled -> first token); also the prefill side's transfer tail (first token -> the Ack was read there, at
-# its next step).
+# its next step), and per write: bytes (pages x the KV page size from the model's config) over its flight time.
+# Runs (RUNS): colocated, colocated-capped, colocated-router (two colocated instances behind `disagg.router
+# --colocated`), disagg-sync, disagg-async (every write async), disagg-async-last-sync (the default async),
+# disagg-kill (as disagg-async-last-sync with --disaggregation-timeout KILL_TIMEOUT; the decode instance is
+# SIGKILLed KILL_AT s into the load: the clients' requests must all end within the deadline, and the prefill
+# instance must get every page back).
 # Writes $OUT/<run>_{decoders,long}.json and prints one table. The device tool returns a limited number of files:
 # run with OUT=/tmp/dg and then `tar -C /tmp -czf "$OUT/dg.tgz" dg` to get them all back.
-# Knobs: LAYERS (real-shape dummy model depth; two instances must fit), MODEL (a checkpoint instead),
-# DEVICE_ARGS (e.g. "--device cpu" for a smoke run), RUNS, LONG_LEN, LONG_NUM, LONG_RATE, DEC_LEN, DEC_OUT,
-# DEC_NUM, DEC_CONC, MEM, BACKEND, SERVER_WAIT_S, CLIENT_TIMEOUT_S, SERVER_ARGS (extra flags for every instance,
-# e.g. "--max-num-batched-tokens 16384").
+# Knobs: GPUS, LAYERS (real-shape dummy model depth; the instances must fit), MODEL (a checkpoint instead),
+# DEVICE_ARGS (e.g. "--device cpu" for a smoke run), RUNS, LONG_LEN, LONG_RANGE (long prompts of
+# LONG_RANGE x LONG_LEN .. LONG_LEN tokens), LONG_NUM, LONG_RATE, DEC_LEN, DEC_OUT, DEC_NUM, DEC_CONC, MEM,
+# BACKEND, KV_DTYPE, SERVER_WAIT_S, CLIENT_TIMEOUT_S, KILL_AT, KILL_TIMEOUT, SERVER_ARGS (extra flags for every
+# instance, e.g. "--max-num-batched-tokens 16384").
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/disagg_out}
@@ -27,21 +34,25 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 # NIXL over UCX between two processes on one GPU: CUDA IPC with zero-copy gets (else it falls back to TCP)
 export UCX_CUDA_IPC_ENABLE_GET_ZCOPY=${UCX_CUDA_IPC_ENABLE_GET_ZCOPY:-yes}
 LAYERS=${LAYERS:-8}
+GPUS=${GPUS:-1}
 if [ -z "${MODEL:-}" ]; then  # the real-shape folder holds config + tokenizer only: random weights
     MODEL=$(python3 -m bench.real_shape --layers "$LAYERS"); LOAD_ARGS=(--load-format dummy)
 else
     LOAD_ARGS=()
 fi
 DEVICE_ARGS=${DEVICE_ARGS:-}
-RUNS=${RUNS:-"colocated colocated-capped disagg-sync disagg-async"}  # also: disagg-async-last-sync
+RUNS=${RUNS:-"colocated colocated-capped disagg-sync disagg-async"}
 CAP=${CAP:-2048}  # colocated-capped: --max-prefill-tokens-while-decoding (issue 21 item 4)
-LONG_LEN=${LONG_LEN:-16384}; LONG_NUM=${LONG_NUM:-16}; LONG_RATE=${LONG_RATE:-0.5}
+LONG_LEN=${LONG_LEN:-16384}; LONG_RANGE=${LONG_RANGE:-1.0}; LONG_NUM=${LONG_NUM:-16}; LONG_RATE=${LONG_RATE:-0.5}
 DEC_LEN=${DEC_LEN:-1024}; DEC_OUT=${DEC_OUT:-2048}; DEC_NUM=${DEC_NUM:-48}; DEC_CONC=${DEC_CONC:-16}
-MEM=${MEM:-0.40}  # per instance in the disaggregated runs; the colocated server gets 2 x MEM
+# per instance; GPUS=1: the instances share the GPU and a lone colocated server gets 2 x MEM
+if [ "$GPUS" = 2 ]; then MEM=${MEM:-0.85}; else MEM=${MEM:-0.40}; fi
 BACKEND=${BACKEND:-nixl}
+KV_DTYPE=${KV_DTYPE:-auto}
+KILL_AT=${KILL_AT:-12}; KILL_TIMEOUT=${KILL_TIMEOUT:-20}
 SERVER_WAIT_S=${SERVER_WAIT_S:-600}
 CLIENT_TIMEOUT_S=${CLIENT_TIMEOUT_S:-900}
-echo "model $MODEL; long: $LONG_NUM x $LONG_LEN tokens at $LONG_RATE/s; decoders: $DEC_NUM x $DEC_LEN in/$DEC_OUT out, $DEC_CONC at once"
+echo "model $MODEL; $GPUS GPU(s); long: $LONG_NUM x $LONG_LEN tokens (x$LONG_RANGE..1) at $LONG_RATE/s; decoders: $DEC_NUM x $DEC_LEN in/$DEC_OUT out, $DEC_CONC at once"
 
 PIDS=()
 wait_up() {  # url pid log
@@ -61,33 +72,56 @@ stop_all() {
     PIDS=()
 }
 trap stop_all EXIT
+on_gpu() {  # the env prefix that puts an instance on GPU $1 (GPUS=2), or nothing (GPUS=1: all share one)
+    [ "$GPUS" = 2 ] && echo "env CUDA_VISIBLE_DEVICES=$1"
+}
+engine_stat() {  # url key: one number from the instance's engine stats
+    curl -sf "$1/server_info" | python3 -c "import json,sys; print(json.load(sys.stdin)['engine'].get('$2', 'nan'))"
+}
 
 for run in $RUNS; do
     base=$((19000 + RANDOM % 500 * 4))
     url="http://127.0.0.1:$base"
     # shellcheck disable=SC2206
-    common=(--model "$MODEL" "${LOAD_ARGS[@]}" --host 127.0.0.1 $DEVICE_ARGS ${SERVER_ARGS:-})
-    if [ "${run#colocated}" != "$run" ]; then
-        mem2=$(python3 -c "print(2 * $MEM)")
+    common=(--model "$MODEL" "${LOAD_ARGS[@]}" --host 127.0.0.1 --kv-cache-dtype "$KV_DTYPE" $DEVICE_ARGS ${SERVER_ARGS:-})
+    if [ "$run" = colocated-router ]; then  # two colocated instances (one per GPU with GPUS=2) behind the router
+        c1=$((base + 1)); c2=$((base + 2))
+        $(on_gpu 0) python3 -m server "${common[@]}" --port "$c1" --mem-fraction-static "$MEM" >"$OUT/$run.c1.log" 2>&1 &
+        PIDS+=($!); p1=$!
+        $(on_gpu 1) python3 -m server "${common[@]}" --port "$c2" --mem-fraction-static "$MEM" >"$OUT/$run.c2.log" 2>&1 &
+        PIDS+=($!)
+        wait_up "http://127.0.0.1:$c1" "$p1" "$OUT/$run.c1.log" && wait_up "http://127.0.0.1:$c2" "$!" \
+            "$OUT/$run.c2.log" || { stop_all; continue; }
+        python3 -m disagg.router --colocated "http://127.0.0.1:$c1" --colocated "http://127.0.0.1:$c2" --port "$base" \
+            >"$OUT/$run.router.log" 2>&1 &
+        PIDS+=($!); wait_up "$url" "$!" "$OUT/$run.router.log" || { stop_all; continue; }
+        prefill_url="http://127.0.0.1:$c1"; decode_url="http://127.0.0.1:$c2"
+    elif [ "${run#colocated}" != "$run" ]; then
+        mem=$MEM; [ "$GPUS" = 2 ] || mem=$(python3 -c "print(2 * $MEM)")
         cap=(); [ "$run" = colocated-capped ] && cap=(--max-prefill-tokens-while-decoding "$CAP")
-        python3 -m server "${common[@]}" --port "$base" --mem-fraction-static "$mem2" "${cap[@]}" \
+        $(on_gpu 0) python3 -m server "${common[@]}" --port "$base" --mem-fraction-static "$mem" "${cap[@]}" \
             >"$OUT/$run.server.log" 2>&1 &
         PIDS+=($!); wait_up "$url" "$!" "$OUT/$run.server.log" || { stop_all; continue; }
         prefill_url=$url; decode_url=$url
     else
         async=()
-        # disagg-async: every write async (sessions 10-13's async); disagg-async-last-sync: the default async
-        # transfer since session 14 (a request's last write is posted after its step)
+        # disagg-async: every write async (sessions 10-13's async); disagg-async-last-sync and disagg-kill: the
+        # default async transfer since session 14 (a request's last write is posted after its step)
         [ "$run" = disagg-async ] && async=(--disaggregation-async-transfer --disable-disaggregation-async-last-chunk-sync)
         [ "$run" = disagg-async-last-sync ] && async=(--disaggregation-async-transfer)
+        [ "$run" = disagg-kill ] && async=(--disaggregation-async-transfer --disaggregation-timeout "$KILL_TIMEOUT")
         p=$((base + 1)); d=$((base + 2)); bport=$((base + 3))
-        python3 -m server "${common[@]}" --port "$p" --mem-fraction-static "$MEM" --disaggregation-mode prefill \
+        $(on_gpu 0) python3 -m server "${common[@]}" --port "$p" --mem-fraction-static "$MEM" --disaggregation-mode prefill \
             --disaggregation-bootstrap-port "$bport" --disaggregation-transfer-backend "$BACKEND" "${async[@]}" \
             >"$OUT/$run.prefill.log" 2>&1 &
-        PIDS+=($!); wait_up "http://127.0.0.1:$p" "$!" "$OUT/$run.prefill.log" || { stop_all; continue; }
-        python3 -m server "${common[@]}" --port "$d" --mem-fraction-static "$MEM" --disaggregation-mode decode \
-            --disaggregation-transfer-backend "$BACKEND" "${async[@]}" >"$OUT/$run.decode.log" 2>&1 &
-        PIDS+=($!); wait_up "http://127.0.0.1:$d" "$!" "$OUT/$run.decode.log" || { stop_all; continue; }
+        PIDS+=($!); ppid_=$!
+        # the decode instance leads a process group of its own (setsid), so that disagg-kill kills its engine too
+        setsid $(on_gpu 1) python3 -m server "${common[@]}" --port "$d" --mem-fraction-static "$MEM" \
+            --disaggregation-mode decode --disaggregation-transfer-backend "$BACKEND" "${async[@]}" \
+            >"$OUT/$run.decode.log" 2>&1 &
+        PIDS+=($!); dpid=$!
+        wait_up "http://127.0.0.1:$p" "$ppid_" "$OUT/$run.prefill.log" && wait_up "http://127.0.0.1:$d" "$dpid" \
+            "$OUT/$run.decode.log" || { stop_all; continue; }
         python3 -m disagg.router --prefill "http://127.0.0.1:$p" --decode "http://127.0.0.1:$d" --port "$base" \
             >"$OUT/$run.router.log" 2>&1 &
         PIDS+=($!); wait_up "$url" "$!" "$OUT/$run.router.log" || { stop_all; continue; }
@@ -112,9 +146,38 @@ for run in $RUNS; do
     dec=$!
     sleep 2  # decoders running first
     timeout "$CLIENT_TIMEOUT_S" "${bench[@]}" --num-prompts "$LONG_NUM" --input-len "$LONG_LEN" --output-len 16 \
-        --request-rate "$LONG_RATE" --seed 12 --warmup-requests 0 --output-json "$OUT/${run}_long.json" \
-        >"$OUT/${run}_long.log" 2>&1
-    wait "$dec"
+        --random-range-ratio "$LONG_RANGE" --request-rate "$LONG_RATE" --seed 12 --warmup-requests 0 \
+        --output-json "$OUT/${run}_long.json" >"$OUT/${run}_long.log" 2>&1 &
+    long=$!
+    if [ "$run" = disagg-kill ]; then  # the decode instance and its engine processes, all at once
+        sleep "$KILL_AT"
+        kill -9 -- "-$dpid"
+        t_kill=$(date +%s.%N)
+        echo "$run: SIGKILLed the decode instance (process group $dpid) $((KILL_AT + 2)) s into the load"
+        # from the kill on, twice a second: the last moment the prefill instance held a page or a room, until the
+        # clients are done and it holds none (or the deadline + 30 s passed)
+        rm -f "$OUT/${run}_clients_done"; echo "$t_kill" >"$OUT/${run}_last_busy"
+        (
+            end=$(( $(date +%s) + KILL_TIMEOUT + 30 + LONG_NUM ))
+            while [ "$(date +%s)" -lt "$end" ]; do
+                used=$(engine_stat "$prefill_url" used_kv_blocks); rooms=$(engine_stat "$prefill_url" disagg_rooms_active)
+                if [ "$used" = 0 ] && [ "$rooms" = 0 ]; then
+                    [ -e "$OUT/${run}_clients_done" ] && break
+                else
+                    date +%s.%N >"$OUT/${run}_last_busy"
+                fi
+                sleep 0.5
+            done
+            printf '{"t_kill": %s, "t_last_busy": %s, "used_kv_blocks": %s, "rooms_active": %s, "failed_handovers": %s, "timeout_s": %s}\n' \
+                "$t_kill" "$(cat "$OUT/${run}_last_busy")" "$used" "$rooms" \
+                "$(engine_stat "$prefill_url" disagg_failed_total)" "$KILL_TIMEOUT" >"$OUT/${run}_kill.json"
+        ) &
+        poller=$!
+    fi
+    wait "$long"; wait "$dec"
+    if [ "$run" = disagg-kill ]; then
+        touch "$OUT/${run}_clients_done"; wait "$poller"
+    fi
     curl -sf "$prefill_url/server_info" >"$OUT/${run}_prefill_info.json" || true
     curl -sf "$decode_url/server_info" >"$OUT/${run}_decode_info.json" || true
     stop_all
@@ -122,19 +185,43 @@ for run in $RUNS; do
     echo "$run: $(cat "$OUT/$run".*.log 2>/dev/null | grep -c "slow step") slow steps logged (warm-up included)"
 done
 
-python3 - "$OUT" $RUNS <<'PY'
+python3 - "$OUT" "$MODEL" "$KV_DTYPE" $RUNS <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
 nan = float("nan")
+cfg = json.loads((pathlib.Path(sys.argv[2]) / "config.json").read_text())
+kv_dtype_bytes = 1 if sys.argv[3].startswith("fp8") else 2
+# one KV page (16 tokens) of the layers a non-speculative instance caches
+page_bytes = 16 * cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * cfg["head_dim"] * kv_dtype_bytes
+
+
+def kill_report(run):
+    """disagg-kill: how long the requests the kill cut took to end, and when the prefill side's pages came back."""
+    k = json.loads((out / f"{run}_kill.json").read_text())
+    cut, after, ok = [], 0, 0
+    for side in ("decoders", "long"):
+        res = json.loads((out / f"{run}_{side}.json").read_text())
+        for r in res["requests"]:
+            sent, end = res["t0_unix"] + r["send_time"], res["t0_unix"] + r["end_time"]
+            if r["success"]:
+                ok += 1
+            elif sent < k["t_kill"]:
+                cut.append(end - k["t_kill"])
+            else:
+                after += 1
+    print(f"   kill: {len(cut)} requests in flight failed, the last {max(cut, default=nan):.1f} s after the kill "
+          f"(deadline {k['timeout_s']} s); {after} sent later failed; {ok} succeeded; prefill instance at the end: "
+          f"{k['used_kv_blocks']} pages in use, {k['rooms_active']} rooms; it last held some "
+          f"{k['t_last_busy'] - k['t_kill']:.1f} s after the kill ({k['failed_handovers']} failed handovers)")
 print(f"{'run':14} {'long TTFT mean':>14} {'p50':>8} {'p99':>8} | {'dec TPOT mean':>13} {'ITL p50':>8} {'ITL p99':>8} "
       f"{'ITL max':>8} | {'landing/prefill':>15}  (ms)")
-for run in sys.argv[2:]:
+for run in sys.argv[4:]:
     try:
         lg = json.loads((out / f"{run}_long.json").read_text())["summary"]
         dc = json.loads((out / f"{run}_decoders.json").read_text())["summary"]
     except (OSError, ValueError, KeyError):
         print(f"{run:14} (no result)"); continue
-    g = lambda s, k, q: s.get(k, {}).get(q, nan)
+    g = lambda s, k, q: nan if s.get(k, {}).get(q) is None else s[k][q]  # null: no request succeeded
     ratio = ""
     try:  # over the measured load: stats after it minus stats after the warm-up
         def delta(side):
@@ -148,10 +235,13 @@ for run in sys.argv[2:]:
                      f" ms, Ack read {1000 * tail / max(n, 1):.0f} ms each; {n} handovers, "
                      f"{st['disagg_failed_total']} failed)")
             w = max(st.get("disagg_writes_done_total", 0), 1)
+            flight = st.get("disagg_write_flight_seconds_total", nan)
+            nbytes = st.get("disagg_pages_sent_total", 0) * page_bytes
             ratio += (f"; per write: GPU wait {1000 * st.get('disagg_write_gpu_wait_seconds_total', nan) / w:.1f}, "
                       f"post delay {1000 * st.get('disagg_write_post_delay_seconds_total', nan) / w:.1f}, "
-                      f"flight {1000 * st.get('disagg_write_flight_seconds_total', nan) / w:.1f} ms "
-                      f"({st.get('disagg_writes_done_total', 0)} writes)")
+                      f"flight {1000 * flight / w:.1f} ms "
+                      f"({st.get('disagg_writes_done_total', 0)} writes); per request {nbytes / max(n, 1) / 2**20:.0f} MiB "
+                      f"in {1000 * flight / max(n, 1):.1f} ms of flight ({nbytes / flight / 1e9:.1f} GB/s)")
     except (OSError, ValueError, KeyError):
         pass
     print(f"{run:14} {g(lg,'ttft_ms','mean'):14.1f} {g(lg,'ttft_ms','p50'):8.1f} {g(lg,'ttft_ms','p99'):8.1f} | "
@@ -160,4 +250,9 @@ for run in sys.argv[2:]:
     for name, s in (("long", lg), ("decoders", dc)):
         if s.get("failed"):
             print(f"   {name}: {s['failed']} failed: {s.get('errors')}")
+    if run == "disagg-kill":
+        try:
+            kill_report(run)
+        except (OSError, ValueError, KeyError) as e:
+            print(f"   kill: no report ({e!r})")
 PY

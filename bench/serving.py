@@ -14,7 +14,7 @@ Only the standard library, tqdm and (for exact prompt lengths) transformers are 
 
 Result JSON (``--output-json``; schema "glint.bench.serving/1"):
 
-    schema, started_at (UTC ISO time)
+    schema, started_at (UTC ISO time), t0_unix (the run start, which record times count from, as Unix time)
     config            every CLI option (api key and header values left out) + resolved model, tokenizer,
                       num_sessions (agentic, agentic-edit); request_rate "inf" for inf
     server_model_info the /v1/models entry of the model
@@ -29,7 +29,8 @@ Result JSON (``--output-json``; schema "glint.bench.serving/1"):
     per_turn          agentic/agentic-edit only: per turn index, completed/failed/skipped, mean input/output/
                       cached tokens, cached_token_fraction and the four latency distributions
     requests          one record per request: index, session, turn, prompt_len, expected_output_len,
-                      success, skipped, status, error, arrival_time, send_time (s since the run start),
+                      success, skipped, status, error, arrival_time, send_time, end_time (s since the
+                      run start; end_time: the response ended, as a success or a failure),
                       ttft, e2e_latency, tpot (s), itl (list, s), output_len, output_len_source
                       ("usage"|"chunks"), usage_prompt_tokens, usage_completion_tokens, cached_tokens,
                       retokenized_output_len, num_chunks, finish_reason, input_len (+ text with
@@ -212,6 +213,7 @@ async def send_request(ep: http.Endpoint, endpoint: str, payload: dict, headers:
     except Exception as e:  # noqa: BLE001 - a malformed response must not kill the run
         rec.success = False
         rec.error = f"{type(e).__name__}: {e}"
+    rec.end_time = time.perf_counter() - t0
     rec.finalize_timing()
     if rec.success and tokenizer is not None:
         rec.retokenized_output_len = len(tokenizer.encode(rec.reasoning_text + rec.generated_text,
@@ -233,6 +235,7 @@ class Runner:
         self.extra_body = json.loads(args.extra_body) if args.extra_body else None
         self.sem = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
         self.t0 = 0.0
+        self.t0_unix = 0.0  # time.time() when t0 was taken
         self.pbar = None
 
     def payload(self, spec: RequestSpec) -> dict:
@@ -289,7 +292,7 @@ class Runner:
             records[i].arrival_time = await self.sleep_until(arrivals[i])
             await self.send(specs[i], records[i])
 
-        self.t0 = time.perf_counter()
+        self.t0, self.t0_unix = time.perf_counter(), time.time()
         await asyncio.gather(*(one(i) for i in range(len(specs))))
         return records, time.perf_counter() - self.t0
 
@@ -323,7 +326,7 @@ class Runner:
                     await asyncio.sleep(self.args.tool_latency)
                 t = time.perf_counter() - self.t0
 
-        self.t0 = time.perf_counter()
+        self.t0, self.t0_unix = time.perf_counter(), time.time()
         await asyncio.gather(*(one(s, a) for s, a in zip(sessions, arrivals)))
         return records, time.perf_counter() - self.t0
 
@@ -666,6 +669,7 @@ async def run(args: argparse.Namespace) -> dict:
     result: dict[str, Any] = {
         "schema": SCHEMA,
         "started_at": started_at,
+        "t0_unix": runner.t0_unix,
         "config": config,
         "server_model_info": info,
         "summary": summarize(records, duration, slo or None),

@@ -39,6 +39,7 @@ class RequestRecord:
     error: str = ""
     arrival_time: float = 0.0  # when the arrival process released it (before the concurrency cap)
     send_time: float = 0.0  # when the HTTP request was sent (after acquiring the concurrency slot)
+    end_time: float = 0.0  # when its response ended, as a success or a failure
     chunk_times: list[float] = field(default_factory=list)  # arrival of content-bearing chunks
     ttft: float = 0.0
     e2e_latency: float = 0.0

@@ -11,19 +11,28 @@ output tokens per second, drafted and accepted tokens per emitted token; JSON li
 The issue-16 target this measures: no method more than 3% slower (TPOT) than none on plain-code.
 
 `--repeat R` (R > 1) builds every engine first (KV pages from --num-kv-blocks, so that several fit one GPU) and
-then runs R rounds; in each round every (dataset, concurrency) cell runs all engines back to back, the order
-rotated per round. A slow period of the host (the small model's steps are host-bound, and one run of a method
-was seen 80% slower than another in one call) then hits every method of a cell alike: per cell it prints the
-median TPOT and the median of each round's TPOT over none's in the same round (paired ratios).
+then runs R rounds of every (dataset, concurrency) cell on all engines. The small model's steps are host-bound and
+the host has slow periods of seconds (one run of a method was seen 80% slower than another in one call), so the
+engines alternate finely: with `--interleave block` (the default) a cell's jobs are split into blocks of
+`concurrency` prompts (plain-code) or sessions with all their turns (agentic-edit), and each block runs on every
+engine (order rotated per block and round) before the next one starts; a slow period then hits one block of
+each engine alike. `--interleave cell` runs each whole cell on every engine in turn instead (order rotated per
+round). Per cell the summary prints the median TPOT over rounds, the median of each round's TPOT over none's in
+the same round, and the median over (request, round) of a request's TPOT over none's for the same request and
+round, with a 95% bootstrap interval over (round, block) units; a second none engine (`--methods
+none,none#2,...`) gives the same statistic for two identical engines: the noise floor.
 """
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import itertools
+import json
+import random
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,6 +53,13 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * (len(xs) - 1) + 0.5))] if xs else float("nan")
 
 
+# (request key, prompt ids, max_tokens, on_done(text) -> more jobs, or None); the key names the request the same
+# way on every engine (the engine's request id is "<tag>-<key>"), so runs of one request can be paired
+Job = tuple[str, list[int], int, Callable[[str], list] | None]
+STAT_KEYS = ("spec_draft_tokens", "spec_accepted_tokens", "num_overlapped_steps", "spec_mtp_retired_requests",
+             "gc_pause_seconds_total", "gc_collections_gen2")
+
+
 class Driver:
     """Keeps up to `concurrency` requests in the engine; records when each output token arrived."""
 
@@ -53,71 +69,104 @@ class Driver:
         self.texts: dict[str, str] = {}
         self._done: dict[str, Any] = {}
 
-    def run(self, jobs: list[tuple[str, list[int], int, Any]], tenant: str) -> None:
-        """jobs: (request id, prompt ids, max_tokens, on_done(text) or None); on_done may queue more jobs."""
-        queue, live = list(jobs), set()
+    def run(self, jobs: list[Job], tag: str) -> None:
+        """Runs the jobs (on_done may queue more) as requests "<tag>-<key>" of tenant `tag`."""
+        queue, live, keys = list(jobs), set(), {}
         while queue or live:
             while queue and len(live) < self.concurrency:
-                rid, ids, n, done = queue.pop(0)
+                key, ids, n, done = queue.pop(0)
+                rid = f"{tag}-{key}"
                 self.eng.add_request(rid, ids, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True),
-                                     tenant=tenant)
+                                     tenant=tag)
                 live.add(rid)
-                self.times[rid], self.texts[rid], self._done[rid] = [], "", done
+                keys[rid] = key
+                self.times[key], self.texts[key], self._done[key] = [], "", done
             for d in self.eng.step():
                 now = time.perf_counter()
-                self.times[d.request_id] += [now] * len(d.new_token_ids)
-                self.texts[d.request_id] += d.new_text
+                key = keys[d.request_id]
+                self.times[key] += [now] * len(d.new_token_ids)
+                self.texts[key] += d.new_text
                 if d.finished:
                     live.discard(d.request_id)
-                    more = self._done.pop(d.request_id)
+                    more = self._done.pop(key)
                     if more is not None:
-                        queue += more(self.texts[d.request_id])
+                        queue += more(self.texts[key])
 
 
-def measure(llm: LLM, dataset: str, concurrency: int, args: argparse.Namespace, tag: str) -> dict[str, Any]:
-    """Prompts depend on (seed, concurrency) only, so every method sees the same ones."""
+@dataclass
+class BlockRun:
+    """One Driver run: output token times per request key, llm.stats() deltas over it, its wall time."""
+    times: dict[str, list[float]]
+    stats: dict[str, float]
+    wall: float
+
+
+def make_blocks(llm: LLM, dataset: str, concurrency: int, args: argparse.Namespace) -> list[list[Job]]:
+    """A cell's jobs in blocks of `concurrency` prompts (plain-code) or sessions with all their turns
+    (agentic-edit: a turn's on_done queues the next). Prompts depend on (seed, concurrency) only, so every
+    engine sees the same ones; each call builds new session objects, whose later turns carry the outputs of the
+    engine that runs them."""
     tok = llm.get_tokenizer()
     seed = args.seed * 1000 + concurrency
-    drv = Driver(llm, concurrency)
-    jobs = []
     if dataset == "plain-code":
         specs = make_plain_code_dataset(args.num_prompts, args.input_len, args.output_len, 0.0, seed, tok,
                                         endpoint="completions")
-        jobs = [(f"{tag}-p{i}", tok.encode(s.prompt, add_special_tokens=False), s.output_len, None)
+        jobs = [(f"p{i}", tok.encode(s.prompt, add_special_tokens=False), s.output_len, None)
                 for i, s in enumerate(specs)]
     else:
         sessions = make_edit_sessions(args.num_sessions, args.num_turns, args.input_len, args.output_len, 0, 0.0,
                                       seed, tok, endpoint="completions")
 
-        def turn(s, k: int):
+        def turn(s, k: int) -> Job:
             spec = s.next_request()
 
-            def done(text: str):
+            def done(text: str) -> list[Job]:
                 s.record_output(text)
                 return [] if s.done else [turn(s, k + 1)]
-            return (f"{tag}-s{s.session_id}-t{k}", tok.encode(spec.prompt, add_special_tokens=False),
-                    spec.output_len, done)
+            return f"s{s.session_id}-t{k}", tok.encode(spec.prompt, add_special_tokens=False), spec.output_len, done
         jobs = [turn(s, 0) for s in sessions]
-    gc.collect()  # the last cell's garbage, outside this one's timing
+    return [jobs[i:i + concurrency] for i in range(0, len(jobs), concurrency)]
+
+
+def run_jobs(llm: LLM, jobs: list[Job], concurrency: int, tag: str) -> BlockRun:
+    drv = Driver(llm, concurrency)
+    gc.collect()  # the last run's garbage, outside this one's timing
     before = llm.stats()
     t0 = time.perf_counter()
-    drv.run(jobs, tenant=tag)  # a tenant per run: no run drafts from another's responses
+    drv.run(jobs, tag)  # a tenant per cell and round: no run drafts from another's responses
     wall = time.perf_counter() - t0
     after = llm.stats()
-    tpot = [1000 * (t[-1] - t[0]) / (len(t) - 1) for t in drv.times.values() if len(t) > 1]
-    out_tokens = sum(len(t) for t in drv.times.values())
-    delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("spec_draft_tokens", "spec_accepted_tokens",
-                                                              "num_overlapped_steps", "spec_mtp_retired_requests",
-                                                              "gc_pause_seconds_total", "gc_collections_gen2")}
+    return BlockRun(drv.times, {k: after.get(k, 0) - before.get(k, 0) for k in STAT_KEYS}, wall)
+
+
+def _tpot_ms(times: list[float]) -> float:
+    """Per request: (last token time - first) / (tokens - 1)."""
+    return 1000 * (times[-1] - times[0]) / (len(times) - 1)
+
+
+def cell_metrics(runs: list[BlockRun]) -> dict[str, Any]:
+    """A cell's numbers over its runs (one per block, or one for the whole cell): token and stats counts add
+    up, tok/s is over the runs' summed wall time. "blocks": per run, TPOT (ms) by request key."""
+    blocks = [{k: _tpot_ms(t) for k, t in r.times.items() if len(t) > 1} for r in runs]
+    tpot = [x for b in blocks for x in b.values()]
+    out_tokens = sum(len(t) for r in runs for t in r.times.values())
+    delta = {k: sum(r.stats[k] for r in runs) for k in STAT_KEYS}
     return {
         "tpot_ms_mean": statistics.fmean(tpot) if tpot else float("nan"), "tpot_ms_p50": _pct(tpot, 0.5),
-        "tpot_ms_p99": _pct(tpot, 0.99), "output_tok_s": out_tokens / wall, "output_tokens": out_tokens,
+        "tpot_ms_p99": _pct(tpot, 0.99), "output_tok_s": out_tokens / sum(r.wall for r in runs),
+        "output_tokens": out_tokens,
         "drafted_per_token": delta["spec_draft_tokens"] / max(out_tokens, 1),
         "accepted_per_token": delta["spec_accepted_tokens"] / max(out_tokens, 1),
         "overlapped_steps": delta["num_overlapped_steps"], "mtp_retired": delta["spec_mtp_retired_requests"],
-        "requests": len(drv.times), "gc_pause_ms": 1000 * delta["gc_pause_seconds_total"],
-        "gc_gen2": delta["gc_collections_gen2"],
+        "requests": sum(len(r.times) for r in runs), "gc_pause_ms": 1000 * delta["gc_pause_seconds_total"],
+        "gc_gen2": delta["gc_collections_gen2"], "blocks": blocks,
     }
+
+
+def measure(llm: LLM, dataset: str, concurrency: int, args: argparse.Namespace, tag: str) -> dict[str, Any]:
+    """The whole cell in one run, at most `concurrency` requests in flight."""
+    jobs = [j for b in make_blocks(llm, dataset, concurrency, args) for j in b]
+    return cell_metrics([run_jobs(llm, jobs, concurrency, tag)])
 
 
 def profile(llm: LLM, args: argparse.Namespace, tag: str) -> None:
@@ -170,11 +219,11 @@ def cells(args: argparse.Namespace) -> list[tuple[str, int]]:
     return [(d, int(c)) for d in args.datasets.split(",") for c in args.concurrency.split(",")]
 
 
-def run_cell(llm: LLM, method: str, budget: str, dataset: str, conc: int, args: argparse.Namespace,
-             rep: int | None = None) -> dict[str, Any]:
-    tag = f"{method}-{budget}-{dataset}-{conc}" + ("" if rep is None else f"-r{rep}")
+def report(method: str, budget: str, dataset: str, conc: int, result: dict[str, Any], args: argparse.Namespace,
+           rep: int | None = None) -> dict[str, Any]:
+    """Prints a cell's line and appends its JSON line to --out; the row."""
     r = {"method": method, "budget": budget, "dataset": dataset, "concurrency": conc,
-         **({} if rep is None else {"rep": rep}), **measure(llm, dataset, conc, args, tag)}
+         **({} if rep is None else {"rep": rep, "interleave": args.interleave}), **result}
     print(f"{method:<7} {budget:<3} {dataset:<13} c{conc:<3} {'' if rep is None else f'r{rep} '}"
           f"TPOT {r['tpot_ms_mean']:8.2f} p50 {r['tpot_ms_p50']:8.2f} p99 {r['tpot_ms_p99']:8.2f} | "
           f"{r['output_tok_s']:8.1f} tok/s | drafted/tok {r['drafted_per_token']:.2f} "
@@ -186,6 +235,36 @@ def run_cell(llm: LLM, method: str, budget: str, dataset: str, conc: int, args: 
     return r
 
 
+def cell_tag(method: str, budget: str, dataset: str, conc: int, rep: int | None = None) -> str:
+    return f"{method}-{budget}-{dataset}-{conc}" + ("" if rep is None else f"-r{rep}")
+
+
+def run_cell(llm: LLM, method: str, budget: str, dataset: str, conc: int, args: argparse.Namespace,
+             rep: int | None = None) -> dict[str, Any]:
+    result = measure(llm, dataset, conc, args, cell_tag(method, budget, dataset, conc, rep))
+    return report(method, budget, dataset, conc, result, args, rep)
+
+
+def rotation(n: int, shift: int) -> list[int]:
+    """0..n-1 rotated left by shift: the engines' order for one round (cell) or one (round, block)."""
+    k = shift % n
+    return list(range(k, n)) + list(range(k))
+
+
+def run_cell_blocks(engines: list[tuple[str, str, LLM]], dataset: str, conc: int, args: argparse.Namespace,
+                    rep: int) -> list[dict[str, Any]]:
+    """One round of a cell on every engine, block by block: block b runs on every engine (order rotated per
+    block and round) before block b + 1 starts, so a slow period of the host lands on one block of each
+    engine rather than on one engine's whole cell."""
+    plans = [make_blocks(llm, dataset, conc, args) for _, _, llm in engines]  # each engine its own sessions
+    runs: list[list[BlockRun]] = [[] for _ in engines]
+    for b in range(len(plans[0])):
+        for i in rotation(len(engines), rep + b):
+            method, budget, llm = engines[i]
+            runs[i].append(run_jobs(llm, plans[i][b], conc, cell_tag(method, budget, dataset, conc, rep)))
+    return [report(m, bu, dataset, conc, cell_metrics(rs), args, rep) for (m, bu, _), rs in zip(engines, runs)]
+
+
 def print_learnt(llm: LLM, method: str, budget: str) -> None:
     draft_budget = getattr(llm.engine.drafter, "budget", None)
     if draft_budget is not None:  # what the draft budget's wall clock learnt (spec/wall_clock.py)
@@ -193,10 +272,40 @@ def print_learnt(llm: LLM, method: str, budget: str) -> None:
         print(f"{method} {budget}: wall clock learnt (ms by batch bucket) {learnt}", flush=True)
 
 
+def request_ratios(rows: list[dict[str, Any]]) -> dict[tuple, list[list[float]]]:
+    """Per (dataset, concurrency, method, budget): for each (round, block) of the method's rows, the ratios
+    TPOT / none's TPOT of the same request in the same round, over the requests both ran."""
+    none = {(r["dataset"], r["concurrency"], r["rep"], k): t for r in rows if r["method"] == "none"
+            for b in r.get("blocks", []) for k, t in b.items()}
+    out: dict[tuple, list[list[float]]] = {}
+    for r in rows:
+        if r["method"] == "none" or "blocks" not in r:
+            continue
+        cell = (r["dataset"], r["concurrency"], r["rep"])
+        units = out.setdefault((r["dataset"], r["concurrency"], r["method"], r["budget"]), [])
+        for b in r["blocks"]:
+            ratios = [t / none[(*cell, k)] for k, t in b.items() if (*cell, k) in none and none[(*cell, k)] > 0]
+            if ratios:
+                units.append(ratios)
+    return out
+
+
+def median_ci(units: list[list[float]], n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Median of all values, and a 95% percentile-bootstrap interval that resamples whole units (a (round,
+    block): its requests ran side by side, so they share the host's speed and are not independent)."""
+    med = statistics.median(x for u in units for x in u)
+    rng = random.Random(seed)
+    boot = sorted(statistics.median(x for u in rng.choices(units, k=len(units)) for x in u) for _ in range(n_boot))
+    return med, boot[int(0.025 * (n_boot - 1))], boot[int(0.975 * (n_boot - 1) + 0.5)]
+
+
 def paired_summary(rows: list[dict[str, Any]]) -> list[str]:
     """Per (dataset, concurrency, method, budget): median TPOT over the rounds, and the median over rounds of
-    TPOT / none's TPOT in the same round and cell."""
+    TPOT / none's TPOT in the same round and cell. Where rows carry per-request TPOTs ("blocks"), also the
+    median over (request, round) of TPOT / none's TPOT for that request and round, with a 95% interval; for
+    a second none engine (none#2) that is the A/A noise floor."""
     none = {(r["dataset"], r["concurrency"], r["rep"]): r["tpot_ms_mean"] for r in rows if r["method"] == "none"}
+    per_request = request_ratios(rows)
     lines = []
     key = lambda r: (r["dataset"], r["concurrency"], r["method"], r["budget"])  # noqa: E731
     for (dataset, conc, method, budget), group in itertools.groupby(sorted(rows, key=key), key=key):
@@ -207,6 +316,13 @@ def paired_summary(rows: list[dict[str, Any]]) -> list[str]:
         vs = f"{100 * (statistics.median(ratios) - 1):+6.1f}% vs none" if ratios and method != "none" else ""
         lines.append(f"{dataset:<13} c{conc:<3} {method:<7} {budget:<3} TPOT median {statistics.median(tpot):6.3f} "
                      f"ms over {len(tpot)} rounds (min {min(tpot):.3f}, max {max(tpot):.3f}) {vs}")
+        units = per_request.get((dataset, conc, method, budget))
+        if units:
+            med, lo, hi = median_ci(units)
+            aa = "  (A/A: the noise floor)" if base_method(method) == "none" else ""
+            lines.append(f"{'':<31}per request {100 * (med - 1):+6.1f}% vs none, 95% CI [{100 * (lo - 1):+.1f}%, "
+                         f"{100 * (hi - 1):+.1f}%] over {sum(map(len, units))} request-rounds in {len(units)} "
+                         f"(round, block) units{aa}")
     return lines
 
 
@@ -243,7 +359,11 @@ def main() -> None:
                          "torch.profiler: where a step's host and device time go (top ops by self CPU time)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--repeat", type=int, default=1,
-                    help="rounds; > 1: every engine built first, methods interleaved per cell (see above)")
+                    help="rounds; > 1: every engine built first, methods interleaved (see above and --interleave)")
+    ap.add_argument("--interleave", choices=["block", "cell"], default=None,
+                    help="with every engine in one process (--repeat > 1, or this flag given): block (the default) "
+                         "runs each block of `concurrency` prompts or sessions on every engine before the next "
+                         "block; cell runs each whole cell on every engine in turn")
     ap.add_argument("--num-kv-blocks", type=int, default=None,
                     help="KV pages per engine (default: from GPU memory; with --repeat > 1: enough for "
                          "max concurrency x max-model-len twice over)")
@@ -251,7 +371,7 @@ def main() -> None:
     extra = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.spec_option)}
     setups = [(m, b) for m in args.methods.split(",")
               for b in (["-"] if base_method(m) == "none" else args.budget.split(","))]
-    if args.repeat <= 1:  # one engine at a time, each sizing its KV cache from the free memory
+    if args.repeat <= 1 and args.interleave is None:  # one engine at a time, each sizing its KV cache from free memory
         for method, budget in setups:
             llm = build(args, method, budget, extra)
             for dataset, conc in cells(args):
@@ -263,6 +383,7 @@ def main() -> None:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         return
+    args.interleave = args.interleave or "block"
     if args.num_kv_blocks is None:  # 16-token pages
         args.num_kv_blocks = 2 * max(c for _, c in cells(args)) * (-(-args.max_model_len // 16))
     engines = [(m, b, build(args, m, b, extra)) for m, b in setups]
@@ -272,12 +393,16 @@ def main() -> None:
     rows = []
     for rep in range(args.repeat):
         for dataset, conc in cells(args):
-            k = rep % len(engines)
-            for method, budget, llm in engines[k:] + engines[:k]:
+            if args.interleave == "block":
+                rows += run_cell_blocks(engines, dataset, conc, args, rep)
+                continue
+            for i in rotation(len(engines), rep):
+                method, budget, llm = engines[i]
                 rows.append(run_cell(llm, method, budget, dataset, conc, args, rep))
     for method, budget, llm in engines:
         print_learnt(llm, method, budget)
-    print("--- paired summary (each round's methods ran back to back per cell)")
+    print(f"--- paired summary (each round's methods ran back to back per "
+          f"{'block of concurrency prompts or sessions' if args.interleave == 'block' else 'cell'})")
     print("\n".join(paired_summary(rows)), flush=True)
     for _, _, llm in engines:
         llm.shutdown()

@@ -35,8 +35,10 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
 fi
 rm -f "$OUT/spec_budget.jsonl"
 if [ "${REPEAT:-1}" -gt 1 ]; then
-    # every engine in one process, methods interleaved per cell for REPEAT rounds (bench/spec_budget.py): the
-    # paired summary's medians do not move with a slow period of the host the way one run per process does
+    # every engine in one process for REPEAT rounds, the methods interleaved per block of CONCURRENCY prompts or
+    # sessions (bench/spec_budget.py; SPEC_ARGS="... --interleave cell": per whole cell): a slow period of the host
+    # hits one block of every method, and the summary pairs each request with none's run of it (95% intervals;
+    # add none#2 to RUNS for the A/A noise floor)
     methods=$(for mb in $RUNS; do echo "${mb%:*}"; done | awk '!seen[$0]++' | paste -sd, -)
     # shellcheck disable=SC2086
     timeout "$((RUN_TIMEOUT_S * REPEAT))" python3 -m bench.spec_budget --model "$MODEL" --device "$DEVICE" \

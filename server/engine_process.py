@@ -46,7 +46,6 @@ import zmq
 
 from disagg.connector import build_kv_connector
 from engine import EngineConfig, EngineCore
-from engine.gc_control import freeze_startup_heap
 from server.log_safety import SafeFormatter
 
 logger = logging.getLogger("glint.engine")
@@ -72,7 +71,7 @@ def build_engine_core(engine_kwargs: dict[str, Any], extra: dict[str, Any] | Non
     config = EngineConfig.create(**engine_kwargs)
     core = EngineCore(config, kv_connector=build_kv_connector(config))
     if config.gc_freeze:  # this process exists to serve: its start-up heap is never garbage
-        logger.info("froze %d start-up objects out of garbage collection", freeze_startup_heap())
+        logger.info("froze %d start-up objects out of garbage collection", core.gc_pauses.freeze_startup_heap())
     return core
 
 

@@ -134,10 +134,10 @@ for run in $RUNS; do
     # outlast the long prompts), so that no
     # run pays Triton's compile and autotune of a new shape inside its measurement
     timeout "$CLIENT_TIMEOUT_S" "${bench[@]}" --num-prompts "$DEC_CONC" --input-len "$DEC_LEN" --output-len 512 \
-        --max-concurrency "$DEC_CONC" --seed 21 >"$OUT/${run}_warmup.log" 2>&1 &
+        --max-concurrency "$DEC_CONC" --seed 21 --output-json none >"$OUT/${run}_warmup.log" 2>&1 &
     warm=$!
     timeout "$CLIENT_TIMEOUT_S" "${bench[@]}" --num-prompts 2 --input-len "$LONG_LEN" --output-len 4 \
-        --max-concurrency 1 --seed 22 --warmup-requests 0 >>"$OUT/${run}_warmup.log" 2>&1
+        --max-concurrency 1 --seed 22 --warmup-requests 0 --output-json none >>"$OUT/${run}_warmup.log" 2>&1
     wait "$warm"
     curl -sf "$prefill_url/server_info" >"$OUT/${run}_prefill_info0.json" || true
     curl -sf "$decode_url/server_info" >"$OUT/${run}_decode_info0.json" || true

@@ -20,7 +20,7 @@
 # instance must get every page back).
 # Writes $OUT/<run>_{decoders,long}.json and prints one table. The device tool returns a limited number of files:
 # run with OUT=/tmp/dg and then `tar -C /tmp -czf "$OUT/dg.tgz" dg` to get them all back.
-# Knobs: GPUS, LAYERS (real-shape dummy model depth; the instances must fit), MODEL (a checkpoint instead),
+# Knobs: GPUS, PLACE (GPUS=2: index or mask, below), LAYERS (real-shape dummy model depth; the instances must fit), MODEL (a checkpoint instead),
 # DEVICE_ARGS (e.g. "--device cpu" for a smoke run), RUNS, LONG_LEN, LONG_RANGE (long prompts of
 # LONG_RANGE x LONG_LEN .. LONG_LEN tokens), LONG_NUM, LONG_RATE, DEC_LEN, DEC_OUT, DEC_NUM, DEC_CONC, MEM,
 # BACKEND, KV_DTYPE, SERVER_WAIT_S, CLIENT_TIMEOUT_S, KILL_AT, KILL_TIMEOUT, SERVER_ARGS (extra flags for every
@@ -72,9 +72,17 @@ stop_all() {
     PIDS=()
 }
 trap stop_all EXIT
-on_gpu() {  # the env prefix that puts an instance on GPU $1 (GPUS=2), or nothing (GPUS=1: all share one)
-    [ "$GPUS" = 2 ] && echo "env CUDA_VISIBLE_DEVICES=$1"
+# GPUS=2: PLACE=index (default) gives each instance --base-gpu-id and lets every process see both GPUs (CUDA IPC
+# can map the peer's memory); PLACE=mask hides the other GPU (CUDA_VISIBLE_DEVICES), as many launch scripts do
+PLACE=${PLACE:-index}
+on_gpu() {  # the env prefix that puts an instance on GPU $1 (GPUS=2, PLACE=mask), or nothing
+    [ "$GPUS" = 2 ] && [ "$PLACE" = mask ] && echo "env CUDA_VISIBLE_DEVICES=$1"
 }
+gpu_args() {  # the server flag that puts an instance on GPU $1 (GPUS=2, PLACE=index), or nothing
+    [ "$GPUS" = 2 ] && [ "$PLACE" = index ] && echo "--base-gpu-id $1"
+}
+# which UCX protocols the transfers took (cuda_ipc over NVLink, or a copy through the host), in the instances' logs
+[ "$GPUS" = 2 ] && export UCX_PROTO_INFO=${UCX_PROTO_INFO:-y}
 engine_stat() {  # url key: one number from the instance's engine stats
     curl -sf "$1/server_info" | python3 -c "import json,sys; print(json.load(sys.stdin)['engine'].get('$2', 'nan'))"
 }
@@ -86,9 +94,11 @@ for run in $RUNS; do
     common=(--model "$MODEL" "${LOAD_ARGS[@]}" --host 127.0.0.1 --kv-cache-dtype "$KV_DTYPE" $DEVICE_ARGS ${SERVER_ARGS:-})
     if [ "$run" = colocated-router ]; then  # two colocated instances (one per GPU with GPUS=2) behind the router
         c1=$((base + 1)); c2=$((base + 2))
-        $(on_gpu 0) python3 -m server "${common[@]}" --port "$c1" --mem-fraction-static "$MEM" >"$OUT/$run.c1.log" 2>&1 &
+        $(on_gpu 0) python3 -m server "${common[@]}" $(gpu_args 0) --port "$c1" --mem-fraction-static "$MEM" \
+            >"$OUT/$run.c1.log" 2>&1 &
         PIDS+=($!); p1=$!
-        $(on_gpu 1) python3 -m server "${common[@]}" --port "$c2" --mem-fraction-static "$MEM" >"$OUT/$run.c2.log" 2>&1 &
+        $(on_gpu 1) python3 -m server "${common[@]}" $(gpu_args 1) --port "$c2" --mem-fraction-static "$MEM" \
+            >"$OUT/$run.c2.log" 2>&1 &
         PIDS+=($!)
         wait_up "http://127.0.0.1:$c1" "$p1" "$OUT/$run.c1.log" && wait_up "http://127.0.0.1:$c2" "$!" \
             "$OUT/$run.c2.log" || { stop_all; continue; }
@@ -99,7 +109,7 @@ for run in $RUNS; do
     elif [ "${run#colocated}" != "$run" ]; then
         mem=$MEM; [ "$GPUS" = 2 ] || mem=$(python3 -c "print(2 * $MEM)")
         cap=(); [ "$run" = colocated-capped ] && cap=(--max-prefill-tokens-while-decoding "$CAP")
-        $(on_gpu 0) python3 -m server "${common[@]}" --port "$base" --mem-fraction-static "$mem" "${cap[@]}" \
+        $(on_gpu 0) python3 -m server "${common[@]}" $(gpu_args 0) --port "$base" --mem-fraction-static "$mem" "${cap[@]}" \
             >"$OUT/$run.server.log" 2>&1 &
         PIDS+=($!); wait_up "$url" "$!" "$OUT/$run.server.log" || { stop_all; continue; }
         prefill_url=$url; decode_url=$url
@@ -111,12 +121,13 @@ for run in $RUNS; do
         [ "$run" = disagg-async-last-sync ] && async=(--disaggregation-async-transfer)
         [ "$run" = disagg-kill ] && async=(--disaggregation-async-transfer --disaggregation-timeout "$KILL_TIMEOUT")
         p=$((base + 1)); d=$((base + 2)); bport=$((base + 3))
-        $(on_gpu 0) python3 -m server "${common[@]}" --port "$p" --mem-fraction-static "$MEM" --disaggregation-mode prefill \
+        $(on_gpu 0) python3 -m server "${common[@]}" $(gpu_args 0) --port "$p" --mem-fraction-static "$MEM" \
+            --disaggregation-mode prefill \
             --disaggregation-bootstrap-port "$bport" --disaggregation-transfer-backend "$BACKEND" "${async[@]}" \
             >"$OUT/$run.prefill.log" 2>&1 &
         PIDS+=($!); ppid_=$!
         # the decode instance leads a process group of its own (setsid), so that disagg-kill kills its engine too
-        setsid $(on_gpu 1) python3 -m server "${common[@]}" --port "$d" --mem-fraction-static "$MEM" \
+        setsid $(on_gpu 1) python3 -m server "${common[@]}" $(gpu_args 1) --port "$d" --mem-fraction-static "$MEM" \
             --disaggregation-mode decode --disaggregation-transfer-backend "$BACKEND" "${async[@]}" \
             >"$OUT/$run.decode.log" 2>&1 &
         PIDS+=($!); dpid=$!
@@ -183,6 +194,7 @@ for run in $RUNS; do
     stop_all
     # steps over 1 s (engine/engine_core.py SLOW_STEP_S): a kernel variant compiling inside the load, a stalled peer
     echo "$run: $(cat "$OUT/$run".*.log 2>/dev/null | grep -c "slow step") slow steps logged (warm-up included)"
+    [ -n "${UCX_PROTO_INFO:-}" ] && grep -h -m4 "cuda_ipc\|cuda_copy\|tcp/" "$OUT/$run".prefill.log "$OUT/$run".decode.log 2>/dev/null
 done
 
 python3 - "$OUT" "$MODEL" "$KV_DTYPE" $RUNS <<'PY'

@@ -6,6 +6,7 @@ names first). `engine_options()` lists them; LLM takes exactly these keywords an
 from them."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
@@ -64,6 +65,11 @@ class ParallelConfig:
     tensor_parallel_size: int = option(
         "tensor_parallel_size", 1, "GPUs (processes) the model is sharded over; without torchrun the engine "
         "spawns the extra ranks itself", flags=("--tp-size", "--tp", "--tensor-parallel-size"), type=int)
+    base_gpu_id: int | None = option(
+        "base_gpu_id", None, "CUDA device of TP rank 0 (rank r uses base + r): several instances on one host "
+        "without hiding GPUs from each other (CUDA_VISIBLE_DEVICES would keep their processes from mapping a peer "
+        "GPU's memory, which KV transfer between instances uses); default: the current device (TP 1) or the "
+        "rank's local index", flags=("--base-gpu-id",), type=int)
 
 
 @dataclass(frozen=True)
@@ -215,6 +221,8 @@ class EngineConfig:
             o["mem_fraction_static"] = 0.85
         if o["tensor_parallel_size"] < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {o['tensor_parallel_size']}")
+        if o["base_gpu_id"] is not None:
+            _check_base_gpu_id(o["base_gpu_id"], o["tensor_parallel_size"], device)
         backend = o["attention_backend"]
         if backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
@@ -252,6 +260,17 @@ class EngineConfig:
         if o["overlap_scheduling"] is None:
             o["overlap_scheduling"] = device == "cuda"
         return _build(EngineConfig, o, model=mcfg)
+
+
+def _check_base_gpu_id(base: int, tp: int, device: str) -> None:
+    if device != "cuda":
+        raise ValueError(f"base_gpu_id (--base-gpu-id) selects a CUDA device; the engine runs on {device!r}")
+    if base < 0:
+        raise ValueError(f"base_gpu_id must be >= 0, got {base}")
+    count = torch.cuda.device_count()
+    if base + tp > count:
+        raise ValueError(f"base_gpu_id={base} with tensor_parallel_size={tp} needs CUDA devices {base}..{base + tp - 1}, "
+                         f"but this process sees {count} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
 
 
 def engine_options(cls: type = EngineConfig) -> list[EngineOption]:

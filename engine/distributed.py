@@ -46,8 +46,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cuda_index(local_rank: int, world_size: int, base_gpu_id: int | None) -> int:
+    """The CUDA device a rank runs on: base_gpu_id + its local rank; without a base, its local rank under TP and
+    the current device alone."""
+    if base_gpu_id is not None:
+        return base_gpu_id + local_rank
+    return local_rank if world_size > 1 else torch.cuda.current_device()
+
+
 def init_distributed(
-    world_size: int, device_type: str, rank: int | None = None, init_method: str | None = None
+    world_size: int, device_type: str, rank: int | None = None, init_method: str | None = None,
+    base_gpu_id: int | None = None,
 ) -> DistInfo:
     """Join (or create) the default process group. Under torchrun rank/address come from the environment."""
     if world_size == 1:
@@ -65,7 +74,7 @@ def init_distributed(
             init_method = "env://"
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+            torch.cuda.set_device(cuda_index(int(os.environ.get("LOCAL_RANK", rank)), world_size, base_gpu_id))
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                                 timeout=COLLECTIVE_TIMEOUT)
     rank = dist.get_rank()

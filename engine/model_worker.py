@@ -18,6 +18,7 @@ from engine.mtp_graphs import MtpDraftGraphs
 from engine.distributed import (
     DistInfo,
     broadcast_object,
+    cuda_index,
     init_distributed,
     gather_objects,
     min_across_ranks,
@@ -62,7 +63,9 @@ class ModelWorker:
         self.config = config
         self.dist = dist
         if config.device == "cuda":
-            self.device = torch.device("cuda", dist.local_rank if dist.world_size > 1 else torch.cuda.current_device())
+            index = cuda_index(dist.local_rank, dist.world_size, config.parallel.base_gpu_id)
+            torch.cuda.set_device(index)  # Triton launches on the current device
+            self.device = torch.device("cuda", index)
         else:
             self.device = torch.device("cpu")
         torch.manual_seed(config.seed)
@@ -318,7 +321,8 @@ def spawned_worker_main(
 ) -> None:
     """Entry point of a TP rank the engine started itself (multiprocessing spawn)."""
     logging.basicConfig(level=logging.WARNING)
-    info = init_distributed(world_size, config.device, rank=rank, init_method=init_method)
+    info = init_distributed(world_size, config.device, rank=rank, init_method=init_method,
+                            base_gpu_id=config.parallel.base_gpu_id)
     worker = None
     try:
         worker = ModelWorker(config, info, kv_worker_factory)

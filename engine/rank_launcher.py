@@ -21,7 +21,7 @@ def start_ranks(
     if world == 1:
         return single_process(), []
     if launched_by_torchrun():
-        info = init_distributed(world, config.device)
+        info = init_distributed(world, config.device, base_gpu_id=config.parallel.base_gpu_id)
         if not info.is_driver:
             raise RuntimeError("EngineCore runs on rank 0 only; other ranks run ModelWorker.serve_forever()")
         return info, []
@@ -48,7 +48,8 @@ def start_ranks(
             p.kill()
             p.join(5)
         raise
-    return init_distributed(world, config.device, rank=0, init_method=init_method), procs
+    return init_distributed(world, config.device, rank=0, init_method=init_method,
+                            base_gpu_id=config.parallel.base_gpu_id), procs
 
 
 def check_ranks_alive(procs: list[mp.Process]) -> None:

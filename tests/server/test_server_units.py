@@ -81,6 +81,7 @@ def test_engine_kwargs_mapping():
     assert kw == {
         "model": "/ckpt",
         "tensor_parallel_size": 2,
+        "base_gpu_id": None,
         "dtype": "bfloat16",
         "device": "cuda",
         "max_model_len": 8192,

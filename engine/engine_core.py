@@ -45,6 +45,7 @@ from spec import DraftSlot, Drafter, MtpCalls, SpecStats, StepTiming, StepView, 
 log = logging.getLogger(__name__)
 
 SLOW_STEP_S = 1.0  # a step() call this long is logged (a compile of a new kernel variant, a stalled peer)
+IDLE_TIMING_EVERY = 8  # while the drafter is idle, one decode step in this many still goes to its wall clock
 
 
 @dataclass
@@ -102,6 +103,7 @@ class EngineCore:
         self.overlap = config.overlap_scheduling
         self.num_overlapped_steps = 0
         self.num_slow_steps = 0  # step() calls longer than SLOW_STEP_S (logged)
+        self._idle_untimed = 0  # decode steps since the last one timed while the drafter was idle
         self.num_prompt_tokens_total = 0
         self.num_failed_requests = 0
         log.info("KV cache: %d pages of %d tokens = %d tokens", self.pool.num_total, self.block_size,
@@ -246,7 +248,8 @@ class EngineCore:
         timed: _Launched | None = None  # a decode-only step launched here: this call's duration prices it
         deltas, self._pending_deltas = self._pending_deltas, []
         deltas += self._poll_connector()
-        if self.drafter is not None:
+        drafting = self.drafter is not None and not self.drafter.idle  # idle: no request can draft (MTP, retired)
+        if drafting:
             if self._inflight is not None and self.drafter.wants_sync():
                 deltas += self._finish(self._inflight)  # it may draft: every request's tokens on the host first
                 self._inflight = None
@@ -267,7 +270,7 @@ class EngineCore:
                                    and not (launched.kv_sends and self.connector.posts_before_next_step(
                                        launched.kv_sends)))
             deltas += self._sample(launched)
-            if self.drafter is not None and all(s.num_tokens - s.num_drafts == 1 for s in launched.scheduled):
+            if self._prices_step(drafting) and all(s.num_tokens - s.num_drafts == 1 for s in launched.scheduled):
                 timed = launched
             if launched.overlapped:
                 self.num_overlapped_steps += 1
@@ -290,6 +293,15 @@ class EngineCore:
             log.warning("slow step: %.2f s for %d tokens of %d requests", took,
                         sum(s.num_tokens for s in sched.scheduled), len(sched.scheduled))
         return deltas
+
+    def _prices_step(self, drafting: bool) -> bool:
+        """Whether this step's duration goes to the drafter's wall clock: every step while it drafts; while it is
+        idle (MTP, every request retired) one in IDLE_TIMING_EVERY, which keeps its price of a plain step (what
+        admission weighs the chain against) fresh at a fraction of the per-step cost."""
+        if self.drafter is None:
+            return False
+        self._idle_untimed = 0 if drafting else (self._idle_untimed + 1) % IDLE_TIMING_EVERY
+        return drafting or self._idle_untimed == 0
 
     def _time_step(self, step: _Launched, call_ms: float) -> None:
         """A decode-only step to the drafter's wall-clock model, priced by the step() call that launched it: an
@@ -385,7 +397,7 @@ class EngineCore:
     def _launch(self, scheduled: list[ScheduledRequest]) -> _Launched:
         prev = self._inflight
         inputs, layout = prepare_step(scheduled, self.block_size, self._graph_rows(scheduled))
-        inputs.keep_hidden = self.drafter is not None and any(
+        inputs.keep_hidden = self.drafter is not None and not self.drafter.idle and any(
             self.drafter.needs_hidden(s.request.seq_key) for s in scheduled)
         if prev is not None and prev.sampled is not None:
             inputs.table_writes = prev.table_writes

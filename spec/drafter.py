@@ -62,6 +62,13 @@ class Drafter(ABC):
         refuses overlap with one that reads each step's hidden states)."""
         return True
 
+    @property
+    def idle(self) -> bool:
+        """True while no request can draft and nothing drafted is pending (MTP with every request retired): the
+        engine then skips its per-step calls (wants_sync, propose, step timing) as if it had no drafter. Per
+        request calls (add, accepted, finish) still come."""
+        return False
+
     def needs_hidden(self, seq_id: int) -> bool:
         """Whether a step must keep this request's target hidden states and call after_step for it (MTP: until
         the request is retired from MTP drafting)."""

@@ -105,6 +105,8 @@ class MtpDrafter(Drafter):
         self._drafts: dict[int, list[int]] = {}
         self._idle: dict[int, int] = {}  # steps in a row without MTP drafts (retirement)
         self._retired: set[int] = set()
+        self._live: set[int] = set()  # requests added and not retired or finished
+        self._proposed = False  # the last propose returned a draft (a request may still hold it)
         self._chain_ran = False  # since the last observe_step
         self.num_retired = 0  # requests retired from MTP drafting (observability, tests)
         self._unpaid_admissions = 0  # requests admitted where the chain did not pay at the engine-wide rate
@@ -114,6 +116,7 @@ class MtpDrafter(Drafter):
 
     def add(self, seq_id: int, prompt: Sequence[int], tenant: str = "") -> None:
         self._drafts.pop(seq_id, None)
+        self._live.add(seq_id)
         if self.budget is not None:
             self.retire_at_admission(seq_id, self.budget)
 
@@ -135,6 +138,7 @@ class MtpDrafter(Drafter):
     def retire(self, seq_id: int) -> None:
         if seq_id not in self._retired:
             self._retired.add(seq_id)
+            self._live.discard(seq_id)
             self._idle.pop(seq_id, None)
             self._drafts.pop(seq_id, None)
             self._drafted.discard(seq_id)
@@ -183,14 +187,23 @@ class MtpDrafter(Drafter):
         self._drafts.pop(seq_id, None)
         self._idle.pop(seq_id, None)
         self._retired.discard(seq_id)
+        self._live.discard(seq_id)
         if self.budget is not None:
             self.budget.forget(seq_id)
 
     def handed_over(self, seq_id: int, drafts: Sequence[int]) -> None:
         self._drafts[seq_id] = list(drafts)[: self.config.mtp_chain_length]
 
+    @property
+    def idle(self) -> bool:
+        """Every request retired (none live, no handed-over drafts) and the last propose gave no draft that a
+        request could still hold: the per-step hooks have nothing to do (a retired request's step costs what a
+        plain engine's does)."""
+        return not self._live and not self._drafts and not self._proposed
+
     def propose(self, slots: Sequence[DraftSlot]) -> list[list[int]]:
         out = [self._drafts.pop(s.seq_id, [])[: s.max_drafts] for s in slots]
+        self._proposed = any(out)
         if self.budget is not None:
             self.budget.proposed({s.seq_id: (SOURCE, d, None) for s, d in zip(slots, out)})
         return out

@@ -130,7 +130,8 @@ def test_mtp_drafts_after_cut_chains_equal_the_full_recompute(tiny_bf16):
         if draft and held:  # a draft after steps at 0 drafts
             assert draft == reference_drafts(ref_model, cfg, tokens, len(draft)), len(tokens)
             checked += 1
-    assert held >= 30 and checked >= 3, (held, checked)
+    # (held counts the empty proposals; once every request retired the idle drafter is not asked any more)
+    assert held >= 15 and checked >= 3, (held, checked)
 
 
 def test_step_timings_leave_out_the_callers_time_between_steps(tiny_bf16):

@@ -140,9 +140,10 @@ def test_mtp_request_held_at_zero_drafts_retires_and_its_nextn_work_stops():
     drafter.after_step([view(0, 13), view(1, 13)])
     assert len(fake.rows) == calls  # no extend for retired requests
     assert not drafter.wants_sync()  # their steps may overlap
+    assert drafter.idle  # every request retired and the last propose drafted nothing: no per-step hooks
     drafter.finish(0, completed=True)
     drafter.add(0, [1, 2])  # a seq id is never reused by the engine, but finishing clears the state
-    assert drafter.needs_hidden(0)
+    assert drafter.needs_hidden(0) and not drafter.idle
 
 
 def test_retirement_off_and_accepted_mtp_keep_the_request_drafting():
@@ -166,7 +167,12 @@ def test_retirement_off_and_accepted_mtp_keep_the_request_drafting():
         drafts = drafter.propose([DraftSlot(0, 3)])
         assert drafts == [[5, 5, 5]]
         drafter.accepted(0, [5, 5, 5, 9])
-    assert drafter.needs_hidden(0) and drafter.num_retired == 0
+    assert drafter.needs_hidden(0) and drafter.num_retired == 0 and not drafter.idle
+    # retired right after a propose that drafted: the request may still hold those drafts, so the engine must
+    # ask once more (an empty propose) before the drafter goes idle
+    drafter.retire(0)
+    assert not drafter.idle
+    assert drafter.propose([DraftSlot(0, 3)]) == [[]] and drafter.idle
 
 
 def test_accepted_probes_alone_do_not_keep_an_mtp_request_live():

@@ -397,8 +397,8 @@ class EngineCore:
     def _launch(self, scheduled: list[ScheduledRequest]) -> _Launched:
         prev = self._inflight
         inputs, layout = prepare_step(scheduled, self.block_size, self._graph_rows(scheduled))
-        inputs.keep_hidden = self.drafter is not None and not self.drafter.idle and any(
-            self.drafter.needs_hidden(s.request.seq_key) for s in scheduled)
+        inputs.keep_hidden = self.drafter is not None and not self.drafter.idle and self.drafter.any_needs_hidden(
+            s.request.seq_key for s in scheduled)
         if prev is not None and prev.sampled is not None:
             inputs.table_writes = prev.table_writes
         kv_sends = self.connector.plan_sends(scheduled) if self.connector is not None else []

@@ -10,7 +10,7 @@ so `spec/` needs nothing from `engine/`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from spec.verify import accept_chain
@@ -73,6 +73,10 @@ class Drafter(ABC):
         """Whether a step must keep this request's target hidden states and call after_step for it (MTP: until
         the request is retired from MTP drafting)."""
         return self.needs_target_hidden
+
+    def any_needs_hidden(self, seq_ids: Iterable[int]) -> bool:
+        """Whether a step of these requests must keep its hidden states (needs_hidden for any of them)."""
+        return any(self.needs_hidden(s) for s in seq_ids)
 
     def observe_step(self, timing: StepTiming) -> None:
         """A decode-only step cycle's wall time (the draft budget's wall-clock model learns from it)."""

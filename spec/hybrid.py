@@ -17,7 +17,7 @@ frequencies) beats the request's running MTP acceptance (accepted MTP tokens per
 moving average starting at the cap), else the MTP draft, each at full length; the chain runs for everyone."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from spec.budget import DraftBudget
@@ -66,6 +66,9 @@ class HybridDrafter(Drafter):
     def needs_hidden(self, seq_id: int) -> bool:
         return self.mtp.needs_hidden(seq_id)
 
+    def any_needs_hidden(self, seq_ids: Iterable[int]) -> bool:
+        return self.mtp.any_needs_hidden(seq_ids)
+
     @property
     def num_retired(self) -> int:
         return self.mtp.num_retired
@@ -81,7 +84,7 @@ class HybridDrafter(Drafter):
 
     def observe_step(self, timing: StepTiming) -> None:
         if self.budget is not None:
-            self.budget.clock.observe(replace(timing, chain=self.mtp.take_chain_ran()))
+            self.budget.clock.observe(replace(timing, chain=True) if self.mtp.take_chain_ran() else timing)
 
     def accepted(self, seq_id: int, tokens: Sequence[int]) -> None:
         self.suffix.accepted(seq_id, tokens)
@@ -153,7 +156,7 @@ class HybridDrafter(Drafter):
             return self._propose_unbudgeted(slots)
         self._quiet_steps = 0
         planned, self._planned = self._planned, {}
-        mtp = self.mtp.propose(slots)
+        mtp = [[] for _ in slots] if self.mtp.idle else self.mtp.propose(slots)  # idle: every request retired
         chosen: list[_Pending | None] = [planned.get(s.seq_id) for s in slots]
         rest = [i for i, p in enumerate(chosen) if p is None]  # not seen by after_step: suffix only
         if rest:

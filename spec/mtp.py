@@ -171,9 +171,13 @@ class MtpDrafter(Drafter):
         ran, self._chain_ran = self._chain_ran, False
         return ran
 
+    def any_needs_hidden(self, seq_ids: Iterable[int]) -> bool:
+        # every request the engine schedules was added: with none live, none keeps hidden states (O(1))
+        return bool(self._live) and any(s in self._live for s in seq_ids)
+
     def observe_step(self, timing: StepTiming) -> None:
         if self.budget is not None:
-            self.budget.clock.observe(replace(timing, chain=self.take_chain_ran()))
+            self.budget.clock.observe(replace(timing, chain=True) if self.take_chain_ran() else timing)
 
     def accepted(self, seq_id: int, tokens: Sequence[int]) -> None:
         # the NextN layer catches up in after_step, from the target's hidden states

@@ -269,8 +269,9 @@ def _check_base_gpu_id(base: int, tp: int, device: str) -> None:
         raise ValueError(f"base_gpu_id must be >= 0, got {base}")
     count = torch.cuda.device_count()
     if base + tp > count:
-        raise ValueError(f"base_gpu_id={base} with tensor_parallel_size={tp} needs CUDA devices {base}..{base + tp - 1}, "
-                         f"but this process sees {count} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise ValueError(f"base_gpu_id={base} with tensor_parallel_size={tp} needs CUDA devices "
+                         f"{base}..{base + tp - 1}, but this process sees {count} (CUDA_VISIBLE_DEVICES={visible!r})")
 
 
 def engine_options(cls: type = EngineConfig) -> list[EngineOption]:

@@ -49,6 +49,7 @@ PRIOR_WEIGHT = 1.0  # the prior counts as one tested position
 PRIOR_PLAIN = 0.8  # prior acceptance of a source without per-token probabilities (a new request drafts)
 PRIOR_SCALED = 1.0  # prior calibration of a source with them: trust its probabilities
 MIN_GAIN = 1e-3  # drafts expected to add less than this are never worth a row
+SMALL_PLAN = 32  # candidate draft rows up to which _best_prefix runs in Python rather than torch
 ENGINE_DECAY = 0.99  # the engine-wide acceptance per source: weight of older verifies (~100 verifies remembered)
 
 
@@ -268,7 +269,43 @@ class DraftBudget:
     def _best_prefix(self, b: int, gains: Sequence[Sequence[float]], chain: Sequence[bool] | None) -> list[int]:
         """Take the extra rows in order of gain (a request's own in position order: its gains do not increase,
         and the sort is stable) and keep the prefix with the most tokens per ms. In torch: ~1000 candidates
-        at batch 64 x 16 drafts cost ~0.1 ms this way, ~2 ms in a Python loop."""
+        at batch 64 x 16 drafts cost ~0.1 ms this way, ~2 ms in a Python loop; a few candidates (a small batch,
+        or drafts the trees barely back) cost ~0.1 ms of torch's per-op overhead and a few us in Python, and a
+        step of the small model is ~0.4 ms: the same arithmetic in the same order, in Python, below
+        SMALL_PLAN candidates."""
+        cands = [(g, i, p) for i, gs in enumerate(gains) for p, g in enumerate(gs) if g >= MIN_GAIN]
+        if len(cands) > SMALL_PLAN:
+            return self._best_prefix_torch(b, gains, chain)
+        return self._best_prefix_small(b, len(gains), cands, chain)
+
+    def _best_prefix_small(self, b: int, n: int, cands: list[tuple[float, int, int]],
+                           chain: Sequence[bool] | None) -> list[int]:
+        """_best_prefix_torch for few candidates: (gain, request, position), in flattened order."""
+        cands.sort(key=lambda c: -c[0])  # stable: ties keep the flattened order, as torch's stable sort
+        clock, plain = self.clock, self.clock.plain_ms(b)
+        cost_b, overhead = self.cost(b), clock.spec_overhead_ms(b)
+        chained = chain is not None and any(chain)
+        chain_ms = clock.chain_ms(b) if chained else 0.0
+        cum, depth, best, best_rate = 0.0, 0, -1, float("-inf")
+        for k, (g, i, p) in enumerate(cands):
+            cum += g
+            time = plain + (self.cost(float(b + k + 1)) - cost_b) + overhead
+            if chained:
+                depth = max(depth, p + 1 if chain[i] else 0)
+                time = time + self.chain_step_ms * max(depth - 1, 0)
+                time = time + (chain_ms if depth > 0 else 0.0)
+            rate = (b + cum) / time
+            if rate > best_rate:  # the first maximum, as torch.argmax
+                best, best_rate = k, rate
+        if best < 0 or best_rate <= b / plain:
+            return [0] * n
+        ks = [0] * n
+        for _, i, _ in cands[: best + 1]:
+            ks[i] += 1
+        return ks
+
+    def _best_prefix_torch(self, b: int, gains: Sequence[Sequence[float]],
+                           chain: Sequence[bool] | None) -> list[int]:
         width = max(len(g) for g in gains)
         g = torch.tensor([list(x) + [0.0] * (width - len(x)) for x in gains], dtype=torch.float64)
         flat = g.flatten()
@@ -284,9 +321,9 @@ class DraftBudget:
         time = plain + (self.cost.many(rows) - self.cost(b)) + clock.spec_overhead_ms(b)
         if chain is not None and any(chain):
             on_chain = torch.tensor(list(chain), dtype=torch.bool)[req]
-            depth = torch.cummax(torch.where(on_chain, pos + 1, 0), 0).values
+            depth = torch.cummax(torch.where(on_chain, pos + 1, 0), 0).values.to(torch.float64)  # all in float64
             time = time + self.chain_step_ms * (depth - 1).clamp(min=0)
-            time = time + torch.where(depth > 0, clock.chain_ms(b), 0.0)
+            time = time + (depth > 0).to(torch.float64) * clock.chain_ms(b)
         rate = tokens / time
         best = int(torch.argmax(rate))
         if float(rate[best]) <= b / plain:

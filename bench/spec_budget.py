@@ -272,19 +272,26 @@ def print_learnt(llm: LLM, method: str, budget: str) -> None:
         print(f"{method} {budget}: wall clock learnt (ms by batch bucket) {learnt}", flush=True)
 
 
-def request_ratios(rows: list[dict[str, Any]]) -> dict[tuple, list[list[float]]]:
+# the issue-16 comparisons besides "vs none": suffix against MTP; hybrid against suffix and MTP (the better of them)
+VERSUS = {"suffix": ("mtp",), "hybrid": ("suffix", "mtp")}
+
+
+def request_ratios(rows: list[dict[str, Any]], baseline: str = "none") -> dict[tuple, list[list[float]]]:
     """Per (dataset, concurrency, method, budget): for each (round, block) of the method's rows, the ratios
-    TPOT / none's TPOT of the same request in the same round, over the requests both ran."""
-    none = {(r["dataset"], r["concurrency"], r["rep"], k): t for r in rows if r["method"] == "none"
+    TPOT / the baseline's TPOT of the same request in the same round (a speculative baseline: with the same
+    budget setting), over the requests both ran."""
+    def budget_of(r: dict[str, Any]) -> str:
+        return "-" if baseline == "none" else r["budget"]
+    base = {(r["dataset"], r["concurrency"], r["rep"], budget_of(r), k): t for r in rows if r["method"] == baseline
             for b in r.get("blocks", []) for k, t in b.items()}
     out: dict[tuple, list[list[float]]] = {}
     for r in rows:
-        if r["method"] == "none" or "blocks" not in r:
+        if r["method"] == baseline or "blocks" not in r:
             continue
-        cell = (r["dataset"], r["concurrency"], r["rep"])
+        cell = (r["dataset"], r["concurrency"], r["rep"], budget_of(r))
         units = out.setdefault((r["dataset"], r["concurrency"], r["method"], r["budget"]), [])
         for b in r["blocks"]:
-            ratios = [t / none[(*cell, k)] for k, t in b.items() if (*cell, k) in none and none[(*cell, k)] > 0]
+            ratios = [t / base[(*cell, k)] for k, t in b.items() if base.get((*cell, k), 0) > 0]
             if ratios:
                 units.append(ratios)
     return out
@@ -302,10 +309,11 @@ def median_ci(units: list[list[float]], n_boot: int = 2000, seed: int = 0) -> tu
 def paired_summary(rows: list[dict[str, Any]]) -> list[str]:
     """Per (dataset, concurrency, method, budget): median TPOT over the rounds, and the median over rounds of
     TPOT / none's TPOT in the same round and cell. Where rows carry per-request TPOTs ("blocks"), also the
-    median over (request, round) of TPOT / none's TPOT for that request and round, with a 95% interval; for
-    a second none engine (none#2) that is the A/A noise floor."""
+    median over (request, round) of TPOT / none's TPOT for that request and round, with a 95% interval (for
+    a second none engine, none#2, that is the A/A noise floor), and the same against suffix and MTP where the
+    issue compares with them (VERSUS)."""
     none = {(r["dataset"], r["concurrency"], r["rep"]): r["tpot_ms_mean"] for r in rows if r["method"] == "none"}
-    per_request = request_ratios(rows)
+    per_request = {b: request_ratios(rows, b) for b in ("none", "suffix", "mtp")}
     lines = []
     key = lambda r: (r["dataset"], r["concurrency"], r["method"], r["budget"])  # noqa: E731
     for (dataset, conc, method, budget), group in itertools.groupby(sorted(rows, key=key), key=key):
@@ -316,11 +324,13 @@ def paired_summary(rows: list[dict[str, Any]]) -> list[str]:
         vs = f"{100 * (statistics.median(ratios) - 1):+6.1f}% vs none" if ratios and method != "none" else ""
         lines.append(f"{dataset:<13} c{conc:<3} {method:<7} {budget:<3} TPOT median {statistics.median(tpot):6.3f} "
                      f"ms over {len(tpot)} rounds (min {min(tpot):.3f}, max {max(tpot):.3f}) {vs}")
-        units = per_request.get((dataset, conc, method, budget))
-        if units:
+        for baseline in ("none", *VERSUS.get(method, ())):
+            units = per_request[baseline].get((dataset, conc, method, budget))
+            if not units:
+                continue
             med, lo, hi = median_ci(units)
             aa = "  (A/A: the noise floor)" if base_method(method) == "none" else ""
-            lines.append(f"{'':<31}per request {100 * (med - 1):+6.1f}% vs none, 95% CI [{100 * (lo - 1):+.1f}%, "
+            lines.append(f"{'':<31}per request {100 * (med - 1):+6.1f}% vs {baseline}, 95% CI [{100 * (lo - 1):+.1f}%, "
                          f"{100 * (hi - 1):+.1f}%] over {sum(map(len, units))} request-rounds in {len(units)} "
                          f"(round, block) units{aa}")
     return lines

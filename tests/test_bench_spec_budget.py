@@ -116,3 +116,16 @@ def test_cell_metrics_add_up_over_blocks():
     assert m["drafted_per_token"] == 10 / 7 and m["overlapped_steps"] == 2 and m["gc_pause_ms"] == 10.0
     assert m["blocks"] == [{"p0": 1.0, "p1": 2.0}, {"p2": pytest.approx(4.0)}]
     assert abs(m["tpot_ms_mean"] - 7 / 3) < 1e-9
+
+
+def test_hybrid_and_suffix_are_also_paired_with_the_methods_the_issue_compares_them_with():
+    none = block_rows("none", lambda rep, b, i: base_tpot(rep, b, i) * slow(rep, b))
+    mtp = block_rows("mtp", lambda rep, b, i: 1.10 * base_tpot(rep, b, i) * slow(rep, b))
+    suffix = block_rows("suffix", lambda rep, b, i: 0.50 * base_tpot(rep, b, i) * slow(rep, b))
+    hybrid = block_rows("hybrid", lambda rep, b, i: 0.515 * base_tpot(rep, b, i) * slow(rep, b))
+    lines = paired_summary(none + mtp + suffix + hybrid)
+    text = "\n".join(lines)
+    assert " +3.0% vs suffix, 95% CI [+3.0%, +3.0%]" in text  # hybrid 3% behind suffix, slow blocks cancelled
+    assert " -53.2% vs mtp" in text  # hybrid vs MTP
+    assert " -54.5% vs mtp" in text  # suffix vs MTP
+    assert text.count("vs suffix") == 1 and text.count("vs mtp") == 2  # none and mtp compare with none only

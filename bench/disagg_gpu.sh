@@ -83,6 +83,19 @@ gpu_args() {  # the server flag that puts an instance on GPU $1 (GPUS=2, PLACE=i
 }
 # which UCX protocols the transfers took (cuda_ipc over NVLink, or a copy through the host), in the instances' logs
 [ "$GPUS" = 2 ] && export UCX_PROTO_INFO=${UCX_PROTO_INFO:-y}
+start_server() {  # log gpu server-args...: an instance of this run on GPU $gpu, in the background ($! is its pid).
+    # Each leads a process group of its own (setsid), so that disagg-kill's kill -9 -pid takes its engine too.
+    local log=$1 gpu=$2
+    shift 2
+    # shellcheck disable=SC2046
+    setsid $(on_gpu "$gpu") python3 -m server "${common[@]}" $(gpu_args "$gpu") "$@" >"$OUT/$run.$log.log" 2>&1 &
+    PIDS+=($!)
+}
+start_router() {  # router-args...: disagg.router on this run's port in front of its instances, waited for
+    python3 -m disagg.router "$@" --port "$base" >"$OUT/$run.router.log" 2>&1 &
+    PIDS+=($!)
+    wait_up "$url" "$!" "$OUT/$run.router.log"
+}
 engine_stat() {  # url key: one number from the instance's engine stats
     curl -sf "$1/server_info" | python3 -c "import json,sys; print(json.load(sys.stdin)['engine'].get('$2', 'nan'))"
 }
@@ -94,24 +107,17 @@ for run in $RUNS; do
     common=(--model "$MODEL" "${LOAD_ARGS[@]}" --host 127.0.0.1 --kv-cache-dtype "$KV_DTYPE" $DEVICE_ARGS ${SERVER_ARGS:-})
     if [ "$run" = colocated-router ]; then  # two colocated instances (one per GPU with GPUS=2) behind the router
         c1=$((base + 1)); c2=$((base + 2))
-        $(on_gpu 0) python3 -m server "${common[@]}" $(gpu_args 0) --port "$c1" --mem-fraction-static "$MEM" \
-            >"$OUT/$run.c1.log" 2>&1 &
-        PIDS+=($!); p1=$!
-        $(on_gpu 1) python3 -m server "${common[@]}" $(gpu_args 1) --port "$c2" --mem-fraction-static "$MEM" \
-            >"$OUT/$run.c2.log" 2>&1 &
-        PIDS+=($!)
-        wait_up "http://127.0.0.1:$c1" "$p1" "$OUT/$run.c1.log" && wait_up "http://127.0.0.1:$c2" "$!" \
-            "$OUT/$run.c2.log" || { stop_all; continue; }
-        python3 -m disagg.router --colocated "http://127.0.0.1:$c1" --colocated "http://127.0.0.1:$c2" --port "$base" \
-            >"$OUT/$run.router.log" 2>&1 &
-        PIDS+=($!); wait_up "$url" "$!" "$OUT/$run.router.log" || { stop_all; continue; }
+        start_server c1 0 --port "$c1" --mem-fraction-static "$MEM"; p1=$!
+        start_server c2 1 --port "$c2" --mem-fraction-static "$MEM"; p2=$!
+        wait_up "http://127.0.0.1:$c1" "$p1" "$OUT/$run.c1.log" && wait_up "http://127.0.0.1:$c2" "$p2" \
+            "$OUT/$run.c2.log" && start_router --colocated "http://127.0.0.1:$c1" --colocated "http://127.0.0.1:$c2" \
+            || { stop_all; continue; }
         prefill_url="http://127.0.0.1:$c1"; decode_url="http://127.0.0.1:$c2"
     elif [ "${run#colocated}" != "$run" ]; then
         mem=$MEM; [ "$GPUS" = 2 ] || mem=$(python3 -c "print(2 * $MEM)")
         cap=(); [ "$run" = colocated-capped ] && cap=(--max-prefill-tokens-while-decoding "$CAP")
-        $(on_gpu 0) python3 -m server "${common[@]}" $(gpu_args 0) --port "$base" --mem-fraction-static "$mem" "${cap[@]}" \
-            >"$OUT/$run.server.log" 2>&1 &
-        PIDS+=($!); wait_up "$url" "$!" "$OUT/$run.server.log" || { stop_all; continue; }
+        start_server server 0 --port "$base" --mem-fraction-static "$mem" "${cap[@]}"
+        wait_up "$url" "$!" "$OUT/$run.server.log" || { stop_all; continue; }
         prefill_url=$url; decode_url=$url
     else
         async=()
@@ -121,21 +127,15 @@ for run in $RUNS; do
         [ "$run" = disagg-async-last-sync ] && async=(--disaggregation-async-transfer)
         [ "$run" = disagg-kill ] && async=(--disaggregation-async-transfer --disaggregation-timeout "$KILL_TIMEOUT")
         p=$((base + 1)); d=$((base + 2)); bport=$((base + 3))
-        $(on_gpu 0) python3 -m server "${common[@]}" $(gpu_args 0) --port "$p" --mem-fraction-static "$MEM" \
-            --disaggregation-mode prefill \
-            --disaggregation-bootstrap-port "$bport" --disaggregation-transfer-backend "$BACKEND" "${async[@]}" \
-            >"$OUT/$run.prefill.log" 2>&1 &
-        PIDS+=($!); ppid_=$!
-        # the decode instance leads a process group of its own (setsid), so that disagg-kill kills its engine too
-        setsid $(on_gpu 1) python3 -m server "${common[@]}" $(gpu_args 1) --port "$d" --mem-fraction-static "$MEM" \
-            --disaggregation-mode decode --disaggregation-transfer-backend "$BACKEND" "${async[@]}" \
-            >"$OUT/$run.decode.log" 2>&1 &
-        PIDS+=($!); dpid=$!
+        start_server prefill 0 --port "$p" --mem-fraction-static "$MEM" --disaggregation-mode prefill \
+            --disaggregation-bootstrap-port "$bport" --disaggregation-transfer-backend "$BACKEND" "${async[@]}"
+        ppid_=$!
+        start_server decode 1 --port "$d" --mem-fraction-static "$MEM" --disaggregation-mode decode \
+            --disaggregation-transfer-backend "$BACKEND" "${async[@]}"
+        dpid=$!
         wait_up "http://127.0.0.1:$p" "$ppid_" "$OUT/$run.prefill.log" && wait_up "http://127.0.0.1:$d" "$dpid" \
-            "$OUT/$run.decode.log" || { stop_all; continue; }
-        python3 -m disagg.router --prefill "http://127.0.0.1:$p" --decode "http://127.0.0.1:$d" --port "$base" \
-            >"$OUT/$run.router.log" 2>&1 &
-        PIDS+=($!); wait_up "$url" "$!" "$OUT/$run.router.log" || { stop_all; continue; }
+            "$OUT/$run.decode.log" && start_router --prefill "http://127.0.0.1:$p" --decode "http://127.0.0.1:$d" \
+            || { stop_all; continue; }
         prefill_url="http://127.0.0.1:$p"; decode_url="http://127.0.0.1:$d"
     fi
     echo "=== $run"

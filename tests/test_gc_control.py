@@ -66,7 +66,9 @@ def test_stats_do_not_walk_the_frozen_heap(monkeypatch):
     pauses = GcPauses()
     try:
         frozen = pauses.freeze_startup_heap()
-        assert frozen > 1000 and frozen == gc.get_freeze_count()
+        # frozen objects that die by reference count leave the permanent generation, so the live count can only
+        # have shrunk since the freeze (an exact match flaked in CI: 724475 frozen, 724459 a moment later)
+        assert frozen > 1000 and 0.9 * frozen <= gc.get_freeze_count() <= frozen
 
         def walk() -> int:
             raise AssertionError("stats() walked the frozen heap")

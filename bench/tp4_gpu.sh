@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # Issue 7 on a 4-GPU machine (device kind nvidia-h200-x4), in stages (STAGES="test decode serving"):
+#   allreduce  bench.allreduce at TP: NCCL vs the one-shot / fused all-reduce per call at batch 1/16/48, in CUDA
+#            graphs, with its correctness check (issue 19 item 1); then decode steps with the fusion on
+#            (bench.tp_decode --enable-allreduce-fusion, same flags as the decode stage)
 #   test     tests/gpu/test_tp_gpu.py: TP2 and TP4 vs TP1 at real widths (4 layers), graphs = eager
 #   decode   the full 92-layer GLM-4.7-FP8 shape at TP4 (dummy weights, the optimized flags): decode steps at
 #            batch 1/16/64 with 4K context vs the per-GPU HBM floor, the all-reduce share, a 4096-token prefill,
@@ -26,6 +29,18 @@ for stage in $STAGES; do
             python3 -m pytest -m gpu tests/gpu/test_tp_gpu.py -q -s -p no:cacheprovider >"$OUT/tp_test.log" 2>&1
         echo "=== test: exit $? in $(( $(date +%s) - t0 )) s"
         grep -E '_mean"|equal_eager|passed|failed|Error|error' "$OUT/tp_test.log" | cut -c1-300 | tail -30
+        ;;
+    allreduce)
+        timeout "${AR_TIMEOUT_S:-240}" python3 -m torch.distributed.run --nproc-per-node "$TP" -m bench.allreduce \
+            --batches "${AR_BATCHES:-1,16,48}" --out "$OUT/allreduce.json" >"$OUT/allreduce.log" 2>&1
+        echo "=== allreduce: exit $? in $(( $(date +%s) - t0 )) s"
+        grep -E '^(check|TP|batch)|Error|error' "$OUT/allreduce.log" | cut -c1-400 | tail -20
+        t0=$(date +%s)
+        timeout "${DECODE_TIMEOUT_S:-480}" python3 -m bench.tp_decode --tp "$TP" --layers "$LAYERS" \
+            --kv-cache-dtype fp8_e4m3 --enable-shared-experts-fusion --enable-fused-qk-norm-rope \
+            --enable-allreduce-fusion ${DECODE_ARGS:-} --out "$OUT/tp_decode_fused.json" >"$OUT/tp_decode_fused.log" 2>&1
+        echo "=== decode with the fused all-reduce: exit $? in $(( $(date +%s) - t0 )) s"
+        grep -E '^(TP|decode|prefill|one request|--)|Error|error' "$OUT/tp_decode_fused.log" | cut -c1-160 | tail -20
         ;;
     decode)
         timeout "${DECODE_TIMEOUT_S:-480}" python3 -m bench.tp_decode --tp "$TP" --layers "$LAYERS" \

@@ -73,7 +73,7 @@ def allreduce_share(worker, inp, steps: int = 5) -> dict:
         t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
         if evt.device_type is not None and "cuda" in str(evt.device_type).lower():
             total += t
-            if "nccl" in evt.key.lower():
+            if "nccl" in evt.key.lower() or "_one_shot_kernel" in evt.key:  # the fused kernel includes a norm
                 nccl += t
                 calls += evt.count
     return {
@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8_e4m3"])
     ap.add_argument("--enable-shared-experts-fusion", action="store_true")
     ap.add_argument("--enable-fused-qk-norm-rope", action="store_true")
+    ap.add_argument("--enable-allreduce-fusion", action="store_true",
+                    help="one-shot all-reduce fused with the norms (its kernel counts as all-reduce time)")
     ap.add_argument("--tpot-tokens", type=int, default=128, help="0: skip the end-to-end TTFT/TPOT")
     ap.add_argument("--profile", action="store_true", help="per-kernel breakdown of rank 0's eager decode steps")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -165,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         kv_cache_dtype=args.kv_cache_dtype,
         enable_shared_experts_fusion=args.enable_shared_experts_fusion,
         enable_fused_qk_norm_rope=args.enable_fused_qk_norm_rope,
+        allreduce_fusion=args.enable_allreduce_fusion,
     )
     worker = llm.engine.worker
     model, mcfg = worker.model, llm.engine.model_config
@@ -181,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "flags": {
             k: getattr(args, k)
-            for k in ("kv_cache_dtype", "enable_shared_experts_fusion", "enable_fused_qk_norm_rope")
+            for k in ("kv_cache_dtype", "enable_shared_experts_fusion", "enable_fused_qk_norm_rope",
+                      "enable_allreduce_fusion")
         },
         "weight_bytes_per_gpu": sum(p.numel() * p.element_size() for p in model.parameters()),
         "memory_allocated_GiB_rank0": torch.cuda.memory_allocated(device) / 2**30

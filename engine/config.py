@@ -15,6 +15,7 @@ import torch
 from engine.kv_cache import kv_cache_dtype as _kv_torch_dtype
 from engine.options import REQUIRED, EngineOption, option, option_of
 from kernels import flash_attn_adapter
+from kernels.allreduce import ONE_SHOT_WORLD_SIZES
 from model.attention import ATTENTION_BACKENDS, PREFILL_ATTENTION_BACKENDS
 from model.config import ModelConfig, load_model_config
 from spec import SpeculativeConfig
@@ -70,6 +71,12 @@ class ParallelConfig:
         "without hiding GPUs from each other (CUDA_VISIBLE_DEVICES would keep their processes from mapping a peer "
         "GPU's memory, which KV transfer between instances uses); default: the current device (TP 1) or the "
         "rank's local index", flags=("--base-gpu-id",), type=int)
+    allreduce_fusion: bool = option(
+        "allreduce_fusion", False, "tensor-parallel CUDA ranks all-reduce messages of up to 512 KiB (decode steps) "
+        "with a one-shot kernel over peer-mapped buffers, fused with the residual add and RMSNorm after it, instead "
+        "of NCCL (TP 2, 4 or 8; CPU ranks keep gloo). The seed's --enable-flashinfer-allreduce-fusion turns it on "
+        "too (glint's own kernel, not FlashInfer's)",
+        flags=("--enable-allreduce-fusion", "--enable-flashinfer-allreduce-fusion"), type=bool)
 
 
 @dataclass(frozen=True)
@@ -223,6 +230,10 @@ class EngineConfig:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {o['tensor_parallel_size']}")
         if o["base_gpu_id"] is not None:
             _check_base_gpu_id(o["base_gpu_id"], o["tensor_parallel_size"], device)
+        if (o["allreduce_fusion"] and device == "cuda" and o["tensor_parallel_size"] > 1
+                and o["tensor_parallel_size"] not in ONE_SHOT_WORLD_SIZES):
+            raise ValueError(f"allreduce_fusion (--enable-allreduce-fusion) runs at tensor_parallel_size "
+                             f"{ONE_SHOT_WORLD_SIZES}, not {o['tensor_parallel_size']}")
         backend = o["attention_backend"]
         if backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")

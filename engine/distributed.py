@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from engine.config import ParallelConfig
+from model import one_shot_allreduce
 from model.parallel import TPGroup
 
 # Collectives that never complete (a peer died) fail after this long instead of hanging forever.
@@ -56,9 +58,11 @@ def cuda_index(local_rank: int, world_size: int, base_gpu_id: int | None) -> int
 
 def init_distributed(
     world_size: int, device_type: str, rank: int | None = None, init_method: str | None = None,
-    base_gpu_id: int | None = None,
+    parallel: ParallelConfig = ParallelConfig(),
 ) -> DistInfo:
-    """Join (or create) the default process group. Under torchrun rank/address come from the environment."""
+    """Join (or create) the default process group. Under torchrun rank/address come from the environment.
+    `parallel`: which GPU rank 0 takes (base_gpu_id) and whether the model's all-reduces go through the fused
+    one-shot kernel (allreduce_fusion, CUDA only)."""
     if world_size == 1:
         return single_process()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # no NVLink multicast (see the device notes)
@@ -74,14 +78,19 @@ def init_distributed(
             init_method = "env://"
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
-            torch.cuda.set_device(cuda_index(int(os.environ.get("LOCAL_RANK", rank)), world_size, base_gpu_id))
+            torch.cuda.set_device(cuda_index(int(os.environ.get("LOCAL_RANK", rank)), world_size,
+                                             parallel.base_gpu_id))
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                                 timeout=COLLECTIVE_TIMEOUT)
     rank = dist.get_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     model_group = dist.new_group(list(range(world_size)))
     control = dist.new_group(list(range(world_size)), backend="gloo", timeout=COLLECTIVE_TIMEOUT)
-    return DistInfo(rank, world_size, local_rank, TPGroup(rank, world_size, model_group), control)
+    one_shot = None
+    if parallel.allreduce_fusion and one_shot_allreduce.available(device_type):
+        device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+        one_shot = one_shot_allreduce.OneShotAllReduce(model_group, rank, world_size, device)
+    return DistInfo(rank, world_size, local_rank, TPGroup(rank, world_size, model_group, one_shot), control)
 
 
 def broadcast_object(obj: Any, info: DistInfo) -> Any:

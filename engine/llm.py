@@ -33,8 +33,7 @@ class LLM:
         self._torchrun = tensor_parallel_size > 1 and launched_by_torchrun()
         self.engine: EngineCore | None = None
         if self._torchrun:
-            info = init_distributed(tensor_parallel_size, self.config.device,
-                                    base_gpu_id=self.config.parallel.base_gpu_id)
+            info = init_distributed(tensor_parallel_size, self.config.device, parallel=self.config.parallel)
             atexit.register(shutdown_distributed, info)
             if not info.is_driver:
                 self._worker = ModelWorker(self.config, info)

@@ -322,7 +322,7 @@ def spawned_worker_main(
     """Entry point of a TP rank the engine started itself (multiprocessing spawn)."""
     logging.basicConfig(level=logging.WARNING)
     info = init_distributed(world_size, config.device, rank=rank, init_method=init_method,
-                            base_gpu_id=config.parallel.base_gpu_id)
+                            parallel=config.parallel)
     worker = None
     try:
         worker = ModelWorker(config, info, kv_worker_factory)

@@ -21,7 +21,7 @@ def start_ranks(
     if world == 1:
         return single_process(), []
     if launched_by_torchrun():
-        info = init_distributed(world, config.device, base_gpu_id=config.parallel.base_gpu_id)
+        info = init_distributed(world, config.device, parallel=config.parallel)
         if not info.is_driver:
             raise RuntimeError("EngineCore runs on rank 0 only; other ranks run ModelWorker.serve_forever()")
         return info, []
@@ -49,7 +49,7 @@ def start_ranks(
             p.join(5)
         raise
     return init_distributed(world, config.device, rank=0, init_method=init_method,
-                            base_gpu_id=config.parallel.base_gpu_id), procs
+                            parallel=config.parallel), procs
 
 
 def check_ranks_alive(procs: list[mp.Process]) -> None:

@@ -393,3 +393,20 @@ def paged_attention(
     if absmax_out is not None:
         absmax_out.copy_(out.abs().amax(-1))
     return out
+
+
+def one_shot_all_reduce(
+    x: torch.Tensor, buffers: torch.Tensor, flags: torch.Tensor, rank: int, world: int
+) -> torch.Tensor:
+    """Tensor-parallel all-reduce of x [T, H] over peer-mapped buffers (kernels/triton_allreduce.py; Triton
+    only: its torch reference, kernels.allreduce, takes every rank's tensor at once)."""
+    return _triton("allreduce").one_shot_all_reduce(x, buffers, flags, rank, world)
+
+
+def one_shot_all_reduce_add_rms_norm(
+    x: torch.Tensor, buffers: torch.Tensor, flags: torch.Tensor, rank: int, world: int,
+    residual: torch.Tensor, weight: torch.Tensor, eps: float, quant: bool,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """one_shot_all_reduce(x) + residual, then RMSNorm (+ per-token FP8), in one kernel: (y, summed, yq)."""
+    return _triton("allreduce").one_shot_all_reduce_add_rms_norm(x, buffers, flags, rank, world, residual,
+                                                                 weight, eps, quant)

@@ -14,6 +14,31 @@ from kernels.triton_common import next_pow2, pdl_launch, pdl_release, pdl_wait, 
 
 
 @triton.jit
+def normalize_and_store(
+    x, row, offs, m, w_ptr, y_ptr, q_ptr, qs_ptr, H, eps, stride_y, stride_q,
+    QUANT: tl.constexpr, X_BF16: tl.constexpr, X_DTYPE: tl.constexpr,
+):
+    """Store rms_norm(x) (x: one fp32 row holding values of dtype X_DTYPE) to y's row, and its per-token FP8
+    quantization when QUANT. Shared with the fused all-reduce (kernels/triton_allreduce.py)."""
+    var = tl.sum(x * x, 0) / H
+    n = x * tl.rsqrt(var + eps)
+    if X_BF16:
+        n = round_bf16(n)
+    else:
+        n = n.to(X_DTYPE).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    y = w * n
+    yo = to_out(y, y_ptr.dtype.element_ty)
+    tl.store(y_ptr + row * stride_y + offs, yo, mask=m)
+    if QUANT:
+        yf = yo.to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(yf), 0) / 448.0, 1e-12)
+        q = tl.clamp(yf / scale, -448.0, 448.0)
+        tl.store(q_ptr + row * stride_q + offs, to_fp8(q), mask=m)
+        tl.store(qs_ptr + row, scale)
+
+
+@triton.jit
 def _rms_norm_kernel(
     x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, q_ptr, qs_ptr,
     H, eps, stride_x, stride_r, stride_y, stride_s, stride_q,
@@ -32,22 +57,8 @@ def _rms_norm_kernel(
         if X_BF16:
             x = round_bf16(x)
         tl.store(s_ptr + row * stride_s + offs, to_out(x, s_ptr.dtype.element_ty), mask=m)
-    var = tl.sum(x * x, 0) / H
-    n = x * tl.rsqrt(var + eps)
-    if X_BF16:
-        n = round_bf16(n)
-    else:
-        n = n.to(x_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    y = w * n
-    yo = to_out(y, y_ptr.dtype.element_ty)
-    tl.store(y_ptr + row * stride_y + offs, yo, mask=m)
-    if QUANT:
-        yf = yo.to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(yf), 0) / 448.0, 1e-12)
-        q = tl.clamp(yf / scale, -448.0, 448.0)
-        tl.store(q_ptr + row * stride_q + offs, to_fp8(q), mask=m)
-        tl.store(qs_ptr + row, scale)
+    normalize_and_store(x, row, offs, m, w_ptr, y_ptr, q_ptr, qs_ptr, H, eps, stride_y, stride_q,
+                        QUANT, X_BF16, x_ptr.dtype.element_ty)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

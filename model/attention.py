@@ -104,4 +104,5 @@ class Attention(nn.Module):
                 # decode: the attention kernels also give max |o| per head, o_proj's per-token FP8 scale
                 absmax = torch.empty(t, self.heads.num_heads, dtype=torch.float32, device=q.device)
             o = kernels.paged_attention(*args, **hints, absmax_out=absmax)
-        return self.tp.all_reduce(self.o_proj(o.reshape(t, self.q_size), x_absmax_parts=absmax))
+        # partial sums under TP: the post-attention norm all-reduces them (DecoderLayer)
+        return self.o_proj(o.reshape(t, self.q_size), x_absmax_parts=absmax)

@@ -47,6 +47,9 @@ class DecoderLayer(nn.Module):
         ctx: ForwardContext,
         cos_sin: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the embedding (residual None) or the previous layer's output. Returns (this rank's partial sums of
+        the MLP output, residual): the all-reduce under TP is left to the norm that consumes them (this class's
+        next layer, the model's final norm), where it fuses with the residual add and the norm."""
         hq = None
         if residual is None:
             residual = x
@@ -54,25 +57,20 @@ class DecoderLayer(nn.Module):
                 h, _, hq = self.input_layernorm.forward_quant(x)
             else:
                 h = self.input_layernorm(x)
-        elif self.quant_attn_input:
-            h, residual, hq = self.input_layernorm.forward_quant(x, residual)
         else:
-            h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, ctx, cos_sin, hq)
-        if self.is_moe:  # norm + router in one kernel at decode sizes
+            h, residual, hq = self.input_layernorm.forward_reduced(x, residual, self.tp, self.quant_attn_input)
+        h = self.self_attn(h, ctx, cos_sin, hq)  # partial sums of o_proj
+        routing = None
+        if self.is_moe and not self.tp.fused_reduce(h):  # norm + router in one kernel at decode sizes
             h, residual, hq, routing = self.mlp.norm_and_route(
-                self.post_attention_layernorm, h, residual, self.quant_mlp_input
+                self.post_attention_layernorm, self.tp.all_reduce(h), residual, self.quant_mlp_input
             )
-            h = self.mlp(h, hq, routing)
-        elif self.quant_mlp_input:
-            h, residual, hq = self.post_attention_layernorm.forward_quant(h, residual)
-            h = self.mlp(h, hq)
         else:
-            h, residual = self.post_attention_layernorm(h, residual)
-            h = self.mlp(h)
-        if not self.is_moe:
-            h = self.tp.all_reduce(h)
-        return h, residual
+            h, residual, hq = self.post_attention_layernorm.forward_reduced(h, residual, self.tp,
+                                                                            self.quant_mlp_input)
+        if self.is_moe:
+            return self.mlp(h, hq, routing), residual
+        return self.mlp(h, hq), residual
 
 
 def _first_quant(mlp: nn.Module) -> str:

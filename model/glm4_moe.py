@@ -48,7 +48,7 @@ class Glm4MoeForCausalLM(nn.Module):
         residual = None
         for layer in self.layers:
             h, residual = layer(h, residual, ctx, self.cos_sin)
-        h, _ = self.norm(h, residual)
+        h, _, _ = self.norm.forward_reduced(h, residual, self.tp, False)
         return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

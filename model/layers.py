@@ -6,7 +6,7 @@ from torch import nn
 
 import kernels
 from model.linear import Linear
-from model.parallel import TPGroup, vocab_partition
+from model.parallel import NormOutput, TPGroup, vocab_partition
 
 
 class RMSNorm(nn.Module):
@@ -25,6 +25,11 @@ class RMSNorm(nn.Module):
         """(y, x + residual or None, (y_fp8, y_scale) or None): the norm with its output also quantized per
         token for an fp8_channel consumer, where the kernel can fuse it."""
         return kernels.rms_norm_quant(x, self.weight, self.eps, residual)
+
+    def forward_reduced(self, x: torch.Tensor, residual: torch.Tensor, tp: TPGroup, quant: bool) -> NormOutput:
+        """forward_quant (quant) or forward of all_reduce(x) + residual, where x holds this rank's partial sums
+        of a row-parallel layer: one kernel with the fused all-reduce (TPGroup.all_reduce_add_rms_norm)."""
+        return tp.all_reduce_add_rms_norm(x, residual, self.weight, self.eps, quant)
 
 
 class VocabEmbedding(nn.Module):

@@ -29,11 +29,12 @@ class NextNLayer(nn.Module):
         self.eh_proj = Linear(2 * h, h, False, "none", dtype, device)  # replicated, BF16 in the releases
         self.layer = DecoderLayer(cfg, self.layer_id, tp, plan, dtype, device)
         self.shared_head_norm = RMSNorm(h, cfg.rms_norm_eps, dtype, device)
+        self.tp = tp
 
     def forward(
         self, embeds: torch.Tensor, prev_hidden: torch.Tensor, ctx: ForwardContext, cos_sin: torch.Tensor
     ) -> torch.Tensor:
         u = self.eh_proj(torch.cat([self.enorm(embeds), self.hnorm(prev_hidden)], dim=-1))
         u, residual = self.layer(u, None, ctx, cos_sin)
-        out, _ = self.shared_head_norm(u, residual)
+        out, _, _ = self.shared_head_norm.forward_reduced(u, residual, self.tp, False)
         return out

@@ -7,6 +7,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+import kernels
+
+NormOutput = tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]
+
 
 @dataclass(frozen=True)
 class TPGroup:
@@ -15,11 +19,33 @@ class TPGroup:
     rank: int = 0
     size: int = 1
     group: Any = None  # torch.distributed ProcessGroup (NCCL on GPU, gloo on CPU)
+    one_shot: Any = None  # model.one_shot_allreduce.OneShotAllReduce where the fused all-reduce is on
+
+    def fused_reduce(self, x: torch.Tensor) -> bool:
+        """Whether x's all-reduce runs in the one-shot kernel (fused with the norm after it where there is one)."""
+        return self.one_shot is not None and self.one_shot.fits(x)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum of x over the group (in place for NCCL / gloo; the returned tensor is the result)."""
         if self.size > 1:
+            if self.fused_reduce(x):
+                return self.one_shot.all_reduce(x)
             dist.all_reduce(x, group=self.group)
         return x
+
+    def all_reduce_add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, quant: bool
+    ) -> NormOutput:
+        """(rms_norm(s), s, (y_fp8, y_scale) or None) with s = all_reduce(x) + residual: the all-reduce of a
+        row-parallel layer's partial sums and the residual add + RMSNorm (+ FP8 quantization) after it, one
+        kernel where the one-shot all-reduce takes x, else the collective and then the norm kernel."""
+        if self.size > 1 and self.fused_reduce(x):
+            return self.one_shot.all_reduce_add_rms_norm(x, residual, weight, eps, quant)
+        x = self.all_reduce(x)
+        if quant:
+            return kernels.rms_norm_quant(x, weight, eps, residual)
+        y, summed = kernels.add_rms_norm(x, residual, weight, eps)
+        return y, summed, None
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         if self.size == 1:

@@ -73,8 +73,7 @@ def run_tp_worker(config: ServerConfig) -> int:
 
     # Ctrl-C reaches every torchrun rank; this one waits for rank 0's orderly STOP instead of dying mid-step.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    info = init_distributed(econfig.parallel.tensor_parallel_size, econfig.device,
-                            base_gpu_id=econfig.parallel.base_gpu_id)
+    info = init_distributed(econfig.parallel.tensor_parallel_size, econfig.device, parallel=econfig.parallel)
     logger.info("tensor-parallel rank %d/%d serving model steps", info.rank, info.world_size)
     worker = None
     try:

@@ -162,7 +162,8 @@ def test_cpu_smoke_run(tmp_path):
 
 
 def test_tp_decode_cpu_smoke(tmp_path):
-    """bench.tp_decode end to end on CPU: TP2 ranks spawned with gloo, tiny widths, with the served fusions."""
+    """bench.tp_decode end to end on CPU: TP2 ranks spawned with gloo, tiny widths, with the served fusions and
+    the fused all-reduce (the one-shot kernel under the interpreter, TRITON_INTERPRET from tests/conftest.py)."""
     out = tmp_path / "tp.json"
     widths = ["hidden_size=64", "n_routed_experts=8", "num_experts_per_tok=2", "num_attention_heads=4",
               "num_key_value_heads=2", "head_dim=32", "intermediate_size=128", "moe_intermediate_size=32",
@@ -170,11 +171,11 @@ def test_tp_decode_cpu_smoke(tmp_path):
     cmd = [sys.executable, "-m", "bench.tp_decode", "--device", "cpu", "--tp", "2", "--layers", "2",
            "--dense-layers", "1", *[a for w in widths for a in ("--set", w)], "--batches", "1,3", "--context", "40",
            "--prefill", "48", "--tpot-tokens", "4", "--enable-shared-experts-fusion", "--enable-fused-qk-norm-rope",
-           "--model-root", str(tmp_path / "models"), "--out", str(out)]
+           "--enable-allreduce-fusion", "--model-root", str(tmp_path / "models"), "--out", str(out)]
     proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(out.read_text())
-    assert r["tp"] == 2 and sorted(r["decode"]) == ["1", "3"]
+    assert r["tp"] == 2 and sorted(r["decode"]) == ["1", "3"] and r["flags"]["enable_allreduce_fusion"]
     for d in r["decode"].values():
         assert _finite(d["median_ms"]) and _finite(d["floor_ms"]) and _finite(d["ratio_vs_floor"])
         assert d["bytes_rank0"]["weights_total"] < r["weight_bytes_per_gpu"] + 1  # a rank's shard, not more

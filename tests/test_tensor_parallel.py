@@ -32,10 +32,14 @@ def reference(ckpt):
     return llm.generate(PROMPTS, sp, use_tqdm=False)
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
-def test_spawned_tp2_equals_tp1(ckpt, reference, overlap):
-    # overlap: the next step's input tokens reach rank 1 through a broadcast on the model group
-    llm = LLM(str(ckpt), device="cpu", tensor_parallel_size=2, overlap_scheduling=overlap)
+@pytest.mark.parametrize("overlap,fusion", [(False, False), (True, False), (True, True)],
+                         ids=["sync", "overlap", "overlap-fused-allreduce"])
+def test_spawned_tp2_equals_tp1(ckpt, reference, overlap, fusion):
+    # overlap: the next step's input tokens reach rank 1 through a broadcast on the model group. fusion: every
+    # all-reduce of up to 512 KiB runs the one-shot kernel (under the interpreter, over /dev/shm buffers),
+    # fused with the norm after it; prefill chunks too, at these sizes
+    llm = LLM(str(ckpt), device="cpu", tensor_parallel_size=2, overlap_scheduling=overlap,
+              allreduce_fusion=fusion)
     try:
         sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2, prompt_logprobs=1)
         outs = llm.generate(PROMPTS, sp, use_tqdm=False)
@@ -135,7 +139,8 @@ def test_spawned_tp2_speculation_equals_tp1_plain(ckpt, method, prompt, counter)
     prompts = [{"prompt_token_ids": prompt}, {"prompt_token_ids": list(range(200, 230))}]
     sp = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
     ref = LLM(str(ckpt), device="cpu").generate(prompts, sp, use_tqdm=False)
-    llm = LLM(str(ckpt), device="cpu", tensor_parallel_size=2,
+    # mtp with the fused all-reduce: verify chains and the NextN layer's extend / chain steps through it too
+    llm = LLM(str(ckpt), device="cpu", tensor_parallel_size=2, allreduce_fusion=method == "mtp",
               speculative_config={"method": method, "num_speculative_tokens": 4})
     try:
         outs = llm.generate(prompts, sp, use_tqdm=False)

@@ -34,6 +34,20 @@ def case_norm_act():
             silu_mul_fp8(g)
 
 
+def case_allreduce():
+    from kernels.triton_allreduce import flag_area_ints, one_shot_all_reduce, one_shot_all_reduce_add_rms_norm
+
+    for world in (2, 4, 8):
+        tables = torch.empty(world, dtype=torch.int64)
+        w = torch.empty(5120, dtype=BF16)
+        for t in (1, 16, 48):
+            x = torch.empty(t, 5120, dtype=BF16)
+            one_shot_all_reduce(x, tables, tables, 0, world)
+            for quant in (False, True):
+                one_shot_all_reduce_add_rms_norm(x, tables, tables, world - 1, world, x, w, 1e-5, quant)
+    assert flag_area_ints(8) == 1024
+
+
 def case_rope_kv():
     from kernels.triton_kv_store import store_kv
     from kernels.triton_rope import qk_norm_rope
@@ -244,6 +258,7 @@ CASES = {
     "router": case_router,
     "quant": case_quant,
     "norm_act": case_norm_act,
+    "allreduce": case_allreduce,
     "rope_kv": case_rope_kv,
 }
 

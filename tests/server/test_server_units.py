@@ -82,6 +82,7 @@ def test_engine_kwargs_mapping():
         "model": "/ckpt",
         "tensor_parallel_size": 2,
         "base_gpu_id": None,
+        "allreduce_fusion": False,
         "dtype": "bfloat16",
         "device": "cuda",
         "max_model_len": 8192,
@@ -319,6 +320,10 @@ def test_presets(capsys):
     assert engine_kwargs(cfg)["mem_fraction_static"] == 0.85 and cfg.host == "0.0.0.0"
     baseline = parse_args(["--preset", "baseline"])  # TP8 + NEXTN 3/1/4, as Zhipu launches it
     assert speculative_config(baseline) == {"method": "mtp", "num_speculative_tokens": 3}
+    assert not baseline.engine.get("allreduce_fusion")
+    # the seed's --enable-flashinfer-allreduce-fusion turns on glint's fused one-shot all-reduce
+    assert parse_args(["--preset", "optimized"]).engine["allreduce_fusion"] is True
+    assert parse_args(["--enable-allreduce-fusion", "--tp", "2"]).engine["allreduce_fusion"] is True
     with pytest.raises(SystemExit):
         parse_args(["--preset", "no-such-preset"])
 

@@ -3,7 +3,8 @@
 #   allreduce  bench.allreduce at TP: NCCL vs the one-shot / fused all-reduce per call at batch 1/16/48, in CUDA
 #            graphs, with its correctness check (issue 19 item 1); then decode steps with the fusion on
 #            (bench.tp_decode --enable-allreduce-fusion, same flags as the decode stage)
-#   test     tests/gpu/test_tp_gpu.py: TP2 and TP4 vs TP1 at real widths (4 layers), graphs = eager
+#   test     tests/gpu/test_tp_gpu.py: TP2 and TP4 vs TP1 at real widths (4 layers), graphs = eager, the fused
+#            all-reduce vs NCCL; tests/gpu/test_allreduce_gpu.py: the one-shot kernel's check and timed run
 #   decode   the full 92-layer GLM-4.7-FP8 shape at TP4 (dummy weights, the optimized flags): decode steps at
 #            batch 1/16/64 with 4K context vs the per-GPU HBM floor, the all-reduce share, a 4096-token prefill,
 #            a lone request's TTFT and TPOT (bench/tp_decode.py)
@@ -26,7 +27,8 @@ for stage in $STAGES; do
     case "$stage" in
     test)
         GLINT_TP_TEST_TIMEOUT_S=${GLINT_TP_TEST_TIMEOUT_S:-150} timeout "${TEST_TIMEOUT_S:-480}" \
-            python3 -m pytest -m gpu tests/gpu/test_tp_gpu.py -q -s -p no:cacheprovider >"$OUT/tp_test.log" 2>&1
+            python3 -m pytest -m gpu tests/gpu/test_tp_gpu.py tests/gpu/test_allreduce_gpu.py -q -s \
+            -p no:cacheprovider >"$OUT/tp_test.log" 2>&1
         echo "=== test: exit $? in $(( $(date +%s) - t0 )) s"
         grep -E '_mean"|equal_eager|passed|failed|Error|error' "$OUT/tp_test.log" | cut -c1-300 | tail -30
         ;;

@@ -66,7 +66,8 @@ def _one_shot_kernel(
     offs = tl.arange(0, BLOCK)
     m = offs < H
     dtype = x_ptr.dtype.element_ty
-    mine = tl.load(buf_table + RANK).to(tl.pointer_type(dtype))
+    # the buffers are whole allocations (256-byte aligned): tell Triton, or it loads peers' rows element by element
+    mine = tl.multiple_of(tl.load(buf_table + RANK).to(tl.pointer_type(dtype)), 16)
     for row in range(pid, T, nprog):
         v = tl.load(x_ptr + row * stride_x + offs, mask=m, other=0.0)
         tl.store(mine + row * H + offs, v, mask=m)
@@ -74,7 +75,7 @@ def _one_shot_kernel(
     for row in range(pid, T, nprog):
         acc = tl.zeros([BLOCK], tl.float32)
         for r in tl.static_range(WORLD):  # rank order: the same sum on every rank
-            peer = tl.load(buf_table + r).to(tl.pointer_type(dtype))
+            peer = tl.multiple_of(tl.load(buf_table + r).to(tl.pointer_type(dtype)), 16)
             acc += tl.load(peer + row * H + offs, mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
         if X_BF16:
             x = round_bf16(acc)

@@ -18,28 +18,31 @@ from kernels.triton_allreduce import MAX_PROGRAMS, flag_area_ints, one_shot_all_
 
 # the calls every rank makes in order: (kind, rows); consecutive calls reuse the buffers and flags
 CALLS = [("plain", 3), ("norm", 5), ("quant", 2), ("plain", 1), ("norm", 5)]
+# more rows than programs: program p also owns rows p + 64, ...
+LONG_CALLS = [("norm", MAX_PROGRAMS + 6), ("plain", MAX_PROGRAMS + 1)]
 
 
 def _shared(n: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(n, dtype=dtype).share_memory_()
 
 
-def _run_ranks(world: int, dtype: torch.dtype, hidden: int, late_rank: int) -> tuple[list, list, list, list]:
+def _run_ranks(world: int, dtype: torch.dtype, hidden: int, late_rank: int,
+               calls: list[tuple[str, int]] = CALLS) -> tuple[list, list, list, list]:
     torch.manual_seed(world * 7 + hidden)
-    rows = max(t for _, t in CALLS)
+    rows = max(t for _, t in calls)
     buffers = [_shared(rows * hidden, dtype).fill_(float("nan")) for _ in range(world)]
     flags = [_shared(flag_area_ints(world), torch.int32).zero_() for _ in range(world)]
-    parts = [[torch.randn(t, hidden).to(dtype) for _ in range(world)] for _, t in CALLS]
-    residuals = [torch.randn(t, hidden).to(dtype) for _, t in CALLS]
+    parts = [[torch.randn(t, hidden).to(dtype) for _ in range(world)] for _, t in calls]
+    residuals = [torch.randn(t, hidden).to(dtype) for _, t in calls]
     weight = (1 + 0.1 * torch.randn(hidden)).to(dtype)
     # per rank and call: y, summed (norm calls), fp8 bits and scale (quant calls)
-    outs = _shared(world * len(CALLS) * 3 * rows * hidden, torch.float32).view(world, len(CALLS), 3, rows, hidden)
-    scales = _shared(world * len(CALLS) * rows, torch.float32).view(world, len(CALLS), rows)
+    outs = _shared(world * len(calls) * 3 * rows * hidden, torch.float32).view(world, len(calls), 3, rows, hidden)
+    scales = _shared(world * len(calls) * rows, torch.float32).view(world, len(calls), rows)
 
     def rank_main(rank: int) -> None:
         buf_table = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64)
         flag_table = torch.tensor([f.data_ptr() for f in flags], dtype=torch.int64)
-        for c, (kind, t) in enumerate(CALLS):
+        for c, (kind, t) in enumerate(calls):
             if rank == late_rank:
                 time.sleep(0.2)
             x = parts[c][rank]
@@ -66,11 +69,12 @@ def _run_ranks(world: int, dtype: torch.dtype, hidden: int, late_rank: int) -> t
     return parts, residuals, weight, [outs, scales, flags]
 
 
-@pytest.mark.parametrize("world,dtype,hidden", [(2, torch.bfloat16, 96), (4, torch.bfloat16, 64),
-                                                (4, torch.float32, 40)])
-def test_every_rank_gets_the_reference_sum_and_norm(world, dtype, hidden):
-    parts, residuals, weight, (outs, scales, flags) = _run_ranks(world, dtype, hidden, late_rank=world - 1)
-    for c, (kind, t) in enumerate(CALLS):
+@pytest.mark.parametrize("world,dtype,hidden,calls", [
+    (2, torch.bfloat16, 96, CALLS), (4, torch.bfloat16, 64, CALLS), (4, torch.float32, 40, CALLS),
+    (2, torch.bfloat16, 16, LONG_CALLS)], ids=["2-bf16", "4-bf16", "4-fp32", "2-rows-over-programs"])
+def test_every_rank_gets_the_reference_sum_and_norm(world, dtype, hidden, calls):
+    parts, residuals, weight, (outs, scales, flags) = _run_ranks(world, dtype, hidden, world - 1, calls)
+    for c, (kind, t) in enumerate(calls):
         for rank in range(world):
             y = outs[rank, c, 0, :t]
             if kind == "plain":

@@ -34,7 +34,7 @@ for stage in $STAGES; do
         ;;
     allreduce)
         timeout "${AR_TIMEOUT_S:-240}" python3 -m torch.distributed.run --nproc-per-node "$TP" -m bench.allreduce \
-            --batches "${AR_BATCHES:-1,16,48}" --out "$OUT/allreduce.json" >"$OUT/allreduce.log" 2>&1
+            --batches "${AR_BATCHES:-1,16,48,64}" --out "$OUT/allreduce.json" >"$OUT/allreduce.log" 2>&1
         echo "=== allreduce: exit $? in $(( $(date +%s) - t0 )) s"
         grep -E '^(check|TP|batch)|Error|error' "$OUT/allreduce.log" | cut -c1-400 | tail -20
         t0=$(date +%s)

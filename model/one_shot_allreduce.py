@@ -8,7 +8,7 @@ On CPU ranks running the kernels under the Triton interpreter (TRITON_INTERPRET=
 /dev/shm that every rank maps, so the whole fused path -- the model's partial sums, the kernel, its barriers
 between processes -- runs in CI. Other CPU ranks keep gloo (`available`).
 
-Used for messages of at most MAX_BYTES (decode and small verify steps); larger ones, prefill chunks, keep NCCL's
+Used for messages of at most `max_bytes` (default MAX_BYTES: decode and small verify steps); larger ones, prefill chunks, keep NCCL's
 ring (`TPGroup.fused_reduce`)."""
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ def available(device_type: str) -> bool:
 
 
 class OneShotAllReduce:
-    def __init__(self, group: dist.ProcessGroup, rank: int, world: int, device: torch.device) -> None:
+    def __init__(self, group: dist.ProcessGroup, rank: int, world: int, device: torch.device,
+                 max_bytes: int = MAX_BYTES) -> None:
         if world not in ONE_SHOT_WORLD_SIZES:
             raise ValueError(f"the fused all-reduce supports tensor-parallel sizes {ONE_SHOT_WORLD_SIZES}, not "
                              f"{world}")
@@ -44,7 +45,8 @@ class OneShotAllReduce:
         self.rank = rank
         self.world = world
         self.device = device
-        nbytes = MAX_BYTES + 4 * flag_area_ints(world)
+        self.max_bytes = max_bytes = -(-max_bytes // 256) * 256  # the flags start 256-byte aligned
+        nbytes = max_bytes + 4 * flag_area_ints(world)
         if device.type == "cuda":
             self._buffers = [self._symmetric(group, nbytes)]
         else:
@@ -57,7 +59,7 @@ class OneShotAllReduce:
         os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")  # peer loads only (see the device notes)
         buf = symm_mem.empty(nbytes, dtype=torch.uint8, device=self.device)
         self._handle = symm_mem.rendezvous(buf, group)  # keeps the peers' mappings alive
-        buf[MAX_BYTES:].zero_()
+        buf[self.max_bytes:].zero_()
         offset = buf.data_ptr() - self._handle.buffer_ptrs[self.rank]  # the same on every rank
         self._set_tables([p + offset for p in self._handle.buffer_ptrs])
         return buf
@@ -77,13 +79,13 @@ class OneShotAllReduce:
 
     def _set_tables(self, bases: list[int]) -> None:
         self.buffers = torch.tensor(bases, dtype=torch.int64, device=self.device)
-        self.flags = self.buffers + MAX_BYTES
+        self.flags = self.buffers + self.max_bytes
 
     def fits(self, x: torch.Tensor) -> bool:
         """Whether x goes through the one-shot kernel; a function of shape and dtype only, so every rank of the
         group decides the same."""
         return (x.device == self.device and x.dim() == 2 and x.shape[0] > 0 and x.is_contiguous()
-                and x.dtype in DTYPES and x.numel() * x.element_size() <= MAX_BYTES)
+                and x.dtype in DTYPES and x.numel() * x.element_size() <= self.max_bytes)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.one_shot_all_reduce(x, self.buffers, self.flags, self.rank, self.world)

@@ -16,10 +16,10 @@ def test_cpu_smoke_run_checks_and_times_every_method(tmp_path):
                OMP_NUM_THREADS="1")
     out = tmp_path / "ar.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "-m", "bench.allreduce",
-           "--batches", "1,3", "--hidden", "64", "--calls", "2", "--replays", "1", "--out", str(out)]
+           "--batches", "1,130", "--hidden", "2048", "--calls", "2", "--replays", "1", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count(": ok ") == 2
+    assert proc.stdout.count(": ok ") == 2 and "over the engine" in proc.stdout
     res = json.loads(out.read_text())
     assert set(res["us_per_call"]["1"]) == {"nccl+norm", "nccl", "one_shot", "fused", "fused+fp8"}
     assert all(c["same_on_every_rank"] and c["rel_err"]["plain"] == 0.0 for c in res["checks"])

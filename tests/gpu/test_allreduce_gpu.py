@@ -25,8 +25,8 @@ def test_one_shot_allreduce_on_gpus(world, mode):
                PYTHONPATH=str(ROOT))
     args = ["--check"] if mode == "check" else ["--calls", "20", "--replays", "5"]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}", "-m", "bench.allreduce",
-           "--batches", "1,7,16,48", *args]
+           "--batches", "1,7,16,48,64", *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     print(proc.stdout[-4000:])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("check batch") == 4 and "FAILED" not in proc.stdout
+    assert proc.stdout.count("check batch") == 5 and "FAILED" not in proc.stdout

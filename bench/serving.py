@@ -423,6 +423,15 @@ def format_report(result: dict, baseline: dict | None = None) -> str:
         for stat in ("mean", "median", "p90", "p99"):
             row(f"{stat.capitalize() if stat in ('mean', 'median') else stat.upper()} {short} (ms):",
                 f"{key}.{stat}")
+    steps = result.get("server_steps")
+    if steps:
+        lines.append(" Server steps (engine/step_accounting.py) ".center(width, "-"))
+        for kind, extra in (("decode", "seqs"), ("prefill", "tokens")):
+            n = steps[f"steps_{kind}_steps"]
+            if n:
+                per = steps[f"steps_{kind}_{extra}"] / n
+                row(f"{kind.capitalize()} steps / mean ms / {extra}:", None,
+                    f"{n} / {1e3 * steps[f'steps_{kind}_seconds'] / n:.2f} / {per:.1f}")
     turns = result.get("per_turn")
     if turns:
         lines.append(" Per turn (agentic) ".center(width, "-"))
@@ -585,6 +594,28 @@ def load_tokenizer(args: argparse.Namespace, model: str, info: dict) -> tuple[An
     return AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code), path
 
 
+async def server_steps(ep: http.Endpoint, args: argparse.Namespace) -> dict | None:
+    """The server's step accounting (glint's /server_info, engine/step_accounting.py); None from a server
+    without it."""
+    headers = request_headers(args.api_key, args.header or ())
+    headers.pop("Accept", None)
+    try:
+        status, body = await http.get_json(ep, "/server_info", headers, timeout=30.0)
+    except (http.HTTPError, asyncio.TimeoutError, OSError):
+        return None
+    engine = body.get("engine") if status == 200 and isinstance(body, dict) else None
+    if not isinstance(engine, dict) or "steps_decode_steps" not in engine:
+        return None
+    keep = {k: v for k, v in engine.items() if k.startswith(("steps_", "model_"))}
+    keep["tensor_parallel_size"] = (body.get("config") or {}).get("tensor_parallel_size", 1)
+    return keep
+
+
+def steps_delta(before: dict, after: dict) -> dict:
+    """The run's share of the server's step counters (the model_* facts and the TP size as they are)."""
+    return {k: (v - before.get(k, 0) if k.startswith("steps_") else v) for k, v in after.items()}
+
+
 def parse_base_url(base_url: str) -> http.Endpoint:
     """The server root; an OpenAI-SDK-style base URL ending in /v1 is accepted too."""
     ep = http.Endpoint.parse(base_url)
@@ -651,6 +682,7 @@ async def run(args: argparse.Namespace) -> dict:
 
     runner.pbar = tqdm(total=total, disable=args.disable_tqdm, desc="requests", dynamic_ncols=True)
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    steps_before = await server_steps(ep, args)
     try:
         if args.dataset in SINGLE_TURN:
             records, duration = await runner.run_random(specs)
@@ -658,6 +690,7 @@ async def run(args: argparse.Namespace) -> dict:
             records, duration = await runner.run_agentic(sessions)
     finally:
         runner.pbar.close()
+    steps_after = await server_steps(ep, args)
 
     slo = parse_goodput(args.goodput)
     config = {k: v for k, v in vars(args).items() if k not in ("api_key", "header")}
@@ -676,6 +709,8 @@ async def run(args: argparse.Namespace) -> dict:
     }
     if args.dataset not in SINGLE_TURN:
         result["per_turn"] = per_turn_summary(records, duration)
+    if steps_before is not None and steps_after is not None:
+        result["server_steps"] = steps_delta(steps_before, steps_after)
     result["requests"] = [r.to_json(include_text=args.include_text) for r in records]
     for r in result["requests"]:
         r.pop("chunk_times")  # = send_time + ttft + cumsum(itl); keeps the file half the size

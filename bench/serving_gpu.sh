@@ -5,6 +5,8 @@
 # (start-up limit), CLIENT_TIMEOUT_S, SERVER_ARGS (extra server flags) with TAG (appended to the result names),
 # WARMUP_PROMPTS (a first, unrecorded run of that many prompts at the first rate: the load's step shapes compile
 # there, not inside the measurement). Multi-GPU presets (optimized-tp4) spawn their ranks from the server.
+# Last, each run's engine steps against their floor (bench/step_floor.py: the decode step under the load vs the
+# bytes it must read; STEP_FLOOR=0 skips it).
 # Issue 21 item 4 (the prefill cap next to decodes), one call:
 #   for cap in "" 2048; do TAG=${cap:+_cap$cap} SERVER_ARGS="--chunked-prefill-size 16384 ${cap:+--max-prefill-tokens-while-decoding $cap}" \
 #     PRESETS=optimized-1gpu WARMUP_PROMPTS=16 RATE=6 bash bench/serving_gpu.sh; done
@@ -86,3 +88,11 @@ for p in sys.argv[2:]:
     print(f"{p:18} {s.get('request_throughput', float('nan')):7.2f} {s.get('output_throughput', float('nan')):10.0f} "
           f"{g('ttft_ms','mean'):10.1f} {g('ttft_ms','p99'):9.1f} {g('tpot_ms','mean'):10.2f} {g('itl_ms','p99'):8.2f} {g('itl_ms','max'):8.1f}")
 PY
+# each run's engine steps against their floor (bench/step_floor.py; the GPU is free again: bandwidth and peaks
+# are measured once here)
+files=""
+for p in ${RESULTS:-$PRESETS}; do [ -f "$OUT/serving_$p.json" ] && files="$files $OUT/serving_$p.json"; done
+if [ -n "$files" ] && [ "${STEP_FLOOR:-1}" = 1 ]; then
+    # shellcheck disable=SC2086
+    timeout 120 python3 -m bench.step_floor $files --model "$MODEL" 2>&1 | grep -v '^{' | cut -c1-200
+fi

@@ -40,6 +40,7 @@ from engine.request_validation import check_request
 from engine.sampler import DeferredSample, SampleRow, Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledRequest, Scheduler
+from engine.step_accounting import ModelFootprint, StepAccounting
 from spec import DraftSlot, Drafter, MtpCalls, SpecStats, StepTiming, StepView, build_drafter
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,8 @@ class EngineCore:
         self.num_failed_requests = 0
         log.info("KV cache: %d pages of %d tokens = %d tokens", self.pool.num_total, self.block_size,
                  self.kv_capacity_tokens)
+        self.step_accounting = StepAccounting(ModelFootprint.of(
+            self.worker.model, self.worker.runner.kv_caches, self.block_size, config.model))
         self.gc_pauses = GcPauses()  # the process that serves freezes its start-up heap (server/engine_process.py)
 
     def shutdown(self, stop_torchrun_ranks: bool = False) -> None:
@@ -286,6 +289,8 @@ class EngineCore:
             if all(r.is_finished for r in self._requests.get(rid, [])):
                 self._forget(rid)
         took = time.perf_counter() - started
+        if launched is not None:
+            self.step_accounting.record(launched.scheduled, took)
         if timed is not None:
             self._time_step(timed, 1000 * took)
         if took > SLOW_STEP_S:
@@ -561,6 +566,7 @@ class EngineCore:
             num_slow_steps=self.num_slow_steps,
         )
         s.update(self.gc_pauses.stats())
+        s.update(self.step_accounting.stats())
         if self.drafter is not None:
             s.update(self.spec_stats.as_dict())
             s["spec_mtp_retired_requests"] = self.drafter.num_retired

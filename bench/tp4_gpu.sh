@@ -10,6 +10,11 @@
 #            a lone request's TTFT and TPOT (bench/tp_decode.py)
 #   serving  the server with configs/presets/optimized-tp4.json under bench.serving: at each of RATES req/s
 #            (default 7), NUMS random 4096-in / 1000-out requests (bench/serving_gpu.sh)
+#   seed     issue 19 item 3 (TP=8 on 8 GPUs): the seed's load, SEED_NUM (420) random 4096-in / 1000-out requests at
+#            SEED_RATE (14) req/s, one server per run of SEED_RUNS (baseline optimized optimized-suffix): the seed's
+#            TP8 presets with dummy weights, FP8 KV and 16K chunks (the baseline too), Triton attention (no
+#            flash-attn there); NEXTN is in both presets, optimized-suffix swaps it for SUFFIX 64 / 1.0 / 0.1
+#            (dummy weights accept nothing: system cost). serving_gpu.sh prints each run's steps vs their floor.
 # DECODE_ARGS adds flags to bench.tp_decode (e.g. "--profile --tpot-tokens 0").
 # Full logs and JSON go to $OUT; the output keeps to the result lines. NVLink multicast stays off.
 set -u
@@ -57,6 +62,23 @@ for stage in $STAGES; do
             SERVER_WAIT_S=${SERVER_WAIT_S:-420} CLIENT_TIMEOUT_S=${CLIENT_TIMEOUT_S:-360} OUT=$OUT \
             bash bench/serving_gpu.sh 2>&1 | tail -45
         echo "=== serving: $(( $(date +%s) - t0 )) s"
+        ;;
+    seed)
+        for run in ${SEED_RUNS:-baseline optimized optimized-suffix}; do
+            common="--load-format dummy --kv-cache-dtype fp8_e4m3 --chunked-prefill-size 16384 --attention-backend triton"
+            case "$run" in
+            baseline) preset=baseline; tag=""; args="$common" ;;
+            optimized) preset=optimized; tag=""; args="$common" ;;
+            optimized-suffix) preset=optimized; tag=_suffix; args="$common --speculative-algorithm SUFFIX \
+                --speculative-suffix-cache-max-depth 64 --speculative-suffix-max-spec-factor 1.0 \
+                --speculative-suffix-min-token-prob 0.1" ;;
+            *) echo "unknown seed run $run"; continue ;;
+            esac
+            LAYERS=$LAYERS PRESETS=$preset TAG=$tag SERVER_ARGS="$args" RATES=${SEED_RATE:-14} NUMS=${SEED_NUM:-420} \
+                WARMUP_PROMPTS=${WARMUP_PROMPTS:-16} SERVER_WAIT_S=${SERVER_WAIT_S:-420} \
+                CLIENT_TIMEOUT_S=${CLIENT_TIMEOUT_S:-360} OUT=$OUT bash bench/serving_gpu.sh 2>&1 | tail -40
+        done
+        echo "=== seed: $(( $(date +%s) - t0 )) s"
         ;;
     *) echo "unknown stage $stage"; exit 2 ;;
     esac

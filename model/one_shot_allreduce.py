@@ -8,11 +8,12 @@ On CPU ranks running the kernels under the Triton interpreter (TRITON_INTERPRET=
 /dev/shm that every rank maps, so the whole fused path -- the model's partial sums, the kernel, its barriers
 between processes -- runs in CI. Other CPU ranks keep gloo (`available`).
 
-Used for messages of at most `max_bytes` (default MAX_BYTES: decode and small verify steps); larger ones, prefill chunks, keep NCCL's
-ring (`TPGroup.fused_reduce`)."""
+Used for messages of at most `max_bytes` (default MAX_BYTES: decode and small verify steps); larger ones, prefill
+chunks, keep NCCL's ring (`TPGroup.fused_reduce`)."""
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 
 import torch
@@ -26,7 +27,7 @@ from kernels.allreduce import ONE_SHOT_WORLD_SIZES, flag_area_ints
 # ~2x size: past a few hundred KB the ring wins (vLLM's and SGLang's custom all-reduces switch in that range).
 MAX_BYTES = 512 * 1024
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-SHM_DIR = "/dev/shm"
+SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()  # CPU ranks' shared buffers
 
 
 def available(device_type: str) -> bool:
@@ -49,10 +50,9 @@ class OneShotAllReduce:
         nbytes = max_bytes + 4 * flag_area_ints(world)
         if device.type == "cuda":
             self._buffers = [self._symmetric(group, nbytes)]
+            torch.cuda.synchronize(device)
         else:
             self._buffers = self._shared_files(group, nbytes)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
         dist.barrier(group=group)  # every rank's flags are zero before any rank signals
 
     def _symmetric(self, group: dist.ProcessGroup, nbytes: int) -> torch.Tensor:

@@ -15,6 +15,9 @@
 #            TP8 presets with dummy weights, FP8 KV and 16K chunks (the baseline too), Triton attention (no
 #            flash-attn there); NEXTN is in both presets, optimized-suffix swaps it for SUFFIX 64 / 1.0 / 0.1
 #            (dummy weights accept nothing: system cost). serving_gpu.sh prints each run's steps vs their floor.
+#   prefill-repeat  issue 19 item 2: the 4096-token TP prefill (243 vs 204 ms in two sessions) in PREFILL_RUNS (2)
+#            fresh processes, each with its per-kernel profile of rank 0 and the GPUs' clocks and temperature
+#            before it, so that a difference between processes shows which kernels it is in
 # DECODE_ARGS adds flags to bench.tp_decode (e.g. "--profile --tpot-tokens 0").
 # Full logs and JSON go to $OUT; the output keeps to the result lines. NVLink multicast stays off.
 set -u
@@ -62,6 +65,20 @@ for stage in $STAGES; do
             SERVER_WAIT_S=${SERVER_WAIT_S:-420} CLIENT_TIMEOUT_S=${CLIENT_TIMEOUT_S:-360} OUT=$OUT \
             bash bench/serving_gpu.sh 2>&1 | tail -45
         echo "=== serving: $(( $(date +%s) - t0 )) s"
+        ;;
+    prefill-repeat)
+        for i in $(seq 1 "${PREFILL_RUNS:-2}"); do
+            nvidia-smi --query-gpu=index,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader \
+                >"$OUT/prefill_clocks_$i.txt" 2>&1
+            timeout "${DECODE_TIMEOUT_S:-480}" python3 -m bench.tp_decode --tp "$TP" --layers "$LAYERS" --batches 1 \
+                --tpot-tokens 0 --kv-cache-dtype fp8_e4m3 --enable-shared-experts-fusion --enable-fused-qk-norm-rope \
+                --profile ${DECODE_ARGS:-} --out "$OUT/prefill_repeat_$i.json" >"$OUT/prefill_repeat_$i.log" 2>&1
+            echo "=== prefill run $i: exit $?; SM clocks $(cut -d, -f2 "$OUT/prefill_clocks_$i.txt" | tr -d ' MHz' \
+                | paste -sd/)"
+            grep -E '^prefill' "$OUT/prefill_repeat_$i.log" | cut -c1-160
+            grep -A12 '^-- prefill ' "$OUT/prefill_repeat_$i.log" | cut -c1-160
+        done
+        echo "=== prefill-repeat: $(( $(date +%s) - t0 )) s"
         ;;
     seed)
         for run in ${SEED_RUNS:-baseline optimized optimized-suffix}; do

@@ -253,10 +253,13 @@ def main(argv: list[str] | None = None) -> int:
         "linear_peak_tflops": lin_peak,
     }
     print(
-        f"prefill {args.prefill} tokens: {t['median_ms']:.1f} ms, compute floor {floor:.1f} ms "
-        f"({t['median_ms'] / floor:.2f}x)",
+        f"prefill {args.prefill} tokens: {t['median_ms']:.1f} ms (min {t['min_ms']:.1f} of {t['samples']}), "
+        f"compute floor {floor:.1f} ms ({t['median_ms'] / floor:.2f}x)",
         flush=True,
     )
+    if args.profile and device.type == "cuda":  # issue 19 item 2: which kernels differ between two processes
+        _profile_step(f"prefill {args.prefill} (rank 0)", BroadcastingRunner(worker), inp, result["prefill"],
+                      "profile", lambda: None)
     if args.tpot_tokens > 0:
         result["end_to_end"] = end_to_end(llm, args.context, args.tpot_tokens, vocab)
         e = result["end_to_end"]

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from kernels.allreduce import MAX_PROGRAMS, ONE_SHOT_WORLD_SIZES, flag_area_ints
 from kernels.triton_common import next_pow2, pdl_launch, pdl_release, pdl_wait, round_bf16, token_counts, to_out
-from kernels.triton_norm import normalize_and_store
+from kernels.triton_norm import add_residual_and_store, normalize_and_store
 
 MAX_POLLS = 1 << 26
 
@@ -82,11 +82,7 @@ def _one_shot_kernel(
         else:
             x = acc.to(dtype).to(tl.float32)
         if NORM:
-            r_row = tl.load(r_ptr + row * stride_r + offs, mask=m, other=0.0).to(tl.float32)
-            x = x + r_row
-            if X_BF16:
-                x = round_bf16(x)
-            tl.store(s_ptr + row * stride_s + offs, to_out(x, s_ptr.dtype.element_ty), mask=m)
+            x = add_residual_and_store(x, r_ptr, s_ptr, row, offs, m, stride_r, stride_s, X_BF16)
             normalize_and_store(x, row, offs, m, w_ptr, y_ptr, q_ptr, qs_ptr, H, eps, stride_y, stride_q,
                                 QUANT, X_BF16, dtype)
         else:

@@ -39,6 +39,17 @@ def normalize_and_store(
 
 
 @triton.jit
+def add_residual_and_store(x, r_ptr, s_ptr, row, offs, m, stride_r, stride_s, X_BF16: tl.constexpr):
+    """x + the residual's row, rounded to the inputs' dtype as torch's add would, stored to s's row and returned
+    (fp32). Shared with the fused all-reduce (kernels/triton_allreduce.py)."""
+    x = x + tl.load(r_ptr + row * stride_r + offs, mask=m, other=0.0).to(tl.float32)
+    if X_BF16:
+        x = round_bf16(x)
+    tl.store(s_ptr + row * stride_s + offs, to_out(x, s_ptr.dtype.element_ty), mask=m)
+    return x
+
+
+@triton.jit
 def _rms_norm_kernel(
     x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, q_ptr, qs_ptr,
     H, eps, stride_x, stride_r, stride_y, stride_s, stride_q,
@@ -52,11 +63,7 @@ def _rms_norm_kernel(
     m = offs < H
     x = tl.load(x_ptr + row * stride_x + offs, mask=m, other=0.0).to(tl.float32)
     if HAS_RES:
-        r = tl.load(r_ptr + row * stride_r + offs, mask=m, other=0.0).to(tl.float32)
-        x = x + r
-        if X_BF16:
-            x = round_bf16(x)
-        tl.store(s_ptr + row * stride_s + offs, to_out(x, s_ptr.dtype.element_ty), mask=m)
+        x = add_residual_and_store(x, r_ptr, s_ptr, row, offs, m, stride_r, stride_s, X_BF16)
     normalize_and_store(x, row, offs, m, w_ptr, y_ptr, q_ptr, qs_ptr, H, eps, stride_y, stride_q,
                         QUANT, X_BF16, x_ptr.dtype.element_ty)
 

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from bench.datasets import make_edit_sessions, make_plain_code_dataset
+from bench.hook_timer import HookTimer
 from engine import LLM, SamplingParams
 from engine.gc_control import freeze_startup_heap
 
@@ -57,7 +58,10 @@ def _pct(xs: list[float], q: float) -> float:
 # way on every engine (the engine's request id is "<tag>-<key>"), so runs of one request can be paired
 Job = tuple[str, list[int], int, Callable[[str], list] | None]
 STAT_KEYS = ("spec_draft_tokens", "spec_accepted_tokens", "num_overlapped_steps", "spec_mtp_retired_requests",
-             "gc_pause_seconds_total", "gc_collections_gen2")
+             "gc_pause_seconds_total", "gc_collections_gen2", "steps_decode_steps", "steps_decode_seconds",
+             "steps_prefill_steps", "steps_prefill_seconds")
+# per engine: host time inside its drafter's hooks (bench/hook_timer.py), attached in build()
+TIMERS: dict[int, HookTimer] = {}
 
 
 class Driver:
@@ -131,12 +135,14 @@ def make_blocks(llm: LLM, dataset: str, concurrency: int, args: argparse.Namespa
 def run_jobs(llm: LLM, jobs: list[Job], concurrency: int, tag: str) -> BlockRun:
     drv = Driver(llm, concurrency)
     gc.collect()  # the last run's garbage, outside this one's timing
-    before = llm.stats()
+    timer = TIMERS.get(id(llm))
+    before = {**llm.stats(), "drafter_seconds": timer.total_seconds() if timer else 0.0}
     t0 = time.perf_counter()
     drv.run(jobs, tag)  # a tenant per cell and round: no run drafts from another's responses
     wall = time.perf_counter() - t0
-    after = llm.stats()
-    return BlockRun(drv.times, {k: after.get(k, 0) - before.get(k, 0) for k in STAT_KEYS}, wall)
+    after = {**llm.stats(), "drafter_seconds": timer.total_seconds() if timer else 0.0}
+    return BlockRun(drv.times, {k: after.get(k, 0) - before.get(k, 0) for k in (*STAT_KEYS, "drafter_seconds")},
+                    wall)
 
 
 def _tpot_ms(times: list[float]) -> float:
@@ -150,7 +156,8 @@ def cell_metrics(runs: list[BlockRun]) -> dict[str, Any]:
     blocks = [{k: _tpot_ms(t) for k, t in r.times.items() if len(t) > 1} for r in runs]
     tpot = [x for b in blocks for x in b.values()]
     out_tokens = sum(len(t) for r in runs for t in r.times.values())
-    delta = {k: sum(r.stats[k] for r in runs) for k in STAT_KEYS}
+    delta = {k: sum(r.stats.get(k, 0) for r in runs) for k in (*STAT_KEYS, "drafter_seconds")}
+    steps = delta["steps_decode_steps"] + delta["steps_prefill_steps"]
     return {
         "tpot_ms_mean": statistics.fmean(tpot) if tpot else float("nan"), "tpot_ms_p50": _pct(tpot, 0.5),
         "tpot_ms_p99": _pct(tpot, 0.99), "output_tok_s": out_tokens / sum(r.wall for r in runs),
@@ -159,7 +166,11 @@ def cell_metrics(runs: list[BlockRun]) -> dict[str, Any]:
         "accepted_per_token": delta["spec_accepted_tokens"] / max(out_tokens, 1),
         "overlapped_steps": delta["num_overlapped_steps"], "mtp_retired": delta["spec_mtp_retired_requests"],
         "requests": sum(len(r.times) for r in runs), "gc_pause_ms": 1000 * delta["gc_pause_seconds_total"],
-        "gc_gen2": delta["gc_collections_gen2"], "blocks": blocks,
+        "gc_gen2": delta["gc_collections_gen2"],
+        # step() wall per decode-only step (engine/step_accounting.py) and drafter-hook host time per step
+        "decode_steps": delta["steps_decode_steps"],
+        "decode_step_ms": 1000 * delta["steps_decode_seconds"] / max(delta["steps_decode_steps"], 1),
+        "drafter_us_per_step": 1e6 * delta["drafter_seconds"] / max(steps, 1), "blocks": blocks,
     }
 
 
@@ -198,6 +209,8 @@ def build(args: argparse.Namespace, method: str, budget: str, extra: dict[str, A
               enforce_eager=args.enforce_eager, enable_fused_qk_norm_rope=args.enable_fused_qk_norm_rope,
               enable_shared_experts_fusion=args.enable_shared_experts_fusion, max_model_len=args.max_model_len,
               max_num_seqs=max(cells(args), key=lambda c: c[1])[1], **overlap, **kv)
+    if llm.engine.drafter is not None:
+        TIMERS[id(llm)] = HookTimer.attach(llm.engine.drafter)
     runner = llm.engine.worker.runner
     if runner.graphs is not None and runner.graphs.replay_ms:  # what the draft budget was given
         print(f"{method} {budget}: graph replay ms (batch, rows per request) "
@@ -324,6 +337,11 @@ def paired_summary(rows: list[dict[str, Any]]) -> list[str]:
         vs = f"{100 * (statistics.median(ratios) - 1):+6.1f}% vs none" if ratios and method != "none" else ""
         lines.append(f"{dataset:<13} c{conc:<3} {method:<7} {budget:<3} TPOT median {statistics.median(tpot):6.3f} "
                      f"ms over {len(tpot)} rounds (min {min(tpot):.3f}, max {max(tpot):.3f}) {vs}")
+        if all("decode_step_ms" in r for r in group):
+            lines.append(f"{'':<31}decode steps {statistics.median(r['decode_steps'] for r in group):.0f}, "
+                         f"step() {statistics.median(r['decode_step_ms'] for r in group):.3f} ms each, drafter "
+                         f"hooks {statistics.median(r['drafter_us_per_step'] for r in group):.1f} us per step "
+                         f"(medians over rounds)")
         for baseline in ("none", *VERSUS.get(method, ())):
             units = per_request[baseline].get((dataset, conc, method, budget))
             if not units:

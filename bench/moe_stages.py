@@ -5,7 +5,9 @@
 
 Prints, per (tokens, N): every CUDA kernel launched by `kernels.triton_moe.fused_moe` with its mean time,
 the sum, and `torch._scaled_grouped_mm` (the two grouped GEMMs over the same routing) for scale.
---variants also times the alternative launch configs listed in VARIANTS (config overrides).
+--variants [tiles|tma] also times alternative launch configs (config overrides: VARIANTS[name]) kernel by kernel;
+"tma" tries the weight / act tiles by tensor descriptors (TMA1: gate_up's weights, TMA2: down's act and weights)
+with the table's tiles and larger ones.
 --align times only the token sort/align step (kernels/triton_moe_align.py) per token count, with the one-program
 path's limit `small_max` at several values: which pair counts the one-program kernel should still take.
 """
@@ -16,9 +18,11 @@ import argparse
 import torch
 
 from bench.kernel_profile import kernel_breakdown
-from bench.kernels import BF16, _graph_time, _grouped_baseline, _routings, fp8_weight
+from bench.kernels import BF16, DATASHEET, _graph_time, _grouped_baseline, _routings, fp8_weight
 
-VARIANTS = [
+FP8_PEAK = DATASHEET["fp8"]  # dense datasheet FLOP/s, as bench.kernels' "% FP8 peak"
+
+TILE_VARIANTS = [
     {},
     {"FAST_ACC": True},
     {"BLOCK_M": 128, "BLOCK_N1": 128, "W1": 8, "S1": 3, "FAST_ACC": True},
@@ -27,6 +31,21 @@ VARIANTS = [
     {"BLOCK_M": 128, "BLOCK_N2": 128, "W2": 8, "S2": 4, "N_LOOP2": 1, "FAST_ACC": True},
     {"BLOCK_M": 128, "BLOCK_N2": 256, "W2": 8, "S2": 3, "N_LOOP2": 1, "FAST_ACC": True},
 ]
+_BOTH = {"TMA1": True, "TMA2": True}
+TMA_VARIANTS = [
+    {},
+    {"TMA1": True},
+    {"TMA2": True},
+    _BOTH,
+    {**_BOTH, "S1": 4, "S2": 4},
+    {**_BOTH, "BLOCK_M": 128, "BLOCK_N1": 128, "W1": 8, "S1": 3},
+    {**_BOTH, "BLOCK_M": 128, "BLOCK_N1": 128, "W1": 8, "S1": 4},
+    {**_BOTH, "BLOCK_M": 128, "BLOCK_N2": 128, "W2": 8, "S2": 4, "N_LOOP2": 1},
+    {**_BOTH, "BLOCK_M": 128, "BLOCK_N2": 256, "W2": 8, "S2": 3, "N_LOOP2": 1},
+    {**_BOTH, "BLOCK_M": 128, "BLOCK_N2": 256, "W2": 8, "S2": 4, "N_LOOP2": 1},
+    {**_BOTH, "BLOCK_M": 64, "BLOCK_N1": 128, "W1": 4, "S1": 4, "BLOCK_N2": 256, "W2": 8, "S2": 4},
+]
+VARIANTS = {"tiles": TILE_VARIANTS, "tma": TMA_VARIANTS}
 
 
 def breakdown(fn, reps: int = 5) -> dict[str, float]:
@@ -56,7 +75,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", default="64,1024,4096,16384")
     p.add_argument("--inter", default="192,1536")
-    p.add_argument("--variants", action="store_true")
+    p.add_argument("--variants", nargs="?", const="tiles", default=None, choices=sorted(VARIANTS))
     p.add_argument("--align", action="store_true", help="only the align step, at several one-program limits")
     a = p.parse_args(argv)
     if a.align:
@@ -88,12 +107,16 @@ def main(argv=None) -> int:
                 bt = sum(bparts.values())
                 print(f"   {bt:9.1f} us  _scaled_grouped_mm x2 ({flops / bt / 1e6:.0f} TFLOP/s)", flush=True)
             if a.variants and t >= 256:
-                for v in VARIANTS:
+                for v in VARIANTS[a.variants]:
                     c = dict(cfg, **v)
                     try:
                         tt = _graph_time([lambda: fused_moe(x, w13, w2, w, ids, s13, s2, "fp8_channel", config=c)],
                                          reps=5)
-                        print(f"   variant {v}: {tt * 1e6:9.1f} us ({flops / tt / 1e12:.0f} TFLOP/s)", flush=True)
+                        vp = breakdown(lambda: fused_moe(x, w13, w2, w, ids, s13, s2, "fp8_channel", config=c))
+                        gemms = "  ".join(f"{n.split('_kernel')[0].lstrip('_')} {us:.1f}" for n, us in vp.items()
+                                          if "gate_up" in n or "down" in n)
+                        print(f"   variant {v}: {tt * 1e6:9.1f} us ({flops / tt / 1e12:.0f} TFLOP/s, "
+                              f"{100 * flops / tt / FP8_PEAK:.0f}% FP8 peak) | {gemms}", flush=True)
                     except Exception as exc:  # noqa: BLE001
                         torch.cuda.synchronize()
                         print(f"   variant {v}: failed {type(exc).__name__}: {str(exc)[:100]}", flush=True)

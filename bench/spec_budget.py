@@ -136,13 +136,14 @@ def run_jobs(llm: LLM, jobs: list[Job], concurrency: int, tag: str) -> BlockRun:
     drv = Driver(llm, concurrency)
     gc.collect()  # the last run's garbage, outside this one's timing
     timer = TIMERS.get(id(llm))
-    before = {**llm.stats(), "drafter_seconds": timer.total_seconds() if timer else 0.0}
+    hooks = lambda: {f"hook_{k}": v for k, v in timer.seconds.items()} if timer else {}  # noqa: E731
+    before = {**llm.stats(), **hooks()}
     t0 = time.perf_counter()
     drv.run(jobs, tag)  # a tenant per cell and round: no run drafts from another's responses
     wall = time.perf_counter() - t0
-    after = {**llm.stats(), "drafter_seconds": timer.total_seconds() if timer else 0.0}
-    return BlockRun(drv.times, {k: after.get(k, 0) - before.get(k, 0) for k in (*STAT_KEYS, "drafter_seconds")},
-                    wall)
+    after = {**llm.stats(), **hooks()}
+    keys = (*STAT_KEYS, *(k for k in after if k.startswith("hook_")))
+    return BlockRun(drv.times, {k: after.get(k, 0) - before.get(k, 0) for k in keys}, wall)
 
 
 def _tpot_ms(times: list[float]) -> float:
@@ -156,8 +157,10 @@ def cell_metrics(runs: list[BlockRun]) -> dict[str, Any]:
     blocks = [{k: _tpot_ms(t) for k, t in r.times.items() if len(t) > 1} for r in runs]
     tpot = [x for b in blocks for x in b.values()]
     out_tokens = sum(len(t) for r in runs for t in r.times.values())
-    delta = {k: sum(r.stats.get(k, 0) for r in runs) for k in (*STAT_KEYS, "drafter_seconds")}
-    steps = delta["steps_decode_steps"] + delta["steps_prefill_steps"]
+    hook_keys = sorted({k for r in runs for k in r.stats if k.startswith("hook_")})
+    delta = {k: sum(r.stats.get(k, 0) for r in runs) for k in (*STAT_KEYS, *hook_keys)}
+    steps = max(delta["steps_decode_steps"] + delta["steps_prefill_steps"], 1)
+    hooks_us = {k[5:]: round(1e6 * delta[k] / steps, 2) for k in hook_keys}
     return {
         "tpot_ms_mean": statistics.fmean(tpot) if tpot else float("nan"), "tpot_ms_p50": _pct(tpot, 0.5),
         "tpot_ms_p99": _pct(tpot, 0.99), "output_tok_s": out_tokens / sum(r.wall for r in runs),
@@ -170,7 +173,7 @@ def cell_metrics(runs: list[BlockRun]) -> dict[str, Any]:
         # step() wall per decode-only step (engine/step_accounting.py) and drafter-hook host time per step
         "decode_steps": delta["steps_decode_steps"],
         "decode_step_ms": 1000 * delta["steps_decode_seconds"] / max(delta["steps_decode_steps"], 1),
-        "drafter_us_per_step": 1e6 * delta["drafter_seconds"] / max(steps, 1), "blocks": blocks,
+        "drafter_us_per_step": sum(hooks_us.values()), "drafter_hooks_us_per_step": hooks_us, "blocks": blocks,
     }
 
 
@@ -342,6 +345,11 @@ def paired_summary(rows: list[dict[str, Any]]) -> list[str]:
                          f"step() {statistics.median(r['decode_step_ms'] for r in group):.3f} ms each, drafter "
                          f"hooks {statistics.median(r['drafter_us_per_step'] for r in group):.1f} us per step "
                          f"(medians over rounds)")
+            by_hook = {h: statistics.median(r["drafter_hooks_us_per_step"].get(h, 0.0) for r in group)
+                       for h in sorted({h for r in group for h in r.get("drafter_hooks_us_per_step", {})})}
+            if by_hook:
+                lines.append(f"{'':<31}us per step by hook: " + ", ".join(f"{h} {v:.1f}" for h, v in by_hook.items()
+                                                                        if v >= 0.05))
         for baseline in ("none", *VERSUS.get(method, ())):
             units = per_request[baseline].get((dataset, conc, method, budget))
             if not units:

@@ -32,9 +32,14 @@ import torch
 import triton
 import triton.language as tl
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - a Triton without host tensor descriptors: pointer loads only
+    TensorDescriptor = None
+
 from kernels.triton_common import (
-    cdiv, device_name, dot_operand, next_pow2, pdl_launch, pdl_release, pdl_wait, round_bf16, tl_dtype, to_fp8,
-    to_out, zeroed_counters, token_counts,
+    INTERPRET, cdiv, device_name, dot_operand, next_pow2, pdl_launch, pdl_release, pdl_wait, round_bf16, tl_dtype,
+    to_fp8, to_out, zeroed_counters, token_counts,
 )
 from kernels.triton_moe_align import max_blocks, moe_align
 from kernels.triton_quant import quant_fp8_per_group, quant_fp8_per_token
@@ -67,11 +72,14 @@ def _moe_gate_up_kernel(
     QUANT: tl.constexpr, A_MODE: tl.constexpr, DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
     EVEN_K: tl.constexpr, PAIR: tl.constexpr, FAST_ACC: tl.constexpr,
+    TMA: tl.constexpr = False,
     PDL: tl.constexpr = False,
 ):
     pdl_wait(PDL)  # before any read of an earlier kernel's output or any write
     pdl_release(PDL)
     # A_MODE: 0 = x used as is (bf16 / fp8 already quantized), 2 = x in bf16, quantized here
+    # TMA: w_ptr is a tensor descriptor of w13 viewed as [E * 2I, K] with [BLOCK_N, BLOCK_K] blocks (Hopper bulk
+    # copies of the weight tiles; x rows are gathered by token, so they keep pointer loads)
     # PAIR: no alignment; block m is the single pair m (bexp_ptr = topk_ids), rows 1.. are padding
     num_n = tl.cdiv(I, BLOCK_N)
     pid = tl.program_id(0)
@@ -96,8 +104,11 @@ def _moe_gate_up_kernel(
     rn_c = tl.where(mn, rn, 0).to(tl.int64)
     rk = tl.arange(0, BLOCK_K)
     a_rows = x_ptr + tok[:, None] * stride_xm
-    wg = w_ptr + e64 * stride_we + rn_c[None, :] * stride_wn
-    wu = wg + I * stride_wn
+    if TMA:
+        w_row = e * (2 * I) + pid_n * BLOCK_N  # gate rows; up rows are I further (past I: masked at the store)
+    else:
+        wg = w_ptr + e64 * stride_we + rn_c[None, :] * stride_wn
+        wu = wg + I * stride_wn
     k_iters = tl.cdiv(K, BLOCK_K)
     per_split = tl.cdiv(k_iters, SPLIT_K)
     k_begin = pid_k * per_split
@@ -116,7 +127,11 @@ def _moe_gate_up_kernel(
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for ki in range(k_begin, k_end):
         k = ki * BLOCK_K + rk
-        if EVEN_K:
+        if TMA:
+            a = tl.load(a_rows + k[None, :], mask=valid[:, None], other=0.0)
+            bg = w_ptr.load([w_row, ki * BLOCK_K]).T
+            bu = w_ptr.load([w_row + I, ki * BLOCK_K]).T
+        elif EVEN_K:
             a = tl.load(a_rows + k[None, :], mask=valid[:, None], other=0.0)
             bg = tl.load(wg + k[:, None])
             bu = tl.load(wu + k[:, None])
@@ -194,7 +209,7 @@ def _moe_down_kernel(
     QUANT: tl.constexpr, A_MODE: tl.constexpr, DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     PAIR: tl.constexpr, FUSE_REDUCE: tl.constexpr, TOPK: tl.constexpr, FAST_ACC: tl.constexpr,
-    I_P: tl.constexpr = 16,
+    I_P: tl.constexpr = 16, TMA: tl.constexpr = False,
     PDL: tl.constexpr = False,
 ):
     pdl_wait(PDL)  # before any read of an earlier kernel's output or any write
@@ -203,6 +218,9 @@ def _moe_down_kernel(
     # are fetched once and reused). FUSE_REDUCE: after writing its y rows, a program takes a ticket per
     # (token, N tile); the program that completes a token's top-k set sums them (weighted) into out and
     # resets the ticket.
+    # TMA: act_ptr and w_ptr are tensor descriptors, act (already quantized, rows in sorted order) as [rows, I]
+    # with [BLOCK_M, BLOCK_K] blocks and w2 as [E * H, I] with [BLOCK_N, BLOCK_K] blocks; K past I reads zeros.
+    # Padding rows read whatever act holds there: an MMA row depends on its own A row only, and they are not stored.
     num_n = tl.cdiv(H, BLOCK_N)
     num_nb = tl.cdiv(num_n, N_LOOP)
     pid = tl.program_id(0)
@@ -220,7 +238,8 @@ def _moe_down_kernel(
     valid = pair < NP
     pair_c = tl.where(valid, pair, 0).to(tl.int64)
     rk = tl.arange(0, BLOCK_K)
-    a_rows = act_ptr + rows.to(tl.int64)[:, None] * stride_am
+    if not TMA:
+        a_rows = act_ptr + rows.to(tl.int64)[:, None] * stride_am
     k_iters = tl.cdiv(I, BLOCK_K)
     if QUANT == 1:
         if A_MODE == 2 and PAIR:
@@ -245,11 +264,15 @@ def _moe_down_kernel(
             rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             mn = rn < H
             rn_c = tl.where(mn, rn, 0).to(tl.int64)
-            wb = w_ptr + e64 * stride_we + rn_c[None, :] * stride_wn
+            if not TMA:
+                wb = w_ptr + e64 * stride_we + rn_c[None, :] * stride_wn
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for ki in range(0, k_iters):
                 k = ki * BLOCK_K + rk
-                if EVEN_K:
+                if TMA:
+                    a = act_ptr.load([pid_m * BLOCK_M, ki * BLOCK_K])
+                    b = w_ptr.load([e * H + pid_n * BLOCK_N, ki * BLOCK_K]).T
+                elif EVEN_K:
                     a = tl.load(a_rows + k[None, :], mask=valid[:, None], other=0.0)
                     b = tl.load(wb + k[:, None])
                 else:
@@ -400,6 +423,28 @@ def moe_config(m: int, e: int, n: int, k: int, quant: str, device: torch.device)
 
 # ----------------------------------------------------------------------------------------------- launch
 
+@functools.lru_cache(maxsize=None)
+def _tma_capable(device: str) -> bool:
+    """Host tensor descriptors lower to Hopper bulk copies (TMA): sm_90+, or the CPU interpreter (tests)."""
+    if TensorDescriptor is None:
+        return False
+    if INTERPRET:
+        return True
+    dev = torch.device(device)
+    return dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (9, 0)
+
+
+def _tma_ok(*tensors: torch.Tensor) -> bool:
+    """Every tensor 2-D-viewable for a descriptor: rows 16-byte aligned, base 16-byte aligned."""
+    return all(t.stride(-1) == 1 and (t.shape[-1] * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+               for t in tensors)
+
+
+def _desc(t: torch.Tensor, block: list[int]):
+    """A descriptor of t viewed as [rows, last dim] with blocks of `block` (TMA zero-fills past the edges)."""
+    return TensorDescriptor.from_tensor(t.view(-1, t.shape[-1]), block)
+
+
 def fused_moe(
     x: torch.Tensor,
     w13: torch.Tensor,
@@ -469,6 +514,10 @@ def fused_moe(
 
     act = torch.empty(nblk * bm, inter, dtype=x.dtype, device=x.device)
     bn1, split = cfg["BLOCK_N1"], cfg["SPLIT_K1"]
+    # TMA1 / TMA2 (configs above decode sizes): weight tiles (gate_up), act and weight tiles (down) by bulk copies
+    tma = qid == 1 and not pair and _tma_capable(str(x.device))
+    tma1 = tma and bool(cfg.get("TMA1")) and split == 1 and cfg["BLOCK_K1"] <= 128 and _tma_ok(w13)
+    w13_arg = _desc(w13, [bn1, cfg["BLOCK_K1"]]) if tma1 else w13
     n1 = cdiv(inter, bn1)
     if split > 1:
         part = torch.empty(nblk * n1 * split * 2 * bm * bn1, dtype=torch.float32, device=x.device)
@@ -476,11 +525,11 @@ def fused_moe(
     else:
         part = cnt = act
     _moe_gate_up_kernel[(nblk * n1, split)](
-        xa, xs, w13, w13s, act, sorted_ids, bexp, part, cnt,
+        xa, xs, w13_arg, w13s, act, sorted_ids, bexp, part, cnt,
         np_, topk, h, inter, split,
         xa.stride(0), xs.stride(0) if qid else 0, w13.stride(0), w13.stride(1), *ws13_strides, act.stride(0),
         QUANT=qid, A_MODE=a_mode, DT=dt, BLOCK_M=bm, BLOCK_N=bn1, BLOCK_K=cfg["BLOCK_K1"], SPLIT=split > 1,
-        EVEN_K=h % cfg["BLOCK_K1"] == 0, PAIR=pair, FAST_ACC=bool(cfg.get("FAST_ACC", False)),
+        EVEN_K=h % cfg["BLOCK_K1"] == 0, PAIR=pair, FAST_ACC=bool(cfg.get("FAST_ACC", False)), TMA=tma1,
         num_warps=cfg["W1"], num_stages=cfg["S1"], **pdl_launch(xa.device),
     )
     y = torch.empty(np_, h, dtype=x.dtype, device=x.device)
@@ -498,13 +547,17 @@ def fused_moe(
     fuse = t <= cfg.get("FUSE_REDUCE_MAX_T", 256)
     cnt2 = zeroed_counters(t * n2, x.device) if fuse else y
     n_loop = max(1, min(cfg.get("N_LOOP2", 1), n2))
+    bk2 = cfg["BLOCK_K2"]
+    tma2 = tma and bool(cfg.get("TMA2")) and a2_mode == 0 and bk2 <= 128 and _tma_ok(act_a, w2)
+    act_arg, w2_arg = (_desc(act_a, [bm, bk2]), _desc(w2, [bn2, bk2])) if tma2 else (act_a, w2)
     _moe_down_kernel[(nblk * cdiv(n2, n_loop),)](
-        act_a, act_s, w2, w2s, y, sorted_ids, bexp, tw, out, cnt2, np_, inter, h, n_loop,
+        act_arg, act_s, w2_arg, w2s, y, sorted_ids, bexp, tw, out, cnt2, np_, inter, h, n_loop,
         act_a.stride(0), act_s.stride(0) if qid else 0, w2.stride(0), w2.stride(1), *ws2_strides, y.stride(0),
         tw.stride(0), out.stride(0),
         QUANT=qid, A_MODE=a2_mode, DT=dt, BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=cfg["BLOCK_K2"],
         EVEN_K=inter % cfg["BLOCK_K2"] == 0, PAIR=pair, FUSE_REDUCE=fuse, TOPK=topk,
-        FAST_ACC=bool(cfg.get("FAST_ACC", False)), I_P=next_pow2(inter), num_warps=cfg["W2"], num_stages=cfg["S2"],
+        FAST_ACC=bool(cfg.get("FAST_ACC", False)), I_P=next_pow2(inter), TMA=tma2, num_warps=cfg["W2"],
+        num_stages=cfg["S2"],
         **pdl_launch(y.device),
     )
     if not fuse:

@@ -112,7 +112,8 @@ def test_cell_metrics_add_up_over_blocks():
                                                                          "num_overlapped_steps": 2,
                                                                          "steps_decode_steps": 3,
                                                                          "steps_decode_seconds": 0.003,
-                                                                         "drafter_seconds": 0.0001}, 0.5),
+                                                                         "hook_propose": 0.00006,
+                                                                         "hook_accepted": 0.00004}, 0.5),
             BlockRun({"p2": [1.0, 1.004]}, {**stats, "spec_draft_tokens": 6, "gc_pause_seconds_total": 0.01,
                                             "steps_decode_steps": 1, "steps_decode_seconds": 0.005,
                                             "steps_prefill_steps": 1}, 0.5)]
@@ -120,6 +121,7 @@ def test_cell_metrics_add_up_over_blocks():
     # step() wall per decode step over both blocks; drafter-hook time over every step, prefill ones included
     assert m["decode_steps"] == 4 and m["decode_step_ms"] == pytest.approx(2.0)
     assert m["drafter_us_per_step"] == pytest.approx(20.0)
+    assert m["drafter_hooks_us_per_step"] == {"accepted": 8.0, "propose": 12.0}
     assert m["output_tokens"] == 7 and m["requests"] == 3 and m["output_tok_s"] == 7.0
     assert m["drafted_per_token"] == 10 / 7 and m["overlapped_steps"] == 2 and m["gc_pause_ms"] == 10.0
     assert m["blocks"] == [{"p0": 1.0, "p1": 2.0}, {"p2": pytest.approx(4.0)}]

@@ -140,6 +140,21 @@ def case_moe():
                           torch.empty(e, h // 128, inter // 128 + 1), "fp8_block")
 
 
+def case_moe_tma():
+    """The prefill configs with tiles by tensor descriptors (TMA1 / TMA2), as the GPU would take them."""
+    import kernels.triton_moe as moe
+
+    moe._tma_capable = lambda device: True  # CPU stub tensors: the GPU's answer
+    t, h = 4096, 5120
+    for e, inter in ((161, 192), (161, 384), (160, 1536)):
+        cfg = dict(moe.moe_config(t, e, inter, h, "fp8_channel", torch.device("cpu")), TMA1=True, TMA2=True)
+        for bn1, w1 in ((64, 4), (128, 8)):
+            moe.fused_moe(torch.empty(t, h, dtype=BF16), torch.empty(e, 2 * inter, h, dtype=FP8),
+                          torch.empty(e, h, inter, dtype=FP8), torch.empty(t, 9), torch.zeros(t, 9, dtype=torch.int32),
+                          torch.empty(e, 2 * inter, 1), torch.empty(e, h, 1), "fp8_channel",
+                          config=dict(cfg, BLOCK_N1=bn1, W1=w1), quant_in_kernel=False)
+
+
 def case_attention():
     from kernels.triton_attention import paged_attention
 
@@ -253,6 +268,7 @@ CASES = {
     "moe_bf16": case_moe_bf16,
     "attention": case_attention,
     "moe": case_moe,
+    "moe_tma": case_moe_tma,
     "gemm": case_gemm,
     "swap": case_swap,
     "router": case_router,

@@ -46,6 +46,8 @@ CFG_BIG = dict(BLOCK_M=32, BLOCK_N1=64, BLOCK_K1=128, SPLIT_K1=1, W1=4, S1=2, BL
                PAIR_MAX=0, FUSE_REDUCE_MAX_T=0)
 # accumulation inside the MMA across K tiles (the prefill configs)
 CFG_FAST = dict(CFG_BIG, FAST_ACC=True)
+# + tiles by tensor descriptors (TMA): weights in gate_up, act and weights in down (FP8 per channel only)
+CFG_TMA = dict(CFG_FAST, TMA1=True, TMA2=True)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -62,6 +64,29 @@ def test_fused_moe(device, shape, quant, cfg):
         out = fused_moe(x, w13, w2, tw, ti, s13, s2, quant, config=cfg)
     ref = fused_moe_ref(x, w13, w2, tw, ti, s13, s2, quant)
     assert rel_err(out, ref) < _tol(quant)
+
+
+# I not a multiple of BLOCK_K2 (the descriptor zero-fills K past I) nor of BLOCK_N1 (the gate tile's last
+# columns read up rows, the up tile's read the next expert's: masked at the store); experts without tokens
+@pytest.mark.parametrize("shape", [(19, 9, 192, 96, 4), (70, 6, 256, 64, 2), (33, 5, 128, 160, 3)])
+@pytest.mark.parametrize("cfg", [CFG_TMA, dict(CFG_TMA, BLOCK_M=16, BLOCK_N1=32, BLOCK_K1=64, BLOCK_N2=64,
+                                               BLOCK_K2=64, FUSE_REDUCE_MAX_T=1 << 20)])
+def test_fused_moe_tma(device, shape, cfg, monkeypatch):
+    import kernels.triton_moe as tm
+
+    made = []
+    real = tm._desc
+    monkeypatch.setattr(tm, "_desc", lambda t, block: made.append(tuple(block)) or real(t, block))
+    t, e, h, inter, k = shape
+    x = torch.randn(t, h, device=device, dtype=torch.bfloat16)
+    w13, w2, s13, s2 = make_experts(e, h, inter, "fp8_channel", device)
+    tw, ti = routing(t, e, k, device, unused=1)
+    with poisoned_empty():
+        out = fused_moe(x, w13, w2, tw, ti, s13, s2, "fp8_channel", config=cfg, quant_in_kernel=False)
+    ref = fused_moe_ref(x, w13, w2, tw, ti, s13, s2, "fp8_channel")
+    assert rel_err(out, ref) < _tol("fp8_channel")
+    bm, bk1, bk2 = cfg["BLOCK_M"], cfg["BLOCK_K1"], cfg["BLOCK_K2"]
+    assert made == [(cfg["BLOCK_N1"], bk1), (bm, bk2), (cfg["BLOCK_N2"], bk2)]  # the descriptor path ran
 
 
 @pytest.mark.parametrize("quant", ["fp8_channel", "fp8_block"])
@@ -118,3 +143,24 @@ def test_fused_moe_gpu(t, e, inter, quant):
         out = fused_moe(x, w13, w2, tw, ti, s13, s2, quant)
     ref = fused_moe_ref(x, w13, w2, tw, ti, s13, s2, quant)
     assert rel_err(out, ref) < _tol(quant, gpu=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1024, 4096])
+@pytest.mark.parametrize("e,inter", [(161, 192), (161, 384), (160, 1536)])
+@pytest.mark.parametrize("big", [False, True])
+def test_fused_moe_tma_gpu(t, e, inter, big):
+    """The prefill configs with descriptor tiles (TMA1 / TMA2) at real shapes, table tiles and 128 x 256 ones."""
+    from kernels.triton_moe import moe_config
+
+    h, k = 5120, 8
+    x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
+    w13, w2, s13, s2 = make_experts(e, h, inter, "fp8_channel", "cuda")
+    tw, ti = routing(t, e, k, "cuda", shared=e == 161)
+    cfg = dict(moe_config(t, e, inter, h, "fp8_channel", x.device), TMA1=True, TMA2=True)
+    if big:
+        cfg.update(BLOCK_M=128, BLOCK_N1=128, W1=8, S1=3, BLOCK_N2=256, W2=8, S2=3, N_LOOP2=1)
+    with poisoned_empty():
+        out = fused_moe(x, w13, w2, tw, ti, s13, s2, "fp8_channel", config=cfg)
+    ref = fused_moe_ref(x, w13, w2, tw, ti, s13, s2, "fp8_channel")
+    assert rel_err(out, ref) < _tol("fp8_channel", gpu=True)

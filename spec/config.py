@@ -51,6 +51,10 @@ class SpeculativeConfig:
     # which drafts (and keeps that acceptance current, so MTP comes back when the text turns predictable); 1: every
     # new request drafts (only the all-accepted bound retires it at admission).
     mtp_explore_every: int = 8
+    # Each explorer that retires unused doubles the wait for the next one, up to this many such requests; one
+    # that finishes still drafting with MTP brings it back to mtp_explore_every (an explorer's steps keep hidden
+    # states and run the NextN layer: on text where MTP never pays they are the whole of its cost).
+    mtp_explore_max_every: int = 64
     # Weight of older verifies in a request's running acceptance: each verify multiplies the past by this.
     acceptance_decay: float = 0.9
     # A request the budget holds at 0 drafts is probed with 1 draft after this many steps; each rejected probe
@@ -127,6 +131,8 @@ class SpeculativeConfig:
             raise bad("mtp_retire_steps", "an int >= 0")
         if not _is_int(self.mtp_explore_every) or self.mtp_explore_every < 1:
             raise bad("mtp_explore_every", "an int >= 1")
+        if not _is_int(self.mtp_explore_max_every) or self.mtp_explore_max_every < self.mtp_explore_every:
+            raise bad("mtp_explore_max_every", "an int >= mtp_explore_every")
         if not _is_int(self.overlap_sync_interval) or self.overlap_sync_interval < 1:
             raise bad("overlap_sync_interval", "an int >= 1")
 

@@ -31,7 +31,9 @@ MTP again. A new request starts retired (not even its prompt's extend runs) wher
 if every draft were accepted, where the budget would not draft for a batch of requests accepting at the
 engine-wide MTP rate so far, or where most recent requests retired rather than finish drafting with MTP (the
 hybrid's case: its requests take suffix drafts where those are worth more, which the MTP rate does not show);
-every `mtp_explore_every`-th such request drafts anyway, so that the rate and the outcomes stay current.
+every `mtp_explore_every`-th such request drafts anyway, so that the rate and the outcomes stay current. An
+explorer that retires unused doubles the wait for the next one (up to `mtp_explore_max_every`); one that finishes
+still drafting with MTP brings the wait back to `mtp_explore_every`.
 """
 from __future__ import annotations
 
@@ -109,7 +111,9 @@ class MtpDrafter(Drafter):
         self._proposed = False  # the last propose returned a draft (a request may still hold it)
         self._chain_ran = False  # since the last observe_step
         self.num_retired = 0  # requests retired from MTP drafting (observability, tests)
-        self._unpaid_admissions = 0  # requests admitted where the chain did not pay at the engine-wide rate
+        self._since_explore = 0  # requests admitted retired since the last explorer
+        self._explore_every = config.mtp_explore_every  # doubles while explorers retire unused
+        self._explorers: set[int] = set()  # live requests admitted to explore
         self._drafted: set[int] = set()  # live requests the budget gave MTP drafts at least once
         self.useful = 1.0  # running share of requests that finished drafting with MTP rather than retired
         self.last_batch = 0  # decoding requests of the last step the budget planned (0: none yet)
@@ -131,9 +135,12 @@ class MtpDrafter(Drafter):
         if budget.chain_cannot_pay(b, cap):
             self.retire(seq_id)
         elif self.useful < MIN_USEFUL or not budget.chain_pays(b, budget.engine_gains(SOURCE, cap)):
-            self._unpaid_admissions += 1
-            if self._unpaid_admissions % self.config.mtp_explore_every:
+            self._since_explore += 1
+            if self._since_explore < self._explore_every:
                 self.retire(seq_id)
+            else:
+                self._since_explore = 0
+                self._explorers.add(seq_id)
 
     def retire(self, seq_id: int) -> None:
         if seq_id not in self._retired:
@@ -144,8 +151,14 @@ class MtpDrafter(Drafter):
             self._drafted.discard(seq_id)
             self.num_retired += 1
 
-    def _outcome(self, useful: bool) -> None:
+    def _outcome(self, seq_id: int, useful: bool) -> None:
+        """A request finished drafting with MTP (useful) or retired unused: the running share, and for an
+        explorer the wait for the next one."""
         self.useful = (1 - OUTCOME_EMA) * self.useful + OUTCOME_EMA * useful
+        if seq_id in self._explorers:
+            self._explorers.discard(seq_id)
+            self._explore_every = self.config.mtp_explore_every if useful else \
+                min(2 * self._explore_every, self.config.mtp_explore_max_every)
 
     def needs_hidden(self, seq_id: int) -> bool:
         return seq_id not in self._retired
@@ -165,7 +178,7 @@ class MtpDrafter(Drafter):
         n = self._idle[seq_id] = self._idle.get(seq_id, 0) + 1
         if retire_after and (n >= retire_after or hopeless):
             self.retire(seq_id)
-            self._outcome(False)
+            self._outcome(seq_id, False)
 
     def take_chain_ran(self) -> bool:
         ran, self._chain_ran = self._chain_ran, False
@@ -187,7 +200,8 @@ class MtpDrafter(Drafter):
     def finish(self, seq_id: int, completed: bool) -> None:
         if seq_id in self._drafted:  # it ended still drafting with MTP
             self._drafted.discard(seq_id)
-            self._outcome(True)
+            self._outcome(seq_id, True)
+        self._explorers.discard(seq_id)
         self._drafts.pop(seq_id, None)
         self._idle.pop(seq_id, None)
         self._retired.discard(seq_id)

@@ -3,6 +3,7 @@ cycles replace the GPU priors, a measured expensive chain stops MTP drafting whe
 and a request held at 0 MTP drafts retires (no more NextN work for it)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from spec import DraftSlot, MtpCalls, MtpDrafter, StepView
@@ -302,6 +303,45 @@ def test_new_requests_start_retired_where_recent_requests_retired_rather_than_dr
     assert drafter.useful >= 0.5
     drafter.add(21, [1, 2])
     assert drafter.needs_hidden(21)
+
+
+def test_explorers_that_retire_unused_double_the_wait_for_the_next_one():
+    """On text where MTP never pays, every explorer retires unused: the wait between explorers doubles up to
+    mtp_explore_max_every; an explorer that finishes still drafting with MTP brings it back."""
+    cfg = SpeculativeConfig.from_dict({"method": "mtp", "num_speculative_tokens": 3, "mtp_retire_steps": 2,
+                                       "mtp_explore_every": 2, "mtp_explore_max_every": 8})
+    budget = DraftBudget(cfg, StepCosts(GPU, 0.0, StepCost([1, 16], [0.07, 0.09])))
+    drafter = MtpDrafter(cfg, 16, MtpCalls(FakeNextN().forward), budget)
+    learn(budget.clock, timing(1, 0.40, plain=True))
+    learn(budget.clock, timing(1, 0.92, rows=4, drafted=True, chain=True))
+    drafter.last_batch = 1
+    drafter.useful = 0.0  # recent requests retired: new ones start retired but for the explorers
+    seq = iter(range(1000))
+
+    def admit_until_explorer() -> tuple[int, int]:
+        """(admissions it took, the explorer's seq_id)"""
+        for n in range(1, 100):
+            s = next(seq)
+            drafter.add(s, [1, 2])
+            if drafter.needs_hidden(s):
+                return n, s
+        raise AssertionError("no explorer")
+
+    gaps = []
+    for _ in range(5):  # each explorer is held at 0 MTP drafts until it retires
+        n, s = admit_until_explorer()
+        gaps.append(n)
+        for _ in range(2):
+            drafter.count_idle(s, drafting=False, retire_after=2)
+        assert not drafter.needs_hidden(s)
+    assert gaps == [2, 4, 8, 8, 8]
+    n, s = admit_until_explorer()
+    drafter.count_idle(s, drafting=True, retire_after=2)
+    drafter.finish(s, completed=True)  # it finished drafting with MTP
+    assert n == 8 and admit_until_explorer()[0] == 2
+    # the largest wait below the first is refused with the option's name
+    with pytest.raises(ValueError, match="mtp_explore_max_every"):
+        SpeculativeConfig.from_dict({"method": "mtp", "mtp_explore_every": 8, "mtp_explore_max_every": 4})
 
 
 def batch_priced_budget(cfg: SpeculativeConfig) -> DraftBudget:

@@ -8,7 +8,7 @@ to every step shows up in TPOT: the session-16 table measured MTP +7.7% over non
 request retired from MTP, and hybrid 2-5% over suffix. Here the worker's forward returns random logits at once
 (tokens that never repeat: suffix decoding finds nothing to draft, as on plain code), overlap scheduling is on as on
 CUDA, and MTP / hybrid requests are retired from MTP at admission, so what is timed is each method's bookkeeping on
-a plain step. Requests run one at a time (batch 1); methods alternate per round. Prints the median and the mean
+a plain step. Requests run one at a time (--batch 1) or that many together; methods alternate per round. Prints the median and the mean
 (slowest 1% left out) step() time per method and their differences from none (mtp) or suffix (hybrid).
 """
 from __future__ import annotations
@@ -49,14 +49,15 @@ def build(model: str, method: str, seed: int) -> LLM:
     return llm
 
 
-def run(llm: LLM, method: str, tag: str, requests: int, output_len: int) -> list[float]:
-    """Step times (s) of `requests` requests one after another."""
+def run(llm: LLM, method: str, tag: str, requests: int, output_len: int, batch: int = 1) -> list[float]:
+    """Step times (s) of `requests` requests, `batch` at a time."""
     eng = llm.engine
     mtp = {"mtp": eng.drafter, "hybrid": getattr(eng.drafter, "mtp", None)}.get(method)
     sp = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     times = []
-    for i in range(requests):
-        eng.add_request(f"{tag}-{i}", [(i * 31 + j) % 900 + 10 for j in range(64)], sp)
+    for first in range(0, requests, batch):
+        for i in range(first, min(first + batch, requests)):
+            eng.add_request(f"{tag}-{i}", [(i * 31 + j) % 900 + 10 for j in range(64)], sp)
         if mtp is not None:  # retired at admission, as the budget retires them on plain code
             for req in eng.scheduler.waiting:
                 mtp.retire(req.seq_key)
@@ -74,6 +75,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--output-len", type=int, default=400)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=1, help="requests decoding together")
     args = ap.parse_args()
     model = args.model
     if model is None:
@@ -86,7 +88,7 @@ def main() -> None:
     times: dict[str, list[float]] = {m: [] for m in methods}
     for r in range(args.rounds):
         for m in methods[r % len(methods):] + methods[: r % len(methods)]:
-            times[m] += run(engines[m], m, f"r{r}", args.requests, args.output_len)
+            times[m] += run(engines[m], m, f"r{r}", args.requests, args.output_len, args.batch)
     med = {m: 1e6 * statistics.median(t) for m, t in times.items()}
     # mean without the slowest 1% (a collector pause, the OS): the drafting steps count here, the median misses them
     mean = {m: 1e6 * statistics.fmean(sorted(t)[: int(0.99 * len(t))]) for m, t in times.items()}

@@ -21,8 +21,7 @@ made the down GEMM 6x slower at prefill sizes).
 
 Launch configs come from kernels/configs/fused_moe/*.json keyed by (E, N = I, device, quant) and the token
 count bucket; see `moe_config`. Config keys besides tiles: TMA1 / TMA2 (FP8 per channel above decode sizes: gate_up's
-weight tiles, down's act and weight tiles through Hopper tensor descriptors); GROUPED_MM (FP8 per channel: the
-whole op through cuBLAS's grouped GEMM instead, kernels/moe_grouped_mm.py).
+weight tiles, down's act and weight tiles through Hopper tensor descriptors).
 """
 from __future__ import annotations
 
@@ -43,8 +42,6 @@ from kernels.triton_common import (
     INTERPRET, cdiv, device_name, dot_operand, next_pow2, pdl_launch, pdl_release, pdl_wait, round_bf16, tl_dtype,
     to_fp8, to_out, zeroed_counters, token_counts,
 )
-from kernels.moe_grouped_mm import available as grouped_mm_available
-from kernels.moe_grouped_mm import fused_moe_grouped
 from kernels.triton_moe_align import max_blocks, moe_align
 from kernels.triton_quant import quant_fp8_per_group, quant_fp8_per_token
 
@@ -489,9 +486,6 @@ def fused_moe(
     ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
     np_ = t * topk
     pair = np_ <= cfg.get("PAIR_MAX", 40)
-    if qid == 1 and not pair and cfg.get("GROUPED_MM") and grouped_mm_available(x.device):
-        # large prefills at wide experts: cuBLAS's grouped GEMMs (kernels/moe_grouped_mm.py)
-        return fused_moe_grouped(x, w13, w2, topk_weights, ids, w13_scale, w2_scale, bm, x_fp8, x_scale)
     if pair:
         sorted_ids, bexp = ids, ids.view(-1)  # block m = pair m
         nblk = np_

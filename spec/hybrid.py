@@ -87,8 +87,7 @@ class HybridDrafter(Drafter):
             self.budget.clock.observe(replace(timing, chain=True) if self.mtp.take_chain_ran() else timing)
 
     def accepted(self, seq_id: int, tokens: Sequence[int]) -> None:
-        self.suffix.accepted(seq_id, tokens)
-        self.mtp.accepted(seq_id, tokens)
+        self.suffix.accepted(seq_id, tokens)  # (the MTP part, without a budget of its own, has nothing to record)
         if self.budget is not None:
             self.budget.accepted(seq_id, tokens)
             return
@@ -156,7 +155,9 @@ class HybridDrafter(Drafter):
             return self._propose_unbudgeted(slots)
         self._quiet_steps = 0
         planned, self._planned = self._planned, {}
-        mtp = [[] for _ in slots] if self.mtp.idle else self.mtp.propose(slots)  # idle: every request retired
+        if self.mtp.idle and not planned:  # every request retired from MTP: suffix decoding, at its own cost
+            return self._propose_suffix(slots)
+        mtp = [[] for _ in slots] if self.mtp.idle else self.mtp.propose(slots)
         chosen: list[_Pending | None] = [planned.get(s.seq_id) for s in slots]
         rest = [i for i, p in enumerate(chosen) if p is None]  # not seen by after_step: suffix only
         if rest:
@@ -175,6 +176,21 @@ class HybridDrafter(Drafter):
             self.proposed[p.source] += bool(draft)
             out.append(draft)
         self.budget.proposed(proposals)
+        self._drafted = any(out)
+        return out
+
+    def _propose_suffix(self, slots: Sequence[DraftSlot]) -> list[list[int]]:
+        """Suffix drafts for every slot, budgeted as SuffixDrafter.propose does, without the per-slot source
+        bookkeeping of the mixed case: a hybrid engine whose MTP part is idle pays suffix decoding's host work."""
+        budget = self.budget
+        drafts = self.suffix.drafts(slots)
+        sources = [budget_source(d) for d in drafts]
+        gains = [budget.gains(s.seq_id, src, len(d.tokens), d.probs) for s, d, src in zip(slots, drafts, sources)]
+        ks = budget.plan([s.seq_id for s in slots], gains, num_seqs=len(slots))
+        budget.proposed({s.seq_id: (src, d.tokens[:k], d.probs[:k])
+                         for s, d, src, k in zip(slots, drafts, sources, ks)})
+        out = [d.tokens[:k] for d, k in zip(drafts, ks)]
+        self.proposed[SUFFIX] += sum(1 for d in out if d)
         self._drafted = any(out)
         return out
 

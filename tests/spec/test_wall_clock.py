@@ -399,3 +399,35 @@ def test_the_hybrid_prices_its_mtp_requests_against_the_whole_batch_too():
         return drafter
 
     check_priced_against_the_batch(hybrid)
+
+
+def test_hybrid_with_every_request_retired_from_mtp_proposes_what_suffix_decoding_does():
+    """Once its MTP part is idle the hybrid takes suffix decoding's own path (no per-slot source bookkeeping);
+    its drafts and the budget's record of them are suffix decoding's, step after step."""
+    cfg = SpeculativeConfig.from_dict({"method": "hybrid", "num_speculative_tokens": 8, "mtp_retire_steps": 3})
+    hybrid = HybridDrafter(cfg, SuffixDrafter(cfg), MtpDrafter(cfg, 16, MtpCalls(FakeNextN().forward)),
+                           batch_priced_budget(cfg))
+    suffix = SuffixDrafter(cfg, batch_priced_budget(cfg))
+    fast = []
+    real = hybrid._propose_suffix
+    hybrid._propose_suffix = lambda slots: fast.append(len(slots)) or real(slots)
+    text = [3, 4, 5, 6, 7, 8] * 30
+    for d in (hybrid, suffix):
+        d.add(0, text[:12])
+        d.add(1, [9, 10, 11, 12] * 3)
+    for s in (0, 1):
+        hybrid.mtp.retire(s)
+    assert hybrid.mtp.idle
+    pos, drafted = {0: 12, 1: 12}, 0
+    for step in range(10):
+        slots = [DraftSlot(0, 8), DraftSlot(1, 8)]
+        got, want = hybrid.propose(slots), suffix.propose(slots)
+        assert got == want
+        drafted += sum(map(len, got))
+        for s, draft in zip((0, 1), got):
+            seq = text if s == 0 else [9, 10, 11, 12] * 50
+            emitted = seq[pos[s]: pos[s] + len(draft) + 1]
+            pos[s] += len(emitted)
+            hybrid.accepted(s, emitted)
+            suffix.accepted(s, emitted)
+    assert len(fast) == 10 and drafted > 10  # the fast path ran every step, and drafted

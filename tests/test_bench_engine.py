@@ -180,7 +180,9 @@ def test_tp_decode_cpu_smoke(tmp_path):
         assert _finite(d["median_ms"]) and _finite(d["floor_ms"]) and _finite(d["ratio_vs_floor"])
         assert d["bytes_rank0"]["weights_total"] < r["weight_bytes_per_gpu"] + 1  # a rank's shard, not more
     assert _finite(r["prefill"]["median_ms"]) and _finite(r["prefill"]["floor_ms"])
-    assert _finite(r["end_to_end"]["ttft_ms"]) and _finite(r["end_to_end"]["tpot_ms"])
+    e2e = r["end_to_end"]
+    assert _finite(e2e["ttft_ms"]) and _finite(e2e["tpot_ms"]) and e2e["tpot_ms"] > 0
+    assert e2e["decode_steps"] == 2 * 4  # two runs of 1 + 4 tokens: 4 decode steps each
 
 
 def test_engine_ab_script_alternates_variants(tmp_path):

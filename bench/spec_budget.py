@@ -184,9 +184,10 @@ def measure(llm: LLM, dataset: str, concurrency: int, args: argparse.Namespace, 
 
 
 def profile(llm: LLM, args: argparse.Namespace, tag: str) -> None:
-    """Host and device time of a short run (4 plain-code requests at the lowest concurrency), top ops."""
-    conc = min(int(c) for c in args.concurrency.split(","))
-    small = argparse.Namespace(**{**vars(args), "num_prompts": 4, "output_len": 64, "seed": args.seed + 7})
+    """Host and device time of a short run (plain-code requests, one block at --profile-concurrency, default the
+    lowest concurrency), top ops."""
+    conc = args.profile_concurrency or min(int(c) for c in args.concurrency.split(","))
+    small = argparse.Namespace(**{**vars(args), "num_prompts": max(4, conc), "output_len": 64, "seed": args.seed + 7})
     acts = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         acts.append(torch.profiler.ProfilerActivity.CUDA)
@@ -390,6 +391,8 @@ def main() -> None:
                          "engine default (on with CUDA); off = the same host/device serialization as speculation")
     ap.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                     help="an untimed short pass of every dataset and concurrency per engine first")
+    ap.add_argument("--profile-concurrency", type=int, default=None,
+                    help="requests in flight in the --profile run (default: the lowest --concurrency)")
     ap.add_argument("--profile", action="store_true",
                     help="after the warm-up, one short plain-code pass per engine at the lowest concurrency under "
                          "torch.profiler: where a step's host and device time go (top ops by self CPU time)")

@@ -182,14 +182,7 @@ class HybridDrafter(Drafter):
     def _propose_suffix(self, slots: Sequence[DraftSlot]) -> list[list[int]]:
         """Suffix drafts for every slot, budgeted as SuffixDrafter.propose does, without the per-slot source
         bookkeeping of the mixed case: a hybrid engine whose MTP part is idle pays suffix decoding's host work."""
-        budget = self.budget
-        drafts = self.suffix.drafts(slots)
-        sources = [budget_source(d) for d in drafts]
-        gains = [budget.gains(s.seq_id, src, len(d.tokens), d.probs) for s, d, src in zip(slots, drafts, sources)]
-        ks = budget.plan([s.seq_id for s in slots], gains, num_seqs=len(slots))
-        budget.proposed({s.seq_id: (src, d.tokens[:k], d.probs[:k])
-                         for s, d, src, k in zip(slots, drafts, sources, ks)})
-        out = [d.tokens[:k] for d, k in zip(drafts, ks)]
+        out = self.suffix.budgeted(slots, self.budget)
         self.proposed[SUFFIX] += sum(1 for d in out if d)
         self._drafted = any(out)
         return out

@@ -65,15 +65,20 @@ class SuffixDrafter(Drafter):
 
     def propose(self, slots: Sequence[DraftSlot]) -> list[list[int]]:
         self._quiet_steps = 0
-        drafts = self.drafts(slots)
         if self.budget is None:
-            return [d.tokens for d in drafts]
-        budget = self.budget
+            return [d.tokens for d in self.drafts(slots)]
+        out = self.budgeted(slots, self.budget)
+        self._drafted = any(out)
+        return out
+
+    def budgeted(self, slots: Sequence[DraftSlot], budget: DraftBudget) -> list[list[int]]:
+        """The drafts cut to what `budget` plans for this step (it records them as this step's proposals); the
+        hybrid drafter calls it with its own budget while its MTP part is idle."""
+        drafts = self.drafts(slots)
         sources = [budget_source(d) for d in drafts]
         gains = [budget.gains(s.seq_id, src, len(d.tokens), d.probs) for s, d, src in zip(slots, drafts, sources)]
         ks = budget.plan([s.seq_id for s in slots], gains)
         budget.proposed({s.seq_id: (src, d.tokens[:k], d.probs[:k]) for s, d, src, k in zip(slots, drafts, sources, ks)})
-        self._drafted = any(ks)
         return [d.tokens[:k] for d, k in zip(drafts, ks)]
 
     def drafts(self, slots: Sequence[DraftSlot]) -> list[SuffixDraft]:

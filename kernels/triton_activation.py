@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_common import (
-    cdiv, next_pow2, pdl_launch, pdl_release, pdl_wait, round_bf16, to_fp8, to_out,
+    cdiv, fp8_row_outputs, next_pow2, pdl_launch, pdl_release, pdl_wait, round_bf16, to_fp8, to_out,
 )
 
 
@@ -62,10 +62,7 @@ def _launch(x: torch.Tensor, quant: bool):
         x2 = x2.contiguous()
     t = x2.shape[0]
     y = torch.empty(t, i, dtype=x.dtype, device=x.device)
-    q = qs = None
-    if quant:
-        q = torch.empty(t, i, dtype=torch.float8_e4m3fn, device=x.device)
-        qs = torch.empty(t, 1, dtype=torch.float32, device=x.device)
+    q, qs = fp8_row_outputs(t, i, x.device) if quant else (None, None)
     if t:
         block = min(next_pow2(i), 2048 if quant else 1024)
         grid = (t, 1 if quant else cdiv(i, block))

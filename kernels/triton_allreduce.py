@@ -28,7 +28,9 @@ import triton
 import triton.language as tl
 
 from kernels.allreduce import MAX_PROGRAMS, ONE_SHOT_WORLD_SIZES, flag_area_ints
-from kernels.triton_common import next_pow2, pdl_launch, pdl_release, pdl_wait, round_bf16, token_counts, to_out
+from kernels.triton_common import (
+    fp8_row_outputs, next_pow2, pdl_launch, pdl_release, pdl_wait, round_bf16, token_counts, to_out,
+)
 from kernels.triton_norm import add_residual_and_store, normalize_and_store
 
 MAX_POLLS = 1 << 26
@@ -137,10 +139,7 @@ def _launch(x, buffers, flags, rank, world, residual, weight, eps, quant, max_po
     r = residual if norm else x
     if norm and (r.shape != x.shape or r.stride(-1) != 1):
         raise ValueError(f"residual {tuple(r.shape)} must be a row-major tensor of x's shape {tuple(x.shape)}")
-    q = qs = None
-    if quant:
-        q = torch.empty(t, h, dtype=torch.float8_e4m3fn, device=x.device)
-        qs = torch.empty(t, 1, dtype=torch.float32, device=x.device)
+    q, qs = fp8_row_outputs(t, h, x.device) if quant else (None, None)
     if t:
         block = next_pow2(h)
         _one_shot_kernel[(min(t, MAX_PROGRAMS),)](

@@ -173,6 +173,12 @@ def device_name(device: torch.device) -> str:
 _ZEROS: dict[tuple, torch.Tensor] = {}
 
 
+def fp8_row_outputs(t: int, h: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty outputs of a per-row FP8 quantization fused into a kernel: values [t, h] E4M3, scales [t, 1] fp32."""
+    return (torch.empty(t, h, dtype=torch.float8_e4m3fn, device=device),
+            torch.empty(t, 1, dtype=torch.float32, device=device))
+
+
 def zeroed_counters(n: int, device: torch.device) -> torch.Tensor:
     """A cached int32 buffer of at least n zeros. Kernels that use it must leave it zeroed (self-resetting
     tickets), so it can be shared by every launch on the device's stream and captured in CUDA graphs."""

@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from kernels.triton_common import (
-    cdiv, next_pow2, pdl_launch, pdl_release, pdl_wait, round_bf16, to_fp8, zeroed_counters, token_counts,
+    cdiv, fp8_row_outputs, next_pow2, pdl_launch, pdl_release, pdl_wait, round_bf16, to_fp8, zeroed_counters,
+    token_counts,
 )
 
 
@@ -377,8 +378,7 @@ def rms_norm_gate_route(
     norm = dict(residual=residual, weight=norm_weight, summed=summed, y=y, eps=eps)
     yq = None
     if quant:
-        yq = (torch.empty(t, h, dtype=torch.float8_e4m3fn, device=x.device),
-              torch.empty(t, 1, dtype=torch.float32, device=x.device))
+        yq = fp8_row_outputs(t, h, x.device)
         norm.update(q=yq[0], qs=yq[1])
     w, ids = moe_gate_route(x, gate_weight, correction_bias, top_k, n_group, topk_group, renormalize,
                             routed_scaling_factor, num_fused_shared_experts, config, norm)

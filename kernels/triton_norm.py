@@ -10,7 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import next_pow2, pdl_launch, pdl_release, pdl_wait, round_bf16, to_fp8, to_out
+from kernels.triton_common import (
+    fp8_row_outputs, next_pow2, pdl_launch, pdl_release, pdl_wait, round_bf16, to_fp8, to_out,
+)
 
 
 @triton.jit
@@ -87,10 +89,7 @@ def _launch(x, residual, weight, eps, quant):
     if residual is not None:
         r2 = _rows(residual)
         s = torch.empty(t, h, dtype=x.dtype, device=x.device)
-    q = qs = None
-    if quant:
-        q = torch.empty(t, h, dtype=torch.float8_e4m3fn, device=x.device)
-        qs = torch.empty(t, 1, dtype=torch.float32, device=x.device)
+    q, qs = fp8_row_outputs(t, h, x.device) if quant else (None, None)
     if t:
         block = next_pow2(h)
         nw = 1 if block <= 256 else 4 if block <= 2048 else 8

@@ -132,16 +132,20 @@ def make_blocks(llm: LLM, dataset: str, concurrency: int, args: argparse.Namespa
     return [jobs[i:i + concurrency] for i in range(0, len(jobs), concurrency)]
 
 
+def _counters(llm: LLM) -> dict[str, float]:
+    """llm.stats() and the seconds spent so far in each drafter hook ("hook_<name>")."""
+    timer = TIMERS.get(id(llm))
+    return {**llm.stats(), **({f"hook_{k}": v for k, v in timer.seconds.items()} if timer else {})}
+
+
 def run_jobs(llm: LLM, jobs: list[Job], concurrency: int, tag: str) -> BlockRun:
     drv = Driver(llm, concurrency)
     gc.collect()  # the last run's garbage, outside this one's timing
-    timer = TIMERS.get(id(llm))
-    hooks = lambda: {f"hook_{k}": v for k, v in timer.seconds.items()} if timer else {}  # noqa: E731
-    before = {**llm.stats(), **hooks()}
+    before = _counters(llm)
     t0 = time.perf_counter()
     drv.run(jobs, tag)  # a tenant per cell and round: no run drafts from another's responses
     wall = time.perf_counter() - t0
-    after = {**llm.stats(), **hooks()}
+    after = _counters(llm)
     keys = (*STAT_KEYS, *(k for k in after if k.startswith("hook_")))
     return BlockRun(drv.times, {k: after.get(k, 0) - before.get(k, 0) for k in keys}, wall)
 

@@ -25,9 +25,11 @@ none,none#2,...`) gives the same statistic for two identical engines: the noise 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
 import itertools
 import json
+import pstats
 import random
 import statistics
 import time
@@ -197,9 +199,21 @@ def profile(llm: LLM, args: argparse.Namespace, tag: str) -> None:
         acts.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=acts) as prof:
         r = measure(llm, "plain-code", conc, small, f"profile-{tag}")
-    print(f"--- profile {tag}: c{conc}, TPOT {r['tpot_ms_mean']:.2f} ms, {r['output_tokens']} tokens")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60),
-          flush=True)
+    print(f"--- profile {tag}: c{conc}, TPOT {r['tpot_ms_mean']:.2f} ms, {r['output_tokens']} tokens, "
+          f"{r['decode_steps']} decode steps, step() {r['decode_step_ms']:.3f} ms")
+    averages = prof.key_averages()
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60), flush=True)
+    if torch.cuda.is_available():
+        print(f"--- profile {tag}: top ops by device time")
+        print(averages.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60), flush=True)
+    # the same run again under cProfile: Python functions (call counts and own time), which torch's table omits
+    profiler = cProfile.Profile()
+    profiler.enable()
+    r = measure(llm, "plain-code", conc, small, f"cprofile-{tag}")
+    profiler.disable()
+    print(f"--- cProfile {tag}: {r['decode_steps']} decode steps, step() {r['decode_step_ms']:.3f} ms "
+          "(slowed by the profiler)")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(40)
 
 
 def base_method(label: str) -> str:

@@ -231,7 +231,7 @@ def build(args: argparse.Namespace, method: str, budget: str, extra: dict[str, A
               enforce_eager=args.enforce_eager, enable_fused_qk_norm_rope=args.enable_fused_qk_norm_rope,
               enable_shared_experts_fusion=args.enable_shared_experts_fusion, max_model_len=args.max_model_len,
               max_num_seqs=max(cells(args), key=lambda c: c[1])[1], **overlap, **kv)
-    if llm.engine.drafter is not None:
+    if llm.engine.drafter is not None and args.hook_timing:
         TIMERS[id(llm)] = HookTimer.attach(llm.engine.drafter)
     runner = llm.engine.worker.runner
     if runner.graphs is not None and runner.graphs.replay_ms:  # what the draft budget was given
@@ -360,10 +360,10 @@ def paired_summary(rows: list[dict[str, Any]]) -> list[str]:
         lines.append(f"{dataset:<13} c{conc:<3} {method:<7} {budget:<3} TPOT median {statistics.median(tpot):6.3f} "
                      f"ms over {len(tpot)} rounds (min {min(tpot):.3f}, max {max(tpot):.3f}) {vs}")
         if all("decode_step_ms" in r for r in group):
+            hooks = statistics.median(r['drafter_us_per_step'] for r in group)
             lines.append(f"{'':<31}decode steps {statistics.median(r['decode_steps'] for r in group):.0f}, "
-                         f"step() {statistics.median(r['decode_step_ms'] for r in group):.3f} ms each, drafter "
-                         f"hooks {statistics.median(r['drafter_us_per_step'] for r in group):.1f} us per step "
-                         f"(medians over rounds)")
+                         f"step() {statistics.median(r['decode_step_ms'] for r in group):.3f} ms each"
+                         + (f", drafter hooks {hooks:.1f} us per step" if hooks else "") + " (medians over rounds)")
             by_hook = {h: statistics.median(r["drafter_hooks_us_per_step"].get(h, 0.0) for r in group)
                        for h in sorted({h for r in group for h in r.get("drafter_hooks_us_per_step", {})})}
             if by_hook:
@@ -414,6 +414,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="after the warm-up, one short plain-code pass per engine at the lowest concurrency under "
                          "torch.profiler: where a step's host and device time go (top ops by self CPU time)")
+    ap.add_argument("--hook-timing", action="store_true",
+                    help="time each drafter hook (bench/hook_timer.py): a diagnostic, not for the table, since the "
+                         "wrappers add host time per call to the speculative engines only")
     ap.add_argument("--out", default=None)
     ap.add_argument("--repeat", type=int, default=1,
                     help="rounds; > 1: every engine built first, methods interleaved (see above and --interleave)")

@@ -451,6 +451,8 @@ class EngineCore:
         """Host side of a step: verify, emit tokens, roll back rejected drafts, prefix-cache pages, deltas."""
         deltas = []
         sampled = step.sampled.resolve() if step.sampled is not None else None
+        # an idle MTP drafter learns nothing from tokens: a plain engine's per-token host work while it is idle
+        tell = self.drafter is not None and (self.drafter.follows_tokens or not self.drafter.idle)
         for i, s in enumerate(step.scheduled):
             req = s.request
             if req.is_finished:  # aborted or failed, or finished by the previous step while this one was in flight
@@ -463,14 +465,14 @@ class EngineCore:
                     self.scheduler.publish_blocks(req)
                     continue
                 deltas.append(self._emit(req, s, sampled.token_ids, sampled.logprobs, step.first_row[i],
-                                         step.overlapped))
+                                         step.overlapped, tell))
             except Exception as exc:
                 deltas.append(self._fail(req, "processing its output", exc))
         return deltas
 
     def _emit(
         self, req: Request, s: ScheduledRequest, tokens: list[int], logprobs: list[LogprobsDict | None], row: int,
-        overlapped: bool,
+        overlapped: bool, tell_drafter: bool,
     ) -> RequestDelta:
         if overlapped:
             req.num_pending_tokens -= 1
@@ -484,7 +486,7 @@ class EngineCore:
         if s.num_drafts:  # keep the KV of the accepted drafts only (a length cut)
             self.scheduler.commit(req, s.end - s.num_drafts + accepted)
         self.scheduler.publish_blocks(req)  # pages full of accepted tokens, before finishing releases them
-        if self.drafter is not None:
+        if tell_drafter:
             self.drafter.accepted(req.seq_key, emitted[: out.num_tokens])
         if out.finish_reason is not None:
             if self._nextn_kv_ships:

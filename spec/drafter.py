@@ -38,6 +38,9 @@ class StepView:
 class Drafter(ABC):
     # True: the engine keeps each target forward's hidden states and calls after_step (the MTP drafter)
     needs_target_hidden = False
+    # True: `accepted` must see every emitted token, idle or not (suffix decoding's trees); False: only while
+    # the drafter is not idle, since an idle one has no request to learn about (MTP, every request retired)
+    follows_tokens = True
     num_retired = 0  # requests retired from MTP drafting (spec/mtp.py)
 
     @abstractmethod
@@ -65,8 +68,8 @@ class Drafter(ABC):
     @property
     def idle(self) -> bool:
         """True while no request can draft and nothing drafted is pending (MTP with every request retired): the
-        engine then skips its per-step calls (wants_sync, propose, step timing) as if it had no drafter. Per
-        request calls (add, accepted, finish) still come."""
+        engine then skips its per-step calls (wants_sync, propose, step timing) as if it had no drafter, and
+        `accepted` unless the drafter follows every token (`follows_tokens`); `add` and `finish` still come."""
         return False
 
     def needs_hidden(self, seq_id: int) -> bool:

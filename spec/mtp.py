@@ -94,6 +94,7 @@ class MtpCalls:
 
 class MtpDrafter(Drafter):
     needs_target_hidden = True
+    follows_tokens = False  # a retired request's tokens teach it nothing (the NextN layer reads hidden states)
 
     def __init__(self, config: SpeculativeConfig, block_size: int, model: MtpCalls,
                  budget: DraftBudget | None = None) -> None:

@@ -264,15 +264,15 @@ def test_the_engine_times_its_decode_steps_for_the_wall_clock(tiny_bf16, plain):
 
 
 def test_an_idle_drafter_gets_no_per_step_calls(tiny_bf16, plain, monkeypatch):
-    """Once every request retired from MTP the engine skips the drafter's per-step hooks, so a retired
-    request's step costs what a plain engine's does (session 16: +7.7% TPOT at batch 1 on the H200 otherwise);
-    tokens stay the plain greedy ones and no draft is verified again after the retirement."""
+    """Once every request retired from MTP the engine skips the drafter's per-step hooks and its per-token
+    `accepted`, so a retired request's step costs what a plain engine's does (session 16: +7.7% TPOT at batch 1
+    on the H200 otherwise); tokens stay the plain greedy ones and no draft is verified again after the retirement."""
     spec = {"method": "mtp", "num_speculative_tokens": 3, "mtp_retire_steps": 3,
             "step_cost_rows": [1, 2], "step_cost_ms": [1.0, 1000.0]}  # the chain never pays: every request retires
     llm = LLM(str(tiny_bf16), speculative_config=spec, overlap_scheduling=True, **KW)
     drafter = llm.engine.drafter
-    calls = {"propose": 0, "wants_sync": 0, "steps_while_idle": 0}
-    for name in ("propose", "wants_sync"):
+    calls = {"propose": 0, "wants_sync": 0, "accepted": 0, "steps_while_idle": 0}
+    for name in ("propose", "wants_sync", "accepted"):
         real = getattr(drafter, name)
 
         def counted(*a, _real=real, _name=name):
@@ -293,4 +293,5 @@ def test_an_idle_drafter_gets_no_per_step_calls(tiny_bf16, plain, monkeypatch):
     assert stats["spec_mtp_retired_requests"] == 2
     assert calls["steps_while_idle"] > 100  # most of the run
     assert calls["propose"] + calls["wants_sync"] < 20  # only before the retirement
+    assert 0 < calls["accepted"] < 40  # per request and step until the retirement (both requests: 2 per step)
     assert stats["num_overlapped_steps"] > 100

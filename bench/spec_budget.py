@@ -193,7 +193,7 @@ def profile(llm: LLM, args: argparse.Namespace, tag: str) -> None:
     """Host and device time of a short run (plain-code requests, one block at --profile-concurrency, default the
     lowest concurrency), top ops."""
     conc = args.profile_concurrency or min(int(c) for c in args.concurrency.split(","))
-    small = argparse.Namespace(**{**vars(args), "num_prompts": max(4, conc), "output_len": 64, "seed": args.seed + 7})
+    small = argparse.Namespace(**{**vars(args), "num_prompts": max(4, conc), "seed": args.seed + 7})
     acts = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         acts.append(torch.profiler.ProfilerActivity.CUDA)
@@ -214,6 +214,8 @@ def profile(llm: LLM, args: argparse.Namespace, tag: str) -> None:
     print(f"--- cProfile {tag}: {r['decode_steps']} decode steps, step() {r['decode_step_ms']:.3f} ms "
           "(slowed by the profiler)")
     pstats.Stats(profiler).sort_stats("tottime").print_stats(40)
+    if args.profile_dir:
+        profiler.dump_stats(f"{args.profile_dir}/{tag}.pstats")
 
 
 def base_method(label: str) -> str:
@@ -411,8 +413,9 @@ def main() -> None:
                     help="an untimed short pass of every dataset and concurrency per engine first")
     ap.add_argument("--profile-concurrency", type=int, default=None,
                     help="requests in flight in the --profile run (default: the lowest --concurrency)")
+    ap.add_argument("--profile-dir", default=None, help="--profile also writes each engine's cProfile stats here")
     ap.add_argument("--profile", action="store_true",
-                    help="after the warm-up, one short plain-code pass per engine at the lowest concurrency under "
+                    help="after the warm-up, one plain-code block per engine at --profile-concurrency under "
                          "torch.profiler: where a step's host and device time go (top ops by self CPU time)")
     ap.add_argument("--hook-timing", action="store_true",
                     help="time each drafter hook (bench/hook_timer.py): a diagnostic, not for the table, since the "

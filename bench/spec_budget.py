@@ -347,10 +347,10 @@ def paired_summary(rows: list[dict[str, Any]]) -> list[str]:
     """Per (dataset, concurrency, method, budget): median TPOT over the rounds, and the median over rounds of
     TPOT / none's TPOT in the same round and cell. Where rows carry per-request TPOTs ("blocks"), also the
     median over (request, round) of TPOT / none's TPOT for that request and round, with a 95% interval (for
-    a second none engine, none#2, that is the A/A noise floor), and the same against suffix and MTP where the
-    issue compares with them (VERSUS)."""
+    a second engine of a method, e.g. none#2 or suffix#2, the same against its first engine is the A/A noise
+    floor), and the same against suffix and MTP where the issue compares with them (VERSUS)."""
     none = {(r["dataset"], r["concurrency"], r["rep"]): r["tpot_ms_mean"] for r in rows if r["method"] == "none"}
-    per_request = {b: request_ratios(rows, b) for b in ("none", "suffix", "mtp")}
+    per_request = {b: request_ratios(rows, b) for b in {"none", "suffix", "mtp", *(base_method(r["method"]) for r in rows)}}
     lines = []
     key = lambda r: (r["dataset"], r["concurrency"], r["method"], r["budget"])  # noqa: E731
     for (dataset, conc, method, budget), group in itertools.groupby(sorted(rows, key=key), key=key):
@@ -371,12 +371,13 @@ def paired_summary(rows: list[dict[str, Any]]) -> list[str]:
             if by_hook:
                 lines.append(f"{'':<31}us per step by hook: " + ", ".join(f"{h} {v:.1f}" for h, v in by_hook.items()
                                                                         if v >= 0.05))
-        for baseline in ("none", *VERSUS.get(method, ())):
-            units = per_request[baseline].get((dataset, conc, method, budget))
+        # "M#2" is a second engine of M: against M it is the A/A noise floor
+        for baseline in dict.fromkeys(("none", base_method(method), *VERSUS.get(base_method(method), ()))):
+            units = per_request[baseline].get((dataset, conc, method, budget)) if baseline != method else None
             if not units:
                 continue
             med, lo, hi = median_ci(units)
-            aa = "  (A/A: the noise floor)" if base_method(method) == "none" else ""
+            aa = "  (A/A: the noise floor)" if baseline == base_method(method) else ""
             lines.append(f"{'':<31}per request {100 * (med - 1):+6.1f}% vs {baseline}, 95% CI [{100 * (lo - 1):+.1f}%, "
                          f"{100 * (hi - 1):+.1f}%] over {sum(map(len, units))} request-rounds in {len(units)} "
                          f"(round, block) units{aa}")

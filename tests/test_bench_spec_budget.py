@@ -139,3 +139,16 @@ def test_hybrid_and_suffix_are_also_paired_with_the_methods_the_issue_compares_t
     assert " -53.2% vs mtp" in text  # hybrid vs MTP
     assert " -54.5% vs mtp" in text  # suffix vs MTP
     assert text.count("vs suffix") == 1 and text.count("vs mtp") == 2  # none and mtp compare with none only
+
+
+def test_a_second_engine_of_any_method_is_paired_with_its_first():
+    # suffix#2 is suffix run twice: against suffix it is the A/A line; against none and MTP it is paired as suffix
+    none = block_rows("none", lambda rep, b, i: base_tpot(rep, b, i) * slow(rep, b))
+    mtp = block_rows("mtp", lambda rep, b, i: 1.10 * base_tpot(rep, b, i) * slow(rep, b))
+    suffix = block_rows("suffix", lambda rep, b, i: 0.50 * base_tpot(rep, b, i) * slow(rep, b))
+    again = block_rows("suffix#2", lambda rep, b, i: 0.51 * base_tpot(rep, b, i) * slow(rep, b))
+    lines = [x for x in paired_summary(none + mtp + suffix + again) if "per request" in x]
+    aa = [x for x in lines if x.endswith("(A/A: the noise floor)")]
+    assert len(aa) == 1 and " +2.0% vs suffix, 95% CI [+2.0%, +2.0%]" in aa[0]
+    assert sum(" -53.6% vs mtp" in x for x in lines) == 1  # suffix#2 vs MTP (0.51 / 1.10)
+    assert sum(" -49.0% vs none" in x for x in lines) == 1

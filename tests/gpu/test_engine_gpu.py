@@ -207,13 +207,13 @@ def test_mtp_draft_graphs_replay_what_the_eager_chain_drafts(tiny_dirs):
     eager = MtpDrafter(llm.config.speculative, llm.config.cache.block_size, MtpCalls(w.execute_mtp))
     real_after_step, compared, pairs = eng.drafter.after_step, [], []
 
-    def after_step(views):
+    def after_step(views, num_decoding=None):
         saved = [t.clone() for t in cache]
-        eager.after_step(views)
+        eager.after_step(views, num_decoding)
         want = eager.propose([DraftSlot(v.seq_id, 3) for v in views if v.max_drafts])
         for t, s in zip(cache, saved):
             t.copy_(s)
-        real_after_step(views)
+        real_after_step(views, num_decoding)
         got = [eng.drafter._drafts.get(v.seq_id, []) for v in views if v.max_drafts]
         compared.append(len(got))
         pairs.extend(zip(got, want))

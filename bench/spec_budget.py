@@ -350,7 +350,8 @@ def paired_summary(rows: list[dict[str, Any]]) -> list[str]:
     a second engine of a method, e.g. none#2 or suffix#2, the same against its first engine is the A/A noise
     floor), and the same against suffix and MTP where the issue compares with them (VERSUS)."""
     none = {(r["dataset"], r["concurrency"], r["rep"]): r["tpot_ms_mean"] for r in rows if r["method"] == "none"}
-    per_request = {b: request_ratios(rows, b) for b in {"none", "suffix", "mtp", *(base_method(r["method"]) for r in rows)}}
+    baselines = {"none", "suffix", "mtp", *(base_method(r["method"]) for r in rows)}
+    per_request = {b: request_ratios(rows, b) for b in baselines}
     lines = []
     key = lambda r: (r["dataset"], r["concurrency"], r["method"], r["budget"])  # noqa: E731
     for (dataset, conc, method, budget), group in itertools.groupby(sorted(rows, key=key), key=key):

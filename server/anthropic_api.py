@@ -115,6 +115,7 @@ def _system_blocks(content: Any) -> Any:
 
 def to_chat_messages(req: Any) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
+    ignored: set[str] = set()  # block types skipped in user messages (named if nothing readable is left)
     if req.system is not None:
         system = content_text(_system_blocks(req.system), "system")
         if system:
@@ -156,6 +157,7 @@ def to_chat_messages(req: Any) -> list[dict[str, Any]]:
                     )
                 else:
                     logger.debug("ignoring a %r block in a user message", kind)
+                    ignored.add(kind)
             if texts:
                 out.append({"role": "user", "content": "\n".join(texts)})
         else:
@@ -182,6 +184,9 @@ def to_chat_messages(req: Any) -> list[dict[str, Any]]:
             if calls:
                 msg["tool_calls"] = calls
             out.append(msg)
+    if not out and ignored:  # (no messages at all: the chat template's own error)
+        raise bad_request("messages hold no content this server can read (skipped block types: "
+                          f"{', '.join(sorted(ignored))})", param="messages")
     return out
 
 

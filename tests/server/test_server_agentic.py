@@ -17,6 +17,7 @@ import pytest
 from server.anthropic_api import MessagesRequest
 from server.anthropic_api import to_chat_request as anthropic_to_chat
 from server.chat_template import template_kwargs
+from server.errors import APIError
 from server.responses_api import ResponsesRequest
 from server.responses_api import to_chat_request as responses_to_chat
 
@@ -301,3 +302,18 @@ def test_anthropic_output_config_format_is_enforced(http):
     bad = {**body, "output_config": {"format": {"type": "json_schema", "schema": {"type": "strung"}}}}
     r = http.post("/v1/messages", json=bad)
     assert r.status_code == 400 and "strung" in r.json()["error"]["message"]
+
+
+def test_anthropic_messages_of_unknown_blocks_only_name_them():
+    """A user message whose blocks are all of types the server skips leaves no conversation: the 400 names the
+    skipped types (it used to say "messages must be a non-empty list" of a non-empty list)."""
+    req = MessagesRequest.model_validate(
+        {"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "bogus"}, {"type": "other"}]}]}
+    )
+    with pytest.raises(APIError) as err:
+        anthropic_to_chat(req)
+    assert err.value.status == 400 and "skipped block types: bogus, other" in str(err.value)
+    # a readable block next to them: accepted, the unknown one skipped
+    blocks = [{"type": "bogus"}, {"type": "text", "text": "hi"}]
+    ok = MessagesRequest.model_validate({"max_tokens": 5, "messages": [{"role": "user", "content": blocks}]})
+    assert [m["content"] for m in anthropic_to_chat(ok).messages] == ["hi"]

@@ -35,7 +35,7 @@ from server.serving import (
     run_blocking,
     strip_stop_token_text,
 )
-from server.structured_output import response_format_grammar, structured_output, tool_call_grammar
+from server.structured_output import request_grammar, structured_output, tool_call_grammar
 
 logger = logging.getLogger("glint.server")
 
@@ -165,7 +165,7 @@ class ChatPlan:
         self.grammar = (
             tool_call_grammar(tools, self.parallel_tool_calls, state.tokenizer)
             if forced
-            else response_format_grammar(req.response_format)
+            else request_grammar(req.response_format, req.model_extra)
         )
         self.messages = normalize_messages(req.messages)
         self.kwargs = template_kwargs(

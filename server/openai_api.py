@@ -49,7 +49,7 @@ from server.serving import (
     strip_stop_token_text,
 )
 from server.sse import DONE, KEEPALIVE, ClientDisconnected, SSEResponse, run_or_disconnect, sse_data
-from server.structured_output import response_format_grammar, structured_output
+from server.structured_output import request_grammar, structured_output
 
 logger = logging.getLogger("glint.server")
 
@@ -262,7 +262,7 @@ async def completions(request: Request) -> Response:
     log["endpoint"] = "completions"
     req = await read_body(state, request, CompletionRequest)
     n = check_n(req.n)
-    grammar = response_format_grammar(req.response_format)
+    grammar = request_grammar(req.response_format, req.model_extra)
     if req.suffix:
         raise not_supported("suffix", param="suffix")
     if req.best_of is not None and req.best_of != n:

@@ -1,5 +1,8 @@
-"""Structured output: `response_format` (json_object / json_schema) and forced tool calls (`tool_choice`
-required / a named function) -> an llguidance grammar the engine enforces token by token (engine/grammar.py).
+"""Structured output: `response_format` (json_object / json_schema), forced tool calls (`tool_choice` required /
+a named function) and the structured-output fields of vLLM (`structured_outputs` json / regex / choice / grammar /
+json_object, and the older `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`) and SGLang
+(`json_schema`, `regex`, `ebnf`) -> an llguidance grammar the engine enforces token by token (engine/grammar.py).
+A grammar may be Lark or GBNF (llguidance converts GBNF).
 
 - json_object: any JSON object; json_schema: that schema (strict or not, it is enforced). JSON is written
   compactly (no free whitespace between tokens), so a model cannot pad it forever.
@@ -21,7 +24,7 @@ from typing import Any
 import llguidance
 
 from engine.sampling_params import StructuredOutput
-from server.errors import bad_request
+from server.errors import bad_request, not_supported
 
 JSON_OPTIONS = {"whitespace_flexible": False}
 TOOL_TOKENS = ("<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>")
@@ -69,6 +72,68 @@ def response_format_grammar(response_format: Any) -> str | None:
     raise bad_request(
         f"unknown response_format type {kind!r} (text, json_object or json_schema)", param="response_format.type"
     )
+
+
+# Other servers' structured-output request fields, which their clients send as extra body fields: vLLM's
+# `structured_outputs` object and its older guided_* fields, SGLang's regex / json_schema / ebnf. Each maps to a
+# kind of llguidance.grammar_from ("grammar": Lark or GBNF/EBNF).
+GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                 "guided_grammar": "grammar", "regex": "regex", "json_schema": "json", "ebnf": "grammar"}
+STRUCTURED_OUTPUTS = {"json": "json", "regex": "regex", "choice": "choice", "grammar": "grammar",
+                      "json_object": "json_object"}
+
+
+def _extra_constraints(extra: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """(param, kind, value) of every structured-output field of another server's API in the request."""
+    found = [(f, kind, extra[f]) for f, kind in GUIDED_FIELDS.items() if extra.get(f) is not None]
+    so = extra.get("structured_outputs")
+    if so is None:
+        return found
+    if not isinstance(so, dict):
+        raise bad_request("structured_outputs must be an object", param="structured_outputs")
+    for key, value in so.items():
+        if value is None or value is False:
+            continue
+        if key not in STRUCTURED_OUTPUTS:
+            raise not_supported(f"structured_outputs.{key}", param=f"structured_outputs.{key}")
+        found.append((f"structured_outputs.{key}", STRUCTURED_OUTPUTS[key], value))
+    return found
+
+
+def _constraint_grammar(param: str, kind: str, value: Any) -> str:
+    if kind == "json_object":
+        return json_grammar({"type": "object"}, param)
+    if kind == "json":
+        if isinstance(value, str):  # SGLang's json_schema is a string of JSON
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise bad_request(f"{param} is not valid JSON: {e}", param=param) from None
+        return json_grammar(value, param)
+    if kind == "choice":
+        if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
+            raise bad_request(f"{param} must be a non-empty list of strings", param=param)
+        value = json.dumps(value)
+    elif not isinstance(value, str) or not value:
+        raise bad_request(f"{param} must be a non-empty string", param=param)
+    try:
+        grammar = llguidance.grammar_from(kind, value)
+    except Exception as e:  # noqa: BLE001 (the GBNF converter's own error types): the client's text is at fault
+        raise bad_request(f"the {kind} in {param} cannot be enforced: {e}", param=param) from None
+    return _checked(grammar, param, f"the {kind} in {param}")
+
+
+def request_grammar(response_format: Any, extra: dict[str, Any] | None) -> str | None:
+    """The grammar of `response_format`, or of one of the other servers' structured-output fields in `extra`
+    (the request's extra body fields); None for free text. Two constraints in one request are a 400."""
+    grammar = response_format_grammar(response_format)
+    found = _extra_constraints(extra or {})
+    if not found:
+        return grammar
+    names = (["response_format"] if grammar is not None else []) + [param for param, _, _ in found]
+    if len(names) > 1:
+        raise bad_request(f"one structured-output constraint per request, got {', '.join(names)}", param=names[1])
+    return _constraint_grammar(*found[0])
 
 
 def _lark_str(text: str) -> str:

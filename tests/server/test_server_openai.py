@@ -8,11 +8,14 @@ each step is replaced by the next chunk of a realistic GLM-4.7 output.
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import httpx
 import openai
 import pytest
+
+from server.structured_output import request_grammar
 
 SCRIPTS = {
     # thinking on: reasoning, then a tool call without </think>; arguments arrive in small pieces
@@ -500,3 +503,62 @@ def test_stats_line_and_request_log(server):
     assert "Avg generation throughput" in text and "Prefix cache hit rate" in text
     assert '"POST /v1/chat/completions" 200' in text
     assert "Hello there" not in text  # no prompt text in the request log by default
+
+
+# ------------------------------------------------------------------------- other servers' structured outputs
+
+NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
+
+
+def test_vllm_and_sglang_structured_output_fields_are_enforced(client):
+    """vLLM's structured_outputs / guided_* and SGLang's regex / json_schema / ebnf extra fields constrain the
+    output as response_format does (the tiny model's random weights would write none of these by chance)."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "ok": {"type": "boolean"}},
+              "required": ["n", "ok"], "additionalProperties": False}
+    completions = (
+        ({"guided_choice": ["yes", "no"]}, lambda t: t in ("yes", "no")),
+        ({"guided_regex": "[0-9]{3}-[a-c]{2}"}, lambda t: re.fullmatch("[0-9]{3}-[a-c]{2}", t)),
+        ({"structured_outputs": {"choice": ["left", "right"]}}, lambda t: t in ("left", "right")),
+        ({"ebnf": 'root ::= "go" ("up" | "down")'}, lambda t: t in ("goup", "godown")),  # GBNF, as SGLang takes
+        ({"guided_grammar": 'start: "x" DIGIT\nDIGIT: /[0-9]/'}, lambda t: re.fullmatch("x[0-9]", t)),  # Lark
+    )
+    for extra, ok in completions:
+        for seed in (0, 1):
+            resp = client.completions.create(model="glint-tiny", prompt="Answer:", max_tokens=24, temperature=1.0,
+                                             seed=seed, extra_body=extra)
+            text = resp.choices[0].text
+            assert ok(text) and resp.choices[0].finish_reason == "stop", (extra, text)
+    chats = (
+        ({"structured_outputs": {"json": schema}}, lambda t: set(json.loads(t)) == {"n", "ok"}),
+        ({"guided_json": json.dumps(schema)}, lambda t: set(json.loads(t)) == {"n", "ok"}),
+        ({"json_schema": json.dumps(schema)}, lambda t: set(json.loads(t)) == {"n", "ok"}),  # SGLang: a string
+        ({"regex": "(ab|cd)x"}, lambda t: t in ("abx", "cdx")),
+    )
+    for extra, ok in chats:
+        resp = client.chat.completions.create(model="glint-tiny", messages=user("go"), max_tokens=60,
+                                              temperature=1.0, seed=3, extra_body={**extra, **NO_THINKING})
+        text = resp.choices[0].message.content
+        assert resp.choices[0].finish_reason == "stop" and ok(text), (extra, text)
+    # any JSON object: a random model's keys run on past max_tokens, so only the start is checkable here
+    extra = {"structured_outputs": {"json_object": True}, **NO_THINKING}
+    resp = client.chat.completions.create(model="glint-tiny", messages=user("go"), max_tokens=8, temperature=1.0,
+                                          seed=3, extra_body=extra)
+    assert resp.choices[0].message.content.startswith("{")
+    assert request_grammar(None, {"structured_outputs": {"json_object": True}}) == \
+        request_grammar({"type": "json_object"}, None)
+
+
+def test_bad_structured_output_fields_are_400s_naming_the_field(client):
+    for extra, param, words in (
+        ({"guided_regex": "[a-"}, "guided_regex", "regex"),
+        ({"guided_choice": []}, "guided_choice", "non-empty list"),
+        ({"json_schema": "{not json"}, "json_schema", "not valid JSON"),
+        ({"ebnf": "root ::= ("}, "ebnf", "cannot be enforced"),
+        ({"structured_outputs": {"structural_tag": "x"}}, "structured_outputs.structural_tag", "not supported"),
+        ({"structured_outputs": "x"}, "structured_outputs", "object"),
+        ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice", "one structured-output constraint"),
+        ({"response_format": {"type": "json_object"}, "regex": "a"}, "regex", "response_format, regex"),
+    ):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="glint-tiny", messages=user("x"), max_tokens=5, extra_body=extra)
+        assert e.value.param == param and words in e.value.message, (extra, e.value.message)

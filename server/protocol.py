@@ -13,7 +13,7 @@ from typing import Any, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from server.errors import APIError, bad_request
+from server.errors import APIError, bad_request, not_supported
 from server.validation import check_logit_bias, check_seed, load_json
 
 logger = logging.getLogger("glint.server")
@@ -28,6 +28,12 @@ class _Loose(BaseModel):
 class StreamOptions(_Loose):
     include_usage: bool | None = False
     continuous_usage_stats: bool | None = False
+
+
+# vLLM request fields that would change the output and that this server does not implement: a 400 naming the
+# field instead of a silent ignore (a value that asks for nothing, such as vLLM's default, passes)
+UNSUPPORTED_FIELDS = ("allowed_token_ids", "bad_words", "truncate_prompt_tokens", "logits_processors",
+                      "use_beam_search", "return_tokens_as_token_ids")
 
 
 class _SamplingFields(_Loose):
@@ -58,6 +64,10 @@ class _SamplingFields(_Loose):
     def _check_ranges(self) -> "_SamplingFields":
         check_seed(self.seed)  # APIError(400) passes through pydantic unchanged
         check_logit_bias(self.logit_bias)
+        extra = self.model_extra or {}
+        for name in UNSUPPORTED_FIELDS:
+            if extra.get(name) not in (None, False, [], {}):
+                raise not_supported(name, param=name)
         return self
 
 

@@ -562,3 +562,19 @@ def test_bad_structured_output_fields_are_400s_naming_the_field(client):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model="glint-tiny", messages=user("x"), max_tokens=5, extra_body=extra)
         assert e.value.param == param and words in e.value.message, (extra, e.value.message)
+
+
+def test_vllm_fields_this_server_does_not_implement_are_400s_not_ignored(client):
+    for field, value in (("allowed_token_ids", [1, 2]), ("bad_words", ["x"]), ("truncate_prompt_tokens", 8),
+                         ("logits_processors", ["m.P"]), ("use_beam_search", True),
+                         ("return_tokens_as_token_ids", True)):
+        for call in (lambda e: client.completions.create(model="glint-tiny", prompt="x", max_tokens=2, extra_body=e),
+                     lambda e: client.chat.completions.create(model="glint-tiny", messages=user("x"), max_tokens=2,
+                                                              extra_body=e)):
+            with pytest.raises(openai.BadRequestError) as err:
+                call({field: value})
+            assert err.value.param == field and err.value.code == "unsupported_parameter", err.value.message
+    # the values that ask for nothing pass (clients send vLLM's defaults)
+    resp = client.completions.create(model="glint-tiny", prompt="x", max_tokens=2,
+                                     extra_body={"use_beam_search": False, "bad_words": [], "allowed_token_ids": None})
+    assert resp.choices[0].text is not None

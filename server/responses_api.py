@@ -115,6 +115,7 @@ def to_chat_messages(req: ResponsesRequest) -> list[dict[str, Any]]:
         out.append({"role": "user", "content": req.input})
         return out
     turn: dict[str, Any] | None = None  # the assistant turn being collected
+    skipped: set[str] = set()  # item types skipped (named if nothing readable is left)
 
     def assistant() -> dict[str, Any]:
         nonlocal turn
@@ -160,6 +161,10 @@ def to_chat_messages(req: ResponsesRequest) -> list[dict[str, Any]]:
             out.append({"role": "tool", "tool_call_id": str(item.get("call_id", "")), "content": text})
         else:
             logger.debug("skipping a %r input item", kind)
+            skipped.add(str(kind))
+    if not out and skipped:  # (no input items at all: the chat template's own error)
+        raise bad_request(f"input holds no item this server can read (skipped item types: "
+                          f"{', '.join(sorted(skipped))})", param="input")
     return out
 
 

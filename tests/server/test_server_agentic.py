@@ -317,3 +317,12 @@ def test_anthropic_messages_of_unknown_blocks_only_name_them():
     blocks = [{"type": "bogus"}, {"type": "text", "text": "hi"}]
     ok = MessagesRequest.model_validate({"max_tokens": 5, "messages": [{"role": "user", "content": blocks}]})
     assert [m["content"] for m in anthropic_to_chat(ok).messages] == ["hi"]
+
+
+def test_responses_input_of_unknown_items_only_names_them():
+    req = ResponsesRequest.model_validate({"input": [{"type": "web_search_call"}, {"type": "bogus"}]})
+    with pytest.raises(APIError) as err:
+        responses_to_chat(req)
+    assert err.value.status == 400 and "skipped item types: bogus, web_search_call" in str(err.value)
+    ok = ResponsesRequest.model_validate({"input": [{"type": "bogus"}, {"role": "user", "content": "hi"}]})
+    assert [m["content"] for m in responses_to_chat(ok).messages] == ["hi"]

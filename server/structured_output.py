@@ -118,7 +118,7 @@ def _constraint_grammar(param: str, kind: str, value: Any) -> str:
         raise bad_request(f"{param} must be a non-empty string", param=param)
     try:
         grammar = llguidance.grammar_from(kind, value)
-    except Exception as e:  # noqa: BLE001 (the GBNF converter's own error types): the client's text is at fault
+    except ValueError as e:  # a GBNF grammar llguidance cannot convert to Lark (other errors: _checked below)
         raise bad_request(f"the {kind} in {param} cannot be enforced: {e}", param=param) from None
     return _checked(grammar, param, f"the {kind} in {param}")
 

@@ -61,12 +61,17 @@ class SamplingParams:
             self.stop = ()
         elif isinstance(self.stop, str):
             self.stop = (self.stop,)
-        else:
+        elif isinstance(self.stop, (list, tuple)):
             self.stop = tuple(self.stop)
+        else:
+            raise ValueError(f"stop must be a str or a list of str, got {self.stop!r}")
         if self.stop_token_ids is None:
             self.stop_token_ids = ()
-        else:
+        elif isinstance(self.stop_token_ids, (list, tuple)) and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids):
             self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+        else:
+            raise ValueError(f"stop_token_ids must be a list of int, got {self.stop_token_ids!r}")
         if self.logit_bias is not None:
             # JSON bodies carry string keys ("1234": -100); accept them.
             try:

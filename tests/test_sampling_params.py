@@ -51,6 +51,9 @@ def test_is_greedy():
         ({"frequency_penalty": -2.5}, "frequency_penalty"),
         ({"stop": ["ok", ""]}, "stop"),
         ({"stop": ""}, "stop"),
+        ({"stop": 5}, "stop must be a str or a list of str"),  # was a bare "'int' object is not iterable"
+        ({"stop_token_ids": 5}, "stop_token_ids must be a list of int"),
+        ({"stop_token_ids": ["a"]}, "stop_token_ids must be a list of int"),
         ({"logit_bias": {"x": 1}}, "logit_bias"),
         ({"seed": 1.5}, "seed"),
     ],

@@ -62,7 +62,7 @@ Job = tuple[str, list[int], int, Callable[[str], list] | None]
 STAT_KEYS = ("spec_draft_tokens", "spec_accepted_tokens", "num_overlapped_steps", "spec_mtp_retired_requests",
              "gc_pause_seconds_total", "gc_collections_gen2", "steps_decode_steps", "steps_decode_seconds",
              "steps_prefill_steps", "steps_prefill_seconds")
-# per engine: host time inside its drafter's hooks (bench/hook_timer.py), attached in build()
+# per engine: host time inside its drafter's hooks (bench/hook_timer.py), attached in build() with --hook-timing
 TIMERS: dict[int, HookTimer] = {}
 
 

@@ -81,6 +81,9 @@ GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice"
                  "guided_grammar": "grammar", "regex": "regex", "json_schema": "json", "ebnf": "grammar"}
 STRUCTURED_OUTPUTS = {"json": "json", "regex": "regex", "choice": "choice", "grammar": "grammar",
                       "json_object": "json_object"}
+# structured_outputs options that change nothing here: JSON is always written without free whitespace (so any
+# whitespace rule holds), and there is one backend, without fallback
+IGNORED_OPTIONS = ("disable_any_whitespace", "whitespace_pattern", "disable_fallback", "backend", "_backend")
 
 
 def _extra_constraints(extra: dict[str, Any]) -> list[tuple[str, str, Any]]:
@@ -92,7 +95,7 @@ def _extra_constraints(extra: dict[str, Any]) -> list[tuple[str, str, Any]]:
     if not isinstance(so, dict):
         raise bad_request("structured_outputs must be an object", param="structured_outputs")
     for key, value in so.items():
-        if value is None or value is False:
+        if value is None or value is False or key in IGNORED_OPTIONS:
             continue
         if key not in STRUCTURED_OUTPUTS:
             raise not_supported(f"structured_outputs.{key}", param=f"structured_outputs.{key}")

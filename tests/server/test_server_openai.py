@@ -518,7 +518,8 @@ def test_vllm_and_sglang_structured_output_fields_are_enforced(client):
     completions = (
         ({"guided_choice": ["yes", "no"]}, lambda t: t in ("yes", "no")),
         ({"guided_regex": "[0-9]{3}-[a-c]{2}"}, lambda t: re.fullmatch("[0-9]{3}-[a-c]{2}", t)),
-        ({"structured_outputs": {"choice": ["left", "right"]}}, lambda t: t in ("left", "right")),
+        ({"structured_outputs": {"choice": ["left", "right"], "disable_any_whitespace": True}},
+         lambda t: t in ("left", "right")),
         ({"ebnf": 'root ::= "go" ("up" | "down")'}, lambda t: t in ("goup", "godown")),  # GBNF, as SGLang takes
         ({"guided_grammar": 'start: "x" DIGIT\nDIGIT: /[0-9]/'}, lambda t: re.fullmatch("x[0-9]", t)),  # Lark
     )

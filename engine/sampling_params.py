@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,8 +69,8 @@ class SamplingParams:
         if self.stop_token_ids is None:
             self.stop_token_ids = ()
         elif isinstance(self.stop_token_ids, (list, tuple)) and all(
-                isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids):
-            self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+                isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in self.stop_token_ids):
+            self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)  # numpy ints too, as before
         else:
             raise ValueError(f"stop_token_ids must be a list of int, got {self.stop_token_ids!r}")
         if self.logit_bias is not None:

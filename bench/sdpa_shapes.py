@@ -46,8 +46,10 @@ def _case(qlen: int, prefix: int, hq: int, hk: int, d: int = 128, bs: int = 16) 
     hints = dict(max_query_len=qlen, max_seq_len=ctx)
 
     def sdpa():
+        # min_prefill_tokens=1: the SDPA path for every length (the engine's threshold would send short ones to
+        # Triton, and the table would compare Triton with itself)
         return paged_attention_prefill_sdpa(*args, rest=paged_attention, query_start_host=[0, qlen],
-                                            seq_lens_host=[ctx])
+                                            seq_lens_host=[ctx], min_prefill_tokens=1)
 
     def triton():
         return paged_attention(*args, **hints)

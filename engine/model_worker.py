@@ -199,7 +199,7 @@ class ModelWorker:
                                torch.cuda.get_device_properties(self.device).multi_processor_count)
         sdpa = resolve_prefill_attention_backend(self.config.prefill_attention_backend, self.device) == "sdpa"
         steps = warmup_steps(sc.max_num_batched_tokens, sc.max_num_seqs, sc.max_model_len, shape,
-                             sdpa_prefill.MIN_PREFILL_TOKENS if sdpa else None)
+                             sdpa_prefill.sdpa_from_tokens(heads.num_heads) if sdpa else None)
         start = time.perf_counter()
         for step in steps:
             self.runner.run(step_inputs(step, self.block_size, self.num_blocks))

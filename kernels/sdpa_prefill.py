@@ -2,7 +2,7 @@
 paged cache (`--prefill-attention-backend sdpa`). Same signature and semantics as
 `kernels.attention.paged_attention_ref` plus a `rest` callable for the rows this path does not take.
 
-Which rows: a sequence with at least `min_prefill_tokens` new query tokens (default MIN_PREFILL_TOKENS) is a
+Which rows: a sequence with at least `min_prefill_tokens` new query tokens (default `sdpa_from_tokens`) is a
 prefill row; its cached prefix + new tokens are gathered page by page into contiguous K/V in the query dtype
 (FP8 pages widen exactly; k_scale is folded into the softmax scale, v_scale multiplies the gathered V) and attended
 with SDPA. Every other sequence (decode, speculative verify, short chunks) goes to `rest` (our Triton kernels, or
@@ -54,11 +54,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-# new query tokens from which a sequence takes SDPA (read at call time). Below it our Triton extend kernel is as
-# fast or faster on the TP8 shard (12 query / 1 KV head per rank), Triton vs SDPA: 0.21 vs 0.52 ms at 2.8K
-# tokens, 0.38 vs 0.65 at 5.1K, 0.87 vs 0.79 at 8.8K (bench/sdpa_shapes.py on the H200, session 15; with 96/8
-# heads SDPA wins from ~4.7K). From 8K on SDPA wins on every head layout measured.
-MIN_PREFILL_TOKENS = 8192
+# (query heads per rank at least, new query tokens from which a sequence takes SDPA), first match wins; read at
+# call time. cuDNN's ragged plans need enough work per call to beat our Triton extend kernel, and the work grows with
+# the heads: the crossover sits at ~3.2K new tokens at 96/8 and 48/4 heads (TP1 / TP2), ~5.5K at 24/2 (TP4), past
+# 8K at 12/1 (TP8); with a 4K cached prefix it comes earlier (96/8: ~2K) (bench/sdpa_shapes.py, H200, session 20).
+# At 4.2K tokens, 96/8 heads: SDPA 1.19 ms, Triton 1.43; at 7.6K, 12/1: SDPA 0.70, Triton 0.66.
+SDPA_FROM_TOKENS: tuple[tuple[int, int], ...] = ((48, 3584), (24, 6144), (1, 8192))
 PREFIX_MODES = ("merge", "pad")
 MERGE_ROWS = 4096  # query rows per fp32 merge pass
 SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
@@ -71,6 +72,11 @@ AttentionFn = Callable[..., torch.Tensor]
 # the CUDA op that gives an output and its log-sum-exp: "cudnn" until it fails once, then "flash"
 _LSE_OP: dict[str, str] = {"cuda": "cudnn"}
 AVOID_RECOMPILE_ENV = "TORCH_CUDNN_SDPA_AVOID_RECOMPILE"
+
+
+def sdpa_from_tokens(num_heads: int) -> int:
+    """New query tokens from which a sequence with num_heads query heads (per rank) takes the SDPA path."""
+    return next(tokens for heads, tokens in SDPA_FROM_TOKENS if num_heads >= heads)
 
 
 def reuse_plans_across_lengths() -> None:
@@ -206,7 +212,7 @@ def paged_attention_prefill_sdpa(
     seq_lens_host: host copies of query_start_loc / seq_lens (read from the device, one sync, when missing)."""
     qsl = query_start_host if query_start_host is not None else query_start_loc.tolist()
     lens = seq_lens_host if seq_lens_host is not None else seq_lens.tolist()
-    threshold = MIN_PREFILL_TOKENS if min_prefill_tokens is None else min_prefill_tokens
+    threshold = sdpa_from_tokens(q.shape[1]) if min_prefill_tokens is None else min_prefill_tokens
     nseq = len(lens)
     qlens = [qsl[b + 1] - qsl[b] for b in range(nseq)]
     prefill = [b for b in range(nseq) if qlens[b] >= max(threshold, 1)]
@@ -239,5 +245,5 @@ def paged_attention_prefill_sdpa(
     return out
 
 
-__all__ = ["AVOID_RECOMPILE_ENV", "MIN_PREFILL_TOKENS", "PREFIX_MODES", "gather_kv", "paged_attention_prefill_sdpa",
+__all__ = ["AVOID_RECOMPILE_ENV", "SDPA_FROM_TOKENS", "sdpa_from_tokens", "PREFIX_MODES", "gather_kv", "paged_attention_prefill_sdpa",
            "prefill_attention_sdpa", "reuse_plans_across_lengths", "workspace_bytes"]

@@ -12,7 +12,7 @@ from model.linear import Linear
 from model.parallel import HeadPartition, TPGroup
 
 ATTENTION_BACKENDS = ("triton", "fa3")  # triton: kernels.paged_attention (reference on CPU); fa3: flash_attn
-# prefill rows (>= sdpa_prefill.MIN_PREFILL_TOKENS new tokens): triton = whatever attention_backend runs;
+# prefill rows (>= sdpa_prefill.sdpa_from_tokens(heads) new tokens): triton = whatever attention_backend runs;
 # sdpa = torch SDPA (cuDNN) over the gathered K/V (kernels/sdpa_prefill.py), the other rows stay on attention_backend;
 # auto = sdpa on CUDA (1.4-1.8x faster than our Triton extend kernel at 4K-32K tokens on the H200, bench/RESULTS.md),
 # triton elsewhere (the CPU reference path)
@@ -93,10 +93,12 @@ class Attention(nn.Module):
                 ctx.k_scale, ctx.v_scale)
         hints = dict(max_query_len=ctx.max_query_len, max_seq_len=ctx.max_seq_len)
         absmax = None
-        if self.prefill_attention_backend == "sdpa" and ctx.max_query_len >= sdpa_prefill.MIN_PREFILL_TOKENS:
+        sdpa_from = sdpa_prefill.sdpa_from_tokens(self.heads.num_heads)
+        if self.prefill_attention_backend == "sdpa" and ctx.max_query_len >= sdpa_from:
             rest = flash_attn_adapter.paged_attention_fa if self.attention_backend == "fa3" else kernels.paged_attention
             qsl, lens = ctx.host_lengths()
-            o = sdpa_prefill.paged_attention_prefill_sdpa(*args, rest=rest, query_start_host=qsl, seq_lens_host=lens)
+            o = sdpa_prefill.paged_attention_prefill_sdpa(*args, rest=rest, query_start_host=qsl, seq_lens_host=lens,
+                                                          min_prefill_tokens=sdpa_from)
         elif self.attention_backend == "fa3":
             o = flash_attn_adapter.paged_attention_fa(*args, **hints)
         else:

@@ -29,7 +29,7 @@ def _run(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
 
 
 def test_sdpa_prefill_gives_the_default_tokens(monkeypatch, tiny_bf16):
-    monkeypatch.setattr(sdpa_prefill, "MIN_PREFILL_TOKENS", 8)
+    monkeypatch.setattr(sdpa_prefill, "SDPA_FROM_TOKENS", ((1, 8),))
     calls: list[tuple[int, int]] = []  # (new tokens, kv length) of every sequence the SDPA path attended
     real = sdpa_prefill.prefill_attention_sdpa
 

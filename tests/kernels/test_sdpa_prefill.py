@@ -71,17 +71,31 @@ def test_mixed_batch_matches_reference(seqs, why, hq, hk, cache_dtype, prefix_mo
 def test_no_prefill_row_is_all_rest():
     q, kc, vc, bt, sl, qsl, ks, vs = make_batch([40, 9], [3, 1], 4, 2, 32, 16, torch.bfloat16, "cpu")
     spy = Spy()
-    out = paged_attention_prefill_sdpa(q, kc, vc, bt, sl, qsl, 0.2, rest=spy)  # default threshold: 8192
+    out = paged_attention_prefill_sdpa(q, kc, vc, bt, sl, qsl, 0.2, rest=spy)  # default threshold: >= 3584
     assert spy.calls == [(4, [0, 3, 4], [40, 9])]
     assert torch.equal(out, paged_attention_ref(q, kc, vc, bt, sl, qsl, 0.2))
 
 
 def test_threshold_is_read_at_call_time(monkeypatch):
-    monkeypatch.setattr(sdpa_prefill, "MIN_PREFILL_TOKENS", 5)
+    monkeypatch.setattr(sdpa_prefill, "SDPA_FROM_TOKENS", ((1, 5),))
     q, kc, vc, bt, sl, qsl, ks, vs = make_batch([40, 9], [6, 1], 4, 2, 32, 16, torch.bfloat16, "cpu")
     spy = Spy()
     paged_attention_prefill_sdpa(q, kc, vc, bt, sl, qsl, 0.2, rest=spy)
     assert spy.calls == [(1, [0, 1], [9])]
+
+
+def test_threshold_depends_on_the_heads_per_rank(monkeypatch):
+    """Wide head layouts (TP1/TP2) take SDPA from fewer new tokens than the TP8 shard; the default threshold of a
+    call follows q's head count."""
+    assert sdpa_prefill.sdpa_from_tokens(96) == sdpa_prefill.sdpa_from_tokens(48) == 3584
+    assert sdpa_prefill.sdpa_from_tokens(24) == 6144
+    assert sdpa_prefill.sdpa_from_tokens(12) == sdpa_prefill.sdpa_from_tokens(1) == 8192
+    monkeypatch.setattr(sdpa_prefill, "SDPA_FROM_TOKENS", ((4, 30), (1, 8)))
+    for heads, rest_calls in ((4, [(20, [0, 20], [40])]), (2, [])):  # a 20-token row: SDPA only below 4 heads
+        q, kc, vc, bt, sl, qsl, ks, vs = make_batch([40], [20], heads, 1, 32, 16, torch.bfloat16, "cpu")
+        spy = Spy()
+        paged_attention_prefill_sdpa(q, kc, vc, bt, sl, qsl, 0.2, rest=spy)
+        assert spy.calls == rest_calls
 
 
 def test_top_left_causal_would_be_wrong(monkeypatch):

@@ -661,7 +661,7 @@ def bench_prefill(args):
                         def sdpa_path(mode=mode):
                             paged_attention_prefill_sdpa(q, kc, vc, bt, lens, qsl, d ** -0.5, ks, ks,
                                                          rest=paged_attention, query_start_host=[0, qlen],
-                                                         seq_lens_host=[ctx], prefix_mode=mode)
+                                                         seq_lens_host=[ctx], prefix_mode=mode, min_prefill_tokens=1)
                         try:
                             t, _ = timeit([sdpa_path])
                         except Exception as exc:  # noqa: BLE001 - report and go on

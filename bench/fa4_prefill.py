@@ -1,0 +1,114 @@
+"""Prefill attention through FlashAttention-4's CuTe-DSL kernels (`flash_attn.cute`, which has a Hopper forward)
+against cuDNN (the SDPA path's kernel) and our Triton extend kernel, one causal sequence, head_dim 128, bf16:
+
+    python -m bench.fa4_prefill [--heads 96/8,12/1] [--cases 4096:0,16384:0,32768:0,4096:4096,16384:4096]
+
+Per case: cuDNN through kernels.sdpa_prefill.prefill_attention_sdpa on contiguous K/V (with a prefix: its merge of
+a prefix block and a causal block), FA4 on the same contiguous K/V (its causal mask is bottom-right aligned, so a
+prefix needs no merge), FA4 reading the paged cache through a page table (16-token pages: its non-TMA paged path),
+and our Triton extend kernel on the paged cache. Times are CUDA-event medians of 10 calls after warm-up (FA4
+compiles on its first call); % = FLOPs / time / 989 TFLOP/s (bf16 dense datasheet). "err" = the largest difference
+from the cuDNN output over its largest value. flash-attn-4 is optional: the script says so when it is missing.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections.abc import Callable
+
+import torch
+
+from kernels.sdpa_prefill import prefill_attention_sdpa
+from kernels.triton_attention import paged_attention
+
+try:
+    from flash_attn.cute.interface import flash_attn_func, flash_attn_varlen_func
+except ImportError as exc:  # pragma: no cover - optional library
+    flash_attn_func = flash_attn_varlen_func = None
+    FA4_ERROR = f"{type(exc).__name__}: {exc}"
+else:
+    FA4_ERROR = ""
+
+BF16 = torch.bfloat16
+PEAK = 989e12
+D, BS = 128, 16
+
+
+def _time_ms(fn: Callable[[], object], reps: int = 10) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def _first(x):
+    return x[0] if isinstance(x, tuple) else x
+
+
+def case(n: int, prefix: int, hq: int, hk: int) -> dict[str, object]:
+    kv = n + prefix
+    scale = D ** -0.5
+    q = torch.randn(n, hq, D, device="cuda", dtype=BF16)
+    k = torch.randn(kv, hk, D, device="cuda", dtype=BF16)
+    v = torch.randn(kv, hk, D, device="cuda", dtype=BF16)
+    pages = -(-kv // BS)
+    perm = torch.randperm(pages, device="cuda", dtype=torch.int32)  # pages out of order, as in serving
+    k_cache = torch.zeros(pages, BS, hk, D, device="cuda", dtype=BF16)
+    v_cache = torch.zeros_like(k_cache)
+    for src, dst in ((k, k_cache), (v, v_cache)):
+        padded = torch.zeros(pages * BS, hk, D, device="cuda", dtype=BF16)
+        padded[:kv] = src
+        dst[perm.long()] = padded.view(pages, BS, hk, D)
+    table = perm.view(1, -1)
+    lens = torch.tensor([kv], device="cuda", dtype=torch.int32)
+    qsl = torch.tensor([0, n], device="cuda", dtype=torch.int32)
+
+    out: dict[str, object] = {}
+    ref = prefill_attention_sdpa(q, k, v, scale)
+    runs: dict[str, Callable[[], torch.Tensor]] = {
+        "cudnn": lambda: prefill_attention_sdpa(q, k, v, scale),
+        "triton": lambda: paged_attention(q, k_cache, v_cache, table, lens, qsl, scale, max_query_len=n,
+                                          max_seq_len=kv),
+    }
+    if flash_attn_func is not None:
+        runs["fa4"] = lambda: _first(flash_attn_func(q[None], k[None], v[None], softmax_scale=scale, causal=True))[0]
+        cu_q = torch.tensor([0, n], device="cuda", dtype=torch.int32)
+        runs["fa4_paged"] = lambda: _first(flash_attn_varlen_func(
+            q, k_cache, v_cache, cu_seqlens_q=cu_q, seqused_k=lens, max_seqlen_q=n, page_table=table,
+            softmax_scale=scale, causal=True))
+    flops = 4 * D * hq * (n * prefix + n * (n + 1) / 2)
+    for name, fn in runs.items():
+        try:
+            o = fn()
+            err = float((o.float() - ref.float()).abs().max() / ref.float().abs().max())
+            ms = _time_ms(fn)
+            out[name] = f"{ms:7.3f} ms ({100 * flops / (ms * 1e-3) / PEAK:4.1f}%) err {err:.1e}"
+        except Exception as exc:  # noqa: BLE001 - a variant the library refuses is a result, not a crash
+            torch.cuda.synchronize()
+            out[name] = f"failed {type(exc).__name__}: {str(exc)[:160]}"
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--heads", default="96/8,12/1")
+    ap.add_argument("--cases", default="4096:0,16384:0,32768:0,4096:4096,16384:4096,2048:0,8192:0")
+    args = ap.parse_args()
+    print(torch.cuda.get_device_name(0), "| flash_attn.cute:", FA4_ERROR or "importable", flush=True)
+    for heads in args.heads.split(","):
+        hq, hk = (int(x) for x in heads.split("/"))
+        for c in args.cases.split(","):
+            n, p = (int(x) for x in c.split(":"))
+            r = case(n, p, hq, hk)
+            print(f"{hq}/{hk} q {n:6} prefix {p:5} | " + " | ".join(f"{k} {v}" for k, v in r.items()), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -14,7 +14,7 @@ import torch
 
 from engine.kv_cache import kv_cache_dtype as _kv_torch_dtype
 from engine.options import REQUIRED, EngineOption, option, option_of
-from kernels import flash_attn_adapter
+from kernels import fa4_prefill, flash_attn_adapter
 from kernels.allreduce import ONE_SHOT_WORLD_SIZES
 from model.attention import ATTENTION_BACKENDS, PREFILL_ATTENTION_BACKENDS
 from model.config import ModelConfig, load_model_config
@@ -154,11 +154,13 @@ class EngineConfig:
         "FlashAttention-3 `flash_attn_interface`, else FlashAttention-2 `flash_attn`; CUDA, bf16/fp16 KV only)",
         flags=("--attention-backend",), choices=ATTENTION_BACKENDS)
     prefill_attention_backend: str = option(
-        "prefill_attention_backend", "auto", "attention of prefill rows (sequences with >= 8192 new tokens in a "
-        "step): triton = the --attention-backend kernels like every other row; sdpa = torch "
-        "scaled_dot_product_attention (cuDNN on Hopper) over the sequence's K/V gathered from the paged cache "
-        "(FP8 KV dequantized; the gather's workspace at max_model_len is reserved before the KV cache is sized); "
-        "auto = sdpa on CUDA, triton elsewhere; decode / verify rows stay on --attention-backend",
+        "prefill_attention_backend", "auto", "attention of prefill steps: triton = the --attention-backend kernels "
+        "like every other row; sdpa = torch scaled_dot_product_attention (cuDNN on Hopper) for each sequence with "
+        ">= 3584-8192 new tokens (by heads per rank) over its K/V gathered from the paged cache (FP8 KV "
+        "dequantized; the gather's workspace at max_model_len is reserved before the KV cache is sized), other "
+        "rows on --attention-backend; fa4 = FlashAttention-4 (pip flash-attn-4, Hopper or newer) over the paged "
+        "cache for every row of a step whose longest query has >= 2048 new tokens (FP8 KV: sdpa); auto = fa4 "
+        "where it can run, else sdpa on CUDA, triton elsewhere",
         flags=("--prefill-attention-backend",), choices=PREFILL_ATTENTION_BACKENDS)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -246,6 +248,10 @@ class EngineConfig:
         if o["prefill_attention_backend"] not in PREFILL_ATTENTION_BACKENDS:
             raise ValueError(f"prefill_attention_backend must be one of {PREFILL_ATTENTION_BACKENDS}, got "
                              f"{o['prefill_attention_backend']!r}")
+        if o["prefill_attention_backend"] == "fa4":
+            reason = fa4_prefill.unsupported_reason(device, _DTYPES[dtype], mcfg.head_dim)
+            if reason:
+                raise ValueError(f"prefill_attention_backend 'fa4' (--prefill-attention-backend fa4) {reason}")
         if o["disaggregation_async_last_chunk_sync"] is None:  # measured: bench/RESULTS.md, session 14
             o["disaggregation_async_last_chunk_sync"] = o["disaggregation_async_transfer"]
         if o["disaggregation_async_last_chunk_sync"] and not o["disaggregation_async_transfer"]:

@@ -31,7 +31,7 @@ from engine.kv_cache import allocate_kv_caches, kv_bytes_per_token, kv_cache_dty
 from engine.model_runner import ModelRunner, StepInputs
 from engine.token_table import TokenTable
 from kernels import sdpa_prefill
-from model.attention import resolve_prefill_attention_backend
+from model.attention import prefill_kernel, resolve_prefill_attention_backend
 from model.builder import build_model
 from model.parallel import HeadPartition
 from spec import MtpBatch, MtpDraftBatch, StepCost, StepCosts
@@ -91,7 +91,7 @@ class ModelWorker:
         self.runner = ModelRunner(self.model, kv, self.device, token_table=table)
         self.runner.decode_max_seq_len = config.scheduler.max_model_len
         if self.device.type == "cuda" and config.kernel_warmup:
-            self._warm_up_kernels(kv_dtype == torch.float8_e4m3fn)
+            self._warm_up_kernels(kv_dtype)
         if self.device.type == "cuda" and not config.enforce_eager:
             spec = config.speculative
             self.runner.graphs = DecodeGraphs(
@@ -146,7 +146,7 @@ class ModelWorker:
         if self.device.type == "cuda":
             peak = self._profile_peak_memory(kv_dtype)
             _, total = torch.cuda.mem_get_info(self.device)
-            peak += self._prefill_workspace_bytes()
+            peak += self._prefill_workspace_bytes(kv_dtype)
             budget = cc.mem_fraction_static * total - peak - GRAPH_AND_COMM_RESERVE
             per_block = kv_bytes_per_token(self.config.model, self.dist.tp, kv_dtype, num_layers) * bs
             log.info("memory: total %.1f GiB, weights+activation peak %.1f GiB, KV budget %.1f GiB",
@@ -154,10 +154,16 @@ class ModelWorker:
             return max(0, int(budget // per_block))
         return -(-max(2 * max_len, 32768) // bs)
 
-    def _prefill_workspace_bytes(self) -> int:
+    def _prefill_kernel(self, kv_dtype: torch.dtype) -> str:
+        """triton / sdpa / fa4: what runs the attention of this worker's prefill steps."""
+        backend = resolve_prefill_attention_backend(self.config.prefill_attention_backend, self.device)
+        return prefill_kernel(backend, kv_dtype, self.config.torch_dtype)
+
+    def _prefill_workspace_bytes(self, kv_dtype: torch.dtype) -> int:
         """What the SDPA prefill path needs at the longest context beyond the profiling step (a chunk without a
-        cached prefix): its K/V gather grows with the context (~0.9 GB at 200K tokens with 8 KV heads)."""
-        if resolve_prefill_attention_backend(self.config.prefill_attention_backend, self.device) != "sdpa":
+        cached prefix): its K/V gather grows with the context (~0.9 GB at 200K tokens with 8 KV heads). FA4 reads
+        the pages in place: nothing."""
+        if self._prefill_kernel(kv_dtype) != "sdpa":
             return 0
         mc, sc = self.config.model, self.config.scheduler
         heads = HeadPartition.build(mc.num_attention_heads, mc.num_key_value_heads, self.dist.tp)
@@ -190,14 +196,16 @@ class ModelWorker:
         return peak - kv_bytes
 
     @torch.inference_mode()
-    def _warm_up_kernels(self, fp8_kv: bool) -> None:
+    def _warm_up_kernels(self, kv_dtype: torch.dtype) -> None:
         """Compile every launch variant a serving step can select, before any request (engine/kernel_warmup.py):
         eager steps over page 0 of the KV cache, the same on every rank."""
         sc, mc = self.config.scheduler, self.config.model
         heads = HeadPartition.build(mc.num_attention_heads, mc.num_key_value_heads, self.dist.tp)
-        shape = AttentionShape(heads.num_kv_heads, heads.num_heads // heads.num_kv_heads, mc.head_dim, fp8_kv,
+        shape = AttentionShape(heads.num_kv_heads, heads.num_heads // heads.num_kv_heads, mc.head_dim,
+                               kv_dtype == torch.float8_e4m3fn,
                                torch.cuda.get_device_properties(self.device).multi_processor_count)
-        sdpa = resolve_prefill_attention_backend(self.config.prefill_attention_backend, self.device) == "sdpa"
+        # the prompts of every token count below also compile FA4's kernel (one per configuration, not per length)
+        sdpa = self._prefill_kernel(kv_dtype) == "sdpa"
         steps = warmup_steps(sc.max_num_batched_tokens, sc.max_num_seqs, sc.max_model_len, shape,
                              sdpa_prefill.sdpa_from_tokens(heads.num_heads) if sdpa else None)
         start = time.perf_counter()

@@ -5,27 +5,39 @@ import torch
 from torch import nn
 
 import kernels
-from kernels import flash_attn_adapter, sdpa_prefill
+from kernels import fa4_prefill, flash_attn_adapter, sdpa_prefill
 from model.config import ModelConfig
 from model.context import ForwardContext
 from model.linear import Linear
 from model.parallel import HeadPartition, TPGroup
 
 ATTENTION_BACKENDS = ("triton", "fa3")  # triton: kernels.paged_attention (reference on CPU); fa3: flash_attn
-# prefill rows (>= sdpa_prefill.sdpa_from_tokens(heads) new tokens): triton = whatever attention_backend runs;
-# sdpa = torch SDPA (cuDNN) over the gathered K/V (kernels/sdpa_prefill.py), the other rows stay on attention_backend;
-# auto = sdpa on CUDA (1.4-1.8x faster than our Triton extend kernel at 4K-32K tokens on the H200, bench/RESULTS.md),
-# triton elsewhere (the CPU reference path)
-PREFILL_ATTENTION_BACKENDS = ("auto", "triton", "sdpa")
+# prefill steps: triton = whatever attention_backend runs; sdpa = torch SDPA (cuDNN) over the gathered K/V of each
+# sequence with >= sdpa_prefill.sdpa_from_tokens(heads) new tokens (kernels/sdpa_prefill.py), the other rows stay on
+# attention_backend; fa4 = FlashAttention-4 over the paged cache for every row of a step whose longest query has
+# >= fa4_prefill.FROM_TOKENS new tokens (kernels/fa4_prefill.py; FP8 KV pages take sdpa); auto = fa4 on a Hopper or
+# newer GPU where flash-attn-4 imports (fastest on every shape measured, bench/RESULTS.md), else sdpa on CUDA
+# (1.4-1.8x faster than our Triton extend kernel at 4K-32K tokens on the H200), triton elsewhere (the CPU
+# reference path)
+PREFILL_ATTENTION_BACKENDS = ("auto", "triton", "sdpa", "fa4")
 
 
 def resolve_prefill_attention_backend(name: str, device: torch.device | str) -> str:
-    """The prefill backend that runs on `device`: "auto" -> "sdpa" on CUDA, else "triton"."""
+    """The prefill backend that runs on `device`: "auto" -> "fa4" where it can run, else "sdpa" on CUDA, else
+    "triton"."""
     if name not in PREFILL_ATTENTION_BACKENDS:
         raise ValueError(f"prefill_attention_backend must be one of {PREFILL_ATTENTION_BACKENDS}, got {name!r}")
     if name != "auto":
         return name
-    return "sdpa" if torch.device(device).type == "cuda" else "triton"
+    if torch.device(device).type != "cuda":
+        return "triton"
+    return "fa4" if fa4_prefill.library() is not None and fa4_prefill.device_supported(device) else "sdpa"
+
+
+def prefill_kernel(backend: str, kv_dtype: torch.dtype, dtype: torch.dtype) -> str:
+    """What a resolved prefill backend runs for a KV cache dtype: FA4 reads 16-bit pages in the model dtype only,
+    FP8 pages go to the SDPA path (its gather dequantizes them)."""
+    return "sdpa" if backend == "fa4" and kv_dtype != dtype else backend
 
 
 class Attention(nn.Module):
@@ -93,8 +105,11 @@ class Attention(nn.Module):
                 ctx.k_scale, ctx.v_scale)
         hints = dict(max_query_len=ctx.max_query_len, max_seq_len=ctx.max_seq_len)
         absmax = None
+        prefill = prefill_kernel(self.prefill_attention_backend, k_cache.dtype, q.dtype)
         sdpa_from = sdpa_prefill.sdpa_from_tokens(self.heads.num_heads)
-        if self.prefill_attention_backend == "sdpa" and ctx.max_query_len >= sdpa_from:
+        if prefill == "fa4" and fa4_prefill.takes(ctx.max_query_len):
+            o = fa4_prefill.paged_attention_prefill_fa4(*args, **hints)
+        elif prefill == "sdpa" and ctx.max_query_len >= sdpa_from:
             rest = flash_attn_adapter.paged_attention_fa if self.attention_backend == "fa3" else kernels.paged_attention
             qsl, lens = ctx.host_lengths()
             o = sdpa_prefill.paged_attention_prefill_sdpa(*args, rest=rest, query_start_host=qsl, seq_lens_host=lens,

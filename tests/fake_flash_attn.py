@@ -8,7 +8,9 @@ is the documented semantics in plain torch: gather pages through the page table,
 h // (Hq / Hk)), causal mask aligned to the bottom-right corner, fully masked rows give zeros.
 
 `install(monkeypatch, "fa3" | "fa2")` puts one of them into sys.modules (and hides the other) and returns the
-list that records every call as (function name, q.shape).
+list that records every call as (function name, q.shape). `install_fa4(monkeypatch)` does the same for
+FlashAttention-4's `flash_attn.cute.interface` (flash-attn-4 4.0.0b19's flash_attn_varlen_func signature and
+checks, paged K/V through page_table; it returns (out, lse) as the real one does).
 """
 from __future__ import annotations
 
@@ -187,6 +189,56 @@ def install(monkeypatch, kind: str) -> list:
     else:
         raise ValueError(kind)
     return calls
+
+
+def _fa4_module(calls):
+    mod = types.ModuleType("flash_attn.cute.interface")
+
+    def flash_attn_varlen_func(
+        q, k, v, qv=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+        min_seqlen_k=None, seqused_q=None, seqused_k=None, gather_kv_indices=None, page_table=None,
+        softmax_scale=None, causal=False, window_size=(None, None), learnable_sink=None, softcap=0.0, num_splits=1,
+        pack_gqa=None, deterministic=False, score_mod=None, score_mod_bwd=None, mask_mod=None,
+        block_sparse_tensors=None, aux_tensors=None, aux_scalars=None, return_lse=False,
+    ):
+        assert qv is None and cu_seqlens_k is None and seqused_q is None and gather_kv_indices is None
+        assert window_size == (None, None) and softcap == 0.0 and score_mod is None and mask_mod is None
+        _check_qkv(q, k, v)
+        assert q.dim() == 3, "q is (total_q, nheads, headdim) with cu_seqlens_q"
+        assert page_table is not None, "glint's cache is paged"
+        b = cu_seqlens_q.shape[0] - 1
+        _check_index(cu_seqlens_q, "cu_seqlens_q", (b + 1,))
+        _check_index(seqused_k, "seqused_k", (b,))
+        assert page_table.dtype == torch.int32 and page_table.stride(-1) == 1 and page_table.shape[0] == b
+        assert isinstance(max_seqlen_q, int) and isinstance(softmax_scale, float)
+        calls.append(("fa4.flash_attn_varlen_func", tuple(q.shape)))
+        starts, lens = cu_seqlens_q.tolist(), seqused_k.tolist()
+        assert max(e - s for s, e in itertools.pairwise(starts)) <= max_seqlen_q
+        out = torch.zeros_like(q)
+        for i in range(b):
+            s0, s1 = starts[i], starts[i + 1]
+            assert s1 - s0 <= lens[i] <= page_table.shape[1] * k.shape[1]
+            if s1 > s0:
+                out[s0:s1] = _attend(q[s0:s1], k, v, page_table[i], lens[i], softmax_scale, causal)
+        return out, torch.zeros(q.shape[1], q.shape[0])
+
+    mod.flash_attn_varlen_func = flash_attn_varlen_func
+    return mod
+
+
+def install_fa4(monkeypatch) -> list:
+    """Make a fake flash-attn-4 (`flash_attn.cute.interface`) importable; returns the call log."""
+    calls: list = []
+    cute = types.ModuleType("flash_attn.cute")
+    cute.interface = _fa4_module(calls)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", cute.interface)
+    return calls
+
+
+def hide_fa4(monkeypatch) -> None:
+    """flash-attn-4 not importable (also on a machine where it is installed)."""
+    monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", None)
 
 
 def hide(monkeypatch) -> None:

@@ -8,8 +8,9 @@ import random
 import pytest
 import torch
 
+import fake_flash_attn
 from engine import LLM, EngineConfig, SamplingParams
-from kernels import sdpa_prefill
+from kernels import fa4_prefill, sdpa_prefill
 from model.attention import Attention, resolve_prefill_attention_backend
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
@@ -53,13 +54,45 @@ def test_sdpa_prefill_gives_the_default_tokens(monkeypatch, tiny_bf16):
     assert llm.stats()["prefix_cache_hit_tokens"] > 0
 
 
+def test_fa4_prefill_gives_the_default_tokens(monkeypatch, tiny_bf16):
+    """prefill_attention_backend="fa4" with a fake flash-attn-4 (tests/fake_flash_attn.py: the real signature and
+    argument checks, reference math): the same greedy tokens as the default path, every prefill step (chunks
+    after cached prefixes and decode rows included) in one FA4 call, decode-only steps on the engine's kernels."""
+    calls = fake_flash_attn.install_fa4(monkeypatch)
+    monkeypatch.setattr(fa4_prefill, "device_supported", lambda device: True)
+    monkeypatch.setattr(fa4_prefill, "FROM_TOKENS", 8)
+    prompts = _prompts()
+    kw = {"device": "cpu", "dtype": "bfloat16", "max_num_batched_tokens": 24, "enable_prefix_caching": True}
+    default = LLM(str(tiny_bf16), **kw)
+    expected = _run(default, prompts[:1]) + _run(default, prompts[1:])
+    assert calls == []  # auto on CPU is the reference path
+    llm = LLM(str(tiny_bf16), prefill_attention_backend="fa4", **kw)
+    attns = [m for m in llm.engine.worker.model.modules() if isinstance(m, Attention)]
+    assert attns and all(a.prefill_attention_backend == "fa4" for a in attns)
+    got = _run(llm, prompts[:1]) + _run(llm, prompts[1:])
+    assert got == expected
+    layers = len(attns)
+    assert calls and len(calls) % layers == 0  # every layer of a prefill step, nothing else
+    assert llm.stats()["prefix_cache_hit_tokens"] > 0
+
+
+def test_fa4_config_says_why_it_cannot_run(monkeypatch, tiny_bf16):
+    fake_flash_attn.hide_fa4(monkeypatch)
+    with pytest.raises(ValueError, match="pip install flash-attn-4"):
+        EngineConfig.create(str(tiny_bf16), device="cpu", prefill_attention_backend="fa4")
+    fake_flash_attn.install_fa4(monkeypatch)
+    with pytest.raises(ValueError, match="Hopper"):
+        EngineConfig.create(str(tiny_bf16), device="cpu", dtype="bfloat16", prefill_attention_backend="fa4")
+
+
 def test_config_checks_the_choice(tiny_bf16):
     with pytest.raises(ValueError, match="prefill_attention_backend must be one of"):
         EngineConfig.create(str(tiny_bf16), device="cpu", prefill_attention_backend="cudnn")
     assert EngineConfig.create(str(tiny_bf16), device="cpu").prefill_attention_backend == "auto"
 
 
-def test_auto_is_sdpa_on_cuda_and_triton_elsewhere(tiny_bf16):
+def test_auto_is_sdpa_on_cuda_and_triton_elsewhere(monkeypatch, tiny_bf16):
+    fake_flash_attn.hide_fa4(monkeypatch)  # with flash-attn-4 on a Hopper GPU auto is fa4 (tests/kernels/test_fa4_prefill.py)
     assert resolve_prefill_attention_backend("auto", "cuda") == "sdpa"
     assert resolve_prefill_attention_backend("auto", torch.device("cuda", 1)) == "sdpa"
     assert resolve_prefill_attention_backend("auto", "cpu") == "triton"

@@ -1,0 +1,90 @@
+"""kernels/fa4_prefill.py: the call into FlashAttention-4 against the attention reference (CPU, with the fake
+`flash_attn.cute.interface` of tests/fake_flash_attn.py that checks the real argument layout), the backend's
+availability rules, and on the GPU the real library at real shapes where it is installed."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fake_flash_attn
+from kernels import fa4_prefill
+from kernels.attention import paged_attention_ref
+from model.attention import prefill_kernel, resolve_prefill_attention_backend
+from test_flash_attn_adapter import make_batch
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6))
+
+
+@pytest.mark.parametrize("seq_lens,q_lens,hq,hk", [
+    ([300, 40, 17], [300, 1, 5], 8, 2),      # a prompt without a prefix, a decode row, a short chunk
+    ([70, 129], [30, 129], 6, 3),            # a chunk after a 40-token prefix
+    ([33], [33], 4, 1),
+])
+def test_matches_the_reference(monkeypatch, seq_lens, q_lens, hq, hk):
+    calls = fake_flash_attn.install_fa4(monkeypatch)
+    q, kc, vc, bt, lens, qsl = make_batch(seq_lens, q_lens, hq, hk, 64, 16)
+    bt = bt.to(torch.int64)  # the engine's tables may be int64: the call converts them
+    out = fa4_prefill.paged_attention_prefill_fa4(q, kc, vc, bt, lens, qsl, 0.125, max_query_len=max(q_lens))
+    ref = paged_attention_ref(q, kc, vc, bt, lens, qsl, 0.125)
+    assert calls == [("fa4.flash_attn_varlen_func", tuple(q.shape))]  # every row in one launch
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert _rel_err(out, ref) < 6e-3
+    out2 = fa4_prefill.paged_attention_prefill_fa4(q, kc, vc, bt, lens, qsl, 0.125)  # no hint: read from qsl
+    assert torch.equal(out, out2)
+
+
+def test_refuses_fp8_pages(monkeypatch):
+    fake_flash_attn.install_fa4(monkeypatch)
+    q, kc, vc, bt, lens, qsl = make_batch([40], [40], 4, 1, 64, 16)
+    with pytest.raises(ValueError, match="SDPA prefill path"):
+        fa4_prefill.paged_attention_prefill_fa4(q, kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn), bt, lens,
+                                                qsl, 0.125)
+    assert prefill_kernel("fa4", torch.float8_e4m3fn, torch.bfloat16) == "sdpa"
+    assert prefill_kernel("fa4", torch.bfloat16, torch.bfloat16) == "fa4"
+    assert prefill_kernel("sdpa", torch.bfloat16, torch.bfloat16) == "sdpa"
+
+
+def test_unsupported_reasons(monkeypatch):
+    fake_flash_attn.hide_fa4(monkeypatch)
+    assert "pip install flash-attn-4" in fa4_prefill.unsupported_reason("cuda", torch.bfloat16, 128)
+    with pytest.raises(RuntimeError, match="flash-attn-4"):
+        q, kc, vc, bt, lens, qsl = make_batch([40], [40], 4, 1, 64, 16)
+        fa4_prefill.paged_attention_prefill_fa4(q, kc, vc, bt, lens, qsl, 0.125)
+    fake_flash_attn.install_fa4(monkeypatch)
+    monkeypatch.setattr(fa4_prefill, "device_supported", lambda device: torch.device(device).type == "cuda")
+    assert "Hopper" in fa4_prefill.unsupported_reason("cpu", torch.bfloat16, 128)
+    assert "bfloat16 or float16" in fa4_prefill.unsupported_reason("cuda", torch.float32, 128)
+    assert "head_dim" in fa4_prefill.unsupported_reason("cuda", torch.bfloat16, 300)
+    assert fa4_prefill.unsupported_reason("cuda", torch.bfloat16, 128) is None
+
+
+def test_auto_takes_fa4_where_it_runs(monkeypatch):
+    fake_flash_attn.install_fa4(monkeypatch)
+    monkeypatch.setattr(fa4_prefill, "device_supported", lambda device: True)
+    assert resolve_prefill_attention_backend("auto", "cuda") == "fa4"
+    assert resolve_prefill_attention_backend("auto", "cpu") == "triton"  # the CPU reference path, always
+    monkeypatch.setattr(fa4_prefill, "device_supported", lambda device: False)  # e.g. an Ampere GPU
+    assert resolve_prefill_attention_backend("auto", "cuda") == "sdpa"
+    fake_flash_attn.hide_fa4(monkeypatch)
+    monkeypatch.setattr(fa4_prefill, "device_supported", lambda device: True)
+    assert resolve_prefill_attention_backend("auto", "cuda") == "sdpa"
+    assert resolve_prefill_attention_backend("fa4", "cuda") == "fa4"
+
+
+def test_takes_steps_from_the_threshold():
+    assert not fa4_prefill.takes(fa4_prefill.FROM_TOKENS - 1)
+    assert fa4_prefill.takes(fa4_prefill.FROM_TOKENS)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hq,hk", [(96, 8), (12, 1)])
+@pytest.mark.parametrize("seq_lens,q_lens", [([4096], [4096]), ([8192, 4100, 2000], [4096, 1, 2000])])
+def test_real_library_gpu(hq, hk, seq_lens, q_lens):
+    if fa4_prefill.unsupported_reason("cuda", torch.bfloat16, 128):
+        pytest.skip(fa4_prefill.unsupported_reason("cuda", torch.bfloat16, 128))
+    q, kc, vc, bt, lens, qsl = make_batch(seq_lens, q_lens, hq, hk, 128, 16, device="cuda")
+    out = fa4_prefill.paged_attention_prefill_fa4(q, kc, vc, bt, lens, qsl, 128 ** -0.5, max_query_len=max(q_lens))
+    ref = paged_attention_ref(q, kc, vc, bt, lens, qsl, 128 ** -0.5)
+    assert _rel_err(out, ref) < 1e-2

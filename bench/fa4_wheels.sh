@@ -36,7 +36,8 @@ stage)
 install)
     mkdir -p /tmp/fa4w
     cat /tmp/fa4parts/libs.part.aa .fa4b/libs.part.ab > "/tmp/fa4w/$LIBS"
-    [ "$(md5sum "/tmp/fa4w/$LIBS" | cut -d' ' -f1)" = "$(cat .fa4b/libs.md5)" ] || { echo "libs-base: bad md5" >&2; exit 1; }
+    sum=$(md5sum "/tmp/fa4w/$LIBS" | cut -d' ' -f1)
+    [ "$sum" = "$(cat .fa4b/libs.md5)" ] || { echo "libs-base: bad md5 (stage in the previous call?)" >&2; exit 1; }
     cp .fa4b/*.whl /tmp/fa4w/
     rm -rf /tmp/fa4env && python3 -m venv /tmp/fa4env
     /tmp/fa4env/bin/python -m pip install -q --no-index --no-deps --no-compile /tmp/fa4w/*.whl .whl_lite/*.whl >&2

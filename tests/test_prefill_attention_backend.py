@@ -92,7 +92,8 @@ def test_config_checks_the_choice(tiny_bf16):
 
 
 def test_auto_is_sdpa_on_cuda_and_triton_elsewhere(monkeypatch, tiny_bf16):
-    fake_flash_attn.hide_fa4(monkeypatch)  # with flash-attn-4 on a Hopper GPU auto is fa4 (tests/kernels/test_fa4_prefill.py)
+    # with flash-attn-4 on a Hopper GPU auto is fa4 (tests/kernels/test_fa4_prefill.py)
+    fake_flash_attn.hide_fa4(monkeypatch)
     assert resolve_prefill_attention_backend("auto", "cuda") == "sdpa"
     assert resolve_prefill_attention_backend("auto", torch.device("cuda", 1)) == "sdpa"
     assert resolve_prefill_attention_backend("auto", "cpu") == "triton"

@@ -4,13 +4,14 @@
 # (--prefill-attention-backend sdpa), at 4096 and 16384 tokens and for a 16384-token chunk after 4096 cached
 # tokens; then the TP4 and TP8 shard widths emulated on one GPU (heads, KV heads, expert and dense widths cut by
 # the TP size). Decode B=1/64 rides along in every run (must not get slower). Prints one table; JSON in $OUT.
-# Knobs: LAYERS, BACKENDS, CAP (seconds per bench.engine run), SHARDS ("1 4 8").
+# Knobs: LAYERS, BACKENDS ("triton sdpa fa4"), CAP (seconds per bench.engine run; the first run on a fresh machine
+# also compiles the Triton cache), SHARDS ("1 4 8"), PY (the interpreter: bench/fa4_wheels.sh's venv for fa4).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/prefill_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-LAYERS=${LAYERS:-27}; BACKENDS=${BACKENDS:-"triton sdpa"}; CAP=${CAP:-150}; SHARDS=${SHARDS:-"1 4 8"}
+PY=${PY:-python3}; LAYERS=${LAYERS:-27}; BACKENDS=${BACKENDS:-"triton sdpa"}; CAP=${CAP:-150}; SHARDS=${SHARDS:-"1 4 8"}
 shard_args() {  # GLM-4.7: 96 heads / 8 KV heads, MoE expert width 1536, dense width 12288
     [ "$1" = 1 ] && return
     echo "--heads $((96 / $1)) --kv-heads $(( 8 / $1 > 0 ? 8 / $1 : 1 )) --moe-intermediate $((1536 / $1)) --intermediate $((12288 / $1))"
@@ -22,7 +23,7 @@ for tp in $SHARDS; do
             [ "$tp" != 1 ] && [ "$1 $2" != "16384 0" ] && continue  # shard widths: one shape
             name="tp${tp}_${backend}_q$1_p$2"
             # shellcheck disable=SC2046
-            timeout --kill-after=10 "$CAP" python3 -m bench.engine --device cuda --layers "$LAYERS" --dense-layers 3 \
+            timeout --kill-after=10 "$CAP" "$PY" -m bench.engine --device cuda --layers "$LAYERS" --dense-layers 3 \
                 --no-hf --hf-layers 0 --batches 1,64 --prefill "$1" --prefill-prefix "$2" \
                 --prefill-attention-backend "$backend" --enable-shared-experts-fusion --enable-fused-qk-norm-rope \
                 $(shard_args "$tp") --out "$OUT/$name.json" 2>&1 | grep -E "^(decode|prefill) " | sed "s/^/$name: /"

@@ -7,7 +7,7 @@ Prints, per (tokens, N): every CUDA kernel launched by `kernels.triton_moe.fused
 the sum, and `torch._scaled_grouped_mm` (the two grouped GEMMs over the same routing) for scale.
 --variants [tiles|tma] also times alternative launch configs (config overrides: VARIANTS[name]) kernel by kernel;
 "tma" tries the weight / act tiles by tensor descriptors (TMA1: gate_up's weights, TMA2: down's act and weights)
-with the table's tiles and larger ones; "ws" tries Triton's warp specialization of the K loops. The `_scaled_grouped_mm` baseline is timed both ways: kernel times
+with the table's tiles and larger ones. The `_scaled_grouped_mm` baseline is timed both ways: kernel times
 (profiler) and CUDA-graph replay; they disagree by 2.5x (session 18, bench/RESULTS.md): judge by the replay.
 --align times only the token sort/align step (kernels/triton_moe_align.py) per token count, with the one-program
 path's limit `small_max` at several values: which pair counts the one-program kernel should still take.
@@ -46,19 +46,7 @@ TMA_VARIANTS = [
     {**_BOTH, "BLOCK_M": 128, "BLOCK_N2": 256, "W2": 8, "S2": 4, "N_LOOP2": 1},
     {**_BOTH, "BLOCK_M": 64, "BLOCK_N1": 128, "W1": 4, "S1": 4, "BLOCK_N2": 256, "W2": 8, "S2": 4},
 ]
-# Triton's automatic warp specialization (WS1 / WS2: the K loops; Hopper needs descriptor loads, so gate_up's
-# WS1 wants GATHER_A: x gathered into sorted row order first and read by descriptor)
-WS_VARIANTS = [
-    _BOTH,
-    {**_BOTH, "WS2": True},
-    {**_BOTH, "WS1": True},
-    {**_BOTH, "GATHER_A": True},
-    {**_BOTH, "GATHER_A": True, "WS1": True},
-    {**_BOTH, "GATHER_A": True, "WS1": True, "WS2": True},
-    {**_BOTH, "GATHER_A": True, "WS1": True, "S1": 3},
-    {**_BOTH, "WS2": True, "S2": 4},
-]
-VARIANTS = {"tiles": TILE_VARIANTS, "tma": TMA_VARIANTS, "ws": WS_VARIANTS}
+VARIANTS = {"tiles": TILE_VARIANTS, "tma": TMA_VARIANTS}
 
 
 def breakdown(fn, reps: int = 5) -> dict[str, float]:

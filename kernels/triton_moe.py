@@ -74,15 +74,10 @@ def _moe_gate_up_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
     EVEN_K: tl.constexpr, PAIR: tl.constexpr, FAST_ACC: tl.constexpr,
     TMA: tl.constexpr = False,
-    TMA_A: tl.constexpr = False,
-    WS: tl.constexpr = False,
     PDL: tl.constexpr = False,
 ):
     pdl_wait(PDL)  # before any read of an earlier kernel's output or any write
     pdl_release(PDL)
-    # TMA_A (with TMA): x_ptr is a tensor descriptor of x already gathered into sorted row order ([rows, K], one
-    # row per sorted pair, padding rows zero), read in [BLOCK_M, BLOCK_K] blocks by bulk copies
-    # WS: the K loop warp-specialized (Triton's automatic producer / consumer warps; needs descriptor loads)
     # A_MODE: 0 = x used as is (bf16 / fp8 already quantized), 2 = x in bf16, quantized here
     # TMA: w_ptr is a tensor descriptor of w13 viewed as [E * 2I, K] with [BLOCK_N, BLOCK_K] blocks (Hopper bulk
     # copies of the weight tiles; x rows are gathered by token, so they keep pointer loads)
@@ -109,8 +104,7 @@ def _moe_gate_up_kernel(
     # tl.where breaks Triton's contiguity analysis and the stores would be issued element by element
     rn_c = tl.where(mn, rn, 0).to(tl.int64)
     rk = tl.arange(0, BLOCK_K)
-    if not TMA_A:
-        a_rows = x_ptr + tok[:, None] * stride_xm
+    a_rows = x_ptr + tok[:, None] * stride_xm
     if TMA:
         w_row = e * (2 * I) + pid_n * BLOCK_N  # gate rows; up rows are I further (past I: masked at the store)
     else:
@@ -132,13 +126,10 @@ def _moe_gate_up_kernel(
 
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for ki in tl.range(k_begin, k_end, warp_specialize=WS):
+    for ki in range(k_begin, k_end):
         k = ki * BLOCK_K + rk
         if TMA:
-            if TMA_A:
-                a = x_ptr.load([pid_m * BLOCK_M, ki * BLOCK_K])
-            else:
-                a = tl.load(a_rows + k[None, :], mask=valid[:, None], other=0.0)
+            a = tl.load(a_rows + k[None, :], mask=valid[:, None], other=0.0)
             bg = w_ptr.load([w_row, ki * BLOCK_K]).T
             bu = w_ptr.load([w_row + I, ki * BLOCK_K]).T
         elif EVEN_K:
@@ -219,7 +210,7 @@ def _moe_down_kernel(
     QUANT: tl.constexpr, A_MODE: tl.constexpr, DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     PAIR: tl.constexpr, FUSE_REDUCE: tl.constexpr, TOPK: tl.constexpr, FAST_ACC: tl.constexpr,
-    I_P: tl.constexpr = 16, TMA: tl.constexpr = False, WS: tl.constexpr = False,
+    I_P: tl.constexpr = 16, TMA: tl.constexpr = False,
     PDL: tl.constexpr = False,
 ):
     pdl_wait(PDL)  # before any read of an earlier kernel's output or any write
@@ -277,7 +268,7 @@ def _moe_down_kernel(
             if not TMA:
                 wb = w_ptr + e64 * stride_we + rn_c[None, :] * stride_wn
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for ki in tl.range(0, k_iters, warp_specialize=WS):
+            for ki in range(0, k_iters):
                 k = ki * BLOCK_K + rk
                 if TMA:
                     a = act_ptr.load([pid_m * BLOCK_M, ki * BLOCK_K])
@@ -450,12 +441,6 @@ def _tma_ok(*tensors: torch.Tensor) -> bool:
                for t in tensors)
 
 
-def gather_rows(xa: torch.Tensor, sorted_ids: torch.Tensor, topk: int, num_pairs: int) -> torch.Tensor:
-    """x's rows in sorted pair order (row r = x[sorted_ids[r] // topk]; padding rows: x[0], never stored)."""
-    src = torch.where(sorted_ids < num_pairs, sorted_ids // topk, 0)
-    return xa.view(torch.uint8).index_select(0, src).view(xa.dtype)
-
-
 def _desc(t: torch.Tensor, block: list[int]):
     """A descriptor of t viewed as [rows, last dim] with blocks of `block` (TMA zero-fills past the edges)."""
     return TensorDescriptor.from_tensor(t.view(-1, t.shape[-1]), block)
@@ -534,8 +519,6 @@ def fused_moe(
     tma = qid == 1 and not pair and _tma_capable(str(x.device))
     tma1 = tma and bool(cfg.get("TMA1")) and split == 1 and cfg["BLOCK_K1"] <= 128 and _tma_ok(w13)
     w13_arg = _desc(w13, [bn1, cfg["BLOCK_K1"]]) if tma1 else w13
-    tma_a = tma1 and bool(cfg.get("GATHER_A"))
-    x_arg = _desc(gather_rows(xa, sorted_ids, topk, np_), [bm, cfg["BLOCK_K1"]]) if tma_a else xa
     n1 = cdiv(inter, bn1)
     if split > 1:
         part = torch.empty(nblk * n1 * split * 2 * bm * bn1, dtype=torch.float32, device=x.device)
@@ -543,12 +526,12 @@ def fused_moe(
     else:
         part = cnt = act
     _moe_gate_up_kernel[(nblk * n1, split)](
-        x_arg, xs, w13_arg, w13s, act, sorted_ids, bexp, part, cnt,
+        xa, xs, w13_arg, w13s, act, sorted_ids, bexp, part, cnt,
         np_, topk, h, inter, split,
         xa.stride(0), xs.stride(0) if qid else 0, w13.stride(0), w13.stride(1), *ws13_strides, act.stride(0),
         QUANT=qid, A_MODE=a_mode, DT=dt, BLOCK_M=bm, BLOCK_N=bn1, BLOCK_K=cfg["BLOCK_K1"], SPLIT=split > 1,
         EVEN_K=h % cfg["BLOCK_K1"] == 0, PAIR=pair, FAST_ACC=bool(cfg.get("FAST_ACC", False)), TMA=tma1,
-        TMA_A=tma_a, WS=tma1 and bool(cfg.get("WS1")), num_warps=cfg["W1"], num_stages=cfg["S1"], **pdl_launch(xa.device),
+        num_warps=cfg["W1"], num_stages=cfg["S1"], **pdl_launch(xa.device),
     )
     y = torch.empty(np_, h, dtype=x.dtype, device=x.device)
     bn2 = cfg["BLOCK_N2"]
@@ -574,8 +557,7 @@ def fused_moe(
         tw.stride(0), out.stride(0),
         QUANT=qid, A_MODE=a2_mode, DT=dt, BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=cfg["BLOCK_K2"],
         EVEN_K=inter % cfg["BLOCK_K2"] == 0, PAIR=pair, FUSE_REDUCE=fuse, TOPK=topk,
-        FAST_ACC=bool(cfg.get("FAST_ACC", False)), I_P=next_pow2(inter), TMA=tma2, WS=tma2 and bool(cfg.get("WS2")),
-        num_warps=cfg["W2"],
+        FAST_ACC=bool(cfg.get("FAST_ACC", False)), I_P=next_pow2(inter), TMA=tma2, num_warps=cfg["W2"],
         num_stages=cfg["S2"],
         **pdl_launch(y.device),
     )

@@ -245,5 +245,5 @@ def paged_attention_prefill_sdpa(
     return out
 
 
-__all__ = ["AVOID_RECOMPILE_ENV", "SDPA_FROM_TOKENS", "sdpa_from_tokens", "PREFIX_MODES", "gather_kv", "paged_attention_prefill_sdpa",
-           "prefill_attention_sdpa", "reuse_plans_across_lengths", "workspace_bytes"]
+__all__ = ["AVOID_RECOMPILE_ENV", "PREFIX_MODES", "SDPA_FROM_TOKENS", "gather_kv", "paged_attention_prefill_sdpa",
+           "prefill_attention_sdpa", "reuse_plans_across_lengths", "sdpa_from_tokens", "workspace_bytes"]

@@ -29,6 +29,8 @@ from types import ModuleType
 
 import torch
 
+from kernels.flash_attn_adapter import int32_index
+
 MODULE = "flash_attn.cute.interface"
 PIP_NAME = "flash-attn-4"
 FROM_TOKENS = 2048  # new tokens of a step's longest query from which the step's attention runs here
@@ -68,11 +70,6 @@ def takes(max_query_len: int) -> bool:
     return max_query_len >= FROM_TOKENS
 
 
-def _int32(t: torch.Tensor) -> torch.Tensor:
-    t = t if t.dtype == torch.int32 else t.to(torch.int32)
-    return t if t.is_contiguous() else t.contiguous()
-
-
 def paged_attention_prefill_fa4(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -97,9 +94,9 @@ def paged_attention_prefill_fa4(
     if max_query_len is None:
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     res = lib.flash_attn_varlen_func(
-        q, k_cache, v_cache, cu_seqlens_q=_int32(query_start_loc), seqused_k=_int32(seq_lens),
-        max_seqlen_q=int(max_query_len), page_table=_int32(block_tables), softmax_scale=float(scale * k_scale),
-        causal=True,
+        q, k_cache, v_cache, cu_seqlens_q=int32_index(query_start_loc), seqused_k=int32_index(seq_lens),
+        max_seqlen_q=int(max_query_len), page_table=int32_index(block_tables),
+        softmax_scale=float(scale * k_scale), causal=True,
     )
     out = res[0] if isinstance(res, tuple) else res
     return out.mul_(v_scale) if v_scale != 1.0 else out

@@ -107,7 +107,8 @@ def unsupported_reason(
     return None
 
 
-def _int32(t: torch.Tensor) -> torch.Tensor:
+def int32_index(t: torch.Tensor) -> torch.Tensor:
+    """An index tensor as every FlashAttention entry point takes it (FA2/FA3 and FA4): int32, contiguous."""
     t = t if t.dtype == torch.int32 else t.to(torch.int32)
     return t if t.is_contiguous() else t.contiguous()
 
@@ -143,8 +144,8 @@ def paged_attention_fa(
     if max_query_len is None:
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     q = q if q.stride(-1) == 1 else q.contiguous()
-    seq_lens = _int32(seq_lens)
-    block_tables = _int32(block_tables)
+    seq_lens = int32_index(seq_lens)
+    block_tables = int32_index(block_tables)
     # decode: one new token per sequence -> the batched [B, 1, Hq, D] form (FA2's decode kernel; FA3's too)
     decode = max_query_len == 1 and t == b
     if kind == "fa3":
@@ -156,7 +157,7 @@ def paged_attention_fa(
             return out.view(t, hq, d)
         return fa.flash_attn_with_kvcache(
             q, k_cache, v_cache, cache_seqlens=seq_lens, page_table=block_tables,
-            cu_seqlens_q=_int32(query_start_loc), max_seqlen_q=max_query_len, softmax_scale=scale, causal=True,
+            cu_seqlens_q=int32_index(query_start_loc), max_seqlen_q=max_query_len, softmax_scale=scale, causal=True,
         )
     if k_cache.shape[1] % FA2_PAGE_MULTIPLE:
         raise ValueError(
@@ -175,6 +176,6 @@ def paged_attention_fa(
     # max_seqlen_q is an upper bound; FA2's varlen_fwd treats max_seqlen_q == 1 as "one query per sequence"
     # (it reshapes q to [B, groups, Hk, D]), which does not hold here (t != b), so never pass 1
     return fa.flash_attn_varlen_func(
-        q, k_cache, v_cache, _int32(query_start_loc), cu_seqlens_k, max(max_query_len, 2), max_seq_len,
+        q, k_cache, v_cache, int32_index(query_start_loc), cu_seqlens_k, max(max_query_len, 2), max_seq_len,
         softmax_scale=scale, causal=True, block_table=block_tables,
     )

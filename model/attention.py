@@ -63,6 +63,7 @@ class Attention(nn.Module):
         self.attention_backend = attention_backend
         self.prefill_attention_backend = resolve_prefill_attention_backend(prefill_attention_backend, device)
         self.heads = HeadPartition.build(cfg.num_attention_heads, cfg.num_key_value_heads, tp)
+        self.sdpa_from_tokens = sdpa_prefill.sdpa_from_tokens(self.heads.num_heads)  # the SDPA path's threshold
         self.head_dim = cfg.head_dim
         self.eps = cfg.rms_norm_eps
         self.scale = cfg.head_dim**-0.5
@@ -106,14 +107,13 @@ class Attention(nn.Module):
         hints = dict(max_query_len=ctx.max_query_len, max_seq_len=ctx.max_seq_len)
         absmax = None
         prefill = prefill_kernel(self.prefill_attention_backend, k_cache.dtype, q.dtype)
-        sdpa_from = sdpa_prefill.sdpa_from_tokens(self.heads.num_heads)
         if prefill == "fa4" and fa4_prefill.takes(ctx.max_query_len):
             o = fa4_prefill.paged_attention_prefill_fa4(*args, **hints)
-        elif prefill == "sdpa" and ctx.max_query_len >= sdpa_from:
+        elif prefill == "sdpa" and ctx.max_query_len >= self.sdpa_from_tokens:
             rest = flash_attn_adapter.paged_attention_fa if self.attention_backend == "fa3" else kernels.paged_attention
             qsl, lens = ctx.host_lengths()
             o = sdpa_prefill.paged_attention_prefill_sdpa(*args, rest=rest, query_start_host=qsl, seq_lens_host=lens,
-                                                          min_prefill_tokens=sdpa_from)
+                                                          min_prefill_tokens=self.sdpa_from_tokens)
         elif self.attention_backend == "fa3":
             o = flash_attn_adapter.paged_attention_fa(*args, **hints)
         else:

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.glint-installed
 # The CPU build of torch (pip takes 2.13.0 from local disk on our machines); a GPU machine keeps its own torch.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup clients serve test test-gpu
+.PHONY: setup kernel-libs clients serve test test-gpu
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,6 +16,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# The CuTe-DSL kernel libraries of the `fa4` extra (FlashAttention-4, QuACK, the CUTLASS DSL): they import without
+# a GPU, and the CPU tests compile our QuACK MoE GEMM for sm90 with them (tests/kernels/test_fused_moe_quack.py).
+KERNEL_LIBS_STAMP := $(VENV)/.glint-kernel-libs
+$(KERNEL_LIBS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[dev,fa4]"
+	touch $@
+
+kernel-libs: $(KERNEL_LIBS_STAMP)
 
 # The agentic clients the server tests drive (tests/server/test_server_clients.py), in the ignored .tools/:
 # Claude Code and the Codex CLI from npm (Node from the system package manager where missing), and the sglang
@@ -42,7 +51,7 @@ serve: setup
 	$(BIN)/python -m server $(ARGS)
 
 # The CPU test suite (what CI runs).
-test: setup clients
+test: setup kernel-libs clients
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # GPU tests, on a machine with CUDA (run through the device tool).

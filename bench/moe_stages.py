@@ -5,9 +5,10 @@
 
 Prints, per (tokens, N): every CUDA kernel launched by `kernels.triton_moe.fused_moe` with its mean time,
 the sum, and `torch._scaled_grouped_mm` (the two grouped GEMMs over the same routing) for scale.
---variants [tiles|tma] also times alternative launch configs (config overrides: VARIANTS[name]) kernel by kernel;
-"tma" tries the weight / act tiles by tensor descriptors (TMA1: gate_up's weights, TMA2: down's act and weights)
-with the table's tiles and larger ones. The `_scaled_grouped_mm` baseline is timed both ways: kernel times
+--variants [tiles|tma|quack] also times alternative launch configs (config overrides: VARIANTS[name]) kernel by
+kernel; "tma" tries the weight / act tiles by tensor descriptors (TMA1: gate_up's weights, TMA2: down's act and
+weights) with the table's tiles and larger ones; "quack" the whole op through QuACK's grouped GEMM at several tiles
+(needs quack-kernels: bench/fa4_wheels.sh), timed by CUDA-graph replay and eagerly (prefill runs eagerly). The `_scaled_grouped_mm` baseline is timed both ways: kernel times
 (profiler) and CUDA-graph replay; they disagree by 2.5x (session 18, bench/RESULTS.md): judge by the replay.
 --align times only the token sort/align step (kernels/triton_moe_align.py) per token count, with the one-program
 path's limit `small_max` at several values: which pair counts the one-program kernel should still take.
@@ -46,12 +47,43 @@ TMA_VARIANTS = [
     {**_BOTH, "BLOCK_M": 128, "BLOCK_N2": 256, "W2": 8, "S2": 4, "N_LOOP2": 1},
     {**_BOTH, "BLOCK_M": 64, "BLOCK_N1": 128, "W1": 4, "S1": 4, "BLOCK_N2": 256, "W2": 8, "S2": 4},
 ]
-VARIANTS = {"tiles": TILE_VARIANTS, "tma": TMA_VARIANTS}
+# the whole op through QuACK's persistent warp-specialized grouped GEMM (kernels/fused_moe_quack.py): default
+# tiles, then [gate_up tile, down tile] as [tile_m, tile_n, pingpong, cluster_m]
+QUACK_VARIANTS = [
+    {},
+    {"QUACK": True},
+    {"QUACK": [[128, 192, True, 1], [128, 128, True, 1]]},
+    {"QUACK": [[128, 128, True, 1], [128, 128, True, 1]]},
+    {"QUACK": [[256, 128, False, 1], [256, 128, False, 1]]},
+    {"QUACK": [[128, 256, False, 1], [128, 256, False, 1]]},
+    {"QUACK": [[256, 192, False, 1], [256, 160, False, 1]]},
+    {"QUACK": [[128, 192, True, 2], [128, 128, True, 2]]},
+    {"QUACK": [[256, 128, False, 2], [256, 128, False, 2]]},
+]
+VARIANTS = {"tiles": TILE_VARIANTS, "tma": TMA_VARIANTS, "quack": QUACK_VARIANTS}
 
 
 def breakdown(fn, reps: int = 5) -> dict[str, float]:
     """{kernel name: µs per call} (bench.kernel_profile)."""
     return {r["name"]: r["us_per_call"] for r in kernel_breakdown(fn, reps)}
+
+
+def _eager_time(fn, reps: int = 20) -> float:
+    """Median seconds per call launched back to back without a graph (host launch cost included when it is
+    larger than the GPU time)."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(5):
+            fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 5e3)
+    return sorted(times)[len(times) // 2]
 
 
 def align_sweep(tokens: list[int], inter: int, small_maxes=(512, 1024, 2048, 4096)) -> None:
@@ -116,10 +148,12 @@ def main(argv=None) -> int:
                         tt = _graph_time([lambda: fused_moe(x, w13, w2, w, ids, s13, s2, "fp8_channel", config=c)],
                                          reps=5)
                         vp = breakdown(lambda: fused_moe(x, w13, w2, w, ids, s13, s2, "fp8_channel", config=c))
-                        gemms = "  ".join(f"{n.split('_kernel')[0].lstrip('_')} {us:.1f}" for n, us in vp.items()
-                                          if "gate_up" in n or "down" in n)
+                        te = _eager_time(lambda: fused_moe(x, w13, w2, w, ids, s13, s2, "fp8_channel", config=c))
+                        gemms = "  ".join(f"{n.split('_kernel')[0].lstrip('_')[:48]} {us:.1f}" for n, us in vp.items()
+                                          if "gate_up" in n or "down" in n or "gemm" in n.lower())
                         print(f"   variant {v}: {tt * 1e6:9.1f} us ({flops / tt / 1e12:.0f} TFLOP/s, "
-                              f"{100 * flops / tt / FP8_PEAK:.0f}% FP8 peak) | {gemms}", flush=True)
+                              f"{100 * flops / tt / FP8_PEAK:.0f}% FP8 peak), eager {te * 1e6:.1f} us | {gemms}",
+                              flush=True)
                     except Exception as exc:  # noqa: BLE001
                         torch.cuda.synchronize()
                         print(f"   variant {v}: failed {type(exc).__name__}: {str(exc)[:100]}", flush=True)

@@ -8,8 +8,9 @@ the sum, and `torch._scaled_grouped_mm` (the two grouped GEMMs over the same rou
 --variants [tiles|tma|quack] also times alternative launch configs (config overrides: VARIANTS[name]) kernel by
 kernel; "tma" tries the weight / act tiles by tensor descriptors (TMA1: gate_up's weights, TMA2: down's act and
 weights) with the table's tiles and larger ones; "quack" the whole op through QuACK's grouped GEMM at several tiles
-(needs quack-kernels: bench/fa4_wheels.sh), timed by CUDA-graph replay and eagerly (prefill runs eagerly). The `_scaled_grouped_mm` baseline is timed both ways: kernel times
-(profiler) and CUDA-graph replay; they disagree by 2.5x (session 18, bench/RESULTS.md): judge by the replay.
+(needs quack-kernels: bench/fa4_wheels.sh). Variants are timed eagerly (prefill runs eagerly) and by CUDA-graph
+replay. The `_scaled_grouped_mm` baseline is timed both ways too: kernel times (profiler) and CUDA-graph replay;
+they disagree by 2.5x (session 18, bench/RESULTS.md): judge by the replay.
 --align times only the token sort/align step (kernels/triton_moe_align.py) per token count, with the one-program
 path's limit `small_max` at several values: which pair counts the one-program kernel should still take.
 """

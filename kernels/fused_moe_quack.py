@@ -33,8 +33,7 @@ from kernels.triton_activation import silu_mul_fp8_only
 from kernels.triton_moe_segments import expert_segments, mapped_topk_sum
 from kernels.triton_quant import quant_fp8_per_token
 
-MODULE = "kernels.quack_grouped_gemm"
-PIP_NAME = "quack-kernels"
+MODULE = "kernels.quack_grouped_gemm"  # imports quack-kernels and the CUTLASS DSL (the fa4 extra)
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,7 +77,6 @@ def fused_moe_quack(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_w
     `grouped_gemm_for(x.device)`."""
     t, h = x.shape
     e, two_i, _ = w13.shape
-    inter = two_i // 2
     topk = topk_ids.shape[1]
     np_ = t * topk
     out = torch.empty(t, h, dtype=x.dtype, device=x.device)

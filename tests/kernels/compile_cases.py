@@ -156,6 +156,20 @@ def case_moe_tma():
                           config=dict(cfg, BLOCK_N1=bn1, W1=w1), quant_in_kernel=False)
 
 
+def case_moe_quack():
+    """The Triton kernels of the QuACK MoE path (segments, SwiGLU + FP8 quant, the mapped top-k sum); the GEMMs
+    (QuACK's CuTe kernels, compiled by tests/kernels/test_fused_moe_quack.py) stubbed out."""
+    import kernels.triton_moe as moe
+
+    moe.grouped_gemm_for = lambda device: (lambda *args, **kwargs: None)
+    t, h = 4096, 5120
+    for e, inter in ((161, 192), (161, 1536)):
+        moe.fused_moe(torch.empty(t, h, dtype=BF16), torch.empty(e, 2 * inter, h, dtype=FP8),
+                      torch.empty(e, h, inter, dtype=FP8), torch.empty(t, 9), torch.zeros(t, 9, dtype=torch.int32),
+                      torch.empty(e, 2 * inter, 1), torch.empty(e, h, 1), "fp8_channel",
+                      config=dict(moe.moe_config(t, e, inter, h, "fp8_channel", torch.device("cpu")), QUACK=True))
+
+
 def case_attention():
     from kernels.triton_attention import paged_attention
 
@@ -270,6 +284,7 @@ CASES = {
     "attention": case_attention,
     "moe": case_moe,
     "moe_tma": case_moe_tma,
+    "moe_quack": case_moe_quack,
     "gemm": case_gemm,
     "swap": case_swap,
     "router": case_router,

@@ -14,7 +14,7 @@ from kernels.fused_moe_quack import library
 from kernels.scaled_grouped_gemm import check_args, scaled_grouped_gemm_ref
 from kernels.triton_moe_segments import expert_segments, mapped_topk_sum
 from kernels.triton_quant import quant_fp8_per_token
-from kernel_helpers import poisoned_empty, rel_err
+from kernel_helpers import compile_sm90, poisoned_empty, rel_err
 from test_kernels_fused_moe import CFG_FAST, _tol, make_experts, routing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -147,6 +147,15 @@ def test_fused_moe_quack_only_where_it_applies(device, monkeypatch):
     monkeypatch.setattr(triton_moe, "grouped_gemm_for", lambda dev: None)
     out = triton_moe.fused_moe(x, w13, w2, tw, ti, s13, s2, "fp8_channel", config=cfg)
     assert rel_err(out, fused_moe_ref(x, w13, w2, tw, ti, s13, s2, "fp8_channel")) < _tol("fp8_channel")
+
+
+def test_path_triton_kernels_compile_for_sm90():
+    """The path's Triton kernels at real shapes (4096 tokens, N = 192 and 1536) compile for sm_90, no spills."""
+    out = compile_sm90("moe_quack")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for name in ("_segment_rows_kernel", "_silu_mul_fp8_row_kernel", "_mapped_reduce_kernel"):
+        lines = [line for line in out.stdout.splitlines() if line.startswith(name)]
+        assert lines and all("LOCAL:0" in line for line in lines), (name, lines)
 
 
 COMPILE_SCRIPT = """

@@ -1,14 +1,16 @@
 """Prefill attention through FlashAttention-4's CuTe-DSL kernels (`flash_attn.cute`, which has a Hopper forward)
 against cuDNN (the SDPA path's kernel) and our Triton extend kernel, one causal sequence, head_dim 128, bf16:
 
-    python -m bench.fa4_prefill [--heads 96/8,12/1] [--cases 4096:0,16384:0,32768:0,4096:4096,16384:4096]
+    python -m bench.fa4_prefill [--heads 96/8,12/1] [--cases 4096:0,16384:0,32768:0,4096:4096,16384:4096] [--knobs]
 
 Per case: cuDNN through kernels.sdpa_prefill.prefill_attention_sdpa on contiguous K/V (with a prefix: its merge of
 a prefix block and a causal block), FA4 on the same contiguous K/V (its causal mask is bottom-right aligned, so a
 prefix needs no merge), FA4 reading the paged cache through a page table (16-token pages: its non-TMA paged path),
-and our Triton extend kernel on the paged cache. Times are CUDA-event medians of 10 calls after warm-up (FA4
-compiles on its first call); % = FLOPs / time / 989 TFLOP/s (bf16 dense datasheet). "err" = the largest difference
-from the cuDNN output over its largest value. flash-attn-4 is optional: the script says so when it is missing.
+and our Triton extend kernel on the paged cache; "fa4_paged128": FA4 on 128-token pages (`--kv-block-size 128`:
+its TMA paged loads, page = KV tile). --knobs adds FA4's sm90 launch choices through its internal `_flash_attn_fwd`
+(tile_mn, pack_gqa, intra-warpgroup overlap, P@V from registers) on the 16-token paged cache. Times are CUDA-event
+medians of 10 calls after warm-up (FA4 compiles on its first call); % = FLOPs / time / 989 TFLOP/s (bf16 dense
+datasheet). "err" = the largest difference from the cuDNN output over its largest value. flash-attn-4 is optional: the script says so when it is missing.
 """
 from __future__ import annotations
 
@@ -22,9 +24,9 @@ from kernels.sdpa_prefill import prefill_attention_sdpa
 from kernels.triton_attention import paged_attention
 
 try:
-    from flash_attn.cute.interface import flash_attn_func, flash_attn_varlen_func
+    from flash_attn.cute.interface import _flash_attn_fwd, flash_attn_func, flash_attn_varlen_func
 except ImportError as exc:  # pragma: no cover - optional library
-    flash_attn_func = flash_attn_varlen_func = None
+    _flash_attn_fwd = flash_attn_func = flash_attn_varlen_func = None
     FA4_ERROR = f"{type(exc).__name__}: {exc}"
 else:
     FA4_ERROR = ""
@@ -32,6 +34,16 @@ else:
 BF16 = torch.bfloat16
 PEAK = 989e12
 D, BS = 128, 16
+# FA4's sm90 launch choices for --knobs (its default at head_dim 128: 128 x 128 tiles, overlap, P@V from registers)
+KNOBS = {
+    "tile=128x176": dict(tile_mn=(128, 176)),
+    "tile=128x160": dict(tile_mn=(128, 160)),
+    "tile=128x96": dict(tile_mn=(128, 96)),
+    "tile=192x128": dict(tile_mn=(192, 128)),
+    "no_pack_gqa": dict(pack_gqa=False),
+    "no_overlap": dict(intra_wg_overlap=False),
+    "pv_from_smem": dict(mma_pv_is_rs=False),
+}
 
 
 def _time_ms(fn: Callable[[], object], reps: int = 10) -> float:
@@ -52,21 +64,28 @@ def _first(x):
     return x[0] if isinstance(x, tuple) else x
 
 
-def case(n: int, prefix: int, hq: int, hk: int) -> dict[str, object]:
+def paged(src_k: torch.Tensor, src_v: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(k_cache, v_cache, page table [1, pages]) holding src in pages of `page` tokens, out of order as in serving."""
+    kv, hk = src_k.shape[:2]
+    pages = -(-kv // page)
+    perm = torch.randperm(pages, device="cuda", dtype=torch.int32)
+    caches = []
+    for src in (src_k, src_v):
+        padded = torch.zeros(pages * page, hk, D, device="cuda", dtype=BF16)
+        padded[:kv] = src
+        cache = torch.zeros(pages, page, hk, D, device="cuda", dtype=BF16)
+        cache[perm.long()] = padded.view(pages, page, hk, D)
+        caches.append(cache)
+    return caches[0], caches[1], perm.view(1, -1)
+
+
+def case(n: int, prefix: int, hq: int, hk: int, knobs: bool = False) -> dict[str, object]:
     kv = n + prefix
     scale = D ** -0.5
     q = torch.randn(n, hq, D, device="cuda", dtype=BF16)
     k = torch.randn(kv, hk, D, device="cuda", dtype=BF16)
     v = torch.randn(kv, hk, D, device="cuda", dtype=BF16)
-    pages = -(-kv // BS)
-    perm = torch.randperm(pages, device="cuda", dtype=torch.int32)  # pages out of order, as in serving
-    k_cache = torch.zeros(pages, BS, hk, D, device="cuda", dtype=BF16)
-    v_cache = torch.zeros_like(k_cache)
-    for src, dst in ((k, k_cache), (v, v_cache)):
-        padded = torch.zeros(pages * BS, hk, D, device="cuda", dtype=BF16)
-        padded[:kv] = src
-        dst[perm.long()] = padded.view(pages, BS, hk, D)
-    table = perm.view(1, -1)
+    k_cache, v_cache, table = paged(k, v, BS)
     lens = torch.tensor([kv], device="cuda", dtype=torch.int32)
     qsl = torch.tensor([0, n], device="cuda", dtype=torch.int32)
 
@@ -83,6 +102,14 @@ def case(n: int, prefix: int, hq: int, hk: int) -> dict[str, object]:
         runs["fa4_paged"] = lambda: _first(flash_attn_varlen_func(
             q, k_cache, v_cache, cu_seqlens_q=cu_q, seqused_k=lens, max_seqlen_q=n, page_table=table,
             softmax_scale=scale, causal=True))
+        k128, v128, table128 = paged(k, v, 128)
+        runs["fa4_paged128"] = lambda: _first(flash_attn_varlen_func(
+            q, k128, v128, cu_seqlens_q=cu_q, seqused_k=lens, max_seqlen_q=n, page_table=table128,
+            softmax_scale=scale, causal=True))
+        for name, kw in (KNOBS.items() if knobs else ()):
+            runs[f"fa4_paged[{name}]"] = lambda kw=kw: _first(_flash_attn_fwd(
+                q, k_cache, v_cache, cu_seqlens_q=cu_q, seqused_k=lens, max_seqlen_q=n, page_table=table,
+                softmax_scale=scale, causal=True, **kw))
     flops = 4 * D * hq * (n * prefix + n * (n + 1) / 2)
     for name, fn in runs.items():
         try:
@@ -100,13 +127,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--heads", default="96/8,12/1")
     ap.add_argument("--cases", default="4096:0,16384:0,32768:0,4096:4096,16384:4096,2048:0,8192:0")
+    ap.add_argument("--knobs", action="store_true", help="also FA4's sm90 launch choices (KNOBS) on the paged cache")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(0), "| flash_attn.cute:", FA4_ERROR or "importable", flush=True)
     for heads in args.heads.split(","):
         hq, hk = (int(x) for x in heads.split("/"))
         for c in args.cases.split(","):
             n, p = (int(x) for x in c.split(":"))
-            r = case(n, p, hq, hk)
+            r = case(n, p, hq, hk, args.knobs)
             print(f"{hq}/{hk} q {n:6} prefix {p:5} | " + " | ".join(f"{k} {v}" for k, v in r.items()), flush=True)
 
 

@@ -10,7 +10,8 @@ and our Triton extend kernel on the paged cache; "fa4_paged128": FA4 on 128-toke
 its TMA paged loads, page = KV tile). --knobs adds FA4's sm90 launch choices through its internal `_flash_attn_fwd`
 (tile_mn, pack_gqa, intra-warpgroup overlap, P@V from registers) on the 16-token paged cache. Times are CUDA-event
 medians of 10 calls after warm-up (FA4 compiles on its first call); % = FLOPs / time / 989 TFLOP/s (bf16 dense
-datasheet). "err" = the largest difference from the cuDNN output over its largest value. flash-attn-4 is optional: the script says so when it is missing.
+datasheet). "err" = the largest difference from the cuDNN output over its largest value. flash-attn-4 is optional:
+the script says so when it is missing.
 """
 from __future__ import annotations
 

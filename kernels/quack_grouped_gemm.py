@@ -41,6 +41,7 @@ from quack.gemm_tvm_ffi_utils import (
 from kernels.scaled_grouped_gemm import check_args
 
 MAX_SWIZZLE = 8
+FP8 = cutlass.Float8E4M3FN
 
 
 @dataclass(frozen=True)
@@ -80,10 +81,6 @@ class ScaledGemmSm90(ScaledEpiMixin, GemmSm90):
         super().__init__(*args, fp8_fast_accum=True, **kwargs)
 
 
-def _fp8() -> type:
-    return cutlass.Float8E4M3FN
-
-
 @functools.lru_cache(maxsize=None)
 def compiled(tile: GemmTile, gather_a: bool, device_capacity: tuple[int, int] = (9, 0)):
     """The compiled kernel for FP8 A (k-major) and B [E, N, K] (k-major), bf16 D [rows, N] (n-major), fp32 scales;
@@ -91,31 +88,38 @@ def compiled(tile: GemmTile, gather_a: bool, device_capacity: tuple[int, int] = 
     if device_capacity[0] != 9:
         raise ValueError(f"the scaled grouped GEMM is built for Hopper (sm90), not sm{device_capacity[0]}x")
     a, b, d, _, m, n, _, num_groups = make_fake_gemm_tensors(
-        _fp8(), _fp8(), cutlass.BFloat16, None, "k", "k", "n", None, varlen_m=True, gather_A=gather_a)
+        FP8, FP8, cutlass.BFloat16, None, "k", "k", "n", None, varlen_m=True, gather_A=gather_a)
     epi = ScaledGemmSm90.EpilogueArguments(
         mRowVecBroadcast=make_fake_tensor(cutlass.Float32, (num_groups, n), leading_dim=1, divisibility=4),
         mColVecBroadcast=make_fake_tensor(cutlass.Float32, (m,), leading_dim=0, divisibility=4),
     )
     return compile_gemm_kernel(
-        ScaledGemmSm90, _fp8(), (tile.tile_m, tile.tile_n), (tile.cluster_m, 1, 1), tile.pingpong, True,
+        ScaledGemmSm90, FP8, (tile.tile_m, tile.tile_n), (tile.cluster_m, 1, 1), tile.pingpong, True,
         gather_a, False, device_capacity, a, b, d, None, epi,
         make_fake_scheduler_args(False, False, num_groups), make_fake_varlen_args(True, False, gather_a, m),
     )
 
 
+@functools.lru_cache(maxsize=None)
+def _max_active_clusters(cluster_m: int, device_capacity: tuple[int, int]) -> int:
+    """How many clusters of this size the persistent kernel keeps resident (a driver occupancy query: once)."""
+    return get_max_active_clusters(cluster_m, device_capacity=device_capacity)
+
+
 def scaled_grouped_gemm(a: torch.Tensor, w: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
                         cu_seqlens: torch.Tensor, out: torch.Tensor, a_idx: torch.Tensor | None = None,
-                        tile: GemmTile = GemmTile()) -> torch.Tensor:
+                        tile: GemmTile | None = None) -> torch.Tensor:
     """out [rows, N] bf16 <- the formula of kernels/scaled_grouped_gemm.py (same arguments and checks as its
     reference); cu_seqlens[E] must equal rows (not checked: it would need a host sync)."""
     check_args(a, w, row_scale, col_scale, cu_seqlens, out, a_idx)
     if out.shape[0] == 0:
         return out
-    capacity = get_device_capacity(a.device)
-    kernel = compiled(tile, a_idx is not None, tuple(capacity))
+    tile = tile or GemmTile()
+    capacity = tuple(get_device_capacity(a.device))
+    kernel = compiled(tile, a_idx is not None, capacity)
     epi = ScaledGemmSm90.EpilogueArguments(
         mRowVecBroadcast=col_scale, mColVecBroadcast=row_scale, add_to_output=None, rounding_mode=None)
-    clusters = get_max_active_clusters(tile.cluster_m, device_capacity=capacity)
+    clusters = _max_active_clusters(tile.cluster_m, capacity)
     kernel(a, w.permute(1, 2, 0), out, None, epi, make_scheduler_args(clusters, MAX_SWIZZLE, None, None),
            make_varlen_args(cu_seqlens, None, a_idx), None)
     return out

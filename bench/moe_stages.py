@@ -23,6 +23,7 @@ import torch
 
 from bench.kernel_profile import kernel_breakdown
 from bench.kernels import BF16, DATASHEET, _graph_time, _grouped_baseline, _routings, fp8_weight
+from kernels.fused_moe_quack import grouped_gemm_for
 
 FP8_PEAK = DATASHEET["fp8"]  # dense datasheet FLOP/s, as bench.kernels' "% FP8 peak"
 
@@ -120,6 +121,10 @@ def main(argv=None) -> int:
         return 0
     h, k, e = 5120, 8, 161
     print(torch.cuda.get_device_name(0), flush=True)
+    if a.variants == "quack" and grouped_gemm_for(torch.device("cuda")) is None:
+        print("QuACK's GEMM does not run here (quack-kernels missing or not sm90): the QUACK variants would time the "
+              "Triton kernels; stopping", flush=True)
+        return 1
     for inter in [int(v) for v in a.inter.split(",")]:
         w13 = fp8_weight(e, 2 * inter, h)
         w2 = fp8_weight(e, h, inter)

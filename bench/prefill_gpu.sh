@@ -16,6 +16,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PY:-python3}; LAYERS=${LAYERS:-27}; BACKENDS=${BACKENDS:-"triton sdpa"}; CAP=${CAP:-150}; SHARDS=${SHARDS:-"1 4 8"}
 TAG=""
 if [ -n "${MOE_QUACK_FROM:-}" ]; then
+    "$PY" -c "import kernels.quack_grouped_gemm" || { echo "MOE_QUACK_FROM: QuACK does not import (PY=$PY)"; exit 1; }
     "$PY" -m bench.moe_table --quack-from "$MOE_QUACK_FROM" --quack "${MOE_QUACK_TILES:-true}" || exit 1
     TAG="_quack"
 fi

@@ -58,7 +58,7 @@ def _sort_scatter(ids_ptr, sorted_ptr, base_ptr, c, NP, E, CHUNK: tl.constexpr):
     tl.store(sorted_ptr + pos, src.to(tl.int32), mask=ok)
 
 
-@triton.jit(**token_counts("NP"))
+@triton.jit(**token_counts("NP", "MAX_BLOCKS"))
 def _align_small_kernel(
     ids_ptr, sorted_ptr, bexp_ptr, base_ptr, NP, E, MAX_BLOCKS,
     BLOCK_M: tl.constexpr, E_P: tl.constexpr, CHUNK: tl.constexpr, BCHUNK: tl.constexpr, FILL: tl.constexpr,
@@ -101,7 +101,7 @@ def _align_hist_kernel(
         tl.store(sorted_ptr + r0 + li, tl.zeros([CHUNK], dtype=tl.int32) + NP, mask=r0 + li < TOTAL)
 
 
-@triton.jit(**token_counts("NCHUNK"))
+@triton.jit(**token_counts("NCHUNK", "MAX_BLOCKS"))
 def _align_scan_kernel(
     hist_ptr, base_ptr, bexp_ptr, NCHUNK, E, MAX_BLOCKS,
     BLOCK_M: tl.constexpr, E_P: tl.constexpr, BCHUNK: tl.constexpr,

@@ -6,14 +6,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import cdiv, pdl_launch, pdl_release, pdl_wait, to_out
+from kernels.triton_common import cdiv, pdl_launch, pdl_release, pdl_wait, to_out, token_counts
 from kernels.triton_moe_align import moe_align
 
 SEGMENT_ROWS = 1024
 REDUCE_BLOCK_H = 1024
 
 
-@triton.jit
+@triton.jit(**token_counts("NP"))
 def _segment_rows_kernel(
     sorted_ptr, xs_ptr, tok_ptr, rs_ptr, row_of_ptr, NP, TOPK,
     ROWS: tl.constexpr,

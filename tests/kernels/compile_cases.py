@@ -211,11 +211,13 @@ def case_token_counts():
     import kernels.triton_attention as attention
     import kernels.triton_fp8_gemm as gemm
     import kernels.triton_moe as moe
+    import kernels.triton_activation as activation
     import kernels.triton_moe_align as align
     import kernels.triton_moe_routing as routing
+    import kernels.triton_moe_segments as segments
     import kernels.triton_rope as rope
 
-    jitted = {f"{m.__name__}.{n}": f for m in (attention, gemm, moe, align, routing, rope)
+    jitted = {f"{m.__name__}.{n}": f for m in (attention, gemm, moe, align, routing, rope, segments, activation)
               for n, f in vars(m).items()
               if isinstance(f, JITFunction)}
 
@@ -235,19 +237,27 @@ def case_token_counts():
                       torch.empty(1536, 1), None, BF16, False)
         routing.moe_route(torch.empty(t, 160), torch.empty(160), 8, 1, 1, True, 2.5, 1)
         e, inter, h = 161, 192, 5120
-        moe.fused_moe(torch.empty(t, h, dtype=BF16), torch.empty(e, 2 * inter, h, dtype=FP8),
-                      torch.empty(e, h, inter, dtype=FP8), torch.empty(t, 9), torch.zeros(t, 9, dtype=torch.int32),
-                      torch.empty(e, 2 * inter, 1), torch.empty(e, h, 1), "fp8_channel")
+        for quack in (False, True):  # the Triton kernels, then the QuACK path's own (its GEMMs stubbed out)
+            moe.fused_moe(torch.empty(t, h, dtype=BF16), torch.empty(e, 2 * inter, h, dtype=FP8),
+                          torch.empty(e, h, inter, dtype=FP8), torch.empty(t, 9), torch.zeros(t, 9, dtype=torch.int32),
+                          torch.empty(e, 2 * inter, 1), torch.empty(e, h, 1), "fp8_channel",
+                          config=dict(moe.moe_config(t, e, inter, h, "fp8_channel", torch.device("cpu")),
+                                      QUACK=quack))
         q, k = torch.empty(t, 12, 128, dtype=BF16), torch.empty(t, 1, 128, dtype=BF16)
         w = torch.empty(128, dtype=BF16)
         rope.qk_norm_rope(q, k, w, w, torch.empty(4096, 64), torch.empty(t, dtype=torch.int64), 1e-5)
 
-    step(8208)
-    attend(512, 16)
-    first = variants()
-    step(8207)
-    attend(1024, 15)
-    again = variants()
+    real_gemm_for = moe.grouped_gemm_for
+    moe.grouped_gemm_for = lambda device: (lambda *args, **kwargs: None)
+    try:
+        step(8208)
+        attend(512, 16)
+        first = variants()
+        step(8207)
+        attend(1024, 15)
+        again = variants()
+    finally:
+        moe.grouped_gemm_for = real_gemm_for
     grew = sorted(n for n in again if again[n] > first[n])
     used = sorted(n for n in first if first[n])
     if grew:

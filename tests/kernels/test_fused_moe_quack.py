@@ -130,22 +130,31 @@ def test_fused_moe_quack_path(device, shape, prequantized, monkeypatch):
 
 
 def test_fused_moe_quack_only_where_it_applies(device, monkeypatch):
-    """Not taken for fp16 activations, FP8 block weights, the pair (decode) mode or where no GEMM runs."""
-    used = []
-    monkeypatch.setattr(triton_moe, "grouped_gemm_for", lambda dev: used.append(dev) or scaled_grouped_gemm_ref)
+    """Not taken for fp16 activations, FP8 block weights, the pair (decode) mode or where no GEMM runs here; taken
+    for the same call with bf16 x (the control)."""
+    ran = []
+
+    def recording(*args, **kwargs):
+        ran.append(1)
+        return scaled_grouped_gemm_ref(*args, **kwargs)
+
+    monkeypatch.setattr(triton_moe, "grouped_gemm_for", lambda dev: recording)
     t, e, h, inter, k = 12, 4, 128, 64, 2
     x = torch.randn(t, h, device=device, dtype=torch.bfloat16)
     tw, ti = routing(t, e, k, device)
     w13, w2, s13, s2 = make_experts(e, h, inter, "fp8_channel", device)
+    wb13, wb2, sb13, sb2 = make_experts(e, h, inter, "fp8_block", device)
     cfg = dict(CFG_FAST, QUACK=True)
     out = triton_moe.fused_moe(x.half(), w13, w2, tw, ti, s13, s2, "fp8_channel", config=cfg)
     assert rel_err(out, fused_moe_ref(x.half(), w13, w2, tw, ti, s13, s2, "fp8_channel")) < _tol("fp8_channel")
     triton_moe.fused_moe(x, w13, w2, tw, ti, s13, s2, "fp8_channel", config=dict(cfg, PAIR_MAX=64))
-    wb13, wb2, sb13, sb2 = make_experts(e, h, inter, "fp8_block", device)
     triton_moe.fused_moe(x, wb13, wb2, tw, ti, sb13, sb2, "fp8_block", config=dict(cfg, BLOCK_K1=128, BLOCK_K2=128))
-    assert len(used) == 1  # asked once (fp16: no GEMM of it runs then), never for pair mode or block FP8
+    assert ran == []
+    triton_moe.fused_moe(x, w13, w2, tw, ti, s13, s2, "fp8_channel", config=cfg)
+    assert ran == [1, 1]  # the control: both GEMMs went through it
     monkeypatch.setattr(triton_moe, "grouped_gemm_for", lambda dev: None)
     out = triton_moe.fused_moe(x, w13, w2, tw, ti, s13, s2, "fp8_channel", config=cfg)
+    assert ran == [1, 1]
     assert rel_err(out, fused_moe_ref(x, w13, w2, tw, ti, s13, s2, "fp8_channel")) < _tol("fp8_channel")
 
 

@@ -161,13 +161,17 @@ def case_moe_quack():
     (QuACK's CuTe kernels, compiled by tests/kernels/test_fused_moe_quack.py) stubbed out."""
     import kernels.triton_moe as moe
 
+    real_gemm_for = moe.grouped_gemm_for
     moe.grouped_gemm_for = lambda device: (lambda *args, **kwargs: None)
     t, h = 4096, 5120
-    for e, inter in ((161, 192), (161, 1536)):
-        moe.fused_moe(torch.empty(t, h, dtype=BF16), torch.empty(e, 2 * inter, h, dtype=FP8),
-                      torch.empty(e, h, inter, dtype=FP8), torch.empty(t, 9), torch.zeros(t, 9, dtype=torch.int32),
-                      torch.empty(e, 2 * inter, 1), torch.empty(e, h, 1), "fp8_channel",
-                      config=dict(moe.moe_config(t, e, inter, h, "fp8_channel", torch.device("cpu")), QUACK=True))
+    try:
+        for e, inter in ((161, 192), (161, 1536)):
+            moe.fused_moe(torch.empty(t, h, dtype=BF16), torch.empty(e, 2 * inter, h, dtype=FP8),
+                          torch.empty(e, h, inter, dtype=FP8), torch.empty(t, 9), torch.zeros(t, 9, dtype=torch.int32),
+                          torch.empty(e, 2 * inter, 1), torch.empty(e, h, 1), "fp8_channel",
+                          config=dict(moe.moe_config(t, e, inter, h, "fp8_channel", torch.device("cpu")), QUACK=True))
+    finally:
+        moe.grouped_gemm_for = real_gemm_for
 
 
 def case_attention():
@@ -208,10 +212,10 @@ def case_token_counts():
     multiple of 16, which tests/test_kernel_warmup.py checks.)"""
     from triton.runtime.jit import JITFunction
 
+    import kernels.triton_activation as activation
     import kernels.triton_attention as attention
     import kernels.triton_fp8_gemm as gemm
     import kernels.triton_moe as moe
-    import kernels.triton_activation as activation
     import kernels.triton_moe_align as align
     import kernels.triton_moe_routing as routing
     import kernels.triton_moe_segments as segments

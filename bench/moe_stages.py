@@ -22,7 +22,7 @@ import functools
 import torch
 
 from bench.kernel_profile import kernel_breakdown
-from bench.kernels import BF16, DATASHEET, _graph_time, _grouped_baseline, _routings, fp8_weight
+from bench.kernels import BF16, DATASHEET, _eager_time, _graph_time, _grouped_baseline, _routings, fp8_weight
 from kernels.fused_moe_quack import grouped_gemm_for
 
 FP8_PEAK = DATASHEET["fp8"]  # dense datasheet FLOP/s, as bench.kernels' "% FP8 peak"
@@ -69,24 +69,6 @@ VARIANTS = {"tiles": TILE_VARIANTS, "tma": TMA_VARIANTS, "quack": QUACK_VARIANTS
 def breakdown(fn, reps: int = 5) -> dict[str, float]:
     """{kernel name: µs per call} (bench.kernel_profile)."""
     return {r["name"]: r["us_per_call"] for r in kernel_breakdown(fn, reps)}
-
-
-def _eager_time(fn, reps: int = 20) -> float:
-    """Median seconds per call launched back to back without a graph (host launch cost included when it is
-    larger than the GPU time)."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a = torch.cuda.Event(enable_timing=True)
-        b = torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(5):
-            fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 5e3)
-    return sorted(times)[len(times) // 2]
 
 
 def align_sweep(tokens: list[int], inter: int, small_maxes=(512, 1024, 2048, 4096)) -> None:
@@ -153,7 +135,7 @@ def main(argv=None) -> int:
                     c = dict(cfg, **v)
                     run = functools.partial(fused_moe, x, w13, w2, w, ids, s13, s2, "fp8_channel", config=c)
                     try:
-                        te = _eager_time(run)  # first: it compiles (QuACK) and needs no graph capture
+                        te = _eager_time([run])  # first: it compiles (QuACK) and needs no graph capture
                         vp = breakdown(run)
                         try:
                             tt = _graph_time([run], reps=5)

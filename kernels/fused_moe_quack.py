@@ -30,7 +30,7 @@ import torch
 
 from kernels.scaled_grouped_gemm import scaled_grouped_gemm_ref
 from kernels.triton_activation import silu_mul_fp8_only
-from kernels.triton_moe_segments import expert_segments, mapped_topk_sum
+from kernels.triton_moe_segments import expert_segments, topk_sum
 from kernels.triton_quant import quant_fp8_per_token
 
 MODULE = "kernels.quack_grouped_gemm"  # imports quack-kernels and the CUTLASS DSL (the fa4 extra)
@@ -92,7 +92,7 @@ def fused_moe_quack(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_w
     act, act_scale = silu_mul_fp8_only(y1)
     y2 = torch.empty(np_, h, dtype=torch.bfloat16, device=x.device)
     gemm(act, w2, act_scale.reshape(-1), w2_scale.reshape(e, h), cu_seqlens, y2, a_idx=None, tile=tile2)
-    return mapped_topk_sum(y2, row_of, topk_weights, out)
+    return topk_sum(y2, topk_weights, out, row_of)
 
 
 __all__ = ["fused_moe_quack", "grouped_gemm_for", "library", "tiles"]

@@ -7,6 +7,7 @@
                epilogue (tickets reset themselves, so the counters stay zero for the next launch / graph replay)
   3. down      grouped GEMM act @ w2[e]^T -> y [T*k, H] (activation dtype, in pair order t*k + j)
   4. reduce    out[t] = sum_j y[t*k + j] * topk_weights[t, j] in fp32 -> activation dtype
+               (kernels/triton_moe_segments.topk_sum)
 
 Quantization ("none" | "fp8_channel" | "fp8_block") as in the reference: x is quantized per token (channel)
 or per 1x128 group (block) -- at decode sizes inside the gate_up kernel, at larger sizes by a separate quant
@@ -44,6 +45,7 @@ from kernels.triton_common import (
     to_fp8, to_out, zeroed_counters, token_counts,
 )
 from kernels.fused_moe_quack import fused_moe_quack, grouped_gemm_for
+from kernels.triton_moe_segments import topk_sum
 from kernels.triton_moe_align import max_blocks, moe_align
 from kernels.triton_quant import quant_fp8_per_group, quant_fp8_per_token
 
@@ -324,25 +326,6 @@ def _moe_down_kernel(
                     tl.atomic_xchg(ctr, 0, mask=last)
 
 
-@triton.jit
-def _moe_reduce_kernel(
-    y_ptr, w_ptr, out_ptr, H, stride_ym, stride_wt, stride_ot,
-    TOPK: tl.constexpr, BLOCK_H: tl.constexpr,
-    PDL: tl.constexpr = False,
-):
-    pdl_wait(PDL)  # before any read of an earlier kernel's output or any write
-    pdl_release(PDL)
-    t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    m = h < H
-    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for j in tl.static_range(TOPK):
-        w = tl.load(w_ptr + t * stride_wt + j)
-        y = tl.load(y_ptr + (t * TOPK + j) * stride_ym + h, mask=m, other=0.0).to(tl.float32)
-        acc += y * w
-    tl.store(out_ptr + t * stride_ot + h, to_out(acc, out_ptr.dtype.element_ty), mask=m)
-
-
 # ----------------------------------------------------------------------------------------------- configs
 
 def default_config(m: int, e: int, n: int, k: int, quant: str) -> dict:
@@ -567,11 +550,7 @@ def fused_moe(
         **pdl_launch(y.device),
     )
     if not fuse:
-        bh = 1024
-        _moe_reduce_kernel[(t, cdiv(h, bh))](
-            y, tw, out, h, y.stride(0), tw.stride(0), out.stride(0), TOPK=topk, BLOCK_H=bh, num_warps=4,
-            **pdl_launch(y.device),
-        )
+        topk_sum(y, tw, out)
     return out
 
 

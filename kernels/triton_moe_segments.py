@@ -1,5 +1,6 @@
-"""Row bookkeeping of the fused MoE's unpadded grouped-GEMM path (kernels/fused_moe_quack.py): the expert
-segments of the sorted (token, slot) pairs, and the top-k sum back in token order through the pair -> row map."""
+"""Row bookkeeping of the fused MoE: the expert segments of the sorted (token, slot) pairs for the unpadded
+grouped-GEMM path (kernels/fused_moe_quack.py), and the top-k sum back in token order that both paths end with
+(rows in pair order for the Triton kernels, through the pair -> row map for the unpadded path)."""
 from __future__ import annotations
 
 import torch
@@ -32,13 +33,14 @@ def _segment_rows_kernel(
 
 
 @triton.jit
-def _mapped_reduce_kernel(
+def _topk_sum_kernel(
     y_ptr, row_of_ptr, w_ptr, out_ptr, H, stride_ym, stride_wt, stride_ot,
-    TOPK: tl.constexpr, BLOCK_H: tl.constexpr,
+    TOPK: tl.constexpr, BLOCK_H: tl.constexpr, MAPPED: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
-    """out[t] = sum_j w[t, j] * y[row_of[t * TOPK + j]] in fp32 (rank order of j: deterministic)."""
-    pdl_wait(PDL)
+    """out[t] = sum_j w[t, j] * y[row of pair t * TOPK + j] in fp32 (rank order of j: deterministic); the row is
+    row_of[pair] when MAPPED, else the pair itself."""
+    pdl_wait(PDL)  # before any read of an earlier kernel's output or any write
     pdl_release(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -46,7 +48,10 @@ def _mapped_reduce_kernel(
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
     for j in tl.static_range(TOPK):
         w = tl.load(w_ptr + t * stride_wt + j)
-        row = tl.load(row_of_ptr + t * TOPK + j).to(tl.int64)
+        if MAPPED:
+            row = tl.load(row_of_ptr + t * TOPK + j).to(tl.int64)
+        else:
+            row = t * TOPK + j
         acc += tl.load(y_ptr + row * stride_ym + h, mask=m, other=0.0).to(tl.float32) * w
     tl.store(out_ptr + t * stride_ot + h, to_out(acc, out_ptr.dtype.element_ty), mask=m)
 
@@ -70,18 +75,19 @@ def expert_segments(topk_ids: torch.Tensor, num_experts: int, x_scale: torch.Ten
     return cu_seqlens, tok, row_scale, row_of
 
 
-def mapped_topk_sum(y: torch.Tensor, row_of: torch.Tensor, topk_weights: torch.Tensor, out: torch.Tensor
-                    ) -> torch.Tensor:
-    """out [T, H] <- sum_j topk_weights[t, j] * y[row_of[t * k + j]] (fp32 sum, j in rank order); y [P, H]."""
+def topk_sum(y: torch.Tensor, topk_weights: torch.Tensor, out: torch.Tensor, row_of: torch.Tensor | None = None
+             ) -> torch.Tensor:
+    """out [T, H] <- sum_j topk_weights[t, j] * y[row of pair t * k + j] (fp32 sum, j in rank order); y [rows, H]
+    holds pair p at row_of[p] (the unpadded path's sorted rows), or at row p when row_of is None (pair order)."""
     t, h = out.shape
     if t == 0:
         return out
     tw = topk_weights if topk_weights.stride(1) == 1 else topk_weights.contiguous()
-    _mapped_reduce_kernel[(t, cdiv(h, REDUCE_BLOCK_H))](
-        y, row_of, tw, out, h, y.stride(0), tw.stride(0), out.stride(0), TOPK=tw.shape[1], BLOCK_H=REDUCE_BLOCK_H,
-        num_warps=4, **pdl_launch(out.device),
+    _topk_sum_kernel[(t, cdiv(h, REDUCE_BLOCK_H))](
+        y, y if row_of is None else row_of, tw, out, h, y.stride(0), tw.stride(0), out.stride(0), TOPK=tw.shape[1],
+        BLOCK_H=REDUCE_BLOCK_H, MAPPED=row_of is not None, num_warps=4, **pdl_launch(out.device),
     )
     return out
 
 
-__all__ = ["expert_segments", "mapped_topk_sum"]
+__all__ = ["expert_segments", "topk_sum"]

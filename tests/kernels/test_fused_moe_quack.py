@@ -12,7 +12,7 @@ import kernels.triton_moe as triton_moe
 from kernels.fused_moe import fused_moe_ref
 from kernels.fused_moe_quack import library
 from kernels.scaled_grouped_gemm import check_args, scaled_grouped_gemm_ref
-from kernels.triton_moe_segments import expert_segments, mapped_topk_sum
+from kernels.triton_moe_segments import expert_segments, topk_sum
 from kernels.triton_quant import quant_fp8_per_token
 from kernel_helpers import compile_sm90, poisoned_empty, rel_err
 from test_kernels_fused_moe import CFG_FAST, _tol, make_experts, routing
@@ -44,7 +44,7 @@ def test_mapped_topk_sum(device):
     row_of = torch.randperm(t * k, device=device).to(torch.int32)
     w = torch.rand(t, k, device=device)
     with poisoned_empty():
-        out = mapped_topk_sum(y, row_of, w, torch.empty(t, h, device=device, dtype=torch.bfloat16))
+        out = topk_sum(y, w, torch.empty(t, h, device=device, dtype=torch.bfloat16), row_of)
     ref = (y.float()[row_of.long()].view(t, k, h) * w[..., None]).sum(1)
     torch.testing.assert_close(out.float(), ref, rtol=8e-3, atol=1e-2)
 
@@ -162,7 +162,7 @@ def test_path_triton_kernels_compile_for_sm90():
     """The path's Triton kernels at real shapes (4096 tokens, N = 192 and 1536) compile for sm_90, no spills."""
     out = compile_sm90("moe_quack")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    for name in ("_segment_rows_kernel", "_silu_mul_fp8_row_kernel", "_mapped_reduce_kernel"):
+    for name in ("_segment_rows_kernel", "_silu_mul_fp8_row_kernel", "_topk_sum_kernel"):
         lines = [line for line in out.stdout.splitlines() if line.startswith(name)]
         assert lines and all("LOCAL:0" in line for line in lines), (name, lines)
 

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from kernels.quant import quant_fp8_weight_per_block, quant_fp8_weight_per_channel
 from model.config import config_from_dict
@@ -122,8 +123,6 @@ def train_tokenizer(corpus_path: str | Path = CORPUS_PATH):
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int):
     """A byte-level BPE of `vocab_size` ids in all (the GLM special tokens last, after the learned
     vocabulary), trained on `texts` (deterministic for the same texts)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()

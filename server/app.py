@@ -27,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, PlainTextResponse, Response
+from transformers import AutoTokenizer
 
 from server.anthropic_api import router as anthropic_router
 from server.chat_template import ChatTemplate, load_chat_template
@@ -76,8 +77,6 @@ def build_app(
     (app.state.drainer, started from a signal handler) is over (stop the server)."""
     model_path = engine_kwargs["model"]
     if tokenizer is None:
-        from transformers import AutoTokenizer
-
         tokenizer = AutoTokenizer.from_pretrained(config.engine.get("tokenizer") or model_path)
     template = ChatTemplate(
         tokenizer, load_chat_template(config.chat_template), config.default_chat_template_kwargs_dict

@@ -13,10 +13,20 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
+import signal
 import sys
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
+import uvicorn
+
+from disagg.connector import kv_worker_factory
+from engine import EngineConfig
+from engine.distributed import init_distributed, launched_by_torchrun
+from engine.model_worker import ModelWorker, leave_process_group
+from model.tiny import tiny_model_dir
+from server.app import build_app
 from server.engine_args import engine_kwargs
 from server.config import ServerConfig
 from server.log_safety import SafeFormatter
@@ -44,8 +54,6 @@ def resolve_model(config: ServerConfig) -> ServerConfig:
                 f"glint: error: --model {config.model!r} is not a checkpoint folder (no config.json)"
             )
         return dataclasses.replace(config, model=str(path))
-    from model.tiny import tiny_model_dir
-
     path = tiny_model_dir("bf16")
     logger.info(
         "no --model given: serving the built-in tiny model at %s (random weights, gibberish output)", path
@@ -61,16 +69,9 @@ def resolve_model(config: ServerConfig) -> ServerConfig:
 def run_tp_worker(config: ServerConfig) -> int:
     """`torchrun --nproc-per-node N -m server --tp-size N ...`: ranks > 0 run the model worker loop (rank 0's
     engine process broadcasts every step to them) until the server stops."""
-    from disagg.connector import kv_worker_factory
-    from engine import EngineConfig
-    from engine.distributed import init_distributed
-    from engine.model_worker import ModelWorker, leave_process_group
-
     setup_logging(config.log_level)
     config = resolve_model(config)
     econfig = EngineConfig.create(**engine_kwargs(config))
-    import signal
-
     # Ctrl-C reaches every torchrun rank; this one waits for rank 0's orderly STOP instead of dying mid-step.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     info = init_distributed(econfig.parallel.tensor_parallel_size, econfig.device, parallel=econfig.parallel)
@@ -90,16 +91,9 @@ def run_tp_worker(config: ServerConfig) -> int:
     return 0
 
 
-def _launched_by_torchrun() -> bool:
-    from engine.distributed import launched_by_torchrun
-
-    return launched_by_torchrun()
-
-
 def is_torchrun_worker(config: ServerConfig) -> bool:
-    import os
-
-    return config.engine.get("tensor_parallel_size", 1) > 1 and _launched_by_torchrun() and int(os.environ.get("RANK", "0")) != 0
+    tp = config.engine.get("tensor_parallel_size", 1)
+    return tp > 1 and launched_by_torchrun() and int(os.environ.get("RANK", "0")) != 0
 
 
 def _quiet_uvicorn_server(config, drain: Callable[[], bool] | None = None):
@@ -110,8 +104,6 @@ def _quiet_uvicorn_server(config, drain: Callable[[], bool] | None = None):
     wrapper like `timeout` forwarding it) skips the lifespan shutdown; either way the lifespan task is
     cancelled mid-receive and a traceback is logged at ERROR level on a clean stop. Our exit code says how it
     ended."""
-    import uvicorn
-
     class QuietServer(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:  # not recorded, so capture_signals re-raises nothing
             if drain is None or self.should_exit or not drain():
@@ -121,19 +113,14 @@ def _quiet_uvicorn_server(config, drain: Callable[[], bool] | None = None):
 
 
 def run_server(config: ServerConfig) -> int:
-    import uvicorn
-
     if is_torchrun_worker(config):
         return run_tp_worker(config)
-
-    from engine.config import EngineConfig
-    from server.app import build_app
 
     setup_logging(config.log_level)
     non_default = config.non_default_args()
     logger.info("glint server, non-default args: %s", non_default or "(none)")
     config = resolve_model(config)
-    if config.engine_restart and config.engine.get("tensor_parallel_size", 1) > 1 and _launched_by_torchrun():
+    if config.engine_restart and config.engine.get("tensor_parallel_size", 1) > 1 and launched_by_torchrun():
         logger.warning(
             "--engine-restart is not available under torchrun (the other ranks cannot rejoin): ignored"
         )

@@ -379,6 +379,16 @@ def bench_route(args):
         report("moe_route", f"T={t} E=160 top8+shared", ours, base, "torch ref", nbytes=t * 160 * 4 + t * 9 * 8)
 
 
+def _moe_weight_scales(e: int, inter: int, h: int, quant: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random gate_up / down weight scales: per output channel [E, N, 1], or per 128 x 128 block
+    [E, ceil(N / 128), ceil(K / 128)] (the layout kernels.quant.quant_fp8_weight_per_block writes)."""
+    if quant == "fp8_channel":
+        return (torch.rand(e, 2 * inter, 1, device="cuda") * 1e-3, torch.rand(e, h, 1, device="cuda") * 1e-3)
+    blocks = lambda n: -(-n // 128)  # noqa: E731
+    return (torch.rand(e, blocks(2 * inter), blocks(h), device="cuda") * 1e-3,
+            torch.rand(e, blocks(h), blocks(inter), device="cuda") * 1e-3)
+
+
 def _grouped_baseline(x, w13, w2, s13, s2, ids):
     """torch._scaled_grouped_mm over the active experts only: returns a closure running the two grouped GEMMs
     (weights gathered and rows padded to 16 outside the timing), or None when unsupported."""
@@ -436,13 +446,15 @@ def bench_moe(args, tune_out: dict | None = None):
     from kernels.triton_moe import fused_moe, moe_config
 
     h, k, e = 5120, 8, 161
+    quant = args.moe_quant
     tokens = (1, 4, 16, 64, 256, 1024, 4096) if not args.quick else (1, 64, 4096)
     for inter in (192, 384, 1536):
         w13 = fp8_weight(e, 2 * inter, h)
         w2 = fp8_weight(e, h, inter)
-        s13 = torch.rand(e, 2 * inter, 1, device="cuda") * 1e-3
-        s2 = torch.rand(e, h, 1, device="cuda") * 1e-3
-        per_expert = 3 * inter * h + (2 * inter + h) * 4
+        s13, s2 = _moe_weight_scales(e, inter, h, quant)
+        # the grouped-GEMM baseline takes per-channel scales only: block weights are timed against channel scales
+        b13, b2 = (s13, s2) if quant == "fp8_channel" else _moe_weight_scales(e, inter, h, "fp8_channel")
+        per_expert = 3 * inter * h + (s13[0].numel() + s2[0].numel()) * 4
         table = {}
         for t in tokens:
             x = torch.randn(t, h, device="cuda", dtype=BF16)
@@ -452,13 +464,13 @@ def bench_moe(args, tune_out: dict | None = None):
             nbytes = n_active * per_expert + 2 * t * h * 2
             flops = 2 * t * (k + 1) * 3 * inter * h
             if tune_out is not None:
-                cfg = tune_moe(x, w13, w2, s13, s2, routes, t, e, inter, h)
+                cfg = tune_moe(x, w13, w2, s13, s2, routes, t, e, inter, h, quant)
                 table[str(t)] = cfg
             else:
                 cfg = None
-            ours, _ = timeit([lambda w=w, ids=ids: fused_moe(x, w13, w2, w, ids, s13, s2, "fp8_channel", config=cfg)
+            ours, _ = timeit([lambda w=w, ids=ids: fused_moe(x, w13, w2, w, ids, s13, s2, quant, config=cfg)
                               for w, ids in routes])
-            base_fns = [_grouped_baseline(x, w13, w2, s13, s2, ids) for _, ids in routes[: min(r, 4)]]
+            base_fns = [_grouped_baseline(x, w13, w2, b13, b2, ids) for _, ids in routes[: min(r, 4)]]
             base = timeit(base_fns)[0] if all(base_fns) else None
             mem = nbytes / ours / HW["bw"]
             comp = flops / ours / DATASHEET["fp8"]
@@ -471,7 +483,7 @@ def bench_moe(args, tune_out: dict | None = None):
                 target, met = ">=1.5x grouped", base is None or base / ours >= 1.5
             elif t >= 4096:
                 target, met = ">=50% FP8 peak", comp >= 0.5
-            if t <= 64:  # the x quantization done by the preceding RMSNorm kernel (rms_norm_fp8)
+            if t <= 64 and quant == "fp8_channel":  # x quantized by the preceding RMSNorm kernel (rms_norm_fp8)
                 from kernels.triton_quant import quant_fp8_per_token
 
                 xq, xsc = quant_fp8_per_token(x)
@@ -479,23 +491,24 @@ def bench_moe(args, tune_out: dict | None = None):
                                                                 x_fp8=xq, x_scale=xsc) for w, ids in routes])
                 report("fused_moe_xq", f"T={t} E={e} N={inter} (x pre-quantized)", pre, base,
                        "_scaled_grouped_mm x2", nbytes=nbytes, flops=flops)
-            used = cfg or moe_config(t, e, inter, h, "fp8_channel", x.device)
-            report("fused_moe", f"T={t} E={e} N={inter} act~{n_active:.0f}", ours, base, "_scaled_grouped_mm x2",
+            used = cfg or moe_config(t, e, inter, h, quant, x.device)
+            name = "fused_moe" if quant == "fp8_channel" else f"fused_moe_{quant}"
+            report(name, f"T={t} E={e} N={inter} act~{n_active:.0f}", ours, base, "_scaled_grouped_mm x2",
                    nbytes=nbytes, flops=flops, target=target, met=met,
                    note=f"BM{used['BLOCK_M']} N1={used['BLOCK_N1']} SK{used['SPLIT_K1']} N2={used['BLOCK_N2']}"
                         f"x{used.get('N_LOOP2', 1)}")
         if tune_out is not None:
-            name = f"E={e},N={inter},device={torch.cuda.get_device_name(0).replace(' ', '_')},quant=fp8_channel.json"
+            name = f"E={e},N={inter},device={torch.cuda.get_device_name(0).replace(' ', '_')},quant={quant}.json"
             tune_out[name] = table
         del w13, w2
         torch.cuda.empty_cache()
 
 
-def tune_moe(x, w13, w2, s13, s2, routes, t, e, inter, h) -> dict:
+def tune_moe(x, w13, w2, s13, s2, routes, t, e, inter, h, quant="fp8_channel") -> dict:
     """Sweep gate_up then down parameters (the other held at its default) for t tokens; return the best."""
     from kernels.triton_moe import default_config, fused_moe
 
-    base = default_config(t, e, inter, h, "fp8_channel")
+    base = default_config(t, e, inter, h, quant)
     if t <= 64:
         c1 = [dict(BLOCK_M=16, BLOCK_N1=bn, BLOCK_K1=bk, SPLIT_K1=sk, W1=4, S1=4)
               for bn in (32, 64) for bk in (128, 256) for sk in (1, 2, 4)]
@@ -507,7 +520,7 @@ def tune_moe(x, w13, w2, s13, s2, routes, t, e, inter, h) -> dict:
                                     (128, 128, 8, 3), (64, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3))]
         c2 = [dict(BLOCK_N2=bn, BLOCK_K2=128, W2=w, S2=3, N_LOOP2=nl)
               for bn, w, nl in ((128, 4, 1), (128, 8, 1), (256, 8, 1), (128, 8, 4), (256, 8, 2))]
-    fns = lambda cfg: [lambda w=w, ids=ids: fused_moe(x, w13, w2, w, ids, s13, s2, "fp8_channel", config=cfg)  # noqa: E731
+    fns = lambda cfg: [lambda w=w, ids=ids: fused_moe(x, w13, w2, w, ids, s13, s2, quant, config=cfg)  # noqa: E731
                        for w, ids in routes]
 
     def best_of(cands, start):
@@ -689,6 +702,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", default=",".join(SECTIONS), help="comma list of sections")
     p.add_argument("--quick", action="store_true", help="fewer shapes")
     p.add_argument("--tune", action="store_true", help="tune fused-MoE configs and the FP8-linear crossover")
+    p.add_argument("--moe-quant", default="fp8_channel", choices=("fp8_channel", "fp8_block"),
+                   help="the MoE section's weights: FP8 per output channel (GLM-4.7-FP8) or per 128 x 128 block")
     p.add_argument("--out", default=os.environ.get("OUT", ""), help="folder for kernels.json (+ tuned configs)")
     args = p.parse_args(argv)
     args.only = set(args.only.split(","))

@@ -7,8 +7,12 @@ Per case: cuDNN through kernels.sdpa_prefill.prefill_attention_sdpa on contiguou
 a prefix block and a causal block), FA4 on the same contiguous K/V (its causal mask is bottom-right aligned, so a
 prefix needs no merge), FA4 reading the paged cache through a page table (16-token pages: its non-TMA paged path),
 and our Triton extend kernel on the paged cache; "fa4_paged128": FA4 on 128-token pages (`--kv-block-size 128`:
-its TMA paged loads, page = KV tile). --knobs adds FA4's sm90 launch choices through its internal `_flash_attn_fwd`
-(tile_mn, pack_gqa, intra-warpgroup overlap, P@V from registers) on the 16-token paged cache. Times are CUDA-event
+its TMA paged loads, page = KV tile); "fa4_gathered": what the engine runs where it gathers (kernels/packed_kv.py:
+the 16-token pages copied into packed K/V, then FA4 with cu_seqlens_k; the gather is timed, the index is not: the
+engine builds it once per forward for every layer); "fa4_gathered_fp8" / "sdpa_fp8": the same over FP8 pages
+(x 1/8 scales), against the SDPA path the engine takes for FP8 pages it does not gather. --knobs adds FA4's
+sm90 launch choices through its internal `_flash_attn_fwd` (tile_mn, pack_gqa, intra-warpgroup overlap, P@V from
+registers) on the 16-token paged cache. Times are CUDA-event
 medians of 10 calls after warm-up (FA4 compiles on its first call); % = FLOPs / time / 989 TFLOP/s (bf16 dense
 datasheet). "err" = the largest difference from the cuDNN output over its largest value. flash-attn-4 is optional:
 the script says so when it is missing.
@@ -21,7 +25,8 @@ from collections.abc import Callable
 
 import torch
 
-from kernels.sdpa_prefill import prefill_attention_sdpa
+from kernels.packed_kv import gather_packed, pack_index
+from kernels.sdpa_prefill import paged_attention_prefill_sdpa, prefill_attention_sdpa
 from kernels.triton_attention import paged_attention
 
 try:
@@ -33,6 +38,7 @@ else:
     FA4_ERROR = ""
 
 BF16 = torch.bfloat16
+FP8 = torch.float8_e4m3fn
 PEAK = 989e12
 D, BS = 128, 16
 # FA4's sm90 launch choices for --knobs (its default at head_dim 128: 128 x 128 tiles, overlap, P@V from registers)
@@ -107,6 +113,20 @@ def case(n: int, prefix: int, hq: int, hk: int, knobs: bool = False) -> dict[str
         runs["fa4_paged128"] = lambda: _first(flash_attn_varlen_func(
             q, k128, v128, cu_seqlens_q=cu_q, seqused_k=lens, max_seqlen_q=n, page_table=table128,
             softmax_scale=scale, causal=True))
+        packed = pack_index(table, [kv], BS)
+
+        def gathered(kc: torch.Tensor, vc: torch.Tensor, ks: float = 1.0, vs: float = 1.0) -> torch.Tensor:
+            o = _first(flash_attn_varlen_func(
+                q, gather_packed(kc, packed, BF16), gather_packed(vc, packed, BF16), cu_seqlens_q=cu_q,
+                cu_seqlens_k=packed.cu_seqlens, max_seqlen_q=n, max_seqlen_k=kv, softmax_scale=scale * ks, causal=True))
+            return o.mul_(vs) if vs != 1.0 else o
+
+        runs["fa4_gathered"] = lambda: gathered(k_cache, v_cache)
+        k8, v8 = (k_cache * 8).to(FP8), (v_cache * 8).to(FP8)  # stored x 8, read back x 1/8: the same K/V
+        runs["fa4_gathered_fp8"] = lambda: gathered(k8, v8, 0.125, 0.125)
+        runs["sdpa_fp8"] = lambda: paged_attention_prefill_sdpa(
+            q, k8, v8, table, lens, qsl, scale, 0.125, 0.125, rest=paged_attention, query_start_host=[0, n],
+            seq_lens_host=[kv], min_prefill_tokens=1)
         for name, kw in (KNOBS.items() if knobs else ()):
             runs[f"fa4_paged[{name}]"] = lambda kw=kw: _first(_flash_attn_fwd(
                 q, k_cache, v_cache, cu_seqlens_q=cu_q, seqused_k=lens, max_seqlen_q=n, page_table=table,

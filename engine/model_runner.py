@@ -158,6 +158,8 @@ class ModelRunner:
         # Decode and verify steps tell attention the largest possible KV length, as the CUDA graphs must: the
         # kernel's split-K layout (and so its rounding) is then the same eager or replayed.
         self.decode_max_seq_len: int | None = None
+        # keys a prefill step may gather into packed K/V (ForwardContext.max_packed_kv): the worker's reserve
+        self.max_packed_kv = 0
 
     def build_context(self, inp: StepInputs) -> tuple[torch.Tensor, ForwardContext]:
         dev = self.device
@@ -176,6 +178,7 @@ class ModelRunner:
             v_scale=self.v_scale,
             host_query_start_loc=inp.query_start_loc,
             host_seq_lens=inp.seq_lens,
+            max_packed_kv=self.max_packed_kv,
         )
         return to_device(inp.input_ids, torch.long, dev), ctx
 
@@ -237,6 +240,7 @@ class ModelRunner:
             v_scale=self.v_scale,
             host_query_start_loc=batch.query_start_loc,
             host_seq_lens=batch.seq_lens,
+            max_packed_kv=self.max_packed_kv,
         )
         prev = source.index_select(0, to_device(batch.hidden_rows, torch.long, dev))
         out = self.model.mtp_forward(to_device(batch.input_ids, torch.long, dev), prev, ctx)

@@ -25,12 +25,12 @@ from engine.distributed import (
     shutdown_distributed,
 )
 from engine.gc_control import freeze_startup_heap
-from engine.kernel_warmup import AttentionShape, step_inputs, warmup_steps
+from engine.kernel_warmup import AttentionShape, WarmupStep, step_inputs, warmup_steps
 from engine.kv_connector import KVConnectorWorker
 from engine.kv_cache import allocate_kv_caches, kv_bytes_per_token, kv_cache_dtype
 from engine.model_runner import ModelRunner, StepInputs
 from engine.token_table import TokenTable
-from kernels import sdpa_prefill
+from kernels import fa4_prefill, packed_kv, sdpa_prefill
 from model.attention import prefill_kernel, resolve_prefill_attention_backend
 from model.builder import build_model
 from model.parallel import HeadPartition
@@ -90,6 +90,7 @@ class ModelWorker:
         table = TokenTable(config.scheduler.max_num_seqs, self.device) if config.overlap_scheduling else None
         self.runner = ModelRunner(self.model, kv, self.device, token_table=table)
         self.runner.decode_max_seq_len = config.scheduler.max_model_len
+        self.runner.max_packed_kv = self._max_packed_kv()
         if self.device.type == "cuda" and config.kernel_warmup:
             self._warm_up_kernels(kv_dtype)
         if self.device.type == "cuda" and not config.enforce_eager:
@@ -159,16 +160,22 @@ class ModelWorker:
         backend = resolve_prefill_attention_backend(self.config.prefill_attention_backend, self.device)
         return prefill_kernel(backend, kv_dtype, self.config.torch_dtype)
 
+    def _max_packed_kv(self) -> int:
+        """Keys a prefill step may gather into packed K/V (FA4's gathered path): one sequence's longest context."""
+        backend = resolve_prefill_attention_backend(self.config.prefill_attention_backend, self.device)
+        return self.config.scheduler.max_model_len if backend == "fa4" else 0
+
     def _prefill_workspace_bytes(self, kv_dtype: torch.dtype) -> int:
-        """What the SDPA prefill path needs at the longest context beyond the profiling step (a chunk without a
-        cached prefix): its K/V gather grows with the context (~0.9 GB at 200K tokens with 8 KV heads). FA4 reads
-        the pages in place: nothing."""
-        if self._prefill_kernel(kv_dtype) != "sdpa":
-            return 0
-        mc, sc = self.config.model, self.config.scheduler
+        """What prefill attention needs at the longest context beyond the profiling step (a chunk without a
+        cached prefix): the SDPA path's K/V gather grows with the context (~0.9 GB at 200K tokens with 8 KV
+        heads), as do FA4's packed K/V (up to _max_packed_kv keys); FA4 over the pages needs nothing."""
+        mc, sc, dtype = self.config.model, self.config.scheduler, self.config.torch_dtype
         heads = HeadPartition.build(mc.num_attention_heads, mc.num_key_value_heads, self.dist.tp)
-        return sdpa_prefill.workspace_bytes(sc.max_num_batched_tokens, sc.max_model_len, heads.num_heads,
-                                            heads.num_kv_heads, mc.head_dim, self.config.torch_dtype)
+        need = packed_kv.workspace_bytes(self._max_packed_kv(), heads.num_kv_heads, mc.head_dim, dtype, kv_dtype)
+        if self._prefill_kernel(kv_dtype) == "sdpa":
+            need = max(need, sdpa_prefill.workspace_bytes(sc.max_num_batched_tokens, sc.max_model_len,
+                                                          heads.num_heads, heads.num_kv_heads, mc.head_dim, dtype))
+        return need
 
     @torch.inference_mode()
     def _profile_peak_memory(self, kv_dtype: torch.dtype) -> int:
@@ -204,13 +211,22 @@ class ModelWorker:
         shape = AttentionShape(heads.num_kv_heads, heads.num_heads // heads.num_kv_heads, mc.head_dim,
                                kv_dtype == torch.float8_e4m3fn,
                                torch.cuda.get_device_properties(self.device).multi_processor_count)
-        # the prompts of every token count below also compile FA4's kernel (one per configuration, not per length)
+        # the prompts of every token count below also compile FA4's kernel (one per configuration, not per length):
+        # first over the pages (16-bit) or the SDPA path's plans (FP8), for the steps FA4 does not gather, then once
+        # more over packed K/V
         sdpa = self._prefill_kernel(kv_dtype) == "sdpa"
         steps = warmup_steps(sc.max_num_batched_tokens, sc.max_num_seqs, sc.max_model_len, shape,
                              sdpa_prefill.sdpa_from_tokens(heads.num_heads) if sdpa else None)
+        gathered = min(sc.max_num_batched_tokens, sc.max_model_len)
         start = time.perf_counter()
-        for step in steps:
-            self.runner.run(step_inputs(step, self.block_size, self.num_blocks))
+        packed, self.runner.max_packed_kv = self.runner.max_packed_kv, 0
+        try:
+            for step in steps:
+                self.runner.run(step_inputs(step, self.block_size, self.num_blocks))
+        finally:
+            self.runner.max_packed_kv = packed
+        if packed and fa4_prefill.takes(gathered):
+            self.runner.run(step_inputs(WarmupStep(1, gathered, gathered), self.block_size, self.num_blocks))
         torch.cuda.synchronize(self.device)
         if self.dist.is_driver:
             log.info("kernel warm-up: %d steps in %.1f s", len(steps), time.perf_counter() - start)

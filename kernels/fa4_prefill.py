@@ -18,9 +18,17 @@ on the paged cache vs 1.15 ms cuDNN (ragged plans) and 1.27 ms our Triton kernel
 
 Which steps: a step whose longest query has at least FROM_TOKENS new tokens goes to FA4 whole (its decode or
 short rows included: the kernel is varlen and exact for them). Other steps keep the engine's kernels and graphs.
-FA4 needs q, k and v in one 16-bit dtype: FP8 KV pages go to the SDPA path instead (model/attention.py), whose
-gather dequantizes them. The library compiles a kernel per configuration (dtype, head dims, GQA packing, causal,
-paged) on its first call, not per length: the engine's start-up warm-up prefill compiles it.
+
+Gathered or paged. Read through the page table, FA4 takes its non-TMA paged loads at our 16-token pages; on
+contiguous K/V it takes TMA loads, 7-9% faster at 96/8 and 12/1 heads from 4K tokens, with or without a prefix
+(session 20: 0.77 vs 0.84 ms at 4K, 11.06 vs 11.84 ms at 16K, 2.14 vs 2.34 ms at 4K after a 4K prefix). So a step
+whose keys are few next to its score work (`gathers`: at least GATHER_MIN_PAIRS causal query-key pairs per key,
+i.e. a copy of each key costs ~1-2% of its attention; and no more keys than the worker reserved room for) is
+gathered into packed K/V (kernels/packed_kv.py) and attended with cu_seqlens_k; others (a prefill chunk next to
+many long-context decode rows) read the pages. FP8 pages widen in the gather, so FA4 runs on FP8 KV caches too
+where the step is gathered; other FP8 steps take the SDPA path (model/attention.py), whose gather dequantizes them.
+The library compiles a kernel per configuration (dtype, head dims, GQA packing, causal, paged or not) on its first
+call, not per length: the engine's start-up warm-up compiles both (engine/model_worker.py).
 """
 from __future__ import annotations
 
@@ -30,11 +38,16 @@ from types import ModuleType
 import torch
 
 from kernels.flash_attn_adapter import int32_index
+from kernels.packed_kv import PackedKV, gather_packed
 
 MODULE = "flash_attn.cute.interface"
 PIP_NAME = "flash-attn-4"
 FROM_TOKENS = 2048  # new tokens of a step's longest query from which the step's attention runs here
 MAX_HEAD_DIM = 256
+# causal query-key pairs per key from which a step's K/V are gathered: there a key's copy (read + write of K and V,
+# 8 x Hk x D bytes) costs ~2% of its score work at 12 query heads per KV head (96/8, 12/1; H200 arithmetic:
+# 4 TB/s, 50% of bf16 peak), the paged loads 7-9% of it
+GATHER_MIN_PAIRS = 1024
 
 
 def library() -> ModuleType | None:
@@ -70,6 +83,19 @@ def takes(max_query_len: int) -> bool:
     return max_query_len >= FROM_TOKENS
 
 
+def gathers(query_start: list[int], seq_lens: list[int], max_keys: int) -> bool:
+    """Whether a step (host lists: query_start_loc, seq_lens) reads packed K/V rather than the pages: its keys fit
+    max_keys and it has at least GATHER_MIN_PAIRS causal query-key pairs per key."""
+    keys = sum(seq_lens)
+    if not 0 < keys <= max_keys:
+        return False
+    pairs = 0
+    for b, kv in enumerate(seq_lens):
+        n = query_start[b + 1] - query_start[b]
+        pairs += n * (kv - n) + n * (n + 1) // 2
+    return pairs >= GATHER_MIN_PAIRS * keys
+
+
 def paged_attention_prefill_fa4(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -82,24 +108,31 @@ def paged_attention_prefill_fa4(
     v_scale: float = 1.0,
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
+    packed: PackedKV | None = None,
 ) -> torch.Tensor:
-    """q [T, Hq, D] -> [T, Hq, D] in q.dtype over 16-bit paged K/V (see the module docstring). max_query_len: a
-    host-side hint (read from the device, one sync, when None); max_seq_len is not needed."""
+    """q [T, Hq, D] -> [T, Hq, D] in q.dtype (see the module docstring). packed: gather the keys and values of
+    the step into packed K/V through this index (any cache dtype) instead of reading 16-bit pages in place.
+    max_query_len: a host-side hint (read from the device, one sync, when None); max_seq_len is not needed."""
     lib = library()
     if lib is None:
         raise RuntimeError(f"prefill attention backend 'fa4' {unsupported_reason(q.device, q.dtype, q.shape[-1])}")
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError(f"FA4 needs q, k and v in one dtype (q {q.dtype}, KV cache {k_cache.dtype}); FP8 KV "
-                         "pages take the SDPA prefill path")
+    if packed is None and (k_cache.dtype != q.dtype or v_cache.dtype != q.dtype):
+        raise ValueError(f"FA4 reads pages in q's dtype only (q {q.dtype}, KV cache {k_cache.dtype}): FP8 KV pages "
+                         "are gathered (packed=) or take the SDPA prefill path")
     if max_query_len is None:
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
-    res = lib.flash_attn_varlen_func(
-        q, k_cache, v_cache, cu_seqlens_q=int32_index(query_start_loc), seqused_k=int32_index(seq_lens),
-        max_seqlen_q=int(max_query_len), page_table=int32_index(block_tables),
-        softmax_scale=float(scale * k_scale), causal=True,
-    )
+    common = dict(cu_seqlens_q=int32_index(query_start_loc), max_seqlen_q=int(max_query_len),
+                  softmax_scale=float(scale * k_scale), causal=True)
+    if packed is None:
+        res = lib.flash_attn_varlen_func(q, k_cache, v_cache, seqused_k=int32_index(seq_lens),
+                                         page_table=int32_index(block_tables), **common)
+    else:
+        k, v = gather_packed(k_cache, packed, q.dtype), gather_packed(v_cache, packed, q.dtype)
+        res = lib.flash_attn_varlen_func(q, k, v, cu_seqlens_k=packed.cu_seqlens, max_seqlen_k=packed.max_len,
+                                         **common)
     out = res[0] if isinstance(res, tuple) else res
     return out.mul_(v_scale) if v_scale != 1.0 else out
 
 
-__all__ = ["FROM_TOKENS", "MODULE", "library", "paged_attention_prefill_fa4", "takes", "unsupported_reason"]
+__all__ = ["FROM_TOKENS", "GATHER_MIN_PAIRS", "MODULE", "gathers", "library", "paged_attention_prefill_fa4", "takes",
+           "unsupported_reason"]

@@ -14,8 +14,9 @@ from model.parallel import HeadPartition, TPGroup
 ATTENTION_BACKENDS = ("triton", "fa3")  # triton: kernels.paged_attention (reference on CPU); fa3: flash_attn
 # prefill steps: triton = whatever attention_backend runs; sdpa = torch SDPA (cuDNN) over the gathered K/V of each
 # sequence with >= sdpa_prefill.sdpa_from_tokens(heads) new tokens (kernels/sdpa_prefill.py), the other rows stay on
-# attention_backend; fa4 = FlashAttention-4 over the paged cache for every row of a step whose longest query has
-# >= fa4_prefill.FROM_TOKENS new tokens (kernels/fa4_prefill.py; FP8 KV pages take sdpa); auto = fa4 on a Hopper or
+# attention_backend; fa4 = FlashAttention-4 for every row of a step whose longest query has >= fa4_prefill.FROM_TOKENS
+# new tokens, over K/V gathered out of the pages where the step's keys are few next to its score work, else over the
+# pages (kernels/fa4_prefill.py; FP8 KV pages that are not gathered take sdpa); auto = fa4 on a Hopper or
 # newer GPU where flash-attn-4 imports (fastest on every shape measured, bench/RESULTS.md), else sdpa on CUDA
 # (1.4-1.8x faster than our Triton extend kernel at 4K-32K tokens on the H200), triton elsewhere (the CPU
 # reference path)
@@ -35,8 +36,8 @@ def resolve_prefill_attention_backend(name: str, device: torch.device | str) -> 
 
 
 def prefill_kernel(backend: str, kv_dtype: torch.dtype, dtype: torch.dtype) -> str:
-    """What a resolved prefill backend runs for a KV cache dtype: FA4 reads 16-bit pages in the model dtype only,
-    FP8 pages go to the SDPA path (its gather dequantizes them)."""
+    """What a resolved prefill backend runs for a KV cache dtype on a step whose K/V it does not gather: FA4 reads
+    pages in the model dtype only, FP8 pages go to the SDPA path (its gather dequantizes them)."""
     return "sdpa" if backend == "fa4" and kv_dtype != dtype else backend
 
 
@@ -107,7 +108,11 @@ class Attention(nn.Module):
         hints = dict(max_query_len=ctx.max_query_len, max_seq_len=ctx.max_seq_len)
         absmax = None
         prefill = prefill_kernel(self.prefill_attention_backend, k_cache.dtype, q.dtype)
-        if prefill == "fa4" and fa4_prefill.takes(ctx.max_query_len):
+        fa4_step = self.prefill_attention_backend == "fa4" and fa4_prefill.takes(ctx.max_query_len)
+        packed = ctx.packed_kv(k_cache.shape[1]) if fa4_step else None
+        if packed is not None:
+            o = fa4_prefill.paged_attention_prefill_fa4(*args, **hints, packed=packed)
+        elif fa4_step and prefill == "fa4":
             o = fa4_prefill.paged_attention_prefill_fa4(*args, **hints)
         elif prefill == "sdpa" and ctx.max_query_len >= self.sdpa_from_tokens:
             rest = flash_attn_adapter.paged_attention_fa if self.attention_backend == "fa3" else kernels.paged_attention

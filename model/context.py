@@ -5,6 +5,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kernels import fa4_prefill
+from kernels.packed_kv import PackedKV, pack_index
+
 
 @dataclass
 class ForwardContext:
@@ -20,6 +23,8 @@ class ForwardContext:
     host_query_start_loc, host_seq_lens
                         optional host copies of query_start_loc / seq_lens (the runner's lists); paths that need
                         per-sequence lengths on the host (the SDPA prefill split) read them through host_lengths()
+    max_packed_kv       keys a prefill step may gather out of the pages into one packed K/V (FA4's gathered
+                        path, kernels/packed_kv.py): the workspace the worker reserved; 0 = never
     """
 
     positions: torch.Tensor
@@ -34,6 +39,9 @@ class ForwardContext:
     v_scale: float = 1.0
     host_query_start_loc: list[int] | None = None
     host_seq_lens: list[int] | None = None
+    max_packed_kv: int = 0
+    _packed_kv: PackedKV | None = field(default=None, init=False, repr=False)
+    _gathers: bool | None = field(default=None, init=False, repr=False)
 
     def host_lengths(self) -> tuple[list[int], list[int]]:
         """(query_start_loc, seq_lens) as host lists: the given copies, else read from the device once (one
@@ -43,6 +51,15 @@ class ForwardContext:
         if self.host_seq_lens is None:
             self.host_seq_lens = self.seq_lens.tolist()
         return self.host_query_start_loc, self.host_seq_lens
+
+    def packed_kv(self, page_size: int) -> PackedKV | None:
+        """The packed-K/V index of this forward's sequences where FA4's prefill gathers them
+        (kernels/fa4_prefill.py `gathers`), else None: decided and built once, shared by every layer."""
+        if self._gathers is None:
+            self._gathers = fa4_prefill.gathers(*self.host_lengths(), self.max_packed_kv)
+        if self._gathers and self._packed_kv is None:
+            self._packed_kv = pack_index(self.block_tables, self.host_lengths()[1], page_size)
+        return self._packed_kv
 
     @property
     def is_decode(self) -> bool:

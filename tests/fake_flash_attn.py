@@ -10,7 +10,8 @@ h // (Hq / Hk)), causal mask aligned to the bottom-right corner, fully masked ro
 `install(monkeypatch, "fa3" | "fa2")` puts one of them into sys.modules (and hides the other) and returns the
 list that records every call as (function name, q.shape). `install_fa4(monkeypatch)` does the same for
 FlashAttention-4's `flash_attn.cute.interface` (flash-attn-4 4.0.0b19's flash_attn_varlen_func signature and
-checks, paged K/V through page_table; it returns (out, lse) as the real one does).
+checks, paged K/V through page_table or packed K/V through cu_seqlens_k; it returns (out, lse) as the real one
+does).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch
 HALF = (torch.float16, torch.bfloat16)
 
 
-def _check_qkv(q, k, v):
+def _check_qkv(q, k, v, paged=True):
     assert q.dtype in HALF, f"FlashAttention only supports fp16 and bf16 data type, got {q.dtype}"
     assert k.dtype == q.dtype, "query and key must have the same dtype"
     assert v.dtype == q.dtype, "query and value must have the same dtype"
@@ -31,9 +32,12 @@ def _check_qkv(q, k, v):
         assert t.stride(-1) == 1, "Input tensor must have contiguous last dimension"
     d = q.shape[-1]
     assert d % 8 == 0 and d <= 256, f"unsupported head dim {d}"
-    assert k.dim() == 4 and v.shape == k.shape, "paged cache is (num_pages, page_size, nheads_k, headdim)"
+    if paged:
+        assert k.dim() == 4 and v.shape == k.shape, "paged cache is (num_pages, page_size, nheads_k, headdim)"
+    else:
+        assert k.dim() == 3 and v.shape == k.shape, "varlen k / v are (total_k, nheads_k, headdim)"
     assert k.shape[-1] == d
-    assert q.shape[-2] % k.shape[2] == 0, "Number of heads in key/value must divide number of heads in query"
+    assert q.shape[-2] % k.shape[-2] == 0, "Number of heads in key/value must divide number of heads in query"
 
 
 def _check_index(t, name, shape):
@@ -201,25 +205,39 @@ def _fa4_module(calls):
         pack_gqa=None, deterministic=False, score_mod=None, score_mod_bwd=None, mask_mod=None,
         block_sparse_tensors=None, aux_tensors=None, aux_scalars=None, return_lse=False,
     ):
-        assert qv is None and cu_seqlens_k is None and seqused_q is None and gather_kv_indices is None
+        assert qv is None and seqused_q is None and gather_kv_indices is None
         assert window_size == (None, None) and softcap == 0.0 and score_mod is None and mask_mod is None
-        _check_qkv(q, k, v)
+        paged = page_table is not None
+        _check_qkv(q, k, v, paged)
         assert q.dim() == 3, "q is (total_q, nheads, headdim) with cu_seqlens_q"
-        assert page_table is not None, "glint's cache is paged"
         b = cu_seqlens_q.shape[0] - 1
         _check_index(cu_seqlens_q, "cu_seqlens_q", (b + 1,))
-        _check_index(seqused_k, "seqused_k", (b,))
-        assert page_table.dtype == torch.int32 and page_table.stride(-1) == 1 and page_table.shape[0] == b
         assert isinstance(max_seqlen_q, int) and isinstance(softmax_scale, float)
-        calls.append(("fa4.flash_attn_varlen_func", tuple(q.shape)))
-        starts, lens = cu_seqlens_q.tolist(), seqused_k.tolist()
+        starts = cu_seqlens_q.tolist()
         assert max(e - s for s, e in itertools.pairwise(starts)) <= max_seqlen_q
+        if paged:  # glint's paged cache: lengths by seqused_k
+            assert cu_seqlens_k is None
+            _check_index(seqused_k, "seqused_k", (b,))
+            assert page_table.dtype == torch.int32 and page_table.stride(-1) == 1 and page_table.shape[0] == b
+            lens = seqused_k.tolist()
+            offsets = [0] * b
+        else:  # packed K/V: sequence i's keys are k[cu_seqlens_k[i]:cu_seqlens_k[i + 1]]
+            assert seqused_k is None, "glint packs K/V without padding"
+            _check_index(cu_seqlens_k, "cu_seqlens_k", (b + 1,))
+            ks = cu_seqlens_k.tolist()
+            assert ks[0] == 0 and ks[-1] == k.shape[0] and all(x <= y for x, y in itertools.pairwise(ks))
+            lens, offsets = [e - s for s, e in itertools.pairwise(ks)], ks[:-1]
+            assert isinstance(max_seqlen_k, int) and max(lens) <= max_seqlen_k
+            page_table = torch.arange(k.shape[0], dtype=torch.int32)[None]  # one-token pages, packed in order
+            k, v = k[:, None], v[:, None]
+        calls.append(("fa4.flash_attn_varlen_func" + ("" if paged else "[packed]"), tuple(q.shape)))
         out = torch.zeros_like(q)
         for i in range(b):
             s0, s1 = starts[i], starts[i + 1]
-            assert s1 - s0 <= lens[i] <= page_table.shape[1] * k.shape[1]
+            table = page_table[i] if paged else page_table[0, offsets[i]:]
+            assert s1 - s0 <= lens[i] <= table.shape[0] * k.shape[1]
             if s1 > s0:
-                out[s0:s1] = _attend(q[s0:s1], k, v, page_table[i], lens[i], softmax_scale, causal)
+                out[s0:s1] = _attend(q[s0:s1], k, v, table, lens[i], softmax_scale, causal)
         return out, torch.zeros(q.shape[1], q.shape[0])
 
     mod.flash_attn_varlen_func = flash_attn_varlen_func

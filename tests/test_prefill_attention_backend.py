@@ -54,13 +54,16 @@ def test_sdpa_prefill_gives_the_default_tokens(monkeypatch, tiny_bf16):
     assert llm.stats()["prefix_cache_hit_tokens"] > 0
 
 
-def test_fa4_prefill_gives_the_default_tokens(monkeypatch, tiny_bf16):
+@pytest.mark.parametrize("gather_min_pairs", [10**9, 6, 1])  # never, some steps, every step that fits
+def test_fa4_prefill_gives_the_default_tokens(monkeypatch, tiny_bf16, gather_min_pairs):
     """prefill_attention_backend="fa4" with a fake flash-attn-4 (tests/fake_flash_attn.py: the real signature and
     argument checks, reference math): the same greedy tokens as the default path, every prefill step (chunks
-    after cached prefixes and decode rows included) in one FA4 call, decode-only steps on the engine's kernels."""
+    after cached prefixes and decode rows included) in one FA4 call over the pages or over packed K/V, decode-only
+    steps on the engine's kernels."""
     calls = fake_flash_attn.install_fa4(monkeypatch)
     monkeypatch.setattr(fa4_prefill, "device_supported", lambda device: True)
     monkeypatch.setattr(fa4_prefill, "FROM_TOKENS", 8)
+    monkeypatch.setattr(fa4_prefill, "GATHER_MIN_PAIRS", gather_min_pairs)
     prompts = _prompts()
     kw = {"device": "cpu", "dtype": "bfloat16", "max_num_batched_tokens": 24, "enable_prefix_caching": True}
     default = LLM(str(tiny_bf16), **kw)
@@ -74,6 +77,14 @@ def test_fa4_prefill_gives_the_default_tokens(monkeypatch, tiny_bf16):
     layers = len(attns)
     assert calls and len(calls) % layers == 0  # every layer of a prefill step, nothing else
     assert llm.stats()["prefix_cache_hit_tokens"] > 0
+    packed = sum(name.endswith("[packed]") for name, _ in calls)
+    assert llm.engine.worker.runner.max_packed_kv == llm.config.scheduler.max_model_len
+    if gather_min_pairs == 10**9:
+        assert packed == 0
+    elif gather_min_pairs == 1:
+        assert packed == len(calls)
+    else:
+        assert 0 < packed < len(calls)
 
 
 def test_fa4_config_says_why_it_cannot_run(monkeypatch, tiny_bf16):

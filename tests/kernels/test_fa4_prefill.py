@@ -9,6 +9,7 @@ import torch
 import fake_flash_attn
 from kernels import fa4_prefill
 from kernels.attention import paged_attention_ref
+from kernels.packed_kv import pack_index
 from model.attention import prefill_kernel, resolve_prefill_attention_backend
 from test_flash_attn_adapter import make_batch
 
@@ -35,10 +36,41 @@ def test_matches_the_reference(monkeypatch, seq_lens, q_lens, hq, hk):
     assert torch.equal(out, out2)
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("seq_lens,q_lens,hq,hk", [
+    ([300, 40, 17], [300, 1, 5], 8, 2),
+    ([70, 129], [30, 129], 6, 3),
+])
+def test_packed_kv_matches_the_reference(monkeypatch, kv_dtype, seq_lens, q_lens, hq, hk):
+    """Gathered into packed K/V (any cache dtype, FP8 with its scales): the reference's numbers, one launch."""
+    calls = fake_flash_attn.install_fa4(monkeypatch)
+    q, kc, vc, bt, lens, qsl = make_batch(seq_lens, q_lens, hq, hk, 64, 16)
+    kc, vc = kc.to(kv_dtype), vc.to(kv_dtype)
+    ks, vs = (0.5, 2.0) if kv_dtype != torch.bfloat16 else (1.0, 1.0)
+    packed = pack_index(bt, seq_lens, 16)
+    out = fa4_prefill.paged_attention_prefill_fa4(q, kc, vc, bt, lens, qsl, 0.125, ks, vs, packed=packed)
+    ref = paged_attention_ref(q, kc, vc, bt, lens, qsl, 0.125, ks, vs)
+    assert calls == [("fa4.flash_attn_varlen_func[packed]", tuple(q.shape))]
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert _rel_err(out, ref) < 6e-3
+
+
+def test_gathers_where_the_keys_are_few_next_to_the_score_work():
+    m = fa4_prefill.GATHER_MIN_PAIRS
+    assert fa4_prefill.gathers([0, 2 * m], [2 * m], 10**6)  # a prompt: (n + 1) / 2 pairs per key
+    assert not fa4_prefill.gathers([0, 2 * m - 2], [2 * m - 2], 10**6)
+    assert not fa4_prefill.gathers([0, 2 * m], [2 * m], 2 * m - 1)  # more keys than the reserve
+    assert fa4_prefill.gathers([0, 2 * m], [10 * m], 10**6)  # a chunk after a long prefix: ~n pairs per key
+    assert not fa4_prefill.gathers([0, m], [10 * m], 10**6)
+    # a prompt next to long-context decode rows: their keys outweigh its work
+    assert not fa4_prefill.gathers([0, 4096, 4097, 4098], [4096, 100_000, 100_000], 10**6)
+    assert not fa4_prefill.gathers([0, 0], [0], 10**6)
+
+
 def test_refuses_fp8_pages(monkeypatch):
     fake_flash_attn.install_fa4(monkeypatch)
     q, kc, vc, bt, lens, qsl = make_batch([40], [40], 4, 1, 64, 16)
-    with pytest.raises(ValueError, match="SDPA prefill path"):
+    with pytest.raises(ValueError, match="gathered"):
         fa4_prefill.paged_attention_prefill_fa4(q, kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn), bt, lens,
                                                 qsl, 0.125)
     assert prefill_kernel("fa4", torch.float8_e4m3fn, torch.bfloat16) == "sdpa"
@@ -88,3 +120,10 @@ def test_real_library_gpu(hq, hk, seq_lens, q_lens):
     out = fa4_prefill.paged_attention_prefill_fa4(q, kc, vc, bt, lens, qsl, 128 ** -0.5, max_query_len=max(q_lens))
     ref = paged_attention_ref(q, kc, vc, bt, lens, qsl, 128 ** -0.5)
     assert _rel_err(out, ref) < 1e-2
+    packed = pack_index(bt, seq_lens, 16)
+    for kv_dtype, ks, vs in ((torch.bfloat16, 1.0, 1.0), (torch.float8_e4m3fn, 0.5, 2.0)):
+        kq, vq = kc.to(kv_dtype), vc.to(kv_dtype)
+        out = fa4_prefill.paged_attention_prefill_fa4(q, kq, vq, bt, lens, qsl, 128 ** -0.5, ks, vs,
+                                                      max_query_len=max(q_lens), packed=packed)
+        ref = paged_attention_ref(q, kq, vq, bt, lens, qsl, 128 ** -0.5, ks, vs)
+        assert _rel_err(out, ref) < 1e-2, kv_dtype

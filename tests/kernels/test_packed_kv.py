@@ -1,0 +1,58 @@
+"""kernels/packed_kv.py: the packed-K/V index and gather against a per-sequence slice of the pages, and the
+workspace arithmetic."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import fa4_prefill
+from kernels.packed_kv import gather_packed, pack_index, workspace_bytes
+from model.context import ForwardContext
+from test_flash_attn_adapter import make_batch
+
+
+@pytest.mark.parametrize("seq_lens", [[300, 1, 17], [16, 32], [5], [0, 40]])
+def test_gather_packs_every_sequence_in_order(seq_lens):
+    bs = 16
+    _, kc, vc, bt, _, _ = make_batch([max(s, 1) for s in seq_lens], [1] * len(seq_lens), 4, 2, 32, bs)
+    packed = pack_index(bt.to(torch.int64), seq_lens, bs)
+    assert packed.cu_seqlens.dtype == torch.int32 and packed.cu_seqlens.tolist() == [0, *torch.tensor(
+        seq_lens).cumsum(0).tolist()]
+    assert packed.max_len == max(seq_lens) and packed.total == sum(seq_lens)
+    for cache in (kc, vc):
+        got = gather_packed(cache, packed, cache.dtype)
+        want = torch.cat([cache[bt[b].long()].reshape(-1, *cache.shape[2:])[:n] for b, n in enumerate(seq_lens)])
+        assert torch.equal(got, want)
+
+
+def test_fp8_pages_widen_exactly():
+    _, kc, _, bt, _, _ = make_batch([40, 9], [1, 1], 2, 1, 16, 16)
+    fp8 = (kc.float() * 8).to(torch.float8_e4m3fn)
+    packed = pack_index(bt, [40, 9], 16)
+    got = gather_packed(fp8, packed, torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, gather_packed(fp8.to(torch.bfloat16), packed, torch.bfloat16))
+
+
+def test_workspace_bytes():
+    # 1000 keys, 8 x 128 values per key: index 8 B, K and V 2 x 2 B per value; FP8 adds one 1-byte copy
+    assert workspace_bytes(1000, 8, 128, torch.bfloat16, torch.bfloat16) == 1000 * (8 + 2 * 1024 * 2)
+    assert workspace_bytes(1000, 8, 128, torch.bfloat16, torch.float8_e4m3fn) == 1000 * (8 + 2 * 1024 * 2 + 1024)
+    assert workspace_bytes(0, 8, 128, torch.bfloat16, torch.bfloat16) == 0
+
+
+@pytest.mark.parametrize("max_packed_kv,gathers", [(0, False), (4096, True), (4095, False)])
+def test_forward_context_decides_and_builds_once(monkeypatch, max_packed_kv, gathers):
+    asked: list[int] = []
+    real = fa4_prefill.gathers
+    monkeypatch.setattr(fa4_prefill, "gathers", lambda *a: asked.append(1) or real(*a))
+    bt = torch.arange(256).view(1, -1)
+    ctx = ForwardContext(positions=torch.arange(4096), slot_mapping=torch.arange(4096), block_tables=bt,
+                         seq_lens=torch.tensor([4096]), query_start_loc=torch.tensor([0, 4096]), max_query_len=4096,
+                         max_seq_len=4096, host_query_start_loc=[0, 4096], host_seq_lens=[4096],
+                         max_packed_kv=max_packed_kv)
+    first = ctx.packed_kv(16)
+    assert (first is not None) == gathers
+    assert ctx.packed_kv(16) is first and len(asked) == 1  # every other layer reuses the decision and the index
+    if gathers:
+        assert torch.equal(first.slots, torch.arange(4096))

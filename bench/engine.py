@@ -57,6 +57,7 @@ from typing import Any
 import torch
 
 from bench.real_shape import parse_overrides, real_shape_model_dir
+from kernels import fa4_prefill
 from model.attention import PREFILL_ATTENTION_BACKENDS, resolve_prefill_attention_backend
 
 SCHEMA = "glint.bench.engine/1"
@@ -853,6 +854,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--prefill-prefix", type=int, default=0,
                     help="tokens already cached before the prefill (a prefix hit, or the chunks before this one)")
     ap.add_argument("--prefill-attention-backend", default="auto", choices=list(PREFILL_ATTENTION_BACKENDS))
+    ap.add_argument("--fa4-gather-min-pairs", type=int, default=None,
+                    help="FA4's packed-K/V rule (kernels/fa4_prefill.py GATHER_MIN_PAIRS); 1e9: always the pages")
     ap.add_argument(
         "--hf-layers", type=int, default=3, help="layers of the generate/HF model; 0 skips generate"
     )
@@ -896,6 +899,8 @@ def main(argv: list[str] | None = None) -> int:
         else ("cpu" if args.device == "auto" else args.device)
     )
     overrides = parse_overrides(args.set)
+    if args.fa4_gather_min_pairs is not None:  # this process's engine reads it per step
+        fa4_prefill.GATHER_MIN_PAIRS = args.fa4_gather_min_pairs
     for flag, key in _WIDTH_FLAGS.items():
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)

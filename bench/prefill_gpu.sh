@@ -8,6 +8,7 @@
 # also compiles the Triton cache), SHARDS ("1 4 8"), PY (the interpreter: bench/fa4_wheels.sh's venv for fa4),
 # MOE_QUACK_FROM (a token count: the MoE tables of this copy take the QuACK path from it on, bench/moe_table.py;
 # MOE_QUACK_TILES its tiles as JSON; needs quack-kernels, i.e. bench/fa4_wheels.sh's venv; runs named *_quack).
+# Backend "fa4paged": fa4 with its packed-K/V gather off (every step over the pages: the session-20 behaviour).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/prefill_out}
@@ -24,6 +25,10 @@ shard_args() {  # GLM-4.7: 96 heads / 8 KV heads, MoE expert width 1536, dense w
     [ "$1" = 1 ] && return
     echo "--heads $((96 / $1)) --kv-heads $(( 8 / $1 > 0 ? 8 / $1 : 1 )) --moe-intermediate $((1536 / $1)) --intermediate $((12288 / $1))"
 }
+backend_args() {
+    [ "$1" = fa4paged ] && { echo "--prefill-attention-backend fa4 --fa4-gather-min-pairs 1000000000"; return; }
+    echo "--prefill-attention-backend $1"
+}
 for tp in $SHARDS; do
     for backend in $BACKENDS; do
         for shape in "4096 0" "16384 0" "16384 4096"; do
@@ -33,7 +38,7 @@ for tp in $SHARDS; do
             # shellcheck disable=SC2046
             timeout --kill-after=10 "$CAP" "$PY" -m bench.engine --device cuda --layers "$LAYERS" --dense-layers 3 \
                 --no-hf --hf-layers 0 --batches 1,64 --prefill "$1" --prefill-prefix "$2" \
-                --prefill-attention-backend "$backend" --enable-shared-experts-fusion --enable-fused-qk-norm-rope \
+                $(backend_args "$backend") --enable-shared-experts-fusion --enable-fused-qk-norm-rope \
                 $(shard_args "$tp") --out "$OUT/$name.json" 2>&1 | grep -E "^(decode|prefill) " | sed "s/^/$name: /"
         done
     done

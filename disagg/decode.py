@@ -251,8 +251,6 @@ class DecodeConnector(KVConnector):
             self._quarantine[room_id] = (list(room.req.block_ids), time.time() + self.config.timeout_s)
         if tell_peer:
             self.clients.send(room.addr, Abort(room_id, reason))
-        elif room_id in self._quarantine:  # the prefill side aborted: it cancelled its writes first
-            self._release_quarantine(room_id)
 
     def _release_quarantine(self, room_id: int) -> None:
         entry = self._quarantine.pop(room_id, None)

@@ -357,14 +357,16 @@ class PrefillConnector(KVConnector):
         log.warning("disaggregation room %d (%s) failed: %s", room_id, room.req.seq_id, reason)
         if room.next_seq:
             self._ranks.connector_call(CancelRoom(room_id))
-        if tell_peer and room.decode:
-            self.server.send(room.decode, Abort(room_id, reason))
+        if room.decode:
+            if tell_peer:
+                self.server.send(room.decode, Abort(room_id, reason))
+            self._cancel_writes(room_id, room.decode)  # its pages stay quarantined there until our AbortAck
         elif tell_peer:  # no Reserve yet: answer it with the Abort when it comes
             self._ended[room_id] = (reason, time.time() + self.config.timeout_s)
         self._release(room)
 
     def _cancel_writes(self, room_id: int, identity: bytes) -> None:
-        """A decode Abort: answer AbortAck once no write of the room is in flight on any rank."""
+        """Either side's Abort: answer AbortAck once no write of the room is in flight on any rank."""
         self._cancelling[room_id] = (identity, time.time() + self.config.timeout_s)
 
     def _release(self, room: _Room) -> None:

@@ -11,7 +11,7 @@ connects to it):
                         Done(room, token, logprobs, num_writes)
                                                      the first token, and how many writes each rank makes
                         Abort(room, reason)          the prefill side gave up (error, client gone, deadline)
-                        AbortAck(room)               after a decode Abort: no write of this room is in flight
+                        AbortAck(room)               after either side's Abort: no write of this room is in flight
                         Unknown(room)                a Reserve before any Hello (the prefill side restarted)
 
 Between rank 0's connector and every TP rank's transfer worker (RankChannel.call): GetMetadata, AddPeer,

@@ -38,7 +38,7 @@ from disagg.protocol import (
     parse_notification,
     write_notification,
 )
-from disagg.transfer import NIXL_AVAILABLE, TransferAgent, TransferHandle, create_transfer_agent
+from disagg.transfer import NIXL_AVAILABLE, Status, TransferAgent, TransferHandle, create_transfer_agent
 from engine.config import DisaggregationConfig, EngineConfig
 from engine.kv_connector import KVConnectorWorker, KVSend
 
@@ -225,21 +225,14 @@ class TransferWorker(KVConnectorWorker):
             return WriteStates(tuple(failed), len(self._writes) + self._queued, self._timings.take())
 
     def _cancel(self, room: int) -> int:
-        """Stop the room's writes (queued ones are skipped); returns how many are still in flight."""
+        """Stop the room's writes: queued ones are never posted; posted ones run on until done or failed (their
+        deadline), since releasing a handle does not stop bytes already on their way into the peer's pages.
+        Returns how many are still in flight (the peer may reuse its pages once none is)."""
         with self._lock:
             self._cancelled.add(room)
             if len(self._cancelled) > 100_000:
                 self._cancelled = {room}
-            left = []
-            for w in self._writes:
-                if w.room == room:
-                    w.handle.release()
-                    if not (w.handle.poll().done or w.handle.poll().failed):
-                        left.append(w)
-                else:
-                    left.append(w)
-            self._writes = left
-            return sum(1 for w in left if w.room == room)
+            return sum(1 for w in self._writes if w.room == room and w.handle.poll().status is Status.PENDING)
 
 
 def build_transfer_worker(config: EngineConfig, rank: int) -> TransferWorker:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 
 import pytest
 import torch
 
 from disagg.connector import build_kv_connector
+from disagg.local_backend import LocalTransferAgent
 from disagg.protocol import PostSends, QueueSends
 from disagg.transfer import NIXL_AVAILABLE
 from disagg.transfer_base import PENDING
@@ -446,3 +448,49 @@ def test_async_last_chunk_sync_needs_async_transfer(tiny_bf16):
     with pytest.raises(ValueError, match="needs disaggregation_async_transfer"):
         EngineConfig.create(str(tiny_bf16), device="cpu", disaggregation_mode="prefill",
                             disaggregation_async_last_chunk_sync=True)
+
+
+@pytest.mark.parametrize("side", ["decode", "prefill"])
+def test_aborted_write_never_lands_in_a_released_page(tiny_bf16, prompts, side, monkeypatch):
+    """A write of the room is still landing (the decode side's receiver is slow) when either side aborts the
+    request: the decode side keeps the room's pages until the prefill side confirms no write is in flight, so no
+    byte lands in a page it has released (and may have handed to another request)."""
+    started, gate, landed, violations = threading.Event(), threading.Event(), threading.Event(), []
+    scatter = LocalTransferAgent._scatter
+
+    def slow_scatter(self, conn, region, dst, staging, write):
+        if not self.name.startswith("decode"):
+            return scatter(self, conn, region, dst, staging, write)
+        started.set()
+        gate.wait(10)
+        if write:
+            violations.extend(int(p) for p in dst if pair.decode.pool.pages[int(p)].ref_count == 0)
+        staging = scatter(self, conn, region, dst, staging, write)
+        if region is self.regions.regions[-1]:
+            landed.set()  # the first write is in
+        return staging
+    monkeypatch.setattr(LocalTransferAgent, "_scatter", slow_scatter)
+    pair = Pair(tiny_bf16, "local", disaggregation_async_transfer=False, prefill_kw={"max_num_batched_tokens": 16})
+    try:
+        pair.add("r", prompts[-1], GREEDY)
+        deadline = time.time() + 30
+        while not started.is_set():  # the first chunk's write reached the decode side's receiver
+            assert time.time() < deadline
+            pair.prefill.step()
+            pair.decode.step()
+        (pair.decode if side == "decode" else pair.prefill).abort_request("r")
+        until = time.time() + 2
+        while time.time() < until and pair.decode.has_unfinished_requests():  # the write is stuck meanwhile
+            pair.prefill.step()
+            pair.decode.step()
+        gate.set()
+        deadline = time.time() + 30
+        while not landed.is_set() or pair.prefill.has_unfinished_requests() or pair.decode.has_unfinished_requests():
+            assert time.time() < deadline
+            pair.prefill.step()
+            pair.decode.step()
+        assert violations == []
+        pair.assert_clean()
+    finally:
+        gate.set()
+        pair.close()

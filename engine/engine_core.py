@@ -182,7 +182,11 @@ class EngineCore:
             for req in seqs:
                 self.scheduler.add(req)
         else:
-            self._add_disaggregated(seqs, disagg)
+            try:
+                self._add_disaggregated(seqs, disagg)
+            except Exception:  # the connector refused it (e.g. its room is in use): nothing of it stays
+                self._discard(request_id)
+                raise
         self.num_prompt_tokens_total += len(prompt_token_ids)
 
     def _check_disagg(self, params: SamplingParams, disagg: DisaggParams | None) -> None:
@@ -205,12 +209,13 @@ class EngineCore:
         head, rest = seqs[0], seqs[1:]
         if self.connector.mode == "prefill":
             head.max_tokens = 1
+        self.connector.add(head, disagg)  # first: it may refuse the request
+        if self.connector.mode == "prefill":
             for req in rest:
                 self._end(req, "length")
                 self._pending_deltas.append(self.outputs.delta(req, [], "", None, True, "length"))
         elif rest:
             self._siblings[head.request_id] = rest
-        self.connector.add(head, disagg)
 
     def abort_request(self, request_id: str) -> None:
         for req in self._requests.get(request_id, []):
@@ -222,6 +227,13 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return (self.scheduler.has_unfinished() or self._inflight is not None
                 or (self.connector is not None and self.connector.has_work()))
+
+    def _discard(self, request_id: str) -> None:
+        """Undo add_request for a request that never started (nothing holds pages or a seat yet)."""
+        for req in self._requests.get(request_id, []):
+            if self.drafter is not None:
+                self.drafter.finish(req.seq_key, completed=False)
+        self._forget(request_id)
 
     def _forget(self, request_id: str) -> None:
         self._siblings.pop(request_id, None)

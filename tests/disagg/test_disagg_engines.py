@@ -494,3 +494,23 @@ def test_aborted_write_never_lands_in_a_released_page(tiny_bf16, prompts, side, 
     finally:
         gate.set()
         pair.close()
+
+
+@pytest.mark.parametrize("side", ["prefill", "decode"])
+def test_refused_room_leaves_no_trace_of_the_request(tiny_bf16, prompts, side):
+    """A room already in use on the instance is refused with a clear error, and the refused request leaves
+    nothing behind: no output for it (its other choices included), and its id can be used again."""
+    pair = Pair(tiny_bf16, "local")
+    engine = pair.prefill if side == "prefill" else pair.decode
+    try:
+        params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, n=2)
+        room = pair.add("a", prompts[1], params)
+        with pytest.raises(ValueError, match="already in use"):
+            engine.add_request("b", prompts[2], params, disagg=DisaggParams(room, pair.addr))
+        assert not [d for d in engine.step() if d.request_id == "b"]
+        pair.add("b", prompts[2], params)
+        out = pair.run()
+        assert {k: v["finish"] for k, v in out.items()} == {(r, i): "length" for r in "ab" for i in range(2)}
+        pair.assert_clean()
+    finally:
+        pair.close()

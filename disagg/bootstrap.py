@@ -5,17 +5,31 @@ loop polls. A peer that dies is not reported by ZMQ; both sides' per-request dea
 """
 from __future__ import annotations
 
+import logging
 import pickle
 import socket
 from typing import Any
 
 import zmq
 
+log = logging.getLogger(__name__)
+
 MAX_MESSAGES_PER_POLL = 1024
 
 
 def _loads(frame: bytes) -> Any:
     return pickle.loads(frame)
+
+
+def _message(frames: list[bytes]) -> tuple[bytes, Any] | None:
+    """(identity, message) from a ROUTER socket's frames; None (logged) for anything else that reached it."""
+    try:
+        identity, frame = frames
+        return identity, _loads(frame)
+    except Exception as exc:  # noqa: BLE001 - not our peer (a scan, a stray client): drop it, keep serving
+        log.warning("dropped a malformed message on the bootstrap socket (%d frames): %s: %s", len(frames),
+                    type(exc).__name__, exc)
+        return None
 
 
 class BootstrapServer:
@@ -38,10 +52,12 @@ class BootstrapServer:
         out = []
         while len(out) < MAX_MESSAGES_PER_POLL:
             try:
-                identity, frame = self._sock.recv_multipart(zmq.NOBLOCK)
+                frames = self._sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            out.append((identity, _loads(frame)))
+            message = _message(frames)
+            if message is not None:
+                out.append(message)
         return out
 
     def send(self, identity: bytes, message: Any) -> None:

@@ -4,12 +4,14 @@ on either side when requests finish, fail, time out or are aborted."""
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import threading
 import time
 
 import pytest
 import torch
+import zmq
 
 from disagg.connector import build_kv_connector
 from disagg.local_backend import LocalTransferAgent
@@ -513,4 +515,26 @@ def test_refused_room_leaves_no_trace_of_the_request(tiny_bf16, prompts, side):
         assert {k: v["finish"] for k, v in out.items()} == {(r, i): "length" for r in "ab" for i in range(2)}
         pair.assert_clean()
     finally:
+        pair.close()
+
+
+def test_garbage_on_the_bootstrap_socket_is_dropped(tiny_bf16, prompts):
+    """Bytes that are not a protocol message (a port scan, a wrong peer) reach the prefill instance's bootstrap
+    socket: they are dropped, the engine goes on and hands requests over as before."""
+    pair = Pair(tiny_bf16, "local")
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(pair.addr)
+        sock.send(b"GET / HTTP/1.1\r\n\r\n")
+        sock.send_multipart([b"two", b"frames"])
+        sock.send(pickle.dumps(("not", "a", "message")))
+        time.sleep(0.2)
+        pair.prefill.step()
+        pair.add("r", prompts[2], GREEDY)
+        out = pair.run()
+        assert out[("r", 0)]["finish"] == "length" and len(out[("r", 0)]["tokens"]) == GREEDY.max_tokens
+        pair.assert_clean()
+    finally:
+        sock.close(0)
         pair.close()

@@ -344,11 +344,14 @@ class EngineCore:
             try:
                 deltas.append(self._start_decoding(req, token, logprobs, drafts))
             except Exception as exc:
-                deltas.append(self._fail(req, "starting to decode", exc))
+                deltas += self._fail_with_siblings(req, "starting to decode", exc)
         for req, reason in update.failed:
-            for r in [req] + self._siblings.pop(req.request_id, []):
-                deltas.append(self._fail(r, "the prefill/decode handover", RuntimeError(reason)))
+            deltas += self._fail_with_siblings(req, "the prefill/decode handover", RuntimeError(reason))
         return deltas
+
+    def _fail_with_siblings(self, req: Request, stage: str, exc: BaseException) -> list[RequestDelta]:
+        """Decode side: choice 0's handover failed; choices 1.., which start only after it, fail with it."""
+        return [self._fail(r, stage, exc) for r in [req] + self._siblings.pop(req.request_id, [])]
 
     def _start_decoding(
         self, req: Request, token: int, logprobs: LogprobsDict | None, drafts: tuple[int, ...] = ()

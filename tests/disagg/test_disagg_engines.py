@@ -538,3 +538,24 @@ def test_garbage_on_the_bootstrap_socket_is_dropped(tiny_bf16, prompts):
     finally:
         sock.close(0)
         pair.close()
+
+
+def test_failing_to_start_decoding_ends_every_choice(tiny_bf16, prompts, monkeypatch):
+    """n = 2 on the decode side: choice 0's KV arrives but starting it fails (here: its output processing
+    raises); choice 1, which waits for choice 0, ends with the error too instead of waiting forever."""
+    pair = Pair(tiny_bf16, "local")
+    append = pair.decode.outputs.append
+
+    def broken_first_token(req, tokens, logprobs):
+        if req.num_output_tokens == 0 and req.index == 0:
+            raise RuntimeError("broken detokenizer")
+        return append(req, tokens, logprobs)
+    monkeypatch.setattr(pair.decode.outputs, "append", broken_first_token)
+    try:
+        pair.add("r", prompts[2], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, n=2))
+        out = pair.run(timeout_s=60)
+        assert out[("r", 0)]["finish"] == "error" and "broken detokenizer" in out[("r", 0)]["error"]
+        assert out.get(("r", 1), {}).get("finish") == "error"
+        pair.assert_clean()
+    finally:
+        pair.close()

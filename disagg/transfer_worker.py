@@ -38,7 +38,8 @@ from disagg.protocol import (
     parse_notification,
     write_notification,
 )
-from disagg.transfer import NIXL_AVAILABLE, Status, TransferAgent, TransferHandle, create_transfer_agent
+from disagg.transfer import NIXL_AVAILABLE, FailureKind, Status, TransferAgent, TransferHandle, create_transfer_agent
+from disagg.transfer_base import FailedHandle
 from engine.config import DisaggregationConfig, EngineConfig
 from engine.kv_connector import KVConnectorWorker, KVSend
 
@@ -187,8 +188,11 @@ class TransferWorker(KVConnectorWorker):
                 return
             peer = self._peers.get(send.peer, send.peer)
             timeout = max(send.deadline - time.time(), 0.001)
-            handle = self.agent.write(peer, send.src_pages, send.dst_pages,
-                                      notification=write_notification(send.room, send.seq), timeout_s=timeout)
+            try:
+                handle = self.agent.write(peer, send.src_pages, send.dst_pages,
+                                          notification=write_notification(send.room, send.seq), timeout_s=timeout)
+            except ValueError as exc:  # the peer's Reserve named pages outside its pool: fail the room, not us
+                handle = FailedHandle(peer, FailureKind.ERROR, str(exc))
             now = time.perf_counter()
             self._timings.post_delay += now - ready
             self._writes.append(_Write(send.room, send.seq, handle, now))

@@ -3,6 +3,7 @@
 on either side when requests finish, fail, time out or are aborted."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import random
@@ -15,7 +16,7 @@ import zmq
 
 from disagg.connector import build_kv_connector
 from disagg.local_backend import LocalTransferAgent
-from disagg.protocol import PostSends, QueueSends
+from disagg.protocol import PostSends, QueueSends, Reserve
 from disagg.transfer import NIXL_AVAILABLE
 from disagg.transfer_base import PENDING
 from disagg.transfer_worker import TransferWorker
@@ -556,6 +557,30 @@ def test_failing_to_start_decoding_ends_every_choice(tiny_bf16, prompts, monkeyp
         out = pair.run(timeout_s=60)
         assert out[("r", 0)]["finish"] == "error" and "broken detokenizer" in out[("r", 0)]["error"]
         assert out.get(("r", 1), {}).get("finish") == "error"
+        pair.assert_clean()
+    finally:
+        pair.close()
+
+
+@pytest.mark.parametrize("async_transfer", [True, False])
+def test_reserve_naming_pages_outside_the_peer_pool_fails_the_request(tiny_bf16, prompts, async_transfer,
+                                                                      monkeypatch):
+    """A (broken) decode instance's Reserve names pages its pool does not have: the write is refused, the
+    request ends with that reason on both sides, and the prefill engine goes on serving."""
+    pair = Pair(tiny_bf16, "local", disaggregation_async_transfer=async_transfer, disaggregation_timeout=30)
+    send = pair.decode.connector.clients.send
+
+    def send_bad_pages(addr, msg):
+        if isinstance(msg, Reserve) and msg.room == bad:
+            msg = dataclasses.replace(msg, pages=tuple(p + 100_000 for p in msg.pages))
+        send(addr, msg)
+    monkeypatch.setattr(pair.decode.connector.clients, "send", send_bad_pages)
+    try:
+        bad = pair.add("bad", prompts[2], GREEDY)
+        pair.add("good", prompts[3], GREEDY)
+        out = pair.run(timeout_s=20)
+        assert out[("bad", 0)]["finish"] == "error" and "out of range" in out[("bad", 0)]["error"]
+        assert out[("good", 0)]["finish"] == "length" and len(out[("good", 0)]["tokens"]) == GREEDY.max_tokens
         pair.assert_clean()
     finally:
         pair.close()

@@ -248,7 +248,7 @@ class PrefillConnector(KVConnector):
         for room_id, (identity, _, expires) in list(self._early.items()):
             if now > expires:
                 del self._early[room_id]
-                self.server.send(identity, Abort(room_id, "the prefill instance never got this request"))
+                self._refuse(identity, room_id, "the prefill instance never got this request")
         for room in self._rooms.values():
             if room.reserve is not None and not room.admitted_at:
                 room.admitted_at = time.monotonic()
@@ -265,7 +265,7 @@ class PrefillConnector(KVConnector):
             room = self._rooms.get(msg.room)
             ended = self._ended.pop(msg.room, None)
             if ended is not None:
-                self.server.send(identity, Abort(msg.room, ended[0]))
+                self._refuse(identity, msg.room, ended[0])
             elif room is None:
                 self._early[msg.room] = (identity, msg, msg.deadline)
             else:
@@ -364,6 +364,11 @@ class PrefillConnector(KVConnector):
         elif tell_peer:  # no Reserve yet: answer it with the Abort when it comes
             self._ended[room_id] = (reason, time.time() + self.config.timeout_s)
         self._release(room)
+
+    def _refuse(self, identity: bytes, room_id: int, reason: str) -> None:
+        """Answer a Reserve we never acted on: Abort, and AbortAck at once (no write into its pages was posted)."""
+        self.server.send(identity, Abort(room_id, reason))
+        self.server.send(identity, AbortAck(room_id))
 
     def _cancel_writes(self, room_id: int, identity: bytes) -> None:
         """Either side's Abort: answer AbortAck once no write of the room is in flight on any rank."""

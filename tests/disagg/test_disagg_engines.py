@@ -584,3 +584,22 @@ def test_reserve_naming_pages_outside_the_peer_pool_fails_the_request(tiny_bf16,
         pair.assert_clean()
     finally:
         pair.close()
+
+
+def test_prefill_abort_before_the_reserve_frees_the_decode_pages_at_once(tiny_bf16, prompts):
+    """The client leaves while the request waits for its Reserve on the prefill side: the Reserve is answered
+    with the Abort and the decode side gets its pages back at once (no write was ever posted), not at the end of
+    a quarantine of disaggregation_timeout."""
+    pair = Pair(tiny_bf16, "local", disaggregation_timeout=20)
+    try:
+        room = pair.rooms.getrandbits(63)
+        pair.prefill.add_request("r", prompts[3], GREEDY, disagg=DisaggParams(room))
+        pair.prefill.abort_request("r")
+        pair.decode.add_request("r", prompts[3], GREEDY, disagg=DisaggParams(room, pair.addr))
+        t0 = time.time()
+        out = pair.run(timeout_s=30)
+        assert out[("r", 0)]["finish"] == "error"
+        assert time.time() - t0 < 10
+        pair.assert_clean()
+    finally:
+        pair.close()

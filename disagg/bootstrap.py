@@ -12,13 +12,16 @@ from typing import Any
 
 import zmq
 
+from disagg import wire
+from disagg.protocol import INSTANCE_MESSAGES
+
 log = logging.getLogger(__name__)
 
 MAX_MESSAGES_PER_POLL = 1024
 
 
 def _loads(frame: bytes) -> Any:
-    return pickle.loads(frame)
+    return wire.loads(frame, INSTANCE_MESSAGES)
 
 
 def _message(frames: list[bytes]) -> tuple[bytes, Any] | None:

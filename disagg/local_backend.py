@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from disagg import wire
 from disagg.kv_layout import KVPageRegions
 from disagg.transfer_base import (
     DONE,
@@ -255,7 +256,7 @@ class LocalTransferAgent(TransferAgent):
                              "num_pages": self.regions.num_pages})
 
     def add_peer(self, metadata: bytes) -> str:
-        md: dict[str, Any] = pickle.loads(metadata)
+        md: dict[str, Any] = wire.loads(metadata)
         if md.get("backend") != self.backend:
             raise ValueError(f"peer metadata is for backend {md.get('backend')!r}, not {self.backend!r}")
         check_layout(self.regions, md["page_bytes"], md["name"])

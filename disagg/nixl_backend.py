@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from disagg import wire
 from disagg.kv_layout import KVPageRegions
 from disagg.transfer_base import (
     DONE,
@@ -155,7 +156,7 @@ class NixlTransferAgent(TransferAgent):
         })
 
     def add_peer(self, metadata: bytes) -> str:
-        md: dict[str, Any] = pickle.loads(metadata)
+        md: dict[str, Any] = wire.loads(metadata)
         if md.get("backend") != self.backend:
             raise ValueError(f"peer metadata is for backend {md.get('backend')!r}, not {self.backend!r}")
         check_layout(self.regions, [pb for _, _, pb in md["layout"]], md["name"])

@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.kv_connector import KVSend
-from engine.outputs import LogprobsDict
+from engine.outputs import Logprob, LogprobsDict
 
 
 # -- instance <-> instance ----------------------------------------------------------------------------------
@@ -84,6 +84,10 @@ class Done:
     logprobs: LogprobsDict | None
     num_writes: int  # writes every prefill rank makes for the room (their notifications say when they landed)
     drafts: tuple[int, ...] = ()  # MTP: the drafts for the decode side's first step
+
+
+# what a frame on the bootstrap socket may hold (disagg/wire.py)
+INSTANCE_MESSAGES: tuple[type, ...] = (Hello, Welcome, Reserve, Ack, Abort, AbortAck, Unknown, Done, Logprob)
 
 
 # -- rank 0 -> every TP rank ---------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import dataclasses
 import os
 import pickle
 import random
+import sys
 import threading
 import time
 
@@ -519,9 +520,17 @@ def test_refused_room_leaves_no_trace_of_the_request(tiny_bf16, prompts, side):
         pair.close()
 
 
+_RUNS_CODE_FLAG = "glint_bootstrap_ran_a_frame"
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return exec, (f"import sys; sys.modules[{_RUNS_CODE_FLAG!r}] = sys",)
+
+
 def test_garbage_on_the_bootstrap_socket_is_dropped(tiny_bf16, prompts):
-    """Bytes that are not a protocol message (a port scan, a wrong peer) reach the prefill instance's bootstrap
-    socket: they are dropped, the engine goes on and hands requests over as before."""
+    """Bytes that are not a protocol message (a port scan, a wrong peer, a frame that would run code) reach the
+    prefill instance's bootstrap socket: they are dropped unrun, the engine goes on and hands requests over."""
     pair = Pair(tiny_bf16, "local")
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -530,8 +539,10 @@ def test_garbage_on_the_bootstrap_socket_is_dropped(tiny_bf16, prompts):
         sock.send(b"GET / HTTP/1.1\r\n\r\n")
         sock.send_multipart([b"two", b"frames"])
         sock.send(pickle.dumps(("not", "a", "message")))
+        sock.send(pickle.dumps(_RunsCode()))  # plain pickle would run its code in the engine
         time.sleep(0.2)
         pair.prefill.step()
+        assert _RUNS_CODE_FLAG not in sys.modules
         pair.add("r", prompts[2], GREEDY)
         out = pair.run()
         assert out[("r", 0)]["finish"] == "length" and len(out[("r", 0)]["tokens"]) == GREEDY.max_tokens

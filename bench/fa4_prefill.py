@@ -12,9 +12,9 @@ the 16-token pages copied into packed K/V, then FA4 with cu_seqlens_k; the gathe
 engine builds it once per forward for every layer); "fa4_gathered_fp8" / "sdpa_fp8": the same over FP8 pages
 (x 1/8 scales), against the SDPA path the engine takes for FP8 pages it does not gather. --knobs adds FA4's
 sm90 launch choices through its internal `_flash_attn_fwd` (tile_mn, pack_gqa, intra-warpgroup overlap, P@V from
-registers) on the 16-token paged cache. Times are CUDA-event
-medians of 10 calls after warm-up (FA4 compiles on its first call); % = FLOPs / time / 989 TFLOP/s (bf16 dense
-datasheet). "err" = the largest difference from the cuDNN output over its largest value. flash-attn-4 is optional:
+registers) on the 16-token paged cache. Times are CUDA-event medians of 10 calls after warm-up (FA4 compiles on
+its first call; --queued: 10 calls back to back, the host's launch cost hidden); % = FLOPs / time / 989 TFLOP/s
+(bf16 dense datasheet). "err" = the largest difference from the cuDNN output over its largest value. flash-attn-4 is optional:
 the script says so when it is missing.
 """
 from __future__ import annotations
@@ -53,9 +53,20 @@ KNOBS = {
 }
 
 
-def _time_ms(fn: Callable[[], object], reps: int = 10) -> float:
+def _time_ms(fn: Callable[[], object], reps: int = 10, queued: bool = False) -> float:
+    """Median of `reps` single calls between CUDA events (host launch cost included), or with `queued` the mean
+    of `reps` calls enqueued back to back between two events (the GPU's time when the host runs ahead, as in an
+    eager prefill whose kernels take milliseconds)."""
     fn()
     torch.cuda.synchronize()
+    if queued:
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(reps):
+            fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) / reps
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -86,7 +97,7 @@ def paged(src_k: torch.Tensor, src_v: torch.Tensor, page: int) -> tuple[torch.Te
     return caches[0], caches[1], perm.view(1, -1)
 
 
-def case(n: int, prefix: int, hq: int, hk: int, knobs: bool = False) -> dict[str, object]:
+def case(n: int, prefix: int, hq: int, hk: int, knobs: bool = False, queued: bool = False) -> dict[str, object]:
     kv = n + prefix
     scale = D ** -0.5
     q = torch.randn(n, hq, D, device="cuda", dtype=BF16)
@@ -136,7 +147,7 @@ def case(n: int, prefix: int, hq: int, hk: int, knobs: bool = False) -> dict[str
         try:
             o = fn()
             err = float((o.float() - ref.float()).abs().max() / ref.float().abs().max())
-            ms = _time_ms(fn)
+            ms = _time_ms(fn, queued=queued)
             out[name] = f"{ms:7.3f} ms ({100 * flops / (ms * 1e-3) / PEAK:4.1f}%) err {err:.1e}"
         except Exception as exc:  # noqa: BLE001 - a variant the library refuses is a result, not a crash
             torch.cuda.synchronize()
@@ -149,13 +160,14 @@ def main() -> None:
     ap.add_argument("--heads", default="96/8,12/1")
     ap.add_argument("--cases", default="4096:0,16384:0,32768:0,4096:4096,16384:4096,2048:0,8192:0")
     ap.add_argument("--knobs", action="store_true", help="also FA4's sm90 launch choices (KNOBS) on the paged cache")
+    ap.add_argument("--queued", action="store_true", help="time calls enqueued back to back (see _time_ms)")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(0), "| flash_attn.cute:", FA4_ERROR or "importable", flush=True)
     for heads in args.heads.split(","):
         hq, hk = (int(x) for x in heads.split("/"))
         for c in args.cases.split(","):
             n, p = (int(x) for x in c.split(":"))
-            r = case(n, p, hq, hk, args.knobs)
+            r = case(n, p, hq, hk, args.knobs, args.queued)
             print(f"{hq}/{hk} q {n:6} prefix {p:5} | " + " | ".join(f"{k} {v}" for k, v in r.items()), flush=True)
 
 

@@ -14,8 +14,8 @@ engine builds it once per forward for every layer); "fa4_gathered_fp8" / "sdpa_f
 sm90 launch choices through its internal `_flash_attn_fwd` (tile_mn, pack_gqa, intra-warpgroup overlap, P@V from
 registers) on the 16-token paged cache. Times are CUDA-event medians of 10 calls after warm-up (FA4 compiles on
 its first call; --queued: 10 calls back to back, the host's launch cost hidden); % = FLOPs / time / 989 TFLOP/s
-(bf16 dense datasheet). "err" = the largest difference from the cuDNN output over its largest value. flash-attn-4 is optional:
-the script says so when it is missing.
+(bf16 dense datasheet). "err" = the largest difference from the cuDNN output over its largest value.
+flash-attn-4 is optional: the script says so when it is missing.
 """
 from __future__ import annotations
 

@@ -55,7 +55,9 @@ class OutputProcessor:
             self.tokenizer, req.prompt_token_ids, params.skip_special_tokens, params.spaces_between_special_tokens,
         )
         stops = StopStringMatcher(params.stop, params.include_stop_str_in_output) if params.stop else None
-        self._seq[req] = _SeqState(sampling, detok, stops)
+        # position 0 has no logprobs: a one-token prompt's prompt logprobs are [None], with no row to collect
+        prompt_logprobs = [None] if params.prompt_logprobs is not None else None
+        self._seq[req] = _SeqState(sampling, detok, stops, prompt_logprobs=prompt_logprobs)
 
     def remove(self, req: Request) -> None:
         self._seq.pop(req, None)
@@ -117,8 +119,6 @@ class OutputProcessor:
         targets = req.prompt_token_ids[first_target : first_target + count]
         dicts = compute_prompt_logprobs(logits[first_row : first_row + count], targets, req.params.prompt_logprobs)
         decode_logprob_tokens(self.tokenizer, dicts)
-        if st.prompt_logprobs is None:
-            st.prompt_logprobs = [None]
         st.prompt_logprobs.extend(dicts)
         req.prompt_logprobs_upto = first_target + count
 

@@ -111,6 +111,13 @@ def test_logprobs_and_prompt_logprobs_shapes(llm):
         assert ids[pos] in d and 2 <= len(d) <= 3
 
 
+def test_one_token_prompt_has_prompt_logprobs_of_its_length(llm):
+    # one entry per prompt token, [0] None: a one-token prompt (no row predicts a prompt token) gets [None], n = 2 too
+    out = llm.generate({"prompt_token_ids": [42]}, SamplingParams(max_tokens=2, n=2, prompt_logprobs=1),
+                       use_tqdm=False)[0]
+    assert out.prompt_logprobs == [None]
+
+
 def test_chunked_prompt_logprobs_equal_unchunked(tiny_bf16, llm):
     ids = list(range(100, 170))
     sp = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=1, ignore_eos=True)

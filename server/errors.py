@@ -45,6 +45,7 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        anthropic_message: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -55,6 +56,8 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.headers = dict(headers or {})
+        # Anthropic's wording where Anthropic clients match on it (else `message`)
+        self.anthropic_message = anthropic_message
 
     def openai_body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -63,7 +66,7 @@ class APIError(Exception):
         kind = _ANTHROPIC_TYPES.get(
             self.status, "api_error" if self.status >= 500 else "invalid_request_error"
         )
-        return {"type": "error", "error": {"type": kind, "message": self.message}}
+        return {"type": "error", "error": {"type": kind, "message": self.anthropic_message or self.message}}
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:

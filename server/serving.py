@@ -235,6 +235,8 @@ def resolve_max_tokens(
             f"{prompt_len} tokens, which leaves no room for output. Please shorten the prompt.",
             param=prompt_param,
             code="context_length_exceeded",
+            # Claude Code compacts the conversation on this phrase and reads the two numbers from it
+            anthropic_message=f"prompt is too long: {prompt_len} tokens > {state.max_model_len - 1} maximum",
         )
     if requested is None:
         return None

@@ -11,6 +11,7 @@ import json
 import re
 import time
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -253,6 +254,16 @@ def test_prompt_too_long_is_context_length_exceeded(client):
         client.chat.completions.create(model="glint-tiny", messages=user("word " * 3000), max_tokens=5)
     assert e.value.code == "context_length_exceeded"
     assert str(MAX_MODEL_LEN) in e.value.message
+
+
+def test_prompt_too_long_on_the_anthropic_route_says_so_as_anthropic_does(server):
+    # Claude Code auto-compacts only on "prompt is too long" and reads "<n> tokens > <limit>" from the message
+    client = anthropic.Anthropic(base_url=server.url, api_key="dummy", max_retries=0, timeout=120)
+    with pytest.raises(anthropic.BadRequestError) as e:
+        client.messages.create(model="glint-tiny", max_tokens=5, messages=user("word " * 3000))
+    m = re.search(r"prompt is too long[^0-9]*(\d+)\s*tokens?\s*>\s*(\d+)", e.value.message, re.IGNORECASE)
+    assert m is not None, e.value.message
+    assert int(m.group(1)) > MAX_MODEL_LEN and int(m.group(2)) == MAX_MODEL_LEN - 1
 
 
 def test_invalid_response_formats_are_400s_naming_the_problem(client):

@@ -229,14 +229,20 @@ def to_chat_request(req: Any, *, stream: bool = False) -> ChatCompletionRequest:
             tool_choice = "none"
         else:
             raise bad_request(f"unknown tool_choice type {kind!r}", param="tool_choice.type")
+    messages = to_chat_messages(req)
+    last = req.messages[-1] if req.messages else None
+    prefill = isinstance(last, dict) and last.get("role") == "assistant" and _assistant_prefill(messages)
     body: dict[str, Any] = {
         "model": req.model,
-        "messages": to_chat_messages(req),
+        "messages": messages,
         "tools": tools,
         "tool_choice": tool_choice,
         "parallel_tool_calls": parallel,
         "stream": stream,
     }
+    if prefill:  # the answer continues the final assistant message: no new assistant turn
+        body["continue_final_message"] = True
+        body["add_generation_prompt"] = False
     body["thinking"] = {"type": "enabled" if thinking_enabled(req.thinking) else "disabled"}
     response_format = _response_format(req)
     if response_format is not None:
@@ -254,6 +260,23 @@ def to_chat_request(req: Any, *, stream: bool = False) -> ChatCompletionRequest:
         return ChatCompletionRequest.model_validate(body)
     except ValidationError as e:
         raise validation_error(e) from None
+
+
+def _assistant_prefill(messages: list[dict[str, Any]]) -> bool:
+    """Called when the request ends with an assistant message. Anthropic's prefill: a final assistant message
+    with text is the start of the answer, which the model continues (the response holds only the continuation).
+    An empty final assistant message is dropped, as if it were absent; one with tool calls stays history.
+    Trailing whitespace is refused with Anthropic's error (it would tokenize differently from the model writing
+    the same text)."""
+    if messages[-1].get("tool_calls"):
+        return False
+    text = messages[-1]["content"]
+    if not text:
+        messages.pop()
+        return False
+    if text != text.rstrip():
+        raise bad_request("messages: final assistant content cannot end with trailing whitespace", param="messages")
+    return True
 
 
 def thinking_enabled(thinking: Any) -> bool:

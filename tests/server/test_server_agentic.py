@@ -14,9 +14,12 @@ import httpx
 import openai
 import pytest
 
+from transformers import AutoTokenizer
+
+from model.tiny import tiny_model_dir
 from server.anthropic_api import MessagesRequest
 from server.anthropic_api import to_chat_request as anthropic_to_chat
-from server.chat_template import template_kwargs
+from server.chat_template import ChatTemplate, normalize_messages, template_kwargs
 from server.errors import APIError
 from server.responses_api import ResponsesRequest
 from server.responses_api import to_chat_request as responses_to_chat
@@ -101,6 +104,60 @@ def test_anthropic_thinking_maps_to_the_template():
     assert kwargs(thinking={"type": "adaptive"})["enable_thinking"] is True
     # an explicit template kwarg still wins
     assert kwargs(chat_template_kwargs={"enable_thinking": True})["enable_thinking"] is True
+
+
+def _anthropic_prompt(tail: list[dict], **kw) -> str:
+    """The prompt text the Anthropic route renders for [user "q", *tail] with the tiny chat template."""
+    msgs = [{"role": "user", "content": "q"}, *tail]
+    req = anthropic_to_chat(MessagesRequest.model_validate({"max_tokens": 5, "messages": msgs, **kw}))
+    tpl = ChatTemplate(AutoTokenizer.from_pretrained(tiny_model_dir("bf16")))
+    kwargs = template_kwargs({}, req.chat_template_kwargs, req.reasoning_effort, req.thinking)
+    return tpl.render(
+        normalize_messages(req.messages),
+        kwargs=kwargs,
+        add_generation_prompt=req.add_generation_prompt is not False,
+        continue_final_message=bool(req.continue_final_message),
+    )
+
+
+def test_anthropic_assistant_prefill_is_continued():
+    """A final assistant message is the start of the answer (Anthropic's prefill): the prompt ends with its text,
+    not with a new assistant turn (it used to render as a finished turn followed by `<|assistant|>`)."""
+    for thinking in (None, {"type": "enabled", "budget_tokens": 99}):
+        kw = {"thinking": thinking} if thinking else {}
+        prompt = _anthropic_prompt([{"role": "assistant", "content": "The answer is"}], **kw)
+        assert prompt.endswith("<|assistant|></think>The answer is"), prompt
+        blocks = [{"type": "text", "text": "{\"a\":"}]
+        assert _anthropic_prompt([{"role": "assistant", "content": blocks}], **kw).endswith("</think>{\"a\":")
+    # an empty final assistant message is as if it were absent
+    assert _anthropic_prompt([{"role": "assistant", "content": ""}]) == _anthropic_prompt([])
+    assert _anthropic_prompt([]).endswith("q<|assistant|></think>")
+    # a final assistant tool call stays history (a new turn follows)
+    call = {"type": "tool_use", "id": "t1", "name": "f", "input": {"x": 1}}
+    assert _anthropic_prompt([{"role": "assistant", "content": [call]}]).endswith("</tool_call><|assistant|></think>")
+    with pytest.raises(APIError) as err:
+        _anthropic_prompt([{"role": "assistant", "content": "The answer is "}])
+    assert err.value.status == 400 and "trailing whitespace" in str(err.value)
+
+
+def test_anthropic_prefill_answer_holds_only_the_continuation(http):
+    body = {
+        "model": MODEL,
+        "max_tokens": 20,
+        "messages": [
+            {"role": "user", "content": "<<script:plain>>"},
+            {"role": "assistant", "content": "Sure:"},
+        ],
+    }
+    msg = http.post("/v1/messages", json=body).json()
+    assert msg["content"] == [{"type": "text", "text": "Hello there."}], msg
+    events = sse(http.post("/v1/messages", json={**body, "stream": True}).text)
+    text = "".join(d["delta"].get("text", "") for name, d in events if name == "content_block_delta")
+    assert text == "Hello there."
+    bad = {**body, "messages": [*body["messages"][:1], {"role": "assistant", "content": "Sure: "}]}
+    r = http.post("/v1/messages", json=bad)
+    assert r.status_code == 400 and r.json()["type"] == "error", r.text
+    assert "trailing whitespace" in r.json()["error"]["message"]
 
 
 def test_claude_code_request_shape_is_accepted(http):

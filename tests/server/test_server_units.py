@@ -453,3 +453,19 @@ def test_json_checks_and_log_escaping():
     assert e.value.param == "p.properties.a.oneOf"
     assert escape_controls("a\r\nb\x1bc\x9bd\u2028e\ud800") == "a\\u000d\\u000ab\\u001bc\\u009bd\\u2028e\\ud800"
     assert escape_controls("plain ü 😀") == "plain ü 😀"
+
+
+def test_continue_final_message_renders_no_new_turn():
+    from transformers import AutoTokenizer
+
+    from model.tiny import tiny_model_dir
+
+    tpl = ChatTemplate(AutoTokenizer.from_pretrained(tiny_model_dir("bf16")))
+    msgs = normalize_messages([{"role": "user", "content": "q"}, {"role": "assistant", "content": "Once upon"}])
+    kwargs = template_kwargs({}, None)
+    cont = tpl.render(msgs, kwargs=kwargs, continue_final_message=True)  # add_generation_prompt yields to it
+    assert cont.endswith("q<|assistant|></think>Once upon"), cont
+    assert tpl.render(msgs, kwargs=kwargs).endswith("Once upon<|assistant|><think>")
+    with pytest.raises(APIError) as e:
+        tpl.render(msgs[:1], kwargs=kwargs, continue_final_message=True)
+    assert e.value.status == 400 and e.value.param == "continue_final_message"

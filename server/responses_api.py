@@ -360,7 +360,7 @@ def _full_body(req: ResponsesRequest, prep: PreparedChat, res: ChatResult) -> di
     p = prep.parsers[0]
     if p.reasoning:
         out.output.append(out.reasoning_item(p.reasoning))
-    if p.content or not p.tool_calls:
+    if p.content or not (p.tool_calls or p.reasoning):  # as streamed: a message item only for text, or if empty
         out.output.append(out.message_item(p.content))
     for c in p.tool_calls:
         out.output.append(out.call_item(c.id, c.name, c.arguments))

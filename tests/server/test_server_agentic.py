@@ -280,6 +280,12 @@ def test_responses_items_out(http):
     # cut by max_output_tokens: incomplete
     resp = responses(http, input="<<script:think>>", max_output_tokens=2)
     assert resp["status"] == "incomplete" and resp["incomplete_details"] == {"reason": "max_output_tokens"}
+    # ... inside the reasoning: only the reasoning item, as the stream has it (no empty message item)
+    assert [o["type"] for o in resp["output"]] == ["reasoning"], resp["output"]
+    r = http.post("/v1/responses", json={"model": MODEL, "input": "<<script:think>>", "max_output_tokens": 2,
+                                         "stream": True})
+    done = [d for name, d in sse(r.text) if name == "response.incomplete"]
+    assert [o["type"] for o in done[0]["response"]["output"]] == ["reasoning"]
 
 
 def test_responses_tool_calls_and_history(http):

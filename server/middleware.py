@@ -163,7 +163,7 @@ class GlintMiddleware:
             candidates.append(headers["x-api-key"].strip())
         found = b""
         for c in candidates:
-            cb = c.encode("utf-8", "replace")
+            cb = c.encode("latin-1")  # the bytes as sent (headers were decoded as latin-1): a UTF-8 key matches
             for key in self.api_keys:
                 if hmac.compare_digest(cb, key):
                     found = key

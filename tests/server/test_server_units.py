@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
+from transformers import AutoTokenizer
 
 from engine.config import EngineConfig
+from model.tiny import tiny_model_dir
 from server.chat_template import ChatTemplate, normalize_messages, template_kwargs
 from server.cli import UNSUPPORTED, build_parser, engine_kwargs, main, parse_args, speculative_config
 from server.config import ServerConfig
 from server.errors import APIError
+from server.middleware import GlintMiddleware
 from server.protocol import ChatCompletionRequest, CompletionRequest, parse_body
 
 
@@ -456,10 +460,6 @@ def test_json_checks_and_log_escaping():
 
 
 def test_continue_final_message_renders_no_new_turn():
-    from transformers import AutoTokenizer
-
-    from model.tiny import tiny_model_dir
-
     tpl = ChatTemplate(AutoTokenizer.from_pretrained(tiny_model_dir("bf16")))
     msgs = normalize_messages([{"role": "user", "content": "q"}, {"role": "assistant", "content": "Once upon"}])
     kwargs = template_kwargs({}, None)
@@ -469,3 +469,29 @@ def test_continue_final_message_renders_no_new_turn():
     with pytest.raises(APIError) as e:
         tpl.render(msgs[:1], kwargs=kwargs, continue_final_message=True)
     assert e.value.status == 400 and e.value.param == "continue_final_message"
+
+
+def test_a_non_ascii_api_key_matches_its_utf8_bytes():
+    """Header bytes are decoded as latin-1; the key must be compared as the bytes the client sent (UTF-8), not
+    re-encoded from the latin-1 text (a key such as 'clé' never matched)."""
+    async def ok_app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    mw = GlintMiddleware(ok_app, api_keys=("clé-🔑",), log_requests="off")
+
+    def status(key: bytes) -> int:
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "GET", "path": "/v1/models", "headers": [(b"x-api-key", key)]}
+        asyncio.run(mw(scope, receive, send))
+        return sent[0]["status"]
+
+    assert status("clé-🔑".encode()) == 200
+    assert status(b"Bearer x") == 401 and status("cle-🔑".encode()) == 401

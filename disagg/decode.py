@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 class _Room:
     req: Request
     addr: str  # the prefill instance's bootstrap address
-    deadline: float  # time.time()
+    deadline: float  # time.monotonic()
     reserved: bool = False
     added_at: float = 0.0  # time.monotonic()
     done: Done | None = None  # the prefill side's first token and write count
@@ -113,7 +113,7 @@ class DecodeConnector(KVConnector):
             raise ValueError("a request to a decode instance needs its prefill instance's bootstrap address")
         if params.room in self._rooms:
             raise ValueError(f"disaggregation room {params.room} is already in use on this decode instance")
-        self._rooms[params.room] = _Room(req, params.bootstrap_addr, time.time() + self.config.timeout_s,
+        self._rooms[params.room] = _Room(req, params.bootstrap_addr, time.monotonic() + self.config.timeout_s,
                                          added_at=time.monotonic(), landed=[set() for _ in self._metadata])
         self._room_of[req.seq_key] = params.room
         self._link(params.bootstrap_addr)
@@ -154,7 +154,7 @@ class DecodeConnector(KVConnector):
             self._on_message(addr, msg, update)
         if any(room.reserved for room in self._rooms.values()):
             self._collect_landed(update)
-        now = time.time()
+        now = time.monotonic()
         for room_id, room in list(self._rooms.items()):
             link = self._links[room.addr]
             if now > room.deadline:
@@ -172,7 +172,7 @@ class DecodeConnector(KVConnector):
                     req = room.req
                     self.clients.send(room.addr, Reserve(
                         room_id, tuple(req.block_ids), cached, req.num_prompt_tokens,
-                        prompt_hash(req.prompt_token_ids), room.deadline))
+                        prompt_hash(req.prompt_token_ids), max(0.0, room.deadline - now)))
         for room_id, (pages, until) in list(self._quarantine.items()):
             if now > until:  # the prefill side never confirmed; its writes cannot outlive its own deadline
                 self._release_quarantine(room_id)
@@ -230,7 +230,7 @@ class DecodeConnector(KVConnector):
         return link
 
     def _hello(self, addr: str) -> None:
-        self._links[addr].hello_sent_at = time.time()
+        self._links[addr].hello_sent_at = time.monotonic()
         self.clients.send(addr, Hello(self.name, self._metadata, self.backend))
 
     def _fail(self, room_id: int, reason: str, update: ConnectorUpdate, tell_peer: bool = True) -> None:
@@ -248,7 +248,7 @@ class DecodeConnector(KVConnector):
         log.warning("disaggregation room %d (%s) failed: %s", room_id, room.req.seq_id, reason)
         if room.reserved and room.req.block_ids:
             self._pool.touch(room.req.block_ids)  # the request frees its own references; these stay
-            self._quarantine[room_id] = (list(room.req.block_ids), time.time() + self.config.timeout_s)
+            self._quarantine[room_id] = (list(room.req.block_ids), time.monotonic() + self.config.timeout_s)
         if tell_peer:
             self.clients.send(room.addr, Abort(room_id, reason))
 

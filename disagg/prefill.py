@@ -51,7 +51,7 @@ def prompt_hash(tokens: list[int]) -> int:
 @dataclass
 class _Room:
     req: Request
-    deadline: float  # time.time()
+    deadline: float  # time.monotonic()
     decode: bytes = b""  # the decode instance's identity (set by its Reserve)
     reserve: Reserve | None = None
     sent_pages: int = 0  # pages of the prompt already planned into writes
@@ -120,12 +120,12 @@ class PrefillConnector(KVConnector):
     def add(self, req: Request, params: DisaggParams) -> None:
         if params.room in self._rooms:
             raise ValueError(f"disaggregation room {params.room} is already in use on this prefill instance")
-        room = _Room(req, time.time() + self.config.timeout_s)
+        room = _Room(req, time.monotonic() + self.config.timeout_s)
         self._rooms[params.room] = room
         self._room_of[req.seq_key] = params.room
         early = self._early.pop(params.room, None)
         if early is not None:
-            self._accept_reserve(room, early[0], early[1])
+            self._accept_reserve(room, *early)
 
     def _room(self, req: Request) -> tuple[int, _Room | None]:
         room_id = self._room_of.get(req.seq_key, -1)
@@ -231,7 +231,7 @@ class PrefillConnector(KVConnector):
             self._on_message(identity, msg, update)
         if self._writes_in_flight or self._cancelling:
             self._collect_writes(update)
-        now = time.time()
+        now = time.monotonic()
         for room_id, room in list(self._rooms.items()):
             if room.token is not None and not room.done_sent and room.reserve is not None \
                     and room.sent_pages >= len(room.reserve.pages):
@@ -264,12 +264,13 @@ class PrefillConnector(KVConnector):
                 return
             room = self._rooms.get(msg.room)
             ended = self._ended.pop(msg.room, None)
+            gives_up_at = time.monotonic() + msg.time_left_s  # the decode side's deadline, on our clock
             if ended is not None:
                 self._refuse(identity, msg.room, ended[0])
             elif room is None:
-                self._early[msg.room] = (identity, msg, msg.deadline)
+                self._early[msg.room] = (identity, msg, gives_up_at)
             else:
-                self._accept_reserve(room, identity, msg)
+                self._accept_reserve(room, identity, msg, gives_up_at)
         elif isinstance(msg, Ack):
             room = self._rooms.pop(msg.room, None)
             if room is not None:
@@ -307,7 +308,7 @@ class PrefillConnector(KVConnector):
         self._hellos[identity] = msg
         return Welcome(self.name)
 
-    def _accept_reserve(self, room: _Room, identity: bytes, msg: Reserve) -> None:
+    def _accept_reserve(self, room: _Room, identity: bytes, msg: Reserve, gives_up_at: float) -> None:
         req = room.req
         need = -(-req.num_prompt_tokens // self._pool.block_size)
         room.decode = identity
@@ -319,7 +320,7 @@ class PrefillConnector(KVConnector):
             return
         room.reserve = msg
         room.sent_pages = msg.skip_pages  # the decode side's prefix cache has those
-        room.deadline = min(room.deadline, msg.deadline)
+        room.deadline = min(room.deadline, gives_up_at)
 
     def _collect_writes(self, update: ConnectorUpdate) -> None:
         states: list[WriteStates] = self._ranks.connector_call(PollWrites())
@@ -334,7 +335,7 @@ class PrefillConnector(KVConnector):
                 self._fail(room_id, reason, update)
         for room_id, (identity, expires) in list(self._cancelling.items()):
             left = sum(self._ranks.connector_call(CancelRoom(room_id)))
-            if left == 0 or time.time() > expires:
+            if left == 0 or time.monotonic() > expires:
                 del self._cancelling[room_id]
                 self.server.send(identity, AbortAck(room_id))
 
@@ -362,7 +363,7 @@ class PrefillConnector(KVConnector):
                 self.server.send(room.decode, Abort(room_id, reason))
             self._cancel_writes(room_id, room.decode)  # its pages stay quarantined there until our AbortAck
         elif tell_peer:  # no Reserve yet: answer it with the Abort when it comes
-            self._ended[room_id] = (reason, time.time() + self.config.timeout_s)
+            self._ended[room_id] = (reason, time.monotonic() + self.config.timeout_s)
         self._release(room)
 
     def _refuse(self, identity: bytes, room_id: int, reason: str) -> None:
@@ -372,7 +373,7 @@ class PrefillConnector(KVConnector):
 
     def _cancel_writes(self, room_id: int, identity: bytes) -> None:
         """Either side's Abort: answer AbortAck once no write of the room is in flight on any rank."""
-        self._cancelling[room_id] = (identity, time.time() + self.config.timeout_s)
+        self._cancelling[room_id] = (identity, time.monotonic() + self.config.timeout_s)
 
     def _release(self, room: _Room) -> None:
         if room.held:

@@ -50,7 +50,7 @@ class Reserve:
     skip_pages: int  # leading pages the decode side has already (its prefix cache): not sent
     num_prompt_tokens: int
     prompt_hash: int  # both sides check they talk about the same prompt
-    deadline: float  # time.time(): the decode side gives up then
+    time_left_s: float  # seconds the decode side still waits, at sending (two hosts' clocks are never compared)
 
 
 @dataclass(frozen=True)

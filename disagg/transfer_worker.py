@@ -187,7 +187,7 @@ class TransferWorker(KVConnectorWorker):
             if send.room in self._cancelled:
                 return
             peer = self._peers.get(send.peer, send.peer)
-            timeout = max(send.deadline - time.time(), 0.001)
+            timeout = max(send.deadline - time.monotonic(), 0.001)
             try:
                 handle = self.agent.write(peer, send.src_pages, send.dst_pages,
                                           notification=write_notification(send.room, send.seq), timeout_s=timeout)

@@ -46,7 +46,7 @@ class KVSend:
     seq: int
     src_pages: tuple[int, ...]
     dst_pages: tuple[int, ...]
-    deadline: float  # time.time() seconds
+    deadline: float  # time.monotonic() seconds (one host's clock: rank processes share it)
     last: bool = False  # the request's last write (its step completes the prompt's pages)
 
 

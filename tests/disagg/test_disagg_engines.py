@@ -15,6 +15,7 @@ import pytest
 import torch
 import zmq
 
+import disagg.decode
 from disagg.connector import build_kv_connector
 from disagg.local_backend import LocalTransferAgent
 from disagg.protocol import PostSends, QueueSends, Reserve
@@ -611,6 +612,42 @@ def test_prefill_abort_before_the_reserve_frees_the_decode_pages_at_once(tiny_bf
         out = pair.run(timeout_s=30)
         assert out[("r", 0)]["finish"] == "error"
         assert time.time() - t0 < 10
+        pair.assert_clean()
+    finally:
+        pair.close()
+
+
+class _SkewedClock:
+    """The `time` module as another host sees it: its wall clock and its monotonic clock both `offset_s` off."""
+
+    def __init__(self, offset_s: float) -> None:
+        self.offset_s = offset_s
+
+    def time(self) -> float:
+        return time.time() + self.offset_s
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset_s
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
+@pytest.mark.parametrize("offset_s", [-3600.0, 3600.0])
+def test_hosts_with_different_clocks_hand_over(tiny_bf16, prompts, offset_s, monkeypatch):
+    """The decode host's clocks differ from the prefill host's (no synchronised wall clock, and monotonic clocks
+    start at each host's boot): the Reserve says how long the decode side still waits, not when, so neither
+    side's deadline is read on the other's clock. (With a wall-clock deadline in the Reserve, a decode host an hour
+    behind had every handover fail at once.)"""
+    monkeypatch.setattr(disagg.decode, "time", _SkewedClock(offset_s))
+    expected = colocated(tiny_bf16, prompts[:3], GREEDY)
+    pair = Pair(tiny_bf16, "local", disaggregation_timeout=20)
+    try:
+        for i, p in enumerate(prompts[:3]):
+            pair.add(f"r{i}", p, GREEDY)
+        out = pair.run(timeout_s=60)
+        assert [[out[(f"r{i}", 0)]["tokens"]] for i in range(3)] == expected
+        assert all(v["error"] is None for v in out.values())
         pair.assert_clean()
     finally:
         pair.close()

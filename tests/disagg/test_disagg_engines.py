@@ -220,25 +220,25 @@ def test_writes_move_while_the_prefill_engine_does_not_step(tiny_bf16, prompts, 
         self.agent.write = lambda *a, **k: PollDrivenHandle(lambda: write(*a, **k), polls=5)
     monkeypatch.setattr(TransferWorker, "register", register_poll_driven)
     pair = Pair(tiny_bf16, "local", disaggregation_async_transfer=async_transfer,
-                disaggregation_async_last_chunk_sync=False, disaggregation_timeout=8,
-                prefill_kw={"max_num_batched_tokens": 32})
+                disaggregation_async_last_chunk_sync=False, disaggregation_timeout=30,
+                prefill_kw={"max_num_batched_tokens": 32})  # 30 s: 8 s failed on a loaded 2-core machine
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     try:
         for i, p in enumerate(prompts):
             pair.add(f"r{i}", p, params)
-        deadline, ran, out = time.time() + 60, set(), {}
+        deadline, ran, out = time.monotonic() + 90, set(), {}
 
         def step_decode() -> None:
             for d in pair.decode.step():
                 assert d.error is None, d.error
                 out.setdefault(d.request_id, []).extend(d.new_token_ids)
         while len(ran) < len(prompts):  # until every prompt ran (each ends at its first token there)
-            assert time.time() < deadline
+            assert time.monotonic() < deadline
             ran |= {d.request_id for d in pair.prefill.step() if d.finished}
             step_decode()
         pair.prefill.step()  # its poll sends the last Dones; from here on only the decode engine steps
         while pair.decode.has_unfinished_requests():
-            assert time.time() < deadline, "the decode side never got every page"
+            assert time.monotonic() < deadline, "the decode side never got every page"
             step_decode()
         assert [out[f"r{i}"] for i in range(len(prompts))] == [e[0] for e in colocated(tiny_bf16, prompts, params)]
         pair.run()  # the prefill side takes the Acks and lets its pages go

@@ -412,7 +412,12 @@ class EngineCore:
             return 0
         if any(s.num_tokens - s.num_drafts != 1 or not s.samples for s in scheduled):
             return 0  # a prefill chunk in the step: eager
-        return self.worker.graph_rows_for(len(scheduled), 1 + max(s.num_drafts for s in scheduled))
+        q = self.worker.graph_rows_for(len(scheduled), 1 + max(s.num_drafts for s in scheduled))
+        # a request's rows sit at positions start .. start + q - 1, fillers included: none may pass the context's
+        # end (the RoPE table and the graph's block tables end there); such a step runs eagerly
+        if any(s.start + q > self.max_model_len for s in scheduled):
+            return 0
+        return q
 
     def _launch(self, scheduled: list[ScheduledRequest]) -> _Launched:
         prev = self._inflight

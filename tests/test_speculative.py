@@ -10,6 +10,7 @@ import pytest
 
 from engine import LLM, SamplingParams
 from engine_checks import assert_pages_clean
+from model.tiny import write_tiny_checkpoint
 from spec import DraftSlot, Drafter
 
 KW = dict(device="cpu", kv_block_size=16, num_kv_blocks=48, max_model_len=512, max_num_batched_tokens=64)
@@ -137,6 +138,52 @@ def test_scripted_drafts_give_plain_tokens_stops_and_lengths(plain, suffix, wron
         assert accepted == 0 if wrong == 1 else accepted > 20
     finally:
         eng.drafter = real
+    assert_pages_clean(eng)
+
+
+class ShortDrafts(ScriptedDrafter):
+    """ScriptedDrafter with at most `cap` drafts per step."""
+
+    def __init__(self, answers: dict[tuple[int, ...], list[int]], cap: int, vocab: int) -> None:
+        super().__init__(answers, 0, vocab)
+        self.cap = cap
+
+    def propose(self, slots: Sequence[DraftSlot]) -> list[list[int]]:
+        return super().propose([DraftSlot(s.seq_id, min(s.max_drafts, self.cap)) for s in slots])
+
+
+def test_verify_chains_padded_for_a_graph_stay_inside_the_context(tmp_path):
+    """A verify step padded for a captured CUDA graph (forced here: the CPU has none) puts filler rows after each
+    request's chain. A request at the end of a context as long as the model's RoPE table (max_model_len defaults
+    to max_position_embeddings) must get no filler position past it: the table (and the block table) would be
+    read out of bounds. Tokens and logprobs stay the plain ones."""
+    ckpt = write_tiny_checkpoint(tmp_path / "short_context", max_position_embeddings=128)
+    kw = dict(device="cpu", kv_block_size=16, num_kv_blocks=32, max_num_batched_tokens=64)
+    rng = random.Random(11)
+    prompts = [{"prompt_token_ids": [rng.randrange(1400) for _ in range(n)]} for n in (120, 10)]
+    params = [SamplingParams(temperature=0, ignore_eos=True, logprobs=1),  # its 8 tokens end the context
+              SamplingParams(temperature=0, max_tokens=60, ignore_eos=True, logprobs=1)]
+    base = LLM(str(ckpt), **kw).generate(prompts, params, use_tqdm=False)
+    llm = LLM(str(ckpt), speculative_config=SUFFIX, **kw)
+    eng = llm.engine
+    # only the short request drafts: the long one decodes one row per step, padded to the other's chain
+    eng.drafter = ShortDrafts({tuple(prompts[1]["prompt_token_ids"]): base[1].outputs[0].token_ids}, 3,
+                              eng.model_config.vocab_size)
+    eng.worker.graph_rows_for = lambda batch, max_chain: 4 if max_chain <= 4 else 0
+    padded, execute = [], eng.worker.execute
+
+    def record(inputs, prev_tokens=None):
+        if len(inputs.seq_lens) > 1 and len(inputs.positions) == 4 * len(inputs.seq_lens):
+            padded.append(max(inputs.positions))
+        assert max(inputs.positions) < 128
+        return execute(inputs, prev_tokens)
+    eng.worker.execute = record
+    out = llm.generate(prompts, params, use_tqdm=False)
+    _same(base, out)
+    for x, y in zip(base, out):
+        for a, b in zip(x.outputs[0].logprobs, y.outputs[0].logprobs, strict=True):
+            assert list(a) == list(b) and all(abs(a[t].logprob - b[t].logprob) < 1e-4 for t in a)
+    assert len(out[0].outputs[0].token_ids) == 8 and padded  # both decoded side by side, in padded steps
     assert_pages_clean(eng)
 
 

@@ -267,6 +267,7 @@ class EngineCore:
         if drafting:
             if self._inflight is not None and self.drafter.wants_sync():
                 deltas += self._finish(self._inflight)  # it may draft: every request's tokens on the host first
+                self._post_sends(self._inflight)  # as the step's own finish below would (disaggregated prefill)
                 self._inflight = None
             if self._inflight is None:
                 deltas += self._propose_drafts()

@@ -183,6 +183,24 @@ def test_overlap_scheduling_on_both_sides(tiny_bf16, prompts):
         pair.close()
 
 
+def test_overlap_with_suffix_speculation_posts_every_sync_write(tiny_bf16, prompts):
+    """Suffix speculation on both sides with overlap and sync transfer: a drafter that asks for the step in flight
+    to be finished before drafting (every step, without a budget) must not make the prefill side skip posting
+    that step's writes (chunked prompts' pages never reached the decode side, which gave up on them)."""
+    expected = colocated(tiny_bf16, prompts, GREEDY)
+    pair = Pair(tiny_bf16, "local", overlap_scheduling=True, speculative_config={"method": "suffix"},
+                disaggregation_timeout=20, prefill_kw={"max_num_batched_tokens": 32})
+    try:
+        for i, p in enumerate(prompts):
+            pair.add(f"r{i}", p, GREEDY)
+        out = pair.run()
+        assert [[out[(f"r{i}", 0)]["tokens"]] for i in range(len(prompts))] == expected
+        assert pair.prefill.stats()["num_overlapped_steps"] > 0
+        pair.assert_clean()
+    finally:
+        pair.close()
+
+
 def test_chunked_prefill_prefix_hits_and_n_greater_than_one(tiny_bf16, prompts):
     """Long prompts in 16-token chunks on the prefill side; a repeated prompt hits the prefill side's prefix
     cache; n = 3 choices: one handed over, two decoded from the decode side's own prefix cache; MTP speculation

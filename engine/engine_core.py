@@ -489,6 +489,8 @@ class EngineCore:
                                          step.overlapped, tell))
             except Exception as exc:
                 deltas.append(self._fail(req, "processing its output", exc))
+        if not step.keeps_hidden:  # no NextN extend follows this step (MTP idle or every request retired), and
+            self._hand_over_ending()  # an overlapped step is finished where none runs after it: hand over now
         return deltas
 
     def _emit(

@@ -669,3 +669,29 @@ def test_hosts_with_different_clocks_hand_over(tiny_bf16, prompts, offset_s, mon
         pair.assert_clean()
     finally:
         pair.close()
+
+
+def test_mtp_prefill_with_every_request_retired_and_overlap_hands_over(tiny_bf16, prompts, monkeypatch):
+    """MTP on an overlapping prefill instance whose requests start retired (the budget says the chain cannot pay):
+    their steps keep no hidden states, so they may overlap, and a request its first token ended is finished by the
+    next step() call; it must still be handed over (not left waiting for a non-overlapped step that never comes)."""
+    mtp = {"method": "mtp", "num_speculative_tokens": 2, "draft_budget": False}
+    expected = colocated(tiny_bf16, prompts[:3], GREEDY)
+    pair = Pair(tiny_bf16, "local", speculative_config=mtp, overlap_scheduling=True, disaggregation_timeout=20)
+    drafter = pair.prefill.drafter
+    add = drafter.add
+
+    def add_retired(seq_id, prompt, tenant=""):
+        add(seq_id, prompt, tenant)
+        drafter.retire(seq_id)
+    monkeypatch.setattr(drafter, "add", add_retired)
+    try:
+        for i, p in enumerate(prompts[:3]):
+            pair.add(f"r{i}", p, GREEDY)
+        out = pair.run(timeout_s=60)
+        assert [[out[(f"r{i}", 0)]["tokens"]] for i in range(3)] == expected
+        assert all(v["error"] is None for v in out.values())
+        assert pair.prefill.num_overlapped_steps > 0 and drafter.num_retired == 3
+        pair.assert_clean()
+    finally:
+        pair.close()

@@ -50,9 +50,11 @@ _OPENAI_TYPES = {401: "authentication_error", 404: "not_found_error"}
 _ANTHROPIC_TYPES = {401: "authentication_error", 404: "not_found_error", 503: "overloaded_error"}
 
 
-def forward_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    out = {k: headers[k] for k in FORWARD_HEADERS if k in headers}
-    out["accept-encoding"] = "identity"  # bodies pass through byte for byte, never re-encoded
+def forward_headers(headers: Mapping[str, str]) -> dict[bytes, bytes]:
+    # as bytes, the client's own: Starlette decodes values as latin-1, and httpx would encode a str value as ASCII
+    # and raise on a byte from 0x80 up (a UTF-8 user agent, request id or API key)
+    out = {k.encode(): headers[k].encode("latin-1") for k in FORWARD_HEADERS if k in headers}
+    out[b"accept-encoding"] = b"identity"  # bodies pass through byte for byte, never re-encoded
     return out
 
 
@@ -226,8 +228,8 @@ class DisaggResponse(Response):
     async def _exchange(self, send: Send, p: Instance, d: Instance, may_retry: bool) -> None:
         st = self.state
         self.room = secrets.randbits(63)
-        p_headers = {**self.client_headers, ROOM_HEADER: str(self.room)}
-        d_headers = {**p_headers, BOOTSTRAP_HEADER: p.bootstrap_addr or ""}
+        p_headers = {**self.client_headers, ROOM_HEADER.encode(): str(self.room).encode()}
+        d_headers = {**p_headers, BOOTSTRAP_HEADER.encode(): (p.bootstrap_addr or "").encode()}
         for inst in (p, d):
             st.pool.acquire(inst)
             st.metrics.requests.labels(self.path, inst.role, inst.url).inc()
@@ -253,7 +255,7 @@ class DisaggResponse(Response):
             else:
                 await _cancel(prefill)
 
-    async def _prefill(self, p: Instance, headers: dict[str, str]) -> UpstreamError | None:
+    async def _prefill(self, p: Instance, headers: dict[bytes, bytes]) -> UpstreamError | None:
         """Send to the prefill instance and drop its answer; returns the failure, if any."""
         st = self.state
         try:
@@ -284,7 +286,7 @@ class DisaggResponse(Response):
             st.pool.release(p)
 
     async def _open_decode(
-        self, d: Instance, headers: dict[str, str], prefill: asyncio.Task[UpstreamError | None]
+        self, d: Instance, headers: dict[bytes, bytes], prefill: asyncio.Task[UpstreamError | None]
     ) -> httpx.Response:
         """The decode instance's response (status and headers), unless the prefill side fails first."""
         st = self.state

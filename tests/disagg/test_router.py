@@ -570,3 +570,21 @@ def test_colocated_role_is_checked_and_cannot_be_mixed(cluster: Any) -> None:
         bad = subprocess.run([sys.executable, "-m", "disagg.router", *args], cwd=ROOT, env=env, capture_output=True,
                              text=True, timeout=30, check=False)
         assert bad.returncode == 2 and ("cannot be mixed" in bad.stderr or "give at least one" in bad.stderr)
+
+
+def test_non_ascii_header_values_pass_through_unchanged(cluster: Any) -> None:
+    # header values may carry any byte from 0x80 up (a UTF-8 user agent or request id); httpx encodes a str value
+    # as ASCII, so the router used to answer 500 and leak the prefill instance's in-flight count
+    p, d = FakeInstance("prefill", "P"), FakeInstance("decode", "D")
+    url, pool = cluster.router([cluster.instance(p)], [cluster.instance(d)])
+    headers = {"user-agent": "café/1.0".encode(), "x-request-id": "req-é".encode()}
+    for body in (CHAT, {**CHAT, "stream": True}):
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=5)
+        assert r.status_code == 200
+    models = httpx.get(f"{url}/v1/models", headers=headers, timeout=5)
+    assert models.status_code == 200
+    time.sleep(0.1)
+    assert len(p.seen) == len(d.seen) == 2
+    for seen in p.seen + d.seen:
+        assert seen.headers["user-agent"] == "café/1.0" and seen.headers["x-request-id"] == "req-é"
+    assert [i.in_flight for i in pool.instances] == [0, 0]

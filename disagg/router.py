@@ -65,9 +65,9 @@ class RouterConfig:
             connect=self.connect_timeout, read=self.read_timeout, write=self.write_timeout, pool=self.connect_timeout
         )
 
-    def probe_headers(self) -> dict[str, str]:
+    def probe_headers(self) -> dict[str, bytes]:
         key = self.upstream_api_key or (self.api_keys[0] if self.api_keys else None)
-        return {"authorization": f"Bearer {key}"} if key else {}
+        return {"authorization": f"Bearer {key}".encode()} if key else {}  # UTF-8, as clients send a key
 
 
 def _probe_client(config: RouterConfig) -> httpx.AsyncClient:
@@ -81,7 +81,8 @@ def _authorized(request: Request, keys: tuple[str, ...]) -> bool:
     offered = [auth[7:].strip()] if auth.lower().startswith("bearer ") else []
     if "x-api-key" in request.headers:
         offered.append(request.headers["x-api-key"].strip())
-    return any(hmac.compare_digest(o.encode(), k.encode()) for o in offered for k in keys)
+    # o.encode("latin-1"): the bytes as sent (Starlette decodes header values as latin-1), so a UTF-8 key matches
+    return any(hmac.compare_digest(o.encode("latin-1"), k.encode()) for o in offered for k in keys)
 
 
 def _unauthorized(path: str) -> Response:

@@ -67,7 +67,7 @@ class Probe:
     models: list[str] = field(default_factory=list)
 
 
-async def probe(client: httpx.AsyncClient, inst: Instance, headers: dict[str, str]) -> Probe:
+async def probe(client: httpx.AsyncClient, inst: Instance, headers: dict[str, bytes]) -> Probe:
     """One health and role check of an instance."""
     try:
         health = await client.get(f"{inst.url}/health", headers=headers)
@@ -183,14 +183,14 @@ class InstancePool:
         if p.ok:
             inst.bootstrap_addr, inst.models = p.bootstrap_addr, p.models
 
-    async def refresh(self, client: httpx.AsyncClient, headers: dict[str, str]) -> list[Probe]:
+    async def refresh(self, client: httpx.AsyncClient, headers: dict[str, bytes]) -> list[Probe]:
         probes = await asyncio.gather(*(probe(client, i, headers) for i in self.instances))
         for inst, p in zip(self.instances, probes):
             self.apply(inst, p)
         return list(probes)
 
     async def wait_ready(
-        self, client: httpx.AsyncClient, headers: dict[str, str], timeout: float, interval: float = 0.5
+        self, client: httpx.AsyncClient, headers: dict[str, bytes], timeout: float, interval: float = 0.5
     ) -> None:
         """Wait until every instance is up (or, after `timeout` seconds, at least one of each role).
 

@@ -588,3 +588,16 @@ def test_non_ascii_header_values_pass_through_unchanged(cluster: Any) -> None:
     for seen in p.seen + d.seen:
         assert seen.headers["user-agent"] == "café/1.0" and seen.headers["x-request-id"] == "req-é"
     assert [i.in_flight for i in pool.instances] == [0, 0]
+
+
+def test_non_ascii_api_key(cluster: Any) -> None:
+    # a key given as --api-key is text; clients send it UTF-8 encoded, as the instances expect (server/middleware.py)
+    key = "clé-ü"
+    p, d = FakeInstance("prefill", "P", key=key), FakeInstance("decode", "D", key=key)
+    url, _ = cluster.router([cluster.instance(p)], [cluster.instance(d)], api_keys=(key,))
+    good = {"authorization": f"Bearer {key}".encode()}
+    r = httpx.post(f"{url}/v1/chat/completions", json=CHAT, headers=good, timeout=5)
+    assert r.status_code == 200 and d.seen[-1].headers["authorization"] == f"Bearer {key}"
+    assert httpx.get(f"{url}/v1/models", headers={"x-api-key": key.encode()}, timeout=5).status_code == 200
+    bad = {"authorization": f"Bearer {key}".encode("latin-1")}  # other bytes, same text once decoded as latin-1
+    assert httpx.post(f"{url}/v1/chat/completions", json=CHAT, headers=bad, timeout=5).status_code == 401

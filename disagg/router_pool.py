@@ -111,11 +111,11 @@ def prefix_key(body: bytes, n_chars: int) -> str | None:
         return None
     try:
         data = json.loads(body)
-    except ValueError:
+        if not isinstance(data, dict):
+            return None
+        text = json.dumps([data.get(k) for k in _PREFIX_FIELDS], ensure_ascii=False, separators=(",", ":"))
+    except (ValueError, RecursionError):  # RecursionError: nested too deep; the instances answer such a body
         return None
-    if not isinstance(data, dict):
-        return None
-    text = json.dumps([data.get(k) for k in _PREFIX_FIELDS], ensure_ascii=False, separators=(",", ":"))
     return text[:n_chars]
 
 

@@ -99,7 +99,11 @@ class FakeInstance:
         if self.status != 200:
             err = {"error": {"message": f"{self.name} refused", "type": "server_error", "code": "x"}}
             return await self._send(send, self.status, json.dumps(err).encode())
-        if json.loads(body).get("stream"):
+        try:
+            stream = json.loads(body).get("stream")
+        except (ValueError, RecursionError):  # as a glint server would: a 400
+            return await self._send(send, 400, b'{"error": {"message": "not JSON", "type": "invalid_request_error"}}')
+        if stream:
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", b"text/event-stream"), (b"x-from", self.name.encode())]})
             events = self.events()
@@ -601,3 +605,11 @@ def test_non_ascii_api_key(cluster: Any) -> None:
     assert httpx.get(f"{url}/v1/models", headers={"x-api-key": key.encode()}, timeout=5).status_code == 200
     bad = {"authorization": f"Bearer {key}".encode("latin-1")}  # other bytes, same text once decoded as latin-1
     assert httpx.post(f"{url}/v1/chat/completions", json=CHAT, headers=bad, timeout=5).status_code == 401
+
+
+def test_deeply_nested_json_body_reaches_the_instances(cluster: Any) -> None:
+    # json.loads raises RecursionError (not ValueError) on deep nesting: the prompt-prefix key must not crash on it
+    _, _, url = _pair(cluster)
+    for body in (b"[" * 100_000, b"not json", b'{"messages": ' + b"[" * 100_000 + b"}"):
+        r = httpx.post(f"{url}/v1/chat/completions", content=body, timeout=5)
+        assert r.status_code == 400 and r.json()["error"]["message"] == "not JSON"

@@ -116,7 +116,7 @@ class RouterState:
     background: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def failure(self, inst: Instance, exc: httpx.HTTPError) -> UpstreamError:
-        """Classify a transport error; connection failures (not timeouts) take the instance out of routing."""
+        """Classify a transport error; a connection that could not be made takes the instance out of routing."""
         if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
             kind = "connect"
         elif isinstance(exc, httpx.TimeoutException):
@@ -125,7 +125,10 @@ class RouterState:
             kind = "transport"
         detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         message = f"{kind} error ({detail})"
-        if kind != "timeout":
+        # Not a timeout, nor a connection cut mid-request: that can be one request's failure alone (its handler
+        # raised after the headers went out), and taking the instance out would 503 everything meanwhile. A dead
+        # instance refuses the next connection (then it is taken out, the pair retried) and fails its health check.
+        if kind == "connect":
             self.pool.mark_down(inst, message)
         self.metrics.upstream_errors.labels(inst.role, inst.url, kind).inc()
         return UpstreamError(inst, kind, message)

@@ -613,3 +613,27 @@ def test_deeply_nested_json_body_reaches_the_instances(cluster: Any) -> None:
     for body in (b"[" * 100_000, b"not json", b'{"messages": ' + b"[" * 100_000 + b"}"):
         r = httpx.post(f"{url}/v1/chat/completions", content=body, timeout=5)
         assert r.status_code == 400 and r.json()["error"]["message"] == "not JSON"
+
+
+@pytest.mark.parametrize("role", ["decode", "prefill"])
+def test_one_cut_off_response_does_not_take_the_instance_out(cluster: Any, role: str) -> None:
+    # a connection cut mid-response may be that request's failure alone (e.g. an exception in its handler after
+    # the headers went out); a dead instance is taken out by its refused connections and its health checks
+    p, d = FakeInstance("prefill", "P"), FakeInstance("decode", "D")
+    dying = p if role == "prefill" else d
+    dying.die_midstream = True
+    if role == "prefill":
+        d.gate = threading.Event()  # the decode stream waits, so the prefill failure is seen while it is open
+    up, ud = cluster.instance(p), cluster.instance(d)
+    url, pool = cluster.router([up], [ud])
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json={**CHAT, "stream": True}, timeout=5) as r:
+        assert b"error" in r.read()
+    dying.die_midstream = False
+    if d.gate is not None:
+        d.gate.set()
+    r = httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=5)
+    assert r.status_code == 200 and r.content == d.json_body()
+    assert all(i.healthy for i in pool.instances)
+    metrics = httpx.get(f"{url}/metrics").text
+    dead_url = up if role == "prefill" else ud
+    assert f'glint_router_upstream_errors_total{{instance="{dead_url}",kind="transport",role="{role}"}}' in metrics

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import httpx
 import uvicorn
 from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
 from disagg.router_metrics import RouterMetrics
@@ -129,6 +130,20 @@ def build_app(config: RouterConfig, pool: InstancePool | None = None) -> FastAPI
 
     app = FastAPI(title="glint disaggregation router", lifespan=lifespan, openapi_url=None, docs_url=None)
     app.state.router = state
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """Unknown routes and methods in the route's error shape, as the instances answer them (not {"detail"})."""
+        method, path = request.method, request.url.path
+        if exc.status_code == 404:
+            message, code = f"no route for {method} {path}", "not_found"
+        elif exc.status_code == 405:
+            message, code = f"method {method} is not allowed on {path}", "method_not_allowed"
+        else:
+            message, code = str(exc.detail), "http_error"
+        resp = error_response(path, exc.status_code, message, code)
+        resp.headers.update(exc.headers or {})  # a 405's Allow
+        return resp
 
     def add_generation_route(path: str) -> None:
         async def generate(request: Request) -> Response:

@@ -637,3 +637,15 @@ def test_one_cut_off_response_does_not_take_the_instance_out(cluster: Any, role:
     metrics = httpx.get(f"{url}/metrics").text
     dead_url = up if role == "prefill" else ud
     assert f'glint_router_upstream_errors_total{{instance="{dead_url}",kind="transport",role="{role}"}}' in metrics
+
+
+def test_unknown_route_and_wrong_method_answer_in_the_route_error_shape(cluster: Any) -> None:
+    _, _, url = _pair(cluster)
+    r = httpx.post(f"{url}/v1/embeddings", json={"input": "x"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found" and "/v1/embeddings" in r.text
+    r = httpx.get(f"{url}/v1/chat/completions")
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
+    assert r.headers["allow"] == "POST"
+    r = httpx.get(f"{url}/v1/messages")
+    assert r.status_code == 405 and r.json()["type"] == "error"
+    assert r.json()["error"]["type"] == "invalid_request_error"

@@ -90,11 +90,11 @@ def sse_error(path: str, message: str, code: str) -> bytes:
 class UpstreamError(Exception):
     def __init__(
         self, inst: Instance, kind: str, message: str, status: int | None = None, body: bytes = b"",
-        content_type: str = "application/json",
+        headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         super().__init__(f"{inst.role} instance {inst.url}: {message}")
         self.inst, self.kind, self.message = inst, kind, message
-        self.status, self.body, self.content_type = status, body, content_type
+        self.status, self.body, self.headers = status, body, headers or []  # headers: of an error status
 
 
 class _Retry(Exception):
@@ -277,10 +277,8 @@ class DisaggResponse(Response):
             logger.warning(
                 "prefill instance %s answered %d (room %d): %s", p.url, resp.status_code, self.room, data[:500]
             )
-            return UpstreamError(
-                p, "status", f"answered {resp.status_code}", resp.status_code, data,
-                resp.headers.get("content-type", "application/json"),
-            )
+            return UpstreamError(p, "status", f"answered {resp.status_code}", resp.status_code, data,
+                                 _response_headers(resp))
         except httpx.HTTPError as e:
             err = st.failure(p, e)
             logger.warning("prefill request failed (room %d): %s", self.room, err)
@@ -358,9 +356,9 @@ class DisaggResponse(Response):
             raise self.state.failure(d, e) from e
 
     async def _send_upstream_error(self, send: Send, e: UpstreamError) -> None:
-        if e.status is not None:  # the instance answered with an error: pass it through
-            headers = [(b"content-type", e.content_type.encode())]
-            await send({"type": "http.response.start", "status": e.status, "headers": headers})
+        if e.status is not None:  # the instance answered with an error: pass it through, with its headers
+            # (Retry-After, x-should-retry, x-request-id), as a decode instance's error passes through
+            await send({"type": "http.response.start", "status": e.status, "headers": e.headers})
             await send({"type": "http.response.body", "body": e.body, "more_body": False})
             self.state.metrics.responses.labels(self.path, str(e.status)).inc()
             return

@@ -98,7 +98,8 @@ class FakeInstance:
             return
         if self.status != 200:
             err = {"error": {"message": f"{self.name} refused", "type": "server_error", "code": "x"}}
-            return await self._send(send, self.status, json.dumps(err).encode())
+            extra = ((b"retry-after", b"30"), (b"x-request-id", f"req-{self.name}".encode()))
+            return await self._send(send, self.status, json.dumps(err).encode(), extra)
         try:
             stream = json.loads(body).get("stream")
         except (ValueError, RecursionError):  # as a glint server would: a 400
@@ -355,6 +356,7 @@ def test_prefill_failure_ends_request_with_its_error_and_cancels_decode(cluster:
     url, _ = cluster.router([cluster.instance(p)], [cluster.instance(d)])
     r = httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=5)
     assert r.status_code == 500 and r.json()["error"]["message"] == "P refused"
+    assert r.headers["retry-after"] == "30" and r.headers["x-request-id"] == "req-P"  # its headers too
     assert d.cancelled.wait(3)
 
 
@@ -370,6 +372,7 @@ def test_decode_error_status_passes_through(cluster: Any) -> None:
     _, _, url = _pair(cluster, status=400)
     r = httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=5)
     assert r.status_code == 400 and r.json()["error"]["message"] == "D refused"
+    assert r.headers["retry-after"] == "30" and r.headers["x-request-id"] == "req-D"
 
 
 def test_models_metrics_and_api_key(cluster: Any) -> None:

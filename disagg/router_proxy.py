@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 from starlette.responses import JSONResponse, Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from disagg.router_metrics import RouterMetrics
 from disagg.router_pool import COLOCATED, Instance, InstancePool, prefix_key
@@ -159,18 +159,27 @@ class DisaggResponse(Response):
         self.client_headers = forward_headers(headers)
         self.room = 0
         self.tail = b"\n\n"  # the last bytes sent, to start an error event on a fresh line
+        self.ended = False  # the response's last message went out
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         start = time.monotonic()
-        work = asyncio.ensure_future(self._serve(send))
+
+        async def send_tracked(message: Message) -> None:
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                self.ended = True
+
+        work = asyncio.ensure_future(self._serve(send_tracked))
         listener = asyncio.ensure_future(_wait_for_disconnect(receive))
         try:
             await asyncio.wait({work, listener}, return_when=asyncio.FIRST_COMPLETED)
-            if not work.done():
+            # once the response ended, receive() says http.disconnect (uvicorn) although the client is still
+            # there: the work is only cleaning up (e.g. cancelling the prefill side) and must not be cut short
+            if not work.done() and not self.ended:
                 self.state.metrics.client_disconnects.labels(self.path).inc()
                 await _cancel(work)
                 return
-            work.result()
+            await work
         finally:
             await _cancel(listener)
             await _cancel(work)

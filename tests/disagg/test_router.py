@@ -652,3 +652,22 @@ def test_unknown_route_and_wrong_method_answer_in_the_route_error_shape(cluster:
     r = httpx.get(f"{url}/v1/messages")
     assert r.status_code == 405 and r.json()["type"] == "error"
     assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_response_that_ended_is_not_a_client_disconnect(cluster: Any) -> None:
+    # once the response's last byte is out, the client's receive() says http.disconnect (uvicorn): the router
+    # must not take that for the client going away while it still cancels the prefill side
+    gate = threading.Event()  # the prefill side never answers
+    p, d = FakeInstance("prefill", "P", gate=gate), FakeInstance("decode", "D", die_midstream=True)
+    url, pool = cluster.router([cluster.instance(p)], [cluster.instance(d)])
+    with httpx.Client(timeout=5) as c:
+        for _ in range(3):
+            with c.stream("POST", f"{url}/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+                assert b"error" in r.read()
+        d.status = 400
+        for _ in range(3):
+            assert c.post(f"{url}/v1/chat/completions", json=CHAT).status_code == 400
+    assert p.cancelled.wait(3)
+    time.sleep(0.1)
+    assert [i.in_flight for i in pool.instances] == [0, 0]
+    assert "glint_router_client_disconnects_total{" not in httpx.get(f"{url}/metrics").text

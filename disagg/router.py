@@ -60,6 +60,19 @@ class RouterConfig:
     shutdown_timeout: float = 30.0  # seconds open streams get to finish on SIGINT/SIGTERM
     log_level: str = "info"
     colocated: list[str] = field(default_factory=list)  # instead of prefill + decode: plain servers
+    # the router reads a body whole before it forwards it: the cap keeps one upload from filling its memory
+    # (above the instances' own default, 8 MiB, which they still apply)
+    max_request_bytes: int = 64 << 20
+
+    def __post_init__(self) -> None:
+        for name in ("connect_timeout", "read_timeout", "write_timeout", "health_interval", "health_timeout",
+                     "max_request_bytes"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("connect_retries", "prefill_affinity_chars", "prefill_affinity_slack", "startup_timeout",
+                     "shutdown_timeout"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     def upstream_timeout(self) -> httpx.Timeout:
         return httpx.Timeout(
@@ -145,11 +158,22 @@ def build_app(config: RouterConfig, pool: InstancePool | None = None) -> FastAPI
         resp.headers.update(exc.headers or {})  # a 405's Allow
         return resp
 
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        """A bug in the router still answers in the route's error shape (Starlette logs the traceback)."""
+        return error_response(request.url.path, 500, f"internal error in the router: {type(exc).__name__}",
+                              "internal_error")
+
     def add_generation_route(path: str) -> None:
         async def generate(request: Request) -> Response:
             if not _authorized(request, config.api_keys):
                 return _unauthorized(path)
-            return DisaggResponse(state, path, await request.body(), request.headers)
+            body = await _read_body(request, config.max_request_bytes)
+            if body is None:
+                return error_response(path, 413, f"the request body is larger than this router accepts "
+                                      f"({config.max_request_bytes} bytes; see --max-request-bytes)",
+                                      "request_too_large")
+            return DisaggResponse(state, path, body, request.headers)
 
         app.add_api_route(path, generate, methods=["POST"], name=path)
 
@@ -160,7 +184,10 @@ def build_app(config: RouterConfig, pool: InstancePool | None = None) -> FastAPI
     async def count_tokens(request: Request) -> Response:
         if not _authorized(request, config.api_keys):
             return _unauthorized(request.url.path)
-        body = await request.body()
+        body = await _read_body(request, config.max_request_bytes)
+        if body is None:
+            return error_response(request.url.path, 413, "the request body is larger than this router accepts "
+                                  f"({config.max_request_bytes} bytes)", "request_too_large")
         return await simple_proxy(state, "POST", "/v1/messages/count_tokens", body, request.headers)
 
     @app.get("/v1/models")
@@ -185,6 +212,20 @@ def build_app(config: RouterConfig, pool: InstancePool | None = None) -> FastAPI
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
+
+
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The request body, or None when it is larger than `limit` bytes (read no further than that)."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        return None
+    parts, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 async def check_instances(config: RouterConfig, pool: InstancePool) -> None:
@@ -235,20 +276,26 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
                    help="new pairs to try when an instance refuses the connection")
     p.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
                    help="seconds open responses get to finish on SIGINT/SIGTERM before they are cut")
+    p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
+                   help="refuse larger request bodies with 413 (the router holds a body whole before forwarding)")
     p.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"])
     a = p.parse_args(argv)
     if a.colocated and (a.prefill or a.decode):
         p.error("--colocated instances cannot be mixed with --prefill/--decode instances")
     if not a.colocated and not (a.prefill and a.decode):
         p.error("give at least one --prefill and one --decode instance, or --colocated instances")
-    return RouterConfig(
-        prefill=a.prefill, decode=a.decode, host=a.host, port=a.port, api_keys=tuple(a.api_key),
-        upstream_api_key=a.upstream_api_key, connect_timeout=a.connect_timeout, read_timeout=a.read_timeout,
-        write_timeout=a.write_timeout, health_interval=a.health_interval, health_timeout=a.health_timeout,
-        startup_timeout=a.startup_timeout, prefill_affinity_chars=a.prefill_affinity_chars,
-        prefill_affinity_slack=a.prefill_affinity_slack, connect_retries=a.connect_retries,
-        shutdown_timeout=a.shutdown_timeout, log_level=a.log_level, colocated=a.colocated,
-    )
+    try:
+        return RouterConfig(
+            prefill=a.prefill, decode=a.decode, host=a.host, port=a.port, api_keys=tuple(a.api_key),
+            upstream_api_key=a.upstream_api_key, connect_timeout=a.connect_timeout, read_timeout=a.read_timeout,
+            write_timeout=a.write_timeout, health_interval=a.health_interval, health_timeout=a.health_timeout,
+            startup_timeout=a.startup_timeout, prefill_affinity_chars=a.prefill_affinity_chars,
+            prefill_affinity_slack=a.prefill_affinity_slack, connect_retries=a.connect_retries,
+            shutdown_timeout=a.shutdown_timeout, log_level=a.log_level, colocated=a.colocated,
+            max_request_bytes=a.max_request_bytes,
+        )
+    except ValueError as e:
+        p.error("--" + str(e).replace("_", "-", 2))  # "connect_retries must be ..." -> "--connect-retries ..."
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,6 +21,7 @@ import json
 import logging
 import secrets
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +57,16 @@ def forward_headers(headers: Mapping[str, str]) -> dict[bytes, bytes]:
     out = {k.encode(): headers[k].encode("latin-1") for k in FORWARD_HEADERS if k in headers}
     out[b"accept-encoding"] = b"identity"  # bodies pass through byte for byte, never re-encoded
     return out
+
+
+def upstream_message(body: bytes) -> str:
+    """The message of an instance's error body (OpenAI or Anthropic shape), or "" when it has none."""
+    try:
+        err = json.loads(body).get("error")
+    except (ValueError, AttributeError, RecursionError):
+        return ""
+    msg = err.get("message") if isinstance(err, dict) else err
+    return msg if isinstance(msg, str) else ""
 
 
 def is_anthropic(path: str) -> bool:
@@ -157,6 +168,9 @@ class DisaggResponse(Response):
         super().__init__()
         self.state, self.path, self.body_bytes = state, path, body
         self.client_headers = forward_headers(headers)
+        # one id for the request on every instance it touches (their logs are joined by it), unless the client
+        # named one
+        self.client_headers.setdefault(b"x-request-id", uuid.uuid4().hex.encode())
         self.room = 0
         self.tail = b"\n\n"  # the last bytes sent, to start an error event on a fresh line
         self.ended = False  # the response's last message went out
@@ -286,8 +300,9 @@ class DisaggResponse(Response):
             logger.warning(
                 "prefill instance %s answered %d (room %d): %s", p.url, resp.status_code, self.room, data[:500]
             )
-            return UpstreamError(p, "status", f"answered {resp.status_code}", resp.status_code, data,
-                                 _response_headers(resp))
+            said = upstream_message(data)
+            return UpstreamError(p, "status", f"answered {resp.status_code}" + (f": {said}" if said else ""),
+                                 resp.status_code, data, _response_headers(resp))
         except httpx.HTTPError as e:
             err = st.failure(p, e)
             logger.warning("prefill request failed (room %d): %s", self.room, err)

@@ -21,7 +21,8 @@ import httpx
 import pytest
 import uvicorn
 
-from disagg.router import RouterConfig, build_app, check_instances
+import disagg.router_proxy
+from disagg.router import RouterConfig, build_app, check_instances, parse_args
 from disagg.router_pool import InstancePool, RouterStartupError, prefix_key
 from disagg.router_proxy import BOOTSTRAP_HEADER, ROOM_HEADER
 
@@ -57,6 +58,7 @@ class FakeInstance:
     hang: bool = False  # accept the request, never answer
     die_midstream: bool = False  # after the first SSE event, drop the connection
     gate: threading.Event | None = None  # when given, answers wait for it (streams: after the first event)
+    error_after_s: float = 0.0  # an error status (status != 200) is answered this late
     seen: list[Seen] = field(default_factory=list)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -97,6 +99,7 @@ class FakeInstance:
             self.cancelled.set()
             return
         if self.status != 200:
+            await asyncio.sleep(self.error_after_s)
             err = {"error": {"message": f"{self.name} refused", "type": "server_error", "code": "x"}}
             extra = ((b"retry-after", b"30"), (b"x-request-id", f"req-{self.name}".encode()))
             return await self._send(send, self.status, json.dumps(err).encode(), extra)
@@ -671,3 +674,61 @@ def test_a_response_that_ended_is_not_a_client_disconnect(cluster: Any) -> None:
     time.sleep(0.1)
     assert [i.in_flight for i in pool.instances] == [0, 0]
     assert "glint_router_client_disconnects_total{" not in httpx.get(f"{url}/metrics").text
+
+
+def test_prefill_failure_after_the_stream_started_names_its_error(cluster: Any) -> None:
+    # the decode stream is open (its 200 went out) when the prefill instance answers 503: the error event says
+    # what the prefill instance said, not only its status
+    p = FakeInstance("prefill", "P", status=503, error_after_s=0.3)
+    d = FakeInstance("decode", "D", gate=threading.Event())
+    url, _ = cluster.router([cluster.instance(p)], [cluster.instance(d)])
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json={**CHAT, "stream": True}, timeout=5) as r:
+        text = r.read().decode()
+    assert r.status_code == 200 and "answered 503: P refused" in text, text
+    assert d.cancelled.wait(3)
+
+
+def test_one_request_id_reaches_both_instances(cluster: Any) -> None:
+    p, d, url = _pair(cluster)
+    httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=5)
+    httpx.post(f"{url}/v1/chat/completions", json=CHAT, headers={"x-request-id": "mine-1"}, timeout=5)
+    time.sleep(0.1)
+    made, given = (s.headers.get("x-request-id") for s in p.seen)
+    assert made and len(made) == 32 and given == "mine-1"  # the router's own id when the client sent none
+    assert [s.headers["x-request-id"] for s in d.seen] == [made, given]
+
+
+def test_a_body_over_the_cap_is_413_and_never_forwarded(cluster: Any) -> None:
+    p, d = FakeInstance("prefill", "P"), FakeInstance("decode", "D")
+    url, _ = cluster.router([cluster.instance(p)], [cluster.instance(d)], max_request_bytes=1000)
+    big = {**CHAT, "messages": [{"role": "user", "content": "x" * 2000}]}
+    r = httpx.post(f"{url}/v1/chat/completions", json=big, timeout=5)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    chunks = iter([json.dumps(big).encode()[i:i + 100] for i in range(0, 2100, 100)])  # no content-length
+    r = httpx.post(f"{url}/v1/messages", content=chunks, timeout=5)
+    assert r.status_code == 413 and r.json()["type"] == "error"
+    assert httpx.post(f"{url}/v1/messages/count_tokens", json=big, timeout=5).status_code == 413
+    assert p.seen == [] and d.seen == []
+    assert httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=5).status_code == 200
+
+
+def test_a_router_bug_answers_in_the_route_error_shape(cluster: Any, monkeypatch: Any) -> None:
+    _, _, url = _pair(cluster)
+
+    def broken(body: bytes, n_chars: int) -> str:
+        raise RuntimeError("bug")
+    monkeypatch.setattr(disagg.router_proxy, "prefix_key", broken)
+    r = httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=5)
+    assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+    r = httpx.post(f"{url}/v1/messages", json=CHAT, timeout=5)
+    assert r.status_code == 500 and r.json()["type"] == "error" and r.json()["error"]["type"] == "api_error"
+
+
+@pytest.mark.parametrize("flag,value", [("--connect-retries", "-1"), ("--read-timeout", "0"),
+                                        ("--max-request-bytes", "0"), ("--prefill-affinity-chars", "-5")])
+def test_out_of_range_router_options_are_refused(flag: str, value: str, capsys: Any) -> None:
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--prefill", "p:1", "--decode", "d:2", flag, value])
+    assert e.value.code == 2 and flag in capsys.readouterr().err
+    with pytest.raises(ValueError, match="connect_retries"):
+        RouterConfig(prefill=["p"], decode=["d"], connect_retries=-1)

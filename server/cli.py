@@ -100,6 +100,9 @@ def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
         prog=prog,
         description="glint: an OpenAI- and Anthropic-compatible server for GLM-4.7",
         formatter_class=HelpFormatter,
+        # no prefixes of flags: SGLang's --max-prefill-tokens would pass for --max-prefill-tokens-while-decoding,
+        # and --pres for a --preset that expand_preset never sees
+        allow_abbrev=False,
     )
     p.add_argument(
         "--preset",

@@ -495,3 +495,12 @@ def test_a_non_ascii_api_key_matches_its_utf8_bytes():
 
     assert status("clé-🔑".encode()) == 200
     assert status(b"Bearer x") == 401 and status("cle-🔑".encode()) == 401
+
+
+@pytest.mark.parametrize("flags", [["--max-prefill-tokens", "16384"], ["--pres", "optimized"]])
+def test_abbreviated_flags_are_refused(flags, capsys):
+    # SGLang's --max-prefill-tokens (a prefill batch's size) must not pass as an abbreviation of
+    # --max-prefill-tokens-while-decoding, and --pres must not be parsed as a --preset that is then never expanded
+    with pytest.raises(SystemExit) as e:
+        parse_args(flags)
+    assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err

@@ -117,10 +117,9 @@ def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
         default=None,
         help="Hugging Face checkpoint folder; default: the built-in tiny model (written on first use)",
     )
-    m.add_argument(
+    m.add_argument(  # not action="extend": a later --served-model-name (over a preset's) replaces the names
         "--served-model-name",
         nargs="+",
-        action="extend",
         default=None,
         help="model name(s) reported by /v1/models; the first is echoed when a request names none",
     )

@@ -504,3 +504,10 @@ def test_abbreviated_flags_are_refused(flags, capsys):
     with pytest.raises(SystemExit) as e:
         parse_args(flags)
     assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_explicit_served_model_name_overrides_the_preset():
+    # "explicit flags override the preset": the preset's name must not stay first (the name echoed in responses)
+    assert parse_args(["--preset", "baseline", "--served-model-name", "glm-4.7"]).served_model_name == ("glm-4.7",)
+    # given twice, the last one wins as in SGLang and vLLM; several names go in one flag
+    assert parse_args(["--served-model-name", "a", "--served-model-name", "b", "c"]).served_model_name == ("b", "c")

@@ -228,6 +228,9 @@ class EngineConfig:
             raise ValueError("kv_cache_dtype 'fp8_e4m3' needs device 'cuda'")
         if o["mem_fraction_static"] is None:  # accepted for callers that passed None for "the default"
             o["mem_fraction_static"] = 0.85
+        if not 0 < o["mem_fraction_static"] <= 1:  # before the weights load: 90 (a percentage) would OOM only then
+            raise ValueError(f"mem_fraction_static (--mem-fraction-static / --gpu-memory-utilization) must be in "
+                             f"(0, 1], got {o['mem_fraction_static']}")
         if o["tensor_parallel_size"] < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {o['tensor_parallel_size']}")
         if o["base_gpu_id"] is not None:

@@ -511,3 +511,12 @@ def test_explicit_served_model_name_overrides_the_preset():
     assert parse_args(["--preset", "baseline", "--served-model-name", "glm-4.7"]).served_model_name == ("glm-4.7",)
     # given twice, the last one wins as in SGLang and vLLM; several names go in one flag
     assert parse_args(["--served-model-name", "a", "--served-model-name", "b", "c"]).served_model_name == ("b", "c")
+
+
+@pytest.mark.parametrize("fraction", [1.5, 90.0, 0.0, -0.5, float("nan")])
+def test_mem_fraction_out_of_range_is_refused(tiny_bf16, fraction):
+    # checked before the weights load: 90 (a percentage) or 1.5 would size the KV cache past the GPU's memory
+    kw = engine_kwargs(parse_args(["--model", str(tiny_bf16), "--device", "cpu", "--gpu-memory-utilization",
+                                   str(fraction)]))
+    with pytest.raises(ValueError, match=r"mem_fraction_static .*must be in \(0, 1\]"):
+        EngineConfig.create(**kw)

@@ -363,9 +363,16 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m server"
         errors.append("--max-queued-requests must be >= 0")
     if config.max_request_bytes is not None and config.max_request_bytes < 1024:
         errors.append("--max-request-bytes must be >= 1024")
-    if config.shutdown_timeout < 0:
+    # `not x >= 0` also refuses nan; a negative interval would make asyncio.wait_for time out at once (a busy loop)
+    for flag, value in (("--keepalive-interval", config.keepalive_interval), ("--ping-interval", config.ping_interval),
+                        ("--stats-interval", config.stats_interval)):
+        if not value >= 0:
+            errors.append(f"{flag} must be >= 0")
+    if not config.engine_ready_timeout > 0:
+        errors.append("--engine-ready-timeout must be > 0")
+    if not config.shutdown_timeout >= 0:
         errors.append("--shutdown-timeout must be >= 0")
-    if config.engine_stall_timeout < 0:
+    if not config.engine_stall_timeout >= 0:
         errors.append("--engine-stall-timeout must be >= 0 (0 disables)")
     if config.engine_restart < 0:
         errors.append("--engine-restart must be >= 0")

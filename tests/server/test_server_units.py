@@ -520,3 +520,18 @@ def test_mem_fraction_out_of_range_is_refused(tiny_bf16, fraction):
                                    str(fraction)]))
     with pytest.raises(ValueError, match=r"mem_fraction_static .*must be in \(0, 1\]"):
         EngineConfig.create(**kw)
+
+
+@pytest.mark.parametrize("flags", [
+    ["--keepalive-interval", "-1"],  # asyncio.wait_for(-1) times out at once: a busy loop of keep-alive comments
+    ["--ping-interval", "-0.5"],
+    ["--stats-interval", "-1"],
+    ["--engine-ready-timeout", "0"],  # the engine could never become ready in time
+    ["--engine-ready-timeout", "-5"],
+    ["--shutdown-timeout", "nan"],
+    ["--engine-stall-timeout", "nan"],
+])
+def test_out_of_range_server_intervals_are_refused(flags, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(flags)
+    assert e.value.code == 2 and flags[0] in capsys.readouterr().err

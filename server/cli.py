@@ -153,8 +153,9 @@ def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
                    help="accepted for launch-line compatibility; only 0.0")
     m.add_argument("--speculative-config", dest="speculative_config_json", default=None, metavar="JSON",
                    help="the engine's speculative_config as a JSON object (vLLM's flag), e.g. "
-                        "'{\"method\": \"suffix\", \"num_speculative_tokens\": 16, \"draft_budget\": false}'; "
-                        "its keys override the --speculative-* flags (spec.SpeculativeConfig lists them)")
+                        "'{\"method\": \"suffix\", \"num_speculative_tokens\": 16, \"draft_budget\": false}', "
+                        "or vLLM's dotted form: --speculative-config.method mtp; its keys override the "
+                        "--speculative-* flags (spec.SpeculativeConfig lists them)")
     m.add_argument(
         "--tool-call-parser",
         choices=["glm47", "glm45"],
@@ -330,10 +331,52 @@ def expand_preset(argv: Sequence[str]) -> list[str]:
     return argv
 
 
+SPECULATIVE_DOTTED = "--speculative-config."
+
+
+def merge_dotted_speculative_config(argv: Sequence[str]) -> list[str]:
+    """vLLM's dotted form, `--speculative-config.KEY VALUE` or `--speculative-config.KEY=VALUE` (Zhipu's vLLM line:
+    `--speculative-config.method mtp --speculative-config.num_speculative_tokens 1`) -> one --speculative-config
+    JSON at the end, its keys over those of a JSON --speculative-config given too. A value is read as JSON where it
+    parses (1, true), else kept as text (mtp)."""
+    rest: list[str] = []
+    dotted: dict[str, Any] = {}
+    args = iter(argv)
+    for arg in args:
+        if not arg.startswith(SPECULATIVE_DOTTED):
+            rest.append(arg)
+            continue
+        key, eq, value = arg[len(SPECULATIVE_DOTTED) :].partition("=")
+        if not eq:
+            value = next(args, None)
+            if value is None:
+                raise ConfigError(f"{arg} needs a value")
+        try:
+            dotted[key] = json.loads(value)
+        except ValueError:
+            dotted[key] = value
+    if not dotted:
+        return rest
+    base: dict[str, Any] = {}
+    for i, arg in enumerate(rest):  # the last JSON --speculative-config wins, as argparse would have it
+        if arg == "--speculative-config" and i + 1 < len(rest):
+            base = _json_object_or_error(rest[i + 1])
+        elif arg.startswith("--speculative-config="):
+            base = _json_object_or_error(arg.split("=", 1)[1])
+    return [*rest, "--speculative-config", json.dumps({**base, **dotted})]
+
+
+def _json_object_or_error(text: str) -> dict[str, Any]:
+    try:
+        return _json_object(text)
+    except argparse.ArgumentTypeError as e:
+        raise ConfigError(f"--speculative-config: {e}") from None
+
+
 def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m server") -> ServerConfig:
     parser = build_parser(prog)
     try:
-        argv = expand_preset(sys.argv[1:] if argv is None else argv)
+        argv = merge_dotted_speculative_config(expand_preset(sys.argv[1:] if argv is None else argv))
     except ConfigError as e:
         parser.error(str(e))
     ns = parser.parse_args(argv)

@@ -535,3 +535,14 @@ def test_out_of_range_server_intervals_are_refused(flags, capsys):
     with pytest.raises(SystemExit) as e:
         parse_args(flags)
     assert e.value.code == 2 and flags[0] in capsys.readouterr().err
+
+
+def test_vllm_dotted_speculative_config():
+    """Zhipu's vLLM line: `--speculative-config.method mtp --speculative-config.num_speculative_tokens 1`, the same
+    as the JSON form; `=` spellings too, and dotted keys go over a JSON --speculative-config given with them."""
+    line = ["--model", "/m", "--tensor-parallel-size", "8", "--speculative-config.method", "mtp",
+            "--speculative-config.num_speculative_tokens", "1", "--tool-call-parser", "glm47"]
+    assert speculative_config(parse_args(line)) == {"method": "mtp", "num_speculative_tokens": 1}
+    cfg = parse_args(["--speculative-config", '{"method": "suffix", "draft_budget": false}',
+                      "--speculative-config.num_speculative_tokens=8", "--speculative-config.method=suffix"])
+    assert speculative_config(cfg) == {"method": "suffix", "draft_budget": False, "num_speculative_tokens": 8}

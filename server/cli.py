@@ -110,6 +110,8 @@ def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
         help="launch flags from configs/presets/NAME.json (explicit flags override them)",
     )
     m = p.add_argument_group("model and engine")
+    m.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="the checkpoint folder as a positional argument (vLLM's `vllm serve MODEL`), same as --model")
     m.add_argument(
         "--model",
         "--model-path",
@@ -382,6 +384,11 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m server"
     ns = parser.parse_args(argv)
     values = vars(ns)
     errors = unsupported_errors(values)
+    model_tag = values.pop("model_tag")
+    if model_tag is not None:
+        if values["model"] not in (None, model_tag):
+            errors.append(f"the model is given twice: {model_tag!r} and --model {values['model']!r}")
+        values["model"] = model_tag
     values.pop("preset", None)
     values.pop("enable_auto_tool_choice", None)
     values.pop("trust_remote_code", None)
@@ -436,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args, prog = args[1:], "glint serve"
     elif args and not args[0].startswith("-"):
         print(
-            f"glint: unknown command {args[0]!r}; usage: glint serve [flags] (see glint serve --help)",
+            f"glint: unknown command {args[0]!r}; usage: glint serve [MODEL] [flags] (see glint serve --help)",
             file=sys.stderr,
         )
         return 2

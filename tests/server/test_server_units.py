@@ -546,3 +546,14 @@ def test_vllm_dotted_speculative_config():
     cfg = parse_args(["--speculative-config", '{"method": "suffix", "draft_budget": false}',
                       "--speculative-config.num_speculative_tokens=8", "--speculative-config.method=suffix"])
     assert speculative_config(cfg) == {"method": "suffix", "draft_budget": False, "num_speculative_tokens": 8}
+
+
+def test_positional_model_as_vllm_serve_takes_it(capsys):
+    # `vllm serve MODEL ...` pasted as `glint serve MODEL ...`
+    cfg = parse_args(["/ckpt/GLM-4.7-FP8", "--tensor-parallel-size", "8", "--served-model-name", "glm-4.7"])
+    assert cfg.model == "/ckpt/GLM-4.7-FP8" and cfg.engine == {"tensor_parallel_size": 8}
+    assert parse_args(["--tp", "8", "/m", "--port", "9"]).model == "/m"
+    assert parse_args(["/m", "--model", "/m"]).model == "/m"
+    with pytest.raises(SystemExit) as e:
+        parse_args(["/a", "--model", "/b"])
+    assert e.value.code == 2 and "--model" in capsys.readouterr().err

@@ -65,7 +65,7 @@ class SchedulerConfig:
 class ParallelConfig:
     tensor_parallel_size: int = option(
         "tensor_parallel_size", 1, "GPUs (processes) the model is sharded over; without torchrun the engine "
-        "spawns the extra ranks itself", flags=("--tp-size", "--tp", "--tensor-parallel-size"), type=int)
+        "spawns the extra ranks itself", flags=("--tp-size", "--tp", "--tensor-parallel-size", "-tp"), type=int)
     base_gpu_id: int | None = option(
         "base_gpu_id", None, "CUDA device of TP rank 0 (rank r uses base + r): several instances on one host "
         "without hiding GPUs from each other (CUDA_VISIBLE_DEVICES would keep their processes from mapping a peer "

@@ -557,3 +557,9 @@ def test_positional_model_as_vllm_serve_takes_it(capsys):
     with pytest.raises(SystemExit) as e:
         parse_args(["/a", "--model", "/b"])
     assert e.value.code == 2 and "--model" in capsys.readouterr().err
+
+
+def test_vllm_short_tp_flag():
+    # vLLM's short spelling of --tensor-parallel-size, common in pasted `vllm serve` lines
+    assert parse_args(["-tp", "8"]).engine == {"tensor_parallel_size": 8}
+    assert parse_args(["-tp=4"]).engine == {"tensor_parallel_size": 4}

@@ -65,6 +65,8 @@ class RouterConfig:
     max_request_bytes: int = 64 << 20
 
     def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:  # else uvicorn fails to bind only after the wait for the instances
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
         for name in ("connect_timeout", "read_timeout", "write_timeout", "health_interval", "health_timeout",
                      "max_request_bytes"):
             if not getattr(self, name) > 0:

@@ -725,7 +725,8 @@ def test_a_router_bug_answers_in_the_route_error_shape(cluster: Any, monkeypatch
 
 
 @pytest.mark.parametrize("flag,value", [("--connect-retries", "-1"), ("--read-timeout", "0"),
-                                        ("--max-request-bytes", "0"), ("--prefill-affinity-chars", "-5")])
+                                        ("--max-request-bytes", "0"), ("--prefill-affinity-chars", "-5"),
+                                        ("--port", "-1"), ("--port", "70000")])
 def test_out_of_range_router_options_are_refused(flag: str, value: str, capsys: Any) -> None:
     with pytest.raises(SystemExit) as e:
         parse_args(["--prefill", "p:1", "--decode", "d:2", flag, value])

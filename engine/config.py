@@ -266,6 +266,10 @@ class EngineConfig:
         if o["disaggregation_transfer_backend"] not in TRANSFER_BACKENDS:
             raise ValueError(f"disaggregation_transfer_backend must be 'auto', 'nixl' or 'local', got "
                              f"{o['disaggregation_transfer_backend']!r}")
+        # zmq binds -1 as 65535 while the instance advertises :-1 to decode instances (and > 65535 fails to bind)
+        if not 0 <= o["disaggregation_bootstrap_port"] <= 65535:
+            raise ValueError(f"disaggregation_bootstrap_port (--disaggregation-bootstrap-port) must be in [0, 65535], "
+                             f"got {o['disaggregation_bootstrap_port']}")
         if not o["disaggregation_timeout"] > 0:
             raise ValueError(f"disaggregation_timeout must be > 0 seconds, got {o['disaggregation_timeout']}")
         spec = None

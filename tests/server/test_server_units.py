@@ -563,3 +563,12 @@ def test_vllm_short_tp_flag():
     # vLLM's short spelling of --tensor-parallel-size, common in pasted `vllm serve` lines
     assert parse_args(["-tp", "8"]).engine == {"tensor_parallel_size": 8}
     assert parse_args(["-tp=4"]).engine == {"tensor_parallel_size": 4}
+
+
+@pytest.mark.parametrize("port", ["-1", "65536"])
+def test_bootstrap_port_out_of_range_is_refused(tiny_bf16, port):
+    # zmq bound -1 as port 65535 while the instance advertised tcp://HOST:-1 to decode instances
+    kw = engine_kwargs(parse_args(["--model", str(tiny_bf16), "--device", "cpu", "--disaggregation-mode", "prefill",
+                                   "--disaggregation-bootstrap-port", port]))
+    with pytest.raises(ValueError, match=r"disaggregation_bootstrap_port .*must be in \[0, 65535\]"):
+        EngineConfig.create(**kw)

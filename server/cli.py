@@ -50,6 +50,28 @@ UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
 ]
 # values the parser knows (SGLang's launch lines use them) only to refuse them through UNSUPPORTED
 PLANNED_CHOICES = {"attention_backend": ("torch", "flashinfer")}
+# SGLang / vLLM flags glint does not take, with what to do instead (a bare "unrecognized arguments" otherwise)
+FOREIGN_FLAGS = {
+    "--quantization": "the checkpoint's quantization_config decides (an FP8 checkpoint loads as FP8): drop it",
+    "-q": "the checkpoint's quantization_config decides (an FP8 checkpoint loads as FP8): drop it",
+    "--cuda-graph-max-bs": "CUDA graphs are captured for batches up to --max-running-requests: drop it",
+    "--cuda-graph-bs": "CUDA graphs are captured for batches up to --max-running-requests: drop it",
+    "--dp-size": "data parallelism is not supported: run instances behind `python -m disagg.router --colocated`",
+    "--data-parallel-size": "data parallelism is not supported: run instances behind `python -m disagg.router "
+                            "--colocated`",
+    "--ep-size": "expert parallelism is not supported: the experts are sharded by --tp-size",
+    "--enable-expert-parallel": "expert parallelism is not supported: the experts are sharded by --tp-size",
+    "--enable-dp-attention": "data-parallel attention is not supported: drop it",
+    "--pipeline-parallel-size": "pipeline parallelism is not supported: use --tp-size",
+    "--pp-size": "pipeline parallelism is not supported: use --tp-size",
+    "--disable-log-stats": "use --stats-interval 0",
+}
+
+
+def foreign_flag_errors(unknown: Sequence[str]) -> list[str]:
+    """What to do instead, for each unknown argument that is another engine's flag."""
+    named = [arg.split("=", 1)[0] for arg in unknown if arg.startswith("-")]
+    return [f"{flag} is not a glint flag: {FOREIGN_FLAGS[flag]}" for flag in named if flag in FOREIGN_FLAGS]
 
 
 def unsupported_errors(values: dict[str, Any]) -> list[str]:
@@ -172,6 +194,7 @@ def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
     )
     m.add_argument("--enable-auto-tool-choice", action="store_true", help=argparse.SUPPRESS)
     m.add_argument("--trust-remote-code", action="store_true", help=argparse.SUPPRESS)
+    m.add_argument("--enable-metrics", action="store_true", help=argparse.SUPPRESS)  # SGLang's: /metrics is always on
 
     h = p.add_argument_group("HTTP front end")
     h.add_argument("--host", default=d.host, help="address to listen on (0.0.0.0: every interface)")
@@ -273,6 +296,8 @@ def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
         help="one line per request: off, meta (no prompt text), params (+ sampling parameters), "
         "full (+ prompt text); a bare --log-requests means params",
     )
+    lg.add_argument("--disable-log-requests", dest="log_requests", action="store_const", const="off",
+                    help="same as --log-requests off (vLLM's spelling)")
     lg.add_argument("--log-format", choices=["text", "json"], default=d.log_format,
                     help="request log lines as text or one JSON object each")
     lg.add_argument(
@@ -381,7 +406,9 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m server"
         argv = merge_dotted_speculative_config(expand_preset(sys.argv[1:] if argv is None else argv))
     except ConfigError as e:
         parser.error(str(e))
-    ns = parser.parse_args(argv)
+    ns, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error("; ".join(foreign_flag_errors(unknown)) or f"unrecognized arguments: {' '.join(unknown)}")
     values = vars(ns)
     errors = unsupported_errors(values)
     model_tag = values.pop("model_tag")
@@ -392,6 +419,7 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m server"
     values.pop("preset", None)
     values.pop("enable_auto_tool_choice", None)
     values.pop("trust_remote_code", None)
+    values.pop("enable_metrics", None)
     engine: dict[str, Any] = {}
     for opt in engine_options():  # the engine's flags -> ServerConfig.engine, by LLM keyword (non-defaults only)
         if opt.dest in values:

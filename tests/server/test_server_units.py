@@ -572,3 +572,18 @@ def test_bootstrap_port_out_of_range_is_refused(tiny_bf16, port):
                                    "--disaggregation-bootstrap-port", port]))
     with pytest.raises(ValueError, match=r"disaggregation_bootstrap_port .*must be in \[0, 65535\]"):
         EngineConfig.create(**kw)
+
+
+def test_other_engines_flags_get_a_pointer(capsys):
+    """SGLang / vLLM flags glint does not take say what to do instead (a bare 'unrecognized arguments' before);
+    the no-op and same-meaning ones are accepted."""
+    for argv, says in ((["--quantization", "fp8"], "quantization_config decides"),
+                       (["--dp-size=2"], "disagg.router --colocated"),
+                       (["--ep-size", "8", "--tp", "8"], "sharded by --tp-size"),
+                       (["--cuda-graph-max-bs", "64"], "--max-running-requests"),
+                       (["--bogus-flag"], "unrecognized arguments: --bogus-flag")):
+        with pytest.raises(SystemExit) as e:
+            parse_args(argv)
+        assert e.value.code == 2 and says in capsys.readouterr().err, argv
+    config = parse_args(["--enable-metrics", "--disable-log-requests"])
+    assert config.log_requests == "off" and parse_args([]).log_requests == "meta"

@@ -194,7 +194,7 @@ def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
     )
     m.add_argument("--enable-auto-tool-choice", action="store_true", help=argparse.SUPPRESS)
     m.add_argument("--trust-remote-code", action="store_true", help=argparse.SUPPRESS)
-    m.add_argument("--enable-metrics", action="store_true", help=argparse.SUPPRESS)  # SGLang's: /metrics is always on
+    m.add_argument("--enable-metrics", action="store_true", help=argparse.SUPPRESS)  # SGLang's: /metrics always on
 
     h = p.add_argument_group("HTTP front end")
     h.add_argument("--host", default=d.host, help="address to listen on (0.0.0.0: every interface)")

@@ -162,7 +162,8 @@ def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
              "request's MTP acceptance, else MTP); overlap scheduling is turned off with any of them",
     )
     m.add_argument("--speculative-num-steps", type=int, default=None,
-                   help="MTP draft tokens per step (NEXTN, default 3; not used by SUFFIX, whose drafts adapt per request)")
+                   help="MTP draft tokens per step (NEXTN, default 3; not used by SUFFIX, whose drafts adapt per "
+                        "request)")
     m.add_argument("--speculative-eagle-topk", type=int, default=None, help="draft branching; only 1 (chains)")
     m.add_argument("--speculative-num-draft-tokens", type=int, default=None,
                    help="verify slots per request including the root token: at most N - 1 draft tokens "

@@ -46,12 +46,24 @@ def speculative_config(config: ServerConfig) -> dict[str, Any] | None:
     return out
 
 
+# the --speculative-* flags that tune an algorithm (meaningless without --speculative-algorithm)
+SPECULATIVE_TUNING_FIELDS = (
+    "speculative_num_steps", "speculative_num_draft_tokens", "speculative_suffix_cache_max_depth",
+    "speculative_suffix_max_spec_factor", "speculative_suffix_min_token_prob",
+)
+
+
 def speculative_flags(config: ServerConfig) -> dict[str, Any] | None:
     """The speculative_config the SGLang-style flags give, validated (errors name the flag).
     --speculative-num-draft-tokens counts verify slots per request as SGLang does (drafts + the root token),
     so N slots draft at most N - 1 tokens."""
     algo = config.speculative_algorithm
     if algo is None:
+        given = [f"--{name.replace('_', '-')}" for name in SPECULATIVE_TUNING_FIELDS
+                 if getattr(config, name) is not None]
+        if given:  # SGLang ignores them; here they would be dropped without a word (also next to a JSON config)
+            raise ConfigError(f"{', '.join(given)} given without --speculative-algorithm (NEXTN, SUFFIX or "
+                              "HYBRID); or put their keys into --speculative-config")
         return None
     if algo.upper() in ("NEXTN", "MTP", "EAGLE"):  # Zhipu's launch lines say EAGLE: SGLang runs it as NEXTN for GLM
         steps = config.speculative_num_steps if config.speculative_num_steps is not None else 3

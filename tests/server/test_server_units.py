@@ -587,3 +587,18 @@ def test_other_engines_flags_get_a_pointer(capsys):
         assert e.value.code == 2 and says in capsys.readouterr().err, argv
     config = parse_args(["--enable-metrics", "--disable-log-requests"])
     assert config.log_requests == "off" and parse_args([]).log_requests == "meta"
+
+
+def test_speculative_tuning_flags_need_an_algorithm(capsys):
+    """--speculative-num-steps & co. without --speculative-algorithm were dropped without a word (also next to a
+    JSON --speculative-config, whose help says the two combine). (parse_args, not main(): without the check main
+    would start a server.)"""
+    for extra in ([], ["--speculative-config", '{"method": "suffix"}']):
+        with pytest.raises(SystemExit):
+            parse_args(["--speculative-num-steps", "3", "--speculative-num-draft-tokens", "4", *extra])
+        err = capsys.readouterr().err
+        assert "--speculative-num-steps, --speculative-num-draft-tokens given without --speculative-algorithm" in err
+    # with an algorithm (and the SGLang-only top-k flag alone) nothing changes
+    assert speculative_config(parse_args(["--speculative-eagle-topk", "1"])) is None
+    cfg = parse_args(["--speculative-algorithm", "NEXTN", "--speculative-num-steps", "2"])
+    assert speculative_config(cfg) == {"method": "mtp", "num_speculative_tokens": 2}

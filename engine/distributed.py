@@ -5,6 +5,7 @@ second, always-gloo group carries the control plane (rank 0 broadcasts each step
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -19,6 +20,9 @@ from model.parallel import TPGroup
 
 # Collectives that never complete (a peer died) fail after this long instead of hanging forever.
 COLLECTIVE_TIMEOUT = timedelta(seconds=int(os.environ.get("GLINT_DIST_TIMEOUT_S", "120")))
+# Ranks > 0 waiting for rank 0's next step: an engine may be idle for hours. Not unbounded (gloo adds it to a clock in
+# nanoseconds); a dead rank 0 still ends the wait at once (its sockets close).
+IDLE_WAIT = timedelta(days=365)
 
 
 @dataclass(frozen=True)
@@ -93,11 +97,28 @@ def init_distributed(
     return DistInfo(rank, world_size, local_rank, TPGroup(rank, world_size, model_group, one_shot), control)
 
 
-def broadcast_object(obj: Any, info: DistInfo) -> Any:
-    """Rank 0 sends `obj`; every rank returns it."""
-    box = [obj]
-    dist.broadcast_object_list(box, src=0, group=info.control)
-    return box[0]
+def broadcast_object(obj: Any, info: DistInfo, wait: timedelta | None = None) -> Any:
+    """Rank 0 sends `obj`; every rank returns it. `wait`: how long the other ranks wait for rank 0 to send (default
+    the collective timeout); once it did, the object itself arrives within the collective timeout."""
+    size = torch.zeros(1, dtype=torch.long)
+    data = None
+    if info.is_driver:
+        data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+        size[0] = data.numel()
+    _broadcast(size, info, wait)
+    if data is None:
+        data = torch.empty(int(size.item()), dtype=torch.uint8)
+    _broadcast(data, info, None)
+    return obj if info.is_driver else pickle.loads(data.numpy().tobytes())
+
+
+def _broadcast(t: torch.Tensor, info: DistInfo, timeout: timedelta | None) -> None:
+    """dist.broadcast from rank 0 on the control group, with this call's own timeout (dist.broadcast has none)."""
+    opts = dist.BroadcastOptions()
+    opts.rootRank, opts.rootTensor = 0, 0
+    if timeout is not None:
+        opts.timeout = timeout
+    info.control.broadcast([t], opts).wait()
 
 
 def gather_objects(obj: Any, info: DistInfo) -> list[Any]:

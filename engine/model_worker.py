@@ -16,6 +16,7 @@ from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.mtp_graphs import MtpDraftGraphs
 from engine.distributed import (
+    IDLE_WAIT,
     DistInfo,
     broadcast_object,
     cuda_index,
@@ -316,7 +317,7 @@ class ModelWorker:
     def serve_forever(self, until: str = STOP) -> None:
         """Ranks > 0: execute broadcast steps until `until` (or STOP) arrives."""
         while True:
-            msg = broadcast_object(None, self.dist)
+            msg = broadcast_object(None, self.dist, wait=IDLE_WAIT)  # rank 0 may be idle for long
             if isinstance(msg, StepInputs):
                 prev = self._broadcast_tokens(len(msg.table_writes), None) if msg.table_writes else None
                 self._run(msg, prev)

@@ -145,8 +145,10 @@ class EngineCore:
 
     def check_health(self) -> None:
         """Raise RuntimeError if a tensor-parallel rank this engine spawned has exited (the server calls this
-        while idle, so a dead rank is noticed before the next step needs it)."""
+        while idle, so a dead rank is noticed before the next step needs it), or if the ranks are out of lock step
+        (rank 0 failed inside a step that the others run)."""
         check_ranks_alive(self._procs)
+        self.worker.check_lock_step()
 
     @property
     def kv_capacity_tokens(self) -> int:

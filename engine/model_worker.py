@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed
@@ -45,6 +45,7 @@ STOP = "stop"  # control message: leave the worker loop
 END_OF_CALL = "end_of_call"  # control message: rank 0's generate() returned (torchrun offline scripts)
 # builds a rank's KV connector worker (disaggregation); picklable, so spawned ranks get it too
 KVWorkerFactory = Callable[[EngineConfig, int], KVConnectorWorker]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,8 @@ class ModelWorker:
                     spec.num_speculative_tokens, config.model.hidden_size, config.torch_dtype,
                 )
                 self.runner.mtp_graphs.capture(progress=dist.is_driver, time=time)
+        # rank 0: why the ranks no longer run steps together (its part of a broadcast step raised), or None
+        self.lost_lock_step: str | None = None
         if config.gc_freeze and not dist.is_driver:  # rank 0 freezes once its EngineCore is built
             freeze_startup_heap()
 
@@ -246,11 +249,31 @@ class ModelWorker:
         """Rank 0: send the step to the other ranks, then run it here too. `prev_tokens`: the previous step's
         sampled tokens (device tensor), sent to the other ranks on the model group when the step records them
         in the token table."""
-        if self.dist.world_size > 1:
-            broadcast_object(inp, self.dist)
-            if inp.table_writes:
-                prev_tokens = self._broadcast_tokens(len(inp.table_writes), prev_tokens)
-        return self._run(inp, prev_tokens)
+        if self.dist.world_size == 1:
+            return self._run(inp, prev_tokens)
+
+        def run() -> torch.Tensor:
+            tokens = self._broadcast_tokens(len(inp.table_writes), prev_tokens) if inp.table_writes else None
+            return self._run(inp, tokens)
+
+        return self._on_every_rank(inp, run)
+
+    def check_lock_step(self) -> None:
+        if self.lost_lock_step is not None:
+            raise RuntimeError(f"the tensor-parallel ranks are out of lock step since rank 0 failed inside a step "
+                               f"({self.lost_lock_step}); the engine must be restarted")
+
+    def _on_every_rank(self, message: Any, run: Callable[[], T]) -> T:
+        """Rank 0 under TP: broadcast `message`, then run(), this rank's part of it. If that raises, the other
+        ranks may be inside the step's collectives, waiting for this rank: from then on every call refuses at once
+        instead of pairing its collectives with theirs (a wait for the collective timeout, or wrong results)."""
+        self.check_lock_step()
+        try:
+            broadcast_object(message, self.dist)
+            return run()
+        except BaseException as exc:  # KeyboardInterrupt too: the other ranks run the step all the same
+            self.lost_lock_step = f"{type(exc).__name__}: {exc}"
+            raise
 
     def _run(self, inp: StepInputs, prev_tokens: torch.Tensor | None) -> torch.Tensor:
         logits = self.runner.run(inp, prev_tokens)
@@ -260,9 +283,11 @@ class ModelWorker:
 
     def connector_call(self, message: Any) -> list[Any]:
         """Rank 0: the KV connector worker's handle(message) on every rank; results in rank order."""
-        if self.dist.world_size > 1:
-            broadcast_object(ConnectorCall(message), self.dist)
-        results = gather_objects(self._handle_connector(message), self.dist)
+        if self.dist.world_size == 1:
+            results = [self._handle_connector(message)]
+        else:
+            results = self._on_every_rank(
+                ConnectorCall(message), lambda: gather_objects(self._handle_connector(message), self.dist))
         errors = [f"rank {r}: {res.message}" for r, res in enumerate(results) if isinstance(res, ConnectorError)]
         if errors:
             raise RuntimeError("; ".join(errors))
@@ -283,7 +308,7 @@ class ModelWorker:
     def execute_mtp(self, batch: MtpBatch) -> torch.Tensor:
         """Rank 0: one NextN-layer forward on every rank (the drafter's model calls); rank 0's logits."""
         if self.dist.world_size > 1:
-            broadcast_object(batch, self.dist)
+            return self._on_every_rank(batch, lambda: self.runner.run_mtp(batch))
         return self.runner.run_mtp(batch)
 
     def mtp_graph_rows(self, batch: int, max_kept: int) -> int:
@@ -294,7 +319,7 @@ class ModelWorker:
     def execute_mtp_draft(self, batch: MtpDraftBatch) -> list[list[int]]:
         """Rank 0: the step's whole NextN draft in one graph replay on every rank; the drafts."""
         if self.dist.world_size > 1:
-            broadcast_object(batch, self.dist)
+            return self._on_every_rank(batch, lambda: self.runner.run_mtp_draft(batch))
         return self.runner.run_mtp_draft(batch)
 
     def _broadcast_tokens(self, n: int, tokens: torch.Tensor | None) -> torch.Tensor:
@@ -312,7 +337,7 @@ class ModelWorker:
 
     def send_control(self, message: str) -> None:
         if self.dist.world_size > 1:
-            broadcast_object(message, self.dist)
+            self._on_every_rank(message, lambda: None)
 
     def serve_forever(self, until: str = STOP) -> None:
         """Ranks > 0: execute broadcast steps until `until` (or STOP) arrives."""

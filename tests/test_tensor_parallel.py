@@ -7,12 +7,16 @@ import shutil
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import torch.distributed
 
+import engine.distributed as dist_mod
 from engine import LLM, SamplingParams
 from engine.distributed import free_port
+from engine.model_runner import ModelRunner
 from model.tiny import write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,3 +169,38 @@ def test_idle_spawned_ranks_outlive_the_collective_timeout(tiny_bf16, monkeypatc
         assert llm.generate(PROMPTS[:1], sp, use_tqdm=False)[0].outputs[0].token_ids == first
     finally:
         llm.shutdown()
+
+
+@pytest.mark.parametrize("where", ["forward", "mtp"])
+def test_rank0_fault_inside_a_step_fails_fast_not_a_hang(tiny_bf16, monkeypatch, where):
+    """Rank 0 raises in its own part of a step that rank 1 already runs (rank 1 now waits in the step's collectives
+    for it): the ranks are out of lock step. Every later step (and MTP's per-request retry of a failed draft) must
+    fail at once with that reason, health checks too, and shutdown must not wait for rank 1 to finish the step.
+    It used to broadcast the next step into the stuck rank and wait for the collective timeout (120 s)."""
+    monkeypatch.setattr(dist_mod, "COLLECTIVE_TIMEOUT", timedelta(seconds=20))  # rank 0's groups: a hang -> failure
+    spec = {"method": "mtp", "num_speculative_tokens": 2} if where == "mtp" else None
+    llm = LLM(str(tiny_bf16), device="cpu", tensor_parallel_size=2, max_model_len=256, num_kv_blocks=64,
+              speculative_config=spec)
+    try:
+        def fault(*args, **kwargs):  # rank 0 only: the spawned rank runs the real method
+            raise RuntimeError("injected rank-0 fault")
+
+        monkeypatch.setattr(ModelRunner, "run" if where == "forward" else "run_mtp", fault)
+        sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        t0 = time.monotonic()
+        try:
+            outs = llm.generate(PROMPTS, sp, use_tqdm=False)
+            assert all(o.outputs[0].finish_reason == "error" for o in outs)  # MTP: failed while drafting
+        except RuntimeError as exc:
+            assert "injected rank-0 fault" in str(exc)
+        monkeypatch.undo()
+        with pytest.raises(RuntimeError, match="out of lock step"):
+            llm.generate(PROMPTS, sp, use_tqdm=False)
+        with pytest.raises(RuntimeError, match="out of lock step"):
+            llm.engine.check_health()
+        assert time.monotonic() - t0 < 10
+    finally:
+        t0 = time.monotonic()
+        llm.shutdown()
+        assert time.monotonic() - t0 < 10
+    assert not torch.distributed.is_initialized()

@@ -296,7 +296,7 @@ class EngineCore:
             else:
                 deltas += self._finish(launched)
                 deltas += self._after_step(launched)
-                self._hand_over_ending()
+                deltas += self._hand_over_ending()
                 self._post_sends(launched)
         elif self._inflight is None and self.connector is not None and not deltas:
             self.connector.wait(0.002)  # only handovers in flight: wait for the peer, do not spin
@@ -492,7 +492,7 @@ class EngineCore:
             except Exception as exc:
                 deltas.append(self._fail(req, "processing its output", exc))
         if not step.keeps_hidden:  # no NextN extend follows this step (MTP idle or every request retired), and
-            self._hand_over_ending()  # an overlapped step is finished where none runs after it: hand over now
+            deltas += self._hand_over_ending()  # an overlapped step is finished where none runs after: hand over now
         return deltas
 
     def _emit(
@@ -525,15 +525,23 @@ class EngineCore:
         return (self.connector is not None and self.connector.mode == "prefill" and self.drafter is not None
                 and self.drafter.needs_target_hidden)
 
-    def _hand_over_ending(self) -> None:
+    def _hand_over_ending(self) -> list[RequestDelta]:
         """Disaggregated prefill with MTP: end the requests their first token ended, now that the NextN extend
-        wrote their last chunk's KV; their drafts go to the decode side with the first token."""
-        for req, reason, stop in self._ending:
-            if not req.is_finished:
+        wrote their last chunk's KV; their drafts go to the decode side with the first token. A request whose
+        drafting fails fails alone."""
+        ending, self._ending = self._ending, []
+        failed = []
+        for req, reason, stop in ending:
+            if req.is_finished:
+                continue
+            try:
                 drafts = self.drafter.propose([DraftSlot(req.seq_key, self.config.speculative.num_speculative_tokens)])
                 self.connector.first_drafts(req, tuple(drafts[0]))
-                self._end(req, reason, stop)
-        self._ending.clear()
+            except Exception as exc:
+                failed.append(self._fail(req, "drafting its first decode step", exc))
+                continue
+            self._end(req, reason, stop)
+        return failed
 
     def _post_sends(self, step: _Launched) -> None:
         """Disaggregated prefill: the pages this step completed, once everything that writes them (the target

@@ -695,3 +695,33 @@ def test_mtp_prefill_with_every_request_retired_and_overlap_hands_over(tiny_bf16
         pair.assert_clean()
     finally:
         pair.close()
+
+
+def test_mtp_first_draft_failure_on_the_prefill_side_fails_that_request_alone(tiny_bf16, prompts, monkeypatch):
+    """Disaggregated prefill with MTP drafts the decode side's first step when a request's first token ends it
+    there; a fault in that drafting failed the whole engine step (the loop crashed). Now that request fails (on
+    both sides: its room is aborted), the others hand over as usual."""
+    mtp = {"method": "mtp", "num_speculative_tokens": 2, "draft_budget": False}
+    expected = colocated(tiny_bf16, prompts[:3], GREEDY)
+    pair = Pair(tiny_bf16, "local", speculative_config=mtp, disaggregation_timeout=20)
+    propose = pair.prefill.drafter.propose
+    faults = [1]
+
+    def flaky(slots):
+        if faults and len(slots) == 1:  # the first hand-over's drafting (the prefill side drafts nothing else alone)
+            faults.pop()
+            raise RuntimeError("injected drafting fault")
+        return propose(slots)
+    monkeypatch.setattr(pair.prefill.drafter, "propose", flaky)
+    try:
+        for i, p in enumerate(prompts[:3]):
+            pair.add(f"r{i}", p, GREEDY)
+        out = pair.run(timeout_s=60)
+        failed = [i for i in range(3) if out[(f"r{i}", 0)]["finish"] == "error"]
+        assert len(failed) == 1 and "the prefill instance gave up" in out[(f"r{failed[0]}", 0)]["error"]
+        assert pair.prefill.num_failed_requests == 1
+        assert all(out[(f"r{i}", 0)]["tokens"] == expected[i][0] for i in range(3) if i not in failed)
+        pair.run()
+        pair.assert_clean()
+    finally:
+        pair.close()

@@ -357,14 +357,16 @@ class Generation:
         st.check_ready()
         limit = st.config.max_queued_requests
         if limit is not None:
+            # this request counted too: refused when it would make the queue longer than the limit (with limit 0
+            # a request that finds a free running slot is still served)
             waiting = queued_estimate(
-                st.client.stats, st.client.num_unacked, st.client.info.get("max_num_seqs")
+                st.client.stats, st.client.num_unacked + 1, st.client.info.get("max_num_seqs")
             )
-            if waiting >= limit:
+            if waiting > limit:
                 st.metrics.num_rejected_requests.inc()
                 raise APIError(
                     429,
-                    f"the server is overloaded ({waiting} requests waiting, limit {limit}); retry later",
+                    f"the server is overloaded ({waiting} requests would be waiting, limit {limit}); retry later",
                     type="rate_limit_error",
                     code="server_overloaded",
                     headers={"Retry-After": "1"},

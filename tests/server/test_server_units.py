@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from types import SimpleNamespace
 
 import pytest
 from transformers import AutoTokenizer
@@ -16,6 +17,7 @@ from server.config import ServerConfig
 from server.errors import APIError
 from server.middleware import GlintMiddleware
 from server.protocol import ChatCompletionRequest, CompletionRequest, parse_body
+from server.serving import Generation
 
 
 def test_defaults_and_non_default_args():
@@ -395,6 +397,39 @@ def test_queued_estimate_counts_only_requests_without_a_running_slot():
     assert queued_estimate({"num_running": 2, "num_waiting": 0}, 1, 2) == 1
     assert queued_estimate({"num_running": 1, "num_waiting": 2}, 0, 2) == 2
     assert queued_estimate({"num_running": 0, "num_waiting": 0}, 2, None) == 2  # slot count unknown: conservative
+
+
+def _admit(limit: int, stats: dict, max_running: int = 2) -> int:
+    """Generation.start's status against a fake server state: 200 when sent to the engine, else the error's."""
+    sent: list[str] = []
+
+    async def add_request(rid, *args):
+        sent.append(rid)
+        return object()
+
+    counter = SimpleNamespace(inc=lambda *a: None)
+    state = SimpleNamespace(
+        check_ready=lambda: None,
+        config=SimpleNamespace(max_queued_requests=limit),
+        client=SimpleNamespace(stats=stats, num_unacked=0, info={"max_num_seqs": max_running}, add_request=add_request),
+        metrics=SimpleNamespace(num_rejected_requests=counter, num_requests_in_flight=counter),
+    )
+    gen = Generation(state, "r", n=1, prompt_len=1, log={}, arrival=0.0)
+    try:
+        asyncio.run(gen.start([1], None, None))
+    except APIError as e:
+        return e.status
+    return 200 if sent == ["r"] else 0
+
+
+def test_max_queued_requests_0_admits_requests_that_find_a_free_slot():
+    """--max-queued-requests 0 (the CLI allows it) means "never queue", not "refuse everything": an idle server
+    used to answer 429 to every request."""
+    assert _admit(0, {"num_running": 0, "num_waiting": 0}) == 200
+    assert _admit(0, {"num_running": 1, "num_waiting": 0}) == 200
+    assert _admit(0, {"num_running": 2, "num_waiting": 0}) == 429  # it would wait
+    assert _admit(1, {"num_running": 2, "num_waiting": 0}) == 200
+    assert _admit(1, {"num_running": 2, "num_waiting": 1}) == 429
 
 
 def test_reliability_flags_parse_and_show_in_help(capsys):

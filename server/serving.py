@@ -115,6 +115,8 @@ class ServerState:
         if not self.client.ready or not self.client.alive:
             if self.client.dead_reason:
                 raise unavailable(f"the engine is not running ({self.client.dead_reason})", retry_after=30)
+            if self.client.restarts:  # restart() cleared dead_reason; the new engine is still loading
+                raise unavailable("the engine is restarting after a failure; the model is loading again")
             raise unavailable("the server is starting; the model is still loading")
 
     # ----------------------------------------------------------------------------------------- token text

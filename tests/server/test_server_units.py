@@ -432,6 +432,20 @@ def test_max_queued_requests_0_admits_requests_that_find_a_free_slot():
     assert _admit(1, {"num_running": 2, "num_waiting": 1}) == 429
 
 
+def test_requests_during_an_engine_restart_say_so():
+    """While --engine-restart brings a dead engine back, a request's 503 must not claim the server is starting."""
+    from server.serving import ServerState
+
+    client = SimpleNamespace(ready=False, alive=False, dead_reason=None, restarts=1)
+    with pytest.raises(APIError) as e:
+        ServerState.check_ready(SimpleNamespace(draining=False, client=client))
+    assert e.value.status == 503 and "restarting" in e.value.message and "starting;" not in e.value.message
+    client.restarts = 0
+    with pytest.raises(APIError) as e:
+        ServerState.check_ready(SimpleNamespace(draining=False, client=client))
+    assert "the model is still loading" in e.value.message
+
+
 def test_reliability_flags_parse_and_show_in_help(capsys):
     cfg = parse_args([])
     assert cfg.allowed_origins == () and not cfg.metrics_public  # safe defaults: no CORS, metrics behind a key

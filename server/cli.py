@@ -21,6 +21,7 @@ from typing import Any
 from engine.config import engine_options
 from server.config import ServerConfig
 from server.engine_args import ConfigError, engine_kwargs, speculative_config
+from server.engine_process import HEARTBEAT_S
 from server.launch import run_server
 
 __all__ = ["UNSUPPORTED", "ConfigError", "build_parser", "engine_kwargs", "main", "parse_args", "speculative_config"]
@@ -451,8 +452,11 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m server"
         errors.append("--engine-ready-timeout must be > 0")
     if not config.shutdown_timeout >= 0:
         errors.append("--shutdown-timeout must be >= 0")
-    if not config.engine_stall_timeout >= 0:
-        errors.append("--engine-stall-timeout must be >= 0 (0 disables)")
+    # an idle engine's heartbeat comes about every HEARTBEAT_S: a shorter timeout kills a healthy engine
+    min_stall = 2 * HEARTBEAT_S
+    if not (config.engine_stall_timeout == 0 or config.engine_stall_timeout >= min_stall):
+        errors.append(f"--engine-stall-timeout must be 0 (disables) or at least {min_stall:g} s (the engine's "
+                      f"heartbeat comes every {HEARTBEAT_S:g} s)")
     if config.engine_restart < 0:
         errors.append("--engine-restart must be >= 0")
     try:

@@ -446,6 +446,18 @@ def test_requests_during_an_engine_restart_say_so():
     assert "the model is still loading" in e.value.message
 
 
+def test_engine_stall_timeout_shorter_than_the_heartbeat_is_a_usage_error(capsys):
+    """An idle engine sends its heartbeat about once a second: a shorter --engine-stall-timeout killed a healthy
+    engine as "stalled" right after start-up (the server then exited 1)."""
+    for bad in ("0.5", "1"):
+        with pytest.raises(SystemExit) as e:
+            parse_args(["--engine-stall-timeout", bad])
+        assert e.value.code == 2
+        assert "--engine-stall-timeout" in capsys.readouterr().err
+    assert parse_args(["--engine-stall-timeout", "0"]).engine_stall_timeout == 0  # off
+    assert parse_args(["--engine-stall-timeout", "2"]).engine_stall_timeout == 2.0
+
+
 def test_reliability_flags_parse_and_show_in_help(capsys):
     cfg = parse_args([])
     assert cfg.allowed_origins == () and not cfg.metrics_public  # safe defaults: no CORS, metrics behind a key

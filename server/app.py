@@ -358,7 +358,10 @@ def _add_utility_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        state.metrics.update_from_stats(state.client.stats)
+        if state.client.ready and state.client.alive:
+            state.metrics.update_from_stats(state.client.stats)
+        else:  # client.stats are a dead engine's last ones until a new engine is ready
+            state.metrics.engine_down()
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/server_info")

@@ -247,6 +247,11 @@ class Metrics:
                 self.spec_acceptance_rate.labels(self.model_name, str(i)).set(rate)
         self._last_stats = dict(stats)
 
+    def engine_down(self) -> None:
+        """No engine process is serving (dead, restarting, not started): nothing runs, waits or holds pages."""
+        for gauge in (self.num_requests_running, self.num_requests_waiting, self.kv_cache_usage_perc):
+            gauge.set(0)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

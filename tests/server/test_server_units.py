@@ -348,6 +348,29 @@ def test_speculative_config_json_flag(capsys):
         assert why in capsys.readouterr().err
 
 
+def test_metrics_show_no_load_while_the_engine_is_dead():
+    """A dead (or restarting) engine runs nothing: /metrics used to keep reporting its last running/waiting
+    counts and KV usage until a new engine was ready."""
+    import httpx
+
+    from server.app import build_app
+
+    app = build_app(ServerConfig(api_key=("k",)), {"model": str(tiny_model_dir("bf16"))})
+    client = app.state.glint.client
+    client.stats = {"num_running": 3, "num_waiting": 2, "total_kv_blocks": 10, "free_kv_blocks": 2}
+    client.dead_reason = "engine process 1 exited unexpectedly (killed by signal SIGKILL)"
+
+    async def scrape() -> str:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            return (await c.get("/metrics", headers={"Authorization": "Bearer k"})).text
+
+    text = asyncio.run(scrape())
+    for name in ("glint:num_requests_running", "glint:num_requests_waiting", "glint:kv_cache_usage_perc"):
+        line = next(ln for ln in text.splitlines() if ln.startswith(name + "{"))
+        assert float(line.rsplit(" ", 1)[1]) == 0.0, line
+
+
 def test_app_without_engine_json_log_and_503(caplog):
     """The ASGI app in process, its engine never started: 503 + Retry-After until ready, JSON request lines."""
     import asyncio

@@ -172,9 +172,7 @@ def build_app(config: RouterConfig, pool: InstancePool | None = None) -> FastAPI
                 return _unauthorized(path)
             body = await _read_body(request, config.max_request_bytes)
             if body is None:
-                return error_response(path, 413, f"the request body is larger than this router accepts "
-                                      f"({config.max_request_bytes} bytes; see --max-request-bytes)",
-                                      "request_too_large")
+                return _too_large(path, config.max_request_bytes)
             return DisaggResponse(state, path, body, request.headers)
 
         app.add_api_route(path, generate, methods=["POST"], name=path)
@@ -188,8 +186,7 @@ def build_app(config: RouterConfig, pool: InstancePool | None = None) -> FastAPI
             return _unauthorized(request.url.path)
         body = await _read_body(request, config.max_request_bytes)
         if body is None:
-            return error_response(request.url.path, 413, "the request body is larger than this router accepts "
-                                  f"({config.max_request_bytes} bytes)", "request_too_large")
+            return _too_large(request.url.path, config.max_request_bytes)
         return await simple_proxy(state, "POST", "/v1/messages/count_tokens", body, request.headers)
 
     @app.get("/v1/models")
@@ -214,6 +211,11 @@ def build_app(config: RouterConfig, pool: InstancePool | None = None) -> FastAPI
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
+
+
+def _too_large(path: str, limit: int) -> Response:
+    return error_response(path, 413, f"the request body is larger than this router accepts ({limit} bytes; see "
+                          "--max-request-bytes)", "request_too_large")
 
 
 async def _read_body(request: Request, limit: int) -> bytes | None:

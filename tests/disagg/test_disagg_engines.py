@@ -635,6 +635,15 @@ def test_prefill_abort_before_the_reserve_frees_the_decode_pages_at_once(tiny_bf
         pair.close()
 
 
+def run_greedy_and_check(pair: Pair, prompts: list[list[int]], expected: list[list[list[int]]]) -> None:
+    """The prompts through the pair, greedy: every one ends without an error, with the expected tokens."""
+    for i, p in enumerate(prompts):
+        pair.add(f"r{i}", p, GREEDY)
+    out = pair.run(timeout_s=60)
+    assert [[out[(f"r{i}", 0)]["tokens"]] for i in range(len(prompts))] == expected
+    assert all(v["error"] is None for v in out.values())
+
+
 class _SkewedClock:
     """The `time` module as another host sees it: its wall clock and its monotonic clock both `offset_s` off."""
 
@@ -661,11 +670,7 @@ def test_hosts_with_different_clocks_hand_over(tiny_bf16, prompts, offset_s, mon
     expected = colocated(tiny_bf16, prompts[:3], GREEDY)
     pair = Pair(tiny_bf16, "local", disaggregation_timeout=20)
     try:
-        for i, p in enumerate(prompts[:3]):
-            pair.add(f"r{i}", p, GREEDY)
-        out = pair.run(timeout_s=60)
-        assert [[out[(f"r{i}", 0)]["tokens"]] for i in range(3)] == expected
-        assert all(v["error"] is None for v in out.values())
+        run_greedy_and_check(pair, prompts[:3], expected)
         pair.assert_clean()
     finally:
         pair.close()
@@ -686,11 +691,7 @@ def test_mtp_prefill_with_every_request_retired_and_overlap_hands_over(tiny_bf16
         drafter.retire(seq_id)
     monkeypatch.setattr(drafter, "add", add_retired)
     try:
-        for i, p in enumerate(prompts[:3]):
-            pair.add(f"r{i}", p, GREEDY)
-        out = pair.run(timeout_s=60)
-        assert [[out[(f"r{i}", 0)]["tokens"]] for i in range(3)] == expected
-        assert all(v["error"] is None for v in out.values())
+        run_greedy_and_check(pair, prompts[:3], expected)
         assert pair.prefill.num_overlapped_steps > 0 and drafter.num_retired == 3
         pair.assert_clean()
     finally:

@@ -3,15 +3,16 @@
 # have it. The tested set (session 20): flash-attn-4 4.0.0b19, nvidia-cutlass-dsl 4.5.2 (its libs-base wheel, 74 MB,
 # holds the CuTe DSL and its compiler; the registry's 4.6+ libs-base wheels lack the `cutlass.cute` Python package,
 # so `flash_attn.cute` does not import with them), quack-kernels 0.5.0, apache-tvm-ffi, torch-c-dlpack-ext, einops.
-# One device call carries at most 64 MiB, so the set travels in two calls to the same warm machine (it is released
-# after ~30 s idle: start the second call right after the first):
+# One device call carries at most 64 MiB; the libs-base wheel alone is 71 MiB (zip deflate), so `prepare` unpacks it
+# and packs it again as tar.xz (49 MiB; ~2.5 min of xz here), which with the small wheels (5 MiB) and the checkout
+# (3 MiB) fits one call. Before session 24 it travelled in two halves over two calls, which needed the machine to stay
+# warm between them (it is released after ~30 s idle) and lost the first half when it did not.
 #
-#   here:     bash bench/fa4_wheels.sh prepare     # downloads the set into .fa4a/ (first half of libs-base) and
-#                                                  # .fa4b/ (second half + the small wheels); both git-ignored
-#   device 1: bash bench/fa4_wheels.sh stage       # carry [".fa4a"]: keeps the first half in /tmp/fa4parts
-#   device 2: eval "$(bash bench/fa4_wheels.sh install)"   # carry [".fa4b", ".whl_lite"]: a venv in /tmp/fa4env
+#   here:     bash bench/fa4_wheels.sh prepare     # downloads the set into .fa4/ (git-ignored)
+#   device:   eval "$(bash bench/fa4_wheels.sh install)"   # carry [".fa4"]: a venv in /tmp/fa4env
 #             $PY -m bench.fa4_prefill             # (PY and PYTHONPATH exported: torch from the image, the rest
 #                                                  #  from the venv)
+# The kernels and benchmarks need none of the server wheels (.whl_lite); carrying both passes the limit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LIBS=nvidia_cutlass_dsl_libs_base-4.5.2-cp312-cp312-manylinux_2_28_x86_64.whl
@@ -23,29 +24,26 @@ prepare)
     pip download -q "${plat[@]}" -d "$tmp" "flash-attn-4==4.0.0b19" "nvidia-cutlass-dsl==4.5.2" \
         "nvidia-cutlass-dsl-libs-base==4.5.2" "quack-kernels==0.5.0" "apache-tvm-ffi>=0.1.12,<0.2" \
         "torch-c-dlpack-ext" "einops"
-    rm -rf .fa4a .fa4b && mkdir -p .fa4a .fa4b
-    (cd "$tmp" && split -b 47M "$LIBS" libs.part. && md5sum "$LIBS" | cut -d' ' -f1 > libs.md5)
-    mv "$tmp"/libs.part.aa .fa4a/ && mv "$tmp"/libs.part.ab "$tmp"/libs.md5 .fa4b/
-    rm "$tmp/$LIBS" && mv "$tmp"/*.whl .fa4b/ && rmdir "$tmp"
-    grep -qx '/.fa4a/' .git/info/exclude 2>/dev/null || printf '/.fa4a/\n/.fa4b/\n' >> .git/info/exclude
-    du -sh .fa4a .fa4b
-    ;;
-stage)
-    mkdir -p /tmp/fa4parts && cp .fa4a/libs.part.aa /tmp/fa4parts/ && ls -la /tmp/fa4parts >&2
+    rm -rf .fa4 .fa4a .fa4b && mkdir -p .fa4 "$tmp/libs"
+    (cd "$tmp/libs" && unzip -q "../$LIBS")
+    tar -C "$tmp/libs" -cf - . | xz -9e -T2 > .fa4/libs.tar.xz
+    rm -rf "$tmp/libs" "$tmp/$LIBS" && mv "$tmp"/*.whl .fa4/ && rmdir "$tmp"
+    grep -qx '/.fa4/' .git/info/exclude 2>/dev/null || echo '/.fa4/' >> .git/info/exclude
+    du -sh .fa4
     ;;
 install)
-    mkdir -p /tmp/fa4w
-    cat /tmp/fa4parts/libs.part.aa .fa4b/libs.part.ab > "/tmp/fa4w/$LIBS"
-    sum=$(md5sum "/tmp/fa4w/$LIBS" | cut -d' ' -f1)
-    [ "$sum" = "$(cat .fa4b/libs.md5)" ] || { echo "libs-base: bad md5 (stage in the previous call?)" >&2; exit 1; }
-    cp .fa4b/*.whl /tmp/fa4w/
     rm -rf /tmp/fa4env && python3 -m venv /tmp/fa4env
-    /tmp/fa4env/bin/python -m pip install -q --no-index --no-deps --no-compile /tmp/fa4w/*.whl .whl_lite/*.whl >&2
-    site=$(python3 -c "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))")
-    echo "export PY=/tmp/fa4env/bin/python PYTHONPATH=$PWD:$site PYTHONUNBUFFERED=1"
+    site=$(/tmp/fa4env/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter=\"tar\")" .fa4/libs.tar.xz "$site"
+    /tmp/fa4env/bin/python -m pip install -q --no-index --no-deps --no-compile .fa4/*.whl >&2
+    if compgen -G ".whl_lite/*.whl" >/dev/null; then
+        /tmp/fa4env/bin/python -m pip install -q --no-index --no-deps --no-compile .whl_lite/*.whl >&2
+    fi
+    torch_site=$(python3 -c "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))")
+    echo "export PY=/tmp/fa4env/bin/python PYTHONPATH=$PWD:$torch_site PYTHONUNBUFFERED=1"
     ;;
 *)
-    echo "usage: bash bench/fa4_wheels.sh prepare|stage|install" >&2
+    echo "usage: bash bench/fa4_wheels.sh prepare|install" >&2
     exit 2
     ;;
 esac

@@ -381,10 +381,14 @@ class EngineClient:
                 msg = await self._receiver.recv_pyobj()
             except asyncio.CancelledError:
                 raise
-            except zmq.ZMQError:
+            except Exception as e:  # a socket error or a message that does not unpickle
                 if self._closing:
                     return
-                raise
+                # Nothing else reads the engine's messages: without this loop every open request would wait
+                # for the stall watchdog (or forever with it off). Fail them now and let the server restart.
+                self._mark_dead(f"lost the engine's message stream: {e!r}")
+                self._kill_engine()
+                return
             try:
                 self._dispatch(msg)
             except Exception:

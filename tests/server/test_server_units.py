@@ -14,6 +14,7 @@ from model.tiny import tiny_model_dir
 from server.chat_template import ChatTemplate, normalize_messages, template_kwargs
 from server.cli import UNSUPPORTED, build_parser, engine_kwargs, main, parse_args, speculative_config
 from server.config import ServerConfig
+from server.engine_client import EngineClient, EngineDeadError, RequestStream
 from server.errors import APIError
 from server.middleware import GlintMiddleware
 from server.protocol import ChatCompletionRequest, CompletionRequest, parse_body
@@ -686,3 +687,25 @@ def test_speculative_tuning_flags_need_an_algorithm(capsys):
     assert speculative_config(parse_args(["--speculative-eagle-topk", "1"])) is None
     cfg = parse_args(["--speculative-algorithm", "NEXTN", "--speculative-num-steps", "2"])
     assert speculative_config(cfg) == {"method": "mtp", "num_speculative_tokens": 2}
+
+
+def test_a_message_that_does_not_unpickle_fails_open_requests_at_once():
+    """The client's receive task is the only reader of the engine's messages: if it ended quietly on an error
+    that is not a ZMQ one, open requests waited for the stall watchdog (or forever with it off)."""
+
+    class BrokenReceiver:
+        async def recv_pyobj(self):
+            raise ValueError("unpickling failed")
+
+    async def run():
+        client = EngineClient({}, stall_timeout=0.0)
+        client._receiver = BrokenReceiver()
+        stream = RequestStream("r1", 1)
+        client._streams["r1"] = stream
+        await asyncio.wait_for(client._recv_loop(), 5)
+        return client, await asyncio.wait_for(stream.queue.get(), 5)
+
+    client, item = asyncio.run(run())
+    assert isinstance(item, EngineDeadError)
+    assert "lost the engine's message stream" in str(item) and "unpickling failed" in str(item)
+    assert client.dead_reason is not None and not client.alive

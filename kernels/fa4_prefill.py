@@ -20,13 +20,15 @@ Which steps: a step whose longest query has at least FROM_TOKENS new tokens goes
 short rows included: the kernel is varlen and exact for them). Other steps keep the engine's kernels and graphs.
 
 Gathered or paged. Read through the page table, FA4 takes its non-TMA paged loads at our 16-token pages; on
-contiguous K/V it takes TMA loads, 7-9% faster at 96/8 and 12/1 heads from 4K tokens, with or without a prefix
-(session 20: 0.77 vs 0.84 ms at 4K, 11.06 vs 11.84 ms at 16K, 2.14 vs 2.34 ms at 4K after a 4K prefix). So a step
-whose keys are few next to its score work (`gathers`: at least GATHER_MIN_PAIRS causal query-key pairs per key,
-i.e. a copy of each key costs ~1-2% of its attention; and no more keys than the worker reserved room for) is
-gathered into packed K/V (kernels/packed_kv.py) and attended with cu_seqlens_k; others (a prefill chunk next to
-many long-context decode rows) read the pages. FP8 pages widen in the gather, so FA4 runs on FP8 KV caches too
-where the step is gathered; other FP8 steps take the SDPA path (model/attention.py), whose gather dequantizes them.
+contiguous K/V it takes TMA loads. A step whose keys are few next to its score work (`gathers`: at least
+GATHER_MIN_PAIRS causal query-key pairs per key, no more keys than the worker reserved room for) is gathered into
+packed K/V (kernels/packed_kv.py) and attended with cu_seqlens_k where that measured faster (H200, session 24,
+bench.fa4_prefill, gather included): FP8 pages, which widen in the gather, so FA4 runs on FP8 KV caches instead of
+the SDPA path (96/8 heads: 0.80 vs 0.86 ms at 4K, 11.2 vs 11.9 ms at 16K, 2.23 vs 3.00 ms at 4K after a 4K prefix;
+12/1: 0.25 vs 0.59, 1.40 vs 1.65, 0.30 vs 0.95 ms); and 16-bit pages when the step attends cached keys (4K after a
+4K prefix: 2.14 vs 2.30 ms at 96/8, equal at 12/1). 16-bit prompts alone stay paged (gathered vs paged: 0.75 vs
+0.76 ms at 4K and 12.0 vs 11.8 ms at 16K for 96/8, 0.18 vs 0.13 ms at 4K for 12/1). Other steps (a prefill chunk
+next to many long-context decode rows) read the pages; FP8 ones take the SDPA path (model/attention.py).
 The library compiles a kernel per configuration (dtype, head dims, GQA packing, causal, paged or not) on its first
 call, not per length: the engine's start-up warm-up compiles both (engine/model_worker.py).
 """
@@ -83,17 +85,20 @@ def takes(max_query_len: int) -> bool:
     return max_query_len >= FROM_TOKENS
 
 
-def gathers(query_start: list[int], seq_lens: list[int], max_keys: int) -> bool:
+def gathers(query_start: list[int], seq_lens: list[int], max_keys: int, widens: bool = False) -> bool:
     """Whether a step (host lists: query_start_loc, seq_lens) reads packed K/V rather than the pages: its keys fit
-    max_keys and it has at least GATHER_MIN_PAIRS causal query-key pairs per key."""
+    max_keys, it has at least GATHER_MIN_PAIRS causal query-key pairs per key, and either its pages widen (FP8: FA4
+    reads only q's dtype, and the alternative is the SDPA path) or it attends cached keys (a prefix, earlier chunks,
+    decode rows). 16-bit pages of prompts alone stay paged: there the gather did not pay (H200, session 24)."""
     keys = sum(seq_lens)
     if not 0 < keys <= max_keys:
         return False
-    pairs = 0
+    pairs = cached = 0
     for b, kv in enumerate(seq_lens):
         n = query_start[b + 1] - query_start[b]
         pairs += n * (kv - n) + n * (n + 1) // 2
-    return pairs >= GATHER_MIN_PAIRS * keys
+        cached += kv - n
+    return pairs >= GATHER_MIN_PAIRS * keys and (widens or cached > 0)
 
 
 def paged_attention_prefill_fa4(

@@ -109,7 +109,7 @@ class Attention(nn.Module):
         absmax = None
         prefill = prefill_kernel(self.prefill_attention_backend, k_cache.dtype, q.dtype)
         fa4_step = self.prefill_attention_backend == "fa4" and fa4_prefill.takes(ctx.max_query_len)
-        packed = ctx.packed_kv(k_cache.shape[1]) if fa4_step else None
+        packed = ctx.packed_kv(k_cache.shape[1], widens=k_cache.dtype != q.dtype) if fa4_step else None
         if packed is not None:
             o = fa4_prefill.paged_attention_prefill_fa4(*args, **hints, packed=packed)
         elif fa4_step and prefill == "fa4":

@@ -52,11 +52,12 @@ class ForwardContext:
             self.host_seq_lens = self.seq_lens.tolist()
         return self.host_query_start_loc, self.host_seq_lens
 
-    def packed_kv(self, page_size: int) -> PackedKV | None:
+    def packed_kv(self, page_size: int, widens: bool) -> PackedKV | None:
         """The packed-K/V index of this forward's sequences where FA4's prefill gathers them
-        (kernels/fa4_prefill.py `gathers`), else None: decided and built once, shared by every layer."""
+        (kernels/fa4_prefill.py `gathers`; widens: FP8 pages), else None: decided and built once, shared by every
+        layer (one KV cache dtype per model)."""
         if self._gathers is None:
-            self._gathers = fa4_prefill.gathers(*self.host_lengths(), self.max_packed_kv)
+            self._gathers = fa4_prefill.gathers(*self.host_lengths(), self.max_packed_kv, widens)
         if self._gathers and self._packed_kv is None:
             self._packed_kv = pack_index(self.block_tables, self.host_lengths()[1], page_size)
         return self._packed_kv

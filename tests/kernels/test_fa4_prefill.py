@@ -3,6 +3,8 @@
 availability rules, and on the GPU the real library at real shapes where it is installed."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -57,14 +59,24 @@ def test_packed_kv_matches_the_reference(monkeypatch, kv_dtype, seq_lens, q_lens
 
 def test_gathers_where_the_keys_are_few_next_to_the_score_work():
     m = fa4_prefill.GATHER_MIN_PAIRS
-    assert fa4_prefill.gathers([0, 2 * m], [2 * m], 10**6)  # a prompt: (n + 1) / 2 pairs per key
-    assert not fa4_prefill.gathers([0, 2 * m - 2], [2 * m - 2], 10**6)
-    assert not fa4_prefill.gathers([0, 2 * m], [2 * m], 2 * m - 1)  # more keys than the reserve
-    assert fa4_prefill.gathers([0, 2 * m], [10 * m], 10**6)  # a chunk after a long prefix: ~n pairs per key
-    assert not fa4_prefill.gathers([0, m], [10 * m], 10**6)
+    fp8 = functools.partial(fa4_prefill.gathers, widens=True)
+    assert fp8([0, 2 * m], [2 * m], 10**6)  # a prompt: (n + 1) / 2 pairs per key
+    assert not fp8([0, 2 * m - 2], [2 * m - 2], 10**6)
+    assert not fp8([0, 2 * m], [2 * m], 2 * m - 1)  # more keys than the reserve
+    assert fp8([0, 2 * m], [10 * m], 10**6)  # a chunk after a long prefix: ~n pairs per key
+    assert not fp8([0, m], [10 * m], 10**6)
     # a prompt next to long-context decode rows: their keys outweigh its work
-    assert not fa4_prefill.gathers([0, 4096, 4097, 4098], [4096, 100_000, 100_000], 10**6)
-    assert not fa4_prefill.gathers([0, 0], [0], 10**6)
+    assert not fp8([0, 4096, 4097, 4098], [4096, 100_000, 100_000], 10**6)
+    assert not fp8([0, 0], [0], 10**6)
+
+
+def test_16_bit_pages_are_gathered_only_for_steps_that_attend_cached_keys():
+    m = fa4_prefill.GATHER_MIN_PAIRS
+    assert not fa4_prefill.gathers([0, 2 * m], [2 * m], 10**6)  # a prompt alone: pages
+    assert not fa4_prefill.gathers([0, 2 * m, 4 * m], [2 * m, 2 * m], 10**6)
+    assert fa4_prefill.gathers([0, 2 * m], [4 * m], 10**6)  # a chunk after a prefix
+    assert fa4_prefill.gathers([0, 4 * m, 4 * m + 1], [4 * m, 64], 10**6)  # a prompt next to a short decode row
+    assert not fa4_prefill.gathers([0, m], [10 * m], 10**6)  # too few pairs per key either way
 
 
 def test_refuses_fp8_pages(monkeypatch):

@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The CuTe-DSL kernel libraries of the `fa4` extra (FlashAttention-4, QuACK, the CUTLASS DSL): they import without
-# a GPU, and the CPU tests compile our QuACK MoE GEMM for sm90 with them (tests/kernels/test_fused_moe_quack.py).
+# The CuTe-DSL kernel libraries of the `fa4` extra (FlashAttention-4 with the CUTLASS DSL and quack-kernels, which
+# it imports): they import without a GPU, so the CPU tests run beside the real packages (the FA4 tests fake or hide
+# the library either way).
 KERNEL_LIBS_STAMP := $(VENV)/.glint-kernel-libs
 $(KERNEL_LIBS_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[dev,fa4]"

@@ -5,10 +5,9 @@
 
 Prints, per (tokens, N): every CUDA kernel launched by `kernels.triton_moe.fused_moe` with its mean time,
 the sum, and `torch._scaled_grouped_mm` (the two grouped GEMMs over the same routing) for scale.
---variants [tiles|tma|quack] also times alternative launch configs (config overrides: VARIANTS[name]) kernel by
+--variants [tiles|tma] also times alternative launch configs (config overrides: VARIANTS[name]) kernel by
 kernel; "tma" tries the weight / act tiles by tensor descriptors (TMA1: gate_up's weights, TMA2: down's act and
-weights) with the table's tiles and larger ones; "quack" the whole op through QuACK's grouped GEMM at several tiles
-(needs quack-kernels: bench/fa4_wheels.sh). Variants are timed eagerly (prefill runs eagerly) and by CUDA-graph
+weights) with the table's tiles and larger ones. Variants are timed eagerly (prefill runs eagerly) and by CUDA-graph
 replay. The `_scaled_grouped_mm` baseline is timed both ways too: kernel times (profiler) and CUDA-graph replay;
 they disagree by 2.5x (session 18, bench/RESULTS.md): judge by the replay.
 --align times only the token sort/align step (kernels/triton_moe_align.py) per token count, with the one-program
@@ -23,7 +22,6 @@ import torch
 
 from bench.kernel_profile import kernel_breakdown
 from bench.kernels import BF16, DATASHEET, _eager_time, _graph_time, _grouped_baseline, _routings, fp8_weight
-from kernels.fused_moe_quack import grouped_gemm_for
 
 FP8_PEAK = DATASHEET["fp8"]  # dense datasheet FLOP/s, as bench.kernels' "% FP8 peak"
 
@@ -50,20 +48,7 @@ TMA_VARIANTS = [
     {**_BOTH, "BLOCK_M": 128, "BLOCK_N2": 256, "W2": 8, "S2": 4, "N_LOOP2": 1},
     {**_BOTH, "BLOCK_M": 64, "BLOCK_N1": 128, "W1": 4, "S1": 4, "BLOCK_N2": 256, "W2": 8, "S2": 4},
 ]
-# the whole op through QuACK's persistent warp-specialized grouped GEMM (kernels/fused_moe_quack.py): default
-# tiles, then [gate_up tile, down tile] as [tile_m, tile_n, pingpong, cluster_m]
-QUACK_VARIANTS = [
-    {},
-    {"QUACK": True},
-    {"QUACK": [[128, 192, True, 1], [128, 128, True, 1]]},
-    {"QUACK": [[128, 128, True, 1], [128, 128, True, 1]]},
-    {"QUACK": [[256, 128, False, 1], [256, 128, False, 1]]},
-    {"QUACK": [[128, 256, False, 1], [128, 256, False, 1]]},
-    {"QUACK": [[256, 192, False, 1], [256, 160, False, 1]]},
-    {"QUACK": [[128, 192, True, 2], [128, 128, True, 2]]},
-    {"QUACK": [[256, 128, False, 2], [256, 128, False, 2]]},
-]
-VARIANTS = {"tiles": TILE_VARIANTS, "tma": TMA_VARIANTS, "quack": QUACK_VARIANTS}
+VARIANTS = {"tiles": TILE_VARIANTS, "tma": TMA_VARIANTS}
 
 
 def breakdown(fn, reps: int = 5) -> dict[str, float]:
@@ -103,10 +88,6 @@ def main(argv=None) -> int:
         return 0
     h, k, e = 5120, 8, 161
     print(torch.cuda.get_device_name(0), flush=True)
-    if a.variants == "quack" and grouped_gemm_for(torch.device("cuda")) is None:
-        print("QuACK's GEMM does not run here (quack-kernels missing or not sm90): the QUACK variants would time the "
-              "Triton kernels; stopping", flush=True)
-        return 1
     for inter in [int(v) for v in a.inter.split(",")]:
         w13 = fp8_weight(e, 2 * inter, h)
         w2 = fp8_weight(e, h, inter)
@@ -135,7 +116,7 @@ def main(argv=None) -> int:
                     c = dict(cfg, **v)
                     run = functools.partial(fused_moe, x, w13, w2, w, ids, s13, s2, "fp8_channel", config=c)
                     try:
-                        te = _eager_time([run])  # first: it compiles (QuACK) and needs no graph capture
+                        te = _eager_time([run])  # first: it compiles and needs no graph capture
                         vp = breakdown(run)
                         try:
                             tt = _graph_time([run], reps=5)

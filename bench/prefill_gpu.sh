@@ -5,9 +5,7 @@
 # tokens; then the TP4 and TP8 shard widths emulated on one GPU (heads, KV heads, expert and dense widths cut by
 # the TP size). Decode B=1/64 rides along in every run (must not get slower). Prints one table; JSON in $OUT.
 # Knobs: LAYERS, BACKENDS ("triton sdpa fa4"), CAP (seconds per bench.engine run; the first run on a fresh machine
-# also compiles the Triton cache), SHARDS ("1 4 8"), PY (the interpreter: bench/fa4_wheels.sh's venv for fa4),
-# MOE_QUACK_FROM (a token count: the MoE tables of this copy take the QuACK path from it on, bench/moe_table.py;
-# MOE_QUACK_TILES its tiles as JSON; needs quack-kernels, i.e. bench/fa4_wheels.sh's venv; runs named *_quack).
+# also compiles the Triton cache), SHARDS ("1 4 8"), PY (the interpreter: bench/fa4_wheels.sh's venv for fa4).
 # Backend "fa4paged": fa4 with its packed-K/V gather off (every step over the pages: the session-20 behaviour).
 set -u
 cd "$(dirname "$0")/.."
@@ -15,12 +13,6 @@ OUT=${OUT:-$PWD/prefill_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PY:-python3}; LAYERS=${LAYERS:-27}; BACKENDS=${BACKENDS:-"triton sdpa"}; CAP=${CAP:-150}; SHARDS=${SHARDS:-"1 4 8"}
-TAG=""
-if [ -n "${MOE_QUACK_FROM:-}" ]; then
-    "$PY" -c "import kernels.quack_grouped_gemm" || { echo "MOE_QUACK_FROM: QuACK does not import (PY=$PY)"; exit 1; }
-    "$PY" -m bench.moe_table --quack-from "$MOE_QUACK_FROM" --quack "${MOE_QUACK_TILES:-true}" || exit 1
-    TAG="_quack"
-fi
 shard_args() {  # GLM-4.7: 96 heads / 8 KV heads, MoE expert width 1536, dense width 12288
     [ "$1" = 1 ] && return
     echo "--heads $((96 / $1)) --kv-heads $(( 8 / $1 > 0 ? 8 / $1 : 1 )) --moe-intermediate $((1536 / $1)) --intermediate $((12288 / $1))"
@@ -34,7 +26,7 @@ for tp in $SHARDS; do
         for shape in "4096 0" "16384 0" "16384 4096"; do
             set -- $shape
             [ "$tp" != 1 ] && [ "$1 $2" != "16384 0" ] && continue  # shard widths: one shape
-            name="tp${tp}_${backend}_q$1_p$2$TAG"
+            name="tp${tp}_${backend}_q$1_p$2"
             # shellcheck disable=SC2046
             timeout --kill-after=10 "$CAP" "$PY" -m bench.engine --device cuda --layers "$LAYERS" --dense-layers 3 \
                 --no-hf --hf-layers 0 --batches 1,64 --prefill "$1" --prefill-prefix "$2" \

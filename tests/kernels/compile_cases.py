@@ -156,24 +156,6 @@ def case_moe_tma():
                           config=dict(cfg, BLOCK_N1=bn1, W1=w1), quant_in_kernel=False)
 
 
-def case_moe_quack():
-    """The Triton kernels of the QuACK MoE path (segments, SwiGLU + FP8 quant, the mapped top-k sum); the GEMMs
-    (QuACK's CuTe kernels, compiled by tests/kernels/test_fused_moe_quack.py) stubbed out."""
-    import kernels.triton_moe as moe
-
-    real_gemm_for = moe.grouped_gemm_for
-    moe.grouped_gemm_for = lambda device: (lambda *args, **kwargs: None)
-    t, h = 4096, 5120
-    try:
-        for e, inter in ((161, 192), (161, 1536)):
-            moe.fused_moe(torch.empty(t, h, dtype=BF16), torch.empty(e, 2 * inter, h, dtype=FP8),
-                          torch.empty(e, h, inter, dtype=FP8), torch.empty(t, 9), torch.zeros(t, 9, dtype=torch.int32),
-                          torch.empty(e, 2 * inter, 1), torch.empty(e, h, 1), "fp8_channel",
-                          config=dict(moe.moe_config(t, e, inter, h, "fp8_channel", torch.device("cpu")), QUACK=True))
-    finally:
-        moe.grouped_gemm_for = real_gemm_for
-
-
 def case_attention():
     from kernels.triton_attention import paged_attention
 
@@ -212,7 +194,6 @@ def case_token_counts():
     multiple of 16, which tests/test_kernel_warmup.py checks.)"""
     from triton.runtime.jit import JITFunction
 
-    import kernels.triton_activation as activation
     import kernels.triton_attention as attention
     import kernels.triton_fp8_gemm as gemm
     import kernels.triton_moe as moe
@@ -221,7 +202,7 @@ def case_token_counts():
     import kernels.triton_moe_segments as segments
     import kernels.triton_rope as rope
 
-    jitted = {f"{m.__name__}.{n}": f for m in (attention, gemm, moe, align, routing, rope, segments, activation)
+    jitted = {f"{m.__name__}.{n}": f for m in (attention, gemm, moe, align, routing, rope, segments)
               for n, f in vars(m).items()
               if isinstance(f, JITFunction)}
 
@@ -241,27 +222,19 @@ def case_token_counts():
                       torch.empty(1536, 1), None, BF16, False)
         routing.moe_route(torch.empty(t, 160), torch.empty(160), 8, 1, 1, True, 2.5, 1)
         e, inter, h = 161, 192, 5120
-        for quack in (False, True):  # the Triton kernels, then the QuACK path's own (its GEMMs stubbed out)
-            moe.fused_moe(torch.empty(t, h, dtype=BF16), torch.empty(e, 2 * inter, h, dtype=FP8),
-                          torch.empty(e, h, inter, dtype=FP8), torch.empty(t, 9), torch.zeros(t, 9, dtype=torch.int32),
-                          torch.empty(e, 2 * inter, 1), torch.empty(e, h, 1), "fp8_channel",
-                          config=dict(moe.moe_config(t, e, inter, h, "fp8_channel", torch.device("cpu")),
-                                      QUACK=quack))
+        moe.fused_moe(torch.empty(t, h, dtype=BF16), torch.empty(e, 2 * inter, h, dtype=FP8),
+                      torch.empty(e, h, inter, dtype=FP8), torch.empty(t, 9), torch.zeros(t, 9, dtype=torch.int32),
+                      torch.empty(e, 2 * inter, 1), torch.empty(e, h, 1), "fp8_channel")
         q, k = torch.empty(t, 12, 128, dtype=BF16), torch.empty(t, 1, 128, dtype=BF16)
         w = torch.empty(128, dtype=BF16)
         rope.qk_norm_rope(q, k, w, w, torch.empty(4096, 64), torch.empty(t, dtype=torch.int64), 1e-5)
 
-    real_gemm_for = moe.grouped_gemm_for
-    moe.grouped_gemm_for = lambda device: (lambda *args, **kwargs: None)
-    try:
-        step(8208)
-        attend(512, 16)
-        first = variants()
-        step(8207)
-        attend(1024, 15)
-        again = variants()
-    finally:
-        moe.grouped_gemm_for = real_gemm_for
+    step(8208)
+    attend(512, 16)
+    first = variants()
+    step(8207)
+    attend(1024, 15)
+    again = variants()
     grew = sorted(n for n in again if again[n] > first[n])
     used = sorted(n for n in first if first[n])
     if grew:
@@ -298,7 +271,6 @@ CASES = {
     "attention": case_attention,
     "moe": case_moe,
     "moe_tma": case_moe_tma,
-    "moe_quack": case_moe_quack,
     "gemm": case_gemm,
     "swap": case_swap,
     "router": case_router,

@@ -60,25 +60,6 @@ def _silu_mul_kernel(
         tl.store(qs_ptr + row, scale)
 
 
-@triton.jit
-def _silu_mul_fp8_row_kernel(
-    x_ptr, q_ptr, qs_ptr, I, stride_x, stride_q,
-    BLOCK: tl.constexpr, X_BF16: tl.constexpr,
-    PDL: tl.constexpr = False,
-):
-    """One row per program, the whole row in one block (BLOCK >= I): the product stays in registers between the
-    amax and the quantization (no 16-bit copy of it through memory)."""
-    pdl_wait(PDL)
-    pdl_release(PDL)
-    row = tl.program_id(0).to(tl.int64)
-    c = tl.arange(0, BLOCK)
-    m = c < I
-    y = _swiglu(x_ptr + row * stride_x, c, m, I, X_BF16).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(y), 0) / 448.0, 1e-12)
-    tl.store(q_ptr + row * stride_q + c, to_fp8(tl.clamp(y / scale, -448.0, 448.0)), mask=m)
-    tl.store(qs_ptr + row, scale)
-
-
 def _launch(x: torch.Tensor, quant: bool):
     shape = x.shape
     two_i = shape[-1]
@@ -109,29 +90,4 @@ def silu_mul_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return _launch(x, True)
 
 
-ROW_BLOCK_MAX = 4096  # widest I that `silu_mul_fp8_only` keeps in registers in one block
-
-
-def silu_mul_fp8_only(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [T, 2I] -> (y_fp8 [T, I], y_scale fp32 [T, 1]): `silu_mul_fp8` without the 16-bit y (bitwise the same
-    y_fp8 and scales); rows of up to ROW_BLOCK_MAX columns in one pass, wider ones through `silu_mul_fp8`."""
-    two_i = x.shape[-1]
-    i = two_i // 2
-    x2 = x.reshape(-1, two_i)
-    if i > ROW_BLOCK_MAX:
-        _, q, qs = _launch(x2, True)
-        return q.view(*x.shape[:-1], i), qs.view(*x.shape[:-1], 1)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    t = x2.shape[0]
-    q, qs = fp8_row_outputs(t, i, x.device)
-    if t:
-        block = next_pow2(i)
-        _silu_mul_fp8_row_kernel[(t,)](
-            x2, q, qs, i, x2.stride(0), q.stride(0), BLOCK=block, X_BF16=x.dtype == torch.bfloat16,
-            num_warps=4 if block <= 2048 else 8, enable_fp_fusion=False, **pdl_launch(x.device),
-        )
-    return q.view(*x.shape[:-1], i), qs.view(*x.shape[:-1], 1)
-
-
-__all__ = ["silu_mul", "silu_mul_fp8", "silu_mul_fp8_only"]
+__all__ = ["silu_mul", "silu_mul_fp8"]

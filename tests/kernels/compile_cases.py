@@ -19,7 +19,7 @@ def case_quant():
 
 
 def case_norm_act():
-    from kernels.triton_activation import silu_mul, silu_mul_fp8, silu_mul_fp8_only
+    from kernels.triton_activation import silu_mul, silu_mul_fp8
     from kernels.triton_norm import add_rms_norm, rms_norm, rms_norm_fp8
 
     for t in (1, 4096):
@@ -32,7 +32,6 @@ def case_norm_act():
             g = torch.empty(t, 2 * i, dtype=BF16)
             silu_mul(g)
             silu_mul_fp8(g)
-            silu_mul_fp8_only(g)
 
 
 def case_allreduce():

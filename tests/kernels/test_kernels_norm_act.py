@@ -4,7 +4,7 @@ import torch
 from kernels.activation import silu_mul_ref
 from kernels.norm import add_rms_norm_ref, rms_norm_ref
 from kernels.quant import quant_fp8_per_token_ref
-from kernels.triton_activation import silu_mul, silu_mul_fp8, silu_mul_fp8_only
+from kernels.triton_activation import silu_mul, silu_mul_fp8
 from kernels.triton_norm import add_rms_norm, rms_norm, rms_norm_fp8
 from kernel_helpers import fp8_mismatch, poisoned_empty
 
@@ -88,20 +88,6 @@ def test_silu_mul_fp8(device, t, i):
     qr, qsr = quant_fp8_per_token_ref(y)
     torch.testing.assert_close(qs, qsr, rtol=1e-6, atol=0)
     assert fp8_mismatch(q, qr) == 0.0
-
-
-@pytest.mark.parametrize("t,i", [(3, 192), (2, 100), (2, 4100)])
-def test_silu_mul_fp8_only(device, t, i):
-    """Without the 16-bit product: the same FP8 values and scales as silu_mul_fp8 (4100 > ROW_BLOCK_MAX: the
-    two-pass fallback)."""
-    x = torch.randn(t, 2 * i, device=device, dtype=torch.bfloat16) * 3
-    x[0, i:] = 0.0  # a row whose product is all zeros: the scale floor
-    with poisoned_empty():
-        q, qs = silu_mul_fp8_only(x)
-    _, qr, qsr = silu_mul_fp8(x)
-    assert q.shape == (t, i) and qs.shape == (t, 1)
-    torch.testing.assert_close(qs, qsr, rtol=0, atol=0)
-    assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8))
 
 
 @pytest.mark.gpu

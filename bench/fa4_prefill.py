@@ -11,7 +11,9 @@ its TMA paged loads, page = KV tile); "fa4_gathered": what the engine runs where
 the 16-token pages copied into packed K/V, then FA4 with cu_seqlens_k; the gather is timed, the index is not: the
 engine builds it once per forward for every layer); "fa4_gathered_fp8" / "sdpa_fp8": the same over FP8 pages
 (x 1/8 scales), against the SDPA path the engine takes for FP8 pages it does not gather; "fa4_varlen" (no prefix):
-FA4 with cu_seqlens over the step's own contiguous K/V, no pages, no gather. --knobs adds FA4's
+FA4 with cu_seqlens over the step's own contiguous K/V, no pages, no gather; "fa4_gathered_batch": the gather, then
+FA4's batch entry point (one sequence, no cu_seqlens) — with "fa4" and "fa4_varlen" it splits the gathered path's
+cost into the copy and the varlen entry point. --knobs adds FA4's
 sm90 launch choices through its internal `_flash_attn_fwd` (tile_mn, pack_gqa, intra-warpgroup overlap, P@V from
 registers) on the 16-token paged cache. Times are CUDA-event medians of 10 calls after warm-up (FA4 compiles on
 its first call; --queued: 10 calls back to back, the host's launch cost hidden); % = FLOPs / time / 989 TFLOP/s
@@ -138,6 +140,9 @@ def case(n: int, prefix: int, hq: int, hk: int, knobs: bool = False, queued: boo
                 q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_q, max_seqlen_q=n, max_seqlen_k=n, softmax_scale=scale,
                 causal=True))
         runs["fa4_gathered"] = lambda: gathered(k_cache, v_cache)
+        runs["fa4_gathered_batch"] = lambda: _first(flash_attn_func(  # one sequence: batch mode, no cu_seqlens
+            q[None], gather_packed(k_cache, packed, BF16)[None], gather_packed(v_cache, packed, BF16)[None],
+            softmax_scale=scale, causal=True))[0]
         k8, v8 = (k_cache * 8).to(FP8), (v_cache * 8).to(FP8)  # stored x 8, read back x 1/8: the same K/V
         runs["fa4_gathered_fp8"] = lambda: gathered(k8, v8, 0.125, 0.125)
         runs["sdpa_fp8"] = lambda: paged_attention_prefill_sdpa(

@@ -856,6 +856,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--prefill-attention-backend", default="auto", choices=list(PREFILL_ATTENTION_BACKENDS))
     ap.add_argument("--fa4-gather-min-pairs", type=int, default=None,
                     help="FA4's packed-K/V rule (kernels/fa4_prefill.py GATHER_MIN_PAIRS); 1e9: always the pages")
+    ap.add_argument("--fa4-paged-prompts", action="store_true",
+                    help="a prompt alone reads the pages too (kernels/fa4_prefill.py FRESH_PROMPTS off, as before)")
     ap.add_argument(
         "--hf-layers", type=int, default=3, help="layers of the generate/HF model; 0 skips generate"
     )
@@ -901,6 +903,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = parse_overrides(args.set)
     if args.fa4_gather_min_pairs is not None:  # this process's engine reads it per step
         fa4_prefill.GATHER_MIN_PAIRS = args.fa4_gather_min_pairs
+    if args.fa4_paged_prompts:
+        fa4_prefill.FRESH_PROMPTS = False
     for flag, key in _WIDTH_FLAGS.items():
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)

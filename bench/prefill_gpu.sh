@@ -6,7 +6,8 @@
 # the TP size). Decode B=1/64 rides along in every run (must not get slower). Prints one table; JSON in $OUT.
 # Knobs: LAYERS, BACKENDS ("triton sdpa fa4"), CAP (seconds per bench.engine run; the first run on a fresh machine
 # also compiles the Triton cache), SHARDS ("1 4 8"), PY (the interpreter: bench/fa4_wheels.sh's venv for fa4).
-# Backend "fa4paged": fa4 with its packed-K/V gather off (every step over the pages: the session-20 behaviour).
+# Backend "fa4paged": fa4 with its packed-K/V gather and its fresh-K/V prompts off (every step over the pages: the
+# session-20 behaviour).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/prefill_out}
@@ -18,7 +19,8 @@ shard_args() {  # GLM-4.7: 96 heads / 8 KV heads, MoE expert width 1536, dense w
     echo "--heads $((96 / $1)) --kv-heads $(( 8 / $1 > 0 ? 8 / $1 : 1 )) --moe-intermediate $((1536 / $1)) --intermediate $((12288 / $1))"
 }
 backend_args() {
-    [ "$1" = fa4paged ] && { echo "--prefill-attention-backend fa4 --fa4-gather-min-pairs 1000000000"; return; }
+    local paged="--fa4-gather-min-pairs 1000000000 --fa4-paged-prompts"
+    [ "$1" = fa4paged ] && { echo "--prefill-attention-backend fa4 $paged"; return; }
     echo "--prefill-attention-backend $1"
 }
 for tp in $SHARDS; do

@@ -215,13 +215,16 @@ class ModelWorker:
         shape = AttentionShape(heads.num_kv_heads, heads.num_heads // heads.num_kv_heads, mc.head_dim,
                                kv_dtype == torch.float8_e4m3fn,
                                torch.cuda.get_device_properties(self.device).multi_processor_count)
-        # the prompts of every token count below also compile FA4's kernel (one per configuration, not per length):
-        # first over the pages (16-bit) or the SDPA path's plans (FP8), for the steps FA4 does not gather, then once
-        # more over packed K/V
         sdpa = self._prefill_kernel(kv_dtype) == "sdpa"
         steps = warmup_steps(sc.max_num_batched_tokens, sc.max_num_seqs, sc.max_model_len, shape,
                              sdpa_prefill.sdpa_from_tokens(heads.num_heads) if sdpa else None)
-        gathered = min(sc.max_num_batched_tokens, sc.max_model_len)
+        # FA4 compiles a kernel per configuration, not per length (kernels/fa4_prefill.py). The prompts above compile
+        # its batch entry point (a 16-bit prompt alone) or the SDPA path's plans (FP8); a step that attends cached
+        # keys compiles its page-table one (packed K/V off in this loop), then, below, its packed one
+        fa4_q = min(sc.max_num_batched_tokens, sc.max_model_len - self.block_size)
+        fa4_cached = WarmupStep(1, fa4_q, fa4_q + self.block_size)
+        fa4 = self.runner.max_packed_kv > 0 and fa4_prefill.takes(fa4_q)
+        steps += [fa4_cached] if fa4 else []
         start = time.perf_counter()
         packed, self.runner.max_packed_kv = self.runner.max_packed_kv, 0
         try:
@@ -229,8 +232,8 @@ class ModelWorker:
                 self.runner.run(step_inputs(step, self.block_size, self.num_blocks))
         finally:
             self.runner.max_packed_kv = packed
-        if packed and fa4_prefill.takes(gathered):
-            self.runner.run(step_inputs(WarmupStep(1, gathered, gathered), self.block_size, self.num_blocks))
+        if fa4:
+            self.runner.run(step_inputs(fa4_cached, self.block_size, self.num_blocks))
         torch.cuda.synchronize(self.device)
         if self.dist.is_driver:
             log.info("kernel warm-up: %d steps in %.1f s", len(steps), time.perf_counter() - start)

@@ -15,8 +15,8 @@ ATTENTION_BACKENDS = ("triton", "fa3")  # triton: kernels.paged_attention (refer
 # prefill steps: triton = whatever attention_backend runs; sdpa = torch SDPA (cuDNN) over the gathered K/V of each
 # sequence with >= sdpa_prefill.sdpa_from_tokens(heads) new tokens (kernels/sdpa_prefill.py), the other rows stay on
 # attention_backend; fa4 = FlashAttention-4 for every row of a step whose longest query has >= fa4_prefill.FROM_TOKENS
-# new tokens, over K/V gathered out of the pages where the step's keys are few next to its score work, else over the
-# pages (kernels/fa4_prefill.py; FP8 KV pages that are not gathered take sdpa); auto = fa4 on a Hopper or
+# new tokens: a prompt alone over its own fresh K/V, other steps over K/V gathered out of the pages where that paid,
+# else over the pages (kernels/fa4_prefill.py; FP8 KV pages that are not gathered take sdpa); auto = fa4 on a Hopper or
 # newer GPU where flash-attn-4 imports (fastest on every shape measured, bench/RESULTS.md), else sdpa on CUDA
 # (1.4-1.8x faster than our Triton extend kernel at 4K-32K tokens on the H200), triton elsewhere (the CPU
 # reference path)
@@ -84,7 +84,11 @@ class Attention(nn.Module):
                 x_q: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         t = x.shape[0]
         k_cache, v_cache = ctx.kv_caches[self.layer_id]
-        if self.fused_qk_norm_rope:  # projection + norm + RoPE + KV store (one kernel at decode sizes)
+        # FA4 over the step's own K/V: one sequence without cached keys, 16-bit cache (kernels/fa4_prefill.py);
+        # takes() first: only eager prefill steps read host lengths
+        prompt_alone = (self.prefill_attention_backend == "fa4" and fa4_prefill.takes(ctx.max_query_len)
+                        and fa4_prefill.FRESH_PROMPTS and k_cache.dtype == x.dtype and ctx.one_prompt_alone())
+        if self.fused_qk_norm_rope and not prompt_alone:  # projection + norm + RoPE + KV store (one kernel at decode)
             lin = self.qkv_proj
             q = kernels.qkv_norm_rope(
                 x, x_q, lin.weight, lin.weight_scale, lin.bias, lin.quant, self.heads.num_heads,
@@ -99,6 +103,9 @@ class Attention(nn.Module):
         v = v.reshape(t, self.heads.num_kv_heads, self.head_dim)
         q, k = kernels.qk_norm_rope(q, k, self.q_norm, self.k_norm, cos_sin, ctx.positions, self.eps)
         kernels.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping, ctx.k_scale, ctx.v_scale)
+        if prompt_alone:  # its own K/V, contiguous: what the cache now holds for it (kernels/fa4_prefill.py)
+            o = fa4_prefill.prompt_attention_fa4(q, k, v, self.scale)
+            return self.o_proj(o.reshape(t, self.q_size))
         return self._attend(q, ctx, k_cache, v_cache)
 
     def _attend(self, q: torch.Tensor, ctx: ForwardContext, k_cache: torch.Tensor, v_cache: torch.Tensor):

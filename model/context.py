@@ -62,6 +62,11 @@ class ForwardContext:
             self._packed_kv = pack_index(self.block_tables, self.host_lengths()[1], page_size)
         return self._packed_kv
 
+    def one_prompt_alone(self) -> bool:
+        """One sequence whose keys are all new this step (no cached prefix, no earlier chunk)."""
+        query_start, seq_lens = self.host_lengths()
+        return len(seq_lens) == 1 and seq_lens[0] == query_start[1] - query_start[0]
+
     @property
     def is_decode(self) -> bool:
         return self.max_query_len == 1

@@ -54,8 +54,12 @@ def test_sdpa_prefill_gives_the_default_tokens(monkeypatch, tiny_bf16):
     assert llm.stats()["prefix_cache_hit_tokens"] > 0
 
 
-@pytest.mark.parametrize("gather_min_pairs", [10**9, 6, 1])  # never, some steps, every step that fits
-def test_fa4_prefill_gives_the_default_tokens(monkeypatch, tiny_bf16, gather_min_pairs):
+# gather never, some steps, every step that fits; fused: the one-kernel QKV prologue (a prompt alone leaves it);
+# fresh off: a prompt alone reads the pages too (with no gather: every step over the pages)
+@pytest.mark.parametrize("gather_min_pairs,fused,fresh", [
+    (10**9, False, True), (6, False, True), (1, False, True), (6, True, True), (10**9, False, False),
+])
+def test_fa4_prefill_gives_the_default_tokens(monkeypatch, tiny_bf16, gather_min_pairs, fused, fresh):
     """prefill_attention_backend="fa4" with a fake flash-attn-4 (tests/fake_flash_attn.py: the real signature and
     argument checks, reference math): the same greedy tokens as the default path, every prefill step (chunks
     after cached prefixes and decode rows included) in one FA4 call over the pages or over packed K/V, decode-only
@@ -64,26 +68,30 @@ def test_fa4_prefill_gives_the_default_tokens(monkeypatch, tiny_bf16, gather_min
     monkeypatch.setattr(fa4_prefill, "device_supported", lambda device: True)
     monkeypatch.setattr(fa4_prefill, "FROM_TOKENS", 8)
     monkeypatch.setattr(fa4_prefill, "GATHER_MIN_PAIRS", gather_min_pairs)
+    monkeypatch.setattr(fa4_prefill, "FRESH_PROMPTS", fresh)
     prompts = _prompts()
     kw = {"device": "cpu", "dtype": "bfloat16", "max_num_batched_tokens": 24, "enable_prefix_caching": True}
     default = LLM(str(tiny_bf16), **kw)
     expected = _run(default, prompts[:1]) + _run(default, prompts[1:])
     assert calls == []  # auto on CPU is the reference path
-    llm = LLM(str(tiny_bf16), prefill_attention_backend="fa4", **kw)
+    llm = LLM(str(tiny_bf16), prefill_attention_backend="fa4", enable_fused_qk_norm_rope=fused, **kw)
     attns = [m for m in llm.engine.worker.model.modules() if isinstance(m, Attention)]
     assert attns and all(a.prefill_attention_backend == "fa4" for a in attns)
     got = _run(llm, prompts[:1]) + _run(llm, prompts[1:])
     assert got == expected
     layers = len(attns)
+    own_kv = [("fa4.flash_attn_func", (1, 24, 4, 32))] * layers  # the first chunk: a prompt alone
+    assert (calls[:layers] == own_kv) == fresh
+    assert fresh or all(name != "fa4.flash_attn_func" for name, _ in calls)
+    calls = [c for c in calls if c[0] != "fa4.flash_attn_func"]
     assert calls and len(calls) % layers == 0  # every layer of a prefill step, nothing else
     assert llm.stats()["prefix_cache_hit_tokens"] > 0
     packed = sum(name.endswith("[packed]") for name, _ in calls)
     assert llm.engine.worker.runner.max_packed_kv == llm.config.scheduler.max_model_len
     if gather_min_pairs == 10**9:
         assert packed == 0
-    elif gather_min_pairs == 1:  # every step with cached keys; the first step (a prompt alone, bf16) on pages
-        assert not calls[0][0].endswith("[packed]")
-        assert all(name.endswith("[packed]") for name, _ in calls[layers:])
+    elif gather_min_pairs == 1:  # every step with cached keys (the others, prompts alone, filtered out above)
+        assert packed == len(calls)
     else:
         assert 0 < packed < len(calls)
 

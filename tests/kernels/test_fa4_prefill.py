@@ -117,6 +117,39 @@ def test_auto_takes_fa4_where_it_runs(monkeypatch):
     assert resolve_prefill_attention_backend("fa4", "cuda") == "fa4"
 
 
+def _prompt_qkv(n, hq, hk, d, device="cpu"):
+    """q and a prompt's own K/V as the prologue leaves them (v a column slice of the QKV projection), and the same
+    K/V in a paged cache (one sequence, all keys new) for the reference."""
+    qkv = torch.randn(n, (hq + 2 * hk) * d, device=device).to(torch.bfloat16)
+    q, k, v = (t.reshape(n, -1, d) for t in qkv.split([hq * d, hk * d, hk * d], dim=-1))
+    k = k.contiguous()  # the RoPE kernel writes a new k
+    pages = -(-n // 16)
+    kc = torch.zeros(pages * 16, hk, d, device=device, dtype=torch.bfloat16)
+    vc = torch.zeros_like(kc)
+    kc[:n], vc[:n] = k, v
+    bt = torch.arange(pages, device=device, dtype=torch.int32)[None]
+    lens = torch.tensor([n], device=device, dtype=torch.int32)
+    qsl = torch.tensor([0, n], device=device, dtype=torch.int32)
+    ref = paged_attention_ref(q.contiguous(), kc.view(pages, 16, hk, d), vc.view(pages, 16, hk, d), bt, lens, qsl,
+                              d ** -0.5)
+    return q.contiguous(), k, v, ref
+
+
+@pytest.mark.parametrize("n,hq,hk", [(37, 8, 2), (130, 6, 1)])
+def test_prompt_alone_attends_its_own_kv(monkeypatch, n, hq, hk):
+    """One sequence without cached keys: FA4's batch entry point over the fresh K/V (v strided as it comes out of
+    the projection), the reference's numbers."""
+    calls = fake_flash_attn.install_fa4(monkeypatch)
+    q, k, v, ref = _prompt_qkv(n, hq, hk, 64)
+    assert not v.is_contiguous()
+    out = fa4_prefill.prompt_attention_fa4(q, k, v, 64 ** -0.5)
+    assert calls == [("fa4.flash_attn_func", (1, n, hq, 64))]
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert _rel_err(out, ref) < 6e-3
+    with pytest.raises(ValueError, match="one dtype"):
+        fa4_prefill.prompt_attention_fa4(q, k.to(torch.float16), v, 64 ** -0.5)
+
+
 def test_takes_steps_from_the_threshold():
     assert not fa4_prefill.takes(fa4_prefill.FROM_TOKENS - 1)
     assert fa4_prefill.takes(fa4_prefill.FROM_TOKENS)
@@ -139,3 +172,6 @@ def test_real_library_gpu(hq, hk, seq_lens, q_lens):
                                                       max_query_len=max(q_lens), packed=packed)
         ref = paged_attention_ref(q, kq, vq, bt, lens, qsl, 128 ** -0.5, ks, vs)
         assert _rel_err(out, ref) < 1e-2, kv_dtype
+    if len(seq_lens) == 1:  # a prompt alone over its own K/V (v a strided slice, as the engine passes it)
+        q, k, v, ref = _prompt_qkv(seq_lens[0], hq, hk, 128, device="cuda")
+        assert _rel_err(fa4_prefill.prompt_attention_fa4(q, k, v, 128 ** -0.5), ref) < 1e-2

@@ -32,11 +32,12 @@ packed K/V (kernels/packed_kv.py) and attended with cu_seqlens_k where that meas
 bench.fa4_prefill, gather included): FP8 pages, which widen in the gather, so FA4 runs on FP8 KV caches instead of
 the SDPA path (96/8 heads: 0.80 vs 0.86 ms at 4K, 11.2 vs 11.9 ms at 16K, 2.23 vs 3.00 ms at 4K after a 4K prefix;
 12/1: 0.25 vs 0.59, 1.40 vs 1.65, 0.30 vs 0.95 ms); and 16-bit pages when the step attends cached keys (4K after a
-4K prefix: 2.14 vs 2.30 ms at 96/8, equal at 12/1). 16-bit prompts alone stay paged (gathered vs paged: 0.75 vs
-0.76 ms at 4K and 12.0 vs 11.8 ms at 16K for 96/8, 0.18 vs 0.13 ms at 4K for 12/1). Other steps (a prefill chunk
-next to many long-context decode rows) read the pages; FP8 ones take the SDPA path (model/attention.py).
-The library compiles a kernel per configuration (dtype, head dims, GQA packing, causal, paged or not) on its first
-call, not per length: the engine's start-up warm-up compiles both (engine/model_worker.py).
+4K prefix: 2.14 vs 2.30 ms at 96/8, equal at 12/1). 16-bit prompts without cached keys are not gathered (gathered
+vs paged: 0.75 vs 0.76 ms at 4K and 12.0 vs 11.8 ms at 16K for 96/8, 0.18 vs 0.13 ms at 4K for 12/1): one alone
+attends its own K/V (above), several in one step read the pages. Other steps (a prefill chunk next to many
+long-context decode rows) read the pages; FP8 ones take the SDPA path (model/attention.py).
+The library compiles a kernel per configuration (dtype, head dims, GQA packing, causal, batch / paged / packed) on
+its first call, not per length: the engine's start-up warm-up compiles all three (engine/model_worker.py).
 """
 from __future__ import annotations
 

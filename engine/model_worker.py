@@ -221,8 +221,8 @@ class ModelWorker:
         # FA4 compiles a kernel per configuration, not per length (kernels/fa4_prefill.py). The prompts above compile
         # its batch entry point (a 16-bit prompt alone) or the SDPA path's plans (FP8); a step that attends cached
         # keys compiles its page-table one (packed K/V off in this loop), then, below, its packed one
-        fa4_q = min(sc.max_num_batched_tokens, sc.max_model_len - self.block_size)
-        fa4_cached = WarmupStep(1, fa4_q, fa4_q + self.block_size)
+        fa4_q = min(sc.max_num_batched_tokens, sc.max_model_len - 1)
+        fa4_cached = WarmupStep(1, fa4_q, fa4_q + 1)  # one cached key: >= 1,024 pairs per key from 2,048 tokens
         fa4 = self.runner.max_packed_kv > 0 and fa4_prefill.takes(fa4_q)
         steps += [fa4_cached] if fa4 else []
         start = time.perf_counter()

@@ -101,11 +101,14 @@ class Attention(nn.Module):
         q = q.reshape(t, self.heads.num_heads, self.head_dim)
         k = k.reshape(t, self.heads.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.heads.num_kv_heads, self.head_dim)
-        q, k = kernels.qk_norm_rope(q, k, self.q_norm, self.k_norm, cos_sin, ctx.positions, self.eps)
-        kernels.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping, ctx.k_scale, ctx.v_scale)
-        if prompt_alone:  # its own K/V, contiguous: what the cache now holds for it (kernels/fa4_prefill.py)
+        if prompt_alone:  # norm + RoPE + KV store in one kernel; FA4 attends the k and v it stored (fa4_prefill.py)
+            q, k = kernels.qk_norm_rope(q, k, self.q_norm, self.k_norm, cos_sin, ctx.positions, self.eps, v=v,
+                                        k_cache=k_cache, v_cache=v_cache, slot_mapping=ctx.slot_mapping,
+                                        k_scale=ctx.k_scale, v_scale=ctx.v_scale)
             o = fa4_prefill.prompt_attention_fa4(q, k, v, self.scale)
             return self.o_proj(o.reshape(t, self.q_size))
+        q, k = kernels.qk_norm_rope(q, k, self.q_norm, self.k_norm, cos_sin, ctx.positions, self.eps)
+        kernels.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping, ctx.k_scale, ctx.v_scale)
         return self._attend(q, ctx, k_cache, v_cache)
 
     def _attend(self, q: torch.Tensor, ctx: ForwardContext, k_cache: torch.Tensor, v_cache: torch.Tensor):

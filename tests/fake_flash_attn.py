@@ -177,28 +177,7 @@ def _fa2_module(calls):
         return out
 
     mod.flash_attn_with_kvcache = flash_attn_with_kvcache
-    def flash_attn_func(
-        q, k, v, qv=None, gather_kv_indices=None, softmax_scale=None, causal=False, window_size=(None, None),
-        learnable_sink=None, softcap=0.0, num_splits=1, pack_gqa=None, deterministic=False, score_mod=None,
-        score_mod_bwd=None, mask_mod=None, aux_tensors=None, aux_scalars=None, block_sparse_tensors=None,
-        block_sparse_tensors_bwd=None, return_lse=False,
-    ):
-        assert qv is None and gather_kv_indices is None and window_size == (None, None) and softcap == 0.0
-        assert score_mod is None and mask_mod is None and isinstance(softmax_scale, float)
-        assert q.dtype in HALF and k.dtype == q.dtype and v.dtype == q.dtype
-        assert q.dim() == 4 and k.dim() == 4 and v.shape == k.shape, "(batch, seqlen, nheads, headdim)"
-        assert all(t.stride(-1) == 1 for t in (q, k, v)), "Input tensor must have contiguous last dimension"
-        assert q.shape[0] == k.shape[0] and q.shape[-1] == k.shape[-1] and q.shape[2] % k.shape[2] == 0
-        calls.append(("fa4.flash_attn_func", tuple(q.shape)))
-        b, n, _, d = q.shape
-        kv_len = k.shape[1]
-        table = torch.arange(kv_len, dtype=torch.int32)  # one-token pages in order
-        out = torch.stack([_attend(q[i], k[i][:, None], v[i][:, None], table, kv_len, softmax_scale, causal)
-                           for i in range(b)])
-        return out, torch.zeros(b, q.shape[2], n)
-
     mod.flash_attn_varlen_func = flash_attn_varlen_func
-    mod.flash_attn_func = flash_attn_func
     return mod
 
 

@@ -41,8 +41,10 @@ def test_workspace_bytes():
     assert workspace_bytes(0, 8, 128, torch.bfloat16, torch.bfloat16) == 0
 
 
-@pytest.mark.parametrize("max_packed_kv,gathers", [(0, False), (4096, True), (4095, False)])
-def test_forward_context_decides_and_builds_once(monkeypatch, max_packed_kv, gathers):
+# widens: FP8 pages; a 16-bit prompt without cached keys is never gathered (kernels/fa4_prefill.py `gathers`)
+@pytest.mark.parametrize("max_packed_kv,widens,gathers", [(0, True, False), (4096, True, True), (4095, True, False),
+                                                          (4096, False, False)])
+def test_forward_context_decides_and_builds_once(monkeypatch, max_packed_kv, widens, gathers):
     asked: list[int] = []
     real = fa4_prefill.gathers
     monkeypatch.setattr(fa4_prefill, "gathers", lambda *a: asked.append(1) or real(*a))
@@ -51,8 +53,8 @@ def test_forward_context_decides_and_builds_once(monkeypatch, max_packed_kv, gat
                          seq_lens=torch.tensor([4096]), query_start_loc=torch.tensor([0, 4096]), max_query_len=4096,
                          max_seq_len=4096, host_query_start_loc=[0, 4096], host_seq_lens=[4096],
                          max_packed_kv=max_packed_kv)
-    first = ctx.packed_kv(16)
+    first = ctx.packed_kv(16, widens)
     assert (first is not None) == gathers
-    assert ctx.packed_kv(16) is first and len(asked) == 1  # every other layer reuses the decision and the index
+    assert ctx.packed_kv(16, widens) is first and len(asked) == 1  # every other layer reuses the decision and the index
     if gathers:
         assert torch.equal(first.slots, torch.arange(4096))

@@ -34,7 +34,8 @@ prepare)
 install)
     rm -rf /tmp/fa4env && python3 -m venv /tmp/fa4env
     site=$(/tmp/fa4env/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-    python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter=\"tar\")" .fa4/libs.tar.xz "$site"
+    python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter=\"tar\")" \
+        .fa4/libs.tar.xz "$site"
     /tmp/fa4env/bin/python -m pip install -q --no-index --no-deps --no-compile .fa4/*.whl >&2
     if compgen -G ".whl_lite/*.whl" >/dev/null; then
         /tmp/fa4env/bin/python -m pip install -q --no-index --no-deps --no-compile .whl_lite/*.whl >&2

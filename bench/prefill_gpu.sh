@@ -5,7 +5,8 @@
 # tokens; then the TP4 and TP8 shard widths emulated on one GPU (heads, KV heads, expert and dense widths cut by
 # the TP size). Decode B=1/64 rides along in every run (must not get slower). Prints one table; JSON in $OUT.
 # Knobs: LAYERS, BACKENDS ("triton sdpa fa4"), CAP (seconds per bench.engine run; the first run on a fresh machine
-# also compiles the Triton cache), SHARDS ("1 4 8"), PY (the interpreter: bench/fa4_wheels.sh's venv for fa4).
+# also compiles the Triton cache), SHARDS ("1 4 8"), SHAPES ("4096:0 16384:0 16384:4096": new:cached tokens),
+# PY (the interpreter: bench/fa4_wheels.sh's venv for fa4).
 # Backend "fa4paged": fa4 with its packed-K/V gather and its fresh-K/V prompts off (every step over the pages: the
 # session-20 behaviour).
 set -u
@@ -14,6 +15,7 @@ OUT=${OUT:-$PWD/prefill_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PY:-python3}; LAYERS=${LAYERS:-27}; BACKENDS=${BACKENDS:-"triton sdpa"}; CAP=${CAP:-150}; SHARDS=${SHARDS:-"1 4 8"}
+SHAPES=${SHAPES:-"4096:0 16384:0 16384:4096"}
 shard_args() {  # GLM-4.7: 96 heads / 8 KV heads, MoE expert width 1536, dense width 12288
     [ "$1" = 1 ] && return
     echo "--heads $((96 / $1)) --kv-heads $(( 8 / $1 > 0 ? 8 / $1 : 1 )) --moe-intermediate $((1536 / $1)) --intermediate $((12288 / $1))"
@@ -25,8 +27,8 @@ backend_args() {
 }
 for tp in $SHARDS; do
     for backend in $BACKENDS; do
-        for shape in "4096 0" "16384 0" "16384 4096"; do
-            set -- $shape
+        for shape in $SHAPES; do
+            set -- ${shape/:/ }
             [ "$tp" != 1 ] && [ "$1 $2" != "16384 0" ] && continue  # shard widths: one shape
             name="tp${tp}_${backend}_q$1_p$2"
             # shellcheck disable=SC2046

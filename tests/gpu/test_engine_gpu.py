@@ -10,6 +10,7 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 from engine import LLM, SamplingParams  # noqa: E402
+from kernels import fa4_prefill  # noqa: E402
 from spec import DraftSlot, MtpCalls, MtpDrafter  # noqa: E402
 
 def _llm(path, **kw) -> LLM:
@@ -132,6 +133,24 @@ def test_prefix_cache_chunked_and_preempted_on_gpu(tiny_dirs):
     hit = _prompt_lps_last(plain, ids + [7, 8, 9])
     assert plain.stats()["prefix_cache_hit_tokens"] > before
     assert hit is not None
+
+
+def test_fa4_prefill_routes_match_triton(tiny_dirs):
+    """Every FA4 route an engine takes for a long prompt (kernels/fa4_prefill.py) against the Triton prefill kernel,
+    by teacher-forced log-probs within bf16 tolerance: a prompt alone over its own fresh K/V; chunks of 2,048 after
+    earlier ones (the second attends cached keys: gathered); FP8 pages (gathered, widened) against Triton on FP8."""
+    reason = fa4_prefill.unsupported_reason("cuda", torch.bfloat16, 32)
+    if reason:
+        pytest.skip(reason)
+    ids = random.Random(0).choices(range(10, 900), k=5000)
+    kw = dict(device="cuda", enforce_eager=True, max_model_len=8192)
+    for extra in ({}, {"max_num_batched_tokens": 2048}, {"kv_cache_dtype": "fp8_e4m3"}):
+        ref_kv = {"kv_cache_dtype": extra["kv_cache_dtype"]} if "kv_cache_dtype" in extra else {}
+        ref = _prompt_lps(_llm(tiny_dirs["bf16"], prefill_attention_backend="triton", **kw, **ref_kv), ids)
+        got = _prompt_lps(_llm(tiny_dirs["bf16"], prefill_attention_backend="fa4", **kw, **extra), ids)
+        d = (got - ref).abs()
+        print(json.dumps({"fa4_vs_triton": extra, "mean": d.mean().item(), "max": d.max().item()}))
+        assert d.mean().item() < 0.05 and d.max().item() < 0.5, extra
 
 
 def _prompt_lps_last(llm, ids):

@@ -16,7 +16,8 @@ FA4's batch entry point (one sequence, no cu_seqlens) — with "fa4" and "fa4_va
 cost into the copy and the varlen entry point. --knobs adds FA4's
 sm90 launch choices through its internal `_flash_attn_fwd` (tile_mn, pack_gqa, intra-warpgroup overlap, P@V from
 registers) on the 16-token paged cache. Times are CUDA-event medians of 10 calls after warm-up (FA4 compiles on
-its first call; --queued: 10 calls back to back, the host's launch cost hidden); % = FLOPs / time / 989 TFLOP/s
+its first call; --queued: 10 calls back to back, the host's launch cost hidden; --rounds R: R such times per
+variant, the variants interleaved, median and range printed); % = FLOPs / time / 989 TFLOP/s
 (bf16 dense datasheet). "err" = the largest difference from the cuDNN output over its largest value.
 flash-attn-4 is optional: the script says so when it is missing.
 """
@@ -100,7 +101,8 @@ def paged(src_k: torch.Tensor, src_v: torch.Tensor, page: int) -> tuple[torch.Te
     return caches[0], caches[1], perm.view(1, -1)
 
 
-def case(n: int, prefix: int, hq: int, hk: int, knobs: bool = False, queued: bool = False) -> dict[str, object]:
+def case(n: int, prefix: int, hq: int, hk: int, knobs: bool = False, queued: bool = False,
+         rounds: int = 1) -> dict[str, object]:
     kv = n + prefix
     scale = D ** -0.5
     q = torch.randn(n, hq, D, device="cuda", dtype=BF16)
@@ -153,15 +155,23 @@ def case(n: int, prefix: int, hq: int, hk: int, knobs: bool = False, queued: boo
                 q, k_cache, v_cache, cu_seqlens_q=cu_q, seqused_k=lens, max_seqlen_q=n, page_table=table,
                 softmax_scale=scale, causal=True, **kw))
     flops = 4 * D * hq * (n * prefix + n * (n + 1) / 2)
+    errs: dict[str, float] = {}
     for name, fn in runs.items():
         try:
             o = fn()
-            err = float((o.float() - ref.float()).abs().max() / ref.float().abs().max())
-            ms = _time_ms(fn, queued=queued)
-            out[name] = f"{ms:7.3f} ms ({100 * flops / (ms * 1e-3) / PEAK:4.1f}%) err {err:.1e}"
+            errs[name] = float((o.float() - ref.float()).abs().max() / ref.float().abs().max())
         except Exception as exc:  # noqa: BLE001 - a variant the library refuses is a result, not a crash
             torch.cuda.synchronize()
             out[name] = f"failed {type(exc).__name__}: {str(exc)[:160]}"
+    # rounds > 1: every variant once per round, in turn, so a drift of the GPU's clocks hits them all alike
+    times: dict[str, list[float]] = {name: [] for name in errs}
+    for _ in range(rounds):
+        for name in errs:
+            times[name].append(_time_ms(runs[name], queued=queued))
+    for name, err in errs.items():
+        ms = statistics.median(times[name])
+        spread = f" [{min(times[name]):.3f}-{max(times[name]):.3f}]" if rounds > 1 else ""
+        out[name] = f"{ms:7.3f} ms{spread} ({100 * flops / (ms * 1e-3) / PEAK:4.1f}%) err {err:.1e}"
     return out
 
 
@@ -171,13 +181,15 @@ def main() -> None:
     ap.add_argument("--cases", default="4096:0,16384:0,32768:0,4096:4096,16384:4096,2048:0,8192:0")
     ap.add_argument("--knobs", action="store_true", help="also FA4's sm90 launch choices (KNOBS) on the paged cache")
     ap.add_argument("--queued", action="store_true", help="time calls enqueued back to back (see _time_ms)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time every variant this many times, interleaved; print the median and [min-max]")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(0), "| flash_attn.cute:", FA4_ERROR or "importable", flush=True)
     for heads in args.heads.split(","):
         hq, hk = (int(x) for x in heads.split("/"))
         for c in args.cases.split(","):
             n, p = (int(x) for x in c.split(":"))
-            r = case(n, p, hq, hk, args.knobs, args.queued)
+            r = case(n, p, hq, hk, args.knobs, args.queued, args.rounds)
             print(f"{hq}/{hk} q {n:6} prefix {p:5} | " + " | ".join(f"{k} {v}" for k, v in r.items()), flush=True)
 
 

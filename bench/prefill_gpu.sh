@@ -4,8 +4,8 @@
 # (--prefill-attention-backend sdpa), at 4096 and 16384 tokens and for a 16384-token chunk after 4096 cached
 # tokens; then the TP4 and TP8 shard widths emulated on one GPU (heads, KV heads, expert and dense widths cut by
 # the TP size). Decode B=1/64 rides along in every run (must not get slower). Prints one table; JSON in $OUT.
-# Knobs: LAYERS (27 where the GPU has 130+ GB, else 15), BACKENDS ("triton sdpa fa4"), CAP (seconds per bench.engine run; the first run on a fresh machine
-# also compiles the Triton cache), SHARDS ("1 4 8"), SHAPES ("4096:0 16384:0 16384:4096": new:cached tokens),
+# Knobs: LAYERS (27 where the GPU has 130+ GB, else 15), BACKENDS ("triton sdpa fa4"), CAP (seconds per bench.engine
+# run; the first run on a fresh machine also compiles the Triton cache), SHARDS ("1 4 8"), SHAPES ("4096:0 16384:0 16384:4096": new:cached tokens),
 # PY (the interpreter: bench/fa4_wheels.sh's venv for fa4).
 # Backend "fa4paged": fa4 with its packed-K/V gather and its fresh-K/V prompts off (every step over the pages: the
 # session-20 behaviour).
@@ -16,7 +16,8 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 # 27 layers fit an H200 (141 GB), not an H100 (80 GB: 24 MoE layers of 161 experts are ~91 GB of FP8 weights)
 MEM_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1 | tr -dc '0-9')
-PY=${PY:-python3}; LAYERS=${LAYERS:-$([ "${MEM_MIB:-0}" -ge 130000 ] && echo 27 || echo 15)}; BACKENDS=${BACKENDS:-"triton sdpa"}; CAP=${CAP:-150}; SHARDS=${SHARDS:-"1 4 8"}
+LAYERS=${LAYERS:-$([ "${MEM_MIB:-0}" -ge 130000 ] && echo 27 || echo 15)}
+PY=${PY:-python3}; BACKENDS=${BACKENDS:-"triton sdpa"}; CAP=${CAP:-150}; SHARDS=${SHARDS:-"1 4 8"}
 SHAPES=${SHAPES:-"4096:0 16384:0 16384:4096"}
 shard_args() {  # GLM-4.7: 96 heads / 8 KV heads, MoE expert width 1536, dense width 12288
     [ "$1" = 1 ] && return

@@ -167,12 +167,20 @@ def case(n: int, prefix: int, hq: int, hk: int, knobs: bool = False, queued: boo
     times: dict[str, list[float]] = {name: [] for name in errs}
     for _ in range(rounds):
         for name in errs:
-            times[name].append(_time_ms(runs[name], queued=queued))
+            if name in out:  # failed while timed
+                continue
+            try:
+                times[name].append(_time_ms(runs[name], queued=queued))
+            except Exception as exc:  # noqa: BLE001 - e.g. out of memory: report it, time the others
+                torch.cuda.synchronize()
+                out[name] = f"failed {type(exc).__name__}: {str(exc)[:160]}"
     for name, err in errs.items():
+        if name in out:
+            continue
         ms = statistics.median(times[name])
         spread = f" [{min(times[name]):.3f}-{max(times[name]):.3f}]" if rounds > 1 else ""
         out[name] = f"{ms:7.3f} ms{spread} ({100 * flops / (ms * 1e-3) / PEAK:4.1f}%) err {err:.1e}"
-    return out
+    return {name: out[name] for name in runs}  # columns in the order of `runs`
 
 
 def main() -> None:

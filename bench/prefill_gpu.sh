@@ -5,8 +5,8 @@
 # tokens; then the TP4 and TP8 shard widths emulated on one GPU (heads, KV heads, expert and dense widths cut by
 # the TP size). Decode B=1/64 rides along in every run (must not get slower). Prints one table; JSON in $OUT.
 # Knobs: LAYERS (27 where the GPU has 130+ GB, else 15), BACKENDS ("triton sdpa fa4"), CAP (seconds per bench.engine
-# run; the first run on a fresh machine also compiles the Triton cache), SHARDS ("1 4 8"), SHAPES ("4096:0 16384:0 16384:4096": new:cached tokens),
-# PY (the interpreter: bench/fa4_wheels.sh's venv for fa4).
+# run; the first run on a fresh machine also compiles the Triton cache), SHARDS ("1 4 8"), SHAPES ("4096:0 16384:0
+# 16384:4096": new:cached tokens), PY (the interpreter: bench/fa4_wheels.sh's venv for fa4).
 # Backend "fa4paged": fa4 with its packed-K/V gather and its fresh-K/V prompts off (every step over the pages: the
 # session-20 behaviour).
 set -u

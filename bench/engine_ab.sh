@@ -15,8 +15,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 IFS='|' read -r -a VARS <<<"${VARIANTS:-GLINT_PDL=1|GLINT_PDL=0}"
 ROUNDS=${ROUNDS:-2}
-MEM_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1 | tr -dc '0-9')
-LAYERS=${ENGINE_LAYERS:-$([ "${MEM_MIB:-0}" -ge 130000 ] && echo 27 || echo 15)}
+LAYERS=${ENGINE_LAYERS:-$(bash bench/fit_layers.sh)}
 if [ $# -eq 0 ]; then
     set -- --device cuda --layers "$LAYERS" --dense-layers 3 --no-hf --hf-layers 0 --batches 1 --prefill 256 \
         --enable-shared-experts-fusion --enable-fused-qk-norm-rope

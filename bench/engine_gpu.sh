@@ -10,8 +10,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/engine_gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-MEM_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1 | tr -dc '0-9')
-LAYERS=${ENGINE_LAYERS:-$([ "${MEM_MIB:-0}" -ge 130000 ] && echo 27 || echo 15)}
+LAYERS=${ENGINE_LAYERS:-$(bash bench/fit_layers.sh)}
 echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' +local changes'), $LAYERS layers"
 for variant in default fused; do
     flags=""

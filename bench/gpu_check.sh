@@ -38,16 +38,9 @@ nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" 2>&1 | tee "$OUT/versions.log"
 echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' +local changes')" | tee -a "$OUT/versions.log"
 
-# Main-model size from the GPU's memory: 3 dense + 12 MoE layers (51 GB of weights) below 130 GB, else 3 + 24.
+# Main-model size from the GPU's memory (bench/fit_layers.sh)
 MEM_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1 | tr -dc '0-9')
-MEM_MIB=${MEM_MIB:-0}
-if [ -n "${ENGINE_LAYERS:-}" ]; then
-    LAYERS=$ENGINE_LAYERS
-elif [ "$MEM_MIB" -ge 130000 ]; then
-    LAYERS=27
-else
-    LAYERS=15
-fi
+LAYERS=${ENGINE_LAYERS:-$(bash bench/fit_layers.sh)}
 
 declare -a NAMES STATUS SECS
 step() { # step NAME CAP COMMAND...

@@ -14,9 +14,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/prefill_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-# 27 layers fit an H200 (141 GB), not an H100 (80 GB: 24 MoE layers of 161 experts are ~91 GB of FP8 weights)
-MEM_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1 | tr -dc '0-9')
-LAYERS=${LAYERS:-$([ "${MEM_MIB:-0}" -ge 130000 ] && echo 27 || echo 15)}
+LAYERS=${LAYERS:-$(bash bench/fit_layers.sh)}
 PY=${PY:-python3}; BACKENDS=${BACKENDS:-"triton sdpa"}; CAP=${CAP:-150}; SHARDS=${SHARDS:-"1 4 8"}
 SHAPES=${SHAPES:-"4096:0 16384:0 16384:4096"}
 shard_args() {  # GLM-4.7: 96 heads / 8 KV heads, MoE expert width 1536, dense width 12288

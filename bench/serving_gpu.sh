@@ -15,8 +15,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/serving_out}
 mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:-$PWD}
-MEM_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1 | tr -dc '0-9')
-LAYERS=${LAYERS:-$([ "${MEM_MIB:-0}" -ge 130000 ] && echo 27 || echo 15)}
+LAYERS=${LAYERS:-$(bash bench/fit_layers.sh)}
 NUM_PROMPTS=${NUM_PROMPTS:-48}
 RATE=${RATE:-4}
 RATES=${RATES:-$RATE}  # several: one run each against the same server, $OUT/serving_<preset>_r<rate>.json;

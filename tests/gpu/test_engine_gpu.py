@@ -136,21 +136,28 @@ def test_prefix_cache_chunked_and_preempted_on_gpu(tiny_dirs):
 
 
 def test_fa4_prefill_routes_match_triton(tiny_dirs):
-    """Every FA4 route an engine takes for a long prompt (kernels/fa4_prefill.py) against the Triton prefill kernel,
-    by teacher-forced log-probs within bf16 tolerance: a prompt alone over its own fresh K/V; chunks of 2,048 after
-    earlier ones (the second attends cached keys: gathered); FP8 pages (gathered, widened) against Triton on FP8."""
+    """Every FA4 route an engine takes for a long prompt (kernels/fa4_prefill.py) against the Triton prefill kernel:
+    a prompt alone over its own fresh K/V; chunks of 2,048 after earlier ones (the second attends cached keys:
+    gathered); FP8 pages (gathered, widened) against Triton on FP8. Both are scored by teacher-forced log-probs
+    against the fp32 CPU engine: over 5,000 positions this random tiny model turns bf16 rounding differences into
+    log-prob differences of up to ~9 nats at a few positions (FA4 vs Triton, and Triton bf16 vs FP8 KV, alike:
+    H100, session 26), so a fixed tolerance on FA4 vs Triton cannot tell a rounding order from a bug; FA4 must be
+    as close to fp32 as Triton is (a wrong mask, scale or key range moves the mean by far more)."""
     reason = fa4_prefill.unsupported_reason("cuda", torch.bfloat16, 32)
     if reason:
         pytest.skip(reason)
     ids = random.Random(0).choices(range(10, 900), k=5000)
+    exact = _prompt_lps(LLM(str(tiny_dirs["bf16"]), device="cpu", dtype="float32", max_model_len=8192,
+                            num_kv_blocks=600), ids)
     kw = dict(device="cuda", enforce_eager=True, max_model_len=8192)
     for extra in ({}, {"max_num_batched_tokens": 2048}, {"kv_cache_dtype": "fp8_e4m3"}):
         ref_kv = {"kv_cache_dtype": extra["kv_cache_dtype"]} if "kv_cache_dtype" in extra else {}
         ref = _prompt_lps(_llm(tiny_dirs["bf16"], prefill_attention_backend="triton", **kw, **ref_kv), ids)
         got = _prompt_lps(_llm(tiny_dirs["bf16"], prefill_attention_backend="fa4", **kw, **extra), ids)
-        d = (got - ref).abs()
-        print(json.dumps({"fa4_vs_triton": extra, "mean": d.mean().item(), "max": d.max().item()}))
-        assert d.mean().item() < 0.05 and d.max().item() < 0.5, extra
+        e_ref, e_got = (ref - exact).abs().mean().item(), (got - exact).abs().mean().item()
+        print(json.dumps({"fa4_vs_triton": extra, "triton_vs_fp32": e_ref, "fa4_vs_fp32": e_got,
+                          "fa4_vs_triton_mean": (got - ref).abs().mean().item()}))
+        assert e_got < 1.5 * e_ref + 0.02, (extra, e_got, e_ref)
 
 
 def _prompt_lps_last(llm, ids):

@@ -6,7 +6,7 @@ from kernels.triton_quant import quant_fp8_per_group, quant_fp8_per_token
 from kernel_helpers import fp8_mismatch, poisoned_empty
 
 
-@pytest.mark.parametrize("t,k", [(1, 64), (5, 300), (3, 5120), (2, 12288 + 64)])
+@pytest.mark.parametrize("t,k", [(1, 64), (5, 300), (37, 192), (19, 1536), (3, 5120), (2, 12288 + 64)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_quant_per_token(device, t, k, dtype):
     x = torch.randn(t, k, device=device, dtype=dtype) * torch.rand(t, 1, device=device, dtype=dtype) * 10
@@ -62,7 +62,7 @@ def test_quant_per_group_partial_last_group(device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("t", [1, 64, 4096])
-@pytest.mark.parametrize("k", [5120, 12288, 1536])
+@pytest.mark.parametrize("k", [5120, 12288, 1536, 384])
 def test_quant_gpu(t, k):
     x = torch.randn(t, k, device="cuda", dtype=torch.bfloat16) * 4
     with poisoned_empty():

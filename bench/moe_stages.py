@@ -7,9 +7,10 @@ Prints, per (tokens, N): every CUDA kernel launched by `kernels.triton_moe.fused
 the sum, and `torch._scaled_grouped_mm` (the two grouped GEMMs over the same routing) for scale.
 --variants [tiles|tma] also times alternative launch configs (config overrides: VARIANTS[name]) kernel by
 kernel; "tma" tries the weight / act tiles by tensor descriptors (TMA1: gate_up's weights, TMA2: down's act and
-weights) with the table's tiles and larger ones. Variants are timed eagerly (prefill runs eagerly) and by CUDA-graph
-replay. The `_scaled_grouped_mm` baseline is timed both ways too: kernel times (profiler) and CUDA-graph replay;
-they disagree by 2.5x (session 18, bench/RESULTS.md): judge by the replay.
+weights) with the table's tiles and larger ones; "persist" the persistent down GEMM (PERSIST2) at several tiles.
+Variants are timed eagerly (prefill runs eagerly) and by CUDA-graph replay. The `_scaled_grouped_mm` baseline is
+timed both ways too: kernel times (profiler) and CUDA-graph replay; they disagree by 2.5x (session 18,
+bench/RESULTS.md): judge by the replay.
 --align times only the token sort/align step (kernels/triton_moe_align.py) per token count, with the one-program
 path's limit `small_max` at several values: which pair counts the one-program kernel should still take.
 """
@@ -48,7 +49,20 @@ TMA_VARIANTS = [
     {**_BOTH, "BLOCK_M": 128, "BLOCK_N2": 256, "W2": 8, "S2": 4, "N_LOOP2": 1},
     {**_BOTH, "BLOCK_M": 64, "BLOCK_N1": 128, "W1": 4, "S1": 4, "BLOCK_N2": 256, "W2": 8, "S2": 4},
 ]
-VARIANTS = {"tiles": TILE_VARIANTS, "tma": TMA_VARIANTS}
+# the down GEMM as one program per SM walking its tiles (PERSIST2, kernels/triton_moe_persistent.py) against the
+# one-tile programs on the same descriptors and tiles
+_PERSIST = {**_BOTH, "PERSIST2": True}
+PERSIST_VARIANTS = [
+    {},
+    _BOTH,
+    _PERSIST,
+    {**_PERSIST, "S2": 4},
+    {**_PERSIST, "W2": 4},
+    {**_PERSIST, "BLOCK_N2": 256, "S2": 3, "W2": 8},
+    {**_PERSIST, "BLOCK_K2": 64, "S2": 4},
+    {**_BOTH, "BLOCK_N2": 256, "S2": 3, "W2": 8, "N_LOOP2": 1},
+]
+VARIANTS = {"tiles": TILE_VARIANTS, "tma": TMA_VARIANTS, "persist": PERSIST_VARIANTS}
 
 
 def breakdown(fn, reps: int = 5) -> dict[str, float]:

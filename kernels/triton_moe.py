@@ -22,7 +22,8 @@ made the down GEMM 6x slower at prefill sizes).
 
 Launch configs come from kernels/configs/fused_moe/*.json keyed by (E, N = I, device, quant) and the token
 count bucket; see `moe_config`. Config keys besides tiles: TMA1 / TMA2 (FP8 per channel above decode sizes: gate_up's
-weight tiles, down's act and weight tiles through Hopper tensor descriptors).
+weight tiles, down's act and weight tiles through Hopper tensor descriptors); PERSIST2 (with TMA2: the down GEMM as
+one program per SM walking the tiles, kernels/triton_moe_persistent.py).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ from kernels.triton_common import (
 )
 from kernels.triton_moe_segments import topk_sum
 from kernels.triton_moe_align import max_blocks, moe_align
+from kernels.triton_moe_persistent import moe_down_persistent
 from kernels.triton_quant import quant_fp8_per_group, quant_fp8_per_token
 
 _QUANT_IDS = {"none": 0, "fp8_channel": 1, "fp8_block": 2}
@@ -534,6 +536,10 @@ def fused_moe(
     bk2 = cfg["BLOCK_K2"]
     tma2 = tma and bool(cfg.get("TMA2")) and a2_mode == 0 and bk2 <= 128 and _tma_ok(act_a, w2)
     act_arg, w2_arg = (_desc(act_a, [bm, bk2]), _desc(w2, [bn2, bk2])) if tma2 else (act_a, w2)
+    if tma2 and not fuse and bool(cfg.get("PERSIST2")):  # one program per SM walks the tiles
+        moe_down_persistent(act_arg, act_s, w2_arg, w2, w2s, y, sorted_ids, bexp, np_, inter, cfg)
+        topk_sum(y, tw, out)
+        return out
     _moe_down_kernel[(nblk * cdiv(n2, n_loop),)](
         act_arg, act_s, w2_arg, w2s, y, sorted_ids, bexp, tw, out, cnt2, np_, inter, h, n_loop,
         act_a.stride(0), act_s.stride(0) if qid else 0, w2.stride(0), w2.stride(1), *ws2_strides, y.stride(0),

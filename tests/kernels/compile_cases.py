@@ -155,6 +155,24 @@ def case_moe_tma():
                           config=dict(cfg, BLOCK_N1=bn1, W1=w1), quant_in_kernel=False)
 
 
+def case_moe_persistent():
+    """The persistent down GEMM (PERSIST2) at the prefill tiles the H100 tables hold."""
+    import kernels.triton_moe as moe
+    import kernels.triton_moe_persistent as persistent
+
+    moe._tma_capable = lambda device: True  # CPU stub tensors: the GPU's answer
+    persistent._num_programs = lambda device: 132
+    t, h = 4096, 5120
+    for e, inter in ((161, 192), (161, 384), (160, 1536)):
+        cfg = dict(moe.moe_config(t, e, inter, h, "fp8_channel", torch.device("cpu")), TMA1=True, TMA2=True,
+                   PERSIST2=True, N_LOOP2=1)
+        for bn2, s2 in ((256, 3), (256, 4), (128, 4)):
+            moe.fused_moe(torch.empty(t, h, dtype=BF16), torch.empty(e, 2 * inter, h, dtype=FP8),
+                          torch.empty(e, h, inter, dtype=FP8), torch.empty(t, 9), torch.zeros(t, 9, dtype=torch.int32),
+                          torch.empty(e, 2 * inter, 1), torch.empty(e, h, 1), "fp8_channel",
+                          config=dict(cfg, BLOCK_N2=bn2, W2=8, S2=s2), quant_in_kernel=False)
+
+
 def case_attention():
     from kernels.triton_attention import paged_attention
 
@@ -270,6 +288,7 @@ CASES = {
     "attention": case_attention,
     "moe": case_moe,
     "moe_tma": case_moe_tma,
+    "moe_persistent": case_moe_persistent,
     "gemm": case_gemm,
     "swap": case_swap,
     "router": case_router,

@@ -89,6 +89,32 @@ def test_fused_moe_tma(device, shape, cfg, monkeypatch):
     assert made == [(cfg["BLOCK_N1"], bk1), (bm, bk2), (cfg["BLOCK_N2"], bk2)]  # the descriptor path ran
 
 
+@pytest.mark.parametrize("shape", [(19, 9, 192, 96, 4), (70, 6, 256, 64, 2), (33, 5, 128, 160, 3)])
+@pytest.mark.parametrize("tiles", [dict(), dict(BLOCK_M=16, BLOCK_N2=64, BLOCK_K2=64, FAST_ACC=False)])
+def test_fused_moe_persistent_down(device, shape, tiles, monkeypatch):
+    """The persistent down GEMM (PERSIST2): equal to the one-tile-per-program down kernel on the same tiles (same
+    products and roundings per tile), within the reference's tolerance; more tiles than programs (4 in the
+    interpreter), I not a multiple of BLOCK_K2, experts without tokens, H not a multiple of BLOCK_N2."""
+    import kernels.triton_moe_persistent as tp
+
+    calls = []
+    real = tp._moe_down_persistent_kernel
+    monkeypatch.setattr(tp, "_moe_down_persistent_kernel",
+                        type("Spy", (), {"__getitem__": lambda self, g: calls.append(g) or real[g]})())
+    t, e, h, inter, k = shape
+    x = torch.randn(t, h, device=device, dtype=torch.bfloat16)
+    w13, w2, s13, s2 = make_experts(e, h, inter, "fp8_channel", device)
+    tw, ti = routing(t, e, k, device, unused=1)
+    cfg = dict(CFG_TMA, **tiles)
+    with poisoned_empty():
+        out = fused_moe(x, w13, w2, tw, ti, s13, s2, "fp8_channel", config=dict(cfg, PERSIST2=True),
+                        quant_in_kernel=False)
+        plain = fused_moe(x, w13, w2, tw, ti, s13, s2, "fp8_channel", config=cfg, quant_in_kernel=False)
+    assert len(calls) == 1  # the persistent kernel ran (once), the plain call did not take it
+    assert torch.equal(out, plain)
+    assert rel_err(out, fused_moe_ref(x, w13, w2, tw, ti, s13, s2, "fp8_channel")) < _tol("fp8_channel")
+
+
 @pytest.mark.parametrize("quant", ["fp8_channel", "fp8_block"])
 def test_fused_moe_prequantized_and_shared(device, quant):
     """Separate activation-quant kernel path (large-T path) and the fused shared expert (top-(k+1), w = 1)."""
@@ -149,15 +175,17 @@ def test_fused_moe_gpu(t, e, inter, quant):
 @pytest.mark.parametrize("t", [1024, 4096])
 @pytest.mark.parametrize("e,inter", [(161, 192), (161, 384), (160, 1536)])
 @pytest.mark.parametrize("big", [False, True])
-def test_fused_moe_tma_gpu(t, e, inter, big):
-    """The prefill configs with descriptor tiles (TMA1 / TMA2) at real shapes, table tiles and 128 x 256 ones."""
+@pytest.mark.parametrize("persist", [False, True])
+def test_fused_moe_tma_gpu(t, e, inter, big, persist):
+    """The prefill configs with descriptor tiles (TMA1 / TMA2) at real shapes, table tiles and 128 x 256 ones, the
+    down GEMM one tile per program or persistent (PERSIST2)."""
     from kernels.triton_moe import moe_config
 
     h, k = 5120, 8
     x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
     w13, w2, s13, s2 = make_experts(e, h, inter, "fp8_channel", "cuda")
     tw, ti = routing(t, e, k, "cuda", shared=e == 161)
-    cfg = dict(moe_config(t, e, inter, h, "fp8_channel", x.device), TMA1=True, TMA2=True)
+    cfg = dict(moe_config(t, e, inter, h, "fp8_channel", x.device), TMA1=True, TMA2=True, PERSIST2=persist)
     if big:
         cfg.update(BLOCK_M=128, BLOCK_N1=128, W1=8, S1=3, BLOCK_N2=256, W2=8, S2=3, N_LOOP2=1)
     with poisoned_empty():

@@ -23,7 +23,9 @@ the same two cuDNN calls + LSE merge as the SDPA prefill path, without its gathe
 SDPA prefill path (`--prefill-attention-backend sdpa`).
 
 --tune sweeps fused-MoE launch configs per (E, N, token bucket) and the FP8-linear Triton/cuBLAS crossover,
-and writes kernels/configs-style JSON files into --out (copy them into kernels/configs/ to use them).
+and writes kernels/configs-style JSON files into --out (copy them into kernels/configs/ to use them);
+--write-tables merges the tuned MoE buckets into kernels/configs/fused_moe itself (--moe-tokens / --moe-inter
+pick the buckets and widths), so a later command in the same device call runs with them.
 """
 from __future__ import annotations
 
@@ -448,7 +450,9 @@ def bench_moe(args, tune_out: dict | None = None):
     h, k, e = 5120, 8, 161
     quant = args.moe_quant
     tokens = (1, 4, 16, 64, 256, 1024, 4096) if not args.quick else (1, 64, 4096)
-    for inter in (192, 384, 1536):
+    if args.moe_tokens:
+        tokens = tuple(int(v) for v in args.moe_tokens.split(","))
+    for inter in (int(v) for v in args.moe_inter.split(",")):
         w13 = fp8_weight(e, 2 * inter, h)
         w2 = fp8_weight(e, h, inter)
         s13, s2 = _moe_weight_scales(e, inter, h, quant)
@@ -520,6 +524,13 @@ def tune_moe(x, w13, w2, s13, s2, routes, t, e, inter, h, quant="fp8_channel") -
                                     (128, 128, 8, 3), (64, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3))]
         c2 = [dict(BLOCK_N2=bn, BLOCK_K2=128, W2=w, S2=3, N_LOOP2=nl)
               for bn, w, nl in ((128, 4, 1), (128, 8, 1), (256, 8, 1), (128, 8, 4), (256, 8, 2))]
+    if t >= 2048 and quant == "fp8_channel":
+        # prefill sizes: weight tiles by descriptors (TMA1) and the persistent down GEMM (PERSIST2) next to the
+        # one-tile down kernel at its best session-26 tile (H100: 256-wide down tiles won at every width)
+        c1 = [dict(BLOCK_M=128, BLOCK_N1=bn, BLOCK_K1=128, SPLIT_K1=1, W1=w, S1=st, FAST_ACC=True, TMA1=True)
+              for bn, w, st in ((64, 4, 3), (64, 4, 4), (128, 8, 3), (128, 8, 4))]
+        c2 = [dict(BLOCK_N2=bn, BLOCK_K2=128, W2=8, S2=st, N_LOOP2=1, TMA2=True, PERSIST2=pe)
+              for bn, st, pe in ((256, 3, True), (128, 4, True), (256, 4, True), (256, 3, False))]
     fns = lambda cfg: [lambda w=w, ids=ids: fused_moe(x, w13, w2, w, ids, s13, s2, quant, config=cfg)  # noqa: E731
                        for w, ids in routes]
 
@@ -705,6 +716,10 @@ def main(argv=None) -> int:
     p.add_argument("--moe-quant", default="fp8_channel", choices=("fp8_channel", "fp8_block"),
                    help="the MoE section's weights: FP8 per output channel (GLM-4.7-FP8) or per 128 x 128 block")
     p.add_argument("--out", default=os.environ.get("OUT", ""), help="folder for kernels.json (+ tuned configs)")
+    p.add_argument("--moe-tokens", default="", help="the MoE section's token counts (comma list; default: 1..4096)")
+    p.add_argument("--moe-inter", default="192,384,1536", help="the MoE section's expert widths (comma list)")
+    p.add_argument("--write-tables", action="store_true",
+                   help="with --tune: merge the tuned MoE buckets into kernels/configs/fused_moe (and --out)")
     args = p.parse_args(argv)
     args.only = set(args.only.split(","))
     if not torch.cuda.is_available():
@@ -745,7 +760,33 @@ def main(argv=None) -> int:
         if tune_out:
             with open(os.path.join(args.out, "tuned_configs.json"), "w") as f:
                 json.dump(tune_out, f, indent=1)
+    if tune_out and args.write_tables:
+        write_moe_tables(tune_out, args.out)
     return 0
+
+
+def write_moe_tables(tune_out: dict, out: str) -> None:
+    """Merge the tuned fused-MoE buckets into kernels/configs/fused_moe (the buckets not tuned in this run stay as
+    they were) and copy each merged table into `out`."""
+    from kernels.triton_moe import CONFIG_DIR
+
+    for name, table in tune_out.items():
+        if not name.startswith("E="):
+            continue
+        path = os.path.join(CONFIG_DIR, name)
+        merged = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                merged = json.load(f)
+        merged.update(table)
+        merged["_doc"] = (merged.get("_doc", "fused MoE launch configs by token-count bucket") +
+                          f"; buckets {', '.join(sorted(table, key=int))} retuned by bench.kernels --write-tables")
+        order = sorted(merged, key=lambda k: (not k.startswith("_"), int(k) if k.isdigit() else 0))
+        text = json.dumps({k: merged[k] for k in order}, indent=1) + "\n"
+        for target in [path] + ([os.path.join(out, name)] if out else []):
+            with open(target, "w") as f:
+                f.write(text)
+        print(f"# wrote {path} (buckets {', '.join(sorted(table, key=int))})", flush=True)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from model.parallel import TPGroup
 SMS = 132
 GROUP = 12  # GLM-4.7: 96 query heads over 8 KV heads, at every TP size
 H200 = "NVIDIA_H200"
+H100 = "NVIDIA_H100_80GB_HBM3"
 BUDGETS = [(8192, 256, 202752), (16384, 64, 131072), (2048, 8, 8192)]  # (max tokens, max seqs, max model len)
 
 
@@ -108,6 +109,7 @@ def test_every_token_count_bucket_is_warmed_up(max_tokens):
         "swap-AB": lambda m, n, k: repr(swap_linear_config(H200, n, k, m)),
         "moe 1536": lambda m, n, k: _moe_configs(H200, 161, 1536, m),
         "moe 192": lambda m, n, k: _moe_configs(H200, 161, 192, m),
+        "moe 384 H100": lambda m, n, k: _moe_configs(H100, 161, 384, m),  # a 16,384-token bucket
     }
     for name, pick in pickers.items():
         for n, k in shapes:

@@ -23,23 +23,15 @@ tensor-core product (flash-attention style), FP8 pages are widened to the query 
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import (cdiv, dot_operand, next_pow2, not_specialized, pdl_launch, pdl_release, pdl_wait,
-                                   to_out)
+from kernels.triton_common import (cdiv, dot_operand, next_pow2, not_specialized, num_sms, pdl_launch, pdl_release,
+                                   pdl_wait, to_out)
 
 LOG2E = 1.4426950408889634
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    if not torch.cuda.is_available():
-        return 132
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 @triton.jit
@@ -446,7 +438,7 @@ def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     nb, bs, hk, _ = k_cache.shape
     group = hq // hk
     b = seq_lens.numel()
-    sms = _num_sms(q.device.index or 0) if q.is_cuda else 132
+    sms = num_sms(q.device.index or 0) if q.is_cuda else 132
     dflt = decode_config(b, hk, max_seq_len, sms, k_cache.dtype == torch.float8_e4m3fn)
     block_n = block_n or dflt["block_n"]
     splits = num_splits or (dflt["splits"] if block_n == dflt["block_n"] else
@@ -485,7 +477,7 @@ def _launch_verify(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     nb, bs, hk, _ = k_cache.shape
     group = hq // hk
     b = seq_lens.numel()
-    sms = _num_sms(q.device.index or 0) if q.is_cuda else 132
+    sms = num_sms(q.device.index or 0) if q.is_cuda else 132
     fp8_kv = k_cache.dtype == torch.float8_e4m3fn
     dflt = verify_config(b, hk, group, max_query_len, max_seq_len, sms, fp8_kv)
     block_m = block_m or dflt["block_m"]

@@ -164,6 +164,14 @@ def tl_dtype(dtype: torch.dtype):
     }[dtype]
 
 
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int) -> int:
+    """The GPU's SM count (132 on an H100 / H200 SXM; also the answer without CUDA, e.g. sm_90 compile checks)."""
+    if not torch.cuda.is_available():
+        return 132
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def device_name(device: torch.device) -> str:
     if device.type != "cuda":
         return "cpu"

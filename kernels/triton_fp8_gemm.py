@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_common import (
-    cdiv, device_name, dot_operand, next_pow2, pdl_launch, pdl_release, pdl_wait, to_out, zeroed_counters,
+    cdiv, device_name, dot_operand, next_pow2, num_sms, pdl_launch, pdl_release, pdl_wait, to_out, zeroed_counters,
     token_counts,
 )
 from kernels.triton_fp8_gemm_swap import MAX_M as SWAP_KERNEL_MAX_M
@@ -123,13 +123,6 @@ def _fp8_gemm_kernel(
         tl.store(c_ptrs, to_out(y, c_ptr.dtype.element_ty), mask=cmask)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    if not torch.cuda.is_available():
-        return 132
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def gemm_config(m: int, n: int, k: int, block_scale: bool, num_sms: int = 132, device: str | None = None) -> dict:
     """Launch config: the tuned small-M entry for (device, N, K) when kernels/configs/fp8_linear.json has one
     (channel scales only), else the heuristic. Small M: one M tile, narrow N tiles and split-K to put ~2 waves of
@@ -176,7 +169,7 @@ def fp8_gemm(
     if config:
         cfg = dict(config)
     elif xq.is_cuda:
-        cfg = gemm_config(m, n, k, block_scale, _num_sms(xq.device.index or 0), device_name(xq.device))
+        cfg = gemm_config(m, n, k, block_scale, num_sms(xq.device.index or 0), device_name(xq.device))
     else:
         cfg = gemm_config(m, n, k, block_scale)
     if block_scale:
@@ -341,7 +334,7 @@ def fp8_linear_channel_auto(
                 x_fp8, x_scale = x, None
             else:
                 x_fp8, x_scale = quant_fp8_per_token(x)
-        return fp8_gemm_swap(x_fp8, x_scale, w_fp8, w_scale, bias, x.dtype, cfg, _num_sms(x.device.index or 0),
+        return fp8_gemm_swap(x_fp8, x_scale, w_fp8, w_scale, bias, x.dtype, cfg, num_sms(x.device.index or 0),
                              x_absmax_parts=x_absmax_parts)
     if m > triton_max_m(dev) and scaled_mm_ok(x, w_fp8, bias):
         if x_fp8 is None:

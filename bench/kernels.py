@@ -371,7 +371,7 @@ def bench_block_linear(args):
 
 def bench_route(args):
     from kernels.moe_routing import moe_route_ref
-    from kernels.triton_moe_routing import moe_route
+    from kernels.triton_moe_routing import moe_gate_route, moe_route, split_bf16_exact
 
     for t in (1, 64, 4096):
         logits = torch.randn(t, 160, device="cuda")
@@ -379,6 +379,22 @@ def bench_route(args):
         ours, _ = timeit([lambda: moe_route(logits, bias, 8, 1, 1, True, 2.5, 1)])
         base, _ = timeit([lambda: moe_route_ref(logits, bias, 8, 1, 1, True, 2.5, 1)])
         report("moe_route", f"T={t} E=160 top8+shared", ours, base, "torch ref", nbytes=t * 160 * 4 + t * 9 * 8)
+    # the prefill router: fp32 logits by the split bf16 GEMM, then routing. Baseline: the same math as torch ops
+    # (split by ~8 launches, the parts summed by two adds, then the routing kernel), the path before session 27
+    gw = torch.randn(160, 5120, device="cuda") / 5120**0.5
+    bias = torch.randn(160, device="cuda") * 0.1
+
+    def torch_split_router(x):
+        e = gw.shape[0]
+        parts = torch.mm(x, torch.cat(split_bf16_exact(gw.float())).t(), out_dtype=torch.float32)
+        return moe_route((parts[:, :e] + parts[:, e:2 * e]) + parts[:, 2 * e:], bias, 8, 1, 1, True, 2.5, 1)
+
+    for t in (4096, 16384):
+        x = torch.randn(t, 5120, device="cuda", dtype=BF16)
+        ours, _ = timeit([lambda: moe_gate_route(x, gw, bias, 8, 1, 1, True, 2.5, 1)])
+        base, _ = timeit([lambda: torch_split_router(x)])
+        report("moe_gate_route", f"T={t} E=160 H=5120 fp32 weight", ours, base, "torch split + adds",
+               nbytes=t * 5120 * 2 + 160 * 5120 * 4, flops=2 * 3 * t * 5120 * 160)
 
 
 def _moe_weight_scales(e: int, inter: int, h: int, quant: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -74,17 +74,17 @@ def _route_tokens(
     low = tl.where(eidx3 >= 0, (1 << 24) - eidx3, 0)
     key = (ordered.to(tl.int64) << 32) | low.to(tl.int64)
     KO: tl.constexpr = -(1 << 63)
-    slot = tl.full([BLOCK_T, G_P, EG_P], -1, tl.int32)  # the round that took each expert (-1: none)
     ik = tl.zeros([BLOCK_T, K_P], dtype=tl.int32)
+    wk = tl.zeros([BLOCK_T, K_P], dtype=tl.float32)
     for i in tl.static_range(TOP_K):
         mk = tl.max(tl.max(key, 2), 1)
-        hit = key == mk[:, None, None]
-        slot = tl.where(hit, i, slot)
+        hit = key == mk[:, None, None]  # one lane per token: keys are unique
         key = tl.where(hit, KO, key)
         ik = tl.where(ki == i, ((1 << 24) - (mk & 0xFFFFFFFF)).to(tl.int32)[:, None], ik)
-    # the unbiased score of every slot's expert, all slots in one reduction
-    taken = slot[:, None, :, :] == ki[:, :, None, None]
-    wk = tl.sum(tl.sum(tl.where(taken, scores[:, None, :, :], 0.0), 3), 2)  # [BLOCK_T, K_P]
+        # the taken expert's unbiased score (a sum of one value and zeros: exact); this round's own reduction
+        # costs less than one over a [BLOCK_T, K_P, experts] tile after the loop
+        wi = tl.sum(tl.sum(tl.where(hit, scores, 0.0), 2), 1)
+        wk = tl.where(ki == i, wi[:, None], wk)
     if RENORM:
         wsum = tl.sum(wk, 1)
         wk = wk / (wsum[:, None] + 1e-20)
@@ -102,9 +102,11 @@ def _moe_route_kernel(
     logit_ptr, bias_ptr, w_ptr, id_ptr, T, E, EG, G, stride_lt, stride_wt, stride_it, scaling,
     TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr,
     RENORM: tl.constexpr, SHARED: tl.constexpr, BLOCK_T: tl.constexpr, G_P: tl.constexpr, EG_P: tl.constexpr,
-    K_P: tl.constexpr,
+    K_P: tl.constexpr, PARTS: tl.constexpr = 1,
     PDL: tl.constexpr = False,
 ):
+    """PARTS > 1: a token's row holds PARTS partial logit vectors of E each (the split router GEMM), summed
+    here in part order in fp32 -- ((p0 + p1) + p2), as torch would sum the column slices."""
     pdl_wait(PDL)  # before any read of an earlier kernel's output or any write
     pdl_release(PDL)
     ti = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -112,9 +114,12 @@ def _moe_route_kernel(
     ti_c = tl.where(tm, ti, 0).to(tl.int64)
     eidx, emask = _expert_grid(G, EG, G_P, EG_P)
     m3 = tm[:, None, None] & emask[None, :, :]
-    logits = tl.load(logit_ptr + ti_c[:, None, None] * stride_lt + eidx[None, :, :], mask=m3, other=0.0)
+    ptrs = logit_ptr + ti_c[:, None, None] * stride_lt + eidx[None, :, :]
+    logits = tl.load(ptrs, mask=m3, other=0.0).to(tl.float32)
+    for p in tl.static_range(1, PARTS):
+        logits = logits + tl.load(ptrs + p * E, mask=m3, other=0.0).to(tl.float32)
     _route_tokens(
-        logits.to(tl.float32), ti, tm, bias_ptr, w_ptr, id_ptr, E, EG, G, stride_wt, stride_it, scaling,
+        logits, ti, tm, bias_ptr, w_ptr, id_ptr, E, EG, G, stride_wt, stride_it, scaling,
         TOP_K, TOPK_GROUP, HAS_BIAS, GROUPED, RENORM, SHARED, BLOCK_T, G_P, EG_P, K_P,
     )
 
@@ -232,9 +237,13 @@ def moe_route(
     renormalize: bool = True,
     routed_scaling_factor: float = 1.0,
     num_fused_shared_experts: int = 0,
+    parts: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """router_logits [T, E] -> (weights fp32 [T, k (+1)], ids int32 [T, k (+1)])."""
+    """router_logits [T, E] -> (weights fp32 [T, k (+1)], ids int32 [T, k (+1)]). parts > 1: router_logits is
+    [T, parts * E], partial logits summed here in part order (router_logit_parts' output)."""
     t, e = router_logits.shape
+    assert parts >= 1 and e % parts == 0
+    e //= parts
     assert e % n_group == 0 and num_fused_shared_experts in (0, 1)
     logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
     kk = top_k + num_fused_shared_experts
@@ -250,7 +259,7 @@ def moe_route(
         logits.stride(0), w.stride(0), ids.stride(0), float(routed_scaling_factor),
         TOP_K=top_k, TOPK_GROUP=topk_group, HAS_BIAS=correction_bias is not None, GROUPED=n_group > 1,
         RENORM=renormalize, SHARED=num_fused_shared_experts, BLOCK_T=block_t, G_P=g_p, EG_P=eg_p, K_P=next_pow2(kk),
-        num_warps=8 if g_p * eg_p >= 256 else 4, **pdl_launch(logits.device),
+        PARTS=parts, num_warps=8 if g_p * eg_p >= 256 else 4, **pdl_launch(logits.device),
     )
     return w, ids
 
@@ -262,6 +271,34 @@ def split_bf16_exact(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     r = w - hi.float()
     mid = r.to(torch.bfloat16)
     return hi, mid, (r - mid.float()).to(torch.bfloat16)
+
+
+@triton.jit
+def _split_bf16_kernel(w_ptr, out_ptr, N, BLOCK: tl.constexpr):
+    """out [3, N] bf16 = split_bf16_exact of fp32 w [N]: (hi, mid, lo), each a nearest-even rounding of what
+    the parts before it leave (those differences are exact in fp32)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    w = tl.load(w_ptr + offs, mask=m, other=0.0)
+    hi = round_bf16(w)
+    r = w - hi
+    mid = round_bf16(r)
+    lo = round_bf16(r - mid)
+    ty = out_ptr.dtype.element_ty
+    tl.store(out_ptr + offs, hi.to(ty), mask=m)
+    tl.store(out_ptr + N + offs, mid.to(ty), mask=m)
+    tl.store(out_ptr + 2 * N + offs, lo.to(ty), mask=m)
+
+
+def split_bf16_stacked(w: torch.Tensor) -> torch.Tensor:
+    """fp32 w [E, H] -> bf16 [3E, H] = cat(split_bf16_exact(w)) in one launch (the torch ops were ~8)."""
+    assert w.dtype == torch.float32 and w.dim() == 2
+    w = w.contiguous()
+    out = torch.empty(3 * w.shape[0], w.shape[1], dtype=torch.bfloat16, device=w.device)
+    n = w.numel()
+    if n:
+        _split_bf16_kernel[(cdiv(n, 1024),)](w, out, n, BLOCK=1024)
+    return out
 
 
 ROUTER_SPLIT_MIN_T = 1024  # tokens from which the split bf16 router GEMM is used (prefill; its extra casts and
@@ -278,17 +315,26 @@ def _mm_out_dtype_ok(device: str) -> bool:
         return False
 
 
-def router_logits(x: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tensor:
-    """fp32 router logits x.float() @ gate_weight.T. For bf16 x on CUDA at prefill sizes: one bf16 tensor-core
-    GEMM with fp32 output against the exact bf16 split [hi; mid; lo] of the fp32 weight, then the three
-    partial logits summed in fp32 -- every product is exact, only the summation order differs from the fp32
-    GEMM (which runs on CUDA cores: ~5 ms of a 4096-token prefill over 24 MoE layers)."""
+def router_logit_parts(x: torch.Tensor, gate_weight: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(logits, parts): fp32 router logits x.float() @ gate_weight.T as `parts` partial vectors of E side by
+    side ([T, parts * E]), to be summed in part order (moe_route(..., parts=parts) does it while it routes).
+    For bf16 x on CUDA at prefill sizes: one bf16 tensor-core GEMM with fp32 output against the exact bf16 split
+    [hi; mid; lo] of the fp32 weight -- every product is exact, only the summation order differs from the fp32
+    GEMM (which runs on CUDA cores: ~5 ms of a 4096-token prefill over 24 MoE layers). Else one part."""
     split = x.is_cuda and x.dtype == torch.bfloat16 and x.shape[0] >= ROUTER_SPLIT_MIN_T
     if split and _mm_out_dtype_ok(str(x.device)):
-        e = gate_weight.shape[0]
-        parts = torch.mm(x, torch.cat(split_bf16_exact(gate_weight.float())).t(), out_dtype=torch.float32)
-        return (parts[:, :e] + parts[:, e:2 * e]) + parts[:, 2 * e:]
-    return torch.nn.functional.linear(x.float(), gate_weight.float())
+        return torch.mm(x, split_bf16_stacked(gate_weight.float()).t(), out_dtype=torch.float32), 3
+    return torch.nn.functional.linear(x.float(), gate_weight.float()), 1
+
+
+def router_logits(x: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tensor:
+    """fp32 router logits x.float() @ gate_weight.T (router_logit_parts, parts summed in order)."""
+    logits, parts = router_logit_parts(x, gate_weight)
+    e = gate_weight.shape[0]
+    total = logits[:, :e]
+    for p in range(1, parts):
+        total = total + logits[:, p * e:(p + 1) * e]
+    return total
 
 
 # tokens up to which moe_gate_route runs the single-launch router (decode); more go through cuBLAS + moe_route
@@ -316,9 +362,9 @@ def moe_gate_route(
     e = gate_weight.shape[0]
     if t > GATE_ROUTE_MAX_T or t == 0:
         assert norm is None, "the fused norm takes 1..GATE_ROUTE_MAX_T tokens (rms_norm_gate_route checks)"
-        logits = router_logits(x, gate_weight)
+        logits, parts = router_logit_parts(x, gate_weight)
         return moe_route(logits, correction_bias, top_k, n_group, topk_group, renormalize, routed_scaling_factor,
-                         num_fused_shared_experts)
+                         num_fused_shared_experts, parts)
     assert e % n_group == 0 and num_fused_shared_experts in (0, 1)
     assert x.stride(1) == 1 and gate_weight.stride(1) == 1 and gate_weight.shape[1] == h
     cfg = dict(config or {})
@@ -385,5 +431,5 @@ def rms_norm_gate_route(
     return y, summed, yq, w, ids
 
 
-__all__ = ["moe_route", "moe_gate_route", "rms_norm_gate_route", "router_logits", "split_bf16_exact",
-           "GATE_ROUTE_MAX_T"]
+__all__ = ["moe_route", "moe_gate_route", "rms_norm_gate_route", "router_logits", "router_logit_parts",
+           "split_bf16_exact", "split_bf16_stacked", "GATE_ROUTE_MAX_T"]

@@ -119,8 +119,10 @@ def case_router():
 
 def case_moe():
     from kernels.triton_moe import fused_moe
-    from kernels.triton_moe_routing import moe_route
+    from kernels.triton_moe_routing import moe_route, split_bf16_stacked
 
+    moe_route(torch.empty(4096, 480), torch.empty(160), 8, 1, 1, True, 2.5, 1, parts=3)
+    split_bf16_stacked(torch.empty(160, 5120))
     for t in (1, 4, 64, 512, 4096):
         moe_route(torch.empty(t, 160), torch.empty(160), 8, 1, 1, True, 2.5, 1)
         for e, inter in ((161, 192), (160, 1536)):

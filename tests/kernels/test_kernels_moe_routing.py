@@ -32,6 +32,39 @@ def test_moe_route(device, t, e, k, ng, tg, shared, bias, renorm):
         assert (ids[:, -1] == e).all() and (w[:, -1] == 1.0).all()
 
 
+@pytest.mark.parametrize("t,e,ng,tg,shared", [(5, 160, 1, 1, 1), (33, 64, 8, 3, 0), (2, 20, 1, 1, 0)])
+@pytest.mark.parametrize("parts", [2, 3])
+def test_moe_route_sums_partial_logits(device, t, e, ng, tg, shared, parts):
+    """parts > 1 (the split router GEMM's output): the kernel sums the partial vectors in part order and routes
+    the sum -- the same ids and weights as routing torch's ((p0 + p1) + p2). The parts are large and of mixed
+    sign so that a different summation order would change low bits of the logits."""
+    p = [torch.randn(t, e, device=device) * 8 for _ in range(parts)]
+    b = torch.randn(e, device=device) * 0.5
+    total = p[0]
+    for q in p[1:]:
+        total = total + q
+    with poisoned_empty():
+        w, ids = moe_route(torch.cat(p, 1), b, 8, ng, tg, True, 2.5, shared, parts=parts)
+    wr, idr = moe_route(total, b, 8, ng, tg, True, 2.5, shared)
+    assert torch.equal(ids, idr)
+    assert torch.equal(w, wr)
+    _check(w, ids, *moe_route_ref(total, b, 8, ng, tg, True, 2.5, shared))
+
+
+def test_split_bf16_stacked_matches_torch(device):
+    """The one-launch split equals cat(split_bf16_exact(w)) bit for bit (ties of the nearest-even rounding
+    included: the weights carry values halfway between bf16 neighbours)."""
+    from kernels.triton_moe_routing import split_bf16_exact, split_bf16_stacked
+
+    w = torch.randn(20, 300, device=device) * torch.logspace(-6, 3, 300, device=device)
+    halfway = (torch.randn(20, 1, device=device).to(torch.bfloat16).float().view(torch.int32) | 0x8000)
+    w[:, :1] = halfway.view(torch.float32)  # exactly between two bf16 values
+    got = split_bf16_stacked(w)
+    assert got.shape == (60, 300) and got.dtype == torch.bfloat16
+    assert torch.equal(got, torch.cat(split_bf16_exact(w)))
+    assert torch.equal((got[:20].float() + got[20:40].float()) + got[40:].float(), w)
+
+
 @pytest.mark.parametrize("e,k", [(64, 8), (20, 8), (160, 8)])
 def test_moe_route_ties_go_to_the_lowest_id_in_score_order(device, e, k):
     """Integer logits: many exact ties. Ids come out in descending score, ties by ascending expert id (a stable

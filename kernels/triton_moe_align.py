@@ -15,7 +15,7 @@ atomics made the earlier one-program version cost 160 us at 4096 tokens).
 
   small (one chunk):  one program does histogram -> offsets -> block_expert -> sentinel fill -> sort -> scatter
   large:              _hist (a program per chunk: its histogram + a slice of the sentinel fill)
-                      -> _scan (one program: offsets, block_expert, per-chunk bases)
+                      -> _scan (one program: offsets, block_expert, per-chunk bases, CG chunks per step)
                       -> _scatter (a program per chunk: sort + scatter)
 """
 from __future__ import annotations
@@ -104,25 +104,33 @@ def _align_hist_kernel(
 @triton.jit(**token_counts("NCHUNK", "MAX_BLOCKS"))
 def _align_scan_kernel(
     hist_ptr, base_ptr, bexp_ptr, NCHUNK, E, MAX_BLOCKS,
-    BLOCK_M: tl.constexpr, E_P: tl.constexpr, BCHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, E_P: tl.constexpr, BCHUNK: tl.constexpr, CG: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
+    """Chunks are taken CG at a time as a [CG, E_P] tile (a cumsum down the chunks, one across the experts): the
+    serial loop is NCHUNK / CG long (a chunk at a time took ~0.65 us per chunk, 95 us at 16K tokens on an H100)."""
     pdl_wait(PDL)  # before any read of an earlier kernel's output or any write
     pdl_release(PDL)
     ei = tl.arange(0, E_P)
+    ci = tl.arange(0, CG)
     real = ei < E
     counts = tl.zeros([E_P], dtype=tl.int32)
-    for c in range(0, NCHUNK):
-        counts += tl.load(hist_ptr + c * E_P + ei)
+    for g0 in range(0, NCHUNK, CG):
+        rows = g0 + ci
+        counts += tl.sum(tl.load(hist_ptr + rows[:, None] * E_P + ei[None, :], mask=rows[:, None] < NCHUNK,
+                                 other=0), 0)
     counts = tl.where(real, counts, 0)
     nblk = (counts + BLOCK_M - 1) // BLOCK_M
     blk_end = tl.cumsum(nblk, 0)
     run = (blk_end - nblk) * BLOCK_M  # slot of the next pair of each expert
-    for c in range(0, NCHUNK):
-        h = tl.where(real, tl.load(hist_ptr + c * E_P + ei), 0)
-        lower = tl.cumsum(h, 0) - h
-        tl.store(base_ptr + c * E_P + ei, run - lower)
-        run += h
+    for g0 in range(0, NCHUNK, CG):
+        rows = g0 + ci
+        rm = rows[:, None] < NCHUNK
+        h = tl.load(hist_ptr + rows[:, None] * E_P + ei[None, :], mask=rm & real[None, :], other=0)
+        earlier = tl.cumsum(h, 0) - h  # pairs of the same expert in this group's earlier chunks
+        lower = tl.cumsum(h, 1) - h  # pairs with a lower expert in the same chunk
+        tl.store(base_ptr + rows[:, None] * E_P + ei[None, :], run[None, :] + earlier - lower, mask=rm)
+        run += tl.sum(h, 0)
     _block_experts(bexp_ptr, blk_end, E, MAX_BLOCKS, BCHUNK)
 
 
@@ -169,7 +177,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     _align_hist_kernel[(nchunk,)](ids, hist, sorted_ids, np_, num_experts, mb * block_m, E_P=e_p, CHUNK=chunk,
                                   num_warps=4, **pdl_launch(ids.device))
     _align_scan_kernel[(1,)](hist, base, bexp, nchunk, num_experts, mb, BLOCK_M=block_m, E_P=e_p, BCHUNK=bchunk,
-                             num_warps=4, **pdl_launch(ids.device))
+                             CG=max(1, min(16, 4096 // e_p)), num_warps=4, **pdl_launch(ids.device))
     _align_scatter_kernel[(nchunk,)](ids, sorted_ids, base, np_, num_experts, E_P=e_p, CHUNK=chunk,
                                      num_warps=4, **pdl_launch(ids.device))
     return sorted_ids, bexp

@@ -38,9 +38,11 @@ def test_moe_align(device, t, k, e, bm):
     _check_align(ids, e, bm, sorted_ids, bexp)
 
 
-@pytest.mark.parametrize("t,k,e,bm,small_max", [(300, 8, 161, 64, 0), (129, 9, 20, 16, 1000), (2, 2, 5, 16, 0)])
+@pytest.mark.parametrize("t,k,e,bm,small_max",
+                         [(300, 8, 161, 64, 0), (129, 9, 20, 16, 1000), (2, 2, 5, 16, 0), (2100, 9, 161, 128, 0)])
 def test_moe_align_chunked(device, t, k, e, bm, small_max):
-    # the grid (hist -> scan -> scatter) path: several 1024-pair chunks, a ragged last chunk
+    # the grid (hist -> scan -> scatter) path: several 1024-pair chunks, a ragged last chunk; 2100 x 9 pairs are
+    # 19 chunks, two of the scan's 16-chunk groups (the second ragged)
     ids = torch.stack([torch.randperm(e, device=device)[:k] for _ in range(t)]).to(torch.int32)
     with poisoned_empty():
         sorted_ids, bexp = moe_align(ids, e, bm, small_max=small_max)

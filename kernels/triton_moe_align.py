@@ -15,8 +15,8 @@ atomics made the earlier one-program version cost 160 us at 4096 tokens).
 
   small (one chunk):  one program does histogram -> offsets -> block_expert -> sentinel fill -> sort -> scatter
   large:              _hist (a program per chunk: its histogram + a slice of the sentinel fill)
-                      -> _scan (one program: offsets, block_expert, per-chunk bases, CG chunks per step)
-                      -> _scatter (a program per chunk: sort + scatter)
+                      -> _scan (one program: offsets, per-chunk bases, CG chunks per step)
+                      -> _scatter (a program per chunk: sort + scatter, a slice of block_expert)
 """
 from __future__ import annotations
 
@@ -33,10 +33,11 @@ CHUNK_LARGE = 1024
 
 
 @triton.jit
-def _block_experts(bexp_ptr, blk_end, E, MAX_BLOCKS, BCHUNK: tl.constexpr):
-    """block_expert[b] = number of experts whose (padded) run ends at or before block b; -1 past the end."""
+def _block_experts(bexp_ptr, blk_end, E, MAX_BLOCKS, BCHUNK: tl.constexpr, first=0, programs=1):
+    """block_expert[b] = number of experts whose (padded) run ends at or before block b; -1 past the end.
+    This program's share: block chunks first, first + programs, ... (BCHUNK blocks each)."""
     bi0 = tl.arange(0, BCHUNK)
-    for b0 in range(0, MAX_BLOCKS, BCHUNK):
+    for b0 in range(first * BCHUNK, MAX_BLOCKS, programs * BCHUNK):
         bi = b0 + bi0
         ex = tl.sum((blk_end[None, :] <= bi[:, None]).to(tl.int32), 1)
         ex = tl.where(ex < E, ex, -1)
@@ -101,14 +102,14 @@ def _align_hist_kernel(
         tl.store(sorted_ptr + r0 + li, tl.zeros([CHUNK], dtype=tl.int32) + NP, mask=r0 + li < TOTAL)
 
 
-@triton.jit(**token_counts("NCHUNK", "MAX_BLOCKS"))
+@triton.jit(**token_counts("NCHUNK"))
 def _align_scan_kernel(
-    hist_ptr, base_ptr, bexp_ptr, NCHUNK, E, MAX_BLOCKS,
-    BLOCK_M: tl.constexpr, E_P: tl.constexpr, BCHUNK: tl.constexpr, CG: tl.constexpr,
+    hist_ptr, base_ptr, NCHUNK, E, BLOCK_M: tl.constexpr, E_P: tl.constexpr, CG: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
     """Chunks are taken CG at a time as a [CG, E_P] tile (a cumsum down the chunks, one across the experts): the
-    serial loop is NCHUNK / CG long (a chunk at a time took ~0.65 us per chunk, 95 us at 16K tokens on an H100)."""
+    serial loop is NCHUNK / CG long (a chunk at a time took ~0.65 us per chunk, 95 us at 16K tokens on an H100).
+    The experts' run ends go to hist's row NCHUNK: the scatter programs fill block_expert from them."""
     pdl_wait(PDL)  # before any read of an earlier kernel's output or any write
     pdl_release(PDL)
     ei = tl.arange(0, E_P)
@@ -131,17 +132,22 @@ def _align_scan_kernel(
         lower = tl.cumsum(h, 1) - h  # pairs with a lower expert in the same chunk
         tl.store(base_ptr + rows[:, None] * E_P + ei[None, :], run[None, :] + earlier - lower, mask=rm)
         run += tl.sum(h, 0)
-    _block_experts(bexp_ptr, blk_end, E, MAX_BLOCKS, BCHUNK)
+    tl.store(hist_ptr + NCHUNK * E_P + ei, blk_end)
 
 
-@triton.jit(**token_counts("NP"))
+@triton.jit(**token_counts("NP", "MAX_BLOCKS"))
 def _align_scatter_kernel(
-    ids_ptr, sorted_ptr, base_ptr, NP, E, E_P: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr = False,
+    ids_ptr, sorted_ptr, base_ptr, blk_end_ptr, bexp_ptr, NP, E, MAX_BLOCKS,
+    E_P: tl.constexpr, CHUNK: tl.constexpr, BCHUNK: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    """A program per chunk: its pairs' scatter and its share of block_expert (one [BCHUNK, E_P] step each at
+    prefill sizes; in the one-program scan it was a serial loop, ~40 us at 16K tokens on an H100)."""
     pdl_wait(PDL)  # before any read of an earlier kernel's output or any write
     pdl_release(PDL)
     c = tl.program_id(0)
     _sort_scatter(ids_ptr, sorted_ptr, base_ptr + c * E_P, c, NP, E, CHUNK)
+    blk_end = tl.load(blk_end_ptr + tl.arange(0, E_P))
+    _block_experts(bexp_ptr, blk_end, E, MAX_BLOCKS, BCHUNK, c, tl.num_programs(0))
 
 
 def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -172,14 +178,14 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
         return sorted_ids, bexp
     chunk = CHUNK_LARGE
     nchunk = cdiv(np_, chunk)
-    hist = torch.empty(nchunk, e_p, dtype=torch.int32, device=dev)
+    hist = torch.empty(nchunk + 1, e_p, dtype=torch.int32, device=dev)  # + the experts' run ends (scan -> scatter)
     base = torch.empty(nchunk, e_p, dtype=torch.int32, device=dev)
     _align_hist_kernel[(nchunk,)](ids, hist, sorted_ids, np_, num_experts, mb * block_m, E_P=e_p, CHUNK=chunk,
                                   num_warps=4, **pdl_launch(ids.device))
-    _align_scan_kernel[(1,)](hist, base, bexp, nchunk, num_experts, mb, BLOCK_M=block_m, E_P=e_p, BCHUNK=bchunk,
+    _align_scan_kernel[(1,)](hist, base, nchunk, num_experts, BLOCK_M=block_m, E_P=e_p,
                              CG=max(1, min(16, 4096 // e_p)), num_warps=4, **pdl_launch(ids.device))
-    _align_scatter_kernel[(nchunk,)](ids, sorted_ids, base, np_, num_experts, E_P=e_p, CHUNK=chunk,
-                                     num_warps=4, **pdl_launch(ids.device))
+    _align_scatter_kernel[(nchunk,)](ids, sorted_ids, base, hist[nchunk], bexp, np_, num_experts, mb, E_P=e_p,
+                                     CHUNK=chunk, BCHUNK=bchunk, num_warps=4, **pdl_launch(ids.device))
     return sorted_ids, bexp
 
 

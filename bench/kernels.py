@@ -25,7 +25,8 @@ SDPA prefill path (`--prefill-attention-backend sdpa`).
 --tune sweeps fused-MoE launch configs per (E, N, token bucket) and the FP8-linear Triton/cuBLAS crossover,
 and writes kernels/configs-style JSON files into --out (copy them into kernels/configs/ to use them);
 --write-tables merges the tuned MoE buckets into kernels/configs/fused_moe itself (--moe-tokens / --moe-inter
-pick the buckets and widths), so a later command in the same device call runs with them.
+pick the buckets and widths; each width as soon as it is tuned), so a later command in the same device call runs
+with them.
 """
 from __future__ import annotations
 
@@ -520,6 +521,10 @@ def bench_moe(args, tune_out: dict | None = None):
         if tune_out is not None:
             name = f"E={e},N={inter},device={torch.cuda.get_device_name(0).replace(' ', '_')},quant={quant}.json"
             tune_out[name] = table
+            # each width's table lands as soon as it is tuned: a device call cut short keeps the widths done
+            save_tuned_configs(tune_out, args.out)
+            if args.write_tables:
+                write_moe_tables({name: table}, args.out)
         del w13, w2
         torch.cuda.empty_cache()
 
@@ -774,11 +779,16 @@ def main(argv=None) -> int:
         with open(os.path.join(args.out, "kernels.json"), "w") as f:
             json.dump({"hw": HW, "rows": ROWS}, f, indent=1)
         if tune_out:
-            with open(os.path.join(args.out, "tuned_configs.json"), "w") as f:
-                json.dump(tune_out, f, indent=1)
-    if tune_out and args.write_tables:
-        write_moe_tables(tune_out, args.out)
+            save_tuned_configs(tune_out, args.out)
     return 0
+
+
+def save_tuned_configs(tune_out: dict, out: str) -> None:
+    """The tuned tables so far as out/tuned_configs.json (nothing without --out)."""
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "tuned_configs.json"), "w") as f:
+            json.dump(tune_out, f, indent=1)
 
 
 def write_moe_tables(tune_out: dict, out: str) -> None:

@@ -5,8 +5,9 @@
 #     PY=$PY bash bench/moe_retune_gpu.sh        # after `eval "$(bash bench/fa4_wheels.sh install)"`, carry [".fa4"]
 #
 # 1. bench/prefill_gpu.sh with the committed tables (BACKENDS / SHAPES / SHARDS below; 27 layers on an H200)
-# 2. python -m bench.kernels --only moe --tune --write-tables --moe-tokens $TOKENS: sweeps gate_up tiles (TMA1) and
-#    the persistent / one-tile down GEMM per bucket and merges the winners into kernels/configs/fused_moe
+# 2. python -m bench.kernels --only moe --tune --write-tables --moe-tokens $TOKENS --moe-inter $INTER: sweeps gate_up
+#    tiles (TMA1) and the persistent / one-tile down GEMM per bucket and merges the winners into
+#    kernels/configs/fused_moe, a width at a time (a TUNE_CAP cut keeps the widths already done)
 # 3. bench/prefill_gpu.sh again, now with the merged tables
 # The merged tables come back as $OUT/tables/*.json with '=' and ',' in their names replaced by '_' (the device
 # tool does not return such names); tuned_configs.json (the tuned buckets only, real names as keys) is in $OUT too:
@@ -17,13 +18,14 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/moe_retune_out}
 PY=${PY:-python3}
 TOKENS=${TOKENS:-4096,16384}
+INTER=${INTER:-1536,192,384}  # widths in tuning order (TP1 first: item 3's model); each lands as soon as it is tuned
 export BACKENDS=${BACKENDS:-fa4} SHARDS=${SHARDS:-1} SHAPES=${SHAPES:-"4096:0"} CAP=${CAP:-130} PY
 mkdir -p "$OUT/tables"
 echo "== before (committed tables)"
 OUT=$OUT/before bash bench/prefill_gpu.sh 2>&1 | tail -n 5
 echo "== tune $TOKENS"
 timeout --kill-after=10 "${TUNE_CAP:-240}" "$PY" -m bench.kernels --only moe --tune --write-tables \
-    --moe-tokens "$TOKENS" --out "$OUT" 2>&1 | grep -E "tuned|wrote|^fused_moe"
+    --moe-tokens "$TOKENS" --moe-inter "$INTER" --out "$OUT" 2>&1 | grep -E "tuned|wrote|^fused_moe"
 for f in kernels/configs/fused_moe/*.json; do
     name=$(basename "$f")
     cp "$f" "$OUT/tables/${name//[=,]/_}"

@@ -1,0 +1,30 @@
+"""bench.kernels' MoE table writer (the tuner's --write-tables): merges tuned buckets into an existing table."""
+import json
+
+from bench.kernels import save_tuned_configs, write_moe_tables
+
+NAME = "E=161,N=1536,device=Test_GPU,quant=fp8_channel.json"
+
+
+def test_write_moe_tables_merges_buckets_and_copies(tmp_path, monkeypatch):
+    cfg_dir, out = tmp_path / "configs", tmp_path / "out"
+    cfg_dir.mkdir()
+    out.mkdir()
+    # by name: the module write_moe_tables imports at call time (tests/kernels' conftest may have reloaded it)
+    monkeypatch.setattr("kernels.triton_moe.CONFIG_DIR", str(cfg_dir))
+    (cfg_dir / NAME).write_text(json.dumps({"_doc": "old", "1024": {"BLOCK_M": 64}, "4096": {"BLOCK_M": 64}}))
+    write_moe_tables({NAME: {"4096": {"BLOCK_M": 128}, "16384": {"BLOCK_M": 128}},
+                      "fp8_linear.json": {"x": 1}}, str(out))
+    merged = json.loads((cfg_dir / NAME).read_text())
+    assert merged["1024"] == {"BLOCK_M": 64}  # a bucket not tuned stays
+    assert merged["4096"] == merged["16384"] == {"BLOCK_M": 128}
+    assert merged["_doc"].startswith("old;") and "4096, 16384" in merged["_doc"]
+    assert list(merged) == ["_doc", "1024", "4096", "16384"]  # buckets in numeric order
+    assert json.loads((out / NAME).read_text()) == merged
+    assert not (cfg_dir / "fp8_linear.json").exists()  # only MoE tables are merged
+
+
+def testsave_tuned_configs_writes_what_is_done_so_far(tmp_path):
+    save_tuned_configs({NAME: {"4096": {"BLOCK_M": 128}}}, str(tmp_path / "o"))
+    assert json.loads((tmp_path / "o" / "tuned_configs.json").read_text()) == {NAME: {"4096": {"BLOCK_M": 128}}}
+    save_tuned_configs({NAME: {}}, "")  # no --out: nothing to write, no error

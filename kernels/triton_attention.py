@@ -23,7 +23,6 @@ tensor-core product (flash-attention style), FP8 pages are widened to the query 
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl

@@ -29,8 +29,16 @@ def store_kv_ref(
     slots = slot_mapping[valid].long()
     kc = k_cache.view(nb * bs, *k_cache.shape[2:])
     vc = v_cache.view(nb * bs, *v_cache.shape[2:])
-    kc[slots] = (k[valid].float() / k_scale).to(k_cache.dtype)
-    vc[slots] = (v[valid].float() / v_scale).to(v_cache.dtype)
+    kc[slots] = cache_values_ref(k[valid], k_scale, k_cache.dtype)
+    vc[slots] = cache_values_ref(v[valid], v_scale, v_cache.dtype)
+
+
+def cache_values_ref(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """x as a cache of `dtype` stores it: divided by the scale, FP8 saturating at +-448 (the kernels' cast)."""
+    y = x.float() / scale
+    if dtype == torch.float8_e4m3fn:
+        y = y.clamp(-448.0, 448.0)
+    return y.to(dtype)
 
 
 def gather_kv_ref(cache: torch.Tensor, block_table: torch.Tensor, length: int, scale: float = 1.0) -> torch.Tensor:

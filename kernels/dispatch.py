@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from kernels.activation import silu_mul_ref
-from kernels.attention import paged_attention_ref, store_kv_ref
+from kernels.attention import cache_values_ref, paged_attention_ref, store_kv_ref
 from kernels.fp8_linear import fp8_linear_block_ref, fp8_linear_channel_ref
 from kernels.fused_moe import fused_moe_ref
 from kernels.moe_routing import moe_route_ref
@@ -149,16 +149,25 @@ def qk_norm_rope(
     slot_mapping: torch.Tensor | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    kv_out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """With k_cache given, also stores the rotated k and v into the paged caches (as store_kv would)."""
+    """With k_cache given, also stores the rotated k and v into the paged caches (as store_kv would); kv_out
+    (two contiguous [T, Hk, D] tensors) receives the K and V values as the caches hold them, widened exactly to
+    their dtype: attention over them with the scales equals attention over the pages."""
     if _use("qk_norm_rope", q) and (q_norm_weight is None) == (k_norm_weight is None):
         return _triton("rope").qk_norm_rope(
             q, k, q_norm_weight, k_norm_weight, cos_sin, positions, eps,
             v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping, k_scale=k_scale, v_scale=v_scale,
+            kv_out=kv_out,
         )
     q, k = qk_norm_rope_ref(q, k, q_norm_weight, k_norm_weight, cos_sin, positions, eps)
     if k_cache is not None:
         store_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    if kv_out is not None:
+        if k_cache is None:
+            raise ValueError("kv_out holds what the caches store: give the caches")
+        kv_out[0].copy_(cache_values_ref(k, k_scale, k_cache.dtype).view_as(kv_out[0]))
+        kv_out[1].copy_(cache_values_ref(v, v_scale, v_cache.dtype).view_as(kv_out[1]))
     return q, k
 
 

@@ -22,8 +22,10 @@ short rows included: the kernel is varlen and exact for them). Other steps keep 
 A prompt alone. A step of one sequence without cached keys (a long prompt, or its first chunk) attends the K/V
 its prologue just computed, contiguous, through FA4's batch entry point (`prompt_attention_fa4`): no pages, no
 gather (H200, session 24, 96/8 heads: 0.71 vs 0.76 ms paged at 4K, 10.8 vs 11.8 ms at 16K; 12/1: 0.14 vs 0.13 at
-4K, 1.23 vs 1.42 at 16K). 16-bit caches only: with an FP8 cache the fresh K/V would be more exact than what later
-steps read back, and cached runs must match uncached ones.
+4K, 1.23 vs 1.42 at 16K). With an FP8 cache the fresh K/V would be more exact than what later steps read back
+(cached runs must match uncached ones), so the prologue kernel also writes the values the cache holds, widened
+exactly to q's dtype (`qk_norm_rope(..., kv_out=)`), and FA4 attends those with the cache's scales: the numbers
+the gathered FP8 path would read, without the gather (session 28; before, FP8 prompts were gathered).
 
 Gathered or paged. Read through the page table, FA4 takes its non-TMA paged loads at our 16-token pages; on
 contiguous K/V it takes TMA loads. A step whose keys are few next to its score work (`gathers`: at least
@@ -109,18 +111,21 @@ def gathers(query_start: list[int], seq_lens: list[int], max_keys: int, widens: 
     return pairs >= GATHER_MIN_PAIRS * keys and (widens or cached > 0)
 
 
-def prompt_attention_fa4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def prompt_attention_fa4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, k_scale: float = 1.0,
+                         v_scale: float = 1.0) -> torch.Tensor:
     """One sequence without cached keys (a whole prompt, or its first chunk): causal attention over the step's own
-    K/V [T, Hk, D] as the prologue computed them (the values the cache holds, in q's dtype), through FA4's batch
-    entry point (one sequence, no cu_seqlens, no pages, no gather): q [T, Hq, D] -> [T, Hq, D]."""
+    K/V [T, Hk, D] as the prologue computed them (the values the cache holds, in q's dtype; divided by k_scale /
+    v_scale for an FP8 cache, as the pages), through FA4's batch entry point (one sequence, no cu_seqlens, no
+    pages, no gather): q [T, Hq, D] -> [T, Hq, D]."""
     lib = library()
     if lib is None:
         raise RuntimeError(f"prefill attention backend 'fa4' {unsupported_reason(q.device, q.dtype, q.shape[-1])}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"FA4 takes q, k and v in one dtype (got {q.dtype}, {k.dtype}, {v.dtype})")
     k, v = k.contiguous(), v.contiguous()  # v is a column slice of the QKV projection
-    res = lib.flash_attn_func(q[None], k[None], v[None], softmax_scale=float(scale), causal=True)
-    return (res[0] if isinstance(res, tuple) else res)[0]
+    res = lib.flash_attn_func(q[None], k[None], v[None], softmax_scale=float(scale * k_scale), causal=True)
+    out = (res[0] if isinstance(res, tuple) else res)[0]
+    return out.mul_(v_scale) if v_scale != 1.0 else out
 
 
 def paged_attention_prefill_fa4(

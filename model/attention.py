@@ -84,10 +84,10 @@ class Attention(nn.Module):
                 x_q: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         t = x.shape[0]
         k_cache, v_cache = ctx.kv_caches[self.layer_id]
-        # FA4 over the step's own K/V: one sequence without cached keys, 16-bit cache (kernels/fa4_prefill.py);
-        # takes() first: only eager prefill steps read host lengths
+        # FA4 over the step's own K/V: one sequence without cached keys (kernels/fa4_prefill.py); takes() first:
+        # only eager prefill steps read host lengths
         prompt_alone = (self.prefill_attention_backend == "fa4" and fa4_prefill.takes(ctx.max_query_len)
-                        and fa4_prefill.FRESH_PROMPTS and k_cache.dtype == x.dtype and ctx.one_prompt_alone())
+                        and fa4_prefill.FRESH_PROMPTS and ctx.one_prompt_alone())
         if self.fused_qk_norm_rope and not prompt_alone:  # projection + norm + RoPE + KV store (one kernel at decode)
             lin = self.qkv_proj
             q = kernels.qkv_norm_rope(
@@ -102,10 +102,15 @@ class Attention(nn.Module):
         k = k.reshape(t, self.heads.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.heads.num_kv_heads, self.head_dim)
         if prompt_alone:  # norm + RoPE + KV store in one kernel; FA4 attends the k and v it stored (fa4_prefill.py)
+            # an FP8 cache: the kernel also writes the values the cache holds, widened, and FA4 attends those
+            wide = None if k_cache.dtype == x.dtype else (k.new_empty(k.shape), v.new_empty(v.shape))
             q, k = kernels.qk_norm_rope(q, k, self.q_norm, self.k_norm, cos_sin, ctx.positions, self.eps, v=v,
                                         k_cache=k_cache, v_cache=v_cache, slot_mapping=ctx.slot_mapping,
-                                        k_scale=ctx.k_scale, v_scale=ctx.v_scale)
-            o = fa4_prefill.prompt_attention_fa4(q, k, v, self.scale)
+                                        k_scale=ctx.k_scale, v_scale=ctx.v_scale, kv_out=wide)
+            if wide is None:
+                o = fa4_prefill.prompt_attention_fa4(q, k, v, self.scale)
+            else:
+                o = fa4_prefill.prompt_attention_fa4(q, *wide, self.scale, ctx.k_scale, ctx.v_scale)
             return self.o_proj(o.reshape(t, self.q_size))
         q, k = kernels.qk_norm_rope(q, k, self.q_norm, self.k_norm, cos_sin, ctx.positions, self.eps)
         kernels.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping, ctx.k_scale, ctx.v_scale)

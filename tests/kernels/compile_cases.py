@@ -64,6 +64,8 @@ def case_rope_kv():
         for cdt in (BF16, FP8):
             kc = torch.empty(100, 16, hk, d, dtype=cdt)
             qk_norm_rope(q, k, w, w, cs, pos, 1e-5, v=v, k_cache=kc, v_cache=kc, slot_mapping=pos)
+            wide = torch.empty(t, hk, d, dtype=BF16)
+            qk_norm_rope(q, k, w, w, cs, pos, 1e-5, v=v, k_cache=kc, v_cache=kc, slot_mapping=pos, kv_out=(wide, wide))
             store_kv(k, v, kc, kc, pos)
 
 

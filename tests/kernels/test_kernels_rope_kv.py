@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels.attention import store_kv_ref
+from kernels.attention import cache_values_ref, store_kv_ref
 from kernels.rope import qk_norm_rope_ref, rope_cos_sin_cache
 from kernels.triton_kv_store import store_kv
 from kernels.triton_rope import qk_norm_rope
@@ -77,6 +77,42 @@ def test_qk_norm_rope_fused_store(device, cache_dtype):
     assert torch.equal(vc.view(torch.uint8), vc_ref.view(torch.uint8))
 
 
+def _cached_rows(cache, slots, dtype):
+    """The rows the cache holds at these slots, widened to dtype."""
+    return cache.view(-1, *cache.shape[2:])[slots.long()].to(dtype)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_qk_norm_rope_kv_out_is_what_the_cache_holds(device, cache_dtype):
+    """kv_out: every stored token's K and V exactly as its cache slot holds them, widened (what FA4 attends for a
+    prompt alone over an FP8 cache); a token without a slot gets the value it would have been stored as."""
+    t, hq, hk, d, rot, bs, nb = 9, 8, 2, 128, 64, 16, 4
+    q, k, v = _qkv(t, hq, hk, d, torch.bfloat16, device)
+    cs = rope_cos_sin_cache(rot, 256, 1e6, device)
+    pos = torch.arange(t, device=device) + 5
+    qw = torch.rand(d, device=device, dtype=torch.bfloat16) + 0.5
+    kw = torch.rand(d, device=device, dtype=torch.bfloat16) + 0.5
+    slots = torch.randperm(nb * bs, device=device)[:t].to(torch.int64)
+    slots[4] = -1
+    ks, vs = (0.05, 0.02) if cache_dtype == torch.float8_e4m3fn else (1.0, 1.0)
+    kc, vc = _caches(nb, bs, hk, d, cache_dtype, device)
+    kv_out = (poison(torch.empty(t, hk, d, device=device, dtype=torch.bfloat16)),
+              poison(torch.empty(t, hk, d, device=device, dtype=torch.bfloat16)))
+    with poisoned_empty():
+        qo, ko = qk_norm_rope(q, k, qw, kw, cs, pos, 1e-5, v=v, k_cache=kc, v_cache=vc, slot_mapping=slots,
+                              k_scale=ks, v_scale=vs, kv_out=kv_out)
+    stored = slots >= 0
+    for out, cache in zip(kv_out, (kc, vc)):
+        assert torch.equal(out[stored], _cached_rows(cache, slots[stored], torch.bfloat16))
+    if cache_dtype == torch.float8_e4m3fn:  # the values are FP8's: widened, not the 16-bit k
+        assert not torch.equal(kv_out[0][stored].float() * ks, ko[stored].float())
+    # the slot-less token: its would-be cache values (the division may round differently from torch's on a GPU)
+    for out, x, sc in ((kv_out[0], ko, ks), (kv_out[1], v, vs)):
+        want = cache_values_ref(x[4], sc, cache_dtype).to(torch.bfloat16)
+        assert (out[4] != want).float().mean() < 0.02
+        assert not torch.isnan(out[4].float()).any()
+
+
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn, torch.float32])
 def test_store_kv(device, cache_dtype):
     t, hk, d, bs, nb = 7, 3, 32, 16, 3
@@ -106,12 +142,16 @@ def test_qk_norm_rope_gpu(hq, hk, t):
     kc, vc = _caches(nb, bs, hk, d, torch.float8_e4m3fn, "cuda")
     kc_ref, vc_ref = kc.clone(), vc.clone()
     slots = torch.randperm(nb * bs, device="cuda")[:t]
+    kv_out = (torch.empty(t, hk, d, device="cuda", dtype=torch.bfloat16),
+              torch.empty(t, hk, d, device="cuda", dtype=torch.bfloat16))
     with poisoned_empty():
         qo, ko = qk_norm_rope(q, k, qw, kw, cs, pos, 1e-5, v=v, k_cache=kc, v_cache=vc, slot_mapping=slots,
-                              k_scale=0.05, v_scale=0.05)
+                              k_scale=0.05, v_scale=0.05, kv_out=kv_out)
     qr, kr = qk_norm_rope_ref(q, k, qw, kw, cs, pos, 1e-5)
     _close_bf16(qo, qr, 1e-2)
     _close_bf16(ko, kr, 1e-2)
+    assert torch.equal(kv_out[0], _cached_rows(kc, slots, torch.bfloat16))
+    assert torch.equal(kv_out[1], _cached_rows(vc, slots, torch.bfloat16))
     store_kv_ref(ko, v, kc_ref, vc_ref, slots, 0.05, 0.05)
     assert (kc.view(torch.uint8) != kc_ref.view(torch.uint8)).float().mean() < 1e-4
     assert torch.equal(vc.view(torch.uint8), vc_ref.view(torch.uint8))

@@ -13,7 +13,9 @@ engine builds it once per forward for every layer); "fa4_gathered_fp8" / "sdpa_f
 (x 1/8 scales), against the SDPA path the engine takes for FP8 pages it does not gather; "fa4_varlen" (no prefix):
 FA4 with cu_seqlens over the step's own contiguous K/V, no pages, no gather; "fa4_gathered_batch": the gather, then
 FA4's batch entry point (one sequence, no cu_seqlens) — with "fa4" and "fa4_varlen" it splits the gathered path's
-cost into the copy and the varlen entry point. --knobs adds FA4's
+cost into the copy and the varlen entry point; "*_triton": the gather by kernels/triton_packed_kv.py (one launch
+for K and V) instead of index_select; "fa4_fresh_fp8" (no prefix): a prompt alone over an FP8 cache as the engine
+runs it since session 28 (the values the cache holds, widened by the prologue before the timed call). --knobs adds FA4's
 sm90 launch choices through its internal `_flash_attn_fwd` (tile_mn, pack_gqa, intra-warpgroup overlap, P@V from
 registers) on the 16-token paged cache. Times are CUDA-event medians of 10 calls after warm-up (FA4 compiles on
 its first call; --queued: 10 calls back to back, the host's launch cost hidden; --rounds R: R such times per
@@ -30,6 +32,7 @@ from collections.abc import Callable
 import torch
 
 from kernels.packed_kv import gather_packed, pack_index
+from kernels.triton_packed_kv import gather_packed_kv
 from kernels.sdpa_prefill import paged_attention_prefill_sdpa, prefill_attention_sdpa
 from kernels.triton_attention import paged_attention
 
@@ -131,10 +134,17 @@ def case(n: int, prefix: int, hq: int, hk: int, knobs: bool = False, queued: boo
             softmax_scale=scale, causal=True))
         packed = pack_index(table, [kv], BS)
 
-        def gathered(kc: torch.Tensor, vc: torch.Tensor, ks: float = 1.0, vs: float = 1.0) -> torch.Tensor:
+        def index_select(kc: torch.Tensor, vc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return gather_packed(kc, packed, BF16), gather_packed(vc, packed, BF16)
+
+        def one_launch(kc: torch.Tensor, vc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return gather_packed_kv(kc, vc, packed.slots, BF16)
+
+        def gathered(kc: torch.Tensor, vc: torch.Tensor, ks: float = 1.0, vs: float = 1.0,
+                     gather: Callable = index_select) -> torch.Tensor:
             o = _first(flash_attn_varlen_func(
-                q, gather_packed(kc, packed, BF16), gather_packed(vc, packed, BF16), cu_seqlens_q=cu_q,
-                cu_seqlens_k=packed.cu_seqlens, max_seqlen_q=n, max_seqlen_k=kv, softmax_scale=scale * ks, causal=True))
+                q, *gather(kc, vc), cu_seqlens_q=cu_q, cu_seqlens_k=packed.cu_seqlens, max_seqlen_q=n,
+                max_seqlen_k=kv, softmax_scale=scale * ks, causal=True))
             return o.mul_(vs) if vs != 1.0 else o
 
         if prefix == 0:  # a prompt alone: its own K/V, varlen (what a step without cached keys can attend)
@@ -142,11 +152,17 @@ def case(n: int, prefix: int, hq: int, hk: int, knobs: bool = False, queued: boo
                 q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_q, max_seqlen_q=n, max_seqlen_k=n, softmax_scale=scale,
                 causal=True))
         runs["fa4_gathered"] = lambda: gathered(k_cache, v_cache)
+        runs["fa4_gathered_triton"] = lambda: gathered(k_cache, v_cache, gather=one_launch)
         runs["fa4_gathered_batch"] = lambda: _first(flash_attn_func(  # one sequence: batch mode, no cu_seqlens
             q[None], gather_packed(k_cache, packed, BF16)[None], gather_packed(v_cache, packed, BF16)[None],
             softmax_scale=scale, causal=True))[0]
         k8, v8 = (k_cache * 8).to(FP8), (v_cache * 8).to(FP8)  # stored x 8, read back x 1/8: the same K/V
         runs["fa4_gathered_fp8"] = lambda: gathered(k8, v8, 0.125, 0.125)
+        runs["fa4_gathered_fp8_triton"] = lambda: gathered(k8, v8, 0.125, 0.125, gather=one_launch)
+        if prefix == 0:  # a prompt alone over an FP8 cache: the prologue's widened values (written before the call)
+            kw8, vw8 = gather_packed(k8, packed, BF16), gather_packed(v8, packed, BF16)
+            runs["fa4_fresh_fp8"] = lambda: _first(flash_attn_func(
+                q[None], kw8[None], vw8[None], softmax_scale=scale * 0.125, causal=True))[0].mul_(0.125)
         runs["sdpa_fp8"] = lambda: paged_attention_prefill_sdpa(
             q, k8, v8, table, lens, qsl, scale, 0.125, 0.125, rest=paged_attention, query_start_host=[0, n],
             seq_lens_host=[kv], min_prefill_tokens=1)

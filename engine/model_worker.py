@@ -219,8 +219,9 @@ class ModelWorker:
         steps = warmup_steps(sc.max_num_batched_tokens, sc.max_num_seqs, sc.max_model_len, shape,
                              sdpa_prefill.sdpa_from_tokens(heads.num_heads) if sdpa else None)
         # FA4 compiles a kernel per configuration, not per length (kernels/fa4_prefill.py). The prompts above compile
-        # its batch entry point (a 16-bit prompt alone) or the SDPA path's plans (FP8); a step that attends cached
-        # keys compiles its page-table one (packed K/V off in this loop), then, below, its packed one
+        # its batch entry point (a prompt alone over its own K/V; with an FP8 cache, the values the cache holds);
+        # a step that attends cached keys compiles its page-table one or the SDPA path's plans (FP8 pages; packed
+        # K/V off in this loop), then, below, its packed one (and the gather)
         fa4_q = min(sc.max_num_batched_tokens, sc.max_model_len - 1)
         fa4_cached = WarmupStep(1, fa4_q, fa4_q + 1)  # one cached key: >= 1,024 pairs per key from 2,048 tokens
         fa4 = self.runner.max_packed_kv > 0 and fa4_prefill.takes(fa4_q)

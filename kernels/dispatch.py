@@ -28,6 +28,7 @@ from kernels.fp8_linear import fp8_linear_block_ref, fp8_linear_channel_ref
 from kernels.fused_moe import fused_moe_ref
 from kernels.moe_routing import moe_route_ref
 from kernels.norm import add_rms_norm_ref, rms_norm_ref
+from kernels.packed_kv import PackedKV, gather_packed
 from kernels.rope import qk_norm_rope_ref
 
 BACKENDS = ("auto", "ref", "triton")
@@ -372,6 +373,15 @@ def store_kv(
         _triton("kv_store").store_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
         return
     store_kv_ref(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+
+
+def gather_packed_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, packed: PackedKV,
+                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's keys and values out of the paged caches, packed [total, Hk, D] in dtype (kernels/packed_kv.py):
+    one Triton launch for both on CUDA, index_select (+ the widening) per cache in the reference."""
+    if _use("gather_packed_kv", k_cache):
+        return _triton("packed_kv").gather_packed_kv(k_cache, v_cache, packed.slots, dtype)
+    return gather_packed(k_cache, packed, dtype), gather_packed(v_cache, packed, dtype)
 
 
 def paged_attention(

@@ -49,7 +49,8 @@ from types import ModuleType
 import torch
 
 from kernels.flash_attn_adapter import int32_index
-from kernels.packed_kv import PackedKV, gather_packed
+from kernels.dispatch import gather_packed_kv
+from kernels.packed_kv import PackedKV
 
 MODULE = "flash_attn.cute.interface"
 PIP_NAME = "flash-attn-4"
@@ -159,7 +160,7 @@ def paged_attention_prefill_fa4(
         res = lib.flash_attn_varlen_func(q, k_cache, v_cache, seqused_k=int32_index(seq_lens),
                                          page_table=int32_index(block_tables), **common)
     else:
-        k, v = gather_packed(k_cache, packed, q.dtype), gather_packed(v_cache, packed, q.dtype)
+        k, v = gather_packed_kv(k_cache, v_cache, packed, q.dtype)
         res = lib.flash_attn_varlen_func(q, k, v, cu_seqlens_k=packed.cu_seqlens, max_seqlen_k=packed.max_len,
                                          **common)
     out = res[0] if isinstance(res, tuple) else res

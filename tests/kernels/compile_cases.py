@@ -69,6 +69,14 @@ def case_rope_kv():
             store_kv(k, v, kc, kc, pos)
 
 
+def case_packed_kv():
+    from kernels.triton_packed_kv import gather_packed_kv
+
+    for hk, cdt in ((8, BF16), (8, FP8), (1, FP8)):
+        kc = torch.empty(100, 16, hk, 128, dtype=cdt)
+        gather_packed_kv(kc, kc, torch.empty(300, dtype=torch.int64), BF16)
+
+
 def case_gemm():
     from kernels.triton_fp8_gemm import fp8_gemm
 
@@ -298,6 +306,7 @@ CASES = {
     "norm_act": case_norm_act,
     "allreduce": case_allreduce,
     "rope_kv": case_rope_kv,
+    "packed_kv": case_packed_kv,
 }
 
 

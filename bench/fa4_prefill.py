@@ -16,12 +16,12 @@ FA4's batch entry point (one sequence, no cu_seqlens) — with "fa4" and "fa4_va
 cost into the copy and the varlen entry point; "*_triton": the gather by kernels/triton_packed_kv.py (one launch
 for K and V) instead of index_select; "fa4_fresh_fp8" (no prefix): a prompt alone over an FP8 cache as the engine
 runs it since session 28 (the values the cache holds, widened by the prologue before the timed call). --knobs
-adds FA4's sm90 launch choices through its internal `_flash_attn_fwd` (tile_mn, pack_gqa, intra-warpgroup overlap, P@V from
-registers) on the 16-token paged cache. Times are CUDA-event medians of 10 calls after warm-up (FA4 compiles on
-its first call; --queued: 10 calls back to back, the host's launch cost hidden; --rounds R: R such times per
-variant, the variants interleaved, median and range printed); % = FLOPs / time / 989 TFLOP/s
-(bf16 dense datasheet). "err" = the largest difference from the cuDNN output over its largest value.
-flash-attn-4 is optional: the script says so when it is missing.
+adds FA4's sm90 launch choices through its internal `_flash_attn_fwd` (tile_mn, pack_gqa, intra-warpgroup overlap,
+P@V from registers) on the 16-token paged cache. Times are CUDA-event medians of 10 calls after warm-up (FA4
+compiles on its first call; --queued: 10 calls back to back, the host's launch cost hidden; --rounds R: R such times
+per variant, the variants interleaved, median and range printed); % = FLOPs / time / 989 TFLOP/s (bf16 dense
+datasheet). "err" = the largest difference from the cuDNN output over its largest value. flash-attn-4 is optional:
+the script says so when it is missing.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import fa4_prefill
+from kernels import dispatch, fa4_prefill, triton_packed_kv
 from kernels.packed_kv import gather_packed, pack_index, workspace_bytes
 from kernels.triton_packed_kv import gather_packed_kv
 from model.context import ForwardContext
@@ -42,6 +42,24 @@ def test_triton_gather_equals_the_reference(device, hk, d, cache_dtype):
     assert torch.equal(k, gather_packed(kc, packed, torch.bfloat16))
     assert torch.equal(v, gather_packed(vc, packed, torch.bfloat16))
     assert not torch.equal(k, v)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_dispatch_gathers_widening_pages_in_one_launch(device, monkeypatch, cache_dtype):
+    """dispatch.gather_packed_kv: the Triton kernel where FP8 pages widen, index_select for 16-bit pages (which
+    moves them as fast: H100, session 28); the same packed K/V either way."""
+    launches: list[torch.dtype] = []
+    real = triton_packed_kv.gather_packed_kv
+    monkeypatch.setattr(triton_packed_kv, "gather_packed_kv",
+                        lambda kc, *a: launches.append(kc.dtype) or real(kc, *a))
+    kc = (torch.randn(5, 16, 2, 32, device=device) * 4).to(cache_dtype)
+    vc = (torch.randn(5, 16, 2, 32, device=device) * 4).to(cache_dtype)
+    packed = pack_index(torch.tensor([[3, 0, 4], [1, 2, 0]], device=device), [40, 20], 16)
+    with dispatch.kernel_backend("triton"):
+        k, v = dispatch.gather_packed_kv(kc, vc, packed, torch.bfloat16)
+    assert launches == ([torch.float8_e4m3fn] if cache_dtype == torch.float8_e4m3fn else [])
+    assert torch.equal(k, gather_packed(kc, packed, torch.bfloat16))
+    assert torch.equal(v, gather_packed(vc, packed, torch.bfloat16))
 
 
 @pytest.mark.gpu

@@ -66,7 +66,7 @@ def test_dispatch_gathers_widening_pages_in_one_launch(device, monkeypatch, cach
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
 def test_triton_gather_gpu(cache_dtype):
     """A 16K chunk after a 4K prefix (20,480 keys, 8 x 128, 16-token pages in random order), against the
-    reference, and its time next to index_select's (printed)."""
+    reference (its time: bench/fa4_prefill.py's *_triton columns)."""
     pages, bs, hk, d = 1400, 16, 8, 128
     kc = (torch.randn(pages, bs, hk, d, device="cuda") * 4).to(cache_dtype)
     vc = (torch.randn(pages, bs, hk, d, device="cuda") * 4).to(cache_dtype)
@@ -75,20 +75,6 @@ def test_triton_gather_gpu(cache_dtype):
     k, v = gather_packed_kv(kc, vc, packed.slots, torch.bfloat16)
     want_k, want_v = gather_packed(kc, packed, torch.bfloat16), gather_packed(vc, packed, torch.bfloat16)
     assert torch.equal(k, want_k) and torch.equal(v, want_v)
-    ours = _cuda_ms(lambda: gather_packed_kv(kc, vc, packed.slots, torch.bfloat16))
-    ref = _cuda_ms(lambda: (gather_packed(kc, packed, torch.bfloat16), gather_packed(vc, packed, torch.bfloat16)))
-    print(f"gather 20480 keys {cache_dtype}: triton {ours * 1e3:.1f} us, index_select {ref * 1e3:.1f} us")
-
-
-def _cuda_ms(fn, reps: int = 20) -> float:
-    fn()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        fn()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) / reps
 
 
 def test_fp8_pages_widen_exactly():

@@ -53,18 +53,25 @@ def _caches(nb, bs, hk, d, dtype, device):
     return kc, vc
 
 
-@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
-def test_qk_norm_rope_fused_store(device, cache_dtype):
-    t, hq, hk, d, rot, bs, nb = 6, 8, 2, 128, 64, 16, 4
+def _store_case(t, first_pos, no_slot, cache_dtype, device):
+    """A qk_norm_rope-with-store case (8 / 2 heads of 128, rotary 64, 4 pages of 16): inputs, slots with token
+    `no_slot` stored nowhere, the cache scales and poisoned caches."""
+    hq, hk, d, rot, bs, nb = 8, 2, 128, 64, 16, 4
     q, k, v = _qkv(t, hq, hk, d, torch.bfloat16, device)
     cs = rope_cos_sin_cache(rot, 256, 1e6, device)
-    pos = torch.arange(t, device=device) + 17
+    pos = torch.arange(t, device=device) + first_pos
     qw = torch.rand(d, device=device, dtype=torch.bfloat16) + 0.5
     kw = torch.rand(d, device=device, dtype=torch.bfloat16) + 0.5
     slots = torch.randperm(nb * bs, device=device)[:t].to(torch.int64)
-    slots[2] = -1
+    slots[no_slot] = -1
     ks, vs = (0.05, 0.02) if cache_dtype == torch.float8_e4m3fn else (1.0, 1.0)
     kc, vc = _caches(nb, bs, hk, d, cache_dtype, device)
+    return q, k, v, cs, pos, qw, kw, slots, ks, vs, kc, vc
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_qk_norm_rope_fused_store(device, cache_dtype):
+    q, k, v, cs, pos, qw, kw, slots, ks, vs, kc, vc = _store_case(6, 17, 2, cache_dtype, device)
     kc_ref, vc_ref = kc.clone(), vc.clone()
     with poisoned_empty():
         qo, ko = qk_norm_rope(q, k, qw, kw, cs, pos, 1e-5, v=v, k_cache=kc, v_cache=vc, slot_mapping=slots,
@@ -86,18 +93,8 @@ def _cached_rows(cache, slots, dtype):
 def test_qk_norm_rope_kv_out_is_what_the_cache_holds(device, cache_dtype):
     """kv_out: every stored token's K and V exactly as its cache slot holds them, widened (what FA4 attends for a
     prompt alone over an FP8 cache); a token without a slot gets the value it would have been stored as."""
-    t, hq, hk, d, rot, bs, nb = 9, 8, 2, 128, 64, 16, 4
-    q, k, v = _qkv(t, hq, hk, d, torch.bfloat16, device)
-    cs = rope_cos_sin_cache(rot, 256, 1e6, device)
-    pos = torch.arange(t, device=device) + 5
-    qw = torch.rand(d, device=device, dtype=torch.bfloat16) + 0.5
-    kw = torch.rand(d, device=device, dtype=torch.bfloat16) + 0.5
-    slots = torch.randperm(nb * bs, device=device)[:t].to(torch.int64)
-    slots[4] = -1
-    ks, vs = (0.05, 0.02) if cache_dtype == torch.float8_e4m3fn else (1.0, 1.0)
-    kc, vc = _caches(nb, bs, hk, d, cache_dtype, device)
-    kv_out = (poison(torch.empty(t, hk, d, device=device, dtype=torch.bfloat16)),
-              poison(torch.empty(t, hk, d, device=device, dtype=torch.bfloat16)))
+    q, k, v, cs, pos, qw, kw, slots, ks, vs, kc, vc = _store_case(9, 5, 4, cache_dtype, device)
+    kv_out = (poison(k.new_empty(k.shape)), poison(k.new_empty(k.shape)))  # contiguous [t, hk, d]
     with poisoned_empty():
         qo, ko = qk_norm_rope(q, k, qw, kw, cs, pos, 1e-5, v=v, k_cache=kc, v_cache=vc, slot_mapping=slots,
                               k_scale=ks, v_scale=vs, kv_out=kv_out)

@@ -4,14 +4,12 @@ KV cache per layer: k_cache, v_cache [num_blocks, block_size, num_kv_heads, head
 block_id * block_size + offset; slot -1 means "do not store" (padding). For a batch of B sequences packed
 along T, sequence b owns query rows query_start_loc[b]:query_start_loc[b+1] and attends causally to its first
 seq_lens[b] cached tokens: query i of a sequence with q_len new tokens sits at position seq_len - q_len + i.
-FP8 caches hold values divided by a per-tensor scale (k_scale, v_scale): times its fp32 reciprocal, as kernels.quant.
+FP8 caches hold values divided by a per-tensor scale (k_scale, v_scale).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from kernels.quant import FP8_DTYPE, inverse_scale_ref, quant_fp8_ref
 
 QUERY_CHUNK = 1024  # query rows per attention call (bounds the boolean mask: rows x kv_len)
 
@@ -36,11 +34,11 @@ def store_kv_ref(
 
 
 def cache_values_ref(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """x as a cache of `dtype` stores it: times the fp32 1 / scale, FP8 saturating at +-448
-    (kernels.quant.quant_fp8_ref, as the kernels' cast)."""
-    if dtype == FP8_DTYPE:
-        return quant_fp8_ref(x.float(), scale)
-    return (x.float() * inverse_scale_ref(scale)).to(dtype)
+    """x as a cache of `dtype` stores it: divided by the scale, FP8 saturating at +-448 (the kernels' cast)."""
+    y = x.float() / scale
+    if dtype == torch.float8_e4m3fn:
+        y = y.clamp(-448.0, 448.0)
+    return y.to(dtype)
 
 
 def gather_kv_ref(cache: torch.Tensor, block_table: torch.Tensor, length: int, scale: float = 1.0) -> torch.Tensor:

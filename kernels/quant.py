@@ -12,28 +12,11 @@ FP8_MAX = 448.0
 _MIN_SCALE = 1e-12
 
 
-def fp8_scale_ref(amax: torch.Tensor) -> torch.Tensor:
-    """An activation's FP8 scale from its amax (fp32): max(amax / 448, 1e-12)."""
-    return (amax / FP8_MAX).clamp(min=_MIN_SCALE)
-
-
-def inverse_scale_ref(scale: torch.Tensor | float) -> torch.Tensor:
-    """1 / scale in fp32, IEEE-rounded (a Python float scale is first rounded to fp32, as a kernel argument is)."""
-    return torch.as_tensor(scale, dtype=torch.float32).reciprocal()
-
-
-def quant_fp8_ref(xf: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
-    """fp32 xf -> FP8: xf times the fp32 reciprocal of the scale, saturated at +-448, nearest even. A multiply by
-    1 / scale (as SGLang's and vLLM's quant kernels do), so a GEMM that quantizes its A tiles pays a multiply per
-    element, not a division; the Triton kernels compute the same IEEE-rounded reciprocal (triton_common.inverse)."""
-    return (xf * inverse_scale_ref(scale)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-
-
 def quant_fp8_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [T, K] -> (x_fp8 [T, K], scale fp32 [T, 1]) with x ~= x_fp8 * scale."""
     xf = x.float()
-    scale = fp8_scale_ref(xf.abs().amax(dim=-1, keepdim=True))
-    return quant_fp8_ref(xf, scale), scale
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=_MIN_SCALE)
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
 def quant_fp8_per_group_ref(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,8 +25,8 @@ def quant_fp8_per_group_ref(x: torch.Tensor, group: int = 128) -> tuple[torch.Te
     if k % group:
         raise ValueError(f"per-group FP8 quantization needs K ({k}) divisible by the group size ({group})")
     xg = x.float().view(t, k // group, group)
-    scale = fp8_scale_ref(xg.abs().amax(dim=-1, keepdim=True))
-    xq = quant_fp8_ref(xg, scale)
+    scale = (xg.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=_MIN_SCALE)
+    xq = (xg / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return xq.view(t, k), scale.squeeze(-1)
 
 

@@ -97,33 +97,6 @@ def to_fp8(x):
 
 
 @triton.jit
-def div_ieee(x, y):
-    """fp32 x / y rounded as IEEE (and torch) round it. Triton's `/` on fp32 is not, on a GPU: it lowers to
-    div.full.f32 (up to 2 ulp off), and a constant divisor becomes a multiply by an approximate reciprocal, so
-    two kernels with the same source line can disagree with torch and with each other in a last bit."""
-    return tl.math.div_rn(x, y)
-
-
-@triton.jit
-def fp8_scale(amax):
-    """Per-row FP8 scale from a row's amax: max(amax / 448, 1e-12), as kernels/quant.fp8_scale_ref."""
-    return tl.maximum(div_ieee(amax, 448.0), 1e-12)
-
-
-@triton.jit
-def inverse(scale):
-    """1 / scale, IEEE-rounded: what an FP8 quantization multiplies by (kernels/quant.quant_fp8_ref)."""
-    return div_ieee(1.0, scale)
-
-
-@triton.jit
-def quant_fp8(x, inv_scale):
-    """fp32 x -> float8e4nv: x * inv_scale (= inverse(scale)), saturated at +-448, rounded to nearest even, as
-    kernels/quant.quant_fp8_ref. A multiply, not a division, per element: cheap inside a GEMM's K loop."""
-    return to_fp8(tl.clamp(x * inv_scale, -448.0, 448.0))
-
-
-@triton.jit
 def to_out(x, dtype: tl.constexpr):
     """Cast fp32 x to the storage dtype `dtype` with round-to-nearest-even (FP8: x must be within +-448)."""
     if dtype == tl.bfloat16:

@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 
 from kernels.triton_common import (
-    cdiv, dot_operand, fp8_scale, inverse, next_pow2, pdl_launch, pdl_release, pdl_wait, quant_fp8, tl_dtype, to_out,
-    token_counts, zeroed_counters,
+    cdiv, dot_operand, next_pow2, pdl_launch, pdl_release, pdl_wait, tl_dtype, to_fp8, to_out,
+    zeroed_counters, token_counts,
 )
 from kernels.triton_rope import _norm_rope_heads, _rnd, _store_cache_slices
 
@@ -65,7 +65,7 @@ def _fp8_gemm_swap_kernel(
     if QUANT_X and PARTS_P > 0:  # the row's amax from maxima of its parts, given (e.g. per attention head)
         rp = tl.arange(0, PARTS_P)
         parts = tl.load(xmax_ptr + rt_c[:, None] * N_PARTS + rp[None, :], mask=rp[None, :] < N_PARTS, other=0.0)
-        x_scale = fp8_scale(tl.max(parts, 1))
+        x_scale = tl.maximum(tl.max(parts, 1) / 448.0, 1e-12)
     elif QUANT_X:  # per-token scale over the whole row, as quant_fp8_per_token: max(amax / 448, 1e-12)
         x_scale = tl.full([BLOCK_T], 1.0, tl.float32)
         ra = tl.arange(0, AMAX_BLOCK)
@@ -74,11 +74,9 @@ def _fp8_gemm_swap_kernel(
             for c in tl.static_range(AMAX_CHUNKS):  # unrolled: the row's loads are in flight together
                 v = tl.load(x_ptr + t * stride_xm + c * AMAX_BLOCK + ra, mask=c * AMAX_BLOCK + ra < K, other=0.0)
                 amax = tl.maximum(amax, tl.abs(v.to(tl.float32)))
-            x_scale = tl.where(rt == t, fp8_scale(tl.max(amax, 0)), x_scale)
+            x_scale = tl.where(rt == t, tl.maximum(tl.max(amax, 0) / 448.0, 1e-12), x_scale)
     else:
         x_scale = tl.load(xs_ptr + rt_c * stride_xsm)
-    if QUANT_X:
-        x_inv = inverse(x_scale)
 
     w_rows = w_ptr + rw_c[:, None] * stride_wn
     x_cols = x_ptr + rt_c[None, :] * stride_xm
@@ -92,7 +90,7 @@ def _fp8_gemm_swap_kernel(
             w = tl.load(w_rows + k[None, :], mask=k[None, :] < K, other=0.0)
             xt = tl.load(x_cols + k[:, None], mask=k[:, None] < K, other=0.0)
         if QUANT_X:
-            xt = quant_fp8(xt.to(tl.float32), x_inv[None, :])
+            xt = to_fp8(tl.clamp(xt.to(tl.float32) / x_scale[None, :], -448.0, 448.0))
         # fp32 sum across K tiles (the FP8 MMA accumulator alone keeps ~14 mantissa bits)
         acc += tl.dot(dot_operand(w), dot_operand(xt))
 

@@ -1,13 +1,13 @@
 """Triton KV-cache store: rows k, v [T, Hk, D] into paged caches [num_blocks, block_size, Hk, D] at
-slot_mapping[t] (skipped when -1), times 1 / k_scale, 1 / v_scale (IEEE-rounded fp32) and cast to the cache
-dtype (FP8 E4M3 saturates at +-448). Bit for bit kernels/attention.store_kv_ref."""
+slot_mapping[t] (skipped when -1), divided by k_scale / v_scale and cast to the cache dtype (FP8 E4M3
+saturates at +-448). Same as kernels/attention.store_kv_ref for in-range values."""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import cdiv, inverse, next_pow2, pdl_launch, pdl_release, pdl_wait, to_out
+from kernels.triton_common import cdiv, next_pow2, pdl_launch, pdl_release, pdl_wait, to_out
 
 
 @triton.jit
@@ -27,8 +27,8 @@ def _store_kv_kernel(
         m = (hi[:, None] < HK) & (di[None, :] < D)
         k = tl.load(k_ptr + t * stride_kt + hi[:, None] * stride_kh + di[None, :], mask=m, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + t * stride_vt + hi[:, None] * stride_vh + di[None, :], mask=m, other=0.0).to(tl.float32)
-        k = k * inverse(k_scale)
-        v = v * inverse(v_scale)
+        k = k / k_scale
+        v = v / v_scale
         if FP8:
             k = tl.clamp(k, -448.0, 448.0)
             v = tl.clamp(v, -448.0, 448.0)

@@ -41,8 +41,8 @@ except ImportError:  # pragma: no cover - a Triton without host tensor descripto
     TensorDescriptor = None
 
 from kernels.triton_common import (
-    INTERPRET, cdiv, device_name, dot_operand, fp8_scale, inverse, next_pow2, pdl_launch, pdl_release, pdl_wait,
-    quant_fp8, round_bf16, tl_dtype, to_out, token_counts, zeroed_counters,
+    INTERPRET, cdiv, device_name, dot_operand, next_pow2, pdl_launch, pdl_release, pdl_wait, round_bf16, tl_dtype,
+    to_fp8, to_out, zeroed_counters, token_counts,
 )
 from kernels.triton_moe_segments import topk_sum
 from kernels.triton_moe_align import max_blocks, moe_align
@@ -61,6 +61,12 @@ def _rnd(x, DT: tl.constexpr):
         return x.to(tl.float16).to(tl.float32)
     else:
         return x
+
+
+@triton.jit
+def _quant_tile(a, scale):
+    """fp32 tile / per-row scale [BM, 1] -> float8e4nv, as the reference (clamp, round to nearest even)."""
+    return to_fp8(tl.clamp(a / scale, -448.0, 448.0))
 
 
 @triton.jit(**token_counts("NP"))
@@ -120,8 +126,7 @@ def _moe_gate_up_kernel(
             k = ki * BLOCK_K + rk
             a = tl.load(a_rows + k[None, :], mask=valid[:, None] & (k[None, :] < K), other=0.0)
             amax = tl.maximum(amax, tl.max(tl.abs(a.to(tl.float32)), 1))
-        a_scale = fp8_scale(amax)[:, None]
-        a_inv = inverse(a_scale)
+        a_scale = tl.maximum(amax / 448.0, 1e-12)[:, None]
 
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -144,7 +149,7 @@ def _moe_gate_up_kernel(
             acc_u = tl.dot(dot_operand(a), dot_operand(bu), acc_u)
         elif QUANT == 1:
             if A_MODE == 2:
-                a = quant_fp8(a.to(tl.float32), a_inv)
+                a = _quant_tile(a.to(tl.float32), a_scale)
             if FAST_ACC:  # accumulate in the MMA (Hopper: reduced-precision adds across all of K)
                 acc_g = tl.dot(a, bg, acc_g)
                 acc_u = tl.dot(a, bu, acc_u)
@@ -153,8 +158,8 @@ def _moe_gate_up_kernel(
                 acc_u += tl.dot(a, bu)
         else:
             if A_MODE == 2:
-                sa = fp8_scale(tl.max(tl.abs(a.to(tl.float32)), 1))
-                a = quant_fp8(a.to(tl.float32), inverse(sa)[:, None])
+                sa = tl.maximum(tl.max(tl.abs(a.to(tl.float32)), 1) / 448.0, 1e-12)
+                a = _quant_tile(a.to(tl.float32), sa[:, None])
             else:
                 sa = tl.load(xs_ptr + tok * stride_xsm + ki)
             sg = tl.load(ws_ptr + e64 * stride_wse + (rn_c // 128) * stride_wsn + ki)
@@ -248,16 +253,14 @@ def _moe_down_kernel(
             lim = tl.where(pid_m < NP, I, 0)
             arow = tl.load(act_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_am + ri, mask=ri < lim, other=0.0)
             amax = tl.where(tl.arange(0, BLOCK_M) == 0, tl.max(tl.abs(arow.to(tl.float32)), 0), 0.0)
-            a_scale = fp8_scale(amax)[:, None]
-            a_inv = inverse(a_scale)
+            a_scale = tl.maximum(amax / 448.0, 1e-12)[:, None]
         elif A_MODE == 2:
             amax = tl.zeros([BLOCK_M], dtype=tl.float32)
             for ki in range(0, k_iters):
                 k = ki * BLOCK_K + rk
                 a = tl.load(a_rows + k[None, :], mask=valid[:, None] & (k[None, :] < I), other=0.0)
                 amax = tl.maximum(amax, tl.max(tl.abs(a.to(tl.float32)), 1))
-            a_scale = fp8_scale(amax)[:, None]
-            a_inv = inverse(a_scale)
+            a_scale = tl.maximum(amax / 448.0, 1e-12)[:, None]
         else:
             a_scale = tl.load(as_ptr + rows.to(tl.int64) * stride_asm)[:, None]
     for nt in range(0, N_LOOP):
@@ -284,7 +287,7 @@ def _moe_down_kernel(
                     acc = tl.dot(dot_operand(a), dot_operand(b), acc)
                 elif QUANT == 1:
                     if A_MODE == 2:
-                        a = quant_fp8(a.to(tl.float32), a_inv)
+                        a = _quant_tile(a.to(tl.float32), a_scale)
                     if FAST_ACC:
                         acc = tl.dot(a, b, acc)
                     else:
@@ -292,8 +295,8 @@ def _moe_down_kernel(
                 else:
                     if A_MODE == 2:
                         af = a.to(tl.float32)
-                        sa = fp8_scale(tl.max(tl.abs(af), 1))
-                        a = quant_fp8(af, inverse(sa)[:, None])
+                        sa = tl.maximum(tl.max(tl.abs(af), 1) / 448.0, 1e-12)
+                        a = _quant_tile(af, sa[:, None])
                     else:
                         sa = tl.load(as_ptr + rows.to(tl.int64) * stride_asm + ki)
                     sb = tl.load(ws_ptr + e64 * stride_wse + (rn_c // 128) * stride_wsn + ki)

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_common import (
-    fp8_row_outputs, fp8_scale, inverse, next_pow2, pdl_launch, pdl_release, pdl_wait, quant_fp8, round_bf16, to_out,
+    fp8_row_outputs, next_pow2, pdl_launch, pdl_release, pdl_wait, round_bf16, to_fp8, to_out,
 )
 
 
@@ -34,8 +34,9 @@ def normalize_and_store(
     tl.store(y_ptr + row * stride_y + offs, yo, mask=m)
     if QUANT:
         yf = yo.to(tl.float32)
-        scale = fp8_scale(tl.max(tl.abs(yf), 0))
-        tl.store(q_ptr + row * stride_q + offs, quant_fp8(yf, inverse(scale)), mask=m)
+        scale = tl.maximum(tl.max(tl.abs(yf), 0) / 448.0, 1e-12)
+        q = tl.clamp(yf / scale, -448.0, 448.0)
+        tl.store(q_ptr + row * stride_q + offs, to_fp8(q), mask=m)
         tl.store(qs_ptr + row, scale)
 
 

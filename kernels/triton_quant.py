@@ -1,8 +1,7 @@
 """Triton FP8 E4M3 activation quantization: per token (scale [T, 1]) and per 1 x group (scale [T, K/group]).
 
-Same math as kernels/quant.py, bit for bit: scale = max(amax / 448, 1e-12), q = clamp(x * (1 / scale), +-448)
-rounded to nearest even, both divisions IEEE-rounded (triton_common.div_ieee). Rows may be strided (last dim
-contiguous).
+Same math as kernels/quant.py: scale = max(amax / 448, 1e-12), q = clamp(x / scale, +-448) rounded to
+nearest even. Rows may be strided (last dim contiguous).
 """
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_common import (
-    FP8_MAX, MIN_SCALE, cdiv, fp8_scale, inverse, next_pow2, pdl_launch, pdl_release, pdl_wait, quant_fp8,
+    FP8_MAX, MIN_SCALE, cdiv, next_pow2, pdl_launch, pdl_release, pdl_wait, to_fp8,
 )
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -32,8 +31,9 @@ def _quant_row_kernel(
         rm = rows < T
         m = rm[:, None] & (offs[None, :] < K)
         x = tl.load(x_ptr + rows[:, None] * stride_x + offs[None, :], mask=m, other=0.0).to(tl.float32)
-        scale = fp8_scale(tl.max(tl.abs(x), 1))
-        tl.store(q_ptr + rows[:, None] * stride_q + offs[None, :], quant_fp8(x, inverse(scale)[:, None]), mask=m)
+        scale = tl.maximum(tl.max(tl.abs(x), 1) / 448.0, 1e-12)
+        q = tl.clamp(x / scale[:, None], -448.0, 448.0)
+        tl.store(q_ptr + rows[:, None] * stride_q + offs[None, :], to_fp8(q), mask=m)
         tl.store(s_ptr + rows, scale, mask=rm)
     else:
         row = tl.program_id(0).to(tl.int64)
@@ -44,12 +44,12 @@ def _quant_row_kernel(
             m = k0 + offs < K
             x = tl.load(xr + k0 + offs, mask=m, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(x))
-        scale = fp8_scale(tl.max(amax, 0))
-        inv = inverse(scale)
+        scale = tl.maximum(tl.max(amax, 0) / 448.0, 1e-12)
         for k0 in range(0, K, BLOCK):
             m = k0 + offs < K
             x = tl.load(xr + k0 + offs, mask=m, other=0.0).to(tl.float32)
-            tl.store(qr + k0 + offs, quant_fp8(x, inv), mask=m)
+            q = tl.clamp(x / scale, -448.0, 448.0)
+            tl.store(qr + k0 + offs, to_fp8(q), mask=m)
         tl.store(s_ptr + row, scale)
 
 
@@ -68,8 +68,9 @@ def _quant_group_kernel(
     cols = gi[:, None] * GROUP + ci[None, :]
     m = (gi[:, None] < NG) & (cols < K)
     x = tl.load(x_ptr + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
-    scale = fp8_scale(tl.max(tl.abs(x), 1))
-    tl.store(q_ptr + row * stride_q + cols, quant_fp8(x, inverse(scale)[:, None]), mask=m)
+    scale = tl.maximum(tl.max(tl.abs(x), 1) / 448.0, 1e-12)
+    q = tl.clamp(x / scale[:, None], -448.0, 448.0)
+    tl.store(q_ptr + row * stride_q + cols, to_fp8(q), mask=m)
     tl.store(s_ptr + row * stride_s + gi, scale, mask=gi < NG)
 
 

@@ -7,8 +7,8 @@ activation dtype and every product and sum rounded as torch does in bf16. Dims p
 
 Grid: (tokens, q-head blocks + k-head blocks). A head block loads its rows as three column slices
 [0, rot/2), [rot/2, rot), [rot, D), so the rotation needs no register shuffles. With a cache given, the
-k-head programs also store the token's rotated K and its V at slot_mapping[t] (skipped when -1), times 1 / k_scale,
-1 / v_scale and cast to the cache dtype (FP8 saturates at +-448), as kernels/attention.store_kv_ref.
+k-head programs also store the token's rotated K and its V at slot_mapping[t] (skipped when -1), divided by
+k_scale / v_scale and cast to the cache dtype (FP8 saturates at +-448), like kernels/attention.store_kv_ref.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_common import (
-    cdiv, inverse, next_pow2, pdl_launch, pdl_release, pdl_wait, round_bf16, tl_dtype, to_out, token_counts,
+    cdiv, next_pow2, pdl_launch, pdl_release, pdl_wait, round_bf16, tl_dtype, to_out, token_counts,
 )
 
 
@@ -76,8 +76,8 @@ def _norm_rope_heads(
 
 @triton.jit
 def _cache_values(x, scale, FP8: tl.constexpr):
-    """fp32 x as the cache stores it, before the cast: times 1 / scale (IEEE-rounded), FP8 saturating at +-448."""
-    x = x * inverse(scale)
+    """fp32 x as the cache stores it, before the cast: divided by the scale, FP8 saturating at +-448."""
+    x = x / scale
     if FP8:
         x = tl.clamp(x, -448.0, 448.0)
     return x

@@ -260,6 +260,20 @@ def _launch(
     )
 
 
+def qkv_rope_config(m: int, n: int, k: int, d: int, config: dict | None = None, num_sms: int = 132) -> dict:
+    """fp8_qkv_norm_rope's launch config: `config` or the swap heuristic, narrowed to one head per program
+    (BLOCK_W = d) with split-K keeping about as many programs. fp8_gemm_swap given the same config sums the same K
+    tiles with the same MMA shape, so the two agree bit for bit (a narrower BLOCK_W alone changes the MMA a GPU
+    uses: below 64 rows no wgmma, and the bf16 outputs differ in last bits)."""
+    cfg = dict(config) if config else swap_config(m, n, k, num_sms)
+    if cfg["BLOCK_W"] != d:
+        k_iters = cdiv(k, cfg["BLOCK_K"])
+        split = max(1, min(k_iters // 2, cdiv(cfg["SPLIT_K"] * d, cfg["BLOCK_W"])))
+        cfg["SPLIT_K"] = cdiv(k_iters, cdiv(k_iters, split))
+        cfg["BLOCK_W"] = d
+    return cfg
+
+
 def fp8_qkv_norm_rope(
     xq: torch.Tensor,
     x_scale: torch.Tensor | None,
@@ -303,13 +317,8 @@ def fp8_qkv_norm_rope(
     qo = torch.empty(m, num_heads, d, dtype=out_dtype, device=xq.device)
     if m == 0:
         return qo, out
-    cfg = dict(config) if config else swap_config(m, n, k, num_sms)
+    cfg = qkv_rope_config(m, n, k, d, config, num_sms)
     split = cfg.pop("SPLIT_K")
-    if cfg["BLOCK_W"] != d:  # one head per program; keep about as many programs through split-K
-        k_iters = cdiv(k, cfg["BLOCK_K"])
-        split = max(1, min(k_iters // 2, cdiv(split * d, cfg["BLOCK_W"])))
-        split = cdiv(k_iters, cdiv(k_iters, split))
-        cfg["BLOCK_W"] = d
     half = rot // 2
     pas = d - rot
     _launch(
@@ -326,4 +335,4 @@ def fp8_qkv_norm_rope(
     return qo, out
 
 
-__all__ = ["fp8_gemm_swap", "fp8_qkv_norm_rope", "swap_config", "MAX_M"]
+__all__ = ["fp8_gemm_swap", "fp8_qkv_norm_rope", "qkv_rope_config", "swap_config", "MAX_M"]

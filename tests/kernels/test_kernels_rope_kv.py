@@ -192,15 +192,18 @@ def test_fp8_qkv_norm_rope(device, m, hq, hk, d, rot, norm, cache_dtype, cfg, pr
     """The fused decode qkv (GEMM + QK-norm + RoPE + KV store in one kernel) gives exactly what the swap-AB
     GEMM followed by the fused qk_norm_rope kernel gives: q, both caches (untouched where slot is -1), and
     the raw v / rotated k in its qkv output."""
-    from kernels.triton_fp8_gemm_swap import fp8_gemm_swap, fp8_qkv_norm_rope
+    from kernels.triton_fp8_gemm_swap import fp8_gemm_swap, fp8_qkv_norm_rope, qkv_rope_config
 
     c = _fused_qkv_case(m, hq, hk, d, rot, norm, cache_dtype, device)
-    # one head per program (BLOCK_W = d) keeps the fused kernel from re-deriving BLOCK_W and SPLIT_K, so both GEMMs
-    # below sum the same K tiles in the same order; bit-equality holds only then (with 32-wide K tiles against one
-    # 128-wide tile it failed once in CI on a bf16 rounding boundary, session 27)
     config = None if FUSED_QKV_CFGS[cfg] is None else dict(FUSED_QKV_CFGS[cfg], BLOCK_W=d)
+    # the plain GEMM runs on the fused kernel's own tiles (one head per program, its split-K), so both sum the same
+    # K tiles in the same order with the same MMA; bit-equality holds only then (32- vs 128-wide K tiles failed
+    # once in CI on a bf16 rounding boundary, session 27; on a GPU the heuristic's 64-row tiles used wgmma where
+    # the fused kernel's 32-row heads did not: 16 failures on an H100 and an H200, sessions 28-29)
+    k_in = c["x"].shape[1]
+    ref_cfg = qkv_rope_config(m, (hq + 2 * hk) * d, k_in, d, config)
     kc_ref, vc_ref = c["kc"].clone(), c["vc"].clone()
-    qkv = fp8_gemm_swap(c["xq"], c["xs"], c["w"], c["ws"], c["b"], torch.bfloat16, config=config)
+    qkv = fp8_gemm_swap(c["xq"], c["xs"], c["w"], c["ws"], c["b"], torch.bfloat16, config=ref_cfg)
     q, k, v = qkv.split([hq * d, hk * d, hk * d], -1)
     q_ref, k_ref = qk_norm_rope(q.reshape(m, hq, d), k.reshape(m, hk, d), c["qw"], c["kw"], c["cs"], c["pos"], 1e-5,
                                 v=v.reshape(m, hk, d), k_cache=kc_ref, v_cache=vc_ref, slot_mapping=c["slots"],
@@ -235,6 +238,10 @@ def test_qkv_norm_rope_dispatch_matches_reference(device, m):
     from kernels.dispatch import kernel_backend
 
     c = _fused_qkv_case(m, 4, 2, 32, 16, True, torch.bfloat16, device)
+    # above 16 tokens the Triton side is the FP8 GEMM (wgmma on a GPU: reduced-precision accumulation inside a K
+    # tile) + qk_norm_rope; the reference GEMM sums in fp32, and QK-norm spreads a flipped bf16 bit over its head:
+    # 3.3% of q elements differed by a last bit on an H200 (session 29). Values stay within _close_bf16's rtol.
+    max_frac = 0.08 if device.type == "cuda" and m > 16 else 2e-3
     args = lambda kc, vc: (c["x"], None, c["w"], c["ws"], c["b"], "fp8_channel", 4, 2, c["qw"], c["kw"], c["cs"],  # noqa: E731
                            c["pos"], 1e-5, kc, vc, c["slots"])
     kc_ref, vc_ref = c["kc"].clone(), c["vc"].clone()
@@ -242,11 +249,15 @@ def test_qkv_norm_rope_dispatch_matches_reference(device, m):
         q_ref = kernels.qkv_norm_rope(*args(kc_ref, vc_ref))
     with kernel_backend("triton"):
         q = kernels.qkv_norm_rope(*args(c["kc"], c["vc"]))
-    _close_bf16(q, q_ref)
+    _close_bf16(q, q_ref, max_frac)
     written = c["slots"][c["slots"] >= 0]
     kc_flat, kr_flat = c["kc"].flatten(0, 1), kc_ref.flatten(0, 1)
-    _close_bf16(kc_flat[written], kr_flat[written])
-    assert torch.equal(c["vc"].flatten(0, 1)[written], vc_ref.flatten(0, 1)[written])
+    _close_bf16(kc_flat[written], kr_flat[written], max_frac)
+    v_out, v_ref = c["vc"].flatten(0, 1)[written], vc_ref.flatten(0, 1)[written]
+    if max_frac > 2e-3:  # v is the GEMM's output as is: last bits only
+        _close_bf16(v_out, v_ref, max_frac)
+    else:
+        assert torch.equal(v_out, v_ref)
 
 
 @pytest.mark.gpu

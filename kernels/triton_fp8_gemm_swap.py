@@ -28,6 +28,17 @@ AMAX_K = 2048  # elements per load of the amax pass (QUANT_X)
 SMEM_BUDGET = 200 * 1024  # bytes of pipelined tiles per program (Hopper: 227 KB of shared memory per block)
 
 
+@triton.jit
+def _scale_bias(acc, ws_ptr, bias_ptr, rw_c, x_scale, HAS_BIAS: tl.constexpr):
+    """acc * w_scale * x_scale (+ bias). The bias add is an explicit fma: with FP fusion on (the plain GEMM) the
+    compiler contracted it into one, with it off (the qkv + RoPE launch) it rounded twice, and the two launches'
+    bf16 outputs differed in a last bit now and then (session 30, one v element on an H200)."""
+    y = acc * tl.load(ws_ptr + rw_c)[:, None]
+    if HAS_BIAS:
+        return tl.fma(y, x_scale[None, :], tl.load(bias_ptr + rw_c).to(tl.float32)[:, None])
+    return y * x_scale[None, :]
+
+
 @triton.jit(**token_counts("M"))
 def _fp8_gemm_swap_kernel(
     x_ptr, w_ptr, c_ptr, xs_ptr, ws_ptr, bias_ptr, part_ptr, cnt_ptr,
@@ -106,9 +117,7 @@ def _fp8_gemm_swap_kernel(
             acc = tl.zeros([BLOCK_W, BLOCK_T], dtype=tl.float32)
             for s in range(0, SPLIT_K):
                 acc += tl.load(tile + s * (BLOCK_W * BLOCK_T) + offs, cache_modifier=".cg")
-            y = acc * tl.load(ws_ptr + rw_c)[:, None] * x_scale[None, :]
-            if HAS_BIAS:
-                y += tl.load(bias_ptr + rw_c).to(tl.float32)[:, None]
+            y = _scale_bias(acc, ws_ptr, bias_ptr, rw_c, x_scale, HAS_BIAS)
             tl.store(c_ptrs, to_out(y, c_ptr.dtype.element_ty), mask=cmask)
             tl.atomic_xchg(cnt_ptr + pid_w, 0)
             if ROPE:
@@ -119,9 +128,7 @@ def _fp8_gemm_swap_kernel(
                     stride_vc_slot, stride_vc_h, HAS_NORM, HALF, HALF_P, PASS, PASS_P, BLOCK_W, DT, CACHE_FP8,
                 )
     else:
-        y = acc * tl.load(ws_ptr + rw_c)[:, None] * x_scale[None, :]
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + rw_c).to(tl.float32)[:, None]
+        y = _scale_bias(acc, ws_ptr, bias_ptr, rw_c, x_scale, HAS_BIAS)
         tl.store(c_ptrs, to_out(y, c_ptr.dtype.element_ty), mask=cmask)
         if ROPE:
             tl.debug_barrier()  # the tile's stores precede the epilogue's reloads of it

@@ -199,7 +199,8 @@ def test_fp8_qkv_norm_rope(device, m, hq, hk, d, rot, norm, cache_dtype, cfg, pr
     # the plain GEMM runs on the fused kernel's own tiles (one head per program, its split-K), so both sum the same
     # K tiles in the same order with the same MMA; bit-equality holds only then (32- vs 128-wide K tiles failed
     # once in CI on a bf16 rounding boundary, session 27; on a GPU the heuristic's 64-row tiles used wgmma where
-    # the fused kernel's 32-row heads did not: 16 failures on an H100 and an H200, sessions 28-29)
+    # the fused kernel's 32-row heads did not: 16 failures on an H100 and an H200, sessions 28-29); the bias add is an
+    # explicit fma in the kernel, as FP fusion is on for the plain GEMM and off for the fused one (session 30)
     k_in = c["x"].shape[1]
     ref_cfg = qkv_rope_config(m, (hq + 2 * hk) * d, k_in, d, config)
     kc_ref, vc_ref = c["kc"].clone(), c["vc"].clone()

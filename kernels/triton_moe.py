@@ -352,13 +352,14 @@ def default_config(m: int, e: int, n: int, k: int, quant: str) -> dict:
 SHARED_MEMORY_BUDGET = 200 * 1024  # of the 227 KiB a Hopper block may have: room for the epilogue's scratch
 
 
-def fit_stages_16bit(cfg: dict) -> dict:
-    """The config with pipeline stages lowered where 16-bit A and B tiles (x / act and unquantized weights) of
-    that many stages would not fit in shared memory: the FP8-sized 128 x 256 x 128 down tiles at 3 stages need
-    288 KiB in bf16 (Triton: OutOfResources on the first step of more than 2048 tokens)."""
+def fit_stages_unquantized(cfg: dict, elem_bytes: int) -> dict:
+    """The config with pipeline stages lowered where unquantized A and B tiles (x / act and the weights, elem_bytes
+    each: 2 for bf16, 4 for fp32) of that many stages would not fit in shared memory: the FP8-sized 128 x 256 x 128
+    down tiles at 3 stages need 288 KiB in bf16 (Triton: OutOfResources on the first step of more than 2048 tokens),
+    and fp32 weights double every tile (the 4-token decode tiles at 4 stages: 240 KiB on an H100, session 30)."""
     cfg = dict(cfg)
     for s, bn, bk, b_tiles in (("S1", "BLOCK_N1", "BLOCK_K1", 2), ("S2", "BLOCK_N2", "BLOCK_K2", 1)):
-        stage = 2 * cfg[bk] * (cfg["BLOCK_M"] + b_tiles * cfg[bn])  # gate_up loads the gate and up tiles
+        stage = elem_bytes * cfg[bk] * (cfg["BLOCK_M"] + b_tiles * cfg[bn])  # gate_up loads the gate and up tiles
         cfg[s] = max(1, min(cfg[s], SHARED_MEMORY_BUDGET // stage))
     return cfg
 
@@ -462,8 +463,8 @@ def fused_moe(
     cfg = dict(config) if config else moe_config(t, e, inter, h, quant, x.device)
     if quant == "fp8_block":
         cfg["BLOCK_K1"] = cfg["BLOCK_K2"] = 128
-    if qid == 0 and not config:  # 16-bit weights: the configs' stages are sized for FP8 tiles
-        cfg = fit_stages_16bit(cfg)
+    if qid == 0 and not config:  # unquantized weights: the configs' stages are sized for FP8 tiles
+        cfg = fit_stages_unquantized(cfg, w13.element_size())
     bm = cfg["BLOCK_M"]
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -555,4 +556,4 @@ def fused_moe(
     return out
 
 
-__all__ = ["fused_moe", "moe_config", "default_config", "config_file", "fit_stages_16bit", "max_blocks"]
+__all__ = ["fused_moe", "moe_config", "default_config", "config_file", "fit_stages_unquantized", "max_blocks"]

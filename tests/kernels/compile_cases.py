@@ -1,6 +1,7 @@
 """Real-shape calls of every Triton wrapper, used by compile_sm90.py (compile only, CPU tensors)."""
 from __future__ import annotations
 
+import itertools
 import traceback
 
 import torch
@@ -273,23 +274,24 @@ HOPPER_MAX_SHARED = 232448  # bytes of shared memory a block may use on H100 / H
 
 
 def case_moe_bf16():
-    """Unquantized (16-bit) expert weights at every token-count bucket, tiny-checkpoint and GLM widths: each
-    compiled variant fits a Hopper block's shared memory (the FP8-sized configs' bf16 tiles did not: 288 KiB)."""
+    """Unquantized (bf16 and fp32) expert weights at every token-count bucket, tiny-checkpoint and GLM widths: each
+    compiled variant fits a Hopper block's shared memory (the FP8-sized configs' bf16 tiles did not: 288 KiB; the
+    decode tiles in fp32 did not either: 240 KiB, test_fused_moe_fp32 on an H100, session 30)."""
     from triton.runtime.jit import JITFunction
 
     import kernels.triton_moe as moe
 
-    for t in (1, 64, 1000, 4096):
+    for t, dt in itertools.product((1, 64, 1000, 4096), (BF16, torch.float32)):
         for e, inter, h in ((8, 32, 64), (161, 192, 5120)):
-            moe.fused_moe(torch.empty(t, h, dtype=BF16), torch.empty(e, 2 * inter, h, dtype=BF16),
-                          torch.empty(e, h, inter, dtype=BF16), torch.empty(t, 2), torch.zeros(t, 2, dtype=torch.int32),
+            moe.fused_moe(torch.empty(t, h, dtype=dt), torch.empty(e, 2 * inter, h, dtype=dt),
+                          torch.empty(e, h, inter, dtype=dt), torch.empty(t, 2), torch.zeros(t, 2, dtype=torch.int32),
                           None, None, "none")
     kernels = [k for f in vars(moe).values() if isinstance(f, JITFunction) for c in f.device_caches.values()
                for k in c[0].values()]
     over = [(k.name, k.metadata.shared) for k in kernels if k.metadata.shared > HOPPER_MAX_SHARED]
     if over:
         raise AssertionError(f"variants over {HOPPER_MAX_SHARED} bytes of shared memory: {over}")
-    print(f"moe bf16: {len(kernels)} variants, largest shared memory {max(k.metadata.shared for k in kernels)}")
+    print(f"moe bf16 + fp32: {len(kernels)} variants, largest shared memory {max(k.metadata.shared for k in kernels)}")
 
 
 CASES = {

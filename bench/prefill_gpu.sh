@@ -6,7 +6,8 @@
 # the TP size). Decode B=1/64 rides along in every run (must not get slower). Prints one table; JSON in $OUT.
 # Knobs: LAYERS (27 where the GPU has 130+ GB, else 15), BACKENDS ("triton sdpa fa4"), CAP (seconds per bench.engine
 # run; the first run on a fresh machine also compiles the Triton cache), SHARDS ("1 4 8"), SHAPES ("4096:0 16384:0
-# 16384:4096": new:cached tokens), PY (the interpreter: bench/fa4_wheels.sh's venv for fa4).
+# 16384:4096": new:cached tokens), PY (the interpreter: bench/fa4_wheels.sh's venv for fa4), EXTRA (more bench.engine
+# arguments: EXTRA=--profile SHARDS=8 SHAPES=16384:0 profiles the TP8 shard).
 # Backend "fa4paged": fa4 with its packed-K/V gather and its fresh-K/V prompts off (every step over the pages: the
 # session-20 behaviour).
 set -u
@@ -17,6 +18,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 LAYERS=${LAYERS:-$(bash bench/fit_layers.sh)}
 PY=${PY:-python3}; BACKENDS=${BACKENDS:-"triton sdpa"}; CAP=${CAP:-150}; SHARDS=${SHARDS:-"1 4 8"}
 SHAPES=${SHAPES:-"4096:0 16384:0 16384:4096"}
+EXTRA=${EXTRA:-}  # more bench.engine arguments, e.g. "--profile" (each run's full log: $OUT/<run>.log)
 shard_args() {  # GLM-4.7: 96 heads / 8 KV heads, MoE expert width 1536, dense width 12288
     [ "$1" = 1 ] && return
     echo "--heads $((96 / $1)) --kv-heads $(( 8 / $1 > 0 ? 8 / $1 : 1 )) --moe-intermediate $((1536 / $1)) --intermediate $((12288 / $1))"
@@ -36,7 +38,8 @@ for tp in $SHARDS; do
             timeout --kill-after=10 "$CAP" "$PY" -m bench.engine --device cuda --layers "$LAYERS" --dense-layers 3 \
                 --no-hf --hf-layers 0 --batches 1,64 --prefill "$1" --prefill-prefix "$2" \
                 $(backend_args "$backend") --enable-shared-experts-fusion --enable-fused-qk-norm-rope \
-                $(shard_args "$tp") --out "$OUT/$name.json" 2>&1 | grep -E "^(decode|prefill) " | sed "s/^/$name: /"
+                $(shard_args "$tp") $EXTRA --out "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log" \
+                | grep -E "^(decode|prefill) " | sed "s/^/$name: /"
         done
     done
 done

@@ -56,6 +56,7 @@ from typing import Any
 
 import torch
 
+from bench.host_profile import host_breakdown, print_host_breakdown
 from bench.real_shape import parse_overrides, real_shape_model_dir
 from kernels import fa4_prefill
 from model.attention import PREFILL_ATTENTION_BACKENDS, resolve_prefill_attention_backend
@@ -476,6 +477,12 @@ def run_step_benchmarks(
           f"{args.prefill_prefix} tokens cached before it, {args.prefill_attention_backend} attention)", flush=True)
     if args.profile and device.type == "cuda":
         _profile_step(f"prefill {args.prefill}", runner, inp, results, "profile_prefill", save)
+    if args.host_profile:
+        dump = str(Path(args.out).with_suffix(".prof")) if args.out else None
+        res = host_breakdown(functools.partial(runner.run, inp), dump=dump)
+        results["host_profile_prefill"] = res
+        save()
+        print_host_breakdown(f"prefill {args.prefill}", res)
     del worker, runner, model, kv
     _free(device)
     if device.type == "cuda":
@@ -873,6 +880,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--mem-fraction-static", type=float, default=0.9)
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     ap.add_argument("--profile", action="store_true", help="print a per-kernel breakdown of each step (GPU)")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="the prefill's host enqueue time against its finish, and where the host time goes (cProfile)")
     ap.add_argument("--enable-shared-experts-fusion", action="store_true", help="shared expert as expert E")
     ap.add_argument("--enable-fused-qk-norm-rope", action="store_true", help="QK-norm + RoPE + KV store fused")
     ap.add_argument("--seed", type=int, default=0)

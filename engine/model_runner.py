@@ -8,6 +8,7 @@ request that reaches its end, and each draft position before it. Input ids the h
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import chain
 
 import torch
 
@@ -256,4 +257,5 @@ def table_width(pages: int) -> int:
 def block_table_tensor(tables: list[list[int]], device: torch.device) -> torch.Tensor:
     """int32 [len(tables), table_width(longest)], rows padded with page 0 (never read: past each length)."""
     width = table_width(max(len(t) for t in tables))
-    return to_device([t if len(t) == width else t + [0] * (width - len(t)) for t in tables], torch.int32, device)
+    flat = list(chain.from_iterable(t if len(t) == width else t + [0] * (width - len(t)) for t in tables))
+    return to_device(flat, torch.int32, device).view(len(tables), width)

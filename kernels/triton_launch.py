@@ -14,7 +14,8 @@ fine as Triton's (a finer key only means more entries, each filled by Triton's o
   tensor descriptors base dtype, block shape, padding, base alignment, shape and strides divisible by 16
   floats, None, bool their type (bools: their value)
   options (num_warps, launch_pdl, ...) their values
-An argument of any other type, an interpreter run, or a Triton launch hook set (profilers) takes Triton's path.
+An argument of any other type, an unhashable constexpr or option, a grid given as a function, an interpreter run,
+or a Triton launch hook set (profilers) takes Triton's path.
 
 Off unless `GLINT_FAST_LAUNCH=1` (read at import) until it has passed its GPU tests with the check below on
 (written in session 31, when the session's device time ran out before they could run).
@@ -106,10 +107,15 @@ class _KernelLauncher:
             parts.append(cls)
         params = set(self.names)
         parts.extend((k, v) for k, v in sorted(kwargs.items()) if k not in params)  # launch options
-        return tuple(parts)
+        key = tuple(parts)
+        try:
+            hash(key)
+        except TypeError:  # an unhashable constexpr or option value: Triton's path
+            return None
+        return key
 
     def __call__(self, grid: tuple, args: tuple, kwargs: dict) -> None:
-        if _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook):
+        if callable(grid) or _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook):
             self.fn[grid](*args, **kwargs)
             return
         device = driver.active.get_current_device()

@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 from triton import knobs
+from triton.runtime.jit import JITFunction
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 import kernels.triton_launch as tlaunch
@@ -41,6 +42,24 @@ def test_arg_class_separates_what_triton_specializes():
     assert arg_class(d1, False) != arg_class(d3, False)
     assert arg_class(d1, False) != arg_class(d4, False)
     assert arg_class(object(), False) is tlaunch._UNKNOWN
+
+
+def test_launcher_key_orders_params_and_options():
+    # a JITFunction of the kernel's Python source (the interpreter's wrapper has no parameter table)
+    runner = tlaunch._KernelLauncher(JITFunction(_axpy_kernel.fn))
+    x = torch.zeros(64)
+    args = (x, x, x, 64, 1, 0.5)
+    vals = runner.values(args, dict(SCALE=2, BLOCK=128, num_warps=4))
+    assert vals == [x, x, x, 64, 1, 0.5, 2, 128]
+    assert runner.values(args, dict(SCALE=2)) is None  # BLOCK missing: Triton's path reports it
+    key = runner.key(0, vals, dict(SCALE=2, BLOCK=128, num_warps=4))
+    assert key == runner.key(0, [x, x, x, 4096, 1, 2.0, 2, 128], dict(BLOCK=128, num_warps=4, SCALE=2))
+    assert key != runner.key(0, [x, x, x, 64, 1, 0.5, 3, 128], dict(SCALE=3, BLOCK=128, num_warps=4))
+    assert key != runner.key(0, vals, dict(SCALE=2, BLOCK=128, num_warps=8))
+    assert key != runner.key(1, vals, dict(SCALE=2, BLOCK=128, num_warps=4))  # another device
+    assert key != runner.key(0, [x, x, x[1:], 64, 1, 0.5, 2, 128], dict(SCALE=2, BLOCK=128, num_warps=4))
+    assert runner.key(0, vals, dict(SCALE=2, BLOCK=128, extern_libs={"a": "b"})) is None  # unhashable option
+    assert runner.key(0, [x, x, object(), 64, 1, 0.5, 2, 128], {}) is None
 
 
 def _run(n, stride, alpha, scale, dtype, device, offset=0, num_warps=4):

@@ -174,7 +174,7 @@ def num_sms(device_index: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def device_name(device: torch.device) -> str:
-    """"NVIDIA_H100_80GB_HBM3", "cpu": the key of the per-GPU kernel tables (cached: asked at every launch)."""
+    """The key of the per-GPU kernel tables, e.g. NVIDIA_H100_80GB_HBM3 (or cpu); cached: asked at every launch."""
     if device.type != "cuda":
         return "cpu"
     return torch.cuda.get_device_name(device).replace(" ", "_")

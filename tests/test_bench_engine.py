@@ -210,9 +210,16 @@ def test_prefill_after_a_cached_prefix_with_the_sdpa_backend(tmp_path):
     del args[i : i + 2]
     args[args.index("--batches") + 1] = "1"
     cmd = [sys.executable, "-m", "bench.engine", *args, "--no-hf", "--hf-layers", "0", "--prefill-prefix", "32",
-           "--prefill-attention-backend", "sdpa", "--model-root", str(tmp_path / "models"), "--out", str(out)]
+           "--prefill-attention-backend", "sdpa", "--model-root", str(tmp_path / "models"), "--out", str(out),
+           "--host-profile"]
     proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    p = json.loads(out.read_text())["prefill"]
+    res = json.loads(out.read_text())
+    p = res["prefill"]
     assert (p["tokens"], p["prefix"], p["attention_backend"]) == (48, 32, "sdpa") and _finite(p["ms"])
     assert "32 tokens cached before it, sdpa attention" in proc.stdout
+    # --host-profile: the forward's host time and where it went (the runner's run() is among the functions)
+    host = res["host_profile_prefill"]
+    assert 0 < host["enqueue_ms"] <= host["finish_ms"] and _finite(host["finish_ms"])
+    assert any("model_runner.py" in f["name"] and "(run)" in f["name"] for f in host["by_cumulative"])
+    assert out.with_suffix(".prof").stat().st_size > 0

@@ -223,3 +223,5 @@ def test_prefill_after_a_cached_prefix_with_the_sdpa_backend(tmp_path):
     assert 0 < host["enqueue_ms"] <= host["finish_ms"] and _finite(host["finish_ms"])
     assert any("model_runner.py" in f["name"] and "(run)" in f["name"] for f in host["by_cumulative"])
     assert out.with_suffix(".prof").stat().st_size > 0
+    sampled = host["sampled"]
+    assert sampled["samples"] > 0 and any("(run)" in f["name"] for f in sampled["by_cumulative"])

@@ -103,13 +103,32 @@ def _tool_result_text(block: dict[str, Any], where: str) -> str:
     return text
 
 
+# Claude Code (>= 2.1.69) starts its system prompt with a billing line for Anthropic's servers,
+# "x-anthropic-billing-header: cc_version=2.1.197.e03; cc_entrypoint=sdk-cli; ...", whose suffix hashes characters
+# of the conversation's first user message (so it differs between projects and for each subagent, whose first
+# message is its task) and whose entrypoint differs between `claude` and `claude -p`; some setups add a `cch` hash.
+# GLM's template renders the tools first (~29K of Claude Code 2.1.197's ~34K-token first request) and the system
+# text after them, so the line splits only the system text (~5K tokens) from the cache. It means nothing to the
+# model: dropped.
+BILLING_HEADER = "x-anthropic-billing-header:"
+
+
+def _is_billing_line(text: Any) -> bool:
+    return isinstance(text, str) and text.startswith(BILLING_HEADER) and "\n" not in text.strip()
+
+
 def _system_blocks(content: Any) -> Any:
-    """System text blocks keep only their text (cache_control and other block fields do not apply)."""
+    """System text blocks keep only their text (cache_control and other block fields do not apply); a client
+    billing line (BILLING_HEADER: a text block of its own, or the first line of a string) is dropped."""
     if isinstance(content, list):
         return [
             {"type": "text", "text": b.get("text", "")} if isinstance(b, dict) and b.get("type") == "text" else b
             for b in content
+            if not (isinstance(b, dict) and b.get("type") == "text" and _is_billing_line(b.get("text")))
         ]
+    if isinstance(content, str) and content.startswith(BILLING_HEADER):
+        first, _, rest = content.partition("\n")
+        return rest if _is_billing_line(first) else content
     return content
 
 

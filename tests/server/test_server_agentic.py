@@ -120,6 +120,21 @@ def _anthropic_prompt(tail: list[dict], **kw) -> str:
     )
 
 
+def test_claude_code_billing_line_is_dropped():
+    """Claude Code's per-conversation billing line (server/anthropic_api.py BILLING_HEADER) never reaches the
+    prompt, as its own system block or as the first line of a system string; other text mentioning it stays."""
+    base = _anthropic_prompt([], system=[{"type": "text", "text": "You are Claude Code."}])
+    for billing in ("x-anthropic-billing-header: cc_version=2.1.197.a3f; cc_entrypoint=cli;",
+                    "x-anthropic-billing-header: cc_version=2.1.197.0b1; cc_entrypoint=sdk-ts; cch=71fea;"):
+        blocks = [{"type": "text", "text": billing}, {"type": "text", "text": "You are Claude Code."}]
+        assert _anthropic_prompt([], system=blocks) == base
+        assert _anthropic_prompt([], system=billing + "\nYou are Claude Code.") == base
+    kept = "Quote: x-anthropic-billing-header: cc_version=1"
+    assert kept in _anthropic_prompt([], system=[{"type": "text", "text": kept}])
+    two_lines = "x-anthropic-billing-header: a\nsecond line"  # a string system: only its first line goes
+    assert "second line" in _anthropic_prompt([], system=[{"type": "text", "text": two_lines}])
+
+
 def test_anthropic_assistant_prefill_is_continued():
     """A final assistant message is the start of the answer (Anthropic's prefill): the prompt ends with its text,
     not with a new assistant turn (it used to render as a finished turn followed by `<|assistant|>`)."""
@@ -203,6 +218,21 @@ def test_claude_code_request_shape_is_accepted(http):
     without = {**body, "messages": [body["messages"][0], body["messages"][2]]}
     count2 = http.post("/v1/messages/count_tokens", json={k: without[k] for k in ("model", "system", "tools", "messages")})
     assert count.json()["input_tokens"] > count2.json()["input_tokens"]  # the mid-conversation system text counts
+
+
+def test_conversations_with_different_billing_lines_share_the_cached_system_prompt(http):
+    """Two Claude Code conversations (different first messages, so different billing lines) share the system
+    prompt's KV: the second request reads it from the prefix cache (usage.cache_read_input_tokens)."""
+    system = " ".join(f"Rule {i}: keep the code tidy and the tests honest." for i in range(60))
+    usage = []
+    for fingerprint, question in (("a3f", "first conversation"), ("0c7", "another conversation")):
+        blocks = [{"type": "text", "text": f"x-anthropic-billing-header: cc_version=2.1.197.{fingerprint}; "
+                                           "cc_entrypoint=cli;"},
+                  {"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}]
+        usage.append(messages(http, f"<<script:plain>> {question}", system=blocks)["usage"])
+    system_tokens = usage[0]["input_tokens"] - 40  # the system prompt is most of the prompt (~600 of its tokens)
+    assert system_tokens > 400, usage
+    assert usage[1]["cache_read_input_tokens"] >= system_tokens - 16, usage
 
 
 def test_anthropic_pings_during_silence_and_no_comments(http):

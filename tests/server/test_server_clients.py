@@ -170,20 +170,24 @@ def test_anthropic_sdk(server):
 # ------------------------------------------------------------------------------------------ agentic CLIs
 
 
-def test_claude_code_print_mode_with_a_tool_turn(server, work, tmp_path):
+def _claude(server, work: Path, home: Path, prompt: str) -> list[dict]:
+    """One Claude Code print-mode session against the server: its stream-json lines."""
     env = {
         **os.environ, **OFFLINE,
-        "HOME": str(tmp_path), "ANTHROPIC_BASE_URL": server.url, "ANTHROPIC_API_KEY": "none",
+        "HOME": str(home), "ANTHROPIC_BASE_URL": server.url, "ANTHROPIC_API_KEY": "none",
         "ANTHROPIC_MODEL": MODEL, "ANTHROPIC_SMALL_FAST_MODEL": MODEL, "ANTHROPIC_DEFAULT_HAIKU_MODEL": MODEL,
         "ANTHROPIC_DEFAULT_SONNET_MODEL": MODEL, "ANTHROPIC_DEFAULT_OPUS_MODEL": MODEL,
         "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_TELEMETRY": "1", "DISABLE_AUTOUPDATER": "1",
         "DISABLE_ERROR_REPORTING": "1", "DISABLE_NON_ESSENTIAL_MODEL_CALLS": "1",
     }
-    cmd = [str(need(CLAUDE)), "-p", "<<script:claude_read>>", "--output-format", "stream-json", "--verbose",
-           "--allowedTools", "Read"]
+    cmd = [str(need(CLAUDE)), "-p", prompt, "--output-format", "stream-json", "--verbose", "--allowedTools", "Read"]
     run = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    lines = [json.loads(ln) for ln in run.stdout.splitlines() if ln.startswith("{")]
+    return [json.loads(ln) for ln in run.stdout.splitlines() if ln.startswith("{")]
+
+
+def test_claude_code_print_mode_with_a_tool_turn(server, work, tmp_path):
+    lines = _claude(server, work, tmp_path, "<<script:claude_read>>")
     blocks = [b for ln in lines if ln["type"] == "assistant" for b in ln["message"]["content"]]
     tool = next(b for b in blocks if b["type"] == "tool_use")
     assert tool["name"] == "Read" and tool["input"] == {"file_path": str(work / "note.txt")}
@@ -192,6 +196,20 @@ def test_claude_code_print_mode_with_a_tool_turn(server, work, tmp_path):
     result = lines[-1]
     assert result["type"] == "result" and result["subtype"] == "success" and not result["is_error"], result
     assert result["result"] == "The note says done." and result["num_turns"] == 2
+
+
+def test_claude_code_sessions_share_the_cached_system_prompt(server, work, tmp_path):
+    """A new Claude Code session's first request (~34K tokens: 24 tools, then the system prompt) reads all but
+    its own message from the prefix cache: nothing the server renders varies between sessions (the billing line
+    is dropped, server/anthropic_api.py BILLING_HEADER), so TTFT is the new tail's prefill, not the prompt's."""
+    usages = []
+    for prompt in ("<<script:answer>> first session", "<<script:answer>> a second, other session"):
+        result = _claude(server, work, tmp_path, prompt)[-1]
+        assert result["type"] == "result" and not result["is_error"], result
+        usages.append(result["usage"])
+    second = usages[1]
+    total = second["input_tokens"] + second["cache_read_input_tokens"]
+    assert total > 2000 and second["cache_read_input_tokens"] > 0.9 * total, usages
 
 
 def test_codex_exec_with_a_tool_turn(server, work, tmp_path):

@@ -263,6 +263,9 @@ def to_chat_request(req: Any, *, stream: bool = False) -> ChatCompletionRequest:
         body["continue_final_message"] = True
         body["add_generation_prompt"] = False
     body["thinking"] = {"type": "enabled" if thinking_enabled(req.thinking) else "disabled"}
+    clear = _clear_thinking(req)
+    if clear is not None:
+        body["thinking"]["clear_thinking"] = clear
     response_format = _response_format(req)
     if response_format is not None:
         body["response_format"] = response_format
@@ -276,9 +279,29 @@ def to_chat_request(req: Any, *, stream: bool = False) -> ChatCompletionRequest:
         if key in extra:
             body[key] = extra[key]
     try:
-        return ChatCompletionRequest.model_validate(body)
+        chat = ChatCompletionRequest.model_validate(body)
     except ValidationError as e:
         raise validation_error(e) from None
+    chat.set_route_template_defaults({"clear_thinking": False})  # Preserved Thinking unless told otherwise
+    return chat
+
+
+def _clear_thinking(req: Any) -> bool | None:
+    """Whether past turns' reasoning leaves the prompt, where the request says so: Z.ai's
+    `thinking.clear_thinking`, or Anthropic's context editing (`clear_thinking_20251015`: keep "all" keeps every
+    thinking block, any other `keep` clears older ones; the template keeps those after the last user turn only).
+    None: the route's default, Preserved Thinking (`clear_thinking` false, under the server's
+    --default-chat-template-kwargs): Claude Code sends every thinking block back, Zhipu recommends keeping them
+    for agentic work, and a prompt that drops them when a user turn arrives no longer starts with the tokens the
+    model generated, so the earlier turns' KV could not be reused (bench/RESULTS.md, session 31)."""
+    if isinstance(req.thinking, dict) and isinstance(req.thinking.get("clear_thinking"), bool):
+        return req.thinking["clear_thinking"]
+    management = (req.model_extra or {}).get("context_management")
+    edits = management.get("edits") if isinstance(management, dict) else None
+    for edit in edits if isinstance(edits, list) else []:
+        if isinstance(edit, dict) and str(edit.get("type", "")).startswith("clear_thinking"):
+            return edit.get("keep") != "all"
+    return None
 
 
 def _assistant_prefill(messages: list[dict[str, Any]]) -> bool:

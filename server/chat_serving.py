@@ -169,7 +169,8 @@ class ChatPlan:
         )
         self.messages = normalize_messages(req.messages)
         self.kwargs = template_kwargs(
-            state.chat_template.default_kwargs, req.chat_template_kwargs, req.reasoning_effort, req.thinking
+            {**req.route_template_defaults, **state.chat_template.default_kwargs}, req.chat_template_kwargs,
+            req.reasoning_effort, req.thinking,
         )
         if req.chat_template:
             logger.debug("ignoring a chat_template sent in the request (never run client Jinja)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any, TypeVar, Union
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, model_validator
 
 from server.errors import APIError, bad_request, not_supported
 from server.validation import check_logit_bias, check_seed, load_json
@@ -87,6 +87,15 @@ class ChatCompletionRequest(_SamplingFields):
     continue_final_message: bool | None = False
     chat_template: str | None = None
     echo: bool | None = False
+    _route_template_defaults: dict[str, Any] = PrivateAttr(default_factory=dict)  # not a request field
+
+    def set_route_template_defaults(self, kwargs: dict[str, Any]) -> None:
+        """Chat-template kwargs a translating route (the Anthropic one) applies under the server's defaults."""
+        self._route_template_defaults = dict(kwargs)
+
+    @property
+    def route_template_defaults(self) -> dict[str, Any]:
+        return dict(self._route_template_defaults)
 
 
 class CompletionRequest(_SamplingFields):

@@ -9,6 +9,7 @@ out, tool calls, the streaming event order, the openai SDK's responses client)."
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import httpx
 import openai
@@ -19,6 +20,7 @@ from transformers import AutoTokenizer
 from model.tiny import tiny_model_dir
 from server.anthropic_api import MessagesRequest
 from server.anthropic_api import to_chat_request as anthropic_to_chat
+from server.chat_serving import ChatPlan
 from server.chat_template import ChatTemplate, normalize_messages, template_kwargs
 from server.errors import APIError
 from server.responses_api import ResponsesRequest
@@ -111,7 +113,7 @@ def _anthropic_prompt(tail: list[dict], **kw) -> str:
     msgs = [{"role": "user", "content": "q"}, *tail]
     req = anthropic_to_chat(MessagesRequest.model_validate({"max_tokens": 5, "messages": msgs, **kw}))
     tpl = ChatTemplate(AutoTokenizer.from_pretrained(tiny_model_dir("bf16")))
-    kwargs = template_kwargs({}, req.chat_template_kwargs, req.reasoning_effort, req.thinking)
+    kwargs = template_kwargs(req.route_template_defaults, req.chat_template_kwargs, req.reasoning_effort, req.thinking)
     return tpl.render(
         normalize_messages(req.messages),
         kwargs=kwargs,
@@ -133,6 +135,65 @@ def test_claude_code_billing_line_is_dropped():
     assert kept in _anthropic_prompt([], system=[{"type": "text", "text": kept}])
     two_lines = "x-anthropic-billing-header: a\nsecond line"  # a string system: only its first line goes
     assert "second line" in _anthropic_prompt([], system=[{"type": "text", "text": two_lines}])
+
+
+READ_TOOL = [{"name": "read_file", "description": "Read a file",
+              "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}]
+REASONING = "The user wants a.py read. I should call read_file."
+
+
+def _tool_turn(reminder: bool) -> list[dict]:
+    """[assistant: thinking + text + tool_use, user: its tool_result (+ a system-reminder text, as Claude Code
+    adds: the template then sees a new user turn)] after the first user message."""
+    result = [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "print('hi')"}]
+    if reminder:
+        result.append({"type": "text", "text": "<system-reminder>Keep the todo list current.</system-reminder>"})
+    return [
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": REASONING, "signature": "s"},
+                                          {"type": "text", "text": "I'll read the file."},
+                                          {"type": "tool_use", "id": "toolu_1", "name": "read_file",
+                                           "input": {"path": "a.py"}}]},
+        {"role": "user", "content": result},
+    ]
+
+
+def test_anthropic_route_preserves_thinking_unless_told():
+    """Past turns' thinking stays in the prompt on /v1/messages (Preserved Thinking), also once a new user turn
+    arrives; Z.ai's thinking.clear_thinking and Anthropic's clear_thinking context edit can clear it."""
+    on = {"tools": READ_TOOL, "thinking": {"type": "adaptive"}}
+    assert REASONING in _anthropic_prompt(_tool_turn(reminder=True), **on)
+    assert REASONING in _anthropic_prompt(_tool_turn(reminder=False), **on)
+    cleared = _anthropic_prompt(_tool_turn(reminder=True), **{**on, "thinking": {"type": "adaptive",
+                                                                                 "clear_thinking": True}})
+    assert REASONING not in cleared
+    keep_all = {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]}
+    keep_one = {"edits": [{"type": "clear_thinking_20251015", "keep": {"type": "thinking_turns", "value": 1}}]}
+    assert REASONING in _anthropic_prompt(_tool_turn(reminder=True), **on, context_management=keep_all)
+    assert REASONING not in _anthropic_prompt(_tool_turn(reminder=True), **on, context_management=keep_one)
+
+
+def test_server_default_template_kwargs_win_over_the_route_default():
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir("bf16"))
+    msgs = [{"role": "user", "content": "q"}, *_tool_turn(reminder=True)]
+    req = anthropic_to_chat(MessagesRequest.model_validate(
+        {"max_tokens": 5, "messages": msgs, "tools": READ_TOOL, "thinking": {"type": "adaptive"}}))
+    for server_defaults, kept in (({}, True), ({"clear_thinking": True}, False)):
+        state = SimpleNamespace(chat_template=ChatTemplate(tok, default_kwargs=server_defaults), tokenizer=tok)
+        prompt, _ = ChatPlan(state, req).render(state)
+        assert (REASONING in prompt) is kept, server_defaults
+
+
+def test_a_tool_turn_reuses_the_previous_turns_tokens():
+    """The KV of turn 1 (its prompt and the tokens the model generated) is a prefix of turn 2's prompt, also
+    when turn 2 is a new user turn (a tool result with a text block): only the new tail needs a prefill."""
+    tpl = ChatTemplate(AutoTokenizer.from_pretrained(tiny_model_dir("bf16")))
+    on = {"tools": READ_TOOL, "thinking": {"type": "adaptive"}}
+    generated = (f"{REASONING}</think>I'll read the file.<tool_call>read_file<arg_key>path</arg_key>"
+                 "<arg_value>a.py</arg_value></tool_call>")
+    turn1 = tpl.encode(_anthropic_prompt([], **on)) + tpl.encode(generated)
+    for reminder in (False, True):
+        turn2 = tpl.encode(_anthropic_prompt(_tool_turn(reminder), **on))
+        assert turn2[:len(turn1)] == turn1, reminder
 
 
 def test_anthropic_assistant_prefill_is_continued():

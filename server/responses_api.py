@@ -232,9 +232,13 @@ def to_chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
         if key in extra:
             body[key] = extra[key]
     try:
-        return ChatCompletionRequest.model_validate(body)
+        chat = ChatCompletionRequest.model_validate(body)
     except ValidationError as e:
         raise validation_error(e) from None
+    # Codex sends its reasoning items back (include: reasoning.encrypted_content) for the model to keep using:
+    # Preserved Thinking, as on /v1/messages (server/anthropic_api.py _clear_thinking), under the server's defaults
+    chat.set_route_template_defaults({"clear_thinking": False})
+    return chat
 
 
 # ------------------------------------------------------------------------------------------------ output

@@ -196,6 +196,30 @@ def test_a_tool_turn_reuses_the_previous_turns_tokens():
         assert turn2[:len(turn1)] == turn1, reminder
 
 
+def test_responses_follow_up_keeps_the_chains_reasoning():
+    """A user follow-up after a Codex tool chain (/v1/responses): the chain's reasoning stays in the prompt
+    (Preserved Thinking), so the follow-up's prompt starts with the tokens the chain already has in the KV cache."""
+    tpl = ChatTemplate(AutoTokenizer.from_pretrained(tiny_model_dir("bf16")))
+    chain = [
+        {"role": "user", "content": "Fix the bug."},
+        {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": REASONING}]},
+        {"type": "function_call", "call_id": "call_1", "name": "read_file", "arguments": '{"path": "a.py"}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "print('hi')"},
+    ]
+    tools = [{"type": "function", "name": "read_file", "parameters": FILE_TOOL_PARAMS}]
+
+    def prompt(items):
+        req = responses_to_chat(ResponsesRequest.model_validate({"input": items, "tools": tools}))
+        kw = template_kwargs(req.route_template_defaults, req.chat_template_kwargs, req.reasoning_effort,
+                             req.thinking)
+        return tpl.render(normalize_messages(req.messages), kwargs=kw)
+
+    before, after = prompt(chain), prompt([*chain, {"role": "user", "content": "Now add a test."}])
+    assert REASONING in after
+    cut = before.rindex("<|assistant|>")  # the generation prompt of the turn before the follow-up
+    assert after.startswith(before[:cut])
+
+
 def test_anthropic_assistant_prefill_is_continued():
     """A final assistant message is the start of the answer (Anthropic's prefill): the prompt ends with its text,
     not with a new assistant turn (it used to render as a finished turn followed by `<|assistant|>`)."""

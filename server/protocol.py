@@ -90,7 +90,7 @@ class ChatCompletionRequest(_SamplingFields):
     _route_template_defaults: dict[str, Any] = PrivateAttr(default_factory=dict)  # not a request field
 
     def set_route_template_defaults(self, kwargs: dict[str, Any]) -> None:
-        """Chat-template kwargs a translating route (the Anthropic one) applies under the server's defaults."""
+        """Chat-template kwargs a translating route (Anthropic, Responses) applies under the server's defaults."""
         self._route_template_defaults = dict(kwargs)
 
     @property

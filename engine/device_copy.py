@@ -13,11 +13,14 @@ assert array.array("q").itemsize == 8 and array.array("i").itemsize == 4
 
 
 def host_tensor(data: list, dtype: torch.dtype) -> torch.Tensor:
-    """A flat list -> a CPU tensor of `dtype`, equal to torch.tensor(data, dtype=dtype) for the int lists the step
-    loop sends; a value out of the dtype's range raises here too (OverflowError rather than torch's error)."""
+    """A list -> a CPU tensor of `dtype`, equal to torch.tensor(data, dtype=dtype); flat int lists take the fast
+    path, where a value out of the dtype's range raises too (OverflowError rather than torch's error)."""
     code = _ARRAY_CODES.get(dtype)
     if code is not None and len(data) >= _ARRAY_MIN:
-        return torch.frombuffer(array.array(code, data), dtype=dtype)
+        try:
+            return torch.frombuffer(array.array(code, data), dtype=dtype)
+        except TypeError:  # not a flat list of ints (e.g. (row, col) pairs): torch.tensor's shapes and casts
+            pass
     return torch.tensor(data, dtype=dtype)
 
 

@@ -17,6 +17,15 @@ def test_host_tensor_equals_torch_tensor(dtype, n):
     assert torch.equal(to_device(data, dtype, torch.device("cpu")), want)
 
 
+@pytest.mark.parametrize("data", [[(i, i % 7) for i in range(300)], [[i, i + 1] for i in range(300)],
+                                  [float(i) + 0.5 for i in range(300)]])
+def test_host_tensor_of_other_lists_is_torch_tensor(data):
+    # (row, col) pairs (the sampler's penalty index), nested lists, floats: torch.tensor's shape and casts
+    want = torch.tensor(data, dtype=torch.long)
+    got = host_tensor(data, torch.long)
+    assert got.shape == want.shape and torch.equal(got, want)
+
+
 def test_host_tensor_keeps_its_buffer_alive():
     t = host_tensor(list(range(1000)), torch.long)
     junk = [list(range(1000, 2000)) for _ in range(50)]  # reuse freed memory if the array were not referenced

@@ -20,7 +20,8 @@ import torch
 
 
 def host_breakdown(fn: Callable[[], object], reps: int = 3, top: int = 40, dump: str | None = None) -> dict:
-    """{enqueue_ms, finish_ms, functions: [{name, calls, tottime_ms, cumtime_ms}]}, per call, after one warm-up.
+    """{enqueue_ms, finish_ms, by_self / by_cumulative: [{name, calls, tottime_ms, cumtime_ms}] (cProfile), sampled:
+    sampled_breakdown's}, per call, after one warm-up.
     enqueue_ms: until fn() returns (no synchronize); finish_ms: until the device is idle again. The cProfile
     pass is separate (it slows the host further); dump: a path for its raw pstats (`python -m pstats`)."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
@@ -119,7 +120,8 @@ def print_host_breakdown(title: str, res: dict) -> None:
     for key in ("by_self", "by_cumulative"):
         print(f"   {key}: {'self ms':>8} {'cum ms':>8} {'calls':>7}  function")
         for r in res[key]:
-            print(f"   {'':{len(key)}}  {r['tottime_ms']:8.3f} {r['cumtime_ms']:8.3f} {r['calls']:7.0f}  {r['name'][:90]}")
+            name = r["name"][:90]
+            print(f"   {'':{len(key)}}  {r['tottime_ms']:8.3f} {r['cumtime_ms']:8.3f} {r['calls']:7.0f}  {name}")
     sampled = res.get("sampled") or {}
     print(f"   sampled ({sampled.get('samples', 0)} stack samples; ms = share x the unprofiled enqueue time):")
     for key in ("by_self", "by_cumulative"):

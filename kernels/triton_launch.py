@@ -81,6 +81,7 @@ class _KernelLauncher:
     def __init__(self, fn) -> None:
         self.fn = fn
         self.names = [p.name for p in fn.params]
+        self.params = frozenset(self.names)
         self.constexpr = [p.is_constexpr for p in fn.params]
         sig = inspect.signature(fn.fn)
         self.defaults = {n: p.default for n, p in sig.parameters.items() if p.default is not inspect.Parameter.empty}
@@ -105,8 +106,7 @@ class _KernelLauncher:
             if cls is _UNKNOWN:
                 return None
             parts.append(cls)
-        params = set(self.names)
-        parts.extend((k, v) for k, v in sorted(kwargs.items()) if k not in params)  # launch options
+        parts.extend((k, v) for k, v in sorted(kwargs.items()) if k not in self.params)  # launch options
         key = tuple(parts)
         try:
             hash(key)

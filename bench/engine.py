@@ -393,6 +393,7 @@ def run_step_benchmarks(
         enable_shared_experts_fusion=args.enable_shared_experts_fusion,
         enable_fused_qk_norm_rope=args.enable_fused_qk_norm_rope,
         prefill_attention_backend=args.prefill_attention_backend,
+        piecewise_cuda_graph_max_tokens=args.piecewise_cuda_graph_max_tokens,
     )
     t0 = time.perf_counter()
     worker = ModelWorker(cfg, single_process())
@@ -455,6 +456,14 @@ def run_step_benchmarks(
     t = time_fn(
         functools.partial(runner.run, inp), device, warmup=_iters(device, 2, 1), iters=_iters(device, 5, 2)
     )
+    eager_prefill = None
+    if runner.prefill_graphs is not None:  # the same prefill without the piecewise graphs, in this run
+        pieces, runner.prefill_graphs = runner.prefill_graphs, None
+        try:
+            eager_prefill = time_fn(functools.partial(runner.run, inp), device, warmup=_iters(device, 2, 1),
+                                    iters=_iters(device, 5, 2))
+        finally:
+            runner.prefill_graphs = pieces
     flops = prefill_flops(mcfg, args.prefill, args.prefill_prefix)
     lin_peak = peaks["fp8_tflops"] if fp8 and peaks.get("fp8_tflops") else peaks["mm_tflops"]
     floor_ms = (flops["linear"] / (lin_peak * 1e12) + flops["attention"] / (peaks["mm_tflops"] * 1e12)) * 1e3
@@ -471,7 +480,13 @@ def run_step_benchmarks(
         "ratio_vs_floor": t["median_ms"] / floor_ms,
         "kv_pages_shared": shared,
         "achieved_tflops": (flops["linear"] + flops["attention"]) / (t["median_ms"] * 1e-3) / 1e12,
+        "piecewise_graphs": eager_prefill is not None,
     }
+    if eager_prefill is not None:
+        results["prefill"].update(eager_time=eager_prefill, eager_ms=eager_prefill["median_ms"],
+                                  piecewise_speedup=eager_prefill["median_ms"] / t["median_ms"])
+        print(f"prefill {args.prefill}: {eager_prefill['median_ms']:.2f} ms eager, {t['median_ms']:.2f} ms through the "
+              f"piecewise graphs ({eager_prefill['median_ms'] / t['median_ms']:.2f}x)", flush=True)
     save()
     print(f"prefill {args.prefill}: {t['median_ms']:.2f} ms (floor {floor_ms:.2f} ms, {t['median_ms'] / floor_ms:.2f}x; "
           f"{args.prefill_prefix} tokens cached before it, {args.prefill_attention_backend} attention)", flush=True)
@@ -879,6 +894,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--num-kv-blocks", type=int, default=None, help="default: sized from memory (CUDA)")
     ap.add_argument("--mem-fraction-static", type=float, default=0.9)
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    ap.add_argument("--piecewise-cuda-graph-max-tokens", type=int, default=0,
+                    help="prefill steps of up to this many tokens replay piecewise graphs (the prefill is also timed "
+                         "without them, same run)")
     ap.add_argument("--profile", action="store_true", help="print a per-kernel breakdown of each step (GPU)")
     ap.add_argument("--host-profile", action="store_true",
                     help="the prefill's host enqueue time against its finish, and where the host time goes (cProfile)")

@@ -131,6 +131,12 @@ class EngineConfig:
     enforce_eager: bool = option(
         "enforce_eager", False, "no CUDA graphs (every step runs eagerly)",
         flags=("--enforce-eager", "--disable-cuda-graph"), type=bool)
+    piecewise_cuda_graph_max_tokens: int = option(
+        "piecewise_cuda_graph_max_tokens", 0, "prefill and mixed steps of up to this many tokens (capped at the step "
+        "budget) replay CUDA graphs captured in pieces around each layer's attention core, which runs eagerly "
+        "between them (engine/prefill_graphs.py): the host's ~20 launches a layer go, worth it where a step's "
+        "kernels take less time than launching them (short chunks, high TP); the graphs' activations are reserved "
+        "before the KV cache is sized; 0 = off", flags=("--piecewise-cuda-graph-max-tokens",), type=int)
     gc_freeze: bool = option(
         "gc_freeze", True, "after start-up, move every live object to the garbage collector's permanent "
         "generation (gc.freeze): collections of the oldest generation no longer walk the loaded engine, a "
@@ -179,6 +185,13 @@ class EngineConfig:
         return _DTYPES[self.dtype]
 
     @property
+    def prefill_graph_tokens(self) -> int:
+        """Most tokens of a step the piecewise prefill graphs take (0: none are captured)."""
+        if self.enforce_eager or self.device != "cuda":
+            return 0
+        return min(self.piecewise_cuda_graph_max_tokens, self.scheduler.max_num_batched_tokens)
+
+    @property
     def torch_device(self) -> torch.device:
         return torch.device(self.device)
 
@@ -215,6 +228,9 @@ class EngineConfig:
         cap = o["max_prefill_tokens_while_decoding"]
         if cap is not None and cap < 1:
             raise ValueError(f"max_prefill_tokens_while_decoding must be >= 1, got {cap}")
+        if o["piecewise_cuda_graph_max_tokens"] < 0:
+            raise ValueError("piecewise_cuda_graph_max_tokens must be >= 0, got "
+                             f"{o['piecewise_cuda_graph_max_tokens']}")
         if o["max_num_seqs"] is None:
             o["max_num_seqs"] = 256 if device == "cuda" else 64
         if o["max_num_seqs"] < 1:

@@ -153,6 +153,7 @@ class ModelRunner:
         self.k_scale, self.v_scale = k_scale, v_scale
         self.token_table = token_table
         self.graphs = None  # engine.cuda_graphs.DecodeGraphs once captured
+        self.prefill_graphs = None  # engine.prefill_graphs.PrefillGraphs once captured (piecewise, opt-in)
         self.mtp_graphs = None  # engine.mtp_graphs.MtpDraftGraphs once captured (MTP speculation)
         self.target_hidden: torch.Tensor | None = None  # the last target forward's hidden states (keep_hidden)
         self.mtp_hidden: torch.Tensor | None = None  # the last NextN-layer forward's output
@@ -204,7 +205,11 @@ class ModelRunner:
         else:
             input_ids, ctx = self.build_context(inp)
             self.fill_inputs(input_ids, inp, prev_tokens)
-            hidden = self.model(input_ids, ctx)
+            pieces = self.prefill_graphs
+            if pieces is not None and pieces.can_run(input_ids, ctx):
+                hidden = pieces.run(input_ids, ctx)
+            else:
+                hidden = self.model(input_ids, ctx)
             index = to_device(inp.logits_rows, torch.long, hidden.device)
             logits = self.model.compute_logits(hidden.index_select(0, index))
         self.target_hidden = hidden if inp.keep_hidden else None

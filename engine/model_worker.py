@@ -15,6 +15,7 @@ import torch.distributed
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.mtp_graphs import MtpDraftGraphs
+from engine.prefill_graphs import PrefillGraphs
 from engine.distributed import (
     IDLE_WAIT,
     DistInfo,
@@ -112,6 +113,11 @@ class ModelWorker:
                     spec.num_speculative_tokens, config.model.hidden_size, config.torch_dtype,
                 )
                 self.runner.mtp_graphs.capture(progress=dist.is_driver, time=time)
+        if self.device.type == "cuda" and config.prefill_graph_tokens:
+            r = self.runner
+            r.prefill_graphs = PrefillGraphs(self.model, kv, self.device, config.prefill_graph_tokens, self.block_size,
+                                             r.k_scale, r.v_scale, r.max_packed_kv)
+            r.prefill_graphs.capture(progress=dist.is_driver)
         # rank 0: why the ranks no longer run steps together (its part of a broadcast step raised), or None
         self.lost_lock_step: str | None = None
         if config.gc_freeze and not dist.is_driver:  # rank 0 freezes once its EngineCore is built
@@ -138,8 +144,9 @@ class ModelWorker:
         """Destroy the CUDA graphs. Must precede leaving the process group: graphs that captured NCCL
         all-reduces keep the communicator in use, and destroying it under them stalled the shutdown of a TP=2
         engine on 2x H200 indefinitely."""
-        if self.runner.graphs is not None or self.runner.mtp_graphs is not None:
-            self.runner.graphs = self.runner.mtp_graphs = None
+        r = self.runner
+        if r.graphs is not None or r.mtp_graphs is not None or r.prefill_graphs is not None:
+            r.graphs = r.mtp_graphs = r.prefill_graphs = None
             gc.collect()
             torch.cuda.synchronize(self.device)
 
@@ -149,7 +156,11 @@ class ModelWorker:
         if cc.num_blocks is not None:
             return cc.num_blocks
         if self.device.type == "cuda":
+            weights = torch.cuda.memory_allocated(self.device)
             peak = self._profile_peak_memory(kv_dtype)
+            if self.config.prefill_graph_tokens:  # the piecewise graphs' pool keeps a step's activations for good
+                largest = min(self.config.scheduler.max_num_batched_tokens, max_len)
+                peak += int((peak - weights) * min(1.0, self.config.prefill_graph_tokens / largest))
             _, total = torch.cuda.mem_get_info(self.device)
             peak += self._prefill_workspace_bytes(kv_dtype)
             budget = cc.mem_fraction_static * total - peak - GRAPH_AND_COMM_RESERVE

@@ -80,14 +80,17 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
+    def prompt_alone(self, ctx: ForwardContext) -> bool:
+        """FA4 over the step's own K/V: one sequence without cached keys (kernels/fa4_prefill.py). takes() first:
+        only eager prefill steps read host lengths. The same for every layer of a step."""
+        return (self.prefill_attention_backend == "fa4" and fa4_prefill.takes(ctx.max_query_len)
+                and fa4_prefill.FRESH_PROMPTS and ctx.one_prompt_alone())
+
     def forward(self, x: torch.Tensor, ctx: ForwardContext, cos_sin: torch.Tensor,
                 x_q: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         t = x.shape[0]
         k_cache, v_cache = ctx.kv_caches[self.layer_id]
-        # FA4 over the step's own K/V: one sequence without cached keys (kernels/fa4_prefill.py); takes() first:
-        # only eager prefill steps read host lengths
-        prompt_alone = (self.prefill_attention_backend == "fa4" and fa4_prefill.takes(ctx.max_query_len)
-                        and fa4_prefill.FRESH_PROMPTS and ctx.one_prompt_alone())
+        prompt_alone = self.prompt_alone(ctx)
         if self.fused_qk_norm_rope and not prompt_alone:  # projection + norm + RoPE + KV store (one kernel at decode)
             lin = self.qkv_proj
             q = kernels.qkv_norm_rope(
@@ -95,7 +98,7 @@ class Attention(nn.Module):
                 self.heads.num_kv_heads, self.q_norm, self.k_norm, cos_sin, ctx.positions, self.eps, k_cache, v_cache,
                 ctx.slot_mapping, ctx.k_scale, ctx.v_scale,
             )
-            return self._attend(q, ctx, k_cache, v_cache)
+            return self._attend(q, ctx)
         qkv = self.qkv_proj(x, x_q)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(t, self.heads.num_heads, self.head_dim)
@@ -107,39 +110,51 @@ class Attention(nn.Module):
             q, k = kernels.qk_norm_rope(q, k, self.q_norm, self.k_norm, cos_sin, ctx.positions, self.eps, v=v,
                                         k_cache=k_cache, v_cache=v_cache, slot_mapping=ctx.slot_mapping,
                                         k_scale=ctx.k_scale, v_scale=ctx.v_scale, kv_out=wide)
-            if wide is None:
-                o = fa4_prefill.prompt_attention_fa4(q, k, v, self.scale)
-            else:
-                o = fa4_prefill.prompt_attention_fa4(q, *wide, self.scale, ctx.k_scale, ctx.v_scale)
+            o = ctx.attention(self._prompt_core, q, *(wide or (k, v)))
             return self.o_proj(o.reshape(t, self.q_size))
         q, k = kernels.qk_norm_rope(q, k, self.q_norm, self.k_norm, cos_sin, ctx.positions, self.eps)
         kernels.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping, ctx.k_scale, ctx.v_scale)
-        return self._attend(q, ctx, k_cache, v_cache)
+        return self._attend(q, ctx)
 
-    def _attend(self, q: torch.Tensor, ctx: ForwardContext, k_cache: torch.Tensor, v_cache: torch.Tensor):
+    def _prompt_core(self, ctx: ForwardContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """FA4 over a prompt's own K/V (an FP8 cache: the widened values the cache holds, and its scales)."""
+        fp8_cache = ctx.kv_caches[self.layer_id][0].dtype != q.dtype
+        scales = (ctx.k_scale, ctx.v_scale) if fp8_cache else ()
+        return fa4_prefill.prompt_attention_fa4(q, k, v, self.scale, *scales)
+
+    def _attend(self, q: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         t = q.shape[0]
+        absmax = None
+        if self.o_proj.quant == "fp8_channel" and ctx.max_query_len == 1 and self.attention_backend == "triton":
+            # decode: the attention kernels also give max |o| per head, o_proj's per-token FP8 scale
+            absmax = torch.empty(t, self.heads.num_heads, dtype=torch.float32, device=q.device)
+            k_cache, v_cache = ctx.kv_caches[self.layer_id]
+            o = kernels.paged_attention(q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens, ctx.query_start_loc,
+                                        self.scale, ctx.k_scale, ctx.v_scale, max_query_len=1,
+                                        max_seq_len=ctx.max_seq_len, absmax_out=absmax)
+        else:
+            o = ctx.attention(self._paged_core, q)
+        # partial sums under TP: the post-attention norm all-reduces them (DecoderLayer)
+        return self.o_proj(o.reshape(t, self.q_size), x_absmax_parts=absmax)
+
+    def _paged_core(self, ctx: ForwardContext, q: torch.Tensor) -> torch.Tensor:
+        """Attention of q's rows over the paged cache (their K/V already stored), by the step's backend."""
+        k_cache, v_cache = ctx.kv_caches[self.layer_id]
         args = (q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens, ctx.query_start_loc, self.scale,
                 ctx.k_scale, ctx.v_scale)
         hints = dict(max_query_len=ctx.max_query_len, max_seq_len=ctx.max_seq_len)
-        absmax = None
         prefill = prefill_kernel(self.prefill_attention_backend, k_cache.dtype, q.dtype)
         fa4_step = self.prefill_attention_backend == "fa4" and fa4_prefill.takes(ctx.max_query_len)
         packed = ctx.packed_kv(k_cache.shape[1], widens=k_cache.dtype != q.dtype) if fa4_step else None
         if packed is not None:
-            o = fa4_prefill.paged_attention_prefill_fa4(*args, **hints, packed=packed)
-        elif fa4_step and prefill == "fa4":
-            o = fa4_prefill.paged_attention_prefill_fa4(*args, **hints)
-        elif prefill == "sdpa" and ctx.max_query_len >= self.sdpa_from_tokens:
+            return fa4_prefill.paged_attention_prefill_fa4(*args, **hints, packed=packed)
+        if fa4_step and prefill == "fa4":
+            return fa4_prefill.paged_attention_prefill_fa4(*args, **hints)
+        if prefill == "sdpa" and ctx.max_query_len >= self.sdpa_from_tokens:
             rest = flash_attn_adapter.paged_attention_fa if self.attention_backend == "fa3" else kernels.paged_attention
             qsl, lens = ctx.host_lengths()
-            o = sdpa_prefill.paged_attention_prefill_sdpa(*args, rest=rest, query_start_host=qsl, seq_lens_host=lens,
-                                                          min_prefill_tokens=self.sdpa_from_tokens)
-        elif self.attention_backend == "fa3":
-            o = flash_attn_adapter.paged_attention_fa(*args, **hints)
-        else:
-            if self.o_proj.quant == "fp8_channel" and ctx.max_query_len == 1:
-                # decode: the attention kernels also give max |o| per head, o_proj's per-token FP8 scale
-                absmax = torch.empty(t, self.heads.num_heads, dtype=torch.float32, device=q.device)
-            o = kernels.paged_attention(*args, **hints, absmax_out=absmax)
-        # partial sums under TP: the post-attention norm all-reduces them (DecoderLayer)
-        return self.o_proj(o.reshape(t, self.q_size), x_absmax_parts=absmax)
+            return sdpa_prefill.paged_attention_prefill_sdpa(*args, rest=rest, query_start_host=qsl, seq_lens_host=lens,
+                                                             min_prefill_tokens=self.sdpa_from_tokens)
+        if self.attention_backend == "fa3":
+            return flash_attn_adapter.paged_attention_fa(*args, **hints)
+        return kernels.paged_attention(*args, **hints)

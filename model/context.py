@@ -1,12 +1,18 @@
 """The per-forward context: what the engine's runner fills for one step and the attention layers read."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from kernels import fa4_prefill
 from kernels.packed_kv import PackedKV, pack_index
+
+
+AttentionCore = Callable[..., torch.Tensor]  # (ctx, *tensors) -> output shaped like tensors[0]
+# (core, ctx, tensors) -> the core's output: how a piecewise-captured forward runs an attention core
+AttentionSplit = Callable[[AttentionCore, "ForwardContext", tuple[torch.Tensor, ...]], torch.Tensor]
 
 
 @dataclass
@@ -25,6 +31,8 @@ class ForwardContext:
                         per-sequence lengths on the host (the SDPA prefill split) read them through host_lengths()
     max_packed_kv       keys a prefill step may gather out of the pages into one packed K/V (FA4's gathered
                         path, kernels/packed_kv.py): the workspace the worker reserved; 0 = never
+    split               where a forward is captured in pieces (engine/prefill_graphs.py), what runs each layer's
+                        attention core between the captured pieces (attention()); None = run it in place
     """
 
     positions: torch.Tensor
@@ -40,8 +48,17 @@ class ForwardContext:
     host_query_start_loc: list[int] | None = None
     host_seq_lens: list[int] | None = None
     max_packed_kv: int = 0
+    split: AttentionSplit | None = None
     _packed_kv: PackedKV | None = field(default=None, init=False, repr=False)
     _gathers: bool | None = field(default=None, init=False, repr=False)
+
+    def attention(self, core: AttentionCore, *tensors: torch.Tensor) -> torch.Tensor:
+        """A layer's attention core, core(ctx, *tensors) -> a tensor shaped like tensors[0]: the part of the
+        forward that reads the step's per-sequence layout (lengths, block tables, host lists); everything around it
+        reads only per-row inputs (ids, positions, slots), which is what lets piecewise CUDA graphs capture it."""
+        if self.split is None:
+            return core(self, *tensors)
+        return self.split(core, self, tensors)
 
     def host_lengths(self) -> tuple[list[int], list[int]]:
         """(query_start_loc, seq_lens) as host lists: the given copies, else read from the device once (one

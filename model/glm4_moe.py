@@ -51,6 +51,11 @@ class Glm4MoeForCausalLM(nn.Module):
         h, _, _ = self.norm.forward_reduced(h, residual, self.tp, False)
         return h
 
+    def attention_route(self, ctx: ForwardContext) -> bool:
+        """Whether the step's attention takes the prompt-alone path (FA4 over a prompt's own K/V), the same in every
+        layer: the kernels around the attention core differ, so piecewise graphs capture each route apart."""
+        return self.layers[0].self_attn.prompt_alone(ctx)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 

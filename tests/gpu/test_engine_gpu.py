@@ -282,3 +282,63 @@ def test_draft_budget_uses_the_step_costs_timed_at_capture(tiny_dirs):
                  speculative_config={**spec, "measure_step_cost": False})
     assert fixed.engine.worker.runner.graphs.replay_ms == {}
     assert fixed.engine.drafter.budget.cost.ms == [float(t) for t in fixed.config.speculative.step_cost_ms]
+
+
+def _count_replays(llm) -> list[int]:
+    """Wraps the engine's piecewise prefill graphs' run(); the returned list's length counts the replays."""
+    pieces = llm.engine.worker.runner.prefill_graphs
+    assert pieces is not None and pieces.forwards
+    calls: list[int] = []
+    run = pieces.run
+
+    def counted(input_ids, ctx):
+        calls.append(input_ids.numel())
+        return run(input_ids, ctx)
+
+    pieces.run = counted
+    return calls
+
+
+def test_piecewise_prefill_graphs_equal_eager(tiny_dirs):
+    """Prefill chunks and mixed steps replayed from piecewise graphs (padded to token buckets, attention cores eager
+    between the pieces) against the same engine without them: teacher-forced prompt log-probs agree to bf16 noise,
+    greedy tokens until a near-tie of the plain run; the pages come back."""
+    kw = dict(device="cuda", max_num_seqs=16, max_num_batched_tokens=256, num_kv_blocks=256)
+    plain = _llm(tiny_dirs["fp8-channel"], **kw)
+    pieces = _llm(tiny_dirs["fp8-channel"], piecewise_cuda_graph_max_tokens=256, **kw)
+    calls = _count_replays(pieces)
+    rng = random.Random(1)
+    shared = [rng.randrange(10, 900) for _ in range(70)]
+    prompts = [{"prompt_token_ids": shared + [rng.randrange(10, 900) for _ in range(rng.randint(1, 400))]}
+               for _ in range(8)]
+    lp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2, prompt_logprobs=0)
+    ref = plain.generate(prompts, lp, use_tqdm=False)
+    got = pieces.generate(prompts, lp, use_tqdm=False)
+    assert len(calls) > 8 and any(n not in pieces.engine.worker.runner.prefill_graphs.buckets for n in calls)
+    for g, r in zip(got, ref):
+        _agree_up_to_near_ties(g.outputs[0].token_ids, r.outputs[0])
+        a = torch.tensor([d[t].logprob for t, d in zip(r.prompt_token_ids[1:], r.prompt_logprobs[1:])])
+        b = torch.tensor([d[t].logprob for t, d in zip(g.prompt_token_ids[1:], g.prompt_logprobs[1:])])
+        assert (a - b).abs().mean() < 0.02, (a - b).abs().max()
+    assert pieces.stats()["used_kv_blocks"] == 0
+
+
+@pytest.mark.parametrize("extra", [{}, {"kv_cache_dtype": "fp8_e4m3"}])
+def test_piecewise_prefill_graphs_fa4_routes(tiny_dirs, extra):
+    """FA4's routes replayed between pieces: a prompt alone over its own K/V (its first 2,048-token chunk, the
+    prompt-alone route's graphs), later chunks over cached keys (the paged route's), against the eager engine."""
+    reason = fa4_prefill.unsupported_reason("cuda", torch.bfloat16, 32)
+    if reason:
+        pytest.skip(reason)
+    ids = random.Random(2).choices(range(10, 900), k=5000)
+    kw = dict(device="cuda", max_model_len=8192, max_num_batched_tokens=2048, prefill_attention_backend="fa4",
+              **extra)
+    ref = _prompt_lps(_llm(tiny_dirs["bf16"], **kw), ids)
+    pieces = _llm(tiny_dirs["bf16"], piecewise_cuda_graph_max_tokens=2048, **kw)
+    calls = _count_replays(pieces)
+    got = _prompt_lps(pieces, ids)
+    assert calls == [2048, 2048, 904]
+    assert {route for _, route in pieces.engine.worker.runner.prefill_graphs.forwards} == {False, True}
+    print(json.dumps({"piecewise_fa4": extra, "mean": (got - ref).abs().mean().item(),
+                      "max": (got - ref).abs().max().item()}))
+    assert (got - ref).abs().mean() < 0.02

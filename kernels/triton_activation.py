@@ -12,7 +12,6 @@ import triton.language as tl
 from kernels.triton_common import (
     cdiv, fp8_row_outputs, next_pow2, pdl_launch, pdl_release, pdl_wait, round_bf16, to_fp8, to_out,
 )
-from kernels.triton_launch import launch
 
 
 @triton.jit
@@ -74,7 +73,7 @@ def _launch(x: torch.Tensor, quant: bool):
     if t:
         block = min(next_pow2(i), 2048 if quant else 1024)
         grid = (t, 1 if quant else cdiv(i, block))
-        launch(_silu_mul_kernel, grid,
+        _silu_mul_kernel[grid](
             x2, y, q if quant else y, qs if quant else y, i, x2.stride(0), y.stride(0), q.stride(0) if quant else 0,
             BLOCK=block, QUANT=quant, X_BF16=x.dtype == torch.bfloat16, num_warps=4, enable_fp_fusion=False,
             **pdl_launch(x.device),

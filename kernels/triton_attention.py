@@ -29,7 +29,6 @@ import triton.language as tl
 
 from kernels.triton_common import (cdiv, dot_operand, next_pow2, not_specialized, num_sms, pdl_launch, pdl_release,
                                    pdl_wait, to_out)
-from kernels.triton_launch import launch
 
 LOG2E = 1.4426950408889634
 
@@ -451,7 +450,7 @@ def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         po = plse = out
     absmax = absmax_out is not None
     amax = absmax_out if absmax else plse
-    launch(_decode_kernel, (b, hk, splits),
+    _decode_kernel[(b, hk, splits)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, po, plse, amax,
         qk_scale, v_scale, hq, splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
@@ -460,7 +459,7 @@ def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         num_warps=num_warps or 4, num_stages=num_stages or dflt["stages"], **pdl_launch(q.device),
     )
     if splits > 1:
-        launch(_decode_reduce_kernel, (b, hq),
+        _decode_reduce_kernel[(b, hq)](
             po, plse, query_start_loc, out, amax, v_scale, hq, splits, out.stride(0), out.stride(1),
             S_P=max(2, next_pow2(splits)), D=d, ABSMAX=absmax, num_warps=4, **pdl_launch(q.device),
         )
@@ -492,7 +491,7 @@ def _launch_verify(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         po = plse = out
     absmax = absmax_out is not None
     amax = absmax_out if absmax else plse
-    launch(_verify_kernel, (rb * hk, b, splits),
+    _verify_kernel[(rb * hk, b, splits)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, po, plse, amax,
         qk_scale, v_scale, hq, splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
@@ -502,7 +501,7 @@ def _launch_verify(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         num_stages=num_stages or dflt["stages"], **pdl_launch(q.device),
     )
     if splits > 1:
-        launch(_decode_reduce_kernel, (t, hq),
+        _decode_reduce_kernel[(t, hq)](
             po, plse, query_start_loc, out, amax, v_scale, hq, splits, out.stride(0), out.stride(1),
             S_P=max(2, next_pow2(splits)), D=d, ABSMAX=absmax, BY_TOKEN=True, num_warps=4, **pdl_launch(q.device),
         )
@@ -517,7 +516,7 @@ def _launch_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     b = seq_lens.numel()
     cfg = extend_config(max_query_len, d)
     block_m = block_m or cfg["BLOCK_M"]
-    launch(_extend_kernel, (cdiv(max_query_len, block_m), hq, b),
+    _extend_kernel[(cdiv(max_query_len, block_m), hq, b)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
         qk_scale, v_scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),

@@ -29,7 +29,6 @@ from kernels.triton_common import (
 from kernels.triton_fp8_gemm_swap import MAX_M as SWAP_KERNEL_MAX_M
 from kernels.triton_fp8_gemm_swap import fp8_gemm_swap
 from kernels.triton_quant import quant_fp8_per_group, quant_fp8_per_token
-from kernels.triton_launch import launch
 
 # tokens up to which the swap-AB GEMM quantizes an unquantized x itself (its amax pass reads the row per token)
 SWAP_QUANT_MAX_M = 4
@@ -185,7 +184,7 @@ def fp8_gemm(
         ws = cnt = out
     xs = x_scale if x_scale.dim() == 2 else x_scale.view(m, -1)
     ws_ = w_scale if w_scale.dim() == 2 else w_scale.view(w_scale.shape[0], -1)
-    launch(_fp8_gemm_kernel, (tiles, split),
+    _fp8_gemm_kernel[(tiles, split)](
         xq, w, out, xs, ws_, bias if bias is not None else out, ws, cnt,
         m, n, k, split, xq.stride(0), w.stride(0), out.stride(0), xs.stride(0), ws_.stride(0),
         SPLIT=split > 1, BLOCK_SCALE=block_scale, HAS_BIAS=bias is not None,

@@ -22,7 +22,6 @@ from kernels.triton_common import (
     zeroed_counters, token_counts,
 )
 from kernels.triton_rope import _norm_rope_heads, _rnd, _store_cache_slices
-from kernels.triton_launch import launch
 
 MAX_M = 64  # the kernel's limit (one token tile); triton_fp8_gemm.swap_linear_config picks it per shape
 AMAX_K = 2048  # elements per load of the amax pass (QUANT_X)
@@ -259,7 +258,7 @@ def _launch(
     else:
         part = cnt = out
     xs = xq if quant_x else x_scale.reshape(m, -1)
-    launch(_fp8_gemm_swap_kernel, (tiles, split),
+    _fp8_gemm_swap_kernel[(tiles, split)](
         xq, w, out, xs, w_scale.reshape(-1), bias if bias is not None else out, part, cnt,
         m, n, k, split, xq.stride(0), w.stride(0), out.stride(0), xs.stride(0),
         BLOCK_T=block_t, SPLIT=split > 1, HAS_BIAS=bias is not None, EVEN_K=k % cfg["BLOCK_K"] == 0,

@@ -8,7 +8,6 @@ import triton
 import triton.language as tl
 
 from kernels.triton_common import cdiv, next_pow2, pdl_launch, pdl_release, pdl_wait, to_out
-from kernels.triton_launch import launch
 
 
 @triton.jit
@@ -58,7 +57,7 @@ def store_kv(
     for c in (k_cache, v_cache):
         assert c.stride(-1) == 1 and c.stride(0) == c.shape[1] * c.stride(1), "cache pages must be dense"
     bh = min(next_pow2(hk), 16)
-    launch(_store_kv_kernel, (t, cdiv(hk, bh)),
+    _store_kv_kernel[(t, cdiv(hk, bh))](
         k, v, k_cache, v_cache, slot_mapping, hk, d, float(k_scale), float(v_scale),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),

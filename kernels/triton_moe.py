@@ -48,7 +48,6 @@ from kernels.triton_moe_segments import topk_sum
 from kernels.triton_moe_align import max_blocks, moe_align
 from kernels.triton_moe_persistent import moe_down_persistent
 from kernels.triton_quant import quant_fp8_per_group, quant_fp8_per_token
-from kernels.triton_launch import launch
 
 _QUANT_IDS = {"none": 0, "fp8_channel": 1, "fp8_block": 2}
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs", "fused_moe")
@@ -512,7 +511,7 @@ def fused_moe(
         cnt = zeroed_counters(nblk * n1, x.device)
     else:
         part = cnt = act
-    launch(_moe_gate_up_kernel, (nblk * n1, split),
+    _moe_gate_up_kernel[(nblk * n1, split)](
         xa, xs, w13_arg, w13s, act, sorted_ids, bexp, part, cnt,
         np_, topk, h, inter, split,
         xa.stride(0), xs.stride(0) if qid else 0, w13.stride(0), w13.stride(1), *ws13_strides, act.stride(0),
@@ -542,7 +541,7 @@ def fused_moe(
         moe_down_persistent(act_arg, act_s, w2_arg, w2, w2s, y, sorted_ids, bexp, np_, inter, cfg)
         topk_sum(y, tw, out)
         return out
-    launch(_moe_down_kernel, (nblk * cdiv(n2, n_loop),),
+    _moe_down_kernel[(nblk * cdiv(n2, n_loop),)](
         act_arg, act_s, w2_arg, w2s, y, sorted_ids, bexp, tw, out, cnt2, np_, inter, h, n_loop,
         act_a.stride(0), act_s.stride(0) if qid else 0, w2.stride(0), w2.stride(1), *ws2_strides, y.stride(0),
         tw.stride(0), out.stride(0),

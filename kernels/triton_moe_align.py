@@ -25,7 +25,6 @@ import triton
 import triton.language as tl
 
 from kernels.triton_common import cdiv, next_pow2, pdl_launch, pdl_release, pdl_wait, token_counts
-from kernels.triton_launch import launch
 
 # pairs handled by the one-program kernel. H200, `python -m bench.moe_stages --align` (161 slots): 2304 pairs
 # take 73.5 us in one program vs 16.8 us on the multi-program path; 576 pairs 14.0 vs 13.0 us
@@ -171,7 +170,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     if np_ <= small_max:
         chunk = max(16, next_pow2(np_))
         base = torch.empty(e_p, dtype=torch.int32, device=dev)
-        launch(_align_small_kernel, (1,),
+        _align_small_kernel[(1,)](
             ids, sorted_ids, bexp, base, np_, num_experts, mb,
             BLOCK_M=block_m, E_P=e_p, CHUNK=chunk, BCHUNK=bchunk, FILL=max(chunk, 1024),
             num_warps=8 if chunk >= 2048 else 4, **pdl_launch(ids.device),
@@ -181,12 +180,12 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     nchunk = cdiv(np_, chunk)
     hist = torch.empty(nchunk + 1, e_p, dtype=torch.int32, device=dev)  # + the experts' run ends (scan -> scatter)
     base = torch.empty(nchunk, e_p, dtype=torch.int32, device=dev)
-    launch(_align_hist_kernel, (nchunk,), ids, hist, sorted_ids, np_, num_experts, mb * block_m, E_P=e_p,
-           CHUNK=chunk, num_warps=4, **pdl_launch(ids.device))
-    launch(_align_scan_kernel, (1,), hist, base, nchunk, num_experts, BLOCK_M=block_m, E_P=e_p,
-           CG=max(1, min(16, 4096 // e_p)), num_warps=4, **pdl_launch(ids.device))
-    launch(_align_scatter_kernel, (nchunk,), ids, sorted_ids, base, hist[nchunk], bexp, np_, num_experts, mb,
-           E_P=e_p, CHUNK=chunk, BCHUNK=bchunk, num_warps=4, **pdl_launch(ids.device))
+    _align_hist_kernel[(nchunk,)](ids, hist, sorted_ids, np_, num_experts, mb * block_m, E_P=e_p, CHUNK=chunk,
+                                  num_warps=4, **pdl_launch(ids.device))
+    _align_scan_kernel[(1,)](hist, base, nchunk, num_experts, BLOCK_M=block_m, E_P=e_p,
+                             CG=max(1, min(16, 4096 // e_p)), num_warps=4, **pdl_launch(ids.device))
+    _align_scatter_kernel[(nchunk,)](ids, sorted_ids, base, hist[nchunk], bexp, np_, num_experts, mb, E_P=e_p,
+                                     CHUNK=chunk, BCHUNK=bchunk, num_warps=4, **pdl_launch(ids.device))
     return sorted_ids, bexp
 
 

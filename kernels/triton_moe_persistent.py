@@ -18,7 +18,6 @@ import triton
 import triton.language as tl
 
 from kernels.triton_common import INTERPRET, num_sms, pdl_launch, pdl_release, pdl_wait, to_out
-from kernels.triton_launch import launch
 
 
 @triton.jit
@@ -77,7 +76,7 @@ def moe_down_persistent(act_desc, act_scale: torch.Tensor, w_desc, w2: torch.Ten
     # one program per SM (a 128 x 256 FP8 tile at 3-4 stages leaves no room for a second; 4 in the interpreter, so
     # tests have more tiles than programs); a constant: the tile count is read on the device (graph-safe)
     grid = 4 if INTERPRET else num_sms(y.device.index or 0)
-    launch(_moe_down_persistent_kernel, (grid,),
+    _moe_down_persistent_kernel[(grid,)](
         act_desc, act_scale, w_desc, w2_scale, y, sorted_ids, bexp,
         num_pairs, inter, h, mb, act_scale.stride(0), w2_scale.stride(0), w2_scale.stride(1), y.stride(0),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N2"], BLOCK_K=cfg["BLOCK_K2"], COUNT_CHUNK=1024,

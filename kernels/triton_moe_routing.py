@@ -19,7 +19,6 @@ from kernels.triton_common import (
     cdiv, fp8_row_outputs, next_pow2, pdl_launch, pdl_release, pdl_wait, round_bf16, to_fp8, zeroed_counters,
     token_counts,
 )
-from kernels.triton_launch import launch
 
 
 @triton.jit
@@ -255,7 +254,7 @@ def moe_route(
     eg = e // n_group
     g_p, eg_p = next_pow2(n_group), next_pow2(eg)
     block_t = max(1, min(next_pow2(t), 2048 // (g_p * eg_p), 16))
-    launch(_moe_route_kernel, (cdiv(t, block_t),),
+    _moe_route_kernel[(cdiv(t, block_t),)](
         logits, correction_bias if correction_bias is not None else logits, w, ids, t, e, eg, n_group,
         logits.stride(0), w.stride(0), ids.stride(0), float(routed_scaling_factor),
         TOP_K=top_k, TOPK_GROUP=topk_group, HAS_BIAS=correction_bias is not None, GROUPED=n_group > 1,
@@ -298,7 +297,7 @@ def split_bf16_stacked(w: torch.Tensor) -> torch.Tensor:
     out = torch.empty(3 * w.shape[0], w.shape[1], dtype=torch.bfloat16, device=w.device)
     n = w.numel()
     if n:
-        launch(_split_bf16_kernel, (cdiv(n, 1024),), w, out, n, BLOCK=1024)
+        _split_bf16_kernel[(cdiv(n, 1024),)](w, out, n, BLOCK=1024)
     return out
 
 
@@ -383,7 +382,7 @@ def moe_gate_route(
     g_p, eg_p = next_pow2(n_group), next_pow2(eg)
     nrm = norm or {}
     r, nw, sm, y, q, qs = (nrm.get(k_, part) for k_ in ("residual", "weight", "summed", "y", "q", "qs"))
-    launch(_gate_route_kernel, (cdiv(e, block_e), n_h),
+    _gate_route_kernel[(cdiv(e, block_e), n_h)](
         x, gate_weight, part, cnt, correction_bias if correction_bias is not None else part, w, ids,
         r, nw, sm, y, q, qs,
         t, e, h, eg, n_group, per, x.stride(0), gate_weight.stride(0), w.stride(0), ids.stride(0),

@@ -7,7 +7,6 @@ import triton
 import triton.language as tl
 
 from kernels.triton_common import cdiv, pdl_launch, pdl_release, pdl_wait, to_out
-from kernels.triton_launch import launch
 
 REDUCE_BLOCK_H = 1024
 
@@ -39,7 +38,7 @@ def topk_sum(y: torch.Tensor, topk_weights: torch.Tensor, out: torch.Tensor) -> 
     if t == 0:
         return out
     tw = topk_weights if topk_weights.stride(1) == 1 else topk_weights.contiguous()
-    launch(_topk_sum_kernel, (t, cdiv(h, REDUCE_BLOCK_H)),
+    _topk_sum_kernel[(t, cdiv(h, REDUCE_BLOCK_H))](
         y, tw, out, h, y.stride(0), tw.stride(0), out.stride(0), TOPK=tw.shape[1], BLOCK_H=REDUCE_BLOCK_H,
         num_warps=4, **pdl_launch(out.device),
     )

@@ -13,7 +13,6 @@ import triton.language as tl
 from kernels.triton_common import (
     fp8_row_outputs, next_pow2, pdl_launch, pdl_release, pdl_wait, round_bf16, to_fp8, to_out,
 )
-from kernels.triton_launch import launch
 
 
 @triton.jit
@@ -94,7 +93,7 @@ def _launch(x, residual, weight, eps, quant):
     if t:
         block = next_pow2(h)
         nw = 1 if block <= 256 else 4 if block <= 2048 else 8
-        launch(_rms_norm_kernel, (t,),
+        _rms_norm_kernel[(t,)](
             x2, r2 if r2 is not None else x2, weight, y, s if s is not None else y, q if quant else y,
             qs if quant else y, h, eps, x2.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0),
             s.stride(0) if s is not None else 0, q.stride(0) if quant else 0,

@@ -14,7 +14,6 @@ import triton
 import triton.language as tl
 
 from kernels.triton_common import cdiv, next_pow2, pdl_launch, pdl_release, pdl_wait, token_counts
-from kernels.triton_launch import launch
 
 
 @triton.jit(**token_counts("TOTAL"))
@@ -53,7 +52,7 @@ def gather_packed_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.
     row = hk * d
     row_p = next_pow2(row)
     block_t = max(1, 4096 // row_p)  # [BLOCK_T, ROW_P] tiles of ~4K elements: 16-byte accesses, 32 per thread
-    launch(_gather_packed_kv_kernel, (cdiv(total, block_t),),
+    _gather_packed_kv_kernel[(cdiv(total, block_t),)](
         k_cache, v_cache, slots, k, v, total, row, BLOCK_T=block_t, ROW_P=row_p, num_warps=4,
         **pdl_launch(k_cache.device),
     )

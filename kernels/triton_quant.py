@@ -12,7 +12,6 @@ import triton.language as tl
 from kernels.triton_common import (
     FP8_MAX, MIN_SCALE, cdiv, next_pow2, pdl_launch, pdl_release, pdl_wait, to_fp8,
 )
-from kernels.triton_launch import launch
 
 FP8_DTYPE = torch.float8_e4m3fn
 ROW_ELEMENTS = 4096  # elements per program of the per-token kernel, in whole rows
@@ -88,8 +87,8 @@ def quant_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # short rows share a program (one program per row of 192 took 56 us for the MoE act of 4K tokens, H100)
     rows = max(1, ROW_ELEMENTS // block) if one_pass else 1
     nw = 4 if rows * block <= 2048 else 8
-    launch(_quant_row_kernel, (cdiv(t, rows),), x, q, s, t, k, x.stride(0), q.stride(0), BLOCK=block,
-           ONE_PASS=one_pass, ROWS=rows, num_warps=nw, **pdl_launch(x.device))
+    _quant_row_kernel[(cdiv(t, rows),)](x, q, s, t, k, x.stride(0), q.stride(0), BLOCK=block, ONE_PASS=one_pass,
+                                        ROWS=rows, num_warps=nw, **pdl_launch(x.device))
     return q, s
 
 
@@ -104,7 +103,7 @@ def quant_fp8_per_group(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor
     if t == 0:
         return q, s
     gpb = min(next_pow2(ng), max(1, 2048 // group))
-    launch(_quant_group_kernel, (t, cdiv(ng, gpb)),
+    _quant_group_kernel[(t, cdiv(ng, gpb))](
         x, q, s, k, ng, x.stride(0), q.stride(0), s.stride(0), GROUP=group, GPB=gpb, num_warps=4,
         **pdl_launch(x.device),
     )

@@ -19,7 +19,6 @@ import triton.language as tl
 from kernels.triton_common import (
     cdiv, next_pow2, pdl_launch, pdl_release, pdl_wait, round_bf16, tl_dtype, to_out, token_counts,
 )
-from kernels.triton_launch import launch
 
 
 @triton.jit
@@ -281,7 +280,7 @@ def qk_norm_rope(
             assert o.shape == (t, hk, d) and o.is_contiguous(), f"kv_out tensors must be contiguous [{t}, {hk}, {d}]"
     dummy = qo
     tpp = tokens_per_program or 1
-    launch(_qk_norm_rope_kernel, (cdiv(t, tpp), nqb + nkb),
+    _qk_norm_rope_kernel[(cdiv(t, tpp), nqb + nkb)](
         q, k, qo, ko, q_norm_weight if has_norm else dummy, k_norm_weight if has_norm else dummy,
         cos_sin, positions, v if store else dummy, k_cache if store else dummy, v_cache if store else dummy,
         slot_mapping if store else positions, kv_out[0] if wide else dummy, kv_out[1] if wide else dummy,

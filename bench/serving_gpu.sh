@@ -3,6 +3,7 @@
 # baseline and the optimized 1-GPU presets (configs/presets), one after the other. Writes $OUT/serving_<preset>.json
 # and prints a TTFT/TPOT/ITL table. Knobs: LAYERS, NUM_PROMPTS, RATE, INPUT_LEN, OUTPUT_LEN, PRESETS, SERVER_WAIT_S
 # (start-up limit), CLIENT_TIMEOUT_S, SERVER_ARGS (extra server flags) with TAG (appended to the result names),
+# SHAPE_ARGS (bench.real_shape flags, e.g. a TP shard's widths: "--set num_attention_heads=12 ..."),
 # WARMUP_PROMPTS (a first, unrecorded run of that many prompts at the first rate: the load's step shapes compile
 # there, not inside the measurement). Multi-GPU presets (optimized-tp4) spawn their ranks from the server.
 # Last, each run's engine steps against their floor (bench/step_floor.py: the decode step under the load vs the
@@ -27,7 +28,8 @@ PRESETS=${PRESETS:-"baseline-1gpu optimized-1gpu"}
 SERVER_WAIT_S=${SERVER_WAIT_S:-300}
 CLIENT_TIMEOUT_S=${CLIENT_TIMEOUT_S:-400}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # no NVLink multicast
-MODEL=$(python3 -m bench.real_shape --layers "$LAYERS")
+# shellcheck disable=SC2086
+MODEL=$(python3 -m bench.real_shape --layers "$LAYERS" ${SHAPE_ARGS:-})
 echo "model $MODEL ($LAYERS layers), $NUM_PROMPTS prompts, ${INPUT_LEN} in / ${OUTPUT_LEN} out, Poisson rate $RATE/s"
 for preset in $PRESETS; do
     port=$((18000 + RANDOM % 1000))

@@ -222,4 +222,6 @@ class PrefillGraphs:
         s = self.statics
         padded = replace(ctx, positions=s.positions[:bucket], slot_mapping=s.slots[:bucket],
                          split=Pieces(s, step=(ctx, t)))
-        return self.model(s.ids[:bucket], padded)[:t]
+        hidden = self.model(s.ids[:bucket], padded)
+        out = s.core_buffer(("hidden",), hidden)[:t]  # like a replay's, a view of a buffer the next step rewrites
+        return out.copy_(hidden[:t])

@@ -86,3 +86,21 @@ def test_option(tiny_dirs):
     assert cfg.prefill_graph_tokens == 0  # CPU: no graphs
     with pytest.raises(ValueError, match="piecewise_cuda_graph_max_tokens"):
         EngineConfig.create(path, device="cpu", piecewise_cuda_graph_max_tokens=-1)
+
+
+@pytest.mark.parametrize("method", ["mtp", "suffix"])
+def test_speculation_and_overlap_through_pieces(tiny_dirs, method):
+    """Speculative steps next to prefill chunks, with overlap scheduling: the pieces' hidden states are a view of a
+    static buffer that the next step rewrites (as a replay's are); the MTP drafter reads them before that."""
+    spec = {"method": method, "num_speculative_tokens": 3, "draft_budget": False}
+    plain, pieces, stand_in = _pair(tiny_dirs["fp8-channel"], speculative_config=spec, overlap_scheduling=True)
+    rng = random.Random(7)
+    prompts = [{"prompt_token_ids": [rng.randrange(0, 1470) for _ in range(rng.randint(5, 100))] * 2}
+               for _ in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    a = plain.generate(prompts, params, use_tqdm=False)
+    b = pieces.generate(prompts, params, use_tqdm=False)
+    assert stand_in.steps > 3
+    assert [x.outputs[0].token_ids for x in a] == [y.outputs[0].token_ids for y in b]
+    assert pieces.stats()["spec_draft_tokens"] > 0
+    assert_pages_clean(pieces.engine)

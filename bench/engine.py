@@ -343,6 +343,23 @@ def prefill_inputs(tokens: int, block_size: int, num_blocks: int, vocab: int, rn
     return inp, per > usable
 
 
+def mixed_inputs(decode: Any, prefill: Any) -> Any:
+    """One step of `decode`'s one-token rows followed by `prefill`'s chunk (a mixed step under continuous
+    batching): every decode row's logits and the chunk's last one."""
+    from engine.model_runner import StepInputs
+
+    b = len(decode.input_ids)
+    return StepInputs(
+        input_ids=decode.input_ids + prefill.input_ids,
+        positions=decode.positions + prefill.positions,
+        slot_mapping=decode.slot_mapping + prefill.slot_mapping,
+        block_tables=decode.block_tables + prefill.block_tables,
+        seq_lens=decode.seq_lens + prefill.seq_lens,
+        query_start_loc=decode.query_start_loc + [b + q for q in prefill.query_start_loc[1:]],
+        logits_rows=decode.logits_rows + [b + r for r in prefill.logits_rows],
+    )
+
+
 # ------------------------------------------------------------------------------------------------ phases
 
 
@@ -382,8 +399,8 @@ def run_step_benchmarks(
         load_format="dummy",
         seed=args.seed,
         max_model_len=max_model_len,
-        max_num_batched_tokens=max(args.prefill, max(batches)),
-        max_num_seqs=max(batches),
+        max_num_batched_tokens=max(args.prefill + args.mixed_decodes, max(batches)),
+        max_num_seqs=max(max(batches), args.mixed_decodes),
         kv_block_size=bs,
         num_kv_blocks=num_blocks,
         enable_prefix_caching=False,
@@ -492,6 +509,13 @@ def run_step_benchmarks(
           f"{args.prefill_prefix} tokens cached before it, {args.prefill_attention_backend} attention)", flush=True)
     if args.profile and device.type == "cuda":
         _profile_step(f"prefill {args.prefill}", runner, inp, results, "profile_prefill", save)
+    if args.mixed_decodes:
+        dec, _ = decode_inputs(args.mixed_decodes, args.context, bs, worker.num_blocks, mcfg.vocab_size, rng)
+        results["mixed"] = _time_mixed(runner, dec, mixed_inputs(dec, inp), device)
+        save()
+        m = results["mixed"]
+        print(f"mixed step, {args.mixed_decodes} decodes + {args.prefill} prefill tokens: " + ", ".join(
+            f"{k} {m[k]['median_ms']:.2f} ms" for k in ("decode_only", "eager", "piecewise") if k in m), flush=True)
     if args.host_profile:
         dump = str(Path(args.out).with_suffix(".prof")) if args.out else None
         res = host_breakdown(functools.partial(runner.run, inp), dump=dump)
@@ -503,6 +527,22 @@ def run_step_benchmarks(
     if device.type == "cuda":
         results["main_model"]["memory_after_free_GiB"] = torch.cuda.memory_allocated(device) / 2**30
         save()
+
+
+def _time_mixed(runner, decode, mixed, device: torch.device) -> dict:
+    """A decode's step time alone (its CUDA graph where captured) and in a step that also prefills a chunk: eager,
+    and through the piecewise prefill graphs where the engine has them (the inter-token latency a decode sees
+    when a prompt chunk joins its step)."""
+    timed = functools.partial(time_fn, device=device, warmup=_iters(device, 2, 1), iters=_iters(device, 5, 2))
+    out = {"decode_only": timed(functools.partial(runner.run, decode))}
+    pieces, runner.prefill_graphs = runner.prefill_graphs, None
+    try:
+        out["eager"] = timed(functools.partial(runner.run, mixed))
+    finally:
+        runner.prefill_graphs = pieces
+    if pieces is not None:
+        out["piecewise"] = timed(functools.partial(runner.run, mixed))
+    return out
 
 
 def overlap_flag() -> str | None:
@@ -894,6 +934,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--num-kv-blocks", type=int, default=None, help="default: sized from memory (CUDA)")
     ap.add_argument("--mem-fraction-static", type=float, default=0.9)
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    ap.add_argument("--mixed-decodes", type=int, default=0,
+                    help="also time a mixed step: this many decodes (at --context) + the prefill chunk, eager and "
+                         "through the piecewise graphs, against the decodes alone")
     ap.add_argument("--piecewise-cuda-graph-max-tokens", type=int, default=0,
                     help="prefill steps of up to this many tokens replay piecewise graphs (the prefill is also timed "
                          "without them, same run)")

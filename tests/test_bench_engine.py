@@ -203,7 +203,8 @@ def test_engine_ab_script_alternates_variants(tmp_path):
 
 
 def test_prefill_after_a_cached_prefix_with_the_sdpa_backend(tmp_path):
-    """--prefill-prefix / --prefill-attention-backend (issue 21 item 3's chunked prefill after a prefix hit)."""
+    """--prefill-prefix / --prefill-attention-backend (issue 21 item 3's chunked prefill after a prefix hit), and
+    --mixed-decodes (a step of decodes + that chunk)."""
     out = tmp_path / "engine.json"
     args = list(SMOKE)
     i = args.index("--hf-layers")
@@ -211,10 +212,14 @@ def test_prefill_after_a_cached_prefix_with_the_sdpa_backend(tmp_path):
     args[args.index("--batches") + 1] = "1"
     cmd = [sys.executable, "-m", "bench.engine", *args, "--no-hf", "--hf-layers", "0", "--prefill-prefix", "32",
            "--prefill-attention-backend", "sdpa", "--model-root", str(tmp_path / "models"), "--out", str(out),
-           "--host-profile"]
+           "--host-profile", "--mixed-decodes", "3"]
     proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
+    # --mixed-decodes: 3 decodes alone and in a step with the 48-token chunk (no piecewise graphs on a CPU)
+    assert sorted(res["mixed"]) == ["decode_only", "eager"]
+    assert all(_finite(m["median_ms"]) for m in res["mixed"].values())
+    assert "mixed step, 3 decodes + 48 prefill tokens: decode_only" in proc.stdout
     p = res["prefill"]
     assert (p["tokens"], p["prefix"], p["attention_backend"]) == (48, 32, "sdpa") and _finite(p["ms"])
     assert "32 tokens cached before it, sdpa attention" in proc.stdout

@@ -185,10 +185,10 @@ class PrefillGraphs:
     def capture(self, progress: bool = True) -> None:
         """Every (bucket, route), largest bucket first, in one memory pool; each after an eager run of the same
         forward over the same buffers (compiles what it launches, makes the static buffers)."""
+        keys = [(b, r) for b in sorted(self.buckets, reverse=True) for r in self.routes(b)]
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        keys = [(b, r) for b in sorted(self.buckets, reverse=True) for r in self.routes(b)]
+        stream.wait_stream(torch.cuda.current_stream(self.device))  # after routes()' writes to the buffers
         with torch.cuda.stream(stream):
             for tokens, route in tqdm(keys, desc="Capturing piecewise prefill graphs", disable=not progress):
                 self._forward(tokens, route)  # warm-up

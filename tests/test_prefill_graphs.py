@@ -9,22 +9,26 @@ import random
 import pytest
 import torch
 
+import fake_flash_attn
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
 from engine.prefill_graphs import PrefillGraphs, token_buckets
 from engine_checks import assert_pages_clean
+from kernels import fa4_prefill
 
 
 class Uncaptured(PrefillGraphs):
-    """The runner's prefill_graphs with run() = run_uncaptured(); counts the steps it took."""
+    """The runner's prefill_graphs with run() = run_uncaptured(); counts the steps it took, by route."""
 
     steps = 0
+    seen_routes: tuple[bool, ...] = ()
 
     def can_run(self, input_ids: torch.Tensor, ctx) -> bool:
         return ctx.max_query_len > 1 and self.bucket_for(input_ids.numel()) is not None
 
     def run(self, input_ids, ctx):
         self.steps += 1
+        self.seen_routes += (self.model.attention_route(ctx),)
         return self.run_uncaptured(input_ids, ctx)
 
 
@@ -103,4 +107,24 @@ def test_speculation_and_overlap_through_pieces(tiny_dirs, method):
     assert stand_in.steps > 3
     assert [x.outputs[0].token_ids for x in a] == [y.outputs[0].token_ids for y in b]
     assert pieces.stats()["spec_draft_tokens"] > 0
+    assert_pages_clean(pieces.engine)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_fa4_routes_through_pieces(monkeypatch, tiny_dirs, fused):
+    """With the FA4 prefill backend (a fake flash-attn-4 on CPU: the real signature, reference math): first chunks
+    alone over their own K/V (the prompt-alone route, FA4 called between the pieces on q, k and v copied into the
+    static buffers) and later chunks over cached keys (the paged route) give the plain FA4 engine's tokens."""
+    fake_flash_attn.install_fa4(monkeypatch)
+    monkeypatch.setattr(fa4_prefill, "device_supported", lambda device: True)
+    monkeypatch.setattr(fa4_prefill, "FROM_TOKENS", 8)
+    kw = dict(dtype="bfloat16", prefill_attention_backend="fa4", enable_fused_qk_norm_rope=fused)
+    plain, pieces, stand_in = _pair(tiny_dirs["bf16"], **kw)
+    rng = random.Random(11)
+    prompts = [{"prompt_token_ids": [rng.randrange(0, 1470) for _ in range(rng.randint(20, 200))]} for _ in range(5)]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    a = plain.generate(prompts, params, use_tqdm=False)
+    b = pieces.generate(prompts, params, use_tqdm=False)
+    assert [x.outputs[0].token_ids for x in a] == [y.outputs[0].token_ids for y in b]
+    assert set(stand_in.seen_routes) == {False, True}
     assert_pages_clean(pieces.engine)

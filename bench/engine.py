@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import functools
 import gc
 import json
@@ -474,13 +475,10 @@ def run_step_benchmarks(
         functools.partial(runner.run, inp), device, warmup=_iters(device, 2, 1), iters=_iters(device, 5, 2)
     )
     eager_prefill = None
-    if runner.prefill_graphs is not None:  # the same prefill without the piecewise graphs, in this run
-        pieces, runner.prefill_graphs = runner.prefill_graphs, None
-        try:
+    with _without_prefill_graphs(runner) as pieces:  # the same prefill without the piecewise graphs, in this run
+        if pieces is not None:
             eager_prefill = time_fn(functools.partial(runner.run, inp), device, warmup=_iters(device, 2, 1),
                                     iters=_iters(device, 5, 2))
-        finally:
-            runner.prefill_graphs = pieces
     flops = prefill_flops(mcfg, args.prefill, args.prefill_prefix)
     lin_peak = peaks["fp8_tflops"] if fp8 and peaks.get("fp8_tflops") else peaks["mm_tflops"]
     floor_ms = (flops["linear"] / (lin_peak * 1e12) + flops["attention"] / (peaks["mm_tflops"] * 1e12)) * 1e3
@@ -529,17 +527,24 @@ def run_step_benchmarks(
         save()
 
 
+@contextlib.contextmanager
+def _without_prefill_graphs(runner):
+    """The runner's steps run eagerly inside; yields its piecewise prefill graphs (None: it has none)."""
+    pieces, runner.prefill_graphs = runner.prefill_graphs, None
+    try:
+        yield pieces
+    finally:
+        runner.prefill_graphs = pieces
+
+
 def _time_mixed(runner, decode, mixed, device: torch.device) -> dict:
     """A decode's step time alone (its CUDA graph where captured) and in a step that also prefills a chunk: eager,
     and through the piecewise prefill graphs where the engine has them (the inter-token latency a decode sees
     when a prompt chunk joins its step)."""
     timed = functools.partial(time_fn, device=device, warmup=_iters(device, 2, 1), iters=_iters(device, 5, 2))
     out = {"decode_only": timed(functools.partial(runner.run, decode))}
-    pieces, runner.prefill_graphs = runner.prefill_graphs, None
-    try:
+    with _without_prefill_graphs(runner) as pieces:
         out["eager"] = timed(functools.partial(runner.run, mixed))
-    finally:
-        runner.prefill_graphs = pieces
     if pieces is not None:
         out["piecewise"] = timed(functools.partial(runner.run, mixed))
     return out

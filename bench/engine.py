@@ -59,6 +59,7 @@ import torch
 
 from bench.host_profile import host_breakdown, print_host_breakdown
 from bench.real_shape import parse_overrides, real_shape_model_dir
+from engine.block_tables import BlockTables
 from kernels import fa4_prefill
 from model.attention import PREFILL_ATTENTION_BACKENDS, resolve_prefill_attention_backend
 
@@ -314,7 +315,7 @@ def decode_inputs(batch: int, context: int, block_size: int, num_blocks: int, vo
         input_ids=[rng.randrange(vocab) for _ in range(batch)],
         positions=[context] * batch,
         slot_mapping=slots,
-        block_tables=tables,
+        block_tables=BlockTables.build(tables),
         seq_lens=[context + 1] * batch,
         query_start_loc=list(range(batch + 1)),
         logits_rows=list(range(batch)),
@@ -336,7 +337,7 @@ def prefill_inputs(tokens: int, block_size: int, num_blocks: int, vocab: int, rn
         input_ids=[rng.randrange(vocab) for _ in range(tokens)],
         positions=list(new),
         slot_mapping=[table[p // block_size] * block_size + p % block_size for p in new],
-        block_tables=[table],
+        block_tables=BlockTables.build([table]),
         seq_lens=[prefix + tokens],
         query_start_loc=[0, tokens],
         logits_rows=[tokens - 1],
@@ -354,7 +355,8 @@ def mixed_inputs(decode: Any, prefill: Any) -> Any:
         input_ids=decode.input_ids + prefill.input_ids,
         positions=decode.positions + prefill.positions,
         slot_mapping=decode.slot_mapping + prefill.slot_mapping,
-        block_tables=decode.block_tables + prefill.block_tables,
+        block_tables=BlockTables.build([t.row(i) for t in (decode.block_tables, prefill.block_tables)
+                                        for i in range(t.rows)]),
         seq_lens=decode.seq_lens + prefill.seq_lens,
         query_start_loc=decode.query_start_loc + [b + q for q in prefill.query_start_loc[1:]],
         logits_rows=decode.logits_rows + [b + r for r in prefill.logits_rows],
@@ -411,7 +413,8 @@ def run_step_benchmarks(
         enable_shared_experts_fusion=args.enable_shared_experts_fusion,
         enable_fused_qk_norm_rope=args.enable_fused_qk_norm_rope,
         prefill_attention_backend=args.prefill_attention_backend,
-        piecewise_cuda_graph_max_tokens=args.piecewise_cuda_graph_max_tokens,
+        **({} if args.piecewise_cuda_graph_max_tokens is None
+           else {"piecewise_cuda_graph_max_tokens": args.piecewise_cuda_graph_max_tokens}),
     )
     t0 = time.perf_counter()
     worker = ModelWorker(cfg, single_process())
@@ -470,56 +473,58 @@ def run_step_benchmarks(
         if args.profile and device.type == "cuda":
             _profile_step(f"decode B={b} (eager, kernels only)", runner, inp, results, f"profile_decode_b{b}", save)
 
-    inp, shared = prefill_inputs(args.prefill, bs, worker.num_blocks, mcfg.vocab_size, rng, args.prefill_prefix)
-    t = time_fn(
-        functools.partial(runner.run, inp), device, warmup=_iters(device, 2, 1), iters=_iters(device, 5, 2)
-    )
-    eager_prefill = None
-    with _without_prefill_graphs(runner) as pieces:  # the same prefill without the piecewise graphs, in this run
-        if pieces is not None:
-            eager_prefill = time_fn(functools.partial(runner.run, inp), device, warmup=_iters(device, 2, 1),
-                                    iters=_iters(device, 5, 2))
-    flops = prefill_flops(mcfg, args.prefill, args.prefill_prefix)
-    lin_peak = peaks["fp8_tflops"] if fp8 and peaks.get("fp8_tflops") else peaks["mm_tflops"]
-    floor_ms = (flops["linear"] / (lin_peak * 1e12) + flops["attention"] / (peaks["mm_tflops"] * 1e12)) * 1e3
-    results["prefill"] = {
-        "tokens": args.prefill,
-        "prefix": args.prefill_prefix,
-        "attention_backend": resolve_prefill_attention_backend(args.prefill_attention_backend, worker.device),
-        "time": t,
-        "ms": t["median_ms"],
-        "flops": flops,
-        "linear_peak_tflops": lin_peak,
-        "attention_peak_tflops": peaks["mm_tflops"],
-        "floor_ms": floor_ms,
-        "ratio_vs_floor": t["median_ms"] / floor_ms,
-        "kv_pages_shared": shared,
-        "achieved_tflops": (flops["linear"] + flops["attention"]) / (t["median_ms"] * 1e-3) / 1e12,
-        "piecewise_graphs": eager_prefill is not None,
-    }
-    if eager_prefill is not None:
-        results["prefill"].update(eager_time=eager_prefill, eager_ms=eager_prefill["median_ms"],
-                                  piecewise_speedup=eager_prefill["median_ms"] / t["median_ms"])
-        print(f"prefill {args.prefill}: {eager_prefill['median_ms']:.2f} ms eager, {t['median_ms']:.2f} ms through the "
-              f"piecewise graphs ({eager_prefill['median_ms'] / t['median_ms']:.2f}x)", flush=True)
-    save()
-    print(f"prefill {args.prefill}: {t['median_ms']:.2f} ms (floor {floor_ms:.2f} ms, {t['median_ms'] / floor_ms:.2f}x; "
-          f"{args.prefill_prefix} tokens cached before it, {args.prefill_attention_backend} attention)", flush=True)
-    if args.profile and device.type == "cuda":
-        _profile_step(f"prefill {args.prefill}", runner, inp, results, "profile_prefill", save)
-    if args.mixed_decodes:
-        dec, _ = decode_inputs(args.mixed_decodes, args.context, bs, worker.num_blocks, mcfg.vocab_size, rng)
-        results["mixed"] = _time_mixed(runner, dec, mixed_inputs(dec, inp), device)
+    if args.prefill > 0:  # 0: decode steps only
+        inp, shared = prefill_inputs(args.prefill, bs, worker.num_blocks, mcfg.vocab_size, rng, args.prefill_prefix)
+        t = time_fn(
+            functools.partial(runner.run, inp), device, warmup=_iters(device, 2, 1), iters=_iters(device, 5, 2)
+        )
+        eager_prefill = None
+        with _without_prefill_graphs(runner) as pieces:  # the same prefill without the piecewise graphs, in this run
+            if pieces is not None:
+                eager_prefill = time_fn(functools.partial(runner.run, inp), device, warmup=_iters(device, 2, 1),
+                                        iters=_iters(device, 5, 2))
+        flops = prefill_flops(mcfg, args.prefill, args.prefill_prefix)
+        lin_peak = peaks["fp8_tflops"] if fp8 and peaks.get("fp8_tflops") else peaks["mm_tflops"]
+        floor_ms = (flops["linear"] / (lin_peak * 1e12) + flops["attention"] / (peaks["mm_tflops"] * 1e12)) * 1e3
+        results["prefill"] = {
+            "tokens": args.prefill,
+            "prefix": args.prefill_prefix,
+            "attention_backend": resolve_prefill_attention_backend(args.prefill_attention_backend, worker.device),
+            "time": t,
+            "ms": t["median_ms"],
+            "flops": flops,
+            "linear_peak_tflops": lin_peak,
+            "attention_peak_tflops": peaks["mm_tflops"],
+            "floor_ms": floor_ms,
+            "ratio_vs_floor": t["median_ms"] / floor_ms,
+            "kv_pages_shared": shared,
+            "achieved_tflops": (flops["linear"] + flops["attention"]) / (t["median_ms"] * 1e-3) / 1e12,
+            "piecewise_graphs": eager_prefill is not None,
+        }
+        if eager_prefill is not None:
+            results["prefill"].update(eager_time=eager_prefill, eager_ms=eager_prefill["median_ms"],
+                                      piecewise_speedup=eager_prefill["median_ms"] / t["median_ms"])
+            print(f"prefill {args.prefill}: {eager_prefill['median_ms']:.2f} ms eager, {t['median_ms']:.2f} ms through "
+                  f"the piecewise graphs ({eager_prefill['median_ms'] / t['median_ms']:.2f}x)", flush=True)
         save()
-        m = results["mixed"]
-        print(f"mixed step, {args.mixed_decodes} decodes + {args.prefill} prefill tokens: " + ", ".join(
-            f"{k} {m[k]['median_ms']:.2f} ms" for k in ("decode_only", "eager", "piecewise") if k in m), flush=True)
-    if args.host_profile:
-        dump = str(Path(args.out).with_suffix(".prof")) if args.out else None
-        res = host_breakdown(functools.partial(runner.run, inp), dump=dump)
-        results["host_profile_prefill"] = res
-        save()
-        print_host_breakdown(f"prefill {args.prefill}", res)
+        print(f"prefill {args.prefill}: {t['median_ms']:.2f} ms (floor {floor_ms:.2f} ms, "
+              f"{t['median_ms'] / floor_ms:.2f}x; {args.prefill_prefix} tokens cached before it, "
+              f"{args.prefill_attention_backend} attention)", flush=True)
+        if args.profile and device.type == "cuda":
+            _profile_step(f"prefill {args.prefill}", runner, inp, results, "profile_prefill", save)
+        if args.mixed_decodes:
+            dec, _ = decode_inputs(args.mixed_decodes, args.context, bs, worker.num_blocks, mcfg.vocab_size, rng)
+            results["mixed"] = _time_mixed(runner, dec, mixed_inputs(dec, inp), device)
+            save()
+            m = results["mixed"]
+            print(f"mixed step, {args.mixed_decodes} decodes + {args.prefill} prefill tokens: " + ", ".join(
+                f"{k} {m[k]['median_ms']:.2f} ms" for k in ("decode_only", "eager", "piecewise") if k in m), flush=True)
+        if args.host_profile:
+            dump = str(Path(args.out).with_suffix(".prof")) if args.out else None
+            res = host_breakdown(functools.partial(runner.run, inp), dump=dump)
+            results["host_profile_prefill"] = res
+            save()
+            print_host_breakdown(f"prefill {args.prefill}", res)
     del worker, runner, model, kv
     _free(device)
     if device.type == "cuda":
@@ -917,7 +922,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--dense-layers", type=int, default=3, help="dense layers first (at most 3)")
     ap.add_argument("--batches", default="1,8,64", help="decode batch sizes, comma separated")
     ap.add_argument("--context", type=int, default=4096, help="tokens already in each decode sequence's KV")
-    ap.add_argument("--prefill", type=int, default=4096, help="prefill length (one sequence)")
+    ap.add_argument("--prefill", type=int, default=4096, help="prefill length (one sequence; 0: decode steps only)")
     ap.add_argument("--prefill-prefix", type=int, default=0,
                     help="tokens already cached before the prefill (a prefix hit, or the chunks before this one)")
     ap.add_argument("--prefill-attention-backend", default="auto", choices=list(PREFILL_ATTENTION_BACKENDS))
@@ -942,9 +947,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--mixed-decodes", type=int, default=0,
                     help="also time a mixed step: this many decodes (at --context) + the prefill chunk, eager and "
                          "through the piecewise graphs, against the decodes alone")
-    ap.add_argument("--piecewise-cuda-graph-max-tokens", type=int, default=0,
-                    help="prefill steps of up to this many tokens replay piecewise graphs (the prefill is also timed "
-                         "without them, same run)")
+    ap.add_argument("--piecewise-cuda-graph-max-tokens", type=int, default=None,
+                    help="prefill steps of up to this many tokens replay piecewise graphs (default: the engine's; "
+                         "the prefill is also timed without them, same run; 0 = none)")
     ap.add_argument("--profile", action="store_true", help="print a per-kernel breakdown of each step (GPU)")
     ap.add_argument("--host-profile", action="store_true",
                     help="the prefill's host enqueue time against its finish, and where the host time goes (cProfile)")

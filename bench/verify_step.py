@@ -21,6 +21,7 @@ import torch
 
 from bench.engine import decode_bytes, decode_inputs, measure_bandwidth, time_fn
 from bench.real_shape import real_shape_model_dir
+from engine.block_tables import BlockTables
 from engine.config import EngineConfig
 from engine.distributed import single_process
 from engine.model_runner import StepInputs
@@ -40,7 +41,7 @@ def verify_inputs(batch: int, rows: int, context: int, block_size: int, num_bloc
              for i in range(batch) for p in range(context, context + rows)]
     return StepInputs(
         input_ids=[rng.randrange(vocab) for _ in range(batch * rows)], positions=positions, slot_mapping=slots,
-        block_tables=tables, seq_lens=[context + rows] * batch,
+        block_tables=BlockTables.build(tables), seq_lens=[context + rows] * batch,
         query_start_loc=list(range(0, (batch + 1) * rows, rows)), logits_rows=list(range(batch * rows)),
     )
 

@@ -14,7 +14,8 @@ from collections.abc import Callable
 import torch
 from tqdm import tqdm
 
-from engine.model_runner import StepInputs, table_width, uniform_rows
+from engine.block_tables import table_width
+from engine.model_runner import StepInputs, uniform_rows
 from model.context import ForwardContext
 from model.glm4_moe import Glm4MoeForCausalLM
 
@@ -200,9 +201,8 @@ class DecodeGraphs:
         self.rows.copy_(host, non_blocking=True)
         self.host_read[turn].record()
         fill_inputs(self.input_ids)
-        width = len(inp.block_tables[0])
-        tables = torch.tensor(inp.block_tables, dtype=torch.int32).pin_memory()
-        self.block_tables[:b, :width].copy_(tables, non_blocking=True)
+        tables = inp.block_tables
+        self.block_tables[:b, :tables.width].copy_(tables.tensor().pin_memory(), non_blocking=True)
         self.graphs[(size, q)].replay()
         logits, hidden = self.outputs[(size, q)]
         return logits[:t], hidden[:t]

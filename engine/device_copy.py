@@ -27,7 +27,11 @@ def host_tensor(data: list, dtype: torch.dtype) -> torch.Tensor:
 def to_device(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Host list -> device tensor without stalling the host: a pageable copy would wait for every kernel
     queued on the stream (killing overlap scheduling); a pinned, non-blocking one does not."""
-    t = host_tensor(data, dtype)
+    return pinned_to_device(host_tensor(data, dtype), device)
+
+
+def pinned_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor -> `device` through pinned memory (non-blocking); itself where `device` is the CPU."""
     if device.type != "cuda":
         return t
     return t.pin_memory().to(device, non_blocking=True)

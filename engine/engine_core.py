@@ -25,6 +25,7 @@ import torch
 from transformers import AutoTokenizer
 
 from engine.block_pool import BlockPool
+from engine.block_tables import page_array
 from engine.config import EngineConfig
 from engine.device_copy import to_device
 from engine.distributed import DistInfo, single_process
@@ -571,7 +572,7 @@ class EngineCore:
             offset = step.layout.row_offsets[i]
             views.append(StepView(
                 seq_id=req.seq_key, start=s.start, next_tokens=req.tokens(s.start + 1, kept_end + 1),
-                hidden_rows=list(range(offset, offset + kept_end - s.start)), block_table=list(req.block_ids),
+                hidden_rows=list(range(offset, offset + kept_end - s.start)), block_table=page_array(req.block_ids),
                 max_drafts=max(drafts, 0),
             ))
             reqs.append(req)

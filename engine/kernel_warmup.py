@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.block_tables import BlockTables
 from engine.model_runner import MAX_UNIFORM_Q, StepInputs
 from kernels.triton_attention import (VERIFY_MAX_Q, attention_path, decode_config, extend_config, next_pow2,
                                       verify_config)
@@ -147,7 +148,7 @@ def step_inputs(step: WarmupStep, block_size: int, num_blocks: int) -> StepInput
     else:  # one row each: all but the first (a lone sequence's row makes it decode-shaped whatever we ask)
         rows = list(range(min(1, len(ids) - 1), len(ids)))
     return StepInputs(input_ids=ids, positions=positions, slot_mapping=slots,
-                      block_tables=[list(table) for _ in range(step.sequences)],
+                      block_tables=BlockTables.build([table] * step.sequences),
                       seq_lens=[step.context] * step.sequences, query_start_loc=qsl, logits_rows=rows)
 
 

@@ -8,10 +8,10 @@ request that reaches its end, and each draft position before it. Input ids the h
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from itertools import chain
 
 import torch
 
+from engine.block_tables import BlockTables
 from engine.device_copy import to_device
 from engine.kv_connector import KVSend
 from engine.scheduler import ScheduledRequest
@@ -19,11 +19,6 @@ from engine.token_table import TokenTable
 from model.context import ForwardContext
 from model.glm4_moe import Glm4MoeForCausalLM
 from spec import MtpBatch, MtpDraftBatch
-
-# Block tables on the device have widths in multiples of this: the attention kernels take the width as the
-# table's row stride, and Triton compiles a variant per divisibility of an int argument by 16, so a width that
-# followed the step's longest sequence would compile new variants inside serving (kernels/triton_common.py).
-TABLE_WIDTH_MULTIPLE = 16
 
 MAX_UNIFORM_Q = 32  # decode / verify chains up to this many rows per request count as graph-shaped steps
 
@@ -35,7 +30,7 @@ class StepInputs:
     input_ids: list[int]  # 0 where table_reads supplies the id
     positions: list[int]
     slot_mapping: list[int]
-    block_tables: list[list[int]]
+    block_tables: BlockTables  # the requests' pages, one row each
     seq_lens: list[int]
     query_start_loc: list[int]
     logits_rows: list[int]  # rows of the hidden states whose logits are computed
@@ -119,8 +114,7 @@ def prepare_step(
             layout.sample_rows.append([])
     if pad_q:
         rows = list(range(len(ids)))
-    max_blocks = table_width(max(len(s.request.block_ids) for s in batch))
-    tables = [s.request.block_ids + [0] * (max_blocks - len(s.request.block_ids)) for s in batch]
+    tables = BlockTables.build([s.request.block_ids for s in batch])
     inputs = StepInputs(ids, positions, slots, tables, seq_lens, qsl, rows, table_reads=reads)
     return inputs, layout
 
@@ -153,7 +147,7 @@ class ModelRunner:
         self.k_scale, self.v_scale = k_scale, v_scale
         self.token_table = token_table
         self.graphs = None  # engine.cuda_graphs.DecodeGraphs once captured
-        self.prefill_graphs = None  # engine.prefill_graphs.PrefillGraphs once captured (piecewise, opt-in)
+        self.prefill_graphs = None  # engine.prefill_graphs.PrefillGraphs once captured (piecewise; default on CUDA)
         self.mtp_graphs = None  # engine.mtp_graphs.MtpDraftGraphs once captured (MTP speculation)
         self.target_hidden: torch.Tensor | None = None  # the last target forward's hidden states (keep_hidden)
         self.mtp_hidden: torch.Tensor | None = None  # the last NextN-layer forward's output
@@ -170,7 +164,7 @@ class ModelRunner:
         ctx = ForwardContext(
             positions=to_device(inp.positions, torch.long, dev),
             slot_mapping=to_device(inp.slot_mapping, torch.long, dev),
-            block_tables=block_table_tensor(inp.block_tables, dev),
+            block_tables=inp.block_tables.to_device(dev),
             seq_lens=to_device(inp.seq_lens, torch.int32, dev),
             query_start_loc=to_device(inp.query_start_loc, torch.int32, dev),
             max_query_len=max_q,
@@ -236,7 +230,7 @@ class ModelRunner:
         ctx = ForwardContext(
             positions=to_device(batch.positions, torch.long, dev),
             slot_mapping=to_device(batch.slot_mapping, torch.long, dev),
-            block_tables=block_table_tensor(batch.block_tables, dev),
+            block_tables=BlockTables.build(batch.block_tables).to_device(dev),
             seq_lens=to_device(batch.seq_lens, torch.int32, dev),
             query_start_loc=to_device(batch.query_start_loc, torch.int32, dev),
             max_query_len=max(b - a for a, b in zip(batch.query_start_loc, batch.query_start_loc[1:])),
@@ -253,14 +247,3 @@ class ModelRunner:
         self.mtp_hidden = out
         return self.model.compute_logits(out.index_select(0, to_device(batch.logits_rows, torch.long, dev)))
 
-
-def table_width(pages: int) -> int:
-    """A block table's width for rows of up to `pages` pages: a multiple of TABLE_WIDTH_MULTIPLE."""
-    return max(1, -(-pages // TABLE_WIDTH_MULTIPLE)) * TABLE_WIDTH_MULTIPLE
-
-
-def block_table_tensor(tables: list[list[int]], device: torch.device) -> torch.Tensor:
-    """int32 [len(tables), table_width(longest)], rows padded with page 0 (never read: past each length)."""
-    width = table_width(max(len(t) for t in tables))
-    flat = list(chain.from_iterable(t if len(t) == width else t + [0] * (width - len(t)) for t in tables))
-    return to_device(flat, torch.int32, device).view(len(tables), width)

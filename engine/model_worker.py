@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed
 
+from engine.block_tables import BlockTables
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.mtp_graphs import MtpDraftGraphs
@@ -206,7 +207,7 @@ class ModelWorker:
         kv = allocate_kv_caches(self.config.model, self.dist.tp, layers, blocks, bs, kv_dtype, self.device)
         inp = StepInputs(
             input_ids=[0] * n, positions=list(range(n)), slot_mapping=list(range(n)),
-            block_tables=[list(range(blocks))], seq_lens=[n], query_start_loc=[0, n],
+            block_tables=BlockTables.build([range(blocks)]), seq_lens=[n], query_start_loc=[0, n],
             logits_rows=list(range(n - min(n, sc.max_num_seqs), n)),
         )
         ModelRunner(self.model, kv, self.device).run(inp)

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from engine.cuda_graphs import MAX_VERIFY_GRAPH_TOKENS, graph_batch_sizes, time_captured, verify_row_counts
-from engine.model_runner import table_width
+from engine.block_tables import BlockTables, table_width
 from model.context import ForwardContext
 from model.glm4_moe import Glm4MoeForCausalLM
 from spec import MtpDraftBatch
@@ -176,8 +176,8 @@ class MtpDraftGraphs:
         self.rows[:, :t_pad].copy_(host.to(self.device, non_blocking=True))
         rows = torch.tensor(hidden_rows, dtype=torch.long).to(self.device, non_blocking=True)
         torch.index_select(target_hidden, 0, rows, out=self.hidden_in[:t_pad])
-        width = len(batch.block_tables[0])
-        self.block_tables[:b, :width].copy_(torch.tensor(batch.block_tables, dtype=torch.int32).to(self.device))
+        tables = BlockTables.build(batch.block_tables)
+        self.block_tables[:b, :tables.width].copy_(tables.to_device(self.device))
         if self.replay:
             self.graphs[(size, q, chain)].replay()
             drafts = self.outputs[(size, q, chain)]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm import tqdm
 
-from engine.model_runner import table_width
+from engine.block_tables import table_width
 from model.context import AttentionCore, ForwardContext
 from model.glm4_moe import Glm4MoeForCausalLM
 

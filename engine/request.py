@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import enum
 import time
+from array import array
 from dataclasses import dataclass, field
 
 from engine.block_pool import chain_hash
+from engine.block_tables import page_array
 from engine.sampling_params import SamplingParams
 
 
@@ -47,7 +49,7 @@ class Request:
     table_slot: int = -1  # row of the device token table while running
     status: Status = Status.WAITING
     num_computed_tokens: int = 0
-    block_ids: list[int] = field(default_factory=list)
+    block_ids: array = field(default_factory=page_array)  # int32 page ids (engine/block_tables.py)
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of full pages (a cache)
     num_registered_blocks: int = 0  # full pages already published to the prefix cache
     num_cached_tokens: int = -1  # prefix-cache hit at first admission (-1 = not yet admitted)

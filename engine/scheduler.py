@@ -14,6 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from engine.block_pool import BlockPool, chain_hash
+from engine.block_tables import page_array
 from engine.config import SchedulerConfig
 from engine.request import Request, Status
 
@@ -95,7 +96,7 @@ class Scheduler:
     def _release(self, req: Request) -> None:
         if req.block_ids:
             self.pool.free(req.block_ids)
-            req.block_ids = []
+            req.block_ids = page_array()
 
     # -- disaggregation (decode side) ------------------------------------------------------------------
     def reserve_for_transfer(self, req: Request) -> int | None:
@@ -116,7 +117,7 @@ class Scheduler:
         if need > self.pool.num_allocatable - hits_unreferenced:
             return None
         self.pool.touch(hits)
-        req.block_ids = hits + self.pool.allocate(need)
+        req.block_ids = page_array(hits + self.pool.allocate(need))
         req.num_registered_blocks = len(hits)
         req.num_cached_tokens = len(hits) * self.block_size
         self.pool.record_query(req.num_prompt_tokens, req.num_cached_tokens)
@@ -234,7 +235,7 @@ class Scheduler:
                 )
             return None
         self.pool.touch(hits)
-        req.block_ids = hits + self.pool.allocate(need)
+        req.block_ids = page_array(hits + self.pool.allocate(need))
         req.num_computed_tokens = computed
         req.num_registered_blocks = len(hits)
         if req.num_cached_tokens < 0:

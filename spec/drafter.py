@@ -31,7 +31,7 @@ class StepView:
     start: int  # first position the step computed and kept
     next_tokens: list[int]  # tokens at positions start + 1 .. start + n: the NextN layer's inputs
     hidden_rows: list[int]  # rows of the step's forward holding positions start .. start + n - 1
-    block_table: list[int]  # the request's pages (already covering the next verify chain)
+    block_table: Sequence[int]  # the request's pages (already covering the next verify chain; an int32 array)
     max_drafts: int  # drafts wanted for the next step (0: it is not decoding next)
 
 

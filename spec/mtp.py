@@ -59,7 +59,7 @@ class MtpBatch:
     input_ids: list[int]
     positions: list[int]
     slot_mapping: list[int]
-    block_tables: list[list[int]]
+    block_tables: list[Sequence[int]]  # per request: its pages
     seq_lens: list[int]
     query_start_loc: list[int]
     hidden_source: str  # "target": the last target forward's hidden states; "mtp": the last NextN output
@@ -77,7 +77,7 @@ class MtpDraftBatch:
     positions: list[int]
     slot_mapping: list[int]
     hidden_rows: list[int]  # per row: the target forward's row holding the hidden state at its position
-    block_tables: list[list[int]]  # padded to one width
+    block_tables: list[Sequence[int]]  # per request: its pages (the runner pads them to one width)
     seq_lens: list[int]  # per request: its last kept position + 1
     max_drafts: list[int]  # per request: drafts wanted (chain rows past it write nothing)
 
@@ -266,10 +266,9 @@ class MtpDrafter(Drafter):
                 ids.append(v.next_tokens[max(r, 0)])
                 slots.append(self._slot(v.block_table, v.start + r) if r >= 0 else -1)
                 rows.append(v.hidden_rows[max(r, 0)])
-        width = max(len(v.block_table) for v in views)
         return MtpDraftBatch(
             rows_per_request=q, input_ids=ids, positions=positions, slot_mapping=slots, hidden_rows=rows,
-            block_tables=[v.block_table + [0] * (width - len(v.block_table)) for v in views],
+            block_tables=[v.block_table for v in views],
             seq_lens=[v.start + len(v.next_tokens) for v in views], max_drafts=[v.max_drafts for v in views],
         )
 

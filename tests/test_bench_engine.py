@@ -230,3 +230,19 @@ def test_prefill_after_a_cached_prefix_with_the_sdpa_backend(tmp_path):
     assert out.with_suffix(".prof").stat().st_size > 0
     sampled = host["sampled"]
     assert sampled["samples"] > 0 and any("(run)" in f["name"] for f in sampled["by_cumulative"])
+
+
+def test_decode_only_run(tmp_path):
+    """--prefill 0 times the decode steps and no prefill (it used to feed the runner a step of no tokens)."""
+    args = list(SMOKE)
+    args[args.index("--prefill") + 1] = "0"
+    args[args.index("--hf-layers") + 1] = "0"
+    args[args.index("--batches") + 1] = "1"
+    out = tmp_path / "engine.json"
+    cmd = [sys.executable, "-m", "bench.engine", *args, "--no-hf", "--model-root", str(tmp_path / "models"),
+           "--out", str(out)]
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert [d["batch"] for d in r["decode"]] == [1] and _finite(r["decode"][0]["step_ms"])
+    assert "prefill" not in r and "prefill 0" not in proc.stdout

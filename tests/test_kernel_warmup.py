@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import kernels.triton_moe as moe
+from engine.block_tables import BlockTables
 from engine.config import EngineConfig
 from engine.kernel_warmup import AttentionShape, WarmupStep, step_inputs, token_counts, warmup_steps
 from engine.kv_cache import allocate_kv_caches
@@ -149,7 +150,7 @@ def test_block_tables_reach_the_kernels_padded_to_a_multiple_of_16(tiny_bf16, pa
     divisibility by 16: the runner pads every table so a step's longest sequence cannot select a new variant."""
     _, runner = _cpu_runner(tiny_bf16, max_model_len=16 * 600, num_blocks=600)
     inp = step_inputs(WarmupStep(2, 1, 16 * pages), 16, 600)
-    inp.block_tables[1] = inp.block_tables[1][:1]  # a shorter second row
+    inp.block_tables = BlockTables.build([inp.block_tables.row(0)[:pages], inp.block_tables.row(1)[:1]])  # shorter 2nd
     _, ctx = runner.build_context(inp)
     width = ctx.block_tables.shape[1]
     assert width % 16 == 0 and width >= pages and ctx.block_tables.stride(0) == width

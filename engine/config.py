@@ -132,11 +132,11 @@ class EngineConfig:
         "enforce_eager", False, "no CUDA graphs (every step runs eagerly)",
         flags=("--enforce-eager", "--disable-cuda-graph"), type=bool)
     piecewise_cuda_graph_max_tokens: int = option(
-        "piecewise_cuda_graph_max_tokens", 0, "prefill and mixed steps of up to this many tokens (capped at the step "
-        "budget) replay CUDA graphs captured in pieces around each layer's attention core, which runs eagerly "
-        "between them (engine/prefill_graphs.py): the host's ~20 launches a layer go, worth it where a step's "
-        "kernels take less time than launching them (short chunks, high TP); the graphs' activations are reserved "
-        "before the KV cache is sized; 0 = off", flags=("--piecewise-cuda-graph-max-tokens",), type=int)
+        "piecewise_cuda_graph_max_tokens", 4096, "prefill and mixed steps of up to this many tokens (capped at the "
+        "step budget; CUDA without --enforce-eager) replay CUDA graphs captured in pieces around each layer's "
+        "attention core, which runs eagerly between them (engine/prefill_graphs.py): the host's ~20 launches a "
+        "layer go, and the step shapes are the captured buckets (no compile stalls); the graphs' activations are "
+        "reserved before the KV cache is sized; 0 = off", flags=("--piecewise-cuda-graph-max-tokens",), type=int)
     gc_freeze: bool = option(
         "gc_freeze", True, "after start-up, move every live object to the garbage collector's permanent "
         "generation (gc.freeze): collections of the oldest generation no longer walk the loaded engine, a "

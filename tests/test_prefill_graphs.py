@@ -5,6 +5,7 @@ needs CUDA (tests/gpu/test_engine_gpu.py)."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -88,6 +89,12 @@ def test_option(tiny_dirs):
     path = str(tiny_dirs["bf16"])
     cfg = EngineConfig.create(path, device="cpu", piecewise_cuda_graph_max_tokens=4096)
     assert cfg.prefill_graph_tokens == 0  # CPU: no graphs
+    on = EngineConfig.create(path, device="cpu")  # on by default (CUDA), capped at the step budget
+    assert on.piecewise_cuda_graph_max_tokens == 4096
+    for budget, tokens in ((2048, 2048), (16384, 4096)):
+        cuda = replace(on, device="cuda", scheduler=replace(on.scheduler, max_num_batched_tokens=budget))
+        assert cuda.prefill_graph_tokens == tokens
+        assert replace(cuda, enforce_eager=True).prefill_graph_tokens == 0
     with pytest.raises(ValueError, match="piecewise_cuda_graph_max_tokens"):
         EngineConfig.create(path, device="cpu", piecewise_cuda_graph_max_tokens=-1)
 

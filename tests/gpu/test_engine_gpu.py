@@ -304,7 +304,7 @@ def test_piecewise_prefill_graphs_equal_eager(tiny_dirs):
     between the pieces) against the same engine without them: teacher-forced prompt log-probs agree to bf16 noise,
     greedy tokens until a near-tie of the plain run; the pages come back."""
     kw = dict(device="cuda", max_num_seqs=16, max_num_batched_tokens=256, num_kv_blocks=256)
-    plain = _llm(tiny_dirs["fp8-channel"], **kw)
+    plain = _llm(tiny_dirs["fp8-channel"], piecewise_cuda_graph_max_tokens=0, **kw)
     pieces = _llm(tiny_dirs["fp8-channel"], piecewise_cuda_graph_max_tokens=256, **kw)
     calls = _count_replays(pieces)
     rng = random.Random(1)
@@ -333,7 +333,7 @@ def test_piecewise_prefill_graphs_fa4_routes(tiny_dirs, extra):
     ids = random.Random(2).choices(range(10, 900), k=5000)
     kw = dict(device="cuda", max_model_len=8192, max_num_batched_tokens=2048, prefill_attention_backend="fa4",
               **extra)
-    ref = _prompt_lps(_llm(tiny_dirs["bf16"], **kw), ids)
+    ref = _prompt_lps(_llm(tiny_dirs["bf16"], piecewise_cuda_graph_max_tokens=0, **kw), ids)
     pieces = _llm(tiny_dirs["bf16"], piecewise_cuda_graph_max_tokens=2048, **kw)
     calls = _count_replays(pieces)
     got = _prompt_lps(pieces, ids)

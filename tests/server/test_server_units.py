@@ -101,7 +101,7 @@ def test_engine_kwargs_mapping():
         "load_format": "dummy",
         "seed": 7,
         "enforce_eager": True,
-        "piecewise_cuda_graph_max_tokens": 0,
+        "piecewise_cuda_graph_max_tokens": 4096,
         "kv_cache_dtype": "fp8_e4m3",
         "mem_fraction_static": 0.8,
         "enable_shared_experts_fusion": False,

@@ -17,11 +17,13 @@ cost into the copy and the varlen entry point; "*_triton": the gather by kernels
 for K and V) instead of index_select; "fa4_fresh_fp8" (no prefix): a prompt alone over an FP8 cache as the engine
 runs it since session 28 (the values the cache holds, widened by the prologue before the timed call). --knobs
 adds FA4's sm90 launch choices through its internal `_flash_attn_fwd` (tile_mn, pack_gqa, intra-warpgroup overlap,
-P@V from registers) on the 16-token paged cache. Times are CUDA-event medians of 10 calls after warm-up (FA4
-compiles on its first call; --queued: 10 calls back to back, the host's launch cost hidden; --rounds R: R such times
-per variant, the variants interleaved, median and range printed); % = FLOPs / time / 989 TFLOP/s (bf16 dense
-datasheet). "err" = the largest difference from the cuDNN output over its largest value. flash-attn-4 is optional:
-the script says so when it is missing.
+P@V from registers) on the 16-token paged cache ("fa4_paged[knob]") and, without a prefix, on the contiguous K/V
+of the batch entry point the engine's prompt-alone route takes ("fa4[knob]"). Times are CUDA-event medians of 10
+calls after warm-up (FA4 compiles on its first call; --queued: 10 calls back to back, the host's launch cost
+hidden; --rounds R: R such times per variant, the variants interleaved, median and range printed; --graph: 10 calls
+captured in a CUDA graph, the replay timed: kernel time without the host); % = FLOPs / time / 989 TFLOP/s (bf16
+dense datasheet). "err" = the largest difference from the cuDNN output over its largest value. flash-attn-4 is
+optional: the script says so when it is missing.
 """
 from __future__ import annotations
 
@@ -60,12 +62,31 @@ KNOBS = {
 }
 
 
-def _time_ms(fn: Callable[[], object], reps: int = 10, queued: bool = False) -> float:
+def _time_ms(fn: Callable[[], object], reps: int = 10, queued: bool = False, graph: bool = False) -> float:
     """Median of `reps` single calls between CUDA events (host launch cost included), or with `queued` the mean
     of `reps` calls enqueued back to back between two events (the GPU's time when the host runs ahead, as in an
-    eager prefill whose kernels take milliseconds)."""
+    eager prefill whose kernels take milliseconds), or with `graph` the mean of `reps` calls captured in one CUDA
+    graph and replayed (the kernels' time without any host cost: a ~0.1 ms call is host-bound even queued)."""
     fn()
     torch.cuda.synchronize()
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()  # warm-up on the capture stream
+            torch.cuda.synchronize()
+            with torch.cuda.graph(g, stream=stream):
+                for _ in range(reps):
+                    fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        g.replay()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) / reps
     if queued:
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
@@ -105,7 +126,7 @@ def paged(src_k: torch.Tensor, src_v: torch.Tensor, page: int) -> tuple[torch.Te
 
 
 def case(n: int, prefix: int, hq: int, hk: int, knobs: bool = False, queued: bool = False,
-         rounds: int = 1) -> dict[str, object]:
+         rounds: int = 1, graph: bool = False) -> dict[str, object]:
     kv = n + prefix
     scale = D ** -0.5
     q = torch.randn(n, hq, D, device="cuda", dtype=BF16)
@@ -166,6 +187,9 @@ def case(n: int, prefix: int, hq: int, hk: int, knobs: bool = False, queued: boo
         runs["sdpa_fp8"] = lambda: paged_attention_prefill_sdpa(
             q, k8, v8, table, lens, qsl, scale, 0.125, 0.125, rest=paged_attention, query_start_host=[0, n],
             seq_lens_host=[kv], min_prefill_tokens=1)
+        for name, kw in (KNOBS.items() if knobs and prefix == 0 else ()):
+            runs[f"fa4[{name}]"] = lambda kw=kw: _first(_flash_attn_fwd(
+                q[None], k[None], v[None], softmax_scale=scale, causal=True, **kw))[0]
         for name, kw in (KNOBS.items() if knobs else ()):
             runs[f"fa4_paged[{name}]"] = lambda kw=kw: _first(_flash_attn_fwd(
                 q, k_cache, v_cache, cu_seqlens_q=cu_q, seqused_k=lens, max_seqlen_q=n, page_table=table,
@@ -186,7 +210,7 @@ def case(n: int, prefix: int, hq: int, hk: int, knobs: bool = False, queued: boo
             if name in out:  # failed while timed
                 continue
             try:
-                times[name].append(_time_ms(runs[name], queued=queued))
+                times[name].append(_time_ms(runs[name], queued=queued, graph=graph))
             except Exception as exc:  # noqa: BLE001 - e.g. out of memory: report it, time the others
                 torch.cuda.synchronize()
                 out[name] = f"failed {type(exc).__name__}: {str(exc)[:160]}"
@@ -205,6 +229,9 @@ def main() -> None:
     ap.add_argument("--cases", default="4096:0,16384:0,32768:0,4096:4096,16384:4096,2048:0,8192:0")
     ap.add_argument("--knobs", action="store_true", help="also FA4's sm90 launch choices (KNOBS) on the paged cache")
     ap.add_argument("--queued", action="store_true", help="time calls enqueued back to back (see _time_ms)")
+    ap.add_argument("--graph", action="store_true",
+                    help="time calls captured in a CUDA graph (kernel time, no host cost; a variant that cannot be "
+                         "captured reports its error)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="time every variant this many times, interleaved; print the median and [min-max]")
     args = ap.parse_args()
@@ -213,7 +240,7 @@ def main() -> None:
         hq, hk = (int(x) for x in heads.split("/"))
         for c in args.cases.split(","):
             n, p = (int(x) for x in c.split(":"))
-            r = case(n, p, hq, hk, args.knobs, args.queued, args.rounds)
+            r = case(n, p, hq, hk, args.knobs, args.queued, args.rounds, args.graph)
             print(f"{hq}/{hk} q {n:6} prefix {p:5} | " + " | ".join(f"{k} {v}" for k, v in r.items()), flush=True)
 
 

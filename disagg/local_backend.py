@@ -188,7 +188,7 @@ class _Peer:
                     self.sock = sock
                 threading.Thread(target=self._ack_loop, args=(sock,), name=f"kv-ack-{self.name}", daemon=True).start()
             try:
-                payload = self.agent._gather(job.src)
+                payload = self.agent.gather_pages(job.src)
             except Exception as e:  # noqa: BLE001 - e.g. a CUDA error: fail this write, keep the thread
                 job.finish(TransferState(Status.FAILED, FailureKind.ERROR, f"gather failed: {e}"))
                 continue
@@ -290,7 +290,8 @@ class LocalTransferAgent(TransferAgent):
         p.submit(_Job(xid, h, src, dst, notification))
         return h
 
-    def _gather(self, src: np.ndarray) -> list[np.ndarray]:
+    def gather_pages(self, src: np.ndarray) -> list[np.ndarray]:
+        """The registered regions' rows `src` (pages), one flat host array per region: what a write sends."""
         if self.regions.device.type == "cpu":  # numpy's row gather: ~6x torch's uint8 index_select here
             return [r.numpy()[src].reshape(-1) for r in self.regions.regions]
         idx = torch.from_numpy(src).to(self.regions.device)

@@ -79,7 +79,8 @@ def build_app(
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(config.engine.get("tokenizer") or model_path)
     template = ChatTemplate(
-        tokenizer, load_chat_template(config.chat_template), config.default_chat_template_kwargs_dict
+        tokenizer, load_chat_template(config.chat_template), config.default_chat_template_kwargs_dict,
+        cache_chars=config.tokenizer_cache_chars,
     )
     names = config.served_model_name or (Path(str(model_path)).name,)
     metrics = Metrics(names[0])
@@ -362,6 +363,8 @@ def _add_utility_routes(app: FastAPI, state: ServerState) -> None:
             state.metrics.update_from_stats(state.client.stats)
         else:  # client.stats are a dead engine's last ones until a new engine is ready
             state.metrics.engine_down()
+        encoder = state.chat_template.encoder
+        state.metrics.update_tokenizer_cache(encoder.hit_chars, encoder.miss_chars)
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/server_info")

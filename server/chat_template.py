@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from server.errors import APIError, bad_request, not_supported
+from server.prompt_encoder import PromptEncoder
 from server.reasoning_parser import prompt_starts_in_reasoning
 from server.validation import check_tool_parameters, load_json
 
@@ -190,9 +191,11 @@ class ChatTemplate:
     """Renders normalized messages with the tokenizer's (or an override) chat template."""
 
     def __init__(
-        self, tokenizer: Any, template: str | None = None, default_kwargs: dict[str, Any] | None = None
+        self, tokenizer: Any, template: str | None = None, default_kwargs: dict[str, Any] | None = None,
+        cache_chars: int = 0,
     ):
         self.tokenizer = tokenizer
+        self.encoder = PromptEncoder(tokenizer, cache_chars)  # cache_chars: see ServerConfig.tokenizer_cache_chars
         self.template = template
         self.default_kwargs = dict(default_kwargs or {})
         if template is None and not getattr(tokenizer, "chat_template", None):
@@ -247,22 +250,13 @@ class ChatTemplate:
         return prompt
 
     def encode(self, prompt: str) -> list[int]:
-        return encode_text(self.tokenizer, prompt, add_special_tokens=False)
-
-
-def encode_text(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
-    """Tokenize without touching the tokenizer's mutable settings, so worker threads can share it (the fast
-    tokenizer's own __call__ re-applies truncation/padding settings on every call)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        return list(backend.encode(text, add_special_tokens=add_special_tokens).ids)
-    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+        """A rendered prompt's ids (no special tokens added: the template wrote them), message pieces cached."""
+        return self.encoder.encode(prompt)
 
 
 __all__ = [
     "ChatTemplate",
     "content_text",
-    "encode_text",
     "load_chat_template",
     "normalize_messages",
     "normalize_tools",

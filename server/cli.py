@@ -253,6 +253,13 @@ def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
     )
     h.add_argument("--chat-template", default=None, help="a Jinja file, or the template text itself")
     h.add_argument(
+        "--tokenizer-cache-chars",
+        type=int,
+        default=d.tokenizer_cache_chars,
+        help="characters of chat-prompt pieces (a message each) kept tokenized: a conversation sent again with a "
+        "new turn tokenizes only its new messages; 0 = off",
+    )
+    h.add_argument(
         "--default-chat-template-kwargs",
         type=_json_object,
         default=None,
@@ -452,6 +459,8 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m server"
         errors.append("--engine-ready-timeout must be > 0")
     if not config.shutdown_timeout >= 0:
         errors.append("--shutdown-timeout must be >= 0")
+    if config.tokenizer_cache_chars < 0:
+        errors.append("--tokenizer-cache-chars must be >= 0")
     # an idle engine's heartbeat comes about every HEARTBEAT_S: a shorter timeout kills a healthy engine
     min_stall = 2 * HEARTBEAT_S
     if not (config.engine_stall_timeout == 0 or config.engine_stall_timeout >= min_stall):

@@ -44,6 +44,9 @@ class ServerConfig:
     allowed_headers: tuple[str, ...] = ("*",)
     allow_credentials: bool = False
     chat_template: str | None = None  # a file path or the template text itself
+    # characters of chat-prompt pieces (one message each) kept tokenized, so a conversation sent again with a new
+    # turn tokenizes the new messages only (server/prompt_encoder.py); 0 = tokenize every prompt whole
+    tokenizer_cache_chars: int = 32 << 20
     default_chat_template_kwargs: tuple[tuple[str, Any], ...] = ()  # a frozen dict
     sampling_defaults: str = "model"  # "model": generation_config.json; "openai": OpenAI's defaults
     reasoning_field: str = "reasoning_content"  # also "reasoning" or "both"

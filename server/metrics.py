@@ -201,7 +201,14 @@ class Metrics:
         self.gc_collections_gen2 = counter(
             "gc_collections_gen2", "Engine process: collections of the garbage collector's oldest generation."
         )
+        self.tokenizer_cache_hit_chars = counter(
+            "tokenizer_cache_hit_chars", "Characters of chat prompts whose tokens came from the tokenizer cache."
+        )
+        self.tokenizer_cache_miss_chars = counter(
+            "tokenizer_cache_miss_chars", "Characters of chat prompts tokenized (not in the tokenizer cache)."
+        )
         self._last_stats: dict[str, Any] = {}
+        self._last_tokenizer_chars = (0, 0)
 
     def success(self, finish_reason: str) -> None:
         self._success.labels(self.model_name, finish_reason).inc()
@@ -246,6 +253,13 @@ class Metrics:
             for i, rate in enumerate(stats.get("spec_acceptance_rate_by_position", [])):
                 self.spec_acceptance_rate.labels(self.model_name, str(i)).set(rate)
         self._last_stats = dict(stats)
+
+    def update_tokenizer_cache(self, hit_chars: int, miss_chars: int) -> None:
+        """The prompt encoder's running totals (server/prompt_encoder.py) into the counters."""
+        last_hit, last_miss = self._last_tokenizer_chars
+        self.tokenizer_cache_hit_chars.inc(max(0, hit_chars - last_hit))
+        self.tokenizer_cache_miss_chars.inc(max(0, miss_chars - last_miss))
+        self._last_tokenizer_chars = (hit_chars, miss_chars)
 
     def engine_down(self) -> None:
         """No engine process is serving (dead, restarting, not started): nothing runs, waits or holds pages."""

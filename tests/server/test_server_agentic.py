@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import httpx
 import openai
 import pytest
-
+from conftest import metric
 from transformers import AutoTokenizer
 
 from model.tiny import tiny_model_dir
@@ -318,6 +318,33 @@ def test_conversations_with_different_billing_lines_share_the_cached_system_prom
     system_tokens = usage[0]["input_tokens"] - 40  # the system prompt is most of the prompt (~600 of its tokens)
     assert system_tokens > 400, usage
     assert usage[1]["cache_read_input_tokens"] >= system_tokens - 16, usage
+
+
+def test_a_conversation_sent_again_is_tokenized_from_the_cache(http):
+    """Agentic clients resend the whole conversation every turn: the second turn tokenizes only its new messages,
+    the rest comes from the tokenizer cache (server/prompt_encoder.py; its exactness: tests/server/
+    test_prompt_encoder.py), as /metrics counts it."""
+    system = " ".join(f"Note {i}: the cache keeps message pieces." for i in range(40))
+    first = [{"role": "user", "content": "<<script:plain>> turn one"}]
+    second = [*first, {"role": "assistant", "content": "Answer."}, {"role": "user", "content": "<<script:plain>> two"}]
+
+    def totals() -> tuple[float, float]:
+        text = http.get("/metrics").text
+        return (metric(text, "glint:tokenizer_cache_hit_chars_total") or 0.0,
+                metric(text, "glint:tokenizer_cache_miss_chars_total") or 0.0)
+
+    hit0, miss0 = totals()
+    usage1 = messages(http, None, system=system, messages=first)["usage"]
+    hit1, miss1 = totals()
+    usage2 = messages(http, None, system=system, messages=second)["usage"]
+    hit2, miss2 = totals()
+    assert miss1 - miss0 > len(system) and hit1 - hit0 < len(system)  # a new system prompt: tokenized
+    assert hit2 - hit1 > len(system)  # the second turn found the system prompt and the first turn's message
+    assert 0 < miss2 - miss1 < len(system)  # and tokenized only what was new
+    def prompt(u: dict) -> int:  # Anthropic's input_tokens leave out what the prefix cache read
+        return u["input_tokens"] + u["cache_read_input_tokens"]
+
+    assert prompt(usage2) > prompt(usage1) and usage2["cache_read_input_tokens"] > 0
 
 
 def test_anthropic_pings_during_silence_and_no_comments(http):

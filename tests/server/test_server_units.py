@@ -497,7 +497,10 @@ def test_reliability_flags_parse_and_show_in_help(capsys):
     )  # fmt: skip
     assert (cfg.engine_restart, cfg.engine_stall_timeout, cfg.shutdown_timeout) == (2, 5.0, 7.0)
     assert cfg.metrics_public and cfg.request_bytes_limit(1 << 20) == 65536
-    for bad in (["--engine-restart", "-1"], ["--max-request-bytes", "10"], ["--shutdown-timeout", "-1"]):
+    assert ServerConfig().tokenizer_cache_chars == 32 << 20 and parse_args(
+        ["--tokenizer-cache-chars", "0"]).tokenizer_cache_chars == 0
+    for bad in (["--engine-restart", "-1"], ["--max-request-bytes", "10"], ["--shutdown-timeout", "-1"],
+                ["--tokenizer-cache-chars", "-1"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
     capsys.readouterr()

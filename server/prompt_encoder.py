@@ -1,10 +1,10 @@
 """Prompt text -> token ids for the chat routes: message-sized pieces tokenized once, off the GIL.
 
 Agentic clients (Claude Code, Codex) send the whole conversation again every turn: ~150K characters, ~36K tokens
-at the end of a long task, of which only the last message or two are new. Tokenizing that prompt took ~80 ms of
+at the end of a long task, of which only the last message or two are new. Tokenizing that prompt took 80-110 ms of
 host time per request on the CI machine (bench/prompt_encode.py: a 50K-vocab byte-level BPE with GLM-4's split
 pattern), part of every turn's TTFT however much of it the prefix cache serves. And the fast tokenizer's `encode`
-holds the GIL for all of it: the event loop, which streams every other request's tokens, stood still for the 70 ms.
+holds the GIL for all of it: the event loop, which streams every other request's tokens, stood still that long.
 
 Two fixes, both exact:
 - GLM-4.7's tokenizer cuts its input at added tokens before the BPE model sees it, so a prompt's ids are its pieces'

@@ -32,9 +32,9 @@ from server.chat_serving import (
     run_chat,
     state_of,
 )
-from server.prompt_encoder import encode_text
 from server.engine_client import new_request_id
 from server.errors import APIError, bad_request, not_supported, sse_error_event
+from server.prompt_encoder import encode_text
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.serving import (
     CompletionLogprobs,

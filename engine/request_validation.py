@@ -8,8 +8,8 @@ def check_request(prompt_token_ids: list[int], params: SamplingParams, vocab_siz
     """Raise ValueError naming the problem; return max_tokens resolved against the context left."""
     if not prompt_token_ids:
         raise ValueError("prompt is empty: at least one prompt token is required")
-    bad = [t for t in prompt_token_ids if not 0 <= t < vocab_size]
-    if bad:
+    if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab_size:  # C loops; the list only on failure
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab_size]
         raise ValueError(f"prompt_token_ids contains ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
     params.verify_token_ids(vocab_size)
     n_prompt = len(prompt_token_ids)

@@ -341,6 +341,7 @@ def test_a_conversation_sent_again_is_tokenized_from_the_cache(http):
     assert miss1 - miss0 > len(system) and hit1 - hit0 < len(system)  # a new system prompt: tokenized
     assert hit2 - hit1 > len(system)  # the second turn found the system prompt and the first turn's message
     assert 0 < miss2 - miss1 < len(system)  # and tokenized only what was new
+
     def prompt(u: dict) -> int:  # Anthropic's input_tokens leave out what the prefix cache read
         return u["input_tokens"] + u["cache_read_input_tokens"]
 

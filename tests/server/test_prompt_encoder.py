@@ -9,15 +9,11 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import server.prompt_encoder as pe
+from bench.prompt_encode import GLM_SPECIALS, GLM_SPLIT
 from model.tiny import tiny_model_dir
 from server.chat_template import ChatTemplate
 from server.prompt_encoder import ROLE_MARKERS, PromptEncoder, cut_markers
 
-# GLM-4's pre-tokenizer split (cl100k-like): what the real tokenizer runs before its byte-level BPE
-GLM_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-             r"\s*[\r\n]+|\s+(?!\S)|\s+")
-SPECIALS = ["<|endoftext|>", "[gMASK]", "<sop>", *ROLE_MARKERS, "<think>", "</think>", "<tool_call>", "</tool_call>",
-            "<tool_response>", "</tool_response>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"]
 WORDS = ("def", "return", "the", "file", " ", "\n", "\n\n", "  ", "\t", "é", "中文", "'ll", "123", "x=1;", "<|user",
          "|>", "<", "|", "assistant", "{\"a\": [1, 2]}", "</think", "<tool_call", "!!", "\r\n")
 
@@ -50,7 +46,7 @@ def _glm_like_tokenizer(lstrip_user: bool = False) -> PreTrainedTokenizerFast:
     tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, show_progress=False,
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False, lstrip=lstrip_user and t == "<|user|>")
-                            for t in SPECIALS])
+                            for t in GLM_SPECIALS])
     return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 

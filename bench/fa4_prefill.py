@@ -126,7 +126,7 @@ def paged(src_k: torch.Tensor, src_v: torch.Tensor, page: int) -> tuple[torch.Te
 
 
 def case(n: int, prefix: int, hq: int, hk: int, knobs: bool = False, queued: bool = False,
-         rounds: int = 1, graph: bool = False) -> dict[str, object]:
+         rounds: int = 1, graph: bool = False, only: frozenset[str] = frozenset()) -> dict[str, object]:
     kv = n + prefix
     scale = D ** -0.5
     q = torch.randn(n, hq, D, device="cuda", dtype=BF16)
@@ -162,10 +162,10 @@ def case(n: int, prefix: int, hq: int, hk: int, knobs: bool = False, queued: boo
             return gather_packed_kv(kc, vc, packed.slots, BF16)
 
         def gathered(kc: torch.Tensor, vc: torch.Tensor, ks: float = 1.0, vs: float = 1.0,
-                     gather: Callable = index_select) -> torch.Tensor:
+                     gather: Callable = index_select, **kw: object) -> torch.Tensor:
             o = _first(flash_attn_varlen_func(
                 q, *gather(kc, vc), cu_seqlens_q=cu_q, cu_seqlens_k=packed.cu_seqlens, max_seqlen_q=n,
-                max_seqlen_k=kv, softmax_scale=scale * ks, causal=True))
+                max_seqlen_k=kv, softmax_scale=scale * ks, causal=True, **kw))
             return o.mul_(vs) if vs != 1.0 else o
 
         if prefix == 0:  # a prompt alone: its own K/V, varlen (what a step without cached keys can attend)
@@ -180,10 +180,18 @@ def case(n: int, prefix: int, hq: int, hk: int, knobs: bool = False, queued: boo
         k8, v8 = (k_cache * 8).to(FP8), (v_cache * 8).to(FP8)  # stored x 8, read back x 1/8: the same K/V
         runs["fa4_gathered_fp8"] = lambda: gathered(k8, v8, 0.125, 0.125)
         runs["fa4_gathered_fp8_triton"] = lambda: gathered(k8, v8, 0.125, 0.125, gather=one_launch)
+        # FA4 packs the query heads of a KV head into one tile whenever GQA (FA3 packs only short queries)
+        runs["fa4_gathered_triton[no_pack_gqa]"] = lambda: gathered(k_cache, v_cache, gather=one_launch,
+                                                                    pack_gqa=False)
+        runs["fa4_gathered_fp8_triton[no_pack_gqa]"] = lambda: gathered(k8, v8, 0.125, 0.125, gather=one_launch,
+                                                                        pack_gqa=False)
         if prefix == 0:  # a prompt alone over an FP8 cache: the prologue's widened values (written before the call)
             kw8, vw8 = gather_packed(k8, packed, BF16), gather_packed(v8, packed, BF16)
             runs["fa4_fresh_fp8"] = lambda: _first(flash_attn_func(
                 q[None], kw8[None], vw8[None], softmax_scale=scale * 0.125, causal=True))[0].mul_(0.125)
+            runs["fa4_fresh_fp8[no_pack_gqa]"] = lambda: _first(flash_attn_func(
+                q[None], kw8[None], vw8[None], softmax_scale=scale * 0.125, causal=True, pack_gqa=False))[0].mul_(
+                0.125)
         runs["sdpa_fp8"] = lambda: paged_attention_prefill_sdpa(
             q, k8, v8, table, lens, qsl, scale, 0.125, 0.125, rest=paged_attention, query_start_host=[0, n],
             seq_lens_host=[kv], min_prefill_tokens=1)
@@ -194,6 +202,8 @@ def case(n: int, prefix: int, hq: int, hk: int, knobs: bool = False, queued: boo
             runs[f"fa4_paged[{name}]"] = lambda kw=kw: _first(_flash_attn_fwd(
                 q, k_cache, v_cache, cu_seqlens_q=cu_q, seqused_k=lens, max_seqlen_q=n, page_table=table,
                 softmax_scale=scale, causal=True, **kw))
+    if only:
+        runs = {name: fn for name, fn in runs.items() if name in only}
     flops = 4 * D * hq * (n * prefix + n * (n + 1) / 2)
     errs: dict[str, float] = {}
     for name, fn in runs.items():
@@ -234,13 +244,15 @@ def main() -> None:
                          "captured reports its error)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="time every variant this many times, interleaved; print the median and [min-max]")
+    ap.add_argument("--only", default="", help="comma-separated variant names to run (default: all)")
     args = ap.parse_args()
+    only = frozenset(x for x in args.only.split(",") if x)
     print(torch.cuda.get_device_name(0), "| flash_attn.cute:", FA4_ERROR or "importable", flush=True)
     for heads in args.heads.split(","):
         hq, hk = (int(x) for x in heads.split("/"))
         for c in args.cases.split(","):
             n, p = (int(x) for x in c.split(":"))
-            r = case(n, p, hq, hk, args.knobs, args.queued, args.rounds, args.graph)
+            r = case(n, p, hq, hk, args.knobs, args.queued, args.rounds, args.graph, only)
             print(f"{hq}/{hk} q {n:6} prefix {p:5} | " + " | ".join(f"{k} {v}" for k, v in r.items()), flush=True)
 
 

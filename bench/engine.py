@@ -519,6 +519,17 @@ def run_step_benchmarks(
             m = results["mixed"]
             print(f"mixed step, {args.mixed_decodes} decodes + {args.prefill} prefill tokens: " + ", ".join(
                 f"{k} {m[k]['median_ms']:.2f} ms" for k in ("decode_only", "eager", "piecewise") if k in m), flush=True)
+        if args.mixed_decodes and args.mixed_varying:
+            dec, _ = decode_inputs(args.mixed_decodes, args.context, bs, worker.num_blocks, mcfg.vocab_size, rng)
+            lengths = [rng.randint(max(1, args.prefill // 2), args.prefill) for _ in range(args.mixed_varying)]
+            steps = [mixed_inputs(dec, prefill_inputs(n, bs, worker.num_blocks, mcfg.vocab_size, rng)[0])
+                     for n in lengths]
+            results["mixed_varying"] = _time_mixed_varying(runner, steps, device)
+            save()
+            for name, r in results["mixed_varying"].items():
+                print(f"mixed steps of {args.mixed_decodes} decodes + {min(lengths)}-{max(lengths)} prefill tokens, "
+                      f"{name}: mean {r['mean_ms']:.2f} / p50 {r['p50_ms']:.2f} / max {r['max_ms']:.2f} ms; "
+                      f"allocator {r['allocator']}", flush=True)
         if args.host_profile:
             dump = str(Path(args.out).with_suffix(".prof")) if args.out else None
             res = host_breakdown(functools.partial(runner.run, inp), dump=dump)
@@ -540,6 +551,46 @@ def _without_prefill_graphs(runner):
         yield pieces
     finally:
         runner.prefill_graphs = pieces
+
+
+ALLOCATOR_EVENTS = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_ooms")
+
+
+def _allocator_events(device: torch.device) -> dict[str, int]:
+    """The CUDA caching allocator's slow paths so far: cudaMalloc / cudaFree calls (a free synchronizes the device)
+    and retries after a failed allocation (every cached block freed, then tried again)."""
+    if device.type != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats(device)
+    return {k: int(stats.get(k, 0)) for k in ALLOCATOR_EVENTS}
+
+
+def _time_mixed_varying(runner, steps: list, device: torch.device) -> dict:
+    """Mixed steps of a different chunk length each, as serving makes them: each step timed alone (host prep to
+    the device's finish), eager, then through the piecewise graphs, then eager again (the allocator's cache warm
+    from the first pass), with the allocator's slow-path events of each pass."""
+    passes = [("eager", False), ("piecewise", True), ("eager_again", False)]
+    out: dict[str, dict] = {}
+    for name, graphs in passes:
+        with _without_prefill_graphs(runner) as pieces:
+            if graphs:
+                if pieces is None:
+                    continue
+                runner.prefill_graphs = pieces
+            before = _allocator_events(device)
+            times = []
+            for inp in steps:
+                _sync(device)
+                t0 = time.perf_counter()
+                runner.run(inp)
+                _sync(device)
+                times.append((time.perf_counter() - t0) * 1e3)
+            after = _allocator_events(device)
+        times_sorted = sorted(times)
+        out[name] = {"mean_ms": statistics.fmean(times), "p50_ms": statistics.median(times),
+                     "max_ms": times_sorted[-1], "steps": len(times),
+                     "allocator": {k: after[k] - before[k] for k in after}}
+    return out
 
 
 def _time_mixed(runner, decode, mixed, device: torch.device) -> dict:
@@ -947,6 +998,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--mixed-decodes", type=int, default=0,
                     help="also time a mixed step: this many decodes (at --context) + the prefill chunk, eager and "
                          "through the piecewise graphs, against the decodes alone")
+    ap.add_argument("--mixed-varying", type=int, default=0,
+                    help="with --mixed-decodes: also this many mixed steps of chunk lengths drawn from "
+                         "[prefill/2, prefill] (a new shape each, as in serving), each timed, eager / piecewise graphs "
+                         "/ eager again, with the CUDA allocator's cudaMalloc / cudaFree / retry counts of each pass")
     ap.add_argument("--piecewise-cuda-graph-max-tokens", type=int, default=None,
                     help="prefill steps of up to this many tokens replay piecewise graphs (default: the engine's; "
                          "the prefill is also timed without them, same run; 0 = none)")

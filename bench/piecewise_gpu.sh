@@ -31,6 +31,6 @@ for run in $RUNS; do
         --piecewise-cuda-graph-max-tokens $((tokens + MIXED)) --host-profile $EXTRA --out "$OUT/$name.json" \
         > "$OUT/$name.log" 2>&1
     echo "rc=$? $name"
-    grep -E "^(prefill $tokens|-- prefill|decode B=1:|mixed step)|Error|error" "$OUT/$name.log" | head -8 \
+    grep -E "^(prefill $tokens|-- prefill|decode B=1:|mixed step)|Error|error" "$OUT/$name.log" | head -12 \
         | sed "s/^/$name: /"
 done

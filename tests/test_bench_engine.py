@@ -203,8 +203,8 @@ def test_engine_ab_script_alternates_variants(tmp_path):
 
 
 def test_prefill_after_a_cached_prefix_with_the_sdpa_backend(tmp_path):
-    """--prefill-prefix / --prefill-attention-backend (issue 21 item 3's chunked prefill after a prefix hit), and
-    --mixed-decodes (a step of decodes + that chunk)."""
+    """--prefill-prefix / --prefill-attention-backend (issue 21 item 3's chunked prefill after a prefix hit),
+    --mixed-decodes (a step of decodes + that chunk) and --mixed-varying (mixed steps of changing chunk lengths)."""
     out = tmp_path / "engine.json"
     args = list(SMOKE)
     i = args.index("--hf-layers")
@@ -212,7 +212,7 @@ def test_prefill_after_a_cached_prefix_with_the_sdpa_backend(tmp_path):
     args[args.index("--batches") + 1] = "1"
     cmd = [sys.executable, "-m", "bench.engine", *args, "--no-hf", "--hf-layers", "0", "--prefill-prefix", "32",
            "--prefill-attention-backend", "sdpa", "--model-root", str(tmp_path / "models"), "--out", str(out),
-           "--host-profile", "--mixed-decodes", "3"]
+           "--host-profile", "--mixed-decodes", "3", "--mixed-varying", "4"]
     proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -220,6 +220,11 @@ def test_prefill_after_a_cached_prefix_with_the_sdpa_backend(tmp_path):
     assert sorted(res["mixed"]) == ["decode_only", "eager"]
     assert all(_finite(m["median_ms"]) for m in res["mixed"].values())
     assert "mixed step, 3 decodes + 48 prefill tokens: decode_only" in proc.stdout
+    # --mixed-varying: 4 steps of 24-48 chunk tokens, eager twice (no graphs here, no CUDA allocator)
+    varying = res["mixed_varying"]
+    assert sorted(varying) == ["eager", "eager_again"]
+    assert all(v["steps"] == 4 and 0 < v["p50_ms"] <= v["max_ms"] and v["allocator"] == {} for v in varying.values())
+    assert "mixed steps of 3 decodes + " in proc.stdout and "eager_again: mean" in proc.stdout
     p = res["prefill"]
     assert (p["tokens"], p["prefix"], p["attention_backend"]) == (48, 32, "sdpa") and _finite(p["ms"])
     assert "32 tokens cached before it, sdpa attention" in proc.stdout

@@ -40,6 +40,7 @@ from server.middleware import GlintMiddleware
 from server.openapi import add_request_schemas
 from server.openai_api import router as openai_router
 from server.responses_api import router as responses_router
+from server.tokenize_api import router as tokenize_router
 from server.serving import Generation, ServerState, make_sampling_params
 
 logger = logging.getLogger("glint.server")
@@ -136,10 +137,11 @@ def build_app(
     )
     app.state.glint = state
     app.state.drainer = drainer
-    add_request_schemas([openai_router, anthropic_router, responses_router])
+    add_request_schemas([openai_router, anthropic_router, responses_router, tokenize_router])
     app.include_router(openai_router)
     app.include_router(anthropic_router)
     app.include_router(responses_router)
+    app.include_router(tokenize_router)
     _add_utility_routes(app, state)
     _add_error_handlers(app)
     app.add_middleware(

@@ -18,7 +18,7 @@ from fastapi.routing import APIRoute
 from server.anthropic_api import CountTokensRequest, MessagesRequest
 from server.chat_serving import MAX_N, MAX_TOP_LOGPROBS
 from server.openai_api import MAX_PROMPTS
-from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from server.responses_api import ResponsesRequest
 from server.validation import LOGIT_BIAS_LIMIT, SEED_MAX, SEED_MIN
 
@@ -269,7 +269,21 @@ def request_schemas() -> dict[tuple[str, str], dict[str, Any]]:
             "text": _nullable({"type": "object", "properties": {"format": _SAMPLING_RANGES["response_format"]}}),
         },
     )
+    tokenize = _model_schema(
+        TokenizeRequest,
+        {
+            "messages": _nullable({"type": "array", "items": _CHAT_MESSAGE, "minItems": 1, "maxItems": 4}),
+            "tools": _nullable({"type": "array", "items": _OPENAI_TOOL, "minItems": 1, "maxItems": 3}),
+            "chat_template_kwargs": chat["properties"]["chat_template_kwargs"],
+        },
+    )
+    detokenize = _model_schema(
+        DetokenizeRequest, {"tokens": {"type": "array", "items": {"type": "integer", "minimum": 0}, "maxItems": 64}}
+    )
+    utilities = {(method, f"{prefix}/{name}"): schema for prefix in ("", "/v1")
+                 for method, name, schema in (("POST", "tokenize", tokenize), ("POST", "detokenize", detokenize))}
     return {
+        **utilities,
         ("POST", "/v1/responses"): responses,
         ("POST", "/v1/chat/completions"): chat,
         ("POST", "/v1/completions"): completion,

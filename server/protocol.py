@@ -108,6 +108,29 @@ class CompletionRequest(_SamplingFields):
     prompt_logprobs: int | None = None
 
 
+class TokenizeRequest(_Loose):
+    """POST /tokenize (vLLM's shape): a text (`prompt`) or a chat (`messages`, with the chat route's `tools`,
+    `chat_template_kwargs`, `add_generation_prompt` and `continue_final_message`), never both."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    # None: True for a text, False for a chat (its template writes the special tokens)
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool | None = True
+    continue_final_message: bool | None = False
+    tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool | None = False
+
+
+class DetokenizeRequest(_Loose):
+    """POST /detokenize (vLLM's shape): token ids back to text, special tokens included."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
 KNOWN_IGNORED = {
     "user",
     "metadata",

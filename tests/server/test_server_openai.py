@@ -590,3 +590,67 @@ def test_vllm_fields_this_server_does_not_implement_are_400s_not_ignored(client)
     resp = client.completions.create(model="glint-tiny", prompt="x", max_tokens=2,
                                      extra_body={"use_beam_search": False, "bad_words": [], "allowed_token_ids": None})
     assert resp.choices[0].text is not None
+
+
+# ------------------------------------------------------------------------------------------------ token utilities
+
+
+def test_tokenize_a_chat_counts_what_the_chat_route_bills(server, client):
+    """/tokenize with messages + tools renders as /v1/chat/completions does: its count is that request's
+    usage.prompt_tokens; with a tool more, more tokens; /v1/tokenize is the same route."""
+    messages = [{"role": "system", "content": "Be brief."}, *user("What is the weather in Paris?")]
+    resp = client.chat.completions.create(model="glint-tiny", messages=messages, tools=TOOLS, max_tokens=1)
+    http = httpx.Client(base_url=server.url, timeout=60)
+    r = http.post("/tokenize", json={"model": "glint-tiny", "messages": messages, "tools": TOOLS})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["count"] == resp.usage.prompt_tokens == len(body["tokens"])
+    assert body["max_model_len"] == MAX_MODEL_LEN and body["token_strs"] is None
+    fewer = http.post("/v1/tokenize", json={"messages": messages, "tools": TOOLS[:1]}).json()
+    assert 0 < fewer["count"] < body["count"]
+    # the rendered prompt ends in the generation prompt unless asked otherwise
+    bare = http.post("/tokenize", json={"messages": messages, "tools": TOOLS, "add_generation_prompt": False})
+    assert bare.json()["count"] < body["count"]
+
+
+def test_tokenize_a_text_and_detokenize_it_back(server, client):
+    http = httpx.Client(base_url=server.url, timeout=60)
+    text = "Once upon a time, in <|user|> land"
+    r = http.post("/tokenize", json={"prompt": text, "add_special_tokens": False, "return_token_strs": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["count"] == len(body["tokens"]) == len(body["token_strs"]) > 3
+    assert all(isinstance(t, str) and t for t in body["token_strs"])
+    # the ids are the ones /v1/completions feeds the engine for the same text
+    done = client.completions.create(model="glint-tiny", prompt=text, max_tokens=1)
+    with_specials = http.post("/tokenize", json={"prompt": text}).json()
+    assert with_specials["count"] == done.usage.prompt_tokens >= body["count"]
+    back = http.post("/detokenize", json={"model": "glint-tiny", "tokens": body["tokens"]})
+    assert back.status_code == 200 and back.json() == {"prompt": text}
+    assert http.post("/v1/detokenize", json={"tokens": []}).json() == {"prompt": ""}
+    assert http.post("/tokenize", json={"prompt": "", "add_special_tokens": False}).json()["count"] == 0
+
+
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        ("/tokenize", {}, "prompt"),
+        ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "a"}]}, "prompt"),
+        ("/tokenize", {"prompt": 5}, "prompt"),
+        ("/tokenize", {"messages": [{"role": "wizard", "content": "a"}]}, None),
+        ("/tokenize", {"messages": "hi"}, "messages"),
+        ("/detokenize", {"tokens": [1, -1]}, "tokens"),
+        ("/detokenize", {"tokens": [10**12]}, "tokens"),
+        ("/detokenize", {"tokens": ["a"]}, "tokens.0"),
+        ("/detokenize", {}, "tokens"),
+    ],
+)
+def test_token_utilities_answer_bad_input_with_a_400(server, path, body, param):
+    r = httpx.post(server.url + path, json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["message"]
+    if param is not None:
+        assert err["param"] == param
+    r = httpx.post(server.url + path, json={**body, "model": "nope"}, timeout=60)
+    assert r.status_code in (400, 404)

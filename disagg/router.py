@@ -6,8 +6,8 @@ instances (`python -m server --disaggregation-mode prefill|decode`).
 Each generation request (chat completions, completions, messages, responses) goes, with one random room id, to a
 prefill instance (header X-Glint-Disagg-Room) and a decode instance (X-Glint-Disagg-Room and
 X-Glint-Disagg-Bootstrap: the prefill instance's bootstrap address); the client gets the decode instance's
-response, streamed through unbuffered (disagg/router_proxy.py). /v1/models and /v1/messages/count_tokens are
-answered by a decode instance. With `--colocated URL ...` instead (plain glint servers), each request goes to
+response, streamed through unbuffered (disagg/router_proxy.py). /v1/models, /v1/messages/count_tokens and the
+token utilities (/tokenize, /detokenize) are answered by a decode instance. With `--colocated URL ...` instead (plain glint servers), each request goes to
 one of them, by prompt-prefix affinity and load, and its response passes through: the same router in front of
 colocated instances, e.g. as the same-GPU-count baseline of a disaggregated setup. /health is 200 while at least one
 instance of each role is healthy; /metrics are the router's own (scrape the instances for theirs). Instances are
@@ -38,6 +38,7 @@ from disagg.router_proxy import DisaggResponse, RouterState, error_response, sim
 logger = logging.getLogger("glint.router")
 
 GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/responses")
+TOKEN_ROUTES = ("/v1/messages/count_tokens", "/tokenize", "/v1/tokenize", "/detokenize", "/v1/detokenize")
 
 
 @dataclass
@@ -180,14 +181,17 @@ def build_app(config: RouterConfig, pool: InstancePool | None = None) -> FastAPI
     for path in GENERATION_ROUTES:
         add_generation_route(path)
 
-    @app.post("/v1/messages/count_tokens")
-    async def count_tokens(request: Request) -> Response:
+    async def tokens_only(request: Request) -> Response:
+        """A route that tokenizes and never generates: any instance answers it (a decode one)."""
         if not _authorized(request, config.api_keys):
             return _unauthorized(request.url.path)
         body = await _read_body(request, config.max_request_bytes)
         if body is None:
             return _too_large(request.url.path, config.max_request_bytes)
-        return await simple_proxy(state, "POST", "/v1/messages/count_tokens", body, request.headers)
+        return await simple_proxy(state, "POST", request.url.path, body, request.headers)
+
+    for path in TOKEN_ROUTES:
+        app.add_api_route(path, tokens_only, methods=["POST"], name=path)
 
     @app.get("/v1/models")
     @app.get("/v1/models/{model_id:path}")

@@ -378,6 +378,20 @@ def test_decode_error_status_passes_through(cluster: Any) -> None:
     assert r.headers["retry-after"] == "30" and r.headers["x-request-id"] == "req-D"
 
 
+def test_token_routes_go_to_a_decode_instance_only(cluster: Any) -> None:
+    """/v1/messages/count_tokens, /tokenize and /detokenize (with /v1/) tokenize and never generate: one decode
+    instance answers, the prefill instance sees nothing, the path and body pass through, the API key holds."""
+    p, d = FakeInstance("prefill", "P", key="k1"), FakeInstance("decode", "D", key="k1")
+    url, _ = cluster.router([cluster.instance(p)], [cluster.instance(d)], api_keys=("k1",))
+    paths = ["/v1/messages/count_tokens", "/tokenize", "/v1/tokenize", "/detokenize", "/v1/detokenize"]
+    for path in paths:
+        assert httpx.post(f"{url}{path}", json={"prompt": "a"}, timeout=5).status_code == 401
+        r = httpx.post(f"{url}{path}", json={"prompt": "a"}, headers={"x-api-key": "k1"}, timeout=5)
+        assert r.status_code == 200 and r.json()["id"] == "D", (path, r.text)
+    assert [s.path for s in d.seen] == paths and all(json.loads(s.body) == {"prompt": "a"} for s in d.seen)
+    assert p.seen == []
+
+
 def test_models_metrics_and_api_key(cluster: Any) -> None:
     p, d = FakeInstance("prefill", "P", key="k1"), FakeInstance("decode", "D", key="k1")
     ud = cluster.instance(d)

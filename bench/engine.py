@@ -58,6 +58,7 @@ from typing import Any
 import torch
 
 from bench.host_profile import host_breakdown, print_host_breakdown
+from engine.allocator_events import allocator_events
 from bench.real_shape import parse_overrides, real_shape_model_dir
 from engine.block_tables import BlockTables
 from kernels import fa4_prefill
@@ -553,18 +554,6 @@ def _without_prefill_graphs(runner):
         runner.prefill_graphs = pieces
 
 
-ALLOCATOR_EVENTS = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_ooms")
-
-
-def _allocator_events(device: torch.device) -> dict[str, int]:
-    """The CUDA caching allocator's slow paths so far: cudaMalloc / cudaFree calls (a free synchronizes the device)
-    and retries after a failed allocation (every cached block freed, then tried again)."""
-    if device.type != "cuda":
-        return {}
-    stats = torch.cuda.memory_stats(device)
-    return {k: int(stats.get(k, 0)) for k in ALLOCATOR_EVENTS}
-
-
 def _time_mixed_varying(runner, steps: list, device: torch.device) -> dict:
     """Mixed steps of a different chunk length each, as serving makes them: each step timed alone (host prep to
     the device's finish), eager, then through the piecewise graphs, then eager again (the allocator's cache warm
@@ -577,7 +566,7 @@ def _time_mixed_varying(runner, steps: list, device: torch.device) -> dict:
                 if pieces is None:
                     continue
                 runner.prefill_graphs = pieces
-            before = _allocator_events(device)
+            before = allocator_events(device)
             times = []
             for inp in steps:
                 _sync(device)
@@ -585,7 +574,7 @@ def _time_mixed_varying(runner, steps: list, device: torch.device) -> dict:
                 runner.run(inp)
                 _sync(device)
                 times.append((time.perf_counter() - t0) * 1e3)
-            after = _allocator_events(device)
+            after = allocator_events(device)
         times_sorted = sorted(times)
         out[name] = {"mean_ms": statistics.fmean(times), "p50_ms": statistics.median(times),
                      "max_ms": times_sorted[-1], "steps": len(times),

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
+from engine.allocator_events import allocator_events, events_since
 from engine.block_pool import BlockPool
 from engine.block_tables import page_array
 from engine.config import EngineConfig
@@ -105,6 +106,7 @@ class EngineCore:
         self.overlap = config.overlap_scheduling
         self.num_overlapped_steps = 0
         self.num_slow_steps = 0  # step() calls longer than SLOW_STEP_S (logged)
+        self._allocator_seen = allocator_events(self.device)  # the counters at start-up, then at the last slow step
         self._idle_untimed = 0  # decode steps since the last one timed while the drafter was idle
         self.num_prompt_tokens_total = 0
         self.num_failed_requests = 0
@@ -311,8 +313,11 @@ class EngineCore:
             self._time_step(timed, 1000 * took)
         if took > SLOW_STEP_S:
             self.num_slow_steps += 1
-            log.warning("slow step: %.2f s for %d tokens of %d requests", took,
-                        sum(s.num_tokens for s in sched.scheduled), len(sched.scheduled))
+            seen, self._allocator_seen = self._allocator_seen, allocator_events(self.device)
+            moved = events_since(seen, self._allocator_seen)
+            log.warning("slow step: %.2f s for %d tokens of %d requests%s", took,
+                        sum(s.num_tokens for s in sched.scheduled), len(sched.scheduled),
+                        f" (CUDA allocator since the last slow step: {moved})" if moved else "")
         return deltas
 
     def _prices_step(self, drafting: bool) -> bool:

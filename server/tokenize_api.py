@@ -36,8 +36,11 @@ def tokenize_ids(state: ServerState, req: TokenizeRequest) -> list[int]:
     return encode_text(state.tokenizer, prompt, add_special_tokens=True) if req.add_special_tokens else ids
 
 
-def token_strings(state: ServerState, ids: list[int]) -> list[str]:
-    return [str(t) for t in state.tokenizer.convert_ids_to_tokens(ids)]
+def tokenize_body(state: ServerState, req: TokenizeRequest) -> dict[str, Any]:
+    """The response: {count, max_model_len, tokens, token_strs (the vocabulary's strings, when asked; else null)}."""
+    ids = tokenize_ids(state, req)
+    strs = [str(t) for t in state.tokenizer.convert_ids_to_tokens(ids)] if req.return_token_strs else None
+    return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids, "token_strs": strs}
 
 
 def detokenize_text(state: ServerState, ids: list[int]) -> str:
@@ -57,10 +60,8 @@ async def tokenize(request: Request) -> Response:
     log["endpoint"] = "tokenize"
     req = await read_body(state, request, TokenizeRequest)
     state.response_model(req.model)
-    ids = await run_blocking(state, tokenize_ids, state, req)
-    log["prompt_tokens"] = len(ids)
-    body: dict[str, Any] = {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids,
-                            "token_strs": token_strings(state, ids) if req.return_token_strs else None}
+    body = await run_blocking(state, tokenize_body, state, req)
+    log["prompt_tokens"] = body["count"]
     return JSONResponse(body)
 
 

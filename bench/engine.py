@@ -58,8 +58,8 @@ from typing import Any
 import torch
 
 from bench.host_profile import host_breakdown, print_host_breakdown
-from engine.allocator_events import allocator_events
 from bench.real_shape import parse_overrides, real_shape_model_dir
+from engine.allocator_events import allocator_events
 from engine.block_tables import BlockTables
 from kernels import fa4_prefill
 from model.attention import PREFILL_ATTENTION_BACKENDS, resolve_prefill_attention_backend
@@ -561,11 +561,10 @@ def _time_mixed_varying(runner, steps: list, device: torch.device) -> dict:
     passes = [("eager", False), ("piecewise", True), ("eager_again", False)]
     out: dict[str, dict] = {}
     for name, graphs in passes:
+        if graphs and runner.prefill_graphs is None:
+            continue
         with _without_prefill_graphs(runner) as pieces:
-            if graphs:
-                if pieces is None:
-                    continue
-                runner.prefill_graphs = pieces
+            runner.prefill_graphs = pieces if graphs else None
             before = allocator_events(device)
             times = []
             for inp in steps:

@@ -18,7 +18,9 @@ for K and V) instead of index_select; "fa4_fresh_fp8" (no prefix): a prompt alon
 runs it since session 28 (the values the cache holds, widened by the prologue before the timed call). --knobs
 adds FA4's sm90 launch choices through its internal `_flash_attn_fwd` (tile_mn, pack_gqa, intra-warpgroup overlap,
 P@V from registers) on the 16-token paged cache ("fa4_paged[knob]") and, without a prefix, on the contiguous K/V
-of the batch entry point the engine's prompt-alone route takes ("fa4[knob]"). Times are CUDA-event medians of 10
+of the batch entry point the engine's prompt-alone route takes ("fa4[knob]"). "[no_pack_gqa]" columns: the
+engine's gathered and FP8 prompt routes with FA4's GQA packing off (it packs whenever GQA). --only NAME,... runs
+just those variants. Times are CUDA-event medians of 10
 calls after warm-up (FA4 compiles on its first call; --queued: 10 calls back to back, the host's launch cost
 hidden; --rounds R: R such times per variant, the variants interleaved, median and range printed; --graph: 10 calls
 captured in a CUDA graph, the replay timed: kernel time without the host); % = FLOPs / time / 989 TFLOP/s (bf16

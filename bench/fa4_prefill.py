@@ -192,8 +192,8 @@ def case(n: int, prefix: int, hq: int, hk: int, knobs: bool = False, queued: boo
             runs["fa4_fresh_fp8"] = lambda: _first(flash_attn_func(
                 q[None], kw8[None], vw8[None], softmax_scale=scale * 0.125, causal=True))[0].mul_(0.125)
             runs["fa4_fresh_fp8[no_pack_gqa]"] = lambda: _first(flash_attn_func(
-                q[None], kw8[None], vw8[None], softmax_scale=scale * 0.125, causal=True, pack_gqa=False))[0].mul_(
-                0.125)
+                q[None], kw8[None], vw8[None], softmax_scale=scale * 0.125, causal=True,
+                pack_gqa=False))[0].mul_(0.125)
         runs["sdpa_fp8"] = lambda: paged_attention_prefill_sdpa(
             q, k8, v8, table, lens, qsl, scale, 0.125, 0.125, rest=paged_attention, query_start_host=[0, n],
             seq_lens_host=[kv], min_prefill_tokens=1)

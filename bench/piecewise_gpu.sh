@@ -11,7 +11,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/piecewise_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-PY=${PY:-python3}; LAYERS=${LAYERS:-15}; RUNS=${RUNS:-"8:4096 8:1024 1:4096"}; CAP=${CAP:-150}; MIXED=${MIXED:-0}; EXTRA=${EXTRA:-}
+PY=${PY:-python3}; LAYERS=${LAYERS:-15}; RUNS=${RUNS:-"8:4096 8:1024 1:4096"}; CAP=${CAP:-150}; MIXED=${MIXED:-0}
+EXTRA=${EXTRA:-}
 if [ "${TESTS:-1}" = 1 ]; then
     timeout 300 "$PY" -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_prefill_graphs.py \
         tests/gpu/test_engine_gpu.py -k "piecewise or graphs_equal_eager or prefill_graphs" 2>&1 | tail -8

@@ -10,8 +10,9 @@ response, streamed through unbuffered (disagg/router_proxy.py). /v1/models, /v1/
 token utilities (/tokenize, /detokenize) are answered by a decode instance. With `--colocated URL ...` instead
 (plain glint servers), each request goes to one of them, by prompt-prefix affinity and load, and its response
 passes through: the same router in front of colocated instances, e.g. as the same-GPU-count baseline of a
-disaggregated setup. /health is 200 while at least one instance of each role is healthy; /metrics are the router's own (scrape the instances for theirs). Instances are
-checked at startup (roles must match) and every --health-interval seconds (disagg/router_pool.py).
+disaggregated setup. /health is 200 while at least one instance of each role is healthy; /metrics are the
+router's own (scrape the instances for theirs). Instances are checked at startup (roles must match) and every
+--health-interval seconds (disagg/router_pool.py).
 """
 
 from __future__ import annotations

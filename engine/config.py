@@ -77,6 +77,12 @@ class ParallelConfig:
         "of NCCL (TP 2, 4 or 8; CPU ranks keep gloo). The seed's --enable-flashinfer-allreduce-fusion turns it on "
         "too (glint's own kernel, not FlashInfer's)",
         flags=("--enable-allreduce-fusion", "--enable-flashinfer-allreduce-fusion"), type=bool)
+    enable_expert_parallel: bool = option(
+        "enable_expert_parallel", False, "MoE layers split their routed experts across the tensor-parallel ranks "
+        "(1/tp of the experts each, at full width) instead of slicing every expert's width; attention and the "
+        "shared expert stay tensor parallel. Faster prefill at TP4/TP8 (full-width expert GEMMs, 1/tp of the "
+        "down GEMM's rows per rank); small decode batches wait on the rank that drew the most experts",
+        flags=("--enable-expert-parallel", "--enable-ep-moe"), type=bool)
 
 
 @dataclass(frozen=True)
@@ -249,6 +255,10 @@ class EngineConfig:
                              f"(0, 1], got {o['mem_fraction_static']}")
         if o["tensor_parallel_size"] < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {o['tensor_parallel_size']}")
+        tp_size = o["tensor_parallel_size"]
+        if o["enable_expert_parallel"] and tp_size > 1 and mcfg.n_routed_experts % tp_size:
+            raise ValueError(f"enable_expert_parallel (--enable-expert-parallel) splits the {mcfg.n_routed_experts} "
+                             f"routed experts across tensor_parallel_size {tp_size} ranks, which does not divide them")
         if o["base_gpu_id"] is not None:
             _check_base_gpu_id(o["base_gpu_id"], o["tensor_parallel_size"], device)
         if (o["allreduce_fusion"] and device == "cuda" and o["tensor_parallel_size"] > 1

@@ -79,6 +79,7 @@ class ModelWorker:
             with_mtp=with_mtp, fuse_shared_experts=config.enable_shared_experts_fusion,
             fused_qk_norm_rope=config.enable_fused_qk_norm_rope, progress=dist.is_driver,
             attention_backend=config.attention_backend, prefill_attention_backend=config.prefill_attention_backend,
+            expert_parallel=config.parallel.enable_expert_parallel,
         )
         self.block_size = config.cache.block_size
         kv_dtype = kv_cache_dtype(config.cache.kv_cache_dtype, config.torch_dtype)

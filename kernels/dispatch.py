@@ -351,14 +351,16 @@ def fused_moe(
     *,
     x_fp8: torch.Tensor | None = None,
     x_scale: torch.Tensor | None = None,
+    remote_ids: bool = False,
 ) -> torch.Tensor:
-    """x_fp8 / x_scale (fp8_channel): x already quantized per token, e.g. by rms_norm_fp8."""
+    """x_fp8 / x_scale (fp8_channel): x already quantized per token, e.g. by rms_norm_fp8. remote_ids: topk_ids
+    may hold -1 (expert parallelism: moe_local_ids), pairs that add nothing here."""
     # fp32 activations stay on the reference on GPU (the Triton dots would run in tf32)
     if _use("fused_moe", x) and (x.dtype != torch.float32 or not x.is_cuda):
         ids = topk_ids if topk_ids.dtype == torch.int32 else topk_ids.to(torch.int32)
         return _triton("moe").fused_moe(
             x, w13, w2, topk_weights, ids, w13_scale, w2_scale, quant,
-            x_fp8=x_fp8 if quant == "fp8_channel" else None, x_scale=x_scale,
+            x_fp8=x_fp8 if quant == "fp8_channel" else None, x_scale=x_scale, remote_ids=remote_ids,
         )
     return fused_moe_ref(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, quant)
 

@@ -32,11 +32,14 @@ def fused_moe_ref(
     w2_scale: torch.Tensor | None = None,
     quant: str = "none",
 ) -> torch.Tensor:
-    """x: [T, H]; topk_*: [T, k]. Returns sum_j w_j * expert_{id_j}(x) in x.dtype (accumulated in fp32)."""
+    """x: [T, H]; topk_*: [T, k]. Returns sum_j w_j * expert_{id_j}(x) in x.dtype (accumulated in fp32). An id of
+    -1 (expert parallelism: the expert lives on another rank) contributes nothing."""
     t, h = x.shape
     out = torch.zeros(t, h, dtype=torch.float32, device=x.device)
     flat_ids = topk_ids.reshape(-1).long()
     for e in flat_ids.unique().tolist():
+        if e < 0:
+            continue
         tok, slot = torch.nonzero(topk_ids == e, as_tuple=True)
         xe = x[tok]
         h1 = _expert_linear(xe, w13[e], None if w13_scale is None else w13_scale[e], quant)

@@ -57,3 +57,11 @@ def moe_gate_route_ref(
     logits = torch.nn.functional.linear(x.float(), gate_weight.float())
     return moe_route_ref(logits, correction_bias, top_k, n_group, topk_group, renormalize, routed_scaling_factor,
                          num_fused_shared_experts)
+
+
+def moe_local_ids(topk_ids: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    """Expert parallelism: global expert ids -> this rank's ids (experts [start, start + count) become 0..count-1)
+    and -1 for an expert on another rank (fused_moe(remote_ids=True) skips those pairs). Plain torch on every
+    device: a few elementwise launches over [T, k] int32, captured with the rest of a CUDA graph."""
+    local = topk_ids - start
+    return torch.where((local >= 0) & (local < count), local, torch.full_like(local, -1))

@@ -208,13 +208,13 @@ def _moe_gate_up_kernel(
 
 @triton.jit(**token_counts("NP"))
 def _moe_down_kernel(
-    act_ptr, as_ptr, w_ptr, ws_ptr, y_ptr, sorted_ptr, bexp_ptr, tw_ptr, out_ptr, cnt_ptr,
+    act_ptr, as_ptr, w_ptr, ws_ptr, y_ptr, sorted_ptr, bexp_ptr, tw_ptr, ids_ptr, out_ptr, cnt_ptr,
     NP, I, H, N_LOOP,
     stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_ym, stride_wt, stride_ot,
     QUANT: tl.constexpr, A_MODE: tl.constexpr, DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     PAIR: tl.constexpr, FUSE_REDUCE: tl.constexpr, TOPK: tl.constexpr, FAST_ACC: tl.constexpr,
-    I_P: tl.constexpr = 16, TMA: tl.constexpr = False,
+    I_P: tl.constexpr = 16, TMA: tl.constexpr = False, REMOTE: tl.constexpr = False,
     PDL: tl.constexpr = False,
 ):
     pdl_wait(PDL)  # before any read of an earlier kernel's output or any write
@@ -222,7 +222,8 @@ def _moe_down_kernel(
     # A program takes one M block and N_LOOP consecutive N tiles (row indices, the act scale and the A rows
     # are fetched once and reused). FUSE_REDUCE: after writing its y rows, a program takes a ticket per
     # (token, N tile); the program that completes a token's top-k set sums them (weighted) into out and
-    # resets the ticket.
+    # resets the ticket. REMOTE (expert parallelism): ids_ptr (topk_ids) may hold -1, another rank's expert; such a
+    # pair has no row here, so a token's set is its local pairs and the sum leaves the others out.
     # TMA: act_ptr and w_ptr are tensor descriptors, act (already quantized, rows in sorted order) as [rows, I]
     # with [BLOCK_M, BLOCK_K] blocks and w2 as [E * H, I] with [BLOCK_N, BLOCK_K] blocks; K past I reads zeros.
     # Padding rows read whatever act holds there: an MMA row depends on its own A row only, and they are not stored.
@@ -312,12 +313,21 @@ def _moe_down_kernel(
                 tl.debug_barrier()  # all y stores of this program precede its tickets (release)
                 ctr = cnt_ptr + tok * num_n + pid_n
                 old = tl.atomic_add(ctr, 1, mask=valid, sem="acq_rel")
-                last = valid & (old == TOPK - 1)
+                if REMOTE:
+                    here = tl.zeros([BLOCK_M], dtype=tl.int32)
+                    for j in tl.static_range(TOPK):
+                        here += (tl.load(ids_ptr + tok * TOPK + j, mask=valid, other=-1) >= 0).to(tl.int32)
+                    last = valid & (old == here - 1)
+                else:
+                    last = valid & (old == TOPK - 1)
                 if tl.max(last.to(tl.int32), 0) > 0:
                     red = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
                     lm = last[:, None] & mn[None, :]
                     for j in tl.static_range(TOPK):
-                        yj = tl.load(y_ptr + (tok * TOPK + j)[:, None] * stride_ym + rn[None, :], mask=lm,
+                        lmj = lm
+                        if REMOTE:
+                            lmj = lm & (tl.load(ids_ptr + tok * TOPK + j, mask=last, other=-1) >= 0)[:, None]
+                        yj = tl.load(y_ptr + (tok * TOPK + j)[:, None] * stride_ym + rn[None, :], mask=lmj,
                                      other=0.0, cache_modifier=".cg")
                         wj = tl.load(tw_ptr + tok * stride_wt + j, mask=last, other=0.0)
                         red += yj.to(tl.float32) * wj[:, None]
@@ -445,11 +455,14 @@ def fused_moe(
     quant_in_kernel: bool | None = None,
     x_fp8: torch.Tensor | None = None,
     x_scale: torch.Tensor | None = None,
+    remote_ids: bool = False,
 ) -> torch.Tensor:
     """x [T, H]; w13 [E, 2I, H]; w2 [E, H, I]; topk_* [T, k] -> [T, H] in x.dtype (see the module doc).
 
     x_fp8 / x_scale: x already quantized per token (fp8_channel only), e.g. by the preceding RMSNorm kernel.
     quant_in_kernel: quantize act (channel) / x and act (block) inside the GEMMs; default for T <= 64.
+    remote_ids: topk_ids may hold -1 (expert parallelism: an expert on another rank); those pairs add nothing, and
+    a token with no local pair gets 0.
     config keys besides the tile sizes: PAIR_MAX (use no alignment when T*k <= it), FUSE_REDUCE_MAX_T.
     """
     t, h = x.shape
@@ -532,6 +545,9 @@ def fused_moe(
         a2_mode = 0
     tw = topk_weights if topk_weights.stride(1) == 1 else topk_weights.contiguous()
     fuse = t <= cfg.get("FUSE_REDUCE_MAX_T", 256)
+    if remote_ids and fuse:  # the fused reduce writes only tokens with a local pair
+        out.zero_()
+    sum_ids = ids if remote_ids else None
     cnt2 = zeroed_counters(t * n2, x.device) if fuse else y
     n_loop = max(1, min(cfg.get("N_LOOP2", 1), n2))
     bk2 = cfg["BLOCK_K2"]
@@ -539,20 +555,21 @@ def fused_moe(
     act_arg, w2_arg = (_desc(act_a, [bm, bk2]), _desc(w2, [bn2, bk2])) if tma2 else (act_a, w2)
     if tma2 and not fuse and bool(cfg.get("PERSIST2")):  # one program per SM walks the tiles
         moe_down_persistent(act_arg, act_s, w2_arg, w2, w2s, y, sorted_ids, bexp, np_, inter, cfg)
-        topk_sum(y, tw, out)
+        topk_sum(y, tw, out, sum_ids)
         return out
     _moe_down_kernel[(nblk * cdiv(n2, n_loop),)](
-        act_arg, act_s, w2_arg, w2s, y, sorted_ids, bexp, tw, out, cnt2, np_, inter, h, n_loop,
+        act_arg, act_s, w2_arg, w2s, y, sorted_ids, bexp, tw, ids, out, cnt2, np_, inter, h, n_loop,
         act_a.stride(0), act_s.stride(0) if qid else 0, w2.stride(0), w2.stride(1), *ws2_strides, y.stride(0),
         tw.stride(0), out.stride(0),
         QUANT=qid, A_MODE=a2_mode, DT=dt, BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=cfg["BLOCK_K2"],
         EVEN_K=inter % cfg["BLOCK_K2"] == 0, PAIR=pair, FUSE_REDUCE=fuse, TOPK=topk,
-        FAST_ACC=bool(cfg.get("FAST_ACC", False)), I_P=next_pow2(inter), TMA=tma2, num_warps=cfg["W2"],
+        FAST_ACC=bool(cfg.get("FAST_ACC", False)), I_P=next_pow2(inter), TMA=tma2, REMOTE=remote_ids and fuse,
+        num_warps=cfg["W2"],
         num_stages=cfg["S2"],
         **pdl_launch(y.device),
     )
     if not fuse:
-        topk_sum(y, tw, out)
+        topk_sum(y, tw, out, sum_ids)
     return out
 
 

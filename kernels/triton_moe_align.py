@@ -1,6 +1,7 @@
 """Triton token sort/align by expert for the fused MoE GEMMs.
 
-From topk_ids [T, k] (int32, ids in [0, E)) build:
+From topk_ids [T, k] (int32, ids in [0, E), or -1 for a pair whose expert lives on another rank under expert
+parallelism: such pairs get no sorted row) build:
   sorted_ids   [max_blocks * BLOCK_M] int32: (token, slot) pair indices t*k + j grouped by expert, each
                expert's run padded to a multiple of BLOCK_M with the sentinel T*k
   block_expert [max_blocks] int32: the expert of each BLOCK_M rows of sorted_ids, -1 past the last block
@@ -51,6 +52,7 @@ def _sort_scatter(ids_ptr, sorted_ptr, base_ptr, c, NP, E, CHUNK: tl.constexpr):
     li = tl.arange(0, CHUNK)
     p = c * CHUNK + li
     e = tl.load(ids_ptr + p, mask=p < NP, other=E)  # tail -> E: sorts last, not stored
+    e = tl.where(e < 0, E, e)  # another rank's expert: like the tail
     key = tl.sort(e * CHUNK + li)
     se = key // CHUNK
     src = c * CHUNK + key % CHUNK
@@ -70,6 +72,7 @@ def _align_small_kernel(
     li = tl.arange(0, CHUNK)
     ei = tl.arange(0, E_P)
     e = tl.load(ids_ptr + li, mask=li < NP, other=E)
+    e = tl.where(e < 0, E, e)
     counts = tl.where(ei < E, tl.histogram(e, E_P), 0)
     nblk = (counts + BLOCK_M - 1) // BLOCK_M
     blk_end = tl.cumsum(nblk, 0)
@@ -97,6 +100,7 @@ def _align_hist_kernel(
     li = tl.arange(0, CHUNK)
     p = c * CHUNK + li
     e = tl.load(ids_ptr + p, mask=p < NP, other=E)
+    e = tl.where(e < 0, E, e)
     tl.store(hist_ptr + c * E_P + tl.arange(0, E_P), tl.histogram(e, E_P))
     for r0 in range(c * CHUNK, TOTAL, nc * CHUNK):  # this program's share of the sentinel fill
         tl.store(sorted_ptr + r0 + li, tl.zeros([CHUNK], dtype=tl.int32) + NP, mask=r0 + li < TOTAL)

@@ -25,6 +25,7 @@ def build_model(
     progress: bool = True,
     attention_backend: str = "triton",
     prefill_attention_backend: str = "auto",
+    expert_parallel: bool = False,
 ) -> Glm4MoeForCausalLM:
     if load_format not in ("auto", "safetensors", "dummy"):
         raise ValueError(f"load_format must be 'auto', 'safetensors' or 'dummy', got {load_format!r}")
@@ -35,8 +36,9 @@ def build_model(
     source: TensorSource = DummySource(cfg, seed) if load_format == "dummy" else SafetensorsSource(cfg.path)
     names = None if load_format == "dummy" else set(source.names())
     plan = QuantPlan.build(cfg, device, dtype, names, fuse_shared_experts, fused_qk_norm_rope, attention_backend,
-                           prefill_attention_backend)
+                           prefill_attention_backend, expert_parallel)
     model = Glm4MoeForCausalLM(cfg, plan, tp, dtype, device, with_mtp=with_mtp)
-    load_weights(model, cfg, source, tp, fuse_shared_experts, dtype, device, progress=progress)
+    load_weights(model, cfg, source, tp, fuse_shared_experts, dtype, device, progress=progress,
+                 expert_parallel=expert_parallel)
     model.eval()
     return model

@@ -28,10 +28,7 @@ class DecoderLayer(nn.Module):
         )
         self.is_moe = cfg.is_moe_layer(layer_id)
         if self.is_moe:
-            self.mlp: nn.Module = MoE(
-                cfg, tp, plan.experts(f"{prefix}.mlp.experts.0", cfg.moe_intermediate_size, tp),
-                plan.fuse_shared_experts, dtype, device,
-            )
+            self.mlp: nn.Module = MoE(cfg, tp, plan, f"{prefix}.mlp", dtype, device)
         else:
             inter = divide(cfg.intermediate_size, tp.size, "intermediate_size")
             self.mlp = DenseMLP(cfg.hidden_size, inter, plan.mlp(f"{prefix}.mlp", cfg.intermediate_size, tp), dtype, device)

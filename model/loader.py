@@ -265,6 +265,7 @@ def load_weights(
     dtype: torch.dtype,
     device: torch.device,
     progress: bool = True,
+    expert_parallel: bool = False,
 ) -> None:
     need_mtp = getattr(model, "mtp", None) is not None
     validate_checkpoint(cfg, source, need_mtp)
@@ -277,7 +278,7 @@ def load_weights(
     ]
     filled: set[tuple[str, int | None, int]] = set()
     for name in tqdm(todo, desc="Loading weights", unit="tensor", disable=not progress, mininterval=1.0):
-        pl = placement(cfg, name, tp, fuse_shared_experts)
+        pl = placement(cfg, name, tp, fuse_shared_experts, expert_parallel)
         if pl.param not in params:
             raise WeightLoadError(f"{source.where(name)}: tensor {name!r} maps to unknown parameter {pl.param!r}")
         dst = params[pl.param]

@@ -2,7 +2,12 @@
 renormalized x routed_scaling_factor, SwiGLU experts stacked per expert, plus the always-on shared expert.
 
 With fuse_shared_experts the shared expert is stored as expert E of the stacked weights and routed to every
-token with weight 1.0 (one fused MoE call instead of two GEMM chains)."""
+token with weight 1.0 (one fused MoE call instead of two GEMM chains).
+
+Under expert parallelism (model.parallel.ExpertPartition) a rank stores its 1/tp of the routed experts whole; every
+rank routes every token, maps the chosen ids to its own (-1 elsewhere) and computes only its pairs. The shared expert
+is then a tensor-parallel DenseMLP (not fused: its width differs from the routed experts'). Either way the output is
+this rank's partial sum, which the next norm all-reduces."""
 from __future__ import annotations
 
 import torch
@@ -13,7 +18,8 @@ from kernels.quant import FP8_DTYPE
 from model.config import ModelConfig
 from model.layers import DenseMLP, RMSNorm
 from model.linear import scale_shape
-from model.parallel import TPGroup, divide
+from model.parallel import ExpertPartition, TPGroup, divide
+from model.quant_plan import QuantPlan
 
 
 Routing = tuple[torch.Tensor, torch.Tensor]  # (weights fp32 [T, k], expert ids int32 [T, k])
@@ -44,19 +50,23 @@ class StackedExperts(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(
-        self, cfg: ModelConfig, tp: TPGroup, quant: str, fuse_shared_experts: bool, dtype, device
-    ) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, plan: QuantPlan, prefix: str, dtype, device) -> None:
+        """prefix: the checkpoint's module name of this MLP (model.layers.N.mlp), for the quantization plan."""
         super().__init__()
         self.cfg = cfg
         self.tp = tp
-        self.fused_shared = fuse_shared_experts and cfg.n_shared_experts > 0
-        inter_local = divide(cfg.moe_intermediate_size, tp.size, "moe_intermediate_size")
+        self.partition = ExpertPartition.build(cfg.n_routed_experts, cfg.moe_intermediate_size, tp,
+                                               plan.expert_parallel)
+        self.fused_shared = (plan.fuse_shared_experts and cfg.n_shared_experts > 0
+                             and not self.partition.expert_parallel)
         self.gate = Router(cfg, device)
-        num_slots = cfg.n_routed_experts + (1 if self.fused_shared else 0)
-        self.experts = StackedExperts(num_slots, cfg.hidden_size, inter_local, quant, dtype, device)
+        num_slots = self.partition.count + (1 if self.fused_shared else 0)
+        quant = plan.experts(f"{prefix}.experts.0", self.partition.width)
+        self.experts = StackedExperts(num_slots, cfg.hidden_size, self.partition.width, quant, dtype, device)
+        shared_width = divide(cfg.moe_intermediate_size * cfg.n_shared_experts, tp.size, "moe_intermediate_size")
         self.shared_experts = (
-            DenseMLP(cfg.hidden_size, inter_local * cfg.n_shared_experts, quant, dtype, device)
+            DenseMLP(cfg.hidden_size, shared_width, plan.experts(f"{prefix}.shared_experts", shared_width), dtype,
+                     device)
             if cfg.n_shared_experts and not self.fused_shared
             else None
         )
@@ -80,10 +90,13 @@ class MoE(nn.Module):
                 routing: Routing | None = None) -> torch.Tensor:
         """routing: (weights, ids) from norm_and_route; computed from x here when None."""
         weights, ids = routing if routing is not None else kernels.moe_gate_route(x, *self._routing_args())
+        part = self.partition
+        if part.expert_parallel:
+            ids = kernels.moe_local_ids(ids, part.start, part.count)
         ex = self.experts
         xf, xs = x_q if x_q is not None and ex.quant == "fp8_channel" else (None, None)
         out = kernels.fused_moe(x, ex.w13, ex.w2, weights, ids, ex.w13_scale, ex.w2_scale, ex.quant,
-                                x_fp8=xf, x_scale=xs)
+                                x_fp8=xf, x_scale=xs, remote_ids=part.expert_parallel)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x, x_q)
         return out  # partial sums under TP: the next norm all-reduces them (DecoderLayer)

@@ -92,3 +92,31 @@ def vocab_partition(vocab_size: int, tp: TPGroup, multiple: int = 64) -> tuple[i
     per_rank = -(-vocab_size // tp.size)
     per_rank = -(-per_rank // multiple) * multiple if tp.size > 1 else per_rank
     return tp.rank * per_rank, per_rank
+
+
+@dataclass(frozen=True)
+class ExpertPartition:
+    """Which routed experts this rank holds, and how much of each.
+
+    Tensor parallel (the default): all of them, each a 1/tp slice of its intermediate width. Expert parallel
+    (--enable-expert-parallel, tp > 1): a contiguous 1/tp of the experts at full width, so a rank's MoE GEMMs run
+    at the full width and write y rows only for the pairs routed to its experts. The shared expert stays tensor
+    parallel either way (a 1/tp slice on every rank), which keeps its work, the same for every token, balanced."""
+
+    start: int  # global id of the first local routed expert
+    count: int  # local routed experts
+    width: int  # this rank's width of each of them
+    width_start: int  # where that slice starts in the full width
+    expert_parallel: bool
+
+    @staticmethod
+    def build(num_experts: int, width: int, tp: TPGroup, expert_parallel: bool) -> "ExpertPartition":
+        if expert_parallel and tp.size > 1:
+            count = divide(num_experts, tp.size, "n_routed_experts")
+            return ExpertPartition(tp.rank * count, count, width, 0, True)
+        local = divide(width, tp.size, "moe_intermediate_size")
+        return ExpertPartition(0, num_experts, local, tp.rank * local, False)
+
+    def local_expert(self, e: int) -> int | None:
+        """The local index of global routed expert e, or None where another rank holds it."""
+        return e - self.start if self.start <= e < self.start + self.count else None

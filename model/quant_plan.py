@@ -31,6 +31,7 @@ class QuantPlan:
     fused_qk_norm_rope: bool = False  # not quantization, but the same kind of build-time layer choice
     attention_backend: str = "triton"  # likewise: "triton" (kernels.paged_attention) | "fa3" (flash_attn)
     prefill_attention_backend: str = "auto"  # auto | triton | sdpa: model/attention.py
+    expert_parallel: bool = False  # routed experts split across the TP ranks whole (model.parallel.ExpertPartition)
 
     @staticmethod
     def build(
@@ -42,6 +43,7 @@ class QuantPlan:
         fused_qk_norm_rope: bool = False,
         attention_backend: str = "triton",
         prefill_attention_backend: str = "auto",
+        expert_parallel: bool = False,
     ) -> "QuantPlan":
         keep_fp8 = cfg.quant.is_fp8 and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
         storage = cfg.quant.method if keep_fp8 else "none"
@@ -50,7 +52,7 @@ class QuantPlan:
             suffix = ".weight_scale" if cfg.quant.method == "fp8_channel" else ".weight_scale_inv"
             quantized = frozenset(n[: -len(suffix)] for n in checkpoint_names if n.endswith(suffix))
         return QuantPlan(cfg, storage, quantized, fuse_shared_experts, fused_qk_norm_rope, attention_backend,
-                         prefill_attention_backend)
+                         prefill_attention_backend, expert_parallel)
 
     def is_quantized(self, module: str) -> bool:
         if self.quantized_modules is not None:
@@ -75,6 +77,6 @@ class QuantPlan:
         local = divide(intermediate, tp.size, "intermediate size")
         return self._fp8(f"{prefix}.gate_proj", local % BLOCK == 0)
 
-    def experts(self, module: str, intermediate: int, tp: TPGroup) -> str:
-        local = divide(intermediate, tp.size, "moe_intermediate_size")
-        return self._fp8(f"{module}.gate_proj", local % BLOCK == 0)
+    def experts(self, module: str, local_width: int) -> str:
+        """An MoE's routed experts (module: experts.0) or its shared expert, at this rank's width of them."""
+        return self._fp8(f"{module}.gate_proj", local_width % BLOCK == 0)

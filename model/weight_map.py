@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 
 from model.config import ModelConfig
-from model.parallel import HeadPartition, TPGroup, vocab_partition
+from model.parallel import ExpertPartition, HeadPartition, TPGroup, vocab_partition
 
 SCALE_SUFFIXES = (".weight_scale", ".weight_scale_inv")
 _MTP_ONLY = ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight")
@@ -93,8 +93,9 @@ class Placement:
     pad_rows_to: int | None = None
 
 
-def placement(cfg: ModelConfig, name: str, tp: TPGroup, fuse_shared_experts: bool) -> Placement:
-    """Map a (non-scale) checkpoint tensor name to its destination on this rank."""
+def placement(cfg: ModelConfig, name: str, tp: TPGroup, fuse_shared_experts: bool,
+              expert_parallel: bool = False) -> Placement:
+    """Map a (non-scale) checkpoint tensor name to its destination on this rank (size 0: another rank's expert)."""
     if name == "model.embed_tokens.weight":
         return _vocab("embed_tokens.weight", cfg, tp)
     if name == "lm_head.weight":
@@ -111,7 +112,7 @@ def placement(cfg: ModelConfig, name: str, tp: TPGroup, fuse_shared_experts: boo
         prefix = "mtp.layer."
     else:
         prefix = f"layers.{layer}."
-    return _in_layer(cfg, layer, rest, prefix, tp, fuse_shared_experts)
+    return _in_layer(cfg, layer, rest, prefix, tp, fuse_shared_experts, expert_parallel)
 
 
 def _vocab(param: str, cfg: ModelConfig, tp: TPGroup) -> Placement:
@@ -120,7 +121,8 @@ def _vocab(param: str, cfg: ModelConfig, tp: TPGroup) -> Placement:
     return Placement(param, "rows", start, size, pad_rows_to=local)
 
 
-def _in_layer(cfg: ModelConfig, layer: int, rest: str, prefix: str, tp: TPGroup, fuse: bool) -> Placement:
+def _in_layer(cfg: ModelConfig, layer: int, rest: str, prefix: str, tp: TPGroup, fuse: bool,
+              expert_parallel: bool) -> Placement:
     d = cfg.head_dim
     if rest in ("input_layernorm.weight", "post_attention_layernorm.weight"):
         return Placement(prefix + rest)
@@ -142,17 +144,22 @@ def _in_layer(cfg: ModelConfig, layer: int, rest: str, prefix: str, tp: TPGroup,
         return Placement(prefix + rest.removesuffix(".weight"))
     if rest in ("mlp.gate.weight", "mlp.gate.e_score_correction_bias"):
         return Placement(prefix + rest)
+    part = ExpertPartition.build(cfg.n_routed_experts, cfg.moe_intermediate_size, tp, expert_parallel)
     m = re.fullmatch(r"mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight", rest)
     if m:
         e = int(m.group(1))
         if e >= cfg.n_routed_experts:
             raise KeyError(rest)
-        return _expert(prefix + "mlp.experts.", e, m.group(2), cfg.moe_intermediate_size, tp)
+        local = part.local_expert(e)
+        if local is None:  # another rank's expert (expert parallelism): nothing to read here
+            return Placement(prefix + "mlp.experts.w13", "rows", 0, 0)
+        return _expert(prefix + "mlp.experts.", local, m.group(2), part.width_start, part.width)
     m = re.fullmatch(r"mlp\.shared_experts\.(gate|up|down)_proj\.weight", rest)
     if m:
         inter = cfg.moe_intermediate_size * cfg.n_shared_experts
-        if fuse:
-            return _expert(prefix + "mlp.experts.", cfg.n_routed_experts, m.group(1), inter, tp)
+        if fuse and not part.expert_parallel:  # model.moe.MoE fuses it only without expert parallelism
+            local = inter // tp.size
+            return _expert(prefix + "mlp.experts.", part.count, m.group(1), tp.rank * local, local)
         return _mlp(prefix + "mlp.shared_experts.", m.group(1), inter, tp)
     m = re.fullmatch(r"mlp\.(gate|up|down)_proj\.weight", rest)
     if m and not cfg.is_moe_layer(layer):
@@ -167,8 +174,8 @@ def _mlp(prefix: str, part: str, inter: int, tp: TPGroup) -> Placement:
     return Placement(prefix + "gate_up_proj.weight", "rows", tp.rank * local, local, 0 if part == "gate" else local)
 
 
-def _expert(prefix: str, e: int, part: str, inter: int, tp: TPGroup) -> Placement:
-    local = inter // tp.size
+def _expert(prefix: str, e: int, part: str, start: int, width: int) -> Placement:
+    """Local expert e's slice [start, start + width) of the intermediate width."""
     if part == "down":
-        return Placement(prefix + "w2", "cols", tp.rank * local, local, expert=e)
-    return Placement(prefix + "w13", "rows", tp.rank * local, local, 0 if part == "gate" else local, expert=e)
+        return Placement(prefix + "w2", "cols", start, width, expert=e)
+    return Placement(prefix + "w13", "rows", start, width, 0 if part == "gate" else width, expert=e)

@@ -17,6 +17,7 @@ import engine.distributed as dist_mod
 from engine import LLM, SamplingParams
 from engine.distributed import free_port
 from engine.model_runner import ModelRunner
+from model.moe import MoE
 from model.tiny import write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +57,32 @@ def test_spawned_tp2_equals_tp1(ckpt, reference, overlap, fusion):
         assert llm.stats()["used_kv_blocks"] == 0
     finally:
         llm.shutdown()
+
+
+@pytest.mark.parametrize("fuse_shared", [False, True], ids=["shared-apart", "shared-fusion-requested"])
+def test_spawned_tp2_expert_parallel_equals_tp1(ckpt, reference, fuse_shared):
+    # each rank holds 4 of the 8 routed experts whole and routes every token (ids of the other rank's experts ->
+    # -1); the shared expert stays tensor parallel, also where its fusion was asked for (a different width)
+    llm = LLM(str(ckpt), device="cpu", tensor_parallel_size=2, enable_expert_parallel=True,
+              enable_shared_experts_fusion=fuse_shared)
+    try:
+        moe = next(m for m in llm.engine.worker.model.modules() if isinstance(m, MoE))
+        assert (moe.partition.start, moe.partition.count, moe.experts.w13.shape[0]) == (0, 4, 4)
+        assert moe.partition.width == llm.engine.config.model.moe_intermediate_size
+        sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
+        outs = llm.generate(PROMPTS, sp, use_tqdm=False)
+        for a, b in zip(reference, outs):
+            assert a.outputs[0].token_ids == b.outputs[0].token_ids
+            for da, db in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+                assert da.keys() == db.keys() and all(abs(da[k].logprob - db[k].logprob) <= 1e-4 for k in da)
+        assert llm.stats()["used_kv_blocks"] == 0
+    finally:
+        llm.shutdown()
+
+
+def test_expert_parallel_needs_experts_divisible_by_tp(ckpt):
+    with pytest.raises(ValueError, match="enable_expert_parallel.*8 routed experts.*3"):
+        LLM(str(ckpt), device="cpu", tensor_parallel_size=3, enable_expert_parallel=True)
 
 
 def test_torchrun_tp2_equals_tp1(ckpt, reference, tmp_path):

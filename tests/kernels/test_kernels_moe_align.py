@@ -11,7 +11,8 @@ def _check_align(ids, e, bm, sorted_ids, bexp):
     s = sorted_ids.long().cpu()
     b = bexp.long().cpu()
     assert s.numel() == b.numel() * bm == max_blocks(np_, e, bm) * bm
-    counts = torch.bincount(flat, minlength=e)
+    here = flat >= 0  # -1: another rank's expert (expert parallelism), no sorted row
+    counts = torch.bincount(flat[here], minlength=e)
     nblk = (counts + bm - 1) // bm
     assert (b[: nblk.sum()] == torch.repeat_interleave(torch.arange(e), nblk)).all()
     assert (b[nblk.sum():] == -1).all()
@@ -22,10 +23,11 @@ def _check_align(ids, e, bm, sorted_ids, bexp):
         assert (rows[rows >= np_] == np_).all()
         assert (flat[real] == b[blk]).all()
         seen[real] += 1
-    assert (seen == 1).all()  # every pair exactly once
+    assert (seen[here] == 1).all() and (seen[~here] == 0).all()  # every local pair exactly once, no other
     assert (s[nblk.sum() * bm:] == np_).all()
     real = s[s < np_]
-    assert (real == flat.argsort(stable=True)).all()  # deterministic: index order within each expert
+    order = flat.argsort(stable=True)
+    assert (real == order[here[order]]).all()  # deterministic: index order within each expert
 
 
 @pytest.mark.parametrize("t,k,e,bm", [(1, 8, 160, 16), (1, 9, 161, 16), (13, 4, 8, 16), (40, 3, 5, 32), (7, 2, 64, 64)])
@@ -47,6 +49,20 @@ def test_moe_align_chunked(device, t, k, e, bm, small_max):
     with poisoned_empty():
         sorted_ids, bexp = moe_align(ids, e, bm, small_max=small_max)
     _check_align(ids, e, bm, sorted_ids, bexp)
+
+
+@pytest.mark.parametrize("t,k,e,bm,small_max", [(13, 4, 8, 16, 512), (300, 8, 20, 64, 0), (1, 9, 20, 16, 512)])
+def test_moe_align_skips_other_ranks_experts(device, t, k, e, bm, small_max):
+    """Expert parallelism: ids are this rank's experts or -1 (kernels.moe_local_ids); -1 pairs get no row, in the
+    one-program and the chunked path, including a token with no local pair and a rank with none at all."""
+    ids = torch.stack([torch.randperm(2 * e, device=device)[:k] for _ in range(t)]).to(torch.int32)
+    ids = torch.where(ids < e, ids, -1).to(torch.int32)
+    ids[0] = -1
+    with poisoned_empty():
+        sorted_ids, bexp = moe_align(ids, e, bm, small_max=small_max)
+    _check_align(ids, e, bm, sorted_ids, bexp)
+    if t == 1:
+        assert (bexp == -1).all()
 
 
 @pytest.mark.gpu

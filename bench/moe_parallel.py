@@ -5,12 +5,13 @@
 Every rank of a TP group runs the MoE layer on the same tokens (attention's output is replicated by its
 all-reduce); what a rank computes differs. Tensor parallel: a 1/tp slice of every expert's width (192 at TP8),
 the shared expert fused as expert 160 (the optimized preset). Expert parallel (--enable-expert-parallel): 1/tp of
-the routed experts whole (20 at TP8, width 1536), the shared expert a 1/tp slice beside them. This builds
-model.moe.MoE for the ranks (the real GLM-4.7 widths from configs/glm47-fp8, dummy FP8 per-channel weights, one
-router shared by all ranks), times each rank's forward (router, routing, id mapping, fused MoE, shared expert) by
-CUDA-graph replay, and reports the slowest rank, which the all-reduce after the layer waits for. Tensor-parallel
-ranks are alike (rank 0 is timed); expert-parallel ranks differ by the pairs the routing sends them, so each is
-timed, over --routings different token batches at decode sizes. The all-reduce (the same [T, 5120] message
+the routed experts whole (20 at TP8, width 1536), the shared expert fused too: whole on every rank, each rank
+computing it for 1/tp of the tokens. This builds model.moe.MoE for the ranks (the real GLM-4.7 widths from
+configs/glm47-fp8, dummy FP8 per-channel weights, one router shared by all ranks), times each rank's forward
+(router, routing, id mapping, fused MoE; x quantized per token beforehand, as the norm before the MoE does in
+the model) by CUDA-graph replay, and reports the slowest rank, which the all-reduce after the layer waits for.
+Tensor-parallel ranks are alike (rank 0 is timed); expert-parallel ranks differ by the pairs the routing sends
+them, so each is timed, over --routings different token batches at decode sizes. The all-reduce (the same [T, 5120] message
 either way) is not timed. % peak: the rank's own FLOPs over the FP8 datasheet peak (1,979 TFLOP/s).
 The routing is that of random tokens through a random router (about uniform over the experts): a real model's
 skew would load some expert-parallel ranks more than this shows.
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 
 import kernels
+from kernels.quant import quant_fp8_per_token_ref
 from model.config import ModelConfig, load_model_config
 from model.moe import MoE
 from model.parallel import TPGroup
@@ -71,24 +73,25 @@ def rank_work(moe: MoE, x: torch.Tensor) -> tuple[int, float]:
 
 
 def time_forward(moe: MoE, x: torch.Tensor, reps: int = 10) -> float:
-    """Median seconds of moe(x): CUDA-graph replays on a GPU, plain calls on the CPU."""
+    """Median seconds of moe(x, x_fp8): CUDA-graph replays on a GPU, plain calls on the CPU."""
+    xq = quant_fp8_per_token_ref(x)
     if x.device.type != "cuda":
-        moe(x)
+        moe(x, xq)
         times = []
         for _ in range(max(1, reps // 5)):
             t0 = time.perf_counter()
-            moe(x)
+            moe(x, xq)
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        moe(x)
-        moe(x)
+        moe(x, xq)
+        moe(x, xq)
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        moe(x)
+        moe(x, xq)
     g.replay()
     torch.cuda.synchronize()
     times = []
@@ -102,6 +105,31 @@ def time_forward(moe: MoE, x: torch.Tensor, reps: int = 10) -> float:
         times.append(a.elapsed_time(b) / 5e3)
     del g
     return statistics.median(times)
+
+
+def profile(cfg: ModelConfig, tp: int, t: int, device: torch.device) -> None:
+    """Kernel times of rank 0's forward at t tokens, tensor vs expert parallel (torch profiler, 5 eager calls; with
+    programmatic dependent launch a kernel's time includes its wait for the one before it)."""
+    h = cfg.hidden_size
+    gen = torch.Generator(device=device).manual_seed(0)
+    router = torch.randn(cfg.n_routed_experts, h, device=device, generator=gen) / h ** 0.5
+    x = torch.randn(t, h, device=device, generator=gen).to(torch.bfloat16)
+    xq = quant_fp8_per_token_ref(x)
+    for ep in (False, True):
+        moe = build_rank(cfg, tp, 0, ep, device, router)
+        moe(x, xq)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                moe(x, xq)
+            torch.cuda.synchronize()
+        print(f"--- {'EP' if ep else 'TP'}{tp} rank 0, {t} tokens: kernel time per forward")
+        rows = [(e.device_time_total / 5, e.count // 5, e.key) for e in prof.key_averages() if e.device_time_total > 0]
+        for us, n, key in sorted(rows, reverse=True)[:14]:
+            print(f"  {us:9.1f} us  x{n:<3} {key[:100]}")
+        print(f"  {sum(r[0] for r in rows):9.1f} us  total", flush=True)
+        del moe
+        torch.cuda.empty_cache()
 
 
 def measure(cfg: ModelConfig, tp: int, tokens: list[int], routings: int, device: torch.device) -> list[dict]:
@@ -153,9 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-dir", default=str(ROOT / "configs" / "glm47-fp8"))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", type=int, default=0, help="only print rank 0's kernel times at this many tokens")
     args = ap.parse_args(argv)
     cfg = load_model_config(args.model_dir)
     device = torch.device(args.device)
+    if args.profile:
+        with torch.no_grad():
+            profile(cfg, args.tp, args.profile, device)
+        return 0
     with torch.no_grad():
         rows = measure(cfg, args.tp, [int(t) for t in args.tokens.split(",")], args.routings, device)
     if args.json:

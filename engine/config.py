@@ -79,9 +79,10 @@ class ParallelConfig:
         flags=("--enable-allreduce-fusion", "--enable-flashinfer-allreduce-fusion"), type=bool)
     enable_expert_parallel: bool = option(
         "enable_expert_parallel", False, "MoE layers split their routed experts across the tensor-parallel ranks "
-        "(1/tp of the experts each, at full width) instead of slicing every expert's width; attention and the "
-        "shared expert stay tensor parallel. Faster prefill at TP4/TP8 (full-width expert GEMMs, 1/tp of the "
-        "down GEMM's rows per rank); small decode batches wait on the rank that drew the most experts",
+        "(1/tp of the experts each, at full width) instead of slicing every expert's width; attention stays "
+        "tensor parallel, the shared expert too (with --enable-shared-experts-fusion it is kept whole on every "
+        "rank, each computing it for 1/tp of the tokens). Faster prefill at TP4/TP8 (full-width expert GEMMs, 1/tp "
+        "of the down GEMM's rows per rank); small decode batches wait on the rank that drew the most experts",
         flags=("--enable-expert-parallel", "--enable-ep-moe"), type=bool)
 
 

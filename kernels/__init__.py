@@ -7,6 +7,7 @@ from kernels.dispatch import (
     fp8_linear_channel,
     fused_moe,
     moe_gate_route,
+    moe_local_ids,
     moe_route,
     one_shot_all_reduce,
     one_shot_all_reduce_add_rms_norm,
@@ -19,7 +20,6 @@ from kernels.dispatch import (
     silu_mul,
     store_kv,
 )
-from kernels.moe_routing import moe_local_ids
 from kernels.rope import rope_cos_sin_cache
 
 __all__ = [

@@ -27,7 +27,7 @@ from kernels.activation import silu_mul_ref
 from kernels.attention import cache_values_ref, paged_attention_ref, store_kv_ref
 from kernels.fp8_linear import fp8_linear_block_ref, fp8_linear_channel_ref
 from kernels.fused_moe import fused_moe_ref
-from kernels.moe_routing import moe_route_ref
+from kernels.moe_routing import moe_local_ids_ref, moe_route_ref
 from kernels.norm import add_rms_norm_ref, rms_norm_ref
 from kernels.packed_kv import PackedKV, gather_packed
 from kernels.rope import qk_norm_rope_ref
@@ -47,6 +47,7 @@ TRITON_OPS = frozenset({
     "moe_route",
     "moe_gate_route",
     "rms_norm_gate_route",
+    "moe_local_ids",
     "fused_moe",
     "paged_attention",
     "gather_packed_kv",
@@ -281,6 +282,14 @@ def moe_route(
         router_logits, correction_bias, top_k, n_group, topk_group, renormalize, routed_scaling_factor,
         num_fused_shared_experts,
     )
+
+
+def moe_local_ids(topk_ids: torch.Tensor, start: int, count: int,
+                  shared_owner: tuple[int, int] | None = None) -> torch.Tensor:
+    """Expert parallelism: this rank's expert ids, -1 elsewhere (kernels.moe_routing.moe_local_ids_ref)."""
+    if _use("moe_local_ids", topk_ids):
+        return _triton("moe_routing").moe_local_ids(topk_ids, start, count, shared_owner)
+    return moe_local_ids_ref(topk_ids, start, count, shared_owner)
 
 
 def moe_gate_route(

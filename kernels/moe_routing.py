@@ -59,9 +59,19 @@ def moe_gate_route_ref(
                          num_fused_shared_experts)
 
 
-def moe_local_ids(topk_ids: torch.Tensor, start: int, count: int) -> torch.Tensor:
-    """Expert parallelism: global expert ids -> this rank's ids (experts [start, start + count) become 0..count-1)
-    and -1 for an expert on another rank (fused_moe(remote_ids=True) skips those pairs). Plain torch on every
-    device: a few elementwise launches over [T, k] int32, captured with the rest of a CUDA graph."""
+
+def moe_local_ids_ref(topk_ids: torch.Tensor, start: int, count: int,
+                      shared_owner: tuple[int, int] | None = None) -> torch.Tensor:
+    """Expert parallelism: global expert ids [T, k (+1)] -> this rank's (experts [start, start + count) become
+    0..count-1) and -1 for an expert on another rank (fused_moe(remote_ids=True) skips those pairs).
+
+    shared_owner = (rank, ranks): the last column is the fused shared expert (moe_route's id E), stored whole on
+    every rank as local expert `count`; token t's shared pair is computed by rank t % ranks only, so each rank takes
+    1/ranks of the shared expert's rows and the all-reduce adds it once."""
     local = topk_ids - start
-    return torch.where((local >= 0) & (local < count), local, torch.full_like(local, -1))
+    out = torch.where((local >= 0) & (local < count), local, torch.full_like(local, -1))
+    if shared_owner is not None:
+        rank, ranks = shared_owner
+        tok = torch.arange(topk_ids.shape[0], device=topk_ids.device)
+        out[:, -1] = torch.where(tok % ranks == rank, count, -1).to(out.dtype)
+    return out

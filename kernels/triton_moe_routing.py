@@ -431,5 +431,37 @@ def rms_norm_gate_route(
     return y, summed, yq, w, ids
 
 
-__all__ = ["moe_route", "moe_gate_route", "rms_norm_gate_route", "router_logits", "router_logit_parts",
+
+@triton.jit
+def _local_ids_kernel(ids_ptr, out_ptr, NT, START, COUNT, RANK, RANKS, K: tl.constexpr, K_P: tl.constexpr,
+                      BLOCK_T: tl.constexpr, SHARED: tl.constexpr):
+    """moe_local_ids_ref for BLOCK_T tokens: one launch instead of a handful of elementwise ones."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    j = tl.arange(0, K_P)
+    m = (t[:, None] < NT) & (j[None, :] < K)
+    off = t[:, None] * K + j[None, :]
+    local = tl.load(ids_ptr + off, mask=m, other=-1) - START
+    local = tl.where((local >= 0) & (local < COUNT), local, -1)
+    if SHARED:
+        mine = (t % RANKS) == RANK
+        local = tl.where(j[None, :] == K - 1, tl.where(mine[:, None], COUNT, -1), local)
+    tl.store(out_ptr + off, local, mask=m)
+
+
+def moe_local_ids(topk_ids: torch.Tensor, start: int, count: int,
+                  shared_owner: tuple[int, int] | None = None) -> torch.Tensor:
+    """kernels.moe_routing.moe_local_ids_ref in one launch (int32 ids [T, k], contiguous)."""
+    ids = topk_ids.contiguous()
+    out = torch.empty_like(ids)
+    t, k = ids.shape
+    if t == 0:
+        return out
+    rank, ranks = shared_owner if shared_owner is not None else (0, 1)
+    block = 128
+    _local_ids_kernel[(cdiv(t, block),)](ids, out, t, start, count, rank, ranks, K=k, K_P=next_pow2(k),
+                                         BLOCK_T=block, SHARED=shared_owner is not None, num_warps=4)
+    return out
+
+
+__all__ = ["moe_route", "moe_gate_route", "moe_local_ids", "rms_norm_gate_route", "router_logits", "router_logit_parts",
            "split_bf16_exact", "split_bf16_stacked", "GATE_ROUTE_MAX_T"]

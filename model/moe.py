@@ -6,8 +6,9 @@ token with weight 1.0 (one fused MoE call instead of two GEMM chains).
 
 Under expert parallelism (model.parallel.ExpertPartition) a rank stores its 1/tp of the routed experts whole; every
 rank routes every token, maps the chosen ids to its own (-1 elsewhere) and computes only its pairs. The shared expert
-is then a tensor-parallel DenseMLP (not fused: its width differs from the routed experts'). Either way the output is
-this rank's partial sum, which the next norm all-reduces."""
+is a tensor-parallel DenseMLP, or with fuse_shared_experts stored whole on every rank as local expert `count`, each
+token's shared pair computed by rank t % tp alone (kernels.moe_local_ids). Either way the output is this rank's
+partial sum, which the next norm all-reduces."""
 from __future__ import annotations
 
 import torch
@@ -57,8 +58,7 @@ class MoE(nn.Module):
         self.tp = tp
         self.partition = ExpertPartition.build(cfg.n_routed_experts, cfg.moe_intermediate_size, tp,
                                                plan.expert_parallel)
-        self.fused_shared = (plan.fuse_shared_experts and cfg.n_shared_experts > 0
-                             and not self.partition.expert_parallel)
+        self.fused_shared = plan.fuse_shared_experts and cfg.n_shared_experts > 0
         self.gate = Router(cfg, device)
         num_slots = self.partition.count + (1 if self.fused_shared else 0)
         quant = plan.experts(f"{prefix}.experts.0", self.partition.width)
@@ -92,7 +92,8 @@ class MoE(nn.Module):
         weights, ids = routing if routing is not None else kernels.moe_gate_route(x, *self._routing_args())
         part = self.partition
         if part.expert_parallel:
-            ids = kernels.moe_local_ids(ids, part.start, part.count)
+            owner = (self.tp.rank, self.tp.size) if self.fused_shared else None
+            ids = kernels.moe_local_ids(ids, part.start, part.count, owner)
         ex = self.experts
         xf, xs = x_q if x_q is not None and ex.quant == "fp8_channel" else (None, None)
         out = kernels.fused_moe(x, ex.w13, ex.w2, weights, ids, ex.w13_scale, ex.w2_scale, ex.quant,

@@ -100,8 +100,9 @@ class ExpertPartition:
 
     Tensor parallel (the default): all of them, each a 1/tp slice of its intermediate width. Expert parallel
     (--enable-expert-parallel, tp > 1): a contiguous 1/tp of the experts at full width, so a rank's MoE GEMMs run
-    at the full width and write y rows only for the pairs routed to its experts. The shared expert stays tensor
-    parallel either way (a 1/tp slice on every rank), which keeps its work, the same for every token, balanced."""
+    at the full width and write y rows only for the pairs routed to its experts. The shared expert is balanced
+    either way: a 1/tp slice on every rank, or (fused, expert parallel) whole on every rank for 1/tp of the tokens
+    (model.moe.MoE)."""
 
     start: int  # global id of the first local routed expert
     count: int  # local routed experts

@@ -157,9 +157,10 @@ def _in_layer(cfg: ModelConfig, layer: int, rest: str, prefix: str, tp: TPGroup,
     m = re.fullmatch(r"mlp\.shared_experts\.(gate|up|down)_proj\.weight", rest)
     if m:
         inter = cfg.moe_intermediate_size * cfg.n_shared_experts
-        if fuse and not part.expert_parallel:  # model.moe.MoE fuses it only without expert parallelism
-            local = inter // tp.size
-            return _expert(prefix + "mlp.experts.", part.count, m.group(1), tp.rank * local, local)
+        if fuse:  # local expert `count`: a 1/tp slice, or whole under expert parallelism (model.moe)
+            local = inter if part.expert_parallel else inter // tp.size
+            start = 0 if part.expert_parallel else tp.rank * local
+            return _expert(prefix + "mlp.experts.", part.count, m.group(1), start, local)
         return _mlp(prefix + "mlp.shared_experts.", m.group(1), inter, tp)
     m = re.fullmatch(r"mlp\.(gate|up|down)_proj\.weight", rest)
     if m and not cfg.is_moe_layer(layer):

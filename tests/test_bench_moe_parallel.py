@@ -30,6 +30,6 @@ def test_cpu_run_reports_both_layouts(tiny_fp8, tmp_path, capsys):
 
 def test_a_pair_lost_between_ranks_is_caught(tiny_fp8, monkeypatch):
     real = moe_parallel.kernels.moe_local_ids
-    monkeypatch.setattr(moe_parallel.kernels, "moe_local_ids", lambda ids, s, c: real(ids, s, c - 1))
+    monkeypatch.setattr(moe_parallel.kernels, "moe_local_ids", lambda ids, s, c, *a: real(ids, s, c - 1, *a))
     with pytest.raises(AssertionError):
         moe_parallel.main(["--model-dir", str(tiny_fp8), "--tp", "2", "--tokens", "16", "--device", "cpu"])

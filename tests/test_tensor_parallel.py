@@ -59,15 +59,16 @@ def test_spawned_tp2_equals_tp1(ckpt, reference, overlap, fusion):
         llm.shutdown()
 
 
-@pytest.mark.parametrize("fuse_shared", [False, True], ids=["shared-apart", "shared-fusion-requested"])
+@pytest.mark.parametrize("fuse_shared", [False, True], ids=["shared-tp", "shared-fused"])
 def test_spawned_tp2_expert_parallel_equals_tp1(ckpt, reference, fuse_shared):
     # each rank holds 4 of the 8 routed experts whole and routes every token (ids of the other rank's experts ->
-    # -1); the shared expert stays tensor parallel, also where its fusion was asked for (a different width)
+    # -1); the shared expert is tensor parallel, or fused: whole on both ranks, token t's pair on rank t % 2
     llm = LLM(str(ckpt), device="cpu", tensor_parallel_size=2, enable_expert_parallel=True,
               enable_shared_experts_fusion=fuse_shared)
     try:
         moe = next(m for m in llm.engine.worker.model.modules() if isinstance(m, MoE))
-        assert (moe.partition.start, moe.partition.count, moe.experts.w13.shape[0]) == (0, 4, 4)
+        assert (moe.partition.start, moe.partition.count) == (0, 4)
+        assert moe.experts.w13.shape[0] == 4 + fuse_shared and (moe.shared_experts is None) == fuse_shared
         assert moe.partition.width == llm.engine.config.model.moe_intermediate_size
         sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
         outs = llm.generate(PROMPTS, sp, use_tqdm=False)

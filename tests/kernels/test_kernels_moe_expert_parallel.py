@@ -5,17 +5,32 @@ import pytest
 import torch
 
 from kernels.fused_moe import fused_moe_ref
-from kernels.moe_routing import moe_local_ids
+from kernels.moe_routing import moe_local_ids_ref
+from kernels.triton_moe_routing import moe_local_ids
 from kernels.triton_moe import fused_moe
 from kernel_helpers import poisoned_empty, rel_err
 from test_kernels_fused_moe import CFG_BIG, CFG_SPLIT, CFG_TMA, make_experts, routing
 
 
-def test_moe_local_ids():
-    ids = torch.tensor([[0, 3, 4, 7], [5, 6, 2, 1]], dtype=torch.int32)
-    assert moe_local_ids(ids, 4, 4).tolist() == [[-1, -1, 0, 3], [1, 2, -1, -1]]
-    assert moe_local_ids(ids, 0, 4).tolist() == [[0, 3, -1, -1], [-1, -1, 2, 1]]
-    assert moe_local_ids(ids, 0, 4).dtype == torch.int32
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+def test_moe_local_ids(device, impl):
+    f = moe_local_ids_ref if impl == "ref" else moe_local_ids
+    ids = torch.tensor([[0, 3, 4, 7], [5, 6, 2, 1]], dtype=torch.int32, device=device)
+    assert f(ids, 4, 4).tolist() == [[-1, -1, 0, 3], [1, 2, -1, -1]]
+    assert f(ids, 0, 4).tolist() == [[0, 3, -1, -1], [-1, -1, 2, 1]]
+    assert f(ids, 0, 4).dtype == torch.int32
+    # the fused shared expert (id 8 in the last column): local expert `count` on rank t % ranks only
+    ids = torch.tensor([[1, 5, 8], [6, 2, 8], [0, 7, 8]], dtype=torch.int32, device=device)
+    assert f(ids, 4, 4, (1, 2)).tolist() == [[-1, 1, -1], [2, -1, 4], [-1, 3, -1]]
+    assert f(ids, 0, 4, (0, 2)).tolist() == [[1, -1, 4], [-1, 2, -1], [0, -1, 4]]
+
+
+def test_moe_local_ids_many_tokens(device):
+    """More tokens than one program's block, k not a power of two: the kernel equals the reference."""
+    ids = torch.randint(0, 161, (300, 9), dtype=torch.int32, device=device)
+    ids[:, -1] = 160
+    for owner in (None, (3, 8)):
+        assert torch.equal(moe_local_ids(ids, 60, 20, owner), moe_local_ids_ref(ids, 60, 20, owner))
 
 
 # (path, config, quant): every way fused_moe reduces the top-k set
@@ -51,6 +66,28 @@ def test_expert_parallel_ranks_sum_to_the_whole(device, path, cfg, quant):
             assert torch.equal(out[0], torch.zeros_like(out[0]))
         total += out.float()
     assert rel_err(total, whole.float()) < 1e-2  # two bf16 roundings instead of one
+
+
+@pytest.mark.parametrize("path,cfg", [("pairs", dict(CFG_SPLIT, PAIR_MAX=64)), ("top-k sum", CFG_BIG)])
+def test_expert_parallel_fused_shared_expert(device, path, cfg):
+    """The shared expert fused (moe_route's id E in the last column), stored whole on each rank as local expert
+    `count`: rank t % ranks computes token t's shared pair, so the ranks still sum to the whole MoE."""
+    t, e, h, inter, k, ranks = 21, 8, 128, 64, 2, 2
+    per = e // ranks
+    x = torch.randn(t, h, device=device, dtype=torch.bfloat16)
+    w13, w2, s13, s2 = make_experts(e + 1, h, inter, "fp8_channel", device)  # expert e: the shared one
+    tw, ti = routing(t, e + 1, k, device, shared=True)
+    whole = fused_moe_ref(x, w13, w2, tw, ti, s13, s2, "fp8_channel")
+    total = torch.zeros(t, h, device=device)
+    for r in range(ranks):
+        keep = list(range(r * per, (r + 1) * per)) + [e]
+        local = moe_local_ids_ref(ti, r * per, per, (r, ranks))
+        assert (local[:, -1] >= 0).sum() == len(range(r, t, ranks))
+        with poisoned_empty():
+            out = fused_moe(x, w13[keep], w2[keep], tw, local, s13[keep], s2[keep], "fp8_channel", config=cfg,
+                            remote_ids=True)
+        total += out.float()
+    assert rel_err(total, whole.float()) < 1e-2
 
 
 def test_persistent_case_takes_the_persistent_kernel(device, monkeypatch):

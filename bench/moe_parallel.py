@@ -11,8 +11,8 @@ configs/glm47-fp8, dummy FP8 per-channel weights, one router shared by all ranks
 (router, routing, id mapping, fused MoE; x quantized per token beforehand, as the norm before the MoE does in
 the model) by CUDA-graph replay, and reports the slowest rank, which the all-reduce after the layer waits for.
 Tensor-parallel ranks are alike (rank 0 is timed); expert-parallel ranks differ by the pairs the routing sends
-them, so each is timed, over --routings different token batches at decode sizes. The all-reduce (the same [T, 5120] message
-either way) is not timed. % peak: the rank's own FLOPs over the FP8 datasheet peak (1,979 TFLOP/s).
+them, so each is timed, over --routings different token batches at decode sizes. The all-reduce (the same
+[T, 5120] message either way) is not timed. % peak: the rank's own FLOPs over the FP8 datasheet peak (1,979 TFLOP/s).
 The routing is that of random tokens through a random router (about uniform over the experts): a real model's
 skew would load some expert-parallel ranks more than this shows.
 """

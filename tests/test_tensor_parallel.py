@@ -171,8 +171,10 @@ def test_spawned_tp2_speculation_equals_tp1_plain(ckpt, method, prompt, counter)
     prompts = [{"prompt_token_ids": prompt}, {"prompt_token_ids": list(range(200, 230))}]
     sp = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
     ref = LLM(str(ckpt), device="cpu").generate(prompts, sp, use_tqdm=False)
-    # mtp with the fused all-reduce: verify chains and the NextN layer's extend / chain steps through it too
+    # mtp with the fused all-reduce and expert parallelism: verify chains and the NextN layer's extend / chain steps
+    # through them too (the NextN layer's MoE holds half the experts on each rank)
     llm = LLM(str(ckpt), device="cpu", tensor_parallel_size=2, allreduce_fusion=method == "mtp",
+              enable_expert_parallel=method == "mtp",
               speculative_config={"method": method, "num_speculative_tokens": 4})
     try:
         outs = llm.generate(prompts, sp, use_tqdm=False)

@@ -63,6 +63,7 @@ from engine.allocator_events import allocator_events
 from engine.block_tables import BlockTables
 from kernels import fa4_prefill
 from model.attention import PREFILL_ATTENTION_BACKENDS, resolve_prefill_attention_backend
+from model.moe import MoE
 
 SCHEMA = "glint.bench.engine/1"
 # issue 6 item 5
@@ -192,10 +193,14 @@ def decode_bytes(
     distinct_experts: float | None = None,
 ) -> dict:
     """Bytes one decode step of `batch` sequences reads, by category, from the model's own tensors.
-    `distinct_experts`: routed experts touched per MoE layer (default: the uniform-routing expectation)."""
+    `distinct_experts`: routed experts touched per MoE layer (default: the uniform-routing expectation). Under
+    expert parallelism a rank holds `count` of the E experts, so it is expected to touch count / E of them (the
+    mean rank; the slowest rank of a step touches more)."""
     cats: dict[str, float] = {}
     e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
     touched = expected_distinct_experts(e, k, batch) if distinct_experts is None else distinct_experts
+    local = next((m.partition.count for m in model.modules() if isinstance(m, MoE)), e)
+    touched_here = touched * local / e
 
     def add(cat: str, n: float) -> None:
         cats[cat] = cats.get(cat, 0.0) + n
@@ -209,9 +214,9 @@ def decode_bytes(
         elif ".mlp.experts." in name:
             slots = p.shape[0]
             per = nbytes / slots
-            add("routed_experts", per * touched)
-            if slots > e:  # shared expert fused as slot E
-                add("shared_expert", per * (slots - e))
+            add("routed_experts", per * touched_here)
+            if slots > local:  # shared expert fused as the slot after the routed ones
+                add("shared_expert", per * (slots - local))
         elif name.startswith("lm_head."):
             add("lm_head", nbytes)
         elif ".self_attn." in name:

@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8_e4m3"])
     ap.add_argument("--enable-shared-experts-fusion", action="store_true")
     ap.add_argument("--enable-fused-qk-norm-rope", action="store_true")
+    ap.add_argument("--enable-expert-parallel", action="store_true",
+                    help="MoE experts split across the ranks whole (see bench.moe_parallel for one layer)")
     ap.add_argument("--enable-allreduce-fusion", action="store_true",
                     help="one-shot all-reduce fused with the norms (its kernel counts as all-reduce time)")
     ap.add_argument("--tpot-tokens", type=int, default=128, help="0: skip the end-to-end TTFT/TPOT")
@@ -177,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         enable_shared_experts_fusion=args.enable_shared_experts_fusion,
         enable_fused_qk_norm_rope=args.enable_fused_qk_norm_rope,
         allreduce_fusion=args.enable_allreduce_fusion,
+        enable_expert_parallel=args.enable_expert_parallel,
     )
     worker = llm.engine.worker
     model, mcfg = worker.model, llm.engine.model_config
@@ -194,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         "flags": {
             k: getattr(args, k)
             for k in ("kv_cache_dtype", "enable_shared_experts_fusion", "enable_fused_qk_norm_rope",
-                      "enable_allreduce_fusion")
+                      "enable_allreduce_fusion", "enable_expert_parallel")
         },
         "weight_bytes_per_gpu": sum(p.numel() * p.element_size() for p in model.parameters()),
         "memory_allocated_GiB_rank0": torch.cuda.memory_allocated(device) / 2**30

@@ -64,6 +64,27 @@ def _meta_model(num_layers: int):
     return cfg, model
 
 
+def test_decode_bytes_under_expert_parallelism():
+    """A TP8 rank reads a 1/8 slice of each touched expert; an EP8 rank whole experts, 1/8 of the touched ones on
+    average: the same expected routed bytes. With the shared expert fused, EP stores it whole (8x TP's slice)."""
+    from model.glm4_moe import Glm4MoeForCausalLM
+    from model.parallel import TPGroup
+    from model.quant_plan import QuantPlan
+
+    cfg = config_from_dict(real_shape_config(4, 3), Path("<test>/config.json"))
+    kv = {i: (torch.empty(1, 16, 1, 128, dtype=torch.bfloat16, device="meta"),) * 2 for i in range(4)}
+    got = {}
+    for ep in (False, True):
+        plan = QuantPlan(cfg, "fp8_channel", None, fuse_shared_experts=True, expert_parallel=ep)
+        model = Glm4MoeForCausalLM(cfg, plan, TPGroup(0, 8), dtype=torch.bfloat16, device="meta")
+        got[ep] = {b: decode_bytes(model, cfg, b, 4096, kv) for b in (1, 64)}
+    for b in (1, 64):
+        # equal but for the per-channel scales: a TP rank keeps every touched expert's full [5120] down scales
+        assert got[True][b]["routed_experts"] == pytest.approx(got[False][b]["routed_experts"], rel=0.01)
+        assert got[True][b]["shared_expert"] == pytest.approx(8 * got[False][b]["shared_expert"], rel=0.01)
+    assert got[True][1]["routed_experts"] == pytest.approx(8 / 8 * 3 * 1536 * 5120, rel=0.01)  # 1 MoE layer
+
+
 def test_floors_match_reference_arithmetic():
     # reference/performance.md section 6: 8 experts at B=1, about 154 at B=64 (160 experts, top-8)
     assert expected_distinct_experts(160, 8, 1) == pytest.approx(8.0)
@@ -161,9 +182,11 @@ def test_cpu_smoke_run(tmp_path):
     assert next(row for row in r["summary"] if row["name"].startswith("decode B=1"))["target"] == 1.5
 
 
-def test_tp_decode_cpu_smoke(tmp_path):
+@pytest.mark.parametrize("expert_parallel", [False, True], ids=["tp", "ep"])
+def test_tp_decode_cpu_smoke(tmp_path, expert_parallel):
     """bench.tp_decode end to end on CPU: TP2 ranks spawned with gloo, tiny widths, with the served fusions and
-    the fused all-reduce (the one-shot kernel under the interpreter, TRITON_INTERPRET from tests/conftest.py)."""
+    the fused all-reduce (the one-shot kernel under the interpreter, TRITON_INTERPRET from tests/conftest.py);
+    with expert parallelism each rank holds 4 of the 8 experts whole."""
     out = tmp_path / "tp.json"
     widths = ["hidden_size=64", "n_routed_experts=8", "num_experts_per_tok=2", "num_attention_heads=4",
               "num_key_value_heads=2", "head_dim=32", "intermediate_size=128", "moe_intermediate_size=32",
@@ -172,10 +195,12 @@ def test_tp_decode_cpu_smoke(tmp_path):
            "--dense-layers", "1", *[a for w in widths for a in ("--set", w)], "--batches", "1,3", "--context", "40",
            "--prefill", "48", "--tpot-tokens", "4", "--enable-shared-experts-fusion", "--enable-fused-qk-norm-rope",
            "--enable-allreduce-fusion", "--model-root", str(tmp_path / "models"), "--out", str(out)]
+    cmd += ["--enable-expert-parallel"] if expert_parallel else []
     proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["tp"] == 2 and sorted(r["decode"]) == ["1", "3"] and r["flags"]["enable_allreduce_fusion"]
+    assert r["flags"]["enable_expert_parallel"] == expert_parallel
     for d in r["decode"].values():
         assert _finite(d["median_ms"]) and _finite(d["floor_ms"]) and _finite(d["ratio_vs_floor"])
         assert d["bytes_rank0"]["weights_total"] < r["weight_bytes_per_gpu"] + 1  # a rank's shard, not more

@@ -432,7 +432,7 @@ def rms_norm_gate_route(
 
 
 
-@triton.jit
+@triton.jit(**token_counts("NT"))
 def _local_ids_kernel(ids_ptr, out_ptr, NT, START, COUNT, RANK, RANKS, K: tl.constexpr, K_P: tl.constexpr,
                       BLOCK_T: tl.constexpr, SHARED: tl.constexpr):
     """moe_local_ids_ref for BLOCK_T tokens: one launch instead of a handful of elementwise ones."""

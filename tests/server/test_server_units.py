@@ -90,6 +90,7 @@ def test_engine_kwargs_mapping():
         "tensor_parallel_size": 2,
         "base_gpu_id": None,
         "allreduce_fusion": False,
+        "enable_expert_parallel": False,
         "dtype": "bfloat16",
         "device": "cuda",
         "max_model_len": 8192,

@@ -59,7 +59,6 @@ def moe_gate_route_ref(
                          num_fused_shared_experts)
 
 
-
 def moe_local_ids_ref(topk_ids: torch.Tensor, start: int, count: int,
                       shared_owner: tuple[int, int] | None = None) -> torch.Tensor:
     """Expert parallelism: global expert ids [T, k (+1)] -> this rank's (experts [start, start + count) become

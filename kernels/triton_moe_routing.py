@@ -431,7 +431,6 @@ def rms_norm_gate_route(
     return y, summed, yq, w, ids
 
 
-
 @triton.jit(**token_counts("NT"))
 def _local_ids_kernel(ids_ptr, out_ptr, NT, START, COUNT, RANK, RANKS, K: tl.constexpr, K_P: tl.constexpr,
                       BLOCK_T: tl.constexpr, SHARED: tl.constexpr):
@@ -463,5 +462,5 @@ def moe_local_ids(topk_ids: torch.Tensor, start: int, count: int,
     return out
 
 
-__all__ = ["moe_route", "moe_gate_route", "moe_local_ids", "rms_norm_gate_route", "router_logits", "router_logit_parts",
-           "split_bf16_exact", "split_bf16_stacked", "GATE_ROUTE_MAX_T"]
+__all__ = ["moe_route", "moe_gate_route", "moe_local_ids", "rms_norm_gate_route", "router_logits",
+           "router_logit_parts", "split_bf16_exact", "split_bf16_stacked", "GATE_ROUTE_MAX_T"]

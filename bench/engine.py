@@ -57,6 +57,7 @@ from typing import Any
 
 import torch
 
+from bench.emulated_rank import emulated_dist
 from bench.host_profile import host_breakdown, print_host_breakdown
 from bench.real_shape import parse_overrides, real_shape_model_dir
 from engine.allocator_events import allocator_events
@@ -418,12 +419,14 @@ def run_step_benchmarks(
         enforce_eager=args.enforce_eager,
         enable_shared_experts_fusion=args.enable_shared_experts_fusion,
         enable_fused_qk_norm_rope=args.enable_fused_qk_norm_rope,
+        enable_expert_parallel=args.enable_expert_parallel,
         prefill_attention_backend=args.prefill_attention_backend,
         **({} if args.piecewise_cuda_graph_max_tokens is None
            else {"piecewise_cuda_graph_max_tokens": args.piecewise_cuda_graph_max_tokens}),
     )
     t0 = time.perf_counter()
-    worker = ModelWorker(cfg, single_process())
+    # --emulate-tp N: rank 0 of a TP group of N alone (bench/emulated_rank.py): its shapes, no collectives
+    worker = ModelWorker(cfg, single_process() if args.emulate_tp == 1 else emulated_dist(args.emulate_tp))
     load_s = time.perf_counter() - t0
     runner, model, mcfg = worker.runner, worker.model, cfg.model
     fp8 = model_is_fp8(model)
@@ -440,6 +443,8 @@ def run_step_benchmarks(
         "cuda_graphs": runner.graphs is not None,
         "shared_experts_fusion": args.enable_shared_experts_fusion,
         "fused_qk_norm_rope": args.enable_fused_qk_norm_rope,
+        "emulated_tp": args.emulate_tp,
+        "expert_parallel": args.enable_expert_parallel,
         "startup_s": load_s,
         "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
     }
@@ -489,7 +494,8 @@ def run_step_benchmarks(
             if pieces is not None:
                 eager_prefill = time_fn(functools.partial(runner.run, inp), device, warmup=_iters(device, 2, 1),
                                         iters=_iters(device, 5, 2))
-        flops = prefill_flops(mcfg, args.prefill, args.prefill_prefix)
+        # an emulated rank computes 1/N of the FLOPs (heads, widths, or under EP its experts on average)
+        flops = {k: v / args.emulate_tp for k, v in prefill_flops(mcfg, args.prefill, args.prefill_prefix).items()}
         lin_peak = peaks["fp8_tflops"] if fp8 and peaks.get("fp8_tflops") else peaks["mm_tflops"]
         floor_ms = (flops["linear"] / (lin_peak * 1e12) + flops["attention"] / (peaks["mm_tflops"] * 1e12)) * 1e3
         results["prefill"] = {
@@ -1001,6 +1007,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--host-profile", action="store_true",
                     help="the prefill's host enqueue time against its finish, and where the host time goes (cProfile)")
     ap.add_argument("--enable-shared-experts-fusion", action="store_true", help="shared expert as expert E")
+    ap.add_argument("--emulate-tp", type=int, default=1,
+                    help="build and time rank 0 of a TP group of this size alone (its heads, widths or experts; no "
+                         "collectives, floors per rank); with --enable-expert-parallel the MoE layers split experts")
+    ap.add_argument("--enable-expert-parallel", action="store_true",
+                    help="MoE experts split across the (emulated) ranks whole, not sliced")
     ap.add_argument("--enable-fused-qk-norm-rope", action="store_true", help="QK-norm + RoPE + KV store fused")
     ap.add_argument("--seed", type=int, default=0)
     for flag, key in _WIDTH_FLAGS.items():

@@ -8,7 +8,8 @@
 # run; the first run on a fresh machine also compiles the Triton cache), SHARDS ("1 4 8"), SHAPES ("4096:0 16384:0
 # 16384:4096": new:cached tokens), PY (the interpreter: bench/fa4_wheels.sh's venv for fa4), EXTRA (more bench.engine
 # arguments: EXTRA=--profile SHARDS=8 SHAPES=16384:0 profiles the TP8 shard), SHARD_SHAPES (the shapes the TP4 / TP8
-# shard widths run, of SHAPES: "16384:0").
+# shard widths run, of SHAPES: "16384:0"). SHARDS may also name "8rank" (rank 0 of TP8 built alone: the same
+# widths through the TP code path, floors per rank) and "8ep" (that with --enable-expert-parallel: 20 experts whole).
 # Backend "fa4paged": fa4 with its packed-K/V gather and its fresh-K/V prompts off (every step over the pages: the
 # session-20 behaviour).
 set -u
@@ -23,6 +24,10 @@ SHARD_SHAPES=${SHARD_SHAPES:-"16384:0"}
 EXTRA=${EXTRA:-}  # more bench.engine arguments, e.g. "--profile" (each run's full log: $OUT/<run>.log)
 shard_args() {  # GLM-4.7: 96 heads / 8 KV heads, MoE expert width 1536, dense width 12288
     [ "$1" = 1 ] && return
+    case "$1" in  # rank 0 of a TP group built alone (bench/emulated_rank.py), experts sliced / whole (EP)
+        *rank) echo "--emulate-tp ${1%rank}"; return;;
+        *ep) echo "--emulate-tp ${1%ep} --enable-expert-parallel"; return;;
+    esac
     echo "--heads $((96 / $1)) --kv-heads $(( 8 / $1 > 0 ? 8 / $1 : 1 )) --moe-intermediate $((1536 / $1)) --intermediate $((12288 / $1))"
 }
 backend_args() {

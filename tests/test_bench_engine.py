@@ -182,6 +182,24 @@ def test_cpu_smoke_run(tmp_path):
     assert next(row for row in r["summary"] if row["name"].startswith("decode B=1"))["target"] == 1.5
 
 
+def test_emulated_rank_run(tmp_path):
+    """--emulate-tp 2 --enable-expert-parallel: the worker builds rank 0 of TP2 alone (half the heads, 4 of the 8
+    experts whole) and runs decode and prefill steps without collectives; the prefill floor is the rank's half."""
+    out, ref_out = tmp_path / "emu.json", tmp_path / "one.json"
+    base = [sys.executable, "-m", "bench.engine", *SMOKE[: SMOKE.index("--hf-layers")], "--hf-layers", "0",
+            "--no-hf", "--model-root", str(tmp_path / "models")]
+    for cmd, dest in ((base + ["--emulate-tp", "2", "--enable-expert-parallel"], out), (base, ref_out)):
+        proc = subprocess.run(cmd + ["--out", str(dest)], check=False, cwd=ROOT, capture_output=True, text=True,
+                              timeout=240)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r, one = json.loads(out.read_text()), json.loads(ref_out.read_text())
+    assert r["main_model"]["emulated_tp"] == 2 and r["main_model"]["expert_parallel"]
+    assert _finite(r["prefill"]["ms"]) and r["prefill"]["floor_ms"] == pytest.approx(one["prefill"]["floor_ms"] / 2,
+                                                                                      rel=0.05)
+    # the rank holds half the attention and KV heads and half the experts (whole): fewer weight bytes than TP1
+    assert r["main_model"]["weight_bytes"] < 0.75 * one["main_model"]["weight_bytes"]
+
+
 @pytest.mark.parametrize("expert_parallel", [False, True], ids=["tp", "ep"])
 def test_tp_decode_cpu_smoke(tmp_path, expert_parallel):
     """bench.tp_decode end to end on CPU: TP2 ranks spawned with gloo, tiny widths, with the served fusions and

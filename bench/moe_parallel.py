@@ -61,7 +61,7 @@ def build_rank(cfg: ModelConfig, tp: int, rank: int, expert_parallel: bool, devi
 
 def rank_work(moe: MoE, x: torch.Tensor) -> tuple[int, float]:
     """(routed pairs this rank computes, its FLOPs) for the tokens x."""
-    _, ids = kernels.moe_gate_route(x, *moe._routing_args())
+    _, ids = moe.route(x)
     part = moe.partition
     routed = ids[:, : moe.cfg.num_experts_per_tok]
     if part.expert_parallel:

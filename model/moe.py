@@ -76,6 +76,10 @@ class MoE(nn.Module):
         return (self.gate.weight, self.gate.e_score_correction_bias, cfg.num_experts_per_tok, cfg.n_group,
                 cfg.topk_group, cfg.norm_topk_prob, cfg.routed_scaling_factor, 1 if self.fused_shared else 0)
 
+    def route(self, x: torch.Tensor) -> Routing:
+        """(weights, global expert ids) of the tokens x: the router GEMM and the group-limited top-k."""
+        return kernels.moe_gate_route(x, *self._routing_args())
+
     def norm_and_route(
         self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor, quant: bool
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, Routing]:
@@ -89,7 +93,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, x_q: tuple[torch.Tensor, torch.Tensor] | None = None,
                 routing: Routing | None = None) -> torch.Tensor:
         """routing: (weights, ids) from norm_and_route; computed from x here when None."""
-        weights, ids = routing if routing is not None else kernels.moe_gate_route(x, *self._routing_args())
+        weights, ids = routing if routing is not None else self.route(x)
         part = self.partition
         if part.expert_parallel:
             owner = (self.tp.rank, self.tp.size) if self.fused_shared else None

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 import kernels
+from bench.kernels import timeit  # CUDA-graph replay timing, as the kernel benchmarks time
 from kernels.quant import quant_fp8_per_token_ref
 from model.config import ModelConfig, load_model_config
 from model.moe import MoE
@@ -72,38 +73,17 @@ def rank_work(moe: MoE, x: torch.Tensor) -> tuple[int, float]:
     return pairs, 6.0 * h * (pairs * part.width + t * shared_width)
 
 
-def time_forward(moe: MoE, x: torch.Tensor, reps: int = 10) -> float:
-    """Median seconds of moe(x, x_fp8): CUDA-graph replays on a GPU, plain calls on the CPU."""
+def time_forward(moe: MoE, x: torch.Tensor, reps: int = 2) -> float:
+    """Median seconds of moe(x, x_fp8): CUDA-graph replays on a GPU (bench.kernels.timeit), plain calls on the CPU."""
     xq = quant_fp8_per_token_ref(x)
-    if x.device.type != "cuda":
-        moe(x, xq)
-        times = []
-        for _ in range(max(1, reps // 5)):
-            t0 = time.perf_counter()
-            moe(x, xq)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        moe(x, xq)
-        moe(x, xq)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        moe(x, xq)
-    g.replay()
-    torch.cuda.synchronize()
+    if x.device.type == "cuda":
+        return timeit([lambda: moe(x, xq)])[0]
+    moe(x, xq)
     times = []
     for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(5):
-            g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 5e3)
-    del g
+        t0 = time.perf_counter()
+        moe(x, xq)
+        times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 

@@ -27,6 +27,9 @@ and writes kernels/configs-style JSON files into --out (copy them into kernels/c
 --write-tables merges the tuned MoE buckets into kernels/configs/fused_moe itself (--moe-tokens / --moe-inter
 pick the buckets and widths; each width as soon as it is tuned), so a later command in the same device call runs
 with them.
+--moe-ep N runs (and tunes) the MoE section as rank 0 of N expert-parallel ranks (--enable-expert-parallel): its
+160/N experts whole and the fused shared one, the routing's other pairs -1; its tables are E=160/N+1's
+(`--moe-ep 8 --moe-inter 1536`: the EP8 rank's E=21 table).
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from kernels.moe_routing import moe_local_ids_ref
 from kernels.sdpa_prefill import paged_attention_prefill_sdpa, prefill_attention_sdpa
 
 FP8 = torch.float8_e4m3fn
@@ -415,6 +419,7 @@ def _grouped_baseline(x, w13, w2, s13, s2, ids):
         return None
     e_all = w13.shape[0]
     flat = ids.reshape(-1).long()
+    flat = flat[flat >= 0]  # -1: an expert-parallel rank's pair for another rank
     active, counts = flat.unique(return_counts=True)
     pad = ((counts + 15) // 16) * 16
     offs = pad.cumsum(0).to(torch.int32)
@@ -448,14 +453,20 @@ def _grouped_baseline(x, w13, w2, s13, s2, ids):
     return run
 
 
-def _routings(t, e, k, r):
-    """r random routings (top-k of e-1 routed experts + shared expert e-1), as moe_route would give."""
+def _routings(t, e, k, r, ep: int = 1, device: str = "cuda"):
+    """r random routings (top-k of e-1 routed experts + shared expert e-1), as moe_route would give.
+
+    ep > 1: what expert-parallel rank 0 of ep ranks receives (--enable-expert-parallel): the first (e-1)/ep routed
+    experts keep their ids, the shared expert is its local expert (e-1)/ep for tokens t % ep == 0, every other pair
+    is -1 (kernels.moe_local_ids, as model.moe.MoE maps them)."""
     out = []
     for _ in range(r):
-        scores = torch.rand(t, e - 1, device="cuda")
+        scores = torch.rand(t, e - 1, device=device)
         ids = scores.topk(k, dim=1).indices
-        ids = torch.cat([ids, torch.full((t, 1), e - 1, device="cuda")], 1).to(torch.int32)
-        w = torch.rand(t, k + 1, device="cuda")
+        ids = torch.cat([ids, torch.full((t, 1), e - 1, device=device)], 1).to(torch.int32)
+        if ep > 1:
+            ids = moe_local_ids_ref(ids, 0, (e - 1) // ep, shared_owner=(0, ep))
+        w = torch.rand(t, k + 1, device=device)
         w[:, -1] = 1.0
         out.append((w, ids))
     return out
@@ -464,7 +475,9 @@ def _routings(t, e, k, r):
 def bench_moe(args, tune_out: dict | None = None):
     from kernels.triton_moe import fused_moe, moe_config
 
-    h, k, e = 5120, 8, 161
+    h, k, ep = 5120, 8, args.moe_ep
+    e = 160 // ep + 1  # routed experts (this rank's under --moe-ep) + the fused shared one
+    remote = ep > 1
     quant = args.moe_quant
     tokens = (1, 4, 16, 64, 256, 1024, 4096) if not args.quick else (1, 64, 4096)
     if args.moe_tokens:
@@ -480,23 +493,27 @@ def bench_moe(args, tune_out: dict | None = None):
         for t in tokens:
             x = torch.randn(t, h, device="cuda", dtype=BF16)
             r = 8 if t <= 64 else 2 if t <= 1024 else 1
-            routes = _routings(t, e, k, r)
-            n_active = statistics.mean(int(ids.unique().numel()) for _, ids in routes)
+            routes = _routings(t, 160 + 1, k, r, ep)
+            n_active = statistics.mean(int(ids[ids >= 0].unique().numel()) for _, ids in routes)
+            pairs = statistics.mean(int((ids >= 0).sum()) for _, ids in routes)
             nbytes = n_active * per_expert + 2 * t * h * 2
-            flops = 2 * t * (k + 1) * 3 * inter * h
+            flops = 2 * pairs * 3 * inter * h
             if tune_out is not None:
-                cfg = tune_moe(x, w13, w2, s13, s2, routes, t, e, inter, h, quant)
+                cfg = tune_moe(x, w13, w2, s13, s2, routes, t, e, inter, h, quant, remote)
                 table[str(t)] = cfg
             else:
                 cfg = None
-            ours, _ = timeit([lambda w=w, ids=ids: fused_moe(x, w13, w2, w, ids, s13, s2, quant, config=cfg)
+            ours, _ = timeit([lambda w=w, ids=ids: fused_moe(x, w13, w2, w, ids, s13, s2, quant, config=cfg,
+                                                             remote_ids=remote)
                               for w, ids in routes])
             base_fns = [_grouped_baseline(x, w13, w2, b13, b2, ids) for _, ids in routes[: min(r, 4)]]
             base = timeit(base_fns)[0] if all(base_fns) else None
             mem = nbytes / ours / HW["bw"]
             comp = flops / ours / DATASHEET["fp8"]
             target, met = "", None
-            if inter == 192 and t == 1:
+            if remote:
+                pass  # an expert-parallel rank: the issue targets are for the TP layouts
+            elif inter == 192 and t == 1:
                 target, met = ">=50% HBM, >=1.5x grouped", mem >= 0.5 and (base is None or base / ours >= 1.5)
             elif inter == 192 and t == 64:
                 target, met = ">=60% HBM, >=1.5x grouped", mem >= 0.6 and (base is None or base / ours >= 1.5)
@@ -504,7 +521,8 @@ def bench_moe(args, tune_out: dict | None = None):
                 target, met = ">=1.5x grouped", base is None or base / ours >= 1.5
             elif t >= 4096:
                 target, met = ">=50% FP8 peak", comp >= 0.5
-            if t <= 64 and quant == "fp8_channel":  # x quantized by the preceding RMSNorm kernel (rms_norm_fp8)
+            # x quantized by the preceding RMSNorm kernel (rms_norm_fp8)
+            if t <= 64 and quant == "fp8_channel" and not remote:
                 from kernels.triton_quant import quant_fp8_per_token
 
                 xq, xsc = quant_fp8_per_token(x)
@@ -514,7 +532,8 @@ def bench_moe(args, tune_out: dict | None = None):
                        "_scaled_grouped_mm x2", nbytes=nbytes, flops=flops)
             used = cfg or moe_config(t, e, inter, h, quant, x.device)
             name = "fused_moe" if quant == "fp8_channel" else f"fused_moe_{quant}"
-            report(name, f"T={t} E={e} N={inter} act~{n_active:.0f}", ours, base, "_scaled_grouped_mm x2",
+            rank = f" EP{ep} rank 0 pairs~{pairs:.0f}" if remote else ""
+            report(name, f"T={t} E={e} N={inter} act~{n_active:.0f}{rank}", ours, base, "_scaled_grouped_mm x2",
                    nbytes=nbytes, flops=flops, target=target, met=met,
                    note=f"BM{used['BLOCK_M']} N1={used['BLOCK_N1']} SK{used['SPLIT_K1']} N2={used['BLOCK_N2']}"
                         f"x{used.get('N_LOOP2', 1)}")
@@ -529,8 +548,9 @@ def bench_moe(args, tune_out: dict | None = None):
         torch.cuda.empty_cache()
 
 
-def tune_moe(x, w13, w2, s13, s2, routes, t, e, inter, h, quant="fp8_channel") -> dict:
-    """Sweep gate_up then down parameters (the other held at its default) for t tokens; return the best."""
+def tune_moe(x, w13, w2, s13, s2, routes, t, e, inter, h, quant="fp8_channel", remote_ids=False) -> dict:
+    """Sweep gate_up then down parameters (the other held at its default) for t tokens; return the best.
+    remote_ids: the routes hold -1 ids (an expert-parallel rank's, --moe-ep)."""
     from kernels.triton_moe import default_config, fused_moe
 
     base = default_config(t, e, inter, h, quant)
@@ -552,8 +572,8 @@ def tune_moe(x, w13, w2, s13, s2, routes, t, e, inter, h, quant="fp8_channel") -
               for bn, w, st in ((64, 4, 3), (64, 4, 4), (128, 8, 3), (128, 8, 4))]
         c2 = [dict(BLOCK_N2=bn, BLOCK_K2=128, W2=8, S2=st, N_LOOP2=1, TMA2=True, PERSIST2=pe)
               for bn, st, pe in ((256, 3, True), (128, 4, True), (256, 4, True), (256, 3, False))]
-    fns = lambda cfg: [lambda w=w, ids=ids: fused_moe(x, w13, w2, w, ids, s13, s2, quant, config=cfg)  # noqa: E731
-                       for w, ids in routes]
+    fns = lambda cfg: [lambda w=w, ids=ids: fused_moe(x, w13, w2, w, ids, s13, s2, quant, config=cfg,  # noqa: E731
+                                                      remote_ids=remote_ids) for w, ids in routes]
 
     def best_of(cands, start):
         best, best_t = None, float("inf")
@@ -739,6 +759,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.environ.get("OUT", ""), help="folder for kernels.json (+ tuned configs)")
     p.add_argument("--moe-tokens", default="", help="the MoE section's token counts (comma list; default: 1..4096)")
     p.add_argument("--moe-inter", default="192,384,1536", help="the MoE section's expert widths (comma list)")
+    p.add_argument("--moe-ep", type=int, default=1,
+                   help="the MoE section as rank 0 of this many expert-parallel ranks (160/N experts whole + the "
+                        "shared one; its tables are E=160/N+1's)")
     p.add_argument("--write-tables", action="store_true",
                    help="with --tune: merge the tuned MoE buckets into kernels/configs/fused_moe (and --out)")
     args = p.parse_args(argv)

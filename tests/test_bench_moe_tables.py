@@ -1,7 +1,7 @@
 """bench.kernels' MoE table writer (the tuner's --write-tables): merges tuned buckets into an existing table."""
 import json
 
-from bench.kernels import save_tuned_configs, write_moe_tables
+from bench.kernels import _routings, save_tuned_configs, write_moe_tables
 
 NAME = "E=161,N=1536,device=Test_GPU,quant=fp8_channel.json"
 
@@ -28,3 +28,16 @@ def testsave_tuned_configs_writes_what_is_done_so_far(tmp_path):
     save_tuned_configs({NAME: {"4096": {"BLOCK_M": 128}}}, str(tmp_path / "o"))
     assert json.loads((tmp_path / "o" / "tuned_configs.json").read_text()) == {NAME: {"4096": {"BLOCK_M": 128}}}
     save_tuned_configs({NAME: {}}, "")  # no --out: nothing to write, no error
+
+
+def test_expert_parallel_routings_are_rank_zeros_pairs():
+    """--moe-ep 8: the tuner's routings are what EP rank 0 receives (its 20 experts, 1/8 of the shared rows)."""
+    (w, ids), = _routings(64, 161, 8, 1, ep=8, device="cpu")
+    (_, whole), = _routings(64, 161, 8, 1, device="cpu")
+    assert ids.shape == whole.shape == (64, 9) and w.shape == (64, 9)
+    assert int(ids.min()) == -1 and int(ids.max()) <= 20
+    routed, shared = ids[:, :8], ids[:, 8]
+    assert ((routed == -1) | ((routed >= 0) & (routed < 20))).all()
+    assert shared.tolist() == [20 if t % 8 == 0 else -1 for t in range(64)]
+    assert 0 < int((routed >= 0).sum()) < 64 * 8  # some pairs local, most remote
+    assert whole.min() >= 0 and (whole[:, 8] == 160).all()  # ep=1: global ids, the shared expert on every token

@@ -1,7 +1,9 @@
 """bench.kernels' MoE table writer (the tuner's --write-tables): merges tuned buckets into an existing table."""
 import json
+import os
 
 from bench.kernels import _routings, save_tuned_configs, write_moe_tables
+from kernels.triton_moe import CONFIG_DIR, default_config
 
 NAME = "E=161,N=1536,device=Test_GPU,quant=fp8_channel.json"
 
@@ -41,3 +43,17 @@ def test_expert_parallel_routings_are_rank_zeros_pairs():
     assert shared.tolist() == [20 if t % 8 == 0 else -1 for t in range(64)]
     assert 0 < int((routed >= 0).sum()) < 64 * 8  # some pairs local, most remote
     assert whole.min() >= 0 and (whole[:, 8] == 160).all()  # ep=1: global ids, the shared expert on every token
+
+
+def test_committed_moe_tables_use_known_keys():
+    """Every committed fused-MoE table (tuned or merged by hand) parses and names only keys the kernels read."""
+    known = set(default_config(4096, 161, 1536, 5120, "fp8_channel")) | {"TMA1", "TMA2", "PERSIST2", "FAST_ACC",
+                                                                         "N_LOOP2", "PAIR_MAX", "FUSE_REDUCE_MAX_T"}
+    names = [n for n in os.listdir(CONFIG_DIR) if n.startswith("E=")]
+    assert any(n.startswith("E=21,") for n in names)  # the EP8 rank's table
+    for name in names:
+        table = json.loads(open(os.path.join(CONFIG_DIR, name)).read())
+        buckets = [b for b in table if not b.startswith("_")]
+        assert buckets and all(b.isdigit() for b in buckets), name
+        for b in buckets:
+            assert set(table[b]) <= known, (name, b, set(table[b]) - known)

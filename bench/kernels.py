@@ -551,7 +551,7 @@ def bench_moe(args, tune_out: dict | None = None):
 def tune_moe(x, w13, w2, s13, s2, routes, t, e, inter, h, quant="fp8_channel", remote_ids=False) -> dict:
     """Sweep gate_up then down parameters (the other held at its default) for t tokens; return the best.
     remote_ids: the routes hold -1 ids (an expert-parallel rank's, --moe-ep)."""
-    from kernels.triton_moe import default_config, fused_moe
+    from kernels.triton_moe import default_config, fused_moe, moe_config
 
     base = default_config(t, e, inter, h, quant)
     if t <= 64:
@@ -590,7 +590,15 @@ def tune_moe(x, w13, w2, s13, s2, routes, t, e, inter, h, quant="fp8_channel", r
 
     cfg, _ = best_of(c1, base)
     cfg, tt = best_of(c2, cfg)
-    print(f"    tuned T={t} N={inter}: {cfg} {tt*1e6:.1f}us", flush=True)
+    # the config in use (this E's table, else the nearest E's, else the heuristic) stays unless the sweep beats it:
+    # the sweep starts from the heuristic, and a table merged from another session's candidates can be faster
+    # (session 37: E=161's 16K config beat the E=21 sweep's pick by 5.6%)
+    current = moe_config(t, e, inter, h, quant, x.device)
+    current_t = _graph_time(fns(current), reps=5)
+    if current_t <= tt:
+        cfg, tt = current, current_t
+    print(f"    tuned T={t} N={inter}: {cfg} {tt*1e6:.1f}us ({'kept the config in use' if cfg is current else 'new'}, "
+          f"in use {current_t*1e6:.1f}us)", flush=True)
     return cfg
 
 

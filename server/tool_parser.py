@@ -7,7 +7,8 @@ Format (GLM-4.7 compact form; GLM-4.5/4.6 put newlines between the parts, which 
 
 Values are raw text. A value whose parameter is string-typed in the tool's JSON schema is kept byte-exact
 (whitespace and quotes included); other values are JSON-decoded (then Python-literal-decoded, then left as the
-raw string) and coerced to the schema's number/boolean type. `arguments` is emitted as a JSON object string.
+raw string; so is a value that is not strict JSON: NaN, Infinity, nested deeper than 64 levels) and coerced to the
+schema's number/boolean type. `arguments` is emitted as a JSON object string that strict decoders read.
 
 Like the reasoning parser this is a pure function of the accumulated text: `parse_tool_calls(text, tools,
 final)` returns only what can no longer change. For an open call that means: the name once it is complete, and
@@ -19,10 +20,12 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from server.reasoning_parser import partial_tag_suffix_len
+from server.validation import MAX_JSON_DEPTH
 
 TOOL_CALL_START = "<tool_call>"
 TOOL_CALL_END = "</tool_call>"
@@ -139,15 +142,34 @@ def _collect_types(schema: dict[str, Any], root: dict[str, Any], out: set[str], 
                 _collect_types(sub, root, out, depth + 1)
 
 
+def _json_safe(value: Any) -> bool:
+    """Whether a decoded value re-encodes as strict JSON that clients can decode again: finite numbers only
+    (no NaN / Infinity, which json.loads and literal_eval accept), nested at most MAX_JSON_DEPTH levels."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, float) and not math.isfinite(node):
+            return False
+        if isinstance(node, (dict, list, tuple)):
+            if depth >= MAX_JSON_DEPTH:
+                return False
+            stack.extend((v, depth + 1) for v in (node.values() if isinstance(node, dict) else node))
+    return True
+
+
 def _decode(text: str) -> tuple[Any, bool]:
+    """A raw value as JSON (else a Python literal); (None, False) when it is neither or not strict JSON."""
     try:
-        return json.loads(text), True
-    except ValueError:
+        value = json.loads(text)
+        return (value, True) if _json_safe(value) else (None, False)
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the interpreter's stack
         pass
     if len(text) > 100_000:
         return None, False
     try:
         value = ast.literal_eval(text)
+        if not _json_safe(value):
+            return None, False
         json.dumps(value)  # only JSON-representable literals (no sets, bytes, complex, tuples keys...)
         return value, True
     except Exception:

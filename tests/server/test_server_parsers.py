@@ -297,10 +297,29 @@ def test_split_reasoning_thinking_off_and_holdback():
         ("42", None, 42),
         ("hello", None, "hello"),
         ("null", frozenset({"integer", "null"}), None),
+        # not strict JSON (NaN / Infinity / overflow, nesting past the interpreter's stack): kept as raw text
+        ("NaN", frozenset({"number"}), "NaN"),
+        ("-Infinity", None, "-Infinity"),
+        ("1e999", frozenset({"number"}), "1e999"),
+        ("[1, 1e999]", frozenset({"array"}), "[1, 1e999]"),
+        ("[" * 1500 + "]" * 1500, None, "[" * 1500 + "]" * 1500),
+        ("[" * 1500, frozenset({"array"}), "[" * 1500),
+        ('{"a": ' * 1200 + "1" + "}" * 1200, frozenset({"object"}), '{"a": ' * 1200 + "1" + "}" * 1200),
     ],
 )
 def test_convert_value(raw, types, expected):
     assert convert_value(raw, types) == expected
+
+
+def test_tool_call_arguments_are_always_strict_json():
+    """Whatever the model writes as a value, `arguments` is JSON a strict decoder reads (clients decode it; the
+    Anthropic route re-encodes it with allow_nan=False)."""
+    values = ["NaN", "Infinity", "-1e999", "[" * 3000 + "]" * 3000, "[1," * 30000 + "1]", "{1, 2}", "9**9**9"]
+    body = "".join(f"<arg_key>k{i}</arg_key><arg_value>{v}</arg_value>" for i, v in enumerate(values))
+    for final in (False, True):
+        (call,) = parse_tool_calls(f"<tool_call>f{body}</tool_call>", ToolSchemas(None), final=final).calls
+        args = json.loads(call.arguments, parse_constant=lambda c: pytest.fail(f"{c} in arguments"))
+        assert args == {f"k{i}": v for i, v in enumerate(values)}
 
 
 def test_schema_types():

@@ -33,7 +33,7 @@ class StreamOptions(_Loose):
 # vLLM request fields that would change the output and that this server does not implement: a 400 naming the
 # field instead of a silent ignore (a value that asks for nothing, such as vLLM's default, passes)
 UNSUPPORTED_FIELDS = ("allowed_token_ids", "bad_words", "truncate_prompt_tokens", "logits_processors",
-                      "use_beam_search", "return_tokens_as_token_ids")
+                      "use_beam_search", "return_tokens_as_token_ids", "prompt_logprobs")
 
 
 class _SamplingFields(_Loose):
@@ -105,7 +105,6 @@ class CompletionRequest(_SamplingFields):
     echo: bool | None = False
     suffix: str | None = None
     best_of: int | None = None
-    prompt_logprobs: int | None = None
 
 
 class TokenizeRequest(_Loose):

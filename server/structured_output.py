@@ -25,6 +25,7 @@ import llguidance
 
 from engine.sampling_params import StructuredOutput
 from server.errors import bad_request, not_supported
+from server.validation import load_json
 
 JSON_OPTIONS = {"whitespace_flexible": False}
 TOOL_TOKENS = ("<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>")
@@ -107,11 +108,8 @@ def _constraint_grammar(param: str, kind: str, value: Any) -> str:
     if kind == "json_object":
         return json_grammar({"type": "object"}, param)
     if kind == "json":
-        if isinstance(value, str):  # SGLang's json_schema is a string of JSON
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as e:
-                raise bad_request(f"{param} is not valid JSON: {e}", param=param) from None
+        if isinstance(value, str):  # SGLang's json_schema is a string of JSON (checked as a body is: depth, NaN)
+            value = load_json(value, param)
         return json_grammar(value, param)
     if kind == "choice":
         if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):

@@ -51,6 +51,12 @@ SCRIPTS = {
         "<tool_call>get_weather<arg_key>city</arg_key>",
         "<arg_value>Oslo</arg_value></tool_call>",
     ],
+    # values that are not strict JSON: NaN for an integer, a number past float range, nesting past Python's stack
+    "odd_values": [
+        "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Oslo</arg_value>",
+        "<arg_key>days</arg_key><arg_value>NaN</arg_value><arg_key>scale</arg_key><arg_value>1e999</arg_value>",
+        "<arg_key>deep</arg_key><arg_value>" + "[" * 1500 + "]" * 1500 + "</arg_value></tool_call>",
+    ],
 }
 
 TOOLS = [
@@ -565,6 +571,8 @@ def test_bad_structured_output_fields_are_400s_naming_the_field(client):
         ({"guided_regex": "[a-"}, "guided_regex", "regex"),
         ({"guided_choice": []}, "guided_choice", "non-empty list"),
         ({"json_schema": "{not json"}, "json_schema", "not valid JSON"),
+        ({"json_schema": "[" * 3000 + "]" * 3000}, "json_schema", "nested more than"),
+        ({"guided_json": '{"type": "number", "minimum": NaN}'}, "guided_json", "not valid JSON"),
         ({"ebnf": "root ::= ("}, "ebnf", "cannot be enforced"),
         ({"structured_outputs": {"structural_tag": "x"}}, "structured_outputs.structural_tag", "not supported"),
         ({"structured_outputs": "x"}, "structured_outputs", "object"),
@@ -576,10 +584,35 @@ def test_bad_structured_output_fields_are_400s_naming_the_field(client):
         assert e.value.param == param and words in e.value.message, (extra, e.value.message)
 
 
+def test_tool_call_values_that_are_not_strict_json_stay_text(server):
+    """A call whose values are NaN, 1e999 or nested deeper than Python's stack: 200s whose arguments a strict
+    JSON decoder reads (those values as strings), never a 500 (RecursionError; Anthropic's NaN input)."""
+    def strict(text: str) -> dict:
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in tool-call arguments"))
+
+    want = {"city": "Oslo", "days": "NaN", "scale": "1e999", "deep": "[" * 1500 + "]" * 1500}
+    msgs = user("<<script:odd_values>>")
+    body = {"model": "glint-tiny", "messages": msgs, "tools": TOOLS, "max_tokens": 50}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text[:500]
+    assert strict(r.json()["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]) == want
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True}, timeout=60) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert not [e for e in events if "error" in e], events[-1]
+    args = "".join(tc["function"].get("arguments", "") for e in events for c in e["choices"]
+                   for tc in c["delta"].get("tool_calls") or [])
+    assert strict(args) == want
+    tools = [{"name": t["function"]["name"], "input_schema": t["function"]["parameters"]} for t in TOOLS]
+    r = httpx.post(f"{server.url}/v1/messages", json={"model": "glint-tiny", "messages": msgs, "tools": tools,
+                                                      "max_tokens": 50}, timeout=60)
+    assert r.status_code == 200, r.text[:500]
+    assert [b["input"] for b in r.json()["content"] if b["type"] == "tool_use"] == [want]
+
+
 def test_vllm_fields_this_server_does_not_implement_are_400s_not_ignored(client):
     for field, value in (("allowed_token_ids", [1, 2]), ("bad_words", ["x"]), ("truncate_prompt_tokens", 8),
                          ("logits_processors", ["m.P"]), ("use_beam_search", True),
-                         ("return_tokens_as_token_ids", True)):
+                         ("return_tokens_as_token_ids", True), ("prompt_logprobs", 1)):
         for call in (lambda e: client.completions.create(model="glint-tiny", prompt="x", max_tokens=2, extra_body=e),
                      lambda e: client.chat.completions.create(model="glint-tiny", messages=user("x"), max_tokens=2,
                                                               extra_body=e)):

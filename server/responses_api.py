@@ -15,8 +15,8 @@ the chat and Anthropic routes:
   turn GLM-4.7's thinking off), `text.format` (text / json_object / json_schema: enforced like
   response_format), `chat_template_kwargs`, `top_k`, `seed`, ... as on the chat route.
 - Not kept: responses are not stored (`store` is accepted and ignored), so `previous_response_id` is refused
-  with a 400 (send the whole conversation in `input`, as Codex does), and GET/DELETE /v1/responses/{id} do
-  not exist.
+  with a 400 (send the whole conversation in `input`, as Codex does), and so are `conversation` and `prompt`
+  (stored conversations, reusable prompts); GET/DELETE /v1/responses/{id} do not exist.
 
 Output items: `reasoning` (content [reasoning_text]; `encrypted_content` when `include` asks for
 "reasoning.encrypted_content"), `message` (one output_text part), `function_call` per parsed tool call.
@@ -62,6 +62,11 @@ _EXTRA_PASS_THROUGH = (
     "chat_template_kwargs", "top_k", "min_p", "seed", "stop", "ignore_eos", "min_tokens", "repetition_penalty",
     "presence_penalty", "frequency_penalty", "logit_bias",
 )  # fmt: skip
+
+
+# Responses fields that name objects stored on OpenAI's side (a conversation, a reusable prompt template): like
+# previous_response_id, refused (this server keeps no state)
+STORED_OBJECT_FIELDS = ("conversation", "prompt")
 
 
 class ResponsesRequest(_Loose):
@@ -210,6 +215,14 @@ def to_chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
             "conversation in input",
             param="previous_response_id",
         )
+    extra = req.model_extra or {}
+    for name in STORED_OBJECT_FIELDS:  # ignoring one would drop part of the prompt without a word
+        if extra.get(name) is not None:
+            raise bad_request(
+                f"{name} is not supported: this server stores no conversations or prompts; send the whole "
+                "conversation in input (and the instructions in instructions)",
+                param=name,
+            )
     if req.max_output_tokens is not None and req.max_output_tokens < 1:
         raise bad_request("max_output_tokens must be at least 1", param="max_output_tokens")
     tools = to_chat_tools(req.tools)
@@ -227,7 +240,6 @@ def to_chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
     effort = (req.reasoning or {}).get("effort")
     if isinstance(effort, str):
         body["reasoning_effort"] = "none" if effort in ("none", "minimal") else effort
-    extra = req.model_extra or {}
     for key in _EXTRA_PASS_THROUGH:
         if key in extra:
             body[key] = extra[key]

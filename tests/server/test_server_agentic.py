@@ -490,6 +490,11 @@ def test_responses_with_the_openai_sdk(server):
     assert "".join(deltas) == "Hello there." == final.output_text
     with pytest.raises(openai.BadRequestError, match="previous_response_id"):
         client.responses.create(model=MODEL, input="hi", previous_response_id="resp_123")
+    # the other stored objects are refused too, never ignored (the prompt would lose their content)
+    for field, value in (("conversation", "conv_123"), ("prompt", {"id": "pmpt_123"})):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.responses.create(model=MODEL, input="hi", extra_body={field: value})
+        assert e.value.param == field and "not supported" in e.value.message
 
 
 def test_anthropic_output_config_format_is_enforced(http):

@@ -12,6 +12,12 @@ the reasoning before it is free text), else at the first token. Once the grammar
 sequence's stop tokens are allowed. A committed token the grammar does not accept (it can only come from a
 row that was not masked) ends the constraint for that sequence, with a warning.
 
+Special tokens: llguidance's mask can allow a special token whose text a grammar spells literally (a regex
+"abc<tool_call>f": the text tokenizes to GLM's <tool_call> token) while its matcher then refuses that token, so
+each allowed special token is checked against the matcher and cleared if refused. A state that then allows
+nothing (the grammar can only go on through text the tokenizer writes as a special token) allows the stop tokens:
+the output ends there, with a warning, instead of leaving its grammar.
+
 Masks are computed on the host into one packed int32 tensor [rows, ceil(V / 32)] (llguidance's layout: bit j
 of word w allows token 32 w + j), copied to the logits' device once and applied to all rows in one op.
 """
@@ -35,6 +41,7 @@ except ImportError:  # a machine without it (e.g. a bare GPU box) still runs eve
     llguidance = None
 
 _tokenizers: dict[tuple[str, int, tuple[int, ...]], Any] = {}
+_special_ids: dict[tuple[str, int], tuple[int, ...]] = {}
 _lock = threading.Lock()
 
 
@@ -50,7 +57,14 @@ def llg_tokenizer(path: str, vocab_size: int, eos_token_ids: tuple[int, ...], hf
                 hf_tokenizer = AutoTokenizer.from_pretrained(path)
             tok = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=vocab_size, eos_token=list(eos_token_ids) or None)
             _tokenizers[key] = tok
+            _special_ids[(path, vocab_size)] = tuple(sorted(
+                i for i, t in hf_tokenizer.added_tokens_decoder.items() if t.special and i < vocab_size))
         return tok
+
+
+def special_token_ids(path: str, vocab_size: int) -> tuple[int, ...]:
+    """The special tokens of a tokenizer folder whose llg_tokenizer was built (ids < vocab_size)."""
+    return _special_ids.get((path, vocab_size), ())
 
 
 class SequenceGrammar:
@@ -59,6 +73,9 @@ class SequenceGrammar:
     def __init__(self, spec: Any, vocab_size: int, stop_token_ids: frozenset[int], hf_tokenizer: Any = None):
         eos = tuple(sorted(stop_token_ids))
         self.tokenizer = llg_tokenizer(spec.tokenizer, vocab_size, eos, hf_tokenizer)
+        self.special_ids = [t for t in special_token_ids(spec.tokenizer, vocab_size) if t not in stop_token_ids]
+        self._special_words = torch.tensor([t >> 5 for t in self.special_ids], dtype=torch.long)
+        self._special_bits = torch.tensor([_bit(t & 31) for t in self.special_ids], dtype=torch.int32)
         self.matcher = llguidance.LLMatcher(self.tokenizer, spec.grammar)
         if self.matcher.is_error():
             raise ValueError(f"invalid grammar: {self.matcher.get_error()}")
@@ -132,7 +149,16 @@ class SequenceGrammar:
             return False
         v = words[row]
         self.matcher.unsafe_compute_mask_ptr(v.data_ptr(), v.numel() * v.element_size())
+        allowed = (v.index_select(0, self._special_words) & self._special_bits) != 0
+        for t, hit in zip(self.special_ids, allowed.tolist()):
+            if hit and self.matcher.validate_tokens([t]) != 1:  # allowed by the mask, refused by the matcher
+                v[t >> 5] &= ~_bit(t & 31)
         if self.matcher.is_accepting():
+            for t in self.stop_token_ids:
+                words[row, t >> 5] |= _bit(t & 31)
+        elif not bool(v.any()):
+            log.warning("a grammar allows no token here (it goes on only through a special token's text); "
+                        "ending the output")
             for t in self.stop_token_ids:
                 words[row, t >> 5] |= _bit(t & 31)
         return True

@@ -117,3 +117,34 @@ def test_grammar_starts_after_the_trigger_token(llm, model_dir):
     assert think_end in ids and out.finish_reason == "stop"
     cut = ids.index(think_end)
     check(tok.decode(ids[cut + 1 :], skip_special_tokens=True))
+
+
+def test_special_token_spelled_by_a_grammar_is_not_allowed_when_the_matcher_refuses_it(model_dir):
+    """A regex that spells GLM's <tool_call> literally: llguidance's mask allows the special token, its matcher
+    refuses it. The row must not allow it (sampling it would end the constraint); with nothing else allowed the
+    output ends (stop tokens only). A grammar that goes on through ordinary text keeps its mask unchanged."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    vocab = 1536
+    special = tok.convert_tokens_to_ids("<tool_call>")
+    abc = tok.encode("abc", add_special_tokens=False)
+
+    def mask_after_abc(pattern: str) -> tuple[SamplingState, torch.Tensor]:
+        so = StructuredOutput(llguidance.grammar_from("regex", pattern), model_dir, ())
+        state = SamplingState(SamplingParams(structured_output=so), [1, 2], list(abc), eos_token_ids=[tok.eos_token_id])
+        x = torch.zeros(1, vocab)
+        apply_grammar_masks(x, [SampleRow(state)])
+        return state, x[0] == 0
+
+    state, allowed = mask_after_abc("abc<tool_call>f")
+    assert not allowed[special]
+    assert set(allowed.nonzero().flatten().tolist()) == set(state.all_stop_token_ids)
+    _, allowed = mask_after_abc("abc<x>f")  # ordinary text: the mask is llguidance's, "<" allowed
+    assert allowed[tok.convert_tokens_to_ids("<")] and not allowed[special]
+    assert not any(allowed[t] for t in state.all_stop_token_ids)
+
+
+def test_output_ends_where_a_grammar_needs_a_special_tokens_text(llm, model_dir):
+    so = StructuredOutput(llguidance.grammar_from("regex", "abc<tool_call>f"), model_dir, ())
+    out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(temperature=0.0, max_tokens=20,
+                                                                         structured_output=so))[0].outputs[0]
+    assert out.text == "abc" and out.finish_reason == "stop"

@@ -40,31 +40,28 @@ try:  # the engine runs without it; requests that need it fail with a clear mess
 except ImportError:  # a machine without it (e.g. a bare GPU box) still runs everything but grammars
     llguidance = None
 
-_tokenizers: dict[tuple[str, int, tuple[int, ...]], Any] = {}
-_special_ids: dict[tuple[str, int], tuple[int, ...]] = {}
+_tokenizers: dict[tuple[str, int, tuple[int, ...]], tuple[Any, tuple[int, ...]]] = {}
 _lock = threading.Lock()
 
 
-def llg_tokenizer(path: str, vocab_size: int, eos_token_ids: tuple[int, ...], hf_tokenizer: Any = None) -> Any:
-    """The llguidance token table of a tokenizer folder (~1 s to build for a 150K vocabulary: cached)."""
+def llg_tokenizer(
+    path: str, vocab_size: int, eos_token_ids: tuple[int, ...], hf_tokenizer: Any = None
+) -> tuple[Any, tuple[int, ...]]:
+    """(the llguidance token table, the special token ids < vocab_size) of a tokenizer folder (~1 s to build for
+    a 150K vocabulary: cached)."""
     if llguidance is None:
         raise RuntimeError("structured output needs the llguidance package (pip install llguidance)")
     key = (path, vocab_size, eos_token_ids)
     with _lock:
-        tok = _tokenizers.get(key)
-        if tok is None:
+        entry = _tokenizers.get(key)
+        if entry is None:
             if hf_tokenizer is None:
                 hf_tokenizer = AutoTokenizer.from_pretrained(path)
             tok = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=vocab_size, eos_token=list(eos_token_ids) or None)
-            _tokenizers[key] = tok
-            _special_ids[(path, vocab_size)] = tuple(sorted(
-                i for i, t in hf_tokenizer.added_tokens_decoder.items() if t.special and i < vocab_size))
-        return tok
-
-
-def special_token_ids(path: str, vocab_size: int) -> tuple[int, ...]:
-    """The special tokens of a tokenizer folder whose llg_tokenizer was built (ids < vocab_size)."""
-    return _special_ids.get((path, vocab_size), ())
+            special = tuple(sorted(i for i, t in hf_tokenizer.added_tokens_decoder.items()
+                                   if t.special and i < vocab_size))
+            entry = _tokenizers[key] = (tok, special)
+        return entry
 
 
 class SequenceGrammar:
@@ -72,8 +69,8 @@ class SequenceGrammar:
 
     def __init__(self, spec: Any, vocab_size: int, stop_token_ids: frozenset[int], hf_tokenizer: Any = None):
         eos = tuple(sorted(stop_token_ids))
-        self.tokenizer = llg_tokenizer(spec.tokenizer, vocab_size, eos, hf_tokenizer)
-        self.special_ids = [t for t in special_token_ids(spec.tokenizer, vocab_size) if t not in stop_token_ids]
+        self.tokenizer, special = llg_tokenizer(spec.tokenizer, vocab_size, eos, hf_tokenizer)
+        self.special_ids = [t for t in special if t not in stop_token_ids]
         self._special_words = torch.tensor([t >> 5 for t in self.special_ids], dtype=torch.long)
         self._special_bits = torch.tensor([_bit(t & 31) for t in self.special_ids], dtype=torch.int32)
         self.matcher = llguidance.LLMatcher(self.tokenizer, spec.grammar)

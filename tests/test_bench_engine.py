@@ -21,6 +21,9 @@ from bench.engine import (
 )
 from bench.real_shape import PRESETS_DIR, load_preset, real_shape_config, real_shape_model_dir
 from model.config import config_from_dict, load_model_config
+from model.glm4_moe import Glm4MoeForCausalLM
+from model.parallel import TPGroup
+from model.quant_plan import QuantPlan
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,9 +59,6 @@ def test_real_shape_dir(tmp_path):
 
 
 def _meta_model(num_layers: int):
-    from model.glm4_moe import Glm4MoeForCausalLM
-    from model.quant_plan import QuantPlan
-
     cfg = config_from_dict(real_shape_config(num_layers, 3), Path("<test>/config.json"))
     model = Glm4MoeForCausalLM(cfg, QuantPlan(cfg, "fp8_channel", None), dtype=torch.bfloat16, device="meta")
     return cfg, model
@@ -67,10 +67,6 @@ def _meta_model(num_layers: int):
 def test_decode_bytes_under_expert_parallelism():
     """A TP8 rank reads a 1/8 slice of each touched expert; an EP8 rank whole experts, 1/8 of the touched ones on
     average: the same expected routed bytes. With the shared expert fused, EP stores it whole (8x TP's slice)."""
-    from model.glm4_moe import Glm4MoeForCausalLM
-    from model.parallel import TPGroup
-    from model.quant_plan import QuantPlan
-
     cfg = config_from_dict(real_shape_config(4, 3), Path("<test>/config.json"))
     kv = {i: (torch.empty(1, 16, 1, 128, dtype=torch.bfloat16, device="meta"),) * 2 for i in range(4)}
     got = {}

@@ -10,7 +10,8 @@ events (one after message_start, then one per --ping-interval of silence; never 
 Anthropic's envelope (see server/errors.py).
 
 Claude Code compatibility: mid-conversation `system` messages become system turns; `thinking` follows
-Anthropic's semantics (absent or `disabled` = off, `enabled` / `adaptive` = on); `output_config.format`
+Anthropic's semantics (absent or `disabled` = off, `enabled` / `adaptive` = on) and Anthropic's checks (type,
+budget_tokens); `tool_choice` any / tool without tools is a 400; `output_config.format`
 (json_schema) is enforced like response_format; `output_config.effort`, `metadata`, `cache_control` on any
 block and unknown (beta) fields are accepted and ignored.
 """
@@ -26,7 +27,7 @@ from fastapi import APIRouter, Request
 from pydantic import ValidationError
 from starlette.responses import JSONResponse, Response
 
-from server.chat_template import content_text
+from server.chat_template import THINKING_TYPES, content_text
 from server.errors import APIError, bad_request, not_supported
 from server.protocol import ChatCompletionRequest, _Loose, validation_error
 from server.chat_serving import ChatPlan, iterate_generations, prepare_chat, request_log, run_chat
@@ -42,6 +43,7 @@ router = APIRouter()
 # sees the message end).
 MESSAGE_STOP = sse_event("message_stop", {"type": "message_stop"})
 PING = sse_event("ping", {"type": "ping"})
+MIN_THINKING_BUDGET = 1024  # Anthropic's floor for thinking.budget_tokens
 
 
 class MessagesRequest(_Loose):
@@ -235,8 +237,18 @@ def to_chat_request(req: Any, *, stream: bool = False) -> ChatCompletionRequest:
     tool_choice: Any = None
     parallel = True
     tc = req.tool_choice
-    if tc and tools:
+    if tc is not None:
         kind = tc.get("type")
+        if kind not in ("auto", "any", "tool", "none"):
+            raise bad_request(f"unknown tool_choice type {kind!r}", param="tool_choice.type")
+        # Anthropic refuses every tool_choice sent without tools ("tool_choice may only be specified while
+        # providing tools"). Our choice: a choice that forces a tool call (any, tool) is refused without tools, as
+        # required / a named function are on the chat route; auto and none ask for nothing a tool-less request
+        # does not already do and pass (as on /v1/responses), so a client that always sends one keeps working.
+        if not tools and kind in ("any", "tool"):
+            raise bad_request("tool_choice may only be specified while providing tools", param="tool_choice")
+    if tc is not None and tools:
+        kind = tc["type"]
         parallel = not tc.get("disable_parallel_tool_use", False)
         if kind == "auto":
             tool_choice = "auto"
@@ -244,10 +256,8 @@ def to_chat_request(req: Any, *, stream: bool = False) -> ChatCompletionRequest:
             tool_choice = "required"
         elif kind == "tool":
             tool_choice = {"type": "function", "function": {"name": tc.get("name")}}
-        elif kind == "none":
-            tool_choice = "none"
         else:
-            raise bad_request(f"unknown tool_choice type {kind!r}", param="tool_choice.type")
+            tool_choice = "none"
     messages = to_chat_messages(req)
     last = req.messages[-1] if req.messages else None
     prefill = isinstance(last, dict) and last.get("role") == "assistant" and _assistant_prefill(messages)
@@ -323,15 +333,48 @@ def _assistant_prefill(messages: list[dict[str, Any]]) -> bool:
 
 def thinking_enabled(thinking: Any) -> bool:
     """Anthropic semantics: no `thinking` field (or `disabled`) = no thinking; `enabled` (with its
-    budget_tokens) and `adaptive` (the model decides; GLM-4.7 then always thinks) = thinking on."""
+    budget_tokens) and `adaptive` (the model decides; GLM-4.7 then always thinks) = thinking on.
+
+    Checked as Anthropic checks it, with its wording (clients match on the same errors): a type outside these
+    three is a 400, and `enabled` needs an integer budget_tokens >= 1024 (below max_tokens: `check_thinking_budget`,
+    on /v1/messages). The budget itself is not used: GLM-4.7 cannot cap its thinking, max_tokens caps thinking and
+    answer together."""
     if thinking is None:
         return False
     if not isinstance(thinking, dict):
         raise bad_request("thinking must be an object such as {'type': 'enabled'}", param="thinking")
     kind = thinking.get("type")
-    if kind not in ("enabled", "disabled", "adaptive"):
-        logger.debug("unknown thinking type %r: thinking off", kind)
-    return kind in ("enabled", "adaptive")
+    if kind not in THINKING_TYPES:
+        raise bad_request(f"thinking.type: Input tag {kind!r} does not match any of the expected tags: "
+                          f"{', '.join(repr(t) for t in THINKING_TYPES)}", param="thinking.type")
+    if kind == "enabled":
+        budget = thinking.get("budget_tokens")
+        where = "thinking.enabled.budget_tokens"
+        if budget is None:
+            raise bad_request(f"{where}: Field required", param="thinking.budget_tokens")
+        if not isinstance(budget, int) or isinstance(budget, bool):
+            raise bad_request(f"{where}: Input should be a valid integer", param="thinking.budget_tokens")
+        if budget < MIN_THINKING_BUDGET:
+            raise bad_request(f"{where}: Input should be greater than or equal to {MIN_THINKING_BUDGET}",
+                              param="thinking.budget_tokens")
+    return kind != "disabled"
+
+
+def check_thinking_budget(req: MessagesRequest, betas: list[str]) -> None:
+    """Anthropic: max_tokens must be greater than thinking.budget_tokens, except with interleaved thinking (the
+    `interleaved-thinking-*` beta), where the budget spans every thinking block of the turn. Run after
+    `thinking_enabled` has checked the budget."""
+    thinking = req.thinking
+    if not isinstance(thinking, dict) or thinking.get("type") != "enabled":
+        return
+    if any(b.strip().startswith("interleaved-thinking") for header in betas for b in header.split(",")):
+        return
+    if thinking["budget_tokens"] >= req.max_tokens:
+        raise bad_request(
+            "`max_tokens` must be greater than `thinking.budget_tokens`. Please consult our documentation at "
+            "https://docs.claude.com/en/docs/build-with-claude/extended-thinking#max-tokens-and-context-window-size",
+            param="max_tokens",
+        )
 
 
 def _response_format(req: Any) -> dict[str, Any] | None:
@@ -384,6 +427,7 @@ async def messages(request: Request) -> Response:
     if req.max_tokens < 1:
         raise bad_request("max_tokens must be at least 1", param="max_tokens")
     chat_req = to_chat_request(req, stream=bool(req.stream))
+    check_thinking_budget(req, request.headers.getlist("anthropic-beta"))
     prep = await prepare_chat(state, chat_req, log, arrival, id_prefix="msg_",
                               origin=request_origin(state, request))
     if req.stream:

@@ -17,13 +17,14 @@ from typing import Any, AsyncIterator
 from fastapi import Request
 
 from server.chat_template import (
+    THINKING_TYPES,
     normalize_messages,
     normalize_tools,
     prompt_starts_in_reasoning,
     template_kwargs,
 )
 from server.engine_client import new_request_id
-from server.errors import APIError, bad_request
+from server.errors import APIError, bad_request, not_supported
 from server.output_parser import ChatOutputParser
 from server.protocol import ChatCompletionRequest
 from server.serving import (
@@ -41,6 +42,10 @@ logger = logging.getLogger("glint.server")
 
 MAX_N = 64
 MAX_TOP_LOGPROBS = 20
+# OpenAI's reasoning_effort values (the openai SDK's ReasoningEffort). GLM-4.7 can only think or not: "none" and
+# "minimal" turn thinking off (chat_template.THINKING_OFF_EFFORTS), every other value leaves it on; a value outside
+# this list is a 400, never a silent "thinking on".
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 
 
 def request_log(request: Request) -> dict[str, Any]:
@@ -56,6 +61,22 @@ def check_n(n: int | None) -> int:
     if not 1 <= n <= MAX_N:
         raise bad_request(f"n must be between 1 and {MAX_N}, got {n}", param="n")
     return n
+
+
+def check_prompt_logprobs(value: int | None, stream: bool | None) -> int | None:
+    """vLLM's `prompt_logprobs` (the top-k per prompt token): vLLM's -1 (the whole vocabulary) and more than
+    MAX_TOP_LOGPROBS are refused, and so is streaming (vLLM refuses it too: the answer is not streamed)."""
+    if value is None:
+        return None
+    if not 0 <= value <= MAX_TOP_LOGPROBS:
+        whole = " (-1, the whole vocabulary, is not supported)" if value == -1 else ""
+        raise bad_request(
+            f"prompt_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {value}{whole}",
+            param="prompt_logprobs",
+        )
+    if stream:
+        raise bad_request("prompt_logprobs is not supported with streaming", param="prompt_logprobs")
+    return value
 
 
 def include_usage(req: Any) -> bool:
@@ -129,8 +150,22 @@ class ChatPlan:
                 raise bad_request(
                     f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs"
                 )
+        if req.reasoning_effort is not None and req.reasoning_effort not in REASONING_EFFORTS:
+            raise bad_request(
+                f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}; got {req.reasoning_effort!r}",
+                param="reasoning_effort",
+            )
+        thinking_type = req.thinking.get("type") if isinstance(req.thinking, dict) else None
+        if req.thinking is not None and thinking_type not in THINKING_TYPES:  # Z.ai's {"type": ...}
+            raise bad_request(
+                f"thinking.type must be one of {', '.join(THINKING_TYPES)}; got {thinking_type!r}",
+                param="thinking.type",
+            )
+        if req.echo:  # vLLM's chat echo (the last message's content before the output) is not implemented
+            raise not_supported("echo on chat completions", param="echo")
         self.logprobs = (req.top_logprobs or 0) if req.logprobs else None
         self.top_logprobs = req.top_logprobs or 0
+        self.prompt_logprobs = check_prompt_logprobs(req.prompt_logprobs, req.stream)
         tools = normalize_tools(req.tools)
         choice = req.tool_choice
         if choice is None:
@@ -143,6 +178,8 @@ class ChatPlan:
                     param="tool_choice",
                 )
             if choice != "none":
+                # auto also needs tools here, as at OpenAI and vLLM (/v1/messages and /v1/responses let a tool-less
+                # auto / none through; a choice that forces a call needs tools on every route)
                 if not tools:
                     raise bad_request(f"tool_choice {choice!r} needs tools", param="tool_choice")
                 self.parse_tools = True
@@ -217,6 +254,7 @@ class PreparedChat:
     rid: str
     model: str
     created: int
+    prompt_ids: list[int]
 
 
 async def prepare_chat(
@@ -248,6 +286,7 @@ async def prepare_chat(
         max_tokens=max_tokens,
         n=plan.n,
         logprobs=plan.logprobs,
+        prompt_logprobs=plan.prompt_logprobs,
         skip_special_tokens=req.skip_special_tokens if req.skip_special_tokens is not None else False,
         structured_output=structured_output(state, plan.grammar, starts_in_reasoning),
     )
@@ -269,7 +308,8 @@ async def prepare_chat(
     await gen.start(prompt_ids, params, prompt)
     parsers = [plan.parser(starts_in_reasoning) for _ in range(plan.n)]
     return PreparedChat(
-        plan=plan, gen=gen, parsers=parsers, params=params, rid=rid, model=model, created=int(time.time())
+        plan=plan, gen=gen, parsers=parsers, params=params, rid=rid, model=model, created=int(time.time()),
+        prompt_ids=prompt_ids,
     )
 
 
@@ -286,6 +326,7 @@ def params_summary(params: Any) -> dict[str, Any]:
         "stop",
         "ignore_eos",
         "logprobs",
+        "prompt_logprobs",
         "presence_penalty",
         "frequency_penalty",
         "repetition_penalty",
@@ -300,6 +341,7 @@ class ChatResult:
         self.reasons: list[str | None] = [None] * n
         self.stop_reasons: list[Any] = [None] * n
         self.reasoning_tokens = 0
+        self.prompt_logprobs: list[Any] | None = None  # the engine's, when the request asked for them
 
     @property
     def completion_tokens(self) -> int:
@@ -319,6 +361,8 @@ async def run_chat(state: ServerState, prep: PreparedChat) -> ChatResult:
             res.token_ids[d.index].extend(d.new_token_ids)
             if d.new_logprobs:
                 res.logprobs[d.index].extend(d.new_logprobs)
+            if d.prompt_logprobs is not None and res.prompt_logprobs is None:
+                res.prompt_logprobs = d.prompt_logprobs
             if d.finished:
                 res.reasons[d.index], res.stop_reasons[d.index] = d.finish_reason, d.stop_reason
     prep.gen.log["reasoning_tokens"] = res.reasoning_tokens

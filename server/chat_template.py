@@ -6,7 +6,8 @@
   message), `reasoning` accepted as an alias of `reasoning_content`.
 - Template kwargs: server defaults (`--default-chat-template-kwargs`) < request `reasoning_effort` /
   Z.ai-style `thinking: {type, clear_thinking}` < request `chat_template_kwargs`, merged key by key.
-  `reasoning_effort: "none"` means `enable_thinking: false`; a `thinking` template kwarg is an alias too.
+  `reasoning_effort: "none"` or `"minimal"` means `enable_thinking: false` (as on /v1/responses); a `thinking`
+  template kwarg is an alias too.
 - The rendered prompt tells the reasoning parser where the output starts: GLM-4.7 ends the prompt with
   `<think>` when thinking is on.
 """
@@ -18,6 +19,10 @@ from typing import Any
 
 from server.errors import APIError, bad_request, not_supported
 from server.prompt_encoder import PromptEncoder
+
+# GLM-4.7 thinks or does not: these reasoning efforts turn thinking off, every other one leaves it on
+THINKING_OFF_EFFORTS = ("none", "minimal")
+THINKING_TYPES = ("enabled", "disabled", "adaptive")  # Z.ai's / Anthropic's `thinking.type`
 from server.reasoning_parser import prompt_starts_in_reasoning
 from server.validation import check_tool_parameters, load_json
 
@@ -174,9 +179,9 @@ def template_kwargs(
 ) -> dict[str, Any]:
     kw = dict(defaults)
     if reasoning_effort is not None:
-        kw["enable_thinking"] = reasoning_effort != "none"
+        kw["enable_thinking"] = reasoning_effort not in THINKING_OFF_EFFORTS
     if isinstance(thinking, dict):
-        if thinking.get("type") in ("enabled", "disabled", "adaptive"):
+        if thinking.get("type") in THINKING_TYPES:
             kw["enable_thinking"] = thinking["type"] != "disabled"
         if isinstance(thinking.get("clear_thinking"), bool):
             kw["clear_thinking"] = thinking["clear_thinking"]

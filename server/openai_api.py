@@ -22,6 +22,7 @@ from server.chat_serving import (
     PreparedChat,
     chat_finish_reason,
     check_n,
+    check_prompt_logprobs,
     include_usage,
     iterate_generations,
     openai_usage,
@@ -42,6 +43,7 @@ from server.serving import (
     ServerState,
     chat_logprobs,
     make_sampling_params,
+    prompt_logprobs_json,
     read_body,
     request_origin,
     resolve_max_tokens,
@@ -111,7 +113,7 @@ def _chat_body(state: ServerState, prep: PreparedChat, res: ChatResult) -> dict[
     prep.gen.log["finish_reason"] = ",".join(sorted({c["finish_reason"] for c in choices}))
     if state.config.log_requests == "full":
         prep.gen.log["output"] = output_for_log(prep.parsers[0])
-    return {
+    body = {
         "id": prep.rid,
         "object": "chat.completion",
         "created": prep.created,
@@ -121,6 +123,11 @@ def _chat_body(state: ServerState, prep: PreparedChat, res: ChatResult) -> dict[
             prep.gen.prompt_len, res.completion_tokens, prep.gen.num_cached_tokens, res.reasoning_tokens
         ),
     }
+    if plan.prompt_logprobs is not None:  # vLLM's: top-level, beside the choices
+        body["prompt_logprobs"] = prompt_logprobs_json(
+            state, prep.prompt_ids, res.prompt_logprobs, plan.prompt_logprobs
+        )
+    return body
 
 
 async def _chat_stream(state: ServerState, prep: PreparedChat) -> AsyncIterator[str]:
@@ -269,7 +276,12 @@ async def completions(request: Request) -> Response:
         raise not_supported("best_of other than n", param="best_of")
     if req.logprobs is not None and not 0 <= req.logprobs <= MAX_TOP_LOGPROBS:
         raise bad_request(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="logprobs")
+    prompt_lp = check_prompt_logprobs(req.prompt_logprobs, req.stream)
     echo = bool(req.echo)
+    # the engine's prompt logprobs serve both the echo's logprobs and vLLM's prompt_logprobs: the larger count
+    engine_prompt_lp = max(
+        (x for x in (prompt_lp, req.logprobs if echo else None) if x is not None), default=None
+    )
     scoring = req.max_tokens == 0
     if scoring and not echo:
         raise bad_request(
@@ -291,7 +303,7 @@ async def completions(request: Request) -> Response:
             max_tokens=max_tokens,
             n=n,
             logprobs=req.logprobs,
-            prompt_logprobs=req.logprobs if (echo and req.logprobs is not None) else None,
+            prompt_logprobs=engine_prompt_lp,
             skip_special_tokens=req.skip_special_tokens if req.skip_special_tokens is not None else True,
             structured_output=structured_output(state, grammar, False),
         )
@@ -307,7 +319,7 @@ async def completions(request: Request) -> Response:
         for gen in gens:
             gen.close()
         raise
-    ctx = _CompletionContext(state, req, prompts, gens, param_sets, n, echo, scoring, rid, model)
+    ctx = _CompletionContext(state, req, prompts, gens, param_sets, n, echo, scoring, rid, model, prompt_lp)
     if req.stream:
         return SSEResponse(ctx.stream(), on_disconnect=lambda: log.update(disconnected=True))
     try:
@@ -334,9 +346,12 @@ class _CompletionContext:
         scoring: bool,
         rid: str,
         model: str,
+        prompt_lp: int | None = None,
     ) -> None:
         self.state, self.req, self.prompts, self.gens, self.params = state, req, prompts, gens, params
         self.n, self.echo, self.scoring, self.rid, self.model = n, echo, scoring, rid, model
+        self.prompt_lp = prompt_lp  # vLLM's prompt_logprobs (top-k), None when not asked for
+        self.prompt_lp_dicts: list[Any] = [None] * len(prompts)  # the engine's, per prompt
         self.created = int(time.time())
         self.want_lp = req.logprobs is not None
         total = len(prompts) * n
@@ -366,6 +381,8 @@ class _CompletionContext:
     def _consume(self, k: int, d: Any) -> tuple[int, str, int]:
         """Fold one delta; returns (choice index, new text, logprob entries before this delta)."""
         index = k * self.n + d.index
+        if d.prompt_logprobs is not None and self.prompt_lp_dicts[k] is None:
+            self.prompt_lp_dicts[k] = d.prompt_logprobs
         lp = self.lps[index]
         lp_start = len(lp) if lp is not None else 0
         text = ""
@@ -413,6 +430,13 @@ class _CompletionContext:
             }
             for i in range(len(self.texts))
         ]
+        if self.prompt_lp is not None:  # vLLM's: on every choice, for its prompt
+            per_prompt = [
+                prompt_logprobs_json(self.state, p.ids, self.prompt_lp_dicts[k], self.prompt_lp)
+                for k, p in enumerate(self.prompts)
+            ]
+            for c in choices:
+                c["prompt_logprobs"] = per_prompt[c["index"] // self.n]
         self.gens[0].log["finish_reason"] = ",".join(sorted({str(c["finish_reason"]) for c in choices}))
         return {
             "id": self.rid,

@@ -15,8 +15,8 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.routing import APIRoute
 
-from server.anthropic_api import CountTokensRequest, MessagesRequest
-from server.chat_serving import MAX_N, MAX_TOP_LOGPROBS
+from server.anthropic_api import MIN_THINKING_BUDGET, CountTokensRequest, MessagesRequest
+from server.chat_serving import MAX_N, MAX_TOP_LOGPROBS, REASONING_EFFORTS
 from server.openai_api import MAX_PROMPTS
 from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from server.responses_api import ResponsesRequest
@@ -145,9 +145,11 @@ def request_schemas() -> dict[tuple[str, str], dict[str, Any]]:
             "max_tokens": max_tokens,
             "max_completion_tokens": max_tokens,
             "top_logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS}),
+            "prompt_logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS}),
             "tools": _nullable({"type": "array", "items": _OPENAI_TOOL, "minItems": 1, "maxItems": 3}),
             "tool_choice": {"anyOf": [{"enum": ["none", "auto"]}, {"type": "null"}]},
-            "reasoning_effort": _nullable({"enum": ["none", "low", "medium", "high"]}),
+            "reasoning_effort": _nullable({"enum": list(REASONING_EFFORTS)}),
+            "echo": _nullable({"enum": [False]}),
             "chat_template_kwargs": _nullable(
                 {"type": "object", "properties": {"enable_thinking": {"type": "boolean"}}}
             ),
@@ -171,6 +173,7 @@ def request_schemas() -> dict[tuple[str, str], dict[str, Any]]:
             },
             "max_tokens": max_tokens,
             "logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS}),
+            "prompt_logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS}),
             "best_of": {"type": "null"},
             "suffix": {"type": "null"},
         },
@@ -209,13 +212,20 @@ def request_schemas() -> dict[tuple[str, str], dict[str, Any]]:
                 "required": ["type"],
             }
         ),
-        "thinking": _nullable(
-            {
-                "type": "object",
-                "properties": {"type": {"enum": ["enabled", "disabled", "adaptive"]}},
-                "required": ["type"],
-            }
-        ),
+        "thinking": {
+            "anyOf": [
+                {"type": "object", "properties": {"type": {"enum": ["disabled", "adaptive"]}}, "required": ["type"]},
+                {
+                    "type": "object",
+                    "properties": {
+                        "type": {"enum": ["enabled"]},
+                        "budget_tokens": {"type": "integer", "minimum": MIN_THINKING_BUDGET},
+                    },
+                    "required": ["type", "budget_tokens"],
+                },
+                {"type": "null"},
+            ]
+        },
     }
     messages = _model_schema(
         MessagesRequest,
@@ -266,6 +276,11 @@ def request_schemas() -> dict[tuple[str, str], dict[str, Any]]:
             ),
             "tool_choice": _nullable({"enum": ["auto", "none"]}),
             "previous_response_id": {"type": "null"},
+            "background": _nullable({"enum": [False]}),
+            "top_logprobs": _nullable({"enum": [0]}),
+            "reasoning": _nullable(
+                {"type": "object", "properties": {"effort": _nullable({"enum": list(REASONING_EFFORTS)})}}
+            ),
             "text": _nullable({"type": "object", "properties": {"format": _SAMPLING_RANGES["response_format"]}}),
         },
     )

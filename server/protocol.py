@@ -33,7 +33,7 @@ class StreamOptions(_Loose):
 # vLLM request fields that would change the output and that this server does not implement: a 400 naming the
 # field instead of a silent ignore (a value that asks for nothing, such as vLLM's default, passes)
 UNSUPPORTED_FIELDS = ("allowed_token_ids", "bad_words", "truncate_prompt_tokens", "logits_processors",
-                      "use_beam_search", "return_tokens_as_token_ids", "prompt_logprobs")
+                      "use_beam_search", "return_tokens_as_token_ids")
 
 
 class _SamplingFields(_Loose):
@@ -87,6 +87,7 @@ class ChatCompletionRequest(_SamplingFields):
     continue_final_message: bool | None = False
     chat_template: str | None = None
     echo: bool | None = False
+    prompt_logprobs: int | None = None  # vLLM's: top-k per prompt token, top-level in the response
     _route_template_defaults: dict[str, Any] = PrivateAttr(default_factory=dict)  # not a request field
 
     def set_route_template_defaults(self, kwargs: dict[str, Any]) -> None:
@@ -105,6 +106,7 @@ class CompletionRequest(_SamplingFields):
     echo: bool | None = False
     suffix: str | None = None
     best_of: int | None = None
+    prompt_logprobs: int | None = None  # vLLM's: top-k per prompt token, on every choice
 
 
 class TokenizeRequest(_Loose):

@@ -16,7 +16,9 @@ the chat and Anthropic routes:
   response_format), `chat_template_kwargs`, `top_k`, `seed`, ... as on the chat route.
 - Not kept: responses are not stored (`store` is accepted and ignored), so `previous_response_id` is refused
   with a 400 (send the whole conversation in `input`, as Codex does), and so are `conversation` and `prompt`
-  (stored conversations, reusable prompts); GET/DELETE /v1/responses/{id} do not exist.
+  (stored conversations, reusable prompts); GET/DELETE /v1/responses/{id} do not exist. `background: true`
+  and logprobs (`top_logprobs` > 0, `include` "message.output_text.logprobs") are refused with a 400 too, and so
+  is a `reasoning.effort` outside the openai SDK's values.
 
 Output items: `reasoning` (content [reasoning_text]; `encrypted_content` when `include` asks for
 "reasoning.encrypted_content"), `message` (one output_text part), `function_call` per parsed tool call.
@@ -40,6 +42,7 @@ from pydantic import ValidationError
 from starlette.responses import JSONResponse, Response
 
 from server.chat_serving import (
+    REASONING_EFFORTS,
     ChatResult,
     PreparedChat,
     iterate_generations,
@@ -48,7 +51,7 @@ from server.chat_serving import (
     run_chat,
 )
 from server.chat_template import content_text
-from server.errors import APIError, bad_request
+from server.errors import APIError, bad_request, not_supported
 from server.protocol import ChatCompletionRequest, _Loose, validation_error
 from server.serving import ServerState, read_body, request_origin, strip_stop_token_text
 from server.sse import ClientDisconnected, SSEResponse, run_or_disconnect, sse_event
@@ -67,6 +70,8 @@ _EXTRA_PASS_THROUGH = (
 # Responses fields that name objects stored on OpenAI's side (a conversation, a reusable prompt template): like
 # previous_response_id, refused (this server keeps no state)
 STORED_OBJECT_FIELDS = ("conversation", "prompt")
+# the `include` value that asks for logprobs on output_text parts (not implemented: a 400, like top_logprobs > 0)
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
 
 
 class ResponsesRequest(_Loose):
@@ -86,6 +91,10 @@ class ResponsesRequest(_Loose):
     include: list[str] | None = None
     store: bool | None = None
     metadata: dict[str, Any] | None = None
+    background: bool | None = None  # true: refused (no background mode)
+    top_logprobs: int | None = None  # > 0: refused (no logprobs on output_text parts)
+    # max_tool_calls caps calls to OpenAI's built-in tools (web search, file search, ...), which this server does
+    # not have (function calls are not counted against it): accepted and ignored, with the other unknown fields
 
 
 # ------------------------------------------------------------------------------------------------- input
@@ -225,6 +234,12 @@ def to_chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
             )
     if req.max_output_tokens is not None and req.max_output_tokens < 1:
         raise bad_request("max_output_tokens must be at least 1", param="max_output_tokens")
+    if req.background:
+        raise bad_request("background mode is not supported: this server stores no responses to poll; send "
+                          "background: false", param="background", code="unsupported_parameter")
+    if req.top_logprobs or LOGPROBS_INCLUDE in (req.include or []):
+        param = "top_logprobs" if req.top_logprobs else "include"
+        raise not_supported("logprobs on /v1/responses (use /v1/chat/completions)", param=param)
     tools = to_chat_tools(req.tools)
     body: dict[str, Any] = {
         "model": req.model,
@@ -238,8 +253,11 @@ def to_chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
         if getattr(req, key, None) is not None:
             body[key] = getattr(req, key)
     effort = (req.reasoning or {}).get("effort")
-    if isinstance(effort, str):
-        body["reasoning_effort"] = "none" if effort in ("none", "minimal") else effort
+    if effort is not None and effort not in REASONING_EFFORTS:
+        raise bad_request(f"reasoning.effort must be one of {', '.join(REASONING_EFFORTS)}; got {effort!r}",
+                          param="reasoning.effort")
+    if effort is not None:
+        body["reasoning_effort"] = effort  # the chat route turns thinking off for "none" / "minimal"
     for key in _EXTRA_PASS_THROUGH:
         if key in extra:
             body[key] = extra[key]

@@ -506,6 +506,31 @@ def chat_logprobs(
     return out
 
 
+def prompt_logprobs_json(
+    state: ServerState, prompt_ids: list[int], plp: list[dict[int, Any] | None] | None, top_n: int
+) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token None (the first: nothing predicts it) or {token id (a
+    string key): {logprob, rank, decoded_token}} holding the prompt token itself, then the top_n most likely
+    tokens (the engine may hold more: its count also serves the completions echo)."""
+    out: list[dict[str, dict[str, Any]] | None] = []
+    for pos, tok in enumerate(prompt_ids):
+        lpd = plp[pos] if plp is not None and pos < len(plp) else None
+        if lpd is None:
+            out.append(None)
+            continue
+        keep = [(tok, lpd[tok])] if tok in lpd else []
+        keep += [(t, lp) for t, lp in _sorted_top(lpd, top_n) if t != tok]
+        out.append(
+            {
+                str(t): {
+                    "logprob": _clean(lp.logprob), "rank": lp.rank, "decoded_token": _lp_text(state, t, lp)
+                }
+                for t, lp in keep
+            }
+        )
+    return out
+
+
 class CompletionLogprobs:
     """Accumulates the legacy completions `logprobs` object: tokens, token_logprobs, top_logprobs, text_offset."""
 

@@ -90,7 +90,7 @@ def test_anthropic_thinking_semantics(http):
     assert msg["content"] == [{"type": "text", "text": "Hello there."}] and msg["stop_reason"] == "end_turn"
     assert messages(http, "<<script:plain>>", thinking={"type": "disabled"})["content"][0]["type"] == "text"
     for thinking in ({"type": "enabled", "budget_tokens": 2048}, {"type": "adaptive"}):
-        msg = messages(http, "<<script:think>>", thinking=thinking)
+        msg = messages(http, "<<script:think>>", thinking=thinking, max_tokens=4096)  # max_tokens > budget_tokens
         assert [b["type"] for b in msg["content"]] == ["thinking", "text"], msg
         assert msg["content"][0]["thinking"] == "Let me think." and msg["content"][1]["text"] == "Answer."
 
@@ -102,7 +102,7 @@ def test_anthropic_thinking_maps_to_the_template():
 
     assert kwargs()["enable_thinking"] is False
     assert kwargs(thinking={"type": "disabled"})["enable_thinking"] is False
-    assert kwargs(thinking={"type": "enabled", "budget_tokens": 9})["enable_thinking"] is True
+    assert kwargs(thinking={"type": "enabled", "budget_tokens": 1024})["enable_thinking"] is True
     assert kwargs(thinking={"type": "adaptive"})["enable_thinking"] is True
     # an explicit template kwarg still wins
     assert kwargs(chat_template_kwargs={"enable_thinking": True})["enable_thinking"] is True
@@ -223,7 +223,7 @@ def test_responses_follow_up_keeps_the_chains_reasoning():
 def test_anthropic_assistant_prefill_is_continued():
     """A final assistant message is the start of the answer (Anthropic's prefill): the prompt ends with its text,
     not with a new assistant turn (it used to render as a finished turn followed by `<|assistant|>`)."""
-    for thinking in (None, {"type": "enabled", "budget_tokens": 99}):
+    for thinking in (None, {"type": "enabled", "budget_tokens": 1024}):
         kw = {"thinking": thinking} if thinking else {}
         prompt = _anthropic_prompt([{"role": "assistant", "content": "The answer is"}], **kw)
         assert prompt.endswith("<|assistant|></think>The answer is"), prompt

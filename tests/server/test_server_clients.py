@@ -146,7 +146,7 @@ def test_anthropic_sdk(server):
     msg = client.messages.create(model=MODEL, max_tokens=20, messages=[{"role": "user", "content": "hi"}])
     assert msg.content and msg.content[0].type == "text"  # no thinking field: thinking off (content[0].text)
     msg = client.messages.create(
-        model=MODEL, max_tokens=50, thinking={"type": "enabled", "budget_tokens": 1024},
+        model=MODEL, max_tokens=2048, thinking={"type": "enabled", "budget_tokens": 1024},
         messages=[{"role": "user", "content": "<<script:answer>>"}],
     )
     assert [b.type for b in msg.content] == ["thinking", "text"] and msg.content[1].text == "Hello from glint."

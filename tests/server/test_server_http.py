@@ -264,7 +264,7 @@ def test_anthropic_tool_use_and_streaming(http):
     headers = {"Authorization": f"Bearer {KEYS[0]}", "anthropic-version": "2023-06-01"}
     body = {
         "model": "glm",
-        "max_tokens": 100,
+        "max_tokens": 2048,  # above thinking.budget_tokens, as Anthropic requires
         "tools": ANTHROPIC_TOOLS,
         "tool_choice": {"type": "auto"},
         "thinking": {"type": "enabled", "budget_tokens": 1024},

@@ -612,7 +612,7 @@ def test_tool_call_values_that_are_not_strict_json_stay_text(server):
 def test_vllm_fields_this_server_does_not_implement_are_400s_not_ignored(client):
     for field, value in (("allowed_token_ids", [1, 2]), ("bad_words", ["x"]), ("truncate_prompt_tokens", 8),
                          ("logits_processors", ["m.P"]), ("use_beam_search", True),
-                         ("return_tokens_as_token_ids", True), ("prompt_logprobs", 1)):
+                         ("return_tokens_as_token_ids", True)):
         for call in (lambda e: client.completions.create(model="glint-tiny", prompt="x", max_tokens=2, extra_body=e),
                      lambda e: client.chat.completions.create(model="glint-tiny", messages=user("x"), max_tokens=2,
                                                               extra_body=e)):

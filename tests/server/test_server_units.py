@@ -243,6 +243,9 @@ def test_template_kwargs_precedence():
         "clear_thinking": False,
     }
     assert template_kwargs({"a": 1}, {"thinking": False, "b": 2})["enable_thinking"] is False
+    # "minimal" turns thinking off on every route (GLM-4.7 thinks or does not); "low" leaves it on
+    assert template_kwargs({"enable_thinking": True}, None, reasoning_effort="minimal")["enable_thinking"] is False
+    assert template_kwargs({"enable_thinking": False}, None, reasoning_effort="low")["enable_thinking"] is True
 
 
 def test_normalize_messages():

@@ -48,10 +48,13 @@ MAX_HEAD_DIM = 256
 
 
 def _import(name: str) -> ModuleType | None:
+    """The module when it imports and has the entry point this adapter calls. flash-attn-4 (the `fa4` prefill
+    backend) installs a `flash_attn` package that holds only `flash_attn.cute`: that is not FA2."""
     try:
-        return importlib.import_module(name)
+        mod = importlib.import_module(name)
     except ImportError:
         return None
+    return mod if hasattr(mod, "flash_attn_with_kvcache") else None
 
 
 def library() -> tuple[str, ModuleType] | None:
@@ -66,7 +69,7 @@ def library() -> tuple[str, ModuleType] | None:
 
 
 def available() -> bool:
-    """True when `flash_attn_interface` (FA3) or `flash_attn` (FA2) imports."""
+    """True when `flash_attn_interface` (FA3) or `flash_attn` (FA2) imports with `flash_attn_with_kvcache`."""
     return library() is not None
 
 
@@ -87,7 +90,7 @@ def unsupported_reason(
     lib = library()
     if lib is None:
         return (f"needs the flash_attn package: neither `{FA3_MODULE}` (FlashAttention-3, built from "
-                f"flash-attention/hopper) nor `{FA2_MODULE}` (FlashAttention-2) can be imported")
+                f"flash-attention/hopper) nor `{FA2_MODULE}` (FlashAttention-2) can be imported with `flash_attn_with_kvcache`")
     kind = lib[0]
     if not device_supported(device):
         return f"runs on CUDA only (device is {device!r})"

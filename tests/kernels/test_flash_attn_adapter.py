@@ -3,6 +3,9 @@ that keep the real signatures and assert the layouts the real library requires. 
 installed anywhere these tests run."""
 from __future__ import annotations
 
+import sys
+import types
+
 import fake_flash_attn
 import pytest
 import torch
@@ -51,6 +54,16 @@ def test_available_follows_import(monkeypatch, kind):
     assert not fa.available() and fa.library() is None
     fake_flash_attn.install(monkeypatch, kind)
     assert fa.available() and fa.library()[0] == kind
+
+
+def test_flash_attn_4s_package_is_not_fa2(monkeypatch):
+    """flash-attn-4 installs a `flash_attn` package holding only `flash_attn.cute` (our fa4 prefill backend):
+    it imports, but it is not FlashAttention-2 (on the GPU machine the adapter took it for FA2 and failed with
+    AttributeError: flash_attn_with_kvcache)."""
+    fake_flash_attn.hide(monkeypatch)
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    assert not fa.available() and fa.library() is None
+    assert "neither" in fa.unsupported_reason("cuda", torch.bfloat16, 128, torch.bfloat16, 256)
 
 
 @pytest.mark.parametrize("seq_lens,hq,hk,d,bs", [

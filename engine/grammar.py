@@ -64,6 +64,18 @@ def llg_tokenizer(
         return entry
 
 
+def check_grammar(grammar: Any) -> None:
+    """At submission: ValueError naming structured_output if llguidance cannot compile `grammar` (a few ms, no
+    token table; SequenceGrammar compiles it against the tokenizer on the request's first sampled row)."""
+    if llguidance is None:
+        raise ValueError("structured_output needs the llguidance package (pip install llguidance)")
+    if not isinstance(grammar, str):
+        raise ValueError(f"structured_output.grammar must be a str (llguidance grammar JSON), got {type(grammar)}")
+    error = llguidance.LLMatcher.validate_grammar(grammar)
+    if error:
+        raise ValueError(f"structured_output.grammar is invalid: {error}")
+
+
 class SequenceGrammar:
     """One sequence's matcher and the tokens fed to it (see the module docstring)."""
 

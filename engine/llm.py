@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import operator
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from tqdm import tqdm
@@ -15,11 +16,14 @@ from transformers import AutoTokenizer
 from engine.config import EngineConfig, engine_options
 from engine.distributed import init_distributed, launched_by_torchrun, shutdown_distributed
 from engine.engine_core import EngineCore
+from engine.grammar import check_grammar
 from engine.model_worker import END_OF_CALL, ModelWorker
 from engine.outputs import RequestOutput, RequestOutputAccumulator
 from engine.sampling_params import SamplingParams
 
 PromptType = str | dict[str, Any]
+PROMPT_KEYS = ("prompt", "prompt_token_ids")
+CHAT_ROLES = ("system", "user", "assistant", "tool")  # the roles GLM-4.7's chat template renders (others vanish)
 
 
 class LLM:
@@ -68,11 +72,22 @@ class LLM:
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             return prompt, self.tokenizer.encode(prompt, add_special_tokens=False)
-        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-        if isinstance(prompt, dict) and "prompt" in prompt:
-            return prompt["prompt"], self.tokenizer.encode(prompt["prompt"], add_special_tokens=False)
-        raise ValueError("each prompt must be a string or a dict with 'prompt_token_ids' (or 'prompt')")
+        if not isinstance(prompt, dict) or not any(k in prompt for k in PROMPT_KEYS):
+            raise ValueError(f"each prompt must be a string or a dict with 'prompt_token_ids' (or 'prompt'), "
+                             f"got {type(prompt).__name__}")
+        unknown = [k for k in prompt if k not in PROMPT_KEYS]
+        if unknown:  # e.g. a misspelt "prompt_token_id" next to "prompt" would be ignored silently
+            raise ValueError(f"prompt dict has unknown key(s) {unknown}; known: {list(PROMPT_KEYS)}")
+        text = prompt.get("prompt")
+        if not isinstance(text, str) and (text is not None or "prompt_token_ids" not in prompt):
+            raise TypeError(f"prompt must be a str, got {type(text).__name__}")
+        if "prompt_token_ids" not in prompt:
+            return text, self.tokenizer.encode(text, add_special_tokens=False)
+        try:  # operator.index: ints (numpy's too), not 1.5 / "5" (int() would turn them into other tokens)
+            return text, list(map(operator.index, prompt["prompt_token_ids"]))
+        except TypeError:
+            ids = prompt["prompt_token_ids"]
+            raise TypeError(f"prompt_token_ids must be a list of int, got {ids!r:.200}") from None
 
     def generate(
         self,
@@ -98,12 +113,19 @@ class LLM:
     ) -> list[RequestOutput]:
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
+        if not isinstance(prompts, Iterable):
+            raise TypeError(f"prompts must be a prompt or a list of prompts, got {type(prompts).__name__}")
         prompts = list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
         params = list(sampling_params) if isinstance(sampling_params, Sequence) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        for sp in {id(sp): sp for sp in params}.values():
+            if not isinstance(sp, SamplingParams):
+                raise TypeError(f"sampling_params must be SamplingParams (or a list of them), got {type(sp).__name__}")
+            if sp.structured_output is not None:  # else the request fails at its first token (the server checks too)
+                check_grammar(sp.structured_output.grammar)
         accs: dict[str, RequestOutputAccumulator] = {}
         order: list[str] = []
         try:
@@ -141,9 +163,11 @@ class LLM:
     ) -> list[RequestOutput]:
         if self._worker is not None:
             return self.generate([], use_tqdm=False)
-        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        nested = isinstance(messages, list) and messages and isinstance(messages[0], list)
+        conversations = messages if nested else [messages]
         prompts = []
         for conv in conversations:
+            _check_messages(conv)
             ids = self.tokenizer.apply_chat_template(
                 conv, tools=tools, add_generation_prompt=True, tokenize=True, **(chat_template_kwargs or {})
             )
@@ -151,6 +175,23 @@ class LLM:
                 ids = ids["input_ids"]
             prompts.append({"prompt_token_ids": list(ids)})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+
+def _check_messages(conv: Any) -> None:
+    """A conversation the chat template renders as given: else a bad message would vanish from the prompt (an
+    unknown role, no role) or render as nonsense."""
+    if not isinstance(conv, list) or not conv:
+        raise ValueError(f"messages must be a non-empty list of message dicts (or a list of such lists), "
+                         f"got {conv!r:.200}")
+    for i, m in enumerate(conv):
+        if not isinstance(m, dict):
+            raise TypeError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(m).__name__}")
+        if m.get("role") not in CHAT_ROLES:
+            raise ValueError(f"messages[{i}]['role'] must be one of {CHAT_ROLES}, got {m.get('role')!r}")
+        content = m.get("content")
+        if not (isinstance(content, (str, list)) or (content is None and m["role"] == "assistant")):
+            raise TypeError(f"messages[{i}]['content'] must be a str or a list of content parts, "
+                            f"got {content!r:.200}")
 
 
 def _options_doc() -> str:

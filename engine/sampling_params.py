@@ -4,12 +4,29 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 # Below this temperature a request is treated as greedy (vLLM uses the same epsilon).
 _GREEDY_EPS = 1e-5
 MAX_LOGPROBS = 20
+# The most choices of one request: each is a sequence of its own (n = 10**12 would build that many before
+# failing; the server allows 64).
+MAX_N = 1024
+LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range, as the server checks: a larger bias overflows float32 logits
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_token_id(value: Any) -> bool:  # numpy ints too
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -74,11 +91,19 @@ class SamplingParams:
         else:
             raise ValueError(f"stop_token_ids must be a list of int, got {self.stop_token_ids!r}")
         if self.logit_bias is not None:
-            # JSON bodies carry string keys ("1234": -100); accept them.
-            try:
-                self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"logit_bias must map token ids to floats: {e}") from e
+            # JSON bodies carry string keys ("1234": -100); accept them (but not 1.5 or True as an id).
+            if not isinstance(self.logit_bias, Mapping):
+                raise ValueError(f"logit_bias must be a dict of token id -> bias, got {self.logit_bias!r}")
+            bias = {}
+            for k, v in self.logit_bias.items():
+                try:
+                    key = int(k) if isinstance(k, str) or _is_token_id(k) else None
+                except ValueError:
+                    key = None
+                if key is None or not _is_number(v):
+                    raise ValueError(f"logit_bias must map token ids (int) to numbers, got {k!r}: {v!r}")
+                bias[key] = float(v)
+            self.logit_bias = bias
             if not self.logit_bias:
                 self.logit_bias = None
         if self.top_k == -1:
@@ -87,8 +112,11 @@ class SamplingParams:
     def _validate(self) -> None:
         if self.stop and not self.detokenize:
             raise ValueError("stop strings need detokenize=True")
-        if not isinstance(self.n, int) or self.n < 1:
-            raise ValueError(f"n must be an int >= 1, got {self.n!r}")
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n must be an int in [1, {MAX_N}], got {self.n!r}")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            if not _is_number(getattr(self, name)):  # else a bare "'<' not supported between ..." below
+                raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError(
                 f"best_of is not supported (must be None or equal to n={self.n}), got {self.best_of}"
@@ -97,7 +125,7 @@ class SamplingParams:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
+        if not _is_int(self.top_k) or self.top_k < -1:
             raise ValueError(f"top_k must be an int >= -1 (0 or -1 disables it), got {self.top_k!r}")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
@@ -105,15 +133,15 @@ class SamplingParams:
             not isinstance(self.seed, int) or isinstance(self.seed, bool) or not -(2**63) <= self.seed < 2**64
         ):
             raise ValueError(f"seed must be an int in [-2**63, 2**64 - 1] or None, got {self.seed!r}")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise ValueError(f"max_tokens must be an int >= 1 or None, got {self.max_tokens!r}")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
             raise ValueError(f"min_tokens must be an int >= 0, got {self.min_tokens!r}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS):
+            if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
                 raise ValueError(f"{name} must be an int in [0, {MAX_LOGPROBS}] or None, got {value!r}")
         if not self.repetition_penalty > 0.0 or math.isinf(self.repetition_penalty):
             raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
@@ -131,11 +159,20 @@ class SamplingParams:
             isinstance(self.structured_output, StructuredOutput) and self.structured_output.grammar
         ):
             raise ValueError("structured_output must be a StructuredOutput with a grammar")
+        if self.structured_output is not None and any(
+            not _is_token_id(t) or t < 0 for t in self.structured_output.after_token_ids
+        ):
+            raise ValueError(f"structured_output.after_token_ids must be token ids (ints >= 0), "
+                             f"got {self.structured_output.after_token_ids!r}")
         if self.logit_bias is not None:
             if any(t < 0 for t in self.logit_bias):
                 raise ValueError("logit_bias token ids must be >= 0")
-            if any(math.isnan(v) for v in self.logit_bias.values()):
-                raise ValueError("logit_bias values must not be NaN")
+            # -inf bans a token (vLLM scripts use it); NaN and anything else outside the range are refused
+            bad = {t: v for t, v in self.logit_bias.items()
+                   if not (-LOGIT_BIAS_LIMIT <= v <= LOGIT_BIAS_LIMIT or v == -math.inf)}
+            if bad:
+                raise ValueError(f"logit_bias values must be in [-{LOGIT_BIAS_LIMIT:g}, {LOGIT_BIAS_LIMIT:g}] or -inf "
+                                 f"(a ban), got {dict(list(bad.items())[:5])}")
 
     def verify_token_ids(self, vocab_size: int) -> None:
         """Check token ids against the model's vocabulary (the params alone don't know it)."""
@@ -146,6 +183,10 @@ class SamplingParams:
             bad = [t for t in self.logit_bias if t >= vocab_size]
             if bad:
                 raise ValueError(f"logit_bias token ids out of vocabulary (size {vocab_size}): {bad}")
+        if self.structured_output is not None:
+            bad = [t for t in self.structured_output.after_token_ids if t >= vocab_size]
+            if bad:
+                raise ValueError(f"structured_output.after_token_ids out of vocabulary (size {vocab_size}): {bad}")
 
     @property
     def is_greedy(self) -> bool:

@@ -418,8 +418,10 @@ def test_responses_items_out(http):
     assert u["output_tokens"] == 4 and u["output_tokens_details"]["reasoning_tokens"] == 2
     assert u["total_tokens"] == u["input_tokens"] + u["output_tokens"]
     # reasoning off: only the message
-    resp = responses(http, input="<<script:plain>>", reasoning={"effort": "none"})
-    assert [o["type"] for o in resp["output"]] == ["message"] and resp["output"][0]["content"][0]["text"] == "Hello there."
+    for effort in ("none", "minimal"):
+        resp = responses(http, input="<<script:plain>>", reasoning={"effort": effort})
+        assert [o["type"] for o in resp["output"]] == ["message"], effort
+        assert resp["output"][0]["content"][0]["text"] == "Hello there."
     # cut by max_output_tokens: incomplete
     resp = responses(http, input="<<script:think>>", max_output_tokens=2)
     assert resp["status"] == "incomplete" and resp["incomplete_details"] == {"reason": "max_output_tokens"}

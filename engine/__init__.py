@@ -3,7 +3,7 @@ from engine.config import EngineConfig
 from engine.engine_core import EngineCore
 from engine.llm import LLM
 from engine.outputs import CompletionOutput, Logprob, RequestDelta, RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, StructuredOutput, ThinkingBudget
 
 __all__ = [
     "LLM",
@@ -14,4 +14,6 @@ __all__ = [
     "RequestDelta",
     "RequestOutput",
     "SamplingParams",
+    "StructuredOutput",
+    "ThinkingBudget",
 ]

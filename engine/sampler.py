@@ -44,6 +44,9 @@ class SamplingState:
     # eos ids (unless ignore_eos) + stop_token_ids: the ids that finish the sequence, masked during min_tokens.
     all_stop_token_ids: frozenset[int] = field(init=False)
     _prompt_ids_dev: torch.Tensor | None = field(default=None, init=False, repr=False)
+    # the thinking budget's end token: seen in output_token_ids[:_end_scanned]? (scanned incrementally)
+    _end_seen: bool = field(default=False, init=False, repr=False)
+    _end_scanned: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         stops = set(self.params.stop_token_ids)
@@ -60,6 +63,16 @@ class SamplingState:
             self.generator = torch.Generator(device=device)
         self.generator.manual_seed(mix_seed(self.params.seed, self.seed_offset, position))
         return self.generator
+
+    def reasoning_ended(self, end_token_id: int, drafts: Sequence[int] = ()) -> bool:
+        """Whether end_token_id is in the output (or the drafts after it); only new output tokens are searched."""
+        out = self.output_token_ids
+        if len(out) < self._end_scanned:  # never expected (the output only grows): search it all again
+            self._end_seen, self._end_scanned = False, 0
+        if not self._end_seen and len(out) > self._end_scanned:
+            self._end_seen = end_token_id in out[self._end_scanned:]
+            self._end_scanned = len(out)
+        return self._end_seen or end_token_id in drafts
 
     def prompt_ids_on(self, device: torch.device) -> torch.Tensor:
         """Prompt ids as a device tensor, cached (only used by the repetition penalty)."""
@@ -129,6 +142,22 @@ def _row_tensor(values: list[float], device: torch.device) -> torch.Tensor:
     return to_device(values, torch.float32, device)
 
 
+def _force_reasoning_end(x: torch.Tensor, rows: Sequence[SampleRow]) -> None:
+    """Rows past their thinking budget whose reasoning has not ended: only the end token is left (logit 0)."""
+    forced = [
+        (i, r.params.thinking_budget.end_token_id)
+        for i, r in enumerate(rows)
+        if r.params.thinking_budget is not None
+        and r.num_output >= r.params.thinking_budget.max_tokens
+        and not r.state.reasoning_ended(r.params.thinking_budget.end_token_id, r.drafts)
+    ]
+    if not forced:
+        return
+    rows_t, cols_t = _rows_cols(forced, x.device)
+    x.index_fill_(0, rows_t, float("-inf"))
+    x.index_put_((rows_t, cols_t), torch.zeros((), device=x.device))
+
+
 class Sampler:
     def __init__(self, generator: torch.Generator | None = None) -> None:
         # Generator for unseeded rows; None uses torch's default RNG of the logits' device.
@@ -161,6 +190,7 @@ class Sampler:
         pen_rows = [i for i, s in enumerate(states) if s.params.has_penalties]
         if pen_rows:
             self._apply_penalties(x, pen_rows, states)
+        _force_reasoning_end(x, states)
         apply_grammar_masks(x, states)  # last: nothing may re-enable a token the grammar forbids
         return x
 

@@ -43,6 +43,16 @@ class StructuredOutput:
     after_token_ids: tuple[int, ...] = ()
 
 
+@dataclass(frozen=True)
+class ThinkingBudget:
+    """A cap on reasoning (Anthropic's `thinking.budget_tokens`, SGLang's thinking budget): if `end_token_id`
+    (GLM-4.7's `</think>`) is not among the first `max_tokens` output tokens, it is forced as the next one; the
+    answer follows. For an output that starts inside the reasoning (the prompt ends with `<think>`)."""
+
+    max_tokens: int
+    end_token_id: int
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -69,6 +79,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     detokenize: bool = True  # False: token ids only (text stays ""), e.g. for benchmarks
     structured_output: StructuredOutput | None = None  # constrained decoding (JSON schema, grammar, regex)
+    thinking_budget: ThinkingBudget | None = None  # force the end of reasoning after this many output tokens
 
     def __post_init__(self) -> None:
         self._normalize()
@@ -164,6 +175,11 @@ class SamplingParams:
         ):
             raise ValueError(f"structured_output.after_token_ids must be token ids (ints >= 0), "
                              f"got {self.structured_output.after_token_ids!r}")
+        tb = self.thinking_budget
+        if tb is not None and not (isinstance(tb, ThinkingBudget) and _is_int(tb.max_tokens) and tb.max_tokens >= 0
+                                   and _is_token_id(tb.end_token_id) and tb.end_token_id >= 0):
+            raise ValueError(f"thinking_budget must be a ThinkingBudget(max_tokens >= 0, end_token_id >= 0), "
+                             f"got {tb!r}")
         if self.logit_bias is not None:
             if any(t < 0 for t in self.logit_bias):
                 raise ValueError("logit_bias token ids must be >= 0")
@@ -187,6 +203,10 @@ class SamplingParams:
             bad = [t for t in self.structured_output.after_token_ids if t >= vocab_size]
             if bad:
                 raise ValueError(f"structured_output.after_token_ids out of vocabulary (size {vocab_size}): {bad}")
+
+        if self.thinking_budget is not None and self.thinking_budget.end_token_id >= vocab_size:
+            raise ValueError(f"thinking_budget.end_token_id out of vocabulary (size {vocab_size}): "
+                             f"{self.thinking_budget.end_token_id}")
 
     @property
     def is_greedy(self) -> bool:

@@ -273,6 +273,8 @@ def to_chat_request(req: Any, *, stream: bool = False) -> ChatCompletionRequest:
         body["continue_final_message"] = True
         body["add_generation_prompt"] = False
     body["thinking"] = {"type": "enabled" if thinking_enabled(req.thinking) else "disabled"}
+    if req.thinking and req.thinking.get("type") == "enabled":  # checked by thinking_enabled: an int >= 1024
+        body["thinking"]["budget_tokens"] = req.thinking["budget_tokens"]
     clear = _clear_thinking(req)
     if clear is not None:
         body["thinking"]["clear_thinking"] = clear
@@ -337,8 +339,8 @@ def thinking_enabled(thinking: Any) -> bool:
 
     Checked as Anthropic checks it, with its wording (clients match on the same errors): a type outside these
     three is a 400, and `enabled` needs an integer budget_tokens >= 1024 (below max_tokens: `check_thinking_budget`,
-    on /v1/messages). The budget itself is not used: GLM-4.7 cannot cap its thinking, max_tokens caps thinking and
-    answer together."""
+    on /v1/messages). The engine enforces the budget: `</think>` is forced after budget_tokens output tokens
+    (engine.sampling_params.ThinkingBudget); max_tokens caps thinking and answer together."""
     if thinking is None:
         return False
     if not isinstance(thinking, dict):

@@ -36,7 +36,7 @@ from server.serving import (
     run_blocking,
     strip_stop_token_text,
 )
-from server.structured_output import request_grammar, structured_output, tool_call_grammar
+from server.structured_output import request_grammar, structured_output, thinking_budget, tool_call_grammar
 
 logger = logging.getLogger("glint.server")
 
@@ -77,6 +77,18 @@ def check_prompt_logprobs(value: int | None, stream: bool | None) -> int | None:
     if stream:
         raise bad_request("prompt_logprobs is not supported with streaming", param="prompt_logprobs")
     return value
+
+
+def _thinking_budget_tokens(thinking: dict[str, Any] | None) -> int | None:
+    """`thinking: {"type": "enabled", "budget_tokens": N}` (Anthropic's shape, on the chat route too): the reasoning
+    is cut (`</think>` forced) after N output tokens. Other types carry no budget."""
+    if not isinstance(thinking, dict) or thinking.get("type") != "enabled" or thinking.get("budget_tokens") is None:
+        return None
+    budget = thinking["budget_tokens"]
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
+        raise bad_request(f"thinking.budget_tokens must be an integer >= 0, got {budget!r}",
+                          param="thinking.budget_tokens")
+    return budget
 
 
 def include_usage(req: Any) -> bool:
@@ -161,6 +173,7 @@ class ChatPlan:
                 f"thinking.type must be one of {', '.join(THINKING_TYPES)}; got {thinking_type!r}",
                 param="thinking.type",
             )
+        self.thinking_budget = _thinking_budget_tokens(req.thinking)
         if req.echo:  # vLLM's chat echo (the last message's content before the output) is not implemented
             raise not_supported("echo on chat completions", param="echo")
         self.logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -289,6 +302,7 @@ async def prepare_chat(
         prompt_logprobs=plan.prompt_logprobs,
         skip_special_tokens=req.skip_special_tokens if req.skip_special_tokens is not None else False,
         structured_output=structured_output(state, plan.grammar, starts_in_reasoning),
+        thinking_budget=thinking_budget(state, plan.thinking_budget, starts_in_reasoning),
     )
     rid = new_request_id(id_prefix)
     log.update(

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, TypeVar
 
 from engine.kv_connector import DisaggParams
-from engine.sampling_params import SamplingParams, StructuredOutput
+from engine.sampling_params import SamplingParams, StructuredOutput, ThinkingBudget
 from server.chat_template import ChatTemplate
 from server.config import ServerConfig
 from server.engine_client import EngineClient, EngineDeadError, EngineRequestError, ServerShuttingDown
@@ -261,6 +261,7 @@ def make_sampling_params(
     skip_special_tokens: bool = True,
     stop: Any = None,
     structured_output: StructuredOutput | None = None,
+    thinking_budget: ThinkingBudget | None = None,
 ) -> SamplingParams:
     d = state.generation_defaults
 
@@ -295,6 +296,7 @@ def make_sampling_params(
             include_stop_str_in_output=bool(getattr(req, "include_stop_str_in_output", False)),
             logit_bias=getattr(req, "logit_bias", None),
             structured_output=structured_output,
+            thinking_budget=thinking_budget,
         )
     except (ValueError, TypeError) as e:
         m = _FIELD_RE.match(str(e))

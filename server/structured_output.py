@@ -12,6 +12,8 @@ A grammar may be Lark or GBNF (llguidance converts GBNF).
   most once), a string value is raw text (its enum / maxLength honoured), any other value is JSON following
   the property's schema.
 - With thinking on, the grammar starts after `</think>`: the reasoning before it is free text.
+- A thinking budget (`thinking.budget_tokens`) caps that free text: the engine forces `</think>` after that many
+  output tokens (engine.sampling_params.ThinkingBudget).
 
 An invalid schema is a 400 naming the problem (llguidance's validator), raised before the engine sees it.
 """
@@ -23,7 +25,7 @@ from typing import Any
 
 import llguidance
 
-from engine.sampling_params import StructuredOutput
+from engine.sampling_params import StructuredOutput, ThinkingBudget
 from server.errors import bad_request, not_supported
 from server.validation import load_json
 
@@ -184,13 +186,25 @@ def tool_call_grammar(tools: list[dict[str, Any]], parallel: bool, tokenizer: An
     return _checked(grammar, "tools", "the forced tool call (tool_choice) with these tool parameters")
 
 
+def think_end_id(tokenizer: Any) -> int | None:
+    """The id of `</think>` (one token in GLM-4.7's vocabulary), None for a tokenizer without it."""
+    tid = tokenizer.convert_tokens_to_ids(THINK_END)
+    return tid if isinstance(tid, int) and tid != tokenizer.unk_token_id else None
+
+
+def thinking_budget(state: Any, budget_tokens: int | None, starts_in_reasoning: bool) -> ThinkingBudget | None:
+    """The engine's ThinkingBudget for a request whose output starts inside the reasoning: `</think>` is forced
+    after `budget_tokens` output tokens unless the model wrote it before."""
+    if budget_tokens is None or not starts_in_reasoning:
+        return None
+    think_end = think_end_id(state.tokenizer)
+    return ThinkingBudget(budget_tokens, think_end) if think_end is not None else None
+
+
 def structured_output(state: Any, grammar: str | None, starts_in_reasoning: bool) -> StructuredOutput | None:
     """The engine's StructuredOutput for a request (the grammar waits for `</think>` when thinking is on)."""
     if grammar is None:
         return None
-    after: tuple[int, ...] = ()
-    if starts_in_reasoning:
-        think_end = state.tokenizer.convert_tokens_to_ids(THINK_END)
-        if isinstance(think_end, int) and think_end != state.tokenizer.unk_token_id:
-            after = (think_end,)
+    think_end = think_end_id(state.tokenizer) if starts_in_reasoning else None
+    after = (think_end,) if think_end is not None else ()
     return StructuredOutput(grammar, state.config.engine.get("tokenizer") or state.model_path, after)

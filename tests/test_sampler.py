@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from engine.sampler import Sampler, SamplingState, compute_prompt_logprobs
-from engine.sampling_params import SamplingParams
+from engine.sampler import Sampler, SampleRow, SamplingState, compute_prompt_logprobs
+from engine.sampling_params import SamplingParams, ThinkingBudget
 
 
 def st(prompt=(), output=None, eos=(), **kw) -> SamplingState:
@@ -191,6 +191,37 @@ def test_min_tokens_with_ignore_eos():
     s = st(eos=[2], stop_token_ids=[3], min_tokens=1, ignore_eos=True, temperature=0)
     assert s.all_stop_token_ids == {3}
     assert Sampler().sample(logits, [s]).token_ids == [2]
+
+
+def test_thinking_budget_forces_the_end_token_once():
+    """Budget 2, end token 1 (the least likely one, even banned by logit_bias -inf): the third token is forced,
+    in greedy and in sampled rows; after it (or once the model ends the reasoning itself) nothing is forced."""
+    logits = torch.tensor([[0.0, -5.0, 9.0, 8.0]])
+    for kw in ({"temperature": 0}, {"temperature": 1.0, "seed": 7}, {"temperature": 0, "logit_bias": {1: -math.inf}}):
+        s = st(thinking_budget=ThinkingBudget(max_tokens=2, end_token_id=1), **kw)
+        out = []
+        for _ in range(5):
+            tok = Sampler().sample(logits, [s]).token_ids[0]
+            s.output_token_ids.append(tok)
+            out.append(tok)
+        assert out[2] == 1 and 1 not in out[:2] + out[3:], (kw, out)
+    # the model ended its reasoning before the budget: not forced again
+    s = st(output=[2, 1, 2], temperature=0, thinking_budget=ThinkingBudget(max_tokens=2, end_token_id=1))
+    assert Sampler().sample(logits, [s]).token_ids == [2]
+    # budget 0: the first token; rows of a verify chain count the drafts before them
+    s = st(temperature=0, thinking_budget=ThinkingBudget(max_tokens=0, end_token_id=3))
+    assert Sampler().sample(logits, [s]).token_ids == [3]
+    s = st(output=[2], temperature=0, thinking_budget=ThinkingBudget(max_tokens=2, end_token_id=1))
+    rows = [SampleRow(s, ()), SampleRow(s, (2,)), SampleRow(s, (2, 1)), SampleRow(s, (2, 2))]
+    assert Sampler().sample(logits.expand(4, -1), rows).token_ids == [2, 1, 2, 1]
+
+
+@pytest.mark.parametrize("bad", [ThinkingBudget(-1, 1), ThinkingBudget(2, -1), ThinkingBudget(True, 1), 5])
+def test_thinking_budget_validated(bad):
+    with pytest.raises(ValueError, match="thinking_budget"):
+        SamplingParams(thinking_budget=bad)
+    with pytest.raises(ValueError, match="thinking_budget.end_token_id out of vocabulary"):
+        SamplingParams(thinking_budget=ThinkingBudget(1, 10)).verify_token_ids(10)
 
 
 def test_logprobs_raw_distribution_and_ranks():

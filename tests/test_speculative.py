@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import pytest
 
 from engine import LLM, SamplingParams
+from engine.sampling_params import ThinkingBudget
 from engine_checks import assert_pages_clean
 from model.tiny import write_tiny_checkpoint
 from spec import DraftSlot, Drafter
@@ -65,6 +66,27 @@ def test_suffix_greedy_identity_without_repetition_and_prefix_hits(plain, suffix
     hits = suffix.stats()["prefix_cache_hit_tokens"]
     _same(first, suffix.generate(prompts, sp, use_tqdm=False))  # again: prompts now hit the prefix cache
     assert suffix.stats()["prefix_cache_hit_tokens"] > hits
+    assert_pages_clean(suffix.engine)
+
+
+def test_thinking_budget_forced_end_identical_under_speculation(plain, suffix):
+    """A thinking budget forces its end token at output position `budget` (unless it came earlier); the tokens
+    before it are the unbudgeted run's, and suffix speculation (drafts running past the forced position, some
+    rejected there) gives exactly the plain run's tokens, greedy and seeded."""
+    prompts = _repetitive_prompts(3, 5)
+    end, budget = 1399, 30
+    free = plain.generate(prompts, SamplingParams(temperature=0, max_tokens=60, ignore_eos=True), use_tqdm=False)
+    for sp in (SamplingParams(temperature=0, max_tokens=60, ignore_eos=True,
+                              thinking_budget=ThinkingBudget(budget, end)),
+               SamplingParams(temperature=0.8, seed=5, max_tokens=60, ignore_eos=True,
+                              thinking_budget=ThinkingBudget(budget, end))):
+        ref = plain.generate(prompts, sp, use_tqdm=False)
+        _same(ref, suffix.generate(prompts, sp, use_tqdm=False))
+        for o, f in zip(ref, free):
+            toks = o.outputs[0].token_ids
+            assert end not in toks[:budget] and toks[budget] == end and len(toks) == 60
+            if sp.is_greedy:
+                assert toks[:budget] == f.outputs[0].token_ids[:budget]
     assert_pages_clean(suffix.engine)
 
 

@@ -83,10 +83,12 @@ class LLM:
             raise TypeError(f"prompt must be a str, got {type(text).__name__}")
         if "prompt_token_ids" not in prompt:
             return text, self.tokenizer.encode(text, add_special_tokens=False)
+        ids = prompt["prompt_token_ids"]
         try:  # operator.index: ints (numpy's too), not 1.5 / "5" (int() would turn them into other tokens)
-            return text, list(map(operator.index, prompt["prompt_token_ids"]))
+            if isinstance(ids, (str, bytes)) or any(isinstance(t, bool) for t in ids):
+                raise TypeError
+            return text, list(map(operator.index, ids))
         except TypeError:
-            ids = prompt["prompt_token_ids"]
             raise TypeError(f"prompt_token_ids must be a list of int, got {ids!r:.200}") from None
 
     def generate(
@@ -124,8 +126,9 @@ class LLM:
         for sp in {id(sp): sp for sp in params}.values():
             if not isinstance(sp, SamplingParams):
                 raise TypeError(f"sampling_params must be SamplingParams (or a list of them), got {type(sp).__name__}")
-            if sp.structured_output is not None:  # else the request fails at its first token (the server checks too)
-                check_grammar(sp.structured_output.grammar)
+        # else a bad grammar fails its request at the first token (the server checks too); once per grammar
+        for grammar in {sp.structured_output.grammar for sp in params if sp.structured_output is not None}:
+            check_grammar(grammar)
         accs: dict[str, RequestOutputAccumulator] = {}
         order: list[str] = []
         try:
@@ -163,10 +166,20 @@ class LLM:
     ) -> list[RequestOutput]:
         if self._worker is not None:
             return self.generate([], use_tqdm=False)
+        try:
+            prompts = self._chat_prompts(messages, tools, chat_template_kwargs)
+        except BaseException:
+            if self._torchrun:  # ranks > 0 wait in generate() for this call's end
+                self.engine.worker.send_control(END_OF_CALL)
+            raise
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _chat_prompts(
+        self, messages: Any, tools: list[dict[str, Any]] | None, chat_template_kwargs: dict[str, Any] | None
+    ) -> list[dict[str, Any]]:
         nested = isinstance(messages, list) and messages and isinstance(messages[0], list)
-        conversations = messages if nested else [messages]
         prompts = []
-        for conv in conversations:
+        for conv in messages if nested else [messages]:
             _check_messages(conv)
             ids = self.tokenizer.apply_chat_template(
                 conv, tools=tools, add_generation_prompt=True, tokenize=True, **(chat_template_kwargs or {})
@@ -174,7 +187,7 @@ class LLM:
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
             prompts.append({"prompt_token_ids": list(ids)})
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return prompts
 
 
 def _check_messages(conv: Any) -> None:

@@ -68,6 +68,11 @@ class Request:
         return len(self.prompt_token_ids)
 
     @property
+    def needs_prompt_logits(self) -> bool:
+        """Prompt logprobs asked for and not all produced: each prompt row of its chunks needs its logits."""
+        return self.params.prompt_logprobs is not None and self.prompt_logprobs_upto < self.num_prompt_tokens
+
+    @property
     def num_tokens(self) -> int:
         """Prompt + output tokens, including those sampled by an in-flight step."""
         return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens

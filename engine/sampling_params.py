@@ -180,6 +180,11 @@ class SamplingParams:
                                    and _is_token_id(tb.end_token_id) and tb.end_token_id >= 0):
             raise ValueError(f"thinking_budget must be a ThinkingBudget(max_tokens >= 0, end_token_id >= 0), "
                              f"got {tb!r}")
+        if tb is not None and self.structured_output is not None and (
+                tb.end_token_id not in self.structured_output.after_token_ids):
+            # the forced end token would be one the grammar forbids: a row with no token left
+            raise ValueError("thinking_budget with structured_output needs the grammar to start after the budget's "
+                             f"end token: structured_output.after_token_ids must hold {tb.end_token_id}")
         if self.logit_bias is not None:
             if any(t < 0 for t in self.logit_bias):
                 raise ValueError("logit_bias token ids must be >= 0")

@@ -152,7 +152,7 @@ class Scheduler:
             if req.status != Status.RUNNING:  # preempted earlier in this loop
                 continue
             rest = req.num_tokens - req.num_computed_tokens
-            n = min(rest, budget) if rest == 1 else min(rest, budget, prefill_budget)
+            n = min(rest, budget) if rest == 1 else min(rest, budget, prefill_budget, self._chunk_cap(req))
             if n <= 0 or req.num_output_tokens >= req.max_tokens:
                 continue  # nothing to compute (or no prefill budget left), or its last token is still in flight
             drafts = min(len(req.draft_token_ids), budget - n) if n == rest else 0
@@ -178,6 +178,11 @@ class Scheduler:
             budget -= scheduled.num_tokens
             prefill_budget -= scheduled.num_tokens
         return out
+
+    def _chunk_cap(self, req: Request) -> int:
+        """A prompt-logprobs chunk computes fp32 logits for every row (151,552 floats each on GLM-4.7: 5 GB for an
+        8K chunk); the memory profile holds logits for max_num_seqs rows, so such chunks take at most that many."""
+        return self.config.max_num_seqs if req.needs_prompt_logits else self.config.max_num_batched_tokens
 
     def _prefill_budget(self, budget: int) -> int:
         """Prompt tokens this step may compute: the whole budget, or the cap for steps that also decode (a
@@ -218,13 +223,13 @@ class Scheduler:
         """Prefix lookup + page allocation for a waiting request; None if its first chunk doesn't fit."""
         hits: list[int] = []
         # Prompt logprobs need logits at every prompt position, so such requests skip the prefix cache.
-        if req.params.prompt_logprobs is None or req.prompt_logprobs_upto >= req.num_prompt_tokens:
+        if not req.needs_prompt_logits:
             # Leave at least one token to compute: its logits give the next token.
             hashes, blocks = req.full_block_hashes(self.block_size, req.num_tokens - 1)
             req.block_hashes = hashes
             hits = self.pool.lookup(hashes, blocks)
         computed = len(hits) * self.block_size
-        n = min(req.num_tokens - computed, budget)
+        n = min(req.num_tokens - computed, budget, self._chunk_cap(req))
         need = self._pages_for(computed + n) - len(hits)
         hits_unreferenced = sum(1 for pid in hits if self.pool.pages[pid].ref_count == 0)
         if need > self.pool.num_allocatable - hits_unreferenced:

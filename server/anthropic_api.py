@@ -11,7 +11,7 @@ Anthropic's envelope (see server/errors.py).
 
 Claude Code compatibility: mid-conversation `system` messages become system turns; `thinking` follows
 Anthropic's semantics (absent or `disabled` = off, `enabled` / `adaptive` = on) and Anthropic's checks (type,
-budget_tokens); `tool_choice` any / tool without tools is a 400; `output_config.format`
+budget_tokens >= 1024; the budget is enforced); `tool_choice` any / tool without tools is a 400; `output_config.format`
 (json_schema) is enforced like response_format; `output_config.effort`, `metadata`, `cache_control` on any
 block and unknown (beta) fields are accepted and ignored.
 """
@@ -246,7 +246,9 @@ def to_chat_request(req: Any, *, stream: bool = False) -> ChatCompletionRequest:
         # required / a named function are on the chat route; auto and none ask for nothing a tool-less request
         # does not already do and pass (as on /v1/responses), so a client that always sends one keeps working.
         if not tools and kind in ("any", "tool"):
-            raise bad_request("tool_choice may only be specified while providing tools", param="tool_choice")
+            raise bad_request("tool_choice may only be specified while providing tools" if not req.tools else
+                              "tool_choice forces a tool call, but this server runs none of the server tools sent "
+                              "(send a custom tool with an input_schema)", param="tool_choice")
     if tc is not None and tools:
         kind = tc["type"]
         parallel = not tc.get("disable_parallel_tool_use", False)
@@ -273,8 +275,8 @@ def to_chat_request(req: Any, *, stream: bool = False) -> ChatCompletionRequest:
         body["continue_final_message"] = True
         body["add_generation_prompt"] = False
     body["thinking"] = {"type": "enabled" if thinking_enabled(req.thinking) else "disabled"}
-    if req.thinking and req.thinking.get("type") == "enabled":  # checked by thinking_enabled: an int >= 1024
-        body["thinking"]["budget_tokens"] = req.thinking["budget_tokens"]
+    if req.thinking and req.thinking.get("type") == "enabled":  # checked by thinking_enabled: a whole number >= 1024
+        body["thinking"]["budget_tokens"] = int(req.thinking["budget_tokens"])
     clear = _clear_thinking(req)
     if clear is not None:
         body["thinking"]["clear_thinking"] = clear
@@ -338,8 +340,10 @@ def thinking_enabled(thinking: Any) -> bool:
     budget_tokens) and `adaptive` (the model decides; GLM-4.7 then always thinks) = thinking on.
 
     Checked as Anthropic checks it, with its wording (clients match on the same errors): a type outside these
-    three is a 400, and `enabled` needs an integer budget_tokens >= 1024 (below max_tokens: `check_thinking_budget`,
-    on /v1/messages). The engine enforces the budget: `</think>` is forced after budget_tokens output tokens
+    three is a 400, and `enabled` needs an integer budget_tokens >= 1024 (a whole-number float passes, as at
+    Anthropic). Anthropic also wants max_tokens above the budget; this server does not refuse a budget >= max_tokens
+    (Claude Code and LiteLLM send such requests at times; it worked here before the check existed): the budget
+    then never cuts. The engine enforces the budget: `</think>` is forced after budget_tokens output tokens
     (engine.sampling_params.ThinkingBudget); max_tokens caps thinking and answer together."""
     if thinking is None:
         return False
@@ -354,29 +358,14 @@ def thinking_enabled(thinking: Any) -> bool:
         where = "thinking.enabled.budget_tokens"
         if budget is None:
             raise bad_request(f"{where}: Field required", param="thinking.budget_tokens")
+        if isinstance(budget, float) and budget.is_integer():
+            budget = int(budget)
         if not isinstance(budget, int) or isinstance(budget, bool):
             raise bad_request(f"{where}: Input should be a valid integer", param="thinking.budget_tokens")
         if budget < MIN_THINKING_BUDGET:
             raise bad_request(f"{where}: Input should be greater than or equal to {MIN_THINKING_BUDGET}",
                               param="thinking.budget_tokens")
     return kind != "disabled"
-
-
-def check_thinking_budget(req: MessagesRequest, betas: list[str]) -> None:
-    """Anthropic: max_tokens must be greater than thinking.budget_tokens, except with interleaved thinking (the
-    `interleaved-thinking-*` beta), where the budget spans every thinking block of the turn. Run after
-    `thinking_enabled` has checked the budget."""
-    thinking = req.thinking
-    if not isinstance(thinking, dict) or thinking.get("type") != "enabled":
-        return
-    if any(b.strip().startswith("interleaved-thinking") for header in betas for b in header.split(",")):
-        return
-    if thinking["budget_tokens"] >= req.max_tokens:
-        raise bad_request(
-            "`max_tokens` must be greater than `thinking.budget_tokens`. Please consult our documentation at "
-            "https://docs.claude.com/en/docs/build-with-claude/extended-thinking#max-tokens-and-context-window-size",
-            param="max_tokens",
-        )
 
 
 def _response_format(req: Any) -> dict[str, Any] | None:
@@ -429,7 +418,6 @@ async def messages(request: Request) -> Response:
     if req.max_tokens < 1:
         raise bad_request("max_tokens must be at least 1", param="max_tokens")
     chat_req = to_chat_request(req, stream=bool(req.stream))
-    check_thinking_budget(req, request.headers.getlist("anthropic-beta"))
     prep = await prepare_chat(state, chat_req, log, arrival, id_prefix="msg_",
                               origin=request_origin(state, request))
     if req.stream:

@@ -168,7 +168,8 @@ class ChatPlan:
                 param="reasoning_effort",
             )
         thinking_type = req.thinking.get("type") if isinstance(req.thinking, dict) else None
-        if req.thinking is not None and thinking_type not in THINKING_TYPES:  # Z.ai's {"type": ...}
+        if thinking_type is not None and thinking_type not in THINKING_TYPES:  # Z.ai's {"type": ...}; a type-less
+            # {"clear_thinking": false} only sets that kwarg
             raise bad_request(
                 f"thinking.type must be one of {', '.join(THINKING_TYPES)}; got {thinking_type!r}",
                 param="thinking.type",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from engine import LLM, SamplingParams
-from engine.sampling_params import MAX_N, StructuredOutput
+from engine.sampling_params import MAX_N, StructuredOutput, ThinkingBudget
 from engine_checks import assert_pages_clean
 
 KW = dict(device="cpu", kv_block_size=16, num_kv_blocks=64, max_model_len=256)
@@ -86,6 +86,8 @@ def _grammar(tiny_bf16, grammar, after=()):
     ("float id", TypeError, "prompt_token_ids"),  # was int(1.5) = 1: another prompt, silently
     ("str id", TypeError, "prompt_token_ids"),  # was int("5"), silently
     ("None id", TypeError, "prompt_token_ids"),
+    ("bool id", TypeError, "prompt_token_ids"),  # operator.index(True) == 1
+    ("ids a string", TypeError, "prompt_token_ids"),
     ("ids not a list", TypeError, "prompt_token_ids"),
     ("empty ids", ValueError, "prompt is empty"),
     ("empty text", ValueError, "prompt is empty"),
@@ -99,6 +101,7 @@ def _grammar(tiny_bf16, grammar, after=()):
     ("invalid grammar", ValueError, "structured_output"),  # was finish_reason "error" at the first sampled token
     ("grammar after id out of vocab", ValueError, "after_token_ids"),  # was accepted: the grammar never started
     ("grammar after id negative", ValueError, "after_token_ids"),
+    ("budget end the grammar forbids", ValueError, "after_token_ids must hold"),  # the row had no token left
 ])
 def test_bad_request_refused_at_submission(llm, tiny_bf16, case, exc, field):
     vocab, ctx = llm.engine.model_config.vocab_size, llm.engine.max_model_len
@@ -112,9 +115,11 @@ def test_bad_request_refused_at_submission(llm, tiny_bf16, case, exc, field):
         params = SamplingParams(max_tokens=ctx)
     elif case == "min_tokens past the context":
         params = SamplingParams(min_tokens=ctx)
-    elif case in ("id out of vocab", "negative id", "float id", "str id", "None id"):
+    elif case in ("id out of vocab", "negative id", "float id", "str id", "None id", "bool id"):
         prompt = {"prompt_token_ids": [5, {"id out of vocab": vocab, "negative id": -1, "float id": 1.5,
-                                           "str id": "5", "None id": None}[case]]}
+                                           "str id": "5", "None id": None, "bool id": True}[case]]}
+    elif case == "ids a string":
+        prompt = {"prompt_token_ids": "567"}
     elif case == "ids not a list":
         prompt = {"prompt_token_ids": 5}
     elif case == "empty ids":
@@ -142,6 +147,13 @@ def test_bad_request_refused_at_submission(llm, tiny_bf16, case, exc, field):
     elif case == "grammar after id negative":
         with pytest.raises(exc, match=field):
             _grammar(tiny_bf16, valid, (-1,))
+        return
+    elif case == "budget end the grammar forbids":
+        with pytest.raises(exc, match=field):
+            SamplingParams(thinking_budget=ThinkingBudget(2, 7),
+                           structured_output=StructuredOutput(valid, str(tiny_bf16), ()))
+        assert SamplingParams(thinking_budget=ThinkingBudget(2, 7),  # the grammar starts after it: fine
+                              structured_output=StructuredOutput(valid, str(tiny_bf16), (7,)))
         return
     with pytest.raises(exc, match=field):
         llm.generate(prompt, params, use_tqdm=False)

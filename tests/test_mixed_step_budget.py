@@ -8,6 +8,7 @@ import random
 from engine import LLM, SamplingParams
 from engine.block_pool import BlockPool
 from engine.config import SchedulerConfig
+from engine.request import Request
 from engine.scheduler import Scheduler
 from engine_checks import assert_pages_clean
 from test_block_pool import _done, _req
@@ -75,3 +76,21 @@ def test_capped_engine_gives_the_same_greedy_tokens(tiny_bf16):
         [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)]
     assert run(capped) == run(plain)
     assert_pages_clean(capped.engine)
+
+
+def test_prompt_logprobs_chunks_hold_at_most_max_num_seqs_rows():
+    """A prompt-logprobs chunk computes logits for every row (fp32 x vocab each): the memory profile holds
+    max_num_seqs rows, so its chunks are cut to that; its prompt logprobs once produced (a preemption's recompute),
+    and requests without them, take the whole budget."""
+    s = _scheduler(cap=None)
+    a = Request("a", 0, list(range(30)), SamplingParams(max_tokens=4, prompt_logprobs=1), 4)
+    b = _req("b", list(range(100, 150)))
+    s.add(a)
+    s.add(b)
+    out = s.schedule()
+    assert [(x.request.request_id, x.num_tokens) for x in out.scheduled] == [("a", 8), ("b", 50)]
+    for x in out.scheduled:
+        _done(s, x)
+    a.prompt_logprobs_upto = a.num_prompt_tokens  # as if produced (the engine moves it as chunks land)
+    out = s.schedule()
+    assert {x.request.request_id: x.num_tokens for x in out.scheduled}["a"] == 22

@@ -74,19 +74,24 @@ def test_thinking_budget_forced_end_identical_under_speculation(plain, suffix):
     before it are the unbudgeted run's, and suffix speculation (drafts running past the forced position, some
     rejected there) gives exactly the plain run's tokens, greedy and seeded."""
     prompts = _repetitive_prompts(3, 5)
-    end, budget = 1399, 30
-    free = plain.generate(prompts, SamplingParams(temperature=0, max_tokens=60, ignore_eos=True), use_tqdm=False)
-    for sp in (SamplingParams(temperature=0, max_tokens=60, ignore_eos=True,
+    end, budget = 1399, 100
+    free = plain.generate(prompts, SamplingParams(temperature=0, max_tokens=160, ignore_eos=True), use_tqdm=False)
+    before = suffix.stats()
+    for sp in (SamplingParams(temperature=0, max_tokens=160, ignore_eos=True,
                               thinking_budget=ThinkingBudget(budget, end)),
-               SamplingParams(temperature=0.8, seed=5, max_tokens=60, ignore_eos=True,
+               SamplingParams(temperature=0.8, seed=5, max_tokens=160, ignore_eos=True,
                               thinking_budget=ThinkingBudget(budget, end))):
         ref = plain.generate(prompts, sp, use_tqdm=False)
         _same(ref, suffix.generate(prompts, sp, use_tqdm=False))
         for o, f in zip(ref, free):
             toks = o.outputs[0].token_ids
-            assert end not in toks[:budget] and toks[budget] == end and len(toks) == 60
+            assert end not in toks[:budget] and toks[budget] == end and len(toks) == 160
             if sp.is_greedy:
                 assert toks[:budget] == f.outputs[0].token_ids[:budget]
+    after = suffix.stats()
+    drafted = after["spec_draft_tokens"] - before["spec_draft_tokens"]
+    accepted = after["spec_accepted_tokens"] - before["spec_accepted_tokens"]
+    assert accepted > 20 and drafted > accepted  # the loops were drafted, and some drafts rejected
     assert_pages_clean(suffix.engine)
 
 

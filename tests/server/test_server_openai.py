@@ -708,6 +708,13 @@ def test_thinking_budget_cuts_the_reasoning(server):
     msg = cut["choices"][0]["message"]
     assert msg["reasoning_content"] == "".join(tokens(free)[:4]).strip()
     assert msg["content"] and cut["usage"]["completion_tokens"] == 12
+    # thinking off: the prompt ends with </think>, so the output is all answer and no budget applies
+    off = {**body, "chat_template_kwargs": {"enable_thinking": False}}
+    plain = httpx.post(server.url + "/v1/chat/completions", json=off, timeout=60).json()
+    budgeted = httpx.post(server.url + "/v1/chat/completions", json={
+        **off, "thinking": {"type": "enabled", "budget_tokens": 4}, "chat_template_kwargs": {"enable_thinking": False}},
+        timeout=60).json()
+    assert tokens(budgeted) == tokens(plain) and "</think>" not in tokens(budgeted)[4:5]
     for bad in (-1, "4", True):
         r = httpx.post(server.url + "/v1/chat/completions", json={
             **body, "thinking": {"type": "enabled", "budget_tokens": bad}}, timeout=60)

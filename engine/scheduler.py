@@ -146,13 +146,16 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         prefill_budget = self._prefill_budget(budget)
+        # prompt-logprobs chunks compute fp32 logits for every row (151,552 floats each on GLM-4.7: 5 GB for 8K
+        # rows); the memory profile holds logits for max_num_seqs rows, so a step's such rows stay within that
+        logit_rows = self.config.max_num_seqs
         for req in list(self.running):
             if budget == 0:
                 break
             if req.status != Status.RUNNING:  # preempted earlier in this loop
                 continue
             rest = req.num_tokens - req.num_computed_tokens
-            n = min(rest, budget) if rest == 1 else min(rest, budget, prefill_budget, self._chunk_cap(req))
+            n = min(rest, budget) if rest == 1 else min(rest, budget, prefill_budget, self._chunk_cap(req, logit_rows))
             if n <= 0 or req.num_output_tokens >= req.max_tokens:
                 continue  # nothing to compute (or no prefill budget left), or its last token is still in flight
             drafts = min(len(req.draft_token_ids), budget - n) if n == rest else 0
@@ -162,12 +165,14 @@ class Scheduler:
             budget -= n + drafts
             if rest > 1:
                 prefill_budget -= n
+                logit_rows -= n if req.needs_prompt_logits else 0
         if out.preempted:  # memory is short: let the running set drain before admitting more
             return out
         while (self.waiting and min(budget, prefill_budget) > 0
                and len(self.running) + len(self.receiving) < self.config.max_num_seqs):
             req = self.waiting[0]
-            scheduled = self._admit(req, min(budget, prefill_budget))
+            cap = self._chunk_cap(req, logit_rows)
+            scheduled = self._admit(req, min(budget, prefill_budget, cap)) if cap > 0 else None
             if scheduled is None:
                 break
             self.waiting.popleft()
@@ -177,12 +182,12 @@ class Scheduler:
             out.scheduled.append(scheduled)
             budget -= scheduled.num_tokens
             prefill_budget -= scheduled.num_tokens
+            logit_rows -= scheduled.num_tokens if req.needs_prompt_logits else 0
         return out
 
-    def _chunk_cap(self, req: Request) -> int:
-        """A prompt-logprobs chunk computes fp32 logits for every row (151,552 floats each on GLM-4.7: 5 GB for an
-        8K chunk); the memory profile holds logits for max_num_seqs rows, so such chunks take at most that many."""
-        return self.config.max_num_seqs if req.needs_prompt_logits else self.config.max_num_batched_tokens
+    def _chunk_cap(self, req: Request, logit_rows: int) -> int:
+        """The most prompt tokens `req` may compute this step: the logit rows left for a prompt-logprobs chunk."""
+        return logit_rows if req.needs_prompt_logits else self.config.max_num_batched_tokens
 
     def _prefill_budget(self, budget: int) -> int:
         """Prompt tokens this step may compute: the whole budget, or the cap for steps that also decode (a
@@ -229,7 +234,7 @@ class Scheduler:
             req.block_hashes = hashes
             hits = self.pool.lookup(hashes, blocks)
         computed = len(hits) * self.block_size
-        n = min(req.num_tokens - computed, budget, self._chunk_cap(req))
+        n = min(req.num_tokens - computed, budget)
         need = self._pages_for(computed + n) - len(hits)
         hits_unreferenced = sum(1 for pid in hits if self.pool.pages[pid].ref_count == 0)
         if need > self.pool.num_allocatable - hits_unreferenced:

@@ -80,17 +80,18 @@ def test_capped_engine_gives_the_same_greedy_tokens(tiny_bf16):
 
 def test_prompt_logprobs_chunks_hold_at_most_max_num_seqs_rows():
     """A prompt-logprobs chunk computes logits for every row (fp32 x vocab each): the memory profile holds
-    max_num_seqs rows, so its chunks are cut to that; its prompt logprobs once produced (a preemption's recompute),
-    and requests without them, take the whole budget."""
+    max_num_seqs rows, so a step's such chunks hold that many rows together; a request whose prompt logprobs are
+    produced (a preemption's recompute), and requests without them, take the whole budget."""
     s = _scheduler(cap=None)
     a = Request("a", 0, list(range(30)), SamplingParams(max_tokens=4, prompt_logprobs=1), 4)
     b = _req("b", list(range(100, 150)))
-    s.add(a)
-    s.add(b)
-    out = s.schedule()
+    c = Request("c", 0, list(range(200, 230)), SamplingParams(max_tokens=4, prompt_logprobs=1), 4)
+    for r in (a, b, c):
+        s.add(r)
+    out = s.schedule()  # c waits: a's chunk took the step's 8 logit rows (max_num_seqs)
     assert [(x.request.request_id, x.num_tokens) for x in out.scheduled] == [("a", 8), ("b", 50)]
     for x in out.scheduled:
-        _done(s, x)
+        _decode_one_token(s, x)
     a.prompt_logprobs_upto = a.num_prompt_tokens  # as if produced (the engine moves it as chunks land)
     out = s.schedule()
-    assert {x.request.request_id: x.num_tokens for x in out.scheduled}["a"] == 22
+    assert {x.request.request_id: x.num_tokens for x in out.scheduled} == {"a": 22, "b": 1, "c": 8}

@@ -6,7 +6,8 @@ mixed with decodes (chunked prefill). A decoding request with draft tokens (spec
 plus its drafts in one go, from the same budget (drafts are trimmed to the budget left, never split from their
 token). When pages run out, the newest running request is preempted: its pages are released (full ones stay
 in the prefix cache) and it is recomputed later. After a verify step `commit` cuts num_computed_tokens back to
-the accepted tokens and returns the pages past them. Nothing here touches tensors.
+the accepted tokens and returns the pages past them. Prompt chunks of requests that want prompt logprobs skip
+the prefix cache and share max_num_seqs rows per step (each row's logits are kept). Nothing here touches tensors.
 """
 from __future__ import annotations
 

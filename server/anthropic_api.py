@@ -249,17 +249,12 @@ def to_chat_request(req: Any, *, stream: bool = False) -> ChatCompletionRequest:
             raise bad_request("tool_choice may only be specified while providing tools" if not req.tools else
                               "tool_choice forces a tool call, but this server runs none of the server tools sent "
                               "(send a custom tool with an input_schema)", param="tool_choice")
-    if tc is not None and tools:
-        kind = tc["type"]
-        parallel = not tc.get("disable_parallel_tool_use", False)
-        if kind == "auto":
-            tool_choice = "auto"
-        elif kind == "any":
-            tool_choice = "required"
-        elif kind == "tool":
-            tool_choice = {"type": "function", "function": {"name": tc.get("name")}}
-        else:
-            tool_choice = "none"
+        if tools:
+            parallel = not tc.get("disable_parallel_tool_use", False)
+            if kind == "tool":
+                tool_choice = {"type": "function", "function": {"name": tc.get("name")}}
+            else:
+                tool_choice = {"auto": "auto", "any": "required", "none": "none"}[kind]
     messages = to_chat_messages(req)
     last = req.messages[-1] if req.messages else None
     prefill = isinstance(last, dict) and last.get("role") == "assistant" and _assistant_prefill(messages)

@@ -563,11 +563,22 @@ def test_colocated_instances_answer_alone_byte_for_byte_and_share_the_load(clust
 
 def test_colocated_prefix_affinity_and_a_dead_instance(cluster: Any) -> None:
     fakes, url, pool = _colocated(cluster, 2)
-    chats = [{**CHAT, "messages": [{"role": "user", "content": f"doc {i} " * 40}]} for i in range(8)]
+    # the prefix -> instance hash covers the instances' (random) ports: choose prompts that prefer each instance
+    names = {i.url: f.name for i, f in zip(pool.instances, fakes)}
+    chats: list[dict[str, Any]] = []
+    preferred: list[str] = []
+    for i in range(200):
+        m = {**CHAT, "messages": [{"role": "user", "content": f"doc {i} " * 40}]}
+        inst = pool.pick("colocated", prefix_key(json.dumps(m).encode(), 2048))
+        assert inst is not None
+        if preferred.count(names[inst.url]) < 4:
+            chats.append(m)
+            preferred.append(names[inst.url])
+    assert sorted(preferred) == ["C0"] * 4 + ["C1"] * 4
     with httpx.Client(timeout=5) as c:
         first = [c.post(f"{url}/v1/chat/completions", json=m).json()["id"] for m in chats]
         again = [c.post(f"{url}/v1/chat/completions", json=m).json()["id"] for m in chats]
-        assert first == again and set(first) == {"C0", "C1"}  # same prefix, same instance; both used
+        assert first == again == preferred  # same prefix, same instance; both used
         cluster.stop(pool.instances[0].url)  # C0 goes away: its prompts move, nothing fails
         moved = [c.post(f"{url}/v1/chat/completions", json=m) for m in chats]
         assert all(r.status_code == 200 and r.json()["id"] == "C1" for r in moved)

@@ -10,6 +10,7 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 from engine import LLM, SamplingParams  # noqa: E402
+from engine_checks import assert_pages_clean  # noqa: E402
 from kernels import fa4_prefill  # noqa: E402
 from spec import DraftSlot, MtpCalls, MtpDrafter  # noqa: E402
 
@@ -342,3 +343,38 @@ def test_piecewise_prefill_graphs_fa4_routes(tiny_dirs, extra):
     print(json.dumps({"piecewise_fa4": extra, "mean": (got - ref).abs().mean().item(),
                       "max": (got - ref).abs().max().item()}))
     assert (got - ref).abs().mean() < 0.02
+
+
+def test_long_prompt_logprobs_at_real_vocab_stay_in_the_profile(tmp_path):
+    """An 8K-token prompt with prompt_logprobs at GLM-4.7's vocabulary: a step's prompt-logit rows are capped at
+    max_num_seqs (each row is 151,552 fp32 logits; 8K rows would be 5 GB outside the memory profile). The request's
+    transient memory stays near a plain 8K prefill's, and its first positions match a short prompt's."""
+    from bench.real_shape import real_shape_model_dir
+
+    path = real_shape_model_dir(num_layers=2, dense_layers=1, out_root=tmp_path)
+    llm = _llm(path, device="cuda", load_format="dummy", max_model_len=8448, enforce_eager=True, max_num_seqs=256)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, 150_000, (8192,), generator=gen).tolist()
+
+    def transient(params: SamplingParams):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)[0]
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base, out
+
+    plain, _ = transient(SamplingParams(max_tokens=1))
+    with_lps, out = transient(SamplingParams(max_tokens=1, prompt_logprobs=5))
+    print(json.dumps({"plain_transient_gib": plain / 2**30, "prompt_logprobs_transient_gib": with_lps / 2**30}))
+    assert with_lps - plain < 2**30  # 256 rows x 151,552 x 4 B x a few copies, not 8192 rows (5 GB)
+    lps = out.prompt_logprobs
+    assert len(lps) == len(ids) and lps[0] is None
+    assert all(ids[i] in lps[i] and len(lps[i]) >= 5 for i in range(1, len(ids)))
+    got = torch.tensor([lps[i][ids[i]].logprob for i in range(1, 512)])
+    assert torch.isfinite(got).all()
+    short = _prompt_lps(llm, ids[:512])  # the same positions computed without the 7.7K tokens after them
+    d = (got - short).abs()
+    print(json.dumps({"mean_abs_dlogprob": d.mean().item(), "max_abs_dlogprob": d.max().item()}))
+    assert d.mean().item() < 0.05 and d.max().item() < 0.5
+    assert_pages_clean(llm.engine)

@@ -189,12 +189,12 @@ def test_idle_spawned_ranks_outlive_the_collective_timeout(tiny_bf16, monkeypatc
     """Ranks > 0 wait for rank 0's next step for as long as the engine is idle (no request for minutes is normal);
     the collective timeout bounds only the collectives of a step. It used to bound that wait too: an engine left
     idle for GLINT_DIST_TIMEOUT_S (120 s) lost its ranks and failed every later request."""
-    monkeypatch.setenv("GLINT_DIST_TIMEOUT_S", "2")  # read by the spawned ranks when they import the engine
+    monkeypatch.setenv("GLINT_DIST_TIMEOUT_S", "3")  # read by the spawned ranks when they import the engine
     llm = LLM(str(tiny_bf16), device="cpu", tensor_parallel_size=2, max_model_len=256, num_kv_blocks=64)
     try:
         sp = SamplingParams(temperature=0, max_tokens=2)
         first = llm.generate(PROMPTS[:1], sp, use_tqdm=False)[0].outputs[0].token_ids
-        time.sleep(5)  # idle for longer than the ranks' collective timeout
+        time.sleep(6)  # idle for twice the ranks' collective timeout
         llm.engine.check_health()
         assert llm.generate(PROMPTS[:1], sp, use_tqdm=False)[0].outputs[0].token_ids == first
     finally:

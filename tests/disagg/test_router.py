@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +58,7 @@ class FakeInstance:
     hang: bool = False  # accept the request, never answer
     die_midstream: bool = False  # after the first SSE event, drop the connection
     gate: threading.Event | None = None  # when given, answers wait for it (streams: after the first event)
-    error_after_s: float = 0.0  # an error status (status != 200) is answered this late
+    error_after: threading.Event | None = None  # when given, an error status (status != 200) waits for it
     seen: list[Seen] = field(default_factory=list)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -99,7 +99,8 @@ class FakeInstance:
             self.cancelled.set()
             return
         if self.status != 200:
-            await asyncio.sleep(self.error_after_s)
+            if self.error_after is not None:
+                await asyncio.to_thread(self.error_after.wait, 10)
             err = {"error": {"message": f"{self.name} refused", "type": "server_error", "code": "x"}}
             extra = ((b"retry-after", b"30"), (b"x-request-id", f"req-{self.name}".encode()))
             return await self._send(send, self.status, json.dumps(err).encode(), extra)
@@ -190,6 +191,14 @@ def cluster() -> Iterator[Any]:
             s.stop()
 
 
+def _eventually(done: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait for what runs beside the answer (the dropped prefill request, the in-flight release) to happen."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, "did not happen within the timeout"
+        time.sleep(0.01)
+
+
 def _pair(cluster: Any, **decode_kw: Any) -> tuple[FakeInstance, FakeInstance, str]:
     p, d = FakeInstance("prefill", "P"), FakeInstance("decode", "D", **decode_kw)
     url, _ = cluster.router([cluster.instance(p)], [cluster.instance(d)])
@@ -205,7 +214,7 @@ def test_same_body_and_room_to_both_and_decode_answer_byte_for_byte(cluster: Any
     assert r.status_code == 200
     assert r.content == d.json_body()
     assert r.headers["content-type"] == "application/json" and r.headers["x-request-id"] == "req-D"
-    time.sleep(0.1)  # the prefill answer is dropped; it may land just after the decode one
+    _eventually(lambda: len(p.seen) == 1)  # the prefill answer is dropped; it may land just after the decode one
     assert len(p.seen) == 1 and len(d.seen) == 1
     ps, ds = p.seen[0], d.seen[0]
     assert ps.body == body and ds.body == body and ps.path == ds.path == "/v1/chat/completions"
@@ -289,7 +298,7 @@ def test_dead_prefill_is_skipped_with_a_fresh_room(cluster: Any) -> None:
     cluster.stop(u1)
     for _ in range(4):  # the first goes to P1 (least loaded, first listed), fails to connect, is retried
         assert httpx.post(f"{url}/v1/chat/completions", json=CHAT).status_code == 200
-    time.sleep(0.1)
+    _eventually(lambda: len(p2.seen) == 4)
     metrics = httpx.get(f"{url}/metrics").text
     assert f'glint_router_upstream_errors_total{{instance="{u1}",kind="connect",role="prefill"}} 1.0' in metrics
     assert len(p2.seen) == 4 and not pool.of_role("prefill")[0].healthy
@@ -618,7 +627,7 @@ def test_non_ascii_header_values_pass_through_unchanged(cluster: Any) -> None:
         assert r.status_code == 200
     models = httpx.get(f"{url}/v1/models", headers=headers, timeout=5)
     assert models.status_code == 200
-    time.sleep(0.1)
+    _eventually(lambda: len(p.seen) == 2 and not any(i.in_flight for i in pool.instances))
     assert len(p.seen) == len(d.seen) == 2
     for seen in p.seen + d.seen:
         assert seen.headers["user-agent"] == "café/1.0" and seen.headers["x-request-id"] == "req-é"
@@ -696,20 +705,22 @@ def test_a_response_that_ended_is_not_a_client_disconnect(cluster: Any) -> None:
         for _ in range(3):
             assert c.post(f"{url}/v1/chat/completions", json=CHAT).status_code == 400
     assert p.cancelled.wait(3)
-    time.sleep(0.1)
-    assert [i.in_flight for i in pool.instances] == [0, 0]
+    _eventually(lambda: not any(i.in_flight for i in pool.instances))
     assert "glint_router_client_disconnects_total{" not in httpx.get(f"{url}/metrics").text
 
 
 def test_prefill_failure_after_the_stream_started_names_its_error(cluster: Any) -> None:
     # the decode stream is open (its 200 went out) when the prefill instance answers 503: the error event says
     # what the prefill instance said, not only its status
-    p = FakeInstance("prefill", "P", status=503, error_after_s=0.3)
+    refuse = threading.Event()
+    p = FakeInstance("prefill", "P", status=503, error_after=refuse)
     d = FakeInstance("decode", "D", gate=threading.Event())
     url, _ = cluster.router([cluster.instance(p)], [cluster.instance(d)])
     with httpx.stream("POST", f"{url}/v1/chat/completions", json={**CHAT, "stream": True}, timeout=5) as r:
+        assert r.status_code == 200
+        refuse.set()  # the prefill instance answers 503 once the client has the decode stream's 200
         text = r.read().decode()
-    assert r.status_code == 200 and "answered 503: P refused" in text, text
+    assert "answered 503: P refused" in text, text
     assert d.cancelled.wait(3)
 
 
@@ -717,7 +728,7 @@ def test_one_request_id_reaches_both_instances(cluster: Any) -> None:
     p, d, url = _pair(cluster)
     httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=5)
     httpx.post(f"{url}/v1/chat/completions", json=CHAT, headers={"x-request-id": "mine-1"}, timeout=5)
-    time.sleep(0.1)
+    _eventually(lambda: len(p.seen) == 2)
     made, given = (s.headers.get("x-request-id") for s in p.seen)
     assert made and len(made) == 32 and given == "mine-1"  # the router's own id when the client sent none
     assert [s.headers["x-request-id"] for s in d.seen] == [made, given]

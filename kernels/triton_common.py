@@ -71,6 +71,17 @@ def round_bf16(x):
 
 
 @triton.jit
+def round_to(x, DT: tl.constexpr):
+    """Round fp32 x to the activation dtype DT (kept in fp32), as each torch op in that dtype does."""
+    if DT == tl.bfloat16:
+        return round_bf16(x)
+    elif DT == tl.float16:
+        return x.to(tl.float16).to(tl.float32)
+    else:
+        return x
+
+
+@triton.jit
 def round_fp8(x):
     """fp32 x, already clamped to [-448, 448] -> fp32 holding the nearest-even E4M3 value."""
     ax = tl.abs(x)

@@ -18,10 +18,10 @@ import triton
 import triton.language as tl
 
 from kernels.triton_common import (
-    cdiv, dot_operand, next_pow2, pdl_launch, pdl_release, pdl_wait, tl_dtype, to_fp8, to_out,
+    cdiv, dot_operand, next_pow2, pdl_launch, pdl_release, pdl_wait, round_to, tl_dtype, to_fp8, to_out,
     zeroed_counters, token_counts,
 )
-from kernels.triton_rope import _norm_rope_heads, _rnd, _store_cache_slices
+from kernels.triton_rope import norm_rope_heads, store_cache_slices
 
 MAX_M = 64  # the kernel's limit (one token tile); triton_fp8_gemm.swap_linear_config picks it per shape
 AMAX_K = 2048  # elements per load of the amax pass (QUANT_X)
@@ -153,20 +153,20 @@ def _head_norm_rope_epilogue(
     for t in range(0, M):
         row = c_ptr + t * stride_cm
         pos = tl.load(pos_ptr + t).to(tl.int64)
-        cos = _rnd(tl.load(cs_ptr + pos * stride_cs + ia, mask=ia < HALF, other=0.0)[None, :], DT)
-        sin = _rnd(tl.load(cs_ptr + pos * stride_cs + HALF + ia, mask=ia < HALF, other=0.0)[None, :], DT)
+        cos = round_to(tl.load(cs_ptr + pos * stride_cs + ia, mask=ia < HALF, other=0.0)[None, :], DT)
+        sin = round_to(tl.load(cs_ptr + pos * stride_cs + HALF + ia, mask=ia < HALF, other=0.0)[None, :], DT)
         if head < HQ:  # heads are rows of 2 (the second masked off): tiles of one row are avoided
-            _norm_rope_heads(row, qo_ptr + t * stride_qot, qw_ptr, cos, sin, head, head + 1, D, D, eps,
+            norm_rope_heads(row, qo_ptr + t * stride_qot, qw_ptr, cos, sin, head, head + 1, D, D, eps,
                              HAS_NORM, HALF, HALF_P, PASS, PASS_P, D, 2, DT)
         else:
             slot = tl.load(slot_ptr + t).to(tl.int64)
             if head < HQ + HK:
                 kh = head - HQ
-                a, b, c = _norm_rope_heads(row + HQ * D, row + HQ * D, kw_ptr, cos, sin, kh, kh + 1, D, D, eps,
+                a, b, c = norm_rope_heads(row + HQ * D, row + HQ * D, kw_ptr, cos, sin, kh, kh + 1, D, D, eps,
                                            HAS_NORM, HALF, HALF_P, PASS, PASS_P, D, 2, DT)
                 if slot >= 0:
                     hi = kh + tl.arange(0, 2)
-                    _store_cache_slices(kc_ptr, slot * stride_kc_slot, hi, hi < kh + 1, a, b, c, k_scale,
+                    store_cache_slices(kc_ptr, slot * stride_kc_slot, hi, hi < kh + 1, a, b, c, k_scale,
                                         stride_kc_h, HALF, HALF_P, PASS, PASS_P, CACHE_FP8)
             else:
                 vh = head - HQ - HK
@@ -182,7 +182,7 @@ def _head_norm_rope_epilogue(
                         ic = tl.arange(0, PASS_P)
                         vc = tl.load(vrow + 2 * HALF + ic[None, :], mask=hm[:, None] & (ic[None, :] < PASS),
                                      other=0.0).to(tl.float32)
-                    _store_cache_slices(vc_ptr, slot * stride_vc_slot, hi, hm, va, vb, vc, v_scale, stride_vc_h,
+                    store_cache_slices(vc_ptr, slot * stride_vc_slot, hi, hm, va, vb, vc, v_scale, stride_vc_h,
                                         HALF, HALF_P, PASS, PASS_P, CACHE_FP8)
 
 

@@ -41,7 +41,7 @@ except ImportError:  # pragma: no cover - a Triton without host tensor descripto
     TensorDescriptor = None
 
 from kernels.triton_common import (
-    INTERPRET, cdiv, device_name, dot_operand, next_pow2, pdl_launch, pdl_release, pdl_wait, round_bf16, tl_dtype,
+    INTERPRET, cdiv, device_name, dot_operand, next_pow2, pdl_launch, pdl_release, pdl_wait, round_to, tl_dtype,
     to_fp8, to_out, zeroed_counters, token_counts,
 )
 from kernels.triton_moe_segments import topk_sum
@@ -51,16 +51,6 @@ from kernels.triton_quant import quant_fp8_per_group, quant_fp8_per_token
 
 _QUANT_IDS = {"none": 0, "fp8_channel": 1, "fp8_block": 2}
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs", "fused_moe")
-
-
-@triton.jit
-def _rnd(x, DT: tl.constexpr):
-    if DT == tl.bfloat16:
-        return round_bf16(x)
-    elif DT == tl.float16:
-        return x.to(tl.float16).to(tl.float32)
-    else:
-        return x
 
 
 @triton.jit
@@ -198,9 +188,9 @@ def _moe_gate_up_kernel(
             su = tl.load(ws_ptr + e64 * stride_wse + (rn_c + I) * stride_wsn)
             g = g * sa * sg[None, :]
             u = u * sa * su[None, :]
-        g = _rnd(g, DT)
-        u = _rnd(u, DT)
-        s = _rnd(g / (1.0 + tl.exp(-g)), DT)
+        g = round_to(g, DT)
+        u = round_to(u, DT)
+        s = round_to(g / (1.0 + tl.exp(-g)), DT)
         h = s * u
         out = act_ptr + rows.to(tl.int64)[:, None] * stride_am + rn[None, :]
         tl.store(out, to_out(h, act_ptr.dtype.element_ty), mask=mn[None, :])

@@ -17,23 +17,12 @@ import triton
 import triton.language as tl
 
 from kernels.triton_common import (
-    cdiv, next_pow2, pdl_launch, pdl_release, pdl_wait, round_bf16, tl_dtype, to_out, token_counts,
+    cdiv, next_pow2, pdl_launch, pdl_release, pdl_wait, round_to, tl_dtype, to_out, token_counts,
 )
 
 
 @triton.jit
-def _rnd(x, DT: tl.constexpr):
-    """Round fp32 x to the activation dtype DT (kept in fp32), as each torch op in that dtype does."""
-    if DT == tl.bfloat16:
-        return round_bf16(x)
-    elif DT == tl.float16:
-        return x.to(tl.float16).to(tl.float32)
-    else:
-        return x
-
-
-@triton.jit
-def _norm_rope_heads(
+def norm_rope_heads(
     x_ptr, o_ptr, w_ptr, cos, sin, h0, H, stride_xh, stride_oh,
     eps, HAS_NORM: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr, PASS: tl.constexpr,
     PASS_P: tl.constexpr, D: tl.constexpr, BH: tl.constexpr, DT: tl.constexpr,
@@ -57,13 +46,13 @@ def _norm_rope_heads(
         rstd = tl.rsqrt(ss / D + eps)[:, None]
         wa = tl.load(w_ptr + ia, mask=ia < HALF, other=0.0).to(tl.float32)[None, :]
         wb = tl.load(w_ptr + HALF + ia, mask=ia < HALF, other=0.0).to(tl.float32)[None, :]
-        a = _rnd(wa * _rnd(a * rstd, DT), DT)
-        b = _rnd(wb * _rnd(b * rstd, DT), DT)
+        a = round_to(wa * round_to(a * rstd, DT), DT)
+        b = round_to(wb * round_to(b * rstd, DT), DT)
         if PASS > 0:
             wc = tl.load(w_ptr + 2 * HALF + ic, mask=ic < PASS, other=0.0).to(tl.float32)[None, :]
-            c = _rnd(wc * _rnd(c * rstd, DT), DT)
-    oa = _rnd(_rnd(a * cos, DT) + _rnd(-b * sin, DT), DT)
-    ob = _rnd(_rnd(b * cos, DT) + _rnd(a * sin, DT), DT)
+            c = round_to(wc * round_to(c * rstd, DT), DT)
+    oa = round_to(round_to(a * cos, DT) + round_to(-b * sin, DT), DT)
+    ob = round_to(round_to(b * cos, DT) + round_to(a * sin, DT), DT)
     orow = hi[:, None] * stride_oh
     tl.store(o_ptr + orow + ia[None, :], to_out(oa, o_ptr.dtype.element_ty), mask=ma)
     tl.store(o_ptr + orow + HALF + ia[None, :], to_out(ob, o_ptr.dtype.element_ty), mask=ma)
@@ -108,7 +97,7 @@ def _store_slices(
 
 
 @triton.jit
-def _store_cache_slices(
+def store_cache_slices(
     cache_ptr, base, hi, hm, a, b, c, scale, stride_ch,
     HALF: tl.constexpr, HALF_P: tl.constexpr, PASS: tl.constexpr, PASS_P: tl.constexpr, FP8: tl.constexpr,
 ):
@@ -155,16 +144,16 @@ def _one_token(
     ia = tl.arange(0, HALF_P)
     cos = tl.load(cs_ptr + pos * stride_cs + ia, mask=ia < HALF, other=0.0)[None, :]
     sin = tl.load(cs_ptr + pos * stride_cs + HALF + ia, mask=ia < HALF, other=0.0)[None, :]
-    cos = _rnd(cos, DT)
-    sin = _rnd(sin, DT)
+    cos = round_to(cos, DT)
+    sin = round_to(sin, DT)
     if hb < NQB:
-        _norm_rope_heads(
+        norm_rope_heads(
             q_ptr + t * stride_qt, qo_ptr + t * stride_qot, qw_ptr, cos, sin, hb * BH, HQ, stride_qh, stride_qoh,
             eps, HAS_NORM, HALF, HALF_P, PASS, PASS_P, D, BH, DT,
         )
     else:
         h0 = (hb - NQB) * BH
-        a, b, c = _norm_rope_heads(
+        a, b, c = norm_rope_heads(
             k_ptr + t * stride_kt, ko_ptr + t * stride_kot, kw_ptr, cos, sin, h0, HK, stride_kh, stride_koh,
             eps, HAS_NORM, HALF, HALF_P, PASS, PASS_P, D, BH, DT,
         )

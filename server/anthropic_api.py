@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse, Response
 
 from server.chat_template import THINKING_TYPES, content_text
 from server.errors import APIError, bad_request, not_supported
-from server.protocol import ChatCompletionRequest, _Loose, validation_error
+from server.protocol import ChatCompletionRequest, LooseModel, validation_error
 from server.chat_serving import ChatPlan, iterate_generations, prepare_chat, request_log, run_chat
 from server.serving import ServerState, read_body, request_origin, run_blocking, strip_stop_token_text
 from server.sse import ClientDisconnected, SSEResponse, run_or_disconnect, sse_event
@@ -46,7 +46,7 @@ PING = sse_event("ping", {"type": "ping"})
 MIN_THINKING_BUDGET = 1024  # Anthropic's floor for thinking.budget_tokens
 
 
-class MessagesRequest(_Loose):
+class MessagesRequest(LooseModel):
     model: str | None = None
     max_tokens: int
     messages: list[dict[str, Any]]
@@ -63,7 +63,7 @@ class MessagesRequest(_Loose):
     output_config: dict[str, Any] | None = None  # effort: ignored; format: structured output
 
 
-class CountTokensRequest(_Loose):
+class CountTokensRequest(LooseModel):
     model: str | None = None
     messages: list[dict[str, Any]]
     system: str | list[dict[str, Any]] | None = None

@@ -21,11 +21,13 @@ logger = logging.getLogger("glint.server")
 T = TypeVar("T", bound=BaseModel)
 
 
-class _Loose(BaseModel):
+class LooseModel(BaseModel):
+    """A request body that keeps fields it does not declare (clients send other vendors' extensions)."""
+
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
 
-class StreamOptions(_Loose):
+class StreamOptions(LooseModel):
     include_usage: bool | None = False
     continuous_usage_stats: bool | None = False
 
@@ -36,7 +38,7 @@ UNSUPPORTED_FIELDS = ("allowed_token_ids", "bad_words", "truncate_prompt_tokens"
                       "use_beam_search", "return_tokens_as_token_ids")
 
 
-class _SamplingFields(_Loose):
+class _SamplingFields(LooseModel):
     model: str | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -109,7 +111,7 @@ class CompletionRequest(_SamplingFields):
     prompt_logprobs: int | None = None  # vLLM's: top-k per prompt token, on every choice
 
 
-class TokenizeRequest(_Loose):
+class TokenizeRequest(LooseModel):
     """POST /tokenize (vLLM's shape): a text (`prompt`) or a chat (`messages`, with the chat route's `tools`,
     `chat_template_kwargs`, `add_generation_prompt` and `continue_final_message`), never both."""
 
@@ -125,7 +127,7 @@ class TokenizeRequest(_Loose):
     return_token_strs: bool | None = False
 
 
-class DetokenizeRequest(_Loose):
+class DetokenizeRequest(LooseModel):
     """POST /detokenize (vLLM's shape): token ids back to text, special tokens included."""
 
     model: str | None = None

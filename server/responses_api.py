@@ -52,7 +52,7 @@ from server.chat_serving import (
 )
 from server.chat_template import content_text
 from server.errors import APIError, bad_request, not_supported
-from server.protocol import ChatCompletionRequest, _Loose, validation_error
+from server.protocol import ChatCompletionRequest, LooseModel, validation_error
 from server.serving import ServerState, read_body, request_origin, strip_stop_token_text
 from server.sse import ClientDisconnected, SSEResponse, run_or_disconnect, sse_event
 
@@ -74,7 +74,7 @@ STORED_OBJECT_FIELDS = ("conversation", "prompt")
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 
 
-class ResponsesRequest(_Loose):
+class ResponsesRequest(LooseModel):
     model: str | None = None
     input: str | list[dict[str, Any]]
     instructions: str | None = None

@@ -461,7 +461,7 @@ def test_client_streams_and_times(fake_server, endpoint):
     assert TTFT_S * 0.9 <= rec.ttft < TTFT_S + 1.0
     # the server sleeps GAP_S between chunks, but a client-side pause (GC, another thread) can bunch two
     # arrivals together: bound every gap from above, the longest from below, and the total by construction
-    assert all(0 <= g < GAP_S + 1.0 for g in rec.itl) and max(rec.itl) >= GAP_S * 0.9
+    assert all(0 <= g < GAP_S + 1.0 for g in rec.itl) and max(rec.itl) >= GAP_S * 0.5
     assert rec.e2e_latency == pytest.approx(rec.ttft + sum(rec.itl))
     assert rec.e2e_latency >= TTFT_S + 5 * GAP_S
 

@@ -157,17 +157,17 @@ def _head_norm_rope_epilogue(
         sin = round_to(tl.load(cs_ptr + pos * stride_cs + HALF + ia, mask=ia < HALF, other=0.0)[None, :], DT)
         if head < HQ:  # heads are rows of 2 (the second masked off): tiles of one row are avoided
             norm_rope_heads(row, qo_ptr + t * stride_qot, qw_ptr, cos, sin, head, head + 1, D, D, eps,
-                             HAS_NORM, HALF, HALF_P, PASS, PASS_P, D, 2, DT)
+                            HAS_NORM, HALF, HALF_P, PASS, PASS_P, D, 2, DT)
         else:
             slot = tl.load(slot_ptr + t).to(tl.int64)
             if head < HQ + HK:
                 kh = head - HQ
                 a, b, c = norm_rope_heads(row + HQ * D, row + HQ * D, kw_ptr, cos, sin, kh, kh + 1, D, D, eps,
-                                           HAS_NORM, HALF, HALF_P, PASS, PASS_P, D, 2, DT)
+                                          HAS_NORM, HALF, HALF_P, PASS, PASS_P, D, 2, DT)
                 if slot >= 0:
                     hi = kh + tl.arange(0, 2)
                     store_cache_slices(kc_ptr, slot * stride_kc_slot, hi, hi < kh + 1, a, b, c, k_scale,
-                                        stride_kc_h, HALF, HALF_P, PASS, PASS_P, CACHE_FP8)
+                                       stride_kc_h, HALF, HALF_P, PASS, PASS_P, CACHE_FP8)
             else:
                 vh = head - HQ - HK
                 if slot >= 0:
@@ -183,7 +183,7 @@ def _head_norm_rope_epilogue(
                         vc = tl.load(vrow + 2 * HALF + ic[None, :], mask=hm[:, None] & (ic[None, :] < PASS),
                                      other=0.0).to(tl.float32)
                     store_cache_slices(vc_ptr, slot * stride_vc_slot, hi, hm, va, vb, vc, v_scale, stride_vc_h,
-                                        HALF, HALF_P, PASS, PASS_P, CACHE_FP8)
+                                       HALF, HALF_P, PASS, PASS_P, CACHE_FP8)
 
 
 def swap_config(m: int, n: int, k: int, num_sms: int = 132) -> dict:

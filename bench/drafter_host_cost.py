@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from engine import LLM, SamplingParams
+from engine.model_runner import StepOutput
 from model.tiny import write_tiny_checkpoint
 
 SPEC: dict[str, dict[str, Any] | None] = {
@@ -39,11 +40,11 @@ def build(model: str, method: str, seed: int) -> LLM:
     vocab = llm.engine.config.model.vocab_size
     rng = random.Random(seed)
 
-    def forward(inp: Any, prev_tokens: Any = None) -> torch.Tensor:
+    def forward(inp: Any, prev_tokens: Any = None) -> StepOutput:
         logits = torch.zeros(len(inp.logits_rows), vocab)
         for i in range(len(inp.logits_rows)):
             logits[i, rng.randrange(10, vocab - 10)] = 1.0
-        return logits
+        return StepOutput(logits, None)
 
     llm.engine.worker.execute = forward  # the forward stubbed: only the engine's own work is timed
     return llm

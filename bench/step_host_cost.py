@@ -32,7 +32,7 @@ import torch
 
 from engine import LLM
 from engine.block_tables import BlockTables, page_array, table_width
-from engine.model_runner import prepare_step
+from engine.model_runner import StepOutput, prepare_step
 from engine.request import Request, Status
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledRequest
@@ -80,13 +80,13 @@ def engine_step_ms(model: str, batch: int, context: int, tp: bool, steps: int = 
     eng = llm.engine
     vocab = eng.config.model.vocab_size
 
-    def forward(inp: Any, prev_tokens: Any = None) -> torch.Tensor:
+    def forward(inp: Any, prev_tokens: Any = None) -> StepOutput:
         if tp:  # what broadcast_object does to reach the other ranks, and what they do with it
             inp = pickle.loads(pickle.dumps(inp))
         eng.worker.runner.build_context(inp)
         logits = torch.zeros(len(inp.logits_rows), vocab)
         logits[:, 11] = 1.0
-        return logits
+        return StepOutput(logits, None)
 
     eng.worker.execute = forward
     sp = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)

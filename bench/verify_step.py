@@ -91,10 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         din, _ = decode_inputs(b * rows, args.context, bs, worker.num_blocks, mcfg.vocab_size, rng)
         v = time_fn(lambda: runner.run(vin), device, warmup=3, iters=iters)
         d = time_fn(lambda: runner.run(din), device, warmup=3, iters=iters)
-        graph_tokens = runner.run(vin).argmax(-1)
+        graph_tokens = runner.run(vin).logits.argmax(-1)
         graphs, runner.graphs = runner.graphs, None
         try:
-            eager_tokens = runner.run(vin).argmax(-1)
+            eager_tokens = runner.run(vin).logits.argmax(-1)
         finally:
             runner.graphs = graphs
         same = bool(torch.equal(graph_tokens, eager_tokens))

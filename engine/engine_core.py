@@ -36,6 +36,7 @@ from engine.model_runner import StepLayout, prepare_step
 from engine.model_worker import STOP, ModelWorker, leave_process_group
 from engine.output_processor import OutputProcessor
 from engine.outputs import LogprobsDict, RequestDelta
+from engine.prompt_logprobs import PromptScores
 from engine.rank_launcher import check_ranks_alive, start_ranks, stop_ranks
 from engine.request import Request, Status
 from engine.request_validation import check_request
@@ -58,6 +59,7 @@ class _Launched:
     scheduled: list[ScheduledRequest]
     logits: torch.Tensor
     layout: StepLayout
+    prompt_scores: PromptScores | None = None  # the forward's scores of its prompt-logprob rows
     first_row: dict[int, int] = field(default_factory=dict)  # scheduled index -> its first sampled row
     sampled: DeferredSample | None = None
     table_writes: list[tuple[int, int]] = field(default_factory=list)  # (slot, position) per sampled row
@@ -444,14 +446,15 @@ class EngineCore:
             kv_sends = [s for s, r in zip(kv_sends, rides) if not r]
         check_ranks_alive(self._procs)
         try:
-            logits = self.worker.execute(inputs, prev.sampled.tokens if inputs.table_writes else None)
+            out = self.worker.execute(inputs, prev.sampled.tokens if inputs.table_writes else None)
         except RuntimeError as exc:
             if self.dist.world_size == 1:
                 raise
             raise RuntimeError(f"tensor-parallel step failed (a rank died or a collective timed out): {exc}") from exc
         for s in scheduled:
             self.scheduler.advance(s)
-        return _Launched(scheduled, logits, layout, kv_sends=kv_sends, keeps_hidden=inputs.keep_hidden)
+        return _Launched(scheduled, out.logits, layout, out.prompt_scores, kv_sends=kv_sends,
+                         keeps_hidden=inputs.keep_hidden)
 
     def _sample(self, step: _Launched) -> list[RequestDelta]:
         """Enqueue sampling of every sampled row (k + 1 per verify) of the requests still running."""
@@ -489,7 +492,7 @@ class EngineCore:
             try:
                 pr = step.layout.prompt_rows[i]
                 if pr is not None:
-                    self.outputs.collect_prompt_logprobs(req, step.logits, pr)
+                    self.outputs.collect_prompt_logprobs(req, step.prompt_scores, pr)
                 if i not in step.first_row:
                     self.scheduler.publish_blocks(req)
                     continue

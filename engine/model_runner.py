@@ -1,5 +1,6 @@
 """Turns a scheduled step into the step's inputs (plain lists, cheap to broadcast to TP ranks), runs the
-model on them and returns the logits rows the engine needs.
+model on them and returns the logits rows the engine needs, and the prompt-logprob scores of the rows that predict
+prompt tokens (engine/prompt_logprobs.py).
 
 A scheduled request contributes a run of query rows: a prompt chunk, one token (decode), or its last token
 plus k draft tokens (verify). Every position that yields a token gets a logits row: the last one of a
@@ -14,6 +15,7 @@ import torch
 from engine.block_tables import BlockTables
 from engine.device_copy import to_device
 from engine.kv_connector import KVSend
+from engine.prompt_logprobs import PromptRows, PromptScores, score_rows
 from engine.scheduler import ScheduledRequest
 from engine.token_table import TokenTable
 from model.context import ForwardContext
@@ -33,13 +35,20 @@ class StepInputs:
     block_tables: BlockTables  # the requests' pages, one row each
     seq_lens: list[int]
     query_start_loc: list[int]
-    logits_rows: list[int]  # rows of the hidden states whose logits are computed
+    logits_rows: list[int]  # rows of the hidden states whose logits are computed (sampled positions)
     # Device token table: where the previous step's sampled tokens go (one (slot, position) per entry of that
     # step's sampled-token tensor), and which inputs come from the table ((input index, slot, position)).
     table_writes: list[tuple[int, int]] = field(default_factory=list)
     table_reads: list[tuple[int, int, int]] = field(default_factory=list)
     keep_hidden: bool = False  # keep the final hidden states of every row (the MTP drafter reads them next)
     kv_sends: list[KVSend] = field(default_factory=list)  # disaggregation: pages to send once this step ran
+    prompt: PromptRows | None = None  # rows predicting prompt tokens of prompt-logprobs requests, scored in the forward
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    logits: torch.Tensor  # fp32 [len(logits_rows), vocab]
+    prompt_scores: PromptScores | None  # for StepInputs.prompt
 
 
 @dataclass
@@ -48,7 +57,7 @@ class StepLayout:
 
     sample_rows[i]  logits rows of scheduled request i's sampled positions: one for a plain step, k + 1 for a
                     verify step with k drafts (the drafts' positions, then the bonus position), [] if none
-    prompt_rows[i]  (first_row, first_target_position, count) of rows predicting prompt tokens, or None
+    prompt_rows[i]  (first prompt-score row, first_target_position, count) of rows predicting prompt tokens, or None
     """
 
     sample_rows: list[list[int]] = field(default_factory=list)
@@ -67,6 +76,9 @@ def prepare_step(
     qsl = [0]
     seq_lens = []
     rows: list[int] = []
+    prompt_rows: list[int] = []
+    prompt_targets: list[int] = []
+    top_k = 0
     reads: list[tuple[int, int, int]] = []
     layout = StepLayout()
     for s in batch:
@@ -100,8 +112,10 @@ def prepare_step(
             first_target = max(s.start + 1, req.prompt_logprobs_upto, 1)
             last_target = min(s.end, req.num_prompt_tokens - 1)
             if last_target >= first_target:
-                pr = (len(rows), first_target, last_target - first_target + 1)
-                rows.extend(offset + (p - 1 - s.start) for p in range(first_target, last_target + 1))
+                pr = (len(prompt_rows), first_target, last_target - first_target + 1)
+                prompt_rows.extend(offset + (p - 1 - s.start) for p in range(first_target, last_target + 1))
+                prompt_targets.extend(req.prompt_token_ids[first_target : last_target + 1])
+                top_k = max(top_k, req.params.prompt_logprobs)
         layout.prompt_rows.append(pr)
         if s.samples:
             first = offset + s.num_tokens - s.num_drafts - 1
@@ -115,7 +129,8 @@ def prepare_step(
     if pad_q:
         rows = list(range(len(ids)))
     tables = BlockTables.build([s.request.block_ids for s in batch])
-    inputs = StepInputs(ids, positions, slots, tables, seq_lens, qsl, rows, table_reads=reads)
+    prompt = PromptRows(prompt_rows, prompt_targets, top_k) if prompt_rows else None
+    inputs = StepInputs(ids, positions, slots, tables, seq_lens, qsl, rows, table_reads=reads, prompt=prompt)
     return inputs, layout
 
 
@@ -124,7 +139,7 @@ def uniform_rows(inp: StepInputs) -> int:
     are wanted (a decode or verify step: the shape CUDA graphs capture); else 0."""
     b, t = len(inp.seq_lens), len(inp.input_ids)
     q = t // b if b and t % b == 0 else 0
-    if not 0 < q <= MAX_UNIFORM_Q or len(inp.logits_rows) != t:
+    if not 0 < q <= MAX_UNIFORM_Q or len(inp.logits_rows) != t or inp.prompt is not None:
         return 0
     if inp.query_start_loc != list(range(0, t + 1, q)) or inp.logits_rows != list(range(t)):
         return 0
@@ -156,6 +171,8 @@ class ModelRunner:
         self.decode_max_seq_len: int | None = None
         # keys a prefill step may gather into packed K/V (ForwardContext.max_packed_kv): the worker's reserve
         self.max_packed_kv = 0
+        # prompt rows scored at once: their [rows, vocab] fp32 logits must fit the memory profile's logit rows
+        self.prompt_slice_rows = 256
 
     def build_context(self, inp: StepInputs) -> tuple[torch.Tensor, ForwardContext]:
         dev = self.device
@@ -191,9 +208,10 @@ class ModelRunner:
         self.token_table.read_into(input_ids, inp.table_reads)
 
     @torch.inference_mode()
-    def run(self, inp: StepInputs, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """Forward + LM head on the requested rows: fp32 logits [len(logits_rows), vocab]. `prev_tokens`: the
-        previous step's sampled tokens when `inp.table_writes` records them."""
+    def run(self, inp: StepInputs, prev_tokens: torch.Tensor | None = None) -> StepOutput:
+        """Forward + LM head on the requested rows, and the prompt rows' scores. `prev_tokens`: the previous step's
+        sampled tokens when `inp.table_writes` records them."""
+        scores = None
         if self.graphs is not None and self.graphs.can_run(inp):
             logits, hidden = self.graphs.run(inp, lambda ids: self.fill_inputs(ids, inp, prev_tokens))
         else:
@@ -206,8 +224,10 @@ class ModelRunner:
                 hidden = self.model(input_ids, ctx)
             index = to_device(inp.logits_rows, torch.long, hidden.device)
             logits = self.model.compute_logits(hidden.index_select(0, index))
+            if inp.prompt is not None:
+                scores = score_rows(hidden, inp.prompt, self.model.compute_logits, self.prompt_slice_rows)
         self.target_hidden = hidden if inp.keep_hidden else None
-        return logits
+        return StepOutput(logits, scores)
 
     def mtp_graph_rows(self, batch: int, max_kept: int) -> int:
         return self.mtp_graphs.rows_for(batch, max_kept) if self.mtp_graphs is not None else 0

@@ -31,7 +31,9 @@ from engine.gc_control import freeze_startup_heap
 from engine.kernel_warmup import AttentionShape, WarmupStep, step_inputs, warmup_steps
 from engine.kv_connector import KVConnectorWorker
 from engine.kv_cache import allocate_kv_caches, kv_bytes_per_token, kv_cache_dtype
-from engine.model_runner import ModelRunner, StepInputs
+from engine.model_runner import ModelRunner, StepInputs, StepOutput
+from engine.prompt_logprobs import PromptRows
+from engine.sampling_params import MAX_LOGPROBS
 from engine.token_table import TokenTable
 from kernels import fa4_prefill, packed_kv, sdpa_prefill
 from model.attention import prefill_kernel, resolve_prefill_attention_backend
@@ -96,6 +98,7 @@ class ModelWorker:
         self.runner = ModelRunner(self.model, kv, self.device, token_table=table)
         self.runner.decode_max_seq_len = config.scheduler.max_model_len
         self.runner.max_packed_kv = self._max_packed_kv()
+        self.runner.prompt_slice_rows = config.scheduler.max_num_seqs  # the profile's logit rows (below)
         if self.device.type == "cuda" and config.kernel_warmup:
             self._warm_up_kernels(kv_dtype)
         if self.device.type == "cuda" and not config.enforce_eager:
@@ -206,12 +209,17 @@ class ModelWorker:
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         kv = allocate_kv_caches(self.config.model, self.dist.tp, layers, blocks, bs, kv_dtype, self.device)
+        last_rows = list(range(n - min(n, sc.max_num_seqs), n))
         inp = StepInputs(
             input_ids=[0] * n, positions=list(range(n)), slot_mapping=list(range(n)),
             block_tables=BlockTables.build([range(blocks)]), seq_lens=[n], query_start_loc=[0, n],
-            logits_rows=list(range(n - min(n, sc.max_num_seqs), n)),
+            logits_rows=last_rows,  # a step's sampled rows, and one slice of prompt-logprob rows scored beside them
+            prompt=PromptRows(last_rows, [0] * len(last_rows), MAX_LOGPROBS),
         )
-        ModelRunner(self.model, kv, self.device).run(inp)
+        runner = ModelRunner(self.model, kv, self.device)
+        runner.prompt_slice_rows = sc.max_num_seqs
+        runner.run(inp)
+        del runner
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         kv_bytes = sum(k.numel() * k.element_size() * 2 for k, _ in kv.values())
@@ -262,14 +270,14 @@ class ModelWorker:
                 f"KV cache more memory (num_kv_blocks / mem_fraction_static)"
             )
 
-    def execute(self, inp: StepInputs, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    def execute(self, inp: StepInputs, prev_tokens: torch.Tensor | None = None) -> StepOutput:
         """Rank 0: send the step to the other ranks, then run it here too. `prev_tokens`: the previous step's
         sampled tokens (device tensor), sent to the other ranks on the model group when the step records them
         in the token table."""
         if self.dist.world_size == 1:
             return self._run(inp, prev_tokens)
 
-        def run() -> torch.Tensor:
+        def run() -> StepOutput:
             tokens = self._broadcast_tokens(len(inp.table_writes), prev_tokens) if inp.table_writes else None
             return self._run(inp, tokens)
 
@@ -292,11 +300,11 @@ class ModelWorker:
             self.lost_lock_step = f"{type(exc).__name__}: {exc}"
             raise
 
-    def _run(self, inp: StepInputs, prev_tokens: torch.Tensor | None) -> torch.Tensor:
-        logits = self.runner.run(inp, prev_tokens)
+    def _run(self, inp: StepInputs, prev_tokens: torch.Tensor | None) -> StepOutput:
+        out = self.runner.run(inp, prev_tokens)
         if inp.kv_sends:  # the forward that writes these pages is enqueued: the transfer thread takes over
             self.kv_worker.after_forward(inp.kv_sends)
-        return logits
+        return out
 
     def connector_call(self, message: Any) -> list[Any]:
         """Rank 0: the KV connector worker's handle(message) on every rank; results in rank order."""

@@ -12,13 +12,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 from transformers import PreTrainedTokenizerBase
 
 from engine.detokenizer import IncrementalDetokenizer, decode_logprob_tokens
 from engine.outputs import LogprobsDict, RequestDelta
 from engine.request import Request
-from engine.sampler import SamplingState, compute_prompt_logprobs
+from engine.prompt_logprobs import PromptScores, logprob_dicts
+from engine.sampler import SamplingState
 from engine.stop_strings import StopStringMatcher
 
 
@@ -113,11 +113,11 @@ class OutputProcessor:
                            finish_reason=reason, stop_reason=stop_reason)
         return Emitted(delta, reason, stop_reason, len(kept))
 
-    def collect_prompt_logprobs(self, req: Request, logits: torch.Tensor, prompt_rows: tuple[int, int, int]) -> None:
+    def collect_prompt_logprobs(self, req: Request, scores: PromptScores, prompt_rows: tuple[int, int, int]) -> None:
         first_row, first_target, count = prompt_rows
         st = self._seq[req]
         targets = req.prompt_token_ids[first_target : first_target + count]
-        dicts = compute_prompt_logprobs(logits[first_row : first_row + count], targets, req.params.prompt_logprobs)
+        dicts = logprob_dicts(scores, first_row, targets, req.params.prompt_logprobs)
         decode_logprob_tokens(self.tokenizer, dicts)
         st.prompt_logprobs.extend(dicts)
         req.prompt_logprobs_upto = first_target + count

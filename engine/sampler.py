@@ -356,22 +356,3 @@ def logprob_dicts(raw: torch.Tensor, token_ids: torch.Tensor, num_top: Sequence[
         out.append(d)
     return out
 
-
-def compute_prompt_logprobs(
-    logits: torch.Tensor,
-    next_token_ids: Sequence[int] | torch.Tensor,
-    num_logprobs: int,
-    chunk_rows: int = 256,
-) -> list[LogprobsDict]:
-    """Prompt logprobs for a run of positions: logits [N, V] at positions p..p+N-1 and the prompt tokens
-    at p+1..p+N. Returns N dicts; the caller puts None first for prompt position 0 and concatenates
-    chunks. Rows are processed chunk_rows at a time to bound the [rows, V] fp32 temporaries."""
-    targets = torch.as_tensor(next_token_ids, dtype=torch.long, device=logits.device)
-    if targets.shape[0] != logits.shape[0]:
-        raise ValueError(f"{logits.shape[0]} logits rows but {targets.shape[0]} next tokens")
-    out: list[LogprobsDict] = []
-    for start in range(0, logits.shape[0], chunk_rows):
-        raw = torch.log_softmax(logits[start : start + chunk_rows].float(), dim=-1)
-        t = targets[start : start + chunk_rows]
-        out.extend(logprob_dicts(raw, t, [num_logprobs] * t.shape[0]))
-    return out

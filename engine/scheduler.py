@@ -6,8 +6,9 @@ mixed with decodes (chunked prefill). A decoding request with draft tokens (spec
 plus its drafts in one go, from the same budget (drafts are trimmed to the budget left, never split from their
 token). When pages run out, the newest running request is preempted: its pages are released (full ones stay
 in the prefix cache) and it is recomputed later. After a verify step `commit` cuts num_computed_tokens back to
-the accepted tokens and returns the pages past them. Prompt chunks of requests that want prompt logprobs skip
-the prefix cache and share max_num_seqs rows per step (each row's logits are kept). Nothing here touches tensors.
+the accepted tokens and returns the pages past them. Requests that want prompt logprobs skip the prefix cache
+(every prompt position is scored; the forward scores them a slice at a time, so their chunks are ordinary chunks).
+Nothing here touches tensors.
 """
 from __future__ import annotations
 
@@ -147,16 +148,13 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         prefill_budget = self._prefill_budget(budget)
-        # prompt-logprobs chunks compute fp32 logits for every row (151,552 floats each on GLM-4.7: 5 GB for 8K
-        # rows); the memory profile holds logits for max_num_seqs rows, so a step's such rows stay within that
-        logit_rows = self.config.max_num_seqs
         for req in list(self.running):
             if budget == 0:
                 break
             if req.status != Status.RUNNING:  # preempted earlier in this loop
                 continue
             rest = req.num_tokens - req.num_computed_tokens
-            n = min(rest, budget) if rest == 1 else min(rest, budget, prefill_budget, self._chunk_cap(req, logit_rows))
+            n = min(rest, budget) if rest == 1 else min(rest, budget, prefill_budget)
             if n <= 0 or req.num_output_tokens >= req.max_tokens:
                 continue  # nothing to compute (or no prefill budget left), or its last token is still in flight
             drafts = min(len(req.draft_token_ids), budget - n) if n == rest else 0
@@ -166,14 +164,12 @@ class Scheduler:
             budget -= n + drafts
             if rest > 1:
                 prefill_budget -= n
-                logit_rows -= n if req.needs_prompt_logits else 0
         if out.preempted:  # memory is short: let the running set drain before admitting more
             return out
         while (self.waiting and min(budget, prefill_budget) > 0
                and len(self.running) + len(self.receiving) < self.config.max_num_seqs):
             req = self.waiting[0]
-            cap = self._chunk_cap(req, logit_rows)
-            scheduled = self._admit(req, min(budget, prefill_budget, cap)) if cap > 0 else None
+            scheduled = self._admit(req, min(budget, prefill_budget))
             if scheduled is None:
                 break
             self.waiting.popleft()
@@ -183,12 +179,7 @@ class Scheduler:
             out.scheduled.append(scheduled)
             budget -= scheduled.num_tokens
             prefill_budget -= scheduled.num_tokens
-            logit_rows -= scheduled.num_tokens if req.needs_prompt_logits else 0
         return out
-
-    def _chunk_cap(self, req: Request, logit_rows: int) -> int:
-        """The most prompt tokens `req` may compute this step: the logit rows left for a prompt-logprobs chunk."""
-        return logit_rows if req.needs_prompt_logits else self.config.max_num_batched_tokens
 
     def _prefill_budget(self, budget: int) -> int:
         """Prompt tokens this step may compute: the whole budget, or the cap for steps that also decode (a

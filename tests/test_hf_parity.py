@@ -51,7 +51,7 @@ def test_full_logits_match_hf(pair):
     req.block_ids = eng.pool.allocate(-(-len(ids) // eng.block_size))
     inputs, _ = prepare_step([ScheduledRequest(req, 0, len(ids))], eng.block_size)
     inputs.logits_rows = list(range(len(ids)))
-    ours = torch.log_softmax(eng.worker.runner.run(inputs), dim=-1)
+    ours = torch.log_softmax(eng.worker.runner.run(inputs).logits, dim=-1)
     eng.pool.free(req.block_ids)
     assert (ours - ref).abs().max().item() <= 1e-3
 

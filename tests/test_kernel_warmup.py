@@ -140,7 +140,7 @@ def test_warmup_steps_run_through_the_model(tiny_bf16):
     for s in steps[:: max(1, len(steps) // 40)]:
         inp = step_inputs(s, 16, 64)
         assert 1 <= len(inp.logits_rows) <= max(s.sequences, s.tokens if s.all_logits else 0)
-        logits = runner.run(inp)
+        logits = runner.run(inp).logits
         assert logits.shape[0] == len(inp.logits_rows) and torch.isfinite(logits).all()
 
 

@@ -6,6 +6,10 @@ import torch
 
 from engine_checks import assert_pages_clean
 from engine import LLM, SamplingParams
+from engine.model_runner import prepare_step
+from engine.prompt_logprobs import compute_prompt_logprobs
+from engine.request import Request
+from engine.scheduler import ScheduledRequest
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +132,50 @@ def test_chunked_prompt_logprobs_equal_unchunked(tiny_bf16, llm):
     for x, y in zip(a[1:], b[1:]):
         assert x.keys() == y.keys()
         assert all(abs(x[k].logprob - y[k].logprob) < 1e-4 for k in x)
+
+
+def test_prompt_logprobs_scored_in_slices_inside_one_chunk(tiny_bf16):
+    """The forward scores prompt rows max_num_seqs rows at a time (the memory profile's logit rows), so a prompt
+    longer than max_num_seqs still prefills in one chunk; the scores equal the reference over all rows' logits."""
+    small = LLM(str(tiny_bf16), device="cpu", max_num_seqs=4)
+    ids = list(range(300, 370))
+    runner = small.engine.worker.runner
+    prompt_rows, logit_shapes = [], []
+    run, compute_logits = runner.run, runner.model.compute_logits
+
+    def counted_run(inp, prev=None):
+        prompt_rows.append(len(inp.prompt.rows) if inp.prompt is not None else 0)
+        return run(inp, prev)
+
+    def counted_logits(hidden):
+        logit_shapes.append(hidden.shape[0])
+        return compute_logits(hidden)
+
+    runner.run, runner.model.compute_logits = counted_run, counted_logits
+    try:
+        out = small.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, prompt_logprobs=5),
+                             use_tqdm=False)[0]
+    finally:
+        runner.run, runner.model.compute_logits = run, compute_logits
+    assert prompt_rows[0] == len(ids) - 1  # the whole prompt in the first step
+    assert max(logit_shapes) <= 4 and sum(logit_shapes) >= len(ids) - 1
+
+    eng = small.engine  # reference: one forward over the prompt with every row's logits, scored at once
+    req = Request("ref", 0, ids, SamplingParams(max_tokens=1), 1)
+    req.block_ids = eng.pool.allocate(-(-len(ids) // eng.block_size))
+    inputs, _ = prepare_step([ScheduledRequest(req, 0, len(ids))], eng.block_size)
+    inputs.logits_rows = list(range(len(ids)))
+    logits = runner.run(inputs).logits
+    eng.pool.free(req.block_ids)
+    ref = compute_prompt_logprobs(logits[:-1], ids[1:], 5, chunk_rows=len(ids))
+    got = out.prompt_logprobs
+    assert got[0] is None and len(got) == len(ids)
+    for pos in range(1, len(ids)):
+        g, r = got[pos], ref[pos - 1]
+        assert g[ids[pos]].rank == r[ids[pos]].rank
+        assert g[ids[pos]].logprob == pytest.approx(r[ids[pos]].logprob, abs=1e-5)
+        assert sorted(v.logprob for v in g.values()) == pytest.approx(sorted(v.logprob for v in r.values()), abs=1e-5)
+    assert_pages_clean(eng)
 
 
 def test_abort_frees_pages(llm):

@@ -346,8 +346,8 @@ def test_piecewise_prefill_graphs_fa4_routes(tiny_dirs, extra):
 
 
 def test_long_prompt_logprobs_at_real_vocab_stay_in_the_profile(tmp_path):
-    """An 8K-token prompt with prompt_logprobs at GLM-4.7's vocabulary: a step's prompt-logit rows are capped at
-    max_num_seqs (each row is 151,552 fp32 logits; 8K rows would be 5 GB outside the memory profile). The request's
+    """An 8K-token prompt with prompt_logprobs at GLM-4.7's vocabulary: the forward scores its rows max_num_seqs at a
+    time (each row is 151,552 fp32 logits; 8K rows at once would be 5 GB outside the memory profile). The request's
     transient memory stays near a plain 8K prefill's, and its first positions match a short prompt's."""
     from bench.real_shape import real_shape_model_dir
 
@@ -374,7 +374,11 @@ def test_long_prompt_logprobs_at_real_vocab_stay_in_the_profile(tmp_path):
     got = torch.tensor([lps[i][ids[i]].logprob for i in range(1, 512)])
     assert torch.isfinite(got).all()
     short = _prompt_lps(llm, ids[:512])  # the same positions computed without the 7.7K tokens after them
-    d = (got - short).abs()
-    print(json.dumps({"mean_abs_dlogprob": d.mean().item(), "max_abs_dlogprob": d.max().item()}))
-    assert d.mean().item() < 0.05 and d.max().item() < 0.5
+    # one 8K chunk against a 512-token prompt: different attention and GEMM shapes, so bf16 noise (0.067 mean on
+    # an H100), not equality; a row scored against its neighbour's target (a slice off by one) is the control
+    d, shifted = (got - short).abs(), (got[1:] - short[:-1]).abs()
+    print(json.dumps({"mean_abs_dlogprob": d.mean().item(), "max_abs_dlogprob": d.max().item(),
+                      "shifted_mean": shifted.mean().item()}))
+    assert d.mean().item() < 0.15 and d.max().item() < 1.5
+    assert d.mean().item() < 0.5 * shifted.mean().item()
     assert_pages_clean(llm.engine)

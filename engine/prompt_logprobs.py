@@ -1,0 +1,94 @@
+"""Prompt logprobs (vLLM's `prompt_logprobs: k`): for each prompt position, the log-probability and rank of the prompt
+token that follows it, and the top k of the model's distribution there.
+
+A step's prompt rows are scored inside the forward, a slice of rows at a time: each slice's [rows, vocab] fp32
+logits exist only while it is scored, so a whole prefill chunk (thousands of rows) needs no more memory than the
+profile's max_num_seqs logit rows, and prompt-logprobs requests prefill in full chunks. What leaves the forward is
+small: per row the target's logprob and rank, and the top k ids, logprobs and ranks (rank = 1 + the number of tokens
+with a strictly larger logprob).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from engine.outputs import Logprob, LogprobsDict
+
+
+@dataclass(frozen=True)
+class PromptRows:
+    """A step's rows predicting prompt tokens (host lists, broadcast to TP ranks with the step's inputs)."""
+
+    rows: list[int]  # rows of the forward's hidden states
+    targets: list[int]  # the prompt token each row predicts
+    top_k: int  # the most top entries any of the step's requests asks for
+
+
+@dataclass(frozen=True)
+class PromptScores:
+    """The device-side summary of PromptRows, row for row."""
+
+    target_logprob: torch.Tensor  # [R] fp32
+    target_rank: torch.Tensor  # [R] int64
+    top_ids: torch.Tensor  # [R, top_k] int64
+    top_logprob: torch.Tensor  # [R, top_k] fp32
+    top_rank: torch.Tensor  # [R, top_k] int64
+
+
+def score_rows(
+    hidden: torch.Tensor, prompt: PromptRows, compute_logits: Callable[[torch.Tensor], torch.Tensor], slice_rows: int
+) -> PromptScores:
+    """Score prompt.rows of `hidden` [T, ...] slice_rows at a time; compute_logits maps hidden rows to [n, V] logits
+    (the LM head; the identity when `hidden` already holds logits)."""
+    if slice_rows < 1:
+        raise ValueError(f"slice_rows must be >= 1, got {slice_rows}")
+    if len(prompt.rows) != len(prompt.targets):
+        raise ValueError(f"{len(prompt.rows)} prompt rows but {len(prompt.targets)} targets")
+    dev = hidden.device
+    rows = torch.tensor(prompt.rows, dtype=torch.long, device=dev)
+    targets = torch.tensor(prompt.targets, dtype=torch.long, device=dev)
+    parts = []
+    for start in range(0, len(prompt.rows), slice_rows):
+        logits = compute_logits(hidden.index_select(0, rows[start : start + slice_rows]))
+        parts.append(_score_slice(torch.log_softmax(logits.float(), dim=-1), targets[start : start + slice_rows],
+                                  prompt.top_k))
+    return PromptScores(*(torch.cat(t) for t in zip(*parts)))
+
+
+def _score_slice(raw: torch.Tensor, targets: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    chosen = raw.gather(1, targets[:, None])
+    rank = (raw > chosen).sum(dim=-1) + 1
+    top_v, top_i = raw.topk(k, dim=-1) if k > 0 else (raw[:, :0], targets[:, None][:, :0])
+    # rank within the sorted top k equals rank in the vocabulary: every larger value is in the top k too
+    top_rank = (top_v[:, None, :] > top_v[:, :, None]).sum(dim=-1) + 1
+    return chosen[:, 0], rank, top_i, top_v, top_rank
+
+
+def logprob_dicts(scores: PromptScores, first: int, targets: Sequence[int], k: int) -> list[LogprobsDict]:
+    """Rows first..first+len(targets)-1 as vLLM's dicts: the prompt token first, then its top k (k <= the step's)."""
+    end = first + len(targets)
+    lp, rank = scores.target_logprob[first:end].tolist(), scores.target_rank[first:end].tolist()
+    top_i = scores.top_ids[first:end, :k].tolist()
+    top_v = scores.top_logprob[first:end, :k].tolist()
+    top_r = scores.top_rank[first:end, :k].tolist()
+    out: list[LogprobsDict] = []
+    for n, token in enumerate(targets):
+        d: LogprobsDict = {token: Logprob(lp[n], rank[n])}
+        for j in range(k):
+            d.setdefault(top_i[n][j], Logprob(top_v[n][j], top_r[n][j]))
+        out.append(d)
+    return out
+
+
+def compute_prompt_logprobs(
+    logits: torch.Tensor, next_token_ids: Sequence[int], num_logprobs: int, chunk_rows: int = 256
+) -> list[LogprobsDict]:
+    """Prompt logprobs straight from logits [N, V] at positions p..p+N-1 and the prompt tokens at p+1..p+N (the
+    reference the engine's scoring is tested against; the caller puts None first for position 0)."""
+    targets = list(next_token_ids)
+    if len(targets) != logits.shape[0]:
+        raise ValueError(f"{logits.shape[0]} logits rows but {len(targets)} next tokens")
+    prompt = PromptRows(list(range(len(targets))), targets, num_logprobs)
+    return logprob_dicts(score_rows(logits, prompt, lambda x: x, chunk_rows), 0, targets, num_logprobs)

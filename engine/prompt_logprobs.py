@@ -49,7 +49,7 @@ def score_rows(
     dev = hidden.device
     rows = torch.tensor(prompt.rows, dtype=torch.long, device=dev)
     targets = torch.tensor(prompt.targets, dtype=torch.long, device=dev)
-    parts = []
+    parts = [] if prompt.rows else [_score_slice(hidden.new_zeros(0, 1, dtype=torch.float32), targets[:0], 0)]
     for start in range(0, len(prompt.rows), slice_rows):
         logits = compute_logits(hidden.index_select(0, rows[start : start + slice_rows]))
         parts.append(_score_slice(torch.log_softmax(logits.float(), dim=-1), targets[start : start + slice_rows],

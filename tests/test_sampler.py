@@ -263,6 +263,7 @@ def test_prompt_logprobs_helper():
         assert d[nxt[i]].rank == int((raw[i] > raw[i, nxt[i]]).sum()) + 1
         top = torch.topk(raw[i], 2).indices.tolist()
         assert set(top) <= set(d) and len(d) in (2, 3)
+    assert compute_prompt_logprobs(torch.zeros(0, 11), [], 2) == []  # a run of no rows
 
 
 def test_filtered_probs_normalised():

@@ -36,7 +36,7 @@ from engine.model_runner import StepLayout, prepare_step
 from engine.model_worker import STOP, ModelWorker, leave_process_group
 from engine.output_processor import OutputProcessor
 from engine.outputs import LogprobsDict, RequestDelta
-from engine.prompt_logprobs import PromptScores
+from engine.logprobs import LogprobScores
 from engine.rank_launcher import check_ranks_alive, start_ranks, stop_ranks
 from engine.request import Request, Status
 from engine.request_validation import check_request
@@ -59,7 +59,7 @@ class _Launched:
     scheduled: list[ScheduledRequest]
     logits: torch.Tensor
     layout: StepLayout
-    prompt_scores: PromptScores | None = None  # the forward's scores of its prompt-logprob rows
+    prompt_scores: LogprobScores | None = None  # the forward's scores of its prompt-logprob rows
     first_row: dict[int, int] = field(default_factory=dict)  # scheduled index -> its first sampled row
     sampled: DeferredSample | None = None
     table_writes: list[tuple[int, int]] = field(default_factory=list)  # (slot, position) per sampled row

@@ -1,6 +1,6 @@
 """Turns a scheduled step into the step's inputs (plain lists, cheap to broadcast to TP ranks), runs the
 model on them and returns the logits rows the engine needs, and the prompt-logprob scores of the rows that predict
-prompt tokens (engine/prompt_logprobs.py).
+prompt tokens (engine/logprobs.py).
 
 A scheduled request contributes a run of query rows: a prompt chunk, one token (decode), or its last token
 plus k draft tokens (verify). Every position that yields a token gets a logits row: the last one of a
@@ -15,7 +15,7 @@ import torch
 from engine.block_tables import BlockTables
 from engine.device_copy import to_device
 from engine.kv_connector import KVSend
-from engine.prompt_logprobs import PromptRows, PromptScores, score_rows
+from engine.logprobs import PromptRows, LogprobScores, score_rows
 from engine.scheduler import ScheduledRequest
 from engine.token_table import TokenTable
 from model.context import ForwardContext
@@ -48,7 +48,7 @@ class StepInputs:
 @dataclass(frozen=True)
 class StepOutput:
     logits: torch.Tensor  # fp32 [len(logits_rows), vocab]
-    prompt_scores: PromptScores | None  # for StepInputs.prompt
+    prompt_scores: LogprobScores | None  # for StepInputs.prompt
 
 
 @dataclass

@@ -32,7 +32,7 @@ from engine.kernel_warmup import AttentionShape, WarmupStep, step_inputs, warmup
 from engine.kv_connector import KVConnectorWorker
 from engine.kv_cache import allocate_kv_caches, kv_bytes_per_token, kv_cache_dtype
 from engine.model_runner import ModelRunner, StepInputs, StepOutput
-from engine.prompt_logprobs import PromptRows
+from engine.logprobs import PromptRows
 from engine.sampling_params import MAX_LOGPROBS
 from engine.token_table import TokenTable
 from kernels import fa4_prefill, packed_kv, sdpa_prefill

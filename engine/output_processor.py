@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from engine.detokenizer import IncrementalDetokenizer, decode_logprob_tokens
 from engine.outputs import LogprobsDict, RequestDelta
 from engine.request import Request
-from engine.prompt_logprobs import PromptScores, logprob_dicts
+from engine.logprobs import LogprobScores, logprob_dicts
 from engine.sampler import SamplingState
 from engine.stop_strings import StopStringMatcher
 
@@ -113,7 +113,7 @@ class OutputProcessor:
                            finish_reason=reason, stop_reason=stop_reason)
         return Emitted(delta, reason, stop_reason, len(kept))
 
-    def collect_prompt_logprobs(self, req: Request, scores: PromptScores, prompt_rows: tuple[int, int, int]) -> None:
+    def collect_prompt_logprobs(self, req: Request, scores: LogprobScores, prompt_rows: tuple[int, int, int]) -> None:
         first_row, first_target, count = prompt_rows
         st = self._seq[req]
         targets = req.prompt_token_ids[first_target : first_target + count]

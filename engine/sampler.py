@@ -25,7 +25,8 @@ import torch
 
 from engine.device_copy import to_device
 from engine.grammar import apply_grammar_masks
-from engine.outputs import Logprob, LogprobsDict
+from engine.logprobs import logprob_dicts, score_logprobs
+from engine.outputs import LogprobsDict
 from engine.sampling_params import SamplingParams
 
 
@@ -328,31 +329,10 @@ class DeferredSample:
         logprobs: list[LogprobsDict | None] = [None] * self._n
         if self._raw is not None:
             idx = torch.tensor(self._lp_rows, dtype=torch.long, device=self.tokens.device)
-            dicts = logprob_dicts(self._raw, self.tokens.index_select(0, idx), self._lp_k)
+            chosen = self.tokens.index_select(0, idx)
+            scores = score_logprobs(self._raw, chosen, max(self._lp_k, default=0))
+            dicts = logprob_dicts(scores, 0, chosen.tolist(), self._lp_k)
             for i, d in zip(self._lp_rows, dicts):
                 logprobs[i] = d
         return SamplerOutput(token_ids=self._host.tolist(), logprobs=logprobs, token_ids_tensor=self.tokens)
-
-
-def logprob_dicts(raw: torch.Tensor, token_ids: torch.Tensor, num_top: Sequence[int]) -> list[LogprobsDict]:
-    """raw: log-probabilities [N, V]; token_ids [N]; num_top[n] top entries for row n.
-    Returns per row {token: Logprob} with the chosen token first, then the top-k (vLLM layout).
-    rank = 1 + number of tokens with a strictly larger logprob."""
-    chosen_lp = raw.gather(1, token_ids[:, None].long())
-    chosen_rank = ((raw > chosen_lp).sum(dim=-1) + 1).tolist()
-    chosen_lp_l = chosen_lp[:, 0].tolist()
-    token_l = token_ids.tolist()
-    kmax = max(num_top, default=0)
-    if kmax > 0:
-        top_v, top_i = raw.topk(kmax, dim=-1)
-        # rank within the sorted top-k equals rank in the vocabulary: all larger values are in the top-k
-        top_rank = ((top_v[:, None, :] > top_v[:, :, None]).sum(dim=-1) + 1).tolist()
-        top_v_l, top_i_l = top_v.tolist(), top_i.tolist()
-    out: list[LogprobsDict] = []
-    for n, k in enumerate(num_top):
-        d: LogprobsDict = {token_l[n]: Logprob(chosen_lp_l[n], chosen_rank[n])}
-        for j in range(k):
-            d.setdefault(top_i_l[n][j], Logprob(top_v_l[n][j], top_rank[n][j]))
-        out.append(d)
-    return out
 

@@ -7,7 +7,7 @@ import torch
 from engine_checks import assert_pages_clean
 from engine import LLM, SamplingParams
 from engine.model_runner import prepare_step
-from engine.prompt_logprobs import compute_prompt_logprobs
+from engine.logprobs import compute_prompt_logprobs
 from engine.request import Request
 from engine.scheduler import ScheduledRequest
 

@@ -79,7 +79,7 @@ def test_capped_engine_gives_the_same_greedy_tokens(tiny_bf16):
 
 
 def test_prompt_logprobs_chunks_take_the_whole_budget():
-    """Prompt-logprob rows are scored inside the forward a slice at a time (engine/prompt_logprobs.py), so a
+    """Prompt-logprob rows are scored inside the forward a slice at a time (engine/logprobs.py), so a
     prompt-logprobs request's chunk is an ordinary chunk: it takes the step's budget, more rows than max_num_seqs."""
     s = _scheduler(cap=None)  # 64 tokens a step, max_num_seqs 8
     a = Request("a", 0, list(range(30)), SamplingParams(max_tokens=4, prompt_logprobs=1), 4)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from engine.prompt_logprobs import compute_prompt_logprobs
+from engine.logprobs import compute_prompt_logprobs
 from engine.sampler import Sampler, SampleRow, SamplingState
 from engine.sampling_params import SamplingParams, ThinkingBudget
 

@@ -1,16 +1,16 @@
-"""Prompt logprobs (vLLM's `prompt_logprobs: k`): for each prompt position, the log-probability and rank of the prompt
-token that follows it, and the top k of the model's distribution there.
+"""Logprob summaries in vLLM's layout: per row the chosen token's log-probability and rank (rank = 1 + the number of
+tokens with a strictly larger logprob), then the top k of the distribution. Sampled rows (`logprobs: k`, the sampler)
+and prompt rows (`prompt_logprobs: k`) share the math and the dicts.
 
 A step's prompt rows are scored inside the forward, a slice of rows at a time: each slice's [rows, vocab] fp32
 logits exist only while it is scored, so a whole prefill chunk (thousands of rows) needs no more memory than the
 profile's max_num_seqs logit rows, and prompt-logprobs requests prefill in full chunks. What leaves the forward is
-small: per row the target's logprob and rank, and the top k ids, logprobs and ranks (rank = 1 + the number of tokens
-with a strictly larger logprob).
+small: per row the target's logprob and rank, and the top k ids, logprobs and ranks.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -27,8 +27,8 @@ class PromptRows:
 
 
 @dataclass(frozen=True)
-class PromptScores:
-    """The device-side summary of PromptRows, row for row."""
+class LogprobScores:
+    """The device-side summary of a run of rows (a step's PromptRows, or sampled rows), row for row."""
 
     target_logprob: torch.Tensor  # [R] fp32
     target_rank: torch.Tensor  # [R] int64
@@ -39,7 +39,7 @@ class PromptScores:
 
 def score_rows(
     hidden: torch.Tensor, prompt: PromptRows, compute_logits: Callable[[torch.Tensor], torch.Tensor], slice_rows: int
-) -> PromptScores:
+) -> LogprobScores:
     """Score prompt.rows of `hidden` [T, ...] slice_rows at a time; compute_logits maps hidden rows to [n, V] logits
     (the LM head; the identity when `hidden` already holds logits)."""
     if slice_rows < 1:
@@ -49,32 +49,39 @@ def score_rows(
     dev = hidden.device
     rows = torch.tensor(prompt.rows, dtype=torch.long, device=dev)
     targets = torch.tensor(prompt.targets, dtype=torch.long, device=dev)
-    parts = [] if prompt.rows else [_score_slice(hidden.new_zeros(0, 1, dtype=torch.float32), targets[:0], 0)]
+    parts = [] if prompt.rows else [score_logprobs(hidden.new_zeros(0, 1, dtype=torch.float32), targets[:0], 0)]
     for start in range(0, len(prompt.rows), slice_rows):
         logits = compute_logits(hidden.index_select(0, rows[start : start + slice_rows]))
-        parts.append(_score_slice(torch.log_softmax(logits.float(), dim=-1), targets[start : start + slice_rows],
-                                  prompt.top_k))
-    return PromptScores(*(torch.cat(t) for t in zip(*parts)))
+        parts.append(score_logprobs(torch.log_softmax(logits.float(), dim=-1), targets[start : start + slice_rows],
+                                    prompt.top_k))
+    return LogprobScores(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(LogprobScores)))
 
 
-def _score_slice(raw: torch.Tensor, targets: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+def score_logprobs(raw: torch.Tensor, targets: torch.Tensor, k: int) -> LogprobScores:
+    """raw: log-probabilities [N, V]; targets [N] (the chosen tokens); the top k of every row."""
+    targets = targets.long()
     chosen = raw.gather(1, targets[:, None])
     rank = (raw > chosen).sum(dim=-1) + 1
     top_v, top_i = raw.topk(k, dim=-1) if k > 0 else (raw[:, :0], targets[:, None][:, :0])
     # rank within the sorted top k equals rank in the vocabulary: every larger value is in the top k too
     top_rank = (top_v[:, None, :] > top_v[:, :, None]).sum(dim=-1) + 1
-    return chosen[:, 0], rank, top_i, top_v, top_rank
+    return LogprobScores(chosen[:, 0], rank, top_i, top_v, top_rank)
 
 
-def logprob_dicts(scores: PromptScores, first: int, targets: Sequence[int], k: int) -> list[LogprobsDict]:
-    """Rows first..first+len(targets)-1 as vLLM's dicts: the prompt token first, then its top k (k <= the step's)."""
+def logprob_dicts(
+    scores: LogprobScores, first: int, targets: Sequence[int], num_top: int | Sequence[int]
+) -> list[LogprobsDict]:
+    """Rows first..first+len(targets)-1 as vLLM's dicts: the chosen token first, then its top entries (num_top: one k
+    for every row, or one per row; each <= the scores' k)."""
     end = first + len(targets)
+    tops = [num_top] * len(targets) if isinstance(num_top, int) else list(num_top)
+    kmax = max(tops, default=0)
     lp, rank = scores.target_logprob[first:end].tolist(), scores.target_rank[first:end].tolist()
-    top_i = scores.top_ids[first:end, :k].tolist()
-    top_v = scores.top_logprob[first:end, :k].tolist()
-    top_r = scores.top_rank[first:end, :k].tolist()
+    top_i = scores.top_ids[first:end, :kmax].tolist()
+    top_v = scores.top_logprob[first:end, :kmax].tolist()
+    top_r = scores.top_rank[first:end, :kmax].tolist()
     out: list[LogprobsDict] = []
-    for n, token in enumerate(targets):
+    for n, (token, k) in enumerate(zip(targets, tops)):
         d: LogprobsDict = {token: Logprob(lp[n], rank[n])}
         for j in range(k):
             d.setdefault(top_i[n][j], Logprob(top_v[n][j], top_r[n][j]))

@@ -30,6 +30,8 @@ with them.
 --moe-ep N runs (and tunes) the MoE section as rank 0 of N expert-parallel ranks (--enable-expert-parallel): its
 160/N experts whole and the fused shared one, the routing's other pairs -1; its tables are E=160/N+1's
 (`--moe-ep 8 --moe-inter 1536`: the EP8 rank's E=21 table).
+--moe-routing balanced gives every routed expert the same pair count (t = 5120: 256 each, whole 64- / 128-row
+blocks), separating the GEMMs' own efficiency from the padding rows a random routing's expert counts cost.
 """
 from __future__ import annotations
 
@@ -453,16 +455,22 @@ def _grouped_baseline(x, w13, w2, s13, s2, ids):
     return run
 
 
-def _routings(t, e, k, r, ep: int = 1, device: str = "cuda"):
+def _routings(t, e, k, r, ep: int = 1, device: str = "cuda", balanced: bool = False):
     """r random routings (top-k of e-1 routed experts + shared expert e-1), as moe_route would give.
+
+    balanced: token i takes experts (i * k + j + v) % (e - 1) for j < k in variant v, so every routed expert gets
+    t * k / (e - 1) pairs, or one fewer (t = 5120: 256 each, no padding rows at BLOCK_M 64 or 128): what the
+    kernels reach without the padding a random routing's uneven expert counts cost.
 
     ep > 1: what expert-parallel rank 0 of ep ranks receives (--enable-expert-parallel): the first (e-1)/ep routed
     experts keep their ids, the shared expert is its local expert (e-1)/ep for tokens t % ep == 0, every other pair
     is -1 (kernels.moe_local_ids, as model.moe.MoE maps them)."""
     out = []
     for _ in range(r):
-        scores = torch.rand(t, e - 1, device=device)
-        ids = scores.topk(k, dim=1).indices
+        if balanced:
+            ids = (torch.arange(t, device=device)[:, None] * k + torch.arange(k, device=device) + len(out)) % (e - 1)
+        else:
+            ids = torch.rand(t, e - 1, device=device).topk(k, dim=1).indices
         ids = torch.cat([ids, torch.full((t, 1), e - 1, device=device)], 1).to(torch.int32)
         if ep > 1:
             ids = moe_local_ids_ref(ids, 0, (e - 1) // ep, shared_owner=(0, ep))
@@ -470,6 +478,17 @@ def _routings(t, e, k, r, ep: int = 1, device: str = "cuda"):
         w[:, -1] = 1.0
         out.append((w, ids))
     return out
+
+
+def _padding_share(routes, block_m: int) -> float:
+    """The share of the grouped GEMMs' rows that are padding: each expert's pairs rounded up to whole blocks."""
+    shares = []
+    for _, ids in routes:
+        counts = torch.bincount(ids[ids >= 0].long().flatten())
+        counts = counts[counts > 0]
+        padded = int(((counts + block_m - 1) // block_m * block_m).sum())
+        shares.append(1 - int(counts.sum()) / padded)
+    return statistics.mean(shares)
 
 
 def bench_moe(args, tune_out: dict | None = None):
@@ -493,7 +512,7 @@ def bench_moe(args, tune_out: dict | None = None):
         for t in tokens:
             x = torch.randn(t, h, device="cuda", dtype=BF16)
             r = 8 if t <= 64 else 2 if t <= 1024 else 1
-            routes = _routings(t, 160 + 1, k, r, ep)
+            routes = _routings(t, 160 + 1, k, r, ep, balanced=args.moe_routing == "balanced")
             n_active = statistics.mean(int(ids[ids >= 0].unique().numel()) for _, ids in routes)
             pairs = statistics.mean(int((ids >= 0).sum()) for _, ids in routes)
             nbytes = n_active * per_expert + 2 * t * h * 2
@@ -533,10 +552,11 @@ def bench_moe(args, tune_out: dict | None = None):
             used = cfg or moe_config(t, e, inter, h, quant, x.device)
             name = "fused_moe" if quant == "fp8_channel" else f"fused_moe_{quant}"
             rank = f" EP{ep} rank 0 pairs~{pairs:.0f}" if remote else ""
+            rank += " balanced" if args.moe_routing == "balanced" else ""
             report(name, f"T={t} E={e} N={inter} act~{n_active:.0f}{rank}", ours, base, "_scaled_grouped_mm x2",
                    nbytes=nbytes, flops=flops, target=target, met=met,
                    note=f"BM{used['BLOCK_M']} N1={used['BLOCK_N1']} SK{used['SPLIT_K1']} N2={used['BLOCK_N2']}"
-                        f"x{used.get('N_LOOP2', 1)}")
+                        f"x{used.get('N_LOOP2', 1)} pad {_padding_share(routes, used['BLOCK_M']):.0%}")
         if tune_out is not None:
             name = f"E={e},N={inter},device={torch.cuda.get_device_name(0).replace(' ', '_')},quant={quant}.json"
             tune_out[name] = table
@@ -767,6 +787,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.environ.get("OUT", ""), help="folder for kernels.json (+ tuned configs)")
     p.add_argument("--moe-tokens", default="", help="the MoE section's token counts (comma list; default: 1..4096)")
     p.add_argument("--moe-inter", default="192,384,1536", help="the MoE section's expert widths (comma list)")
+    p.add_argument("--moe-routing", default="random", choices=("random", "balanced"),
+                   help="the MoE section's routings: random top-8 (uneven expert counts, as real routers give) or "
+                        "balanced (every expert t*8/160 pairs: the kernels without padding rows at t = 5120)")
     p.add_argument("--moe-ep", type=int, default=1,
                    help="the MoE section as rank 0 of this many expert-parallel ranks (160/N experts whole + the "
                         "shared one; its tables are E=160/N+1's)")

@@ -2,7 +2,9 @@
 import json
 import os
 
-from bench.kernels import _routings, save_tuned_configs, write_moe_tables
+import torch
+
+from bench.kernels import _padding_share, _routings, save_tuned_configs, write_moe_tables
 from kernels.triton_moe import CONFIG_DIR, default_config
 
 NAME = "E=161,N=1536,device=Test_GPU,quant=fp8_channel.json"
@@ -57,3 +59,23 @@ def test_committed_moe_tables_use_known_keys():
         assert buckets and all(b.isdigit() for b in buckets), name
         for b in buckets:
             assert set(table[b]) <= known, (name, b, set(table[b]) - known)
+
+
+def test_balanced_routings_give_every_expert_the_same_count_and_no_padding():
+    """--moe-routing balanced: distinct experts per token, equal counts; at 5120 tokens whole 128-row blocks."""
+    for t, want in ((5120, 256), (4096, None)):
+        routes = _routings(t, 161, 8, 2, device="cpu", balanced=True)
+        for _, ids in routes:
+            assert all(len(set(row)) == 9 for row in ids.tolist())  # 8 routed, distinct, + the shared expert
+            counts = torch.bincount(ids[:, :8].flatten().long(), minlength=160)
+            assert int(counts.max()) - int(counts.min()) <= 1
+            if want:
+                assert int(counts.min()) == want
+        assert not torch.equal(routes[0][1], routes[1][1])  # variants differ (rotated inputs for the timing)
+    assert _padding_share(_routings(5120, 161, 8, 1, device="cpu", balanced=True), 128) == 0.0
+    # 4096 tokens: 204-205 pairs per routed expert -> 256 rows, the shared expert 4096 -> 4096
+    share = _padding_share(_routings(4096, 161, 8, 1, device="cpu", balanced=True), 128)
+    assert abs(share - (1 - 4096 * 9 / (160 * 256 + 4096))) < 1e-9
+    # a random routing's uneven counts: 64-row blocks pad less than 128-row ones
+    random_routes = _routings(4096, 161, 8, 1, device="cpu")
+    assert 0 < _padding_share(random_routes, 64) < _padding_share(random_routes, 128)

@@ -8,9 +8,8 @@ the sum, and `torch._scaled_grouped_mm` (the two grouped GEMMs over the same rou
 --variants [tiles|tma|persist|half_tail] also times alternative launch configs (config overrides:
 VARIANTS[name]) kernel by kernel; "tma" tries the weight / act tiles by tensor descriptors (TMA1: gate_up's
 weights, TMA2: down's act and weights) with the table's tiles and larger ones; "persist" the persistent down GEMM
-(PERSIST2) at several tiles; "half_tail" gate_up and the persistent down GEMM with and without half tiles for
-an expert's last block (HALF_TAIL1 / HALF_TAIL2). --routing balanced gives every expert the same pair count
-(bench.kernels --moe-routing).
+(PERSIST2) at several tiles; "half_tail" gate_up with and without half tiles for an expert's last block
+(HALF_TAIL1). --routing balanced gives every expert the same pair count (bench.kernels --moe-routing).
 Variants are timed eagerly (prefill runs eagerly) and by CUDA-graph replay. The `_scaled_grouped_mm` baseline is
 timed both ways too: kernel times (profiler) and CUDA-graph replay; they disagree by 2.5x (session 18,
 bench/RESULTS.md): judge by the replay.
@@ -67,13 +66,12 @@ PERSIST_VARIANTS = [
     {**_PERSIST, "BLOCK_K2": 64, "S2": 4},
     {**_BOTH, "BLOCK_N2": 256, "S2": 3, "W2": 8, "N_LOOP2": 1},
 ]
-# half tiles for an expert's last block (kernels/triton_moe_half_tail.py) in gate_up (HALF_TAIL1) and the
-# persistent down GEMM (HALF_TAIL2) against the same tiles without: the table's config, then two other gate_up tiles
-_H1, _H2 = {"HALF_TAIL1": True}, {"HALF_TAIL2": True}
-HALF_TAIL_VARIANTS = [{}, _H1, _H2, {**_H1, **_H2}] + [
-    dict(tiles, **half) for tiles in ({"BLOCK_N1": 128, "W1": 8, "S1": 4}, {"BLOCK_N1": 64, "W1": 4, "S1": 3})
-    for half in ({}, _H1)
+# gate_up with half tiles for an expert's last block (HALF_TAIL1, kernels/triton_moe_half_tail.py) against the same
+# tiles without: the table's config first, then the 128 x 128 and 128 x 64 gate_up tiles
+_GATE_UP_TILES = [
+    {}, {"BLOCK_M": 128, "BLOCK_N1": 128, "W1": 8, "S1": 4}, {"BLOCK_M": 128, "BLOCK_N1": 64, "W1": 4, "S1": 3},
 ]
+HALF_TAIL_VARIANTS = [dict(tiles, **half) for tiles in _GATE_UP_TILES for half in ({}, {"HALF_TAIL1": True})]
 VARIANTS = {"tiles": TILE_VARIANTS, "tma": TMA_VARIANTS, "persist": PERSIST_VARIANTS, "half_tail": HALF_TAIL_VARIANTS}
 
 

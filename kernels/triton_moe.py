@@ -24,8 +24,7 @@ Launch configs come from kernels/configs/fused_moe/*.json keyed by (E, N = I, de
 count bucket; see `moe_config`. Config keys besides tiles: TMA1 / TMA2 (FP8 per channel above decode sizes: gate_up's
 weight tiles, down's act and weight tiles through Hopper tensor descriptors); PERSIST2 (with TMA2: the down GEMM as
 one program per SM walking the tiles, kernels/triton_moe_persistent.py); HALF_TAIL1 (with TMA1: gate_up computes
-only the half of an expert's last block that holds pairs, kernels/triton_moe_half_tail.py); HALF_TAIL2 (with PERSIST2:
-the same in the down GEMM).
+only the half of an expert's last block that holds pairs, kernels/triton_moe_half_tail.py).
 """
 from __future__ import annotations
 
@@ -552,8 +551,7 @@ def fused_moe(
     tma2 = tma and bool(cfg.get("TMA2")) and a2_mode == 0 and bk2 <= 128 and _tma_ok(act_a, w2)
     act_arg, w2_arg = (_desc(act_a, [bm, bk2]), _desc(w2, [bn2, bk2])) if tma2 else (act_a, w2)
     if tma2 and not fuse and bool(cfg.get("PERSIST2")):  # one program per SM walks the tiles
-        half = _desc(act_a, [bm // 2, bk2]) if cfg.get("HALF_TAIL2") else None
-        moe_down_persistent(act_arg, act_s, w2_arg, w2, w2s, y, sorted_ids, bexp, np_, inter, cfg, half)
+        moe_down_persistent(act_arg, act_s, w2_arg, w2, w2s, y, sorted_ids, bexp, np_, inter, cfg)
         topk_sum(y, tw, out, sum_ids)
         return out
     _moe_down_kernel[(nblk * cdiv(n2, n_loop),)](

@@ -8,9 +8,8 @@ tiles (block of sorted rows, N tile) with a flattened loop, so Triton's software
 act and weight blocks (tensor descriptors: Hopper bulk copies) while the current tile's epilogue runs.
 
 FP8 per channel only, act already quantized per row (scales in act row order), tiles in row-block-major order
-(the act rows of a block stay in L2 across its N tiles). HALF_TAIL2: a block whose second half is padding
-(an expert's last; kernels/triton_moe_half_tail.py) computes its first half only, with the loop not flattened.
-Same arithmetic per tile as `_moe_down_kernel`'s FAST_ACC / TMA path; the outputs are equal.
+(the act rows of a block stay in L2 across its N tiles). Same arithmetic per tile as `_moe_down_kernel`'s
+FAST_ACC / TMA path; the outputs are equal.
 """
 from __future__ import annotations
 
@@ -23,10 +22,10 @@ from kernels.triton_common import INTERPRET, num_sms, pdl_launch, pdl_release, p
 
 @triton.jit
 def _moe_down_persistent_kernel(
-    act_desc, half_desc, as_ptr, w_desc, ws_ptr, y_ptr, sorted_ptr, bexp_ptr,
+    act_desc, as_ptr, w_desc, ws_ptr, y_ptr, sorted_ptr, bexp_ptr,
     NP, I, H, MAX_BLOCKS, stride_asm, stride_wse, stride_wsn, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, COUNT_CHUNK: tl.constexpr,
-    NUM_PROGS: tl.constexpr, FAST_ACC: tl.constexpr, HALF_TAIL: tl.constexpr = False,
+    NUM_PROGS: tl.constexpr, FAST_ACC: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
     pdl_wait(PDL)  # before any read of an earlier kernel's output or any write
@@ -39,90 +38,49 @@ def _moe_down_persistent_kernel(
         nblk += tl.sum((tl.load(bexp_ptr + bi, mask=bi < MAX_BLOCKS, other=-1) >= 0).to(tl.int32), 0)
     num_n = tl.cdiv(H, BLOCK_N)
     k_iters = tl.cdiv(I, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), nblk * num_n, NUM_PROGS, flatten=not HALF_TAIL):
+    for tile in tl.range(tl.program_id(0), nblk * num_n, NUM_PROGS, flatten=True):
         pid_m = tile // num_n
         pid_n = tile % num_n
         e = tl.load(bexp_ptr + pid_m)
-        # HALF_TAIL: a block whose middle row is padding (an expert's last block: pairs come first) computes its
-        # first half only, through half_desc ([BLOCK_M / 2, BLOCK_K] blocks of the same act)
-        if HALF_TAIL:
-            if tl.load(sorted_ptr + pid_m * BLOCK_M + BLOCK_M // 2) >= NP:
-                _down_tile(half_desc, as_ptr, w_desc, ws_ptr, y_ptr, sorted_ptr, e, pid_m * BLOCK_M, pid_n, k_iters,
-                           NP, H, stride_asm, stride_wse, stride_wsn, stride_ym, BLOCK_M // 2, BLOCK_N, BLOCK_K,
-                           FAST_ACC)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for ki in range(0, k_iters):
+            a = act_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
+            b = w_desc.load([e * H + pid_n * BLOCK_N, ki * BLOCK_K]).T
+            if FAST_ACC:
+                acc = tl.dot(a, b, acc)
             else:
-                _down_tile(act_desc, as_ptr, w_desc, ws_ptr, y_ptr, sorted_ptr, e, pid_m * BLOCK_M, pid_n, k_iters,
-                           NP, H, stride_asm, stride_wse, stride_wsn, stride_ym, BLOCK_M, BLOCK_N, BLOCK_K, FAST_ACC)
-        else:  # the tuned tables' path, written out as before the half tiles (same code, same registers)
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for ki in range(0, k_iters):
-                a = act_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
-                b = w_desc.load([e * H + pid_n * BLOCK_N, ki * BLOCK_K]).T
-                if FAST_ACC:
-                    acc = tl.dot(a, b, acc)
-                else:
-                    acc += tl.dot(a, b)
-            rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            pair = tl.load(sorted_ptr + rows)
-            valid = pair < NP
-            pair_c = tl.where(valid, pair, 0).to(tl.int64)
-            rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            mn = rn < H
-            rn_c = tl.where(mn, rn, 0).to(tl.int64)
-            a_scale = tl.load(as_ptr + rows.to(tl.int64) * stride_asm)
-            sb = tl.load(ws_ptr + e.to(tl.int64) * stride_wse + rn_c * stride_wsn)
-            y = acc * a_scale[:, None] * sb[None, :]
-            # output pointers from the unclamped rn with a mask (triton_moe: a clamped index scalarizes the stores)
-            tl.store(y_ptr + pair_c[:, None] * stride_ym + rn[None, :], to_out(y, y_ptr.dtype.element_ty),
-                     mask=valid[:, None] & mn[None, :])
-
-
-@triton.jit
-def _down_tile(act_desc, as_ptr, w_desc, ws_ptr, y_ptr, sorted_ptr, e, row0, pid_n, k_iters,
-               NP, H, stride_asm, stride_wse, stride_wsn, stride_ym,
-               BM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FAST_ACC: tl.constexpr):
-    """y rows of the sorted rows row0 .. row0 + BM, N tile pid_n, from expert e's weights."""
-    acc = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
-    for ki in range(0, k_iters):
-        a = act_desc.load([row0, ki * BLOCK_K])
-        b = w_desc.load([e * H + pid_n * BLOCK_N, ki * BLOCK_K]).T
-        if FAST_ACC:
-            acc = tl.dot(a, b, acc)
-        else:
-            acc += tl.dot(a, b)
-    rows = row0 + tl.arange(0, BM)
-    pair = tl.load(sorted_ptr + rows)
-    valid = pair < NP
-    pair_c = tl.where(valid, pair, 0).to(tl.int64)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mn = rn < H
-    rn_c = tl.where(mn, rn, 0).to(tl.int64)
-    a_scale = tl.load(as_ptr + rows.to(tl.int64) * stride_asm)
-    sb = tl.load(ws_ptr + e.to(tl.int64) * stride_wse + rn_c * stride_wsn)
-    y = acc * a_scale[:, None] * sb[None, :]
-    # output pointers from the unclamped rn with a mask (see triton_moe: a clamped index scalarizes the stores)
-    tl.store(y_ptr + pair_c[:, None] * stride_ym + rn[None, :], to_out(y, y_ptr.dtype.element_ty),
-             mask=valid[:, None] & mn[None, :])
+                acc += tl.dot(a, b)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(sorted_ptr + rows)
+        valid = pair < NP
+        pair_c = tl.where(valid, pair, 0).to(tl.int64)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mn = rn < H
+        rn_c = tl.where(mn, rn, 0).to(tl.int64)
+        a_scale = tl.load(as_ptr + rows.to(tl.int64) * stride_asm)
+        sb = tl.load(ws_ptr + e.to(tl.int64) * stride_wse + rn_c * stride_wsn)
+        y = acc * a_scale[:, None] * sb[None, :]
+        # output pointers from the unclamped rn with a mask (see triton_moe: a clamped index scalarizes the stores)
+        tl.store(y_ptr + pair_c[:, None] * stride_ym + rn[None, :], to_out(y, y_ptr.dtype.element_ty),
+                 mask=valid[:, None] & mn[None, :])
 
 
 def moe_down_persistent(act_desc, act_scale: torch.Tensor, w_desc, w2: torch.Tensor, w2_scale: torch.Tensor,
                         y: torch.Tensor, sorted_ids: torch.Tensor, bexp: torch.Tensor, num_pairs: int, inter: int,
-                        cfg: dict, half_desc=None) -> None:
+                        cfg: dict) -> None:
     """y[pair] = (act[row] @ w2[e]^T) * act_scale[row] * w2_scale[e] for every real sorted row (pair < num_pairs).
     act_desc / w_desc: tensor descriptors of act [rows, I] (FP8) and w2 viewed as [E * H, I] with [BLOCK_M,
-    BLOCK_K2] / [BLOCK_N2, BLOCK_K2] blocks; w2_scale viewed as [E, H]. half_desc (config HALF_TAIL2): act's
-    descriptor with [BLOCK_M / 2, BLOCK_K2] blocks, for the blocks whose second half is padding."""
+    BLOCK_K2] / [BLOCK_N2, BLOCK_K2] blocks; w2_scale viewed as [E, H]."""
     h = w2.shape[1]
     mb = bexp.numel()
     # one program per SM (a 128 x 256 FP8 tile at 3-4 stages leaves no room for a second; 4 in the interpreter, so
     # tests have more tiles than programs); a constant: the tile count is read on the device (graph-safe)
     grid = 4 if INTERPRET else num_sms(y.device.index or 0)
     _moe_down_persistent_kernel[(grid,)](
-        act_desc, half_desc, act_scale, w_desc, w2_scale, y, sorted_ids, bexp,
+        act_desc, act_scale, w_desc, w2_scale, y, sorted_ids, bexp,
         num_pairs, inter, h, mb, act_scale.stride(0), w2_scale.stride(0), w2_scale.stride(1), y.stride(0),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N2"], BLOCK_K=cfg["BLOCK_K2"], COUNT_CHUNK=1024,
-        NUM_PROGS=grid, FAST_ACC=bool(cfg.get("FAST_ACC", False)), HALF_TAIL=half_desc is not None,
-        num_warps=cfg["W2"], num_stages=cfg["S2"],
+        NUM_PROGS=grid, FAST_ACC=bool(cfg.get("FAST_ACC", False)), num_warps=cfg["W2"], num_stages=cfg["S2"],
         **pdl_launch(y.device),
     )
 

@@ -185,7 +185,7 @@ def case_moe_persistent():
 
 
 def case_moe_half_tail():
-    """gate_up and the persistent down GEMM with half tiles for an expert's last block (HALF_TAIL1 / HALF_TAIL2)."""
+    """The gate_up GEMM with half tiles for an expert's last block (HALF_TAIL1) at the prefill tiles."""
     import kernels.triton_moe as moe
 
     moe._tma_capable = lambda device: True  # CPU stub tensors: the GPU's answer
@@ -194,13 +194,10 @@ def case_moe_half_tail():
         cfg = dict(moe.moe_config(t, e, inter, h, "fp8_channel", torch.device("cpu")), TMA1=True, TMA2=True,
                    HALF_TAIL1=True, FAST_ACC=True)
         for bn1, w1, s1 in ((64, 4, 3), (128, 8, 3), (128, 8, 4)):
-            for s2 in (3, 4):  # the persistent down GEMM with half tiles too (HALF_TAIL2)
-                moe.fused_moe(torch.empty(t, h, dtype=BF16), torch.empty(e, 2 * inter, h, dtype=FP8),
-                              torch.empty(e, h, inter, dtype=FP8), torch.empty(t, 9),
-                              torch.zeros(t, 9, dtype=torch.int32), torch.empty(e, 2 * inter, 1),
-                              torch.empty(e, h, 1), "fp8_channel", quant_in_kernel=False,
-                              config=dict(cfg, BLOCK_N1=bn1, W1=w1, S1=s1, PERSIST2=True, HALF_TAIL2=True,
-                                          BLOCK_N2=256, W2=8, S2=s2, N_LOOP2=1))
+            moe.fused_moe(torch.empty(t, h, dtype=BF16), torch.empty(e, 2 * inter, h, dtype=FP8),
+                          torch.empty(e, h, inter, dtype=FP8), torch.empty(t, 9), torch.zeros(t, 9, dtype=torch.int32),
+                          torch.empty(e, 2 * inter, 1), torch.empty(e, h, 1), "fp8_channel",
+                          config=dict(cfg, BLOCK_N1=bn1, W1=w1, S1=s1), quant_in_kernel=False)
 
 
 def case_attention():

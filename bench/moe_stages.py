@@ -5,11 +5,9 @@
 
 Prints, per (tokens, N): every CUDA kernel launched by `kernels.triton_moe.fused_moe` with its mean time,
 the sum, and `torch._scaled_grouped_mm` (the two grouped GEMMs over the same routing) for scale.
---variants [tiles|tma|persist|half_tail] also times alternative launch configs (config overrides:
-VARIANTS[name]) kernel by kernel; "tma" tries the weight / act tiles by tensor descriptors (TMA1: gate_up's
-weights, TMA2: down's act and weights) with the table's tiles and larger ones; "persist" the persistent down GEMM
-(PERSIST2) at several tiles; "half_tail" gate_up with and without half tiles for an expert's last block
-(HALF_TAIL1). --routing balanced gives every expert the same pair count (bench.kernels --moe-routing).
+--variants [tiles|tma] also times alternative launch configs (config overrides: VARIANTS[name]) kernel by
+kernel; "tma" tries the weight / act tiles by tensor descriptors (TMA1: gate_up's weights, TMA2: down's act and
+weights) with the table's tiles and larger ones; "persist" the persistent down GEMM (PERSIST2) at several tiles.
 Variants are timed eagerly (prefill runs eagerly) and by CUDA-graph replay. The `_scaled_grouped_mm` baseline is
 timed both ways too: kernel times (profiler) and CUDA-graph replay; they disagree by 2.5x (session 18,
 bench/RESULTS.md): judge by the replay.
@@ -24,9 +22,7 @@ import functools
 import torch
 
 from bench.kernel_profile import kernel_breakdown
-from bench.kernels import (
-    BF16, DATASHEET, _eager_time, _graph_time, _grouped_baseline, _padding_share, _routings, fp8_weight,
-)
+from bench.kernels import BF16, DATASHEET, _eager_time, _graph_time, _grouped_baseline, _routings, fp8_weight
 
 FP8_PEAK = DATASHEET["fp8"]  # dense datasheet FLOP/s, as bench.kernels' "% FP8 peak"
 
@@ -66,13 +62,7 @@ PERSIST_VARIANTS = [
     {**_PERSIST, "BLOCK_K2": 64, "S2": 4},
     {**_BOTH, "BLOCK_N2": 256, "S2": 3, "W2": 8, "N_LOOP2": 1},
 ]
-# gate_up with half tiles for an expert's last block (HALF_TAIL1, kernels/triton_moe_half_tail.py) against the same
-# tiles without: the table's config first, then the 128 x 128 and 128 x 64 gate_up tiles
-_GATE_UP_TILES = [
-    {}, {"BLOCK_M": 128, "BLOCK_N1": 128, "W1": 8, "S1": 4}, {"BLOCK_M": 128, "BLOCK_N1": 64, "W1": 4, "S1": 3},
-]
-HALF_TAIL_VARIANTS = [dict(tiles, **half) for tiles in _GATE_UP_TILES for half in ({}, {"HALF_TAIL1": True})]
-VARIANTS = {"tiles": TILE_VARIANTS, "tma": TMA_VARIANTS, "persist": PERSIST_VARIANTS, "half_tail": HALF_TAIL_VARIANTS}
+VARIANTS = {"tiles": TILE_VARIANTS, "tma": TMA_VARIANTS, "persist": PERSIST_VARIANTS}
 
 
 def breakdown(fn, reps: int = 5) -> dict[str, float]:
@@ -104,8 +94,6 @@ def main(argv=None) -> int:
     p.add_argument("--inter", default="192,1536")
     p.add_argument("--variants", nargs="?", const="tiles", default=None, choices=sorted(VARIANTS))
     p.add_argument("--align", action="store_true", help="only the align step, at several one-program limits")
-    p.add_argument("--routing", default="random", choices=("random", "balanced"),
-                   help="random top-8, or every expert the same pair count (bench.kernels --moe-routing)")
     a = p.parse_args(argv)
     if a.align:
         print(torch.cuda.get_device_name(0), flush=True)
@@ -121,12 +109,10 @@ def main(argv=None) -> int:
         s2 = torch.rand(e, h, 1, device="cuda") * 1e-3
         for t in [int(v) for v in a.tokens.split(",")]:
             x = torch.randn(t, h, device="cuda", dtype=BF16)
-            (w, ids), = _routings(t, e, k, 1, balanced=a.routing == "balanced")
+            (w, ids), = _routings(t, e, k, 1)
             flops = 2 * t * (k + 1) * 3 * inter * h
             cfg = moe_config(t, e, inter, h, "fp8_channel", x.device)
-            pad = {bm: f"{_padding_share([(w, ids)], bm):.1%}" for bm in (64, 128)}
-            print(f"\n== T={t} N={inter} {a.routing} routing, padding rows at BLOCK_M 64 / 128: {pad[64]} / "
-                  f"{pad[128]}; cfg={cfg}", flush=True)
+            print(f"\n== T={t} N={inter} cfg={cfg}", flush=True)
             parts = breakdown(lambda: fused_moe(x, w13, w2, w, ids, s13, s2, "fp8_channel"))
             for name, us in sorted(parts.items(), key=lambda kv: -kv[1]):
                 print(f"   {us:9.1f} us  {name}")

@@ -23,8 +23,7 @@ made the down GEMM 6x slower at prefill sizes).
 Launch configs come from kernels/configs/fused_moe/*.json keyed by (E, N = I, device, quant) and the token
 count bucket; see `moe_config`. Config keys besides tiles: TMA1 / TMA2 (FP8 per channel above decode sizes: gate_up's
 weight tiles, down's act and weight tiles through Hopper tensor descriptors); PERSIST2 (with TMA2: the down GEMM as
-one program per SM walking the tiles, kernels/triton_moe_persistent.py); HALF_TAIL1 (with TMA1: gate_up computes
-only the half of an expert's last block that holds pairs, kernels/triton_moe_half_tail.py).
+one program per SM walking the tiles, kernels/triton_moe_persistent.py).
 """
 from __future__ import annotations
 
@@ -47,7 +46,6 @@ from kernels.triton_common import (
 )
 from kernels.triton_moe_segments import topk_sum
 from kernels.triton_moe_align import max_blocks, moe_align
-from kernels.triton_moe_half_tail import moe_gate_up_half_tail
 from kernels.triton_moe_persistent import moe_down_persistent
 from kernels.triton_quant import quant_fp8_per_group, quant_fp8_per_token
 
@@ -516,19 +514,14 @@ def fused_moe(
         cnt = zeroed_counters(nblk * n1, x.device)
     else:
         part = cnt = act
-    half_tail = tma1 and bool(cfg.get("HALF_TAIL1")) and a_mode == 0 and bool(cfg.get("FAST_ACC"))
-    if half_tail:  # an expert's last block computes the half that holds pairs only
-        moe_gate_up_half_tail(xa, xs, w13_arg, w13, w13s, act, sorted_ids, bexp, np_, topk, dt, cfg,
-                              pdl_launch(xa.device))
-    else:
-        _moe_gate_up_kernel[(nblk * n1, split)](
-            xa, xs, w13_arg, w13s, act, sorted_ids, bexp, part, cnt,
-            np_, topk, h, inter, split,
-            xa.stride(0), xs.stride(0) if qid else 0, w13.stride(0), w13.stride(1), *ws13_strides, act.stride(0),
-            QUANT=qid, A_MODE=a_mode, DT=dt, BLOCK_M=bm, BLOCK_N=bn1, BLOCK_K=cfg["BLOCK_K1"], SPLIT=split > 1,
-            EVEN_K=h % cfg["BLOCK_K1"] == 0, PAIR=pair, FAST_ACC=bool(cfg.get("FAST_ACC", False)), TMA=tma1,
-            num_warps=cfg["W1"], num_stages=cfg["S1"], **pdl_launch(xa.device),
-        )
+    _moe_gate_up_kernel[(nblk * n1, split)](
+        xa, xs, w13_arg, w13s, act, sorted_ids, bexp, part, cnt,
+        np_, topk, h, inter, split,
+        xa.stride(0), xs.stride(0) if qid else 0, w13.stride(0), w13.stride(1), *ws13_strides, act.stride(0),
+        QUANT=qid, A_MODE=a_mode, DT=dt, BLOCK_M=bm, BLOCK_N=bn1, BLOCK_K=cfg["BLOCK_K1"], SPLIT=split > 1,
+        EVEN_K=h % cfg["BLOCK_K1"] == 0, PAIR=pair, FAST_ACC=bool(cfg.get("FAST_ACC", False)), TMA=tma1,
+        num_warps=cfg["W1"], num_stages=cfg["S1"], **pdl_launch(xa.device),
+    )
     y = torch.empty(np_, h, dtype=x.dtype, device=x.device)
     bn2 = cfg["BLOCK_N2"]
     n2 = cdiv(h, bn2)

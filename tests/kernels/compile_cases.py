@@ -184,22 +184,6 @@ def case_moe_persistent():
                           config=dict(cfg, BLOCK_N2=bn2, W2=8, S2=s2), quant_in_kernel=False)
 
 
-def case_moe_half_tail():
-    """The gate_up GEMM with half tiles for an expert's last block (HALF_TAIL1) at the prefill tiles."""
-    import kernels.triton_moe as moe
-
-    moe._tma_capable = lambda device: True  # CPU stub tensors: the GPU's answer
-    t, h = 4096, 5120
-    for e, inter in ((161, 192), (161, 384), (160, 1536)):
-        cfg = dict(moe.moe_config(t, e, inter, h, "fp8_channel", torch.device("cpu")), TMA1=True, TMA2=True,
-                   HALF_TAIL1=True, FAST_ACC=True)
-        for bn1, w1, s1 in ((64, 4, 3), (128, 8, 3), (128, 8, 4)):
-            moe.fused_moe(torch.empty(t, h, dtype=BF16), torch.empty(e, 2 * inter, h, dtype=FP8),
-                          torch.empty(e, h, inter, dtype=FP8), torch.empty(t, 9), torch.zeros(t, 9, dtype=torch.int32),
-                          torch.empty(e, 2 * inter, 1), torch.empty(e, h, 1), "fp8_channel",
-                          config=dict(cfg, BLOCK_N1=bn1, W1=w1, S1=s1), quant_in_kernel=False)
-
-
 def case_attention():
     from kernels.triton_attention import paged_attention
 
@@ -317,7 +301,6 @@ CASES = {
     "moe": case_moe,
     "moe_tma": case_moe_tma,
     "moe_persistent": case_moe_persistent,
-    "moe_half_tail": case_moe_half_tail,
     "gemm": case_gemm,
     "swap": case_swap,
     "router": case_router,

@@ -115,32 +115,6 @@ def test_fused_moe_persistent_down(device, shape, tiles, monkeypatch):
     assert rel_err(out, fused_moe_ref(x, w13, w2, tw, ti, s13, s2, "fp8_channel")) < _tol("fp8_channel")
 
 
-@pytest.mark.parametrize("tiles", [dict(), dict(PERSIST2=True, BLOCK_N1=64, BLOCK_K1=64)])
-def test_fused_moe_half_tail_gate_up(device, tiles, monkeypatch):
-    """HALF_TAIL1: an expert's last block computes only its half that holds pairs. Expert counts 20 / 10 / 40 / 10
-    / 0 / 0 at BLOCK_M 32: last blocks of 20 (full), 10 and 8 (half) rows, experts without pairs; the outputs equal
-    the plain descriptor path's (same products and roundings per row) and the reference's."""
-    import kernels.triton_moe as tm
-
-    calls = []
-    real = tm.moe_gate_up_half_tail
-    monkeypatch.setattr(tm, "moe_gate_up_half_tail", lambda *a: calls.append(1) or real(*a))
-    t, e, h, inter, k = 40, 6, 256, 96, 2
-    other = torch.tensor([0] * 20 + [1] * 10 + [3] * 10)[torch.randperm(t, generator=torch.Generator().manual_seed(1))]
-    ti = torch.stack([other, torch.full((t,), 2)], 1).to(device=device, dtype=torch.int32)  # every token: expert 2
-    tw = torch.rand(t, k, device=device)
-    x = torch.randn(t, h, device=device, dtype=torch.bfloat16)
-    w13, w2, s13, s2 = make_experts(e, h, inter, "fp8_channel", device)
-    cfg = dict(CFG_TMA, **tiles)
-    with poisoned_empty():
-        out = fused_moe(x, w13, w2, tw, ti, s13, s2, "fp8_channel", config=dict(cfg, HALF_TAIL1=True),
-                        quant_in_kernel=False)
-        plain = fused_moe(x, w13, w2, tw, ti, s13, s2, "fp8_channel", config=cfg, quant_in_kernel=False)
-    assert calls == [1]  # the half-tail kernel ran (once), the plain call did not take it
-    assert torch.equal(out, plain)
-    assert rel_err(out, fused_moe_ref(x, w13, w2, tw, ti, s13, s2, "fp8_channel")) < _tol("fp8_channel")
-
-
 @pytest.mark.parametrize("quant", ["fp8_channel", "fp8_block"])
 def test_fused_moe_prequantized_and_shared(device, quant):
     """Separate activation-quant kernel path (large-T path) and the fused shared expert (top-(k+1), w = 1)."""

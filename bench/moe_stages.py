@@ -8,6 +8,7 @@ the sum, and `torch._scaled_grouped_mm` (the two grouped GEMMs over the same rou
 --variants [tiles|tma] also times alternative launch configs (config overrides: VARIANTS[name]) kernel by
 kernel; "tma" tries the weight / act tiles by tensor descriptors (TMA1: gate_up's weights, TMA2: down's act and
 weights) with the table's tiles and larger ones; "persist" the persistent down GEMM (PERSIST2) at several tiles.
+--routing balanced gives every expert the same pair count (bench.kernels --moe-routing).
 Variants are timed eagerly (prefill runs eagerly) and by CUDA-graph replay. The `_scaled_grouped_mm` baseline is
 timed both ways too: kernel times (profiler) and CUDA-graph replay; they disagree by 2.5x (session 18,
 bench/RESULTS.md): judge by the replay.
@@ -22,7 +23,9 @@ import functools
 import torch
 
 from bench.kernel_profile import kernel_breakdown
-from bench.kernels import BF16, DATASHEET, _eager_time, _graph_time, _grouped_baseline, _routings, fp8_weight
+from bench.kernels import (
+    BF16, DATASHEET, _eager_time, _graph_time, _grouped_baseline, _padding_share, _routings, fp8_weight,
+)
 
 FP8_PEAK = DATASHEET["fp8"]  # dense datasheet FLOP/s, as bench.kernels' "% FP8 peak"
 
@@ -94,6 +97,8 @@ def main(argv=None) -> int:
     p.add_argument("--inter", default="192,1536")
     p.add_argument("--variants", nargs="?", const="tiles", default=None, choices=sorted(VARIANTS))
     p.add_argument("--align", action="store_true", help="only the align step, at several one-program limits")
+    p.add_argument("--routing", default="random", choices=("random", "balanced"),
+                   help="random top-8, or every expert the same pair count (bench.kernels --moe-routing)")
     a = p.parse_args(argv)
     if a.align:
         print(torch.cuda.get_device_name(0), flush=True)
@@ -109,10 +114,12 @@ def main(argv=None) -> int:
         s2 = torch.rand(e, h, 1, device="cuda") * 1e-3
         for t in [int(v) for v in a.tokens.split(",")]:
             x = torch.randn(t, h, device="cuda", dtype=BF16)
-            (w, ids), = _routings(t, e, k, 1)
+            (w, ids), = _routings(t, e, k, 1, balanced=a.routing == "balanced")
             flops = 2 * t * (k + 1) * 3 * inter * h
             cfg = moe_config(t, e, inter, h, "fp8_channel", x.device)
-            print(f"\n== T={t} N={inter} cfg={cfg}", flush=True)
+            pad = {bm: f"{_padding_share([(w, ids)], bm):.1%}" for bm in (64, 128)}
+            print(f"\n== T={t} N={inter} {a.routing} routing, padding rows at BLOCK_M 64 / 128: {pad[64]} / "
+                  f"{pad[128]}; cfg={cfg}", flush=True)
             parts = breakdown(lambda: fused_moe(x, w13, w2, w, ids, s13, s2, "fp8_channel"))
             for name, us in sorted(parts.items(), key=lambda kv: -kv[1]):
                 print(f"   {us:9.1f} us  {name}")

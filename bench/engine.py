@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import dataclasses
 import functools
 import gc
 import json
@@ -62,6 +63,7 @@ from bench.host_profile import host_breakdown, print_host_breakdown
 from bench.real_shape import parse_overrides, real_shape_model_dir
 from engine.allocator_events import allocator_events
 from engine.block_tables import BlockTables
+from engine.logprobs import PromptRows
 from kernels import fa4_prefill
 from model.attention import PREFILL_ATTENTION_BACKENDS, resolve_prefill_attention_backend
 from model.moe import MoE
@@ -524,6 +526,10 @@ def run_step_benchmarks(
               f"{args.prefill_attention_backend} attention)", flush=True)
         if args.profile and device.type == "cuda":
             _profile_step(f"prefill {args.prefill}", runner, inp, results, "profile_prefill", save)
+        if args.prompt_logprobs is not None:
+            results["prompt_logprobs"] = _time_prompt_logprobs(runner, inp, args.prompt_logprobs, mcfg, peaks, device,
+                                                               t["median_ms"])
+            save()
         if args.mixed_decodes:
             dec, _ = decode_inputs(args.mixed_decodes, args.context, bs, worker.num_blocks, mcfg.vocab_size, rng)
             results["mixed"] = _time_mixed(runner, dec, mixed_inputs(dec, inp), device)
@@ -553,6 +559,27 @@ def run_step_benchmarks(
     if device.type == "cuda":
         results["main_model"]["memory_after_free_GiB"] = torch.cuda.memory_allocated(device) / 2**30
         save()
+
+
+def _time_prompt_logprobs(runner, inp, top_k: int, mcfg, peaks: dict, device, plain_ms: float) -> dict:
+    """The same prefill with every position scored (prompt_logprobs=top_k, as lm-eval's loglikelihood asks): the LM
+    head over all rows, log-softmax, the target's logprob and rank, the top k, max_num_seqs rows per slice
+    (engine/logprobs.py). Against the plain prefill and the scoring's floor: the LM head's FLOPs at the bf16 peak."""
+    scored = dataclasses.replace(inp, prompt=PromptRows(list(range(len(inp.input_ids) - 1)), inp.input_ids[1:], top_k))
+    scores = runner.run(scored).prompt_scores
+    rows = len(scored.prompt.rows)
+    if scores is None or scores.target_logprob.shape[0] != rows or scores.top_ids.shape != (rows, top_k):
+        raise RuntimeError(f"the scored prefill returned no or misshapen prompt scores for {rows} rows")
+    t = time_fn(functools.partial(runner.run, scored), device, warmup=_iters(device, 2, 1),
+                iters=_iters(device, 5, 2))
+    floor_ms = 2 * rows * mcfg.vocab_size * mcfg.hidden_size / (peaks["mm_tflops"] * 1e12) * 1e3
+    extra = t["median_ms"] - plain_ms
+    print(f"prefill {len(inp.input_ids)} with prompt_logprobs={top_k}: {t['median_ms']:.2f} ms (+{extra:.2f} ms over "
+          f"the plain prefill; LM head floor {floor_ms:.2f} ms for {rows} rows, {runner.prompt_slice_rows} per slice)",
+          flush=True)
+    return {"top_k": top_k, "rows": rows, "time": t, "ms": t["median_ms"], "extra_ms": extra,
+            "lm_head_floor_ms": floor_ms, "slice_rows": runner.prompt_slice_rows,
+            "mean_target_logprob": float(scores.target_logprob.float().mean())}
 
 
 @contextlib.contextmanager
@@ -975,6 +1002,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--prefill-prefix", type=int, default=0,
                     help="tokens already cached before the prefill (a prefix hit, or the chunks before this one)")
     ap.add_argument("--prefill-attention-backend", default="auto", choices=list(PREFILL_ATTENTION_BACKENDS))
+    ap.add_argument("--prompt-logprobs", type=int, default=None, metavar="K",
+                    help="also time the prefill with every position scored (prompt_logprobs=K)")
     ap.add_argument("--fa4-gather-min-pairs", type=int, default=None,
                     help="FA4's packed-K/V rule (kernels/fa4_prefill.py GATHER_MIN_PAIRS); 1e9: always the pages")
     ap.add_argument("--fa4-paged-prompts", action="store_true",

@@ -292,3 +292,20 @@ def test_decode_only_run(tmp_path):
     r = json.loads(out.read_text())
     assert [d["batch"] for d in r["decode"]] == [1] and _finite(r["decode"][0]["step_ms"])
     assert "prefill" not in r and "prefill 0" not in proc.stdout
+
+
+def test_prefill_with_prompt_logprobs(tmp_path):
+    """--prompt-logprobs K times the same prefill with every position scored (the forward returns the scores)."""
+    args = list(SMOKE)
+    args[args.index("--hf-layers") + 1] = "0"
+    args[args.index("--batches") + 1] = "1"
+    out = tmp_path / "engine.json"
+    cmd = [sys.executable, "-m", "bench.engine", *args, "--no-hf", "--prompt-logprobs", "3",
+           "--model-root", str(tmp_path / "models"), "--out", str(out)]
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    p = json.loads(out.read_text())["prompt_logprobs"]
+    assert p["top_k"] == 3 and p["rows"] == 47  # a 48-token prefill scores positions 1..47
+    assert _finite(p["ms"]) and _finite(p["lm_head_floor_ms"]) and math.isfinite(p["extra_ms"])
+    assert math.isfinite(p["mean_target_logprob"]) and p["mean_target_logprob"] < 0
+    assert "with prompt_logprobs=3" in proc.stdout

@@ -4,8 +4,8 @@ and prompt rows (`prompt_logprobs: k`) share the math and the dicts.
 
 A step's prompt rows are scored inside the forward, a slice of rows at a time: each slice's [rows, vocab] fp32
 logits exist only while it is scored, so a whole prefill chunk (thousands of rows) needs no more memory than the
-profile's max_num_seqs logit rows, and prompt-logprobs requests prefill in full chunks. What leaves the forward is
-small: per row the target's logprob and rank, and the top k ids, logprobs and ranks.
+one slice the memory profile scores, and prompt-logprobs requests prefill in full chunks. What leaves the forward
+is small: per row the target's logprob and rank, and the top k ids, logprobs and ranks.
 """
 from __future__ import annotations
 
@@ -15,6 +15,17 @@ from dataclasses import dataclass, fields
 import torch
 
 from engine.outputs import Logprob, LogprobsDict
+
+
+# Each slice reads the whole LM head (GLM-4.7: 151,552 x 5,120 bf16, 1.55 GB) for its rows' logits; from ~256 rows
+# that GEMM is compute-bound on an H100 / H200, below it the head's reads dominate (a 4K prompt in 64-row slices
+# would read it 64 times). So a slice has at least this many rows, max_num_seqs where that is larger.
+MIN_PROMPT_SLICE_ROWS = 256
+
+
+def prompt_slice_rows(max_num_seqs: int) -> int:
+    """Prompt rows scored at once (the memory profile scores one such slice)."""
+    return max(max_num_seqs, MIN_PROMPT_SLICE_ROWS)
 
 
 @dataclass(frozen=True)

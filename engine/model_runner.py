@@ -171,7 +171,7 @@ class ModelRunner:
         self.decode_max_seq_len: int | None = None
         # keys a prefill step may gather into packed K/V (ForwardContext.max_packed_kv): the worker's reserve
         self.max_packed_kv = 0
-        # prompt rows scored at once: their [rows, vocab] fp32 logits must fit the memory profile's logit rows
+        # prompt rows scored at once (engine.logprobs.prompt_slice_rows: the slice the memory profile scores)
         self.prompt_slice_rows = 256
 
     def build_context(self, inp: StepInputs) -> tuple[torch.Tensor, ForwardContext]:

@@ -32,7 +32,7 @@ from engine.kernel_warmup import AttentionShape, WarmupStep, step_inputs, warmup
 from engine.kv_connector import KVConnectorWorker
 from engine.kv_cache import allocate_kv_caches, kv_bytes_per_token, kv_cache_dtype
 from engine.model_runner import ModelRunner, StepInputs, StepOutput
-from engine.logprobs import PromptRows
+from engine.logprobs import PromptRows, prompt_slice_rows
 from engine.sampling_params import MAX_LOGPROBS
 from engine.token_table import TokenTable
 from kernels import fa4_prefill, packed_kv, sdpa_prefill
@@ -98,7 +98,7 @@ class ModelWorker:
         self.runner = ModelRunner(self.model, kv, self.device, token_table=table)
         self.runner.decode_max_seq_len = config.scheduler.max_model_len
         self.runner.max_packed_kv = self._max_packed_kv()
-        self.runner.prompt_slice_rows = config.scheduler.max_num_seqs  # the profile's logit rows (below)
+        self.runner.prompt_slice_rows = prompt_slice_rows(config.scheduler.max_num_seqs)  # profiled (below)
         if self.device.type == "cuda" and config.kernel_warmup:
             self._warm_up_kernels(kv_dtype)
         if self.device.type == "cuda" and not config.enforce_eager:
@@ -209,15 +209,17 @@ class ModelWorker:
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         kv = allocate_kv_caches(self.config.model, self.dist.tp, layers, blocks, bs, kv_dtype, self.device)
+        slice_rows = prompt_slice_rows(sc.max_num_seqs)
         last_rows = list(range(n - min(n, sc.max_num_seqs), n))
+        scored_rows = list(range(n - min(n, slice_rows), n))
         inp = StepInputs(
             input_ids=[0] * n, positions=list(range(n)), slot_mapping=list(range(n)),
             block_tables=BlockTables.build([range(blocks)]), seq_lens=[n], query_start_loc=[0, n],
             logits_rows=last_rows,  # a step's sampled rows, and one slice of prompt-logprob rows scored beside them
-            prompt=PromptRows(last_rows, [0] * len(last_rows), MAX_LOGPROBS),
+            prompt=PromptRows(scored_rows, [0] * len(scored_rows), MAX_LOGPROBS),
         )
         runner = ModelRunner(self.model, kv, self.device)
-        runner.prompt_slice_rows = sc.max_num_seqs
+        runner.prompt_slice_rows = slice_rows
         runner.run(inp)
         del runner
         torch.cuda.synchronize(self.device)

@@ -7,7 +7,7 @@ import torch
 from engine_checks import assert_pages_clean
 from engine import LLM, SamplingParams
 from engine.model_runner import prepare_step
-from engine.logprobs import compute_prompt_logprobs
+from engine.logprobs import MIN_PROMPT_SLICE_ROWS, compute_prompt_logprobs, prompt_slice_rows
 from engine.request import Request
 from engine.scheduler import ScheduledRequest
 
@@ -135,11 +135,14 @@ def test_chunked_prompt_logprobs_equal_unchunked(tiny_bf16, llm):
 
 
 def test_prompt_logprobs_scored_in_slices_inside_one_chunk(tiny_bf16):
-    """The forward scores prompt rows max_num_seqs rows at a time (the memory profile's logit rows), so a prompt
-    longer than max_num_seqs still prefills in one chunk; the scores equal the reference over all rows' logits."""
+    """The forward scores prompt rows a slice at a time (max(max_num_seqs, 256) rows: the slice the memory profile
+    scores), so a prompt longer than a slice still prefills in one chunk; the scores equal the reference over all
+    rows' logits. The slicing is exercised at 4 rows a slice here (the tiny model's prompts are short)."""
     small = LLM(str(tiny_bf16), device="cpu", max_num_seqs=4)
     ids = list(range(300, 370))
     runner = small.engine.worker.runner
+    assert runner.prompt_slice_rows == prompt_slice_rows(4) == MIN_PROMPT_SLICE_ROWS  # max_num_seqs 4: the floor
+    runner.prompt_slice_rows = 4
     prompt_rows, logit_shapes = [], []
     run, compute_logits = runner.run, runner.model.compute_logits
 
@@ -267,3 +270,9 @@ def test_llm_takes_exactly_the_engine_options(tiny_bf16):
         LLM(str(tiny_bf16), device="cpu", tp_size=1)
     with pytest.raises(ValueError, match="kv_block_size must be a power of two"):
         LLM(str(tiny_bf16), device="cpu", kv_block_size=3)
+
+
+def test_prompt_slice_rows_have_a_floor():
+    """A slice reads the whole LM head, so it has at least MIN_PROMPT_SLICE_ROWS rows; max_num_seqs above it."""
+    assert prompt_slice_rows(1) == prompt_slice_rows(MIN_PROMPT_SLICE_ROWS) == MIN_PROMPT_SLICE_ROWS
+    assert prompt_slice_rows(1024) == 1024

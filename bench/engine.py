@@ -563,7 +563,7 @@ def run_step_benchmarks(
 
 def _time_prompt_logprobs(runner, inp, top_k: int, mcfg, peaks: dict, device, plain_ms: float) -> dict:
     """The same prefill with every position scored (prompt_logprobs=top_k, as lm-eval's loglikelihood asks): the LM
-    head over all rows, log-softmax, the target's logprob and rank, the top k, max_num_seqs rows per slice
+    head over all rows, log-softmax, the target's logprob and rank, the top k, a slice of rows at a time
     (engine/logprobs.py). Against the plain prefill and the scoring's floor: the LM head's FLOPs at the bf16 peak."""
     scored = dataclasses.replace(inp, prompt=PromptRows(list(range(len(inp.input_ids) - 1)), inp.input_ids[1:], top_k))
     scores = runner.run(scored).prompt_scores

@@ -15,7 +15,7 @@ import torch
 from engine.block_tables import BlockTables
 from engine.device_copy import to_device
 from engine.kv_connector import KVSend
-from engine.logprobs import PromptRows, LogprobScores, score_rows
+from engine.logprobs import MIN_PROMPT_SLICE_ROWS, LogprobScores, PromptRows, score_rows
 from engine.scheduler import ScheduledRequest
 from engine.token_table import TokenTable
 from model.context import ForwardContext
@@ -172,7 +172,7 @@ class ModelRunner:
         # keys a prefill step may gather into packed K/V (ForwardContext.max_packed_kv): the worker's reserve
         self.max_packed_kv = 0
         # prompt rows scored at once (engine.logprobs.prompt_slice_rows: the slice the memory profile scores)
-        self.prompt_slice_rows = 256
+        self.prompt_slice_rows = MIN_PROMPT_SLICE_ROWS
 
     def build_context(self, inp: StepInputs) -> tuple[torch.Tensor, ForwardContext]:
         dev = self.device

@@ -346,8 +346,8 @@ def test_piecewise_prefill_graphs_fa4_routes(tiny_dirs, extra):
 
 
 def test_long_prompt_logprobs_at_real_vocab_stay_in_the_profile(tmp_path):
-    """An 8K-token prompt with prompt_logprobs at GLM-4.7's vocabulary: the forward scores its rows max_num_seqs at a
-    time (each row is 151,552 fp32 logits; 8K rows at once would be 5 GB outside the memory profile). The request's
+    """An 8K-token prompt with prompt_logprobs at GLM-4.7's vocabulary: the forward scores its rows a slice at a time
+    (each row is 151,552 fp32 logits; 8K rows at once would be 5 GB outside the memory profile). The request's
     transient memory stays near a plain 8K prefill's, and its first positions match a short prompt's."""
     from bench.real_shape import real_shape_model_dir
 
